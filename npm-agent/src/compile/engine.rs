@@ -1,0 +1,813 @@
+//! The incremental compiler: keeps one node's plan up to date, event by event.
+//!
+//! Invariants (checked by the property tests against [`super::full::compile`]):
+//! - Every allow entry of every local endpoint has a count: the number of (policy, term,
+//!   peer, port) expansions that produce it. An entry is in the plan while its count is
+//!   above zero. Every change of state adds or removes expansions symmetrically, so counts
+//!   never drift.
+//! - A selector is evaluated ("materialized") only while a policy that uses it selects a
+//!   local endpoint; its member identities are then kept up to date as identities appear,
+//!   disappear and namespaces are relabelled. On a node, most of a large cluster's
+//!   policies select no local pod and cost nothing but their storage.
+//! - An identity exists while at least one pod that owns its address has it.
+//! - The diff of an event is computed by recording, at first touch, what each plan entry
+//!   was before the event, and comparing with what it is after: it is the net change,
+//!   so an update that changes nothing yields an empty diff.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use super::{IdentityKey, PeerSelector, Scope, Term, TermPeer, host_block, resolution_ports, rule_terms};
+use crate::model::{CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod, Policy};
+use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, Plan, PlanDiff};
+use crate::state::{ClusterState, Event};
+
+type SelectorId = u32;
+type PolicyId = u32;
+
+fn di(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+/// A term of a policy: (policy, direction, index of the term).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct TermRef {
+    policy: PolicyId,
+    direction: Direction,
+    term: usize,
+}
+
+struct IdentityEntry {
+    key: IdentityKey,
+    /// Pods owning their address with this identity.
+    pods: u32,
+    /// Materialized selectors this identity is a member of.
+    selectors: HashSet<SelectorId>,
+}
+
+struct SelectorEntry {
+    selector: PeerSelector,
+    members: HashSet<IdentityId>,
+    users: HashSet<TermRef>,
+}
+
+struct PolicyEntry {
+    policy: Policy,
+    terms: [Vec<Term>; 2],
+    /// The selector of each `TermPeer::Pods` term, while materialized.
+    term_selectors: [Vec<Option<SelectorId>>; 2],
+    /// Local endpoints the policy selects.
+    endpoints: BTreeSet<ObjectKey>,
+}
+
+/// Identities, selectors and policies: what the expansions are computed from.
+#[derive(Default)]
+struct Index {
+    /// Endpoint pods claiming each address; the smallest key owns it.
+    claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// The identity of each pod that owns its address.
+    pod_identity: HashMap<ObjectKey, IdentityId>,
+    identities: HashMap<IdentityId, IdentityEntry>,
+    identity_ids: HashMap<IdentityKey, IdentityId>,
+    identities_by_ns: HashMap<String, HashSet<IdentityId>>,
+    next_identity: IdentityId,
+    selectors: HashMap<SelectorId, SelectorEntry>,
+    selector_ids: HashMap<PeerSelector, SelectorId>,
+    /// Materialized selectors scoped to one namespace, by namespace.
+    selectors_by_ns: HashMap<String, HashSet<SelectorId>>,
+    /// Materialized selectors with a namespaceSelector.
+    global_selectors: HashSet<SelectorId>,
+    next_selector: SelectorId,
+    /// Materialized `PodsInBlock` terms.
+    pods_in_block: HashMap<TermRef, CidrBlock>,
+    policies: HashMap<PolicyId, PolicyEntry>,
+    policy_ids: HashMap<ObjectKey, PolicyId>,
+    policies_by_ns: HashMap<String, BTreeSet<PolicyId>>,
+    next_policy: PolicyId,
+}
+
+struct EndpointEntry {
+    ip: IpAddr,
+    named_ports: Vec<NamedPort>,
+    /// The policies selecting the endpoint for each direction (isolated when non-empty).
+    policies: [BTreeSet<PolicyId>; 2],
+    counts: [HashMap<Allow, u32>; 2],
+}
+
+/// What an event changed, as first seen: the plan's entries before the event.
+#[derive(Default)]
+struct DiffBuilder {
+    endpoints: HashMap<IpAddr, Option<ObjectKey>>,
+    allows: HashMap<(IpAddr, Direction, Allow), bool>,
+    isolation: HashMap<(IpAddr, Direction), bool>,
+    identities: HashMap<IpAddr, Option<IdentityId>>,
+    node_ips: Option<BTreeSet<IpAddr>>,
+}
+
+/// The local endpoints and their counted allow entries: the plan, and what an event did
+/// to it.
+#[derive(Default)]
+struct Output {
+    endpoints: HashMap<ObjectKey, EndpointEntry>,
+    endpoint_at: HashMap<IpAddr, ObjectKey>,
+    endpoints_by_ns: HashMap<String, BTreeSet<ObjectKey>>,
+    node_ips: BTreeSet<IpAddr>,
+    diff: DiffBuilder,
+}
+
+impl Output {
+    fn bump(&mut self, endpoint: &ObjectKey, direction: Direction, allow: Allow, up: bool) {
+        let ep = self.endpoints.get_mut(endpoint).expect("bumped endpoint exists");
+        let counts = &mut ep.counts[di(direction)];
+        let count = counts.get(&allow).copied().unwrap_or(0);
+        self.diff.allows.entry((ep.ip, direction, allow.clone())).or_insert(count > 0);
+        if up {
+            counts.insert(allow, count + 1);
+        } else if count <= 1 {
+            debug_assert_eq!(count, 1, "allow count underflow");
+            counts.remove(&allow);
+        } else {
+            counts.insert(allow, count - 1);
+        }
+    }
+
+    fn touch_isolation(&mut self, endpoint: &ObjectKey, direction: Direction) {
+        let ep = &self.endpoints[endpoint];
+        let isolated = !ep.policies[di(direction)].is_empty();
+        self.diff.isolation.entry((ep.ip, direction)).or_insert(isolated);
+    }
+}
+
+/// The incremental compiler of one node's plan (or of every pod's, for the simulator).
+pub struct Engine {
+    scope: Scope,
+    state: ClusterState,
+    idx: Index,
+    out: Output,
+}
+
+impl Engine {
+    pub fn new(scope: Scope) -> Self {
+        Self { scope, state: ClusterState::default(), idx: Index { next_identity: 1, ..Index::default() }, out: Output::default() }
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The objects as the compiler last saw them.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Applies one event and returns the change of the plan, in make-before-break order.
+    pub fn handle(&mut self, event: Event) -> PlanDiff {
+        match event {
+            Event::UpsertNamespace(ns) => self.upsert_namespace(ns),
+            Event::DeleteNamespace(name) => {
+                let labels = Namespace::default_labels(&name);
+                self.relabel_namespace(&name, labels);
+                self.state.namespaces.remove(&name);
+            }
+            Event::UpsertPod(pod) => self.upsert_pod(pod),
+            Event::DeletePod(key) => {
+                // Removed from the state only after its contributions: expansions read it.
+                if let Some(old) = self.state.pods.get(&key).cloned() {
+                    self.remove_pod(&old);
+                    self.state.pods.remove(&key);
+                }
+            }
+            Event::UpsertPolicy(policy) => {
+                let key = policy.key.clone();
+                if self.state.policies.get(&key) != Some(&policy) {
+                    self.remove_policy(&key);
+                    self.add_policy(policy.clone());
+                    self.state.policies.insert(key, policy);
+                }
+            }
+            Event::DeletePolicy(key) => {
+                self.remove_policy(&key);
+                self.state.policies.remove(&key);
+            }
+            Event::UpsertNode(node) => self.set_node(node.name.clone(), Some(node)),
+            Event::DeleteNode(name) => self.set_node(name, None),
+        }
+        self.finish()
+    }
+
+    /// The whole current plan (what a dataplane needs at start-up, or to resynchronize).
+    pub fn plan(&self) -> Plan {
+        let mut plan = Plan { node_ips: self.out.node_ips.clone(), ..Plan::default() };
+        for (key, id) in &self.idx.pod_identity {
+            plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
+        }
+        for (key, ep) in &self.out.endpoints {
+            let mut p = EndpointPlan::new(key.clone());
+            for d in Direction::BOTH {
+                let dp = p.direction_mut(d);
+                dp.isolated = !ep.policies[di(d)].is_empty();
+                dp.allow = ep.counts[di(d)].keys().cloned().collect();
+            }
+            plan.endpoints.insert(ep.ip, p);
+        }
+        plan
+    }
+
+    /// Sizes of the compiler's state, for metrics and benchmarks.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            pods: self.state.pods.len(),
+            policies: self.state.policies.len(),
+            identities: self.idx.identities.len(),
+            materialized_selectors: self.idx.selectors.len(),
+            endpoints: self.out.endpoints.len(),
+            allow_entries: self.out.endpoints.values().map(|e| e.counts[0].len() + e.counts[1].len()).sum(),
+        }
+    }
+
+    // ---- namespaces and nodes ----
+
+    fn upsert_namespace(&mut self, ns: Namespace) {
+        let ns = Namespace::new(ns.name, ns.labels);
+        self.relabel_namespace(&ns.name, ns.labels.clone());
+        self.state.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    /// Re-evaluates namespaceSelectors for the identities of one namespace.
+    fn relabel_namespace(&mut self, name: &str, new: Labels) {
+        let old = self.state.namespace_labels(name).into_owned();
+        if old == new {
+            return;
+        }
+        let Some(ids) = self.idx.identities_by_ns.get(name) else { return };
+        let ids: Vec<IdentityId> = ids.iter().copied().collect();
+        let mut changes = Vec::new();
+        for &sel in &self.idx.global_selectors {
+            let s = &self.idx.selectors[&sel].selector;
+            let (was, is) = (s.namespaces.matches(name, &old), s.namespaces.matches(name, &new));
+            if was == is {
+                continue;
+            }
+            for &id in &ids {
+                if s.pods.matches(&self.idx.identities[&id].key.labels) {
+                    changes.push((sel, id, is));
+                }
+            }
+        }
+        for (sel, id, join) in changes {
+            if join {
+                self.join(sel, id);
+            } else {
+                self.leave(sel, id);
+            }
+        }
+    }
+
+    fn set_node(&mut self, name: String, node: Option<Node>) {
+        if self.scope.node() == Some(name.as_str()) {
+            self.out.diff.node_ips.get_or_insert_with(|| self.out.node_ips.clone());
+            self.out.node_ips = node.as_ref().map(|n| n.addresses.iter().copied().collect()).unwrap_or_default();
+        }
+        match node {
+            Some(n) => self.state.nodes.insert(name, n),
+            None => self.state.nodes.remove(&name),
+        };
+    }
+
+    // ---- pods ----
+
+    fn upsert_pod(&mut self, pod: Pod) {
+        match self.state.pods.get(&pod.key) {
+            Some(old) if old.same_for_policy(&pod) => {
+                self.state.pods.insert(pod.key.clone(), pod);
+            }
+            Some(old) => {
+                let old = old.clone();
+                self.remove_pod(&old);
+                self.add_pod(pod);
+            }
+            None => self.add_pod(pod),
+        }
+    }
+
+    fn add_pod(&mut self, pod: Pod) {
+        let key = pod.key.clone();
+        let ip = pod.ip.filter(|_| pod.is_endpoint());
+        self.state.pods.insert(key.clone(), pod);
+        let Some(ip) = ip else { return };
+        let claims = self.idx.claims.entry(ip).or_default();
+        let previous = claims.first().cloned();
+        claims.insert(key.clone());
+        if claims.first() == Some(&key) {
+            if let Some(prev) = previous {
+                self.deactivate(&prev);
+            }
+            self.activate(&key);
+        }
+    }
+
+    /// Removes what `old` contributed; `state.pods` may or may not still hold it.
+    fn remove_pod(&mut self, old: &Pod) {
+        let Some(ip) = old.ip.filter(|_| old.is_endpoint()) else { return };
+        let Some(claims) = self.idx.claims.get_mut(&ip) else { return };
+        let was_owner = claims.first() == Some(&old.key);
+        claims.remove(&old.key);
+        let next = claims.first().cloned();
+        if claims.is_empty() {
+            self.idx.claims.remove(&ip);
+        }
+        if was_owner {
+            self.deactivate_pod(old);
+            if let Some(next) = next {
+                self.activate(&next);
+            }
+        }
+    }
+
+    fn deactivate(&mut self, key: &ObjectKey) {
+        let pod = self.state.pods[key].clone();
+        self.deactivate_pod(&pod);
+    }
+
+    /// `pod` now owns its address: give it an identity, make it a peer, and an endpoint if
+    /// it is local.
+    fn activate(&mut self, key: &ObjectKey) {
+        let pod = self.state.pods[key].clone();
+        let ip = pod.ip.expect("activated pods have addresses");
+        self.touch_identity(ip);
+        let id = self.identity_for(&pod);
+        self.idx.pod_identity.insert(key.clone(), id);
+        self.pods_in_block_change(ip, &pod.named_ports, true);
+        if self.scope.is_local(&pod) {
+            self.add_endpoint(&pod, ip);
+        }
+    }
+
+    fn deactivate_pod(&mut self, pod: &Pod) {
+        let ip = pod.ip.expect("owners have addresses");
+        self.touch_identity(ip);
+        if self.out.endpoints.contains_key(&pod.key) {
+            self.remove_endpoint(&pod.key);
+        }
+        self.pods_in_block_change(ip, &pod.named_ports, false);
+        if let Some(id) = self.idx.pod_identity.remove(&pod.key) {
+            let e = self.idx.identities.get_mut(&id).expect("identity of a pod exists");
+            e.pods -= 1;
+            if e.pods == 0 {
+                self.drop_identity(id);
+            }
+        }
+    }
+
+    fn touch_identity(&mut self, ip: IpAddr) {
+        if !self.out.diff.identities.contains_key(&ip) {
+            let current = self
+                .idx
+                .claims
+                .get(&ip)
+                .and_then(|c| c.first())
+                .and_then(|k| self.idx.pod_identity.get(k))
+                .copied();
+            self.out.diff.identities.insert(ip, current);
+        }
+    }
+
+    fn identity_for(&mut self, pod: &Pod) -> IdentityId {
+        let key = IdentityKey::of(pod);
+        if let Some(&id) = self.idx.identity_ids.get(&key) {
+            self.idx.identities.get_mut(&id).expect("indexed identity exists").pods += 1;
+            return id;
+        }
+        let id = self.idx.next_identity;
+        self.idx.next_identity += 1;
+        let ns_labels = self.state.namespace_labels(&key.namespace).into_owned();
+        let candidates: Vec<SelectorId> = self
+            .idx
+            .selectors_by_ns
+            .get(&key.namespace)
+            .into_iter()
+            .flatten()
+            .chain(self.idx.global_selectors.iter())
+            .copied()
+            .filter(|s| self.idx.selectors[s].selector.matches(&key.namespace, &ns_labels, &key.labels))
+            .collect();
+        self.idx.identities_by_ns.entry(key.namespace.clone()).or_default().insert(id);
+        self.idx.identity_ids.insert(key.clone(), id);
+        self.idx.identities.insert(id, IdentityEntry { key, pods: 1, selectors: HashSet::new() });
+        for sel in candidates {
+            self.join(sel, id);
+        }
+        id
+    }
+
+    fn drop_identity(&mut self, id: IdentityId) {
+        let sels: Vec<SelectorId> = self.idx.identities[&id].selectors.iter().copied().collect();
+        for sel in sels {
+            self.leave(sel, id);
+        }
+        let e = self.idx.identities.remove(&id).expect("dropped identity exists");
+        self.idx.identity_ids.remove(&e.key);
+        if let Some(set) = self.idx.identities_by_ns.get_mut(&e.key.namespace) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.idx.identities_by_ns.remove(&e.key.namespace);
+            }
+        }
+    }
+
+    // ---- selector membership ----
+
+    /// Identity `id` joins selector `sel`: every endpoint of every term using it gains it.
+    fn join(&mut self, sel: SelectorId, id: IdentityId) {
+        self.idx.selectors.get_mut(&sel).expect("selector").members.insert(id);
+        self.idx.identities.get_mut(&id).expect("identity").selectors.insert(sel);
+        self.membership_bump(sel, id, true);
+    }
+
+    fn leave(&mut self, sel: SelectorId, id: IdentityId) {
+        self.membership_bump(sel, id, false);
+        self.idx.selectors.get_mut(&sel).expect("selector").members.remove(&id);
+        self.idx.identities.get_mut(&id).expect("identity").selectors.remove(&sel);
+    }
+
+    fn membership_bump(&mut self, sel: SelectorId, id: IdentityId, up: bool) {
+        let Self { idx, out, .. } = self;
+        let peer_ports = &idx.identities[&id].key.named_ports;
+        for t in &idx.selectors[&sel].users {
+            let policy = &idx.policies[&t.policy];
+            let term = &policy.terms[di(t.direction)][t.term];
+            for ep in &policy.endpoints {
+                let ep_ports = out.endpoints[ep].named_ports.clone();
+                for port in &term.ports {
+                    if let Some(ports) = port.resolve(resolution_ports(t.direction, &ep_ports, peer_ports)) {
+                        out.bump(ep, t.direction, Allow { peer: PeerMatch::Identity(id), ports }, up);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pod (address) appears or disappears inside the blocks of `PodsInBlock` terms.
+    fn pods_in_block_change(&mut self, ip: IpAddr, peer_ports: &[NamedPort], up: bool) {
+        let Self { idx, out, .. } = self;
+        for (t, block) in &idx.pods_in_block {
+            if !block.contains(ip) {
+                continue;
+            }
+            let policy = &idx.policies[&t.policy];
+            let term = &policy.terms[di(t.direction)][t.term];
+            for ep in &policy.endpoints {
+                for port in &term.ports {
+                    if let Some(ports) = port.resolve(peer_ports) {
+                        out.bump(ep, t.direction, Allow { peer: PeerMatch::Cidr(host_block(ip)), ports }, up);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- endpoints ----
+
+    fn add_endpoint(&mut self, pod: &Pod, ip: IpAddr) {
+        self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
+        self.out.endpoints.insert(
+            pod.key.clone(),
+            EndpointEntry { ip, named_ports: pod.named_ports.clone(), policies: Default::default(), counts: Default::default() },
+        );
+        self.out.endpoint_at.insert(ip, pod.key.clone());
+        self.out.endpoints_by_ns.entry(pod.key.namespace.clone()).or_default().insert(pod.key.clone());
+        let selecting: Vec<PolicyId> = self
+            .idx
+            .policies_by_ns
+            .get(&pod.key.namespace)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|p| self.idx.policies[p].policy.pod_selector.matches(&pod.labels))
+            .collect();
+        for p in selecting {
+            self.attach(p, &pod.key);
+        }
+    }
+
+    fn remove_endpoint(&mut self, key: &ObjectKey) {
+        let ip = self.out.endpoints[key].ip;
+        self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
+        let ep = &self.out.endpoints[key];
+        let policies: BTreeSet<PolicyId> = ep.policies[0].union(&ep.policies[1]).copied().collect();
+        for p in policies {
+            self.detach(p, key);
+        }
+        let ep = self.out.endpoints.remove(key).expect("endpoint exists");
+        debug_assert!(ep.counts.iter().all(|c| c.is_empty()), "endpoint removed with allows left");
+        self.out.endpoint_at.remove(&ep.ip);
+        if let Some(set) = self.out.endpoints_by_ns.get_mut(&key.namespace) {
+            set.remove(key);
+            if set.is_empty() {
+                self.out.endpoints_by_ns.remove(&key.namespace);
+            }
+        }
+    }
+
+    /// Policy `pid` starts selecting endpoint `ep`.
+    fn attach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+        if self.idx.policies[&pid].endpoints.is_empty() {
+            self.materialize(pid);
+        }
+        self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
+        for d in Direction::BOTH {
+            if self.idx.policies[&pid].policy.rules(d).is_none() {
+                continue;
+            }
+            self.out.touch_isolation(ep, d);
+            self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].insert(pid);
+            self.contribute(pid, d, ep, true);
+        }
+    }
+
+    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+        for d in Direction::BOTH {
+            if self.idx.policies[&pid].policy.rules(d).is_none() {
+                continue;
+            }
+            self.contribute(pid, d, ep, false);
+            self.out.touch_isolation(ep, d);
+            self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].remove(&pid);
+        }
+        let entry = self.idx.policies.get_mut(&pid).expect("policy");
+        entry.endpoints.remove(ep);
+        if entry.endpoints.is_empty() {
+            self.dematerialize(pid);
+        }
+    }
+
+    /// Adds (or removes) every expansion of one direction of a policy for one endpoint.
+    fn contribute(&mut self, pid: PolicyId, d: Direction, ep: &ObjectKey, up: bool) {
+        let Self { idx, out, state, .. } = self;
+        let policy = &idx.policies[&pid];
+        let ep_ports = out.endpoints[ep].named_ports.clone();
+        for (ti, term) in policy.terms[di(d)].iter().enumerate() {
+            let add = |out: &mut Output, peer: PeerMatch, peer_ports: &[NamedPort]| {
+                for port in &term.ports {
+                    if let Some(ports) = port.resolve(resolution_ports(d, &ep_ports, peer_ports)) {
+                        out.bump(ep, d, Allow { peer: peer.clone(), ports }, up);
+                    }
+                }
+            };
+            match &term.peer {
+                TermPeer::Any => add(out, PeerMatch::Any, &[]),
+                TermPeer::Block(b) => add(out, PeerMatch::Cidr(b.clone()), &[]),
+                TermPeer::Pods(_) => {
+                    let sel = policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
+                    for id in &idx.selectors[&sel].members {
+                        add(out, PeerMatch::Identity(*id), &idx.identities[id].key.named_ports);
+                    }
+                }
+                TermPeer::PodsInBlock(b) => {
+                    for (key, _) in &idx.pod_identity {
+                        let pod = &state.pods[key];
+                        let ip = pod.ip.expect("owners have addresses");
+                        if b.contains(ip) {
+                            add(out, PeerMatch::Cidr(host_block(ip)), &pod.named_ports);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- policies ----
+
+    fn add_policy(&mut self, policy: Policy) {
+        let pid = self.idx.next_policy;
+        self.idx.next_policy += 1;
+        let terms = Direction::BOTH.map(|d| {
+            policy.rules(d).unwrap_or_default().iter().flat_map(|r| rule_terms(r, d)).collect::<Vec<_>>()
+        });
+        let ns = policy.key.namespace.clone();
+        let selected: Vec<ObjectKey> = self
+            .out
+            .endpoints_by_ns
+            .get(&ns)
+            .into_iter()
+            .flatten()
+            .filter(|k| policy.pod_selector.matches(&self.state.pods[*k].labels))
+            .cloned()
+            .collect();
+        self.idx.policy_ids.insert(policy.key.clone(), pid);
+        self.idx.policies_by_ns.entry(ns).or_default().insert(pid);
+        self.idx.policies.insert(
+            pid,
+            PolicyEntry { policy, terms, term_selectors: [Vec::new(), Vec::new()], endpoints: BTreeSet::new() },
+        );
+        for ep in selected {
+            self.attach(pid, &ep);
+        }
+    }
+
+    fn remove_policy(&mut self, key: &ObjectKey) {
+        let Some(pid) = self.idx.policy_ids.remove(key) else { return };
+        let endpoints: Vec<ObjectKey> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
+        for ep in endpoints {
+            self.detach(pid, &ep);
+        }
+        self.idx.policies.remove(&pid);
+        if let Some(set) = self.idx.policies_by_ns.get_mut(&key.namespace) {
+            set.remove(&pid);
+            if set.is_empty() {
+                self.idx.policies_by_ns.remove(&key.namespace);
+            }
+        }
+    }
+
+    /// Interns and evaluates the selectors of a policy that now selects a local endpoint.
+    fn materialize(&mut self, pid: PolicyId) {
+        for d in Direction::BOTH {
+            let terms = self.idx.policies[&pid].terms[di(d)].clone();
+            let mut sels = Vec::with_capacity(terms.len());
+            for (ti, term) in terms.iter().enumerate() {
+                let tref = TermRef { policy: pid, direction: d, term: ti };
+                sels.push(match &term.peer {
+                    TermPeer::Pods(s) => {
+                        let sel = self.intern_selector(s);
+                        self.idx.selectors.get_mut(&sel).expect("selector").users.insert(tref);
+                        Some(sel)
+                    }
+                    TermPeer::PodsInBlock(b) => {
+                        self.idx.pods_in_block.insert(tref, b.clone());
+                        None
+                    }
+                    TermPeer::Any | TermPeer::Block(_) => None,
+                });
+            }
+            self.idx.policies.get_mut(&pid).expect("policy").term_selectors[di(d)] = sels;
+        }
+    }
+
+    fn dematerialize(&mut self, pid: PolicyId) {
+        for d in Direction::BOTH {
+            let sels = std::mem::take(&mut self.idx.policies.get_mut(&pid).expect("policy").term_selectors[di(d)]);
+            for (ti, sel) in sels.into_iter().enumerate() {
+                let tref = TermRef { policy: pid, direction: d, term: ti };
+                self.idx.pods_in_block.remove(&tref);
+                let Some(sel) = sel else { continue };
+                let entry = self.idx.selectors.get_mut(&sel).expect("selector");
+                entry.users.remove(&tref);
+                if entry.users.is_empty() {
+                    self.release_selector(sel);
+                }
+            }
+        }
+    }
+
+    fn intern_selector(&mut self, s: &PeerSelector) -> SelectorId {
+        if let Some(&id) = self.idx.selector_ids.get(s) {
+            return id;
+        }
+        let id = self.idx.next_selector;
+        self.idx.next_selector += 1;
+        let mut members = HashSet::new();
+        let mut consider = |ns: &str, ids: &HashSet<IdentityId>, idx: &Index| {
+            for i in ids {
+                if s.pods.matches(&idx.identities[i].key.labels) {
+                    members.insert(*i);
+                }
+            }
+            let _ = ns;
+        };
+        match &s.namespaces {
+            NamespaceScope::Named(ns) => {
+                if let Some(ids) = self.idx.identities_by_ns.get(ns) {
+                    consider(ns, ids, &self.idx);
+                }
+                self.idx.selectors_by_ns.entry(ns.clone()).or_default().insert(id);
+            }
+            NamespaceScope::Selector(nss) => {
+                for (ns, ids) in &self.idx.identities_by_ns {
+                    if nss.matches(&self.state.namespace_labels(ns)) {
+                        consider(ns, ids, &self.idx);
+                    }
+                }
+                self.idx.global_selectors.insert(id);
+            }
+        }
+        for m in &members {
+            self.idx.identities.get_mut(m).expect("identity").selectors.insert(id);
+        }
+        self.idx.selector_ids.insert(s.clone(), id);
+        self.idx.selectors.insert(id, SelectorEntry { selector: s.clone(), members, users: HashSet::new() });
+        id
+    }
+
+    fn release_selector(&mut self, sel: SelectorId) {
+        let entry = self.idx.selectors.remove(&sel).expect("selector");
+        for m in &entry.members {
+            if let Some(i) = self.idx.identities.get_mut(m) {
+                i.selectors.remove(&sel);
+            }
+        }
+        self.idx.selector_ids.remove(&entry.selector);
+        match &entry.selector.namespaces {
+            NamespaceScope::Named(ns) => {
+                if let Some(set) = self.idx.selectors_by_ns.get_mut(ns) {
+                    set.remove(&sel);
+                    if set.is_empty() {
+                        self.idx.selectors_by_ns.remove(ns);
+                    }
+                }
+            }
+            NamespaceScope::Selector(_) => {
+                self.idx.global_selectors.remove(&sel);
+            }
+        }
+    }
+
+    // ---- the diff ----
+
+    /// Turns what the event touched into the net, ordered diff.
+    fn finish(&mut self) -> PlanDiff {
+        let diff = std::mem::take(&mut self.out.diff);
+        let mut changes = Vec::new();
+        // Endpoints that are new in this event (or now hold another pod) get their whole
+        // state; endpoints that are gone get nothing but their removal.
+        let mut fresh: HashSet<IpAddr> = HashSet::new();
+        let mut gone: HashSet<IpAddr> = HashSet::new();
+        for (ip, before) in &diff.endpoints {
+            let after = self.out.endpoint_at.get(ip);
+            match (before, after) {
+                (None, None) => {}
+                (None, Some(pod)) => {
+                    fresh.insert(*ip);
+                    changes.push(Change::AddEndpoint { ip: *ip, pod: pod.clone() });
+                }
+                (Some(_), None) => {
+                    gone.insert(*ip);
+                    changes.push(Change::RemoveEndpoint { ip: *ip });
+                }
+                (Some(a), Some(b)) if a != b => {
+                    fresh.insert(*ip);
+                    gone.insert(*ip);
+                    changes.push(Change::RemoveEndpoint { ip: *ip });
+                    changes.push(Change::AddEndpoint { ip: *ip, pod: b.clone() });
+                }
+                (Some(_), Some(_)) => {}
+            }
+        }
+        let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);
+        for ((ip, d, allow), before) in diff.allows {
+            let after = current(&ip).is_some_and(|ep| ep.counts[di(d)].contains_key(&allow));
+            if fresh.contains(&ip) {
+                if after {
+                    changes.push(Change::AddAllow { ip, direction: d, allow });
+                }
+            } else if gone.contains(&ip) || before == after {
+            } else if after {
+                changes.push(Change::AddAllow { ip, direction: d, allow });
+            } else {
+                changes.push(Change::RemoveAllow { ip, direction: d, allow });
+            }
+        }
+        for ((ip, d), before) in diff.isolation {
+            let after = current(&ip).is_some_and(|ep| !ep.policies[di(d)].is_empty());
+            if fresh.contains(&ip) {
+                if after {
+                    changes.push(Change::SetIsolation { ip, direction: d, isolated: true });
+                }
+            } else if !gone.contains(&ip) && before != after {
+                changes.push(Change::SetIsolation { ip, direction: d, isolated: after });
+            }
+        }
+        for (ip, before) in diff.identities {
+            let after = self.idx.claims.get(&ip).and_then(|c| c.first()).and_then(|k| self.idx.pod_identity.get(k)).copied();
+            match (before, after) {
+                (b, Some(a)) if b != Some(a) => changes.push(Change::SetIdentity { ip, identity: a }),
+                (Some(_), None) => changes.push(Change::RemoveIdentity { ip }),
+                _ => {}
+            }
+        }
+        if let Some(before) = diff.node_ips {
+            for ip in self.out.node_ips.difference(&before) {
+                changes.push(Change::AddNodeIp { ip: *ip });
+            }
+            for ip in before.difference(&self.out.node_ips) {
+                changes.push(Change::RemoveNodeIp { ip: *ip });
+            }
+        }
+        changes.sort_by_key(Change::phase);
+        PlanDiff { changes }
+    }
+}
+
+/// Sizes of the compiler's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    pub pods: usize,
+    pub policies: usize,
+    pub identities: usize,
+    pub materialized_selectors: usize,
+    pub endpoints: usize,
+    pub allow_entries: usize,
+}

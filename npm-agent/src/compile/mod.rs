@@ -1,0 +1,195 @@
+//! The compiler: NetworkPolicy semantics, once, for every dataplane.
+//!
+//! [`full`] compiles a whole [`ClusterState`](crate::state::ClusterState) into a
+//! [`Plan`](crate::plan::Plan) in one pass; [`Engine`] keeps a plan up to date event by event
+//! and returns the smallest diff for each. Both are built from the helpers here, which say
+//! how a rule expands into allow entries; tests check that the two agree.
+
+pub mod engine;
+pub mod full;
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::model::{
+    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, Peer, Pod, PortSpec,
+    Protocol, Rule, find_named_port,
+};
+use crate::plan::PortMatch;
+
+pub use engine::Engine;
+pub use full::compile;
+
+/// Which pods are local endpoints of the plan being built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    /// Every pod (the simulator's single virtual node).
+    Cluster,
+    /// The pods scheduled on this node (the agent).
+    Node(String),
+}
+
+impl Scope {
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Node(n) => pod.node.as_deref() == Some(n.as_str()),
+        }
+    }
+
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Scope::Cluster => None,
+            Scope::Node(n) => Some(n),
+        }
+    }
+}
+
+/// What makes pods indistinguishable to every selector and named port: pods with equal
+/// keys share one identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    pub namespace: String,
+    pub labels: Labels,
+    pub named_ports: Vec<NamedPort>,
+}
+
+impl IdentityKey {
+    pub fn of(pod: &Pod) -> Self {
+        Self { namespace: pod.key.namespace.clone(), labels: pod.labels.clone(), named_ports: pod.named_ports.clone() }
+    }
+}
+
+/// The pods a selector peer matches: `pods` in the namespaces of `namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerSelector {
+    pub namespaces: NamespaceScope,
+    pub pods: LabelSelector,
+}
+
+impl PeerSelector {
+    /// Every pod of every namespace.
+    pub fn everything() -> Self {
+        Self { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::everything() }
+    }
+
+    pub fn matches(&self, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
+        self.namespaces.matches(namespace, namespace_labels) && self.pods.matches(pod_labels)
+    }
+}
+
+/// A rule's port entry, or "every port" for a rule without ports.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PortSel {
+    Any,
+    Spec(PortSpec),
+}
+
+impl PortSel {
+    fn is_named(&self) -> bool {
+        matches!(self, PortSel::Spec(PortSpec::Named { .. }))
+    }
+
+    /// The concrete ports, resolving a named port against `named` (the ports of the pod the
+    /// name refers to). `None` when the name does not exist there with that protocol.
+    pub fn resolve(&self, named: &[NamedPort]) -> Option<PortMatch> {
+        match self {
+            PortSel::Any => Some(PortMatch::Any),
+            PortSel::Spec(PortSpec::Protocol(p)) => Some(PortMatch::Protocol(*p)),
+            PortSel::Spec(PortSpec::Range { protocol, first, last }) => {
+                Some(PortMatch::Range { protocol: *protocol, first: *first, last: *last })
+            }
+            PortSel::Spec(PortSpec::Named { protocol, name }) => {
+                find_named_port(named, name, *protocol).map(|port| single(*protocol, port))
+            }
+        }
+    }
+}
+
+fn single(protocol: Protocol, port: u16) -> PortMatch {
+    PortMatch::Range { protocol, first: port, last: port }
+}
+
+/// Who a term admits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TermPeer {
+    /// Any address.
+    Any,
+    /// The pods a selector matches, by identity.
+    Pods(PeerSelector),
+    /// Any address in the block.
+    Block(CidrBlock),
+    /// The pods whose address is in the block, each by its own address: egress named ports
+    /// to an ipBlock, which resolve against each destination pod.
+    PodsInBlock(CidrBlock),
+}
+
+/// A rule, split so that each part expands uniformly: the peers of one term resolve named
+/// ports the same way.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Term {
+    pub peer: TermPeer,
+    pub ports: Vec<PortSel>,
+}
+
+/// Splits a rule into terms.
+///
+/// Ingress named ports resolve against the endpoint itself, so every peer keeps every port.
+/// Egress named ports resolve against the destination pod: a peer that is not a selector
+/// (every address, an ipBlock) only admits pods for its named ports.
+pub fn rule_terms(rule: &Rule, direction: Direction) -> Vec<Term> {
+    let ports: Vec<PortSel> = if rule.ports.is_empty() {
+        vec![PortSel::Any]
+    } else {
+        rule.ports.iter().cloned().map(PortSel::Spec).collect()
+    };
+    let (named, numeric): (Vec<PortSel>, Vec<PortSel>) = match direction {
+        Direction::Ingress => (Vec::new(), ports.clone()),
+        Direction::Egress => ports.iter().cloned().partition(PortSel::is_named),
+    };
+    let mut terms = Vec::new();
+    let mut push = |peer: TermPeer, ports: &[PortSel]| {
+        if !ports.is_empty() {
+            terms.push(Term { peer, ports: ports.to_vec() });
+        }
+    };
+    let any_peer = [None];
+    let peers: Vec<Option<&Peer>> =
+        if rule.peers.is_empty() { any_peer.to_vec() } else { rule.peers.iter().map(Some).collect() };
+    for peer in peers {
+        match peer {
+            Some(Peer::Pods { namespaces, pods }) => {
+                push(TermPeer::Pods(PeerSelector { namespaces: namespaces.clone(), pods: pods.clone() }), &ports)
+            }
+            None if direction == Direction::Ingress => push(TermPeer::Any, &ports),
+            None => {
+                push(TermPeer::Any, &numeric);
+                push(TermPeer::Pods(PeerSelector::everything()), &named);
+            }
+            Some(Peer::Block(b)) => {
+                push(TermPeer::Block(b.clone()), &numeric);
+                push(TermPeer::PodsInBlock(b.clone()), &named);
+            }
+        }
+    }
+    terms
+}
+
+/// The named ports a term's ports resolve against: the endpoint's for ingress, the peer
+/// pod's for egress (none for an address that is not a pod).
+pub fn resolution_ports<'a>(
+    direction: Direction,
+    endpoint: &'a [NamedPort],
+    peer: &'a [NamedPort],
+) -> &'a [NamedPort] {
+    match direction {
+        Direction::Ingress => endpoint,
+        Direction::Egress => peer,
+    }
+}
+
+/// The /32 (or /128) block of one address.
+pub fn host_block(ip: IpAddr) -> CidrBlock {
+    CidrBlock::new(ipnet::IpNet::from(ip), [])
+}

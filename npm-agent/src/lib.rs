@@ -1,0 +1,13 @@
+//! The node agent of a Kubernetes NetworkPolicy enforcer, as a library.
+//!
+//! Data flows one way: sources produce [`state::Event`]s; the [`compile`] engine turns
+//! them into [`plan::PlanDiff`]s; dataplanes apply those. [`reference`] is the naive
+//! specification the compiler is tested against; [`simulate`] replays conformance cases
+//! through the compiler. See docs/ARCHITECTURE.md for the map.
+
+pub mod compile;
+pub mod model;
+pub mod plan;
+pub mod reference;
+pub mod simulate;
+pub mod state;

@@ -1,0 +1,349 @@
+//! The plan: what every dataplane enforces, in dataplane-neutral form, and the diffs that
+//! move a dataplane from one plan to the next.
+//!
+//! For each local endpoint (pod address) and direction the plan says whether the endpoint
+//! is isolated and which (peer, ports) pairs are allowed. Peers are identities (groups of
+//! pods that no selector can tell apart), CIDR blocks, or anyone. Pod addresses map to
+//! identities cluster-wide, since peers may live on any node.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::model::{CidrBlock, Direction, ObjectKey, Protocol};
+
+/// A numeric identity shared by pods with the same namespace, labels and named ports.
+/// Never 0: 0 means "no identity" (an address that is not a pod's).
+pub type IdentityId = u32;
+
+/// Who an allow entry admits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PeerMatch {
+    /// Any address (a rule without peers).
+    Any,
+    /// Pods with this identity.
+    Identity(IdentityId),
+    /// Addresses in the block (pods or not).
+    Cidr(CidrBlock),
+}
+
+/// Which packets of the peer an allow entry admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PortMatch {
+    /// Every protocol and port, ICMP included (a rule without ports).
+    Any,
+    /// Every port of one protocol.
+    Protocol(Protocol),
+    /// Ports `first..=last` of one protocol.
+    Range { protocol: Protocol, first: u16, last: u16 },
+}
+
+impl PortMatch {
+    pub fn matches(&self, protocol: Protocol, port: u16) -> bool {
+        match *self {
+            PortMatch::Any => true,
+            PortMatch::Protocol(p) => p == protocol,
+            PortMatch::Range { protocol: p, first, last } => p == protocol && (first..=last).contains(&port),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Allow {
+    pub peer: PeerMatch,
+    pub ports: PortMatch,
+}
+
+impl fmt::Display for Allow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.peer {
+            PeerMatch::Any => f.write_str("any")?,
+            PeerMatch::Identity(id) => write!(f, "identity {id}")?,
+            PeerMatch::Cidr(b) => write!(f, "{b}")?,
+        }
+        match self.ports {
+            PortMatch::Any => Ok(()),
+            PortMatch::Protocol(p) => write!(f, " {p}"),
+            PortMatch::Range { protocol, first, last } if first == last => write!(f, " {protocol}/{first}"),
+            PortMatch::Range { protocol, first, last } => write!(f, " {protocol}/{first}-{last}"),
+        }
+    }
+}
+
+/// One direction of one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DirectionPlan {
+    /// Whether any policy selects the endpoint for this direction. When false, everything
+    /// is allowed and `allow` is empty.
+    pub isolated: bool,
+    pub allow: HashSet<Allow>,
+}
+
+impl DirectionPlan {
+    /// Whether the entries admit a packet from (or to) `peer`, whose identity (if it is a
+    /// pod) is `identity`. A linear scan: dataplanes use hash lookups, with the same result.
+    pub fn admits(&self, peer: IpAddr, identity: Option<IdentityId>, protocol: Protocol, port: u16) -> bool {
+        !self.isolated
+            || self.allow.iter().any(|a| {
+                let peer_ok = match &a.peer {
+                    PeerMatch::Any => true,
+                    PeerMatch::Identity(id) => identity == Some(*id),
+                    PeerMatch::Cidr(b) => b.contains(peer),
+                };
+                peer_ok && a.ports.matches(protocol, port)
+            })
+    }
+}
+
+/// The plan of one local endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointPlan {
+    pub pod: ObjectKey,
+    pub ingress: DirectionPlan,
+    pub egress: DirectionPlan,
+}
+
+impl EndpointPlan {
+    pub fn new(pod: ObjectKey) -> Self {
+        Self { pod, ingress: DirectionPlan::default(), egress: DirectionPlan::default() }
+    }
+
+    pub fn direction(&self, d: Direction) -> &DirectionPlan {
+        match d {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+
+    pub fn direction_mut(&mut self, d: Direction) -> &mut DirectionPlan {
+        match d {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+}
+
+/// Everything one node's dataplane enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Every pod address in the cluster and its identity.
+    pub identities: HashMap<IpAddr, IdentityId>,
+    /// The local endpoints, by pod address.
+    pub endpoints: HashMap<IpAddr, EndpointPlan>,
+    /// The local node's addresses: always allowed to and from local endpoints.
+    pub node_ips: BTreeSet<IpAddr>,
+}
+
+/// A connection attempt, as a dataplane sees its first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Connection {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl Plan {
+    /// Whether the plan lets `conn` leave its source (when the source is a local endpoint).
+    pub fn allows_egress(&self, conn: &Connection) -> bool {
+        match self.endpoints.get(&conn.src) {
+            None => true,
+            Some(ep) => {
+                self.node_ips.contains(&conn.dst)
+                    || ep.egress.admits(conn.dst, self.identities.get(&conn.dst).copied(), conn.protocol, conn.port)
+            }
+        }
+    }
+
+    /// Whether the plan lets `conn` reach its destination (when it is a local endpoint).
+    pub fn allows_ingress(&self, conn: &Connection) -> bool {
+        match self.endpoints.get(&conn.dst) {
+            None => true,
+            Some(ep) => {
+                self.node_ips.contains(&conn.src)
+                    || ep.ingress.admits(conn.src, self.identities.get(&conn.src).copied(), conn.protocol, conn.port)
+            }
+        }
+    }
+
+    /// Applies a diff, checking that it fits the plan (a diff that adds what is there or
+    /// removes what is not is a compiler bug, reported rather than ignored).
+    pub fn apply(&mut self, diff: &PlanDiff) -> Result<(), String> {
+        for c in &diff.changes {
+            match c {
+                Change::AddEndpoint { ip, pod } => {
+                    if self.endpoints.insert(*ip, EndpointPlan::new(pod.clone())).is_some() {
+                        return Err(format!("endpoint {ip} added twice"));
+                    }
+                }
+                Change::RemoveEndpoint { ip } => {
+                    self.endpoints.remove(ip).ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
+                }
+                Change::SetIsolation { ip, direction, isolated } => {
+                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("isolation of absent endpoint {ip}"))?;
+                    ep.direction_mut(*direction).isolated = *isolated;
+                }
+                Change::AddAllow { ip, direction, allow } => {
+                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
+                    if !ep.direction_mut(*direction).allow.insert(allow.clone()) {
+                        return Err(format!("{ip} {direction}: {allow} added twice"));
+                    }
+                }
+                Change::RemoveAllow { ip, direction, allow } => {
+                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
+                    if !ep.direction_mut(*direction).allow.remove(allow) {
+                        return Err(format!("{ip} {direction}: {allow} removed but absent"));
+                    }
+                }
+                Change::SetIdentity { ip, identity } => {
+                    self.identities.insert(*ip, *identity);
+                }
+                Change::RemoveIdentity { ip } => {
+                    self.identities.remove(ip).ok_or_else(|| format!("identity of {ip} removed but absent"))?;
+                }
+                Change::AddNodeIp { ip } => {
+                    self.node_ips.insert(*ip);
+                }
+                Change::RemoveNodeIp { ip } => {
+                    self.node_ips.remove(ip);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A diff that builds this plan from nothing (what a dataplane applies at start-up).
+    pub fn as_diff(&self) -> PlanDiff {
+        let mut changes = Vec::new();
+        changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
+        for (ip, ep) in &self.endpoints {
+            changes.push(Change::AddEndpoint { ip: *ip, pod: ep.pod.clone() });
+            for d in Direction::BOTH {
+                let dp = ep.direction(d);
+                changes.extend(dp.allow.iter().map(|a| Change::AddAllow { ip: *ip, direction: d, allow: a.clone() }));
+            }
+        }
+        changes.extend(self.identities.iter().map(|(ip, id)| Change::SetIdentity { ip: *ip, identity: *id }));
+        for (ip, ep) in &self.endpoints {
+            for d in Direction::BOTH {
+                if ep.direction(d).isolated {
+                    changes.push(Change::SetIsolation { ip: *ip, direction: d, isolated: true });
+                }
+            }
+        }
+        PlanDiff { changes }
+    }
+}
+
+/// One change to a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Change {
+    AddEndpoint { ip: IpAddr, pod: ObjectKey },
+    RemoveEndpoint { ip: IpAddr },
+    SetIsolation { ip: IpAddr, direction: Direction, isolated: bool },
+    AddAllow { ip: IpAddr, direction: Direction, allow: Allow },
+    RemoveAllow { ip: IpAddr, direction: Direction, allow: Allow },
+    SetIdentity { ip: IpAddr, identity: IdentityId },
+    RemoveIdentity { ip: IpAddr },
+    AddNodeIp { ip: IpAddr },
+    RemoveNodeIp { ip: IpAddr },
+}
+
+impl Change {
+    /// The make-before-break order of changes within a diff: everything that allows comes
+    /// before the switch of identities and isolation, everything that takes away after.
+    /// Applied in this order, no intermediate state allows what neither the old nor the
+    /// new plan allows, nor blocks what both allow.
+    pub fn phase(&self) -> u8 {
+        match self {
+            Change::AddNodeIp { .. } => 0,
+            Change::AddEndpoint { .. } => 1,
+            Change::AddAllow { .. } => 2,
+            Change::SetIsolation { isolated: false, .. } => 3,
+            Change::SetIdentity { .. } => 4,
+            Change::SetIsolation { isolated: true, .. } => 5,
+            Change::RemoveAllow { .. } => 6,
+            Change::RemoveIdentity { .. } => 7,
+            Change::RemoveEndpoint { .. } => 8,
+            Change::RemoveNodeIp { .. } => 9,
+        }
+    }
+}
+
+/// An ordered list of changes (see [`Change::phase`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PlanDiff {
+    pub changes: Vec<Change>,
+}
+
+impl PlanDiff {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+}
+
+/// Whether a connection between two addresses is allowed, given the plans of the nodes of
+/// its source and its destination (the same plan when both are local, or in the simulator).
+/// A pod's traffic to itself never leaves its network namespace and is always allowed.
+pub fn connection_allowed(src_plan: &Plan, dst_plan: &Plan, conn: &Connection) -> bool {
+    conn.src == conn.dst || (src_plan.allows_egress(conn) && dst_plan.allows_ingress(conn))
+}
+
+/// A plan with identities replaced by the addresses they stand for, so that plans built by
+/// different compilers (which number identities differently) can be compared.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CanonicalPlan {
+    pub endpoints: Vec<(IpAddr, ObjectKey, [(bool, Vec<(CanonicalPeer, PortMatch)>); 2])>,
+    pub addresses_by_identity: BTreeSet<Vec<IpAddr>>,
+    pub node_ips: BTreeSet<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CanonicalPeer {
+    Any,
+    Addresses(Vec<IpAddr>),
+    Cidr(CidrBlock),
+}
+
+impl Plan {
+    pub fn canonical(&self) -> CanonicalPlan {
+        let mut members: HashMap<IdentityId, Vec<IpAddr>> = HashMap::new();
+        for (ip, id) in &self.identities {
+            members.entry(*id).or_default().push(*ip);
+        }
+        for v in members.values_mut() {
+            v.sort();
+        }
+        let mut endpoints: Vec<_> = self
+            .endpoints
+            .iter()
+            .map(|(ip, ep)| {
+                let dir = |d: &DirectionPlan| {
+                    let mut allows: Vec<_> = d
+                        .allow
+                        .iter()
+                        .map(|a| {
+                            let peer = match &a.peer {
+                                PeerMatch::Any => CanonicalPeer::Any,
+                                PeerMatch::Identity(id) => CanonicalPeer::Addresses(members.get(id).cloned().unwrap_or_default()),
+                                PeerMatch::Cidr(b) => CanonicalPeer::Cidr(b.clone()),
+                            };
+                            (peer, a.ports)
+                        })
+                        .collect();
+                    allows.sort();
+                    (d.isolated, allows)
+                };
+                (*ip, ep.pod.clone(), [dir(&ep.ingress), dir(&ep.egress)])
+            })
+            .collect();
+        endpoints.sort();
+        CanonicalPlan { endpoints, addresses_by_identity: members.into_values().collect(), node_ips: self.node_ips.clone() }
+    }
+}

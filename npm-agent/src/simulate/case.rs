@@ -1,0 +1,451 @@
+//! The conformance case format (shared/conformance/FORMAT.md): parsing, and turning a
+//! case's model and actions into the compiler's events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::model::{
+    self, InvalidObject, Labels, NamedPort, Namespace, ObjectKey, Pod, PodPhase, Protocol,
+};
+use crate::state::Event;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub namespaces: Vec<NamespaceSpec>,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum NamespaceSpec {
+    Name(String),
+    Full {
+        name: String,
+        #[serde(default, deserialize_with = "opt_labels")]
+        labels: Option<Labels>,
+    },
+}
+
+impl NamespaceSpec {
+    fn name(&self) -> &str {
+        match self {
+            NamespaceSpec::Name(n) | NamespaceSpec::Full { name: n, .. } => n,
+        }
+    }
+
+    /// Labels default to `ns: <name>`; the name label is always added.
+    fn labels(&self) -> Labels {
+        match self {
+            NamespaceSpec::Full { labels: Some(l), .. } => l.clone(),
+            _ => BTreeMap::from([("ns".to_string(), self.name().to_string())]),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default, deserialize_with = "opt_labels")]
+    pub labels: Option<Labels>,
+    #[serde(default)]
+    pub ports: Option<Vec<PortDecl>>,
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortDecl {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub actions: Vec<Action>,
+    #[serde(default)]
+    pub expect: Vec<Expect>,
+}
+
+/// One action of a step. In the file, a map with exactly one key naming the action.
+#[derive(Debug)]
+pub enum Action {
+    Apply(serde_yaml_ng::Value),
+    DeletePolicy { namespace: String, name: String },
+    SetPodLabels { namespace: String, pod: String, labels: Labels },
+    SetNamespaceLabels { namespace: String, labels: Labels },
+    CreatePod(PodSpec),
+    DeletePod { namespace: String, pod: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyRef {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodRef {
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+    #[serde(deserialize_with = "labels")]
+    labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceLabels {
+    namespace: String,
+    #[serde(deserialize_with = "labels")]
+    labels: Labels,
+}
+
+/// The on-disk form of an action (YAML enums need tags; cases use one-key maps).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawAction {
+    apply: Option<serde_yaml_ng::Value>,
+    delete_policy: Option<PolicyRef>,
+    set_pod_labels: Option<PodLabels>,
+    set_namespace_labels: Option<NamespaceLabels>,
+    create_pod: Option<PodSpec>,
+    delete_pod: Option<PodRef>,
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawAction::deserialize(d)?;
+        let mut found = Vec::new();
+        if let Some(v) = raw.apply {
+            found.push(Action::Apply(v));
+        }
+        if let Some(r) = raw.delete_policy {
+            found.push(Action::DeletePolicy { namespace: r.namespace, name: r.name });
+        }
+        if let Some(r) = raw.set_pod_labels {
+            found.push(Action::SetPodLabels { namespace: r.namespace, pod: r.pod, labels: r.labels });
+        }
+        if let Some(r) = raw.set_namespace_labels {
+            found.push(Action::SetNamespaceLabels { namespace: r.namespace, labels: r.labels });
+        }
+        if let Some(p) = raw.create_pod {
+            found.push(Action::CreatePod(p));
+        }
+        if let Some(r) = raw.delete_pod {
+            found.push(Action::DeletePod { namespace: r.namespace, pod: r.pod });
+        }
+        match found.len() {
+            1 => Ok(found.pop().expect("one action")),
+            n => Err(serde::de::Error::custom(format!("an action must have exactly one key, found {n}"))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub port: u16,
+    pub protocol: String,
+    pub table: String,
+    #[serde(default)]
+    pub sctp: bool,
+}
+
+/// Label values are strings in Kubernetes; YAML may spell `1` or `true` without quotes,
+/// which the API server would reject, but a case means the string.
+fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    let raw: BTreeMap<String, serde_yaml_ng::Value> = BTreeMap::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_yaml_ng::Value::String(s) => s,
+                serde_yaml_ng::Value::Number(n) => n.to_string(),
+                serde_yaml_ng::Value::Bool(b) => b.to_string(),
+                serde_yaml_ng::Value::Null => String::new(),
+                other => return Err(serde::de::Error::custom(format!("label {k}: not a string: {other:?}"))),
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+fn opt_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Error> {
+    labels(d).map(Some)
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Case> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
+}
+
+/// The default model's ports: 80 and 81 over TCP, UDP and SCTP, named `serve-<port>-<proto>`.
+pub fn default_ports() -> Vec<NamedPort> {
+    let mut ports = Vec::new();
+    for port in [80u16, 81] {
+        for protocol in Protocol::ALL {
+            ports.push(NamedPort { name: format!("serve-{port}-{}", protocol.as_str().to_lowercase()), protocol, port });
+        }
+    }
+    ports.sort();
+    ports
+}
+
+/// The cluster a case runs on, as it changes step by step: namespaces and pods in model
+/// order (the order of the tables).
+#[derive(Clone, Debug)]
+pub struct CaseCluster {
+    /// Namespaces in model order, with their labels.
+    pub namespaces: Vec<Namespace>,
+    /// Pods present now, each with its namespace's ordinal and a creation sequence number.
+    pods: Vec<(usize, u64, Pod)>,
+    /// Declared ports of each pod (the servers the lab starts), by pod.
+    pub ports: HashMap<ObjectKey, Vec<(Protocol, u16)>>,
+    created: HashMap<String, u32>,
+    seq: u64,
+}
+
+/// The node every simulated pod runs on.
+pub const SIM_NODE: &str = "node-0";
+
+impl CaseCluster {
+    pub fn new(case: &Case) -> Result<Self, String> {
+        let mut c = CaseCluster { namespaces: Vec::new(), pods: Vec::new(), ports: HashMap::new(), created: HashMap::new(), seq: 0 };
+        match &case.model {
+            None => {
+                for ns in ["x", "y", "z"] {
+                    c.namespaces.push(Namespace::new(ns, BTreeMap::from([("ns".to_string(), ns.to_string())])));
+                }
+                for ns in ["x", "y", "z"] {
+                    for pod in ["a", "b", "c"] {
+                        c.add_model_pod(&PodSpec { namespace: ns.into(), pod: pod.into(), labels: None, ports: None, ip: None })?;
+                    }
+                }
+            }
+            Some(m) => {
+                for ns in &m.namespaces {
+                    if c.ns_ordinal(ns.name()).is_some() {
+                        return Err(format!("model: namespace {} listed twice", ns.name()));
+                    }
+                    c.namespaces.push(Namespace::new(ns.name(), ns.labels()));
+                }
+                for p in &m.pods {
+                    c.add_model_pod(p)?;
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn ns_ordinal(&self, ns: &str) -> Option<usize> {
+        self.namespaces.iter().position(|n| n.name == ns)
+    }
+
+    fn add_model_pod(&mut self, spec: &PodSpec) -> Result<(), String> {
+        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| format!("model: pod {}/{}: unknown namespace", spec.namespace, spec.pod))?;
+        let j = self.pods.iter().filter(|(n, _, _)| *n == i).count();
+        let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, 10 + j as u8)));
+        self.insert(i, spec, ip)
+    }
+
+    /// Creates a pod by action: address 10.240.i.(100+n), n counting this namespace's
+    /// created pods, unless the action gives one.
+    pub fn create_pod(&mut self, spec: &PodSpec) -> Result<Pod, String> {
+        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| format!("create-pod {}/{}: unknown namespace", spec.namespace, spec.pod))?;
+        let n = self.created.entry(spec.namespace.clone()).or_insert(0);
+        let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, (100 + *n) as u8)));
+        *n += 1;
+        self.insert(i, spec, ip)?;
+        Ok(self.pod(&spec.namespace, &spec.pod).expect("just inserted").clone())
+    }
+
+    fn insert(&mut self, ns_ordinal: usize, spec: &PodSpec, ip: IpAddr) -> Result<(), String> {
+        let key = ObjectKey::new(&spec.namespace, &spec.pod);
+        if self.pod(&spec.namespace, &spec.pod).is_some() {
+            return Err(format!("pod {key} already exists"));
+        }
+        if let Some((_, _, other)) = self.pods.iter().find(|(_, _, p)| p.ip == Some(ip)) {
+            return Err(format!("pod {key}: address {ip} already belongs to {}", other.key));
+        }
+        let mut named_ports = Vec::new();
+        let mut served = Vec::new();
+        match &spec.ports {
+            None => {
+                named_ports = default_ports();
+                served = named_ports.iter().map(|p| (p.protocol, p.port)).collect();
+            }
+            Some(decls) => {
+                for d in decls {
+                    let protocol = Protocol::parse(&d.protocol)
+                        .ok_or_else(|| format!("pod {key}: port {}: unknown protocol {:?}", d.port, d.protocol))?;
+                    served.push((protocol, d.port));
+                    if let Some(name) = &d.name {
+                        named_ports.push(NamedPort { name: name.clone(), protocol, port: d.port });
+                    }
+                }
+            }
+        }
+        named_ports.sort();
+        served.sort();
+        served.dedup();
+        let labels = spec.labels.clone().unwrap_or_else(|| BTreeMap::from([("pod".to_string(), spec.pod.clone())]));
+        let pod = Pod {
+            key: key.clone(),
+            labels,
+            ip: Some(ip),
+            node: Some(SIM_NODE.to_string()),
+            phase: PodPhase::Running,
+            host_network: false,
+            named_ports,
+        };
+        self.ports.insert(key, served);
+        self.seq += 1;
+        self.pods.push((ns_ordinal, self.seq, pod));
+        self.pods.sort_by_key(|(n, s, _)| (*n, *s));
+        Ok(())
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<&Pod> {
+        self.pods.iter().map(|(_, _, p)| p).find(|p| p.key.namespace == ns && p.key.name == name)
+    }
+
+    /// Pods present now, in table order.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.iter().map(|(_, _, p)| p)
+    }
+
+    /// The events that create the model: namespaces, then pods.
+    pub fn initial_events(&self) -> Vec<Event> {
+        let mut events: Vec<Event> = self.namespaces.iter().cloned().map(Event::UpsertNamespace).collect();
+        events.extend(self.pods().cloned().map(Event::UpsertPod));
+        events
+    }
+
+    /// Applies one action to the case's cluster and returns the compiler's events. A policy
+    /// the API server would reject is returned as `Rejected` and changes nothing.
+    pub fn action(&mut self, action: &Action) -> Result<ActionOutcome, String> {
+        Ok(match action {
+            Action::Apply(value) => {
+                let value = self.substitute(value)?;
+                let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+                    serde_yaml_ng::from_value(value).map_err(|e| format!("apply: not a NetworkPolicy: {e}"))?;
+                match model::validate::network_policy(&np) {
+                    Ok(p) => ActionOutcome::Events(vec![Event::UpsertPolicy(p)]),
+                    Err(e) => ActionOutcome::Rejected(e),
+                }
+            }
+            Action::DeletePolicy { namespace, name } => {
+                ActionOutcome::Events(vec![Event::DeletePolicy(ObjectKey::new(namespace, name))])
+            }
+            Action::SetPodLabels { namespace, pod, labels } => {
+                let p = self
+                    .pods
+                    .iter_mut()
+                    .map(|(_, _, p)| p)
+                    .find(|p| p.key.namespace == *namespace && p.key.name == *pod)
+                    .ok_or_else(|| format!("set-pod-labels: no pod {namespace}/{pod}"))?;
+                p.labels = labels.clone();
+                ActionOutcome::Events(vec![Event::UpsertPod(p.clone())])
+            }
+            Action::SetNamespaceLabels { namespace, labels } => {
+                let i = self.ns_ordinal(namespace).ok_or_else(|| format!("set-namespace-labels: no namespace {namespace}"))?;
+                self.namespaces[i] = Namespace::new(namespace, labels.clone());
+                ActionOutcome::Events(vec![Event::UpsertNamespace(self.namespaces[i].clone())])
+            }
+            Action::CreatePod(spec) => ActionOutcome::Events(vec![Event::UpsertPod(self.create_pod(spec)?)]),
+            Action::DeletePod { namespace, pod } => {
+                let before = self.pods.len();
+                self.pods.retain(|(_, _, p)| !(p.key.namespace == *namespace && p.key.name == *pod));
+                if self.pods.len() == before {
+                    return Err(format!("delete-pod: no pod {namespace}/{pod}"));
+                }
+                let key = ObjectKey::new(namespace, pod);
+                self.ports.remove(&key);
+                ActionOutcome::Events(vec![Event::DeletePod(key)])
+            }
+        })
+    }
+
+    /// Replaces `{{podIP ns/pod}}` in every string of a policy.
+    fn substitute(&self, v: &serde_yaml_ng::Value) -> Result<serde_yaml_ng::Value, String> {
+        use serde_yaml_ng::Value;
+        Ok(match v {
+            Value::String(s) => Value::String(self.substitute_str(s)?),
+            Value::Sequence(seq) => Value::Sequence(seq.iter().map(|x| self.substitute(x)).collect::<Result<_, _>>()?),
+            Value::Mapping(m) => {
+                let mut out = serde_yaml_ng::Mapping::new();
+                for (k, x) in m {
+                    out.insert(k.clone(), self.substitute(x)?);
+                }
+                Value::Mapping(out)
+            }
+            other => other.clone(),
+        })
+    }
+
+    fn substitute_str(&self, s: &str) -> Result<String, String> {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("{{") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after.find("}}").ok_or_else(|| format!("unterminated {{{{ in {s:?}"))?;
+            let inner = after[..end].trim();
+            let target = inner
+                .strip_prefix("podIP")
+                .map(str::trim)
+                .ok_or_else(|| format!("unknown template {{{{{inner}}}}} in {s:?}"))?;
+            let (ns, pod) = target.split_once('/').ok_or_else(|| format!("{{{{podIP {target}}}}}: expected ns/pod"))?;
+            let ip = self
+                .pod(ns, pod)
+                .and_then(|p| p.ip)
+                .ok_or_else(|| format!("{{{{podIP {target}}}}}: no such pod"))?;
+            out.push_str(&ip.to_string());
+            rest = &after[end + 2..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// What an action did.
+pub enum ActionOutcome {
+    Events(Vec<Event>),
+    /// A policy the API server would reject: reported, not applied.
+    Rejected(InvalidObject),
+}

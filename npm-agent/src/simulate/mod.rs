@@ -1,0 +1,225 @@
+//! Running conformance cases: the case format ([`case`]), tables ([`table`]), and a runner
+//! that replays a case's steps against a [`Backend`] — the compiler for `simulate`, real
+//! network namespaces for the lab — and reports every table.
+
+pub mod case;
+pub mod report;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use crate::compile::{Engine, Scope};
+use crate::model::{Pod, Protocol};
+use crate::plan::{Connection, Plan, connection_allowed};
+use crate::state::Event;
+use case::{ActionOutcome, CaseCluster};
+use table::{Cell, CellDiff, Table};
+
+/// Where a case's steps are applied and its tables observed.
+pub trait Backend {
+    /// Applies events (in order) and returns once they are enforced.
+    fn apply(&mut self, cluster: &CaseCluster, events: &[Event]) -> anyhow::Result<()>;
+    /// Observes every (client, server) pair of `pods` for one protocol and port:
+    /// `result[i][j]` is whether `pods[i]` reached `pods[j]`.
+    fn probe(&mut self, cluster: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>>;
+    /// Whether SCTP can be probed.
+    fn supports_sctp(&self) -> bool;
+}
+
+/// The offline backend: the incremental compiler, its diffs applied to a plan, and the plan
+/// evaluated the way a dataplane evaluates it.
+pub struct CompilerBackend {
+    engine: Engine,
+    plan: Plan,
+}
+
+impl Default for CompilerBackend {
+    fn default() -> Self {
+        Self { engine: Engine::new(Scope::Cluster), plan: Plan::default() }
+    }
+}
+
+impl Backend for CompilerBackend {
+    fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
+        for e in events {
+            let diff = self.engine.handle(e.clone());
+            self.plan.apply(&diff).map_err(|err| anyhow::anyhow!("compiler produced an inconsistent diff: {err}"))?;
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self, _: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>> {
+        Ok(pods
+            .iter()
+            .map(|src| {
+                pods.iter()
+                    .map(|dst| {
+                        let conn = Connection { src: src.ip.expect("case pods have addresses"), dst: dst.ip.expect("case pods have addresses"), protocol, port };
+                        src.key == dst.key || connection_allowed(&self.plan, &self.plan, &conn)
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn supports_sctp(&self) -> bool {
+        true
+    }
+}
+
+/// The outcome of one expect table.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TableOutcome {
+    Pass,
+    Fail { diffs: Vec<CellDiff> },
+    Skipped { reason: String },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TableReport {
+    pub protocol: String,
+    pub port: u16,
+    pub sctp: bool,
+    #[serde(flatten)]
+    pub outcome: TableOutcome,
+    pub expected: Option<Table>,
+    pub observed: Option<Table>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub description: String,
+    /// Objects the API server would have rejected: reported and not applied.
+    pub rejected: Vec<String>,
+    pub tables: Vec<TableReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseReport {
+    pub file: PathBuf,
+    pub name: String,
+    /// A problem with the case itself (unreadable, bad action): the case fails.
+    pub error: Option<String>,
+    pub steps: Vec<StepReport>,
+}
+
+impl CaseReport {
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        if self.error.is_some() {
+            c.failed += 1;
+        }
+        for t in self.steps.iter().flat_map(|s| &s.tables) {
+            match t.outcome {
+                TableOutcome::Pass => c.passed += 1,
+                TableOutcome::Fail { .. } | TableOutcome::Error { .. } => c.failed += 1,
+                TableOutcome::Skipped { .. } => c.skipped += 1,
+            }
+        }
+        c
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+/// Runs one case file against a backend.
+pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
+    let mut report = CaseReport { file: path.to_path_buf(), name: String::new(), error: None, steps: Vec::new() };
+    let case = match case::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report.error = Some(format!("{e:#}"));
+            return report;
+        }
+    };
+    report.name = case.name.clone();
+    if let Err(e) = run_steps(&case, backend, &mut report) {
+        report.error = Some(e);
+    }
+    report
+}
+
+fn run_steps(case: &case::Case, backend: &mut dyn Backend, report: &mut CaseReport) -> Result<(), String> {
+    let mut cluster = CaseCluster::new(case)?;
+    backend.apply(&cluster, &cluster.initial_events()).map_err(|e| format!("setting up the model: {e:#}"))?;
+    for (i, step) in case.steps.iter().enumerate() {
+        let mut sr = StepReport { description: step.description.clone(), rejected: Vec::new(), tables: Vec::new() };
+        let mut events = Vec::new();
+        for action in &step.actions {
+            match cluster.action(action).map_err(|e| format!("step {}: {e}", i + 1))? {
+                ActionOutcome::Events(e) => events.extend(e),
+                ActionOutcome::Rejected(invalid) => sr.rejected.push(invalid.to_string()),
+            }
+        }
+        backend.apply(&cluster, &events).map_err(|e| format!("step {}: applying: {e:#}", i + 1))?;
+        for expect in &step.expect {
+            sr.tables.push(check_table(&cluster, backend, expect));
+        }
+        report.steps.push(sr);
+    }
+    Ok(())
+}
+
+fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::Expect) -> TableReport {
+    let mut tr = TableReport {
+        protocol: expect.protocol.clone(),
+        port: expect.port,
+        sctp: expect.sctp,
+        outcome: TableOutcome::Pass,
+        expected: None,
+        observed: None,
+    };
+    let expected = match Table::parse(&expect.table) {
+        Ok(t) => t,
+        Err(e) => {
+            tr.outcome = TableOutcome::Error { message: format!("bad table: {e}") };
+            return tr;
+        }
+    };
+    tr.expected = Some(expected.clone());
+    let Some(protocol) = Protocol::parse(&expect.protocol.to_uppercase()) else {
+        tr.outcome = TableOutcome::Error { message: format!("unknown protocol {:?}", expect.protocol) };
+        return tr;
+    };
+    if (expect.sctp || protocol == Protocol::Sctp) && !backend.supports_sctp() {
+        tr.outcome = TableOutcome::Skipped { reason: "SCTP is not available on this kernel".into() };
+        return tr;
+    }
+    let pods: Vec<&Pod> = cluster.pods().collect();
+    let matrix = match backend.probe(cluster, &pods, protocol, expect.port) {
+        Ok(m) => m,
+        Err(e) => {
+            tr.outcome = TableOutcome::Error { message: format!("probing: {e:#}") };
+            return tr;
+        }
+    };
+    let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
+    let observed = Table {
+        columns: names.clone(),
+        rows: names.iter().zip(&matrix).map(|(n, row)| (n.clone(), row.iter().map(|a| Cell::from_allowed(*a)).collect())).collect(),
+    };
+    tr.outcome = match table::compare(&expected, &observed) {
+        Ok(d) if d.is_empty() => TableOutcome::Pass,
+        Ok(diffs) => TableOutcome::Fail { diffs },
+        Err(message) => TableOutcome::Error { message },
+    };
+    tr.observed = Some(observed);
+    tr
+}
+
+/// `npm-agent simulate`: runs every case through the compiler, prints the report, and
+/// exits 0 only when every table passed.
+pub fn cli(paths: &[PathBuf], json: bool) -> ExitCode {
+    let reports: Vec<CaseReport> = paths.iter().map(|p| run_case(p, &mut CompilerBackend::default())).collect();
+    report::print(&reports, json, "simulate")
+}
