@@ -178,6 +178,9 @@ impl Plan {
                         return Err(format!("endpoint {ip} added twice"));
                     }
                 }
+                Change::RetargetEndpoint { ip, pod } => {
+                    self.endpoints.get_mut(ip).ok_or_else(|| format!("retarget of absent endpoint {ip}"))?.pod = pod.clone();
+                }
                 Change::RemoveEndpoint { ip } => {
                     self.endpoints.remove(ip).ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
                 }
@@ -241,6 +244,8 @@ impl Plan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Change {
     AddEndpoint { ip: IpAddr, pod: ObjectKey },
+    /// The endpoint's address now belongs to another pod (its entries follow as changes).
+    RetargetEndpoint { ip: IpAddr, pod: ObjectKey },
     RemoveEndpoint { ip: IpAddr },
     SetIsolation { ip: IpAddr, direction: Direction, isolated: bool },
     AddAllow { ip: IpAddr, direction: Direction, allow: Allow },
@@ -251,28 +256,16 @@ pub enum Change {
     RemoveNodeIp { ip: IpAddr },
 }
 
-impl Change {
-    /// The make-before-break order of changes within a diff: everything that allows comes
-    /// before the switch of identities and isolation, everything that takes away after.
-    /// Applied in this order, no intermediate state allows what neither the old nor the
-    /// new plan allows, nor blocks what both allow.
-    pub fn phase(&self) -> u8 {
-        match self {
-            Change::AddNodeIp { .. } => 0,
-            Change::AddEndpoint { .. } => 1,
-            Change::AddAllow { .. } => 2,
-            Change::SetIsolation { isolated: false, .. } => 3,
-            Change::SetIdentity { .. } => 4,
-            Change::SetIsolation { isolated: true, .. } => 5,
-            Change::RemoveAllow { .. } => 6,
-            Change::RemoveIdentity { .. } => 7,
-            Change::RemoveEndpoint { .. } => 8,
-            Change::RemoveNodeIp { .. } => 9,
-        }
-    }
-}
-
-/// An ordered list of changes (see [`Change::phase`]).
+/// An ordered list of changes, to be applied in order.
+///
+/// The compiler orders a diff make-before-break for every endpoint and direction: entries
+/// are added before isolation is switched on and before any entry is removed, and isolation
+/// is lifted before entries are removed. So at every prefix of the diff, each endpoint
+/// direction admits everything that both its old and its new state admit, and nothing that
+/// neither admits (a property test checks this change by change). Endpoints becoming
+/// isolated are isolated before any other endpoint's entries widen. Peers whose identity
+/// switches (their labels or named ports changed) are matched by their old or their new
+/// identity, switched atomically in the middle of the diff.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
     pub changes: Vec<Change>,

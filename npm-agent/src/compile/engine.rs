@@ -298,6 +298,7 @@ impl Engine {
         let ip = pod.ip.filter(|_| pod.is_endpoint());
         self.state.pods.insert(key.clone(), pod);
         let Some(ip) = ip else { return };
+        self.touch_identity(ip);
         let claims = self.idx.claims.entry(ip).or_default();
         let previous = claims.first().cloned();
         claims.insert(key.clone());
@@ -312,6 +313,7 @@ impl Engine {
     /// Removes what `old` contributed; `state.pods` may or may not still hold it.
     fn remove_pod(&mut self, old: &Pod) {
         let Some(ip) = old.ip.filter(|_| old.is_endpoint()) else { return };
+        self.touch_identity(ip);
         let Some(claims) = self.idx.claims.get_mut(&ip) else { return };
         let was_owner = claims.first() == Some(&old.key);
         claims.remove(&old.key);
@@ -727,12 +729,24 @@ impl Engine {
 
     // ---- the diff ----
 
-    /// Turns what the event touched into the net, ordered diff.
+    /// Turns what the event touched into the net diff, ordered as [`PlanDiff`] explains.
     fn finish(&mut self) -> PlanDiff {
+        // Stages of the order (see `PlanDiff`).
+        const ENDPOINTS: u8 = 0;
+        const QUIET_ADDS: u8 = 1;
+        const ISOLATE: u8 = 2;
+        const WIDENING_ADDS: u8 = 3;
+        const IDENTIFY: u8 = 4;
+        const UNISOLATE: u8 = 5;
+        const RESTRICTING_REMOVES: u8 = 6;
+        const QUIET_REMOVES: u8 = 6;
+        const UNIDENTIFY: u8 = 7;
+        const UNENFORCE: u8 = 8;
+
         let diff = std::mem::take(&mut self.out.diff);
-        let mut changes = Vec::new();
-        // Endpoints that are new in this event (or now hold another pod) get their whole
-        // state; endpoints that are gone get nothing but their removal.
+        let mut changes: Vec<(u8, Change)> = Vec::new();
+        // Endpoints that are new in this event get their whole state; endpoints that are
+        // gone get nothing but their removal.
         let mut fresh: HashSet<IpAddr> = HashSet::new();
         let mut gone: HashSet<IpAddr> = HashSet::new();
         for (ip, before) in &diff.endpoints {
@@ -741,63 +755,70 @@ impl Engine {
                 (None, None) => {}
                 (None, Some(pod)) => {
                     fresh.insert(*ip);
-                    changes.push(Change::AddEndpoint { ip: *ip, pod: pod.clone() });
+                    changes.push((ENDPOINTS, Change::AddEndpoint { ip: *ip, pod: pod.clone() }));
                 }
                 (Some(_), None) => {
                     gone.insert(*ip);
-                    changes.push(Change::RemoveEndpoint { ip: *ip });
+                    changes.push((UNENFORCE, Change::RemoveEndpoint { ip: *ip }));
                 }
+                // The address passed to another pod: its entries change by their net diff.
                 (Some(a), Some(b)) if a != b => {
-                    fresh.insert(*ip);
-                    gone.insert(*ip);
-                    changes.push(Change::RemoveEndpoint { ip: *ip });
-                    changes.push(Change::AddEndpoint { ip: *ip, pod: b.clone() });
+                    changes.push((ENDPOINTS, Change::RetargetEndpoint { ip: *ip, pod: b.clone() }))
                 }
                 (Some(_), Some(_)) => {}
             }
         }
         let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);
-        for ((ip, d, allow), before) in diff.allows {
-            let after = current(&ip).is_some_and(|ep| ep.counts[di(d)].contains_key(&allow));
-            if fresh.contains(&ip) {
+        let isolated_now = |ip: &IpAddr, d: Direction| current(ip).is_some_and(|ep| !ep.policies[di(d)].is_empty());
+        let isolated_before = |ip: &IpAddr, d: Direction| {
+            !fresh.contains(ip) && diff.isolation.get(&(*ip, d)).copied().unwrap_or_else(|| isolated_now(ip, d))
+        };
+        for ((ip, d), before) in &diff.isolation {
+            let after = isolated_now(ip, *d);
+            if fresh.contains(ip) {
                 if after {
-                    changes.push(Change::AddAllow { ip, direction: d, allow });
+                    changes.push((ISOLATE, Change::SetIsolation { ip: *ip, direction: *d, isolated: true }));
                 }
-            } else if gone.contains(&ip) || before == after {
-            } else if after {
-                changes.push(Change::AddAllow { ip, direction: d, allow });
-            } else {
-                changes.push(Change::RemoveAllow { ip, direction: d, allow });
+            } else if !gone.contains(ip) && *before != after {
+                let stage = if after { ISOLATE } else { UNISOLATE };
+                changes.push((stage, Change::SetIsolation { ip: *ip, direction: *d, isolated: after }));
             }
         }
-        for ((ip, d), before) in diff.isolation {
-            let after = current(&ip).is_some_and(|ep| !ep.policies[di(d)].is_empty());
-            if fresh.contains(&ip) {
-                if after {
-                    changes.push(Change::SetIsolation { ip, direction: d, isolated: true });
-                }
-            } else if !gone.contains(&ip) && before != after {
-                changes.push(Change::SetIsolation { ip, direction: d, isolated: after });
+        for ((ip, d, allow), before) in diff.allows {
+            if gone.contains(&ip) {
+                continue;
+            }
+            let after = current(&ip).is_some_and(|ep| ep.counts[di(d)].contains_key(&allow));
+            let before = before && !fresh.contains(&ip);
+            if before == after {
+                continue;
+            }
+            if after {
+                let stage = if isolated_before(&ip, d) { WIDENING_ADDS } else { QUIET_ADDS };
+                changes.push((stage, Change::AddAllow { ip, direction: d, allow }));
+            } else {
+                let stage = if isolated_now(&ip, d) { RESTRICTING_REMOVES } else { QUIET_REMOVES };
+                changes.push((stage, Change::RemoveAllow { ip, direction: d, allow }));
             }
         }
         for (ip, before) in diff.identities {
             let after = self.idx.claims.get(&ip).and_then(|c| c.first()).and_then(|k| self.idx.pod_identity.get(k)).copied();
             match (before, after) {
-                (b, Some(a)) if b != Some(a) => changes.push(Change::SetIdentity { ip, identity: a }),
-                (Some(_), None) => changes.push(Change::RemoveIdentity { ip }),
+                (b, Some(a)) if b != Some(a) => changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a })),
+                (Some(_), None) => changes.push((UNIDENTIFY, Change::RemoveIdentity { ip })),
                 _ => {}
             }
         }
         if let Some(before) = diff.node_ips {
             for ip in self.out.node_ips.difference(&before) {
-                changes.push(Change::AddNodeIp { ip: *ip });
+                changes.push((WIDENING_ADDS, Change::AddNodeIp { ip: *ip }));
             }
             for ip in before.difference(&self.out.node_ips) {
-                changes.push(Change::RemoveNodeIp { ip: *ip });
+                changes.push((RESTRICTING_REMOVES, Change::RemoveNodeIp { ip: *ip }));
             }
         }
-        changes.sort_by_key(Change::phase);
-        PlanDiff { changes }
+        changes.sort_by_key(|(stage, _)| *stage);
+        PlanDiff { changes: changes.into_iter().map(|(_, c)| c).collect() }
     }
 }
 

@@ -1,0 +1,242 @@
+//! Random clusters, policies, events and connections for property tests, drawn from small
+//! universes (few labels, addresses, ports) so that matches, collisions and edge cases
+//! (shared addresses, named ports with different numbers, nested except blocks) are common.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use proptest::sample::select;
+
+use npm_agent::model::{
+    CidrBlock, LabelSelector, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey,
+    Operator, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Requirement, Rule,
+};
+use npm_agent::state::{ClusterState, Event};
+
+pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub const NODES: [&str; 2] = ["n1", "n2"];
+pub const PORTS: [u16; 5] = [53, 80, 81, 8080, 9999];
+
+pub fn node_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1 + i as u8))
+}
+
+pub fn pod_ip(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, i))
+}
+
+/// Addresses that are not pods: an outside host, one in the pod range, and node addresses.
+pub fn external_ips() -> Vec<IpAddr> {
+    vec![IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)), pod_ip(200), node_ip(0), node_ip(1)]
+}
+
+fn labels_strategy(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = Labels> {
+    proptest::collection::vec((select(keys), any::<prop::sample::Index>()), 0..3).prop_map(|kv| {
+        kv.into_iter().map(|((k, vs), i)| (k.to_string(), vs[i.index(vs.len())].to_string())).collect()
+    })
+}
+
+const POD_LABELS: &[(&str, &[&str])] = &[("app", &["web", "db", "api"]), ("tier", &["front", "back"]), ("env", &["prod", "dev"])];
+const NS_LABELS: &[(&str, &[&str])] = &[("env", &["prod", "dev"]), ("team", &["a", "b"])];
+
+pub fn protocol() -> impl Strategy<Value = Protocol> {
+    select(&Protocol::ALL[..])
+}
+
+fn named_ports() -> impl Strategy<Value = Vec<NamedPort>> {
+    let candidates = vec![
+        NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 80 },
+        NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 },
+        NamedPort { name: "dns".into(), protocol: Protocol::Udp, port: 53 },
+        NamedPort { name: "dns".into(), protocol: Protocol::Tcp, port: 53 },
+        NamedPort { name: "alt".into(), protocol: Protocol::Sctp, port: 81 },
+        NamedPort { name: "alt".into(), protocol: Protocol::Tcp, port: 81 },
+    ];
+    proptest::sample::subsequence(candidates, 0..4).prop_map(|mut v| {
+        // A pod has each name once per protocol.
+        let mut seen = BTreeSet::new();
+        v.retain(|p| seen.insert((p.name.clone(), p.protocol)));
+        v.sort();
+        v
+    })
+}
+
+/// A pod of the universe (key chosen by the caller).
+pub fn pod(key: ObjectKey) -> impl Strategy<Value = Pod> {
+    (
+        labels_strategy(POD_LABELS),
+        prop_oneof![8 => (1u8..10).prop_map(Some), 1 => Just(None)],
+        0..NODES.len(),
+        prop_oneof![10 => Just(PodPhase::Running), 1 => Just(PodPhase::Succeeded), 1 => Just(PodPhase::Pending)],
+        prop_oneof![12 => Just(false), 1 => Just(true)],
+        named_ports(),
+    )
+        .prop_map(move |(labels, ip, node, phase, host_network, named_ports)| Pod {
+            key: key.clone(),
+            labels,
+            ip: ip.map(pod_ip),
+            node: Some(NODES[node].to_string()),
+            phase,
+            host_network,
+            named_ports,
+        })
+}
+
+pub fn pod_key() -> impl Strategy<Value = ObjectKey> {
+    (select(&NAMESPACES[..]), 0u8..5).prop_map(|(ns, i)| ObjectKey::new(ns, format!("p{i}")))
+}
+
+pub fn namespace(name: &'static str) -> impl Strategy<Value = Namespace> {
+    labels_strategy(NS_LABELS).prop_map(move |l| Namespace::new(name, l))
+}
+
+fn requirement(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = Requirement> {
+    (select(keys), select(&[Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist][..]), any::<prop::sample::Index>())
+        .prop_map(|((key, vals), operator, i)| {
+            let values: BTreeSet<String> = match operator {
+                Operator::Exists | Operator::DoesNotExist => BTreeSet::new(),
+                _ => {
+                    let n = 1 + i.index(vals.len());
+                    vals.iter().take(n).map(|v| v.to_string()).collect()
+                }
+            };
+            Requirement { key: key.to_string(), operator, values }
+        })
+}
+
+pub fn selector(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = LabelSelector> {
+    prop_oneof![
+        1 => Just(LabelSelector::everything()),
+        3 => proptest::collection::vec(requirement(keys), 1..3).prop_map(LabelSelector::new),
+    ]
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn block() -> impl Strategy<Value = CidrBlock> {
+    // (cidr, candidate excepts strictly inside it)
+    let shapes: Vec<(&str, Vec<&str>)> = vec![
+        ("10.0.0.0/24", vec!["10.0.0.4/30", "10.0.0.0/29", "10.0.0.3/32"]),
+        ("10.0.0.0/28", vec!["10.0.0.4/30", "10.0.0.8/29"]),
+        ("10.0.0.4/30", vec!["10.0.0.5/32"]),
+        ("0.0.0.0/0", vec!["10.0.0.0/24", "10.1.0.0/16", "10.0.0.6/31"]),
+        ("10.1.0.0/16", vec!["10.1.0.2/32"]),
+        ("10.0.0.7/32", vec![]),
+        ("192.168.0.0/16", vec![]),
+    ];
+    (select(shapes), any::<u8>()).prop_map(|((cidr, excepts), mask)| {
+        let chosen = excepts.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, e)| net(e));
+        CidrBlock::new(net(cidr), chosen)
+    })
+}
+
+fn peer(ns: &'static str) -> impl Strategy<Value = Peer> {
+    prop_oneof![
+        3 => selector(POD_LABELS).prop_map(move |pods| Peer::Pods { namespaces: NamespaceScope::Named(ns.to_string()), pods }),
+        2 => selector(NS_LABELS).prop_map(|s| Peer::Pods { namespaces: NamespaceScope::Selector(s), pods: LabelSelector::everything() }),
+        2 => (selector(NS_LABELS), selector(POD_LABELS)).prop_map(|(n, pods)| Peer::Pods { namespaces: NamespaceScope::Selector(n), pods }),
+        1 => Just(Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::from_labels([("kubernetes.io/metadata.name", "y")])), pods: LabelSelector::everything() }),
+        2 => block().prop_map(Peer::Block),
+    ]
+}
+
+fn port_spec() -> impl Strategy<Value = PortSpec> {
+    prop_oneof![
+        1 => protocol().prop_map(PortSpec::Protocol),
+        3 => (protocol(), select(&PORTS[..])).prop_map(|(protocol, p)| PortSpec::Range { protocol, first: p, last: p }),
+        1 => (protocol(), select(&PORTS[..]), 0u16..100).prop_map(|(protocol, p, w)| PortSpec::Range { protocol, first: p, last: p + w }),
+        2 => (protocol(), select(&["http", "dns", "alt", "none"][..])).prop_map(|(protocol, n)| PortSpec::Named { protocol, name: n.to_string() }),
+    ]
+}
+
+fn rule(ns: &'static str) -> impl Strategy<Value = Rule> {
+    (proptest::collection::vec(peer(ns), 0..3), proptest::collection::vec(port_spec(), 0..3)).prop_map(|(mut peers, mut ports)| {
+        peers.dedup();
+        ports.dedup();
+        Rule { peers, ports }
+    })
+}
+
+fn rules(ns: &'static str) -> impl Strategy<Value = Option<Vec<Rule>>> {
+    prop_oneof![
+        1 => Just(None),
+        1 => Just(Some(vec![])),
+        3 => proptest::collection::vec(rule(ns), 1..3).prop_map(Some),
+    ]
+}
+
+pub fn policy_in(ns: &'static str, name: String) -> impl Strategy<Value = Policy> {
+    (selector(POD_LABELS), rules(ns), rules(ns)).prop_map(move |(pod_selector, ingress, egress)| Policy {
+        key: ObjectKey::new(ns, name.clone()),
+        pod_selector,
+        ingress,
+        egress,
+    })
+}
+
+pub fn policy() -> impl Strategy<Value = Policy> {
+    (select(&NAMESPACES[..]), 0u8..4).prop_flat_map(|(ns, i)| policy_in(ns, format!("np{i}")))
+}
+
+pub fn nodes() -> Vec<Node> {
+    NODES.iter().enumerate().map(|(i, n)| Node { name: n.to_string(), addresses: vec![node_ip(i)] }).collect()
+}
+
+/// A whole cluster: namespaces (some may be missing: pods may reference unseen ones),
+/// pods, policies and nodes.
+pub fn cluster() -> impl Strategy<Value = ClusterState> {
+    (
+        namespace("x"),
+        namespace("y"),
+        namespace("z"),
+        any::<bool>(),
+        proptest::collection::vec(pod_key().prop_flat_map(pod), 0..9),
+        proptest::collection::vec(policy(), 0..5),
+    )
+        .prop_map(|(x, y, z, drop_z, pods, policies)| {
+            let mut s = ClusterState::default();
+            for ns in [x, y].into_iter().chain((!drop_z).then_some(z)) {
+                s.namespaces.insert(ns.name.clone(), ns);
+            }
+            for p in pods {
+                s.pods.insert(p.key.clone(), p);
+            }
+            for p in policies {
+                s.policies.insert(p.key.clone(), p);
+            }
+            for n in nodes() {
+                s.nodes.insert(n.name.clone(), n);
+            }
+            s
+        })
+}
+
+/// One event over the universe.
+pub fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        6 => pod_key().prop_flat_map(pod).prop_map(Event::UpsertPod),
+        2 => pod_key().prop_map(Event::DeletePod),
+        2 => select(&NAMESPACES[..]).prop_flat_map(namespace).prop_map(Event::UpsertNamespace),
+        1 => select(&NAMESPACES[..]).prop_map(|n| Event::DeleteNamespace(n.to_string())),
+        5 => policy().prop_map(Event::UpsertPolicy),
+        2 => (select(&NAMESPACES[..]), 0u8..4).prop_map(|(ns, i)| Event::DeletePolicy(ObjectKey::new(ns, format!("np{i}")))),
+        1 => select(&NODES[..]).prop_map(|n| Event::DeleteNode(n.to_string())),
+        1 => (0..NODES.len()).prop_map(|i| Event::UpsertNode(nodes()[i].clone())),
+    ]
+}
+
+/// Every address worth probing in a state: pod addresses and the externals.
+pub fn addresses(state: &ClusterState) -> Vec<IpAddr> {
+    let mut v: BTreeSet<IpAddr> = state.pods.values().filter_map(|p| p.ip).collect();
+    v.extend(external_ips());
+    v.into_iter().collect()
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()
+}

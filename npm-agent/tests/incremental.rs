@@ -1,0 +1,132 @@
+//! The incremental engine against compiling from scratch: after any sequence of events,
+//! the plan built by applying the engine's diffs equals the plan of the final state; diffs
+//! are net (an event that changes nothing yields an empty diff); and applying a diff in its
+//! order never allows what neither plan allows nor blocks what both allow.
+
+mod common;
+
+use std::collections::HashSet;
+
+use proptest::prelude::*;
+
+use common::*;
+use npm_agent::compile::{Engine, Scope, compile};
+use std::net::IpAddr;
+
+use npm_agent::model::{Direction, Protocol};
+use npm_agent::plan::{Change, Plan, PlanDiff};
+use npm_agent::state::{ClusterState, Event};
+
+fn scopes() -> Vec<Scope> {
+    vec![Scope::Cluster, Scope::Node(NODES[0].to_string())]
+}
+
+/// Every (endpoint side, peer, port) of interest: the addresses of both states.
+fn probes(a: &ClusterState, b: &ClusterState) -> (Vec<IpAddr>, Vec<(Protocol, u16)>) {
+    let mut addrs: Vec<_> = addresses(a);
+    addrs.extend(addresses(b));
+    addrs.sort();
+    addrs.dedup();
+    (addrs, vec![(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)])
+}
+
+/// What one endpoint direction admits from one peer: everything when the endpoint is not
+/// in the plan (nothing enforces it).
+fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
+    match plan.endpoints.get(&ep) {
+        None => true,
+        Some(e) => e.direction(d).admits(peer, plan.identities.get(&peer).copied(), protocol, port),
+    }
+}
+
+type Probe = (IpAddr, Direction, IpAddr, Protocol, u16);
+
+fn verdicts(plan: &Plan, probes: &[Probe]) -> Vec<bool> {
+    probes.iter().map(|&(ep, d, peer, protocol, port)| side(plan, ep, d, peer, protocol, port)).collect()
+}
+
+/// Applies `diff` change by change, checking every endpoint direction at every step.
+/// Peers whose identity switches are exempt (see `PlanDiff`).
+fn apply_make_before_break(plan: &mut Plan, diff: &PlanDiff, new: &Plan, before: &ClusterState, after: &ClusterState) -> Result<(), TestCaseError> {
+    let switching: HashSet<_> = diff
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::SetIdentity { ip, .. } if plan.identities.contains_key(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    let (addrs, ports) = probes(before, after);
+    let mut all = Vec::new();
+    for &ep in &addrs {
+        for d in Direction::BOTH {
+            for &peer in addrs.iter().filter(|p| !switching.contains(p) && **p != ep) {
+                for &(protocol, port) in &ports {
+                    all.push((ep, d, peer, protocol, port));
+                }
+            }
+        }
+    }
+    let old = verdicts(plan, &all);
+    let new_v = verdicts(new, &all);
+    for (i, change) in diff.changes.iter().enumerate() {
+        plan.apply(&PlanDiff { changes: vec![change.clone()] }).map_err(TestCaseError::fail)?;
+        let mid = verdicts(plan, &all);
+        for (k, p) in all.iter().enumerate() {
+            prop_assert!(!mid[k] || old[k] || new_v[k], "after change {} ({:?}): {:?} admitted though neither plan admits it; diff {:#?}", i, change, p, diff);
+            prop_assert!(mid[k] || !(old[k] && new_v[k]), "after change {} ({:?}): {:?} refused though both plans admit it; diff {:#?}", i, change, p, diff);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn diffs_rebuild_the_full_plan(events in proptest::collection::vec(event(), 1..30)) {
+        for scope in scopes() {
+            let mut engine = Engine::new(scope.clone());
+            let mut plan = Plan::default();
+            let mut state = ClusterState::default();
+            for e in &events {
+                let diff = engine.handle(e.clone());
+                state.apply(e);
+                // Net: no entry is both added and removed.
+                let mut seen = HashSet::new();
+                for c in &diff.changes {
+                    if let Change::AddAllow { ip, direction, allow } | Change::RemoveAllow { ip, direction, allow } = c {
+                        prop_assert!(seen.insert((*ip, *direction, allow.clone())), "{:?} twice in one diff", c);
+                    }
+                }
+                plan.apply(&diff).map_err(TestCaseError::fail)?;
+                let full = compile(&state, &scope);
+                prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
+                prop_assert_eq!(engine.plan().canonical(), full.canonical());
+                // The same event again changes nothing.
+                prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
+            }
+        }
+    }
+
+    #[test]
+    fn diffs_apply_make_before_break(setup in cluster(), events in proptest::collection::vec(event(), 1..8)) {
+        let mut engine = Engine::new(Scope::Cluster);
+        let mut plan = Plan::default();
+        let mut state = ClusterState::default();
+        let initial = setup.namespaces.values().cloned().map(Event::UpsertNamespace)
+            .chain(setup.pods.values().cloned().map(Event::UpsertPod))
+            .chain(setup.policies.values().cloned().map(Event::UpsertPolicy));
+        for e in initial {
+            state.apply(&e);
+            plan.apply(&engine.handle(e)).map_err(TestCaseError::fail)?;
+        }
+        for e in &events {
+            let before = state.clone();
+            state.apply(e);
+            let diff = engine.handle(e.clone());
+            let new = compile(&state, &Scope::Cluster);
+            apply_make_before_break(&mut plan, &diff, &new, &before, &state)?;
+        }
+    }
+}
