@@ -1,0 +1,62 @@
+//! The conformance suite through the reference evaluator instead of the compiler: checks the
+//! cases' expectations against the specification as written, independently of the compiler
+//! (the simulator test runs the same cases through the compiler).
+
+use std::path::{Path, PathBuf};
+
+use npm_agent::model::{Pod, Protocol};
+use npm_agent::reference;
+use npm_agent::simulate::case::CaseCluster;
+use npm_agent::simulate::{Backend, run_case};
+use npm_agent::state::{ClusterState, Event};
+
+#[derive(Default)]
+struct ReferenceBackend {
+    state: ClusterState,
+}
+
+impl Backend for ReferenceBackend {
+    fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
+        for e in events {
+            self.state.apply(e);
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self, _: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>> {
+        Ok(pods
+            .iter()
+            .map(|s| pods.iter().map(|d| reference::allowed(&self.state, s.ip.unwrap(), d.ip.unwrap(), protocol, port)).collect())
+            .collect())
+    }
+
+    fn supports_sctp(&self) -> bool {
+        true
+    }
+}
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in [root.join("tests/conformance"), root.join("../shared/conformance/examples"), root.join("deploy/examples")] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            files.extend(rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")));
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn every_case_agrees_with_the_reference_evaluator() {
+    let files = cases();
+    assert!(files.len() >= 40);
+    let mut failures = Vec::new();
+    for f in &files {
+        let report = run_case(f, &mut ReferenceBackend::default());
+        if report.counts().failed > 0 {
+            failures.push(npm_agent::simulate::report::render(&report));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

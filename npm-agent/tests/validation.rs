@@ -1,0 +1,155 @@
+//! Validation: every kind of bad policy is rejected with an error naming the object and the
+//! field; good ones come out with the API server's defaults applied.
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use npm_agent::model::validate::network_policy;
+use npm_agent::model::{Direction, Peer, PortSpec, Protocol};
+
+fn parse(spec: &str) -> NetworkPolicy {
+    let doc = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: np\n  namespace: ns1\nspec:\n{}", indent(spec));
+    serde_yaml_ng::from_str(&doc).unwrap_or_else(|e| panic!("test policy does not parse: {e}\n{doc}"))
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// Asserts that the policy is rejected with an error on `field` whose message contains `words`.
+fn rejects(spec: &str, field: &str, words: &str) {
+    let err = network_policy(&parse(spec)).expect_err("policy should be rejected");
+    assert_eq!(err.object, "ns1/np");
+    assert_eq!(err.kind, "NetworkPolicy");
+    assert!(
+        err.errors.iter().any(|e| e.field == field && e.message.contains(words)),
+        "expected an error on {field} containing {words:?}, got: {err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("ns1/np") && text.contains(field), "message names object and field: {text}");
+}
+
+#[test]
+fn malformed_cidr() {
+    rejects("podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/33", "spec.ingress[0].from[0].ipBlock.cidr", "invalid CIDR");
+    rejects("podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: banana", "spec.egress[0].to[0].ipBlock.cidr", "invalid CIDR");
+    rejects("podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: 10.0.0.1", "spec.egress[0].to[0].ipBlock.cidr", "invalid CIDR");
+}
+
+#[test]
+fn except_outside_or_equal_to_cidr() {
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/24\n      except: [10.0.1.0/28]",
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+        "strict subset",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/24\n      except: [10.0.0.0/24]",
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+        "strict subset",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/24\n      except: [10.0.0.0/99]",
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+        "invalid CIDR",
+    );
+}
+
+#[test]
+fn end_port_rules() {
+    rejects("podSelector: {}\ningress:\n- ports:\n  - endPort: 90", "spec.ingress[0].ports[0].endPort", "not specified");
+    rejects("podSelector: {}\ningress:\n- ports:\n  - port: http\n    endPort: 90", "spec.ingress[0].ports[0].endPort", "named port");
+    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 100\n    endPort: 90", "spec.ingress[0].ports[0].endPort", "greater than or equal");
+    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 0", "spec.ingress[0].ports[0].port", "between 1 and 65535");
+    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 80\n    endPort: 70000", "spec.ingress[0].ports[0].endPort", "between 1 and 65535");
+    rejects("podSelector: {}\ningress:\n- ports:\n  - port: Not_A_Name", "spec.ingress[0].ports[0].port", "invalid port name");
+}
+
+#[test]
+fn unknown_protocol() {
+    rejects("podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: ICMP", "spec.egress[0].ports[0].protocol", "unsupported value");
+    rejects("podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: tcp", "spec.egress[0].ports[0].protocol", "unsupported value");
+}
+
+#[test]
+fn bad_selectors() {
+    rejects(
+        "podSelector:\n  matchExpressions:\n  - key: app\n    operator: Equals\n    values: [a]",
+        "spec.podSelector.matchExpressions[0].operator",
+        "not a valid selector operator",
+    );
+    rejects(
+        "podSelector:\n  matchExpressions:\n  - key: app\n    operator: In",
+        "spec.podSelector.matchExpressions[0].values",
+        "must be specified",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions:\n      - key: env\n        operator: Exists\n        values: [prod]",
+        "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values",
+        "may not be specified",
+    );
+    rejects("podSelector:\n  matchLabels:\n    'bad key!': x", "spec.podSelector.matchLabels", "invalid label key");
+    rejects("podSelector:\n  matchLabels:\n    app: '-bad-'", "spec.podSelector.matchLabels", "invalid label value");
+}
+
+#[test]
+fn bad_peers_and_types() {
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/8\n    podSelector: {}",
+        "spec.ingress[0].from[0]",
+        "may not specify both",
+    );
+    rejects("podSelector: {}\ningress:\n- from:\n  - {}", "spec.ingress[0].from[0]", "must specify a peer");
+    rejects("podSelector: {}\npolicyTypes: [Ingress, Sideways]", "spec.policyTypes[1]", "unsupported value");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let err = network_policy(&parse(
+        "podSelector: {}\ningress:\n- ports:\n  - protocol: FOO\n  - port: 0\negress:\n- to:\n  - ipBlock:\n      cidr: x",
+    ))
+    .unwrap_err();
+    assert_eq!(err.errors.len(), 3, "{err}");
+}
+
+#[test]
+fn defaults_follow_the_api_server() {
+    // No policyTypes, no egress: Ingress only.
+    let p = network_policy(&parse("podSelector: {}")).unwrap();
+    assert!(p.rules(Direction::Ingress).is_some_and(|r| r.is_empty()));
+    assert!(p.rules(Direction::Egress).is_none());
+    // No policyTypes, `egress: []`: still Ingress only (egress has no rules).
+    let p = network_policy(&parse("podSelector: {}\negress: []")).unwrap();
+    assert!(p.rules(Direction::Egress).is_none());
+    // No policyTypes, egress rules: both.
+    let p = network_policy(&parse("podSelector: {}\negress:\n- {}")).unwrap();
+    assert!(p.rules(Direction::Ingress).is_some() && p.rules(Direction::Egress).is_some());
+    // Egress only.
+    let p = network_policy(&parse("podSelector: {}\npolicyTypes: [Egress]\ningress:\n- {}")).unwrap();
+    assert!(p.rules(Direction::Ingress).is_none());
+    assert!(p.rules(Direction::Egress).is_some_and(|r| r.is_empty()));
+    // Port defaults: TCP; a cidr with host bits set means its network.
+    let p = network_policy(&parse(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.240.1.11/24\n  ports:\n  - port: 80\n  - protocol: UDP\n  - port: http",
+    ))
+    .unwrap();
+    let rule = &p.rules(Direction::Ingress).unwrap()[0];
+    match &rule.peers[0] {
+        Peer::Block(b) => assert_eq!(b.net.to_string(), "10.240.1.0/24"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        rule.ports,
+        vec![
+            PortSpec::Range { protocol: Protocol::Tcp, first: 80, last: 80 },
+            PortSpec::Protocol(Protocol::Udp),
+            PortSpec::Named { protocol: Protocol::Tcp, name: "http".into() },
+        ]
+    );
+}
+
+#[test]
+fn missing_metadata_is_reported() {
+    let np: NetworkPolicy = serde_yaml_ng::from_str("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {}\nspec: {}").unwrap();
+    let err = network_policy(&np).unwrap_err();
+    assert!(err.errors.iter().any(|e| e.field == "metadata.name"));
+    assert!(err.errors.iter().any(|e| e.field == "metadata.namespace"));
+}
