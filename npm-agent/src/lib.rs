@@ -6,6 +6,7 @@
 //! through the compiler. See docs/ARCHITECTURE.md for the map.
 
 pub mod compile;
+pub mod dataplane;
 pub mod model;
 pub mod plan;
 pub mod reference;

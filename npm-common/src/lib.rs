@@ -1,38 +1,292 @@
-//! Map keys and values shared by the eBPF programs (`npm-ebpf`) and the agent (`npm-agent`).
+//! Map keys and values shared by the eBPF programs (`npm-ebpf`) and the agent (`npm-agent`),
+//! and the per-packet decision itself, written against a [`Maps`] trait so that it runs both
+//! in the kernel (over BPF maps) and on the host (over plain collections, in unit tests).
 //!
-//! Everything here is `#[repr(C)]` plain old data so the kernel side and the user side agree on
-//! the layout byte for byte. With the `user` feature the types also implement [`aya::Pod`] so the
-//! agent can read and write them through aya's map APIs.
+//! Everything stored in a map is `#[repr(C)]` plain old data so both sides agree on the layout
+//! byte for byte. With the `user` feature the types also implement [`aya::Pod`].
+//!
+//! Addresses are IPv4, kept as the four bytes of the header (network order) everywhere: map
+//! keys are compared bytewise, and LPM tries need network order.
 #![no_std]
 
-/// Name of the per-CPU packet counter map of the stub tc program (`npm-ebpf`).
-pub const COUNTERS_MAP: &str = "NPM_COUNTERS";
+pub mod decide;
 
-/// Name of the stub tc classifier program in the eBPF object.
-pub const TC_PROGRAM: &str = "npm_tc";
+pub use decide::{Decision, Flow, Maps, decide};
 
-/// A packet counter, one slot of a per-CPU array map.
+// ---- map and program names (the agent pins maps under these names) ----
+
+pub const MAP_ENDPOINTS: &str = "NPM_ENDPOINTS";
+pub const MAP_IDENTITIES: &str = "NPM_IDENTITIES";
+pub const MAP_CIDRS: &str = "NPM_CIDRS";
+pub const MAP_POLICY: &str = "NPM_POLICY";
+pub const MAP_NODE_IPS: &str = "NPM_NODE_IPS";
+pub const MAP_CT: &str = "NPM_CT";
+pub const MAP_FRAGS: &str = "NPM_FRAGS";
+pub const MAP_COUNTERS: &str = "NPM_COUNTERS";
+pub const MAP_CONFIG: &str = "NPM_CONFIG";
+
+/// Every map, for pinning, reconciliation and cleanup.
+pub const ALL_MAPS: [&str; 9] =
+    [MAP_ENDPOINTS, MAP_IDENTITIES, MAP_CIDRS, MAP_POLICY, MAP_NODE_IPS, MAP_CT, MAP_FRAGS, MAP_COUNTERS, MAP_CONFIG];
+
+/// The program on the host side's tc ingress: packets leaving the pod (its egress).
+pub const PROG_FROM_POD: &str = "npm_from_pod";
+/// The program on the host side's tc egress: packets entering the pod (its ingress).
+pub const PROG_TO_POD: &str = "npm_to_pod";
+
+// ---- map sizes ----
+
+pub const MAX_ENDPOINTS: u32 = 4096;
+pub const MAX_IDENTITIES: u32 = 262_144;
+pub const MAX_CIDRS: u32 = 65_536;
+pub const MAX_POLICY: u32 = 524_288;
+pub const MAX_NODE_IPS: u32 = 64;
+pub const MAX_CT: u32 = 262_144;
+pub const MAX_FRAGS: u32 = 8192;
+
+// ---- directions, as the pod sees them ----
+
+/// Traffic entering the pod (host-side tc egress).
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic leaving the pod (host-side tc ingress).
+pub const DIR_EGRESS: u8 = 1;
+
+// ---- endpoints ----
+
+/// `EndpointInfo::flags`: the endpoint is isolated for ingress.
+pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
+/// `EndpointInfo::flags`: the endpoint is isolated for egress.
+pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
+
+/// Value of the endpoint map, keyed by the pod's IPv4 address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct Counter {
-    /// Packets seen by the program on this CPU.
+pub struct EndpointInfo {
+    pub flags: u32,
+}
+
+impl EndpointInfo {
+    pub fn isolated(&self, dir: u8) -> bool {
+        let bit = if dir == DIR_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
+        self.flags & bit != 0
+    }
+}
+
+// ---- identities ----
+
+/// The peer id of a policy entry that admits any address.
+pub const PEER_ANY: u32 = 0;
+/// Peer ids at or above this stand for a CIDR prefix of the CIDR trie; below it, for a pod
+/// identity of the identity map.
+pub const PREFIX_ID_BASE: u32 = 0x8000_0000;
+
+// ---- the policy trie ----
+
+/// Bytes of a policy key: endpoint address (4), direction (1), peer id (4, big-endian),
+/// protocol (1), port (2, big-endian). Wildcards are trailing bits cut off by the prefix
+/// length: "any protocol" stops after the peer, "every port of a protocol" after the protocol,
+/// and a port range is a set of aligned power-of-two port blocks.
+pub type PolicyKeyData = [u8; 12];
+
+/// Prefix length of a key matching any protocol and port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// Prefix length of a key matching every port of one protocol.
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+/// Prefix length of a key matching one port.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+pub fn policy_key(endpoint: [u8; 4], dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyKeyData {
+    let p = peer.to_be_bytes();
+    let port = port.to_be_bytes();
+    [endpoint[0], endpoint[1], endpoint[2], endpoint[3], dir, p[0], p[1], p[2], p[3], protocol, port[0], port[1]]
+}
+
+// ---- connection tracking ----
+
+/// A flow as decided at one endpoint in one direction: `src`/`dst` are the packet's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// The direction (at the endpoint) in which the flow was allowed.
+    pub dir: u8,
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtValue {
+    /// Packets seen on the flow in the direction it was allowed (saturating).
     pub packets: u64,
 }
 
-// SAFETY: `Counter` is `#[repr(C)]`, has no padding and every bit pattern is valid (it is
-// `bytemuck::Pod`, which the derive checks at compile time).
+/// The first fragment of an IPv4 datagram, remembered so later fragments (which carry no
+/// ports) are decided as their datagram was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub protocol: u8,
+    pub dir: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+// ---- counters ----
+
+/// Why a packet was passed or dropped: the index of a counter within its direction.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Allowed: the endpoint is not isolated in this direction.
+    NotIsolated = 0,
+    /// Allowed: a policy entry admits it.
+    Policy = 1,
+    /// Allowed: to or from the node's own addresses.
+    Node = 2,
+    /// Allowed: a later packet of an allowed flow.
+    Established = 3,
+    /// Allowed: a reply of a flow allowed in the other direction.
+    Reply = 4,
+    /// Passed: not a packet of a known endpoint (or not IPv4: IPv6 is not enforced yet).
+    Unmanaged = 5,
+    /// Dropped: no policy admits it.
+    Denied = 6,
+    /// Dropped: malformed or truncated IPv4 to or from an isolated endpoint.
+    Malformed = 7,
+    /// Dropped: a later fragment whose first fragment was not seen, at an isolated endpoint.
+    Fragment = 8,
+}
+
+pub const REASONS: u32 = 9;
+
+impl Reason {
+    pub const ALL: [Reason; REASONS as usize] = [
+        Reason::NotIsolated,
+        Reason::Policy,
+        Reason::Node,
+        Reason::Established,
+        Reason::Reply,
+        Reason::Unmanaged,
+        Reason::Denied,
+        Reason::Malformed,
+        Reason::Fragment,
+    ];
+
+    pub fn allowed(self) -> bool {
+        !matches!(self, Reason::Denied | Reason::Malformed | Reason::Fragment)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::NotIsolated => "not_isolated",
+            Reason::Policy => "policy",
+            Reason::Node => "node",
+            Reason::Established => "established",
+            Reason::Reply => "reply",
+            Reason::Unmanaged => "unmanaged",
+            Reason::Denied => "denied",
+            Reason::Malformed => "malformed",
+            Reason::Fragment => "fragment",
+        }
+    }
+}
+
+/// Index of a counter in the per-CPU counter array.
+pub fn counter_index(dir: u8, reason: Reason) -> u32 {
+    dir as u32 * REASONS + reason as u32
+}
+
+pub const COUNTERS: u32 = 2 * REASONS;
+
+// ---- run-time configuration ----
+
+/// Index in the config array: non-zero makes the programs log every drop through aya-log.
+pub const CONFIG_LOG_DROPS: u32 = 0;
+pub const CONFIG_ENTRIES: u32 = 4;
+
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for Counter {}
+mod user {
+    // SAFETY: each type is `#[repr(C)]`, has no padding and accepts every bit pattern
+    // (`bytemuck::Pod`, checked by the derive at compile time).
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
+}
+
+/// Splits the port range `first..=last` into aligned blocks `(start, free_bits)`: each block
+/// holds the ports `start..start + 2^free_bits`, the shape an LPM key can express.
+pub fn port_blocks(first: u16, last: u16, mut out: impl FnMut(u16, u32)) {
+    let (mut lo, hi) = (first as u32, last as u32);
+    while lo <= hi {
+        // The largest aligned block starting at `lo` that does not pass `hi`.
+        let mut bits = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        while lo + (1 << bits) - 1 > hi {
+            bits -= 1;
+        }
+        out(lo as u16, bits);
+        lo += 1 << bits;
+    }
+}
 
 #[cfg(test)]
 mod tests {
-    use super::Counter;
+    use super::*;
 
     #[test]
-    fn counter_layout_is_one_u64() {
-        assert_eq!(core::mem::size_of::<Counter>(), 8);
-        assert_eq!(core::mem::align_of::<Counter>(), 8);
-        let c = Counter { packets: 7 };
-        assert_eq!(bytemuck::bytes_of(&c), &7u64.to_ne_bytes());
+    fn layouts_are_fixed() {
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 4);
+        assert_eq!(core::mem::size_of::<CtKey>(), 16);
+        assert_eq!(core::mem::size_of::<CtValue>(), 8);
+        assert_eq!(core::mem::size_of::<FragKey>(), 12);
+        assert_eq!(core::mem::size_of::<FragValue>(), 4);
+    }
+
+    #[test]
+    fn policy_key_layout() {
+        let k = policy_key([10, 0, 0, 1], DIR_EGRESS, 0x0102_0304, 6, 8080);
+        assert_eq!(k, [10, 0, 0, 1, 1, 1, 2, 3, 4, 6, 0x1f, 0x90]);
+    }
+
+    fn blocks(first: u16, last: u16) -> ([(u16, u32); 40], usize) {
+        let mut v = [(0, 0); 40];
+        let mut n = 0;
+        port_blocks(first, last, |s, b| {
+            v[n] = (s, b);
+            n += 1;
+        });
+        (v, n)
+    }
+
+    #[test]
+    fn port_blocks_cover_exactly() {
+        for (first, last) in [(80, 80), (80, 81), (1, 65535), (1000, 2000), (0, 65535), (65535, 65535), (32768, 65535), (7, 9)] {
+            let (v, n) = blocks(first, last);
+            let mut covered = 0u32;
+            let mut next = first as u32;
+            for &(s, b) in &v[..n] {
+                assert_eq!(s as u32, next, "blocks are contiguous");
+                assert_eq!(s as u32 % (1 << b), 0, "blocks are aligned");
+                next += 1 << b;
+                covered += 1 << b;
+            }
+            assert_eq!(covered, last as u32 - first as u32 + 1);
+            assert!(n <= 32);
+        }
+        assert_eq!(blocks(0, 65535).1, 1);
+        assert_eq!(blocks(80, 80).1, 1);
     }
 }

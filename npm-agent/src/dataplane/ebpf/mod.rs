@@ -1,0 +1,6 @@
+//! The eBPF dataplane: tc programs on the host side of each local pod's veth, with BPF maps
+//! in place of ipsets. [`translate`] encodes plan diffs as map operations; [`model`] models
+//! the maps on the host; the kernel side loads, pins and attaches.
+
+pub mod model;
+pub mod translate;

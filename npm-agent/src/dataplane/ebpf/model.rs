@@ -1,0 +1,111 @@
+//! The BPF maps modelled on the host: applies [`MapOp`]s to plain collections and answers
+//! `npm_common::decide`'s lookups the way the kernel does (longest-prefix match included).
+//! Tests hold the encoding to the plan through it; `explain` tools can use it to say why a
+//! packet would be dropped.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use npm_common::{CtKey, EndpointInfo, Maps, PolicyKeyData};
+
+use super::translate::MapOp;
+
+#[derive(Clone, Debug, Default)]
+pub struct MapModel {
+    pub endpoints: HashMap<[u8; 4], EndpointInfo>,
+    pub identities: HashMap<[u8; 4], u32>,
+    pub cidrs: BTreeMap<Ipv4Net, u32>,
+    pub policy: HashSet<(u32, PolicyKeyData)>,
+    pub node_ips: HashSet<[u8; 4]>,
+    pub ct: HashSet<CtKey>,
+    /// Endpoints with programs attached.
+    pub attached: HashSet<Ipv4Addr>,
+}
+
+impl MapModel {
+    pub fn apply(&mut self, ops: &[MapOp]) {
+        for op in ops {
+            match op {
+                MapOp::Attach { ip, .. } => {
+                    self.attached.insert(*ip);
+                }
+                MapOp::Detach { ip } => {
+                    self.attached.remove(ip);
+                }
+                MapOp::EndpointSet { ip, info } => {
+                    self.endpoints.insert(ip.octets(), *info);
+                }
+                MapOp::EndpointDel { ip } => {
+                    self.endpoints.remove(&ip.octets());
+                }
+                MapOp::IdentitySet { ip, id } => {
+                    self.identities.insert(ip.octets(), *id);
+                }
+                MapOp::IdentityDel { ip } => {
+                    self.identities.remove(&ip.octets());
+                }
+                MapOp::CidrSet { net, id } => {
+                    self.cidrs.insert(*net, *id);
+                }
+                MapOp::CidrDel { net } => {
+                    self.cidrs.remove(net);
+                }
+                MapOp::PolicyAdd { prefix_len, key } => {
+                    self.policy.insert((*prefix_len, mask(key, *prefix_len)));
+                }
+                MapOp::PolicyDel { prefix_len, key } => {
+                    self.policy.remove(&(*prefix_len, mask(key, *prefix_len)));
+                }
+                MapOp::NodeIpAdd { ip } => {
+                    self.node_ips.insert(ip.octets());
+                }
+                MapOp::NodeIpDel { ip } => {
+                    self.node_ips.remove(&ip.octets());
+                }
+            }
+        }
+    }
+}
+
+/// Clears the bits past the prefix, as the kernel's trie ignores them.
+fn mask(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
+    let mut k = *key;
+    for (i, b) in k.iter_mut().enumerate() {
+        let bit = i as u32 * 8;
+        if bit >= prefix_len {
+            *b = 0;
+        } else if bit + 8 > prefix_len {
+            *b &= 0xffu8 << (8 - (prefix_len - bit));
+        }
+    }
+    k
+}
+
+impl Maps for MapModel {
+    fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
+        self.endpoints.get(&ip).copied()
+    }
+
+    fn ct_contains(&self, key: &CtKey) -> bool {
+        self.ct.contains(key)
+    }
+
+    fn is_node_ip(&self, ip: [u8; 4]) -> bool {
+        self.node_ips.contains(&ip)
+    }
+
+    fn identity(&self, ip: [u8; 4]) -> Option<u32> {
+        self.identities.get(&ip).copied()
+    }
+
+    fn prefix_id(&self, ip: [u8; 4]) -> Option<u32> {
+        let addr = Ipv4Addr::from(ip);
+        self.cidrs.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, id)| *id)
+    }
+
+    fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {
+        // Longest-prefix match: any stored prefix of the key matches (every entry allows).
+        (0..=prefix_len).any(|len| self.policy.contains(&(len, mask(key, len))))
+    }
+}

@@ -1,0 +1,47 @@
+//! Dataplanes: what turns plan diffs into enforcement. One trait; the eBPF dataplane for
+//! kernels that can run the tc programs (the iptables one follows), and an in-memory one for
+//! tests.
+
+pub mod ebpf;
+
+use crate::plan::{Plan, PlanDiff};
+
+/// A failure to program the dataplane. Enforcement of what was already applied goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{dataplane}: {operation}: {message}")]
+    Apply { dataplane: &'static str, operation: String, message: String },
+    #[error("{dataplane}: not supported on this node: {reason}")]
+    Unsupported { dataplane: &'static str, reason: String },
+}
+
+/// Something that enforces a plan.
+pub trait Dataplane {
+    fn name(&self) -> &'static str;
+    /// Applies one diff, in its order (make-before-break).
+    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError>;
+    /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,
+    /// including state left pinned by a previous agent): adds first, then removes.
+    fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
+}
+
+/// A dataplane that only keeps the plan: for tests of what sits above dataplanes.
+#[derive(Default)]
+pub struct Memory {
+    pub plan: Plan,
+}
+
+impl Dataplane for Memory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+        self.plan.apply(diff).map_err(|message| DataplaneError::Apply { dataplane: "memory", operation: "apply".into(), message })
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        self.plan = plan.clone();
+        Ok(())
+    }
+}
