@@ -4,3 +4,7 @@
 
 pub mod model;
 pub mod translate;
+pub mod iface;
+pub mod kernel;
+
+pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters};

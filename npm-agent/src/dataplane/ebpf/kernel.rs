@@ -1,0 +1,436 @@
+//! The eBPF dataplane in the kernel: loads the tc programs once, pins the maps and links
+//! under a pin root (so enforcement survives the agent), attaches to the host side of each
+//! local pod's veth as pods appear, and writes the translator's map operations.
+//!
+//! Pin layout under the pin root (default `/sys/fs/bpf/npm-rs`):
+//! - `maps/<NAME>`: every map (reused by the next agent: its contents are reconciled, never
+//!   flushed);
+//! - `links/<ifname>.<from|to>`: the tcx links. On restart, pinned links are kept and their
+//!   program is replaced atomically by the new agent's.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::Ipv4Net;
+use npm_common::{
+    CONFIG_LOG_DROPS, EndpointInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_NODE_IPS,
+    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
+};
+
+use super::iface;
+use super::translate::{Encoded, MapOp, Translator};
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::model::ObjectKey;
+use crate::plan::{Plan, PlanDiff};
+
+/// The tc programs, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm-ebpf"));
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/npm-rs";
+const NAME: &str = "ebpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    /// Where maps and links are pinned; distinct per agent on one machine.
+    pub pin_root: PathBuf,
+    /// Log every dropped packet (through aya-log, into the agent's log).
+    pub log_drops: bool,
+    /// Attach programs to pod interfaces. Off only for packet tests (`TestRun`).
+    pub attach: bool,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self { pin_root: PathBuf::from(DEFAULT_PIN_ROOT), log_drops: false, attach: true }
+    }
+}
+
+fn err(operation: impl Into<String>, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Apply { dataplane: NAME, operation: operation.into(), message: e.to_string() }
+}
+
+/// Where a local endpoint's programs are attached.
+struct Attachment {
+    pod: ObjectKey,
+    ifname: Option<String>,
+}
+
+struct Maps {
+    endpoints: BpfHashMap<MapData, [u8; 4], EndpointInfo>,
+    identities: BpfHashMap<MapData, [u8; 4], u32>,
+    cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    policy: LpmTrie<MapData, PolicyKeyData, u32>,
+    node_ips: BpfHashMap<MapData, [u8; 4], u32>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
+}
+
+/// Packets passed and dropped, per direction and reason, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PacketCounters {
+    /// `[direction][reason]`, direction as `npm_common::DIR_*`.
+    pub counts: [[u64; REASONS as usize]; 2],
+}
+
+impl PacketCounters {
+    pub fn get(&self, dir: u8, reason: Reason) -> u64 {
+        self.counts[dir as usize][reason as usize]
+    }
+
+    pub fn allowed(&self, dir: u8) -> u64 {
+        Reason::ALL.iter().filter(|r| r.allowed()).map(|r| self.get(dir, *r)).sum()
+    }
+
+    pub fn dropped(&self, dir: u8) -> u64 {
+        Reason::ALL.iter().filter(|r| !r.allowed()).map(|r| self.get(dir, *r)).sum()
+    }
+}
+
+pub struct EbpfDataplane {
+    config: EbpfConfig,
+    ebpf: Ebpf,
+    maps: Maps,
+    translator: Translator,
+    attachments: HashMap<Ipv4Addr, Attachment>,
+}
+
+impl EbpfDataplane {
+    /// Loads the programs and opens (or creates) the pinned maps. Fails when the kernel cannot
+    /// load them: the caller falls back to another dataplane.
+    pub fn open(config: EbpfConfig) -> Result<Self, DataplaneError> {
+        ensure_bpffs(config.pin_root.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
+        let maps_dir = config.pin_root.join("maps");
+        std::fs::create_dir_all(&maps_dir).map_err(|e| err(format!("creating {}", maps_dir.display()), e))?;
+        std::fs::create_dir_all(config.pin_root.join("links")).map_err(|e| err("creating the links directory", e))?;
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::Unsupported { dataplane: NAME, reason: "built without eBPF programs (AYA_BUILD_SKIP)".into() });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Unsupported { dataplane: NAME, reason: format!("loading the programs: {e}") })?;
+        for name in [PROG_FROM_POD, PROG_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| err("loading", format!("program {name} missing")))?
+                .try_into()
+                .map_err(|e| err("loading", e))?;
+            prog.load().map_err(|e| DataplaneError::Unsupported { dataplane: NAME, reason: format!("verifying {name}: {e}") })?;
+        }
+        if let Ok(logger) = aya_log::EbpfLogger::init(&mut ebpf) {
+            forward_logs(logger);
+        }
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| err("opening maps", format!("map {name} missing")));
+        let maps = Maps {
+            endpoints: take(MAP_ENDPOINTS)?.try_into().map_err(|e| err(MAP_ENDPOINTS, e))?,
+            identities: take(MAP_IDENTITIES)?.try_into().map_err(|e| err(MAP_IDENTITIES, e))?,
+            cidrs: take(MAP_CIDRS)?.try_into().map_err(|e| err(MAP_CIDRS, e))?,
+            policy: take(MAP_POLICY)?.try_into().map_err(|e| err(MAP_POLICY, e))?,
+            node_ips: take(MAP_NODE_IPS)?.try_into().map_err(|e| err(MAP_NODE_IPS, e))?,
+            counters: take(MAP_COUNTERS)?.try_into().map_err(|e| err(MAP_COUNTERS, e))?,
+            config: take(MAP_CONFIG)?.try_into().map_err(|e| err(MAP_CONFIG, e))?,
+        };
+        let mut dp = Self { config, ebpf, maps, translator: Translator::new(), attachments: HashMap::new() };
+        dp.set_log_drops(dp.config.log_drops)?;
+        Ok(dp)
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.config.pin_root
+    }
+
+    /// Turns logging of dropped packets on or off at run time.
+    pub fn set_log_drops(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.maps.config.set(CONFIG_LOG_DROPS, u32::from(on), 0).map_err(|e| err("config", e))
+    }
+
+    /// One of the two programs (for `TestRun` packet tests and benchmarks).
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+        self.ebpf.program_mut(name).and_then(|p| p.try_into().ok())
+    }
+
+    pub fn counters(&self) -> Result<PacketCounters, DataplaneError> {
+        let mut c = PacketCounters::default();
+        for dir in 0..2u8 {
+            for r in Reason::ALL {
+                let values = self.maps.counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
+                c.counts[dir as usize][r as usize] = values.iter().sum();
+            }
+        }
+        Ok(c)
+    }
+
+    /// What the maps hold, as encoded.
+    pub fn encoded(&self) -> Encoded {
+        self.translator.encoded()
+    }
+
+    /// Entries really in the kernel maps (for metrics that must match the maps).
+    pub fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (MAP_ENDPOINTS, self.maps.endpoints.keys().count(), npm_common::MAX_ENDPOINTS),
+            (MAP_IDENTITIES, self.maps.identities.keys().count(), npm_common::MAX_IDENTITIES),
+            (MAP_CIDRS, self.maps.cidrs.keys().count(), npm_common::MAX_CIDRS),
+            (MAP_POLICY, self.maps.policy.keys().count(), npm_common::MAX_POLICY),
+            (MAP_NODE_IPS, self.maps.node_ips.keys().count(), npm_common::MAX_NODE_IPS),
+        ]
+    }
+
+    /// Retries attachments whose interface was not there yet.
+    pub fn retry_pending(&mut self) -> Result<usize, DataplaneError> {
+        let pending: Vec<(Ipv4Addr, ObjectKey)> =
+            self.attachments.iter().filter(|(_, a)| a.ifname.is_none()).map(|(ip, a)| (*ip, a.pod.clone())).collect();
+        let n = pending.len();
+        for (ip, pod) in pending {
+            self.attach(ip, pod)?;
+        }
+        Ok(n)
+    }
+
+    fn write(&mut self, ops: &[MapOp]) -> Result<(), DataplaneError> {
+        let m = &mut self.maps;
+        for op in ops {
+            match op {
+                MapOp::EndpointSet { ip, info } => m.endpoints.insert(ip.octets(), info, 0).map_err(|e| err("endpoint", e))?,
+                MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&ip.octets())).map_err(|e| err("endpoint", e))?,
+                MapOp::IdentitySet { ip, id } => m.identities.insert(ip.octets(), id, 0).map_err(|e| err("identity", e))?,
+                MapOp::IdentityDel { ip } => ignore_missing(m.identities.remove(&ip.octets())).map_err(|e| err("identity", e))?,
+                MapOp::CidrSet { net, id } => {
+                    m.cidrs.insert(&Key::new(net.prefix_len() as u32, net.network().octets()), id, 0).map_err(|e| err("cidr", e))?
+                }
+                MapOp::CidrDel { net } => ignore_missing(m.cidrs.remove(&Key::new(net.prefix_len() as u32, net.network().octets())))
+                    .map_err(|e| err("cidr", e))?,
+                MapOp::PolicyAdd { prefix_len, key } => m.policy.insert(&Key::new(*prefix_len, *key), 1, 0).map_err(|e| err("policy", e))?,
+                MapOp::PolicyDel { prefix_len, key } => {
+                    ignore_missing(m.policy.remove(&Key::new(*prefix_len, *key))).map_err(|e| err("policy", e))?
+                }
+                MapOp::NodeIpAdd { ip } => m.node_ips.insert(ip.octets(), 1, 0).map_err(|e| err("node address", e))?,
+                MapOp::NodeIpDel { ip } => ignore_missing(m.node_ips.remove(&ip.octets())).map_err(|e| err("node address", e))?,
+                MapOp::Attach { .. } | MapOp::Detach { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes map operations, detaching first and attaching last: a new pod's programs start
+    /// only once everything it needs is in the maps.
+    fn run_ops(&mut self, ops: Vec<MapOp>) -> Result<(), DataplaneError> {
+        for op in &ops {
+            if let MapOp::Detach { ip } = op {
+                self.detach(*ip)?;
+            }
+        }
+        self.write(&ops)?;
+        for op in ops {
+            if let MapOp::Attach { ip, pod } = op {
+                self.attach(ip, pod)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link_path(&self, ifname: &str, dir: &str) -> PathBuf {
+        self.config.pin_root.join("links").join(format!("{ifname}.{dir}"))
+    }
+
+    fn attach(&mut self, ip: Ipv4Addr, pod: ObjectKey) -> Result<(), DataplaneError> {
+        if !self.config.attach {
+            self.attachments.insert(ip, Attachment { pod, ifname: None });
+            return Ok(());
+        }
+        let Some(ifname) = iface::host_interface(ip) else {
+            tracing::warn!(%ip, %pod, "no host route to the pod yet; will attach when it appears");
+            self.attachments.insert(ip, Attachment { pod, ifname: None });
+            return Ok(());
+        };
+        if let Some(old) = self.attachments.get(&ip).and_then(|a| a.ifname.clone()) {
+            if old != ifname {
+                self.detach(ip)?;
+            }
+        }
+        for (prog, ty, dir) in [(PROG_FROM_POD, TcAttachType::Ingress, "from"), (PROG_TO_POD, TcAttachType::Egress, "to")] {
+            let path = self.link_path(&ifname, dir);
+            let program: &mut SchedClassifier =
+                self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok()).ok_or_else(|| err("attach", "program missing"))?;
+            let id = match PinnedLink::from_pin(&path) {
+                // A link pinned by an earlier agent: swap in this agent's program atomically.
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| err("reusing a pinned link", e))?;
+                    let _ = std::fs::remove_file(&path);
+                    program.attach_to_link(link).map_err(|e| err(format!("replacing the program on {ifname}"), e))?
+                }
+                Err(_) => program
+                    .attach_with_options(&ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .or_else(|_| {
+                        // Kernels before 6.6 have no tcx: legacy tc (clsact) filters, which
+                        // outlive the agent by themselves.
+                        let _ = aya::programs::tc::qdisc_add_clsact(&ifname);
+                        program.attach(&ifname, ty)
+                    })
+                    .map_err(|e| err(format!("attaching to {ifname}"), e))?,
+            };
+            let link = program.take_link(id).map_err(|e| err("attach", e))?;
+            if let Ok(fd) = FdLink::try_from(link) {
+                fd.pin(&path).map_err(|e| err(format!("pinning {}", path.display()), e))?;
+            }
+        }
+        self.attachments.insert(ip, Attachment { pod, ifname: Some(ifname) });
+        Ok(())
+    }
+
+    fn detach(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        if let Some(Attachment { ifname: Some(ifname), .. }) = self.attachments.remove(&ip) {
+            for dir in ["from", "to"] {
+                let path = self.link_path(&ifname, dir);
+                if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                    // Unpinned and dropped, the link (and the program on the interface) goes.
+                    pinned.unpin().map_err(|e| err("detach", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every map entry and link the current plan does not need (after the new
+    /// entries are in: adds first, then removes).
+    fn remove_stale(&mut self) -> Result<(), DataplaneError> {
+        let want = self.translator.desired();
+        let m = &mut self.maps;
+        let stale: Vec<[u8; 4]> =
+            m.endpoints.keys().filter_map(Result::ok).filter(|k| !want.endpoints.contains(&Ipv4Addr::from(*k))).collect();
+        for k in stale {
+            ignore_missing(m.endpoints.remove(&k)).map_err(|e| err("stale endpoint", e))?;
+        }
+        let stale: Vec<[u8; 4]> =
+            m.identities.keys().filter_map(Result::ok).filter(|k| !want.identities.contains(&Ipv4Addr::from(*k))).collect();
+        for k in stale {
+            ignore_missing(m.identities.remove(&k)).map_err(|e| err("stale identity", e))?;
+        }
+        let stale: Vec<Key<[u8; 4]>> = m
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).map(|n| n.trunc());
+                !net.is_ok_and(|n| want.cidrs.contains(&n))
+            })
+            .collect();
+        for k in stale {
+            ignore_missing(m.cidrs.remove(&k)).map_err(|e| err("stale cidr", e))?;
+        }
+        let stale: Vec<Key<PolicyKeyData>> =
+            m.policy.keys().filter_map(Result::ok).filter(|k| !want.policy.contains(&(k.prefix_len(), k.data()))).collect();
+        for k in stale {
+            ignore_missing(m.policy.remove(&k)).map_err(|e| err("stale policy entry", e))?;
+        }
+        // Links of interfaces no endpoint uses any more.
+        let keep: HashSet<String> = self.attachments.values().filter_map(|a| a.ifname.clone()).collect();
+        if let Ok(dir) = std::fs::read_dir(self.config.pin_root.join("links")) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                let ifname = name.rsplit_once('.').map(|(i, _)| i.to_string()).unwrap_or_default();
+                if !keep.contains(&ifname) {
+                    if let Ok(pinned) = PinnedLink::from_pin(entry.path()) {
+                        let _ = pinned.unpin();
+                    } else {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+        let ops = self.translator.translate(diff);
+        self.run_ops(ops)
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        // Start from an empty encoding and write the whole plan over whatever is pinned:
+        // entries first, then each endpoint's final isolation, then attachments, and only
+        // then the removal of what is stale. An endpoint that was isolated stays isolated
+        // throughout.
+        self.translator = Translator::new();
+        let ops = self.translator.translate(&plan.as_diff());
+        let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) = ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));
+        let mut last: HashMap<Ipv4Addr, MapOp> = HashMap::new();
+        for op in endpoint_sets {
+            if let MapOp::EndpointSet { ip, .. } = op {
+                last.insert(ip, op);
+            }
+        }
+        let (attaches, rest): (Vec<MapOp>, Vec<MapOp>) = rest.into_iter().partition(|op| matches!(op, MapOp::Attach { .. }));
+        self.write(&rest)?;
+        self.write(&last.into_values().collect::<Vec<_>>())?;
+        self.attachments.clear();
+        for op in attaches {
+            if let MapOp::Attach { ip, pod } = op {
+                self.attach(ip, pod)?;
+            }
+        }
+        self.remove_stale()
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
+fn ensure_bpffs(_near: &Path) -> Result<(), DataplaneError> {
+    let path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let _ = std::fs::create_dir_all("/sys/fs/bpf");
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    // SAFETY: all pointers are valid C strings; no data argument.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(DataplaneError::Unsupported {
+            dataplane: NAME,
+            reason: format!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}
+
+/// Forwards the programs' aya-log records into the agent's log, on a thread of its own.
+fn forward_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use std::os::fd::AsRawFd;
+    std::thread::Builder::new()
+        .name("ebpf-log".into())
+        .spawn(move || {
+            loop {
+                let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
+                if rc < 0 {
+                    return;
+                }
+                logger.flush();
+            }
+        })
+        .ok();
+}
