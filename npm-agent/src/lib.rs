@@ -7,6 +7,7 @@
 
 pub mod compile;
 pub mod dataplane;
+pub mod lab;
 pub mod model;
 pub mod plan;
 pub mod reference;

@@ -1,0 +1,13 @@
+//! The network-namespace lab: a small cluster built out of Linux network namespaces on one
+//! machine, so that conformance cases run against the real dataplanes (eBPF and iptables)
+//! without a Kubernetes cluster.
+//!
+//! [`net`] builds the network: node namespaces joined through a fabric (bridge) namespace,
+//! pods as namespaces attached to their node by a veth pair with a /32 route per pod, TCP and
+//! UDP servers in every pod, and parallel probing of every (client, server) pair. Everything
+//! it creates lives in namespaces it creates, and it removes them on drop, on panic and on
+//! SIGINT/SIGTERM/SIGHUP; see the module's documentation for the layout and the guarantees.
+//! Running the agent inside the node namespaces and driving conformance cases through
+//! [`crate::simulate::Backend`] builds on it.
+
+pub mod net;
