@@ -153,3 +153,51 @@ fn missing_metadata_is_reported() {
     assert!(err.errors.iter().any(|e| e.field == "metadata.name"));
     assert!(err.errors.iter().any(|e| e.field == "metadata.namespace"));
 }
+
+mod common;
+
+mod roundtrip {
+    use super::common;
+    use npm_agent::model::convert::{pod_to_k8s, policy_to_k8s};
+    use npm_agent::model::{Policy, convert, validate};
+    use proptest::prelude::*;
+
+    /// Validation removes repeated peers and ports within a rule.
+    fn normalized(mut p: Policy) -> Policy {
+        for rules in [p.ingress.as_mut(), p.egress.as_mut()].into_iter().flatten() {
+            for r in rules {
+                let mut peers = Vec::new();
+                for x in r.peers.drain(..) {
+                    if !peers.contains(&x) {
+                        peers.push(x);
+                    }
+                }
+                r.peers = peers;
+                let mut ports = Vec::new();
+                for x in r.ports.drain(..) {
+                    if !ports.contains(&x) {
+                        ports.push(x);
+                    }
+                }
+                r.ports = ports;
+            }
+        }
+        p
+    }
+
+    proptest! {
+        #[test]
+        fn policies_survive_the_api_form(p in common::policy()) {
+            // A policy of no direction has no API form (empty policyTypes means the default).
+            prop_assume!(p.ingress.is_some() || p.egress.is_some());
+            let back = validate::network_policy(&policy_to_k8s(&p)).expect("the API form of a valid policy is valid");
+            prop_assert_eq!(back, normalized(p));
+        }
+
+        #[test]
+        fn pods_survive_the_api_form(p in common::pod_key().prop_flat_map(common::pod)) {
+            let back = convert::pod(&pod_to_k8s(&p)).unwrap();
+            prop_assert_eq!(back, p);
+        }
+    }
+}

@@ -617,6 +617,29 @@ fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
 }
 
+type Hook = (u64, Box<dyn Fn() + Send>);
+
+/// Work to do on SIGINT/SIGTERM/SIGHUP before the namespaces go (stopping agents, removing
+/// their pins), registered by what runs inside the lab.
+static HOOKS: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
+fn hooks() -> MutexGuard<'static, Vec<Hook>> {
+    HOOKS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Registers `f` to run if the process is interrupted; returns an id for [`remove_interrupt_hook`].
+pub fn add_interrupt_hook(f: impl Fn() + Send + 'static) -> Result<u64> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    install_signal_cleanup()?;
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    hooks().push((id, Box::new(f)));
+    Ok(id)
+}
+
+pub fn remove_interrupt_hook(id: u64) {
+    hooks().retain(|(i, _)| *i != id);
+}
+
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -654,6 +677,9 @@ fn install_signal_cleanup_once() -> Result<()> {
                 }
             }
             let sig = i32::from(byte[0]);
+            for hook in hooks().iter() {
+                (hook.1)();
+            }
             // Holding the registry until exit: no namespace can be created after this.
             let mut live = live();
             let names = live.clone();

@@ -99,3 +99,152 @@ pub fn node(n: &core::Node) -> Node {
 pub fn labels<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
+
+/// The API form of a validated policy: validating it again gives the same policy. Used to
+/// write manifests (the lab hands policies to its agents as files) and to show a policy as
+/// the compiler understood it.
+pub fn policy_to_k8s(p: &super::Policy) -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    use k8s_openapi::api::networking::v1 as net;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use super::{Direction, NamespaceScope, Peer, PortSpec};
+
+    fn selector(s: &super::LabelSelector) -> meta::LabelSelector {
+        let exprs: Vec<meta::LabelSelectorRequirement> = s
+            .requirements()
+            .iter()
+            .map(|r| meta::LabelSelectorRequirement {
+                key: r.key.clone(),
+                operator: format!("{:?}", r.operator),
+                values: (!r.values.is_empty()).then(|| r.values.iter().cloned().collect()),
+            })
+            .collect();
+        meta::LabelSelector { match_expressions: (!exprs.is_empty()).then_some(exprs), match_labels: None }
+    }
+    let peers = |r: &super::Rule| -> Option<Vec<net::NetworkPolicyPeer>> {
+        (!r.peers.is_empty()).then(|| {
+            r.peers
+                .iter()
+                .map(|peer| match peer {
+                    Peer::Block(b) => net::NetworkPolicyPeer {
+                        ip_block: Some(net::IPBlock {
+                            cidr: b.net.to_string(),
+                            except: (!b.except.is_empty()).then(|| b.except.iter().map(|e| e.to_string()).collect()),
+                        }),
+                        ..Default::default()
+                    },
+                    Peer::Pods { namespaces, pods } => {
+                        let namespace_selector = match namespaces {
+                            NamespaceScope::Named(n) if *n == p.key.namespace => None,
+                            NamespaceScope::Named(n) => Some(selector(&super::LabelSelector::from_labels([(
+                                super::NAMESPACE_NAME_LABEL,
+                                n.as_str(),
+                            )]))),
+                            NamespaceScope::Selector(s) => Some(selector(s)),
+                        };
+                        let pod_selector = match (&namespace_selector, pods.is_everything()) {
+                            (Some(_), true) => None,
+                            _ => Some(selector(pods)),
+                        };
+                        net::NetworkPolicyPeer { ip_block: None, namespace_selector, pod_selector }
+                    }
+                })
+                .collect()
+        })
+    };
+    let ports = |r: &super::Rule| -> Option<Vec<net::NetworkPolicyPort>> {
+        (!r.ports.is_empty()).then(|| {
+            r.ports
+                .iter()
+                .map(|port| {
+                    let protocol = Some(port.protocol().as_str().to_string());
+                    match port {
+                        PortSpec::Protocol(_) => net::NetworkPolicyPort { protocol, ..Default::default() },
+                        PortSpec::Range { first, last, .. } => net::NetworkPolicyPort {
+                            port: Some(IntOrString::Int(i32::from(*first))),
+                            end_port: (last != first).then_some(i32::from(*last)),
+                            protocol,
+                        },
+                        PortSpec::Named { name, .. } => {
+                            net::NetworkPolicyPort { port: Some(IntOrString::String(name.clone())), end_port: None, protocol }
+                        }
+                    }
+                })
+                .collect()
+        })
+    };
+    let types: Vec<String> =
+        Direction::BOTH.iter().filter(|d| p.rules(**d).is_some()).map(|d| if *d == Direction::Ingress { "Ingress" } else { "Egress" }.to_string()).collect();
+    net::NetworkPolicy {
+        metadata: meta::ObjectMeta { name: Some(p.key.name.clone()), namespace: Some(p.key.namespace.clone()), ..Default::default() },
+        spec: Some(net::NetworkPolicySpec {
+            pod_selector: Some(selector(&p.pod_selector)),
+            policy_types: Some(types),
+            ingress: p.ingress.as_ref().map(|rules| rules.iter().map(|r| net::NetworkPolicyIngressRule { from: peers(r), ports: ports(r) }).collect()),
+            egress: p.egress.as_ref().map(|rules| rules.iter().map(|r| net::NetworkPolicyEgressRule { to: peers(r), ports: ports(r) }).collect()),
+        }),
+    }
+}
+
+/// The API form of a model pod (for manifests): labels, address, node, phase, named ports.
+pub fn pod_to_k8s(p: &Pod) -> core::Pod {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+    let ports: Vec<core::ContainerPort> = p
+        .named_ports
+        .iter()
+        .map(|np| core::ContainerPort {
+            name: Some(np.name.clone()),
+            container_port: i32::from(np.port),
+            protocol: Some(np.protocol.as_str().to_string()),
+            ..Default::default()
+        })
+        .collect();
+    let phase = match p.phase {
+        PodPhase::Pending => "Pending",
+        PodPhase::Running => "Running",
+        PodPhase::Succeeded => "Succeeded",
+        PodPhase::Failed => "Failed",
+        PodPhase::Unknown => "Unknown",
+    };
+    core::Pod {
+        metadata: meta::ObjectMeta {
+            name: Some(p.key.name.clone()),
+            namespace: Some(p.key.namespace.clone()),
+            labels: Some(p.labels.clone()),
+            ..Default::default()
+        },
+        spec: Some(core::PodSpec {
+            node_name: p.node.clone(),
+            host_network: Some(p.host_network),
+            containers: vec![core::Container { name: "main".into(), ports: (!ports.is_empty()).then_some(ports), ..Default::default() }],
+            ..Default::default()
+        }),
+        status: Some(core::PodStatus {
+            phase: Some(phase.into()),
+            pod_ip: p.ip.map(|ip| ip.to_string()),
+            pod_ips: p.ip.map(|ip| vec![core::PodIP { ip: ip.to_string() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn namespace_to_k8s(ns: &Namespace) -> core::Namespace {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+    core::Namespace {
+        metadata: meta::ObjectMeta { name: Some(ns.name.clone()), labels: Some(ns.labels.clone()), ..Default::default() },
+        ..Default::default()
+    }
+}
+
+pub fn node_to_k8s(n: &Node) -> core::Node {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+    core::Node {
+        metadata: meta::ObjectMeta { name: Some(n.name.clone()), ..Default::default() },
+        status: Some(core::NodeStatus {
+            addresses: Some(n.addresses.iter().map(|a| core::NodeAddress { type_: "InternalIP".into(), address: a.to_string() }).collect()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
