@@ -5,6 +5,7 @@
 //! specification the compiler is tested against; [`simulate`] replays conformance cases
 //! through the compiler. See docs/ARCHITECTURE.md for the map.
 
+pub mod agent;
 pub mod compile;
 pub mod dataplane;
 pub mod lab;
@@ -12,4 +13,5 @@ pub mod model;
 pub mod plan;
 pub mod reference;
 pub mod simulate;
+pub mod source;
 pub mod state;

@@ -1,6 +1,6 @@
 //! The `npm-agent` command: a thin shell over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -24,11 +24,120 @@ enum Command {
         #[arg(required = true)]
         cases: Vec<PathBuf>,
     },
+    /// Run the node agent (the DaemonSet's entry point). SIGTERM and SIGINT stop it and
+    /// leave enforcement in place.
+    Run {
+        /// A config file (YAML; every key is also a flag; flags override the file; keys the
+        /// file leaves out keep their defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Enter this network namespace (a file such as /run/netns/NAME) before anything
+        /// else, keeping the mount namespace.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[command(flatten)]
+        settings: npm_agent::agent::Settings,
+    },
+    /// The network-namespace lab: conformance cases on real packets, one agent per node.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Remove everything the agent installed (pinned programs, links and maps), for
+    /// uninstall. Run it after the agent has stopped.
+    Cleanup {
+        /// The pin root to remove [default: the config file's pin-root, else /sys/fs/bpf/npm-rs].
+        #[arg(long)]
+        pin_root: Option<PathBuf>,
+        /// The agent's config file (for its pin-root).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build each case's cluster from network namespaces (as root), run the real agent on
+    /// every node, apply the steps through it and probe every pair with real packets. Prints
+    /// and exits exactly as `simulate` does; removes everything it created.
+    Run {
+        /// The dataplane the agents use.
+        #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "iptables"])]
+        dataplane: String,
+        /// Nodes of the lab cluster; pods are spread over them.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Print a machine-readable JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        cases: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate { json, cases } => npm_agent::simulate::cli(&cases, json),
+        Command::Run { config, netns, settings } => {
+            // Before any thread exists: setns affects only the calling thread.
+            if let Some(ns) = &netns
+                && let Err(e) = npm_agent::agent::enter_netns(ns)
+            {
+                eprintln!("npm-agent: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            run(config.as_deref(), settings)
+        }
+        Command::Lab { command: LabCommand::Run { dataplane, nodes, json, cases } } => {
+            npm_agent::lab::run_cli(&cases, &npm_agent::lab::LabOptions::new(&dataplane, nodes), json)
+        }
+        Command::Cleanup { pin_root, config } => cleanup(pin_root, config.as_deref()),
+    }
+}
+
+fn run(config_file: Option<&Path>, flags: npm_agent::agent::Settings) -> ExitCode {
+    use npm_agent::agent;
+    let config = match agent::Config::load(config_file, flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("npm-agent: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    agent::init_logging(config.log_level.as_deref());
+    let stop = agent::stop_on_signals();
+    match agent::run(&config, stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("npm-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cleanup(pin_root: Option<PathBuf>, config_file: Option<&Path>) -> ExitCode {
+    use npm_agent::agent;
+    let from_file = match config_file.map(agent::Settings::from_file).transpose() {
+        Ok(s) => s.and_then(|s| s.pin_root),
+        Err(e) => {
+            eprintln!("npm-agent: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pin_root = pin_root.or(from_file).unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
+    match agent::cleanup(&pin_root) {
+        Ok(r) if !r.existed => {
+            println!("{}: nothing to remove", r.pin_root.display());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!("{}: removed {} pinned links and {} pinned maps", r.pin_root.display(), r.links, r.maps);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("npm-agent: cleanup: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -105,6 +105,10 @@ struct DiffBuilder {
     isolation: HashMap<(IpAddr, Direction), bool>,
     identities: HashMap<IpAddr, Option<IdentityId>>,
     node_ips: Option<BTreeSet<IpAddr>>,
+    /// The counted entries of endpoints removed during the event, by address, as they were
+    /// at the (first) removal. An entry of such an address that `allows` does not record was
+    /// untouched until then: it is in the plan before the event if and only if it is here.
+    removed_allows: HashMap<IpAddr, [HashMap<Allow, u32>; 2]>,
 }
 
 /// The local endpoints and their counted allow entries: the plan, and what an event did
@@ -123,7 +127,10 @@ impl Output {
         let ep = self.endpoints.get_mut(endpoint).expect("bumped endpoint exists");
         let counts = &mut ep.counts[di(direction)];
         let count = counts.get(&allow).copied().unwrap_or(0);
-        self.diff.allows.entry((ep.ip, direction, allow.clone())).or_insert(count > 0);
+        let DiffBuilder { allows, removed_allows, .. } = &mut self.diff;
+        allows.entry((ep.ip, direction, allow.clone())).or_insert_with(|| {
+            count > 0 || removed_allows.get(&ep.ip).is_some_and(|r| r[di(direction)].contains_key(&allow))
+        });
         if up {
             counts.insert(allow, count + 1);
         } else if count <= 1 {
@@ -498,10 +505,19 @@ impl Engine {
     fn remove_endpoint(&mut self, key: &ObjectKey) {
         let ip = self.out.endpoints[key].ip;
         self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
-        let ep = &self.out.endpoints[key];
+        // The endpoint's entries go with it. Rather than un-count every expansion of every
+        // policy (as many hash updates as the endpoint has expansions, for a diff that is just
+        // the removal), keep its counts aside: should the address be an endpoint again by the
+        // end of the event, they say which entries it had before (see `DiffBuilder`).
+        let Output { endpoints, diff, .. } = &mut self.out;
+        let ep = endpoints.get_mut(key).expect("endpoint exists");
+        let counts = std::mem::take(&mut ep.counts);
+        // A second removal in the same event keeps the first snapshot: the entries counted
+        // since the first were all touched, so their state before the event is recorded.
+        diff.removed_allows.entry(ip).or_insert(counts);
         let policies: BTreeSet<PolicyId> = ep.policies[0].union(&ep.policies[1]).copied().collect();
         for p in policies {
-            self.detach(p, key);
+            self.detach(p, key, false);
         }
         let ep = self.out.endpoints.remove(key).expect("endpoint exists");
         debug_assert!(ep.counts.iter().all(|c| c.is_empty()), "endpoint removed with allows left");
@@ -530,12 +546,16 @@ impl Engine {
         }
     }
 
-    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+    /// Policy `pid` stops selecting endpoint `ep`; its expansions are un-counted when
+    /// `uncount` (not when the endpoint is going away with its counts).
+    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey, uncount: bool) {
         for d in Direction::BOTH {
             if self.idx.policies[&pid].policy.rules(d).is_none() {
                 continue;
             }
-            self.contribute(pid, d, ep, false);
+            if uncount {
+                self.contribute(pid, d, ep, false);
+            }
             self.out.touch_isolation(ep, d);
             self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].remove(&pid);
         }
@@ -614,7 +634,7 @@ impl Engine {
         let Some(pid) = self.idx.policy_ids.remove(key) else { return };
         let endpoints: Vec<ObjectKey> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
         for ep in endpoints {
-            self.detach(pid, &ep);
+            self.detach(pid, &ep, true);
         }
         self.idx.policies.remove(&pid);
         if let Some(set) = self.idx.policies_by_ns.get_mut(&key.namespace) {
@@ -743,7 +763,7 @@ impl Engine {
         const UNIDENTIFY: u8 = 7;
         const UNENFORCE: u8 = 8;
 
-        let diff = std::mem::take(&mut self.out.diff);
+        let mut diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(u8, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
         // gone get nothing but their removal.
@@ -766,6 +786,18 @@ impl Engine {
                     changes.push((ENDPOINTS, Change::RetargetEndpoint { ip: *ip, pod: b.clone() }))
                 }
                 (Some(_), Some(_)) => {}
+            }
+        }
+        // Endpoints removed and back by the end of the event: the entries they had and that
+        // were not touched since are gone unless counted again.
+        for (ip, removed) in std::mem::take(&mut diff.removed_allows) {
+            if gone.contains(&ip) {
+                continue;
+            }
+            for d in Direction::BOTH {
+                for allow in removed[di(d)].keys() {
+                    diff.allows.entry((ip, d, allow.clone())).or_insert(true);
+                }
             }
         }
         let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);

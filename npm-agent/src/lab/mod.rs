@@ -7,7 +7,12 @@
 //! UDP servers in every pod, and parallel probing of every (client, server) pair. Everything
 //! it creates lives in namespaces it creates, and it removes them on drop, on panic and on
 //! SIGINT/SIGTERM/SIGHUP; see the module's documentation for the layout and the guarantees.
-//! Running the agent inside the node namespaces and driving conformance cases through
-//! [`crate::simulate::Backend`] builds on it.
+//!
+//! [`cluster`] runs a conformance case on it: one real agent per node (`npm-agent run` with
+//! the file source and the chosen dataplane, inside the node's network namespace), the
+//! case's steps written as manifests, and every table probed with real packets.
 
+pub mod cluster;
 pub mod net;
+
+pub use cluster::{LabCluster, LabOptions, run_cli};

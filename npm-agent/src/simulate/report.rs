@@ -6,6 +6,17 @@ use super::{CaseReport, Counts, TableOutcome};
 
 /// Prints the reports and returns the exit status: success only when nothing failed.
 pub fn print(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
+    if !json {
+        for r in reports {
+            print!("{}", render(r));
+        }
+    }
+    print_summary(reports, json, tool)
+}
+
+/// Prints the closing summary (or, for `json`, the whole report) and returns the exit
+/// status, for runners that print each case's text as it finishes.
+pub fn print_summary(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
     let mut total = Counts::default();
     for r in reports {
         let c = r.counts();
@@ -17,9 +28,6 @@ pub fn print(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
         let doc = serde_json::json!({ "cases": reports, "passed": total.passed, "failed": total.failed, "skipped": total.skipped });
         println!("{}", serde_json::to_string_pretty(&doc).expect("reports serialize"));
     } else {
-        for r in reports {
-            print!("{}", render(r));
-        }
         let failed_cases = reports.iter().filter(|r| r.counts().failed > 0).count();
         println!();
         println!("{} cases, {} with failures", reports.len(), failed_cases);

@@ -5,7 +5,7 @@
 //! Pin layout under the pin root (default `/sys/fs/bpf/npm-rs`):
 //! - `maps/<NAME>`: every map (reused by the next agent: its contents are reconciled, never
 //!   flushed);
-//! - `links/<ifname>.<from|to>`: the tcx links. On restart, pinned links are kept and their
+//! - `links/<ifname>-<from|to>`: the tcx links. On restart, pinned links are kept and their
 //!   program is replaced atomically by the new agent's.
 
 use std::collections::{HashMap, HashSet};
@@ -237,8 +237,9 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// bpffs refuses names with a dot, which interface names may have (VLANs): escape them.
     fn link_path(&self, ifname: &str, dir: &str) -> PathBuf {
-        self.config.pin_root.join("links").join(format!("{ifname}.{dir}"))
+        self.config.pin_root.join("links").join(format!("{}-{dir}", ifname.replace('.', "_")))
     }
 
     fn attach(&mut self, ip: Ipv4Addr, pod: ObjectKey) -> Result<(), DataplaneError> {
@@ -336,8 +337,8 @@ impl EbpfDataplane {
         if let Ok(dir) = std::fs::read_dir(self.config.pin_root.join("links")) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                let ifname = name.rsplit_once('.').map(|(i, _)| i.to_string()).unwrap_or_default();
-                if !keep.contains(&ifname) {
+                let ifname = name.rsplit_once('-').map(|(i, _)| i.to_string()).unwrap_or_default();
+                if !keep.iter().any(|k| k.replace('.', "_") == ifname) {
                     if let Ok(pinned) = PinnedLink::from_pin(entry.path()) {
                         let _ = pinned.unpin();
                     } else {

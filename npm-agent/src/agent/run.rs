@@ -1,0 +1,312 @@
+//! The run loop: source batches into the engine, plan diffs into the dataplane.
+//!
+//! Start-up is make-before-break over whatever a previous agent left pinned: nothing is
+//! applied until the source's initial full sync is complete; then the whole plan is
+//! reconciled onto the dataplane in one step (adds first, then removals), and only then is
+//! the agent ready. After that each event's diff is applied as it comes. A failed apply is
+//! logged and counted, the dataplane is marked out of sync, and the whole plan is reconciled
+//! again on the next tick (every second) until that succeeds; the loop never stops for it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::compile::{Engine, Scope};
+use crate::dataplane::ebpf::EbpfDataplane;
+use crate::dataplane::{Dataplane, DataplaneError, Memory};
+use crate::plan::{Plan, PlanDiff};
+use crate::source::{Batch, Source};
+use crate::state::Event;
+
+use super::status::{EventStats, Operation, Status};
+
+/// How often pending eBPF attachments are retried and a failed dataplane resynchronized.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The longest the loop waits before looking at the stop flag again.
+const MAX_WAIT: Duration = Duration::from_millis(200);
+
+/// The dataplane the agent drives. eBPF is named because it has periodic work of its own
+/// (attaching to interfaces that appeared late).
+pub enum AgentDataplane {
+    Ebpf(Box<EbpfDataplane>),
+    Other(Box<dyn Dataplane>),
+}
+
+impl AgentDataplane {
+    pub fn as_dyn(&mut self) -> &mut dyn Dataplane {
+        match self {
+            AgentDataplane::Ebpf(d) => d.as_mut(),
+            AgentDataplane::Other(d) => d.as_mut(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentDataplane::Ebpf(d) => d.name(),
+            AgentDataplane::Other(d) => d.name(),
+        }
+    }
+
+    /// The periodic work: attachments whose interface was not there yet.
+    fn tick(&mut self) {
+        if let AgentDataplane::Ebpf(d) = self {
+            match d.retry_pending() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(pending = n, "retried pending attachments"),
+                Err(e) => tracing::warn!(error = %e, "retrying pending attachments"),
+            }
+        }
+    }
+}
+
+/// An in-memory dataplane whose plan can be read from another thread (tests, the lab).
+#[derive(Clone, Default)]
+pub struct SharedMemory(pub Arc<Mutex<Memory>>);
+
+impl SharedMemory {
+    /// The plan the dataplane holds now.
+    pub fn plan(&self) -> Plan {
+        self.0.lock().expect("memory dataplane lock").plan.clone()
+    }
+}
+
+impl Dataplane for SharedMemory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+        self.0.lock().expect("memory dataplane lock").apply(diff)
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        self.0.lock().expect("memory dataplane lock").reconcile(plan)
+    }
+}
+
+/// What other threads (metrics, tests) can read while the agent runs.
+#[derive(Clone, Default)]
+pub struct Handles {
+    pub status: Arc<Mutex<Status>>,
+    pub stats: Arc<Mutex<EventStats>>,
+}
+
+impl Handles {
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+/// The agent: one node's engine, source and dataplane.
+pub struct Agent {
+    engine: Engine,
+    source: Box<dyn Source>,
+    dataplane: AgentDataplane,
+    status_file: Option<PathBuf>,
+    handles: Handles,
+    /// Whether the dataplane holds the engine's plan (false before the first reconcile and
+    /// after a failed apply).
+    in_sync: bool,
+    /// Whether the source has completed its initial full sync.
+    synced: bool,
+    /// The generation of the last batch handled (enforced once `in_sync`).
+    pending_generation: Option<u64>,
+    status_error_logged: bool,
+    last_source_error: Option<String>,
+}
+
+impl Agent {
+    pub fn new(node_name: &str, source: Box<dyn Source>, dataplane: AgentDataplane, status_file: Option<PathBuf>) -> Agent {
+        let handles = Handles::default();
+        {
+            let mut s = handles.status.lock().expect("status lock");
+            s.node = node_name.to_string();
+            s.dataplane = dataplane.name().to_string();
+        }
+        Agent {
+            engine: Engine::new(Scope::Node(node_name.to_string())),
+            source,
+            dataplane,
+            status_file,
+            handles,
+            in_sync: false,
+            synced: false,
+            pending_generation: None,
+            status_error_logged: false,
+            last_source_error: None,
+        }
+    }
+
+    pub fn handles(&self) -> Handles {
+        self.handles.clone()
+    }
+
+    /// Runs until `stop` is set. Leaves the dataplane as it is (enforcement stays in place).
+    pub fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        tracing::info!(source = %self.source.describe(), dataplane = self.dataplane.name(), node = ?self.engine.scope().node(), "agent starting");
+        self.publish();
+        let mut next_tick = Instant::now() + TICK;
+        while !stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.tick();
+            }
+            let wait = next_tick.saturating_duration_since(Instant::now()).min(MAX_WAIT);
+            match self.source.next_batch(wait) {
+                Ok(Some(batch)) => {
+                    self.last_source_error = None;
+                    self.handle_batch(batch);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.last_source_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!(source = %self.source.describe(), "source failed (retrying): {msg}");
+                        self.last_source_error = Some(msg);
+                    }
+                }
+            }
+        }
+        tracing::info!("stopping; enforcement stays in place");
+        Ok(())
+    }
+
+    /// Handles one batch: every event through the engine, and through the dataplane when it
+    /// is in sync; the whole plan when this batch completes the initial sync.
+    pub fn handle_batch(&mut self, batch: Batch) {
+        let n = batch.events.len();
+        for event in batch.events {
+            self.handle_event(event);
+        }
+        if batch.generation.is_some() {
+            self.pending_generation = batch.generation;
+        }
+        {
+            let mut s = self.handles.status.lock().expect("status lock");
+            s.batches += 1;
+            s.applied_events += n as u64;
+        }
+        if batch.synced && !self.synced {
+            self.synced = true;
+            tracing::info!(events = self.handles.status().applied_events, "initial sync complete");
+        }
+        if self.synced && !self.in_sync && !self.handles.status().ready {
+            // The first full sync: make-before-break over what is pinned.
+            self.reconcile();
+        }
+        self.publish();
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        let kind = event.kind();
+        let op = self.operation(&event);
+        let start = Instant::now();
+        let diff = self.engine.handle(event);
+        let mut failed = false;
+        if self.in_sync
+            && !diff.is_empty()
+            && let Err(e) = self.dataplane.as_dyn().apply(&diff)
+        {
+            failed = true;
+            self.in_sync = false;
+            self.handles.status.lock().expect("status lock").apply_errors += 1;
+            tracing::error!(kind, operation = op.as_str(), error = %e, "dataplane apply failed; resynchronizing on the next tick");
+        }
+        let took = start.elapsed();
+        self.handles.stats.lock().expect("stats lock").record(kind, op, took, failed);
+    }
+
+    /// Create or update, by whether the engine knows the object.
+    fn operation(&self, event: &Event) -> Operation {
+        let st = self.engine.state();
+        let existed = match event {
+            Event::UpsertNamespace(n) => st.namespaces.contains_key(&n.name),
+            Event::UpsertPod(p) => st.pods.contains_key(&p.key),
+            Event::UpsertPolicy(p) => st.policies.contains_key(&p.key),
+            Event::UpsertNode(n) => st.nodes.contains_key(&n.name),
+            Event::DeleteNamespace(_) | Event::DeletePod(_) | Event::DeletePolicy(_) | Event::DeleteNode(_) => {
+                return Operation::Delete;
+            }
+        };
+        if existed { Operation::Update } else { Operation::Create }
+    }
+
+    /// Makes the dataplane enforce the engine's whole plan.
+    fn reconcile(&mut self) {
+        let start = Instant::now();
+        let plan = self.engine.plan();
+        let result = self.dataplane.as_dyn().reconcile(&plan);
+        let took = start.elapsed();
+        {
+            let mut st = self.handles.stats.lock().expect("stats lock");
+            st.reconciles += 1;
+            st.reconcile_failures += u64::from(result.is_err());
+            st.last_reconcile = Some(took);
+        }
+        match result {
+            Ok(()) => {
+                self.in_sync = true;
+                let mut s = self.handles.status.lock().expect("status lock");
+                if !s.ready {
+                    tracing::info!(endpoints = plan.endpoints.len(), took_ms = took.as_millis() as u64, "first full sync applied; ready");
+                } else {
+                    tracing::info!(took_ms = took.as_millis() as u64, "dataplane resynchronized");
+                }
+                s.ready = true;
+            }
+            Err(e) => {
+                self.handles.status.lock().expect("status lock").apply_errors += 1;
+                tracing::error!(error = %e, "reconciling the dataplane failed; retrying on the next tick");
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.synced && !self.in_sync {
+            self.reconcile();
+            self.publish();
+        }
+        if self.in_sync {
+            self.dataplane.tick();
+        }
+    }
+
+    /// Updates the shared status and writes the status file.
+    fn publish(&mut self) {
+        let stats = self.engine.stats();
+        let health = self.source.health();
+        let status = {
+            let mut s = self.handles.status.lock().expect("status lock");
+            if self.in_sync {
+                s.generation = self.pending_generation.unwrap_or(s.generation);
+            }
+            s.in_sync = self.in_sync;
+            s.pods = stats.pods;
+            s.policies = stats.policies;
+            s.identities = stats.identities;
+            s.endpoints = stats.endpoints;
+            s.allow_entries = stats.allow_entries;
+            s.parse_errors = health.parse_errors;
+            s.invalid_objects = health.invalid_objects;
+            s.problems = health.problems;
+            s.clone()
+        };
+        if let Some(path) = &self.status_file {
+            match status.write(path) {
+                Ok(()) => self.status_error_logged = false,
+                Err(e) if !self.status_error_logged => {
+                    self.status_error_logged = true;
+                    tracing::warn!(error = %format!("{e:#}"), "writing the status file");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The engine (for tests and the lab).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}

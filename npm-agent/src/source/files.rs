@@ -1,0 +1,498 @@
+//! The file source: Namespaces, Pods, Nodes and NetworkPolicies read from the manifests of
+//! one directory, watched for changes by polling (every [`POLL_INTERVAL`]).
+//!
+//! - Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (names
+//!   starting with `.` are skipped, so `.x.yaml.tmp` files and the `..data` links of a
+//!   ConfigMap volume are not read twice); YAML files may hold several documents separated by
+//!   `---`, and a document may be a `List` (`kind: List`, `PodList`, ...) with `items`.
+//! - Objects of other kinds are ignored (logged at debug level). Pods and NetworkPolicies
+//!   without a namespace land in `default`, as `kubectl apply` would put them.
+//! - A file that does not parse is reported and counted, and the objects it held at its last
+//!   good read stay in force. An object that does not convert or validate is reported
+//!   (naming the file, the object and the field) and counted, and its previous valid version,
+//!   if any, stays in force: an invalid edit of a policy never opens a hole.
+//! - Writers should replace files atomically (write a hidden or differently named temporary
+//!   file, then rename it): a file read half-written may parse as fewer objects until the
+//!   next scan.
+//! - The lab's generation protocol: the writer writes every manifest, then writes a number
+//!   into `DIR/.generation`. The source reads `.generation` before the manifests of each
+//!   scan, so a batch reporting generation `g` reflects at least every manifest written
+//!   before `g` was.
+//!
+//! Each scan stats every file and re-reads only those whose size, times or inode changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use serde::de::DeserializeOwned;
+use serde::Deserialize as _;
+use serde_yaml_ng::Value;
+
+use super::{Batch, Source, SourceHealth};
+use crate::model::validate::network_policy;
+use crate::model::{convert, Namespace, Node, ObjectKey, Pod, Policy};
+use crate::state::Event;
+
+/// How often the directory is scanned.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The file holding the generation marker of the lab's protocol.
+pub const GENERATION_FILE: &str = ".generation";
+
+/// What an object is, in the order upserts are applied (namespaces and nodes before the
+/// policies that select by them, policies before the pods they isolate); deletions go in
+/// the reverse order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectId {
+    Namespace(String),
+    Node(String),
+    Policy(ObjectKey),
+    Pod(ObjectKey),
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectId::Namespace(n) => write!(f, "Namespace {n}"),
+            ObjectId::Node(n) => write!(f, "Node {n}"),
+            ObjectId::Policy(k) => write!(f, "NetworkPolicy {k}"),
+            ObjectId::Pod(k) => write!(f, "Pod {k}"),
+        }
+    }
+}
+
+/// An object in model form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Namespace),
+    Node(Node),
+    Policy(Policy),
+    Pod(Pod),
+}
+
+impl Object {
+    fn upsert(&self) -> Event {
+        match self {
+            Object::Namespace(n) => Event::UpsertNamespace(n.clone()),
+            Object::Node(n) => Event::UpsertNode(n.clone()),
+            Object::Policy(p) => Event::UpsertPolicy(p.clone()),
+            Object::Pod(p) => Event::UpsertPod(p.clone()),
+        }
+    }
+}
+
+impl ObjectId {
+    fn delete(&self) -> Event {
+        match self {
+            ObjectId::Namespace(n) => Event::DeleteNamespace(n.clone()),
+            ObjectId::Node(n) => Event::DeleteNode(n.clone()),
+            ObjectId::Policy(k) => Event::DeletePolicy(k.clone()),
+            ObjectId::Pod(k) => Event::DeletePod(k.clone()),
+        }
+    }
+}
+
+/// One object read from a file: its identity when it could be read, and the object or why
+/// it was rejected.
+#[derive(Clone, Debug)]
+struct Entry {
+    id: Option<ObjectId>,
+    object: Result<Object, String>,
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Stamp { len: m.len(), ino: m.ino(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+    }
+}
+
+struct FileState {
+    stamp: Stamp,
+    /// The entries of the last read that parsed.
+    entries: Vec<Entry>,
+    /// Why the last read did not parse (its previous entries are kept).
+    parse_error: Option<String>,
+}
+
+/// The file source. See the module documentation.
+pub struct FilesSource {
+    dir: PathBuf,
+    interval: Duration,
+    files: BTreeMap<PathBuf, FileState>,
+    /// The objects in force, as last delivered.
+    current: BTreeMap<ObjectId, Object>,
+    generation: Option<u64>,
+    generation_raw: Option<String>,
+    last_scan: Option<Instant>,
+    synced: bool,
+    parse_errors: u64,
+    invalid_objects: u64,
+    /// Problems of the last rebuild that are not tied to one file's parse (duplicates).
+    merge_problems: Vec<String>,
+}
+
+impl FilesSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self::with_interval(dir, POLL_INTERVAL)
+    }
+
+    pub fn with_interval(dir: impl Into<PathBuf>, interval: Duration) -> Self {
+        FilesSource {
+            dir: dir.into(),
+            interval,
+            files: BTreeMap::new(),
+            current: BTreeMap::new(),
+            generation: None,
+            generation_raw: None,
+            last_scan: None,
+            synced: false,
+            parse_errors: 0,
+            invalid_objects: 0,
+            merge_problems: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The objects in force.
+    pub fn objects(&self) -> &BTreeMap<ObjectId, Object> {
+        &self.current
+    }
+
+    /// Scans the directory now; returns a batch when anything changed (always on the first
+    /// scan).
+    pub fn scan(&mut self) -> anyhow::Result<Option<Batch>> {
+        self.last_scan = Some(Instant::now());
+        // The generation first: manifests written before it are then seen by this scan.
+        let generation_changed = self.read_generation();
+        let listing = std::fs::read_dir(&self.dir).with_context(|| format!("reading directory {}", self.dir.display()))?;
+        let mut seen = BTreeSet::new();
+        let mut files_changed = false;
+        for entry in listing {
+            let entry = entry.with_context(|| format!("reading directory {}", self.dir.display()))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || !is_manifest(&name) {
+                continue;
+            }
+            let path = entry.path();
+            // Follows symbolic links (ConfigMap volumes are made of them).
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest");
+                    continue;
+                }
+            };
+            let stamp = Stamp::of(&meta);
+            seen.insert(path.clone());
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            files_changed = true;
+            self.read_file(path, stamp);
+        }
+        let before = self.files.len();
+        self.files.retain(|p, _| seen.contains(p));
+        if self.files.len() != before {
+            files_changed = true;
+        }
+        let first = !self.synced;
+        if !first && !files_changed && !generation_changed {
+            return Ok(None);
+        }
+        let events = if first || files_changed { self.rebuild() } else { Vec::new() };
+        self.synced = true;
+        Ok(Some(Batch { events, synced: true, generation: self.generation }))
+    }
+
+    /// Reads `.generation`; returns whether it changed.
+    fn read_generation(&mut self) -> bool {
+        let raw = match std::fs::read_to_string(self.dir.join(GENERATION_FILE)) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(_) => None,
+        };
+        if raw == self.generation_raw {
+            return false;
+        }
+        self.generation_raw = raw.clone();
+        match raw.as_deref().map(str::parse::<u64>) {
+            Some(Ok(g)) => self.generation = Some(g),
+            Some(Err(_)) => {
+                tracing::warn!(file = %self.dir.join(GENERATION_FILE).display(), content = ?raw, "generation is not a number; ignored");
+            }
+            None => {}
+        }
+        true
+    }
+
+    fn read_file(&mut self, path: PathBuf, stamp: Stamp) {
+        let parsed = std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|text| parse_manifests(&path, &text));
+        let shown = path.display().to_string();
+        match parsed {
+            Ok(entries) => {
+                for e in &entries {
+                    if let Err(message) = &e.object {
+                        self.invalid_objects += 1;
+                        let kept = e.id.as_ref().is_some_and(|id| self.current.contains_key(id));
+                        tracing::warn!(
+                            file = %shown,
+                            object = %e.id.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "(unnamed)".into()),
+                            kept_previous_version = kept,
+                            "{message}"
+                        );
+                    }
+                }
+                let n = entries.iter().filter(|e| e.object.is_ok()).count();
+                tracing::debug!(file = %shown, objects = n, "read manifest");
+                self.files.insert(path, FileState { stamp, entries, parse_error: None });
+            }
+            Err(message) => {
+                self.parse_errors += 1;
+                let previous = self.files.remove(&path).map(|f| f.entries).unwrap_or_default();
+                tracing::error!(
+                    file = %shown,
+                    kept_objects = previous.len(),
+                    "manifest does not parse; its previous objects stay in force: {message}"
+                );
+                self.files.insert(path, FileState { stamp, entries: previous, parse_error: Some(message) });
+            }
+        }
+    }
+
+    /// Builds the new set of objects from every file's entries and returns the events that
+    /// take `current` there.
+    fn rebuild(&mut self) -> Vec<Event> {
+        let mut next: BTreeMap<ObjectId, Object> = BTreeMap::new();
+        let mut origin: BTreeMap<ObjectId, &Path> = BTreeMap::new();
+        self.merge_problems.clear();
+        for (path, file) in &self.files {
+            for e in &file.entries {
+                let Some(id) = &e.id else { continue };
+                let object = match &e.object {
+                    Ok(o) => o.clone(),
+                    // Keep the version in force, if there is one.
+                    Err(_) => match self.current.get(id) {
+                        Some(o) => o.clone(),
+                        None => continue,
+                    },
+                };
+                if let Some(prev) = origin.insert(id.clone(), path) {
+                    let problem = format!(
+                        "{}: {id} is also defined in {}; the definition in {} is used",
+                        path.display(),
+                        prev.display(),
+                        path.display()
+                    );
+                    tracing::warn!("{problem}");
+                    self.merge_problems.push(problem);
+                }
+                next.insert(id.clone(), object);
+            }
+        }
+        let mut events = Vec::new();
+        for (id, object) in &next {
+            if self.current.get(id) != Some(object) {
+                events.push(object.upsert());
+            }
+        }
+        for id in self.current.keys().rev() {
+            if !next.contains_key(id) {
+                events.push(id.delete());
+            }
+        }
+        self.current = next;
+        events
+    }
+}
+
+impl Source for FilesSource {
+    fn describe(&self) -> String {
+        format!("files:{}", self.dir.display())
+    }
+
+    fn next_batch(&mut self, timeout: Duration) -> anyhow::Result<Option<Batch>> {
+        let now = Instant::now();
+        let due = self.last_scan.map_or(now, |t| t + self.interval);
+        if due > now + timeout {
+            std::thread::sleep(timeout);
+            return Ok(None);
+        }
+        std::thread::sleep(due.saturating_duration_since(now));
+        self.scan()
+    }
+
+    fn health(&self) -> SourceHealth {
+        let mut problems = Vec::new();
+        for (path, f) in &self.files {
+            if let Some(e) = &f.parse_error {
+                problems.push(format!("{}: does not parse (previous objects kept): {e}", path.display()));
+            }
+            for e in &f.entries {
+                if let Err(message) = &e.object {
+                    let kept = e.id.as_ref().is_some_and(|id| self.current.contains_key(id));
+                    let what = if kept { "previous version kept" } else { "not applied" };
+                    problems.push(format!("{}: {message} ({what})", path.display()));
+                }
+            }
+        }
+        problems.extend(self.merge_problems.iter().cloned());
+        SourceHealth { parse_errors: self.parse_errors, invalid_objects: self.invalid_objects, problems }
+    }
+}
+
+fn is_manifest(name: &str) -> bool {
+    name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")
+}
+
+/// Parses one file's text into entries. An error means the file does not parse at all.
+fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Entry>, String> {
+    let mut docs = Vec::new();
+    if path.extension().is_some_and(|e| e == "json") {
+        let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        docs.push(v);
+    } else {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let v = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+            docs.push(v);
+        }
+    }
+    let mut entries = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        collect(doc, &format!("document {}", i + 1), &mut entries);
+    }
+    Ok(entries)
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for k in path {
+        cur = cur.get(*k)?;
+    }
+    cur.as_str()
+}
+
+fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
+    if doc.is_null() {
+        return;
+    }
+    if !doc.is_mapping() {
+        out.push(Entry { id: None, object: Err(format!("{place}: not an object")) });
+        return;
+    }
+    let Some(kind) = str_at(&doc, &["kind"]).map(str::to_string) else {
+        out.push(Entry { id: None, object: Err(format!("{place}: kind: required")) });
+        return;
+    };
+    if kind.ends_with("List")
+        && let Some(Value::Sequence(items)) = doc.get_mut("items").map(std::mem::take)
+    {
+        for (i, item) in items.into_iter().enumerate() {
+            collect(item, &format!("{place} items[{i}]"), out);
+        }
+        return;
+    }
+    let name = str_at(&doc, &["metadata", "name"]).unwrap_or_default().to_string();
+    let namespaced = matches!(kind.as_str(), "Pod" | "NetworkPolicy");
+    if namespaced
+        && str_at(&doc, &["metadata", "namespace"]).is_none_or(str::is_empty)
+        && let Some(Value::Mapping(meta)) = doc.get_mut("metadata")
+    {
+        meta.insert(Value::from("namespace"), Value::from("default"));
+    }
+    let namespace = str_at(&doc, &["metadata", "namespace"]).unwrap_or("default").to_string();
+    let unnamed = name.is_empty();
+    let id = match kind.as_str() {
+        "Namespace" => ObjectId::Namespace(name.clone()),
+        "Node" => ObjectId::Node(name.clone()),
+        "NetworkPolicy" => ObjectId::Policy(ObjectKey::new(&namespace, &name)),
+        "Pod" => ObjectId::Pod(ObjectKey::new(&namespace, &name)),
+        other => {
+            tracing::debug!(kind = other, name = %name, "{place}: kind ignored");
+            return;
+        }
+    };
+    if unnamed {
+        out.push(Entry { id: None, object: Err(format!("{place}: invalid {kind}: metadata.name: required")) });
+        return;
+    }
+    let object = match &id {
+        ObjectId::Namespace(_) => typed::<core::Namespace>(doc, &kind, &id).map(|n| Object::Namespace(convert::namespace(&n))),
+        ObjectId::Node(_) => typed::<core::Node>(doc, &kind, &id).map(|n| Object::Node(convert::node(&n))),
+        ObjectId::Policy(_) => typed::<net::NetworkPolicy>(doc, &kind, &id)
+            .and_then(|np| network_policy(&np).map(Object::Policy).map_err(|e| e.to_string())),
+        ObjectId::Pod(_) => {
+            typed::<core::Pod>(doc, &kind, &id).and_then(|p| convert::pod(&p).map(Object::Pod).map_err(|e| e.to_string()))
+        }
+    };
+    out.push(Entry { id: Some(id), object });
+}
+
+/// Deserializes an API object, naming the field that does not fit.
+fn typed<T: DeserializeOwned>(doc: Value, kind: &str, id: &ObjectId) -> Result<T, String> {
+    let object = match id {
+        ObjectId::Namespace(n) | ObjectId::Node(n) => n.clone(),
+        ObjectId::Policy(k) | ObjectId::Pod(k) => k.to_string(),
+    };
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() { "(object)".to_string() } else { path };
+        format!("invalid {kind} {object}: {field}: {}", e.inner())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Vec<Entry> {
+        parse_manifests(Path::new("t.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn multi_document_and_lists() {
+        let e = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {a: b}}\n---\n---\n\
+             apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n\
+             - apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: c}\n",
+        );
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].id, Some(ObjectId::Namespace("x".into())));
+        assert_eq!(e[1].id, Some(ObjectId::Pod(ObjectKey::new("default", "p"))));
+        assert!(e[1].object.is_ok());
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e = parse(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: x}\n\
+             spec:\n  podSelector: {matchLabels: [1]}\n",
+        );
+        let msg = e[0].object.as_ref().unwrap_err();
+        assert!(msg.contains("x/np") && msg.contains("spec.podSelector.matchLabels"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_fail_the_file() {
+        assert!(parse_manifests(Path::new("t.yaml"), "kind: [unclosed\n").is_err());
+        assert!(parse_manifests(Path::new("t.json"), "{\"kind\": ").is_err());
+    }
+}
