@@ -141,19 +141,35 @@ fn yaml_files(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
 
 /// `npm-agent simulate FILES...` through `cargo run`, or a printed skip when there are no files.
 fn simulate(what: &str, dir: &Path) -> Result<()> {
-    match yaml_files(dir)? {
-        None => {
-            println!("SKIP: {what}: {} does not exist", dir.display());
-            Ok(())
-        }
-        Some(files) if files.is_empty() => {
-            println!("SKIP: {what}: no *.yaml case in {}", dir.display());
-            Ok(())
-        }
-        Some(files) => run(cargo()
-            .args(["run", "--package", "npm-agent", "--", "simulate"])
-            .args(files.iter().map(|f| relative_to_root(f)))),
+    agent_on_cases(what, &[dir], &["simulate"])
+}
+
+/// `npm-agent lab run --dataplane DP FILES...` (as root) over the cases of `dirs`.
+fn lab(what: &str, dataplane: &str, dirs: &[&Path]) -> Result<()> {
+    if !is_root() {
+        println!("SKIP: {what}: the lab needs root (network namespaces, eBPF)");
+        return Ok(());
     }
+    agent_on_cases(what, dirs, &["lab", "run", "--dataplane", dataplane])
+}
+
+/// Runs `npm-agent ARGS FILES...` with the cases of `dirs`; missing directories are skipped.
+fn agent_on_cases(what: &str, dirs: &[&Path], args: &[&str]) -> Result<()> {
+    let mut files = Vec::new();
+    for dir in dirs {
+        match yaml_files(dir)? {
+            None => println!("SKIP: {what}: {} does not exist", dir.display()),
+            Some(f) => files.extend(f),
+        }
+    }
+    if files.is_empty() {
+        println!("SKIP: {what}: no *.yaml case");
+        return Ok(());
+    }
+    run(cargo()
+        .args(["run", "--package", "npm-agent", "--"])
+        .args(args)
+        .args(files.iter().map(|f| relative_to_root(f))))
 }
 
 /// `path` relative to the workspace root (where the commands run) when it is inside the root or
@@ -254,8 +270,13 @@ fn test() -> Result<()> {
         Step::new("simulate tests/conformance", move || {
             simulate("the project's conformance cases", &own_cases)
         }),
-        Step::new("simulate shared conformance examples", move || {
-            simulate("the shared conformance examples", &shared_examples)
+        Step::new("simulate shared conformance examples", {
+            let shared_examples = shared_examples.clone();
+            move || simulate("the shared conformance examples", &shared_examples)
+        }),
+        Step::new("lab (eBPF): conformance cases and shared examples with real packets", {
+            let own = root.join("tests/conformance");
+            move || lab("the lab in eBPF mode", "ebpf", &[&own, &shared_examples])
         }),
     ];
     run_steps("test", steps)
