@@ -73,6 +73,21 @@ enum LabCommand {
         #[arg(required = true)]
         cases: Vec<PathBuf>,
     },
+    /// Show one case on a lab cluster: connectivity before any policy and after each step,
+    /// node-0's metrics forwarded to the host while it runs. Exits by itself unless --hold.
+    Demo {
+        #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "iptables"])]
+        dataplane: String,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Keep the lab up for exploration until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+        /// Where the host serves node-0's metrics.
+        #[arg(long, default_value = "0.0.0.0:10091")]
+        metrics_addr: String,
+        case: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +106,9 @@ fn main() -> ExitCode {
         }
         Command::Lab { command: LabCommand::Run { dataplane, nodes, json, cases } } => {
             npm_agent::lab::run_cli(&cases, &npm_agent::lab::LabOptions::new(&dataplane, nodes), json)
+        }
+        Command::Lab { command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case } } => {
+            npm_agent::lab::demo_cli(&case, &npm_agent::lab::LabOptions::new(&dataplane, nodes), hold, &metrics_addr)
         }
         Command::Cleanup { pin_root, config } => cleanup(pin_root, config.as_deref()),
     }

@@ -36,7 +36,11 @@ enum Task {
     /// Setup, build everything, run all tests and the simulator on every conformance case.
     Test,
     /// Setup, build, and run the simulator on the example cases in deploy/examples.
-    Demo,
+    Demo {
+        /// Keep the lab cluster up for exploration (Ctrl-C removes it).
+        #[arg(long)]
+        hold: bool,
+    },
     /// Run the benchmarks (`cargo bench -p npm-agent`); extra arguments are passed through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::setup(),
         Task::Test => test(),
-        Task::Demo => demo(),
+        Task::Demo { hold } => demo(hold),
         Task::Bench { args } => bench(&args),
     };
     match result {
@@ -282,15 +286,23 @@ fn test() -> Result<()> {
     run_steps("test", steps)
 }
 
-fn demo() -> Result<()> {
+fn demo(hold: bool) -> Result<()> {
+    let example = repo_root().join("deploy/examples/shop-web-api-db.yaml");
     let examples = repo_root().join("deploy/examples");
     let steps = vec![
         Step::gate("setup", setup::setup),
-        Step::gate("build", || {
-            run(cargo().args(["build", "--package", "npm-agent"]))
-        }),
-        Step::new("simulate deploy/examples", move || {
-            simulate("the demo cases", &examples)
+        Step::gate("build", || run(cargo().args(["build", "--package", "npm-agent"]))),
+        Step::new("the example application on a lab cluster, enforced by the eBPF agents", move || {
+            if !is_root() {
+                println!("The lab needs root (network namespaces, eBPF); showing the simulator's tables instead.");
+                return simulate("the demo cases", &examples);
+            }
+            let mut cmd = cargo();
+            cmd.args(["run", "--package", "npm-agent", "--", "lab", "demo"]);
+            if hold {
+                cmd.arg("--hold");
+            }
+            run(cmd.arg(relative_to_root(&example)))
         }),
     ];
     run_steps("demo", steps)

@@ -97,8 +97,19 @@ impl LabCluster {
         Ok(c)
     }
 
-    fn lab(&self) -> &Lab {
+    /// The network the cluster runs on.
+    pub fn lab(&self) -> &Lab {
         self.lab.as_ref().expect("lab lives until drop")
+    }
+
+    /// The node each pod runs on.
+    pub fn node_of(&self, pod: &ObjectKey) -> Option<usize> {
+        self.placement.get(pod).copied()
+    }
+
+    /// The agents' log files, by node.
+    pub fn agent_logs(&self) -> Vec<PathBuf> {
+        self.agents.iter().map(|a| a.log_file.clone()).collect()
     }
 
     fn pin_root(&self, node: usize) -> PathBuf {

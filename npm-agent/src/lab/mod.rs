@@ -13,6 +13,8 @@
 //! case's steps written as manifests, and every table probed with real packets.
 
 pub mod cluster;
+pub mod demo;
 pub mod net;
 
 pub use cluster::{LabCluster, LabOptions, run_cli};
+pub use demo::demo_cli;

@@ -170,7 +170,8 @@ fn run_steps(case: &case::Case, backend: &mut dyn Backend, report: &mut CaseRepo
     Ok(())
 }
 
-fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::Expect) -> TableReport {
+/// Probes one expect table and compares it.
+pub fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::Expect) -> TableReport {
     let mut tr = TableReport {
         protocol: expect.protocol.clone(),
         port: expect.port,
@@ -195,18 +196,12 @@ fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::
         tr.outcome = TableOutcome::Skipped { reason: "SCTP is not available on this kernel".into() };
         return tr;
     }
-    let pods: Vec<&Pod> = cluster.pods().collect();
-    let matrix = match backend.probe(cluster, &pods, protocol, expect.port) {
-        Ok(m) => m,
+    let observed = match observe(cluster, backend, protocol, expect.port) {
+        Ok(t) => t,
         Err(e) => {
             tr.outcome = TableOutcome::Error { message: format!("probing: {e:#}") };
             return tr;
         }
-    };
-    let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
-    let observed = Table {
-        columns: names.clone(),
-        rows: names.iter().zip(&matrix).map(|(n, row)| (n.clone(), row.iter().map(|a| Cell::from_allowed(*a)).collect())).collect(),
     };
     tr.outcome = match table::compare(&expected, &observed) {
         Ok(d) if d.is_empty() => TableOutcome::Pass,
@@ -215,6 +210,17 @@ fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::
     };
     tr.observed = Some(observed);
     tr
+}
+
+/// The observed table of every pod pair for one protocol and port.
+pub fn observe(cluster: &CaseCluster, backend: &mut dyn Backend, protocol: Protocol, port: u16) -> anyhow::Result<Table> {
+    let pods: Vec<&Pod> = cluster.pods().collect();
+    let matrix = backend.probe(cluster, &pods, protocol, port)?;
+    let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
+    Ok(Table {
+        columns: names.clone(),
+        rows: names.iter().zip(&matrix).map(|(n, row)| (n.clone(), row.iter().map(|a| Cell::from_allowed(*a)).collect())).collect(),
+    })
 }
 
 /// `npm-agent simulate`: runs every case through the compiler, prints the report, and

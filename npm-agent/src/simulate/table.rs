@@ -67,19 +67,20 @@ impl Table {
     /// Renders the table with aligned columns, `indent` before each line.
     pub fn render(&self, indent: &str) -> String {
         let width = self.columns.iter().chain(self.rows.iter().map(|(r, _)| r)).map(String::len).max().unwrap_or(1).max(7);
-        let mut out = format!("{indent}{:<width$}", "from\\to");
+        let mut lines = Vec::new();
+        let mut header = format!("{indent}{:<width$}", "from\\to");
         for c in &self.columns {
-            out.push_str(&format!(" {c:<w$}", w = c.len().max(1)));
+            header.push_str(&format!(" {c:<w$}", w = c.len().max(1)));
         }
-        out.push('\n');
+        lines.push(header);
         for (name, cells) in &self.rows {
-            out.push_str(&format!("{indent}{name:<width$}"));
+            let mut line = format!("{indent}{name:<width$}");
             for (c, cell) in self.columns.iter().zip(cells) {
-                out.push_str(&format!(" {:<w$}", cell.symbol(), w = c.len().max(1)));
+                line.push_str(&format!(" {:<w$}", cell.symbol(), w = c.len().max(1)));
             }
-            out.push('\n');
+            lines.push(line);
         }
-        out
+        lines.iter().map(|l| format!("{}\n", l.trim_end())).collect()
     }
 }
 
