@@ -43,6 +43,12 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+    /// Print the eBPF dataplane's packet counters (passed and dropped, by direction and
+    /// reason) from an agent's pin root.
+    Counters {
+        #[arg(long, default_value = npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
     /// Remove everything the agent installed (pinned programs, links and maps), for
     /// uninstall. Run it after the agent has stopped.
     Cleanup {
@@ -88,6 +94,19 @@ enum LabCommand {
         metrics_addr: String,
         case: PathBuf,
     },
+    /// iperf3 between pods on two lab nodes: without any agent, then with each dataplane
+    /// holding N policies that select the server.
+    Throughput {
+        /// Dataplanes to measure in order (`none` = no agent).
+        #[arg(long, value_delimiter = ',', default_value = "none,ebpf")]
+        dataplanes: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -107,9 +126,31 @@ fn main() -> ExitCode {
         Command::Lab { command: LabCommand::Run { dataplane, nodes, json, cases } } => {
             npm_agent::lab::run_cli(&cases, &npm_agent::lab::LabOptions::new(&dataplane, nodes), json)
         }
+        Command::Lab { command: LabCommand::Throughput { dataplanes, policies, seconds, runs } } => {
+            npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs)
+        }
         Command::Lab { command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case } } => {
             npm_agent::lab::demo_cli(&case, &npm_agent::lab::LabOptions::new(&dataplane, nodes), hold, &metrics_addr)
         }
+        Command::Counters { pin_root } => match npm_agent::dataplane::ebpf::pinned_counters(&pin_root) {
+            Ok(c) => {
+                println!("{:<14} {:>14} {:>14}", "reason", "ingress", "egress");
+                for r in npm_common::Reason::ALL {
+                    let tag = if r.allowed() { "passed" } else { "DROPPED" };
+                    println!(
+                        "{:<14} {:>14} {:>14}   {tag}",
+                        r.name(),
+                        c.get(npm_common::DIR_INGRESS, r),
+                        c.get(npm_common::DIR_EGRESS, r)
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("npm-agent counters: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cleanup { pin_root, config } => cleanup(pin_root, config.as_deref()),
     }
 }

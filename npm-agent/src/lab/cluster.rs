@@ -37,11 +37,21 @@ impl LabOptions {
         Self {
             nodes,
             dataplane: dataplane.into(),
-            agent: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("npm-agent")),
+            agent: agent_binary(),
             probe_timeout: Duration::from_millis(500),
             apply_timeout: Duration::from_secs(20),
             agent_args: Vec::new(),
         }
+    }
+}
+
+/// This binary, to run as the node agents. If it was rebuilt while running, the kernel calls
+/// the old file "(deleted)": the new one at the same path is what we want.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("npm-agent"));
+    match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(path) => PathBuf::from(path),
+        None => exe,
     }
 }
 

@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod demo;
 pub mod net;
+pub mod throughput;
 
 pub use cluster::{LabCluster, LabOptions, run_cli};
 pub use demo::demo_cli;

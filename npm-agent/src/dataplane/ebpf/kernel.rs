@@ -94,6 +94,22 @@ impl PacketCounters {
     }
 }
 
+/// Reads the packet counters of an agent from its pin root (for `npm-agent counters`, while
+/// the agent runs or after).
+pub fn pinned_counters(pin_root: &Path) -> Result<PacketCounters, DataplaneError> {
+    let data = MapData::from_pin(pin_root.join("maps").join(MAP_COUNTERS)).map_err(|e| err("opening the pinned counters", e))?;
+    let counters: PerCpuArray<MapData, u64> =
+        aya::maps::Map::PerCpuArray(data).try_into().map_err(|e| err("opening the pinned counters", e))?;
+    let mut c = PacketCounters::default();
+    for dir in 0..2u8 {
+        for r in Reason::ALL {
+            let values = counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
+            c.counts[dir as usize][r as usize] = values.iter().sum();
+        }
+    }
+    Ok(c)
+}
+
 pub struct EbpfDataplane {
     config: EbpfConfig,
     ebpf: Ebpf,

@@ -7,4 +7,4 @@ pub mod translate;
 pub mod iface;
 pub mod kernel;
 
-pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters};
+pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters, pinned_counters};

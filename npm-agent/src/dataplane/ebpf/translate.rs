@@ -257,12 +257,18 @@ impl Translator {
         }
     }
 
-    /// Prefix ids of the named prefixes a block admits.
+    /// Prefix ids of the named prefixes a block admits. Prefixes inside the block's cidr have
+    /// their network address inside it: a range of the ordered map, not a scan of it.
     fn admitted<'a>(&'a self, block: &'a CidrBlock) -> impl Iterator<Item = u32> + 'a {
-        let net = v4_block(block).map(|(n, _)| n);
-        self.prefixes
-            .iter()
-            .filter(move |(p, _)| net.is_some_and(|n| n.contains(*p)) && admits(block, **p))
+        let range = v4_block(block).map(|(n, _)| {
+            let lo = Ipv4Net::new(n.network(), 0).expect("prefix 0 is valid");
+            let hi = Ipv4Net::new(n.broadcast(), 32).expect("prefix 32 is valid");
+            lo..=hi
+        });
+        range
+            .into_iter()
+            .flat_map(move |r| self.prefixes.range(r))
+            .filter(move |(p, _)| admits(block, **p))
             .map(|(_, e)| e.id)
     }
 

@@ -1,0 +1,225 @@
+//! eBPF dataplane benchmarks (root only; prints a note and exits otherwise):
+//! - per-packet cost of the tc program through BPF_PROG_TEST_RUN, for a new flow (allowed,
+//!   tracked), a new flow that is denied (the full policy lookup, nothing tracked) and a packet
+//!   of an established flow, with 1, 100, 1k and 10k policies selecting the endpoint;
+//! - the time from an event (a pod created, a policy created) to its map entries being
+//!   written: compiler plus dataplane, p50/p90/p99.
+//!
+//! `cargo bench -p npm-agent --bench dataplane` (or `cargo xtask bench`). The kernel measures
+//! the program's run time itself (`duration` of BPF_PROG_TEST_RUN), without syscall overhead.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use npm_agent::compile::{Engine, Scope};
+use npm_agent::dataplane::Dataplane;
+use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
+use npm_agent::model::{
+    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase, Policy, PortSpec, Protocol,
+    Rule,
+};
+use npm_agent::state::Event;
+use npm_common::PROG_TO_POD;
+
+const ENDPOINT: [u8; 4] = [10, 0, 0, 1];
+const CLIENT: [u8; 4] = [10, 0, 1, 1];
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
+    Pod {
+        key: ObjectKey::new(ns, name),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
+        node: Some(node.into()),
+        phase: PodPhase::Running,
+        host_network: false,
+        named_ports: vec![],
+    }
+}
+
+/// Policy `i` selects the endpoint and admits one /32 (outside the client) on one port, so
+/// every policy adds its own CIDR prefix and policy-trie entries. Policy 0 admits the client's
+/// pods on port 80.
+fn policy(i: usize) -> Policy {
+    let peer = if i == 0 {
+        Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::from_labels([("app", "client")]) }
+    } else {
+        let ip = Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        Peer::Block(CidrBlock::new(ipnet::IpNet::from(IpAddr::V4(ip)), []))
+    };
+    Policy {
+        key: ObjectKey::new("x", format!("p{i}")),
+        pod_selector: LabelSelector::everything(),
+        ingress: Some(vec![Rule {
+            peers: vec![peer],
+            ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: 80 + (i % 1000) as u16, last: 80 + (i % 1000) as u16 }],
+        }]),
+        egress: None,
+    }
+}
+
+fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    p.extend_from_slice(&ip);
+    let mut t = [0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    p.extend_from_slice(&t);
+    p
+}
+
+struct Setup {
+    engine: Engine,
+    dp: EbpfDataplane,
+    pin_root: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-bench-{}-{tag}", std::process::id()));
+        let dp = EbpfDataplane::open(EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false }).expect("load eBPF");
+        let mut s = Setup { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root };
+        s.event(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))] }));
+        for ns in ["x", "y"] {
+            s.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));
+        }
+        s.event(Event::UpsertPod(pod("x", "server", ENDPOINT, "n1", "server")));
+        s.event(Event::UpsertPod(pod("y", "client", CLIENT, "n2", "client")));
+        s
+    }
+
+    fn event(&mut self, e: Event) -> Duration {
+        let t = Instant::now();
+        let diff = self.engine.handle(e);
+        self.dp.apply(&diff).expect("apply");
+        t.elapsed()
+    }
+
+    /// Average kernel run time of the to-pod program over `runs` (one packet, `repeat` times).
+    fn run(&mut self, pkt: &[u8], repeat: u32) -> (Duration, u32) {
+        let prog = self.dp.program_mut(PROG_TO_POD).expect("program");
+        let r = prog.test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() }).expect("test run");
+        (r.duration, r.return_value)
+    }
+}
+
+fn per_packet() {
+    println!("per-packet cost (npm_to_pod, ns per packet, kernel-measured)");
+    println!("{:>9} {:>16} {:>16} {:>16}", "policies", "new flow allowed", "new flow denied", "established");
+    let mut first: Option<[f64; 3]> = None;
+    for n in [1usize, 100, 1_000, 10_000] {
+        let mut s = Setup::new(&format!("pp{n}"));
+        for i in 0..n {
+            s.event(Event::UpsertPolicy(policy(i)));
+        }
+        // New allowed flows: one packet each, distinct source ports (each one a conntrack miss
+        // and insert), averaged.
+        let flows = 20_000u32;
+        let mut total = Duration::ZERO;
+        for k in 0..flows {
+            let (d, v) = s.run(&packet(CLIENT, ENDPOINT, 1024 + (k % 60000) as u16 + (n % 3) as u16, 80), 1);
+            assert_eq!(v, u32::MAX, "allowed");
+            total += d;
+        }
+        let new_allowed = total.as_nanos() as f64 / flows as f64;
+        // Denied: the full lookup on every repetition (nothing is tracked).
+        let (d, v) = s.run(&packet(CLIENT, ENDPOINT, 5555, 81), 1_000_000);
+        assert_eq!(v, 2, "denied");
+        let denied = d.as_nanos() as f64;
+        // Established: the first run tracks the flow, then every repetition hits conntrack.
+        let est_pkt = packet(CLIENT, ENDPOINT, 6666, 80);
+        s.run(&est_pkt, 1);
+        let (d, _) = s.run(&est_pkt, 1_000_000);
+        let established = d.as_nanos() as f64;
+        let row = [new_allowed, denied, established];
+        let base = *first.get_or_insert(row);
+        println!(
+            "{n:>9} {:>10.0} ({:.2}x) {:>10.0} ({:.2}x) {:>10.0} ({:.2}x)",
+            row[0],
+            row[0] / base[0],
+            row[1],
+            row[1] / base[1],
+            row[2],
+            row[2] / base[2]
+        );
+    }
+}
+
+fn percentiles(mut v: Vec<Duration>) -> String {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    format!("p50 {:>9.1?}  p90 {:>9.1?}  p99 {:>9.1?}  max {:>9.1?}", p(0.5), p(0.9), p(0.99), v[v.len() - 1])
+}
+
+fn event_to_maps() {
+    println!("\nevent to maps written (compiler + eBPF dataplane), with 1,000 policies selecting the node's pods");
+    let mut s = Setup::new("lat");
+    for i in 0..1_000 {
+        s.event(Event::UpsertPolicy(policy(i)));
+    }
+    // 1,000 peer pods elsewhere in the cluster.
+    for i in 0..1_000u32 {
+        let ip = [10, 2, (i / 250) as u8, (i % 250) as u8 + 1];
+        s.event(Event::UpsertPod(pod("y", &format!("peer{i}"), ip, "n2", "client")));
+    }
+    let mut pods = Vec::new();
+    for i in 0..1_000u32 {
+        // A pod created on this node: it is selected by every policy (1,000 policies' entries).
+        let ip = [10, 3, (i / 250) as u8, (i % 250) as u8 + 1];
+        pods.push(s.event(Event::UpsertPod(pod("x", &format!("new{i}"), ip, "n1", "server"))));
+        s.event(Event::DeletePod(ObjectKey::new("x", format!("new{i}"))));
+    }
+    println!("  local pod created (1,000 policies select it):  {}", percentiles(pods));
+    let mut remote = Vec::new();
+    for i in 0..1_000u32 {
+        let ip = [10, 4, (i / 250) as u8, (i % 250) as u8 + 1];
+        remote.push(s.event(Event::UpsertPod(pod("y", &format!("remote{i}"), ip, "n2", "client"))));
+    }
+    println!("  remote peer pod created (joins a selector):     {}", percentiles(remote));
+    let mut policies = Vec::new();
+    for i in 0..1_000 {
+        let mut p = policy(2_000 + i);
+        p.key = ObjectKey::new("x", format!("extra{i}"));
+        policies.push(s.event(Event::UpsertPolicy(p)));
+    }
+    println!("  policy created (selects the node's pods):       {}", percentiles(policies));
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` asks harness=false benches to list; nothing to list.
+    }
+    if !root() {
+        println!("dataplane benchmarks need root (BPF_PROG_TEST_RUN); skipped");
+        return;
+    }
+    per_packet();
+    event_to_maps();
+}

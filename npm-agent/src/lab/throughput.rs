@@ -1,0 +1,141 @@
+//! `npm-agent lab throughput`: iperf3 between two pods on different lab nodes, with no agent
+//! at all, or with every node's agent enforcing `policies` policies that select the server
+//! (one of them admits the client), to show what enforcement costs on the data path.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::cluster::{LabCluster, LabOptions};
+use super::net::{self, Lab, LabConfig};
+use crate::model::{CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule};
+use crate::simulate::Backend;
+use crate::simulate::case::{Case, CaseCluster};
+use crate::state::Event;
+
+const PORT: u16 = 5201;
+
+/// A policy selecting the server; policy 0 admits the client's pods on the iperf3 port, the
+/// others one /32 each on another port, so the maps hold `n` policies' entries.
+pub fn policy(i: usize) -> Policy {
+    let peer = if i == 0 {
+        Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::from_labels([("app", "client")]) }
+    } else {
+        let ip = Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        Peer::Block(CidrBlock::new(ipnet::IpNet::from(IpAddr::V4(ip)), []))
+    };
+    let port = if i == 0 { PORT } else { 1000 + (i % 1000) as u16 };
+    Policy {
+        key: ObjectKey::new("x", format!("bench-{i}")),
+        pod_selector: LabelSelector::from_labels([("app", "server")]),
+        ingress: Some(vec![Rule { peers: vec![peer], ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: port, last: port }] }]),
+        egress: None,
+    }
+}
+
+// The model pods serve 5299 (the lab starts servers on model ports); iperf3 takes 5201.
+const CASE: &str = r#"
+name: throughput
+model:
+  namespaces: [x]
+  pods:
+  - {namespace: x, pod: client, labels: {app: client}, ports: [{name: unused, port: 5299, protocol: TCP}]}
+  - {namespace: x, pod: server, labels: {app: server}, ports: [{name: unused, port: 5299, protocol: TCP}]}
+steps: []
+"#;
+
+/// Gbit/s from the client pod to the server pod over `seconds`.
+pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32) -> Result<f64> {
+    let case: Case = serde_yaml_ng::from_str(CASE).expect("the throughput case parses");
+    let cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
+    match dataplane {
+        None => {
+            let mut lab = Lab::new(LabConfig::default())?;
+            let mut pods = cluster.pods();
+            let (c, s) = (pods.next().expect("client"), pods.next().expect("server"));
+            lab.add_pod("x/client", v4(c.ip)?, 0, &[])?;
+            lab.add_pod("x/server", v4(s.ip)?, 1, &[])?;
+            let r = iperf(&lab, seconds);
+            lab.shutdown()?;
+            r
+        }
+        Some(dp) => {
+            let mut opts = LabOptions::new(dp, 2);
+            if std::env::var_os("NPM_LAB_LOG_DROPS").is_some() {
+                opts.agent_args = vec!["--log-drops".into(), "true".into()];
+            }
+            let mut lab = LabCluster::new(opts)?;
+            let mut events = cluster.initial_events();
+            events.extend((0..policies.max(1)).map(|i| Event::UpsertPolicy(policy(i))));
+            lab.apply(&cluster, &events)?;
+            let r = iperf(lab.lab(), seconds);
+            if r.is_err() {
+                for l in lab.agent_logs() {
+                    eprintln!("--- {}:\n{}", l.display(), std::fs::read_to_string(&l).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+                }
+            }
+            lab.shutdown()?;
+            r
+        }
+    }
+}
+
+fn v4(ip: Option<IpAddr>) -> Result<Ipv4Addr> {
+    match ip {
+        Some(IpAddr::V4(v)) => Ok(v),
+        other => bail!("not an IPv4 pod address: {other:?}"),
+    }
+}
+
+fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
+    let server = lab.pod("x/server").context("server pod")?;
+    let client = lab.pod("x/client").context("client pod")?;
+    let mut srv = net::command_in_netns(&server.netns_path, "iperf3")?
+        .args(["-s", "-1", "-p", &PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s (is iperf3 installed?)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = net::command_in_netns(&client.netns_path, "iperf3")?
+        .args(["-c", &server.ip.to_string(), "-p", &PORT.to_string(), "-t", &seconds.to_string(), "-J"])
+        .output()
+        .context("running iperf3 -c")?;
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| format!("iperf3 failed: {}", v["error"]))?;
+    Ok(bps / 1e9)
+}
+
+pub fn throughput_cli(dataplanes: &[String], policies: usize, seconds: u32, runs: usize) -> ExitCode {
+    if let Err(e) = net::check_environment() {
+        eprintln!("npm-agent lab throughput: {e:#}");
+        return ExitCode::from(2);
+    }
+    super::cluster::remove_stale_pins();
+    let _ = net::cleanup_stale();
+    println!("iperf3, TCP, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs");
+    let mut baseline = None;
+    for dp in dataplanes {
+        let which = (dp != "none").then_some(dp.as_str());
+        let mut results = Vec::new();
+        for _ in 0..runs {
+            match measure(which, policies, seconds) {
+                Ok(g) => results.push(g),
+                Err(e) => {
+                    eprintln!("{dp}: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        results.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        let median = results[results.len() / 2];
+        let base = *baseline.get_or_insert(median);
+        let label = if which.is_none() { "no agent".to_string() } else { format!("{dp}, {policies} policies") };
+        println!("  {label:<28} {median:>7.2} Gbit/s  ({:.1}% of the first)  runs: {results:.2?}", 100.0 * median / base);
+    }
+    ExitCode::SUCCESS
+}
