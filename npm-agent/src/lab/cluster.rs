@@ -68,7 +68,8 @@ pub struct LabCluster {
     opts: LabOptions,
     lab: Option<Lab>,
     dir: PathBuf,
-    agents: Vec<Agent>,
+    /// Behind a lock so that an agent can restart while other threads probe.
+    agents: std::sync::Mutex<Vec<Agent>>,
     hook: Option<u64>,
     generation: u64,
     namespaces: BTreeMap<String, Namespace>,
@@ -77,6 +78,8 @@ pub struct LabCluster {
     /// Node of each pod, fixed at creation (pods are spread round-robin).
     placement: HashMap<ObjectKey, usize>,
     placed: usize,
+    /// The agents' process ids, for the interrupt hook.
+    pids: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
 }
 
 fn node_name(i: usize) -> String {
@@ -93,7 +96,7 @@ impl LabCluster {
             opts,
             lab: Some(lab),
             dir,
-            agents: Vec::new(),
+            agents: Default::default(),
             hook: None,
             generation: 0,
             namespaces: BTreeMap::new(),
@@ -101,6 +104,7 @@ impl LabCluster {
             policies: BTreeMap::new(),
             placement: HashMap::new(),
             placed: 0,
+            pids: Default::default(),
         };
         c.write_manifests()?;
         c.start_agents()?;
@@ -119,43 +123,52 @@ impl LabCluster {
 
     /// The agents' log files, by node.
     pub fn agent_logs(&self) -> Vec<PathBuf> {
-        self.agents.iter().map(|a| a.log_file.clone()).collect()
+        self.agents().iter().map(|a| a.log_file.clone()).collect()
     }
 
     fn pin_root(&self, node: usize) -> PathBuf {
         PathBuf::from("/sys/fs/bpf").join(format!("{}-n{node}", self.lab().prefix()))
     }
 
+    fn spawn_agent(&self, i: usize) -> Result<Agent> {
+        let status_file = self.dir.join(format!("status-{i}.json"));
+        let log_file = self.dir.join(format!("agent-{i}.log"));
+        let pin_root = self.pin_root(i);
+        // A restarted agent must not be taken for ready on its predecessor's word.
+        let _ = std::fs::remove_file(&status_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
+        let mut cmd = self.lab().node_command(i, &self.opts.agent)?;
+        cmd.arg("run")
+            .arg("--source")
+            .arg(format!("files:{}", self.dir.join("manifests").display()))
+            .args(["--dataplane", &self.opts.dataplane])
+            .args(["--node-name", &node_name(i)])
+            .arg("--pin-root")
+            .arg(&pin_root)
+            .arg("--status-file")
+            .arg(&status_file)
+            .args(["--metrics-addr", "127.0.0.1:10091"])
+            .args(&self.opts.agent_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting the agent of node {i}"))?;
+        Ok(Agent { node: i, child, status_file, pin_root, log_file })
+    }
+
     fn start_agents(&mut self) -> Result<()> {
         for i in 0..self.opts.nodes {
-            let status_file = self.dir.join(format!("status-{i}.json"));
-            let log_file = self.dir.join(format!("agent-{i}.log"));
-            let pin_root = self.pin_root(i);
-            let mut cmd = self.lab().node_command(i, &self.opts.agent)?;
-            cmd.arg("run")
-                .arg("--source")
-                .arg(format!("files:{}", self.dir.join("manifests").display()))
-                .args(["--dataplane", &self.opts.dataplane])
-                .args(["--node-name", &node_name(i)])
-                .arg("--pin-root")
-                .arg(&pin_root)
-                .arg("--status-file")
-                .arg(&status_file)
-                .args(["--metrics-addr", "127.0.0.1:10091"])
-                .args(&self.opts.agent_args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log_file)?);
-            let child = cmd.spawn().with_context(|| format!("starting the agent of node {i}"))?;
-            self.agents.push(Agent { node: i, child, status_file, pin_root, log_file });
+            let agent = self.spawn_agent(i)?;
+            self.agents().push(agent);
         }
+        self.update_pids();
         // If the lab is interrupted, the agents go and their pins with them.
-        let pids: Vec<i32> = self.agents.iter().map(|a| a.child.id() as i32).collect();
-        let pins: Vec<PathBuf> = self.agents.iter().map(|a| a.pin_root.clone()).collect();
+        let pids = self.pids.clone();
+        let pins: Vec<PathBuf> = self.agents().iter().map(|a| a.pin_root.clone()).collect();
         self.hook = Some(net::add_interrupt_hook(move || {
-            for pid in &pids {
+            for pid in pids.lock().map(|p| p.clone()).unwrap_or_default() {
                 // SAFETY: sending a signal to our own child process.
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(100));
             for p in &pins {
@@ -163,6 +176,38 @@ impl LabCluster {
             }
         })?);
         self.wait_applied()
+    }
+
+    fn update_pids(&self) {
+        if let Ok(mut p) = self.pids.lock() {
+            *p = self.agents().iter().map(|a| a.child.id() as i32).collect();
+        }
+    }
+
+    /// Stops one node's agent with SIGTERM (as a rolling update does), starts a new one over
+    /// what the old one left pinned, and waits until it is ready. Returns how long the node
+    /// had no agent.
+    pub fn restart_agent(&self, node: usize) -> Result<Duration> {
+        let down = {
+            let mut agents = self.agents();
+            let i = agents.iter().position(|a| a.node == node).context("no such node")?;
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(agents[i].child.id() as i32, libc::SIGTERM) };
+            let status = agents[i].child.wait()?;
+            let down = Instant::now();
+            if !status.success() {
+                bail!("the agent of node {node} exited with {status} on SIGTERM");
+            }
+            agents[i] = self.spawn_agent(node)?;
+            down
+        };
+        self.update_pids();
+        self.wait_applied()?;
+        Ok(down.elapsed())
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, Vec<Agent>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes every object as manifests (each file atomically), then bumps the generation.
@@ -202,11 +247,11 @@ impl LabCluster {
     }
 
     /// Waits until every agent reports the current generation applied.
-    fn wait_applied(&mut self) -> Result<()> {
+    fn wait_applied(&self) -> Result<()> {
         let deadline = Instant::now() + self.opts.apply_timeout;
         loop {
             let mut done = true;
-            for a in &mut self.agents {
+            for a in self.agents().iter_mut() {
                 if let Some(status) = a.child.try_wait()? {
                     let log = std::fs::read_to_string(&a.log_file).unwrap_or_default();
                     bail!("the agent of node {} exited ({status}):\n{}", a.node, tail(&log, 40));
@@ -222,7 +267,7 @@ impl LabCluster {
             }
             if Instant::now() > deadline {
                 let logs: Vec<String> = self
-                    .agents
+                    .agents()
                     .iter()
                     .map(|a| format!("node {}:\n{}", a.node, tail(&std::fs::read_to_string(&a.log_file).unwrap_or_default(), 20)))
                     .collect();
@@ -239,12 +284,13 @@ impl LabCluster {
     }
 
     fn teardown(&mut self) -> Result<()> {
-        for a in &mut self.agents {
+        let mut agents = std::mem::take(&mut *self.agents());
+        for a in &mut agents {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for a in &mut self.agents {
+        for a in &mut agents {
             while a.child.try_wait()?.is_none() {
                 if Instant::now() > deadline {
                     let _ = a.child.kill();
@@ -255,7 +301,7 @@ impl LabCluster {
             }
         }
         let mut result = Ok(());
-        for a in self.agents.drain(..) {
+        for a in agents.drain(..) {
             if a.pin_root.exists() {
                 if let Err(e) = remove_pins(&a.pin_root) {
                     result = Err(e);

@@ -1,0 +1,138 @@
+//! Peak memory of compiling a synthetic cluster: the resident set (VmRSS, and its peak
+//! VmHWM, from /proc/self/status) and the live heap (counted by a wrapping allocator) after
+//! building the cluster state and after compiling it.
+//!
+//! ```text
+//! cargo run --release -p npm-agent --example compiler_memory -- [SIZE] [engine|compile] [--cluster]
+//! ```
+//! SIZE is 1k, 10k or 100k (default 100k). `engine` (the default) feeds the state, as events,
+//! into a fresh incremental engine for one node, as an agent does at start-up: the events
+//! are moved into the engine, which keeps its own copy of the state, so the state is counted
+//! once. `compile` runs the one-pass compiler, which borrows the state. Run each mode in its own
+//! process: VmHWM only grows.
+
+#[path = "../benches/synth/mod.rs"]
+mod synth;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use npm_agent::compile::{Engine, Scope, compile};
+use npm_agent::state::Event;
+use synth::{Cluster, Config};
+
+/// The system allocator, counting live and peak bytes.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let live = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                PEAK.fetch_max(live, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn report(stage: &str) {
+    println!(
+        "| {stage} | {} | {} | {} | {} |",
+        mib(status_kib("VmRSS:") * 1024),
+        mib(status_kib("VmHWM:") * 1024),
+        mib(LIVE.load(Ordering::Relaxed) as u64),
+        mib(PEAK.load(Ordering::Relaxed) as u64),
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let positional: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
+    let cluster_scope = args.iter().any(|a| a == "--cluster");
+    let size = positional.first().copied().unwrap_or("100k");
+    let mode = positional.get(1).copied().unwrap_or("engine");
+    let config = Config::named(size).expect("SIZE is one of 1k, 10k, 100k");
+
+    println!("size {size}, mode {mode}, scope {}", if cluster_scope { "cluster" } else { "node" });
+    println!();
+    println!("| stage | VmRSS | VmHWM | live heap | peak heap |");
+    println!("|---|---:|---:|---:|---:|");
+    report("start");
+    let cluster = Cluster::generate(config);
+    let scope = if cluster_scope { Scope::Cluster } else { Scope::Node(cluster.measured_node().to_string()) };
+    let Cluster { state, .. } = cluster;
+    report("cluster state built");
+
+    let t = Instant::now();
+    match mode {
+        "engine" => {
+            // Move the objects into events: the state is then held only by the engine.
+            let mut events: Vec<Event> = Vec::new();
+            events.extend(state.namespaces.into_values().map(Event::UpsertNamespace));
+            events.extend(state.nodes.into_values().map(Event::UpsertNode));
+            events.extend(state.pods.into_values().map(Event::UpsertPod));
+            events.extend(state.policies.into_values().map(Event::UpsertPolicy));
+            let mut engine = Engine::new(scope);
+            for ev in events {
+                engine.handle(ev);
+            }
+            let elapsed = t.elapsed();
+            report("engine: full compile done (state inside the engine)");
+            let plan = engine.plan();
+            report("engine: plan() materialized as well");
+            println!();
+            println!("compile time {elapsed:.2?}; {:?}; plan of {} endpoints", engine.stats(), plan.endpoints.len());
+        }
+        "compile" => {
+            let plan = compile(&state, &scope);
+            let elapsed = t.elapsed();
+            report("compile: plan built (state kept)");
+            println!();
+            println!(
+                "compile time {elapsed:.2?}; plan of {} endpoints, {} allow entries",
+                plan.endpoints.len(),
+                plan.endpoints.values().map(|e| e.ingress.allow.len() + e.egress.allow.len()).sum::<usize>()
+            );
+        }
+        other => panic!("unknown mode {other}: engine or compile"),
+    }
+}
