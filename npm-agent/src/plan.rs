@@ -262,8 +262,9 @@ pub enum Change {
 /// are added before isolation is switched on and before any entry is removed, and isolation
 /// is lifted before entries are removed. So at every prefix of the diff, each endpoint
 /// direction admits everything that both its old and its new state admit, and nothing that
-/// neither admits (a property test checks this change by change). Endpoints becoming
-/// isolated are isolated before any other endpoint's entries widen. Peers whose identity
+/// neither admits (a property test checks this change by change). Addresses that become pods
+/// get their identity before any endpoint is isolated, and endpoints becoming isolated are
+/// isolated before any other endpoint's entries widen. Peers whose identity
 /// switches (their labels or named ports changed) are matched by their old or their new
 /// identity, switched atomically in the middle of the diff.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -130,3 +130,48 @@ proptest! {
         }
     }
 }
+
+/// Found by `diffs_apply_make_before_break`: two pods claim one address; the owner moves to a
+/// new address and the other, isolated for egress, takes the old one over. The new address
+/// must have its identity before the endpoint is isolated, or the endpoint briefly refuses the
+/// traffic both plans allow.
+#[test]
+fn a_new_address_is_identified_before_isolation() {
+    use npm_agent::model::{LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Peer, Pod, PodPhase, Policy, Rule};
+    use npm_agent::plan::Connection;
+    let pod = |ns: &str, name: &str, ip: &str, phase: PodPhase| Pod {
+        key: ObjectKey::new(ns, name),
+        labels: Labels::new(),
+        ip: Some(ip.parse().unwrap()),
+        node: Some("n1".into()),
+        phase,
+        host_network: false,
+        named_ports: vec![],
+    };
+    let mut engine = Engine::new(Scope::Cluster);
+    let mut plan = Plan::default();
+    let mut events = vec![];
+    for ns in ["x", "z"] {
+        events.push(Event::UpsertNamespace(Namespace::new(ns, Labels::new())));
+    }
+    events.push(Event::UpsertPod(pod("x", "p1", "10.0.0.5", PodPhase::Running)));
+    events.push(Event::UpsertPod(pod("z", "p0", "10.0.0.5", PodPhase::Running)));
+    events.push(Event::UpsertPolicy(Policy {
+        key: ObjectKey::new("z", "np0"),
+        pod_selector: LabelSelector::everything(),
+        ingress: None,
+        egress: Some(vec![Rule {
+            peers: vec![Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::everything() }],
+            ports: vec![],
+        }]),
+    }));
+    for e in events {
+        plan.apply(&engine.handle(e)).unwrap();
+    }
+    let diff = engine.handle(Event::UpsertPod(pod("x", "p1", "10.0.0.6", PodPhase::Pending)));
+    let conn = Connection { src: "10.0.0.5".parse().unwrap(), dst: "10.0.0.6".parse().unwrap(), protocol: Protocol::Tcp, port: 80 };
+    for c in &diff.changes {
+        plan.apply(&PlanDiff { changes: vec![c.clone()] }).unwrap();
+        assert!(plan.allows_egress(&conn), "refused after {c:?} in {diff:#?}");
+    }
+}

@@ -751,17 +751,19 @@ impl Engine {
 
     /// Turns what the event touched into the net diff, ordered as [`PlanDiff`] explains.
     fn finish(&mut self) -> PlanDiff {
-        // Stages of the order (see `PlanDiff`).
+        // Stages of the order (see `PlanDiff`). Addresses that become pods get their identity
+        // before anything is isolated, so a newly isolated endpoint already recognizes them.
         const ENDPOINTS: u8 = 0;
         const QUIET_ADDS: u8 = 1;
-        const ISOLATE: u8 = 2;
-        const WIDENING_ADDS: u8 = 3;
-        const IDENTIFY: u8 = 4;
-        const UNISOLATE: u8 = 5;
-        const RESTRICTING_REMOVES: u8 = 6;
-        const QUIET_REMOVES: u8 = 6;
-        const UNIDENTIFY: u8 = 7;
-        const UNENFORCE: u8 = 8;
+        const IDENTIFY_NEW: u8 = 2;
+        const ISOLATE: u8 = 3;
+        const WIDENING_ADDS: u8 = 4;
+        const IDENTIFY: u8 = 5;
+        const UNISOLATE: u8 = 6;
+        const RESTRICTING_REMOVES: u8 = 7;
+        const QUIET_REMOVES: u8 = 7;
+        const UNIDENTIFY: u8 = 8;
+        const UNENFORCE: u8 = 9;
 
         let mut diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(u8, Change)> = Vec::new();
@@ -836,7 +838,8 @@ impl Engine {
         for (ip, before) in diff.identities {
             let after = self.idx.claims.get(&ip).and_then(|c| c.first()).and_then(|k| self.idx.pod_identity.get(k)).copied();
             match (before, after) {
-                (b, Some(a)) if b != Some(a) => changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a })),
+                (None, Some(a)) => changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a })),
+                (Some(b), Some(a)) if b != a => changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a })),
                 (Some(_), None) => changes.push((UNIDENTIFY, Change::RemoveIdentity { ip })),
                 _ => {}
             }
