@@ -9,6 +9,7 @@ pub mod agent;
 pub mod compile;
 pub mod dataplane;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod reference;

@@ -49,8 +49,8 @@ enum Command {
         #[arg(long, default_value = npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
-    /// Remove everything the agent installed (pinned programs, links and maps), for
-    /// uninstall. Run it after the agent has stopped.
+    /// Remove everything the agent installed (pinned programs, links and maps; AZURE-NPM
+    /// chains and azure-npm- sets), for uninstall. Run it after the agent has stopped.
     Cleanup {
         /// The pin root to remove [default: the config file's pin-root, else /sys/fs/bpf/npm-rs].
         #[arg(long)]
@@ -186,13 +186,22 @@ fn cleanup(pin_root: Option<PathBuf>, config_file: Option<&Path>) -> ExitCode {
     };
     let pin_root = pin_root.or(from_file).unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
     match agent::cleanup(&pin_root) {
-        Ok(r) if !r.existed => {
-            println!("{}: nothing to remove", r.pin_root.display());
-            ExitCode::SUCCESS
-        }
         Ok(r) => {
-            println!("{}: removed {} pinned links and {} pinned maps", r.pin_root.display(), r.links, r.maps);
-            ExitCode::SUCCESS
+            if r.existed {
+                println!("{}: removed {} pinned links and {} pinned maps", r.pin_root.display(), r.links, r.maps);
+            } else {
+                println!("{}: nothing to remove", r.pin_root.display());
+            }
+            for (backend, chains) in &r.iptables.chains {
+                println!("iptables-{}: removed {chains} AZURE-NPM chains", backend.as_str());
+            }
+            if r.iptables.sets > 0 {
+                println!("ipset: removed {} azure-npm- sets", r.iptables.sets);
+            }
+            for p in &r.iptables.problems {
+                eprintln!("npm-agent: cleanup: {p}");
+            }
+            if r.iptables.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Err(e) => {
             eprintln!("npm-agent: cleanup: {e:#}");

@@ -405,13 +405,18 @@ fn config_file_with_an_unknown_key_is_rejected_naming_it() {
 }
 
 #[test]
-fn unbuilt_source_and_dataplane_exit_non_zero() {
-    let out = Command::new(BIN).args(["run", "--node-name", "n1", "--dataplane", "memory", "--source", "kube"]).output().unwrap();
+fn kube_source_without_a_cluster_exits_non_zero() {
+    // Neither in a pod (no KUBERNETES_SERVICE_HOST) nor a kubeconfig that exists.
+    let out = Command::new(BIN)
+        .args(["run", "--node-name", "n1", "--dataplane", "memory", "--source", "kube"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", "/nonexistent/npm-agent-test-kubeconfig")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kube source: not built yet"));
-    let out = Command::new(BIN).args(["run", "--node-name", "n1", "--dataplane", "iptables", "--source", "files:/nonexistent"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("iptables dataplane: not built yet"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kube source: no in-cluster configuration and no usable kubeconfig"), "{err}");
 }
 
 // ---- the command ----

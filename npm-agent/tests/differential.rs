@@ -40,7 +40,7 @@ fn check_against_reference(state: &ClusterState, plans: &HashMap<String, Plan>) 
     Ok(())
 }
 
-fn per_node(state: &ClusterState, compile_one: impl Fn(&Scope) -> Plan) -> HashMap<String, Plan> {
+fn per_node(compile_one: impl Fn(&Scope) -> Plan) -> HashMap<String, Plan> {
     NODES.iter().map(|n| (n.to_string(), compile_one(&Scope::Node(n.to_string())))).collect()
 }
 
@@ -50,14 +50,14 @@ proptest! {
     /// The one-pass compiler, one plan per node, against the specification.
     #[test]
     fn full_compile_agrees_with_reference(state in cluster()) {
-        let plans = per_node(&state, |scope| compile(&state, scope));
+        let plans = per_node(|scope| compile(&state, scope));
         check_against_reference(&state, &plans)?;
     }
 
     /// The incremental engine fed the state as events, against the specification.
     #[test]
     fn engine_agrees_with_reference(state in cluster()) {
-        let plans = per_node(&state, |scope| {
+        let plans = per_node(|scope| {
             let mut engine = Engine::new(scope.clone());
             let mut plan = Plan::default();
             let events = state.namespaces.values().cloned().map(Event::UpsertNamespace)

@@ -1,7 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
 //! - `setup`: install what the build and the lab need (idempotent, quick when all is there).
-//! - `test`:  setup, build, unit and integration tests, the simulator on every conformance case.
+//! - `test`:  setup, build, unit and integration tests, the metrics' deploy files checked with
+//!   promtool and a real Prometheus on a lab agent, deploy/'s manifests checked with
+//!   kubernetes-validate, the simulator on every conformance case.
 //! - `demo`:  setup, build, run the simulator on `deploy/examples/*.yaml`.
 //! - `bench`: `cargo bench -p npm-agent`, extra arguments passed through.
 
@@ -271,6 +273,23 @@ fn test() -> Result<()> {
         Step::new("unit and integration tests", || {
             run(cargo().args(["test", "--workspace"]))
         }),
+        Step::new(
+            "metrics: promtool on deploy/prometheus and deploy/grafana, a real Prometheus on a lab agent",
+            || {
+                run(cargo()
+                    .args(["test", "--package", "npm-agent"])
+                    .args(["--test", "metrics_promtool", "--test", "metrics_endpoints", "--test", "metrics_lab"])
+                    .env("NPM_REQUIRE_PROMTOOL", "1"))
+            },
+        ),
+        Step::new(
+            "deploy manifests: kubernetes-validate (Kubernetes 1.33 schemas, strict) and what the agent needs of them",
+            || {
+                run(cargo()
+                    .args(["test", "--package", "npm-agent", "--test", "deploy_manifests"])
+                    .env("NPM_REQUIRE_KUBERNETES_VALIDATE", "1"))
+            },
+        ),
         Step::new("simulate tests/conformance", move || {
             simulate("the project's conformance cases", &own_cases)
         }),
@@ -280,7 +299,14 @@ fn test() -> Result<()> {
         }),
         Step::new("lab (eBPF): conformance cases and shared examples with real packets", {
             let own = root.join("tests/conformance");
+            let shared_examples = shared_examples.clone();
             move || lab("the lab in eBPF mode", "ebpf", &[&own, &shared_examples])
+        }),
+        // (The cross-dataplane differential test, tests/lab_differential.rs, runs with the
+        // integration tests.)
+        Step::new("lab (iptables): conformance cases and shared examples with real packets", {
+            let own = root.join("tests/conformance");
+            move || lab("the lab in iptables mode", "iptables", &[&own, &shared_examples])
         }),
     ];
     run_steps("test", steps)

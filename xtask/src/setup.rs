@@ -25,7 +25,13 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "ipset",
     "iperf3",
     "prometheus",
+    // A virtual environment for kubernetes-validate (PyPI), which checks deploy/'s manifests.
+    "python3-venv",
 ];
+
+/// The kubernetes-validate release installed when none is found (it bundles the Kubernetes
+/// OpenAPI schemas, so validating needs no network).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// Where Debian's `llvm-22-dev` lives; `bpf-linker` is built against it.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -45,6 +51,7 @@ pub fn setup() -> Result<()> {
     let debs_ok = debian_packages(root, &mut missing_manual)?;
     let nightly_ok = nightly_toolchain(&mut missing_manual)?;
     bpf_linker(debs_ok && nightly_ok, &mut missing_manual)?;
+    kubernetes_validate(debs_ok, &mut missing_manual)?;
 
     if !missing_manual.is_empty() {
         eprintln!("setup: some requirements are missing; install them with:");
@@ -224,6 +231,44 @@ fn bpf_linker(can_install: bool, manual: &mut Vec<String>) -> Result<()> {
     let version = capture(Command::new("bpf-linker").arg("--version"))
         .context("bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)")?;
     report("ok", version.trim());
+    Ok(())
+}
+
+/// Where `kubernetes_validate` installs kubernetes-validate when it is not on `PATH`
+/// (`npm-agent/tests/deploy_manifests.rs` looks there too).
+fn kubernetes_validate_venv() -> std::path::PathBuf {
+    crate::repo_root().join("target/tools/venv")
+}
+
+/// `kubernetes-validate` (PyPI), on `PATH` or in a virtual environment under `target/tools`.
+fn kubernetes_validate(debs_ok: bool, manual: &mut Vec<String>) -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    let tool = venv.join("bin/kubernetes-validate");
+    for candidate in [Path::new("kubernetes-validate"), tool.as_path()] {
+        if let Ok(version) = capture(Command::new(candidate).arg("--version")) {
+            report("ok", &format!("kubernetes-validate {}", version.trim()));
+            return Ok(());
+        }
+    }
+    // Debian's python3 (with python3-venv, a package above) when there is one.
+    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let spec = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+    let install_cmd = format!("{python} -m venv {0} && {0}/bin/pip install {spec}", venv.display());
+    if !debs_ok {
+        report("MISSING", "kubernetes-validate (needs python3-venv first)");
+        manual.push(install_cmd);
+        return Ok(());
+    }
+    report("installing", &format!("{spec} into {}", venv.display()));
+    let installed = run(Command::new(python).args(["-m", "venv"]).arg(&venv))
+        .and_then(|()| run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", &spec])));
+    if let Err(e) = installed {
+        report("MISSING", &format!("kubernetes-validate ({e:#})"));
+        manual.push(install_cmd);
+        return Ok(());
+    }
+    let version = capture(Command::new(&tool).arg("--version")).context("kubernetes-validate was installed but does not run")?;
+    report("ok", &format!("kubernetes-validate {}", version.trim()));
     Ok(())
 }
 

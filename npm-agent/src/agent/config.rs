@@ -98,7 +98,8 @@ pub struct Settings {
     #[serde(default, alias = "statusFile")]
     pub status_file: Option<PathBuf>,
 
-    /// Per-policy and per-endpoint metrics, which cost more. [default: false]
+    /// Advanced metrics: `npm_ipset_counts`, the entries of each set (one series per set).
+    /// [default: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     #[serde(default, alias = "advancedMetrics")]
     pub advanced_metrics: Option<bool>,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::compile::{Engine, Scope};
 use crate::dataplane::ebpf::EbpfDataplane;
 use crate::dataplane::{Dataplane, DataplaneError, Memory};
+use crate::metrics::{Metrics, MetricsOptions, StateCounts};
 use crate::plan::{Plan, PlanDiff};
 use crate::source::{Batch, Source};
 use crate::state::Event;
@@ -48,15 +49,20 @@ impl AgentDataplane {
         }
     }
 
-    /// The periodic work: attachments whose interface was not there yet.
-    fn tick(&mut self) {
+    /// The periodic work: attachments whose interface was not there yet. False when it
+    /// failed.
+    fn tick(&mut self) -> bool {
         if let AgentDataplane::Ebpf(d) = self {
             match d.retry_pending() {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(pending = n, "retried pending attachments"),
-                Err(e) => tracing::warn!(error = %e, "retrying pending attachments"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrying pending attachments");
+                    return false;
+                }
             }
         }
+        true
     }
 }
 
@@ -86,10 +92,18 @@ impl Dataplane for SharedMemory {
 }
 
 /// What other threads (metrics, tests) can read while the agent runs.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Handles {
     pub status: Arc<Mutex<Status>>,
     pub stats: Arc<Mutex<EventStats>>,
+    /// The Prometheus metrics (served by [`crate::metrics::server`]).
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Self { status: Default::default(), stats: Default::default(), metrics: Arc::new(Metrics::new(MetricsOptions::default())) }
+    }
 }
 
 impl Handles {
@@ -118,7 +132,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(node_name: &str, source: Box<dyn Source>, dataplane: AgentDataplane, status_file: Option<PathBuf>) -> Agent {
-        let handles = Handles::default();
+        let metrics = Metrics::new(MetricsOptions { dataplane: dataplane.name().to_string(), ..MetricsOptions::default() });
+        Agent::with_metrics(node_name, source, dataplane, status_file, Arc::new(metrics))
+    }
+
+    /// An agent that records into `metrics` (built for its dataplane, see
+    /// [`crate::agent::build`]).
+    pub fn with_metrics(
+        node_name: &str,
+        source: Box<dyn Source>,
+        dataplane: AgentDataplane,
+        status_file: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Agent {
+        let handles = Handles { metrics, ..Handles::default() };
         {
             let mut s = handles.status.lock().expect("status lock");
             s.node = node_name.to_string();
@@ -148,6 +175,7 @@ impl Agent {
         self.publish();
         let mut next_tick = Instant::now() + TICK;
         while !stop.load(Ordering::SeqCst) {
+            self.handles.metrics.heartbeat();
             let now = Instant::now();
             if now >= next_tick {
                 next_tick = now + TICK;
@@ -205,17 +233,21 @@ impl Agent {
         let start = Instant::now();
         let diff = self.engine.handle(event);
         let mut failed = false;
-        if self.in_sync
-            && !diff.is_empty()
-            && let Err(e) = self.dataplane.as_dyn().apply(&diff)
-        {
-            failed = true;
-            self.in_sync = false;
-            self.handles.status.lock().expect("status lock").apply_errors += 1;
-            tracing::error!(kind, operation = op.as_str(), error = %e, "dataplane apply failed; resynchronizing on the next tick");
+        if self.in_sync && !diff.is_empty() {
+            let applying = Instant::now();
+            let result = self.dataplane.as_dyn().apply(&diff);
+            self.handles.metrics.observe_apply(&diff, applying.elapsed());
+            if let Err(e) = result {
+                failed = true;
+                self.in_sync = false;
+                self.handles.status.lock().expect("status lock").apply_errors += 1;
+                self.handles.metrics.apply_failed("apply");
+                tracing::error!(kind, operation = op.as_str(), error = %e, "dataplane apply failed; resynchronizing on the next tick");
+            }
         }
         let took = start.elapsed();
         self.handles.stats.lock().expect("stats lock").record(kind, op, took, failed);
+        self.handles.metrics.observe_event(kind, op.as_str(), took, failed);
     }
 
     /// Create or update, by whether the engine knows the object.
@@ -258,6 +290,7 @@ impl Agent {
             }
             Err(e) => {
                 self.handles.status.lock().expect("status lock").apply_errors += 1;
+                self.handles.metrics.apply_failed("reconcile");
                 tracing::error!(error = %e, "reconciling the dataplane failed; retrying on the next tick");
             }
         }
@@ -268,8 +301,8 @@ impl Agent {
             self.reconcile();
             self.publish();
         }
-        if self.in_sync {
-            self.dataplane.tick();
+        if self.in_sync && !self.dataplane.tick() {
+            self.handles.metrics.apply_failed("attach");
         }
     }
 
@@ -293,6 +326,13 @@ impl Agent {
             s.problems = health.problems;
             s.clone()
         };
+        self.handles.metrics.set_state(StateCounts {
+            policies: stats.policies,
+            pods: stats.pods,
+            allow_entries: stats.allow_entries,
+            identities: stats.identities,
+        });
+        self.handles.metrics.set_ready(status.ready);
         if let Some(path) = &self.status_file {
             match status.write(path) {
                 Ok(()) => self.status_error_logged = false,

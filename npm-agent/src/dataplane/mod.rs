@@ -1,8 +1,10 @@
 //! Dataplanes: what turns plan diffs into enforcement. One trait; the eBPF dataplane for
-//! kernels that can run the tc programs (the iptables one follows), and an in-memory one for
-//! tests.
+//! kernels that can run the tc programs, the iptables + ipset one (Azure NPM v2's layout)
+//! where they cannot, the Windows HNS translation, and an in-memory one for tests.
 
 pub mod ebpf;
+pub mod hns;
+pub mod iptables;
 
 use crate::plan::{Plan, PlanDiff};
 

@@ -5,16 +5,16 @@
 //! applies nothing before it, so whatever a previous agent left pinned keeps enforcing until
 //! the new agent knows the whole cluster). Later batches carry changes.
 //!
-//! [`files`] reads manifests from a directory (the lab, clusterless tests); the Kubernetes
-//! source (kube-rs watchers) will sit beside it behind the same trait: it can run its
-//! watchers on a runtime of its own and hand batches over a channel, `next_batch` waiting on
-//! that channel with the timeout.
+//! [`files`] reads manifests from a directory (the lab, clusterless tests); [`kube`] watches
+//! the Kubernetes API (kube-rs watchers on a runtime of its own, handing what they see over a
+//! channel that `next_batch` waits on with the timeout).
 //!
 //! Sources validate at the edge: an object that does not convert (or a policy that does not
 //! validate) never becomes an event. A source reports it, counts it in [`SourceHealth`], and
 //! keeps the previous valid version of the object in force (dropping it could open a hole).
 
 pub mod files;
+pub mod kube;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::state::Event;
 
 pub use files::FilesSource;
+pub use self::kube::{KubeOptions, KubeSource};
 
 /// Events that a source produced since its previous batch.
 #[derive(Clone, Debug, Default, PartialEq)]

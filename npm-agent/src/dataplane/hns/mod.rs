@@ -1,0 +1,48 @@
+//! The Windows translation: the plan as the Host Networking Service (HNS) receives it from
+//! Azure NPM's Windows dataplane: SetPolicies on the network (`IPSET` of addresses,
+//! `NESTEDIPSET` of sets) and, per endpoint, ACL policies (`Id`, `Action` Allow/Block,
+//! `Direction` In/Out, `Priority`, `Protocols`, `LocalAddresses`/`RemoteAddresses`,
+//! `LocalPorts`/`RemotePorts`, `RuleType` Switch). [`translate`] builds it (pure, golden-tested
+//! in `tests/hns_golden.rs` against `tests/golden/hns/*.json`); the calls to HNS itself compile
+//! only on Windows ([`windows`], `cfg(windows)`) and are not implemented yet: that module says
+//! so at run time.
+//!
+//! # Layout
+//! - Sets: `identity-<n>` (IPSET of the pods of one identity), `nestedlabel-<sets>`
+//!   (NESTEDIPSET of identity sets admitted on the same ports), `cidr-<block>` (IPSET of
+//!   prefixes), `cidr-<block>-except-<…>-excepts` (IPSET of the excepts, for a block ACL);
+//!   `Id` is `azure-npm-<FNV-1a>` of the name, as on Linux and in Azure NPM.
+//! - Per isolated endpoint direction, in priority order (lower first, as HNS evaluates):
+//!   201 allow the node's addresses (Azure NPM's readiness-probe ACL, here for both
+//!   directions, as the plan requires); 222 the allow entries; 223 a block per `except`;
+//!   224 the allows those blocks carve; 3000 block everything else (Azure NPM's default
+//!   deny). An endpoint direction no policy isolates has no ACL (HNS allows).
+//! - Peers as sets follow Azure NPM's mapping: for In, sets go to `LocalAddresses` (HNS's
+//!   source sets) and ports to `LocalPorts`; for Out, sets go to `RemoteAddresses` and ports
+//!   to `RemotePorts`; direct addresses (the node's) go to `RemoteAddresses`.
+//! - All ACLs of one endpoint direction share one `Id`, `azure-acl-<ns>-plan-<digest>`, as
+//!   Azure NPM gives one `Id` to the ACLs of one policy.
+//!
+//! # Features Azure NPM lacks on Windows, expressed here
+//! | feature | Azure NPM on Windows | here |
+//! |---|---|---|
+//! | named ports | rejected (`ErrUnsupportedNamedPort`) | resolved to numbers per pod by the compiler |
+//! | `except` in ipBlock | rejected (`ErrUnsupportedExceptCIDR`) | a Block ACL of the excepts at 223 above the Allow of the cidr at 224; where such a block would hide another block's addresses on the same ports, the cidr minus its excepts as prefixes (at most 32 per except) |
+//! | NotIn / DoesNotExist selectors | rejected (`ErrUnsupportedNegativeMatch`) | expanded by the compiler to the identities (pods) they match |
+//! | egress to the node | not allowed | allowed (Allow Out to the node's addresses at 201) |
+//!
+//! # What HNS cannot express (reported in [`HnsPolicies::unsupported`], left out)
+//! | feature | why |
+//! |---|---|
+//! | SCTP | HNS ACLs have no SCTP (Azure NPM rejects it on Windows) |
+//! | IPv6 peers and endpoints | the ACLs are IPv4 here, as Azure NPM's |
+//! | port ranges wider than 4,096 ports | HNS ACLs take port lists, so ranges are expanded (as Azure NPM does); `1-65535` is written as "every port" |
+//! | established-connection state | HNS ACLs are stateful per flow on their own (replies pass); nothing to write |
+//!
+//! A left-out entry makes the endpoint admit less than the plan, never more.
+
+pub mod translate;
+#[cfg(windows)]
+pub mod windows;
+
+pub use translate::{AclPolicySetting, EndpointAcls, HnsPolicies, PolicyEntry, PolicyRequest, SetPolicySetting, Unsupported, translate};

@@ -1,0 +1,591 @@
+//! Running the batches: `ipset -exist restore` and `iptables-restore -w <s> -T filter
+//! --noflush` of the chosen backend, in the current network namespace (or the one the
+//! configuration names), each batch one process; the backend chosen as kube-proxy's hint
+//! chains say; reconciling with what the kernel holds at start-up; cleanup.
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::names::SET_PREFIX;
+use super::state::KernelState;
+use super::translate::{self, Batch, STEP_DEL_SETS, Tool, Translator};
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::plan::{Plan, PlanDiff};
+
+const NAME: &str = "iptables";
+
+/// The iptables backend (the same rules through two kernel interfaces).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "nft" => Some(Backend::Nft),
+            "legacy" => Some(Backend::Legacy),
+            _ => None,
+        }
+    }
+
+    pub fn restore_program(self) -> &'static str {
+        match self {
+            Backend::Nft => "iptables-nft-restore",
+            Backend::Legacy => "iptables-legacy-restore",
+        }
+    }
+
+    pub fn save_program(self) -> &'static str {
+        match self {
+            Backend::Nft => "iptables-nft-save",
+            Backend::Legacy => "iptables-legacy-save",
+        }
+    }
+
+    pub fn other(self) -> Backend {
+        match self {
+            Backend::Nft => Backend::Legacy,
+            Backend::Legacy => Backend::Nft,
+        }
+    }
+}
+
+/// The environment variable that forces a backend (`nft` or `legacy`).
+pub const BACKEND_ENV: &str = "NPM_IPTABLES_BACKEND";
+
+#[derive(Clone, Debug)]
+pub struct IptablesConfig {
+    /// `None`: detected (see [`detect_backend`]), unless [`BACKEND_ENV`] says.
+    pub backend: Option<Backend>,
+    /// Run every command in this network namespace (tests, benchmarks); `None`: the
+    /// process's own.
+    pub netns: Option<PathBuf>,
+    /// How long `iptables-restore` waits for the xtables lock (`-w`).
+    pub wait_seconds: u32,
+    /// Tries per batch before it is reported as failed.
+    pub attempts: u32,
+    /// How often the layout's anchor is checked once the plan is in place: the FORWARD jump
+    /// put back first when another program moved or removed it (as Azure NPM's reconcile
+    /// does), a missing AZURE-NPM chain reported so the next apply resynchronizes. `None`:
+    /// never.
+    pub guard_interval: Option<Duration>,
+}
+
+impl Default for IptablesConfig {
+    fn default() -> Self {
+        Self { backend: None, netns: None, wait_seconds: 60, attempts: 3, guard_interval: Some(Duration::from_secs(30)) }
+    }
+}
+
+/// Counters of the dataplane's work (for logs and metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    /// Processes run (`ipset restore`, `iptables-restore`).
+    pub processes: u64,
+    /// Commands in those processes' scripts.
+    pub commands: u64,
+    /// Batches that failed at least once.
+    pub retried: u64,
+    /// Batches that failed every try.
+    pub failed: u64,
+    /// Time spent in the processes, in microseconds.
+    pub busy_us: u64,
+}
+
+/// Runs programs in one network namespace.
+#[derive(Clone, Debug, Default)]
+pub struct Runner {
+    netns: Option<PathBuf>,
+}
+
+/// A finished process: whether it succeeded, and what it printed.
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Runner {
+    pub fn new(netns: Option<PathBuf>) -> Self {
+        Self { netns }
+    }
+
+    fn command(&self, program: &str) -> std::io::Result<Command> {
+        let mut cmd = Command::new(program);
+        if let Some(ns) = &self.netns {
+            use std::os::unix::process::CommandExt;
+            let f = std::fs::File::open(ns)?;
+            // SAFETY: only setns(2), async-signal-safe, runs in the forked child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+
+    fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> std::io::Result<Output> {
+        let mut cmd = self.command(program)?;
+        cmd.args(args).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(text) = input {
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            // A write error means the program exited early; its status says why.
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let out = child.wait_with_output()?;
+        Ok(Output {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+
+    /// A program's output when it exists and succeeds.
+    fn output(&self, program: &str, args: &[&str]) -> Option<String> {
+        self.run(program, args, None).ok().filter(|o| o.ok).map(|o| o.stdout)
+    }
+}
+
+/// The line a restore program names in its error (`line 3 failed`, `Error in line 3:`).
+fn failed_line(stderr: &str) -> Option<usize> {
+    for pat in ["Error in line ", "line "] {
+        if let Some(i) = stderr.find(pat) {
+            let digits: String = stderr[i + pat.len()..].chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse() {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
+fn describe_failure(batch: &Batch, stderr: &str) -> String {
+    match failed_line(stderr).and_then(|n| batch.script.lines().nth(n.wrapping_sub(1))) {
+        Some(line) => format!("{stderr} (the line: {line})"),
+        None => stderr.to_string(),
+    }
+}
+
+/// Picks the backend the node's rules use, as Azure NPM v2 does: kube-proxy's hint chain
+/// `KUBE-IPTABLES-HINT` (or the kubelet's `KUBE-KUBELET-CANARY`) in the mangle table of nft,
+/// then of legacy; without either, the backend that already holds this layout's chains, else
+/// the one holding more rules, else nft. Returns the backend and why.
+pub fn detect_backend(runner: &Runner) -> (Backend, String) {
+    if let Some(b) = std::env::var(BACKEND_ENV).ok().as_deref().and_then(Backend::parse) {
+        return (b, format!("{BACKEND_ENV}={}", b.as_str()));
+    }
+    for b in [Backend::Nft, Backend::Legacy] {
+        if let Some(out) = runner.output(b.save_program(), &["-t", "mangle"]) {
+            for hint in ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"] {
+                if out.lines().any(|l| l.starts_with(&format!(":{hint} "))) {
+                    return (b, format!("kube-proxy's hint chain {hint} is in iptables-{}", b.as_str()));
+                }
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    for b in [Backend::Nft, Backend::Legacy] {
+        let Some(out) = runner.output(b.save_program(), &[]) else { continue };
+        let rules = out.lines().filter(|l| l.starts_with("-A ")).count();
+        let ours = out.lines().any(|l| l.starts_with(":AZURE-NPM"));
+        seen.push((b, rules, ours));
+    }
+    let ours: Vec<_> = seen.iter().filter(|s| s.2).collect();
+    if ours.len() == 1 {
+        return (ours[0].0, format!("iptables-{} holds the AZURE-NPM chains", ours[0].0.as_str()));
+    }
+    match seen.as_slice() {
+        [] => (Backend::Nft, "no iptables-save ran; assuming nft".into()),
+        [(b, _, _)] => (*b, format!("only iptables-{} is available", b.as_str())),
+        [(a, ra, _), (b, rb, _)] => {
+            if rb > ra {
+                (*b, format!("iptables-{} holds more rules ({rb} against {ra})", b.as_str()))
+            } else if ra > rb {
+                (*a, format!("iptables-{} holds more rules ({ra} against {rb})", a.as_str()))
+            } else {
+                (Backend::Nft, "no hint chain and no rules in either backend; nft by default".into())
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// The iptables + ipset dataplane.
+pub struct IptablesDataplane {
+    config: IptablesConfig,
+    runner: Runner,
+    backend: Backend,
+    backend_reason: String,
+    translator: Translator,
+    stats: ApplyStats,
+    /// Set by the guard when the layout's base was removed under the agent.
+    damaged: Arc<AtomicBool>,
+    /// Stops the guard thread.
+    stop_guard: Arc<AtomicBool>,
+    guard_started: bool,
+}
+
+impl Drop for IptablesDataplane {
+    fn drop(&mut self) {
+        self.stop_guard.store(true, Ordering::SeqCst);
+    }
+}
+
+impl IptablesDataplane {
+    /// Checks that `ipset` and the backend's `iptables-restore` run, and picks the backend.
+    pub fn open(config: IptablesConfig) -> Result<Self, DataplaneError> {
+        let runner = Runner::new(config.netns.clone());
+        let unsupported = |reason: String| DataplaneError::Unsupported { dataplane: NAME, reason };
+        match runner.run("ipset", &["version"], None) {
+            Ok(o) if o.ok => {}
+            Ok(o) => return Err(unsupported(format!("`ipset version` failed: {}", o.stderr))),
+            Err(e) => return Err(unsupported(format!("ipset: {e}"))),
+        }
+        let (backend, backend_reason) = match config.backend {
+            Some(b) => (b, "configured".to_string()),
+            None => detect_backend(&runner),
+        };
+        match runner.run(backend.restore_program(), &["--version"], None) {
+            Ok(o) if o.ok => {}
+            Ok(o) => return Err(unsupported(format!("{} --version failed: {}", backend.restore_program(), o.stderr))),
+            Err(e) => return Err(unsupported(format!("{}: {e}", backend.restore_program()))),
+        }
+        tracing::info!(backend = backend.as_str(), reason = %backend_reason, "iptables backend");
+        Ok(Self {
+            config,
+            runner,
+            backend,
+            backend_reason,
+            translator: Translator::new(),
+            stats: ApplyStats::default(),
+            damaged: Arc::new(AtomicBool::new(false)),
+            stop_guard: Arc::new(AtomicBool::new(false)),
+            guard_started: false,
+        })
+    }
+
+    /// Starts the guard (see [`IptablesConfig::guard_interval`]) once, in this thread's
+    /// network namespace.
+    fn start_guard(&mut self) {
+        let Some(every) = self.config.guard_interval else { return };
+        if self.guard_started {
+            return;
+        }
+        self.guard_started = true;
+        let (runner, backend, wait) = (self.runner.clone(), self.backend, self.config.wait_seconds);
+        let (damaged, stop) = (self.damaged.clone(), self.stop_guard.clone());
+        let spawned = std::thread::Builder::new().name("iptables-guard".into()).spawn(move || {
+            let step = Duration::from_millis(200);
+            loop {
+                let mut waited = Duration::ZERO;
+                while waited < every {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(step);
+                    waited += step;
+                }
+                if let Err(e) = guard_once(&runner, backend, wait, &damaged) {
+                    tracing::warn!(error = %e, "checking the FORWARD jump to AZURE-NPM");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "not guarding the FORWARD jump");
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Why the backend was chosen.
+    pub fn backend_reason(&self) -> &str {
+        &self.backend_reason
+    }
+
+    pub fn stats(&self) -> ApplyStats {
+        self.stats
+    }
+
+    pub fn translator(&self) -> &Translator {
+        &self.translator
+    }
+
+    /// What the kernel holds of the layout, through the dataplane's backend.
+    pub fn read_state(&self) -> Result<KernelState, DataplaneError> {
+        read_state(&self.runner, self.backend)
+    }
+
+    /// Runs one batch, trying again (a busy lock, a transient failure) before reporting.
+    fn run_batch(&mut self, batch: &Batch) -> Result<(), DataplaneError> {
+        let mut last = String::new();
+        for attempt in 1..=self.config.attempts.max(1) {
+            let start = Instant::now();
+            let result = run_script(&self.runner, self.backend, self.config.wait_seconds, batch);
+            self.stats.processes += 1;
+            self.stats.busy_us += start.elapsed().as_micros() as u64;
+            match result {
+                Ok(()) => {
+                    self.stats.commands += batch.commands as u64;
+                    if attempt > 1 {
+                        tracing::info!(step = batch.step, attempt, "batch applied after retrying");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    if attempt == 1 {
+                        self.stats.retried += 1;
+                    }
+                    tracing::warn!(step = batch.step, attempt, error = %e, "batch failed");
+                    last = e;
+                    std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+                }
+            }
+        }
+        self.stats.failed += 1;
+        Err(DataplaneError::Apply { dataplane: NAME, operation: batch.step.to_string(), message: last })
+    }
+
+    fn run_batches(&mut self, batches: &[Batch], before_destroy: impl FnOnce(&mut Self)) -> Result<(), DataplaneError> {
+        let mut hook = Some(before_destroy);
+        for b in batches {
+            if b.step == STEP_DEL_SETS {
+                if let Some(h) = hook.take() {
+                    h(self);
+                }
+                // A set still referenced (by something outside the layout) is left behind,
+                // which is harmless; report it and go on.
+                for w in run_ipset_lenient(&self.runner, &b.script) {
+                    tracing::warn!("destroying stale sets: {w}");
+                }
+                self.stats.processes += 1;
+                continue;
+            }
+            self.run_batch(b)?;
+        }
+        if let Some(h) = hook.take() {
+            h(self);
+        }
+        Ok(())
+    }
+
+    /// Removes the layout from the other backend (left by a previous agent or by Azure NPM
+    /// using it), as Azure NPM v2 does at boot.
+    fn cleanup_other_backend(&mut self) {
+        let other = self.backend.other();
+        if self.runner.output(other.save_program(), &["--version"]).is_none() {
+            return;
+        }
+        let Ok(state) = read_iptables(&self.runner, other) else { return };
+        if state.chains.is_empty() && state.forward.is_empty() {
+            return;
+        }
+        for b in translate::cleanup_batches(&state).into_iter().filter(|b| b.tool == Tool::Iptables) {
+            match run_script(&self.runner, other, self.config.wait_seconds, &b) {
+                Ok(()) => tracing::info!(backend = other.as_str(), chains = state.chains.len(), "removed the layout from the other iptables backend"),
+                Err(e) => tracing::warn!(backend = other.as_str(), error = %e, "removing the layout from the other iptables backend"),
+            }
+        }
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+        if self.damaged.swap(false, Ordering::SeqCst) {
+            return Err(DataplaneError::Apply {
+                dataplane: NAME,
+                operation: "checking the layout".into(),
+                message: "the AZURE-NPM chain was removed by another program; resynchronizing".into(),
+            });
+        }
+        let batches = self.translator.translate(diff);
+        self.run_batches(&batches, |_| {})
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        self.damaged.store(false, Ordering::SeqCst);
+        let kernel = self.read_state()?;
+        let batches = self.translator.reconcile(plan, &kernel);
+        self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
+        self.start_guard();
+        if self.translator.skipped_ipv6 > 0 {
+            tracing::debug!(skipped = self.translator.skipped_ipv6, "IPv6 plan entries are not enforced by the iptables dataplane");
+        }
+        Ok(())
+    }
+}
+
+/// One check of the guard: the FORWARD jump first and alone, the AZURE-NPM chain present.
+fn guard_once(runner: &Runner, backend: Backend, wait: u32, damaged: &AtomicBool) -> Result<(), String> {
+    let state = read_iptables(runner, backend).map_err(|e| e.to_string())?;
+    if !state.chains.contains_key(super::names::AZURE_NPM) {
+        if !damaged.swap(true, Ordering::SeqCst) {
+            tracing::warn!("the AZURE-NPM chain is gone (removed by another program); the next change resynchronizes");
+        }
+        return Ok(());
+    }
+    let jumps: Vec<&String> = state.forward.iter().filter(|r| super::state::jumps_to_azure_npm(r)).collect();
+    if jumps.len() == 1 && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP) {
+        return Ok(());
+    }
+    let mut script = String::from("*filter\n");
+    for j in &jumps {
+        script.push_str(&format!("-D FORWARD {j}\n"));
+    }
+    script.push_str(&format!("-I FORWARD 1 {}\nCOMMIT\n", super::names::FORWARD_JUMP));
+    let batch = Batch { step: "position the FORWARD jump", tool: Tool::Iptables, script, commands: jumps.len() + 1 };
+    run_script(runner, backend, wait, &batch)?;
+    tracing::warn!(found = jumps.len(), "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first");
+    Ok(())
+}
+
+fn run_script(runner: &Runner, backend: Backend, wait: u32, batch: &Batch) -> Result<(), String> {
+    let wait = wait.to_string();
+    let (program, args): (&str, Vec<&str>) = match batch.tool {
+        Tool::Ipset => ("ipset", vec!["-exist", "restore"]),
+        Tool::Iptables => (backend.restore_program(), vec!["-w", &wait, "-T", "filter", "--noflush"]),
+    };
+    match runner.run(program, &args, Some(&batch.script)) {
+        Ok(o) if o.ok => Ok(()),
+        Ok(o) => Err(format!("{program}: {}", describe_failure(batch, &o.stderr))),
+        Err(e) => Err(format!("{program}: {e}")),
+    }
+}
+
+/// `ipset -exist restore` that skips a failing line and goes on with the rest; returns the
+/// failures.
+fn run_ipset_lenient(runner: &Runner, script: &str) -> Vec<String> {
+    let mut lines: Vec<&str> = script.lines().collect();
+    let mut failures = Vec::new();
+    while !lines.is_empty() && failures.len() < 1000 {
+        let text = lines.join("\n") + "\n";
+        match runner.run("ipset", &["-exist", "restore"], Some(&text)) {
+            Ok(o) if o.ok => break,
+            Ok(o) => match failed_line(&o.stderr) {
+                Some(n) if n >= 1 && n <= lines.len() => {
+                    failures.push(format!("{} ({})", o.stderr, lines[n - 1]));
+                    lines.drain(..n);
+                }
+                _ => {
+                    failures.push(o.stderr);
+                    break;
+                }
+            },
+            Err(e) => {
+                failures.push(e.to_string());
+                break;
+            }
+        }
+    }
+    failures
+}
+
+fn read_iptables(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
+    let out = runner
+        .run(backend.save_program(), &["-t", "filter"], None)
+        .map_err(|e| DataplaneError::Apply { dataplane: NAME, operation: "reading the rules".into(), message: format!("{}: {e}", backend.save_program()) })?;
+    if !out.ok {
+        return Err(DataplaneError::Apply { dataplane: NAME, operation: "reading the rules".into(), message: format!("{}: {}", backend.save_program(), out.stderr) });
+    }
+    Ok(KernelState::parse("", &out.stdout))
+}
+
+fn read_state(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
+    let sets = runner
+        .run("ipset", &["save"], None)
+        .map_err(|e| DataplaneError::Apply { dataplane: NAME, operation: "reading the sets".into(), message: format!("ipset save: {e}") })?;
+    if !sets.ok {
+        return Err(DataplaneError::Apply { dataplane: NAME, operation: "reading the sets".into(), message: format!("ipset save: {}", sets.stderr) });
+    }
+    let mut state = read_iptables(runner, backend)?;
+    state.sets = KernelState::parse(&sets.stdout, "").sets;
+    Ok(state)
+}
+
+/// What [`cleanup`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IptablesCleanup {
+    /// Chains removed, per backend that had any.
+    pub chains: Vec<(Backend, usize)>,
+    /// Sets destroyed.
+    pub sets: usize,
+    /// What could not be removed.
+    pub problems: Vec<String>,
+}
+
+/// Removes every `AZURE-NPM…` chain and FORWARD's jumps to them from both backends, then
+/// every `azure-npm-…` set, in the current network namespace (or `netns`). Programs that are
+/// not installed are skipped.
+pub fn cleanup(netns: Option<PathBuf>) -> IptablesCleanup {
+    let runner = Runner::new(netns);
+    let mut report = IptablesCleanup::default();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        if runner.output(backend.save_program(), &["--version"]).is_none() {
+            continue;
+        }
+        let state = match read_iptables(&runner, backend) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                continue;
+            }
+        };
+        if state.is_empty() {
+            continue;
+        }
+        for b in translate::cleanup_batches(&state) {
+            if let Err(e) = run_script(&runner, backend, 60, &b) {
+                report.problems.push(e);
+            }
+        }
+        report.chains.push((backend, state.chains.len()));
+    }
+    if let Some(save) = runner.output("ipset", &["save"]) {
+        let state = KernelState::parse(&save, "");
+        if !state.sets.is_empty() {
+            for b in translate::cleanup_batches(&state) {
+                report.problems.extend(run_ipset_lenient(&runner, &b.script));
+            }
+            let left = runner.output("ipset", &["list", "-n"]).unwrap_or_default();
+            let remaining = left.lines().filter(|l| l.starts_with(SET_PREFIX)).count();
+            report.sets = state.sets.len() - remaining.min(state.sets.len());
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_lines_are_found() {
+        assert_eq!(failed_line("ipset v7.17: Error in line 3: The set with the given name does not exist"), Some(3));
+        assert_eq!(failed_line("iptables-restore: line 12 failed"), Some(12));
+        assert_eq!(failed_line("iptables-restore v1.8.9 (nf_tables): Couldn't load match `set'"), None);
+    }
+}

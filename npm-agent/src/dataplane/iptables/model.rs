@@ -1,0 +1,438 @@
+//! The kernel's filter table and ipsets modelled on the host: it takes the very scripts the
+//! dataplane gives `ipset restore` and `iptables-restore --noflush`, with their semantics
+//! (ipset line by line with `-exist`; iptables atomically per `COMMIT`; sets referenced by
+//! rules or lists cannot be destroyed; referenced or non-empty chains cannot be deleted), and
+//! decides packets the way the FORWARD hook would for a connection's first packet. Tests hold
+//! the translator's output to the specification through it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use super::names::split_words;
+use super::state::{KernelSet, KernelState};
+use super::translate::{Batch, Tool};
+use crate::model::Protocol;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelSet {
+    pub kind: String,
+    /// hash:net entries (prefix → nomatch), or list:set members.
+    pub nets: BTreeMap<Ipv4Net, bool>,
+    pub list: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    text: String,
+    protocol: Option<Protocol>,
+    dports: Option<(u16, u16)>,
+    /// (negated, set, match on destination)
+    sets: Vec<(bool, String, bool)>,
+    mark: Option<(u32, u32)>,
+    ct_new: bool,
+    target: String,
+    set_xmark: Option<(u32, u32)>,
+}
+
+const BUILTIN: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
+
+fn hex_pair(s: &str) -> Result<(u32, u32), String> {
+    let (v, m) = s.split_once('/').unwrap_or((s, "0xffffffff"));
+    let p = |x: &str| u32::from_str_radix(x.trim_start_matches("0x"), 16).map_err(|e| format!("bad mark {s}: {e}"));
+    Ok((p(v)?, p(m)?))
+}
+
+fn parse_rule(text: &str) -> Result<Rule, String> {
+    let w = split_words(text);
+    // As iptables-save prints it: only the comment is a quoted string.
+    let canonical = w
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i > 0 && w[i - 1] == "--comment" { super::names::quote_word(x) } else { x.clone() })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut r = Rule { text: canonical, protocol: None, dports: None, sets: Vec::new(), mark: None, ct_new: false, target: String::new(), set_xmark: None };
+    let mut i = 0;
+    let next = |i: &mut usize| -> Result<&String, String> {
+        *i += 1;
+        w.get(*i).ok_or_else(|| format!("rule ends early: {text}"))
+    };
+    while i < w.len() {
+        match w[i].as_str() {
+            "-p" => r.protocol = Some(Protocol::parse(&next(&mut i)?.to_uppercase()).ok_or_else(|| format!("protocol in {text}"))?),
+            "-m" => {
+                next(&mut i)?;
+            }
+            "--dport" => {
+                let v = next(&mut i)?;
+                let (a, b) = v.split_once(':').unwrap_or((v, v));
+                r.dports = Some((a.parse().map_err(|_| format!("port {v}"))?, b.parse().map_err(|_| format!("port {v}"))?));
+            }
+            "!" => {
+                if w.get(i + 1).map(String::as_str) != Some("--match-set") {
+                    return Err(format!("unsupported negation in {text}"));
+                }
+                i += 1;
+                let name = next(&mut i)?.clone();
+                let d = next(&mut i)?.clone();
+                r.sets.push((true, name, d == "dst"));
+            }
+            "--match-set" => {
+                let name = next(&mut i)?.clone();
+                let d = next(&mut i)?.clone();
+                if d != "src" && d != "dst" {
+                    return Err(format!("unsupported set direction {d}"));
+                }
+                r.sets.push((false, name, d == "dst"));
+            }
+            "--mark" => r.mark = Some(hex_pair(next(&mut i)?)?),
+            "--ctstate" => r.ct_new = next(&mut i)? == "NEW",
+            "--comment" => {
+                next(&mut i)?;
+            }
+            "-j" => r.target = next(&mut i)?.clone(),
+            "--set-xmark" => r.set_xmark = Some(hex_pair(next(&mut i)?)?),
+            other => return Err(format!("the model does not know {other:?} in {text}")),
+        }
+        i += 1;
+    }
+    if r.target.is_empty() {
+        return Err(format!("rule without target: {text}"));
+    }
+    Ok(r)
+}
+
+/// A filter table and the sets of one network namespace.
+#[derive(Clone, Debug)]
+pub struct KernelModel {
+    pub sets: BTreeMap<String, ModelSet>,
+    chains: BTreeMap<String, Vec<Rule>>,
+}
+
+impl Default for KernelModel {
+    fn default() -> Self {
+        Self { sets: BTreeMap::new(), chains: BUILTIN.iter().map(|c| (c.to_string(), Vec::new())).collect() }
+    }
+}
+
+/// A connection's first packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Packet {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: Protocol,
+    pub dport: u16,
+}
+
+impl KernelModel {
+    pub fn apply(&mut self, batch: &Batch) -> Result<(), String> {
+        match batch.tool {
+            Tool::Ipset => self.apply_ipset(&batch.script),
+            Tool::Iptables => self.apply_iptables(&batch.script),
+        }
+    }
+
+    fn set_referenced(&self, name: &str) -> bool {
+        self.sets.values().any(|s| s.list.iter().any(|m| m == name))
+            || self.chains.values().flatten().any(|r| r.sets.iter().any(|(_, s, _)| s == name))
+    }
+
+    /// `ipset -exist restore`: line by line, stopping at the first error (earlier lines stay).
+    pub fn apply_ipset(&mut self, script: &str) -> Result<(), String> {
+        for (n, line) in script.lines().enumerate() {
+            let err = |m: String| format!("ipset v7: Error in line {}: {m}", n + 1);
+            let w: Vec<&str> = line.split_whitespace().collect();
+            match w.as_slice() {
+                [] => {}
+                ["create", name, kind, ..] => match self.sets.get(*name) {
+                    Some(s) if s.kind != *kind => return Err(err("Set cannot be created: set with the same name already exists".into())),
+                    Some(_) => {}
+                    None => {
+                        if *kind != "hash:net" && *kind != "list:set" {
+                            return Err(err(format!("unknown type {kind}")));
+                        }
+                        self.sets.insert(name.to_string(), ModelSet { kind: kind.to_string(), ..ModelSet::default() });
+                    }
+                },
+                ["add", name, member, rest @ ..] => {
+                    let nomatch = rest == ["nomatch"];
+                    let member_exists = self.sets.contains_key(*member);
+                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    if s.kind == "list:set" {
+                        if !member_exists {
+                            return Err(err("Set to be added/deleted/tested as element does not exist".into()));
+                        }
+                        if !s.list.iter().any(|m| m == member) {
+                            s.list.push(member.to_string());
+                        }
+                    } else {
+                        let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
+                        if net.prefix_len() == 0 {
+                            return Err(err("hash:net cannot hold /0".into()));
+                        }
+                        s.nets.insert(net.trunc(), nomatch);
+                    }
+                }
+                ["del", name, member, ..] => {
+                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    if s.kind == "list:set" {
+                        s.list.retain(|m| m != member);
+                    } else {
+                        let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
+                        s.nets.remove(&net.trunc());
+                    }
+                }
+                ["flush", name] => {
+                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    s.nets.clear();
+                    s.list.clear();
+                }
+                ["destroy", name] => {
+                    if !self.sets.contains_key(*name) {
+                        return Err(err("The set with the given name does not exist".into()));
+                    }
+                    if self.set_referenced(name) {
+                        return Err(err("Set cannot be destroyed: it is in use by a kernel component".into()));
+                    }
+                    self.sets.remove(*name);
+                }
+                _ => return Err(err(format!("unsupported command {line:?}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// `iptables-restore --noflush`: every table section commits atomically or not at all.
+    pub fn apply_iptables(&mut self, script: &str) -> Result<(), String> {
+        let mut work: Option<BTreeMap<String, Vec<Rule>>> = None;
+        for (n, line) in script.lines().enumerate() {
+            let err = |m: String| format!("iptables-restore: line {} failed: {m}", n + 1);
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line == "*filter" {
+                work = Some(self.chains.clone());
+                continue;
+            }
+            let chains = work.as_mut().ok_or_else(|| err("no table".into()))?;
+            if line == "COMMIT" {
+                // Sets referenced by rules must exist.
+                for r in chains.values().flatten() {
+                    for (_, s, _) in &r.sets {
+                        if !self.sets.contains_key(s) {
+                            return Err(err(format!("Set {s} doesn't exist.")));
+                        }
+                    }
+                }
+                self.chains = work.take().expect("table");
+                continue;
+            }
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split(' ').next().unwrap_or_default().to_string();
+                if !BUILTIN.contains(&name.as_str()) {
+                    chains.insert(name, Vec::new());
+                }
+                continue;
+            }
+            let w = split_words(line);
+            let chain = w.get(1).cloned().unwrap_or_default();
+            let exists = chains.contains_key(&chain);
+            match w.first().map(String::as_str) {
+                Some("-A") | Some("-I") | Some("-D") => {
+                    if !exists {
+                        return Err(err(format!("chain {chain} does not exist")));
+                    }
+                    let (pos, rest) = match (w[0].as_str(), w.get(2).and_then(|p| p.parse::<usize>().ok())) {
+                        ("-I", Some(p)) => (p, &w[3..]),
+                        ("-I", None) => (1, &w[2..]),
+                        _ => (0, &w[2..]),
+                    };
+                    let text = rest.iter().map(|x| names_quote(x)).collect::<Vec<_>>().join(" ");
+                    let rule = parse_rule(&text).map_err(err)?;
+                    let t = &rule.target;
+                    if !["ACCEPT", "DROP", "RETURN", "MARK"].contains(&t.as_str()) && !chains.contains_key(t) {
+                        return Err(err(format!("Couldn't load target `{t}'")));
+                    }
+                    let rules = chains.get_mut(&chain).expect("exists");
+                    match w[0].as_str() {
+                        "-A" => rules.push(rule),
+                        "-I" => {
+                            if pos == 0 || pos > rules.len() + 1 {
+                                return Err(err("Index of insertion too big".into()));
+                            }
+                            rules.insert(pos - 1, rule);
+                        }
+                        _ => match rules.iter().position(|r| r.text == rule.text) {
+                            Some(p) => {
+                                rules.remove(p);
+                            }
+                            None => return Err(err("Bad rule (does a matching rule exist in that chain?)".into())),
+                        },
+                    }
+                }
+                Some("-F") => {
+                    chains.get_mut(&chain).ok_or_else(|| err(format!("chain {chain} does not exist")))?.clear();
+                }
+                Some("-X") => {
+                    let rules = chains.get(&chain).ok_or_else(|| err(format!("chain {chain} does not exist")))?;
+                    if !rules.is_empty() {
+                        return Err(err(format!("chain {chain} is not empty")));
+                    }
+                    if chains.values().flatten().any(|r| r.target == chain) {
+                        return Err(err(format!("chain {chain} is referenced")));
+                    }
+                    chains.remove(&chain);
+                }
+                _ => return Err(err(format!("unsupported line {line:?}"))),
+            }
+        }
+        if work.is_some() {
+            return Err("iptables-restore: missing COMMIT".into());
+        }
+        Ok(())
+    }
+
+    /// The model as `ipset save` and `iptables-save` would print it (only what the parser
+    /// of [`KernelState`] reads).
+    pub fn save(&self) -> (String, String) {
+        let mut ipset = String::new();
+        for (name, s) in &self.sets {
+            ipset.push_str(&format!("create {name} {} family inet\n", s.kind));
+            for (net, nomatch) in &s.nets {
+                let m = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+                ipset.push_str(&format!("add {name} {m}{}\n", if *nomatch { " nomatch" } else { "" }));
+            }
+            for m in &s.list {
+                ipset.push_str(&format!("add {name} {m}\n"));
+            }
+        }
+        let mut ipt = String::from("*filter\n");
+        for c in self.chains.keys() {
+            let policy = if BUILTIN.contains(&c.as_str()) { "ACCEPT" } else { "-" };
+            ipt.push_str(&format!(":{c} {policy} [0:0]\n"));
+        }
+        for (c, rules) in &self.chains {
+            for r in rules {
+                ipt.push_str(&format!("-A {c} {}\n", r.text));
+            }
+        }
+        ipt.push_str("COMMIT\n");
+        (ipset, ipt)
+    }
+
+    /// What a reconcile would read from this kernel.
+    pub fn state(&self) -> KernelState {
+        let (a, b) = self.save();
+        KernelState::parse(&a, &b)
+    }
+
+    /// Whether the model holds nothing but the empty built-in chains.
+    pub fn is_clean(&self) -> bool {
+        self.sets.is_empty() && self.chains.len() == BUILTIN.len() && self.chains.values().all(Vec::is_empty)
+    }
+
+    /// The names of the user chains.
+    pub fn chain_names(&self) -> BTreeSet<String> {
+        self.chains.keys().filter(|c| !BUILTIN.contains(&c.as_str())).cloned().collect()
+    }
+
+    /// The rules of a chain, as `iptables-save` prints them after `-A CHAIN `.
+    pub fn rules(&self, chain: &str) -> Vec<String> {
+        self.chains.get(chain).map(|r| r.iter().map(|r| r.text.clone()).collect()).unwrap_or_default()
+    }
+
+    fn in_set(&self, name: &str, ip: Ipv4Addr, depth: usize) -> bool {
+        let Some(s) = self.sets.get(name) else { return false };
+        if s.kind == "list:set" {
+            return depth < 4 && s.list.iter().any(|m| self.in_set(m, ip, depth + 1));
+        }
+        // The most specific entry decides (nomatch entries exclude).
+        s.nets.iter().filter(|(n, _)| n.contains(&ip)).max_by_key(|(n, _)| n.prefix_len()).is_some_and(|(_, nomatch)| !nomatch)
+    }
+
+    fn walk(&self, chain: &str, p: &Packet, mark: &mut u32, depth: usize) -> Option<bool> {
+        assert!(depth < 16, "jump loop at {chain}");
+        for r in self.chains.get(chain)? {
+            if r.protocol.is_some_and(|pr| pr != p.protocol) {
+                continue;
+            }
+            if let Some((a, b)) = r.dports
+                && !(a..=b).contains(&p.dport)
+            {
+                continue;
+            }
+            if r.sets.iter().any(|(neg, s, dst)| self.in_set(s, if *dst { p.dst } else { p.src }, 0) == *neg) {
+                continue;
+            }
+            if r.mark.is_some_and(|(v, m)| *mark & m != v) {
+                continue;
+            }
+            // Every packet decided here is a connection's first (conntrack NEW).
+            match r.target.as_str() {
+                "ACCEPT" => return Some(true),
+                "DROP" => return Some(false),
+                "RETURN" => return None,
+                "MARK" => {
+                    if let Some((v, m)) = r.set_xmark {
+                        *mark = (*mark & !m) ^ v;
+                    }
+                }
+                t => {
+                    if let Some(v) = self.walk(t, p, mark, depth + 1) {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the FORWARD hook lets a connection's first packet through (policy ACCEPT).
+    pub fn forward(&self, p: &Packet) -> bool {
+        let mut mark = 0;
+        self.walk("FORWARD", p, &mut mark, 0).unwrap_or(true)
+    }
+}
+
+fn names_quote(w: &str) -> String {
+    super::names::quote_word(w)
+}
+
+impl From<&KernelModel> for KernelState {
+    fn from(m: &KernelModel) -> Self {
+        m.state()
+    }
+}
+
+/// A set as the parser reads it (for tests comparing with the kernel).
+pub fn kernel_set(kind: &str, members: &[&str]) -> KernelSet {
+    KernelSet { kind: kind.into(), members: members.iter().map(|m| m.to_string()).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nomatch_and_lists() {
+        let mut m = KernelModel::default();
+        m.apply_ipset("create a hash:net family inet\nadd a 10.0.0.0/16\nadd a 10.0.1.0/24 nomatch\ncreate b hash:net family inet\nadd b 10.0.1.5\ncreate l list:set\nadd l a\nadd l b\n").unwrap();
+        assert!(m.in_set("a", "10.0.2.1".parse().unwrap(), 0));
+        assert!(!m.in_set("a", "10.0.1.1".parse().unwrap(), 0));
+        assert!(m.in_set("l", "10.0.1.5".parse().unwrap(), 0));
+        assert!(m.apply_ipset("destroy a\n").is_err(), "referenced by the list");
+        assert!(m.apply_ipset("destroy l\ndestroy a\n").is_ok());
+    }
+
+    #[test]
+    fn iptables_is_atomic() {
+        let mut m = KernelModel::default();
+        m.apply_iptables("*filter\n:X - [0:0]\n-A X -j ACCEPT\n-A FORWARD -j X\nCOMMIT\n").unwrap();
+        let before = m.rules("FORWARD");
+        assert!(m.apply_iptables("*filter\n-F FORWARD\n-A FORWARD -j NOPE\nCOMMIT\n").is_err());
+        assert_eq!(m.rules("FORWARD"), before);
+        assert!(m.apply_iptables("*filter\n-X X\nCOMMIT\n").is_err(), "referenced and not empty");
+    }
+}

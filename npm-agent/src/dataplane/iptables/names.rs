@@ -1,0 +1,176 @@
+//! Azure NPM v2's names, marks and comment conventions, and the hashing behind them.
+//!
+//! Set names are `azure-npm-` followed by the FNV-1a (32-bit) hash of the readable name in
+//! decimal (`util.GetHashedName`); policy chains are `AZURE-NPM-INGRESS-<hash>` and
+//! `AZURE-NPM-EGRESS-<hash>` with the same hash of the policy's readable name
+//! (`util.Hash(policyKey)`), as every released Azure NPM v2 names them.
+
+/// The chain FORWARD jumps to for new connections.
+pub const AZURE_NPM: &str = "AZURE-NPM";
+pub const INGRESS: &str = "AZURE-NPM-INGRESS";
+pub const INGRESS_ALLOW_MARK: &str = "AZURE-NPM-INGRESS-ALLOW-MARK";
+pub const EGRESS: &str = "AZURE-NPM-EGRESS";
+pub const ACCEPT: &str = "AZURE-NPM-ACCEPT";
+/// The base chains, in Azure NPM's order (never treated as stale).
+pub const BASE_CHAINS: [&str; 5] = [AZURE_NPM, INGRESS, INGRESS_ALLOW_MARK, EGRESS, ACCEPT];
+/// Every chain of the layout (base and per-policy) starts with this.
+pub const CHAIN_PREFIX: &str = "AZURE-NPM";
+/// Every set of the layout starts with this.
+pub const SET_PREFIX: &str = "azure-npm-";
+
+/// Marks, masked so that other users of the mark (kube-proxy's 0x4000 and 0x8000) are left
+/// alone: the 10th, 11th and 12th bits.
+pub const INGRESS_ALLOW_MARK_HEX: &str = "0x200/0x200";
+pub const INGRESS_DROP_MARK_HEX: &str = "0x400/0x400";
+pub const EGRESS_DROP_MARK_HEX: &str = "0x800/0x800";
+pub const INGRESS_ALLOW_MARK_BITS: (u32, u32) = (0x200, 0x200);
+pub const INGRESS_DROP_MARK_BITS: (u32, u32) = (0x400, 0x400);
+pub const EGRESS_DROP_MARK_BITS: (u32, u32) = (0x800, 0x800);
+
+/// The jump from FORWARD (inserted first), exactly as Azure NPM v2 writes it.
+pub const FORWARD_JUMP: &str = "-m conntrack --ctstate NEW -j AZURE-NPM";
+
+/// The longest comment the kernel keeps (XT_MAX_COMMENT_LEN is 256 with the NUL).
+pub const MAX_COMMENT: usize = 255;
+
+/// FNV-1a, 32 bits (Go's `hash/fnv` `New32a`).
+pub fn fnv1a32(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// FNV-1a, 64 bits: content digests for readable names (not a kernel name).
+pub fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Azure NPM's `util.Hash`: the FNV-1a hash in decimal.
+pub fn hash(s: &str) -> String {
+    fnv1a32(s).to_string()
+}
+
+/// Azure NPM's `util.GetHashedName`: the kernel name of the set with readable name `s`.
+pub fn hashed_set_name(readable: &str) -> String {
+    format!("{SET_PREFIX}{}", hash(readable))
+}
+
+/// The chain of a policy (readable name `ns/name`) for one direction.
+pub fn policy_chain(ingress: bool, policy: &str) -> String {
+    format!("{}-{}", if ingress { INGRESS } else { EGRESS }, hash(policy))
+}
+
+/// A comment as `iptables-save` prints it: bare when it is only letters, digits, `-` and `_`,
+/// else in double quotes with `"`, `\` and `'` escaped; cut to the kernel's limit.
+pub fn quote_comment(comment: &str) -> String {
+    let mut c: String = comment.chars().filter(|ch| !ch.is_control()).collect();
+    if c.len() > MAX_COMMENT {
+        let mut cut = MAX_COMMENT - 3;
+        while !c.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        c.truncate(cut);
+        c.push_str("...");
+    }
+    quote_word(&c)
+}
+
+/// A word as `iptables-save` prints it (see [`quote_comment`]).
+pub fn quote_word(w: &str) -> String {
+    let bare = !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if bare {
+        return w.to_string();
+    }
+    let mut out = String::with_capacity(w.len() + 2);
+    out.push('"');
+    for ch in w.chars() {
+        if matches!(ch, '"' | '\\' | '\'') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('"');
+    out
+}
+
+/// Splits a rule as `iptables-save` prints it into words, undoing [`quote_word`].
+pub fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else { break };
+        let mut w = String::new();
+        if first == '"' {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            w.push(n);
+                        }
+                    }
+                    '"' => break,
+                    c => w.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                w.push(c);
+                chars.next();
+            }
+        }
+        words.push(w);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_go() {
+        // Known FNV-1a values.
+        assert_eq!(fnv1a32(""), 0x811c_9dc5);
+        assert_eq!(fnv1a32("a"), 0xe40c_292c);
+        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn names_match_azure_npm() {
+        // From Azure NPM's own test data (npm/pkg/dataplane/testdata/iptablesave-v2): policy
+        // y/base has chains AZURE-NPM-{INGRESS,EGRESS}-2697641196, and its jump matches the
+        // sets of podlabel-pod:a and ns-y.
+        assert_eq!(policy_chain(true, "y/base"), "AZURE-NPM-INGRESS-2697641196");
+        assert_eq!(policy_chain(false, "kube-system/konnectivity-agent"), "AZURE-NPM-EGRESS-3618314628");
+        let pair = [hashed_set_name("podlabel-pod:a"), hashed_set_name("ns-y")];
+        assert!(pair.contains(&"azure-npm-3922407721".to_string()), "{pair:?}");
+        assert!(pair.contains(&"azure-npm-2837910840".to_string()), "{pair:?}");
+    }
+
+    #[test]
+    fn quoting_round_trips() {
+        for c in ["DROP-ALL", "ALLOW-FROM-cidr-10.0.0.0/8-ON-TCP-TO-PORT-80", "a \"quoted\" 'x' \\ y", ""] {
+            let q = quote_comment(c);
+            assert_eq!(split_words(&format!("-m comment --comment {q} -j X"))[3], c, "{q}");
+        }
+        assert_eq!(quote_comment("DROP-ALL"), "DROP-ALL");
+        assert_eq!(quote_comment("a/b"), "\"a/b\"");
+        let long = quote_comment(&"x".repeat(300));
+        assert_eq!(split_words(&long)[0].len(), MAX_COMMENT);
+    }
+}

@@ -1,0 +1,388 @@
+//! Prometheus metrics under the names, types, labels, units and help texts of Azure Network
+//! Policy Manager, plus the dataplane's own figures. docs/METRICS.md is the reference.
+//!
+//! - [`summary`]: summaries with a sliding 10-minute window (the `prometheus` crate has none).
+//! - [`dataplane`]: what the kernel holds, read at scrape time: packet counters, map entries,
+//!   rules, sets and their entries, connection tracking.
+//! - [`server`]: `/node-metrics`, `/cluster-metrics`, `/healthz` and `/readyz`.
+//! - [`text`]: a parser of the text exposition format (tests and tools).
+//! - [`prometheus_config`]: the shipped scrape configuration with static targets (the lab,
+//!   promtool).
+//!
+//! As in Azure NPM, `/node-metrics` has the execution times (and here the dataplane's
+//! packets, maps and failures) and `/cluster-metrics` the counts. Execution times are in
+//! milliseconds.
+
+pub mod dataplane;
+pub mod prometheus_config;
+pub mod server;
+pub mod summary;
+pub mod text;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::plan::{Change, PeerMatch, PlanDiff};
+use dataplane::{Counts, FiguresCache, Observer};
+use summary::{SummaryOpts, SummaryVec};
+
+// ---- Azure NPM's metrics: names and help texts exactly as Azure NPM registers them ----
+
+pub const NUM_POLICIES: &str = "npm_num_policies";
+pub const NUM_POLICIES_HELP: &str = "The number of current network policies for this node";
+pub const NUM_IPTABLES_RULES: &str = "npm_num_iptables_rules";
+pub const NUM_IPTABLES_RULES_HELP: &str = "The number of current IPTable rules for this node";
+pub const NUM_IPSETS: &str = "npm_num_ipsets";
+pub const NUM_IPSETS_HELP: &str = "The number of current IP sets for this node";
+pub const NUM_IPSET_ENTRIES: &str = "npm_num_ipset_entries";
+pub const NUM_IPSET_ENTRIES_HELP: &str = "The total number of entries in every IPSet";
+pub const IPSET_COUNTS: &str = "npm_ipset_counts";
+pub const IPSET_COUNTS_HELP: &str = "The number of entries in each individual IPSet";
+pub const PODS_WATCHED: &str = "npm_pods_watched";
+pub const PODS_WATCHED_HELP: &str = "Number of Pods NPM tracks across the cluster including Linux and Windows nodes";
+pub const ADD_IPTABLES_RULE_EXEC_TIME: &str = "npm_add_iptables_rule_exec_time";
+pub const ADD_IPTABLES_RULE_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding an IPTable rule to a chain";
+pub const ADD_IPSET_EXEC_TIME: &str = "npm_add_ipset_exec_time";
+pub const ADD_IPSET_EXEC_TIME_HELP: &str = "Execution time in milliseconds for creating an IP set";
+pub const ADD_POLICY_EXEC_TIME: &str = "npm_add_policy_exec_time";
+pub const ADD_POLICY_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding a network policy";
+pub const CONTROLLER_POLICY_EXEC_TIME: &str = "npm_controller_policy_exec_time";
+pub const CONTROLLER_POLICY_EXEC_TIME_HELP: &str =
+    "Execution time in milliseconds for updating/deleting a network policy. NOTE: for adding, see npm_add_policy_exec_time";
+pub const CONTROLLER_NAMESPACE_EXEC_TIME: &str = "npm_controller_namespace_exec_time";
+pub const CONTROLLER_NAMESPACE_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding/updating/deleting a namespace";
+pub const CONTROLLER_POD_EXEC_TIME: &str = "npm_controller_pod_exec_time";
+pub const CONTROLLER_POD_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding/updating/deleting a pod";
+
+pub const SET_NAME_LABEL: &str = "set_name";
+pub const SET_HASH_LABEL: &str = "set_hash";
+pub const OPERATION_LABEL: &str = "operation";
+pub const HAD_ERROR_LABEL: &str = "had_error";
+
+// ---- the dataplane's figures (this project's; Prometheus naming conventions) ----
+
+pub const PACKETS_ALLOWED: &str = "npm_packets_allowed_total";
+pub const PACKETS_ALLOWED_HELP: &str =
+    "Packets the dataplane let through, by direction as the pod sees it (ingress: entering the pod) and reason";
+pub const PACKETS_DROPPED: &str = "npm_packets_dropped_total";
+pub const PACKETS_DROPPED_HELP: &str = "Packets the dataplane dropped, by direction as the pod sees it and reason";
+pub const MAP_ENTRIES: &str = "npm_map_entries";
+pub const MAP_ENTRIES_HELP: &str = "Entries in each BPF map of the eBPF dataplane";
+pub const MAP_MAX_ENTRIES: &str = "npm_map_max_entries";
+pub const MAP_MAX_ENTRIES_HELP: &str = "Capacity (max_entries) of each BPF map of the eBPF dataplane";
+pub const CONNTRACK_ENTRIES: &str = "npm_conntrack_entries";
+pub const CONNTRACK_ENTRIES_HELP: &str =
+    "Connection-tracking entries: the eBPF dataplane's flow map, or the kernel's conntrack table in iptables mode";
+pub const APPLY_FAILURES: &str = "npm_dataplane_apply_failures_total";
+pub const APPLY_FAILURES_HELP: &str =
+    "Failures to program the dataplane, by dataplane and operation (apply: an event's changes, reconcile: the whole plan, attach: the programs to a pod's interface)";
+pub const DATAPLANE_INFO: &str = "npm_dataplane_info";
+pub const DATAPLANE_INFO_HELP: &str = "The dataplane this agent programs (always 1)";
+
+/// The operations of [`APPLY_FAILURES`], exported from the start at 0.
+pub const APPLY_OPERATIONS: [&str; 3] = ["apply", "reconcile", "attach"];
+
+/// How long the loop may go without a heartbeat before `/healthz` fails.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the metrics are set up.
+pub struct MetricsOptions {
+    /// The dataplane's name (`ebpf`, `iptables`, `memory`).
+    pub dataplane: String,
+    /// Export `npm_ipset_counts` (one series per set).
+    pub advanced: bool,
+    /// Where the kernel's figures come from; `None`: the counts come from the compiled plan
+    /// (the in-memory dataplane of tests) and there are no packet or map figures.
+    pub observer: Option<Box<dyn Observer>>,
+}
+
+impl Default for MetricsOptions {
+    fn default() -> Self {
+        Self { dataplane: "memory".into(), advanced: false, observer: None }
+    }
+}
+
+/// Counts that come from the agent's own state: the policies and pods it knows, and (for a
+/// dataplane without an observer) the plan's sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub policies: usize,
+    pub pods: usize,
+    /// Allow entries of the plan (the rules of a dataplane without an observer).
+    pub allow_entries: usize,
+    /// Identities of the plan (its sets).
+    pub identities: usize,
+}
+
+/// Every metric of the agent, in the two registries Azure NPM serves.
+pub struct Metrics {
+    node: Registry,
+    cluster: Registry,
+    dataplane: String,
+    advanced: bool,
+    add_policy: Arc<SummaryVec>,
+    controller_policy: Arc<SummaryVec>,
+    controller_namespace: Arc<SummaryVec>,
+    controller_pod: Arc<SummaryVec>,
+    add_rule: Arc<SummaryVec>,
+    add_ipset: Arc<SummaryVec>,
+    apply_failures: IntCounterVec,
+    num_policies: IntGauge,
+    pods_watched: IntGauge,
+    state: Arc<Mutex<StateCounts>>,
+    started: Instant,
+    heartbeat_ms: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("dataplane", &self.dataplane).field("advanced", &self.advanced).finish()
+    }
+}
+
+/// Registers an `Arc`'d collector (a registry owns boxes).
+struct Shared<C>(Arc<C>);
+
+impl<C: Collector> Collector for Shared<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+fn summary(name: &str, help: &str, labels: &[&str]) -> Arc<SummaryVec> {
+    Arc::new(SummaryVec::new(SummaryOpts::new(name, help, labels)).expect("valid summary"))
+}
+
+fn had_error(failed: bool) -> &'static str {
+    if failed { "true" } else { "false" }
+}
+
+impl Metrics {
+    pub fn new(opts: MetricsOptions) -> Metrics {
+        let node = Registry::new();
+        let cluster = Registry::new();
+        let add_policy = summary(ADD_POLICY_EXEC_TIME, ADD_POLICY_EXEC_TIME_HELP, &[HAD_ERROR_LABEL]);
+        let crud = [OPERATION_LABEL, HAD_ERROR_LABEL];
+        let controller_policy = summary(CONTROLLER_POLICY_EXEC_TIME, CONTROLLER_POLICY_EXEC_TIME_HELP, &crud);
+        let controller_namespace = summary(CONTROLLER_NAMESPACE_EXEC_TIME, CONTROLLER_NAMESPACE_EXEC_TIME_HELP, &crud);
+        let controller_pod = summary(CONTROLLER_POD_EXEC_TIME, CONTROLLER_POD_EXEC_TIME_HELP, &crud);
+        let add_rule = summary(ADD_IPTABLES_RULE_EXEC_TIME, ADD_IPTABLES_RULE_EXEC_TIME_HELP, &[]);
+        let add_ipset = summary(ADD_IPSET_EXEC_TIME, ADD_IPSET_EXEC_TIME_HELP, &[]);
+        for s in [&add_policy, &controller_policy, &controller_namespace, &controller_pod, &add_rule, &add_ipset] {
+            node.register(Box::new(Shared(s.clone()))).expect("unique metric");
+        }
+        let apply_failures =
+            IntCounterVec::new(Opts::new(APPLY_FAILURES, APPLY_FAILURES_HELP), &["dataplane", OPERATION_LABEL]).expect("valid counter");
+        for op in APPLY_OPERATIONS {
+            apply_failures.with_label_values(&[opts.dataplane.as_str(), op]);
+        }
+        node.register(Box::new(apply_failures.clone())).expect("unique metric");
+        let info = IntGauge::with_opts(Opts::new(DATAPLANE_INFO, DATAPLANE_INFO_HELP).const_label("dataplane", opts.dataplane.clone()))
+            .expect("valid gauge");
+        info.set(1);
+        node.register(Box::new(info)).expect("unique metric");
+
+        let num_policies = IntGauge::new(NUM_POLICIES, NUM_POLICIES_HELP).expect("valid gauge");
+        let pods_watched = IntGauge::new(PODS_WATCHED, PODS_WATCHED_HELP).expect("valid gauge");
+        cluster.register(Box::new(num_policies.clone())).expect("unique metric");
+        cluster.register(Box::new(pods_watched.clone())).expect("unique metric");
+
+        let state = Arc::new(Mutex::new(StateCounts::default()));
+        let cache = Arc::new(FiguresCache::new(opts.observer, opts.advanced));
+        node.register(Box::new(dataplane::NodeCollector::new(cache.clone()))).expect("unique metric");
+        cluster.register(Box::new(dataplane::ClusterCollector::new(cache, state.clone(), opts.advanced))).expect("unique metric");
+
+        Metrics {
+            node,
+            cluster,
+            dataplane: opts.dataplane,
+            advanced: opts.advanced,
+            add_policy,
+            controller_policy,
+            controller_namespace,
+            controller_pod,
+            add_rule,
+            add_ipset,
+            apply_failures,
+            num_policies,
+            pods_watched,
+            state,
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn dataplane(&self) -> &str {
+        &self.dataplane
+    }
+
+    pub fn advanced(&self) -> bool {
+        self.advanced
+    }
+
+    /// Records one handled event of `kind` (`pod`, `namespace`, `policy`, as
+    /// [`crate::state::Event::kind`] names them) and `operation` (`create`, `update`,
+    /// `delete`): compiling it and applying its changes took `took`. As in Azure NPM, a
+    /// policy create goes to `npm_add_policy_exec_time`, other policy events to
+    /// `npm_controller_policy_exec_time`. Node events have no metric.
+    pub fn observe_event(&self, kind: &str, operation: &str, took: Duration, failed: bool) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let err = had_error(failed);
+        match (kind, operation) {
+            ("policy", "create") => self.add_policy.observe(&[err], ms),
+            ("policy", op) => self.controller_policy.observe(&[op, err], ms),
+            ("pod", op) => self.controller_pod.observe(&[op, err], ms),
+            ("namespace", op) => self.controller_namespace.observe(&[op, err], ms),
+            _ => {}
+        }
+    }
+
+    /// Records the application of one event's diff to the dataplane (failed or not): its
+    /// time goes to `npm_add_iptables_rule_exec_time` when the diff adds allow entries (what
+    /// iptables rules and policy-map entries express) and to `npm_add_ipset_exec_time` when it
+    /// adds set members (a pod address joining its identity, or a CIDR prefix).
+    pub fn observe_apply(&self, diff: &PlanDiff, took: Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let adds_rules = diff.changes.iter().any(|c| matches!(c, Change::AddAllow { .. }));
+        let adds_sets = diff.changes.iter().any(|c| {
+            matches!(c, Change::SetIdentity { .. } | Change::AddAllow { allow: crate::plan::Allow { peer: PeerMatch::Cidr(_), .. }, .. })
+        });
+        if adds_rules {
+            self.add_rule.observe(&[], ms);
+        }
+        if adds_sets {
+            self.add_ipset.observe(&[], ms);
+        }
+    }
+
+    /// Counts a failure to program the dataplane (`operation`: one of [`APPLY_OPERATIONS`]).
+    pub fn apply_failed(&self, operation: &str) {
+        self.apply_failures.with_label_values(&[self.dataplane.as_str(), operation]).inc();
+    }
+
+    /// The counts that come from the agent's state.
+    pub fn set_state(&self, counts: StateCounts) {
+        self.num_policies.set(counts.policies as i64);
+        self.pods_watched.set(counts.pods as i64);
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+
+    /// The run loop is alive.
+    pub fn heartbeat(&self) {
+        self.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last heartbeat (or since creation).
+    pub fn since_heartbeat(&self) -> Duration {
+        let now = self.started.elapsed();
+        now.saturating_sub(Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed)))
+    }
+
+    pub fn alive(&self) -> bool {
+        self.since_heartbeat() < LIVENESS_TIMEOUT
+    }
+
+    /// The first full sync is enforced.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn gather_node(&self) -> Vec<MetricFamily> {
+        self.node.gather()
+    }
+
+    pub fn gather_cluster(&self) -> Vec<MetricFamily> {
+        self.cluster.gather()
+    }
+
+    /// `/node-metrics` in the text exposition format.
+    pub fn render_node(&self) -> String {
+        encode(&self.gather_node())
+    }
+
+    /// `/cluster-metrics` in the text exposition format.
+    pub fn render_cluster(&self) -> String {
+        encode(&self.gather_cluster())
+    }
+}
+
+fn encode(families: &[MetricFamily]) -> String {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(families, &mut buf) {
+        tracing::warn!(error = %e, "encoding metrics");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Azure NPM's hashed set name: `azure-npm-` and the FNV-1a 32-bit hash of the name.
+pub fn set_hash(name: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("azure-npm-{h}")
+}
+
+impl Counts {
+    /// The counts of a dataplane without an observer: the plan's sizes.
+    pub fn from_state(s: &StateCounts) -> Counts {
+        Counts { rules: s.allow_entries as u64, sets: s.identities as u64, set_entries: s.pods as u64, per_set: Vec::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_hash_is_fnv1a() {
+        // FNV-1a 32 of "" and of "a" (reference values).
+        assert_eq!(set_hash(""), "azure-npm-2166136261");
+        assert_eq!(set_hash("a"), "azure-npm-3826002220");
+    }
+
+    #[test]
+    fn events_go_to_azure_npm_summaries() {
+        let m = Metrics::new(MetricsOptions::default());
+        m.observe_event("policy", "create", Duration::from_millis(3), false);
+        m.observe_event("policy", "update", Duration::from_millis(4), false);
+        m.observe_event("policy", "delete", Duration::from_millis(5), true);
+        m.observe_event("pod", "create", Duration::from_micros(1500), false);
+        m.observe_event("namespace", "update", Duration::from_millis(1), false);
+        m.observe_event("node", "create", Duration::from_millis(1), false);
+        let text = m.render_node();
+        for line in [
+            "npm_add_policy_exec_time_count{had_error=\"false\"} 1",
+            "npm_add_policy_exec_time{had_error=\"false\",quantile=\"0.5\"} 3",
+            "npm_controller_policy_exec_time_count{had_error=\"false\",operation=\"update\"} 1",
+            "npm_controller_policy_exec_time_count{had_error=\"true\",operation=\"delete\"} 1",
+            "npm_controller_pod_exec_time_sum{had_error=\"false\",operation=\"create\"} 1.5",
+            "npm_controller_namespace_exec_time_count{had_error=\"false\",operation=\"update\"} 1",
+            "npm_add_iptables_rule_exec_time_count 0",
+            "npm_add_ipset_exec_time{quantile=\"0.99\"} NaN",
+            "npm_dataplane_apply_failures_total{dataplane=\"memory\",operation=\"reconcile\"} 0",
+            "npm_dataplane_info{dataplane=\"memory\"} 1",
+            "# TYPE npm_controller_pod_exec_time summary",
+            "# HELP npm_add_policy_exec_time Execution time in milliseconds for adding a network policy",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("npm_num_policies"), "counts are cluster metrics");
+    }
+}
