@@ -32,24 +32,36 @@ pub fn manifest_dir() -> PathBuf {
 pub fn scenarios() -> Vec<(String, PathBuf)> {
     let conformance = manifest_dir().join("../tests/conformance");
     let mut v: Vec<(String, PathBuf)> = [
+        // default deny and allow-all, by direction
         "02-default-deny-ingress",
         "03-default-deny-egress",
+        "04-default-deny-ingress-and-egress",
         "05-allow-all-ingress-after-deny",
+        // selectors (matchExpressions: the negative ones are expanded to the pods they match)
         "08-podselector-matchlabels",
+        "09-matchexpressions-in",
         "10-matchexpressions-notin",
+        "11-matchexpressions-exists",
         "12-matchexpressions-doesnotexist",
         "15-namespaceselector-alone",
         "17-ns-and-pod-selector-one-peer",
+        // ipBlock
         "21-ipblock-pod-ip-32",
+        "22-ipblock-literal-cidrs",
         "23-ipblock-except",
         "25-ipblock-all-except",
+        // ports and protocols
         "26-port-number",
         "28-port-range-endport",
         "29-protocol-only-udp",
         "30-sctp-ingress",
+        "31-egress-udp-port",
         "33-named-port-ingress",
+        "34-named-port-ingress-per-pod",
         "35-named-port-egress-per-pod",
+        // several rules and policies, pods coming and going
         "47-union-of-policies",
+        "53-create-pod",
         "60-ipblock-or-selector-peers",
     ]
     .iter()

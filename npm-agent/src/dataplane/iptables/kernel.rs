@@ -185,6 +185,18 @@ fn describe_failure(batch: &Batch, stderr: &str) -> String {
     }
 }
 
+/// The legacy (x_tables) tables that exist in the runner's network namespace. Reading them
+/// with `iptables-legacy-save` would create the tables it names, so the legacy backend is
+/// only read where it already holds tables.
+fn legacy_tables(runner: &Runner) -> Vec<String> {
+    runner.output("cat", &["/proc/net/ip_tables_names"]).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default()
+}
+
+/// Whether a backend may hold tables here (nft always may: reading it creates nothing).
+fn may_hold(runner: &Runner, backend: Backend, table: &str) -> bool {
+    backend == Backend::Nft || legacy_tables(runner).iter().any(|t| t == table)
+}
+
 /// Picks the backend the node's rules use, as Azure NPM v2 does: kube-proxy's hint chain
 /// `KUBE-IPTABLES-HINT` (or the kubelet's `KUBE-KUBELET-CANARY`) in the mangle table of nft,
 /// then of legacy; without either, the backend that already holds this layout's chains, else
@@ -194,6 +206,9 @@ pub fn detect_backend(runner: &Runner) -> (Backend, String) {
         return (b, format!("{BACKEND_ENV}={}", b.as_str()));
     }
     for b in [Backend::Nft, Backend::Legacy] {
+        if !may_hold(runner, b, "mangle") {
+            continue;
+        }
         if let Some(out) = runner.output(b.save_program(), &["-t", "mangle"]) {
             for hint in ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"] {
                 if out.lines().any(|l| l.starts_with(&format!(":{hint} "))) {
@@ -204,6 +219,13 @@ pub fn detect_backend(runner: &Runner) -> (Backend, String) {
     }
     let mut seen = Vec::new();
     for b in [Backend::Nft, Backend::Legacy] {
+        if b == Backend::Legacy && legacy_tables(runner).is_empty() {
+            // Installed or not, it holds nothing here.
+            if runner.output(b.save_program(), &["--version"]).is_some() {
+                seen.push((b, 0, false));
+            }
+            continue;
+        }
         let Some(out) = runner.output(b.save_program(), &[]) else { continue };
         let rules = out.lines().filter(|l| l.starts_with("-A ")).count();
         let ours = out.lines().any(|l| l.starts_with(":AZURE-NPM"));
@@ -393,7 +415,7 @@ impl IptablesDataplane {
     /// using it), as Azure NPM v2 does at boot.
     fn cleanup_other_backend(&mut self) {
         let other = self.backend.other();
-        if self.runner.output(other.save_program(), &["--version"]).is_none() {
+        if !may_hold(&self.runner, other, "filter") || self.runner.output(other.save_program(), &["--version"]).is_none() {
             return;
         }
         let Ok(state) = read_iptables(&self.runner, other) else { return };
@@ -544,7 +566,7 @@ pub fn cleanup(netns: Option<PathBuf>) -> IptablesCleanup {
     let runner = Runner::new(netns);
     let mut report = IptablesCleanup::default();
     for backend in [Backend::Nft, Backend::Legacy] {
-        if runner.output(backend.save_program(), &["--version"]).is_none() {
+        if !may_hold(&runner, backend, "filter") || runner.output(backend.save_program(), &["--version"]).is_none() {
             continue;
         }
         let state = match read_iptables(&runner, backend) {
