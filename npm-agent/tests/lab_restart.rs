@@ -1,9 +1,10 @@
-//! A rolling update, in the lab: with policies in force, the node agents are stopped with
-//! SIGTERM and started again, several times, while probes run without pause. Not one blocked
-//! connection may get through, and allowed connections keep working (enforcement stays in the
-//! pinned programs and maps while no agent runs; the new agent reconciles without flushing).
+//! A rolling update, in the lab, with each dataplane: with policies in force, the node agents
+//! are stopped with SIGTERM and started again, several times, while probes run without pause.
+//! Not one blocked connection may get through, and allowed connections keep working:
+//! enforcement stays (the pinned programs and maps, or the chains and sets) while no agent
+//! runs, and the new agent reconciles without flushing.
 //!
-//! Root only (network namespaces, eBPF); prints SKIPPED otherwise.
+//! Root only (network namespaces, eBPF, iptables); prints SKIPPED otherwise.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -44,12 +45,21 @@ steps:
 "#;
 
 #[test]
-fn sigterm_and_restart_open_no_hole() {
+fn ebpf_sigterm_and_restart_open_no_hole() {
+    restarts_open_no_hole("ebpf", 3);
+}
+
+#[test]
+fn iptables_sigterm_and_restart_open_no_hole() {
+    restarts_open_no_hole("iptables", 5);
+}
+
+fn restarts_open_no_hole(dataplane: &str, restarts: usize) {
     if !root() {
-        println!("SKIPPED sigterm_and_restart_open_no_hole: needs root");
+        println!("SKIPPED {dataplane} restarts: needs root");
         return;
     }
-    let mut opts = LabOptions::new("ebpf", 2);
+    let mut opts = LabOptions::new(dataplane, 2);
     opts.agent = std::path::PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
     let case: Case = serde_yaml_ng::from_str(CASE).unwrap();
     let mut cluster = CaseCluster::new(&case).unwrap();
@@ -85,12 +95,12 @@ fn sigterm_and_restart_open_no_hole() {
             }
         });
         std::thread::sleep(Duration::from_millis(300));
-        for round in 0..3 {
+        for round in 0..restarts {
             for node in [node_of_a, 1 - node_of_a] {
                 let down = lab.restart_agent(node).expect("restart");
                 println!("round {round}: node {node}'s agent restarted; the node had no agent for {down:?}");
                 downtimes.push(down);
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
         stop.store(true, Ordering::Relaxed);
