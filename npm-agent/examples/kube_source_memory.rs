@@ -13,14 +13,13 @@
 //! runtime. `engine` feeds them into an incremental engine for the measured node, as the
 //! agent does: the engine holds the model of the cluster.
 
+mod memory;
 #[path = "../benches/synth/mod.rs"]
 mod synth;
 #[path = "../tests/kube_server/mod.rs"]
 mod kube_server;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kube_server::{Request, Response, Server, Step, status_response};
@@ -30,67 +29,10 @@ use npm_agent::source::{KubeOptions, KubeSource, Source};
 use serde_json::{Value, json};
 use synth::{Cluster, Config};
 
-/// The system allocator, counting live and peak bytes.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let live = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
-                PEAK.fetch_max(live, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: memory::Counting = memory::Counting;
 
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-fn report(stage: &str) {
-    println!(
-        "| {stage} | {} | {} | {} | {} |",
-        mib(status_kib("VmRSS:") * 1024),
-        mib(status_kib("VmHWM:") * 1024),
-        mib(LIVE.load(Ordering::Relaxed) as u64),
-        mib(PEAK.load(Ordering::Relaxed) as u64),
-    );
-}
+use memory::report;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
