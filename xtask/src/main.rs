@@ -37,7 +37,8 @@ enum Task {
     Setup,
     /// Setup, build everything, run all tests and the simulator on every conformance case.
     Test,
-    /// Setup, build, and run the simulator on the example cases in deploy/examples.
+    /// Setup, build, and show the example application of deploy/examples on a lab cluster
+    /// enforced by eBPF agents (the simulator's tables without root).
     Demo {
         /// Keep the lab cluster up for exploration (Ctrl-C removes it).
         #[arg(long)]
@@ -252,6 +253,8 @@ fn run_steps(task: &str, steps: Vec<Step>) -> Result<()> {
         };
         println!("  {status:<8} {name}");
     }
+    let passed = results.iter().filter(|(_, r)| matches!(r, Some(Ok(())))).count();
+    println!("{task}: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{task}: {failed} step(s) failed");
     }
