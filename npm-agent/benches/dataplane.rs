@@ -40,12 +40,12 @@ unsafe extern "C" {
 fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
     Pod {
         key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
         ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,
-        named_ports: vec![],
+        named_ports: vec![].into(),
     }
 }
 

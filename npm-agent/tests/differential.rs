@@ -86,12 +86,12 @@ fn egress_named_port_resolves_per_destination_pod() {
     }
     let mk = |ns: &str, name: &str, ip: u8, port: u16| Pod {
         key: ObjectKey::new(ns, name),
-        labels: labels(&[("app", name)]),
+        labels: labels(&[("app", name)]).into(),
         ip: Some(pod_ip(ip)),
         node: Some("n1".into()),
         phase: PodPhase::Running,
         host_network: false,
-        named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port }],
+        named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port }].into(),
     };
     for p in [mk("x", "client", 1, 1), mk("y", "s80", 2, 80), mk("y", "s8080", 3, 8080)] {
         state.pods.insert(p.key.clone(), p);

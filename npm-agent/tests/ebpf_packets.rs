@@ -49,12 +49,12 @@ impl Drop for Harness {
 fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str, named: Vec<NamedPort>) -> Pod {
     Pod {
         key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
         ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,
-        named_ports: named,
+        named_ports: named.into(),
     }
 }
 

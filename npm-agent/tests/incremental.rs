@@ -141,12 +141,12 @@ fn a_new_address_is_identified_before_isolation() {
     use npm_agent::plan::Connection;
     let pod = |ns: &str, name: &str, ip: &str, phase: PodPhase| Pod {
         key: ObjectKey::new(ns, name),
-        labels: Labels::new(),
+        labels: Labels::new().into(),
         ip: Some(ip.parse().unwrap()),
         node: Some("n1".into()),
         phase,
         host_network: false,
-        named_ports: vec![],
+        named_ports: vec![].into(),
     };
     let mut engine = Engine::new(Scope::Cluster);
     let mut plan = Plan::default();

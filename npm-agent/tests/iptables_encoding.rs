@@ -316,12 +316,12 @@ fn layout_uses_azure_names() {
     n.handle(&Event::UpsertNode(nodes()[0].clone())).unwrap();
     let pod = npm_agent::model::Pod {
         key: npm_agent::model::ObjectKey::new("x", "a"),
-        labels: labels(&[("app", "web")]),
+        labels: labels(&[("app", "web")]).into(),
         ip: Some(pod_ip(1)),
         node: Some("n1".into()),
         phase: npm_agent::model::PodPhase::Running,
         host_network: false,
-        named_ports: vec![],
+        named_ports: vec![].into(),
     };
     n.handle(&Event::UpsertPod(pod)).unwrap();
     let deny = npm_agent::model::Policy {

@@ -241,12 +241,12 @@ impl Cluster {
                 key.clone(),
                 Pod {
                     key,
-                    labels: dep.labels.clone(),
+                    labels: dep.labels.clone().into(),
                     ip: Some(pod_ip(n, s)),
                     node: Some(nodes[n].clone()),
                     phase: PodPhase::Running,
                     host_network: false,
-                    named_ports: dep.named_ports.clone(),
+                    named_ports: dep.named_ports.clone().into(),
                 },
             );
         }
@@ -326,7 +326,7 @@ impl Cluster {
     pub fn relabelled(pod: &Pod, i: usize) -> Pod {
         let mut pod = pod.clone();
         let app = format!("{}-canary-{i}", pod.labels["app"]);
-        pod.labels.insert("app".into(), app);
+        std::sync::Arc::make_mut(&mut pod.labels).insert("app".into(), app);
         pod
     }
 

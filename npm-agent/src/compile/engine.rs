@@ -348,6 +348,13 @@ impl Engine {
         let ip = pod.ip.expect("activated pods have addresses");
         self.touch_identity(ip);
         let id = self.identity_for(&pod);
+        // Pods of one identity share its labels and named ports: one copy per identity, not
+        // per pod (most of the model's weight in a large cluster).
+        let shared = &self.idx.identities[&id].key;
+        if let Some(p) = self.state.pods.get_mut(key) {
+            p.labels = shared.labels.clone();
+            p.named_ports = shared.named_ports.clone();
+        }
         self.idx.pod_identity.insert(key.clone(), id);
         self.pods_in_block_change(ip, &pod.named_ports, true);
         if self.scope.is_local(&pod) {
@@ -484,7 +491,7 @@ impl Engine {
         self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
         self.out.endpoints.insert(
             pod.key.clone(),
-            EndpointEntry { ip, named_ports: pod.named_ports.clone(), policies: Default::default(), counts: Default::default() },
+            EndpointEntry { ip, named_ports: pod.named_ports.to_vec(), policies: Default::default(), counts: Default::default() },
         );
         self.out.endpoint_at.insert(ip, pod.key.clone());
         self.out.endpoints_by_ns.entry(pod.key.namespace.clone()).or_default().insert(pod.key.clone());

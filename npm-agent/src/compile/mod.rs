@@ -51,8 +51,8 @@ impl Scope {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityKey {
     pub namespace: String,
-    pub labels: Labels,
-    pub named_ports: Vec<NamedPort>,
+    pub labels: std::sync::Arc<Labels>,
+    pub named_ports: std::sync::Arc<[NamedPort]>,
 }
 
 impl IdentityKey {

@@ -68,12 +68,12 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
     named_ports.dedup();
     Ok(Pod {
         key,
-        labels: p.metadata.labels.clone().unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default().into(),
         ip,
         node: spec.and_then(|s| s.node_name.clone()),
         phase,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        named_ports,
+        named_ports: named_ports.into(),
     })
 }
 
@@ -211,7 +211,7 @@ pub fn pod_to_k8s(p: &Pod) -> core::Pod {
         metadata: meta::ObjectMeta {
             name: Some(p.key.name.clone()),
             namespace: Some(p.key.namespace.clone()),
-            labels: Some(p.labels.clone()),
+            labels: Some(p.labels.as_ref().clone()),
             ..Default::default()
         },
         spec: Some(core::PodSpec {

@@ -13,6 +13,7 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,13 +119,16 @@ pub enum PodPhase {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub key: ObjectKey,
-    pub labels: Labels,
+    /// Shared (`Arc`): the compiler keeps one copy per identity, not one per pod, which is
+    /// most of what a large cluster's model weighs.
+    pub labels: Arc<Labels>,
     pub ip: Option<IpAddr>,
     pub node: Option<String>,
     pub phase: PodPhase,
     pub host_network: bool,
-    /// Named container ports, sorted; unnamed ports are irrelevant to policy.
-    pub named_ports: Vec<NamedPort>,
+    /// Named container ports, sorted; unnamed ports are irrelevant to policy. Shared as the
+    /// labels are.
+    pub named_ports: Arc<[NamedPort]>,
 }
 
 impl Pod {

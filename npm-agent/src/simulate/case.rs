@@ -326,12 +326,12 @@ impl CaseCluster {
         let labels = spec.labels.clone().unwrap_or_else(|| BTreeMap::from([("pod".to_string(), spec.pod.clone())]));
         let pod = Pod {
             key: key.clone(),
-            labels,
+            labels: labels.into(),
             ip: Some(ip),
             node: Some(SIM_NODE.to_string()),
             phase: PodPhase::Running,
             host_network: false,
-            named_ports,
+            named_ports: named_ports.into(),
         };
         self.ports.insert(key, served);
         self.seq += 1;
@@ -379,7 +379,7 @@ impl CaseCluster {
                     .map(|(_, _, p)| p)
                     .find(|p| p.key.namespace == *namespace && p.key.name == *pod)
                     .ok_or_else(|| format!("set-pod-labels: no pod {namespace}/{pod}"))?;
-                p.labels = labels.clone();
+                p.labels = labels.clone().into();
                 ActionOutcome::Events(vec![Event::UpsertPod(p.clone())])
             }
             Action::SetNamespaceLabels { namespace, labels } => {

@@ -76,12 +76,12 @@ pub fn pod(key: ObjectKey) -> impl Strategy<Value = Pod> {
     )
         .prop_map(move |(labels, ip, node, phase, host_network, named_ports)| Pod {
             key: key.clone(),
-            labels,
+            labels: labels.into(),
             ip: ip.map(pod_ip),
             node: Some(NODES[node].to_string()),
             phase,
             host_network,
-            named_ports,
+            named_ports: named_ports.into(),
         })
 }
 
