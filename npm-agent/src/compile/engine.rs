@@ -67,7 +67,8 @@ struct PolicyEntry {
 #[derive(Default)]
 struct Index {
     /// Endpoint pods claiming each address; the smallest key owns it.
-    claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// A sorted `Vec`, not a set: nearly always one pod, and 100k of them must stay small.
+    claims: HashMap<IpAddr, Vec<ObjectKey>>,
     /// The identity of each pod that owns its address.
     pod_identity: HashMap<ObjectKey, IdentityId>,
     identities: HashMap<IdentityId, IdentityEntry>,
@@ -308,7 +309,9 @@ impl Engine {
         self.touch_identity(ip);
         let claims = self.idx.claims.entry(ip).or_default();
         let previous = claims.first().cloned();
-        claims.insert(key.clone());
+        if let Err(at) = claims.binary_search(&key) {
+            claims.insert(at, key.clone());
+        }
         if claims.first() == Some(&key) {
             if let Some(prev) = previous {
                 self.deactivate(&prev);
@@ -323,7 +326,9 @@ impl Engine {
         self.touch_identity(ip);
         let Some(claims) = self.idx.claims.get_mut(&ip) else { return };
         let was_owner = claims.first() == Some(&old.key);
-        claims.remove(&old.key);
+        if let Ok(at) = claims.binary_search(&old.key) {
+            claims.remove(at);
+        }
         let next = claims.first().cloned();
         if claims.is_empty() {
             self.idx.claims.remove(&ip);

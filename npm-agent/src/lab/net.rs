@@ -967,10 +967,27 @@ fn nonce(i: usize, j: usize) -> [u8; 16] {
     payload
 }
 
+/// Binds a probe's socket to a source port no recent probe used. A kernel-chosen ephemeral
+/// port can repeat the 5-tuple of a probe made a step earlier; conntrack (the dataplanes' or
+/// netfilter's) then takes the new probe for a packet of that earlier, allowed flow, and a
+/// connection the new policy blocks would seem to pass. Ports cycle through 33000..61000, so
+/// a port comes back only after some 28,000 probes, well after such flows have expired.
+fn bind_fresh_port(fd: &OwnedFd) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    for _ in 0..64 {
+        let port = 33_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 28_000) as u16;
+        if bind(fd, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            return;
+        }
+    }
+    // Every try taken: let the kernel pick (connect binds an ephemeral port).
+}
+
 /// Starts one probe from the calling thread's namespace. Errors only when no socket can be
 /// made; a refused or unroutable destination is a failed probe.
 fn start_probe(protocol: Protocol, dst: SocketAddrV4, payload: [u8; 16]) -> io::Result<ProbeState> {
     let fd = new_socket(protocol)?;
+    bind_fresh_port(&fd);
     Ok(match protocol {
         Protocol::Tcp | Protocol::Sctp => match connect(&fd, dst) {
             Ok(()) => ProbeState::Done(true),
