@@ -77,17 +77,16 @@ fn direction_allows(
     };
     selecting.iter().any(|policy| {
         policy.rules(direction).unwrap_or_default().iter().any(|rule| {
-            rule_peer_matches(state, policy, rule, peer_ip, peer_pod) && rule_port_matches(rule, destination, protocol, port)
+            rule_peer_matches(state, rule, peer_ip, peer_pod) && rule_port_matches(rule, destination, protocol, port)
         })
     })
 }
 
-fn rule_peer_matches(state: &ClusterState, policy: &Policy, rule: &Rule, ip: IpAddr, peer: Option<&Pod>) -> bool {
+fn rule_peer_matches(state: &ClusterState, rule: &Rule, ip: IpAddr, peer: Option<&Pod>) -> bool {
     rule.peers.is_empty()
         || rule.peers.iter().any(|p| match p {
             Peer::Block(b) => b.contains(ip),
             Peer::Pods { namespaces, pods } => peer.is_some_and(|peer| {
-                let _ = policy;
                 let ns = &peer.key.namespace;
                 namespaces.matches(ns, &state.namespace_labels(ns)) && pods.matches(&peer.labels)
             }),

@@ -704,25 +704,24 @@ impl Engine {
         let id = self.idx.next_selector;
         self.idx.next_selector += 1;
         let mut members = HashSet::new();
-        let mut consider = |ns: &str, ids: &HashSet<IdentityId>, idx: &Index| {
+        let mut consider = |ids: &HashSet<IdentityId>, idx: &Index| {
             for i in ids {
                 if s.pods.matches(&idx.identities[i].key.labels) {
                     members.insert(*i);
                 }
             }
-            let _ = ns;
         };
         match &s.namespaces {
             NamespaceScope::Named(ns) => {
                 if let Some(ids) = self.idx.identities_by_ns.get(ns) {
-                    consider(ns, ids, &self.idx);
+                    consider(ids, &self.idx);
                 }
                 self.idx.selectors_by_ns.entry(ns.clone()).or_default().insert(id);
             }
             NamespaceScope::Selector(nss) => {
                 for (ns, ids) in &self.idx.identities_by_ns {
                     if nss.matches(&self.state.namespace_labels(ns)) {
-                        consider(ns, ids, &self.idx);
+                        consider(ids, &self.idx);
                     }
                 }
                 self.idx.global_selectors.insert(id);

@@ -122,7 +122,7 @@ impl EbpfDataplane {
     /// Loads the programs and opens (or creates) the pinned maps. Fails when the kernel cannot
     /// load them: the caller falls back to another dataplane.
     pub fn open(config: EbpfConfig) -> Result<Self, DataplaneError> {
-        ensure_bpffs(config.pin_root.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
+        ensure_bpffs()?;
         let maps_dir = config.pin_root.join("maps");
         std::fs::create_dir_all(&maps_dir).map_err(|e| err(format!("creating {}", maps_dir.display()), e))?;
         std::fs::create_dir_all(config.pin_root.join("links")).map_err(|e| err("creating the links directory", e))?;
@@ -413,7 +413,7 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
-fn ensure_bpffs(_near: &Path) -> Result<(), DataplaneError> {
+fn ensure_bpffs() -> Result<(), DataplaneError> {
     let path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
     // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
