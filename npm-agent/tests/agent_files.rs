@@ -243,8 +243,8 @@ fn applies_the_manifests_of_a_directory() {
     assert!(!agent.allowed(&tcp(A, B, 80)));
     assert!(!agent.allowed(&tcp(C, B, 5432)), "y has no team=a label");
 
-    // The status file says the same.
-    let file = Status::read(&status_file).unwrap();
+    // The status file says the same (it is written just after the in-memory status).
+    let file = Status::wait_for_generation(&status_file, 1, Duration::from_secs(10)).unwrap();
     assert!(file.ready && file.generation == 1 && file.applied_events == 7, "{file:?}");
     let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&status_file).unwrap()).unwrap();
     assert_eq!(raw["ready"], true);

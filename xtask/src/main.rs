@@ -274,7 +274,7 @@ fn test() -> Result<()> {
             run(cargo().args(["build", "--workspace", "--all-targets"]))
         }),
         Step::new("unit and integration tests", || {
-            run(cargo().args(["test", "--workspace"]))
+            run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
         }),
         Step::new(
             "metrics: promtool on deploy/prometheus and deploy/grafana, a real Prometheus on a lab agent",
