@@ -2,9 +2,16 @@
 //! move a dataplane from one plan to the next.
 //!
 //! For each local endpoint (pod address) and direction the plan says whether the endpoint
-//! is isolated and which (peer, ports) pairs are allowed. Peers are identities (groups of
-//! pods that no selector can tell apart), CIDR blocks, or anyone. Pod addresses map to
-//! identities cluster-wide, since peers may live on any node.
+//! is isolated and which (peer, ports) pairs are allowed. Peers are peer sets (the
+//! identities a selector matches, kept once per node as ipsets are), single identities
+//! (groups of pods that no selector can tell apart), CIDR blocks, or anyone. Pod addresses
+//! map to identities cluster-wide, since peers may live on any node.
+//!
+//! Entries name a peer set rather than its identities so that an endpoint's entries grow
+//! with its rules, not with the pods its rules match: a new pod selected by policies that
+//! admit thousands of identities gets tens of entries, and a new identity joins each set
+//! once per node, not once per endpoint. Dataplanes that match by identity (eBPF) expand
+//! sets themselves; ipset-based ones keep them as sets.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -12,11 +19,23 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::compile::PeerSelector;
 use crate::model::{CidrBlock, Direction, ObjectKey, Protocol};
 
 /// A numeric identity shared by pods with the same namespace, labels and named ports.
 /// Never 0: 0 means "no identity" (an address that is not a pod's).
 pub type IdentityId = u32;
+
+/// A peer set's number, unique while the compiler runs (never reused).
+pub type SetId = u32;
+
+/// The identities one selector peer matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerSet {
+    /// What the set stands for (for names and explanations).
+    pub selector: PeerSelector,
+    pub members: BTreeSet<IdentityId>,
+}
 
 /// Who an allow entry admits.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -25,6 +44,8 @@ pub enum PeerMatch {
     Any,
     /// Pods with this identity.
     Identity(IdentityId),
+    /// Pods with any identity of this peer set.
+    Set(SetId),
     /// Addresses in the block (pods or not).
     Cidr(CidrBlock),
 }
@@ -61,6 +82,7 @@ impl fmt::Display for Allow {
         match &self.peer {
             PeerMatch::Any => f.write_str("any")?,
             PeerMatch::Identity(id) => write!(f, "identity {id}")?,
+            PeerMatch::Set(s) => write!(f, "set {s}")?,
             PeerMatch::Cidr(b) => write!(f, "{b}")?,
         }
         match self.ports {
@@ -83,13 +105,22 @@ pub struct DirectionPlan {
 
 impl DirectionPlan {
     /// Whether the entries admit a packet from (or to) `peer`, whose identity (if it is a
-    /// pod) is `identity`. A linear scan: dataplanes use hash lookups, with the same result.
-    pub fn admits(&self, peer: IpAddr, identity: Option<IdentityId>, protocol: Protocol, port: u16) -> bool {
+    /// pod) is `identity`, with the plan's peer sets `sets`. A linear scan: dataplanes use
+    /// hash lookups, with the same result.
+    pub fn admits(
+        &self,
+        sets: &HashMap<SetId, PeerSet>,
+        peer: IpAddr,
+        identity: Option<IdentityId>,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
         !self.isolated
             || self.allow.iter().any(|a| {
                 let peer_ok = match &a.peer {
                     PeerMatch::Any => true,
                     PeerMatch::Identity(id) => identity == Some(*id),
+                    PeerMatch::Set(s) => identity.is_some_and(|i| sets.get(s).is_some_and(|s| s.members.contains(&i))),
                     PeerMatch::Cidr(b) => b.contains(peer),
                 };
                 peer_ok && a.ports.matches(protocol, port)
@@ -130,6 +161,8 @@ impl EndpointPlan {
 pub struct Plan {
     /// Every pod address in the cluster and its identity.
     pub identities: HashMap<IpAddr, IdentityId>,
+    /// The peer sets the entries name.
+    pub sets: HashMap<SetId, PeerSet>,
     /// The local endpoints, by pod address.
     pub endpoints: HashMap<IpAddr, EndpointPlan>,
     /// The local node's addresses: always allowed to and from local endpoints.
@@ -152,7 +185,7 @@ impl Plan {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.dst)
-                    || ep.egress.admits(conn.dst, self.identities.get(&conn.dst).copied(), conn.protocol, conn.port)
+                    || ep.egress.admits(&self.sets, conn.dst, self.identities.get(&conn.dst).copied(), conn.protocol, conn.port)
             }
         }
     }
@@ -163,7 +196,7 @@ impl Plan {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.src)
-                    || ep.ingress.admits(conn.src, self.identities.get(&conn.src).copied(), conn.protocol, conn.port)
+                    || ep.ingress.admits(&self.sets, conn.src, self.identities.get(&conn.src).copied(), conn.protocol, conn.port)
             }
         }
     }
@@ -206,6 +239,27 @@ impl Plan {
                 Change::RemoveIdentity { ip } => {
                     self.identities.remove(ip).ok_or_else(|| format!("identity of {ip} removed but absent"))?;
                 }
+                Change::AddSet { set, selector } => {
+                    let new = PeerSet { selector: selector.clone(), members: BTreeSet::new() };
+                    if self.sets.insert(*set, new).is_some() {
+                        return Err(format!("set {set} added twice"));
+                    }
+                }
+                Change::RemoveSet { set } => {
+                    self.sets.remove(set).ok_or_else(|| format!("set {set} removed but absent"))?;
+                }
+                Change::AddMember { set, identity } => {
+                    let s = self.sets.get_mut(set).ok_or_else(|| format!("member of absent set {set}"))?;
+                    if !s.members.insert(*identity) {
+                        return Err(format!("identity {identity} added to set {set} twice"));
+                    }
+                }
+                Change::RemoveMember { set, identity } => {
+                    let s = self.sets.get_mut(set).ok_or_else(|| format!("member of absent set {set}"))?;
+                    if !s.members.remove(identity) {
+                        return Err(format!("identity {identity} removed from set {set} but absent"));
+                    }
+                }
                 Change::AddNodeIp { ip } => {
                     self.node_ips.insert(*ip);
                 }
@@ -221,6 +275,10 @@ impl Plan {
     pub fn as_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
+        for (id, set) in &self.sets {
+            changes.push(Change::AddSet { set: *id, selector: set.selector.clone() });
+            changes.extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
+        }
         for (ip, ep) in &self.endpoints {
             changes.push(Change::AddEndpoint { ip: *ip, pod: ep.pod.clone() });
             for d in Direction::BOTH {
@@ -252,6 +310,12 @@ pub enum Change {
     RemoveAllow { ip: IpAddr, direction: Direction, allow: Allow },
     SetIdentity { ip: IpAddr, identity: IdentityId },
     RemoveIdentity { ip: IpAddr },
+    /// A new, empty peer set (before any entry names it).
+    AddSet { set: SetId, selector: PeerSelector },
+    /// A set no entry names any more, with its members.
+    RemoveSet { set: SetId },
+    AddMember { set: SetId, identity: IdentityId },
+    RemoveMember { set: SetId, identity: IdentityId },
     AddNodeIp { ip: IpAddr },
     RemoveNodeIp { ip: IpAddr },
 }
@@ -264,7 +328,9 @@ pub enum Change {
 /// direction admits everything that both its old and its new state admit, and nothing that
 /// neither admits (a property test checks this change by change). Addresses that become pods
 /// get their identity before any endpoint is isolated, and endpoints becoming isolated are
-/// isolated before any other endpoint's entries widen. Peers whose identity
+/// isolated before any other endpoint's entries widen. New sets come first, with their
+/// members, before entries name them; members join existing sets with the widening entries
+/// and leave with the restricting removals; sets go last. Peers whose identity
 /// switches (their labels or named ports changed) are matched by their old or their new
 /// identity, switched atomically in the middle of the diff.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -326,6 +392,17 @@ impl Plan {
                             let peer = match &a.peer {
                                 PeerMatch::Any => CanonicalPeer::Any,
                                 PeerMatch::Identity(id) => CanonicalPeer::Addresses(members.get(id).cloned().unwrap_or_default()),
+                                PeerMatch::Set(s) => {
+                                    let mut a: Vec<IpAddr> = self
+                                        .sets
+                                        .get(s)
+                                        .into_iter()
+                                        .flat_map(|s| &s.members)
+                                        .flat_map(|id| members.get(id).into_iter().flatten().copied())
+                                        .collect();
+                                    a.sort();
+                                    CanonicalPeer::Addresses(a)
+                                }
                                 PeerMatch::Cidr(b) => CanonicalPeer::Cidr(b.clone()),
                             };
                             (peer, a.ports)

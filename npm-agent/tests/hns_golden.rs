@@ -83,7 +83,7 @@ fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Resu
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     for port in [80u16, 81, 1000, 5353, 60000] {
                         let want = plan.node_ips.contains(&IpAddr::V4(peer))
-                            || ep.direction(d).admits(IpAddr::V4(peer), plan.identities.get(&IpAddr::V4(peer)).copied(), protocol, port);
+                            || ep.direction(d).admits(&plan.sets, IpAddr::V4(peer), plan.identities.get(&IpAddr::V4(peer)).copied(), protocol, port);
                         let got = hns_allows(h, *ip, d, peer, protocol, port);
                         // A left-out entry may only make HNS refuse what the plan admits.
                         if got != want && !(want && !got && left_out.is_some()) {

@@ -35,7 +35,7 @@ fn probes(a: &ClusterState, b: &ClusterState) -> (Vec<IpAddr>, Vec<(Protocol, u1
 fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
     match plan.endpoints.get(&ep) {
         None => true,
-        Some(e) => e.direction(d).admits(peer, plan.identities.get(&peer).copied(), protocol, port),
+        Some(e) => e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
     }
 }
 

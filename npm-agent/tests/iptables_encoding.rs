@@ -102,7 +102,7 @@ fn initial(state: &ClusterState) -> Vec<Event> {
 fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
     match plan.endpoints.get(&ep) {
         None => true,
-        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(peer, plan.identities.get(&peer).copied(), protocol, port),
+        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
     }
 }
 

@@ -9,6 +9,10 @@
 //!   local endpoint; its member identities are then kept up to date as identities appear,
 //!   disappear and namespaces are relabelled. On a node, most of a large cluster's
 //!   policies select no local pod and cost nothing but their storage.
+//! - Every materialized selector is a peer set of the plan (same number). Entries of
+//!   selector terms name the set, except for egress named ports, which resolve against each
+//!   peer and so are per identity. A selector left without users is released at the end of
+//!   the event, so that an event that drops and takes it again (a policy update) keeps it.
 //! - An identity exists while at least one pod that owns its address has it.
 //! - The diff of an event is computed by recording, at first touch, what each plan entry
 //!   was before the event, and comparing with what it is after: it is the net change,
@@ -19,7 +23,7 @@ use std::net::IpAddr;
 
 use super::{IdentityKey, PeerSelector, Scope, Term, TermPeer, host_block, resolution_ports, rule_terms};
 use crate::model::{CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod, Policy};
-use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, Plan, PlanDiff};
+use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, PlanDiff};
 use crate::state::{ClusterState, Event};
 
 type SelectorId = u32;
@@ -82,6 +86,8 @@ struct Index {
     /// Materialized selectors with a namespaceSelector.
     global_selectors: HashSet<SelectorId>,
     next_selector: SelectorId,
+    /// Selectors left without users during the event: released at its end unless taken again.
+    unused_selectors: Vec<SelectorId>,
     /// Materialized `PodsInBlock` terms.
     pods_in_block: HashMap<TermRef, CidrBlock>,
     policies: HashMap<PolicyId, PolicyEntry>,
@@ -105,6 +111,10 @@ struct DiffBuilder {
     allows: HashMap<(IpAddr, Direction, Allow), bool>,
     isolation: HashMap<(IpAddr, Direction), bool>,
     identities: HashMap<IpAddr, Option<IdentityId>>,
+    /// Peer sets touched: whether each existed before the event.
+    sets: HashMap<SelectorId, bool>,
+    /// Set memberships touched: whether each held before the event.
+    members: HashMap<(SelectorId, IdentityId), bool>,
     node_ips: Option<BTreeSet<IpAddr>>,
     /// The counted entries of endpoints removed during the event, by address, as they were
     /// at the (first) removal. An entry of such an address that `allows` does not record was
@@ -211,6 +221,9 @@ impl Engine {
         let mut plan = Plan { node_ips: self.out.node_ips.clone(), ..Plan::default() };
         for (key, id) in &self.idx.pod_identity {
             plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
+        }
+        for (id, s) in &self.idx.selectors {
+            plan.sets.insert(*id, PeerSet { selector: s.selector.clone(), members: s.members.iter().copied().collect() });
         }
         for (key, ep) in &self.out.endpoints {
             let mut p = EndpointPlan::new(key.clone());
@@ -443,26 +456,32 @@ impl Engine {
 
     /// Identity `id` joins selector `sel`: every endpoint of every term using it gains it.
     fn join(&mut self, sel: SelectorId, id: IdentityId) {
+        self.out.diff.members.entry((sel, id)).or_insert(false);
         self.idx.selectors.get_mut(&sel).expect("selector").members.insert(id);
         self.idx.identities.get_mut(&id).expect("identity").selectors.insert(sel);
         self.membership_bump(sel, id, true);
     }
 
     fn leave(&mut self, sel: SelectorId, id: IdentityId) {
+        self.out.diff.members.entry((sel, id)).or_insert(true);
         self.membership_bump(sel, id, false);
         self.idx.selectors.get_mut(&sel).expect("selector").members.remove(&id);
         self.idx.identities.get_mut(&id).expect("identity").selectors.remove(&sel);
     }
 
+    /// The per-identity entries (egress named ports) of the terms using `sel`, for `id`.
     fn membership_bump(&mut self, sel: SelectorId, id: IdentityId, up: bool) {
         let Self { idx, out, .. } = self;
         let peer_ports = &idx.identities[&id].key.named_ports;
         for t in &idx.selectors[&sel].users {
             let policy = &idx.policies[&t.policy];
             let term = &policy.terms[di(t.direction)][t.term];
+            if !term.ports.iter().any(|p| p.per_peer(t.direction)) {
+                continue;
+            }
             for ep in &policy.endpoints {
                 let ep_ports = out.endpoints[ep].named_ports.clone();
-                for port in &term.ports {
+                for port in term.ports.iter().filter(|p| p.per_peer(t.direction)) {
                     if let Some(ports) = port.resolve(resolution_ports(t.direction, &ep_ports, peer_ports)) {
                         out.bump(ep, t.direction, Allow { peer: PeerMatch::Identity(id), ports }, up);
                     }
@@ -596,8 +615,20 @@ impl Engine {
                 TermPeer::Block(b) => add(out, PeerMatch::Cidr(b.clone()), &[]),
                 TermPeer::Pods(_) => {
                     let sel = policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
-                    for id in &idx.selectors[&sel].members {
-                        add(out, PeerMatch::Identity(*id), &idx.identities[id].key.named_ports);
+                    for port in term.ports.iter().filter(|p| !p.per_peer(d)) {
+                        if let Some(ports) = port.resolve(&ep_ports) {
+                            out.bump(ep, d, Allow { peer: PeerMatch::Set(sel), ports }, up);
+                        }
+                    }
+                    if term.ports.iter().any(|p| p.per_peer(d)) {
+                        for id in &idx.selectors[&sel].members {
+                            let peer_ports = &idx.identities[id].key.named_ports;
+                            for port in term.ports.iter().filter(|p| p.per_peer(d)) {
+                                if let Some(ports) = port.resolve(peer_ports) {
+                                    out.bump(ep, d, Allow { peer: PeerMatch::Identity(*id), ports }, up);
+                                }
+                            }
+                        }
                     }
                 }
                 TermPeer::PodsInBlock(b) => {
@@ -691,7 +722,7 @@ impl Engine {
                 let entry = self.idx.selectors.get_mut(&sel).expect("selector");
                 entry.users.remove(&tref);
                 if entry.users.is_empty() {
-                    self.release_selector(sel);
+                    self.idx.unused_selectors.push(sel);
                 }
             }
         }
@@ -730,12 +761,14 @@ impl Engine {
         for m in &members {
             self.idx.identities.get_mut(m).expect("identity").selectors.insert(id);
         }
+        self.out.diff.sets.entry(id).or_insert(false);
         self.idx.selector_ids.insert(s.clone(), id);
         self.idx.selectors.insert(id, SelectorEntry { selector: s.clone(), members, users: HashSet::new() });
         id
     }
 
     fn release_selector(&mut self, sel: SelectorId) {
+        self.out.diff.sets.entry(sel).or_insert(true);
         let entry = self.idx.selectors.remove(&sel).expect("selector");
         for m in &entry.members {
             if let Some(i) = self.idx.identities.get_mut(m) {
@@ -764,18 +797,25 @@ impl Engine {
     fn finish(&mut self) -> PlanDiff {
         // Stages of the order (see `PlanDiff`). Addresses that become pods get their identity
         // before anything is isolated, so a newly isolated endpoint already recognizes them.
-        const ENDPOINTS: u8 = 0;
-        const QUIET_ADDS: u8 = 1;
-        const IDENTIFY_NEW: u8 = 2;
-        const ISOLATE: u8 = 3;
-        const WIDENING_ADDS: u8 = 4;
-        const IDENTIFY: u8 = 5;
-        const UNISOLATE: u8 = 6;
-        const RESTRICTING_REMOVES: u8 = 7;
-        const QUIET_REMOVES: u8 = 7;
-        const UNIDENTIFY: u8 = 8;
-        const UNENFORCE: u8 = 9;
+        const SETS: u8 = 0;
+        const ENDPOINTS: u8 = 1;
+        const QUIET_ADDS: u8 = 2;
+        const IDENTIFY_NEW: u8 = 3;
+        const ISOLATE: u8 = 4;
+        const WIDENING_ADDS: u8 = 5;
+        const IDENTIFY: u8 = 6;
+        const UNISOLATE: u8 = 7;
+        const RESTRICTING_REMOVES: u8 = 8;
+        const QUIET_REMOVES: u8 = 8;
+        const UNIDENTIFY: u8 = 9;
+        const UNENFORCE: u8 = 10;
+        const UNSET: u8 = 11;
 
+        for sel in std::mem::take(&mut self.idx.unused_selectors) {
+            if self.idx.selectors.get(&sel).is_some_and(|s| s.users.is_empty()) {
+                self.release_selector(sel);
+            }
+        }
         let mut diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(u8, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
@@ -852,6 +892,32 @@ impl Engine {
                 (None, Some(a)) => changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a })),
                 (Some(b), Some(a)) if b != a => changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a })),
                 (Some(_), None) => changes.push((UNIDENTIFY, Change::RemoveIdentity { ip })),
+                _ => {}
+            }
+        }
+        // Peer sets: new ones with their members first, gone ones (and their members) last.
+        let mut new_sets: HashSet<SelectorId> = HashSet::new();
+        for (sel, before) in diff.sets {
+            match (before, self.idx.selectors.get(&sel)) {
+                (false, Some(s)) => {
+                    new_sets.insert(sel);
+                    changes.push((SETS, Change::AddSet { set: sel, selector: s.selector.clone() }));
+                    let mut members: Vec<IdentityId> = s.members.iter().copied().collect();
+                    members.sort_unstable();
+                    changes.extend(members.into_iter().map(|m| (SETS, Change::AddMember { set: sel, identity: m })));
+                }
+                (true, None) => changes.push((UNSET, Change::RemoveSet { set: sel })),
+                _ => {}
+            }
+        }
+        for ((sel, id), before) in diff.members {
+            if new_sets.contains(&sel) {
+                continue;
+            }
+            let Some(s) = self.idx.selectors.get(&sel) else { continue };
+            match (before, s.members.contains(&id)) {
+                (false, true) => changes.push((WIDENING_ADDS, Change::AddMember { set: sel, identity: id })),
+                (true, false) => changes.push((RESTRICTING_REMOVES, Change::RemoveMember { set: sel, identity: id })),
                 _ => {}
             }
         }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{IdentityKey, PeerSelector, Scope, TermPeer, host_block, resolution_ports, rule_terms};
 use crate::model::{Direction, Pod};
-use crate::plan::{Allow, EndpointPlan, IdentityId, PeerMatch, Plan};
+use crate::plan::{Allow, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, SetId};
 use crate::state::ClusterState;
 
 /// Compiles `state` into the plan of `scope`. Identities are numbered from 1 in the order
@@ -26,18 +26,20 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
         }
     }
 
-    let mut members: HashMap<PeerSelector, Vec<IdentityId>> = HashMap::new();
-    let mut selector_members = |sel: &PeerSelector| -> Vec<IdentityId> {
-        members
-            .entry(sel.clone())
-            .or_insert_with(|| {
-                identities
-                    .iter()
-                    .filter(|(_, k)| sel.matches(&k.namespace, &state.namespace_labels(&k.namespace), &k.labels))
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .clone()
+    // Peer sets, numbered from 1 in the order the endpoints' policies first name them.
+    let mut set_ids: HashMap<PeerSelector, SetId> = HashMap::new();
+    let mut selector_set = |sel: &PeerSelector, plan: &mut Plan| -> (SetId, Vec<IdentityId>) {
+        let id = *set_ids.entry(sel.clone()).or_insert_with(|| {
+            let id = plan.sets.len() as SetId + 1;
+            let members = identities
+                .iter()
+                .filter(|(_, k)| sel.matches(&k.namespace, &state.namespace_labels(&k.namespace), &k.labels))
+                .map(|(id, _)| *id)
+                .collect();
+            plan.sets.insert(id, PeerSet { selector: sel.clone(), members });
+            id
+        });
+        (id, plan.sets[&id].members.iter().copied().collect())
     };
     let key_of: HashMap<IdentityId, &IdentityKey> = identities.iter().map(|(id, k)| (*id, *k)).collect();
 
@@ -52,11 +54,10 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             }
             for direction in Direction::BOTH {
                 let Some(rules) = policy.rules(direction) else { continue };
-                let dp = ep.direction_mut(direction);
-                dp.isolated = true;
+                ep.direction_mut(direction).isolated = true;
                 for rule in rules {
                     for term in rule_terms(rule, direction) {
-                        let mut add = |peer: PeerMatch, peer_ports: &[crate::model::NamedPort]| {
+                        let add = |dp: &mut crate::plan::DirectionPlan, peer: PeerMatch, peer_ports: &[crate::model::NamedPort]| {
                             for port in &term.ports {
                                 let named = resolution_ports(direction, &pod.named_ports, peer_ports);
                                 if let Some(ports) = port.resolve(named) {
@@ -65,17 +66,30 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                             }
                         };
                         match &term.peer {
-                            TermPeer::Any => add(PeerMatch::Any, &[]),
-                            TermPeer::Block(b) => add(PeerMatch::Cidr(b.clone()), &[]),
+                            TermPeer::Any => add(ep.direction_mut(direction), PeerMatch::Any, &[]),
+                            TermPeer::Block(b) => add(ep.direction_mut(direction), PeerMatch::Cidr(b.clone()), &[]),
                             TermPeer::Pods(sel) => {
-                                for id in selector_members(sel) {
-                                    add(PeerMatch::Identity(id), &key_of[&id].named_ports);
+                                // One entry for the set per port, but egress named ports per
+                                // member, each resolved against that member's ports.
+                                let (set, members) = selector_set(sel, &mut plan);
+                                let dp = ep.direction_mut(direction);
+                                for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
+                                    if let Some(ports) = port.resolve(&pod.named_ports) {
+                                        dp.allow.insert(Allow { peer: PeerMatch::Set(set), ports });
+                                    }
+                                }
+                                for id in members {
+                                    for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
+                                        if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
+                                            dp.allow.insert(Allow { peer: PeerMatch::Identity(id), ports });
+                                        }
+                                    }
                                 }
                             }
                             TermPeer::PodsInBlock(b) => {
                                 for (peer_ip, peer) in &owners {
                                     if b.contains(*peer_ip) {
-                                        add(PeerMatch::Cidr(host_block(*peer_ip)), &peer.named_ports);
+                                        add(ep.direction_mut(direction), PeerMatch::Cidr(host_block(*peer_ip)), &peer.named_ports);
                                     }
                                 }
                             }

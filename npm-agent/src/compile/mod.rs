@@ -62,7 +62,7 @@ impl IdentityKey {
 }
 
 /// The pods a selector peer matches: `pods` in the namespaces of `namespaces`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PeerSelector {
     pub namespaces: NamespaceScope,
     pub pods: LabelSelector,
@@ -79,6 +79,16 @@ impl PeerSelector {
     }
 }
 
+/// `ns:x pods:app=web`, `nsselector:team=a pods:{}`: readable, and stable for set names.
+impl std::fmt::Display for PeerSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespaces {
+            NamespaceScope::Named(ns) => write!(f, "ns:{ns} pods:{}", self.pods),
+            NamespaceScope::Selector(s) => write!(f, "nsselector:{s} pods:{}", self.pods),
+        }
+    }
+}
+
 /// A rule's port entry, or "every port" for a rule without ports.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PortSel {
@@ -89,6 +99,12 @@ pub enum PortSel {
 impl PortSel {
     fn is_named(&self) -> bool {
         matches!(self, PortSel::Spec(PortSpec::Named { .. }))
+    }
+
+    /// Whether the port resolves against the peer pod (an egress named port), so that a
+    /// selector's entries for it are per identity rather than one for the whole peer set.
+    pub fn per_peer(&self, direction: Direction) -> bool {
+        direction == Direction::Egress && self.is_named()
     }
 
     /// The concrete ports, resolving a named port against `named` (the ports of the pod the

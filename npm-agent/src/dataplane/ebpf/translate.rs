@@ -10,13 +10,15 @@
 //!   prefix: the prefix lies inside the block's cidr and inside none of its excepts;
 //! - policy trie: (endpoint, direction, peer id, protocol, port) with wildcards as shorter
 //!   prefixes; a port range becomes aligned power-of-two blocks. A CIDR allow entry becomes
-//!   one key per named prefix it admits.
+//!   one key per named prefix it admits; a peer-set entry one key per member identity (the
+//!   per-packet lookup stays one identity lookup and one trie lookup however many sets
+//!   there are). Keys are counted, since several entries may need the same key.
 //!
 //! Order: each plan change becomes operations that keep its make-before-break meaning. A
 //! newly named prefix first gets the entries of every allow that admits it, then enters the
 //! trie; a prefix no longer named leaves the trie before its entries go.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
@@ -26,7 +28,7 @@ use npm_common::{
 };
 
 use crate::model::{CidrBlock, Direction, ObjectKey};
-use crate::plan::{Allow, Change, PeerMatch, PlanDiff, PortMatch};
+use crate::plan::{Allow, Change, PeerMatch, PlanDiff, PortMatch, SetId};
 
 /// One write to a BPF map (or to the attachments), in the order to perform them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,9 +83,17 @@ struct CidrAllow {
     ports: PortMatch,
 }
 
+/// A peer set: its members, and the entries naming it (endpoint, direction, ports).
+#[derive(Default)]
+struct PeerSetState {
+    members: BTreeSet<u32>,
+    users: HashSet<(Ipv4Addr, Direction, PortMatch)>,
+}
+
 /// The encoder's memory of what is in the maps.
 #[derive(Default)]
 pub struct Translator {
+    sets: HashMap<SetId, PeerSetState>,
     endpoints: HashMap<Ipv4Addr, Endpoint>,
     prefixes: BTreeMap<Ipv4Net, Prefix>,
     next_prefix: u32,
@@ -215,6 +225,50 @@ impl Translator {
                     }
                 }
             }
+            Change::AddSet { set, .. } => {
+                self.sets.entry(*set).or_default();
+            }
+            Change::RemoveSet { set } => {
+                // Entries naming it are gone by now; drop their keys should any be left.
+                if let Some(s) = self.sets.remove(set) {
+                    for (ip, d, ports) in s.users {
+                        for m in &s.members {
+                            self.policy_keys(ip, d, *m, ports, false, ops);
+                        }
+                    }
+                }
+            }
+            Change::AddMember { set, identity } => {
+                let Some(s) = self.sets.get_mut(set) else { return };
+                if s.members.insert(*identity) {
+                    let users: Vec<_> = s.users.iter().copied().collect();
+                    for (ip, d, ports) in users {
+                        self.policy_keys(ip, d, *identity, ports, true, ops);
+                    }
+                }
+            }
+            Change::RemoveMember { set, identity } => {
+                let Some(s) = self.sets.get_mut(set) else { return };
+                if s.members.remove(identity) {
+                    let users: Vec<_> = s.users.iter().copied().collect();
+                    for (ip, d, ports) in users {
+                        self.policy_keys(ip, d, *identity, ports, false, ops);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds (or removes) the keys of a peer-set entry: one per member.
+    fn set_entry(&mut self, ip: Ipv4Addr, d: Direction, set: SetId, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
+        let s = self.sets.entry(set).or_default();
+        let changed = if add { s.users.insert((ip, d, ports)) } else { s.users.remove(&(ip, d, ports)) };
+        if !changed {
+            return;
+        }
+        let members: Vec<u32> = s.members.iter().copied().collect();
+        for m in members {
+            self.policy_keys(ip, d, m, ports, add, ops);
         }
     }
 
@@ -222,6 +276,7 @@ impl Translator {
         match &allow.peer {
             PeerMatch::Any => self.policy_keys(ip, d, PEER_ANY, allow.ports, true, ops),
             PeerMatch::Identity(id) => self.policy_keys(ip, d, *id, allow.ports, true, ops),
+            PeerMatch::Set(s) => self.set_entry(ip, d, *s, allow.ports, true, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else {
                     self.skipped_ipv6 += 1;
@@ -243,6 +298,7 @@ impl Translator {
         match &allow.peer {
             PeerMatch::Any => self.policy_keys(ip, d, PEER_ANY, allow.ports, false, ops),
             PeerMatch::Identity(id) => self.policy_keys(ip, d, *id, allow.ports, false, ops),
+            PeerMatch::Set(s) => self.set_entry(ip, d, *s, allow.ports, false, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else { return };
                 self.cidr_allows.remove(&CidrAllow { ip, dir: d, block: block.clone(), ports: allow.ports });

@@ -2,7 +2,7 @@
 //! dataplane sends it: SetPolicies on the network (`IPSET`, `NESTEDIPSET`) and ACL policies
 //! on each endpoint. Pure: the JSON is built here and only sent on Windows.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::dataplane::iptables::names::{fnv1a64, hashed_set_name};
 use crate::model::{CidrBlock, Direction, Protocol};
-use crate::plan::{DirectionPlan, IdentityId, PeerMatch, Plan, PortMatch};
+use crate::plan::{DirectionPlan, IdentityId, PeerMatch, PeerSet, Plan, PortMatch, SetId};
 
 /// Azure NPM's ACL priorities (lower runs first): its readiness-probe allow from the node
 /// (201), its allow rules (222) and its default block (3000).
@@ -226,9 +226,11 @@ struct Acl {
 }
 
 /// The ACLs of one endpoint direction.
+#[allow(clippy::too_many_arguments)]
 fn direction_acls(
     d: Direction,
     dp: &DirectionPlan,
+    peer_sets: &HashMap<SetId, PeerSet>,
     node_ips: &[String],
     members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
     sets: &mut Sets,
@@ -265,6 +267,8 @@ fn direction_acls(
             PeerMatch::Identity(id) => {
                 p.ids.insert(*id);
             }
+            // A whole-plan translation: a peer set is its members.
+            PeerMatch::Set(s) => p.ids.extend(peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied())),
             PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
                 let ex: Vec<Ipv4Net> = except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
                 if ex.is_empty() && net.prefix_len() == 0 {
@@ -379,7 +383,7 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
         }
         let mut policies = Vec::new();
         for d in Direction::BOTH {
-            let acls = direction_acls(d, ep.direction(d), &node_ips, &members, &mut sets, &name, &mut unsupported);
+            let acls = direction_acls(d, ep.direction(d), &plan.sets, &node_ips, &members, &mut sets, &name, &mut unsupported);
             if acls.is_empty() {
                 continue;
             }

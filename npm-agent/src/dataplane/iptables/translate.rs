@@ -9,7 +9,9 @@
 //!   of the endpoints it applies to (`podselector-<group>`, hash:net) that the jump from
 //!   `AZURE-NPM-INGRESS` (dst) or `AZURE-NPM-EGRESS` (src) matches, allow rules, and a last
 //!   rule that sets the drop mark.
-//! - Allow entries become rules, one per (ports, peer kind): every identity admitted on the
+//! - Allow entries become rules, one per (ports, peer kind): a peer set is a list:set named
+//!   after its selector (`selector-ns:x pods:app=web`) whose members are identity sets, and
+//!   changes in place as identities join and leave it; every single identity admitted on the
 //!   same ports is matched through one set (`identity-<id>` hash:net of the identity's pod
 //!   addresses, or, for several, a `nestedlabel-…` list:set of those sets); each CIDR block is
 //!   its own `cidr-<block>` hash:net set (maxelem 4294967295) with the excepts as `nomatch`
@@ -48,7 +50,8 @@ use ipnet::{IpNet, Ipv4Net};
 use super::names::{self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment};
 use super::state::{KernelSet, KernelState, jumps_to_azure_npm};
 use crate::model::{CidrBlock, Direction, ObjectKey};
-use crate::plan::{Allow, Change, IdentityId, PeerMatch, Plan, PlanDiff, PortMatch};
+use crate::compile::PeerSelector;
+use crate::plan::{Allow, Change, IdentityId, PeerMatch, Plan, PlanDiff, PortMatch, SetId};
 
 /// Which program a batch is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,8 @@ enum Role {
     Identity(IdentityId),
     /// Members are the identity sets (kernel names).
     Nested(Vec<String>),
+    /// A plan's peer set: members are its identities' sets, and change in place.
+    Selector(SetId),
     Cidr,
     /// The endpoints of a group.
     Endpoints,
@@ -195,6 +200,10 @@ pub struct Translator {
     /// Requested readable name → kernel set name.
     by_readable: HashMap<String, String>,
     identity_sets: HashMap<IdentityId, String>,
+    /// The plan's peer sets.
+    peer_sets: HashMap<SetId, (PeerSelector, BTreeSet<IdentityId>)>,
+    /// Kernel names of the peer sets some rule references.
+    selector_sets: HashMap<SetId, String>,
     groups: HashMap<String, Group>,
     chains: HashMap<String, String>,
     endpoint_group: HashMap<(Ipv4Addr, Direction), String>,
@@ -247,10 +256,15 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 fn create_line(h: &str, kind: SetKind, options: &str, members: usize) -> String {
     match kind {
         SetKind::HashNet => format!("create {h} hash:net family inet{options}"),
-        // (Kernels before 4.x hold at most `size` members; a nested set never grows.)
+        // (Kernels before 4.x hold at most `size` members; a nested set never grows, a
+        // selector's set says how far it may.)
+        SetKind::ListSet if !options.is_empty() => format!("create {h} list:set{options}"),
         SetKind::ListSet => format!("create {h} list:set size {}", members.max(8)),
     }
 }
+
+/// How many identities a selector's list:set may hold on kernels that enforce `size`.
+const SELECTOR_SET_SIZE: &str = " size 65536";
 
 fn alternate(base: &str, k: usize) -> String {
     if k == 0 { base.to_string() } else { format!("{base}~{k}") }
@@ -382,8 +396,29 @@ impl Translator {
     pub fn translate(&mut self, diff: &PlanDiff) -> Vec<Batch> {
         let mut touched: BTreeSet<(Ipv4Addr, Direction)> = BTreeSet::new();
         let mut old_identity: BTreeMap<Ipv4Addr, Option<IdentityId>> = BTreeMap::new();
+        let mut member_changes: BTreeMap<(SetId, IdentityId), bool> = BTreeMap::new();
         for c in &diff.changes {
-            self.change(c, &mut touched, &mut old_identity);
+            match c {
+                Change::AddSet { set, selector } => {
+                    self.peer_sets.insert(*set, (selector.clone(), BTreeSet::new()));
+                }
+                Change::RemoveSet { set } => {
+                    self.peer_sets.remove(set);
+                }
+                Change::AddMember { set, identity } => {
+                    if let Some((_, m)) = self.peer_sets.get_mut(set) {
+                        m.insert(*identity);
+                        member_changes.insert((*set, *identity), true);
+                    }
+                }
+                Change::RemoveMember { set, identity } => {
+                    if let Some((_, m)) = self.peer_sets.get_mut(set) {
+                        m.remove(identity);
+                        member_changes.insert((*set, *identity), false);
+                    }
+                }
+                _ => self.change(c, &mut touched, &mut old_identity),
+            }
         }
         let mut ph = Phases::default();
         if !self.base {
@@ -426,6 +461,28 @@ impl Translator {
                 }
             }
         }
+        // Peer sets in the kernel change in place: identities join (their set created as
+        // needed) with the other additions, and leave with the other removals.
+        // Joins first: an identity set leaving one list and joining another must not be
+        // released in between.
+        let (joins, leaves): (Vec<_>, Vec<_>) = member_changes.into_iter().partition(|(_, join)| *join);
+        for ((sid, id), join) in joins.into_iter().chain(leaves) {
+            let Some(h) = self.selector_sets.get(&sid).cloned() else { continue };
+            if join {
+                let req = self.identity_set(id);
+                let member = req.name.clone();
+                self.ensure_set(req, &mut ph);
+                if self.sets.get_mut(&h).expect("selector set").members.insert(member.clone()) {
+                    self.sets.get_mut(&member).expect("identity set").refs += 1;
+                    ph.add_members.push(format!("add {h} {member}"));
+                }
+            } else if let Some(member) = self.identity_sets.get(&id).cloned()
+                && self.sets.get_mut(&h).expect("selector set").members.remove(&member)
+            {
+                ph.del_members.push(format!("del {h} {member}"));
+                self.release(&member, &mut ph);
+            }
+        }
         for (ip, dir) in touched {
             self.assign(ip, dir, &mut ph);
         }
@@ -436,6 +493,8 @@ impl Translator {
     fn change(&mut self, c: &Change, touched: &mut BTreeSet<(Ipv4Addr, Direction)>, old_identity: &mut BTreeMap<Ipv4Addr, Option<IdentityId>>) {
         match c {
             Change::AddNodeIp { .. } | Change::RemoveNodeIp { .. } => {}
+            // (handled by `translate`)
+            Change::AddSet { .. } | Change::RemoveSet { .. } | Change::AddMember { .. } | Change::RemoveMember { .. } => {}
             Change::AddEndpoint { ip, pod } | Change::RetargetEndpoint { ip, pod } => {
                 let Some(ip) = v4(*ip) else {
                     self.skipped_ipv6 += 1;
@@ -570,6 +629,23 @@ impl Translator {
         SetReq { name, base, kind: SetKind::HashNet, role: Role::Cidr, members: cidr_members(net, except), options: " maxelem 4294967295" }
     }
 
+    /// The list:set of a plan's peer set, with its identities' sets (to ensure first).
+    fn selector_set(&mut self, sid: SetId) -> (SetReq, Vec<SetReq>) {
+        let (selector, ids) = self.peer_sets.get(&sid).cloned().unwrap_or_else(|| (PeerSelector::everything(), BTreeSet::new()));
+        let id_sets: Vec<SetReq> = ids.iter().map(|id| self.identity_set(*id)).collect();
+        let members: BTreeSet<String> = id_sets.iter().map(|s| s.name.clone()).collect();
+        let base = format!("selector-{selector}");
+        let name = match self.selector_sets.get(&sid) {
+            Some(h) => h.clone(),
+            None => {
+                let want = members.clone();
+                self.claim(&base, |ks| ks.kind == "list:set" && ks.members == want)
+            }
+        };
+        let req = SetReq { name, base, kind: SetKind::ListSet, role: Role::Selector(sid), members, options: SELECTOR_SET_SIZE };
+        (req, id_sets)
+    }
+
     fn nested_set(&mut self, members: &[String]) -> SetReq {
         let readable: Vec<&str> = members.iter().map(|h| self.names.get(h).map(String::as_str).unwrap_or(h)).collect();
         let joined = readable.join(",");
@@ -598,6 +674,7 @@ impl Translator {
         #[derive(Default)]
         struct Peers {
             any: bool,
+            sets: BTreeSet<SetId>,
             ids: BTreeSet<IdentityId>,
             cidrs: BTreeSet<(Ipv4Net, Vec<Ipv4Net>)>,
         }
@@ -609,6 +686,9 @@ impl Translator {
                 PeerMatch::Any => p.any = true,
                 PeerMatch::Identity(id) => {
                     p.ids.insert(*id);
+                }
+                PeerMatch::Set(s) => {
+                    p.sets.insert(*s);
                 }
                 PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
                     let ex: Vec<Ipv4Net> = except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
@@ -634,6 +714,12 @@ impl Translator {
                 continue;
             }
             let mut matched: Vec<String> = Vec::new();
+            for sid in &peers.sets {
+                let (list, id_sets) = self.selector_set(*sid);
+                matched.push(list.name.clone());
+                sets.extend(id_sets);
+                lists.push(list);
+            }
             if !peers.ids.is_empty() {
                 let ids: Vec<SetReq> = peers.ids.iter().map(|id| self.identity_set(*id)).collect();
                 let h = if ids.len() == 1 {
@@ -760,6 +846,12 @@ impl Translator {
                 self.sets.get_mut(m).expect("nested member exists").refs += 1;
             }
         }
+        if let Role::Selector(sid) = req.role {
+            for m in &req.members {
+                self.sets.get_mut(m).expect("selector member exists").refs += 1;
+            }
+            self.selector_sets.insert(sid, h.clone());
+        }
         if let Role::Identity(id) = req.role {
             self.identity_sets.insert(id, h.clone());
         }
@@ -810,6 +902,12 @@ impl Translator {
                     self.release(&m, ph);
                 }
             }
+            Role::Selector(sid) => {
+                self.selector_sets.remove(&sid);
+                for m in s.members {
+                    self.release(&m, ph);
+                }
+            }
             Role::Identity(id) => {
                 self.identity_sets.remove(&id);
             }
@@ -854,6 +952,9 @@ impl Translator {
     /// from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let mut t = Translator { kernel: Some(kernel.clone()), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
+        for (sid, s) in &plan.sets {
+            t.peer_sets.insert(*sid, (s.selector.clone(), s.members.clone()));
+        }
         for (ip, id) in &plan.identities {
             match v4(*ip) {
                 Some(v) => {
