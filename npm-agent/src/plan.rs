@@ -329,8 +329,12 @@ pub enum Change {
 /// neither admits (a property test checks this change by change). Addresses that become pods
 /// get their identity before any endpoint is isolated, and endpoints becoming isolated are
 /// isolated before any other endpoint's entries widen. New sets come first, with their
-/// members, before entries name them; members join existing sets with the widening entries
-/// and leave with the restricting removals; sets go last. Peers whose identity
+/// members, before entries name them; members join existing sets before anything is
+/// isolated and leave with the restricting removals; sets go last. One exception: an
+/// endpoint whose address passes to another pod in the event (two pods claiming one address
+/// while the first one's deletion is on its way) names the old pod's peer sets and then the
+/// new one's while members join and leave them, so within the diff it may admit a peer that
+/// neither pod's policies admit (never refusing what both admit). Peers whose identity
 /// switches (their labels or named ports changed) are matched by their old or their new
 /// identity, switched atomically in the middle of the diff.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -94,15 +94,15 @@ pub fn decide<M: Maps>(maps: &M, flow: &Flow, dir: u8) -> Decision {
     if maps.is_node_ip(peer) {
         return Decision::of(Reason::Node, true);
     }
-    if admitted(maps, endpoint, dir, peer, flow) {
+    if admitted(maps, ep.profile(dir), dir, peer, flow) {
         return Decision::of(Reason::Policy, true);
     }
     Decision::of(Reason::Denied, false)
 }
 
-fn admitted<M: Maps>(maps: &M, endpoint: [u8; 4], dir: u8, peer: [u8; 4], flow: &Flow) -> bool {
+fn admitted<M: Maps>(maps: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> bool {
     // A rule's ports are the destination's, in both directions.
-    let check = |peer_id: u32| maps.policy_matches(POLICY_PREFIX_FULL, &policy_key(endpoint, dir, peer_id, flow.protocol, flow.dport));
+    let check = |peer_id: u32| maps.policy_matches(POLICY_PREFIX_FULL, &policy_key(profile, dir, peer_id, flow.protocol, flow.dport));
     if let Some(id) = maps.identity(peer) {
         if check(id) {
             return true;

@@ -59,16 +59,28 @@ pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
 pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 
 /// Value of the endpoint map, keyed by the pod's IPv4 address.
+///
+/// An isolated direction names a *profile*: the policy-trie entries it is allowed by.
+/// Endpoints whose entries are equal (replicas of one Deployment, as a rule) share one
+/// profile, so the trie holds each distinct set of entries once, not once per pod; and an
+/// endpoint moves to other entries atomically, by one write of this value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct EndpointInfo {
     pub flags: u32,
+    /// Profile of each direction, indexed by `DIR_INGRESS` / `DIR_EGRESS`.
+    pub profiles: [u32; 2],
 }
 
 impl EndpointInfo {
     pub fn isolated(&self, dir: u8) -> bool {
         let bit = if dir == DIR_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
         self.flags & bit != 0
+    }
+
+    /// The profile whose entries admit this direction's traffic.
+    pub fn profile(&self, dir: u8) -> u32 {
+        if dir == DIR_INGRESS { self.profiles[0] } else { self.profiles[1] }
     }
 }
 
@@ -82,7 +94,7 @@ pub const PREFIX_ID_BASE: u32 = 0x8000_0000;
 
 // ---- the policy trie ----
 
-/// Bytes of a policy key: endpoint address (4), direction (1), peer id (4, big-endian),
+/// Bytes of a policy key: profile (4, big-endian), direction (1), peer id (4, big-endian),
 /// protocol (1), port (2, big-endian). Wildcards are trailing bits cut off by the prefix
 /// length: "any protocol" stops after the peer, "every port of a protocol" after the protocol,
 /// and a port range is a set of aligned power-of-two port blocks.
@@ -95,7 +107,8 @@ pub const POLICY_PREFIX_PROTO: u32 = 80;
 /// Prefix length of a key matching one port.
 pub const POLICY_PREFIX_FULL: u32 = 96;
 
-pub fn policy_key(endpoint: [u8; 4], dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyKeyData {
+pub fn policy_key(profile: u32, dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyKeyData {
+    let endpoint = profile.to_be_bytes();
     let p = peer.to_be_bytes();
     let port = port.to_be_bytes();
     [endpoint[0], endpoint[1], endpoint[2], endpoint[3], dir, p[0], p[1], p[2], p[3], protocol, port[0], port[1]]
@@ -248,7 +261,7 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<EndpointInfo>(), 4);
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
         assert_eq!(core::mem::size_of::<CtKey>(), 16);
         assert_eq!(core::mem::size_of::<CtValue>(), 8);
         assert_eq!(core::mem::size_of::<FragKey>(), 12);
@@ -257,7 +270,7 @@ mod tests {
 
     #[test]
     fn policy_key_layout() {
-        let k = policy_key([10, 0, 0, 1], DIR_EGRESS, 0x0102_0304, 6, 8080);
+        let k = policy_key(u32::from_be_bytes([10, 0, 0, 1]), DIR_EGRESS, 0x0102_0304, 6, 8080);
         assert_eq!(k, [10, 0, 0, 1, 1, 1, 2, 3, 4, 6, 0x1f, 0x90]);
     }
 

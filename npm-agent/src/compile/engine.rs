@@ -797,6 +797,11 @@ impl Engine {
     fn finish(&mut self) -> PlanDiff {
         // Stages of the order (see `PlanDiff`). Addresses that become pods get their identity
         // before anything is isolated, so a newly isolated endpoint already recognizes them.
+        // Addresses that become pods are identified, and endpoints that become isolated are
+        // isolated, only after the restricting removals: an endpoint losing a peer set must
+        // not admit a new pod that joins the set in the same event (a pod that moves to a
+        // new address while its old one passes to a pod that policies select differently).
+        // Isolating late only keeps an endpoint as open as it was a moment longer.
         const SETS: u8 = 0;
         const ENDPOINTS: u8 = 1;
         const QUIET_ADDS: u8 = 2;
@@ -916,7 +921,9 @@ impl Engine {
             }
             let Some(s) = self.idx.selectors.get(&sel) else { continue };
             match (before, s.members.contains(&id)) {
-                (false, true) => changes.push((WIDENING_ADDS, Change::AddMember { set: sel, identity: id })),
+                // (In a pod event, only a new identity joins sets: no address has it until
+                // IDENTIFY or IDENTIFY_NEW.)
+                (false, true) => changes.push((QUIET_ADDS, Change::AddMember { set: sel, identity: id })),
                 (true, false) => changes.push((RESTRICTING_REMOVES, Change::RemoveMember { set: sel, identity: id })),
                 _ => {}
             }

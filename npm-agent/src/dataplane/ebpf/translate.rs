@@ -2,13 +2,20 @@
 //! host-testable.
 //!
 //! Encoding (see `npm_common`):
-//! - endpoints: pod address -> isolation flags;
+//! - endpoints: pod address -> isolation flags and, per isolated direction, a profile;
+//! - profiles: the entries of one endpoint direction, shared by every endpoint direction with
+//!   equal entries (replicas, as a rule). Endpoint changes are gathered per run of endpoint
+//!   changes in the diff and then applied per endpoint direction: the profile of its new
+//!   entries is found, or built in full, or (when the endpoint is its only user and no
+//!   profile has the new entries) edited in place, additions first; then the endpoint's
+//!   value is written once (isolation and profile together); then what is no longer used
+//!   goes. So an endpoint moves between entries atomically, and replicas cost one copy;
 //! - identities: pod address -> identity (the plan's numbers);
 //! - CIDR trie: every prefix that an ipBlock of a local endpoint names (its cidr and each
 //!   except) -> its own prefix id. A longest-prefix match gives the most specific named
 //!   prefix holding an address, so a block admits the address exactly when it admits that
 //!   prefix: the prefix lies inside the block's cidr and inside none of its excepts;
-//! - policy trie: (endpoint, direction, peer id, protocol, port) with wildcards as shorter
+//! - policy trie: (profile, direction, peer id, protocol, port) with wildcards as shorter
 //!   prefixes; a port range becomes aligned power-of-two blocks. A CIDR allow entry becomes
 //!   one key per named prefix it admits; a peer-set entry one key per member identity (the
 //!   per-packet lookup stays one identity lookup and one trie lookup however many sets
@@ -62,10 +69,39 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 }
 
 #[derive(Default)]
+struct EndpointDir {
+    isolated: bool,
+    allows: HashSet<Allow>,
+    /// The profile the maps hold for this direction (0: none, not isolated).
+    profile: u32,
+}
+
+#[derive(Default)]
 struct Endpoint {
     pod: Option<ObjectKey>,
-    flags: u32,
-    allows: [HashSet<Allow>; 2],
+    dirs: [EndpointDir; 2],
+}
+
+impl Endpoint {
+    fn info(&self) -> EndpointInfo {
+        let mut flags = 0;
+        if self.dirs[0].profile != 0 {
+            flags |= EP_INGRESS_ISOLATED;
+        }
+        if self.dirs[1].profile != 0 {
+            flags |= EP_EGRESS_ISOLATED;
+        }
+        EndpointInfo { flags, profiles: [self.dirs[0].profile, self.dirs[1].profile] }
+    }
+}
+
+/// A profile's entries, sorted: what identifies it.
+type Content = (Direction, Vec<Allow>);
+
+struct Profile {
+    content: Content,
+    /// Endpoint directions naming it.
+    users: u32,
 }
 
 struct Prefix {
@@ -74,20 +110,20 @@ struct Prefix {
     refs: u32,
 }
 
-/// A CIDR allow of one endpoint direction: what a named prefix's entries are made for.
+/// A CIDR allow of one profile: what a named prefix's entries are made for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct CidrAllow {
-    ip: Ipv4Addr,
+    profile: u32,
     dir: Direction,
     block: CidrBlock,
     ports: PortMatch,
 }
 
-/// A peer set: its members, and the entries naming it (endpoint, direction, ports).
+/// A peer set: its members, and the entries naming it (profile, direction, ports).
 #[derive(Default)]
 struct PeerSetState {
     members: BTreeSet<u32>,
-    users: HashSet<(Ipv4Addr, Direction, PortMatch)>,
+    users: HashSet<(u32, Direction, PortMatch)>,
 }
 
 /// The encoder's memory of what is in the maps.
@@ -95,6 +131,11 @@ struct PeerSetState {
 pub struct Translator {
     sets: HashMap<SetId, PeerSetState>,
     endpoints: HashMap<Ipv4Addr, Endpoint>,
+    profiles: HashMap<u32, Profile>,
+    by_content: HashMap<Content, u32>,
+    next_profile: u32,
+    /// Endpoint directions changed by the current run of endpoint changes.
+    dirty: BTreeSet<(Ipv4Addr, Direction)>,
     prefixes: BTreeMap<Ipv4Net, Prefix>,
     next_prefix: u32,
     policy: HashMap<(u32, PolicyKeyData), u32>,
@@ -108,6 +149,7 @@ pub struct Translator {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Encoded {
     pub endpoints: usize,
+    pub profiles: usize,
     pub identities: usize,
     pub cidr_prefixes: usize,
     pub policy_entries: usize,
@@ -121,6 +163,7 @@ impl Translator {
     pub fn encoded(&self) -> Encoded {
         Encoded {
             endpoints: self.endpoints.len(),
+            profiles: self.profiles.len(),
             identities: self.identities.len(),
             cidr_prefixes: self.prefixes.len(),
             policy_entries: self.policy.len(),
@@ -141,9 +184,113 @@ impl Translator {
     pub fn translate(&mut self, diff: &PlanDiff) -> Vec<MapOp> {
         let mut ops = Vec::new();
         for c in &diff.changes {
+            let endpoint_change = matches!(c, Change::SetIsolation { .. } | Change::AddAllow { .. } | Change::RemoveAllow { .. });
+            if !endpoint_change {
+                self.flush(&mut ops);
+            }
             self.change(c, &mut ops);
         }
+        self.flush(&mut ops);
         ops
+    }
+
+    /// Moves every endpoint direction changed since the last flush to the profile of its
+    /// entries (see the module docs): additions, then endpoint values, then removals.
+    fn flush(&mut self, ops: &mut Vec<MapOp>) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        // Removals run after the endpoint values are written (their state with them: a
+        // prefix a removal un-names may be named again by an addition before it).
+        let mut removals: Vec<(u32, Direction, Allow)> = Vec::new();
+        // Profiles edited in place in this flush still hold entries that go with the removals:
+        // no other endpoint joins them before.
+        let mut in_flux: HashSet<u32> = HashSet::new();
+        let mut release: Vec<u32> = Vec::new();
+        let mut writes: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        for (ip, d) in dirty {
+            let Some(ep) = self.endpoints.get(&ip) else { continue };
+            let dir = &ep.dirs[d as usize];
+            let old = dir.profile;
+            let content: Option<Content> = dir.isolated.then(|| {
+                let mut v: Vec<Allow> = dir.allows.iter().cloned().collect();
+                v.sort_unstable();
+                (d, v)
+            });
+            let new = match content {
+                None => 0,
+                Some(c) => match self.by_content.get(&c) {
+                    Some(p) if !in_flux.contains(p) => *p,
+                    None | Some(_) if old != 0 && self.profiles[&old].users == 1 && !self.by_content.contains_key(&c) => {
+                        // Only this endpoint uses it: edit in place, additions now.
+                        let was = self.profiles.remove(&old).expect("profile");
+                        if self.by_content.get(&was.content) == Some(&old) {
+                            self.by_content.remove(&was.content);
+                        }
+                        let before: HashSet<&Allow> = was.content.1.iter().collect();
+                        let after: HashSet<&Allow> = c.1.iter().collect();
+                        for a in c.1.iter().filter(|a| !before.contains(a)) {
+                            self.add_allow(old, d, a, ops);
+                        }
+                        removals.extend(was.content.1.iter().filter(|a| !after.contains(a)).map(|a| (old, d, a.clone())));
+                        in_flux.insert(old);
+                        self.by_content.insert(c.clone(), old);
+                        self.profiles.insert(old, Profile { content: c, users: 1 });
+                        old
+                    }
+                    _ => {
+                        self.next_profile += 1;
+                        let p = self.next_profile;
+                        for a in &c.1 {
+                            self.add_allow(p, d, a, ops);
+                        }
+                        self.by_content.insert(c.clone(), p);
+                        self.profiles.insert(p, Profile { content: c, users: 0 });
+                        p
+                    }
+                },
+            };
+            if new == old {
+                // (in place, or the same entries again)
+                writes.insert(ip);
+                continue;
+            }
+            if new != 0 {
+                self.profiles.get_mut(&new).expect("profile").users += 1;
+            }
+            if old != 0 {
+                release.push(old);
+            }
+            self.endpoints.get_mut(&ip).expect("endpoint").dirs[d as usize].profile = new;
+            writes.insert(ip);
+        }
+        for ip in writes {
+            ops.push(MapOp::EndpointSet { ip, info: self.endpoints[&ip].info() });
+        }
+        for (p, d, a) in removals {
+            self.remove_allow(p, d, &a, ops);
+        }
+        for p in release {
+            self.release_profile(p, ops);
+        }
+    }
+
+    /// One endpoint direction stops naming `p`; its entries go with its last user.
+    fn release_profile(&mut self, p: u32, ops: &mut Vec<MapOp>) {
+        let prof = self.profiles.get_mut(&p).expect("released profile");
+        prof.users -= 1;
+        if prof.users > 0 {
+            return;
+        }
+        let prof = self.profiles.remove(&p).expect("profile");
+        if self.by_content.get(&prof.content) == Some(&p) {
+            self.by_content.remove(&prof.content);
+        }
+        let (d, allows) = prof.content;
+        for a in &allows {
+            self.remove_allow(p, d, a, ops);
+        }
     }
 
     fn change(&mut self, c: &Change, ops: &mut Vec<MapOp>) {
@@ -164,51 +311,40 @@ impl Translator {
                 };
                 let ep = self.endpoints.entry(ip).or_default();
                 ep.pod = Some(pod.clone());
-                ops.push(MapOp::EndpointSet { ip, info: EndpointInfo { flags: ep.flags } });
+                ops.push(MapOp::EndpointSet { ip, info: ep.info() });
                 ops.push(MapOp::Attach { ip, pod: pod.clone() });
             }
             Change::RemoveEndpoint { ip } => {
                 let Some(ip) = v4(*ip) else { return };
-                let Some(ep) = self.endpoints.get(&ip) else { return };
+                let Some(ep) = self.endpoints.remove(&ip) else { return };
                 ops.push(MapOp::Detach { ip });
                 ops.push(MapOp::EndpointDel { ip });
-                let allows: Vec<(Direction, Allow)> = Direction::BOTH
-                    .into_iter()
-                    .flat_map(|d| ep.allows[d as usize].iter().map(move |a| (d, a.clone())))
-                    .collect();
-                for (d, a) in allows {
-                    self.remove_allow(ip, d, &a, ops);
+                for dir in ep.dirs {
+                    if dir.profile != 0 {
+                        self.release_profile(dir.profile, ops);
+                    }
                 }
-                self.endpoints.remove(&ip);
             }
             Change::SetIsolation { ip, direction, isolated } => {
                 let Some(ip) = v4(*ip) else { return };
                 let Some(ep) = self.endpoints.get_mut(&ip) else { return };
-                let bit = match direction {
-                    Direction::Ingress => EP_INGRESS_ISOLATED,
-                    Direction::Egress => EP_EGRESS_ISOLATED,
-                };
-                if *isolated {
-                    ep.flags |= bit;
-                } else {
-                    ep.flags &= !bit;
-                }
-                ops.push(MapOp::EndpointSet { ip, info: EndpointInfo { flags: ep.flags } });
+                ep.dirs[*direction as usize].isolated = *isolated;
+                self.dirty.insert((ip, *direction));
             }
             Change::AddAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    if ep.allows[*direction as usize].insert(allow.clone()) {
-                        self.add_allow(ip, *direction, allow, ops);
-                    }
+                if let Some(ep) = self.endpoints.get_mut(&ip)
+                    && ep.dirs[*direction as usize].allows.insert(allow.clone())
+                {
+                    self.dirty.insert((ip, *direction));
                 }
             }
             Change::RemoveAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    if ep.allows[*direction as usize].remove(allow) {
-                        self.remove_allow(ip, *direction, allow, ops);
-                    }
+                if let Some(ep) = self.endpoints.get_mut(&ip)
+                    && ep.dirs[*direction as usize].allows.remove(allow)
+                {
+                    self.dirty.insert((ip, *direction));
                 }
             }
             Change::SetIdentity { ip, identity } => match v4(*ip) {
@@ -231,9 +367,9 @@ impl Translator {
             Change::RemoveSet { set } => {
                 // Entries naming it are gone by now; drop their keys should any be left.
                 if let Some(s) = self.sets.remove(set) {
-                    for (ip, d, ports) in s.users {
+                    for (prof, d, ports) in s.users {
                         for m in &s.members {
-                            self.policy_keys(ip, d, *m, ports, false, ops);
+                            self.policy_keys(prof, d, *m, ports, false, ops);
                         }
                     }
                 }
@@ -242,8 +378,8 @@ impl Translator {
                 let Some(s) = self.sets.get_mut(set) else { return };
                 if s.members.insert(*identity) {
                     let users: Vec<_> = s.users.iter().copied().collect();
-                    for (ip, d, ports) in users {
-                        self.policy_keys(ip, d, *identity, ports, true, ops);
+                    for (prof, d, ports) in users {
+                        self.policy_keys(prof, d, *identity, ports, true, ops);
                     }
                 }
             }
@@ -251,8 +387,8 @@ impl Translator {
                 let Some(s) = self.sets.get_mut(set) else { return };
                 if s.members.remove(identity) {
                     let users: Vec<_> = s.users.iter().copied().collect();
-                    for (ip, d, ports) in users {
-                        self.policy_keys(ip, d, *identity, ports, false, ops);
+                    for (prof, d, ports) in users {
+                        self.policy_keys(prof, d, *identity, ports, false, ops);
                     }
                 }
             }
@@ -260,23 +396,23 @@ impl Translator {
     }
 
     /// Adds (or removes) the keys of a peer-set entry: one per member.
-    fn set_entry(&mut self, ip: Ipv4Addr, d: Direction, set: SetId, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
+    fn set_entry(&mut self, prof: u32, d: Direction, set: SetId, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
         let s = self.sets.entry(set).or_default();
-        let changed = if add { s.users.insert((ip, d, ports)) } else { s.users.remove(&(ip, d, ports)) };
+        let changed = if add { s.users.insert((prof, d, ports)) } else { s.users.remove(&(prof, d, ports)) };
         if !changed {
             return;
         }
         let members: Vec<u32> = s.members.iter().copied().collect();
         for m in members {
-            self.policy_keys(ip, d, m, ports, add, ops);
+            self.policy_keys(prof, d, m, ports, add, ops);
         }
     }
 
-    fn add_allow(&mut self, ip: Ipv4Addr, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
+    fn add_allow(&mut self, prof: u32, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
         match &allow.peer {
-            PeerMatch::Any => self.policy_keys(ip, d, PEER_ANY, allow.ports, true, ops),
-            PeerMatch::Identity(id) => self.policy_keys(ip, d, *id, allow.ports, true, ops),
-            PeerMatch::Set(s) => self.set_entry(ip, d, *s, allow.ports, true, ops),
+            PeerMatch::Any => self.policy_keys(prof, d, PEER_ANY, allow.ports, true, ops),
+            PeerMatch::Identity(id) => self.policy_keys(prof, d, *id, allow.ports, true, ops),
+            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, true, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else {
                     self.skipped_ipv6 += 1;
@@ -287,24 +423,24 @@ impl Translator {
                 }
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
-                    self.policy_keys(ip, d, id, allow.ports, true, ops);
+                    self.policy_keys(prof, d, id, allow.ports, true, ops);
                 }
-                self.cidr_allows.insert(CidrAllow { ip, dir: d, block: block.clone(), ports: allow.ports });
+                self.cidr_allows.insert(CidrAllow { profile: prof, dir: d, block: block.clone(), ports: allow.ports });
             }
         }
     }
 
-    fn remove_allow(&mut self, ip: Ipv4Addr, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
+    fn remove_allow(&mut self, prof: u32, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
         match &allow.peer {
-            PeerMatch::Any => self.policy_keys(ip, d, PEER_ANY, allow.ports, false, ops),
-            PeerMatch::Identity(id) => self.policy_keys(ip, d, *id, allow.ports, false, ops),
-            PeerMatch::Set(s) => self.set_entry(ip, d, *s, allow.ports, false, ops),
+            PeerMatch::Any => self.policy_keys(prof, d, PEER_ANY, allow.ports, false, ops),
+            PeerMatch::Identity(id) => self.policy_keys(prof, d, *id, allow.ports, false, ops),
+            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, false, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else { return };
-                self.cidr_allows.remove(&CidrAllow { ip, dir: d, block: block.clone(), ports: allow.ports });
+                self.cidr_allows.remove(&CidrAllow { profile: prof, dir: d, block: block.clone(), ports: allow.ports });
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
-                    self.policy_keys(ip, d, id, allow.ports, false, ops);
+                    self.policy_keys(prof, d, id, allow.ports, false, ops);
                 }
                 for p in std::iter::once(net).chain(excepts) {
                     self.unname_prefix(p, ops);
@@ -338,7 +474,7 @@ impl Translator {
         // Entries first: addresses that move to this prefix keep what admits them.
         let users: Vec<CidrAllow> = self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
         for a in users {
-            self.policy_keys(a.ip, a.dir, id, a.ports, true, ops);
+            self.policy_keys(a.profile, a.dir, id, a.ports, true, ops);
         }
         self.prefixes.insert(p, Prefix { id, refs: 1 });
         ops.push(MapOp::CidrSet { net: p, id });
@@ -356,13 +492,12 @@ impl Translator {
         ops.push(MapOp::CidrDel { net: p });
         let users: Vec<CidrAllow> = self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
         for a in users {
-            self.policy_keys(a.ip, a.dir, id, a.ports, false, ops);
+            self.policy_keys(a.profile, a.dir, id, a.ports, false, ops);
         }
     }
 
-    /// Adds (or removes) the policy-trie keys of one (endpoint, direction, peer, ports).
-    fn policy_keys(&mut self, ip: Ipv4Addr, d: Direction, peer: u32, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
-        let ep = ip.octets();
+    /// Adds (or removes) the policy-trie keys of one (profile, direction, peer, ports).
+    fn policy_keys(&mut self, ep: u32, d: Direction, peer: u32, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
         let dir = dir_byte(d);
         let mut keys: Vec<(u32, PolicyKeyData)> = Vec::new();
         match ports {
