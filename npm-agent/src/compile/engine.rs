@@ -813,7 +813,10 @@ impl Engine {
         const RESTRICTING_REMOVES: u8 = 8;
         const QUIET_REMOVES: u8 = 8;
         const UNIDENTIFY: u8 = 9;
-        const UNENFORCE: u8 = 10;
+        // An endpoint that goes (its pod gone, or its address now another node's pod's) admits
+        // everything in the new plan: unenforced with the unisolations, before any address
+        // loses its identity, so it never refuses what it admitted and still admits.
+        const UNENFORCE: u8 = UNISOLATE;
         const UNSET: u8 = 11;
 
         for sel in std::mem::take(&mut self.idx.unused_selectors) {
