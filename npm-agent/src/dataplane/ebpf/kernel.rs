@@ -4,7 +4,10 @@
 //!
 //! Pin layout under the pin root (default `/sys/fs/bpf/npm-rs`):
 //! - `maps/<NAME>`: every map (reused by the next agent: its contents are reconciled, never
-//!   flushed);
+//!   flushed). A pinned map whose definition differs from this build's (an upgrade that
+//!   changed a key or value layout, or a size) is unpinned and created anew: the old programs
+//!   keep their old maps until each link is swapped to the new program, after the new maps
+//!   hold the whole plan, so an upgrade opens no hole;
 //! - `links/<ifname>-<from|to>`: the tcx links. On restart, pinned links are kept and their
 //!   program is replaced atomically by the new agent's.
 
@@ -129,6 +132,7 @@ impl EbpfDataplane {
         if OBJECT.is_empty() {
             return Err(DataplaneError::Unsupported { dataplane: NAME, reason: "built without eBPF programs (AYA_BUILD_SKIP)".into() });
         }
+        replace_incompatible_pins(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
@@ -402,6 +406,44 @@ impl Dataplane for EbpfDataplane {
         }
         self.remove_stale()
     }
+}
+
+/// A pinned map's definition, as the kernel reports it or as the object declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapShape {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+/// Unpins every map under `maps_dir` whose definition differs from the one in [`OBJECT`], so
+/// that the loader creates it anew instead of handing the new programs a map of another
+/// layout (the verifier would refuse them, or worse, they would misread it). Unpinning does
+/// not destroy the old map: the programs still attached keep using it until replaced.
+fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| err("reading the programs' map definitions", e))?;
+    for (name, def) in &object.maps {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let want = MapShape { map_type: def.map_type(), key_size: def.key_size(), value_size: def.value_size(), max_entries: def.max_entries() };
+        let found = aya::maps::MapInfo::from_pin(&path).map(|info| MapShape {
+            map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        });
+        match found {
+            Ok(found) if found == want => {}
+            found => {
+                tracing::warn!(map = %name, pinned = ?found.ok(), expected = ?want, "pinned map has another definition (an upgrade changed it): creating it anew");
+                std::fs::remove_file(&path).map_err(|e| err(format!("unpinning {}", path.display()), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
