@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use proptest::prelude::*;
 
 use common::*;
-use npm_agent::compile::{Engine, Scope, compile};
+use npm_agent::compile::{DORMANT_SELECTORS, Engine, Scope, compile};
 use std::net::IpAddr;
 
 use npm_agent::model::{Direction, Protocol};
@@ -94,8 +94,9 @@ proptest! {
 
     #[test]
     fn diffs_rebuild_the_full_plan(events in proptest::collection::vec(event(), 1..30)) {
-        for scope in scopes() {
-            let mut engine = Engine::new(scope.clone());
+        // Capacity 1 forgets released selectors soon (exercising both reviving and forgetting).
+        for (scope, dormant) in scopes().into_iter().flat_map(|s| [(s.clone(), DORMANT_SELECTORS), (s, 1)]) {
+            let mut engine = Engine::with_dormant_capacity(scope.clone(), dormant);
             let mut plan = Plan::default();
             let mut state = ClusterState::default();
             for e in &events {

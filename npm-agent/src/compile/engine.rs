@@ -13,6 +13,10 @@
 //!   selector terms name the set, except for egress named ports, which resolve against each
 //!   peer and so are per identity. A selector left without users is released at the end of
 //!   the event, so that an event that drops and takes it again (a policy update) keeps it.
+//!   A released selector leaves the plan but stays evaluated, *dormant*, while it is among
+//!   the [`DORMANT_SELECTORS`] most recently released: a pod that goes and comes back (the
+//!   only pod of its deployment on the node, restarted) takes its selectors again without
+//!   a scan of every identity of the cluster.
 //! - An identity exists while at least one pod that owns its address has it.
 //! - The diff of an event is computed by recording, at first touch, what each plan entry
 //!   was before the event, and comparing with what it is after: it is the net change,
@@ -27,6 +31,11 @@ use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, PeerSet, P
 use crate::state::{ClusterState, Event};
 
 type SelectorId = u32;
+
+/// How many released selectors stay evaluated (members kept up to date, out of the plan).
+/// Each costs its member set and a match per new identity; a cluster-wide selector at 100k
+/// pods is about 10k members.
+pub const DORMANT_SELECTORS: usize = 64;
 type PolicyId = u32;
 
 fn di(d: Direction) -> usize {
@@ -56,6 +65,8 @@ struct SelectorEntry {
     selector: PeerSelector,
     members: HashSet<IdentityId>,
     users: HashSet<TermRef>,
+    /// A peer set of the plan (else dormant: released, still evaluated).
+    live: bool,
 }
 
 struct PolicyEntry {
@@ -88,6 +99,8 @@ struct Index {
     next_selector: SelectorId,
     /// Selectors left without users during the event: released at its end unless taken again.
     unused_selectors: Vec<SelectorId>,
+    /// Dormant selectors, the most recently released last.
+    dormant: std::collections::VecDeque<SelectorId>,
     /// Materialized `PodsInBlock` terms.
     pods_in_block: HashMap<TermRef, CidrBlock>,
     policies: HashMap<PolicyId, PolicyEntry>,
@@ -162,6 +175,8 @@ impl Output {
 /// The incremental compiler of one node's plan (or of every pod's, for the simulator).
 pub struct Engine {
     scope: Scope,
+    /// How many released selectors stay dormant ([`DORMANT_SELECTORS`] unless a test asks).
+    dormant_capacity: usize,
     state: ClusterState,
     idx: Index,
     out: Output,
@@ -169,7 +184,13 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(scope: Scope) -> Self {
-        Self { scope, state: ClusterState::default(), idx: Index { next_identity: 1, ..Index::default() }, out: Output::default() }
+        Self::with_dormant_capacity(scope, DORMANT_SELECTORS)
+    }
+
+    /// An engine keeping at most `capacity` released selectors dormant (tests use small
+    /// numbers to exercise forgetting them).
+    pub fn with_dormant_capacity(scope: Scope, capacity: usize) -> Self {
+        Self { scope, dormant_capacity: capacity, state: ClusterState::default(), idx: Index { next_identity: 1, ..Index::default() }, out: Output::default() }
     }
 
     pub fn scope(&self) -> &Scope {
@@ -222,7 +243,7 @@ impl Engine {
         for (key, id) in &self.idx.pod_identity {
             plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
         }
-        for (id, s) in &self.idx.selectors {
+        for (id, s) in self.idx.selectors.iter().filter(|(_, s)| s.live) {
             plan.sets.insert(*id, PeerSet { selector: s.selector.clone(), members: s.members.iter().copied().collect() });
         }
         for (key, ep) in &self.out.endpoints {
@@ -243,7 +264,7 @@ impl Engine {
             pods: self.state.pods.len(),
             policies: self.state.policies.len(),
             identities: self.idx.identities.len(),
-            materialized_selectors: self.idx.selectors.len(),
+            materialized_selectors: self.idx.selectors.len() - self.idx.dormant.len(),
             endpoints: self.out.endpoints.len(),
             allow_entries: self.out.endpoints.values().map(|e| e.counts[0].len() + e.counts[1].len()).sum(),
         }
@@ -730,6 +751,13 @@ impl Engine {
 
     fn intern_selector(&mut self, s: &PeerSelector) -> SelectorId {
         if let Some(&id) = self.idx.selector_ids.get(s) {
+            let entry = self.idx.selectors.get_mut(&id).expect("interned selector");
+            if !entry.live {
+                // Dormant: back into the plan with the members it kept.
+                entry.live = true;
+                self.idx.dormant.retain(|d| *d != id);
+                self.out.diff.sets.entry(id).or_insert(false);
+            }
             return id;
         }
         let id = self.idx.next_selector;
@@ -763,12 +791,24 @@ impl Engine {
         }
         self.out.diff.sets.entry(id).or_insert(false);
         self.idx.selector_ids.insert(s.clone(), id);
-        self.idx.selectors.insert(id, SelectorEntry { selector: s.clone(), members, users: HashSet::new() });
+        self.idx.selectors.insert(id, SelectorEntry { selector: s.clone(), members, users: HashSet::new(), live: true });
         id
     }
 
+    /// Takes a selector without users out of the plan; it stays evaluated (dormant) until
+    /// [`DORMANT_SELECTORS`] others have been released after it.
     fn release_selector(&mut self, sel: SelectorId) {
         self.out.diff.sets.entry(sel).or_insert(true);
+        self.idx.selectors.get_mut(&sel).expect("selector").live = false;
+        self.idx.dormant.push_back(sel);
+        while self.idx.dormant.len() > self.dormant_capacity {
+            let oldest = self.idx.dormant.pop_front().expect("non-empty");
+            self.forget_selector(oldest);
+        }
+    }
+
+    /// Stops evaluating a dormant selector.
+    fn forget_selector(&mut self, sel: SelectorId) {
         let entry = self.idx.selectors.remove(&sel).expect("selector");
         for m in &entry.members {
             if let Some(i) = self.idx.identities.get_mut(m) {
@@ -820,7 +860,7 @@ impl Engine {
         const UNSET: u8 = 11;
 
         for sel in std::mem::take(&mut self.idx.unused_selectors) {
-            if self.idx.selectors.get(&sel).is_some_and(|s| s.users.is_empty()) {
+            if self.idx.selectors.get(&sel).is_some_and(|s| s.live && s.users.is_empty()) {
                 self.release_selector(sel);
             }
         }
@@ -906,7 +946,7 @@ impl Engine {
         // Peer sets: new ones with their members first, gone ones (and their members) last.
         let mut new_sets: HashSet<SelectorId> = HashSet::new();
         for (sel, before) in diff.sets {
-            match (before, self.idx.selectors.get(&sel)) {
+            match (before, self.idx.selectors.get(&sel).filter(|s| s.live)) {
                 (false, Some(s)) => {
                     new_sets.insert(sel);
                     changes.push((SETS, Change::AddSet { set: sel, selector: s.selector.clone() }));
@@ -922,7 +962,7 @@ impl Engine {
             if new_sets.contains(&sel) {
                 continue;
             }
-            let Some(s) = self.idx.selectors.get(&sel) else { continue };
+            let Some(s) = self.idx.selectors.get(&sel).filter(|s| s.live) else { continue };
             match (before, s.members.contains(&id)) {
                 // (In a pod event, only a new identity joins sets: no address has it until
                 // IDENTIFY or IDENTIFY_NEW.)

@@ -18,7 +18,7 @@ use crate::model::{
 };
 use crate::plan::PortMatch;
 
-pub use engine::Engine;
+pub use engine::{DORMANT_SELECTORS, Engine};
 pub use full::compile;
 
 /// Which pods are local endpoints of the plan being built.
