@@ -209,21 +209,44 @@ impl Translator {
         let mut in_flux: HashSet<u32> = HashSet::new();
         let mut release: Vec<u32> = Vec::new();
         let mut writes: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for (ip, d) in dirty {
-            let Some(ep) = self.endpoints.get(&ip) else { continue };
-            let dir = &ep.dirs[d as usize];
-            let old = dir.profile;
-            let content: Option<Content> = dir.isolated.then(|| {
+        let content_of = |dir: &EndpointDir, d: Direction| -> Option<Content> {
+            dir.isolated.then(|| {
                 let mut v: Vec<Allow> = dir.allows.iter().cloned().collect();
                 v.sort_unstable();
                 (d, v)
-            });
+            })
+        };
+        // A profile whose every user moves to the same new entries (a policy update reaching
+        // all the pods of a deployment) is edited in place, as is one with a single user:
+        // writing only the entries that change, not a copy of the whole profile.
+        let items: Vec<(Ipv4Addr, Direction, u32, Option<Content>)> = dirty
+            .into_iter()
+            .filter_map(|(ip, d)| {
+                let dir = &self.endpoints.get(&ip)?.dirs[d as usize];
+                Some((ip, d, dir.profile, content_of(dir, d)))
+            })
+            .collect();
+        let mut moves: HashMap<u32, (Option<&Content>, u32, bool)> = HashMap::new();
+        for (_, _, old, c) in &items {
+            if *old == 0 {
+                continue;
+            }
+            let m = moves.entry(*old).or_insert((c.as_ref(), 0, true));
+            m.1 += 1;
+            m.2 &= m.0 == c.as_ref();
+        }
+        let whole_profile_moves = |profiles: &HashMap<u32, Profile>, old: u32, c: &Content| {
+            moves.get(&old).is_some_and(|(to, n, uniform)| *uniform && *to == Some(c) && *n == profiles[&old].users)
+        };
+        for (ip, d, old, content) in items.iter().cloned() {
             let new = match content {
                 None => 0,
+                // Already edited in place for another user in this flush, or unchanged.
+                Some(c) if old != 0 && self.by_content.get(&c) == Some(&old) => old,
                 Some(c) => match self.by_content.get(&c) {
                     Some(p) if !in_flux.contains(p) => *p,
-                    None | Some(_) if old != 0 && self.profiles[&old].users == 1 && !self.by_content.contains_key(&c) => {
-                        // Only this endpoint uses it: edit in place, additions now.
+                    None if old != 0 && whole_profile_moves(&self.profiles, old, &c) => {
+                        // Edit in place: additions now, removals after the endpoint writes.
                         let was = self.profiles.remove(&old).expect("profile");
                         if self.by_content.get(&was.content) == Some(&old) {
                             self.by_content.remove(&was.content);
@@ -236,7 +259,7 @@ impl Translator {
                         removals.extend(was.content.1.iter().filter(|a| !after.contains(a)).map(|a| (old, d, a.clone())));
                         in_flux.insert(old);
                         self.by_content.insert(c.clone(), old);
-                        self.profiles.insert(old, Profile { content: c, users: 1 });
+                        self.profiles.insert(old, Profile { content: c, users: was.users });
                         old
                     }
                     _ => {
