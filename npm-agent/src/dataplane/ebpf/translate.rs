@@ -26,6 +26,7 @@
 //! trie; a prefix no longer named leaves the trie before its entries go.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
@@ -72,8 +73,20 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 struct EndpointDir {
     isolated: bool,
     allows: HashSet<Allow>,
+    /// The sum of the entries' hashes (see [`ContentKey`]), kept as entries come and go.
+    digest: u64,
+    /// Entries added and removed since the last flush (net): what an in-place edit of the
+    /// profile writes, without comparing whole entry sets.
+    added: HashSet<Allow>,
+    removed: HashSet<Allow>,
     /// The profile the maps hold for this direction (0: none, not isolated).
     profile: u32,
+}
+
+impl EndpointDir {
+    fn key(&self, dir: Direction) -> Option<ContentKey> {
+        self.isolated.then_some(ContentKey { dir, len: self.allows.len(), digest: self.digest })
+    }
 }
 
 #[derive(Default)]
@@ -95,11 +108,19 @@ impl Endpoint {
     }
 }
 
-/// A profile's entries, sorted: what identifies it.
-type Content = (Direction, Vec<Allow>);
+/// A cheap name for a direction's entries: profiles with the same key are candidates, and
+/// a candidate's entries are compared before an endpoint joins it. The digest is the
+/// wrapping sum of each entry's keyed hash, so it is kept in O(1) per entry change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ContentKey {
+    dir: Direction,
+    len: usize,
+    digest: u64,
+}
 
 struct Profile {
-    content: Content,
+    key: ContentKey,
+    allows: HashSet<Allow>,
     /// Endpoint directions naming it.
     users: u32,
 }
@@ -132,7 +153,9 @@ pub struct Translator {
     sets: HashMap<SetId, PeerSetState>,
     endpoints: HashMap<Ipv4Addr, Endpoint>,
     profiles: HashMap<u32, Profile>,
-    by_content: HashMap<Content, u32>,
+    by_content: HashMap<ContentKey, Vec<u32>>,
+    /// Keys the entry hashes of the digests (per process: digests are never stored).
+    hasher: std::hash::RandomState,
     next_profile: u32,
     /// Endpoint directions changed by the current run of endpoint changes.
     dirty: BTreeSet<(Ipv4Addr, Direction)>,
@@ -209,70 +232,75 @@ impl Translator {
         let mut in_flux: HashSet<u32> = HashSet::new();
         let mut release: Vec<u32> = Vec::new();
         let mut writes: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let content_of = |dir: &EndpointDir, d: Direction| -> Option<Content> {
-            dir.isolated.then(|| {
-                let mut v: Vec<Allow> = dir.allows.iter().cloned().collect();
-                v.sort_unstable();
-                (d, v)
-            })
-        };
-        // A profile whose every user moves to the same new entries (a policy update reaching
-        // all the pods of a deployment) is edited in place, as is one with a single user:
-        // writing only the entries that change, not a copy of the whole profile.
-        let items: Vec<(Ipv4Addr, Direction, u32, Option<Content>)> = dirty
+        let items: Vec<(Ipv4Addr, Direction, u32, Option<ContentKey>)> = dirty
             .into_iter()
             .filter_map(|(ip, d)| {
                 let dir = &self.endpoints.get(&ip)?.dirs[d as usize];
-                Some((ip, d, dir.profile, content_of(dir, d)))
+                Some((ip, d, dir.profile, dir.key(d)))
             })
             .collect();
-        let mut moves: HashMap<u32, (Option<&Content>, u32, bool)> = HashMap::new();
-        for (_, _, old, c) in &items {
+        // A profile whose every user moves to the same new entries (a policy update reaching
+        // all the pods of a deployment) is edited in place, as is one with a single user:
+        // writing only the entries that change. Users of one profile had equal entries, so
+        // they move alike exactly when their changes since are equal.
+        let mut moves: HashMap<u32, (usize, u32, bool)> = HashMap::new();
+        for (i, (ip, d, old, key)) in items.iter().enumerate() {
             if *old == 0 {
                 continue;
             }
-            let m = moves.entry(*old).or_insert((c.as_ref(), 0, true));
+            let m = moves.entry(*old).or_insert((i, 0, true));
             m.1 += 1;
-            m.2 &= m.0 == c.as_ref();
+            if m.0 != i {
+                let (fip, fd, _, fkey) = &items[m.0];
+                let (first, this) = (&self.endpoints[fip].dirs[*fd as usize], &self.endpoints[ip].dirs[*d as usize]);
+                m.2 &= *fkey == *key && first.added == this.added && first.removed == this.removed;
+            }
         }
-        let whole_profile_moves = |profiles: &HashMap<u32, Profile>, old: u32, c: &Content| {
-            moves.get(&old).is_some_and(|(to, n, uniform)| *uniform && *to == Some(c) && *n == profiles[&old].users)
-        };
-        for (ip, d, old, content) in items.iter().cloned() {
-            let new = match content {
+        for (ip, d, old, key) in items {
+            let dir = &mut self.endpoints.get_mut(&ip).expect("endpoint").dirs[d as usize];
+            let (added, removed) = (std::mem::take(&mut dir.added), std::mem::take(&mut dir.removed));
+            let unchanged = added.is_empty() && removed.is_empty();
+            let new = match key {
                 None => 0,
-                // Already edited in place for another user in this flush, or unchanged.
-                Some(c) if old != 0 && self.by_content.get(&c) == Some(&old) => old,
-                Some(c) => match self.by_content.get(&c) {
-                    Some(p) if !in_flux.contains(p) => *p,
-                    None if old != 0 && whole_profile_moves(&self.profiles, old, &c) => {
-                        // Edit in place: additions now, removals after the endpoint writes.
-                        let was = self.profiles.remove(&old).expect("profile");
-                        if self.by_content.get(&was.content) == Some(&old) {
-                            self.by_content.remove(&was.content);
+                // The same entries, or a profile this flush already edited for the group.
+                Some(_) if old != 0 && (unchanged || in_flux.contains(&old)) => old,
+                Some(k) => {
+                    let allows = &self.endpoints[&ip].dirs[d as usize].allows;
+                    let joined = self.by_content.get(&k).into_iter().flatten().copied().find(|p| {
+                        !in_flux.contains(p) && self.profiles[p].allows == *allows
+                    });
+                    let whole_group = old != 0
+                        && moves.get(&old).is_some_and(|(_, n, uniform)| *uniform && *n == self.profiles[&old].users);
+                    match joined {
+                        Some(p) => p,
+                        None if whole_group => {
+                            // Edit in place: additions now, removals after the endpoint writes.
+                            for a in &added {
+                                self.add_allow(old, d, a, ops);
+                            }
+                            removals.extend(removed.iter().map(|a| (old, d, a.clone())));
+                            let prof = self.profiles.get_mut(&old).expect("profile");
+                            prof.allows.retain(|a| !removed.contains(a));
+                            prof.allows.extend(added);
+                            let was = std::mem::replace(&mut prof.key, k);
+                            self.unindex(was, old);
+                            self.by_content.entry(k).or_default().push(old);
+                            in_flux.insert(old);
+                            old
                         }
-                        let before: HashSet<&Allow> = was.content.1.iter().collect();
-                        let after: HashSet<&Allow> = c.1.iter().collect();
-                        for a in c.1.iter().filter(|a| !before.contains(a)) {
-                            self.add_allow(old, d, a, ops);
+                        None => {
+                            self.next_profile += 1;
+                            let p = self.next_profile;
+                            let allows = self.endpoints[&ip].dirs[d as usize].allows.clone();
+                            for a in &allows {
+                                self.add_allow(p, d, a, ops);
+                            }
+                            self.by_content.entry(k).or_default().push(p);
+                            self.profiles.insert(p, Profile { key: k, allows, users: 0 });
+                            p
                         }
-                        removals.extend(was.content.1.iter().filter(|a| !after.contains(a)).map(|a| (old, d, a.clone())));
-                        in_flux.insert(old);
-                        self.by_content.insert(c.clone(), old);
-                        self.profiles.insert(old, Profile { content: c, users: was.users });
-                        old
                     }
-                    _ => {
-                        self.next_profile += 1;
-                        let p = self.next_profile;
-                        for a in &c.1 {
-                            self.add_allow(p, d, a, ops);
-                        }
-                        self.by_content.insert(c.clone(), p);
-                        self.profiles.insert(p, Profile { content: c, users: 0 });
-                        p
-                    }
-                },
+                }
             };
             if new == old {
                 // (in place, or the same entries again)
@@ -307,12 +335,19 @@ impl Translator {
             return;
         }
         let prof = self.profiles.remove(&p).expect("profile");
-        if self.by_content.get(&prof.content) == Some(&p) {
-            self.by_content.remove(&prof.content);
+        self.unindex(prof.key, p);
+        for a in &prof.allows {
+            self.remove_allow(p, prof.key.dir, a, ops);
         }
-        let (d, allows) = prof.content;
-        for a in &allows {
-            self.remove_allow(p, d, a, ops);
+    }
+
+    /// Profile `p` no longer has the entries named `key`.
+    fn unindex(&mut self, key: ContentKey, p: u32) {
+        if let Some(ps) = self.by_content.get_mut(&key) {
+            ps.retain(|q| *q != p);
+            if ps.is_empty() {
+                self.by_content.remove(&key);
+            }
         }
     }
 
@@ -356,18 +391,30 @@ impl Translator {
             }
             Change::AddAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip)
-                    && ep.dirs[*direction as usize].allows.insert(allow.clone())
-                {
-                    self.dirty.insert((ip, *direction));
+                let h = self.hasher.hash_one(allow);
+                if let Some(ep) = self.endpoints.get_mut(&ip) {
+                    let dir = &mut ep.dirs[*direction as usize];
+                    if dir.allows.insert(allow.clone()) {
+                        dir.digest = dir.digest.wrapping_add(h);
+                        if !dir.removed.remove(allow) {
+                            dir.added.insert(allow.clone());
+                        }
+                        self.dirty.insert((ip, *direction));
+                    }
                 }
             }
             Change::RemoveAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip)
-                    && ep.dirs[*direction as usize].allows.remove(allow)
-                {
-                    self.dirty.insert((ip, *direction));
+                let h = self.hasher.hash_one(allow);
+                if let Some(ep) = self.endpoints.get_mut(&ip) {
+                    let dir = &mut ep.dirs[*direction as usize];
+                    if dir.allows.remove(allow) {
+                        dir.digest = dir.digest.wrapping_sub(h);
+                        if !dir.added.remove(allow) {
+                            dir.removed.insert(allow.clone());
+                        }
+                        self.dirty.insert((ip, *direction));
+                    }
                 }
             }
             Change::SetIdentity { ip, identity } => match v4(*ip) {
