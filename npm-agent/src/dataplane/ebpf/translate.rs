@@ -6,8 +6,9 @@
 //! - profiles: the entries of one endpoint direction, shared by every endpoint direction with
 //!   equal entries (replicas, as a rule). Endpoint changes are gathered per run of endpoint
 //!   changes in the diff and then applied per endpoint direction: the profile of its new
-//!   entries is found, or built in full, or (when the endpoint is its only user and no
-//!   profile has the new entries) edited in place, additions first; then the endpoint's
+//!   entries is found (by a digest of the entries, then compared), or built in full, or
+//!   (when all its users move to the same new entries and no profile has them) edited in
+//!   place by the entries that changed, additions first; then the endpoint's
 //!   value is written once (isolation and profile together); then what is no longer used
 //!   goes. So an endpoint moves between entries atomically, and replicas cost one copy;
 //! - identities: pod address -> identity (the plan's numbers);
