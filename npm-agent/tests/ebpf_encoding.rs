@@ -18,7 +18,6 @@ use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::ebpf::model::MapModel;
 use npm_agent::dataplane::ebpf::translate::Translator;
 use npm_agent::model::{Direction, Protocol};
-use npm_agent::plan::{Change, Plan};
 use npm_agent::reference;
 use npm_agent::state::{ClusterState, Event};
 use npm_common::{DIR_EGRESS, DIR_INGRESS, Flow, decide};
@@ -77,11 +76,7 @@ proptest! {
     #[test]
     fn encoded_maps_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12)) {
         let mut nodes: HashMap<String, NodeDataplane> = NODES.iter().map(|n| (n.to_string(), NodeDataplane::new(n))).collect();
-        let initial: Vec<Event> = state.namespaces.values().cloned().map(Event::UpsertNamespace)
-            .chain(state.nodes.values().cloned().map(Event::UpsertNode))
-            .chain(state.policies.values().cloned().map(Event::UpsertPolicy))
-            .chain(state.pods.values().cloned().map(Event::UpsertPod))
-            .collect();
+        let initial = initial_events(&state);
         let mut current = ClusterState::default();
         for e in initial.iter().chain(events.iter()) {
             current.apply(e);
@@ -118,14 +113,8 @@ proptest! {
             let new = n.engine.plan();
             // Addresses switching identity are matched by the old or the new one meanwhile;
             // an endpoint whose address passes to another pod may admit more (see `PlanDiff`).
-            let switching: HashSet<IpAddr> = diff.changes.iter().filter_map(|c| match c {
-                Change::SetIdentity { ip, .. } if old.identities.contains_key(ip) => Some(*ip),
-                _ => None,
-            }).collect();
-            let retargeted: HashSet<IpAddr> = diff.changes.iter().filter_map(|c| match c {
-                Change::RetargetEndpoint { ip, .. } => Some(*ip),
-                _ => None,
-            }).collect();
+            let switching = identity_switches(&old, &diff);
+            let retargeted = retargeted_endpoints(&diff);
             let mut addrs = addresses(&current);
             addrs.extend(addresses(&state));
             addrs.sort();
@@ -142,8 +131,8 @@ proptest! {
                     }
                 }
             }
-            let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| side(&old, ep, d, peer, pr, po)).collect();
-            let nw: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| side(&new, ep, d, peer, pr, po)).collect();
+            let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(&old, ep, d, peer, pr, po)).collect();
+            let nw: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(&new, ep, d, peer, pr, po)).collect();
             let ops = n.translator.translate(&diff);
             for (i, op) in ops.iter().enumerate() {
                 n.maps.apply(std::slice::from_ref(op));
@@ -162,10 +151,3 @@ proptest! {
     }
 }
 
-/// What one endpoint direction of `plan` admits from (or to) `peer`.
-fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
-    match plan.endpoints.get(&ep) {
-        None => true,
-        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
-    }
-}

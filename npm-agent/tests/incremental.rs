@@ -49,22 +49,8 @@ fn verdicts(plan: &Plan, probes: &[Probe]) -> Vec<bool> {
 /// Peers whose identity switches are exempt, and so is what an endpoint whose address passes
 /// to another pod admits beyond both plans (see `PlanDiff`).
 fn apply_make_before_break(plan: &mut Plan, diff: &PlanDiff, new: &Plan, before: &ClusterState, after: &ClusterState) -> Result<(), TestCaseError> {
-    let switching: HashSet<_> = diff
-        .changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::SetIdentity { ip, .. } if plan.identities.contains_key(ip) => Some(*ip),
-            _ => None,
-        })
-        .collect();
-    let retargeted: HashSet<_> = diff
-        .changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::RetargetEndpoint { ip, .. } => Some(*ip),
-            _ => None,
-        })
-        .collect();
+    let switching = identity_switches(plan, diff);
+    let retargeted = retargeted_endpoints(diff);
     let (addrs, ports) = probes(before, after);
     let mut all = Vec::new();
     for &ep in &addrs {

@@ -21,7 +21,7 @@ use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::iptables::model::{KernelModel, Packet};
 use npm_agent::dataplane::iptables::translate::Translator;
 use npm_agent::model::{Direction, Protocol};
-use npm_agent::plan::{Change, Plan};
+use npm_agent::plan::Plan;
 use npm_agent::reference;
 use npm_agent::state::{ClusterState, Event};
 
@@ -86,26 +86,6 @@ fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), Test
     Ok(())
 }
 
-fn initial(state: &ClusterState) -> Vec<Event> {
-    state
-        .namespaces
-        .values()
-        .cloned()
-        .map(Event::UpsertNamespace)
-        .chain(state.nodes.values().cloned().map(Event::UpsertNode))
-        .chain(state.policies.values().cloned().map(Event::UpsertPolicy))
-        .chain(state.pods.values().cloned().map(Event::UpsertPod))
-        .collect()
-}
-
-/// What one endpoint direction of `plan` admits from (or to) `peer`.
-fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
-    match plan.endpoints.get(&ep) {
-        None => true,
-        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
-    }
-}
-
 /// Probes of one node that exercise one endpoint direction alone: ingress from an address
 /// that is not a local endpoint, egress to one.
 fn probes(plans: &[&Plan], addrs: &[IpAddr]) -> Vec<(IpAddr, Direction, IpAddr, Protocol, u16)> {
@@ -142,8 +122,8 @@ fn apply_checked(
     new: &Plan,
     all: &[(IpAddr, Direction, IpAddr, Protocol, u16)],
 ) -> Result<(), TestCaseError> {
-    let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| side(old, ep, d, peer, pr, po)).collect();
-    let n: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| side(new, ep, d, peer, pr, po)).collect();
+    let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(old, ep, d, peer, pr, po)).collect();
+    let n: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(new, ep, d, peer, pr, po)).collect();
     for (i, b) in batches.iter().enumerate() {
         kernel.apply(b).map_err(|e| TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script)))?;
         for (k, probe) in all.iter().enumerate() {
@@ -162,7 +142,7 @@ proptest! {
     fn rules_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12)) {
         let mut nodes: HashMap<String, Node> = NODES.iter().map(|n| (n.to_string(), Node::new(n))).collect();
         let mut current = ClusterState::default();
-        for e in initial(&state).iter().chain(events.iter()) {
+        for e in initial_events(&state).iter().chain(events.iter()) {
             current.apply(e);
             for n in nodes.values_mut() {
                 n.handle(e)?;
@@ -197,7 +177,7 @@ proptest! {
     #[test]
     fn batches_apply_make_before_break(state in cluster(), events in proptest::collection::vec(event(), 1..8)) {
         let mut n = Node::new("n1");
-        for e in initial(&state) {
+        for e in initial_events(&state) {
             n.handle(&e)?;
         }
         let mut current = state.clone();
@@ -207,10 +187,7 @@ proptest! {
             current.apply(e);
             let new = n.engine.plan();
             // Addresses switching identity are matched by the old or the new one meanwhile.
-            let switching: HashSet<IpAddr> = diff.changes.iter().filter_map(|c| match c {
-                Change::SetIdentity { ip, .. } if old.identities.contains_key(ip) => Some(*ip),
-                _ => None,
-            }).collect();
+            let switching = identity_switches(&old, &diff);
             let mut addrs = addresses(&current);
             addrs.extend(addresses(&state));
             addrs.sort();
@@ -226,7 +203,7 @@ proptest! {
     fn restart_reconciles_make_before_break(before in cluster(), after_events in proptest::collection::vec(event(), 0..6), seed in any::<u64>()) {
         // The old agent.
         let mut old = Node::new("n1");
-        for e in initial(&before) {
+        for e in initial_events(&before) {
             old.handle(&e)?;
         }
         let old_plan = old.engine.plan();
@@ -236,7 +213,7 @@ proptest! {
         for e in &after_events {
             now.apply(e);
         }
-        let mut events = initial(&now);
+        let mut events = initial_events(&now);
         let k = events.len().max(1);
         events.rotate_left((seed as usize) % k);
         let mut engine = Engine::new(Scope::Node("n1".into()));
@@ -259,7 +236,7 @@ proptest! {
         prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names().into_iter().collect::<Vec<_>>());
         for &probe in &all {
             let (ep, d, peer, pr, po) = probe;
-            prop_assert_eq!(model_side(&kernel, probe), side(&new_plan, ep, d, peer, pr, po), "{:?}", probe);
+            prop_assert_eq!(model_side(&kernel, probe), dataplane_admits(&new_plan, ep, d, peer, pr, po), "{:?}", probe);
         }
     }
 
@@ -270,7 +247,7 @@ proptest! {
         let mut batches_seen = 0usize;
         let target = lose.index(64);
         let mut in_sync = true;
-        for e in initial(&state).iter().chain(events.iter()) {
+        for e in initial_events(&state).iter().chain(events.iter()) {
             current.apply(e);
             let diff = n.engine.handle(e.clone());
             if !in_sync {
@@ -301,7 +278,7 @@ proptest! {
         addrs.dedup();
         for probe in probes(&[&plan], &addrs) {
             let (ep, d, peer, pr, po) = probe;
-            prop_assert_eq!(model_side(&n.kernel, probe), side(&plan, ep, d, peer, pr, po), "{:?}", probe);
+            prop_assert_eq!(model_side(&n.kernel, probe), dataplane_admits(&plan, ep, d, peer, pr, po), "{:?}", probe);
         }
         let _ = t;
     }

@@ -14,6 +14,7 @@ use npm_agent::model::{
     CidrBlock, LabelSelector, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey,
     Operator, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Requirement, Rule,
 };
+use npm_agent::plan::{Change, Plan, PlanDiff};
 use npm_agent::state::{ClusterState, Event};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -239,4 +240,50 @@ pub fn addresses(state: &ClusterState) -> Vec<IpAddr> {
 
 pub fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()
+}
+
+/// The events that build `state` from nothing (namespaces and nodes first, pods last).
+pub fn initial_events(state: &ClusterState) -> Vec<Event> {
+    state
+        .namespaces
+        .values()
+        .cloned()
+        .map(Event::UpsertNamespace)
+        .chain(state.nodes.values().cloned().map(Event::UpsertNode))
+        .chain(state.policies.values().cloned().map(Event::UpsertPolicy))
+        .chain(state.pods.values().cloned().map(Event::UpsertPod))
+        .collect()
+}
+
+/// Addresses that `diff` moves from one identity to another (`old` is the plan before it):
+/// matched by the old or the new identity while the diff applies, as `PlanDiff` allows.
+pub fn identity_switches(old: &Plan, diff: &PlanDiff) -> std::collections::HashSet<IpAddr> {
+    diff.changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::SetIdentity { ip, .. } if old.identities.contains_key(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Endpoint addresses that `diff` passes to another pod: such an endpoint may admit more
+/// than both plans while the diff applies (see `PlanDiff`).
+pub fn retargeted_endpoints(diff: &PlanDiff) -> std::collections::HashSet<IpAddr> {
+    diff.changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::RetargetEndpoint { ip, .. } => Some(*ip),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `plan` admits the connection at endpoint `ep` in direction `d`, as a dataplane
+/// decides it (node addresses always pass; an address that is no endpoint is not enforced).
+pub fn dataplane_admits(plan: &Plan, ep: IpAddr, d: npm_agent::model::Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
+    match plan.endpoints.get(&ep) {
+        None => true,
+        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
+    }
 }
