@@ -363,10 +363,13 @@ pub fn connection_allowed(src_plan: &Plan, dst_plan: &Plan, conn: &Connection) -
 /// different compilers (which number identities differently) can be compared.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CanonicalPlan {
-    pub endpoints: Vec<(IpAddr, ObjectKey, [(bool, Vec<(CanonicalPeer, PortMatch)>); 2])>,
+    pub endpoints: Vec<(IpAddr, ObjectKey, [CanonicalDirection; 2])>,
     pub addresses_by_identity: BTreeSet<Vec<IpAddr>>,
     pub node_ips: BTreeSet<IpAddr>,
 }
+
+/// One endpoint direction, canonical: isolated, and its sorted (peer, ports) entries.
+pub type CanonicalDirection = (bool, Vec<(CanonicalPeer, PortMatch)>);
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CanonicalPeer {

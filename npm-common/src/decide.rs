@@ -103,15 +103,15 @@ pub fn decide<M: Maps>(maps: &M, flow: &Flow, dir: u8) -> Decision {
 fn admitted<M: Maps>(maps: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> bool {
     // A rule's ports are the destination's, in both directions.
     let check = |peer_id: u32| maps.policy_matches(POLICY_PREFIX_FULL, &policy_key(profile, dir, peer_id, flow.protocol, flow.dport));
-    if let Some(id) = maps.identity(peer) {
-        if check(id) {
-            return true;
-        }
+    if let Some(id) = maps.identity(peer)
+        && check(id)
+    {
+        return true;
     }
-    if let Some(id) = maps.prefix_id(peer) {
-        if check(id) {
-            return true;
-        }
+    if let Some(id) = maps.prefix_id(peer)
+        && check(id)
+    {
+        return true;
     }
     check(PEER_ANY)
 }

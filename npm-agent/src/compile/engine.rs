@@ -653,7 +653,7 @@ impl Engine {
                     }
                 }
                 TermPeer::PodsInBlock(b) => {
-                    for (key, _) in &idx.pod_identity {
+                    for key in idx.pod_identity.keys() {
                         let pod = &state.pods[key];
                         let ip = pod.ip.expect("owners have addresses");
                         if b.contains(ip) {

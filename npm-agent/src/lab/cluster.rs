@@ -302,10 +302,10 @@ impl LabCluster {
         }
         let mut result = Ok(());
         for a in agents.drain(..) {
-            if a.pin_root.exists() {
-                if let Err(e) = remove_pins(&a.pin_root) {
-                    result = Err(e);
-                }
+            if a.pin_root.exists()
+                && let Err(e) = remove_pins(&a.pin_root)
+            {
+                result = Err(e);
             }
         }
         if let Some(id) = self.hook.take() {
@@ -352,10 +352,10 @@ impl LabCluster {
 
 impl Drop for LabCluster {
     fn drop(&mut self) {
-        if self.lab.is_some() {
-            if let Err(e) = self.teardown() {
-                eprintln!("npm lab: cleanup: {e:#}");
-            }
+        if self.lab.is_some()
+            && let Err(e) = self.teardown()
+        {
+            eprintln!("npm lab: cleanup: {e:#}");
         }
     }
 }

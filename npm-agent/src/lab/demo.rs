@@ -50,10 +50,10 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
     let mut kinds: Vec<(Protocol, u16)> = Vec::new();
     for step in &case.steps {
         for e in &step.expect {
-            if let Some(p) = Protocol::parse(&e.protocol.to_uppercase()) {
-                if !kinds.contains(&(p, e.port)) && (p != Protocol::Sctp || lab.supports_sctp()) {
-                    kinds.push((p, e.port));
-                }
+            if let Some(p) = Protocol::parse(&e.protocol.to_uppercase())
+                && !kinds.contains(&(p, e.port)) && (p != Protocol::Sctp || lab.supports_sctp())
+            {
+                kinds.push((p, e.port));
             }
         }
     }

@@ -35,10 +35,10 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
                 Err(_) => return Err(invalid(&format!("status.podIPs[{i}].ip"), format!("invalid IP address {:?}", a.ip))),
             }
         }
-        if ips.is_empty() {
-            if let Some(ip) = s.pod_ip.as_deref().filter(|s| !s.is_empty()) {
-                ips.push(ip.parse().map_err(|_| invalid("status.podIP", format!("invalid IP address {ip:?}")))?);
-            }
+        if ips.is_empty()
+            && let Some(ip) = s.pod_ip.as_deref().filter(|s| !s.is_empty())
+        {
+            ips.push(ip.parse().map_err(|_| invalid("status.podIP", format!("invalid IP address {ip:?}")))?);
         }
     }
     let ip = ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied();

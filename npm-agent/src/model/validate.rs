@@ -140,18 +140,18 @@ fn rule(
     let mut out = Rule::default();
     for (i, p) in peers.unwrap_or_default().iter().enumerate() {
         let path = format!("{path}.{peers_field}[{i}]");
-        if let Some(peer) = peer(namespace, p, &path, errs) {
-            if !out.peers.contains(&peer) {
-                out.peers.push(peer);
-            }
+        if let Some(peer) = peer(namespace, p, &path, errs)
+            && !out.peers.contains(&peer)
+        {
+            out.peers.push(peer);
         }
     }
     for (i, p) in ports.unwrap_or_default().iter().enumerate() {
         let path = format!("{path}.ports[{i}]");
-        if let Some(port) = port(p, &path, errs) {
-            if !out.ports.contains(&port) {
-                out.ports.push(port);
-            }
+        if let Some(port) = port(p, &path, errs)
+            && !out.ports.contains(&port)
+        {
+            out.ports.push(port);
         }
     }
     out

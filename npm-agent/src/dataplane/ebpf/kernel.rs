@@ -272,10 +272,10 @@ impl EbpfDataplane {
             self.attachments.insert(ip, Attachment { pod, ifname: None });
             return Ok(());
         };
-        if let Some(old) = self.attachments.get(&ip).and_then(|a| a.ifname.clone()) {
-            if old != ifname {
-                self.detach(ip)?;
-            }
+        if let Some(old) = self.attachments.get(&ip).and_then(|a| a.ifname.clone())
+            && old != ifname
+        {
+            self.detach(ip)?;
         }
         for (prog, ty, dir) in [(PROG_FROM_POD, TcAttachType::Ingress, "from"), (PROG_TO_POD, TcAttachType::Egress, "to")] {
             let path = self.link_path(&ifname, dir);

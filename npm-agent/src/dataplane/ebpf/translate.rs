@@ -426,10 +426,10 @@ impl Translator {
                 None => self.skipped_ipv6 += 1,
             },
             Change::RemoveIdentity { ip } => {
-                if let Some(ip) = v4(*ip) {
-                    if self.identities.remove(&ip).is_some() {
-                        ops.push(MapOp::IdentityDel { ip });
-                    }
+                if let Some(ip) = v4(*ip)
+                    && self.identities.remove(&ip).is_some()
+                {
+                    ops.push(MapOp::IdentityDel { ip });
                 }
             }
             Change::AddSet { set, .. } => {
