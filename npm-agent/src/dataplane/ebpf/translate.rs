@@ -88,6 +88,21 @@ impl EndpointDir {
     fn key(&self, dir: Direction) -> Option<ContentKey> {
         self.isolated.then_some(ContentKey { dir, len: self.allows.len(), digest: self.digest })
     }
+
+    /// Adds (or removes) an entry, keeping the digest and the net change since the last
+    /// flush; false when the entry was already there (or not there).
+    fn change(&mut self, allow: &Allow, add: bool, hasher: &std::hash::RandomState) -> bool {
+        let changed = if add { self.allows.insert(allow.clone()) } else { self.allows.remove(allow) };
+        if changed {
+            let h = hasher.hash_one(allow);
+            self.digest = if add { self.digest.wrapping_add(h) } else { self.digest.wrapping_sub(h) };
+            let (to, from) = if add { (&mut self.added, &mut self.removed) } else { (&mut self.removed, &mut self.added) };
+            if !from.remove(allow) {
+                to.insert(allow.clone());
+            }
+        }
+        changed
+    }
 }
 
 #[derive(Default)]
@@ -390,32 +405,13 @@ impl Translator {
                 ep.dirs[*direction as usize].isolated = *isolated;
                 self.dirty.insert((ip, *direction));
             }
-            Change::AddAllow { ip, direction, allow } => {
+            Change::AddAllow { ip, direction, allow } | Change::RemoveAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
-                let h = self.hasher.hash_one(allow);
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    let dir = &mut ep.dirs[*direction as usize];
-                    if dir.allows.insert(allow.clone()) {
-                        dir.digest = dir.digest.wrapping_add(h);
-                        if !dir.removed.remove(allow) {
-                            dir.added.insert(allow.clone());
-                        }
-                        self.dirty.insert((ip, *direction));
-                    }
-                }
-            }
-            Change::RemoveAllow { ip, direction, allow } => {
-                let Some(ip) = v4(*ip) else { return };
-                let h = self.hasher.hash_one(allow);
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    let dir = &mut ep.dirs[*direction as usize];
-                    if dir.allows.remove(allow) {
-                        dir.digest = dir.digest.wrapping_sub(h);
-                        if !dir.added.remove(allow) {
-                            dir.removed.insert(allow.clone());
-                        }
-                        self.dirty.insert((ip, *direction));
-                    }
+                let add = matches!(c, Change::AddAllow { .. });
+                if let Some(ep) = self.endpoints.get_mut(&ip)
+                    && ep.dirs[*direction as usize].change(allow, add, &self.hasher)
+                {
+                    self.dirty.insert((ip, *direction));
                 }
             }
             Change::SetIdentity { ip, identity } => match v4(*ip) {
