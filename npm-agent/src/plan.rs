@@ -12,6 +12,11 @@
 //! admit thousands of identities gets tens of entries, and a new identity joins each set
 //! once per node, not once per endpoint. Dataplanes that match by identity (eBPF) expand
 //! sets themselves; ipset-based ones keep them as sets.
+//!
+//! The plan also carries a *label view*: each identity's namespace, labels and named ports,
+//! the namespaces' labels and the (validated) policies. The entries above are all that the
+//! eBPF and HNS dataplanes need; the iptables dataplane lays rules out as Azure NPM does, one
+//! chain per NetworkPolicy matching pods through label sets, and builds them from this view.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -19,8 +24,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::compile::PeerSelector;
-use crate::model::{CidrBlock, Direction, ObjectKey, Protocol};
+use crate::compile::{IdentityKey, PeerSelector};
+use crate::model::{CidrBlock, Direction, Labels, ObjectKey, Policy, Protocol};
 
 /// A numeric identity shared by pods with the same namespace, labels and named ports.
 /// Never 0: 0 means "no identity" (an address that is not a pod's).
@@ -167,6 +172,13 @@ pub struct Plan {
     pub endpoints: HashMap<IpAddr, EndpointPlan>,
     /// The local node's addresses: always allowed to and from local endpoints.
     pub node_ips: BTreeSet<IpAddr>,
+    /// Label view: what each identity stands for.
+    pub identity_keys: HashMap<IdentityId, IdentityKey>,
+    /// Label view: the labels of each Namespace object (a namespace without one has
+    /// [`Namespace::default_labels`](crate::model::Namespace::default_labels)).
+    pub namespaces: HashMap<String, Labels>,
+    /// Label view: every policy of the cluster.
+    pub policies: std::collections::BTreeMap<ObjectKey, Policy>,
 }
 
 /// A connection attempt, as a dataplane sees its first packet.
@@ -266,6 +278,26 @@ impl Plan {
                 Change::RemoveNodeIp { ip } => {
                     self.node_ips.remove(ip);
                 }
+                Change::AddIdentityKey { identity, key } => {
+                    if self.identity_keys.insert(*identity, key.clone()).is_some() {
+                        return Err(format!("key of identity {identity} added twice"));
+                    }
+                }
+                Change::RemoveIdentityKey { identity } => {
+                    self.identity_keys.remove(identity).ok_or_else(|| format!("key of identity {identity} removed but absent"))?;
+                }
+                Change::SetNamespaceLabels { namespace, labels } => {
+                    self.namespaces.insert(namespace.clone(), labels.clone());
+                }
+                Change::RemoveNamespace { namespace } => {
+                    self.namespaces.remove(namespace).ok_or_else(|| format!("namespace {namespace} removed but absent"))?;
+                }
+                Change::SetPolicy { policy } => {
+                    self.policies.insert(policy.key.clone(), (**policy).clone());
+                }
+                Change::RemovePolicy { key } => {
+                    self.policies.remove(key).ok_or_else(|| format!("policy {key} removed but absent"))?;
+                }
             }
         }
         Ok(())
@@ -275,6 +307,10 @@ impl Plan {
     pub fn as_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
+        changes.extend(self.identity_keys.iter().map(|(id, key)| Change::AddIdentityKey { identity: *id, key: key.clone() }));
+        changes.extend(
+            self.namespaces.iter().map(|(ns, labels)| Change::SetNamespaceLabels { namespace: ns.clone(), labels: labels.clone() }),
+        );
         for (id, set) in &self.sets {
             changes.push(Change::AddSet { set: *id, selector: set.selector.clone() });
             changes.extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
@@ -294,6 +330,7 @@ impl Plan {
                 }
             }
         }
+        changes.extend(self.policies.values().map(|p| Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) }));
         PlanDiff { changes }
     }
 }
@@ -318,6 +355,16 @@ pub enum Change {
     RemoveMember { set: SetId, identity: IdentityId },
     AddNodeIp { ip: IpAddr },
     RemoveNodeIp { ip: IpAddr },
+    /// Label view: a new identity (before any address has it).
+    AddIdentityKey { identity: IdentityId, key: IdentityKey },
+    /// Label view: an identity no address has any more.
+    RemoveIdentityKey { identity: IdentityId },
+    /// Label view: a Namespace object created or relabelled.
+    SetNamespaceLabels { namespace: String, labels: Labels },
+    RemoveNamespace { namespace: String },
+    /// Label view: a policy created or changed.
+    SetPolicy { policy: std::sync::Arc<Policy> },
+    RemovePolicy { key: ObjectKey },
 }
 
 /// An ordered list of changes, to be applied in order.
@@ -336,7 +383,9 @@ pub enum Change {
 /// new one's while members join and leave them, so within the diff it may admit a peer that
 /// neither pod's policies admit (never refusing what both admit). Peers whose identity
 /// switches (their labels or named ports changed) are matched by their old or their new
-/// identity, switched atomically in the middle of the diff.
+/// identity, switched atomically in the middle of the diff. The label view changes with the
+/// entries: identity keys are added first and removed last; namespaces and policies change
+/// in the middle (a dataplane that builds on them orders its own work).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
     pub changes: Vec<Change>,
@@ -366,6 +415,10 @@ pub struct CanonicalPlan {
     pub endpoints: Vec<(IpAddr, ObjectKey, [CanonicalDirection; 2])>,
     pub addresses_by_identity: BTreeSet<Vec<IpAddr>>,
     pub node_ips: BTreeSet<IpAddr>,
+    /// The label view: each identity's key with its addresses, namespaces, policies.
+    pub identity_keys: BTreeSet<(Vec<IpAddr>, IdentityKey)>,
+    pub namespaces: std::collections::BTreeMap<String, Labels>,
+    pub policies: std::collections::BTreeMap<ObjectKey, Policy>,
 }
 
 /// One endpoint direction, canonical: isolated, and its sorted (peer, ports) entries.
@@ -422,6 +475,15 @@ impl Plan {
             })
             .collect();
         endpoints.sort();
-        CanonicalPlan { endpoints, addresses_by_identity: members.into_values().collect(), node_ips: self.node_ips.clone() }
+        let identity_keys =
+            self.identity_keys.iter().map(|(id, k)| (members.get(id).cloned().unwrap_or_default(), k.clone())).collect();
+        CanonicalPlan {
+            endpoints,
+            addresses_by_identity: members.into_values().collect(),
+            node_ips: self.node_ips.clone(),
+            identity_keys,
+            namespaces: self.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            policies: self.policies.clone(),
+        }
     }
 }

@@ -129,6 +129,11 @@ struct DiffBuilder {
     /// Set memberships touched: whether each held before the event.
     members: HashMap<(SelectorId, IdentityId), bool>,
     node_ips: Option<BTreeSet<IpAddr>>,
+    /// Label view: identities created or dropped (whether each existed before the event),
+    /// namespaces (their labels before), policies changed (whether each existed before).
+    identity_keys: HashMap<IdentityId, bool>,
+    namespaces: HashMap<String, Option<Labels>>,
+    policies: HashMap<ObjectKey, bool>,
     /// The counted entries of endpoints removed during the event, by address, as they were
     /// at the (first) removal. An entry of such an address that `allows` does not record was
     /// untouched until then: it is in the plan before the event if and only if it is here.
@@ -205,8 +210,12 @@ impl Engine {
     /// Applies one event and returns the change of the plan, in make-before-break order.
     pub fn handle(&mut self, event: Event) -> PlanDiff {
         match event {
-            Event::UpsertNamespace(ns) => self.upsert_namespace(ns),
+            Event::UpsertNamespace(ns) => {
+                self.touch_namespace(&ns.name);
+                self.upsert_namespace(ns)
+            }
             Event::DeleteNamespace(name) => {
+                self.touch_namespace(&name);
                 let labels = Namespace::default_labels(&name);
                 self.relabel_namespace(&name, labels);
                 self.state.namespaces.remove(&name);
@@ -222,12 +231,14 @@ impl Engine {
             Event::UpsertPolicy(policy) => {
                 let key = policy.key.clone();
                 if self.state.policies.get(&key) != Some(&policy) {
+                    self.touch_policy(&key);
                     self.remove_policy(&key);
                     self.add_policy(policy.clone());
                     self.state.policies.insert(key, policy);
                 }
             }
             Event::DeletePolicy(key) => {
+                self.touch_policy(&key);
                 self.remove_policy(&key);
                 self.state.policies.remove(&key);
             }
@@ -237,9 +248,27 @@ impl Engine {
         self.finish()
     }
 
+    fn touch_namespace(&mut self, name: &str) {
+        if !self.out.diff.namespaces.contains_key(name) {
+            let before = self.state.namespaces.get(name).map(|n| n.labels.clone());
+            self.out.diff.namespaces.insert(name.to_string(), before);
+        }
+    }
+
+    fn touch_policy(&mut self, key: &ObjectKey) {
+        let existed = self.state.policies.contains_key(key);
+        self.out.diff.policies.entry(key.clone()).or_insert(existed);
+    }
+
     /// The whole current plan (what a dataplane needs at start-up, or to resynchronize).
     pub fn plan(&self) -> Plan {
-        let mut plan = Plan { node_ips: self.out.node_ips.clone(), ..Plan::default() };
+        let mut plan = Plan {
+            node_ips: self.out.node_ips.clone(),
+            identity_keys: self.idx.identities.iter().map(|(id, e)| (*id, e.key.clone())).collect(),
+            namespaces: self.state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect(),
+            policies: self.state.policies.clone(),
+            ..Plan::default()
+        };
         for (key, id) in &self.idx.pod_identity {
             plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
         }
@@ -452,6 +481,7 @@ impl Engine {
         self.idx.identities_by_ns.entry(key.namespace.clone()).or_default().insert(id);
         self.idx.identity_ids.insert(key.clone(), id);
         self.idx.identities.insert(id, IdentityEntry { key, pods: 1, selectors: HashSet::new() });
+        self.out.diff.identity_keys.entry(id).or_insert(false);
         for sel in candidates {
             self.join(sel, id);
         }
@@ -464,6 +494,7 @@ impl Engine {
             self.leave(sel, id);
         }
         let e = self.idx.identities.remove(&id).expect("dropped identity exists");
+        self.out.diff.identity_keys.entry(id).or_insert(true);
         self.idx.identity_ids.remove(&e.key);
         if let Some(set) = self.idx.identities_by_ns.get_mut(&e.key.namespace) {
             set.remove(&id);
@@ -977,6 +1008,30 @@ impl Engine {
             }
             for ip in before.difference(&self.out.node_ips) {
                 changes.push((RESTRICTING_REMOVES, Change::RemoveNodeIp { ip: *ip }));
+            }
+        }
+        // The label view: identities exist before any address has them and after none has.
+        for (id, before) in diff.identity_keys {
+            match (before, self.idx.identities.get(&id)) {
+                (false, Some(e)) => changes.push((SETS, Change::AddIdentityKey { identity: id, key: e.key.clone() })),
+                (true, None) => changes.push((UNSET, Change::RemoveIdentityKey { identity: id })),
+                _ => {}
+            }
+        }
+        for (name, before) in diff.namespaces {
+            match self.state.namespaces.get(&name) {
+                Some(ns) if before.as_ref() != Some(&ns.labels) => {
+                    changes.push((IDENTIFY, Change::SetNamespaceLabels { namespace: name, labels: ns.labels.clone() }))
+                }
+                None if before.is_some() => changes.push((IDENTIFY, Change::RemoveNamespace { namespace: name })),
+                _ => {}
+            }
+        }
+        for (key, existed) in diff.policies {
+            match self.state.policies.get(&key) {
+                Some(p) => changes.push((IDENTIFY, Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) })),
+                None if existed => changes.push((IDENTIFY, Change::RemovePolicy { key })),
+                None => {}
             }
         }
         changes.sort_by_key(|(stage, _)| *stage);

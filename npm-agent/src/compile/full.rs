@@ -21,6 +21,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     for (i, (key, pods)) in by_key.iter().enumerate() {
         let id = i as IdentityId + 1;
         identities.push((id, key));
+        plan.identity_keys.insert(id, key.clone());
         for p in pods {
             plan.identities.insert(p.ip.expect("owners have addresses"), id);
         }
@@ -103,5 +104,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());
     }
+    plan.namespaces = state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect();
+    plan.policies = state.policies.clone();
     plan
 }

@@ -48,7 +48,7 @@ impl Scope {
 
 /// What makes pods indistinguishable to every selector and named port: pods with equal
 /// keys share one identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct IdentityKey {
     pub namespace: String,
     pub labels: std::sync::Arc<Labels>,

@@ -33,7 +33,7 @@ impl fmt::Display for Direction {
 }
 
 /// A validated NetworkPolicy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Policy {
     pub key: ObjectKey,
     /// Selects the pods of `key.namespace` the policy applies to.
@@ -57,7 +57,7 @@ impl Policy {
 
 /// One ingress or egress rule. Empty `peers` means every peer; empty `ports` every port of
 /// every protocol (the API treats absent and empty lists alike for both).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Rule {
     pub peers: Vec<Peer>,
     pub ports: Vec<PortSpec>,

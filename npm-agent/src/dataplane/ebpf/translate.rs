@@ -369,6 +369,13 @@ impl Translator {
 
     fn change(&mut self, c: &Change, ops: &mut Vec<MapOp>) {
         match c {
+            // The label view: the maps hold resolved entries, not labels.
+            Change::AddIdentityKey { .. }
+            | Change::RemoveIdentityKey { .. }
+            | Change::SetNamespaceLabels { .. }
+            | Change::RemoveNamespace { .. }
+            | Change::SetPolicy { .. }
+            | Change::RemovePolicy { .. } => {}
             Change::AddNodeIp { ip } => match v4(*ip) {
                 Some(ip) => ops.push(MapOp::NodeIpAdd { ip }),
                 None => self.skipped_ipv6 += 1,

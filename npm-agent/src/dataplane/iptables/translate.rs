@@ -493,6 +493,12 @@ impl Translator {
     fn change(&mut self, c: &Change, touched: &mut BTreeSet<(Ipv4Addr, Direction)>, old_identity: &mut BTreeMap<Ipv4Addr, Option<IdentityId>>) {
         match c {
             Change::AddNodeIp { .. } | Change::RemoveNodeIp { .. } => {}
+            Change::AddIdentityKey { .. }
+            | Change::RemoveIdentityKey { .. }
+            | Change::SetNamespaceLabels { .. }
+            | Change::RemoveNamespace { .. }
+            | Change::SetPolicy { .. }
+            | Change::RemovePolicy { .. } => {}
             // (handled by `translate`)
             Change::AddSet { .. } | Change::RemoveSet { .. } | Change::AddMember { .. } | Change::RemoveMember { .. } => {}
             Change::AddEndpoint { ip, pod } | Change::RetargetEndpoint { ip, pod } => {
