@@ -152,14 +152,15 @@ fn main() {
             again.reconcile(&plan).expect("restart reconcile");
             let restart = t.elapsed();
             println!(
-                "| {label} | iptables ({}) | {} | {} | {} ({changes} plan changes each) | {} | {} endpoints, {} policy groups, {rules} rules, {} sets, {} set members; {processes} processes |",
+                "| {label} | iptables ({}) | {} | {} | {} ({changes} plan changes each) | {} | {} endpoints, {} policies, {} policy chains, {rules} rules, {} sets, {} set members; {processes} processes |",
                 backend.as_str(),
                 ms(compiled),
                 ms(full),
                 stats(up),
                 ms(restart),
                 plan.endpoints.len(),
-                enc.groups,
+                enc.policies,
+                enc.chains,
                 enc.sets,
                 enc.set_members,
             );

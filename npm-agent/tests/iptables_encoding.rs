@@ -3,15 +3,16 @@
 //!   `iptables-restore` scripts, applied to a host model of each node's filter table and sets
 //!   (which takes the very scripts), and every connection's first packet is walked through
 //!   FORWARD of every node it crosses; the verdicts must equal the reference evaluator's;
-//! - every batch of every diff keeps make-before-break per endpoint direction;
+//! - after every batch of every diff, no connection through the node is admitted that neither
+//!   the old nor the new state allows, and none that both allow is refused unless an end is
+//!   held in transition (its labels changing); nothing stays in transition;
 //! - a restarted agent (another translator, identities numbered differently) reconciles over
-//!   what the previous one left without a moment where anything is admitted that neither the
-//!   old nor the new plan admits, or refused that both admit;
+//!   what the previous one left under the same conditions;
 //! - a batch that fails is repaired by the next reconcile.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
@@ -19,8 +20,9 @@ use proptest::prelude::*;
 use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::iptables::model::{KernelModel, Packet};
-use npm_agent::dataplane::iptables::translate::Translator;
-use npm_agent::model::{Direction, Protocol};
+use npm_agent::dataplane::iptables::names::hashed_set_name;
+use npm_agent::dataplane::iptables::translate::{Batch, Translator};
+use npm_agent::model::Protocol;
 use npm_agent::plan::Plan;
 use npm_agent::reference;
 use npm_agent::state::{ClusterState, Event};
@@ -58,13 +60,27 @@ fn v4(ip: IpAddr) -> Ipv4Addr {
     }
 }
 
-/// Whether every node whose FORWARD hook the packet crosses lets it through. A node's own
-/// addresses are local traffic (OUTPUT/INPUT), which FORWARD never sees.
+/// The nodes whose FORWARD hook a connection crosses: those of the pods at either end (a
+/// node's own addresses talk to it through INPUT and OUTPUT, which FORWARD never sees).
+fn crossed(state: &ClusterState, src: IpAddr, dst: IpAddr) -> BTreeSet<String> {
+    let owners = state.address_owners();
+    [src, dst]
+        .iter()
+        .filter_map(|a| owners.get(a).and_then(|p| p.node.clone()))
+        .filter(|n| !state.nodes.get(n).is_some_and(|nd| nd.addresses.contains(&src) || nd.addresses.contains(&dst)))
+        .collect()
+}
+
+/// Whether one end is a pod and the other its node's address.
+fn own_node(state: &ClusterState, src: IpAddr, dst: IpAddr) -> bool {
+    let owners = state.address_owners();
+    let node_of = |a: &IpAddr| owners.get(a).and_then(|p| p.node.as_ref()).and_then(|n| state.nodes.get(n));
+    node_of(&src).is_some_and(|n| n.addresses.contains(&dst)) || node_of(&dst).is_some_and(|n| n.addresses.contains(&src))
+}
+
+/// Whether every node whose FORWARD hook the packet crosses lets it through.
 fn forwarded(state: &ClusterState, nodes: &HashMap<String, Node>, p: &Packet) -> bool {
-    nodes.iter().all(|(name, n)| {
-        let own = state.nodes.get(name).is_some_and(|nd| nd.addresses.iter().any(|a| *a == IpAddr::V4(p.src) || *a == IpAddr::V4(p.dst)));
-        own || n.kernel.forward(p)
-    })
+    crossed(state, IpAddr::V4(p.src), IpAddr::V4(p.dst)).iter().all(|name| nodes[name].kernel.forward(p))
 }
 
 fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), TestCaseError> {
@@ -86,52 +102,57 @@ fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), Test
     Ok(())
 }
 
-/// Probes of one node that exercise one endpoint direction alone: ingress from an address
-/// that is not a local endpoint, egress to one.
-fn probes(plans: &[&Plan], addrs: &[IpAddr]) -> Vec<(IpAddr, Direction, IpAddr, Protocol, u16)> {
-    let local: HashSet<IpAddr> = plans.iter().flat_map(|p| p.endpoints.keys().copied()).collect();
-    // The node's own addresses talk to its pods through INPUT and OUTPUT, not FORWARD.
-    let node: HashSet<IpAddr> = plans.iter().flat_map(|p| p.node_ips.iter().copied()).collect();
+/// Connections whose first packet crosses node `node`'s FORWARD hook in one of `states` (a
+/// pod of the node at either end), each with the ports probed. Left out: connections between
+/// a pod and its own node in one of the states (a pod that moves to another node), which
+/// never cross FORWARD there.
+fn probes(node: &str, states: &[&ClusterState]) -> Vec<Packet> {
+    let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
+    for s in states {
+        addrs.extend(addresses(s));
+    }
     let mut v = Vec::new();
-    for &ep in &local {
-        for &peer in addrs.iter().filter(|a| !local.contains(a) && !node.contains(a)) {
-            for d in Direction::BOTH {
-                for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)] {
-                    v.push((ep, d, peer, protocol, port));
-                }
+    for &src in &addrs {
+        for &dst in &addrs {
+            if src == dst || !states.iter().any(|s| crossed(s, src, dst).contains(node)) || states.iter().any(|s| own_node(s, src, dst)) {
+                continue;
+            }
+            for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)] {
+                v.push(Packet { src: v4(src), dst: v4(dst), protocol, dport: port });
             }
         }
     }
     v
 }
 
-fn model_side(k: &KernelModel, (ep, d, peer, protocol, port): (IpAddr, Direction, IpAddr, Protocol, u16)) -> bool {
-    let (src, dst) = match d {
-        Direction::Ingress => (peer, ep),
-        Direction::Egress => (ep, peer),
-    };
-    k.forward(&Packet { src: v4(src), dst: v4(dst), protocol, dport: port })
+/// The specification's verdict on a probe.
+fn spec(state: &ClusterState, p: &Packet) -> bool {
+    reference::allowed(state, IpAddr::V4(p.src), IpAddr::V4(p.dst), p.protocol, p.dport)
 }
 
-/// Applies batches one by one, checking after each that every probe is admitted when both
-/// plans admit it and refused when neither does.
-fn apply_checked(
-    kernel: &mut KernelModel,
-    batches: &[npm_agent::dataplane::iptables::translate::Batch],
-    old: &Plan,
-    new: &Plan,
-    all: &[(IpAddr, Direction, IpAddr, Protocol, u16)],
-) -> Result<(), TestCaseError> {
-    let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(old, ep, d, peer, pr, po)).collect();
-    let n: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(new, ep, d, peer, pr, po)).collect();
+/// Whether an address is held in the transition set (its new connections refused while its
+/// set memberships change).
+fn in_transition(k: &KernelModel, ip: Ipv4Addr) -> bool {
+    k.sets.get(&hashed_set_name("transition")).is_some_and(|s| s.nets.contains_key(&ipnet::Ipv4Net::new(ip, 32).unwrap()))
+}
+
+/// Applies batches one by one, checking after each that every probe is refused when neither
+/// state allows it, and admitted when both do (unless an end is in transition, whose new
+/// connections are refused for the moment); nothing is left in transition at the end.
+fn apply_checked(kernel: &mut KernelModel, batches: &[Batch], old: &ClusterState, new: &ClusterState, all: &[Packet]) -> Result<(), TestCaseError> {
+    let o: Vec<bool> = all.iter().map(|p| spec(old, p)).collect();
+    let n: Vec<bool> = all.iter().map(|p| spec(new, p)).collect();
     for (i, b) in batches.iter().enumerate() {
         kernel.apply(b).map_err(|e| TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script)))?;
-        for (k, probe) in all.iter().enumerate() {
-            let mid = model_side(kernel, *probe);
-            prop_assert!(!mid || o[k] || n[k], "after batch {} ({}): {:?} admitted though neither plan admits it", i, b.step, probe);
-            prop_assert!(mid || !(o[k] && n[k]), "after batch {} ({}): {:?} refused though both plans admit it", i, b.step, probe);
+        for (k, p) in all.iter().enumerate() {
+            let mid = kernel.forward(p);
+            prop_assert!(!mid || o[k] || n[k], "after batch {} ({}): {:?} admitted though neither state allows it\n{}", i, b.step, p, b.script);
+            let held = in_transition(kernel, p.src) || in_transition(kernel, p.dst);
+            prop_assert!(mid || held || !(o[k] && n[k]), "after batch {} ({}): {:?} refused though both states allow it\n{}", i, b.step, p, b.script);
         }
     }
+    let t = kernel.sets.get(&hashed_set_name("transition"));
+    prop_assert!(t.is_none_or(|s| s.nets.is_empty()), "addresses left in transition: {:?}", t);
     Ok(())
 }
 
@@ -155,7 +176,7 @@ proptest! {
             let sets = n.translator.desired_sets();
             prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), n.kernel.sets.keys().cloned().collect::<Vec<_>>());
             let chains = n.translator.desired_chains();
-            // (Jumps to policy groups may be in any order.)
+            // (Jumps to policy chains may be in any order.)
             let sorted = |mut v: Vec<String>| { v.sort(); v };
             for (c, rules) in &chains {
                 prop_assert_eq!(sorted(rules.clone()), sorted(n.kernel.rules(c)), "chain {}", c);
@@ -182,20 +203,12 @@ proptest! {
         }
         let mut current = state.clone();
         for e in &events {
-            let old = n.engine.plan();
+            let old = current.clone();
             let diff = n.engine.handle(e.clone());
             current.apply(e);
-            let new = n.engine.plan();
-            // Addresses switching identity are matched by the old or the new one meanwhile.
-            let switching = identity_switches(&old, &diff);
-            let mut addrs = addresses(&current);
-            addrs.extend(addresses(&state));
-            addrs.sort();
-            addrs.dedup();
-            addrs.retain(|a| !switching.contains(a));
-            let all = probes(&[&old, &new], &addrs);
+            let all = probes("n1", &[&old, &current]);
             let batches = n.translator.translate(&diff);
-            apply_checked(&mut n.kernel, &batches, &old, &new, &all)?;
+            apply_checked(&mut n.kernel, &batches, &old, &current, &all)?;
         }
     }
 
@@ -206,7 +219,6 @@ proptest! {
         for e in initial_events(&before) {
             old.handle(&e)?;
         }
-        let old_plan = old.engine.plan();
         // The new agent sees the cluster as it is now, in another order (so it numbers
         // identities differently), and reconciles over what the old one left.
         let mut now = before.clone();
@@ -221,22 +233,18 @@ proptest! {
             engine.handle(e);
         }
         let new_plan = engine.plan();
-        let mut addrs = addresses(&before);
-        addrs.extend(addresses(&now));
-        addrs.sort();
-        addrs.dedup();
-        let all = probes(&[&old_plan, &new_plan], &addrs);
+        let all = probes("n1", &[&before, &now]);
         let mut t = Translator::new();
         let mut kernel = old.kernel.clone();
         let batches = t.reconcile(&new_plan, &kernel.state());
-        apply_checked(&mut kernel, &batches, &old_plan, &new_plan, &all)?;
-        // Nothing of the old agent's is left, and the new one's rules decide like its plan.
+        apply_checked(&mut kernel, &batches, &before, &now, &all)?;
+        // Nothing of the old agent's is left, and the new one's rules decide like the
+        // specification.
         let sets = t.desired_sets();
         prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), kernel.sets.keys().cloned().collect::<Vec<_>>());
         prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names().into_iter().collect::<Vec<_>>());
-        for &probe in &all {
-            let (ep, d, peer, pr, po) = probe;
-            prop_assert_eq!(model_side(&kernel, probe), dataplane_admits(&new_plan, ep, d, peer, pr, po), "{:?}", probe);
+        for p in probes("n1", &[&now]) {
+            prop_assert_eq!(kernel.forward(&p), spec(&now, &p), "{:?}", p);
         }
     }
 
@@ -271,52 +279,87 @@ proptest! {
         for b in t.reconcile(&plan, &n.kernel.state()) {
             n.kernel.apply(&b).map_err(|e| TestCaseError::fail(format!("{}: {e}\n{}", b.step, b.script)))?;
         }
-        // Every endpoint direction decides like the plan.
-        let mut addrs = addresses(&current);
-        addrs.extend(addresses(&state));
-        addrs.sort();
-        addrs.dedup();
-        for probe in probes(&[&plan], &addrs) {
-            let (ep, d, peer, pr, po) = probe;
-            prop_assert_eq!(model_side(&n.kernel, probe), dataplane_admits(&plan, ep, d, peer, pr, po), "{:?}", probe);
+        // Every connection through the node is decided as the specification says.
+        for p in probes("n1", &[&current]) {
+            prop_assert_eq!(n.kernel.forward(&p), spec(&current, &p), "{:?}", p);
         }
         let _ = t;
     }
 }
 
-/// The layout of a small cluster, step by step, as a readable check of the names.
+/// The layout of a small cluster, as a readable check of Azure NPM's names.
 #[test]
 fn layout_uses_azure_names() {
+    use npm_agent::model::{LabelSelector, NamedPort, Namespace, ObjectKey, Peer, PortSpec, Rule};
     let mut n = Node::new("n1");
-    let x = npm_agent::model::Namespace::new("x", labels(&[("ns", "x")]));
-    n.handle(&Event::UpsertNamespace(x)).unwrap();
+    n.handle(&Event::UpsertNamespace(Namespace::new("y", labels(&[("team", "a")])))).unwrap();
     n.handle(&Event::UpsertNode(nodes()[0].clone())).unwrap();
-    let pod = npm_agent::model::Pod {
-        key: npm_agent::model::ObjectKey::new("x", "a"),
-        labels: labels(&[("app", "web")]).into(),
-        ip: Some(pod_ip(1)),
+    let pod = |name: &str, ip: u8, l: &[(&str, &str)]| npm_agent::model::Pod {
+        key: ObjectKey::new("y", name),
+        labels: labels(l).into(),
+        ip: Some(pod_ip(ip)),
         node: Some("n1".into()),
         phase: npm_agent::model::PodPhase::Running,
         host_network: false,
-        named_ports: vec![].into(),
+        named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }].into(),
     };
-    n.handle(&Event::UpsertPod(pod)).unwrap();
-    let deny = npm_agent::model::Policy {
-        key: npm_agent::model::ObjectKey::new("x", "deny"),
-        pod_selector: npm_agent::model::LabelSelector::everything(),
-        ingress: Some(vec![]),
+    n.handle(&Event::UpsertPod(pod("a", 1, &[("pod", "a")]))).unwrap();
+    n.handle(&Event::UpsertPod(pod("b", 2, &[("pod", "b")]))).unwrap();
+    // Azure NPM's own test policy y/base: pods pod=a, ingress from pod=b in namespaces
+    // team=a on the named port http.
+    let base = npm_agent::model::Policy {
+        key: ObjectKey::new("y", "base"),
+        pod_selector: LabelSelector::from_labels([("pod", "a")]),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespaces: npm_agent::model::NamespaceScope::Selector(LabelSelector::from_labels([("team", "a")])),
+                pods: LabelSelector::from_labels([("pod", "b")]),
+            }],
+            ports: vec![PortSpec::Named { protocol: Protocol::Tcp, name: "http".into() }],
+        }]),
         egress: None,
     };
-    n.handle(&Event::UpsertPolicy(deny)).unwrap();
+    n.handle(&Event::UpsertPolicy(base)).unwrap();
     let chains = n.kernel.chain_names();
-    for base in ["AZURE-NPM", "AZURE-NPM-INGRESS", "AZURE-NPM-EGRESS", "AZURE-NPM-ACCEPT", "AZURE-NPM-INGRESS-ALLOW-MARK"] {
-        assert!(chains.contains(base), "{base} in {chains:?}");
+    for c in ["AZURE-NPM", "AZURE-NPM-INGRESS", "AZURE-NPM-EGRESS", "AZURE-NPM-ACCEPT", "AZURE-NPM-INGRESS-ALLOW-MARK", "AZURE-NPM-INGRESS-2697641196"] {
+        assert!(chains.contains(c), "{c} in {chains:?}");
     }
+    assert_eq!(chains.len(), 6, "{chains:?}");
     assert_eq!(n.kernel.rules("FORWARD"), vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()]);
-    let group: Vec<&String> = chains.iter().filter(|c| c.starts_with("AZURE-NPM-INGRESS-") && *c != "AZURE-NPM-INGRESS-ALLOW-MARK").collect();
-    assert_eq!(group.len(), 1, "{chains:?}");
-    assert_eq!(n.kernel.rules(group[0]), vec!["-m comment --comment DROP-ALL -j MARK --set-xmark 0x400/0x400".to_string()]);
+    let set = |r: &str| hashed_set_name(r);
+    // The jump matches the policy's namespace and pod label sets, as Azure NPM's does.
+    let jump = format!(
+        "-m set --match-set {} dst -m set --match-set {} dst -m comment --comment \"INGRESS-POLICY-y/base-TO-ns-y-AND-podlabel-pod:a-IN-ns-y\" -j AZURE-NPM-INGRESS-2697641196",
+        set("ns-y"),
+        set("podlabel-pod:a")
+    );
+    assert!(n.kernel.rules("AZURE-NPM-INGRESS").contains(&jump), "{:#?}", n.kernel.rules("AZURE-NPM-INGRESS"));
+    let allow = format!(
+        "-p tcp -m set --match-set {} src -m set --match-set {} src -m set --match-set {} dst,dst -m comment --comment \"ALLOW-FROM-nslabel-team:a-AND-podlabel-pod:b-ON-TCP-TO-PORT-namedport:http\" -j AZURE-NPM-INGRESS-ALLOW-MARK",
+        set("nslabel-team:a"),
+        set("podlabel-pod:b"),
+        set("namedport:http")
+    );
+    assert_eq!(
+        n.kernel.rules("AZURE-NPM-INGRESS-2697641196"),
+        vec![allow, "-m comment --comment DROP-ALL -j MARK --set-xmark 0x400/0x400".to_string()]
+    );
+    let named = &n.kernel.sets[&set("namedport:http")];
+    assert_eq!(named.kind, "hash:ip,port");
+    assert_eq!(named.ports.len(), 2);
+    assert_eq!(n.kernel.sets[&set("nslabel-team:a")].list, vec![set("ns-y")]);
     assert!(n.kernel.sets.keys().all(|s| s.starts_with("azure-npm-") && s["azure-npm-".len()..].parse::<u32>().is_ok()));
-    let p = Packet { src: v4(pod_ip(2)), dst: v4(pod_ip(1)), protocol: Protocol::Tcp, dport: 80 };
-    assert!(!n.kernel.forward(&p));
+    let p = |src: u8, dst: u8, dport| Packet { src: v4(pod_ip(src)), dst: v4(pod_ip(dst)), protocol: Protocol::Tcp, dport };
+    assert!(n.kernel.forward(&p(2, 1, 8080)));
+    assert!(!n.kernel.forward(&p(2, 1, 80)));
+    assert!(!n.kernel.forward(&p(3, 1, 8080)));
+    // Relabelling the namespace takes pod b out of nslabel-team:a.
+    n.handle(&Event::UpsertNamespace(Namespace::new("y", labels(&[("team", "b")])))).unwrap();
+    assert!(!n.kernel.forward(&p(2, 1, 8080)));
+    assert!(n.kernel.sets[&set("nslabel-team:a")].list.is_empty());
+    // Deleting the policy leaves the base chains and the transition set alone.
+    n.handle(&Event::DeletePolicy(ObjectKey::new("y", "base"))).unwrap();
+    assert_eq!(n.kernel.chain_names().len(), 5);
+    assert_eq!(n.kernel.sets.keys().cloned().collect::<Vec<_>>(), vec![set("transition")]);
+    assert!(n.kernel.forward(&p(2, 1, 80)));
 }

@@ -18,9 +18,36 @@ use crate::model::Protocol;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelSet {
     pub kind: String,
-    /// hash:net entries (prefix → nomatch), or list:set members.
+    /// hash:net entries (prefix → nomatch), hash:ip,port entries, or list:set members.
     pub nets: BTreeMap<Ipv4Net, bool>,
+    pub ports: BTreeSet<(Ipv4Addr, Protocol, u16)>,
     pub list: Vec<String>,
+}
+
+/// What a set match looks at: `src`, `dst`, or `dst,dst` (destination address and port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flags {
+    Src,
+    Dst,
+    DstPort,
+}
+
+impl Flags {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "src" => Ok(Flags::Src),
+            "dst" => Ok(Flags::Dst),
+            "dst,dst" => Ok(Flags::DstPort),
+            other => Err(format!("unsupported set flags {other}")),
+        }
+    }
+}
+
+/// A hash:ip,port member: `10.0.0.1,tcp:80`.
+fn parse_port_member(m: &str) -> Option<(Ipv4Addr, Protocol, u16)> {
+    let (ip, rest) = m.split_once(',')?;
+    let (proto, port) = rest.split_once(':')?;
+    Some((ip.parse().ok()?, Protocol::parse(&proto.to_uppercase())?, port.parse().ok()?))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,8 +55,8 @@ struct Rule {
     text: String,
     protocol: Option<Protocol>,
     dports: Option<(u16, u16)>,
-    /// (negated, set, match on destination)
-    sets: Vec<(bool, String, bool)>,
+    /// (negated, set, what it looks at)
+    sets: Vec<(bool, String, Flags)>,
     mark: Option<(u32, u32)>,
     ct_new: bool,
     target: String,
@@ -77,15 +104,12 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 i += 1;
                 let name = next(&mut i)?.clone();
                 let d = next(&mut i)?.clone();
-                r.sets.push((true, name, d == "dst"));
+                r.sets.push((true, name, Flags::parse(&d)?));
             }
             "--match-set" => {
                 let name = next(&mut i)?.clone();
                 let d = next(&mut i)?.clone();
-                if d != "src" && d != "dst" {
-                    return Err(format!("unsupported set direction {d}"));
-                }
-                r.sets.push((false, name, d == "dst"));
+                r.sets.push((false, name, Flags::parse(&d)?));
             }
             "--mark" => r.mark = Some(hex_pair(next(&mut i)?)?),
             "--ctstate" => r.ct_new = next(&mut i)? == "NEW",
@@ -150,7 +174,7 @@ impl KernelModel {
                     Some(s) if s.kind != *kind => return Err(err("Set cannot be created: set with the same name already exists".into())),
                     Some(_) => {}
                     None => {
-                        if *kind != "hash:net" && *kind != "list:set" {
+                        if !["hash:net", "hash:ip,port", "list:set"].contains(kind) {
                             return Err(err(format!("unknown type {kind}")));
                         }
                         self.sets.insert(name.to_string(), ModelSet { kind: kind.to_string(), ..ModelSet::default() });
@@ -167,6 +191,8 @@ impl KernelModel {
                         if !s.list.iter().any(|m| m == member) {
                             s.list.push(member.to_string());
                         }
+                    } else if s.kind == "hash:ip,port" {
+                        s.ports.insert(parse_port_member(member).ok_or_else(|| err(format!("bad element {member}")))?);
                     } else {
                         let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
                         if net.prefix_len() == 0 {
@@ -179,6 +205,8 @@ impl KernelModel {
                     let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     if s.kind == "list:set" {
                         s.list.retain(|m| m != member);
+                    } else if s.kind == "hash:ip,port" {
+                        s.ports.remove(&parse_port_member(member).ok_or_else(|| err(format!("bad element {member}")))?);
                     } else {
                         let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
                         s.nets.remove(&net.trunc());
@@ -187,6 +215,7 @@ impl KernelModel {
                 ["flush", name] => {
                     let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     s.nets.clear();
+                    s.ports.clear();
                     s.list.clear();
                 }
                 ["destroy", name] => {
@@ -304,6 +333,9 @@ impl KernelModel {
                 let m = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
                 ipset.push_str(&format!("add {name} {m}{}\n", if *nomatch { " nomatch" } else { "" }));
             }
+            for (ip, proto, port) in &s.ports {
+                ipset.push_str(&format!("add {name} {ip},{}:{port}\n", proto.as_str().to_lowercase()));
+            }
             for m in &s.list {
                 ipset.push_str(&format!("add {name} {m}\n"));
             }
@@ -343,10 +375,15 @@ impl KernelModel {
         self.chains.get(chain).map(|r| r.iter().map(|r| r.text.clone()).collect()).unwrap_or_default()
     }
 
-    fn in_set(&self, name: &str, ip: Ipv4Addr, depth: usize) -> bool {
+    fn in_set(&self, name: &str, p: &Packet, flags: Flags, depth: usize) -> bool {
         let Some(s) = self.sets.get(name) else { return false };
         if s.kind == "list:set" {
-            return depth < 4 && s.list.iter().any(|m| self.in_set(m, ip, depth + 1));
+            return depth < 4 && s.list.iter().any(|m| self.in_set(m, p, flags, depth + 1));
+        }
+        let ip = if flags == Flags::Src { p.src } else { p.dst };
+        if s.kind == "hash:ip,port" {
+            // (A `src`/`dst` match of a hash:ip,port set compares no port: never the case here.)
+            return flags == Flags::DstPort && s.ports.contains(&(ip, p.protocol, p.dport));
         }
         // The most specific entry decides (nomatch entries exclude).
         s.nets.iter().filter(|(n, _)| n.contains(&ip)).max_by_key(|(n, _)| n.prefix_len()).is_some_and(|(_, nomatch)| !nomatch)
@@ -363,7 +400,7 @@ impl KernelModel {
             {
                 continue;
             }
-            if r.sets.iter().any(|(neg, s, dst)| self.in_set(s, if *dst { p.dst } else { p.src }, 0) == *neg) {
+            if r.sets.iter().any(|(neg, s, flags)| self.in_set(s, p, *flags, 0) == *neg) {
                 continue;
             }
             if r.mark.is_some_and(|(v, m)| *mark & m != v) {
@@ -419,11 +456,26 @@ mod tests {
     fn nomatch_and_lists() {
         let mut m = KernelModel::default();
         m.apply_ipset("create a hash:net family inet\nadd a 10.0.0.0/16\nadd a 10.0.1.0/24 nomatch\ncreate b hash:net family inet\nadd b 10.0.1.5\ncreate l list:set\nadd l a\nadd l b\n").unwrap();
-        assert!(m.in_set("a", "10.0.2.1".parse().unwrap(), 0));
-        assert!(!m.in_set("a", "10.0.1.1".parse().unwrap(), 0));
-        assert!(m.in_set("l", "10.0.1.5".parse().unwrap(), 0));
+        let to = |ip: &str| Packet { src: "192.0.2.1".parse().unwrap(), dst: ip.parse().unwrap(), protocol: Protocol::Tcp, dport: 80 };
+        assert!(m.in_set("a", &to("10.0.2.1"), Flags::Dst, 0));
+        assert!(!m.in_set("a", &to("10.0.1.1"), Flags::Dst, 0));
+        assert!(!m.in_set("a", &to("10.0.2.1"), Flags::Src, 0));
+        assert!(m.in_set("l", &to("10.0.1.5"), Flags::Dst, 0));
         assert!(m.apply_ipset("destroy a\n").is_err(), "referenced by the list");
         assert!(m.apply_ipset("destroy l\ndestroy a\n").is_ok());
+    }
+
+    #[test]
+    fn named_ports_match_address_protocol_and_port() {
+        let mut m = KernelModel::default();
+        m.apply_ipset("create p hash:ip,port family inet\nadd p 10.0.0.1,tcp:8080\n").unwrap();
+        let p = |dst: &str, protocol, dport| Packet { src: "10.0.0.9".parse().unwrap(), dst: dst.parse().unwrap(), protocol, dport };
+        assert!(m.in_set("p", &p("10.0.0.1", Protocol::Tcp, 8080), Flags::DstPort, 0));
+        assert!(!m.in_set("p", &p("10.0.0.1", Protocol::Udp, 8080), Flags::DstPort, 0));
+        assert!(!m.in_set("p", &p("10.0.0.1", Protocol::Tcp, 80), Flags::DstPort, 0));
+        assert!(!m.in_set("p", &p("10.0.0.2", Protocol::Tcp, 8080), Flags::DstPort, 0));
+        m.apply_ipset("del p 10.0.0.1,tcp:8080\n").unwrap();
+        assert!(m.sets["p"].ports.is_empty());
     }
 
     #[test]

@@ -1,45 +1,48 @@
 //! From plan diffs to `ipset restore` and `iptables-restore --noflush` batches: the iptables
-//! dataplane's encoding of the plan, pure and host-testable.
+//! dataplane's encoding, pure and host-testable. It builds on the plan's *label view*
+//! (identity keys, namespace labels, policies), as Azure NPM v2 builds on the API objects.
 //!
 //! # Encoding
-//! - Each local endpoint direction that is isolated belongs to one *policy group*: the
-//!   endpoints of one namespace whose direction has exactly the same allow entries. A group
-//!   is what Azure NPM calls a policy: it has a chain `AZURE-NPM-{INGRESS,EGRESS}-<hash>`
-//!   named from the hash of its readable name `<namespace>/plan-<digest of its rules>`, a set
-//!   of the endpoints it applies to (`podselector-<group>`, hash:net) that the jump from
-//!   `AZURE-NPM-INGRESS` (dst) or `AZURE-NPM-EGRESS` (src) matches, allow rules, and a last
-//!   rule that sets the drop mark.
-//! - Allow entries become rules, one per (ports, peer kind): a peer set is a list:set named
-//!   after its selector (`selector-ns:x pods:app=web`) whose members are identity sets, and
-//!   changes in place as identities join and leave it; every single identity admitted on the
-//!   same ports is matched through one set (`identity-<id>` hash:net of the identity's pod
-//!   addresses, or, for several, a `nestedlabel-…` list:set of those sets); each CIDR block is
-//!   its own `cidr-<block>` hash:net set (maxelem 4294967295) with the excepts as `nomatch`
-//!   entries (0.0.0.0/0 as two /1, which hash:net can hold); "anyone" needs no set.
-//! - A group's content never changes: an endpoint whose entries change moves to another
-//!   group (created first), so a rule set is written once and removed once, and sets of
-//!   pods change in place.
+//! - Every NetworkPolicy gets a chain per direction it covers,
+//!   `AZURE-NPM-{INGRESS,EGRESS}-<FNV-1a of "<namespace>/<name>">`, jumped to from
+//!   `AZURE-NPM-INGRESS` (by destination) or `AZURE-NPM-EGRESS` (by source) by a rule that
+//!   matches the policy's pod selector: `ns-<namespace>` and the label sets of its
+//!   requirements, all together.
+//! - A selector becomes a conjunction of sets: `ns-<ns>` (the pods of a namespace, hash:net),
+//!   `podlabel-<key>` / `podlabel-<key>:<value>` (pods with the label, hash:net, cluster-wide),
+//!   `nestedlabel-<key>:<v1>:<v2>` (list:set of podlabel sets, for `In` with several values),
+//!   `nslabel-<key>` / `nslabel-<key>:<value>` / `nslabel-<key>:<v1>:<v2>` (list:set of the
+//!   `ns-` sets of matching namespaces) and `nslabel-all-namespaces`; `NotIn` and
+//!   `DoesNotExist` are negated matches (`! --match-set`), with `nslabel-all-namespaces`
+//!   added when nothing else says the address is a pod's.
+//! - Allow rules are one per (peer, port) of each rule, as `rule_terms` splits them: numeric
+//!   ports as `-p`/`--dport`, named ports as `namedport:<name>` (hash:ip,port of
+//!   `<ip>,<proto>:<port>`, matched `dst,dst`: the selected pod's port for ingress, the
+//!   destination pod's for egress), ipBlocks as `cidr-<block>[-except-…]` sets (hash:net,
+//!   excepts as `nomatch`). The chain's last rule sets the drop mark.
+//! - A set exists while a rule (or a list holding it) references it; its members follow the
+//!   pods' identities and the namespaces' labels.
 //!
 //! # Order (make-before-break)
-//! Every diff becomes up to five batches, applied in order, each one process:
-//! 1. `ipset`: create new sets, add members (new identity members, endpoints joining groups);
-//! 2. `iptables`: new group chains with their rules, then their jumps (`-I … 1`), and the
-//!    AZURE-NPM jumps when the first group appears;
-//! 3. `ipset`: remove members (endpoints leaving groups, addresses leaving identities);
-//! 4. `iptables`: remove the jumps and chains of groups left without endpoints;
-//! 5. `ipset`: destroy sets no rule references.
+//! Every diff becomes up to three batches, each one process:
+//! 1. `ipset`: new sets with their members; then, for addresses whose memberships change,
+//!    the address joins the `transition` set, the memberships change, and it leaves again;
+//! 2. `iptables`: every chain, rule and jump change of the diff in one transaction (atomic):
+//!    a policy is created, rewritten or removed at once;
+//! 3. `ipset`: sets no longer referenced are destroyed.
 //!
-//! An endpoint moving between groups is in both sets for a moment, which admits the union of
-//! the old and the new entries; an endpoint becoming isolated gets its entries and isolation
-//! at once; an address changing identity is in both identity sets for a moment (as the
-//! plan's diffs allow). Nothing is admitted that neither the old nor the new plan admits.
+//! Set memberships cannot change atomically, and selectors are conjunctions: adding an
+//! address to its new label sets before removing it from its old ones would, for a moment,
+//! match combinations that neither its old nor its new labels have (and removing first
+//! would match negations wrongly). So `AZURE-NPM` first drops new connections from and to
+//! an address in `transition`: while its labels change, its new connections are refused
+//! (TCP retries), never admitted by a combination that neither state allows. Connections
+//! already established are not affected (AZURE-NPM sees only a connection's first packet).
 //!
-//! A reconcile (start-up, or after a failed batch) compares the whole plan with what the
-//! kernel holds ([`KernelState`]) and writes every chain in one `iptables-restore`
-//! transaction (atomic), after adding what is missing to the sets and before removing what is
-//! extra; stale chains go next, stale sets last. Sets are never reused with other members
-//! than the kernel has (a restarted agent may number identities differently): such a set
-//! gets another name (`identity-7~1`), so no rule already in the kernel changes meaning.
+//! A reconcile (start-up, or after a failed batch) builds the layout of the whole plan and
+//! moves the kernel to it the same way: missing sets and members first (addresses whose
+//! memberships differ held in `transition`), every chain in one transaction, stale chains
+//! and sets last.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -49,9 +52,9 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::names::{self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment};
 use super::state::{KernelSet, KernelState, jumps_to_azure_npm};
-use crate::model::{CidrBlock, Direction, ObjectKey};
-use crate::compile::PeerSelector;
-use crate::plan::{Allow, Change, IdentityId, PeerMatch, Plan, PlanDiff, PortMatch, SetId};
+use crate::compile::{IdentityKey, PeerSelector, PortSel, TermPeer, rule_terms};
+use crate::model::{CidrBlock, Direction, Labels, LabelSelector, Namespace, NamespaceScope, ObjectKey, Operator, Policy, PortSpec, Protocol};
+use crate::plan::{Change, IdentityId, Plan, PlanDiff};
 
 /// Which program a batch is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,15 +77,14 @@ pub struct Batch {
 }
 
 /// The steps of a diff, in order.
-pub const STEP_ADD_SETS: &str = "create sets and add members";
-pub const STEP_ADD_RULES: &str = "add rules";
-pub const STEP_DEL_MEMBERS: &str = "remove set members";
-pub const STEP_DEL_RULES: &str = "remove rules";
+pub const STEP_ADD_SETS: &str = "create sets and change members";
+pub const STEP_RULES: &str = "write rules";
 pub const STEP_DEL_SETS: &str = "destroy sets";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
     HashNet,
+    HashIpPort,
     ListSet,
 }
 
@@ -90,150 +92,179 @@ impl SetKind {
     pub fn type_name(self) -> &'static str {
         match self {
             SetKind::HashNet => "hash:net",
+            SetKind::HashIpPort => "hash:ip,port",
             SetKind::ListSet => "list:set",
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Role {
-    Identity(IdentityId),
-    /// Members are the identity sets (kernel names).
-    Nested(Vec<String>),
-    /// A plan's peer set: members are its identities' sets, and change in place.
-    Selector(SetId),
-    Cidr,
-    /// The endpoints of a group.
-    Endpoints,
+/// What a set holds, which also gives its readable name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetDef {
+    /// `ns-<ns>`: the pods of a namespace.
+    Namespace(String),
+    /// `podlabel-<key>[:<value>]`: the pods with the label (any namespace).
+    PodLabel { key: String, value: Option<String> },
+    /// `nestedlabel-<key>:<v1>:<v2>…`: the podlabel sets of the values.
+    PodValues { key: String, values: Vec<String> },
+    /// `nslabel-<key>[:<value>]`: the ns sets of the namespaces with the label.
+    NsLabel { key: String, value: Option<String> },
+    /// `nslabel-<key>:<v1>:<v2>…`: the ns sets of the namespaces with one of the values.
+    NsValues { key: String, values: Vec<String> },
+    /// `nslabel-all-namespaces`: every ns set.
+    AllNamespaces,
+    /// `namedport:<name>`: `<ip>,<proto>:<port>` of every pod port with the name.
+    NamedPort(String),
+    /// `cidr-<block>[-except-…]`: the block, excepts as `nomatch`.
+    Cidr { net: Ipv4Net, except: Vec<Ipv4Net> },
+    /// `transition`: addresses whose memberships are changing (see the module docs).
+    Transition,
 }
 
+impl SetDef {
+    pub fn readable(&self) -> String {
+        match self {
+            SetDef::Namespace(ns) => format!("ns-{ns}"),
+            SetDef::PodLabel { key, value: None } => format!("podlabel-{key}"),
+            SetDef::PodLabel { key, value: Some(v) } => format!("podlabel-{key}:{v}"),
+            SetDef::PodValues { key, values } => format!("nestedlabel-{key}:{}", values.join(":")),
+            SetDef::NsLabel { key, value: None } => format!("nslabel-{key}"),
+            SetDef::NsLabel { key, value: Some(v) } => format!("nslabel-{key}:{v}"),
+            SetDef::NsValues { key, values } => format!("nslabel-{key}:{}", values.join(":")),
+            SetDef::AllNamespaces => "nslabel-all-namespaces".to_string(),
+            SetDef::NamedPort(name) => format!("namedport:{name}"),
+            SetDef::Cidr { net, except } => {
+                let mut s = format!("cidr-{net}");
+                if !except.is_empty() {
+                    let list: Vec<String> = except.iter().map(|e| e.to_string()).collect();
+                    let joined = list.join(",");
+                    if joined.len() <= 120 {
+                        let _ = write!(s, "-except-{joined}");
+                    } else {
+                        let _ = write!(s, "-except-{}-nets-{:016x}", list.len(), names::fnv1a64(&joined));
+                    }
+                }
+                s
+            }
+            SetDef::Transition => "transition".to_string(),
+        }
+    }
+
+    pub fn kind(&self) -> SetKind {
+        match self {
+            SetDef::Namespace(_) | SetDef::PodLabel { .. } | SetDef::Cidr { .. } | SetDef::Transition => SetKind::HashNet,
+            SetDef::NamedPort(_) => SetKind::HashIpPort,
+            SetDef::PodValues { .. } | SetDef::NsLabel { .. } | SetDef::NsValues { .. } | SetDef::AllNamespaces => SetKind::ListSet,
+        }
+    }
+
+    /// Whether a namespace list holds the ns set of a namespace with these labels.
+    fn holds_namespace(&self, labels: &Labels) -> bool {
+        match self {
+            SetDef::NsLabel { key, value: None } => labels.contains_key(key),
+            SetDef::NsLabel { key, value: Some(v) } => labels.get(key) == Some(v),
+            SetDef::NsValues { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
+            SetDef::AllNamespaces => true,
+            _ => false,
+        }
+    }
+
+    fn is_namespace_list(&self) -> bool {
+        matches!(self, SetDef::NsLabel { .. } | SetDef::NsValues { .. } | SetDef::AllNamespaces)
+    }
+}
+
+fn create_line(h: &str, def: &SetDef) -> String {
+    match def.kind() {
+        // Sets of pods may hold every pod of a large cluster.
+        SetKind::HashNet => format!("create {h} hash:net family inet maxelem 4294967295"),
+        SetKind::HashIpPort => format!("create {h} hash:ip,port family inet maxelem 4294967295"),
+        // (Kernels before 4.x hold at most `size` members.)
+        SetKind::ListSet => format!("create {h} list:set size 65536"),
+    }
+}
+
+/// One match of a rule: a set, perhaps negated, by source or destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SetMatch {
+    negated: bool,
+    set: SetDef,
+    /// `src`, `dst` or `dst,dst` (address and port of a hash:ip,port set).
+    flags: &'static str,
+}
+
+/// What a set is now: its kernel name, members as `ipset save` prints them, references.
 #[derive(Clone, Debug)]
 struct SetState {
-    /// The name asked for (an alternate may have been given, see `readable`).
-    base: String,
-    /// The readable name the kernel name is the hash of.
-    readable: String,
-    kind: SetKind,
-    role: Role,
-    members: BTreeSet<String>,
-    /// Rules (of groups) and nested sets referencing the set; the group owning an
-    /// endpoint set counts once.
-    refs: u32,
-    /// Extra create options (maxelem).
-    options: &'static str,
-}
-
-#[derive(Clone, Debug)]
-struct Group {
-    dir: Direction,
-    ns: String,
-    chain: String,
-    endpoint_set: String,
-    /// The rules, as `iptables-save` prints them after `-A CHAIN `; joined, the content.
-    rules: Vec<String>,
-    content: String,
-    jump: String,
-    /// Sets the rules reference (each once).
-    refs: Vec<String>,
-    members: BTreeSet<Ipv4Addr>,
-}
-
-#[derive(Clone, Debug, Default)]
-struct DirPlan {
-    isolated: bool,
-    allow: HashSet<Allow>,
-}
-
-#[derive(Clone, Debug)]
-struct Endpoint {
-    pod: ObjectKey,
-    dirs: [DirPlan; 2],
-}
-
-/// A set a group's rules need, with what to create it from.
-#[derive(Clone, Debug)]
-struct SetReq {
     name: String,
-    /// The readable name asked for (the set's may be an alternate).
-    base: String,
-    kind: SetKind,
-    role: Role,
+    readable: String,
     members: BTreeSet<String>,
-    options: &'static str,
+    /// Chains referencing the set (once each) and lists holding it.
+    refs: u32,
 }
 
-/// What an endpoint direction's group would be.
-struct Spec {
-    ns: String,
+/// One direction of one policy, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChainState {
+    chain: String,
+    /// The jump, as `iptables-save` prints it after `-A AZURE-NPM-INGRESS `.
+    jump: String,
     rules: Vec<String>,
-    content: String,
-    /// Sets to ensure, in creation order (hash sets before the lists holding them).
-    sets: Vec<SetReq>,
-    /// Sets the rules reference directly.
-    refs: Vec<String>,
+    /// The sets the jump and rules reference (each once).
+    refs: Vec<SetDef>,
 }
 
 #[derive(Default)]
 struct Phases {
     create_sets: Vec<String>,
     create_lists: Vec<String>,
+    guard: BTreeSet<Ipv4Addr>,
     add_members: Vec<String>,
-    new_chains: Vec<String>,
-    add_rules: Vec<String>,
-    add_jumps: Vec<String>,
     del_members: Vec<String>,
+    new_chains: Vec<String>,
+    rules: Vec<String>,
     del_rules: Vec<String>,
     del_chains: Vec<String>,
     destroy_lists: Vec<String>,
     destroy_sets: Vec<String>,
 }
 
-/// The encoder's memory: the plan (IPv4 part) and what it has told the kernel to hold.
+/// The encoder's memory: the plan's label view (IPv4) and what it has told the kernel.
 #[derive(Clone, Debug, Default)]
 pub struct Translator {
-    endpoints: HashMap<Ipv4Addr, Endpoint>,
     identities: HashMap<Ipv4Addr, IdentityId>,
-    members: HashMap<IdentityId, BTreeSet<Ipv4Addr>>,
-    sets: HashMap<String, SetState>,
-    /// Kernel set name → readable name, for every set (and name given out).
+    keys: HashMap<IdentityId, IdentityKey>,
+    addresses: HashMap<IdentityId, BTreeSet<Ipv4Addr>>,
+    by_namespace: HashMap<String, HashSet<IdentityId>>,
+    by_label: HashMap<String, HashSet<IdentityId>>,
+    by_port_name: HashMap<String, HashSet<IdentityId>>,
+    namespaces: HashMap<String, Labels>,
+    policies: BTreeMap<ObjectKey, Policy>,
+    sets: HashMap<SetDef, SetState>,
+    /// Kernel set name → readable name (every name given out).
     names: HashMap<String, String>,
-    /// Requested readable name → kernel set name.
-    by_readable: HashMap<String, String>,
-    identity_sets: HashMap<IdentityId, String>,
-    /// The plan's peer sets.
-    peer_sets: HashMap<SetId, (PeerSelector, BTreeSet<IdentityId>)>,
-    /// Kernel names of the peer sets some rule references.
-    selector_sets: HashMap<SetId, String>,
-    groups: HashMap<String, Group>,
-    chains: HashMap<String, String>,
-    endpoint_group: HashMap<(Ipv4Addr, Direction), String>,
-    /// Whether AZURE-NPM holds its three jumps (Azure NPM leaves it empty without policies).
+    chains: HashMap<(ObjectKey, Direction), ChainState>,
+    /// Sets whose last reference went during the diff being translated.
+    unreferenced: Vec<SetDef>,
+    /// Kernel chain name → the readable name it was claimed for.
+    chain_names: HashMap<String, String>,
+    /// Whether AZURE-NPM holds its rules (Azure NPM leaves it empty without policies).
     active: bool,
     /// Whether the base chains exist.
     base: bool,
-    /// During a reconcile: what the kernel holds, so that no set is reused with other members.
+    /// During a reconcile: what the kernel holds, so that no name is taken by a set of
+    /// another type.
     kernel: Option<KernelState>,
-    /// Plan entries the encoding cannot express (IPv6), counted for the logs.
+    /// Plan entries the encoding cannot express (IPv6 addresses and blocks), for the logs.
     pub skipped_ipv6: u64,
-}
-
-/// A policy group, for explaining the layout.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct GroupInfo {
-    pub name: String,
-    pub direction: Direction,
-    pub namespace: String,
-    pub chain: String,
-    pub endpoints: Vec<Ipv4Addr>,
-    /// Its chain's rules (the allow rules and the drop-mark rule).
-    pub rules: usize,
 }
 
 /// Sizes of what the translator has told the kernel to hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Encoded {
-    pub endpoints: usize,
-    pub groups: usize,
+    pub pods: usize,
+    pub policies: usize,
+    pub chains: usize,
     pub sets: usize,
     pub set_members: usize,
     pub rules: usize,
@@ -252,19 +283,6 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
         IpAddr::V6(_) => None,
     }
 }
-
-fn create_line(h: &str, kind: SetKind, options: &str, members: usize) -> String {
-    match kind {
-        SetKind::HashNet => format!("create {h} hash:net family inet{options}"),
-        // (Kernels before 4.x hold at most `size` members; a nested set never grows, a
-        // selector's set says how far it may.)
-        SetKind::ListSet if !options.is_empty() => format!("create {h} list:set{options}"),
-        SetKind::ListSet => format!("create {h} list:set size {}", members.max(8)),
-    }
-}
-
-/// How many identities a selector's list:set may hold on kernels that enforce `size`.
-const SELECTOR_SET_SIZE: &str = " size 65536";
 
 fn alternate(base: &str, k: usize) -> String {
     if k == 0 { base.to_string() } else { format!("{base}~{k}") }
@@ -300,23 +318,14 @@ fn cidr_members(net: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<String> {
     m
 }
 
-/// `-p` … `--dport` and the comment's `-ON-…-TO-PORT-…` of a port match.
-fn ports_spec(pm: &PortMatch) -> (String, String) {
-    match *pm {
-        PortMatch::Any => (String::new(), String::new()),
-        PortMatch::Protocol(p) => {
-            let l = p.as_str().to_lowercase();
-            (format!("-p {l} "), format!("-ON-{}", p.as_str()))
-        }
-        PortMatch::Range { protocol, first, last } => {
-            let l = protocol.as_str().to_lowercase();
-            if first == last {
-                (format!("-p {l} -m {l} --dport {first} "), format!("-ON-{}-TO-PORT-{first}", protocol.as_str()))
-            } else {
-                (format!("-p {l} -m {l} --dport {first}:{last} "), format!("-ON-{}-TO-PORT-{first}:{last}", protocol.as_str()))
-            }
-        }
-    }
+/// A hash:ip,port member as `ipset save` prints it.
+fn port_member(ip: Ipv4Addr, protocol: Protocol, port: u16) -> String {
+    format!("{ip},{}:{port}", protocol.as_str().to_lowercase())
+}
+
+/// The address a member line is about (for the transition set).
+fn member_address(member: &str) -> Option<Ipv4Addr> {
+    member.split([',', '/', ' ']).next().and_then(|a| a.parse().ok())
 }
 
 fn allow_target(dir: Direction) -> &'static str {
@@ -334,15 +343,31 @@ fn drop_rule(dir: Direction) -> String {
     format!("-m comment --comment DROP-ALL -j MARK --set-xmark {mark}")
 }
 
-/// The base chains' rules (AZURE-NPM's only when active), group jumps excluded.
-fn base_rules(active: bool) -> Vec<(&'static str, String)> {
-    let mut r = Vec::new();
-    if active {
-        for t in [INGRESS, EGRESS, ACCEPT] {
-            r.push((AZURE_NPM, format!("-j {t}")));
-        }
+fn base_of(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => INGRESS,
+        Direction::Egress => EGRESS,
     }
-    r.push((INGRESS, ingress_tail()));
+}
+
+/// AZURE-NPM's rules while a policy exists: the transition guard, then the three jumps.
+fn azure_npm_rules(transition: &str) -> Vec<String> {
+    let mut r = Vec::new();
+    for flag in ["src", "dst"] {
+        r.push(format!(
+            "-m set --match-set {transition} {flag} -m comment --comment {} -j DROP",
+            quote_comment(&format!("DROP-NEW-CONNECTIONS-OF-PODS-CHANGING-LABELS-{}", flag.to_uppercase()))
+        ));
+    }
+    for t in [INGRESS, EGRESS, ACCEPT] {
+        r.push(format!("-j {t}"));
+    }
+    r
+}
+
+/// The base chains' fixed rules (AZURE-NPM's and the policy jumps excluded).
+fn base_rules() -> Vec<(&'static str, String)> {
+    let mut r = vec![(INGRESS, ingress_tail())];
     let allow = names::INGRESS_ALLOW_MARK_HEX;
     r.push((
         INGRESS_ALLOW_MARK,
@@ -370,11 +395,89 @@ fn egress_tail() -> [String; 2] {
     ]
 }
 
-fn base_of(dir: Direction) -> &'static str {
-    match dir {
-        Direction::Ingress => INGRESS,
-        Direction::Egress => EGRESS,
+/// The set matches of a label selector over pods (`None`: it matches no pod).
+fn pod_matches(sel: &LabelSelector, flags: &'static str) -> Option<Vec<SetMatch>> {
+    let mut out = Vec::new();
+    for r in sel.requirements() {
+        let key = r.key.clone();
+        let m = |negated, set| SetMatch { negated, set, flags };
+        match r.operator {
+            Operator::In => match r.values.len() {
+                0 => return None,
+                1 => out.push(m(false, SetDef::PodLabel { key, value: r.values.first().cloned() })),
+                _ => out.push(m(false, SetDef::PodValues { key, values: r.values.iter().cloned().collect() })),
+            },
+            Operator::NotIn => {
+                out.extend(r.values.iter().map(|v| m(true, SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) })))
+            }
+            Operator::Exists => out.push(m(false, SetDef::PodLabel { key, value: None })),
+            Operator::DoesNotExist => out.push(m(true, SetDef::PodLabel { key, value: None })),
+        }
     }
+    Some(out)
+}
+
+/// The set matches of a selector peer (`None`: it matches no pod).
+fn selector_matches(sel: &PeerSelector, flags: &'static str) -> Option<Vec<SetMatch>> {
+    let mut out = Vec::new();
+    match &sel.namespaces {
+        NamespaceScope::Named(ns) => out.push(SetMatch { negated: false, set: SetDef::Namespace(ns.clone()), flags }),
+        NamespaceScope::Selector(s) => {
+            for r in s.requirements() {
+                let key = r.key.clone();
+                let m = |negated, set| SetMatch { negated, set, flags };
+                match r.operator {
+                    Operator::In => match r.values.len() {
+                        0 => return None,
+                        1 => out.push(m(false, SetDef::NsLabel { key, value: r.values.first().cloned() })),
+                        _ => out.push(m(false, SetDef::NsValues { key, values: r.values.iter().cloned().collect() })),
+                    },
+                    Operator::NotIn => out.extend(
+                        r.values.iter().map(|v| m(true, SetDef::NsLabel { key: key.clone(), value: Some(v.clone()) })),
+                    ),
+                    Operator::Exists => out.push(m(false, SetDef::NsLabel { key, value: None })),
+                    Operator::DoesNotExist => out.push(m(true, SetDef::NsLabel { key, value: None })),
+                }
+            }
+            // Negations alone would match addresses that are no pod's.
+            if !out.iter().any(|m| !m.negated) {
+                out.insert(0, SetMatch { negated: false, set: SetDef::AllNamespaces, flags });
+            }
+        }
+    }
+    out.extend(pod_matches(&sel.pods, flags)?);
+    Some(out)
+}
+
+/// `-p` … `--dport` / named-port match, and the comment's `-ON-…-TO-PORT-…`, of a port.
+fn port_spec(port: &PortSel) -> (String, Option<SetMatch>, String) {
+    let spec = match port {
+        PortSel::Any => return (String::new(), None, String::new()),
+        PortSel::Spec(s) => s,
+    };
+    match spec {
+        PortSpec::Protocol(p) => (format!("-p {} ", p.as_str().to_lowercase()), None, format!("-ON-{}", p.as_str())),
+        PortSpec::Range { protocol, first, last } => {
+            let l = protocol.as_str().to_lowercase();
+            let u = protocol.as_str();
+            if first == last {
+                (format!("-p {l} -m {l} --dport {first} "), None, format!("-ON-{u}-TO-PORT-{first}"))
+            } else {
+                (format!("-p {l} -m {l} --dport {first}:{last} "), None, format!("-ON-{u}-TO-PORT-{first}:{last}"))
+            }
+        }
+        PortSpec::Named { protocol, name } => {
+            let m = SetMatch { negated: false, set: SetDef::NamedPort(name.clone()), flags: "dst,dst" };
+            (format!("-p {} ", protocol.as_str().to_lowercase()), Some(m), format!("-ON-{}-TO-PORT-namedport:{name}", protocol.as_str()))
+        }
+    }
+}
+
+/// A rendered direction of a policy, set names still readable.
+struct Rendered {
+    jump: Vec<SetMatch>,
+    /// (port spec, matches, comment) of each allow rule.
+    rules: Vec<(String, Vec<SetMatch>, String)>,
 }
 
 impl Translator {
@@ -384,647 +487,633 @@ impl Translator {
 
     pub fn encoded(&self) -> Encoded {
         Encoded {
-            endpoints: self.endpoints.len(),
-            groups: self.groups.len(),
+            pods: self.identities.len(),
+            policies: self.policies.len(),
+            chains: self.chains.len(),
             sets: self.sets.len(),
             set_members: self.sets.values().map(|s| s.members.len()).sum(),
-            rules: self.groups.values().map(|g| g.rules.len() + 1).sum(),
+            rules: self.chains.values().map(|c| c.rules.len() + 1).sum(),
         }
     }
 
-    /// Translates one diff into batches, in order (empty ones left out).
-    pub fn translate(&mut self, diff: &PlanDiff) -> Vec<Batch> {
-        let mut touched: BTreeSet<(Ipv4Addr, Direction)> = BTreeSet::new();
-        let mut old_identity: BTreeMap<Ipv4Addr, Option<IdentityId>> = BTreeMap::new();
-        let mut member_changes: BTreeMap<(SetId, IdentityId), bool> = BTreeMap::new();
-        for c in &diff.changes {
-            match c {
-                Change::AddSet { set, selector } => {
-                    self.peer_sets.insert(*set, (selector.clone(), BTreeSet::new()));
-                }
-                Change::RemoveSet { set } => {
-                    self.peer_sets.remove(set);
-                }
-                Change::AddMember { set, identity } => {
-                    if let Some((_, m)) = self.peer_sets.get_mut(set) {
-                        m.insert(*identity);
-                        member_changes.insert((*set, *identity), true);
-                    }
-                }
-                Change::RemoveMember { set, identity } => {
-                    if let Some((_, m)) = self.peer_sets.get_mut(set) {
-                        m.remove(identity);
-                        member_changes.insert((*set, *identity), false);
-                    }
-                }
-                _ => self.change(c, &mut touched, &mut old_identity),
-            }
-        }
-        let mut ph = Phases::default();
-        if !self.base {
-            self.base = true;
-            for c in names::BASE_CHAINS {
-                ph.new_chains.push(format!(":{c} - [0:0]"));
-            }
-            for (chain, rule) in base_rules(false) {
-                ph.add_rules.push(format!("-A {chain} {rule}"));
-            }
-            ph.add_jumps.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
-        }
-        // Addresses changing identity: into the new identity's set now, out of the old one
-        // after the groups have moved.
-        for (ip, old) in old_identity {
-            let new = self.identities.get(&ip).copied();
-            if old == new {
-                continue;
-            }
-            let member = ip.to_string();
-            if let Some(n) = new {
-                self.members.entry(n).or_default().insert(ip);
-                if let Some(h) = self.identity_sets.get(&n).cloned()
-                    && self.sets.get_mut(&h).is_some_and(|s| s.members.insert(member.clone()))
-                {
-                    ph.add_members.push(format!("add {h} {member}"));
-                }
-            }
-            if let Some(o) = old {
-                if let Some(m) = self.members.get_mut(&o) {
-                    m.remove(&ip);
-                    if m.is_empty() {
-                        self.members.remove(&o);
-                    }
-                }
-                if let Some(h) = self.identity_sets.get(&o).cloned()
-                    && self.sets.get_mut(&h).is_some_and(|s| s.members.remove(&member))
-                {
-                    ph.del_members.push(format!("del {h} {member}"));
-                }
-            }
-        }
-        // Peer sets in the kernel change in place: identities join (their set created as
-        // needed) with the other additions, and leave with the other removals.
-        // Joins first: an identity set leaving one list and joining another must not be
-        // released in between.
-        let (joins, leaves): (Vec<_>, Vec<_>) = member_changes.into_iter().partition(|(_, join)| *join);
-        for ((sid, id), join) in joins.into_iter().chain(leaves) {
-            let Some(h) = self.selector_sets.get(&sid).cloned() else { continue };
-            if join {
-                let req = self.identity_set(id);
-                let member = req.name.clone();
-                self.ensure_set(req, &mut ph);
-                if self.sets.get_mut(&h).expect("selector set").members.insert(member.clone()) {
-                    self.sets.get_mut(&member).expect("identity set").refs += 1;
-                    ph.add_members.push(format!("add {h} {member}"));
-                }
-            } else if let Some(member) = self.identity_sets.get(&id).cloned()
-                && self.sets.get_mut(&h).expect("selector set").members.remove(&member)
-            {
-                ph.del_members.push(format!("del {h} {member}"));
-                self.release(&member, &mut ph);
-            }
-        }
-        for (ip, dir) in touched {
-            self.assign(ip, dir, &mut ph);
-        }
-        self.collect(&mut ph);
-        self.batches(ph)
+    // ---- the label view ----
+
+    fn namespace_labels(&self, ns: &str) -> Labels {
+        self.namespaces.get(ns).cloned().unwrap_or_else(|| Namespace::default_labels(ns))
     }
 
-    fn change(&mut self, c: &Change, touched: &mut BTreeSet<(Ipv4Addr, Direction)>, old_identity: &mut BTreeMap<Ipv4Addr, Option<IdentityId>>) {
-        match c {
-            Change::AddNodeIp { .. } | Change::RemoveNodeIp { .. } => {}
-            Change::AddIdentityKey { .. }
-            | Change::RemoveIdentityKey { .. }
-            | Change::SetNamespaceLabels { .. }
-            | Change::RemoveNamespace { .. }
-            | Change::SetPolicy { .. }
-            | Change::RemovePolicy { .. } => {}
-            // (handled by `translate`)
-            Change::AddSet { .. } | Change::RemoveSet { .. } | Change::AddMember { .. } | Change::RemoveMember { .. } => {}
-            Change::AddEndpoint { ip, pod } | Change::RetargetEndpoint { ip, pod } => {
-                let Some(ip) = v4(*ip) else {
-                    self.skipped_ipv6 += 1;
-                    return;
-                };
-                match self.endpoints.get_mut(&ip) {
-                    Some(ep) => ep.pod = pod.clone(),
-                    None => {
-                        self.endpoints.insert(ip, Endpoint { pod: pod.clone(), dirs: Default::default() });
-                    }
-                }
-                touched.extend(Direction::BOTH.map(|d| (ip, d)));
-            }
-            Change::RemoveEndpoint { ip } => {
-                let Some(ip) = v4(*ip) else { return };
-                self.endpoints.remove(&ip);
-                touched.extend(Direction::BOTH.map(|d| (ip, d)));
-            }
-            Change::SetIsolation { ip, direction, isolated } => {
-                let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    ep.dirs[di(*direction)].isolated = *isolated;
-                    touched.insert((ip, *direction));
+    /// Namespaces that have a Namespace object or a pod.
+    fn namespace_exists(&self, ns: &str) -> bool {
+        self.namespaces.contains_key(ns) || self.by_namespace.get(ns).is_some_and(|s| !s.is_empty())
+    }
+
+    fn index_identity(&mut self, id: IdentityId, key: IdentityKey) {
+        self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
+        for k in key.labels.keys() {
+            self.by_label.entry(k.clone()).or_default().insert(id);
+        }
+        for p in key.named_ports.iter() {
+            self.by_port_name.entry(p.name.clone()).or_default().insert(id);
+        }
+        self.keys.insert(id, key);
+    }
+
+    fn unindex_identity(&mut self, id: IdentityId) {
+        let Some(key) = self.keys.remove(&id) else { return };
+        let drop = |m: &mut HashMap<String, HashSet<IdentityId>>, k: &str| {
+            if let Some(s) = m.get_mut(k) {
+                s.remove(&id);
+                if s.is_empty() {
+                    m.remove(k);
                 }
             }
-            Change::AddAllow { ip, direction, allow } => {
-                let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    ep.dirs[di(*direction)].allow.insert(allow.clone());
-                    touched.insert((ip, *direction));
-                }
-            }
-            Change::RemoveAllow { ip, direction, allow } => {
-                let Some(ip) = v4(*ip) else { return };
-                if let Some(ep) = self.endpoints.get_mut(&ip) {
-                    ep.dirs[di(*direction)].allow.remove(allow);
-                    touched.insert((ip, *direction));
-                }
-            }
-            Change::SetIdentity { ip, identity } => {
-                let Some(ip) = v4(*ip) else {
-                    self.skipped_ipv6 += 1;
-                    return;
-                };
-                let old = self.identities.insert(ip, *identity);
-                old_identity.entry(ip).or_insert(old);
-            }
-            Change::RemoveIdentity { ip } => {
-                let Some(ip) = v4(*ip) else { return };
-                let old = self.identities.remove(&ip);
-                old_identity.entry(ip).or_insert(old);
-            }
+        };
+        drop(&mut self.by_namespace, &key.namespace);
+        for k in key.labels.keys() {
+            drop(&mut self.by_label, k);
+        }
+        for p in key.named_ports.iter() {
+            drop(&mut self.by_port_name, &p.name);
         }
     }
 
-    /// Puts one endpoint direction in the group its entries call for (or in none).
-    fn assign(&mut self, ip: Ipv4Addr, dir: Direction, ph: &mut Phases) {
-        let new = self.spec(ip, dir).map(|spec| self.ensure_group(dir, spec, ph));
-        let old = self.endpoint_group.get(&(ip, dir)).cloned();
-        if new == old {
-            return;
+    /// The (hash set, member) pairs an address with identity key `key` belongs to.
+    fn memberships(key: &IdentityKey, ip: Ipv4Addr) -> Vec<(SetDef, String)> {
+        let a = ip.to_string();
+        let mut v = vec![(SetDef::Namespace(key.namespace.clone()), a.clone())];
+        for (k, val) in key.labels.iter() {
+            v.push((SetDef::PodLabel { key: k.clone(), value: None }, a.clone()));
+            v.push((SetDef::PodLabel { key: k.clone(), value: Some(val.clone()) }, a.clone()));
         }
-        let member = ip.to_string();
-        if let Some(g) = &new {
-            let group = self.groups.get_mut(g).expect("ensured group");
-            group.members.insert(ip);
-            let set = group.endpoint_set.clone();
-            self.sets.get_mut(&set).expect("endpoint set").members.insert(member.clone());
-            ph.add_members.push(format!("add {set} {member}"));
-            self.endpoint_group.insert((ip, dir), g.clone());
-        } else {
-            self.endpoint_group.remove(&(ip, dir));
+        for p in key.named_ports.iter() {
+            v.push((SetDef::NamedPort(p.name.clone()), port_member(ip, p.protocol, p.port)));
         }
-        if let Some(g) = &old {
-            let group = self.groups.get_mut(g).expect("old group");
-            group.members.remove(&ip);
-            let set = group.endpoint_set.clone();
-            self.sets.get_mut(&set).expect("endpoint set").members.remove(&member);
-            ph.del_members.push(format!("del {set} {member}"));
+        v
+    }
+
+    fn pods_of(&self, ids: impl IntoIterator<Item = IdentityId>) -> BTreeSet<String> {
+        ids.into_iter().flat_map(|id| self.addresses.get(&id).into_iter().flatten()).map(|ip| ip.to_string()).collect()
+    }
+
+    /// The members a hash set should have now.
+    fn hash_members(&self, def: &SetDef) -> BTreeSet<String> {
+        match def {
+            SetDef::Namespace(ns) => self.pods_of(self.by_namespace.get(ns).into_iter().flatten().copied()),
+            SetDef::PodLabel { key, value } => self.pods_of(
+                self.by_label
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|id| value.is_none() || self.keys[id].labels.get(key) == value.as_ref()),
+            ),
+            SetDef::NamedPort(name) => {
+                let mut m = BTreeSet::new();
+                for id in self.by_port_name.get(name).into_iter().flatten() {
+                    for p in self.keys[id].named_ports.iter().filter(|p| &p.name == name) {
+                        for ip in self.addresses.get(id).into_iter().flatten() {
+                            m.insert(port_member(*ip, p.protocol, p.port));
+                        }
+                    }
+                }
+                m
+            }
+            SetDef::Cidr { net, except } => cidr_members(*net, except),
+            _ => BTreeSet::new(),
         }
     }
 
-    /// Claims the kernel name of a set: the hash of `base`, or of an alternate when that
-    /// hash is taken by another set or, during a reconcile, is a kernel set that `ok` refuses.
-    fn claim(&mut self, base: &str, ok: impl Fn(&KernelSet) -> bool) -> String {
-        if let Some(h) = self.by_readable.get(base) {
-            return h.clone();
+    /// The member sets a list should hold now.
+    fn list_members(&self) -> impl Fn(&SetDef) -> Vec<SetDef> + '_ {
+        move |def| match def {
+            SetDef::PodValues { key, values } => {
+                values.iter().map(|v| SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) }).collect()
+            }
+            d if d.is_namespace_list() => {
+                let mut all: BTreeSet<&String> = self.namespaces.keys().collect();
+                all.extend(self.by_namespace.iter().filter(|(_, s)| !s.is_empty()).map(|(n, _)| n));
+                all.into_iter()
+                    .filter(|ns| d.holds_namespace(&self.namespace_labels(ns)))
+                    .map(|ns| SetDef::Namespace(ns.clone()))
+                    .collect()
+            }
+            _ => Vec::new(),
         }
+    }
+
+    // ---- sets ----
+
+    /// Claims the kernel name of a set: the hash of its readable name, or of an alternate
+    /// when that hash is taken by another set or, during a reconcile, by a kernel set of
+    /// another type.
+    fn claim(&mut self, readable: &str, kind: SetKind) -> String {
         for k in 0.. {
-            let readable = alternate(base, k);
-            let h = names::hashed_set_name(&readable);
+            let cand = alternate(readable, k);
+            let h = names::hashed_set_name(&cand);
             if self.names.contains_key(&h) {
                 continue;
             }
             if let Some(ks) = self.kernel.as_ref().and_then(|kern| kern.sets.get(&h))
-                && !ok(ks)
+                && !kind_matches(ks, kind)
             {
                 continue;
             }
-            self.names.insert(h.clone(), readable);
-            self.by_readable.insert(base.to_string(), h.clone());
+            self.names.insert(h.clone(), readable.to_string());
             return h;
         }
         unreachable!()
     }
 
-    fn identity_set(&mut self, id: IdentityId) -> SetReq {
-        let members: BTreeSet<String> = self.members.get(&id).into_iter().flatten().map(|ip| ip.to_string()).collect();
-        let base = format!("identity-{id}");
-        let name = match self.identity_sets.get(&id) {
-            Some(h) => h.clone(),
-            None => {
-                let want = members.clone();
-                self.claim(&base, |ks| ks.kind == "hash:net" && ks.members == want)
-            }
-        };
-        SetReq { name, base, kind: SetKind::HashNet, role: Role::Identity(id), members, options: "" }
-    }
-
-    fn cidr_set(&mut self, net: Ipv4Net, except: &[Ipv4Net]) -> SetReq {
-        let mut base = format!("cidr-{net}");
-        if !except.is_empty() {
-            let list: Vec<String> = except.iter().map(|e| e.to_string()).collect();
-            let joined = list.join(",");
-            if joined.len() <= 120 {
-                let _ = write!(base, "-except-{joined}");
-            } else {
-                let _ = write!(base, "-except-{}-nets-{:016x}", list.len(), names::fnv1a64(&joined));
-            }
+    /// Takes a reference to a set, creating it (with its members, and the sets a list holds)
+    /// when it does not exist; returns its kernel name.
+    fn acquire(&mut self, def: &SetDef, ph: &mut Phases) -> String {
+        if let Some(s) = self.sets.get_mut(def) {
+            s.refs += 1;
+            return s.name.clone();
         }
-        let name = self.claim(&base, |ks| ks.kind == "hash:net");
-        SetReq { name, base, kind: SetKind::HashNet, role: Role::Cidr, members: cidr_members(net, except), options: " maxelem 4294967295" }
-    }
-
-    /// The list:set of a plan's peer set, with its identities' sets (to ensure first).
-    fn selector_set(&mut self, sid: SetId) -> (SetReq, Vec<SetReq>) {
-        let (selector, ids) = self.peer_sets.get(&sid).cloned().unwrap_or_else(|| (PeerSelector::everything(), BTreeSet::new()));
-        let id_sets: Vec<SetReq> = ids.iter().map(|id| self.identity_set(*id)).collect();
-        let members: BTreeSet<String> = id_sets.iter().map(|s| s.name.clone()).collect();
-        let base = format!("selector-{selector}");
-        let name = match self.selector_sets.get(&sid) {
-            Some(h) => h.clone(),
-            None => {
-                let want = members.clone();
-                self.claim(&base, |ks| ks.kind == "list:set" && ks.members == want)
-            }
-        };
-        let req = SetReq { name, base, kind: SetKind::ListSet, role: Role::Selector(sid), members, options: SELECTOR_SET_SIZE };
-        (req, id_sets)
-    }
-
-    fn nested_set(&mut self, members: &[String]) -> SetReq {
-        let readable: Vec<&str> = members.iter().map(|h| self.names.get(h).map(String::as_str).unwrap_or(h)).collect();
-        let joined = readable.join(",");
-        let base = if joined.len() <= 120 {
-            format!("nestedlabel-{joined}")
+        let readable = def.readable();
+        let name = self.claim(&readable, def.kind());
+        let members = if def.kind() == SetKind::ListSet {
+            let subs = (self.list_members())(def);
+            subs.iter().map(|d| self.acquire(d, ph)).collect()
         } else {
-            format!("nestedlabel-{}-sets-{:016x}", members.len(), names::fnv1a64(&members.join(",")))
+            self.hash_members(def)
         };
-        let name = self.claim(&base, |ks| ks.kind == "list:set");
-        SetReq { name, base, kind: SetKind::ListSet, role: Role::Nested(members.to_vec()), members: members.iter().cloned().collect(), options: "" }
-    }
-
-    fn readable(&self, h: &str) -> String {
-        self.names.get(h).cloned().unwrap_or_else(|| h.to_string())
-    }
-
-    /// The group an endpoint direction's entries call for, or `None` when it is not isolated.
-    fn spec(&mut self, ip: Ipv4Addr, dir: Direction) -> Option<Spec> {
-        let ep = self.endpoints.get(&ip)?;
-        let dp = &ep.dirs[di(dir)];
-        if !dp.isolated {
-            return None;
-        }
-        let ns = ep.pod.namespace.clone();
-        let allows: Vec<Allow> = dp.allow.iter().cloned().collect();
-        #[derive(Default)]
-        struct Peers {
-            any: bool,
-            sets: BTreeSet<SetId>,
-            ids: BTreeSet<IdentityId>,
-            cidrs: BTreeSet<(Ipv4Net, Vec<Ipv4Net>)>,
-        }
-        let mut by_port: BTreeMap<PortMatch, Peers> = BTreeMap::new();
-        let mut v6 = 0;
-        for a in &allows {
-            let p = by_port.entry(a.ports).or_default();
-            match &a.peer {
-                PeerMatch::Any => p.any = true,
-                PeerMatch::Identity(id) => {
-                    p.ids.insert(*id);
-                }
-                PeerMatch::Set(s) => {
-                    p.sets.insert(*s);
-                }
-                PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
-                    let ex: Vec<Ipv4Net> = except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
-                    p.cidrs.insert((*net, ex));
-                }
-                PeerMatch::Cidr(_) => v6 += 1,
-            }
-        }
-        self.skipped_ipv6 += v6;
-        let (word, peer_dir) = match dir {
-            Direction::Ingress => ("FROM", "src"),
-            Direction::Egress => ("TO", "dst"),
-        };
-        let target = allow_target(dir);
-        let mut rules = Vec::new();
-        let mut sets: Vec<SetReq> = Vec::new();
-        let mut lists: Vec<SetReq> = Vec::new();
-        let mut refs: Vec<String> = Vec::new();
-        for (pm, peers) in by_port {
-            let (spec, comment) = ports_spec(&pm);
-            if peers.any {
-                rules.push(format!("{spec}-m comment --comment {} -j {target}", quote_comment(&format!("ALLOW-ALL{comment}"))));
-                continue;
-            }
-            let mut matched: Vec<String> = Vec::new();
-            for sid in &peers.sets {
-                let (list, id_sets) = self.selector_set(*sid);
-                matched.push(list.name.clone());
-                sets.extend(id_sets);
-                lists.push(list);
-            }
-            if !peers.ids.is_empty() {
-                let ids: Vec<SetReq> = peers.ids.iter().map(|id| self.identity_set(*id)).collect();
-                let h = if ids.len() == 1 {
-                    ids[0].name.clone()
-                } else {
-                    let names: Vec<String> = ids.iter().map(|s| s.name.clone()).collect();
-                    let nested = self.nested_set(&names);
-                    let h = nested.name.clone();
-                    lists.push(nested);
-                    h
-                };
-                sets.extend(ids);
-                matched.push(h);
-            }
-            for (net, except) in &peers.cidrs {
-                let s = self.cidr_set(*net, except);
-                matched.push(s.name.clone());
-                sets.push(s);
-            }
-            for h in matched {
-                let c = format!("ALLOW-{word}-{}{comment}", self.readable(&h));
-                rules.push(format!("{spec}-m set --match-set {h} {peer_dir} -m comment --comment {} -j {target}", quote_comment(&c)));
-                if !refs.contains(&h) {
-                    refs.push(h);
-                }
-            }
-        }
-        rules.push(drop_rule(dir));
-        sets.extend(lists);
-        let content = rules.join("\n");
-        Some(Spec { ns, rules, content, sets, refs })
-    }
-
-    /// The group with `spec`'s rules, created (sets, chain, jump) when it does not exist.
-    fn ensure_group(&mut self, dir: Direction, spec: Spec, ph: &mut Phases) -> String {
-        let base = format!("{}/plan-{:016x}", spec.ns, names::fnv1a64(&format!("{dir}\n{}", spec.content)));
-        let mut name = String::new();
-        for k in 0.. {
-            let cand = alternate(&base, k);
-            match self.groups.get(&cand) {
-                Some(g) if g.dir == dir && g.content == spec.content => return cand,
-                Some(_) => continue,
-                None => {
-                    let chain = names::policy_chain(dir == Direction::Ingress, &cand);
-                    if self.chains.contains_key(&chain) {
-                        continue;
-                    }
-                    name = cand;
-                    break;
-                }
-            }
-        }
-        for req in spec.sets {
-            self.ensure_set(req, ph);
-        }
-        for h in &spec.refs {
-            self.sets.get_mut(h).expect("ensured set").refs += 1;
-        }
-        let ep_base = format!("podselector-{name}");
-        let ep_set = self.claim(&ep_base, |ks| ks.kind == "hash:net");
-        self.ensure_set(
-            SetReq { name: ep_set.clone(), base: ep_base, kind: SetKind::HashNet, role: Role::Endpoints, members: BTreeSet::new(), options: "" },
-            ph,
-        );
-        self.sets.get_mut(&ep_set).expect("endpoint set").refs += 1;
-        let chain = names::policy_chain(dir == Direction::Ingress, &name);
-        let (word, match_dir) = match dir {
-            Direction::Ingress => ("TO", "dst"),
-            Direction::Egress => ("FROM", "src"),
-        };
-        let comment = format!(
-            "{}-POLICY-{name}-{word}-{}-IN-ns-{}",
-            if dir == Direction::Ingress { "INGRESS" } else { "EGRESS" },
-            self.readable(&ep_set),
-            spec.ns
-        );
-        let jump = format!("-m set --match-set {ep_set} {match_dir} -m comment --comment {} -j {chain}", quote_comment(&comment));
-        ph.new_chains.push(format!(":{chain} - [0:0]"));
-        for r in &spec.rules {
-            ph.add_rules.push(format!("-A {chain} {r}"));
-        }
-        ph.add_jumps.push(format!("-I {} 1 {jump}", base_of(dir)));
-        if !self.active {
-            self.active = true;
-            ph.add_jumps.push(format!("-F {AZURE_NPM}"));
-            for t in [INGRESS, EGRESS, ACCEPT] {
-                ph.add_jumps.push(format!("-A {AZURE_NPM} -j {t}"));
-            }
-        }
-        self.chains.insert(chain.clone(), name.clone());
-        self.groups.insert(
-            name.clone(),
-            Group {
-                dir,
-                ns: spec.ns,
-                chain,
-                endpoint_set: ep_set,
-                rules: spec.rules,
-                content: spec.content,
-                jump,
-                refs: spec.refs,
-                members: BTreeSet::new(),
-            },
-        );
+        let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
+        out.push(create_line(&name, def));
+        out.extend(members.iter().map(|m| format!("add {name} {m}")));
+        self.sets.insert(def.clone(), SetState { name: name.clone(), readable, members, refs: 1 });
         name
     }
 
-    fn ensure_set(&mut self, req: SetReq, ph: &mut Phases) {
-        if self.sets.contains_key(&req.name) {
-            return;
-        }
-        let h = req.name.clone();
-        let readable = self.readable(&h);
-        let out = match req.kind {
-            SetKind::HashNet => &mut ph.create_sets,
-            SetKind::ListSet => &mut ph.create_lists,
-        };
-        out.push(create_line(&h, req.kind, req.options, req.members.len()));
-        for m in &req.members {
-            out.push(format!("add {h} {m}"));
-        }
-        if let Role::Nested(members) = &req.role {
-            for m in members {
-                self.sets.get_mut(m).expect("nested member exists").refs += 1;
-            }
-        }
-        if let Role::Selector(sid) = req.role {
-            for m in &req.members {
-                self.sets.get_mut(m).expect("selector member exists").refs += 1;
-            }
-            self.selector_sets.insert(sid, h.clone());
-        }
-        if let Role::Identity(id) = req.role {
-            self.identity_sets.insert(id, h.clone());
-        }
-        self.sets.insert(h, SetState { base: req.base, readable, kind: req.kind, role: req.role, members: req.members, refs: 0, options: req.options });
-    }
-
-    /// Removes groups left without endpoints and sets left without references.
-    fn collect(&mut self, ph: &mut Phases) {
-        let mut empty: Vec<String> = self.groups.iter().filter(|(_, g)| g.members.is_empty()).map(|(n, _)| n.clone()).collect();
-        empty.sort();
-        for name in empty {
-            let g = self.groups.remove(&name).expect("group");
-            self.chains.remove(&g.chain);
-            ph.del_rules.push(format!("-D {} {}", base_of(g.dir), g.jump));
-            ph.del_rules.push(format!("-F {}", g.chain));
-            ph.del_chains.push(format!("-X {}", g.chain));
-            for h in g.refs.iter().chain(std::iter::once(&g.endpoint_set)) {
-                self.release(h, ph);
-            }
-        }
-        // Members need not leave sets that are destroyed anyway.
-        if !ph.destroy_sets.is_empty() {
-            let gone: HashSet<&str> = ph.destroy_sets.iter().map(|l| &l["destroy ".len()..]).collect();
-            ph.del_members.retain(|l| !l.split(' ').nth(1).is_some_and(|set| gone.contains(set)));
-        }
-        if self.active && self.groups.is_empty() {
-            self.active = false;
-            ph.del_rules.insert(0, format!("-F {AZURE_NPM}"));
-        }
-    }
-
-    fn release(&mut self, h: &str, ph: &mut Phases) {
-        let s = self.sets.get_mut(h).expect("released set exists");
+    /// Drops a reference to a set. A set left without references is destroyed at the end of
+    /// the diff ([`Self::collect`]) unless something takes it again meanwhile.
+    fn release(&mut self, def: &SetDef) {
+        let Some(s) = self.sets.get_mut(def) else { return };
         s.refs -= 1;
-        if s.refs > 0 {
+        if s.refs == 0 {
+            self.unreferenced.push(def.clone());
+        }
+    }
+
+    /// Destroys the sets left without references (and releases what a list held).
+    fn collect(&mut self, ph: &mut Phases) {
+        while let Some(def) = self.unreferenced.pop() {
+            if self.sets.get(&def).is_none_or(|s| s.refs > 0) {
+                continue;
+            }
+            let s = self.sets.remove(&def).expect("set");
+            self.names.remove(&s.name);
+            // Members need not leave a set that is destroyed.
+            let prefix = format!("del {} ", s.name);
+            ph.del_members.retain(|l| !l.starts_with(&prefix));
+            if def.kind() == SetKind::ListSet {
+                ph.destroy_lists.push(format!("destroy {}", s.name));
+                let subs: Vec<SetDef> =
+                    self.sets.iter().filter(|(_, st)| s.members.contains(&st.name)).map(|(d, _)| d.clone()).collect();
+                for d in subs {
+                    self.release(&d);
+                }
+            } else {
+                ph.destroy_sets.push(format!("destroy {}", s.name));
+            }
+        }
+    }
+
+    /// Changes one member of an existing hash set, holding its address in transition.
+    fn change_member(&mut self, def: &SetDef, member: String, add: bool, ph: &mut Phases) {
+        let Some(s) = self.sets.get_mut(def) else { return };
+        let changed = if add { s.members.insert(member.clone()) } else { s.members.remove(&member) };
+        if !changed {
             return;
         }
-        let s = self.sets.remove(h).expect("set");
-        self.names.remove(h);
-        self.by_readable.remove(&s.base);
-        match s.kind {
-            SetKind::ListSet => ph.destroy_lists.push(format!("destroy {h}")),
-            SetKind::HashNet => ph.destroy_sets.push(format!("destroy {h}")),
+        let line = format!("{} {} {member}", if add { "add" } else { "del" }, s.name);
+        if add { ph.add_members.push(line) } else { ph.del_members.push(line) }
+        if let Some(ip) = member_address(&member) {
+            ph.guard.insert(ip);
         }
-        match s.role {
-            Role::Nested(members) => {
-                for m in members {
-                    self.release(&m, ph);
+    }
+
+    /// Brings every existing namespace list up to date for the namespaces in `touched`.
+    fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, ph: &mut Phases) {
+        let lists: Vec<SetDef> = self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
+        for list in lists {
+            for ns in touched {
+                let want = self.namespace_exists(ns) && list.holds_namespace(&self.namespace_labels(ns));
+                let sub = SetDef::Namespace(ns.clone());
+                let has = self.sets.get(&sub).is_some_and(|s| self.sets[&list].members.contains(&s.name));
+                if want == has {
+                    continue;
+                }
+                let sub_name = if want { self.acquire(&sub, ph) } else { self.sets[&sub].name.clone() };
+                // Every pod of the namespace changes memberships.
+                ph.guard.extend(self.sets[&sub].members.iter().filter_map(|m| member_address(m)));
+                let l = self.sets.get_mut(&list).expect("list");
+                if want {
+                    l.members.insert(sub_name.clone());
+                    ph.add_members.push(format!("add {} {sub_name}", l.name));
+                } else {
+                    l.members.remove(&sub_name);
+                    ph.del_members.push(format!("del {} {sub_name}", l.name));
+                    self.release(&sub);
                 }
             }
-            Role::Selector(sid) => {
-                self.selector_sets.remove(&sid);
-                for m in s.members {
-                    self.release(&m, ph);
+        }
+    }
+
+    // ---- chains ----
+
+    /// A policy direction's jump and rules (readable), or `None` when the policy does not
+    /// cover the direction.
+    fn render(&mut self, policy: &Policy, dir: Direction) -> Option<Rendered> {
+        let rules = policy.rules(dir)?;
+        let (own, peer) = match dir {
+            Direction::Ingress => ("dst", "src"),
+            Direction::Egress => ("src", "dst"),
+        };
+        let target = PeerSelector { namespaces: NamespaceScope::Named(policy.key.namespace.clone()), pods: policy.pod_selector.clone() };
+        let jump = selector_matches(&target, own)?;
+        let mut out = Vec::new();
+        for rule in rules {
+            for term in rule_terms(rule, dir) {
+                let peers = match &term.peer {
+                    TermPeer::Any => Vec::new(),
+                    TermPeer::Pods(sel) => match selector_matches(sel, peer) {
+                        Some(m) => m,
+                        None => continue,
+                    },
+                    TermPeer::Block(b) | TermPeer::PodsInBlock(b) => match self.cidr_def(b) {
+                        Some(set) => vec![SetMatch { negated: false, set, flags: peer }],
+                        None => continue,
+                    },
+                };
+                for port in &term.ports {
+                    let (spec, named, comment) = port_spec(port);
+                    let mut matches = peers.clone();
+                    matches.extend(named);
+                    out.push((spec, matches, comment));
                 }
             }
-            Role::Identity(id) => {
-                self.identity_sets.remove(&id);
-            }
-            Role::Cidr | Role::Endpoints => {}
         }
+        Some(Rendered { jump, rules: out })
+    }
+
+    fn cidr_def(&mut self, b: &CidrBlock) -> Option<SetDef> {
+        let IpNet::V4(net) = b.net else {
+            self.skipped_ipv6 += 1;
+            return None;
+        };
+        let except: Vec<Ipv4Net> = b.except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
+        // A block whose excepts cover it admits nothing.
+        if except.iter().any(|e| e.prefix_len() == 0) {
+            return None;
+        }
+        Some(SetDef::Cidr { net, except })
+    }
+
+    fn match_text(&self, m: &SetMatch) -> (String, String) {
+        let s = &self.sets[&m.set];
+        let bang = if m.negated { "! " } else { "" };
+        (format!("-m set {bang}--match-set {} {} ", s.name, m.flags), format!("{}{}", if m.negated { "!" } else { "" }, s.readable))
+    }
+
+    /// Writes a policy direction: sets acquired, rules and jump as `iptables-save` prints them.
+    fn write(&mut self, policy: &Policy, dir: Direction, r: Rendered, ph: &mut Phases) -> ChainState {
+        let key = (policy.key.clone(), dir);
+        let chain = match self.chains.get(&key) {
+            Some(c) => c.chain.clone(),
+            None => self.claim_chain(&policy.key, dir),
+        };
+        let mut refs: Vec<SetDef> = Vec::new();
+        for m in r.jump.iter().chain(r.rules.iter().flat_map(|(_, ms, _)| ms)) {
+            if !refs.contains(&m.set) {
+                refs.push(m.set.clone());
+            }
+        }
+        for d in &refs {
+            self.acquire(d, ph);
+        }
+        let (word, peer_word) = match dir {
+            Direction::Ingress => ("INGRESS", "FROM"),
+            Direction::Egress => ("EGRESS", "TO"),
+        };
+        let target = allow_target(dir);
+        let mut rules = Vec::new();
+        for (spec, matches, port_comment) in &r.rules {
+            let (text, readable): (Vec<String>, Vec<String>) = matches.iter().map(|m| self.match_text(m)).unzip();
+            let peers: Vec<&String> = readable.iter().filter(|n| !n.starts_with("namedport:")).collect();
+            let who = if peers.is_empty() {
+                "ALLOW-ALL".to_string()
+            } else {
+                format!("ALLOW-{peer_word}-{}", peers.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("-AND-"))
+            };
+            let comment = quote_comment(&format!("{who}{port_comment}"));
+            rules.push(format!("{spec}{}-m comment --comment {comment} -j {target}", text.concat()));
+        }
+        rules.push(drop_rule(dir));
+        let (text, readable): (Vec<String>, Vec<String>) = r.jump.iter().map(|m| self.match_text(m)).unzip();
+        let to = if dir == Direction::Ingress { "TO" } else { "FROM" };
+        let comment = format!("{word}-POLICY-{}-{to}-{}-IN-ns-{}", policy.key, readable.join("-AND-"), policy.key.namespace);
+        let jump = format!("{}-m comment --comment {} -j {chain}", text.concat(), quote_comment(&comment));
+        ChainState { chain, jump, rules, refs }
+    }
+
+    fn claim_chain(&mut self, key: &ObjectKey, dir: Direction) -> String {
+        let readable = format!("{key}");
+        for k in 0.. {
+            let cand = alternate(&readable, k);
+            let chain = names::policy_chain(dir == Direction::Ingress, &cand);
+            if !self.chain_names.contains_key(&chain) {
+                self.chain_names.insert(chain.clone(), readable);
+                return chain;
+            }
+        }
+        unreachable!()
+    }
+
+    /// Rewrites the chains of one policy (created, changed or deleted). Both directions'
+    /// sets are taken before any is released, so a set that moves from one to the other
+    /// stays.
+    fn update_policy(&mut self, key: &ObjectKey, ph: &mut Phases) {
+        let policy = self.policies.get(key).cloned();
+        let mut written = Vec::new();
+        for dir in Direction::BOTH {
+            let new = policy.as_ref().and_then(|p| self.render(p, dir).map(|r| (p, r)));
+            written.push((dir, new.map(|(p, r)| self.write(p, dir, r, ph))));
+        }
+        for (dir, new) in written {
+            let ck = (key.clone(), dir);
+            let old = self.chains.remove(&ck);
+            match (&old, &new) {
+                (None, None) => {}
+                (None, Some(n)) => {
+                    ph.new_chains.push(format!(":{} - [0:0]", n.chain));
+                    ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
+                    ph.rules.push(format!("-I {} 1 {}", base_of(dir), n.jump));
+                }
+                (Some(o), Some(n)) => {
+                    if o.rules != n.rules {
+                        // (Declaring an existing chain flushes it, in the same transaction.)
+                        ph.new_chains.push(format!(":{} - [0:0]", n.chain));
+                        ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
+                    }
+                    if o.jump != n.jump {
+                        ph.rules.push(format!("-D {} {}", base_of(dir), o.jump));
+                        ph.rules.push(format!("-I {} 1 {}", base_of(dir), n.jump));
+                    }
+                }
+                (Some(o), None) => {
+                    ph.del_rules.push(format!("-D {} {}", base_of(dir), o.jump));
+                    ph.del_rules.push(format!("-F {}", o.chain));
+                    ph.del_chains.push(format!("-X {}", o.chain));
+                    self.chain_names.remove(&o.chain);
+                }
+            }
+            if let Some(n) = new {
+                self.chains.insert(ck, n);
+            }
+            if let Some(o) = old {
+                for d in &o.refs {
+                    self.release(d);
+                }
+            }
+        }
+    }
+
+    fn set_active(&mut self, ph: &mut Phases) {
+        let want = !self.chains.is_empty();
+        if want == self.active {
+            return;
+        }
+        self.active = want;
+        ph.rules.push(format!("-F {AZURE_NPM}"));
+        if want {
+            let t = self.sets[&SetDef::Transition].name.clone();
+            ph.rules.extend(azure_npm_rules(&t).into_iter().map(|r| format!("-A {AZURE_NPM} {r}")));
+        }
+    }
+
+    fn ensure_base(&mut self, ph: &mut Phases) {
+        if self.base {
+            return;
+        }
+        self.base = true;
+        self.acquire(&SetDef::Transition, ph);
+        for c in names::BASE_CHAINS {
+            ph.new_chains.push(format!(":{c} - [0:0]"));
+        }
+        for (chain, rule) in base_rules() {
+            ph.rules.push(format!("-A {chain} {rule}"));
+        }
+        ph.rules.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
+    }
+
+    // ---- diffs ----
+
+    /// Translates one diff into batches, in order (empty ones left out).
+    pub fn translate(&mut self, diff: &PlanDiff) -> Vec<Batch> {
+        let mut ph = Phases::default();
+        self.ensure_base(&mut ph);
+        let mut old_identity: BTreeMap<Ipv4Addr, Option<IdentityId>> = BTreeMap::new();
+        let mut dropped_keys: Vec<IdentityId> = Vec::new();
+        let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut policies: BTreeSet<ObjectKey> = BTreeSet::new();
+        for c in &diff.changes {
+            match c {
+                Change::AddIdentityKey { identity, key } => self.index_identity(*identity, key.clone()),
+                Change::RemoveIdentityKey { identity } => dropped_keys.push(*identity),
+                Change::SetIdentity { ip, identity } => match v4(*ip) {
+                    Some(ip) => {
+                        let old = self.identities.insert(ip, *identity);
+                        old_identity.entry(ip).or_insert(old);
+                    }
+                    None => self.skipped_ipv6 += 1,
+                },
+                Change::RemoveIdentity { ip } => {
+                    if let Some(ip) = v4(*ip) {
+                        let old = self.identities.remove(&ip);
+                        old_identity.entry(ip).or_insert(old);
+                    }
+                }
+                Change::SetNamespaceLabels { namespace, labels } => {
+                    self.namespaces.insert(namespace.clone(), labels.clone());
+                    namespaces.insert(namespace.clone());
+                }
+                Change::RemoveNamespace { namespace } => {
+                    self.namespaces.remove(namespace);
+                    namespaces.insert(namespace.clone());
+                }
+                Change::SetPolicy { policy } => {
+                    self.policies.insert(policy.key.clone(), (**policy).clone());
+                    policies.insert(policy.key.clone());
+                }
+                Change::RemovePolicy { key } => {
+                    self.policies.remove(key);
+                    policies.insert(key.clone());
+                }
+                // The entries: what the label view already says, resolved (the eBPF and HNS
+                // dataplanes' input). Node addresses need no rule (see the module docs of
+                // `iptables`).
+                Change::AddEndpoint { .. }
+                | Change::RetargetEndpoint { .. }
+                | Change::RemoveEndpoint { .. }
+                | Change::SetIsolation { .. }
+                | Change::AddAllow { .. }
+                | Change::RemoveAllow { .. }
+                | Change::AddSet { .. }
+                | Change::RemoveSet { .. }
+                | Change::AddMember { .. }
+                | Change::RemoveMember { .. }
+                | Change::AddNodeIp { .. }
+                | Change::RemoveNodeIp { .. } => {}
+            }
+        }
+        // Addresses changing identity: out of the sets of the old key, into those of the new.
+        for (ip, old) in old_identity {
+            let new = self.identities.get(&ip).copied();
+            if old == new {
+                continue;
+            }
+            let before: Vec<(SetDef, String)> = old.and_then(|o| self.keys.get(&o)).map(|k| Self::memberships(k, ip)).unwrap_or_default();
+            let after: Vec<(SetDef, String)> = new.and_then(|n| self.keys.get(&n)).map(|k| Self::memberships(k, ip)).unwrap_or_default();
+            if let Some(o) = old {
+                if let Some(a) = self.addresses.get_mut(&o) {
+                    a.remove(&ip);
+                    if a.is_empty() {
+                        self.addresses.remove(&o);
+                    }
+                }
+                if let Some(ns) = self.keys.get(&o).map(|k| k.namespace.clone()) {
+                    namespaces.insert(ns);
+                }
+            }
+            if let Some(n) = new {
+                self.addresses.entry(n).or_default().insert(ip);
+                if let Some(ns) = self.keys.get(&n).map(|k| k.namespace.clone()) {
+                    namespaces.insert(ns);
+                }
+            }
+            for (d, m) in &before {
+                if !after.contains(&(d.clone(), m.clone())) {
+                    self.change_member(d, m.clone(), false, &mut ph);
+                }
+            }
+            for (d, m) in after {
+                if !before.contains(&(d.clone(), m.clone())) {
+                    self.change_member(&d, m, true, &mut ph);
+                }
+            }
+        }
+        for id in dropped_keys {
+            if let Some(ns) = self.keys.get(&id).map(|k| k.namespace.clone()) {
+                namespaces.insert(ns);
+            }
+            self.unindex_identity(id);
+        }
+        // Namespaces appearing, going or relabelled: the lists holding their ns sets.
+        self.update_namespace_lists(&namespaces, &mut ph);
+        for key in &policies {
+            self.update_policy(key, &mut ph);
+        }
+        self.set_active(&mut ph);
+        self.collect(&mut ph);
+        if !self.active {
+            // No rule looks at the transition set.
+            ph.guard.clear();
+        }
+        self.batches(ph)
     }
 
     fn batches(&self, ph: Phases) -> Vec<Batch> {
         let mut out = Vec::new();
-        let ipset = |step, lines: Vec<&Vec<String>>, out: &mut Vec<Batch>| {
-            let n: usize = lines.iter().map(|l| l.len()).sum();
-            if n > 0 {
-                let mut script = String::new();
-                for l in lines.into_iter().flatten() {
-                    script.push_str(l);
-                    script.push('\n');
-                }
-                out.push(Batch { step, tool: Tool::Ipset, script, commands: n });
-            }
+        let transition = self.sets.get(&SetDef::Transition).map(|s| s.name.clone());
+        // 1. New sets (hash sets before the lists holding them), then member changes with
+        //    their addresses held in transition.
+        let mut lines: Vec<String> = ph.create_sets.into_iter().chain(ph.create_lists).collect();
+        let guard: Vec<String> = match &transition {
+            Some(t) => ph.guard.iter().map(|ip| format!("{t} {ip}")).collect(),
+            None => Vec::new(),
         };
-        let iptables = |step, decl: &Vec<String>, lines: Vec<&Vec<String>>, out: &mut Vec<Batch>| {
-            let n: usize = lines.iter().map(|l| l.len()).sum();
-            if n > 0 || !decl.is_empty() {
-                let mut script = String::from("*filter\n");
-                for l in decl.iter().chain(lines.into_iter().flatten()) {
-                    script.push_str(l);
-                    script.push('\n');
-                }
-                script.push_str("COMMIT\n");
-                out.push(Batch { step, tool: Tool::Iptables, script, commands: n });
+        lines.extend(guard.iter().map(|g| format!("add {g}")));
+        lines.extend(ph.add_members);
+        lines.extend(ph.del_members);
+        lines.extend(guard.iter().map(|g| format!("del {g}")));
+        push_ipset(STEP_ADD_SETS, lines, &mut out);
+        // 2. Every rule change in one transaction.
+        let body: Vec<String> = ph.rules.into_iter().chain(ph.del_rules).chain(ph.del_chains).collect();
+        if !body.is_empty() || !ph.new_chains.is_empty() {
+            let mut script = String::from("*filter\n");
+            for l in ph.new_chains.iter().chain(body.iter()) {
+                script.push_str(l);
+                script.push('\n');
             }
-        };
-        ipset(STEP_ADD_SETS, vec![&ph.create_sets, &ph.create_lists, &ph.add_members], &mut out);
-        iptables(STEP_ADD_RULES, &ph.new_chains, vec![&ph.add_rules, &ph.add_jumps], &mut out);
-        ipset(STEP_DEL_MEMBERS, vec![&ph.del_members], &mut out);
-        iptables(STEP_DEL_RULES, &Vec::new(), vec![&ph.del_rules, &ph.del_chains], &mut out);
-        ipset(STEP_DEL_SETS, vec![&ph.destroy_lists, &ph.destroy_sets], &mut out);
+            script.push_str("COMMIT\n");
+            out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
+        }
+        // 3. Sets nothing references, lists first.
+        push_ipset(STEP_DEL_SETS, ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(), &mut out);
         out
     }
+
+    // ---- whole plans ----
 
     /// Makes the translator hold exactly `plan` and returns the batches that move the kernel
     /// from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let mut t = Translator { kernel: Some(kernel.clone()), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
-        for (sid, s) in &plan.sets {
-            t.peer_sets.insert(*sid, (s.selector.clone(), s.members.clone()));
+        let mut ph = Phases::default();
+        // Sets are claimed in a fixed order (the transition set, then by policy), so that a
+        // restart gives colliding names the same alternates.
+        t.acquire(&SetDef::Transition, &mut ph);
+        for (id, key) in &plan.identity_keys {
+            t.index_identity(*id, key.clone());
         }
         for (ip, id) in &plan.identities {
             match v4(*ip) {
                 Some(v) => {
                     t.identities.insert(v, *id);
-                    t.members.entry(*id).or_default().insert(v);
+                    t.addresses.entry(*id).or_default().insert(v);
                 }
                 None => t.skipped_ipv6 += 1,
             }
         }
-        let mut keys = Vec::new();
-        for (ip, ep) in &plan.endpoints {
-            let Some(v) = v4(*ip) else {
-                t.skipped_ipv6 += 1;
-                continue;
-            };
-            let mut e = Endpoint { pod: ep.pod.clone(), dirs: Default::default() };
-            for d in Direction::BOTH {
-                let src = ep.direction(d);
-                e.dirs[di(d)] = DirPlan { isolated: src.isolated, allow: src.allow.clone() };
-                keys.push((v, d));
-            }
-            t.endpoints.insert(v, e);
+        t.namespaces = plan.namespaces.clone();
+        t.policies = plan.policies.clone();
+        let keys: Vec<ObjectKey> = t.policies.keys().cloned().collect();
+        for key in &keys {
+            t.update_policy(key, &mut ph);
         }
-        keys.sort();
-        let mut ph = Phases::default();
-        for (ip, d) in keys {
-            t.assign(ip, d, &mut ph);
-        }
-        t.active = !t.groups.is_empty();
+        t.active = !t.chains.is_empty();
         t.kernel = None;
         let batches = t.reconcile_batches(kernel);
         *self = t;
         batches
     }
 
-    fn sorted_sets(&self) -> Vec<(&String, &SetState)> {
-        let mut sets: Vec<_> = self.sets.iter().collect();
-        sets.sort_by(|a, b| (a.1.kind, a.0).cmp(&(b.1.kind, b.0)));
-        sets
-    }
-
-    /// Every chain the layout should hold, with its rules, in `iptables-save` order of rules.
+    /// Every chain the layout should hold, with its rules, in `iptables-save` order of rules
+    /// (policy jumps sorted).
     pub fn desired_chains(&self) -> BTreeMap<String, Vec<String>> {
         let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for c in names::BASE_CHAINS {
             chains.insert(c.to_string(), Vec::new());
         }
         let mut jumps: [Vec<&String>; 2] = [Vec::new(), Vec::new()];
-        for g in self.groups.values() {
-            jumps[di(g.dir)].push(&g.jump);
-            chains.insert(g.chain.clone(), g.rules.clone());
+        for ((_, dir), c) in &self.chains {
+            jumps[di(*dir)].push(&c.jump);
+            chains.insert(c.chain.clone(), c.rules.clone());
         }
         for j in &mut jumps {
             j.sort();
         }
-        if self.active {
-            for t in [INGRESS, EGRESS, ACCEPT] {
-                chains.get_mut(AZURE_NPM).expect("base").push(format!("-j {t}"));
-            }
+        if self.active
+            && let Some(t) = self.sets.get(&SetDef::Transition)
+        {
+            chains.insert(AZURE_NPM.to_string(), azure_npm_rules(&t.name));
         }
         let ing = chains.get_mut(INGRESS).expect("base");
         ing.extend(jumps[0].iter().map(|j| j.to_string()));
         ing.push(ingress_tail());
-        for (chain, rule) in base_rules(false) {
+        for (chain, rule) in base_rules() {
             if chain == INGRESS_ALLOW_MARK || chain == ACCEPT {
                 chains.get_mut(chain).expect("base").push(rule);
             }
@@ -1037,26 +1126,42 @@ impl Translator {
 
     /// Every set the layout should hold: kernel name → (readable name, type, members).
     pub fn desired_sets(&self) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
-        self.sets.iter().map(|(h, s)| (h.clone(), (s.readable.clone(), s.kind.type_name(), s.members.clone()))).collect()
+        self.sets.iter().map(|(d, s)| (s.name.clone(), (s.readable.clone(), d.kind().type_name(), s.members.clone()))).collect()
     }
 
     fn reconcile_batches(&self, kernel: &KernelState) -> Vec<Batch> {
         let mut ph = Phases::default();
-        // 1. Sets: create what is missing, add missing members.
-        for (h, s) in self.sorted_sets() {
-            let out = match s.kind {
-                SetKind::HashNet => &mut ph.create_sets,
-                SetKind::ListSet => &mut ph.create_lists,
-            };
+        let mut sets: Vec<(&SetDef, &SetState)> = self.sets.iter().collect();
+        sets.sort_by(|a, b| (a.0.kind() == SetKind::ListSet, &a.1.name).cmp(&(b.0.kind() == SetKind::ListSet, &b.1.name)));
+        let kernel_addresses = |set: &str| -> Vec<Ipv4Addr> {
+            kernel.sets.get(set).into_iter().flat_map(|s| &s.members).filter_map(|m| member_address(m)).collect()
+        };
+        // 1. Sets: create what is missing; members that differ change with their addresses
+        //    (or, for lists, the addresses of the sets that join or leave) in transition.
+        for (def, s) in &sets {
+            let h = &s.name;
+            let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_line(h, s.kind, s.options, s.members.len()));
+                    out.push(create_line(h, def));
                     out.extend(s.members.iter().map(|m| format!("add {h} {m}")));
                 }
                 Some(ks) => {
-                    // (same type: `claim` gave another name otherwise)
-                    out.extend(s.members.difference(&ks.members).map(|m| format!("add {h} {m}")));
-                    ph.del_members.extend(ks.members.difference(&s.members).map(|m| format!("del {h} {}", m.trim_end_matches(" nomatch"))));
+                    for m in s.members.difference(&ks.members) {
+                        ph.add_members.push(format!("add {h} {m}"));
+                        ph.guard.extend(member_address(m));
+                        if def.kind() == SetKind::ListSet {
+                            ph.guard.extend(self.sets.values().filter(|x| &x.name == m).flat_map(|x| x.members.iter().filter_map(|a| member_address(a))));
+                            ph.guard.extend(kernel_addresses(m));
+                        }
+                    }
+                    for m in ks.members.difference(&s.members) {
+                        ph.del_members.push(format!("del {h} {}", m.trim_end_matches(" nomatch")));
+                        ph.guard.extend(member_address(m));
+                        if def.kind() == SetKind::ListSet {
+                            ph.guard.extend(kernel_addresses(m));
+                        }
+                    }
                 }
             }
         }
@@ -1066,17 +1171,17 @@ impl Translator {
             ph.new_chains.push(format!(":{c} - [0:0]"));
         }
         for (c, rules) in &chains {
-            ph.add_rules.extend(rules.iter().map(|r| format!("-A {c} {r}")));
+            ph.rules.extend(rules.iter().map(|r| format!("-A {c} {r}")));
         }
         let jumps: Vec<&String> = kernel.forward.iter().filter(|r| jumps_to_azure_npm(r)).collect();
         let in_place = jumps.len() == 1 && kernel.forward.first().map(String::as_str) == Some(FORWARD_JUMP);
         if !in_place {
             for j in jumps {
-                ph.add_jumps.push(format!("-D FORWARD {j}"));
+                ph.rules.push(format!("-D FORWARD {j}"));
             }
-            ph.add_jumps.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
+            ph.rules.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
         }
-        // 4. Stale chains (flushed first: they may jump to each other).
+        // Stale chains (flushed first: they may jump to each other).
         let stale: Vec<&String> = kernel.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
         for c in &stale {
             ph.del_rules.push(format!("-F {c}"));
@@ -1084,9 +1189,10 @@ impl Translator {
         for c in &stale {
             ph.del_chains.push(format!("-X {c}"));
         }
-        // 5. Stale sets, lists first (they reference the others).
+        // 3. Stale sets, lists first (they reference the others).
+        let names: HashSet<&String> = self.sets.values().map(|s| &s.name).collect();
         for (h, ks) in &kernel.sets {
-            if !self.sets.contains_key(h) {
+            if !names.contains(h) {
                 if ks.kind == "list:set" {
                     ph.destroy_lists.push(format!("destroy {h}"));
                 } else {
@@ -1094,31 +1200,56 @@ impl Translator {
                 }
             }
         }
-        self.batches(ph)
-    }
-
-    /// The policy groups: (readable name, direction, namespace, chain, endpoints, rules).
-    pub fn groups(&self) -> Vec<GroupInfo> {
-        let mut v: Vec<GroupInfo> = self
-            .groups
-            .iter()
-            .map(|(n, g)| GroupInfo {
-                name: n.clone(),
-                direction: g.dir,
-                namespace: g.ns.clone(),
-                chain: g.chain.clone(),
-                endpoints: g.members.iter().copied().collect(),
-                rules: g.rules.len() + 1,
-            })
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        // The guard is lifted only after the rules are rewritten: until then, the old rules
+        // look at the changed sets.
+        let mut out = Vec::new();
+        let transition = self.sets[&SetDef::Transition].name.clone();
+        let guard: Vec<String> = ph.guard.iter().map(|ip| format!("{transition} {ip}")).collect();
+        let mut lines: Vec<String> = ph.create_sets.into_iter().chain(ph.create_lists).collect();
+        lines.extend(guard.iter().map(|g| format!("add {g}")));
+        lines.extend(ph.add_members);
+        lines.extend(ph.del_members);
+        push_ipset(STEP_ADD_SETS, lines, &mut out);
+        let body: Vec<String> = ph.rules.into_iter().chain(ph.del_rules).chain(ph.del_chains).collect();
+        let mut script = String::from("*filter\n");
+        for l in ph.new_chains.iter().chain(body.iter()) {
+            script.push_str(l);
+            script.push('\n');
+        }
+        script.push_str("COMMIT\n");
+        out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
+        let mut last: Vec<String> = guard.iter().map(|g| format!("del {g}")).collect();
+        last.extend(ph.destroy_lists);
+        last.extend(ph.destroy_sets);
+        push_ipset(STEP_DEL_SETS, last, &mut out);
+        out
     }
 
     /// The kernel name and readable name of every set, for explaining rules.
     pub fn set_names(&self) -> BTreeMap<String, String> {
-        self.sets.iter().map(|(h, s)| (h.clone(), s.readable.clone())).collect()
+        self.sets.values().map(|s| (s.name.clone(), s.readable.clone())).collect()
     }
+
+    /// The chain of every policy direction: (policy, direction) → chain.
+    pub fn policy_chains(&self) -> BTreeMap<(ObjectKey, Direction), String> {
+        self.chains.iter().map(|(k, c)| (k.clone(), c.chain.clone())).collect()
+    }
+}
+
+fn kind_matches(ks: &KernelSet, kind: SetKind) -> bool {
+    ks.kind == kind.type_name()
+}
+
+fn push_ipset(step: &'static str, lines: Vec<String>, out: &mut Vec<Batch>) {
+    if lines.is_empty() {
+        return;
+    }
+    let mut script = String::new();
+    for l in &lines {
+        script.push_str(l);
+        script.push('\n');
+    }
+    out.push(Batch { step, tool: Tool::Ipset, script, commands: lines.len() });
 }
 
 /// The script that removes everything of the layout found in `kernel` (for `cleanup` and
