@@ -21,7 +21,7 @@ use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::iptables::model::{KernelModel, Packet};
 use npm_agent::dataplane::iptables::names::hashed_set_name;
-use npm_agent::dataplane::iptables::translate::{Batch, Translator};
+use npm_agent::dataplane::iptables::translate::{Batch, Tool, Translator};
 use npm_agent::model::Protocol;
 use npm_agent::plan::Plan;
 use npm_agent::reference;
@@ -143,12 +143,21 @@ fn apply_checked(kernel: &mut KernelModel, batches: &[Batch], old: &ClusterState
     let o: Vec<bool> = all.iter().map(|p| spec(old, p)).collect();
     let n: Vec<bool> = all.iter().map(|p| spec(new, p)).collect();
     for (i, b) in batches.iter().enumerate() {
-        kernel.apply(b).map_err(|e| TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script)))?;
-        for (k, p) in all.iter().enumerate() {
-            let mid = kernel.forward(p);
-            prop_assert!(!mid || o[k] || n[k], "after batch {} ({}): {:?} admitted though neither state allows it\n{}", i, b.step, p, b.script);
-            let held = in_transition(kernel, p.src) || in_transition(kernel, p.dst);
-            prop_assert!(mid || held || !(o[k] && n[k]), "after batch {} ({}): {:?} refused though both states allow it\n{}", i, b.step, p, b.script);
+        // ipset applies a script command by command (packets see every step); an
+        // iptables-restore transaction at once.
+        let steps: Vec<String> = match b.tool {
+            Tool::Ipset => b.script.lines().map(|l| format!("{l}\n")).collect(),
+            Tool::Iptables => vec![b.script.clone()],
+        };
+        for (j, step) in steps.iter().enumerate() {
+            let one = Batch { script: step.clone(), ..b.clone() };
+            kernel.apply(&one).map_err(|e| TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script)))?;
+            for (k, p) in all.iter().enumerate() {
+                let mid = kernel.forward(p);
+                prop_assert!(!mid || o[k] || n[k], "after batch {} ({}) line {}: {:?} admitted though neither state allows it\n{}", i, b.step, j, p, b.script);
+                let held = in_transition(kernel, p.src) || in_transition(kernel, p.dst);
+                prop_assert!(mid || held || !(o[k] && n[k]), "after batch {} ({}) line {}: {:?} refused though both states allow it\n{}", i, b.step, j, p, b.script);
+            }
         }
     }
     let t = kernel.sets.get(&hashed_set_name("transition"));

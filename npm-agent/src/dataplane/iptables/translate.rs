@@ -80,6 +80,8 @@ pub struct Batch {
 pub const STEP_ADD_SETS: &str = "create sets and change members";
 pub const STEP_RULES: &str = "write rules";
 pub const STEP_DEL_SETS: &str = "destroy sets";
+/// (A reconcile only: addresses leave the transition set once every chain is rewritten.)
+pub const STEP_LIFT_TRANSITION: &str = "lift the transition guard";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
@@ -1141,6 +1143,14 @@ impl Translator {
         for (def, s) in &sets {
             let h = &s.name;
             let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
+            if **def == SetDef::Transition
+                && let Some(ks) = kernel.sets.get(h)
+            {
+                // Addresses a failed batch left in transition stay there until the rules are
+                // rewritten, then leave with the others.
+                ph.guard.extend(ks.members.iter().filter_map(|m| member_address(m)));
+                continue;
+            }
             match kernel.sets.get(h) {
                 None => {
                     out.push(create_line(h, def));
@@ -1218,10 +1228,8 @@ impl Translator {
         }
         script.push_str("COMMIT\n");
         out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
-        let mut last: Vec<String> = guard.iter().map(|g| format!("del {g}")).collect();
-        last.extend(ph.destroy_lists);
-        last.extend(ph.destroy_sets);
-        push_ipset(STEP_DEL_SETS, last, &mut out);
+        push_ipset(STEP_LIFT_TRANSITION, guard.iter().map(|g| format!("del {g}")).collect(), &mut out);
+        push_ipset(STEP_DEL_SETS, ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(), &mut out);
         out
     }
 
