@@ -397,8 +397,15 @@ fn egress_tail() -> [String; 2] {
     ]
 }
 
-/// The set matches of a label selector over pods (`None`: it matches no pod).
-fn pod_matches(sel: &LabelSelector, flags: &'static str) -> Option<Vec<SetMatch>> {
+/// The set matches of a label selector's requirements, with the sets of one label
+/// (`podlabel-…` or `nslabel-…`) and of several values of one key (`None`: it matches
+/// nothing).
+fn label_matches(
+    sel: &LabelSelector,
+    flags: &'static str,
+    label: fn(String, Option<String>) -> SetDef,
+    values: fn(String, Vec<String>) -> SetDef,
+) -> Option<Vec<SetMatch>> {
     let mut out = Vec::new();
     for r in sel.requirements() {
         let key = r.key.clone();
@@ -406,14 +413,12 @@ fn pod_matches(sel: &LabelSelector, flags: &'static str) -> Option<Vec<SetMatch>
         match r.operator {
             Operator::In => match r.values.len() {
                 0 => return None,
-                1 => out.push(m(false, SetDef::PodLabel { key, value: r.values.first().cloned() })),
-                _ => out.push(m(false, SetDef::PodValues { key, values: r.values.iter().cloned().collect() })),
+                1 => out.push(m(false, label(key, r.values.first().cloned()))),
+                _ => out.push(m(false, values(key, r.values.iter().cloned().collect()))),
             },
-            Operator::NotIn => {
-                out.extend(r.values.iter().map(|v| m(true, SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) })))
-            }
-            Operator::Exists => out.push(m(false, SetDef::PodLabel { key, value: None })),
-            Operator::DoesNotExist => out.push(m(true, SetDef::PodLabel { key, value: None })),
+            Operator::NotIn => out.extend(r.values.iter().map(|v| m(true, label(key.clone(), Some(v.clone()))))),
+            Operator::Exists => out.push(m(false, label(key, None))),
+            Operator::DoesNotExist => out.push(m(true, label(key, None))),
         }
     }
     Some(out)
@@ -425,29 +430,17 @@ fn selector_matches(sel: &PeerSelector, flags: &'static str) -> Option<Vec<SetMa
     match &sel.namespaces {
         NamespaceScope::Named(ns) => out.push(SetMatch { negated: false, set: SetDef::Namespace(ns.clone()), flags }),
         NamespaceScope::Selector(s) => {
-            for r in s.requirements() {
-                let key = r.key.clone();
-                let m = |negated, set| SetMatch { negated, set, flags };
-                match r.operator {
-                    Operator::In => match r.values.len() {
-                        0 => return None,
-                        1 => out.push(m(false, SetDef::NsLabel { key, value: r.values.first().cloned() })),
-                        _ => out.push(m(false, SetDef::NsValues { key, values: r.values.iter().cloned().collect() })),
-                    },
-                    Operator::NotIn => out.extend(
-                        r.values.iter().map(|v| m(true, SetDef::NsLabel { key: key.clone(), value: Some(v.clone()) })),
-                    ),
-                    Operator::Exists => out.push(m(false, SetDef::NsLabel { key, value: None })),
-                    Operator::DoesNotExist => out.push(m(true, SetDef::NsLabel { key, value: None })),
-                }
-            }
+            out = label_matches(s, flags, |key, value| SetDef::NsLabel { key, value }, |key, values| SetDef::NsValues { key, values })?;
             // Negations alone would match addresses that are no pod's.
             if !out.iter().any(|m| !m.negated) {
                 out.insert(0, SetMatch { negated: false, set: SetDef::AllNamespaces, flags });
             }
         }
     }
-    out.extend(pod_matches(&sel.pods, flags)?);
+    out.extend(label_matches(&sel.pods, flags, |key, value| SetDef::PodLabel { key, value }, |key, values| SetDef::PodValues {
+        key,
+        values,
+    })?);
     Some(out)
 }
 
@@ -1023,25 +1016,28 @@ impl Translator {
             // No rule looks at the transition set.
             ph.guard.clear();
         }
-        self.batches(ph)
+        self.batches(ph, false)
     }
 
-    fn batches(&self, ph: Phases) -> Vec<Batch> {
+    /// The batches of `ph`: (1) new sets, then member changes with their addresses in
+    /// transition; (2) every rule change in one transaction; (3) sets nothing references,
+    /// lists first. The transition is lifted at the end of (1), or, when `lift_after_rules`
+    /// (a reconcile, whose old rules look at the changed sets until (2)), after (2).
+    fn batches(&self, ph: Phases, lift_after_rules: bool) -> Vec<Batch> {
         let mut out = Vec::new();
-        let transition = self.sets.get(&SetDef::Transition).map(|s| s.name.clone());
-        // 1. New sets (hash sets before the lists holding them), then member changes with
-        //    their addresses held in transition.
-        let mut lines: Vec<String> = ph.create_sets.into_iter().chain(ph.create_lists).collect();
-        let guard: Vec<String> = match &transition {
-            Some(t) => ph.guard.iter().map(|ip| format!("{t} {ip}")).collect(),
+        let guard: Vec<String> = match self.sets.get(&SetDef::Transition) {
+            Some(t) => ph.guard.iter().map(|ip| format!("{} {ip}", t.name)).collect(),
             None => Vec::new(),
         };
+        let lift: Vec<String> = guard.iter().map(|g| format!("del {g}")).collect();
+        let mut lines: Vec<String> = ph.create_sets.into_iter().chain(ph.create_lists).collect();
         lines.extend(guard.iter().map(|g| format!("add {g}")));
         lines.extend(ph.add_members);
         lines.extend(ph.del_members);
-        lines.extend(guard.iter().map(|g| format!("del {g}")));
+        if !lift_after_rules {
+            lines.extend(lift.iter().cloned());
+        }
         push_ipset(STEP_ADD_SETS, lines, &mut out);
-        // 2. Every rule change in one transaction.
         let body: Vec<String> = ph.rules.into_iter().chain(ph.del_rules).chain(ph.del_chains).collect();
         if !body.is_empty() || !ph.new_chains.is_empty() {
             let mut script = String::from("*filter\n");
@@ -1052,7 +1048,9 @@ impl Translator {
             script.push_str("COMMIT\n");
             out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
         }
-        // 3. Sets nothing references, lists first.
+        if lift_after_rules {
+            push_ipset(STEP_LIFT_TRANSITION, lift, &mut out);
+        }
         push_ipset(STEP_DEL_SETS, ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(), &mut out);
         out
     }
@@ -1212,25 +1210,7 @@ impl Translator {
         }
         // The guard is lifted only after the rules are rewritten: until then, the old rules
         // look at the changed sets.
-        let mut out = Vec::new();
-        let transition = self.sets[&SetDef::Transition].name.clone();
-        let guard: Vec<String> = ph.guard.iter().map(|ip| format!("{transition} {ip}")).collect();
-        let mut lines: Vec<String> = ph.create_sets.into_iter().chain(ph.create_lists).collect();
-        lines.extend(guard.iter().map(|g| format!("add {g}")));
-        lines.extend(ph.add_members);
-        lines.extend(ph.del_members);
-        push_ipset(STEP_ADD_SETS, lines, &mut out);
-        let body: Vec<String> = ph.rules.into_iter().chain(ph.del_rules).chain(ph.del_chains).collect();
-        let mut script = String::from("*filter\n");
-        for l in ph.new_chains.iter().chain(body.iter()) {
-            script.push_str(l);
-            script.push('\n');
-        }
-        script.push_str("COMMIT\n");
-        out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
-        push_ipset(STEP_LIFT_TRANSITION, guard.iter().map(|g| format!("del {g}")).collect(), &mut out);
-        push_ipset(STEP_DEL_SETS, ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(), &mut out);
-        out
+        self.batches(ph, true)
     }
 
     /// The kernel name and readable name of every set, for explaining rules.
