@@ -523,14 +523,27 @@ fn lab_iptables_metrics() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let mut rules = 0;
+    let mut saved = String::new();
     for program in ["iptables-nft-save", "iptables-legacy-save"] {
         let text = output(program, &["-t", "filter"]);
         if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) {
             rules = text.lines().filter(|l| l.starts_with("-A AZURE-NPM")).count();
+            saved = text;
         }
     }
     assert!(rules > 0, "the AZURE-NPM chains are in the node's namespace");
+    // Azure NPM's layout, literally: a chain per policy named from `<namespace>/<name>`,
+    // jumped to through the policy's label sets.
+    use npm_agent::dataplane::iptables::names::{hashed_set_name, policy_chain};
+    for chain in [policy_chain(true, "x/deny-x"), policy_chain(false, "z/za-egress")] {
+        assert!(saved.lines().any(|l| l == format!(":{chain} - [0:0]")), "{chain} in\n{saved}");
+    }
+    let jump = format!("-A AZURE-NPM-EGRESS -m set --match-set {} src -m set --match-set {} src ", hashed_set_name("ns-z"), hashed_set_name("podlabel-pod:a"));
+    assert!(saved.lines().any(|l| l.starts_with(&jump)), "{jump} in\n{saved}");
     let sets = output("ipset", &["save"]);
+    for readable in ["ns-x", "ns-z", "podlabel-pod:a", "transition"] {
+        assert!(sets.contains(&format!("create {} ", hashed_set_name(readable))), "{readable} in\n{sets}");
+    }
     let mut entries: BTreeMap<String, u64> = BTreeMap::new();
     for line in sets.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
