@@ -692,18 +692,23 @@ impl Translator {
     /// Brings every existing namespace list up to date for the namespaces in `touched`.
     fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, ph: &mut Phases) {
         let lists: Vec<SetDef> = self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
-        for list in lists {
-            for ns in touched {
-                let want = self.namespace_exists(ns) && list.holds_namespace(&self.namespace_labels(ns));
-                let sub = SetDef::Namespace(ns.clone());
-                let has = self.sets.get(&sub).is_some_and(|s| self.sets[&list].members.contains(&s.name));
+        if lists.is_empty() {
+            return;
+        }
+        for ns in touched {
+            let exists = self.namespace_exists(ns);
+            let labels = self.namespace_labels(ns);
+            let sub = SetDef::Namespace(ns.clone());
+            for list in &lists {
+                let want = exists && list.holds_namespace(&labels);
+                let has = self.sets.get(&sub).is_some_and(|s| self.sets[list].members.contains(&s.name));
                 if want == has {
                     continue;
                 }
                 let sub_name = if want { self.acquire(&sub, ph) } else { self.sets[&sub].name.clone() };
                 // Every pod of the namespace changes memberships.
                 ph.guard.extend(self.sets[&sub].members.iter().filter_map(|m| member_address(m)));
-                let l = self.sets.get_mut(&list).expect("list");
+                let l = self.sets.get_mut(list).expect("list");
                 if want {
                     l.members.insert(sub_name.clone());
                     ph.add_members.push(format!("add {} {sub_name}", l.name));
