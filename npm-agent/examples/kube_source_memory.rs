@@ -6,12 +6,14 @@
 //! are the agent's own: the resident set (VmRSS, and its peak VmHWM) and the live heap.
 //!
 //! ```text
-//! cargo run --release -p npm-agent --example kube_source_memory -- [SIZE] [source|engine]
+//! cargo run --release -p npm-agent --example kube_source_memory -- [SIZE] [source|engine|iptables]
 //! ```
 //! SIZE is 1k, 10k or 100k (default 100k). `source` (the default) drops the events once
 //! counted: what remains is the source's own state (one fingerprint per object) and the
 //! runtime. `engine` feeds them into an incremental engine for the measured node, as the
-//! agent does: the engine holds the model of the cluster.
+//! agent does: the engine holds the model of the cluster. `iptables` then reconciles the
+//! iptables translator over the plan (an empty kernel, no process run), as an agent in
+//! iptables mode holds it: the label view of every pod and policy, and the sets' members.
 
 mod memory;
 #[path = "../benches/synth/mod.rs"]
@@ -24,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use kube_server::{Request, Response, Server, Step, status_response};
 use npm_agent::compile::{Engine, Scope};
+use npm_agent::dataplane::iptables::state::KernelState;
+use npm_agent::dataplane::iptables::translate::Translator;
 use npm_agent::model::convert;
 use npm_agent::source::{KubeOptions, KubeSource, Source};
 use serde_json::{Value, json};
@@ -42,7 +46,7 @@ fn main() {
     }
     let size = args.first().map(String::as_str).unwrap_or("100k").to_string();
     let mode = args.get(1).map(String::as_str).unwrap_or("source").to_string();
-    assert!(matches!(mode.as_str(), "source" | "engine"), "mode is source or engine");
+    assert!(matches!(mode.as_str(), "source" | "engine" | "iptables"), "mode is source, engine or iptables");
 
     // The API server: a child process serving the synthetic cluster.
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -63,7 +67,7 @@ fn main() {
     let config = kube::Config::new(url.parse().unwrap());
     let mut source = KubeSource::from_config(config, KubeOptions::new(node.clone())).expect("source");
     report("source started");
-    let mut engine = (mode == "engine").then(|| Engine::new(Scope::Node(node.clone())));
+    let mut engine = (mode != "source").then(|| Engine::new(Scope::Node(node.clone())));
     let t = Instant::now();
     let mut events = 0usize;
     loop {
@@ -80,7 +84,26 @@ fn main() {
         }
     }
     let took = t.elapsed();
-    report(if mode == "engine" { "synced, the cluster in the engine" } else { "synced, events dropped (the source's own state)" });
+    report(if mode == "source" { "synced, events dropped (the source's own state)" } else { "synced, the cluster in the engine" });
+    let mut translator = None;
+    if mode == "iptables" {
+        let plan = engine.as_ref().expect("engine").plan();
+        let mut t = Translator::new();
+        let batches = t.reconcile(&plan, &KernelState::default());
+        let lines: usize = batches.iter().map(|b| b.commands).sum();
+        drop((plan, batches));
+        report("iptables translator reconciled (plan dropped)");
+        // As the agent does after a whole-plan reconcile.
+        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        report("freed memory returned (malloc_trim)");
+        println!();
+        println!("iptables: {:?}, {lines} commands", t.encoded());
+        println!();
+        translator = Some(t);
+    }
     std::thread::sleep(Duration::from_millis(500));
     report("0.5 s later");
     println!();
@@ -88,7 +111,7 @@ fn main() {
     if let Some(engine) = &engine {
         println!("engine: {:?}", engine.stats());
     }
-    drop(source);
+    drop((source, translator));
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -51,7 +51,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::names::{self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment};
-use super::state::{KernelSet, KernelState, jumps_to_azure_npm};
+use super::state::{KernelState, jumps_to_azure_npm};
 use crate::compile::{IdentityKey, PeerSelector, PortSel, TermPeer, rule_terms};
 use crate::model::{CidrBlock, Direction, Labels, LabelSelector, Namespace, NamespaceScope, ObjectKey, Operator, Policy, PortSpec, Protocol};
 use crate::plan::{Change, IdentityId, Plan, PlanDiff};
@@ -176,6 +176,16 @@ impl SetDef {
     }
 }
 
+/// The commands that create a set and add its members, as one block of lines (one string,
+/// not one per line: a reconcile at 100k pods writes half a million of them).
+fn create_block(h: &str, def: &SetDef, members: &BTreeSet<String>) -> String {
+    let mut b = create_line(h, def);
+    for m in members {
+        let _ = write!(b, "\nadd {h} {m}");
+    }
+    b
+}
+
 fn create_line(h: &str, def: &SetDef) -> String {
     match def.kind() {
         // Sets of pods may hold every pod of a large cluster.
@@ -218,6 +228,9 @@ struct ChainState {
 
 #[derive(Default)]
 struct Phases {
+    /// Whether to leave out the commands that create sets (a reconcile writes its own, from
+    /// the whole layout, and at 100k pods these are half a million lines).
+    discard_creates: bool,
     create_sets: Vec<String>,
     create_lists: Vec<String>,
     guard: BTreeSet<Ipv4Addr>,
@@ -241,7 +254,6 @@ pub struct Translator {
     by_label: HashMap<String, HashSet<IdentityId>>,
     by_port_name: HashMap<String, HashSet<IdentityId>>,
     namespaces: HashMap<String, Labels>,
-    policies: BTreeMap<ObjectKey, Policy>,
     sets: HashMap<SetDef, SetState>,
     /// Kernel set name → readable name (every name given out).
     names: HashMap<String, String>,
@@ -254,9 +266,9 @@ pub struct Translator {
     active: bool,
     /// Whether the base chains exist.
     base: bool,
-    /// During a reconcile: what the kernel holds, so that no name is taken by a set of
-    /// another type.
-    kernel: Option<KernelState>,
+    /// During a reconcile: the type of each set the kernel holds, so that no name is taken
+    /// by a set of another type.
+    kernel_kinds: Option<HashMap<String, String>>,
     /// Plan entries the encoding cannot express (IPv6 addresses and blocks), for the logs.
     pub skipped_ipv6: u64,
 }
@@ -483,7 +495,7 @@ impl Translator {
     pub fn encoded(&self) -> Encoded {
         Encoded {
             pods: self.identities.len(),
-            policies: self.policies.len(),
+            policies: self.chains.keys().map(|(k, _)| k).collect::<HashSet<_>>().len(),
             chains: self.chains.len(),
             sets: self.sets.len(),
             set_members: self.sets.values().map(|s| s.members.len()).sum(),
@@ -608,8 +620,8 @@ impl Translator {
             if self.names.contains_key(&h) {
                 continue;
             }
-            if let Some(ks) = self.kernel.as_ref().and_then(|kern| kern.sets.get(&h))
-                && !kind_matches(ks, kind)
+            if let Some(k) = self.kernel_kinds.as_ref().and_then(|kinds| kinds.get(&h))
+                && k != kind.type_name()
             {
                 continue;
             }
@@ -634,9 +646,10 @@ impl Translator {
         } else {
             self.hash_members(def)
         };
-        let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
-        out.push(create_line(&name, def));
-        out.extend(members.iter().map(|m| format!("add {name} {m}")));
+        if !ph.discard_creates {
+            let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
+            out.push(create_block(&name, def, &members));
+        }
         self.sets.insert(def.clone(), SetState { name: name.clone(), readable, members, refs: 1 });
         name
     }
@@ -834,8 +847,9 @@ impl Translator {
     /// Rewrites the chains of one policy (created, changed or deleted). Both directions'
     /// sets are taken before any is released, so a set that moves from one to the other
     /// stays.
-    fn update_policy(&mut self, key: &ObjectKey, ph: &mut Phases) {
-        let policy = self.policies.get(key).cloned();
+    /// (The translator keeps a policy's chains, not the policy: `policy` is what the plan
+    /// now has, `None` when it was deleted.)
+    fn update_policy(&mut self, key: &ObjectKey, policy: Option<&Policy>, ph: &mut Phases) {
         let mut written = Vec::new();
         for dir in Direction::BOTH {
             let new = policy.as_ref().and_then(|p| self.render(p, dir).map(|r| (p, r)));
@@ -917,7 +931,7 @@ impl Translator {
         let mut old_identity: BTreeMap<Ipv4Addr, Option<IdentityId>> = BTreeMap::new();
         let mut dropped_keys: Vec<IdentityId> = Vec::new();
         let mut namespaces: BTreeSet<String> = BTreeSet::new();
-        let mut policies: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut policies: BTreeMap<ObjectKey, Option<std::sync::Arc<Policy>>> = BTreeMap::new();
         for c in &diff.changes {
             match c {
                 Change::AddIdentityKey { identity, key } => self.index_identity(*identity, key.clone()),
@@ -944,12 +958,10 @@ impl Translator {
                     namespaces.insert(namespace.clone());
                 }
                 Change::SetPolicy { policy } => {
-                    self.policies.insert(policy.key.clone(), (**policy).clone());
-                    policies.insert(policy.key.clone());
+                    policies.insert(policy.key.clone(), Some(policy.clone()));
                 }
                 Change::RemovePolicy { key } => {
-                    self.policies.remove(key);
-                    policies.insert(key.clone());
+                    policies.insert(key.clone(), None);
                 }
                 // The entries: what the label view already says, resolved (the eBPF and HNS
                 // dataplanes' input). Node addresses need no rule (see the module docs of
@@ -1012,8 +1024,8 @@ impl Translator {
         }
         // Namespaces appearing, going or relabelled: the lists holding their ns sets.
         self.update_namespace_lists(&namespaces, &mut ph);
-        for key in &policies {
-            self.update_policy(key, &mut ph);
+        for (key, policy) in &policies {
+            self.update_policy(key, policy.as_deref(), &mut ph);
         }
         self.set_active(&mut ph);
         self.collect(&mut ph);
@@ -1065,8 +1077,9 @@ impl Translator {
     /// Makes the translator hold exactly `plan` and returns the batches that move the kernel
     /// from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
-        let mut t = Translator { kernel: Some(kernel.clone()), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
-        let mut ph = Phases::default();
+        let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
+        let mut t = Translator { kernel_kinds: Some(kinds), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
+        let mut ph = Phases { discard_creates: true, ..Phases::default() };
         // Sets are claimed in a fixed order (the transition set, then by policy), so that a
         // restart gives colliding names the same alternates.
         t.acquire(&SetDef::Transition, &mut ph);
@@ -1083,13 +1096,11 @@ impl Translator {
             }
         }
         t.namespaces = plan.namespaces.clone();
-        t.policies = plan.policies.clone();
-        let keys: Vec<ObjectKey> = t.policies.keys().cloned().collect();
-        for key in &keys {
-            t.update_policy(key, &mut ph);
+        for (key, policy) in &plan.policies {
+            t.update_policy(key, Some(policy), &mut ph);
         }
         t.active = !t.chains.is_empty();
-        t.kernel = None;
+        t.kernel_kinds = None;
         let batches = t.reconcile_batches(kernel);
         *self = t;
         batches
@@ -1156,8 +1167,7 @@ impl Translator {
             }
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_line(h, def));
-                    out.extend(s.members.iter().map(|m| format!("add {h} {m}")));
+                    out.push(create_block(h, def, &s.members));
                 }
                 Some(ks) => {
                     for m in s.members.difference(&ks.members) {
@@ -1229,20 +1239,19 @@ impl Translator {
     }
 }
 
-fn kind_matches(ks: &KernelSet, kind: SetKind) -> bool {
-    ks.kind == kind.type_name()
-}
-
+/// An ipset batch of `lines` (each one command, or a block of them).
 fn push_ipset(step: &'static str, lines: Vec<String>, out: &mut Vec<Batch>) {
     if lines.is_empty() {
         return;
     }
+    let commands = lines.iter().map(|l| l.lines().count()).sum();
     let mut script = String::new();
-    for l in &lines {
-        script.push_str(l);
+    // (Each line is freed as it is copied: the script and the lines are not both whole.)
+    for l in lines {
+        script.push_str(&l);
         script.push('\n');
     }
-    out.push(Batch { step, tool: Tool::Ipset, script, commands: lines.len() });
+    out.push(Batch { step, tool: Tool::Ipset, script, commands });
 }
 
 /// The script that removes everything of the layout found in `kernel` (for `cleanup` and
