@@ -1055,15 +1055,15 @@ impl Translator {
             lines.extend(lift.iter().cloned());
         }
         push_ipset(STEP_ADD_SETS, lines, &mut out);
-        let body: Vec<String> = ph.rules.into_iter().chain(ph.del_rules).chain(ph.del_chains).collect();
-        if !body.is_empty() || !ph.new_chains.is_empty() {
+        let commands = ph.rules.len() + ph.del_rules.len() + ph.del_chains.len();
+        if commands > 0 || !ph.new_chains.is_empty() {
             let mut script = String::from("*filter\n");
-            for l in ph.new_chains.iter().chain(body.iter()) {
-                script.push_str(l);
+            for l in ph.new_chains.into_iter().chain(ph.rules).chain(ph.del_rules).chain(ph.del_chains) {
+                script.push_str(&l);
                 script.push('\n');
             }
             script.push_str("COMMIT\n");
-            out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands: body.len() });
+            out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands });
         }
         if lift_after_rules {
             push_ipset(STEP_LIFT_TRANSITION, lift, &mut out);
@@ -1190,11 +1190,11 @@ impl Translator {
         }
         // 2. Every chain, in one transaction.
         let chains = self.desired_chains();
-        for c in chains.keys() {
+        let stale: Vec<&String> = kernel.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
+        for (c, rules) in chains {
             ph.new_chains.push(format!(":{c} - [0:0]"));
-        }
-        for (c, rules) in &chains {
-            ph.rules.extend(rules.iter().map(|r| format!("-A {c} {r}")));
+            // (Each rule moves into its command: the layout's rules are not held twice.)
+            ph.rules.extend(rules.into_iter().map(|r| format!("-A {c} {r}")));
         }
         let jumps: Vec<&String> = kernel.forward.iter().filter(|r| jumps_to_azure_npm(r)).collect();
         let in_place = jumps.len() == 1 && kernel.forward.first().map(String::as_str) == Some(FORWARD_JUMP);
@@ -1205,7 +1205,6 @@ impl Translator {
             ph.rules.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
         }
         // Stale chains (flushed first: they may jump to each other).
-        let stale: Vec<&String> = kernel.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
         for c in &stale {
             ph.del_rules.push(format!("-F {c}"));
         }
