@@ -511,7 +511,7 @@ impl Translator {
 
     /// Namespaces that have a Namespace object or a pod.
     fn namespace_exists(&self, ns: &str) -> bool {
-        self.namespaces.contains_key(ns) || self.by_namespace.get(ns).is_some_and(|s| !s.is_empty())
+        self.namespaces.contains_key(ns) || self.by_namespace.contains_key(ns)
     }
 
     fn index_identity(&mut self, id: IdentityId, key: IdentityKey) {
@@ -591,14 +591,15 @@ impl Translator {
     }
 
     /// The member sets a list should hold now.
-    fn list_members(&self) -> impl Fn(&SetDef) -> Vec<SetDef> + '_ {
-        move |def| match def {
+    fn list_members(&self, def: &SetDef) -> Vec<SetDef> {
+        match def {
             SetDef::PodValues { key, values } => {
                 values.iter().map(|v| SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) }).collect()
             }
             d if d.is_namespace_list() => {
-                let mut all: BTreeSet<&String> = self.namespaces.keys().collect();
-                all.extend(self.by_namespace.iter().filter(|(_, s)| !s.is_empty()).map(|(n, _)| n));
+                // The namespaces that exist: objects, and namespaces of pods (`by_namespace`
+                // holds no empty entry).
+                let all: BTreeSet<&String> = self.namespaces.keys().chain(self.by_namespace.keys()).collect();
                 all.into_iter()
                     .filter(|ns| d.holds_namespace(&self.namespace_labels(ns)))
                     .map(|ns| SetDef::Namespace(ns.clone()))
@@ -641,7 +642,7 @@ impl Translator {
         let readable = def.readable();
         let name = self.claim(&readable, def.kind());
         let members = if def.kind() == SetKind::ListSet {
-            let subs = (self.list_members())(def);
+            let subs = self.list_members(def);
             subs.iter().map(|d| self.acquire(d, ph)).collect()
         } else {
             self.hash_members(def)
@@ -784,10 +785,15 @@ impl Translator {
         Some(SetDef::Cidr { net, except })
     }
 
-    fn match_text(&self, m: &SetMatch) -> (String, String) {
-        let s = &self.sets[&m.set];
+    /// A match as `iptables-save` prints it.
+    fn match_text(&self, m: &SetMatch) -> String {
         let bang = if m.negated { "! " } else { "" };
-        (format!("-m set {bang}--match-set {} {} ", s.name, m.flags), format!("{}{}", if m.negated { "!" } else { "" }, s.readable))
+        format!("-m set {bang}--match-set {} {} ", self.sets[&m.set].name, m.flags)
+    }
+
+    /// A match's readable name, for comments.
+    fn match_readable(&self, m: &SetMatch) -> String {
+        format!("{}{}", if m.negated { "!" } else { "" }, self.sets[&m.set].readable)
     }
 
     /// Writes a policy direction: sets acquired, rules and jump as `iptables-save` prints them.
@@ -813,21 +819,20 @@ impl Translator {
         let target = allow_target(dir);
         let mut rules = Vec::new();
         for (spec, matches, port_comment) in &r.rules {
-            let (text, readable): (Vec<String>, Vec<String>) = matches.iter().map(|m| self.match_text(m)).unzip();
-            let peers: Vec<&String> = readable.iter().filter(|n| !n.starts_with("namedport:")).collect();
-            let who = if peers.is_empty() {
-                "ALLOW-ALL".to_string()
-            } else {
-                format!("ALLOW-{peer_word}-{}", peers.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("-AND-"))
-            };
+            let text: String = matches.iter().map(|m| self.match_text(m)).collect();
+            // (A named port is in the port part of the comment.)
+            let peers: Vec<String> =
+                matches.iter().filter(|m| !matches!(m.set, SetDef::NamedPort(_))).map(|m| self.match_readable(m)).collect();
+            let who = if peers.is_empty() { "ALLOW-ALL".to_string() } else { format!("ALLOW-{peer_word}-{}", peers.join("-AND-")) };
             let comment = quote_comment(&format!("{who}{port_comment}"));
-            rules.push(format!("{spec}{}-m comment --comment {comment} -j {target}", text.concat()));
+            rules.push(format!("{spec}{text}-m comment --comment {comment} -j {target}"));
         }
         rules.push(drop_rule(dir));
-        let (text, readable): (Vec<String>, Vec<String>) = r.jump.iter().map(|m| self.match_text(m)).unzip();
+        let text: String = r.jump.iter().map(|m| self.match_text(m)).collect();
+        let readable: Vec<String> = r.jump.iter().map(|m| self.match_readable(m)).collect();
         let to = if dir == Direction::Ingress { "TO" } else { "FROM" };
         let comment = format!("{word}-POLICY-{}-{to}-{}-IN-ns-{}", policy.key, readable.join("-AND-"), policy.key.namespace);
-        let jump = format!("{}-m comment --comment {} -j {chain}", text.concat(), quote_comment(&comment));
+        let jump = format!("{text}-m comment --comment {} -j {chain}", quote_comment(&comment));
         ChainState { chain, jump, rules, refs }
     }
 
@@ -860,19 +865,16 @@ impl Translator {
             let old = self.chains.remove(&ck);
             match (&old, &new) {
                 (None, None) => {}
-                (None, Some(n)) => {
-                    ph.new_chains.push(format!(":{} - [0:0]", n.chain));
-                    ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
-                    ph.rules.push(format!("-I {} 1 {}", base_of(dir), n.jump));
-                }
-                (Some(o), Some(n)) => {
-                    if o.rules != n.rules {
-                        // (Declaring an existing chain flushes it, in the same transaction.)
+                (_, Some(n)) => {
+                    // (Declaring an existing chain flushes it, in the same transaction.)
+                    if old.as_ref().is_none_or(|o| o.rules != n.rules) {
                         ph.new_chains.push(format!(":{} - [0:0]", n.chain));
                         ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
                     }
-                    if o.jump != n.jump {
-                        ph.rules.push(format!("-D {} {}", base_of(dir), o.jump));
+                    if old.as_ref().is_none_or(|o| o.jump != n.jump) {
+                        if let Some(o) = &old {
+                            ph.rules.push(format!("-D {} {}", base_of(dir), o.jump));
+                        }
                         ph.rules.push(format!("-I {} 1 {}", base_of(dir), n.jump));
                     }
                 }
@@ -1005,14 +1007,14 @@ impl Translator {
                     namespaces.insert(ns);
                 }
             }
-            for (d, m) in &before {
-                if !after.contains(&(d.clone(), m.clone())) {
-                    self.change_member(d, m.clone(), false, &mut ph);
+            for pair in &before {
+                if !after.contains(pair) {
+                    self.change_member(&pair.0, pair.1.clone(), false, &mut ph);
                 }
             }
-            for (d, m) in after {
-                if !before.contains(&(d.clone(), m.clone())) {
-                    self.change_member(&d, m, true, &mut ph);
+            for pair in after {
+                if !before.contains(&pair) {
+                    self.change_member(&pair.0, pair.1, true, &mut ph);
                 }
             }
         }
@@ -1079,10 +1081,12 @@ impl Translator {
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
         let mut t = Translator { kernel_kinds: Some(kinds), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
-        let mut ph = Phases { discard_creates: true, ..Phases::default() };
+        // The commands of the steps below are not kept: `reconcile_batches` writes the whole
+        // layout. (A fresh scratch each time, so that they do not pile up.)
+        let scratch = || Phases { discard_creates: true, ..Phases::default() };
         // Sets are claimed in a fixed order (the transition set, then by policy), so that a
         // restart gives colliding names the same alternates.
-        t.acquire(&SetDef::Transition, &mut ph);
+        t.acquire(&SetDef::Transition, &mut scratch());
         for (id, key) in &plan.identity_keys {
             t.index_identity(*id, key.clone());
         }
@@ -1097,7 +1101,7 @@ impl Translator {
         }
         t.namespaces = plan.namespaces.clone();
         for (key, policy) in &plan.policies {
-            t.update_policy(key, Some(policy), &mut ph);
+            t.update_policy(key, Some(policy), &mut scratch());
         }
         t.active = !t.chains.is_empty();
         t.kernel_kinds = None;
