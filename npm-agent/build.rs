@@ -21,24 +21,19 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(
         env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?,
     );
-    let workspace_dir = manifest_dir
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent", manifest_dir.display()))?;
+    let workspace_dir =
+        manifest_dir.parent().ok_or_else(|| anyhow!("{} has no parent", manifest_dir.display()))?;
     let ebpf_dir = workspace_dir.join(EBPF_PACKAGE);
     let ebpf_dir = ebpf_dir
         .canonicalize()
         .with_context(|| format!("eBPF crate not found at {}", ebpf_dir.display()))?;
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let ebpf_dir =
+        ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
 
     // aya-build re-runs us when the eBPF crate changes; it cannot know about the crate's path
     // dependencies and the workspace manifest, so name those too.
     for path in ["npm-common", "Cargo.toml", "Cargo.lock"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace_dir.join(path).display()
-        );
+        println!("cargo:rerun-if-changed={}", workspace_dir.join(path).display());
     }
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
@@ -46,11 +41,7 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
 
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: EBPF_PACKAGE,
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: EBPF_PACKAGE, root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
     .context(

@@ -57,7 +57,15 @@ impl Fixture {
 }
 
 /// The diff sizes (`PlanDiff::len`) of the first 100 events of `kind`.
-fn print_diff_sizes(group: &str, name: &str, size: &str, cluster: &Cluster, engine: &mut Engine, workload: &Workload, kind: EventKind) {
+fn print_diff_sizes(
+    group: &str,
+    name: &str,
+    size: &str,
+    cluster: &Cluster,
+    engine: &mut Engine,
+    workload: &Workload,
+    kind: EventKind,
+) {
     let mut sizes = Vec::new();
     for i in 0..100 {
         let (ev, undo) = cluster.event(workload, kind, i);
@@ -76,7 +84,9 @@ fn print_diff_sizes(group: &str, name: &str, size: &str, cluster: &Cluster, engi
 /// Times `kind` events, each undone untimed before the next.
 fn bench_event(c: &mut Criterion, group: &str, kinds: &[EventKind], fixtures: &mut [Fixture]) {
     let mut g = c.benchmark_group(group);
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     for (f, (size, _, _)) in fixtures.iter_mut().zip(SIZES) {
         for &kind in kinds {
             let name = kind.name().trim_start_matches("policy_");
@@ -120,11 +130,18 @@ fn benches(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(3))
             .sampling_mode(SamplingMode::Flat);
         for (f, (size, pods, _)) in fixtures.iter().zip(SIZES) {
-            let scopes: &[(&str, bool)] =
-                if pods <= 10_000 { &[("node", false), ("cluster", true)] } else { &[("node", false)] };
+            let scopes: &[(&str, bool)] = if pods <= 10_000 {
+                &[("node", false), ("cluster", true)]
+            } else {
+                &[("node", false)]
+            };
             for &(scope_name, cluster_scope) in scopes {
                 let scope = |cluster: &Cluster| {
-                    if cluster_scope { Scope::Cluster } else { Scope::Node(cluster.measured_node().to_string()) }
+                    if cluster_scope {
+                        Scope::Cluster
+                    } else {
+                        Scope::Node(cluster.measured_node().to_string())
+                    }
                 };
                 g.bench_function(BenchmarkId::new(format!("engine_{scope_name}"), size), |b| {
                     let cluster = f.cluster(size);

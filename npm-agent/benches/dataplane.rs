@@ -18,8 +18,8 @@ use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::{
-    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase, Policy, PortSpec, Protocol,
-    Rule,
+    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
+    Policy, PortSpec, Protocol, Rule,
 };
 use npm_agent::state::Event;
 use npm_common::PROG_TO_POD;
@@ -54,9 +54,13 @@ fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
 /// pods on port 80.
 fn policy(i: usize) -> Policy {
     let peer = if i == 0 {
-        Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::from_labels([("app", "client")]) }
+        Peer::Pods {
+            namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+            pods: LabelSelector::from_labels([("app", "client")]),
+        }
     } else {
-        let ip = Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let ip =
+            Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
         Peer::Block(CidrBlock::new(ipnet::IpNet::from(IpAddr::V4(ip)), []))
     };
     Policy {
@@ -64,7 +68,11 @@ fn policy(i: usize) -> Policy {
         pod_selector: LabelSelector::everything(),
         ingress: Some(vec![Rule {
             peers: vec![peer],
-            ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: 80 + (i % 1000) as u16, last: 80 + (i % 1000) as u16 }],
+            ports: vec![PortSpec::Range {
+                protocol: Protocol::Tcp,
+                first: 80 + (i % 1000) as u16,
+                last: 80 + (i % 1000) as u16,
+            }],
         }]),
         egress: None,
     }
@@ -104,9 +112,17 @@ impl Drop for Setup {
 impl Setup {
     fn new(tag: &str) -> Setup {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-bench-{}-{tag}", std::process::id()));
-        let dp = EbpfDataplane::open(EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false }).expect("load eBPF");
+        let dp = EbpfDataplane::open(EbpfConfig {
+            pin_root: pin_root.clone(),
+            log_drops: false,
+            attach: false,
+        })
+        .expect("load eBPF");
         let mut s = Setup { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root };
-        s.event(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))] }));
+        s.event(Event::UpsertNode(Node {
+            name: "n1".into(),
+            addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))],
+        }));
         for ns in ["x", "y"] {
             s.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));
         }
@@ -125,14 +141,19 @@ impl Setup {
     /// Average kernel run time of the to-pod program over `runs` (one packet, `repeat` times).
     fn run(&mut self, pkt: &[u8], repeat: u32) -> (Duration, u32) {
         let prog = self.dp.program_mut(PROG_TO_POD).expect("program");
-        let r = prog.test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() }).expect("test run");
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })
+            .expect("test run");
         (r.duration, r.return_value)
     }
 }
 
 fn per_packet() {
     println!("per-packet cost (npm_to_pod, ns per packet, kernel-measured)");
-    println!("{:>9} {:>16} {:>16} {:>16}", "policies", "new flow allowed", "new flow denied", "established");
+    println!(
+        "{:>9} {:>16} {:>16} {:>16}",
+        "policies", "new flow allowed", "new flow denied", "established"
+    );
     let mut first: Option<[f64; 3]> = None;
     for n in [1usize, 100, 1_000, 10_000] {
         let mut s = Setup::new(&format!("pp{n}"));
@@ -144,7 +165,8 @@ fn per_packet() {
         let flows = 20_000u32;
         let mut total = Duration::ZERO;
         for k in 0..flows {
-            let (d, v) = s.run(&packet(CLIENT, ENDPOINT, 1024 + (k % 60000) as u16 + (n % 3) as u16, 80), 1);
+            let (d, v) =
+                s.run(&packet(CLIENT, ENDPOINT, 1024 + (k % 60000) as u16 + (n % 3) as u16, 80), 1);
             assert_eq!(v, u32::MAX, "allowed");
             total += d;
         }
@@ -175,11 +197,19 @@ fn per_packet() {
 fn percentiles(mut v: Vec<Duration>) -> String {
     v.sort();
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    format!("p50 {:>9.1?}  p90 {:>9.1?}  p99 {:>9.1?}  max {:>9.1?}", p(0.5), p(0.9), p(0.99), v[v.len() - 1])
+    format!(
+        "p50 {:>9.1?}  p90 {:>9.1?}  p99 {:>9.1?}  max {:>9.1?}",
+        p(0.5),
+        p(0.9),
+        p(0.99),
+        v[v.len() - 1]
+    )
 }
 
 fn event_to_maps() {
-    println!("\nevent to maps written (compiler + eBPF dataplane), with 1,000 policies selecting the node's pods");
+    println!(
+        "\nevent to maps written (compiler + eBPF dataplane), with 1,000 policies selecting the node's pods"
+    );
     let mut s = Setup::new("lat");
     for i in 0..1_000 {
         s.event(Event::UpsertPolicy(policy(i)));

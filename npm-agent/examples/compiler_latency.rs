@@ -72,8 +72,10 @@ fn main() {
         }
     }
     let size = positional.first().map(String::as_str).unwrap_or("100k");
-    let pod_events: usize = positional.get(1).map(|s| s.parse().expect("POD_EVENTS is a number")).unwrap_or(10_000);
-    let policy_events: usize = positional.get(2).map(|s| s.parse().expect("POLICY_EVENTS is a number")).unwrap_or(1_000);
+    let pod_events: usize =
+        positional.get(1).map(|s| s.parse().expect("POD_EVENTS is a number")).unwrap_or(10_000);
+    let policy_events: usize =
+        positional.get(2).map(|s| s.parse().expect("POLICY_EVENTS is a number")).unwrap_or(1_000);
     let config = Config::named(size).expect("SIZE is one of 1k, 10k, 100k");
 
     let t = Instant::now();
@@ -87,7 +89,11 @@ fn main() {
         cluster.deployments.len(),
         t.elapsed()
     );
-    let scope = if cluster_scope { Scope::Cluster } else { Scope::Node(cluster.measured_node().to_string()) };
+    let scope = if cluster_scope {
+        Scope::Cluster
+    } else {
+        Scope::Node(cluster.measured_node().to_string())
+    };
     println!("scope: {scope:?}");
 
     // Start-up: every object as an event into a fresh engine.
@@ -105,7 +111,10 @@ fn main() {
         }
     }
     let engine_full = t.elapsed();
-    println!("engine full compile: {engine_full:.2?}, {startup_changes} changes in all diffs, {:?}", engine.stats());
+    println!(
+        "engine full compile: {engine_full:.2?}, {startup_changes} changes in all diffs, {:?}",
+        engine.stats()
+    );
 
     let t = Instant::now();
     let plan = compile(&cluster.state, &scope);
@@ -113,13 +122,21 @@ fn main() {
     println!(
         "one-pass compile: {one_pass:.2?}, {} endpoints, {} allow entries, {} pod addresses",
         plan.endpoints.len(),
-        plan.endpoints.values().map(|e| e.ingress.allow.len() + e.egress.allow.len()).sum::<usize>(),
+        plan.endpoints
+            .values()
+            .map(|e| e.ingress.allow.len() + e.egress.allow.len())
+            .sum::<usize>(),
         plan.identities.len()
     );
     if check {
         assert!(engine.plan().canonical() == plan.canonical(), "engine and one-pass plans differ");
-        assert!(applied.canonical() == plan.canonical(), "the plan built from the diffs differs from the one-pass plan");
-        println!("check: the engine's plan and the plan built from its diffs equal the one-pass plan");
+        assert!(
+            applied.canonical() == plan.canonical(),
+            "the plan built from the diffs differs from the one-pass plan"
+        );
+        println!(
+            "check: the engine's plan and the plan built from its diffs equal the one-pass plan"
+        );
     }
     drop(plan);
 
@@ -190,8 +207,11 @@ fn main() {
     }
     let local_share = workload.local_pods.len() as f64 / cluster.state.pods.len() as f64;
     let mut weighted: Vec<(Duration, f64)> = Vec::new();
-    weighted.extend(local_all.times.iter().map(|t| (*t, local_share / local_all.times.len() as f64)));
-    weighted.extend(remote_all.times.iter().map(|t| (*t, (1.0 - local_share) / remote_all.times.len() as f64)));
+    weighted
+        .extend(local_all.times.iter().map(|t| (*t, local_share / local_all.times.len() as f64)));
+    weighted.extend(
+        remote_all.times.iter().map(|t| (*t, (1.0 - local_share) / remote_all.times.len() as f64)),
+    );
     weighted.sort_by_key(|(t, _)| *t);
     let quantile = |q: f64| {
         let mut acc = 0.0;
@@ -215,9 +235,17 @@ fn main() {
 
     if check {
         let plan = compile(engine.state(), &scope);
-        assert!(engine.plan().canonical() == plan.canonical(), "engine and one-pass plans differ after the events");
-        assert!(applied.canonical() == plan.canonical(), "the plan built from the diffs differs from the one-pass plan");
+        assert!(
+            engine.plan().canonical() == plan.canonical(),
+            "engine and one-pass plans differ after the events"
+        );
+        assert!(
+            applied.canonical() == plan.canonical(),
+            "the plan built from the diffs differs from the one-pass plan"
+        );
         assert!(engine.state() == &cluster.state, "the events did not undo themselves");
-        println!("check: after the events, the engine's plan and the plan built from its diffs equal the one-pass plan, and the state is restored");
+        println!(
+            "check: after the events, the engine's plan and the plan built from its diffs equal the one-pass plan, and the state is restored"
+        );
     }
 }

@@ -28,7 +28,8 @@ use memory::report;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let positional: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
+    let positional: Vec<&str> =
+        args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     let cluster_scope = args.iter().any(|a| a == "--cluster");
     let size = positional.first().copied().unwrap_or("100k");
     let mode = positional.get(1).copied().unwrap_or("engine");
@@ -40,7 +41,11 @@ fn main() {
     println!("|---|---:|---:|---:|---:|");
     report("start");
     let cluster = Cluster::generate(config);
-    let scope = if cluster_scope { Scope::Cluster } else { Scope::Node(cluster.measured_node().to_string()) };
+    let scope = if cluster_scope {
+        Scope::Cluster
+    } else {
+        Scope::Node(cluster.measured_node().to_string())
+    };
     let Cluster { state, .. } = cluster;
     report("cluster state built");
 
@@ -62,7 +67,11 @@ fn main() {
             let plan = engine.plan();
             report("engine: plan() materialized as well");
             println!();
-            println!("compile time {elapsed:.2?}; {:?}; plan of {} endpoints", engine.stats(), plan.endpoints.len());
+            println!(
+                "compile time {elapsed:.2?}; {:?}; plan of {} endpoints",
+                engine.stats(),
+                plan.endpoints.len()
+            );
         }
         "compile" => {
             let plan = compile(&state, &scope);
@@ -72,7 +81,10 @@ fn main() {
             println!(
                 "compile time {elapsed:.2?}; plan of {} endpoints, {} allow entries",
                 plan.endpoints.len(),
-                plan.endpoints.values().map(|e| e.ingress.allow.len() + e.egress.allow.len()).sum::<usize>()
+                plan.endpoints
+                    .values()
+                    .map(|e| e.ingress.allow.len() + e.egress.allow.len())
+                    .sum::<usize>()
             );
         }
         other => panic!("unknown mode {other}: engine or compile"),

@@ -33,7 +33,10 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("npm-apply-bench-{}-{tag}", std::process::id());
-        assert!(Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success(), "ip netns add");
+        assert!(
+            Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success(),
+            "ip netns add"
+        );
         Netns(name)
     }
 
@@ -42,7 +45,11 @@ impl Netns {
     }
 
     fn count(&self, args: &[&str], pred: impl Fn(&str) -> bool) -> usize {
-        let out = Command::new("ip").args(["netns", "exec", &self.0]).args(args).output().expect("ip netns exec");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| pred(l)).count()
     }
 }
@@ -92,13 +99,22 @@ fn local_policies(cluster: &Cluster, node: &str) -> Vec<ObjectKey> {
         .state
         .policies
         .values()
-        .filter(|p| local.iter().any(|pod| pod.key.namespace == p.key.namespace && p.pod_selector.matches(&pod.labels)))
+        .filter(|p| {
+            local.iter().any(|pod| {
+                pod.key.namespace == p.key.namespace && p.pod_selector.matches(&pod.labels)
+            })
+        })
         .map(|p| p.key.clone())
         .collect()
 }
 
 /// Times of 20 policy updates (event to kernel), and the mean number of plan changes each.
-fn updates(cluster: &Cluster, engine: &mut Engine, dp: &mut dyn Dataplane, node: &str) -> (Vec<Duration>, usize) {
+fn updates(
+    cluster: &Cluster,
+    engine: &mut Engine,
+    dp: &mut dyn Dataplane,
+    node: &str,
+) -> (Vec<Duration>, usize) {
     let keys = local_policies(cluster, node);
     let mut times = Vec::new();
     let mut changes = 0;
@@ -120,12 +136,22 @@ fn main() {
         eprintln!("dataplane_apply_time needs root (network namespaces, eBPF); skipped");
         return;
     }
-    let shapes = [("one node of 110 pods (12 nodes)", 110usize), ("all 1,280 pods on one node", 1_280)];
+    let shapes =
+        [("one node of 110 pods (12 nodes)", 110usize), ("all 1,280 pods on one node", 1_280)];
     println!("640 policies over 1,280 pods (64 namespaces, deployments of 10), per dataplane\n");
-    println!("| shape | dataplane | compile | from nothing (apply) | one policy update (event to kernel, 20 policies) | restart (reconcile over it) | kernel objects |");
+    println!(
+        "| shape | dataplane | compile | from nothing (apply) | one policy update (event to kernel, 20 policies) | restart (reconcile over it) | kernel objects |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (label, per_node) in shapes {
-        let mut cluster = Cluster::generate(Config { pods: 1_280, policies: 640, namespaces: 64, replicas: 10, pods_per_node: 110, seed: 42 });
+        let mut cluster = Cluster::generate(Config {
+            pods: 1_280,
+            policies: 640,
+            namespaces: 64,
+            replicas: 10,
+            pods_per_node: 110,
+            seed: 42,
+        });
         let node = cluster.measured_node().to_string();
         if per_node > 110 {
             // Every pod on the measured node (addresses stay as generated).
@@ -137,17 +163,28 @@ fn main() {
             let (mut engine, compiled) = compile(&cluster, &node);
             let plan = engine.plan();
             let ns = Netns::new(backend.as_str());
-            let mut dp = IptablesDataplane::open(IptablesConfig { backend: Some(backend), netns: Some(ns.path()), ..IptablesConfig::default() }).expect("open");
+            let mut dp = IptablesDataplane::open(IptablesConfig {
+                backend: Some(backend),
+                netns: Some(ns.path()),
+                ..IptablesConfig::default()
+            })
+            .expect("open");
             let t = Instant::now();
             dp.reconcile(&plan).expect("reconcile");
             let full = t.elapsed();
-            let rules = ns.count(&[backend.save_program(), "-t", "filter"], |l| l.starts_with("-A "));
+            let rules =
+                ns.count(&[backend.save_program(), "-t", "filter"], |l| l.starts_with("-A "));
             let enc = dp.translator().encoded();
             let (up, changes) = updates(&cluster, &mut engine, &mut dp, &node);
             let processes = dp.stats().processes;
             // A restarted agent reconciling the same plan over what is there.
             let plan = engine.plan();
-            let mut again = IptablesDataplane::open(IptablesConfig { backend: Some(backend), netns: Some(ns.path()), ..IptablesConfig::default() }).expect("open");
+            let mut again = IptablesDataplane::open(IptablesConfig {
+                backend: Some(backend),
+                netns: Some(ns.path()),
+                ..IptablesConfig::default()
+            })
+            .expect("open");
             let t = Instant::now();
             again.reconcile(&plan).expect("restart reconcile");
             let restart = t.elapsed();
@@ -167,8 +204,14 @@ fn main() {
         }
         let (mut engine, compiled) = compile(&cluster, &node);
         let plan = engine.plan();
-        let pin = PinRoot(PathBuf::from(format!("/sys/fs/bpf/npm-apply-bench-{}", std::process::id())));
-        let mut dp = EbpfDataplane::open(EbpfConfig { pin_root: pin.0.clone(), log_drops: false, attach: false }).expect("eBPF");
+        let pin =
+            PinRoot(PathBuf::from(format!("/sys/fs/bpf/npm-apply-bench-{}", std::process::id())));
+        let mut dp = EbpfDataplane::open(EbpfConfig {
+            pin_root: pin.0.clone(),
+            log_drops: false,
+            attach: false,
+        })
+        .expect("eBPF");
         let t = Instant::now();
         dp.reconcile(&plan).expect("reconcile");
         let full = t.elapsed();
@@ -176,7 +219,12 @@ fn main() {
         let (up, changes) = updates(&cluster, &mut engine, &mut dp, &node);
         drop(dp);
         let plan = engine.plan();
-        let mut again = EbpfDataplane::open(EbpfConfig { pin_root: pin.0.clone(), log_drops: false, attach: false }).expect("eBPF");
+        let mut again = EbpfDataplane::open(EbpfConfig {
+            pin_root: pin.0.clone(),
+            log_drops: false,
+            attach: false,
+        })
+        .expect("eBPF");
         let t = Instant::now();
         again.reconcile(&plan).expect("restart reconcile");
         let restart = t.elapsed();

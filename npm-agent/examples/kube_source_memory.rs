@@ -15,11 +15,11 @@
 //! iptables translator over the plan (an empty kernel, no process run), as an agent in
 //! iptables mode holds it: the label view of every pod and policy, and the sets' members.
 
+#[path = "../tests/kube_server/mod.rs"]
+mod kube_server;
 mod memory;
 #[path = "../benches/synth/mod.rs"]
 mod synth;
-#[path = "../tests/kube_server/mod.rs"]
-mod kube_server;
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -46,7 +46,10 @@ fn main() {
     }
     let size = args.first().map(String::as_str).unwrap_or("100k").to_string();
     let mode = args.get(1).map(String::as_str).unwrap_or("source").to_string();
-    assert!(matches!(mode.as_str(), "source" | "engine" | "iptables"), "mode is source, engine or iptables");
+    assert!(
+        matches!(mode.as_str(), "source" | "engine" | "iptables"),
+        "mode is source, engine or iptables"
+    );
 
     // The API server: a child process serving the synthetic cluster.
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -65,14 +68,17 @@ fn main() {
     println!("|---|---:|---:|---:|---:|");
     report("start");
     let config = kube::Config::new(url.parse().unwrap());
-    let mut source = KubeSource::from_config(config, KubeOptions::new(node.clone())).expect("source");
+    let mut source =
+        KubeSource::from_config(config, KubeOptions::new(node.clone())).expect("source");
     report("source started");
     let mut engine = (mode != "source").then(|| Engine::new(Scope::Node(node.clone())));
     let t = Instant::now();
     let mut events = 0usize;
     loop {
         assert!(t.elapsed() < Duration::from_secs(600), "no sync within 10 minutes");
-        let Some(batch) = source.next_batch(Duration::from_millis(200)).expect("next_batch") else { continue };
+        let Some(batch) = source.next_batch(Duration::from_millis(200)).expect("next_batch") else {
+            continue;
+        };
         events += batch.events.len();
         if let Some(engine) = engine.as_mut() {
             for e in batch.events {
@@ -84,7 +90,11 @@ fn main() {
         }
     }
     let took = t.elapsed();
-    report(if mode == "source" { "synced, events dropped (the source's own state)" } else { "synced, the cluster in the engine" });
+    report(if mode == "source" {
+        "synced, events dropped (the source's own state)"
+    } else {
+        "synced, the cluster in the engine"
+    });
     let mut translator = None;
     if mode == "iptables" {
         let plan = engine.as_ref().expect("engine").plan();
@@ -107,7 +117,11 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     report("0.5 s later");
     println!();
-    println!("initial sync: {events} events in {took:.2?}; the source knows {} objects; {:?}", source.objects(), source.health().problems);
+    println!(
+        "initial sync: {events} events in {took:.2?}; the source knows {} objects; {:?}",
+        source.objects(),
+        source.health().problems
+    );
     if let Some(engine) = &engine {
         println!("engine: {:?}", engine.stats());
     }
@@ -125,7 +139,10 @@ fn padded_pod(p: &npm_agent::model::Pod, i: usize) -> Value {
     meta.insert("uid".into(), json!(format!("6f1c2a9e-{i:08x}-4c1e-9d5b-0242ac120002")));
     meta.insert("resourceVersion".into(), json!(format!("{}", 1000 + i)));
     meta.insert("creationTimestamp".into(), json!("2025-01-01T00:00:00Z"));
-    meta.insert("generateName".into(), json!(format!("{}-", &name[..name.len().saturating_sub(6)])));
+    meta.insert(
+        "generateName".into(),
+        json!(format!("{}-", &name[..name.len().saturating_sub(6)])),
+    );
     meta.insert(
         "annotations".into(),
         json!({"kubectl.kubernetes.io/restartedAt": "2025-01-01T00:00:00Z", "prometheus.io/scrape": "true", "prometheus.io/port": "9090"}),
@@ -149,7 +166,8 @@ fn padded_pod(p: &npm_agent::model::Pod, i: usize) -> Value {
     c["image"] = json!("registry.example.com/team/service:1.2.3");
     c["imagePullPolicy"] = json!("IfNotPresent");
     c["env"] = json!([{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]);
-    c["resources"] = json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}});
+    c["resources"] =
+        json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}});
     c["volumeMounts"] = json!([{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]);
     c["terminationMessagePath"] = json!("/dev/termination-log");
     spec.insert("restartPolicy".into(), json!("Always"));
@@ -199,22 +217,46 @@ fn serve(size: &str) {
     let cluster = Cluster::generate(config);
     let node = cluster.measured_node().to_string();
     let s = &cluster.state;
-    let to_strings = |v: Vec<Value>| -> Vec<String> { v.into_iter().map(|v| v.to_string()).collect() };
+    let to_strings =
+        |v: Vec<Value>| -> Vec<String> { v.into_iter().map(|v| v.to_string()).collect() };
     let pods = to_strings(s.pods.values().enumerate().map(|(i, p)| padded_pod(p, i)).collect());
     let namespaces = to_strings(
-        s.namespaces.values().enumerate().map(|(i, n)| with_rv(serde_json::to_value(convert::namespace_to_k8s(n)).unwrap(), 10 + i)).collect(),
+        s.namespaces
+            .values()
+            .enumerate()
+            .map(|(i, n)| {
+                with_rv(serde_json::to_value(convert::namespace_to_k8s(n)).unwrap(), 10 + i)
+            })
+            .collect(),
     );
     let policies = to_strings(
-        s.policies.values().enumerate().map(|(i, p)| with_rv(serde_json::to_value(convert::policy_to_k8s(p)).unwrap(), 500_000 + i)).collect(),
+        s.policies
+            .values()
+            .enumerate()
+            .map(|(i, p)| {
+                with_rv(serde_json::to_value(convert::policy_to_k8s(p)).unwrap(), 500_000 + i)
+            })
+            .collect(),
     );
     let nodes: Vec<(String, String)> = s
         .nodes
         .values()
         .enumerate()
-        .map(|(i, n)| (n.name.clone(), with_rv(serde_json::to_value(convert::node_to_k8s(n)).unwrap(), 900_000 + i).to_string()))
+        .map(|(i, n)| {
+            (
+                n.name.clone(),
+                with_rv(serde_json::to_value(convert::node_to_k8s(n)).unwrap(), 900_000 + i)
+                    .to_string(),
+            )
+        })
         .collect();
     let bytes: usize = pods.iter().map(String::len).sum();
-    eprintln!("server: {} pods ({} MiB of JSON, {} bytes a pod)", pods.len(), bytes >> 20, bytes / pods.len().max(1));
+    eprintln!(
+        "server: {} pods ({} MiB of JSON, {} bytes a pod)",
+        pods.len(),
+        bytes >> 20,
+        bytes / pods.len().max(1)
+    );
     drop(cluster);
     let responder = move |req: &Request| -> Response {
         if req.watch {
@@ -225,15 +267,19 @@ fn serve(size: &str) {
             "namespaces" => namespaces.iter().collect(),
             "networkpolicies" => policies.iter().collect(),
             "nodes" => {
-                let want = req.query.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name="));
+                let want =
+                    req.query.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name="));
                 nodes.iter().filter(|(n, _)| want.is_none_or(|w| w == n)).map(|(_, j)| j).collect()
             }
             other => return status_response(404, "NotFound", other),
         };
         let start: usize = req.query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-        let limit: usize = req.query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+        let limit: usize =
+            req.query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
         let end = start.saturating_add(limit).min(items.len());
-        let mut body = String::from("{\"kind\":\"List\",\"apiVersion\":\"v1\",\"metadata\":{\"resourceVersion\":\"2000000\"");
+        let mut body = String::from(
+            "{\"kind\":\"List\",\"apiVersion\":\"v1\",\"metadata\":{\"resourceVersion\":\"2000000\"",
+        );
         if end < items.len() {
             body.push_str(&format!(",\"continue\":\"{end}\""));
         }

@@ -124,33 +124,44 @@ fn main() -> ExitCode {
             run(config.as_deref(), settings)
         }
         Command::Lab { command: LabCommand::Run { dataplane, nodes, json, cases } } => {
-            npm_agent::lab::run_cli(&cases, &npm_agent::lab::LabOptions::new(&dataplane, nodes), json)
+            npm_agent::lab::run_cli(
+                &cases,
+                &npm_agent::lab::LabOptions::new(&dataplane, nodes),
+                json,
+            )
         }
-        Command::Lab { command: LabCommand::Throughput { dataplanes, policies, seconds, runs } } => {
-            npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs)
-        }
-        Command::Lab { command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case } } => {
-            npm_agent::lab::demo_cli(&case, &npm_agent::lab::LabOptions::new(&dataplane, nodes), hold, &metrics_addr)
-        }
-        Command::Counters { pin_root } => match npm_agent::dataplane::ebpf::pinned_counters(&pin_root) {
-            Ok(c) => {
-                println!("{:<14} {:>14} {:>14}", "reason", "ingress", "egress");
-                for r in npm_common::Reason::ALL {
-                    let tag = if r.allowed() { "passed" } else { "DROPPED" };
-                    println!(
-                        "{:<14} {:>14} {:>14}   {tag}",
-                        r.name(),
-                        c.get(npm_common::DIR_INGRESS, r),
-                        c.get(npm_common::DIR_EGRESS, r)
-                    );
+        Command::Lab {
+            command: LabCommand::Throughput { dataplanes, policies, seconds, runs },
+        } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs),
+        Command::Lab {
+            command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case },
+        } => npm_agent::lab::demo_cli(
+            &case,
+            &npm_agent::lab::LabOptions::new(&dataplane, nodes),
+            hold,
+            &metrics_addr,
+        ),
+        Command::Counters { pin_root } => {
+            match npm_agent::dataplane::ebpf::pinned_counters(&pin_root) {
+                Ok(c) => {
+                    println!("{:<14} {:>14} {:>14}", "reason", "ingress", "egress");
+                    for r in npm_common::Reason::ALL {
+                        let tag = if r.allowed() { "passed" } else { "DROPPED" };
+                        println!(
+                            "{:<14} {:>14} {:>14}   {tag}",
+                            r.name(),
+                            c.get(npm_common::DIR_INGRESS, r),
+                            c.get(npm_common::DIR_EGRESS, r)
+                        );
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("npm-agent counters: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("npm-agent counters: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Cleanup { pin_root, config } => cleanup(pin_root, config.as_deref()),
     }
 }
@@ -184,11 +195,18 @@ fn cleanup(pin_root: Option<PathBuf>, config_file: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let pin_root = pin_root.or(from_file).unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
+    let pin_root = pin_root
+        .or(from_file)
+        .unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
     match agent::cleanup(&pin_root) {
         Ok(r) => {
             if r.existed {
-                println!("{}: removed {} pinned links and {} pinned maps", r.pin_root.display(), r.links, r.maps);
+                println!(
+                    "{}: removed {} pinned links and {} pinned maps",
+                    r.pin_root.display(),
+                    r.links,
+                    r.maps
+                );
             } else {
                 println!("{}: nothing to remove", r.pin_root.display());
             }

@@ -71,7 +71,9 @@ impl PortMatch {
         match *self {
             PortMatch::Any => true,
             PortMatch::Protocol(p) => p == protocol,
-            PortMatch::Range { protocol: p, first, last } => p == protocol && (first..=last).contains(&port),
+            PortMatch::Range { protocol: p, first, last } => {
+                p == protocol && (first..=last).contains(&port)
+            }
         }
     }
 }
@@ -93,7 +95,9 @@ impl fmt::Display for Allow {
         match self.ports {
             PortMatch::Any => Ok(()),
             PortMatch::Protocol(p) => write!(f, " {p}"),
-            PortMatch::Range { protocol, first, last } if first == last => write!(f, " {protocol}/{first}"),
+            PortMatch::Range { protocol, first, last } if first == last => {
+                write!(f, " {protocol}/{first}")
+            }
             PortMatch::Range { protocol, first, last } => write!(f, " {protocol}/{first}-{last}"),
         }
     }
@@ -125,7 +129,8 @@ impl DirectionPlan {
                 let peer_ok = match &a.peer {
                     PeerMatch::Any => true,
                     PeerMatch::Identity(id) => identity == Some(*id),
-                    PeerMatch::Set(s) => identity.is_some_and(|i| sets.get(s).is_some_and(|s| s.members.contains(&i))),
+                    PeerMatch::Set(s) => identity
+                        .is_some_and(|i| sets.get(s).is_some_and(|s| s.members.contains(&i))),
                     PeerMatch::Cidr(b) => b.contains(peer),
                 };
                 peer_ok && a.ports.matches(protocol, port)
@@ -197,7 +202,13 @@ impl Plan {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.dst)
-                    || ep.egress.admits(&self.sets, conn.dst, self.identities.get(&conn.dst).copied(), conn.protocol, conn.port)
+                    || ep.egress.admits(
+                        &self.sets,
+                        conn.dst,
+                        self.identities.get(&conn.dst).copied(),
+                        conn.protocol,
+                        conn.port,
+                    )
             }
         }
     }
@@ -208,7 +219,13 @@ impl Plan {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.src)
-                    || ep.ingress.admits(&self.sets, conn.src, self.identities.get(&conn.src).copied(), conn.protocol, conn.port)
+                    || ep.ingress.admits(
+                        &self.sets,
+                        conn.src,
+                        self.identities.get(&conn.src).copied(),
+                        conn.protocol,
+                        conn.port,
+                    )
             }
         }
     }
@@ -224,23 +241,37 @@ impl Plan {
                     }
                 }
                 Change::RetargetEndpoint { ip, pod } => {
-                    self.endpoints.get_mut(ip).ok_or_else(|| format!("retarget of absent endpoint {ip}"))?.pod = pod.clone();
+                    self.endpoints
+                        .get_mut(ip)
+                        .ok_or_else(|| format!("retarget of absent endpoint {ip}"))?
+                        .pod = pod.clone();
                 }
                 Change::RemoveEndpoint { ip } => {
-                    self.endpoints.remove(ip).ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
+                    self.endpoints
+                        .remove(ip)
+                        .ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
                 }
                 Change::SetIsolation { ip, direction, isolated } => {
-                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("isolation of absent endpoint {ip}"))?;
+                    let ep = self
+                        .endpoints
+                        .get_mut(ip)
+                        .ok_or_else(|| format!("isolation of absent endpoint {ip}"))?;
                     ep.direction_mut(*direction).isolated = *isolated;
                 }
                 Change::AddAllow { ip, direction, allow } => {
-                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
+                    let ep = self
+                        .endpoints
+                        .get_mut(ip)
+                        .ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
                     if !ep.direction_mut(*direction).allow.insert(allow.clone()) {
                         return Err(format!("{ip} {direction}: {allow} added twice"));
                     }
                 }
                 Change::RemoveAllow { ip, direction, allow } => {
-                    let ep = self.endpoints.get_mut(ip).ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
+                    let ep = self
+                        .endpoints
+                        .get_mut(ip)
+                        .ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
                     if !ep.direction_mut(*direction).allow.remove(allow) {
                         return Err(format!("{ip} {direction}: {allow} removed but absent"));
                     }
@@ -249,7 +280,9 @@ impl Plan {
                     self.identities.insert(*ip, *identity);
                 }
                 Change::RemoveIdentity { ip } => {
-                    self.identities.remove(ip).ok_or_else(|| format!("identity of {ip} removed but absent"))?;
+                    self.identities
+                        .remove(ip)
+                        .ok_or_else(|| format!("identity of {ip} removed but absent"))?;
                 }
                 Change::AddSet { set, selector } => {
                     let new = PeerSet { selector: selector.clone(), members: BTreeSet::new() };
@@ -261,15 +294,23 @@ impl Plan {
                     self.sets.remove(set).ok_or_else(|| format!("set {set} removed but absent"))?;
                 }
                 Change::AddMember { set, identity } => {
-                    let s = self.sets.get_mut(set).ok_or_else(|| format!("member of absent set {set}"))?;
+                    let s = self
+                        .sets
+                        .get_mut(set)
+                        .ok_or_else(|| format!("member of absent set {set}"))?;
                     if !s.members.insert(*identity) {
                         return Err(format!("identity {identity} added to set {set} twice"));
                     }
                 }
                 Change::RemoveMember { set, identity } => {
-                    let s = self.sets.get_mut(set).ok_or_else(|| format!("member of absent set {set}"))?;
+                    let s = self
+                        .sets
+                        .get_mut(set)
+                        .ok_or_else(|| format!("member of absent set {set}"))?;
                     if !s.members.remove(identity) {
-                        return Err(format!("identity {identity} removed from set {set} but absent"));
+                        return Err(format!(
+                            "identity {identity} removed from set {set} but absent"
+                        ));
                     }
                 }
                 Change::AddNodeIp { ip } => {
@@ -284,19 +325,25 @@ impl Plan {
                     }
                 }
                 Change::RemoveIdentityKey { identity } => {
-                    self.identity_keys.remove(identity).ok_or_else(|| format!("key of identity {identity} removed but absent"))?;
+                    self.identity_keys
+                        .remove(identity)
+                        .ok_or_else(|| format!("key of identity {identity} removed but absent"))?;
                 }
                 Change::SetNamespaceLabels { namespace, labels } => {
                     self.namespaces.insert(namespace.clone(), labels.clone());
                 }
                 Change::RemoveNamespace { namespace } => {
-                    self.namespaces.remove(namespace).ok_or_else(|| format!("namespace {namespace} removed but absent"))?;
+                    self.namespaces
+                        .remove(namespace)
+                        .ok_or_else(|| format!("namespace {namespace} removed but absent"))?;
                 }
                 Change::SetPolicy { policy } => {
                     self.policies.insert(policy.key.clone(), (**policy).clone());
                 }
                 Change::RemovePolicy { key } => {
-                    self.policies.remove(key).ok_or_else(|| format!("policy {key} removed but absent"))?;
+                    self.policies
+                        .remove(key)
+                        .ok_or_else(|| format!("policy {key} removed but absent"))?;
                 }
             }
         }
@@ -307,22 +354,34 @@ impl Plan {
     pub fn as_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
-        changes.extend(self.identity_keys.iter().map(|(id, key)| Change::AddIdentityKey { identity: *id, key: key.clone() }));
         changes.extend(
-            self.namespaces.iter().map(|(ns, labels)| Change::SetNamespaceLabels { namespace: ns.clone(), labels: labels.clone() }),
+            self.identity_keys
+                .iter()
+                .map(|(id, key)| Change::AddIdentityKey { identity: *id, key: key.clone() }),
         );
+        changes.extend(self.namespaces.iter().map(|(ns, labels)| Change::SetNamespaceLabels {
+            namespace: ns.clone(),
+            labels: labels.clone(),
+        }));
         for (id, set) in &self.sets {
             changes.push(Change::AddSet { set: *id, selector: set.selector.clone() });
-            changes.extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
+            changes
+                .extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
         }
         for (ip, ep) in &self.endpoints {
             changes.push(Change::AddEndpoint { ip: *ip, pod: ep.pod.clone() });
             for d in Direction::BOTH {
                 let dp = ep.direction(d);
-                changes.extend(dp.allow.iter().map(|a| Change::AddAllow { ip: *ip, direction: d, allow: a.clone() }));
+                changes.extend(dp.allow.iter().map(|a| Change::AddAllow {
+                    ip: *ip,
+                    direction: d,
+                    allow: a.clone(),
+                }));
             }
         }
-        changes.extend(self.identities.iter().map(|(ip, id)| Change::SetIdentity { ip: *ip, identity: *id }));
+        changes.extend(
+            self.identities.iter().map(|(ip, id)| Change::SetIdentity { ip: *ip, identity: *id }),
+        );
         for (ip, ep) in &self.endpoints {
             for d in Direction::BOTH {
                 if ep.direction(d).isolated {
@@ -330,7 +389,11 @@ impl Plan {
                 }
             }
         }
-        changes.extend(self.policies.values().map(|p| Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) }));
+        changes.extend(
+            self.policies
+                .values()
+                .map(|p| Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) }),
+        );
         PlanDiff { changes }
     }
 }
@@ -338,33 +401,87 @@ impl Plan {
 /// One change to a plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Change {
-    AddEndpoint { ip: IpAddr, pod: ObjectKey },
+    AddEndpoint {
+        ip: IpAddr,
+        pod: ObjectKey,
+    },
     /// The endpoint's address now belongs to another pod (its entries follow as changes).
-    RetargetEndpoint { ip: IpAddr, pod: ObjectKey },
-    RemoveEndpoint { ip: IpAddr },
-    SetIsolation { ip: IpAddr, direction: Direction, isolated: bool },
-    AddAllow { ip: IpAddr, direction: Direction, allow: Allow },
-    RemoveAllow { ip: IpAddr, direction: Direction, allow: Allow },
-    SetIdentity { ip: IpAddr, identity: IdentityId },
-    RemoveIdentity { ip: IpAddr },
+    RetargetEndpoint {
+        ip: IpAddr,
+        pod: ObjectKey,
+    },
+    RemoveEndpoint {
+        ip: IpAddr,
+    },
+    SetIsolation {
+        ip: IpAddr,
+        direction: Direction,
+        isolated: bool,
+    },
+    AddAllow {
+        ip: IpAddr,
+        direction: Direction,
+        allow: Allow,
+    },
+    RemoveAllow {
+        ip: IpAddr,
+        direction: Direction,
+        allow: Allow,
+    },
+    SetIdentity {
+        ip: IpAddr,
+        identity: IdentityId,
+    },
+    RemoveIdentity {
+        ip: IpAddr,
+    },
     /// A new, empty peer set (before any entry names it).
-    AddSet { set: SetId, selector: PeerSelector },
+    AddSet {
+        set: SetId,
+        selector: PeerSelector,
+    },
     /// A set no entry names any more, with its members.
-    RemoveSet { set: SetId },
-    AddMember { set: SetId, identity: IdentityId },
-    RemoveMember { set: SetId, identity: IdentityId },
-    AddNodeIp { ip: IpAddr },
-    RemoveNodeIp { ip: IpAddr },
+    RemoveSet {
+        set: SetId,
+    },
+    AddMember {
+        set: SetId,
+        identity: IdentityId,
+    },
+    RemoveMember {
+        set: SetId,
+        identity: IdentityId,
+    },
+    AddNodeIp {
+        ip: IpAddr,
+    },
+    RemoveNodeIp {
+        ip: IpAddr,
+    },
     /// Label view: a new identity (before any address has it).
-    AddIdentityKey { identity: IdentityId, key: IdentityKey },
+    AddIdentityKey {
+        identity: IdentityId,
+        key: IdentityKey,
+    },
     /// Label view: an identity no address has any more.
-    RemoveIdentityKey { identity: IdentityId },
+    RemoveIdentityKey {
+        identity: IdentityId,
+    },
     /// Label view: a Namespace object created or relabelled.
-    SetNamespaceLabels { namespace: String, labels: Labels },
-    RemoveNamespace { namespace: String },
+    SetNamespaceLabels {
+        namespace: String,
+        labels: Labels,
+    },
+    RemoveNamespace {
+        namespace: String,
+    },
     /// Label view: a policy created or changed.
-    SetPolicy { policy: std::sync::Arc<Policy> },
-    RemovePolicy { key: ObjectKey },
+    SetPolicy {
+        policy: std::sync::Arc<Policy>,
+    },
+    RemovePolicy {
+        key: ObjectKey,
+    },
 }
 
 /// An ordered list of changes, to be applied in order.
@@ -451,14 +568,18 @@ impl Plan {
                         .map(|a| {
                             let peer = match &a.peer {
                                 PeerMatch::Any => CanonicalPeer::Any,
-                                PeerMatch::Identity(id) => CanonicalPeer::Addresses(members.get(id).cloned().unwrap_or_default()),
+                                PeerMatch::Identity(id) => CanonicalPeer::Addresses(
+                                    members.get(id).cloned().unwrap_or_default(),
+                                ),
                                 PeerMatch::Set(s) => {
                                     let mut a: Vec<IpAddr> = self
                                         .sets
                                         .get(s)
                                         .into_iter()
                                         .flat_map(|s| &s.members)
-                                        .flat_map(|id| members.get(id).into_iter().flatten().copied())
+                                        .flat_map(|id| {
+                                            members.get(id).into_iter().flatten().copied()
+                                        })
                                         .collect();
                                     a.sort();
                                     CanonicalPeer::Addresses(a)
@@ -475,8 +596,11 @@ impl Plan {
             })
             .collect();
         endpoints.sort();
-        let identity_keys =
-            self.identity_keys.iter().map(|(id, k)| (members.get(id).cloned().unwrap_or_default(), k.clone())).collect();
+        let identity_keys = self
+            .identity_keys
+            .iter()
+            .map(|(id, k)| (members.get(id).cloned().unwrap_or_default(), k.clone()))
+            .collect();
         CanonicalPlan {
             endpoints,
             addresses_by_identity: members.into_values().collect(),

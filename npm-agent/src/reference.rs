@@ -11,7 +11,13 @@ use crate::state::ClusterState;
 
 /// Whether a connection from `src` to `dst` (addresses; pods are found by address) on
 /// `protocol`/`port` is allowed by the policies of `state`.
-pub fn allowed(state: &ClusterState, src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> bool {
+pub fn allowed(
+    state: &ClusterState,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     let src_pod = pod_at(state, src);
     let dst_pod = pod_at(state, dst);
     // A pod's traffic to itself never leaves its network namespace.
@@ -21,13 +27,15 @@ pub fn allowed(state: &ClusterState, src: IpAddr, dst: IpAddr, protocol: Protoco
     let egress_ok = match src_pod {
         None => true,
         Some(s) => {
-            node_has(state, s, dst) || direction_allows(state, s, Direction::Egress, dst, dst_pod, protocol, port)
+            node_has(state, s, dst)
+                || direction_allows(state, s, Direction::Egress, dst, dst_pod, protocol, port)
         }
     };
     let ingress_ok = match dst_pod {
         None => true,
         Some(d) => {
-            node_has(state, d, src) || direction_allows(state, d, Direction::Ingress, src, src_pod, protocol, port)
+            node_has(state, d, src)
+                || direction_allows(state, d, Direction::Ingress, src, src_pod, protocol, port)
         }
     };
     egress_ok && ingress_ok
@@ -40,7 +48,9 @@ fn pod_at(state: &ClusterState, ip: IpAddr) -> Option<&Pod> {
         .pods
         .values()
         .filter(|p| p.ip == Some(ip) && !p.host_network)
-        .filter(|p| !matches!(p.phase, crate::model::PodPhase::Succeeded | crate::model::PodPhase::Failed))
+        .filter(|p| {
+            !matches!(p.phase, crate::model::PodPhase::Succeeded | crate::model::PodPhase::Failed)
+        })
         .min_by(|a, b| a.key.cmp(&b.key))
 }
 
@@ -77,7 +87,8 @@ fn direction_allows(
     };
     selecting.iter().any(|policy| {
         policy.rules(direction).unwrap_or_default().iter().any(|rule| {
-            rule_peer_matches(state, rule, peer_ip, peer_pod) && rule_port_matches(rule, destination, protocol, port)
+            rule_peer_matches(state, rule, peer_ip, peer_pod)
+                && rule_port_matches(rule, destination, protocol, port)
         })
     })
 }
@@ -93,14 +104,22 @@ fn rule_peer_matches(state: &ClusterState, rule: &Rule, ip: IpAddr, peer: Option
         })
 }
 
-fn rule_port_matches(rule: &Rule, destination: Option<&Pod>, protocol: Protocol, port: u16) -> bool {
+fn rule_port_matches(
+    rule: &Rule,
+    destination: Option<&Pod>,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     rule.ports.is_empty()
         || rule.ports.iter().any(|spec| match spec {
             PortSpec::Protocol(p) => *p == protocol,
-            PortSpec::Range { protocol: p, first, last } => *p == protocol && *first <= port && port <= *last,
+            PortSpec::Range { protocol: p, first, last } => {
+                *p == protocol && *first <= port && port <= *last
+            }
             PortSpec::Named { protocol: p, name } => {
                 *p == protocol
-                    && destination.and_then(|d| find_named_port(&d.named_ports, name, *p)) == Some(port)
+                    && destination.and_then(|d| find_named_port(&d.named_ports, name, *p))
+                        == Some(port)
             }
         })
 }

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use npm_agent::agent::{Agent, AgentDataplane, Config, DataplaneKind, Handles, Operation, Settings, SharedMemory, Status};
+use npm_agent::agent::{
+    Agent, AgentDataplane, Config, DataplaneKind, Handles, Operation, Settings, SharedMemory,
+    Status,
+};
 use npm_agent::model::Protocol;
 use npm_agent::plan::{Connection, Plan};
 use npm_agent::source::{FilesSource, SourceSpec};
@@ -101,14 +104,18 @@ status:
 
 /// The pods as a `kind: List` (plus the node, and a kind the source ignores).
 fn pods() -> String {
-    let items: Vec<String> = [pod("x", "a", A, "n1", "web"), pod("x", "b", B, "n1", "db"), pod("y", "c", C, "n2", "web")]
-        .iter()
-        .map(|p| {
-            let mut lines = p.lines();
-            let first = format!("- {}", lines.next().unwrap());
-            std::iter::once(first).chain(lines.map(|l| format!("  {l}"))).collect::<Vec<_>>().join("\n")
-        })
-        .collect();
+    let items: Vec<String> = [
+        pod("x", "a", A, "n1", "web"),
+        pod("x", "b", B, "n1", "db"),
+        pod("y", "c", C, "n2", "web"),
+    ]
+    .iter()
+    .map(|p| {
+        let mut lines = p.lines();
+        let first = format!("- {}", lines.next().unwrap());
+        std::iter::once(first).chain(lines.map(|l| format!("  {l}"))).collect::<Vec<_>>().join("\n")
+    })
+    .collect();
     format!(
         "apiVersion: v1
 kind: List
@@ -167,7 +174,12 @@ impl Running {
         let (tx, rx) = std::sync::mpsc::channel();
         let (m, s, d) = (memory.clone(), stop.clone(), dir.0.clone());
         let thread = std::thread::spawn(move || {
-            let mut agent = Agent::new("n1", Box::new(FilesSource::new(d)), AgentDataplane::Other(Box::new(m)), status_file);
+            let mut agent = Agent::new(
+                "n1",
+                Box::new(FilesSource::new(d)),
+                AgentDataplane::Other(Box::new(m)),
+                status_file,
+            );
             tx.send(agent.handles()).unwrap();
             agent.run(&s)
         });
@@ -195,7 +207,11 @@ impl Running {
             if f(&self.memory.plan()) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "{what}: not reached; status {:?}", self.handles.status());
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: not reached; status {:?}",
+                self.handles.status()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -246,7 +262,8 @@ fn applies_the_manifests_of_a_directory() {
     // The status file says the same (it is written just after the in-memory status).
     let file = Status::wait_for_generation(&status_file, 1, Duration::from_secs(10)).unwrap();
     assert!(file.ready && file.generation == 1 && file.applied_events == 7, "{file:?}");
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&status_file).unwrap()).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&status_file).unwrap()).unwrap();
     assert_eq!(raw["ready"], true);
     assert_eq!(raw["generation"], 1);
     assert_eq!(raw["applied_events"], 7);
@@ -260,11 +277,17 @@ fn applies_the_manifests_of_a_directory() {
     }
 
     // Labelling y team=a is an update that admits y/c.
-    dir.write("00-namespaces.yaml", &NAMESPACES.replace("  name: y\n", "  name: y\n  labels: {team: a}\n"));
+    dir.write(
+        "00-namespaces.yaml",
+        &NAMESPACES.replace("  name: y\n", "  name: y\n  labels: {team: a}\n"),
+    );
     dir.generation(2);
     agent.wait_generation(2);
     assert!(agent.allowed(&tcp(C, B, 5432)));
-    assert_eq!(agent.handles.stats.lock().unwrap().get("namespace", Operation::Update).map(|s| s.count), Some(1));
+    assert_eq!(
+        agent.handles.stats.lock().unwrap().get("namespace", Operation::Update).map(|s| s.count),
+        Some(1)
+    );
 
     // Removing the policy file deletes the policy: x/b is no longer isolated.
     dir.remove("20-policy.yaml");
@@ -272,7 +295,10 @@ fn applies_the_manifests_of_a_directory() {
     let s = agent.wait_generation(3);
     assert_eq!(s.policies, 0);
     assert!(!agent.memory.plan().endpoints[&ip(B)].ingress.isolated);
-    assert_eq!(agent.handles.stats.lock().unwrap().get("policy", Operation::Delete).map(|s| s.count), Some(1));
+    assert_eq!(
+        agent.handles.stats.lock().unwrap().get("policy", Operation::Delete).map(|s| s.count),
+        Some(1)
+    );
     agent.stop();
     let _ = std::fs::remove_file(status_file);
 }
@@ -293,7 +319,20 @@ fn a_changed_manifest_is_picked_up_within_a_second() {
         assert!(took < Duration::from_secs(1), "round {round}: took {took:?}");
     }
     // A new pod in a new file.
-    dir.write("30-more.json", &serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(&pod("x", "d", [10, 0, 0, 4], "n1", "web")).unwrap()).unwrap());
+    dir.write(
+        "30-more.json",
+        &serde_json::to_string(
+            &serde_yaml_ng::from_str::<serde_json::Value>(&pod(
+                "x",
+                "d",
+                [10, 0, 0, 4],
+                "n1",
+                "web",
+            ))
+            .unwrap(),
+        )
+        .unwrap(),
+    );
     let took = agent.wait_plan("pod d", |p| p.endpoints.contains_key(&ip([10, 0, 0, 4])));
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert!(agent.allowed(&tcp([10, 0, 0, 4], B, 5432)));
@@ -312,7 +351,10 @@ fn malformed_and_invalid_manifests_are_reported_and_the_old_version_kept() {
     // A file that does not parse, an invalid new version of the policy (a bad CIDR), and a
     // policy that was never valid.
     dir.write("05-broken.yaml", "kind: [unclosed\n");
-    dir.write("20-policy.yaml", &policy("5432").replace("    ports:\n", "    - ipBlock: {cidr: 10.0.0.0/33}\n    ports:\n"));
+    dir.write(
+        "20-policy.yaml",
+        &policy("5432").replace("    ports:\n", "    - ipBlock: {cidr: 10.0.0.0/33}\n    ports:\n"),
+    );
     dir.write(
         "21-never.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: never, namespace: x}\n\
@@ -325,11 +367,24 @@ fn malformed_and_invalid_manifests_are_reported_and_the_old_version_kept() {
     let all = s.problems.join("\n");
     assert!(all.contains("05-broken.yaml") && all.contains("does not parse"), "{all}");
     assert!(
-        all.contains("20-policy.yaml") && all.contains("x/db") && all.contains("ipBlock.cidr") && all.contains("previous version kept"),
+        all.contains("20-policy.yaml")
+            && all.contains("x/db")
+            && all.contains("ipBlock.cidr")
+            && all.contains("previous version kept"),
         "{all}"
     );
-    assert!(all.contains("21-never.yaml") && all.contains("x/never") && all.contains("protocol") && all.contains("not applied"), "{all}");
-    assert_eq!(agent.memory.plan(), before, "the previous valid policy stays in force; the invalid one is not applied");
+    assert!(
+        all.contains("21-never.yaml")
+            && all.contains("x/never")
+            && all.contains("protocol")
+            && all.contains("not applied"),
+        "{all}"
+    );
+    assert_eq!(
+        agent.memory.plan(),
+        before,
+        "the previous valid policy stays in force; the invalid one is not applied"
+    );
 
     // A file that parsed before and now does not keeps its objects.
     dir.write("10-pods.yml", "items: [\n");
@@ -374,7 +429,10 @@ fn readiness_waits_for_the_directory() {
 #[test]
 fn config_file_keys_missing_keep_their_defaults_and_flags_win() {
     let dir = Dir::new("config");
-    dir.write("agent.yaml", "dataplane: memory\nlogDrops: true\nnode-name: from-file\nsource: files:/m\n");
+    dir.write(
+        "agent.yaml",
+        "dataplane: memory\nlogDrops: true\nnode-name: from-file\nsource: files:/m\n",
+    );
     let flags = Settings { node_name: Some("from-flag".into()), ..Settings::default() };
     let c = Config::load(Some(&dir.path("agent.yaml")), flags).unwrap();
     assert_eq!(c.dataplane, DataplaneKind::Memory);
@@ -401,7 +459,10 @@ fn config_file_with_an_unknown_key_is_rejected_naming_it() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("enableV2NPM") && err.contains("unknown field") && err.contains("agent.yaml"), "{err}");
+    assert!(
+        err.contains("enableV2NPM") && err.contains("unknown field") && err.contains("agent.yaml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -416,7 +477,10 @@ fn kube_source_without_a_cluster_exits_non_zero() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("kube source: no in-cluster configuration and no usable kubeconfig"), "{err}");
+    assert!(
+        err.contains("kube source: no in-cluster configuration and no usable kubeconfig"),
+        "{err}"
+    );
 }
 
 // ---- the command ----
@@ -499,7 +563,11 @@ fn run_command_reports_status_logs_problems_and_stops_on_sigterm() {
     );
     p.wait_status(&status, 1);
     let s = Status::wait_for_generation(&status, 1, Duration::from_secs(10)).unwrap();
-    assert_eq!((s.node.as_str(), s.dataplane.as_str(), s.endpoints, s.policies), ("n1", "memory", 2, 1), "{s:?}");
+    assert_eq!(
+        (s.node.as_str(), s.dataplane.as_str(), s.endpoints, s.policies),
+        ("n1", "memory", 2, 1),
+        "{s:?}"
+    );
 
     dir.write("20-policy.yaml", &policy("bad_name!"));
     dir.generation(2);
@@ -507,7 +575,12 @@ fn run_command_reports_status_logs_problems_and_stops_on_sigterm() {
     assert_eq!(s.invalid_objects, 1, "{s:?}");
     assert_eq!(s.policies, 1, "the previous version stays");
     let log = p.log();
-    assert!(log.contains("20-policy.yaml") && log.contains("x/db") && log.contains("spec.ingress[0].ports[0].port"), "{log}");
+    assert!(
+        log.contains("20-policy.yaml")
+            && log.contains("x/db")
+            && log.contains("spec.ingress[0].ports[0].port"),
+        "{log}"
+    );
 
     let code = p.terminate();
     assert!(code.success(), "SIGTERM exits 0: {code:?}\n{}", p.log());
@@ -608,17 +681,27 @@ fn ebpf_round_trip(test: &str, attach: bool) {
         let code = p.terminate();
         assert!(code.success(), "round {round}: {code:?}\n{}", p.log());
         // Enforcement stays: the pins are still there.
-        assert_eq!(links(), if attach { 2 } else { 0 }, "round {round}: links stay pinned after SIGTERM");
+        assert_eq!(
+            links(),
+            if attach { 2 } else { 0 },
+            "round {round}: links stay pinned after SIGTERM"
+        );
         assert!(pin_root.join("maps").read_dir().unwrap().count() > 0);
     }
 
     let out = Command::new(BIN).args(["cleanup", "--pin-root"]).arg(&pin_root).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let want = format!("removed {} pinned links", if attach { 2 } else { 0 });
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&want), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&want),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(!pin_root.exists());
     let out = Command::new(BIN).args(["cleanup", "--pin-root"]).arg(&pin_root).output().unwrap();
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing to remove"));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing to remove")
+    );
     // Refuses what is not on bpffs.
     let out = Command::new(BIN).args(["cleanup", "--pin-root"]).arg(&dir.0).output().unwrap();
     assert!(!out.status.success() && dir.0.exists());

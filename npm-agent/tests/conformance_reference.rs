@@ -23,10 +23,28 @@ impl Backend for ReferenceBackend {
         Ok(())
     }
 
-    fn probe(&mut self, _: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>> {
+    fn probe(
+        &mut self,
+        _: &CaseCluster,
+        pods: &[&Pod],
+        protocol: Protocol,
+        port: u16,
+    ) -> anyhow::Result<Vec<Vec<bool>>> {
         Ok(pods
             .iter()
-            .map(|s| pods.iter().map(|d| reference::allowed(&self.state, s.ip.unwrap(), d.ip.unwrap(), protocol, port)).collect())
+            .map(|s| {
+                pods.iter()
+                    .map(|d| {
+                        reference::allowed(
+                            &self.state,
+                            s.ip.unwrap(),
+                            d.ip.unwrap(),
+                            protocol,
+                            port,
+                        )
+                    })
+                    .collect()
+            })
             .collect())
     }
 
@@ -38,9 +56,16 @@ impl Backend for ReferenceBackend {
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut files = Vec::new();
-    for dir in [root.join("tests/conformance"), root.join("../shared/conformance/examples"), root.join("deploy/examples")] {
+    for dir in [
+        root.join("tests/conformance"),
+        root.join("../shared/conformance/examples"),
+        root.join("deploy/examples"),
+    ] {
         if let Ok(rd) = std::fs::read_dir(dir) {
-            files.extend(rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")));
+            files.extend(
+                rd.map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+            );
         }
     }
     files.sort();

@@ -34,7 +34,8 @@ fn repo_root() -> PathBuf {
 /// The YAML files under deploy/ that hold Kubernetes objects.
 fn manifest_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
         for path in entries {
             let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -42,7 +43,9 @@ fn manifest_files() -> Vec<PathBuf> {
                 if name != "examples" && name != "grafana" {
                     walk(&path, out);
                 }
-            } else if (name.ends_with(".yaml") || name.ends_with(".yml")) && !documents(&path).is_empty() {
+            } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && !documents(&path).is_empty()
+            {
                 out.push(path);
             }
         }
@@ -67,27 +70,42 @@ fn objects() -> BTreeMap<(String, String), Value> {
     for file in manifest_files() {
         for doc in documents(&file) {
             let kind = doc["kind"].as_str().unwrap().to_string();
-            let name = doc["metadata"]["name"].as_str().unwrap_or_else(|| panic!("{}: a {kind} without a name", file.display())).to_string();
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: a {kind} without a name", file.display()))
+                .to_string();
             let shown = file.strip_prefix(repo_root()).unwrap().display().to_string();
             // The same Service may be defined twice (deploy/ and deploy/prometheus/): the
             // definitions must then agree.
             if let Some(prev) = out.insert((kind.clone(), name.clone()), doc.clone()) {
-                assert_eq!(prev.get("spec"), doc.get("spec"), "{kind} {name} is defined twice, differently (again in {shown})");
+                assert_eq!(
+                    prev.get("spec"),
+                    doc.get("spec"),
+                    "{kind} {name} is defined twice, differently (again in {shown})"
+                );
             }
         }
     }
     out
 }
 
-fn typed<T: serde::de::DeserializeOwned>(objects: &BTreeMap<(String, String), Value>, kind: &str, name: &str) -> T {
-    let v = objects.get(&(kind.to_string(), name.to_string())).unwrap_or_else(|| panic!("no {kind} {name} under deploy/"));
-    serde_path_to_error::deserialize(v.clone()).unwrap_or_else(|e| panic!("{kind} {name}: {}: {}", e.path(), e.inner()))
+fn typed<T: serde::de::DeserializeOwned>(
+    objects: &BTreeMap<(String, String), Value>,
+    kind: &str,
+    name: &str,
+) -> T {
+    let v = objects
+        .get(&(kind.to_string(), name.to_string()))
+        .unwrap_or_else(|| panic!("no {kind} {name} under deploy/"));
+    serde_path_to_error::deserialize(v.clone())
+        .unwrap_or_else(|e| panic!("{kind} {name}: {}: {}", e.path(), e.inner()))
 }
 
 /// The kubernetes-validate command: $NPM_KUBERNETES_VALIDATE, on PATH, or where `cargo
 /// xtask setup` installs it (target/tools/venv).
 fn kubernetes_validate() -> Option<PathBuf> {
-    let works = |p: &Path| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    let works =
+        |p: &Path| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = std::env::var_os("NPM_KUBERNETES_VALIDATE") {
         candidates.push(p.into());
@@ -100,7 +118,8 @@ fn kubernetes_validate() -> Option<PathBuf> {
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
     let files = manifest_files();
-    let names: Vec<String> = files.iter().map(|f| f.strip_prefix(repo_root()).unwrap().display().to_string()).collect();
+    let names: Vec<String> =
+        files.iter().map(|f| f.strip_prefix(repo_root()).unwrap().display().to_string()).collect();
     assert!(names.iter().any(|n| n == "deploy/azure-npm.yaml"), "{names:?}");
     assert!(names.iter().any(|n| n == "deploy/cleanup/azure-npm-cleanup.yaml"), "{names:?}");
     let Some(tool) = kubernetes_validate() else {
@@ -130,9 +149,15 @@ fn every_object_deserializes_into_its_type() {
     let objects = objects();
     for ((kind, name), v) in &objects {
         let result = match kind.as_str() {
-            "ServiceAccount" => serde_path_to_error::deserialize::<_, ServiceAccount>(v.clone()).map(|_| ()),
-            "ClusterRole" => serde_path_to_error::deserialize::<_, ClusterRole>(v.clone()).map(|_| ()),
-            "ClusterRoleBinding" => serde_path_to_error::deserialize::<_, ClusterRoleBinding>(v.clone()).map(|_| ()),
+            "ServiceAccount" => {
+                serde_path_to_error::deserialize::<_, ServiceAccount>(v.clone()).map(|_| ())
+            }
+            "ClusterRole" => {
+                serde_path_to_error::deserialize::<_, ClusterRole>(v.clone()).map(|_| ())
+            }
+            "ClusterRoleBinding" => {
+                serde_path_to_error::deserialize::<_, ClusterRoleBinding>(v.clone()).map(|_| ())
+            }
             "ConfigMap" => serde_path_to_error::deserialize::<_, ConfigMap>(v.clone()).map(|_| ()),
             "DaemonSet" => serde_path_to_error::deserialize::<_, DaemonSet>(v.clone()).map(|_| ()),
             "Service" => serde_path_to_error::deserialize::<_, Service>(v.clone()).map(|_| ()),
@@ -163,16 +188,24 @@ fn rbac_grants_exactly_reading_what_the_agent_watches() {
         }
     }
     let mut want = BTreeSet::new();
-    for (group, resource) in [("", "pods"), ("", "namespaces"), ("", "nodes"), ("networking.k8s.io", "networkpolicies")] {
+    for (group, resource) in
+        [("", "pods"), ("", "namespaces"), ("", "nodes"), ("networking.k8s.io", "networkpolicies")]
+    {
         for verb in ["get", "list", "watch"] {
             want.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
     }
     assert_eq!(granted, want);
     let binding: ClusterRoleBinding = typed(&objects, "ClusterRoleBinding", "azure-npm-binding");
-    assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("ClusterRole", "azure-npm"));
+    assert_eq!(
+        (binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()),
+        ("ClusterRole", "azure-npm")
+    );
     let subject = &binding.subjects.unwrap()[0];
-    assert_eq!((subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()), ("ServiceAccount", "azure-npm", Some("kube-system")));
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", "azure-npm", Some("kube-system"))
+    );
     let _: ServiceAccount = typed(&objects, "ServiceAccount", "azure-npm");
 }
 
@@ -195,12 +228,21 @@ fn daemonset_config_and_service_fit_the_agent() {
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     assert_eq!(pod.service_account_name.as_deref(), Some("azure-npm"));
-    assert!(pod.tolerations.as_ref().unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+    assert!(
+        pod.tolerations
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
 
     let c = agent_container(&ds);
     // NODE_NAME from the downward API.
     let env = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
-    assert_eq!(env.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "spec.nodeName");
+    assert_eq!(
+        env.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+        "spec.nodeName"
+    );
     // Only the capabilities eBPF and iptables need.
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.privileged, Some(false));
@@ -224,9 +266,21 @@ fn daemonset_config_and_service_fit_the_agent() {
     assert_eq!(probe_path(&c.liveness_probe), ("/healthz".to_string(), IntOrString::Int(10091)));
     assert_eq!(probe_path(&c.readiness_probe), ("/readyz".to_string(), IntOrString::Int(10091)));
     // The mounts: bpffs, the xtables lock, the config.
-    let mounts: BTreeMap<&str, &str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| (m.mount_path.as_str(), m.name.as_str())).collect();
+    let mounts: BTreeMap<&str, &str> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.mount_path.as_str(), m.name.as_str()))
+        .collect();
     let host_path = |volume: &str| -> String {
-        let v = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == volume).unwrap_or_else(|| panic!("volume {volume}"));
+        let v = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == volume)
+            .unwrap_or_else(|| panic!("volume {volume}"));
         v.host_path.as_ref().map(|h| h.path.clone()).unwrap_or_default()
     };
     assert_eq!(host_path(mounts["/sys/fs/bpf"]), "/sys/fs/bpf");
@@ -239,24 +293,49 @@ fn daemonset_config_and_service_fit_the_agent() {
     let dir = config_path.parent().unwrap().to_str().unwrap();
     let key = config_path.file_name().unwrap().to_str().unwrap();
     let volume = mounts.get(dir).unwrap_or_else(|| panic!("nothing mounted at {dir}"));
-    let cm_name = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == *volume).unwrap().config_map.as_ref().unwrap().name.clone();
+    let cm_name = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == *volume)
+        .unwrap()
+        .config_map
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
     assert_eq!(cm_name, "azure-npm-config");
     let cm: ConfigMap = typed(&objects, "ConfigMap", &cm_name);
-    let text = cm.data.as_ref().unwrap().get(key).unwrap_or_else(|| panic!("no key {key} in the ConfigMap"));
-    let settings = Settings::from_yaml(text).unwrap_or_else(|e| panic!("the ConfigMap's {key}: {e}"));
+    let text = cm
+        .data
+        .as_ref()
+        .unwrap()
+        .get(key)
+        .unwrap_or_else(|| panic!("no key {key} in the ConfigMap"));
+    let settings =
+        Settings::from_yaml(text).unwrap_or_else(|e| panic!("the ConfigMap's {key}: {e}"));
     assert_eq!(settings.source, Some(SourceSpec::Kube));
     let metrics_port = settings.metrics_addr.map_or(10091, |a| a.port());
     assert_eq!(metrics_port, 10091);
     assert!(settings.node_name.is_none(), "node-name must come from NODE_NAME");
     if let Some(status) = &settings.status_file {
-        assert!(mounts.keys().any(|m| status.starts_with(m)), "{} is not on a writable mount", status.display());
+        assert!(
+            mounts.keys().any(|m| status.starts_with(m)),
+            "{} is not on a writable mount",
+            status.display()
+        );
     }
 
     // The Service: Azure NPM's name and ports, selecting the DaemonSet's pods.
     let svc: Service = typed(&objects, "Service", "npm-metrics-cluster-service");
     let svc_spec = svc.spec.unwrap();
     for (k, v) in svc_spec.selector.unwrap() {
-        assert_eq!(template_labels.get(&k), Some(&v), "the Service selects {k}={v}, which the DaemonSet's pods lack");
+        assert_eq!(
+            template_labels.get(&k),
+            Some(&v),
+            "the Service selects {k}={v}, which the DaemonSet's pods lack"
+        );
     }
     let port = &svc_spec.ports.unwrap()[0];
     assert_eq!((port.port, port.target_port.clone()), (9000, Some(IntOrString::Int(10091))));

@@ -22,7 +22,10 @@ fn plan_for<'a>(plans: &'a HashMap<String, Plan>, empty: &'a Plan, ip: IpAddr) -
     plans.values().find(|p| p.endpoints.contains_key(&ip)).unwrap_or(empty)
 }
 
-fn check_against_reference(state: &ClusterState, plans: &HashMap<String, Plan>) -> Result<(), TestCaseError> {
+fn check_against_reference(
+    state: &ClusterState,
+    plans: &HashMap<String, Plan>,
+) -> Result<(), TestCaseError> {
     let empty = Plan::default();
     let addrs = addresses(state);
     for &src in &addrs {
@@ -31,7 +34,11 @@ fn check_against_reference(state: &ClusterState, plans: &HashMap<String, Plan>) 
                 for port in PORTS {
                     let conn = Connection { src, dst, protocol, port };
                     let want = reference::allowed(state, src, dst, protocol, port);
-                    let got = connection_allowed(plan_for(plans, &empty, src), plan_for(plans, &empty, dst), &conn);
+                    let got = connection_allowed(
+                        plan_for(plans, &empty, src),
+                        plan_for(plans, &empty, dst),
+                        &conn,
+                    );
                     prop_assert_eq!(got, want, "{:?}\nstate: {:#?}", conn, state);
                 }
             }
@@ -108,7 +115,11 @@ fn egress_named_port_resolves_per_destination_pod() {
     state.policies.insert(policy.key.clone(), policy);
     let plan = compile(&state, &Scope::Node("n1".into()));
     let allowed = |dst: u8, port: u16| {
-        connection_allowed(&plan, &plan, &Connection { src: pod_ip(1), dst: pod_ip(dst), protocol: Protocol::Tcp, port })
+        connection_allowed(
+            &plan,
+            &plan,
+            &Connection { src: pod_ip(1), dst: pod_ip(dst), protocol: Protocol::Tcp, port },
+        )
     };
     assert!(allowed(2, 80));
     assert!(!allowed(2, 8080));
@@ -117,6 +128,9 @@ fn egress_named_port_resolves_per_destination_pod() {
     // Not a pod: a named port cannot resolve.
     assert!(!allowed(200, 80));
     for (d, port) in [(2u8, 80u16), (2, 8080), (3, 8080), (3, 80), (200, 80)] {
-        assert_eq!(allowed(d, port), reference::allowed(&state, pod_ip(1), pod_ip(d), Protocol::Tcp, port));
+        assert_eq!(
+            allowed(d, port),
+            reference::allowed(&state, pod_ip(1), pod_ip(d), Protocol::Tcp, port)
+        );
     }
 }

@@ -30,7 +30,11 @@ struct NodeDataplane {
 
 impl NodeDataplane {
     fn new(node: &str) -> Self {
-        Self { engine: Engine::new(Scope::Node(node.into())), translator: Translator::new(), maps: MapModel::default() }
+        Self {
+            engine: Engine::new(Scope::Node(node.into())),
+            translator: Translator::new(),
+            maps: MapModel::default(),
+        }
     }
 
     fn handle(&mut self, e: &Event) {
@@ -47,7 +51,10 @@ fn octets(ip: IpAddr) -> [u8; 4] {
     }
 }
 
-fn check(state: &ClusterState, nodes: &HashMap<String, NodeDataplane>) -> Result<(), TestCaseError> {
+fn check(
+    state: &ClusterState,
+    nodes: &HashMap<String, NodeDataplane>,
+) -> Result<(), TestCaseError> {
     let addrs = addresses(state);
     for &src in &addrs {
         for &dst in &addrs {
@@ -56,13 +63,30 @@ fn check(state: &ClusterState, nodes: &HashMap<String, NodeDataplane>) -> Result
             }
             for protocol in Protocol::ALL {
                 for port in PORTS {
-                    let flow = Flow { src: octets(src), dst: octets(dst), protocol: protocol.number(), sport: 40000, dport: port };
+                    let flow = Flow {
+                        src: octets(src),
+                        dst: octets(dst),
+                        protocol: protocol.number(),
+                        sport: 40000,
+                        dport: port,
+                    };
                     // Every node's programs see the packet only at its own pods' veths, so
                     // asking every node is the same as asking the owners'.
-                    let egress = nodes.values().all(|n| decide(&n.maps, &flow, DIR_EGRESS).allowed());
-                    let ingress = nodes.values().all(|n| decide(&n.maps, &flow, DIR_INGRESS).allowed());
+                    let egress =
+                        nodes.values().all(|n| decide(&n.maps, &flow, DIR_EGRESS).allowed());
+                    let ingress =
+                        nodes.values().all(|n| decide(&n.maps, &flow, DIR_INGRESS).allowed());
                     let want = reference::allowed(state, src, dst, protocol, port);
-                    prop_assert_eq!(egress && ingress, want, "{:?} {}/{} -> {}/{}", protocol, src, 40000, dst, port);
+                    prop_assert_eq!(
+                        egress && ingress,
+                        want,
+                        "{:?} {}/{} -> {}/{}",
+                        protocol,
+                        src,
+                        40000,
+                        dst,
+                        port
+                    );
                 }
             }
         }
@@ -150,4 +174,3 @@ proptest! {
         }
     }
 }
-

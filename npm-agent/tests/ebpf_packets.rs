@@ -30,7 +30,11 @@ const NODE: [u8; 4] = [10, 1, 0, 1];
 fn root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
@@ -67,9 +71,17 @@ impl Harness {
             return None;
         }
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-test-{}-{test}", std::process::id()));
-        let dp = EbpfDataplane::open(EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false }).expect("load");
+        let dp = EbpfDataplane::open(EbpfConfig {
+            pin_root: pin_root.clone(),
+            log_drops: false,
+            attach: false,
+        })
+        .expect("load");
         let mut h = Harness { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root };
-        h.event(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))] }));
+        h.event(Event::UpsertNode(Node {
+            name: "n1".into(),
+            addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))],
+        }));
         for ns in ["x", "y"] {
             h.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));
         }
@@ -98,14 +110,22 @@ impl Harness {
         let p = self.dp.program_mut(prog).expect("program");
         let mut out = vec![0u8; pkt.len() + 64];
         let r = p
-            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
             .unwrap_or_else(|e| panic!("test run of {:02x?}: {e}", pkt));
         let after = self.dp.counters().unwrap();
         for d in [DIR_INGRESS, DIR_EGRESS] {
             for rr in Reason::ALL {
                 let delta = after.get(d, rr) - before.get(d, rr);
                 let want = u64::from(d == dir && rr == reason);
-                assert_eq!(delta, want, "counter {d}/{rr:?} moved by {delta} (expected reason {reason:?})");
+                assert_eq!(
+                    delta, want,
+                    "counter {d}/{rr:?} moved by {delta} (expected reason {reason:?})"
+                );
             }
         }
         let verdict = r.return_value;
@@ -192,9 +212,21 @@ fn isolated_identity_hit_and_miss() {
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-to-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector: {matchLabels: {app: web}}\n",
     );
-    assert_eq!(h.run(DIR_INGRESS, &tcp(C, B, 5432).bytes(), Reason::Policy), PASS, "web pod of another namespace");
-    assert_eq!(h.run(DIR_INGRESS, &tcp(A, B, 5432).bytes(), Reason::Policy), PASS, "web pod of the same namespace");
-    assert_eq!(h.run(DIR_INGRESS, &tcp(OUTSIDE, B, 5432).bytes(), Reason::Denied), DROP, "not a pod");
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp(C, B, 5432).bytes(), Reason::Policy),
+        PASS,
+        "web pod of another namespace"
+    );
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp(A, B, 5432).bytes(), Reason::Policy),
+        PASS,
+        "web pod of the same namespace"
+    );
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp(OUTSIDE, B, 5432).bytes(), Reason::Denied),
+        DROP,
+        "not a pod"
+    );
     // b relabelled away from web cannot reach itself through the veth... use a: still not isolated.
     assert_eq!(h.run(DIR_INGRESS, &tcp(B, A, 80).bytes(), Reason::NotIsolated), PASS);
 }
@@ -207,13 +239,21 @@ fn cidr_and_except() {
     );
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 443).bytes(), Reason::Policy), PASS);
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, EXCEPTED, 443).bytes(), Reason::Denied), DROP);
-    assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 443).bytes(), Reason::Denied), DROP, "outside the block");
+    assert_eq!(
+        h.run(DIR_EGRESS, &tcp(A, C, 443).bytes(), Reason::Denied),
+        DROP,
+        "outside the block"
+    );
     // A second, narrower block inside the first must not take its addresses away from it.
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: narrow, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 192.168.7.0/24}\n    ports: [{port: 22}]\n",
     );
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, [192, 168, 7, 8], 443).bytes(), Reason::Policy), PASS);
-    assert_eq!(h.run(DIR_EGRESS, &tcp(A, EXCEPTED, 22).bytes(), Reason::Policy), PASS, "the narrow block admits it on 22");
+    assert_eq!(
+        h.run(DIR_EGRESS, &tcp(A, EXCEPTED, 22).bytes(), Reason::Policy),
+        PASS,
+        "the narrow block admits it on 22"
+    );
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, EXCEPTED, 443).bytes(), Reason::Denied), DROP);
 }
 
@@ -230,7 +270,11 @@ fn ports_ranges_and_named_ports() {
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 2000).bytes(), Reason::Policy), PASS);
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 2001).bytes(), Reason::Denied), DROP);
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 999).bytes(), Reason::Denied), DROP);
-    assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 8080).bytes(), Reason::Policy), PASS, "named port http of a");
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp(C, A, 8080).bytes(), Reason::Policy),
+        PASS,
+        "named port http of a"
+    );
 }
 
 #[test]
@@ -239,7 +283,11 @@ fn protocol_mismatch() {
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: tcp80, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports: [{port: 80, protocol: TCP}]\n",
     );
-    assert_eq!(h.run(DIR_INGRESS, &udp(C, A, 80).bytes(), Reason::Denied), DROP, "UDP to a TCP rule");
+    assert_eq!(
+        h.run(DIR_INGRESS, &udp(C, A, 80).bytes(), Reason::Denied),
+        DROP,
+        "UDP to a TCP rule"
+    );
     let icmp = Pkt { proto: 1, sport: 0, dport: 0, ..tcp(C, A, 0) };
     assert_eq!(h.run(DIR_INGRESS, &icmp.bytes(), Reason::Denied), DROP, "ICMP to a port rule");
     let sctp = Pkt { proto: 132, ..tcp(C, A, 80) };
@@ -271,7 +319,11 @@ fn node_traffic_is_always_allowed() {
     let Some(mut h) = Harness::new("node") else { return };
     h.policy(deny_all_ingress_to_x());
     assert_eq!(h.run(DIR_INGRESS, &tcp(NODE, A, 10250).bytes(), Reason::Node), PASS);
-    assert_eq!(h.run(DIR_INGRESS, &tcp([10, 1, 0, 2], A, 10250).bytes(), Reason::Denied), DROP, "another node");
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp([10, 1, 0, 2], A, 10250).bytes(), Reason::Denied),
+        DROP,
+        "another node"
+    );
 }
 
 #[test]
@@ -317,7 +369,11 @@ fn truncated_transport_header() {
     let mut q = tcp(A, C, 80).bytes();
     q.truncate(14 + 22);
     q[16..18].copy_from_slice(&22u16.to_be_bytes());
-    assert_eq!(h.run(DIR_EGRESS, &q, Reason::NotIsolated), PASS, "endpoint not isolated for egress");
+    assert_eq!(
+        h.run(DIR_EGRESS, &q, Reason::NotIsolated),
+        PASS,
+        "endpoint not isolated for egress"
+    );
 }
 
 #[test]
@@ -348,10 +404,18 @@ fn policy_removal_restores_traffic_and_reconcile_flushes_nothing_needed() {
     // A second dataplane on the same pins (an agent restart) reconciles the same plan: the
     // endpoint stays isolated, nothing else changes.
     let plan = h.engine.plan();
-    let mut again = EbpfDataplane::open(EbpfConfig { pin_root: h.pin_root.clone(), log_drops: false, attach: false }).unwrap();
+    let mut again = EbpfDataplane::open(EbpfConfig {
+        pin_root: h.pin_root.clone(),
+        log_drops: false,
+        attach: false,
+    })
+    .unwrap();
     again.reconcile(&plan).unwrap();
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 81).bytes(), Reason::Denied), DROP);
     h.event(Event::DeletePolicy(ObjectKey::new("x", "deny")));
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 82).bytes(), Reason::NotIsolated), PASS);
-    assert_eq!(h.dp.map_entries().iter().find(|(n, _, _)| *n == npm_common::MAP_POLICY).unwrap().1, 0);
+    assert_eq!(
+        h.dp.map_entries().iter().find(|(n, _, _)| *n == npm_common::MAP_POLICY).unwrap().1,
+        0
+    );
 }

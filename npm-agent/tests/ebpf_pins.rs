@@ -15,7 +15,11 @@ use npm_common::{EndpointInfo, MAP_ENDPOINTS, MAP_IDENTITIES};
 fn root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
@@ -29,7 +33,12 @@ impl Drop for PinRoot {
 }
 
 fn open(root: &Path) -> EbpfDataplane {
-    EbpfDataplane::open(EbpfConfig { pin_root: root.to_path_buf(), log_drops: false, attach: false }).expect("load")
+    EbpfDataplane::open(EbpfConfig {
+        pin_root: root.to_path_buf(),
+        log_drops: false,
+        attach: false,
+    })
+    .expect("load")
 }
 
 /// Creates a BPF hash map of the given sizes with raw bpf(2) calls (as an older agent built

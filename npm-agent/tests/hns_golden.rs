@@ -19,10 +19,18 @@ use scenarios::*;
 
 /// The addresses a set holds (nested sets resolved).
 fn set_nets(h: &HnsPolicies, id: &str) -> Vec<Ipv4Net> {
-    let Some(s) = h.network.policies.iter().map(|p| &p.settings).find(|s| s.id == id) else { panic!("ACL names unknown set {id}") };
+    let Some(s) = h.network.policies.iter().map(|p| &p.settings).find(|s| s.id == id) else {
+        panic!("ACL names unknown set {id}")
+    };
     let values = s.values.split(',').filter(|v| !v.is_empty());
     match s.kind.as_str() {
-        "IPSET" => values.map(|v| v.parse::<Ipv4Net>().or_else(|_| v.parse::<Ipv4Addr>().map(Ipv4Net::from)).expect("address")).collect(),
+        "IPSET" => values
+            .map(|v| {
+                v.parse::<Ipv4Net>()
+                    .or_else(|_| v.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                    .expect("address")
+            })
+            .collect(),
         "NESTEDIPSET" => values.flat_map(|m| set_nets(h, m)).collect(),
         k => panic!("unknown set type {k}"),
     }
@@ -36,12 +44,21 @@ fn addresses_match(h: &HnsPolicies, list: &str, peer: Ipv4Addr, sets: bool) -> b
         if sets {
             set_nets(h, item).iter().any(|n| n.contains(&peer))
         } else {
-            item.parse::<Ipv4Net>().or_else(|_| item.parse::<Ipv4Addr>().map(Ipv4Net::from)).expect("address").contains(&peer)
+            item.parse::<Ipv4Net>()
+                .or_else(|_| item.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                .expect("address")
+                .contains(&peer)
         }
     })
 }
 
-fn acl_matches(h: &HnsPolicies, a: &AclPolicySetting, peer: Ipv4Addr, protocol: Protocol, port: u16) -> bool {
+fn acl_matches(
+    h: &HnsPolicies,
+    a: &AclPolicySetting,
+    peer: Ipv4Addr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     if !a.protocols.is_empty() && a.protocols != protocol.number().to_string() {
         return false;
     }
@@ -52,15 +69,24 @@ fn acl_matches(h: &HnsPolicies, a: &AclPolicySetting, peer: Ipv4Addr, protocol: 
     // Azure NPM's mapping: set peers in LocalAddresses for In and RemoteAddresses for Out;
     // direct addresses in RemoteAddresses.
     let remote_sets = a.remote_addresses.starts_with("azure-npm-");
-    addresses_match(h, &a.local_addresses, peer, true) && addresses_match(h, &a.remote_addresses, peer, remote_sets)
+    addresses_match(h, &a.local_addresses, peer, true)
+        && addresses_match(h, &a.remote_addresses, peer, remote_sets)
 }
 
 /// HNS's verdict for one endpoint direction: the first matching ACL by priority; no ACL
 /// allows.
-fn hns_allows(h: &HnsPolicies, ep: IpAddr, d: Direction, peer: Ipv4Addr, protocol: Protocol, port: u16) -> bool {
+fn hns_allows(
+    h: &HnsPolicies,
+    ep: IpAddr,
+    d: Direction,
+    peer: Ipv4Addr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     let Some(e) = h.endpoints.iter().find(|e| e.ip == ep) else { return true };
     let dir = if d == Direction::Ingress { "In" } else { "Out" };
-    let mut acls: Vec<&AclPolicySetting> = e.request.policies.iter().map(|p| &p.settings).filter(|a| a.direction == dir).collect();
+    let mut acls: Vec<&AclPolicySetting> =
+        e.request.policies.iter().map(|p| &p.settings).filter(|a| a.direction == dir).collect();
     acls.sort_by_key(|a| a.priority);
     match acls.iter().find(|a| acl_matches(h, a, peer, protocol, port)) {
         Some(a) => a.action == "Allow",
@@ -69,12 +95,20 @@ fn hns_allows(h: &HnsPolicies, ep: IpAddr, d: Direction, peer: Ipv4Addr, protoco
 }
 
 fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Result<(), String> {
-    let mut peers: Vec<Ipv4Addr> = plan.identities.keys().filter_map(|ip| if let IpAddr::V4(v) = ip { Some(*v) } else { None }).collect();
-    peers.extend(["10.224.0.4", "10.240.9.9", "192.168.1.1", "8.8.8.8"].map(|s| s.parse::<Ipv4Addr>().unwrap()));
-    let unsupported: HashMap<(String, String), Vec<String>> = h.unsupported.iter().fold(HashMap::new(), |mut m, u| {
-        m.entry((u.endpoint.clone(), u.direction.clone())).or_default().push(u.entry.clone());
-        m
-    });
+    let mut peers: Vec<Ipv4Addr> = plan
+        .identities
+        .keys()
+        .filter_map(|ip| if let IpAddr::V4(v) = ip { Some(*v) } else { None })
+        .collect();
+    peers.extend(
+        ["10.224.0.4", "10.240.9.9", "192.168.1.1", "8.8.8.8"]
+            .map(|s| s.parse::<Ipv4Addr>().unwrap()),
+    );
+    let unsupported: HashMap<(String, String), Vec<String>> =
+        h.unsupported.iter().fold(HashMap::new(), |mut m, u| {
+            m.entry((u.endpoint.clone(), u.direction.clone())).or_default().push(u.entry.clone());
+            m
+        });
     for (ip, ep) in &plan.endpoints {
         for d in Direction::BOTH {
             let dir = if d == Direction::Ingress { "In" } else { "Out" };
@@ -83,11 +117,20 @@ fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Resu
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     for port in [80u16, 81, 1000, 5353, 60000] {
                         let want = plan.node_ips.contains(&IpAddr::V4(peer))
-                            || ep.direction(d).admits(&plan.sets, IpAddr::V4(peer), plan.identities.get(&IpAddr::V4(peer)).copied(), protocol, port);
+                            || ep.direction(d).admits(
+                                &plan.sets,
+                                IpAddr::V4(peer),
+                                plan.identities.get(&IpAddr::V4(peer)).copied(),
+                                protocol,
+                                port,
+                            );
                         let got = hns_allows(h, *ip, d, peer, protocol, port);
                         // A left-out entry may only make HNS refuse what the plan admits.
                         if got != want && !(want && !got && left_out.is_some()) {
-                            return Err(format!("{name}, {step}: {} {dir} {peer} {protocol}/{port}: HNS {got}, plan {want}", ep.pod));
+                            return Err(format!(
+                                "{name}, {step}: {} {dir} {peer} {protocol}/{port}: HNS {got}, plan {want}",
+                                ep.pod
+                            ));
                         }
                     }
                 }
@@ -124,12 +167,19 @@ fn hns_translation_matches_golden_files_and_the_plan() {
             steps.push(Step {
                 step: s.description.clone(),
                 network: h.network.clone(),
-                endpoints: h.endpoints.iter().map(|e| (format!("{} {}", e.ip, e.pod), e.request.clone())).collect(),
+                endpoints: h
+                    .endpoints
+                    .iter()
+                    .map(|e| (format!("{} {}", e.ip, e.pod), e.request.clone()))
+                    .collect(),
                 unsupported: h.unsupported.clone(),
             });
         }
-        let json = serde_json::to_string_pretty(&Golden { scenario: name.clone(), steps }).unwrap() + "\n";
-        if let Err(e) = check_golden(&manifest_dir().join(format!("tests/golden/hns/{name}.json")), &json) {
+        let json =
+            serde_json::to_string_pretty(&Golden { scenario: name.clone(), steps }).unwrap() + "\n";
+        if let Err(e) =
+            check_golden(&manifest_dir().join(format!("tests/golden/hns/{name}.json")), &json)
+        {
             failures.push(e);
         }
     }

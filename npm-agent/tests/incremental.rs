@@ -27,28 +27,53 @@ fn probes(a: &ClusterState, b: &ClusterState) -> (Vec<IpAddr>, Vec<(Protocol, u1
     addrs.extend(addresses(b));
     addrs.sort();
     addrs.dedup();
-    (addrs, vec![(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)])
+    (
+        addrs,
+        vec![(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)],
+    )
 }
 
 /// What one endpoint direction admits from one peer: everything when the endpoint is not
 /// in the plan (nothing enforces it).
-fn side(plan: &Plan, ep: IpAddr, d: Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
+fn side(
+    plan: &Plan,
+    ep: IpAddr,
+    d: Direction,
+    peer: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     match plan.endpoints.get(&ep) {
         None => true,
-        Some(e) => e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
+        Some(e) => e.direction(d).admits(
+            &plan.sets,
+            peer,
+            plan.identities.get(&peer).copied(),
+            protocol,
+            port,
+        ),
     }
 }
 
 type Probe = (IpAddr, Direction, IpAddr, Protocol, u16);
 
 fn verdicts(plan: &Plan, probes: &[Probe]) -> Vec<bool> {
-    probes.iter().map(|&(ep, d, peer, protocol, port)| side(plan, ep, d, peer, protocol, port)).collect()
+    probes
+        .iter()
+        .map(|&(ep, d, peer, protocol, port)| side(plan, ep, d, peer, protocol, port))
+        .collect()
 }
 
 /// Applies `diff` change by change, checking every endpoint direction at every step.
 /// Peers whose identity switches are exempt, and so is what an endpoint whose address passes
 /// to another pod admits beyond both plans (see `PlanDiff`).
-fn apply_make_before_break(plan: &mut Plan, diff: &PlanDiff, new: &Plan, before: &ClusterState, after: &ClusterState) -> Result<(), TestCaseError> {
+fn apply_make_before_break(
+    plan: &mut Plan,
+    diff: &PlanDiff,
+    new: &Plan,
+    before: &ClusterState,
+    after: &ClusterState,
+) -> Result<(), TestCaseError> {
     let switching = identity_switches(plan, diff);
     let retargeted = retargeted_endpoints(diff);
     let (addrs, ports) = probes(before, after);
@@ -68,8 +93,22 @@ fn apply_make_before_break(plan: &mut Plan, diff: &PlanDiff, new: &Plan, before:
         plan.apply(&PlanDiff { changes: vec![change.clone()] }).map_err(TestCaseError::fail)?;
         let mid = verdicts(plan, &all);
         for (k, p) in all.iter().enumerate() {
-            prop_assert!(!mid[k] || old[k] || new_v[k] || retargeted.contains(&p.0), "after change {} ({:?}): {:?} admitted though neither plan admits it; diff {:#?}", i, change, p, diff);
-            prop_assert!(mid[k] || !(old[k] && new_v[k]), "after change {} ({:?}): {:?} refused though both plans admit it; diff {:#?}", i, change, p, diff);
+            prop_assert!(
+                !mid[k] || old[k] || new_v[k] || retargeted.contains(&p.0),
+                "after change {} ({:?}): {:?} admitted though neither plan admits it; diff {:#?}",
+                i,
+                change,
+                p,
+                diff
+            );
+            prop_assert!(
+                mid[k] || !(old[k] && new_v[k]),
+                "after change {} ({:?}): {:?} refused though both plans admit it; diff {:#?}",
+                i,
+                change,
+                p,
+                diff
+            );
         }
     }
     Ok(())
@@ -133,7 +172,10 @@ proptest! {
 /// traffic both plans allow.
 #[test]
 fn a_new_address_is_identified_before_isolation() {
-    use npm_agent::model::{LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Peer, Pod, PodPhase, Policy, Rule};
+    use npm_agent::model::{
+        LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Peer, Pod, PodPhase, Policy,
+        Rule,
+    };
     use npm_agent::plan::Connection;
     let pod = |ns: &str, name: &str, ip: &str, phase: PodPhase| Pod {
         key: ObjectKey::new(ns, name),
@@ -157,7 +199,10 @@ fn a_new_address_is_identified_before_isolation() {
         pod_selector: LabelSelector::everything(),
         ingress: None,
         egress: Some(vec![Rule {
-            peers: vec![Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::everything() }],
+            peers: vec![Peer::Pods {
+                namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+                pods: LabelSelector::everything(),
+            }],
             ports: vec![],
         }]),
     }));
@@ -165,7 +210,12 @@ fn a_new_address_is_identified_before_isolation() {
         plan.apply(&engine.handle(e)).unwrap();
     }
     let diff = engine.handle(Event::UpsertPod(pod("x", "p1", "10.0.0.6", PodPhase::Pending)));
-    let conn = Connection { src: "10.0.0.5".parse().unwrap(), dst: "10.0.0.6".parse().unwrap(), protocol: Protocol::Tcp, port: 80 };
+    let conn = Connection {
+        src: "10.0.0.5".parse().unwrap(),
+        dst: "10.0.0.6".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
     for c in &diff.changes {
         plan.apply(&PlanDiff { changes: vec![c.clone()] }).unwrap();
         assert!(plan.allows_egress(&conn), "refused after {c:?} in {diff:#?}");

@@ -35,7 +35,11 @@ struct Node {
 
 impl Node {
     fn new(node: &str) -> Self {
-        let mut n = Self { engine: Engine::new(Scope::Node(node.into())), translator: Translator::new(), kernel: KernelModel::default() };
+        let mut n = Self {
+            engine: Engine::new(Scope::Node(node.into())),
+            translator: Translator::new(),
+            kernel: KernelModel::default(),
+        };
         // Start-up: a reconcile over an empty kernel.
         let batches = n.translator.reconcile(&Plan::default(), &n.kernel.state());
         for b in &batches {
@@ -47,7 +51,9 @@ impl Node {
     fn handle(&mut self, e: &Event) -> Result<(), TestCaseError> {
         let diff = self.engine.handle(e.clone());
         for b in self.translator.translate(&diff) {
-            self.kernel.apply(&b).map_err(|err| TestCaseError::fail(format!("{} failed: {err}\n{}", b.step, b.script)))?;
+            self.kernel.apply(&b).map_err(|err| {
+                TestCaseError::fail(format!("{} failed: {err}\n{}", b.step, b.script))
+            })?;
         }
         Ok(())
     }
@@ -67,20 +73,29 @@ fn crossed(state: &ClusterState, src: IpAddr, dst: IpAddr) -> BTreeSet<String> {
     [src, dst]
         .iter()
         .filter_map(|a| owners.get(a).and_then(|p| p.node.clone()))
-        .filter(|n| !state.nodes.get(n).is_some_and(|nd| nd.addresses.contains(&src) || nd.addresses.contains(&dst)))
+        .filter(|n| {
+            !state
+                .nodes
+                .get(n)
+                .is_some_and(|nd| nd.addresses.contains(&src) || nd.addresses.contains(&dst))
+        })
         .collect()
 }
 
 /// Whether one end is a pod and the other its node's address.
 fn own_node(state: &ClusterState, src: IpAddr, dst: IpAddr) -> bool {
     let owners = state.address_owners();
-    let node_of = |a: &IpAddr| owners.get(a).and_then(|p| p.node.as_ref()).and_then(|n| state.nodes.get(n));
-    node_of(&src).is_some_and(|n| n.addresses.contains(&dst)) || node_of(&dst).is_some_and(|n| n.addresses.contains(&src))
+    let node_of =
+        |a: &IpAddr| owners.get(a).and_then(|p| p.node.as_ref()).and_then(|n| state.nodes.get(n));
+    node_of(&src).is_some_and(|n| n.addresses.contains(&dst))
+        || node_of(&dst).is_some_and(|n| n.addresses.contains(&src))
 }
 
 /// Whether every node whose FORWARD hook the packet crosses lets it through.
 fn forwarded(state: &ClusterState, nodes: &HashMap<String, Node>, p: &Packet) -> bool {
-    crossed(state, IpAddr::V4(p.src), IpAddr::V4(p.dst)).iter().all(|name| nodes[name].kernel.forward(p))
+    crossed(state, IpAddr::V4(p.src), IpAddr::V4(p.dst))
+        .iter()
+        .all(|name| nodes[name].kernel.forward(p))
 }
 
 fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), TestCaseError> {
@@ -94,7 +109,15 @@ fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), Test
                 for port in PORTS {
                     let p = Packet { src: v4(src), dst: v4(dst), protocol, dport: port };
                     let want = reference::allowed(state, src, dst, protocol, port);
-                    prop_assert_eq!(forwarded(state, nodes, &p), want, "{:?} {} -> {}:{}", protocol, src, dst, port);
+                    prop_assert_eq!(
+                        forwarded(state, nodes, &p),
+                        want,
+                        "{:?} {} -> {}:{}",
+                        protocol,
+                        src,
+                        dst,
+                        port
+                    );
                 }
             }
         }
@@ -114,10 +137,18 @@ fn probes(node: &str, states: &[&ClusterState]) -> Vec<Packet> {
     let mut v = Vec::new();
     for &src in &addrs {
         for &dst in &addrs {
-            if src == dst || !states.iter().any(|s| crossed(s, src, dst).contains(node)) || states.iter().any(|s| own_node(s, src, dst)) {
+            if src == dst
+                || !states.iter().any(|s| crossed(s, src, dst).contains(node))
+                || states.iter().any(|s| own_node(s, src, dst))
+            {
                 continue;
             }
-            for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)] {
+            for (protocol, port) in [
+                (Protocol::Tcp, 80),
+                (Protocol::Udp, 53),
+                (Protocol::Tcp, 8080),
+                (Protocol::Sctp, 81),
+            ] {
                 v.push(Packet { src: v4(src), dst: v4(dst), protocol, dport: port });
             }
         }
@@ -133,13 +164,21 @@ fn spec(state: &ClusterState, p: &Packet) -> bool {
 /// Whether an address is held in the transition set (its new connections refused while its
 /// set memberships change).
 fn in_transition(k: &KernelModel, ip: Ipv4Addr) -> bool {
-    k.sets.get(&hashed_set_name("transition")).is_some_and(|s| s.nets.contains_key(&ipnet::Ipv4Net::new(ip, 32).unwrap()))
+    k.sets
+        .get(&hashed_set_name("transition"))
+        .is_some_and(|s| s.nets.contains_key(&ipnet::Ipv4Net::new(ip, 32).unwrap()))
 }
 
 /// Applies batches one by one, checking after each that every probe is refused when neither
 /// state allows it, and admitted when both do (unless an end is in transition, whose new
 /// connections are refused for the moment); nothing is left in transition at the end.
-fn apply_checked(kernel: &mut KernelModel, batches: &[Batch], old: &ClusterState, new: &ClusterState, all: &[Packet]) -> Result<(), TestCaseError> {
+fn apply_checked(
+    kernel: &mut KernelModel,
+    batches: &[Batch],
+    old: &ClusterState,
+    new: &ClusterState,
+    all: &[Packet],
+) -> Result<(), TestCaseError> {
     let o: Vec<bool> = all.iter().map(|p| spec(old, p)).collect();
     let n: Vec<bool> = all.iter().map(|p| spec(new, p)).collect();
     for (i, b) in batches.iter().enumerate() {
@@ -151,12 +190,30 @@ fn apply_checked(kernel: &mut KernelModel, batches: &[Batch], old: &ClusterState
         };
         for (j, step) in steps.iter().enumerate() {
             let one = Batch { script: step.clone(), ..b.clone() };
-            kernel.apply(&one).map_err(|e| TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script)))?;
+            kernel.apply(&one).map_err(|e| {
+                TestCaseError::fail(format!("batch {i} ({}) failed: {e}\n{}", b.step, b.script))
+            })?;
             for (k, p) in all.iter().enumerate() {
                 let mid = kernel.forward(p);
-                prop_assert!(!mid || o[k] || n[k], "after batch {} ({}) line {}: {:?} admitted though neither state allows it\n{}", i, b.step, j, p, b.script);
+                prop_assert!(
+                    !mid || o[k] || n[k],
+                    "after batch {} ({}) line {}: {:?} admitted though neither state allows it\n{}",
+                    i,
+                    b.step,
+                    j,
+                    p,
+                    b.script
+                );
                 let held = in_transition(kernel, p.src) || in_transition(kernel, p.dst);
-                prop_assert!(mid || held || !(o[k] && n[k]), "after batch {} ({}) line {}: {:?} refused though both states allow it\n{}", i, b.step, j, p, b.script);
+                prop_assert!(
+                    mid || held || !(o[k] && n[k]),
+                    "after batch {} ({}) line {}: {:?} refused though both states allow it\n{}",
+                    i,
+                    b.step,
+                    j,
+                    p,
+                    b.script
+                );
             }
         }
     }
@@ -310,7 +367,8 @@ fn layout_uses_azure_names() {
         node: Some("n1".into()),
         phase: npm_agent::model::PodPhase::Running,
         host_network: false,
-        named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }].into(),
+        named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }]
+            .into(),
     };
     n.handle(&Event::UpsertPod(pod("a", 1, &[("pod", "a")]))).unwrap();
     n.handle(&Event::UpsertPod(pod("b", 2, &[("pod", "b")]))).unwrap();
@@ -321,7 +379,9 @@ fn layout_uses_azure_names() {
         pod_selector: LabelSelector::from_labels([("pod", "a")]),
         ingress: Some(vec![Rule {
             peers: vec![Peer::Pods {
-                namespaces: npm_agent::model::NamespaceScope::Selector(LabelSelector::from_labels([("team", "a")])),
+                namespaces: npm_agent::model::NamespaceScope::Selector(LabelSelector::from_labels(
+                    [("team", "a")],
+                )),
                 pods: LabelSelector::from_labels([("pod", "b")]),
             }],
             ports: vec![PortSpec::Named { protocol: Protocol::Tcp, name: "http".into() }],
@@ -330,11 +390,21 @@ fn layout_uses_azure_names() {
     };
     n.handle(&Event::UpsertPolicy(base)).unwrap();
     let chains = n.kernel.chain_names();
-    for c in ["AZURE-NPM", "AZURE-NPM-INGRESS", "AZURE-NPM-EGRESS", "AZURE-NPM-ACCEPT", "AZURE-NPM-INGRESS-ALLOW-MARK", "AZURE-NPM-INGRESS-2697641196"] {
+    for c in [
+        "AZURE-NPM",
+        "AZURE-NPM-INGRESS",
+        "AZURE-NPM-EGRESS",
+        "AZURE-NPM-ACCEPT",
+        "AZURE-NPM-INGRESS-ALLOW-MARK",
+        "AZURE-NPM-INGRESS-2697641196",
+    ] {
         assert!(chains.contains(c), "{c} in {chains:?}");
     }
     assert_eq!(chains.len(), 6, "{chains:?}");
-    assert_eq!(n.kernel.rules("FORWARD"), vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()]);
+    assert_eq!(
+        n.kernel.rules("FORWARD"),
+        vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()]
+    );
     let set = |r: &str| hashed_set_name(r);
     // The jump matches the policy's namespace and pod label sets, as Azure NPM's does.
     let jump = format!(
@@ -342,7 +412,11 @@ fn layout_uses_azure_names() {
         set("ns-y"),
         set("podlabel-pod:a")
     );
-    assert!(n.kernel.rules("AZURE-NPM-INGRESS").contains(&jump), "{:#?}", n.kernel.rules("AZURE-NPM-INGRESS"));
+    assert!(
+        n.kernel.rules("AZURE-NPM-INGRESS").contains(&jump),
+        "{:#?}",
+        n.kernel.rules("AZURE-NPM-INGRESS")
+    );
     let allow = format!(
         "-p tcp -m set --match-set {} src -m set --match-set {} src -m set --match-set {} dst,dst -m comment --comment \"ALLOW-FROM-nslabel-team:a-AND-podlabel-pod:b-ON-TCP-TO-PORT-namedport:http\" -j AZURE-NPM-INGRESS-ALLOW-MARK",
         set("nslabel-team:a"),
@@ -357,8 +431,18 @@ fn layout_uses_azure_names() {
     assert_eq!(named.kind, "hash:ip,port");
     assert_eq!(named.ports.len(), 2);
     assert_eq!(n.kernel.sets[&set("nslabel-team:a")].list, vec![set("ns-y")]);
-    assert!(n.kernel.sets.keys().all(|s| s.starts_with("azure-npm-") && s["azure-npm-".len()..].parse::<u32>().is_ok()));
-    let p = |src: u8, dst: u8, dport| Packet { src: v4(pod_ip(src)), dst: v4(pod_ip(dst)), protocol: Protocol::Tcp, dport };
+    assert!(
+        n.kernel
+            .sets
+            .keys()
+            .all(|s| s.starts_with("azure-npm-") && s["azure-npm-".len()..].parse::<u32>().is_ok())
+    );
+    let p = |src: u8, dst: u8, dport| Packet {
+        src: v4(pod_ip(src)),
+        dst: v4(pod_ip(dst)),
+        protocol: Protocol::Tcp,
+        dport,
+    };
     assert!(n.kernel.forward(&p(2, 1, 8080)));
     assert!(!n.kernel.forward(&p(2, 1, 80)));
     assert!(!n.kernel.forward(&p(3, 1, 8080)));

@@ -48,7 +48,9 @@ fn iptables_layout_matches_golden_files() {
     let mut failures = Vec::new();
     for (name, _) in scenarios() {
         let text = layout(&name);
-        if let Err(e) = check_golden(&manifest_dir().join(format!("tests/golden/iptables/{name}.txt")), &text) {
+        if let Err(e) =
+            check_golden(&manifest_dir().join(format!("tests/golden/iptables/{name}.txt")), &text)
+        {
             failures.push(e);
         }
     }

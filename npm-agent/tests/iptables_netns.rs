@@ -26,7 +26,8 @@ struct Netns {
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("npmipt-{}-{tag}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        let ok =
+            Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
         assert!(ok, "ip netns add {name}");
         Netns { name }
     }
@@ -36,7 +37,11 @@ impl Netns {
     }
 
     fn exec(&self, args: &[&str]) -> String {
-        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().expect("ip netns exec");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -61,7 +66,9 @@ fn available() -> bool {
         return false;
     }
     for p in ["ip", "ipset", "iptables-nft-restore", "iptables-legacy-restore"] {
-        if Command::new(p).arg("--version").output().is_err() && Command::new(p).arg("-V").output().is_err() {
+        if Command::new(p).arg("--version").output().is_err()
+            && Command::new(p).arg("-V").output().is_err()
+        {
             eprintln!("skipping: {p} is not installed");
             return false;
         }
@@ -70,7 +77,12 @@ fn available() -> bool {
 }
 
 fn open(ns: &Netns, backend: Backend) -> IptablesDataplane {
-    IptablesDataplane::open(IptablesConfig { backend: Some(backend), netns: Some(ns.path()), ..IptablesConfig::default() }).expect("open")
+    IptablesDataplane::open(IptablesConfig {
+        backend: Some(backend),
+        netns: Some(ns.path()),
+        ..IptablesConfig::default()
+    })
+    .expect("open")
 }
 
 /// The kernel holds exactly what the translator says (rules in iptables-save's spelling).
@@ -81,7 +93,11 @@ fn assert_matches(ns: &Netns, backend: Backend, t: &Translator, what: &str) {
         v
     };
     let want = t.desired_chains();
-    assert_eq!(k.chains.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}: chains");
+    assert_eq!(
+        k.chains.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{what}: chains"
+    );
     for (c, rules) in &want {
         assert_eq!(sorted(k.chains[c].clone()), sorted(rules.clone()), "{what}: chain {c}");
     }
@@ -91,7 +107,11 @@ fn assert_matches(ns: &Netns, backend: Backend, t: &Translator, what: &str) {
         assert_eq!(&k.sets[h].kind, kind, "{what}: {h} ({readable})");
         assert_eq!(&k.sets[h].members, members, "{what}: {h} ({readable})");
     }
-    assert_eq!(k.forward, vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()], "{what}: FORWARD");
+    assert_eq!(
+        k.forward,
+        vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()],
+        "{what}: FORWARD"
+    );
 }
 
 fn final_plan(name: &str) -> Plan {
@@ -110,7 +130,8 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         let mut dp = open(&ns, backend);
         dp.reconcile(&Plan::default()).expect("empty reconcile");
         assert_matches(&ns, backend, dp.translator(), "empty");
-        let path = scenarios().into_iter().find(|(n, _)| n == "60-ipblock-or-selector-peers").unwrap().1;
+        let path =
+            scenarios().into_iter().find(|(n, _)| n == "60-ipblock-or-selector-peers").unwrap().1;
         let mut last = Plan::default();
         for (i, step) in plans(&path).into_iter().enumerate() {
             dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
@@ -161,7 +182,10 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         let mut switched = open(&ns, backend.other());
         switched.reconcile(&next).expect("reconcile with the other backend");
         let left = KernelState::parse("", &ns.exec(&[backend.save_program(), "-t", "filter"]));
-        assert!(left.chains.is_empty() && left.forward.is_empty(), "{backend:?} still holds {left:?}");
+        assert!(
+            left.chains.is_empty() && left.forward.is_empty(),
+            "{backend:?} still holds {left:?}"
+        );
         assert_matches(&ns, backend.other(), switched.translator(), "after switching backends");
         // Cleanup leaves nothing.
         let report = iptables::cleanup(Some(ns.path()));
@@ -210,22 +234,39 @@ fn guard_puts_the_forward_jump_back_and_reports_a_removed_chain() {
     dp.reconcile(&plan).expect("reconcile");
     // Another program puts a rule before the jump (and a second copy of the jump after it).
     ns.exec(&["iptables-nft", "-I", "FORWARD", "1", "-j", "ACCEPT"]);
-    ns.exec(&["iptables-nft", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "NEW", "-j", "AZURE-NPM"]);
+    ns.exec(&[
+        "iptables-nft",
+        "-A",
+        "FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-j",
+        "AZURE-NPM",
+    ]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let k = ns.state(backend);
-        if k.forward.first().map(String::as_str) == Some("-m conntrack --ctstate NEW -j AZURE-NPM") && k.forward.len() == 2 {
+        if k.forward.first().map(String::as_str) == Some("-m conntrack --ctstate NEW -j AZURE-NPM")
+            && k.forward.len() == 2
+        {
             assert_eq!(k.forward[1], "-j ACCEPT");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the guard did not put the jump back first: {:?}", k.forward);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard did not put the jump back first: {:?}",
+            k.forward
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Another program removes the whole layout: the next change asks for a resync, and the
     // reconcile rebuilds it.
     ns.exec(&["sh", "-c", "iptables-nft -D FORWARD -m conntrack --ctstate NEW -j AZURE-NPM; iptables-nft -F AZURE-NPM; iptables-nft -X AZURE-NPM"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let err = dp.apply(&npm_agent::plan::PlanDiff::default()).expect_err("a removed chain is reported");
+    let err =
+        dp.apply(&npm_agent::plan::PlanDiff::default()).expect_err("a removed chain is reported");
     assert!(err.to_string().contains("resynchronizing"), "{err}");
     dp.reconcile(&plan).expect("reconcile");
     assert!(ns.state(backend).chains.contains_key("AZURE-NPM"));

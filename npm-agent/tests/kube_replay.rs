@@ -28,7 +28,11 @@ fn scenario(name: &str) -> PathBuf {
 }
 
 fn options() -> KubeOptions {
-    KubeOptions { backoff_min: Duration::from_millis(30), backoff_max: Duration::from_millis(200), ..KubeOptions::new(NODE) }
+    KubeOptions {
+        backoff_min: Duration::from_millis(30),
+        backoff_max: Duration::from_millis(200),
+        ..KubeOptions::new(NODE)
+    }
 }
 
 fn source_for(server: &Server) -> KubeSource {
@@ -50,7 +54,11 @@ fn expected_state(name: &str) -> ClusterState {
 
 /// Feeds batches into the engine until `done` holds (or the deadline passes); returns the
 /// batches.
-fn drive(source: &mut KubeSource, engine: &mut Engine, mut done: impl FnMut(&Engine, &KubeSource) -> bool) -> Vec<Batch> {
+fn drive(
+    source: &mut KubeSource,
+    engine: &mut Engine,
+    mut done: impl FnMut(&Engine, &KubeSource) -> bool,
+) -> Vec<Batch> {
     let start = Instant::now();
     let mut batches = Vec::new();
     while start.elapsed() < DEADLINE {
@@ -102,40 +110,82 @@ fn converges_through_bookmarks_gone_drops_and_malformed_objects() {
     // the second one had to be served first.
     let first_synced = batches.iter().position(|b| b.synced).expect("a synced batch");
     assert!(batches[first_synced..].iter().all(|b| b.synced), "synced stays set");
-    assert!(nodes_lists_at_sync >= 2, "synced before the nodes list succeeded ({nodes_lists_at_sync} lists)");
+    assert!(
+        nodes_lists_at_sync >= 2,
+        "synced before the nodes list succeeded ({nodes_lists_at_sync} lists)"
+    );
 
     // The relist deleted the pod that went away while the watch was down, and did not
     // re-send what had not changed.
     let web3 = ObjectKey::new("prod", "web-3");
     assert_eq!(count(&batches, |e| *e == Event::DeletePod(web3.clone())), 1);
     let db1 = ObjectKey::new("prod", "db-1");
-    assert_eq!(count(&batches, |e| matches!(e, Event::UpsertPod(p) if p.key == db1)), 1, "unchanged pod re-sent by the relist");
+    assert_eq!(
+        count(&batches, |e| matches!(e, Event::UpsertPod(p) if p.key == db1)),
+        1,
+        "unchanged pod re-sent by the relist"
+    );
     // Malformed and invalid objects never became events.
     let broken = ObjectKey::new("prod", "broken");
     assert_eq!(count(&batches, |e| matches!(e, Event::UpsertPod(p) if p.key == broken)), 0);
-    assert_eq!(count(&batches, |e| matches!(e, Event::UpsertPolicy(p) if p.key.name == "bad-cidr")), 0);
-    assert_eq!(count(&batches, |e| matches!(e, Event::UpsertPolicy(p) if p.key.name == "deny-ingress")), 1);
+    assert_eq!(
+        count(&batches, |e| matches!(e, Event::UpsertPolicy(p) if p.key.name == "bad-cidr")),
+        0
+    );
+    assert_eq!(
+        count(&batches, |e| matches!(e, Event::UpsertPolicy(p) if p.key.name == "deny-ingress")),
+        1
+    );
 
     // Reported: the malformed pod (in both lists), the invalid policy, the invalid update
     // (whose previous version stays), and the line that is not JSON.
     let health = source.health();
     assert!(health.invalid_objects >= 4, "{health:#?}");
     assert!(health.parse_errors >= 1, "{health:#?}");
-    let problem = |needles: &[&str]| health.problems.iter().any(|p| needles.iter().all(|n| p.contains(n)));
+    let problem =
+        |needles: &[&str]| health.problems.iter().any(|p| needles.iter().all(|n| p.contains(n)));
     assert!(problem(&["Pod prod/broken", "spec.containers", "not applied"]), "{health:#?}");
-    assert!(problem(&["NetworkPolicy prod/bad-cidr", "spec.ingress[0].from[0].ipBlock.cidr", "not applied"]), "{health:#?}");
-    assert!(problem(&["NetworkPolicy prod/deny-ingress", "spec.ingress[0].ports[0].port", "previous version kept"]), "{health:#?}");
+    assert!(
+        problem(&[
+            "NetworkPolicy prod/bad-cidr",
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            "not applied"
+        ]),
+        "{health:#?}"
+    );
+    assert!(
+        problem(&[
+            "NetworkPolicy prod/deny-ingress",
+            "spec.ingress[0].ports[0].port",
+            "previous version kept"
+        ]),
+        "{health:#?}"
+    );
     assert_eq!(health.problems.len(), 3, "{health:#?}");
 
     // What the watchers asked for.
     let pod_lists = server.requests_of("pods", false);
     let q = &pod_lists[0].query;
-    assert_eq!(q.get("fieldSelector").map(String::as_str), Some(npm_agent::source::kube::POD_FIELD_SELECTOR));
+    assert_eq!(
+        q.get("fieldSelector").map(String::as_str),
+        Some(npm_agent::source::kube::POD_FIELD_SELECTOR)
+    );
     assert_eq!(q.get("limit").map(String::as_str), Some("500"));
-    assert_eq!(q.get("resourceVersion"), None, "pods are listed with the most recent semantics (paginated)");
+    assert_eq!(
+        q.get("resourceVersion"),
+        None,
+        "pods are listed with the most recent semantics (paginated)"
+    );
     let node_lists = server.requests_of("nodes", false);
-    assert_eq!(node_lists[0].query.get("fieldSelector").map(String::as_str), Some("metadata.name=node-1"));
-    assert_eq!(node_lists[0].query.get("resourceVersion").map(String::as_str), Some("0"), "small kinds come from the watch cache");
+    assert_eq!(
+        node_lists[0].query.get("fieldSelector").map(String::as_str),
+        Some("metadata.name=node-1")
+    );
+    assert_eq!(
+        node_lists[0].query.get("resourceVersion").map(String::as_str),
+        Some("0"),
+        "small kinds come from the watch cache"
+    );
     assert_eq!(node_lists[0].query.get("limit"), None);
     let policy_lists = server.requests_of("networkpolicies", false);
     assert_eq!(policy_lists[0].query.get("limit").map(String::as_str), Some("500"));
@@ -163,7 +213,12 @@ fn agent_is_ready_only_after_every_kind_is_listed_and_keeps_state_through_api_er
             let config = kube::Config::new(url.parse().unwrap());
             let source = KubeSource::from_config(config, options()).unwrap();
             let memory = SharedMemory::default();
-            let mut agent = Agent::new(NODE, Box::new(source), AgentDataplane::Other(Box::new(memory.clone())), None);
+            let mut agent = Agent::new(
+                NODE,
+                Box::new(source),
+                AgentDataplane::Other(Box::new(memory.clone())),
+                None,
+            );
             tx.send((agent.handles(), memory)).unwrap();
             agent.run(&stop).unwrap();
             agent.engine().state().clone()
@@ -181,7 +236,10 @@ fn agent_is_ready_only_after_every_kind_is_listed_and_keeps_state_through_api_er
             assert!(!status.ready, "ready before the policies were listed");
             assert!(memory.plan().endpoints.is_empty(), "applied before the initial sync");
         }
-        saw_waiting_problem |= status.problems.iter().any(|p| p.starts_with("networkpolicies:") && p.contains("initial list not complete"));
+        saw_waiting_problem |= status
+            .problems
+            .iter()
+            .any(|p| p.starts_with("networkpolicies:") && p.contains("initial list not complete"));
         if status.ready {
             break;
         }
@@ -218,7 +276,8 @@ fn unreachable_api_server_is_retried_and_never_synced() {
     let mut source = KubeSource::from_config(config, options()).unwrap();
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(800) {
-        let batch = source.next_batch(Duration::from_millis(50)).expect("errors are not the caller's");
+        let batch =
+            source.next_batch(Duration::from_millis(50)).expect("errors are not the caller's");
         assert!(batch.is_none_or(|b| !b.synced && b.events.is_empty()));
     }
     assert!(!source.synced());

@@ -41,8 +41,15 @@ fn selector(r: &mut Rng, key: &str, values: &[&str]) -> String {
     match r.below(4) {
         0 => "{}".into(),
         1 => format!("{{matchLabels: {{{key}: {}}}}}", r.pick(values)),
-        2 => format!("{{matchExpressions: [{{key: {key}, operator: NotIn, values: [{}]}}]}}", r.pick(values)),
-        _ => format!("{{matchExpressions: [{{key: {key}, operator: In, values: [{}, {}]}}]}}", r.pick(values), r.pick(values)),
+        2 => format!(
+            "{{matchExpressions: [{{key: {key}, operator: NotIn, values: [{}]}}]}}",
+            r.pick(values)
+        ),
+        _ => format!(
+            "{{matchExpressions: [{{key: {key}, operator: In, values: [{}, {}]}}]}}",
+            r.pick(values),
+            r.pick(values)
+        ),
     }
 }
 
@@ -50,8 +57,17 @@ fn peer(r: &mut Rng) -> String {
     match r.below(6) {
         0 => format!("podSelector: {}", selector(r, "pod", &PODS)),
         1 => format!("namespaceSelector: {}", selector(r, "ns", &NS)),
-        2 => format!("namespaceSelector: {}\n            podSelector: {}", selector(r, "ns", &NS), selector(r, "pod", &PODS)),
-        3 => format!("ipBlock: {{cidr: 10.240.{}.0/24, except: [10.240.{}.{}/32]}}", r.below(3), r.below(3), 10 + r.below(3)),
+        2 => format!(
+            "namespaceSelector: {}\n            podSelector: {}",
+            selector(r, "ns", &NS),
+            selector(r, "pod", &PODS)
+        ),
+        3 => format!(
+            "ipBlock: {{cidr: 10.240.{}.0/24, except: [10.240.{}.{}/32]}}",
+            r.below(3),
+            r.below(3),
+            10 + r.below(3)
+        ),
         4 => format!("ipBlock: {{cidr: 10.240.{}.{}/32}}", r.below(3), 10 + r.below(3)),
         _ => "ipBlock: {cidr: 0.0.0.0/0, except: [10.240.1.0/24]}".into(),
     }
@@ -84,11 +100,13 @@ fn rules(r: &mut Rng, word: &str) -> String {
             s.push_str(&text);
         };
         if r.below(4) > 0 {
-            let peers: Vec<String> = (0..1 + r.below(2)).map(|_| format!("          - {}", peer(r))).collect();
+            let peers: Vec<String> =
+                (0..1 + r.below(2)).map(|_| format!("          - {}", peer(r))).collect();
             item(&mut s, format!("{word}:\n{}", peers.join("\n")));
         }
         if r.below(3) > 0 {
-            let ports: Vec<String> = (0..1 + r.below(2)).map(|_| format!("          - {}", port(r))).collect();
+            let ports: Vec<String> =
+                (0..1 + r.below(2)).map(|_| format!("          - {}", port(r))).collect();
             item(&mut s, format!("ports:\n{}", ports.join("\n")));
         }
         if first {
@@ -101,19 +119,29 @@ fn rules(r: &mut Rng, word: &str) -> String {
 fn policy(r: &mut Rng, name: &str) -> String {
     let ns = r.pick(&NS);
     let types = r.below(3);
-    let mut spec = format!("        podSelector: {}\n        policyTypes: [{}]\n", selector(r, "pod", &PODS), ["Ingress", "Egress", "Ingress, Egress"][types]);
+    let mut spec = format!(
+        "        podSelector: {}\n        policyTypes: [{}]\n",
+        selector(r, "pod", &PODS),
+        ["Ingress", "Egress", "Ingress, Egress"][types]
+    );
     if types != 1 {
         let _ = writeln!(spec, "        ingress:{}", rules(r, "from"));
     }
     if types != 0 {
         let _ = writeln!(spec, "        egress:{}", rules(r, "to"));
     }
-    format!("  - apply:\n      apiVersion: networking.k8s.io/v1\n      kind: NetworkPolicy\n      metadata: {{name: {name}, namespace: {ns}}}\n      spec:\n{spec}")
+    format!(
+        "  - apply:\n      apiVersion: networking.k8s.io/v1\n      kind: NetworkPolicy\n      metadata: {{name: {name}, namespace: {ns}}}\n      spec:\n{spec}"
+    )
 }
 
 fn table(protocol: &str, port: u16) -> String {
-    let pods: Vec<String> = NS.iter().flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}"))).collect();
-    let mut t = format!("  - port: {port}\n    protocol: {protocol}\n    table: |\n      from\\to {}\n", pods.join(" "));
+    let pods: Vec<String> =
+        NS.iter().flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}"))).collect();
+    let mut t = format!(
+        "  - port: {port}\n    protocol: {protocol}\n    table: |\n      from\\to {}\n",
+        pods.join(" ")
+    );
     for p in &pods {
         let _ = writeln!(t, "      {p} {}", vec!["?"; pods.len()].join(" "));
     }
@@ -132,7 +160,14 @@ fn random_case(seed: u64, steps: usize) -> String {
                 0..=5 => {
                     let name = format!("p{}", r.below(4));
                     let text = policy(&mut r, &name);
-                    let ns = text.split("namespace: ").nth(1).unwrap().split('}').next().unwrap().to_string();
+                    let ns = text
+                        .split("namespace: ")
+                        .nth(1)
+                        .unwrap()
+                        .split('}')
+                        .next()
+                        .unwrap()
+                        .to_string();
                     live.retain(|(n, nn)| !(n == &name && nn == &ns));
                     live.push((name, ns));
                     s.push_str(&text);
@@ -143,10 +178,21 @@ fn random_case(seed: u64, steps: usize) -> String {
                     let _ = writeln!(s, "  - delete-policy: {{namespace: {ns}, name: {name}}}");
                 }
                 8 => {
-                    let _ = writeln!(s, "  - set-pod-labels: {{namespace: {}, pod: {}, labels: {{pod: {}}}}}", r.pick(&NS), r.pick(&PODS), r.pick(&PODS));
+                    let _ = writeln!(
+                        s,
+                        "  - set-pod-labels: {{namespace: {}, pod: {}, labels: {{pod: {}}}}}",
+                        r.pick(&NS),
+                        r.pick(&PODS),
+                        r.pick(&PODS)
+                    );
                 }
                 _ => {
-                    let _ = writeln!(s, "  - set-namespace-labels: {{namespace: {}, labels: {{ns: {}}}}}", r.pick(&NS), r.pick(&NS));
+                    let _ = writeln!(
+                        s,
+                        "  - set-namespace-labels: {{namespace: {}, labels: {{ns: {}}}}}",
+                        r.pick(&NS),
+                        r.pick(&NS)
+                    );
                 }
             }
         }
@@ -165,7 +211,11 @@ fn tables(r: &CaseReport) -> Vec<(String, String)> {
         .enumerate()
         .flat_map(|(i, s)| {
             s.tables.iter().map(move |t| {
-                let observed = t.observed.as_ref().map(|o| o.render("")).unwrap_or_else(|| format!("{:?}", t.outcome));
+                let observed = t
+                    .observed
+                    .as_ref()
+                    .map(|o| o.render(""))
+                    .unwrap_or_else(|| format!("{:?}", t.outcome));
                 (format!("step {i} {}/{}", t.protocol, t.port), observed)
             })
         })
@@ -175,7 +225,8 @@ fn tables(r: &CaseReport) -> Vec<(String, String)> {
 fn run(path: &Path, dataplane: &str) -> CaseReport {
     let mut opts = LabOptions::new(dataplane, 2);
     opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
-    let mut lab = LabCluster::new(opts).unwrap_or_else(|e| panic!("building the {dataplane} lab: {e:#}"));
+    let mut lab =
+        LabCluster::new(opts).unwrap_or_else(|e| panic!("building the {dataplane} lab: {e:#}"));
     let report = simulate::run_case(path, &mut lab);
     lab.shutdown().expect("lab cleanup");
     report
@@ -188,12 +239,18 @@ fn ebpf_and_iptables_observe_identical_tables() {
         eprintln!("skipping: the lab differential test needs root");
         return;
     }
-    let seed = std::env::var("NPM_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed =
+        std::env::var("NPM_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     let dir = std::env::temp_dir().join(format!("npm-lab-differential-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let budget = Duration::from_secs(std::env::var("NPM_DIFF_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(90));
+    let budget = Duration::from_secs(
+        std::env::var("NPM_DIFF_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(90),
+    );
     let start = Instant::now();
     let mut cases = 0;
     while cases == 0 || start.elapsed() < budget / 2 {
@@ -206,14 +263,28 @@ fn ebpf_and_iptables_observe_identical_tables() {
         let ipt = tables(&run(&path, "iptables"));
         assert_eq!(sim.len(), ebpf.len());
         for ((k, s), ((_, e), (_, i))) in sim.iter().zip(ebpf.iter().zip(&ipt)) {
-            assert_eq!(e, i, "seed {case_seed} ({}), {k}: eBPF (left) and iptables (right) differ", path.display());
-            assert_eq!(s, e, "seed {case_seed} ({}), {k}: the simulator (left) and the lab (right) differ", path.display());
+            assert_eq!(
+                e,
+                i,
+                "seed {case_seed} ({}), {k}: eBPF (left) and iptables (right) differ",
+                path.display()
+            );
+            assert_eq!(
+                s,
+                e,
+                "seed {case_seed} ({}), {k}: the simulator (left) and the lab (right) differ",
+                path.display()
+            );
         }
         if std::env::var_os("NPM_DIFF_KEEP").is_none() {
             let _ = std::fs::remove_file(&path);
         }
         cases += 1;
     }
-    eprintln!("lab differential: {cases} random cases, {} tables each, identical in {:?}", 15, start.elapsed());
+    eprintln!(
+        "lab differential: {cases} random cases, {} tables each, identical in {:?}",
+        15,
+        start.elapsed()
+    );
     let _ = std::fs::remove_dir(&dir);
 }

@@ -10,13 +10,22 @@ use std::time::{Duration, Instant};
 fn root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
 fn with_prefix(dir: &str, prefix: &str) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with(prefix)).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -33,7 +42,12 @@ fn agents_with(prefix: &str) -> usize {
 
 fn interrupted(signal: i32) {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance");
-    let cases: Vec<_> = std::fs::read_dir(&case).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    let cases: Vec<_> = std::fs::read_dir(&case)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_npm-agent"))
         .args(["lab", "run", "--dataplane", "ebpf"])
         .args(&cases)

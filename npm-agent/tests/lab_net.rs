@@ -30,17 +30,26 @@ fn namespaces_of(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-const PORTS: [(Protocol, u16); 4] = [(Protocol::Tcp, 80), (Protocol::Tcp, 81), (Protocol::Udp, 80), (Protocol::Udp, 81)];
+const PORTS: [(Protocol, u16); 4] =
+    [(Protocol::Tcp, 80), (Protocol::Tcp, 81), (Protocol::Udp, 80), (Protocol::Udp, 81)];
 
 fn show(keys: &[&str], m: &[Vec<bool>]) -> String {
     let mut s = String::new();
     for (k, row) in keys.iter().zip(m) {
-        s += &format!("{k:>4} {}\n", row.iter().map(|&b| if b { '.' } else { 'X' }).collect::<String>());
+        s += &format!(
+            "{k:>4} {}\n",
+            row.iter().map(|&b| if b { '.' } else { 'X' }).collect::<String>()
+        );
     }
     s
 }
 
-fn timed_probe(lab: &Lab, keys: &[&str], protocol: Protocol, port: u16) -> (Vec<Vec<bool>>, Duration) {
+fn timed_probe(
+    lab: &Lab,
+    keys: &[&str],
+    protocol: Protocol,
+    port: u16,
+) -> (Vec<Vec<bool>>, Duration) {
     let start = Instant::now();
     let m = lab.probe_matrix(keys, protocol, port, DEFAULT_PROBE_TIMEOUT).expect("probe");
     let took = start.elapsed();
@@ -83,24 +92,48 @@ fn lab_network_end_to_end() {
     // node routes the pod's address through it.
     let pod = lab.pod("y/a").unwrap().clone();
     let node = &lab.nodes()[pod.node];
-    let out = Command::new("ip").args(["-n", &node.netns, "-o", "route", "get", &pod.ip.to_string()]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["-n", &node.netns, "-o", "route", "get", &pod.ip.to_string()])
+        .output()
+        .unwrap();
     let route = String::from_utf8_lossy(&out.stdout);
     assert!(route.contains(&format!("dev {} ", pod.host_ifname)), "{route}");
-    assert_eq!(lab.host_interface("y/a"), Some((pod.node, pod.host_ifname.as_str(), pod.host_ifindex)));
-    let out = Command::new("ip").args(["-n", &node.netns, "-o", "link", "show", &pod.host_ifname]).output().unwrap();
+    assert_eq!(
+        lab.host_interface("y/a"),
+        Some((pod.node, pod.host_ifname.as_str(), pod.host_ifindex))
+    );
+    let out = Command::new("ip")
+        .args(["-n", &node.netns, "-o", "link", "show", &pod.host_ifname])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{}: ", pod.host_ifindex)));
 
     // Commands and threads can run in a lab namespace.
-    let out = lab.node_command(pod.node, "ip").unwrap().args(["-o", "-4", "addr", "show", "dev", "eth0"]).output().unwrap();
+    let out = lab
+        .node_command(pod.node, "ip")
+        .unwrap()
+        .args(["-o", "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", node.address)));
-    let out = net::command_in_netns(&pod.netns_path, "cat").unwrap().arg("/proc/net/route").output().unwrap();
+    let out = net::command_in_netns(&pod.netns_path, "cat")
+        .unwrap()
+        .arg("/proc/net/route")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("eth0"), "the pod has its own routes");
-    let forwarding = net::in_netns(&node.netns_path, || std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()).unwrap();
+    let forwarding = net::in_netns(&node.netns_path, || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
+    })
+    .unwrap();
     assert_eq!(forwarding.trim(), "1", "forwarding is on in the node namespace");
 
     let (m, took_tcp) = timed_probe(&lab, &keys, Protocol::Tcp, 80);
     assert_all(&m, &keys, true, "TCP/80");
-    assert!(took_tcp < Duration::from_millis(900), "reachable pairs are decided fast: {took_tcp:?}");
+    assert!(
+        took_tcp < Duration::from_millis(900),
+        "reachable pairs are decided fast: {took_tcp:?}"
+    );
     let (m, took_udp) = timed_probe(&lab, &keys, Protocol::Udp, 81);
     assert_all(&m, &keys, true, "UDP/81");
     assert!(took_udp < Duration::from_millis(900), "{took_udp:?}");
@@ -116,7 +149,10 @@ fn lab_network_end_to_end() {
     // about one timeout for the whole matrix.
     let xa = lab.pod("x/a").unwrap().clone();
     let n1 = lab.nodes()[1].netns.clone();
-    let st = Command::new("ip").args(["-n", &n1, "route", "replace", "blackhole", &format!("{}/32", xa.ip)]).status().unwrap();
+    let st = Command::new("ip")
+        .args(["-n", &n1, "route", "replace", "blackhole", &format!("{}/32", xa.ip)])
+        .status()
+        .unwrap();
     assert!(st.success());
     let (m, took_blocked) = timed_probe(&lab, &keys, Protocol::Tcp, 80);
     for (i, row) in m.iter().enumerate() {
@@ -127,11 +163,25 @@ fn lab_network_end_to_end() {
             assert_eq!(ok, expected, "blackholed x/a: {} -> {}", keys[i], keys[j]);
         }
     }
-    assert!(took_blocked >= DEFAULT_PROBE_TIMEOUT && took_blocked < DEFAULT_PROBE_TIMEOUT * 2, "{took_blocked:?}");
+    assert!(
+        took_blocked >= DEFAULT_PROBE_TIMEOUT && took_blocked < DEFAULT_PROBE_TIMEOUT * 2,
+        "{took_blocked:?}"
+    );
     let (m, _) = timed_probe(&lab, &keys, Protocol::Udp, 81);
-    assert!(!m[1][0] && !m[0][1] && m[0][2] && m[2][0], "UDP between x/a and node 1 fails, within node 0 works");
+    assert!(
+        !m[1][0] && !m[0][1] && m[0][2] && m[2][0],
+        "UDP between x/a and node 1 fails, within node 0 works"
+    );
     let st = Command::new("ip")
-        .args(["-n", &n1, "route", "replace", &format!("{}/32", xa.ip), "via", &lab.nodes()[0].address.to_string()])
+        .args([
+            "-n",
+            &n1,
+            "route",
+            "replace",
+            &format!("{}/32", xa.ip),
+            "via",
+            &lab.nodes()[0].address.to_string(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());
@@ -150,7 +200,10 @@ fn lab_network_end_to_end() {
     let (m, _) = timed_probe(&lab, &keys2, Protocol::Udp, 80);
     assert_all(&m, &keys2, true, "UDP/80 after delete and create");
     assert!(lab.probe("y/c", "y/d", Protocol::Tcp, 80, DEFAULT_PROBE_TIMEOUT).unwrap());
-    assert!(lab.probe_matrix(&["x/a", "y/b"], Protocol::Tcp, 80, DEFAULT_PROBE_TIMEOUT).is_err(), "y/b is gone");
+    assert!(
+        lab.probe_matrix(&["x/a", "y/b"], Protocol::Tcp, 80, DEFAULT_PROBE_TIMEOUT).is_err(),
+        "y/b is gone"
+    );
 
     drop(lab);
     assert_eq!(namespaces_of(&prefix), Vec::<String>::new(), "the lab's namespaces are removed");
@@ -160,7 +213,8 @@ fn lab_network_end_to_end() {
     let prefix2 = lab.prefix().to_string();
     assert_ne!(prefix, prefix2);
     for (k, key) in keys.iter().enumerate() {
-        lab.add_pod(key, Ipv4Addr::new(10, 240, (k / 2) as u8, 10 + (k % 2) as u8), k % 3, &PORTS).expect("add pod");
+        lab.add_pod(key, Ipv4Addr::new(10, 240, (k / 2) as u8, 10 + (k % 2) as u8), k % 3, &PORTS)
+            .expect("add pod");
     }
     let (m, _) = timed_probe(&lab, &keys, Protocol::Tcp, 80);
     assert_all(&m, &keys, true, "second lab TCP/80");
@@ -176,7 +230,12 @@ fn host_network_state() -> Vec<String> {
         let out = Command::new("ip").args(args).output().unwrap();
         state.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string));
     }
-    for key in ["ipv4/ip_forward", "ipv4/conf/all/rp_filter", "ipv4/conf/default/rp_filter", "ipv6/conf/all/disable_ipv6"] {
+    for key in [
+        "ipv4/ip_forward",
+        "ipv4/conf/all/rp_filter",
+        "ipv4/conf/default/rp_filter",
+        "ipv6/conf/all/disable_ipv6",
+    ] {
         let value = std::fs::read_to_string(format!("/proc/sys/net/{key}")).unwrap_or_default();
         state.push(format!("{key}={}", value.trim()));
     }
@@ -219,8 +278,13 @@ fn lab_blocked_matrix_takes_one_timeout() {
     // Drop everything each node forwards from the fabric and to its pods: blackhole every pod
     // route in both nodes (pods then cannot reach each other, not even on one node).
     for node in lab.nodes() {
-        let lines: String = lab.pods().map(|p| format!("route replace blackhole {}/32\n", p.ip)).collect();
-        let mut child = Command::new("ip").args(["-n", &node.netns, "-batch", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+        let lines: String =
+            lab.pods().map(|p| format!("route replace blackhole {}/32\n", p.ip)).collect();
+        let mut child = Command::new("ip")
+            .args(["-n", &node.netns, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         use std::io::Write;
         child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success());
@@ -250,7 +314,13 @@ fn lab_child_waits_for_a_signal() {
 
 fn spawn_child() -> (std::process::Child, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "lab_child_waits_for_a_signal", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "lab_child_waits_for_a_signal",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("NPL_LAB_CHILD", "1")
         .stdout(Stdio::piped())
         .spawn()
@@ -301,7 +371,13 @@ fn lab_scale() {
     let mut lab = Lab::new(LabConfig { nodes: 3, ..LabConfig::default() }).expect("lab");
     let keys: Vec<String> = (0..30).map(|k| format!("ns{}/p{}", k / 10, k % 10)).collect();
     for (k, key) in keys.iter().enumerate() {
-        lab.add_pod(key, Ipv4Addr::new(10, 240, (k / 10) as u8, 10 + (k % 10) as u8), k % 3, &PORTS).unwrap();
+        lab.add_pod(
+            key,
+            Ipv4Addr::new(10, 240, (k / 10) as u8, 10 + (k % 10) as u8),
+            k % 3,
+            &PORTS,
+        )
+        .unwrap();
     }
     eprintln!("3 nodes, 30 pods built in {:?}", build.elapsed());
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();

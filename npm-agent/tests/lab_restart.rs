@@ -17,7 +17,11 @@ use npm_agent::simulate::case::{ActionOutcome, Case, CaseCluster};
 fn root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
@@ -77,12 +81,21 @@ fn restarts_open_no_hole(dataplane: &str, restarts: usize) {
 
     // Probe without pause, before and while the agents restart.
     let stop = AtomicBool::new(false);
-    let (leaks, allowed_ok, allowed_fail, rounds) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (leaks, allowed_ok, allowed_fail, rounds) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let mut downtimes = Vec::new();
     std::thread::scope(|s| {
         let prober = s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
-                let m = lab.lab().probe_matrix(&["x/a", "y/b", "y/c"], Protocol::Tcp, 80, Duration::from_millis(200)).unwrap();
+                let m = lab
+                    .lab()
+                    .probe_matrix(
+                        &["x/a", "y/b", "y/c"],
+                        Protocol::Tcp,
+                        80,
+                        Duration::from_millis(200),
+                    )
+                    .unwrap();
                 if m[2][0] {
                     leaks.fetch_add(1, Ordering::Relaxed);
                 }
@@ -98,7 +111,9 @@ fn restarts_open_no_hole(dataplane: &str, restarts: usize) {
         for round in 0..restarts {
             for node in [node_of_a, 1 - node_of_a] {
                 let down = lab.restart_agent(node).expect("restart");
-                println!("round {round}: node {node}'s agent restarted; the node had no agent for {down:?}");
+                println!(
+                    "round {round}: node {node}'s agent restarted; the node had no agent for {down:?}"
+                );
                 downtimes.push(down);
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -106,9 +121,15 @@ fn restarts_open_no_hole(dataplane: &str, restarts: usize) {
         stop.store(true, Ordering::Relaxed);
         prober.join().unwrap();
     });
-    let (leaked, ok, fail, n) =
-        (leaks.load(Ordering::Relaxed), allowed_ok.load(Ordering::Relaxed), allowed_fail.load(Ordering::Relaxed), rounds.load(Ordering::Relaxed));
-    println!("{n} probe rounds: the blocked connection got through {leaked} times; the allowed one {ok} ok, {fail} failed");
+    let (leaked, ok, fail, n) = (
+        leaks.load(Ordering::Relaxed),
+        allowed_ok.load(Ordering::Relaxed),
+        allowed_fail.load(Ordering::Relaxed),
+        rounds.load(Ordering::Relaxed),
+    );
+    println!(
+        "{n} probe rounds: the blocked connection got through {leaked} times; the allowed one {ok} ok, {fail} failed"
+    );
     lab.shutdown().unwrap();
     assert_eq!(leaked, 0, "a blocked connection succeeded while agents restarted");
     assert_eq!(fail, 0, "an allowed connection failed while agents restarted");

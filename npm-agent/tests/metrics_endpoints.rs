@@ -64,7 +64,12 @@ fn scrape(addr: SocketAddr, path: &str) -> Exposition {
 }
 
 /// Scrapes until `f` holds (the agent applies manifests asynchronously).
-fn wait_for(addr: SocketAddr, path: &str, what: &str, f: impl Fn(&Exposition) -> bool) -> Exposition {
+fn wait_for(
+    addr: SocketAddr,
+    path: &str,
+    what: &str,
+    f: impl Fn(&Exposition) -> bool,
+) -> Exposition {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok((200, body)) = http_get(addr, path, Duration::from_secs(5))
@@ -73,7 +78,11 @@ fn wait_for(addr: SocketAddr, path: &str, what: &str, f: impl Fn(&Exposition) ->
         {
             return e;
         }
-        assert!(Instant::now() < deadline, "{what}: not reached; last {path}:\n{}", http_get(addr, path, Duration::from_secs(5)).map(|r| r.1).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached; last {path}:\n{}",
+            http_get(addr, path, Duration::from_secs(5)).map(|r| r.1).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -120,17 +129,42 @@ pub const AZURE_NPM_METRICS: &[(&str, &str, &str, &[&str])] = &[
     ("npm_num_iptables_rules", "gauge", "The number of current IPTable rules for this node", &[]),
     ("npm_num_ipsets", "gauge", "The number of current IP sets for this node", &[]),
     ("npm_num_ipset_entries", "gauge", "The total number of entries in every IPSet", &[]),
-    ("npm_pods_watched", "gauge", "Number of Pods NPM tracks across the cluster including Linux and Windows nodes", &[]),
-    ("npm_add_iptables_rule_exec_time", "summary", "Execution time in milliseconds for adding an IPTable rule to a chain", &["quantile"]),
-    ("npm_add_ipset_exec_time", "summary", "Execution time in milliseconds for creating an IP set", &["quantile"]),
-    ("npm_add_policy_exec_time", "summary", "Execution time in milliseconds for adding a network policy", &["had_error", "quantile"]),
+    (
+        "npm_pods_watched",
+        "gauge",
+        "Number of Pods NPM tracks across the cluster including Linux and Windows nodes",
+        &[],
+    ),
+    (
+        "npm_add_iptables_rule_exec_time",
+        "summary",
+        "Execution time in milliseconds for adding an IPTable rule to a chain",
+        &["quantile"],
+    ),
+    (
+        "npm_add_ipset_exec_time",
+        "summary",
+        "Execution time in milliseconds for creating an IP set",
+        &["quantile"],
+    ),
+    (
+        "npm_add_policy_exec_time",
+        "summary",
+        "Execution time in milliseconds for adding a network policy",
+        &["had_error", "quantile"],
+    ),
 ];
 
 #[test]
 fn endpoints_serve_azure_npm_metrics() {
     let dir = Dir::new("endpoints");
     dir.write("00-ns.yaml", NAMESPACES);
-    let pods = [pod("x", "a", "10.0.0.1", "web"), pod("x", "b", "10.0.0.2", "db"), pod("y", "c", "10.0.0.3", "web")].join("---\n");
+    let pods = [
+        pod("x", "a", "10.0.0.1", "web"),
+        pod("x", "b", "10.0.0.2", "db"),
+        pod("y", "c", "10.0.0.3", "web"),
+    ]
+    .join("---\n");
     dir.write("10-pods.yaml", &pods);
     dir.write("20-p1.yaml", &policy("p1", 80));
     dir.write("21-p2.yaml", &policy("p2", 81));
@@ -148,13 +182,24 @@ fn endpoints_serve_azure_npm_metrics() {
         .unwrap();
     let _agent = Agent(child);
 
-    let cluster = wait_for(addr, "/cluster-metrics", "three policies", |e| e.value("npm_num_policies", &[]) == Some(3.0));
+    let cluster = wait_for(addr, "/cluster-metrics", "three policies", |e| {
+        e.value("npm_num_policies", &[]) == Some(3.0)
+    });
     assert_eq!(cluster.value("npm_pods_watched", &[]), Some(3.0));
     let node = wait_for(addr, "/node-metrics", "three pod creates", |e| {
-        e.value("npm_controller_pod_exec_time_count", &[("operation", "create"), ("had_error", "false")]) == Some(3.0)
+        e.value(
+            "npm_controller_pod_exec_time_count",
+            &[("operation", "create"), ("had_error", "false")],
+        ) == Some(3.0)
     });
     assert_eq!(node.value("npm_add_policy_exec_time_count", &[("had_error", "false")]), Some(3.0));
-    assert_eq!(node.value("npm_controller_namespace_exec_time_count", &[("operation", "create"), ("had_error", "false")]), Some(2.0));
+    assert_eq!(
+        node.value(
+            "npm_controller_namespace_exec_time_count",
+            &[("operation", "create"), ("had_error", "false")]
+        ),
+        Some(2.0)
+    );
 
     // Names, types, help texts and labels.
     for (name, kind, help, labels) in AZURE_NPM_METRICS {
@@ -169,12 +214,21 @@ fn endpoints_serve_azure_npm_metrics() {
         }
         if kind == &"summary" {
             let qs: Vec<&str> = f.samples.iter().filter_map(|s| s.label("quantile")).collect();
-            assert!(qs.contains(&"0.5") && qs.contains(&"0.9") && qs.contains(&"0.99"), "{name}: quantiles {qs:?}");
-            assert!(f.samples.iter().any(|s| s.name == format!("{name}_sum")) && f.samples.iter().any(|s| s.name == format!("{name}_count")));
+            assert!(
+                qs.contains(&"0.5") && qs.contains(&"0.9") && qs.contains(&"0.99"),
+                "{name}: quantiles {qs:?}"
+            );
+            assert!(
+                f.samples.iter().any(|s| s.name == format!("{name}_sum"))
+                    && f.samples.iter().any(|s| s.name == format!("{name}_count"))
+            );
         }
     }
     // Counts come from the cluster endpoint only, execution times from the node endpoint.
-    assert!(node.family("npm_num_policies").is_none() && cluster.family("npm_add_policy_exec_time").is_none());
+    assert!(
+        node.family("npm_num_policies").is_none()
+            && cluster.family("npm_add_policy_exec_time").is_none()
+    );
 
     // Update a policy, delete another, relabel a pod, delete a pod.
     dir.write("20-p1.yaml", &policy("p1", 8080));
@@ -182,12 +236,28 @@ fn endpoints_serve_azure_npm_metrics() {
     let pods = [pod("x", "a", "10.0.0.1", "db"), pod("x", "b", "10.0.0.2", "db")].join("---\n");
     dir.write("10-pods.yaml", &pods);
     let node = wait_for(addr, "/node-metrics", "updates and deletes", |e| {
-        e.value("npm_controller_policy_exec_time_count", &[("operation", "update"), ("had_error", "false")]) == Some(1.0)
-            && e.value("npm_controller_policy_exec_time_count", &[("operation", "delete"), ("had_error", "false")]) == Some(1.0)
-            && e.value("npm_controller_pod_exec_time_count", &[("operation", "delete"), ("had_error", "false")]) == Some(1.0)
-            && e.value("npm_controller_pod_exec_time_count", &[("operation", "update"), ("had_error", "false")]) == Some(1.0)
+        e.value(
+            "npm_controller_policy_exec_time_count",
+            &[("operation", "update"), ("had_error", "false")],
+        ) == Some(1.0)
+            && e.value(
+                "npm_controller_policy_exec_time_count",
+                &[("operation", "delete"), ("had_error", "false")],
+            ) == Some(1.0)
+            && e.value(
+                "npm_controller_pod_exec_time_count",
+                &[("operation", "delete"), ("had_error", "false")],
+            ) == Some(1.0)
+            && e.value(
+                "npm_controller_pod_exec_time_count",
+                &[("operation", "update"), ("had_error", "false")],
+            ) == Some(1.0)
     });
-    for name in ["npm_controller_policy_exec_time", "npm_controller_pod_exec_time", "npm_controller_namespace_exec_time"] {
+    for name in [
+        "npm_controller_policy_exec_time",
+        "npm_controller_pod_exec_time",
+        "npm_controller_namespace_exec_time",
+    ] {
         let f = node.family(name).unwrap();
         assert_eq!(f.kind, "summary");
         for s in f.samples.iter().filter(|s| s.name == name) {
@@ -195,9 +265,17 @@ fn endpoints_serve_azure_npm_metrics() {
             assert_eq!(names, ["had_error", "operation", "quantile"], "{name}");
         }
     }
-    let cluster = wait_for(addr, "/cluster-metrics", "two policies", |e| e.value("npm_num_policies", &[]) == Some(2.0));
+    let cluster = wait_for(addr, "/cluster-metrics", "two policies", |e| {
+        e.value("npm_num_policies", &[]) == Some(2.0)
+    });
     assert_eq!(cluster.value("npm_pods_watched", &[]), Some(2.0));
-    assert_eq!(node.value("npm_dataplane_apply_failures_total", &[("dataplane", "memory"), ("operation", "apply")]), Some(0.0));
+    assert_eq!(
+        node.value(
+            "npm_dataplane_apply_failures_total",
+            &[("dataplane", "memory"), ("operation", "apply")]
+        ),
+        Some(0.0)
+    );
 
     // Health, readiness, and nothing else.
     assert_eq!(get(addr, "/healthz"), (200, "ok\n".into()));

@@ -34,12 +34,48 @@ const AGENT: &str = "127.0.0.1:10091";
 
 /// Every metric of Azure NPM: (name, endpoint, type, help, label names of its samples).
 const AZURE_NPM: &[(&str, &str, &str, &str, &[&str])] = &[
-    ("npm_num_policies", "/cluster-metrics", "gauge", "The number of current network policies for this node", &[]),
-    ("npm_num_iptables_rules", "/cluster-metrics", "gauge", "The number of current IPTable rules for this node", &[]),
-    ("npm_num_ipsets", "/cluster-metrics", "gauge", "The number of current IP sets for this node", &[]),
-    ("npm_num_ipset_entries", "/cluster-metrics", "gauge", "The total number of entries in every IPSet", &[]),
-    ("npm_ipset_counts", "/cluster-metrics", "gauge", "The number of entries in each individual IPSet", &["set_hash", "set_name"]),
-    ("npm_pods_watched", "/cluster-metrics", "gauge", "Number of Pods NPM tracks across the cluster including Linux and Windows nodes", &[]),
+    (
+        "npm_num_policies",
+        "/cluster-metrics",
+        "gauge",
+        "The number of current network policies for this node",
+        &[],
+    ),
+    (
+        "npm_num_iptables_rules",
+        "/cluster-metrics",
+        "gauge",
+        "The number of current IPTable rules for this node",
+        &[],
+    ),
+    (
+        "npm_num_ipsets",
+        "/cluster-metrics",
+        "gauge",
+        "The number of current IP sets for this node",
+        &[],
+    ),
+    (
+        "npm_num_ipset_entries",
+        "/cluster-metrics",
+        "gauge",
+        "The total number of entries in every IPSet",
+        &[],
+    ),
+    (
+        "npm_ipset_counts",
+        "/cluster-metrics",
+        "gauge",
+        "The number of entries in each individual IPSet",
+        &["set_hash", "set_name"],
+    ),
+    (
+        "npm_pods_watched",
+        "/cluster-metrics",
+        "gauge",
+        "Number of Pods NPM tracks across the cluster including Linux and Windows nodes",
+        &[],
+    ),
     (
         "npm_add_iptables_rule_exec_time",
         "/node-metrics",
@@ -47,7 +83,13 @@ const AZURE_NPM: &[(&str, &str, &str, &str, &[&str])] = &[
         "Execution time in milliseconds for adding an IPTable rule to a chain",
         &["quantile"],
     ),
-    ("npm_add_ipset_exec_time", "/node-metrics", "summary", "Execution time in milliseconds for creating an IP set", &["quantile"]),
+    (
+        "npm_add_ipset_exec_time",
+        "/node-metrics",
+        "summary",
+        "Execution time in milliseconds for creating an IP set",
+        &["quantile"],
+    ),
     (
         "npm_add_policy_exec_time",
         "/node-metrics",
@@ -102,7 +144,8 @@ impl Lab {
     }
 
     fn scrape(&self, path: &str) -> Exposition {
-        let (code, body) = self.get(AGENT, path).unwrap_or_else(|e| panic!("scraping {path}: {e:#}"));
+        let (code, body) =
+            self.get(AGENT, path).unwrap_or_else(|e| panic!("scraping {path}: {e:#}"));
         assert_eq!(code, 200, "{path}: {body}");
         parse(&body).unwrap_or_else(|e| panic!("{path}: {e}\n{body}"))
     }
@@ -125,7 +168,8 @@ impl Lab {
 
     /// Applies actions of the case format and waits until the agent enforces them.
     fn act(&mut self, yaml: &str) {
-        let actions: Vec<Action> = serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
+        let actions: Vec<Action> =
+            serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
         let mut events: Vec<Event> = Vec::new();
         for a in &actions {
             match self.cluster.action(a).unwrap() {
@@ -138,7 +182,9 @@ impl Lab {
 
     /// A PromQL query to the Prometheus in node 0's namespace: the result vector.
     fn query(&self, q: &str) -> serde_json::Value {
-        let (code, body) = self.get("127.0.0.1:9090", &format!("/api/v1/query?query={}", urlencode(q))).unwrap_or_else(|e| panic!("{q}: {e:#}"));
+        let (code, body) = self
+            .get("127.0.0.1:9090", &format!("/api/v1/query?query={}", urlencode(q)))
+            .unwrap_or_else(|e| panic!("{q}: {e:#}"));
         assert_eq!(code, 200, "{q}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["status"], "success", "{q}: {body}");
@@ -159,11 +205,21 @@ impl Lab {
 }
 
 fn policy(name: &str, ns: &str, spec: &str) -> String {
-    format!("- apply:\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    metadata: {{name: {name}, namespace: {ns}}}\n    spec: {spec}\n")
+    format!(
+        "- apply:\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    metadata: {{name: {name}, namespace: {ns}}}\n    spec: {spec}\n"
+    )
 }
 
 fn labels_of(e: &Exposition, name: &str) -> BTreeSet<Vec<String>> {
-    e.family(name).map(|f| f.samples.iter().filter(|s| s.name == name).map(|s| s.labels.keys().cloned().collect()).collect()).unwrap_or_default()
+    e.family(name)
+        .map(|f| {
+            f.samples
+                .iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.labels.keys().cloned().collect())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What the pinned maps hold, read here with aya (not through the agent's code): counts as
@@ -180,8 +236,11 @@ struct MapContents {
 fn read_maps(maps: &Path) -> MapContents {
     use aya::maps::lpm_trie::LpmTrie;
     use aya::maps::{HashMap, Map, MapData};
-    let open = |name: &str| Map::from_map_data(MapData::from_pin(maps.join(name)).unwrap()).unwrap();
-    let cap = |name: &str| u64::from(MapData::from_pin(maps.join(name)).unwrap().info().unwrap().max_entries());
+    let open =
+        |name: &str| Map::from_map_data(MapData::from_pin(maps.join(name)).unwrap()).unwrap();
+    let cap = |name: &str| {
+        u64::from(MapData::from_pin(maps.join(name)).unwrap().info().unwrap().max_entries())
+    };
     let mut c = MapContents::default();
     let ids: HashMap<_, [u8; 4], u32> = open(npm_common::MAP_IDENTITIES).try_into().unwrap();
     for (_, id) in ids.iter().map(Result::unwrap) {
@@ -192,13 +251,25 @@ fn read_maps(maps: &Path) -> MapContents {
     for k in cidrs.keys().map(Result::unwrap) {
         c.prefixes.insert((k.prefix_len(), k.data()));
     }
-    let policy: LpmTrie<_, npm_common::PolicyKeyData, u32> = open(npm_common::MAP_POLICY).try_into().unwrap();
+    let policy: LpmTrie<_, npm_common::PolicyKeyData, u32> =
+        open(npm_common::MAP_POLICY).try_into().unwrap();
     c.policy_entries = policy.keys().count() as u64;
-    c.entries.insert(npm_common::MAP_IDENTITIES.into(), (c.identity_entries, cap(npm_common::MAP_IDENTITIES)));
-    c.entries.insert(npm_common::MAP_CIDRS.into(), (c.prefixes.len() as u64, cap(npm_common::MAP_CIDRS)));
-    c.entries.insert(npm_common::MAP_POLICY.into(), (c.policy_entries, cap(npm_common::MAP_POLICY)));
-    let eps: HashMap<_, [u8; 4], npm_common::EndpointInfo> = open(npm_common::MAP_ENDPOINTS).try_into().unwrap();
-    c.entries.insert(npm_common::MAP_ENDPOINTS.into(), (eps.keys().count() as u64, cap(npm_common::MAP_ENDPOINTS)));
+    c.entries.insert(
+        npm_common::MAP_IDENTITIES.into(),
+        (c.identity_entries, cap(npm_common::MAP_IDENTITIES)),
+    );
+    c.entries.insert(
+        npm_common::MAP_CIDRS.into(),
+        (c.prefixes.len() as u64, cap(npm_common::MAP_CIDRS)),
+    );
+    c.entries
+        .insert(npm_common::MAP_POLICY.into(), (c.policy_entries, cap(npm_common::MAP_POLICY)));
+    let eps: HashMap<_, [u8; 4], npm_common::EndpointInfo> =
+        open(npm_common::MAP_ENDPOINTS).try_into().unwrap();
+    c.entries.insert(
+        npm_common::MAP_ENDPOINTS.into(),
+        (eps.keys().count() as u64, cap(npm_common::MAP_ENDPOINTS)),
+    );
     c
 }
 
@@ -218,7 +289,9 @@ impl Drop for Prometheus {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -243,11 +316,24 @@ fn lab_agent_metrics_and_prometheus() {
     lab.lab.apply(&lab.cluster, &initial).unwrap();
 
     // The model: 3 namespaces and 9 pods, created.
-    let cluster_m = lab.wait("/cluster-metrics", "nine pods", |e| e.value("npm_pods_watched", &[]) == Some(9.0));
+    let cluster_m = lab
+        .wait("/cluster-metrics", "nine pods", |e| e.value("npm_pods_watched", &[]) == Some(9.0));
     assert_eq!(cluster_m.value("npm_num_policies", &[]), Some(0.0));
     let node = lab.scrape("/node-metrics");
-    assert_eq!(node.value("npm_controller_pod_exec_time_count", &[("operation", "create"), ("had_error", "false")]), Some(9.0));
-    assert_eq!(node.value("npm_controller_namespace_exec_time_count", &[("operation", "create"), ("had_error", "false")]), Some(3.0));
+    assert_eq!(
+        node.value(
+            "npm_controller_pod_exec_time_count",
+            &[("operation", "create"), ("had_error", "false")]
+        ),
+        Some(9.0)
+    );
+    assert_eq!(
+        node.value(
+            "npm_controller_namespace_exec_time_count",
+            &[("operation", "create"), ("had_error", "false")]
+        ),
+        Some(3.0)
+    );
     assert_eq!(node.value("npm_dataplane_info", &[("dataplane", "ebpf")]), Some(1.0));
 
     // Three policies: ingress of x denied but from y to x/a on 80; z/a's egress limited to a
@@ -267,28 +353,44 @@ fn lab_agent_metrics_and_prometheus() {
         ),
     ));
     lab.wait("/cluster-metrics", "three policies and their rules", |e| {
-        e.value("npm_num_policies", &[]) == Some(3.0) && e.value("npm_num_iptables_rules", &[]).is_some_and(|v| v > 0.0)
+        e.value("npm_num_policies", &[]) == Some(3.0)
+            && e.value("npm_num_iptables_rules", &[]).is_some_and(|v| v > 0.0)
     });
     let node = lab.scrape("/node-metrics");
     assert_eq!(node.value("npm_add_policy_exec_time_count", &[("had_error", "false")]), Some(3.0));
-    assert!(node.value("npm_add_iptables_rule_exec_time_count", &[]).unwrap() >= 1.0, "rules were added");
-    assert!(node.value("npm_add_ipset_exec_time_count", &[]).unwrap() >= 1.0, "set members were added");
+    assert!(
+        node.value("npm_add_iptables_rule_exec_time_count", &[]).unwrap() >= 1.0,
+        "rules were added"
+    );
+    assert!(
+        node.value("npm_add_ipset_exec_time_count", &[]).unwrap() >= 1.0,
+        "set members were added"
+    );
 
     // Blocked probes raise the dropped counter; allowed ones the allowed counter.
-    let dropped = |e: &Exposition, dir: &str| e.sum("npm_packets_dropped_total", &[("direction", dir)]);
-    let allowed = |e: &Exposition, dir: &str| e.sum("npm_packets_allowed_total", &[("direction", dir)]);
+    let dropped =
+        |e: &Exposition, dir: &str| e.sum("npm_packets_dropped_total", &[("direction", dir)]);
+    let allowed =
+        |e: &Exposition, dir: &str| e.sum("npm_packets_allowed_total", &[("direction", dir)]);
     let before = lab.scrape("/node-metrics");
     assert!(!lab.probe("x/b", "x/c", 81), "deny-x blocks x/b -> x/c");
     assert!(!lab.probe("y/a", "x/a", 81), "y-to-xa admits port 80 only");
     assert!(lab.probe("y/a", "x/a", 80), "y-to-xa admits y -> x/a on 80");
     assert!(!lab.probe("z/a", "x/b", 80), "za-egress excepts x/b");
     let after = lab.wait("/node-metrics", "drops counted", |e| {
-        dropped(e, "ingress") >= dropped(&before, "ingress") + 2.0 && dropped(e, "egress") >= dropped(&before, "egress") + 1.0
+        dropped(e, "ingress") >= dropped(&before, "ingress") + 2.0
+            && dropped(e, "egress") >= dropped(&before, "egress") + 1.0
     });
-    assert!(after.sum("npm_packets_dropped_total", &[("direction", "ingress"), ("reason", "denied")]) >= 2.0);
+    assert!(
+        after.sum("npm_packets_dropped_total", &[("direction", "ingress"), ("reason", "denied")])
+            >= 2.0
+    );
     assert!(allowed(&after, "ingress") > allowed(&before, "ingress"));
     assert!(allowed(&after, "egress") > allowed(&before, "egress"));
-    assert!(after.value("npm_conntrack_entries", &[]).unwrap() >= 1.0, "the allowed connection is tracked");
+    assert!(
+        after.value("npm_conntrack_entries", &[]).unwrap() >= 1.0,
+        "the allowed connection is tracked"
+    );
 
     // More events: a policy updated, one added and deleted, a pod and a namespace relabelled,
     // a pod deleted and one created.
@@ -304,7 +406,9 @@ fn lab_agent_metrics_and_prometheus() {
     lab.act("- delete-pod: {namespace: z, pod: c}\n");
     lab.act("- create-pod: {namespace: x, pod: d}\n");
     let node = lab.wait("/node-metrics", "every operation counted", |e| {
-        let c = |name: &str, op: &str| e.value(&format!("{name}_count"), &[("operation", op), ("had_error", "false")]);
+        let c = |name: &str, op: &str| {
+            e.value(&format!("{name}_count"), &[("operation", op), ("had_error", "false")])
+        };
         c("npm_controller_pod_exec_time", "create") == Some(10.0)
             && c("npm_controller_pod_exec_time", "update") == Some(1.0)
             && c("npm_controller_pod_exec_time", "delete") == Some(1.0)
@@ -314,7 +418,8 @@ fn lab_agent_metrics_and_prometheus() {
             && e.value("npm_add_policy_exec_time_count", &[("had_error", "false")]) == Some(4.0)
     });
     let cluster_m = lab.wait("/cluster-metrics", "three policies, nine pods", |e| {
-        e.value("npm_num_policies", &[]) == Some(3.0) && e.value("npm_pods_watched", &[]) == Some(9.0)
+        e.value("npm_num_policies", &[]) == Some(3.0)
+            && e.value("npm_pods_watched", &[]) == Some(9.0)
     });
     assert!(lab.probe("y/a", "x/a", 81), "the update took effect");
 
@@ -338,12 +443,26 @@ fn lab_agent_metrics_and_prometheus() {
     let ops = |name: &str| -> BTreeSet<String> {
         node.samples(name, &[]).filter_map(|s| s.label("operation").map(String::from)).collect()
     };
-    assert_eq!(ops("npm_controller_policy_exec_time"), BTreeSet::from(["update".into(), "delete".into()]));
-    assert_eq!(ops("npm_controller_pod_exec_time"), BTreeSet::from(["create".into(), "update".into(), "delete".into()]));
-    assert_eq!(ops("npm_controller_namespace_exec_time"), BTreeSet::from(["create".into(), "update".into()]));
+    assert_eq!(
+        ops("npm_controller_policy_exec_time"),
+        BTreeSet::from(["update".into(), "delete".into()])
+    );
+    assert_eq!(
+        ops("npm_controller_pod_exec_time"),
+        BTreeSet::from(["create".into(), "update".into(), "delete".into()])
+    );
+    assert_eq!(
+        ops("npm_controller_namespace_exec_time"),
+        BTreeSet::from(["create".into(), "update".into()])
+    );
     // Execution times are milliseconds: handling an event takes well under a minute and
     // more than a nanosecond.
-    let sum = node.value("npm_controller_pod_exec_time_sum", &[("operation", "create"), ("had_error", "false")]).unwrap();
+    let sum = node
+        .value(
+            "npm_controller_pod_exec_time_sum",
+            &[("operation", "create"), ("had_error", "false")],
+        )
+        .unwrap();
     assert!(sum > 0.0001 && sum < 60_000.0, "pod create time sum {sum} ms");
 
     for (name, kind, labels) in DATAPLANE {
@@ -353,7 +472,13 @@ fn lab_agent_metrics_and_prometheus() {
         assert_eq!(labels_of(&node, name), BTreeSet::from([want]), "{name}: labels");
     }
     for op in ["apply", "reconcile", "attach"] {
-        assert_eq!(node.value("npm_dataplane_apply_failures_total", &[("dataplane", "ebpf"), ("operation", op)]), Some(0.0));
+        assert_eq!(
+            node.value(
+                "npm_dataplane_apply_failures_total",
+                &[("dataplane", "ebpf"), ("operation", op)]
+            ),
+            Some(0.0)
+        );
     }
 
     // The counts against the maps (nothing changes between these readings).
@@ -368,10 +493,25 @@ fn lab_agent_metrics_and_prometheus() {
     let m = read_maps(&maps);
     assert_eq!(m.identity_entries, 9, "every pod of the cluster has an identity entry");
     assert_eq!(m.prefixes.len(), 2, "za-egress names a block and an exception");
-    assert_eq!(cluster_m.value("npm_num_iptables_rules", &[]), Some(m.policy_entries as f64), "rules: policy-map entries");
-    assert_eq!(cluster_m.value("npm_num_ipsets", &[]), Some((m.identities.len() + m.prefixes.len()) as f64), "sets: identities and prefixes");
-    assert_eq!(cluster_m.value("npm_num_ipset_entries", &[]), Some((m.identity_entries + m.prefixes.len() as u64) as f64), "set entries");
-    let mut per_set: BTreeMap<String, f64> = cluster_m.samples("npm_ipset_counts", &[]).map(|s| (s.label("set_name").unwrap().to_string(), s.value)).collect();
+    assert_eq!(
+        cluster_m.value("npm_num_iptables_rules", &[]),
+        Some(m.policy_entries as f64),
+        "rules: policy-map entries"
+    );
+    assert_eq!(
+        cluster_m.value("npm_num_ipsets", &[]),
+        Some((m.identities.len() + m.prefixes.len()) as f64),
+        "sets: identities and prefixes"
+    );
+    assert_eq!(
+        cluster_m.value("npm_num_ipset_entries", &[]),
+        Some((m.identity_entries + m.prefixes.len() as u64) as f64),
+        "set entries"
+    );
+    let mut per_set: BTreeMap<String, f64> = cluster_m
+        .samples("npm_ipset_counts", &[])
+        .map(|s| (s.label("set_name").unwrap().to_string(), s.value))
+        .collect();
     for (id, n) in &m.identities {
         assert_eq!(per_set.remove(&format!("identity-{id}")), Some(*n as f64), "identity {id}");
     }
@@ -381,10 +521,21 @@ fn lab_agent_metrics_and_prometheus() {
     }
     assert!(per_set.is_empty(), "sets not in the maps: {per_set:?}");
     for (map, (entries, cap)) in &m.entries {
-        assert_eq!(node.value("npm_map_entries", &[("map", map)]), Some(*entries as f64), "{map} entries");
-        assert_eq!(node.value("npm_map_max_entries", &[("map", map)]), Some(*cap as f64), "{map} capacity");
+        assert_eq!(
+            node.value("npm_map_entries", &[("map", map)]),
+            Some(*entries as f64),
+            "{map} entries"
+        );
+        assert_eq!(
+            node.value("npm_map_max_entries", &[("map", map)]),
+            Some(*cap as f64),
+            "{map} capacity"
+        );
     }
-    assert_eq!(node.value("npm_map_max_entries", &[("map", npm_common::MAP_POLICY)]), Some(f64::from(npm_common::MAX_POLICY)));
+    assert_eq!(
+        node.value("npm_map_max_entries", &[("map", npm_common::MAP_POLICY)]),
+        Some(f64::from(npm_common::MAX_POLICY))
+    );
 
     // A real Prometheus with the shipped jobs and rules.
     let Some(prometheus) = tool("prometheus") else {
@@ -431,13 +582,21 @@ fn lab_agent_metrics_and_prometheus() {
         let ready = lab.get("127.0.0.1:9090", "/-/ready").map(|r| r.0 == 200).unwrap_or(false);
         if ready {
             let up = query(&lab, "count_over_time(up[1m]) >= 5 and up == 1");
-            let jobs: BTreeSet<String> = up.as_array().unwrap().iter().map(|r| r["metric"]["job"].as_str().unwrap().to_string()).collect();
+            let jobs: BTreeSet<String> = up
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["metric"]["job"].as_str().unwrap().to_string())
+                .collect();
             if jobs.len() == 3 {
                 break;
             }
         }
         if Instant::now() > deadline {
-            panic!("prometheus did not scrape both jobs:\n{}", std::fs::read_to_string(prom.dir.join("prometheus.log")).unwrap_or_default());
+            panic!(
+                "prometheus did not scrape both jobs:\n{}",
+                std::fs::read_to_string(prom.dir.join("prometheus.log")).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -445,9 +604,23 @@ fn lab_agent_metrics_and_prometheus() {
     let up = query(&lab, r#"up{job="azure-npm-node-metrics"}"#);
     assert_eq!(up[0]["metric"]["instance"], AGENT, "{up}");
     // The cluster job drops npm_ipset_counts as shipped; without the drop it is there.
-    assert_eq!(query(&lab, r#"npm_ipset_counts{job="azure-npm-cluster-metrics"}"#).as_array().unwrap().len(), 0);
-    assert!(!query(&lab, r#"npm_ipset_counts{job="azure-npm-cluster-metrics-advanced"}"#).as_array().unwrap().is_empty());
-    assert_eq!(query(&lab, r#"npm_num_policies{job="azure-npm-cluster-metrics"}"#)[0]["value"][1], "3");
+    assert_eq!(
+        query(&lab, r#"npm_ipset_counts{job="azure-npm-cluster-metrics"}"#)
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(
+        !query(&lab, r#"npm_ipset_counts{job="azure-npm-cluster-metrics-advanced"}"#)
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        query(&lab, r#"npm_num_policies{job="azure-npm-cluster-metrics"}"#)[0]["value"][1],
+        "3"
+    );
 
     // Traffic while Prometheus watches, then every dashboard query returns data.
     assert!(!lab.probe("x/b", "x/c", 80));
@@ -465,11 +638,23 @@ fn lab_agent_metrics_and_prometheus() {
     // failed and its maps are far from full. (The pod create median depends on the machine.)
     let (_, rules) = lab.get("127.0.0.1:9090", "/api/v1/rules").unwrap();
     let rules: serde_json::Value = serde_json::from_str(&rules).unwrap();
-    let list: Vec<&serde_json::Value> = rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let list: Vec<&serde_json::Value> = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
     assert_eq!(list.len(), 6, "{rules}");
     for r in list {
         assert_eq!(r["health"], "ok", "{r}");
-        if ["NpmAgentDown", "NpmPolicyCreateFailed", "NpmDataplaneApplyFailures", "NpmMapNearCapacity"].contains(&r["name"].as_str().unwrap_or_default()) {
+        if [
+            "NpmAgentDown",
+            "NpmPolicyCreateFailed",
+            "NpmDataplaneApplyFailures",
+            "NpmMapNearCapacity",
+        ]
+        .contains(&r["name"].as_str().unwrap_or_default())
+        {
             assert_eq!(r["state"], "inactive", "{r}");
         }
     }
@@ -505,11 +690,16 @@ fn lab_iptables_metrics() {
             "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 10.240.0.0/16, except: ['{{podIP y/b}}/32']}}]}]}"
         ),
     ));
-    let node = lab.wait("/node-metrics", "the iptables dataplane", |e| e.value("npm_dataplane_info", &[("dataplane", "iptables")]) == Some(1.0));
+    let node = lab.wait("/node-metrics", "the iptables dataplane", |e| {
+        e.value("npm_dataplane_info", &[("dataplane", "iptables")]) == Some(1.0)
+    });
     let before_in = node.sum("npm_packets_dropped_total", &[("direction", "ingress")]);
     let before_out = node.sum("npm_packets_dropped_total", &[("direction", "egress")]);
     assert!(!lab.probe("y/a", "x/a", 80), "deny-x");
-    assert!(!lab.probe("z/a", "y/b", 81), "za-egress excepts y/b (which no ingress policy isolates)");
+    assert!(
+        !lab.probe("z/a", "y/b", 81),
+        "za-egress excepts y/b (which no ingress policy isolates)"
+    );
     lab.wait("/node-metrics", "drops counted", |e| {
         e.sum("npm_packets_dropped_total", &[("direction", "ingress")]) > before_in
             && e.sum("npm_packets_dropped_total", &[("direction", "egress")]) > before_out
@@ -538,11 +728,18 @@ fn lab_iptables_metrics() {
     for chain in [policy_chain(true, "x/deny-x"), policy_chain(false, "z/za-egress")] {
         assert!(saved.lines().any(|l| l == format!(":{chain} - [0:0]")), "{chain} in\n{saved}");
     }
-    let jump = format!("-A AZURE-NPM-EGRESS -m set --match-set {} src -m set --match-set {} src ", hashed_set_name("ns-z"), hashed_set_name("podlabel-pod:a"));
+    let jump = format!(
+        "-A AZURE-NPM-EGRESS -m set --match-set {} src -m set --match-set {} src ",
+        hashed_set_name("ns-z"),
+        hashed_set_name("podlabel-pod:a")
+    );
     assert!(saved.lines().any(|l| l.starts_with(&jump)), "{jump} in\n{saved}");
     let sets = output("ipset", &["save"]);
     for readable in ["ns-x", "ns-z", "podlabel-pod:a", "transition"] {
-        assert!(sets.contains(&format!("create {} ", hashed_set_name(readable))), "{readable} in\n{sets}");
+        assert!(
+            sets.contains(&format!("create {} ", hashed_set_name(readable))),
+            "{readable} in\n{sets}"
+        );
     }
     let mut entries: BTreeMap<String, u64> = BTreeMap::new();
     for line in sets.lines() {
@@ -551,15 +748,26 @@ fn lab_iptables_metrics() {
             ["create", name, ..] if name.starts_with("azure-npm-") => {
                 entries.entry(name.to_string()).or_default();
             }
-            ["add", name, ..] if name.starts_with("azure-npm-") => *entries.entry(name.to_string()).or_default() += 1,
+            ["add", name, ..] if name.starts_with("azure-npm-") => {
+                *entries.entry(name.to_string()).or_default() += 1
+            }
             _ => {}
         }
     }
     assert_eq!(cluster_m.value("npm_num_iptables_rules", &[]), Some(rules as f64));
     assert_eq!(cluster_m.value("npm_num_ipsets", &[]), Some(entries.len() as f64));
-    assert_eq!(cluster_m.value("npm_num_ipset_entries", &[]), Some(entries.values().sum::<u64>() as f64));
-    let per_set: BTreeMap<String, f64> = cluster_m.samples("npm_ipset_counts", &[]).map(|s| (s.label("set_hash").unwrap().to_string(), s.value)).collect();
-    assert_eq!(per_set, entries.iter().map(|(k, v)| (k.clone(), *v as f64)).collect::<BTreeMap<_, _>>());
+    assert_eq!(
+        cluster_m.value("npm_num_ipset_entries", &[]),
+        Some(entries.values().sum::<u64>() as f64)
+    );
+    let per_set: BTreeMap<String, f64> = cluster_m
+        .samples("npm_ipset_counts", &[])
+        .map(|s| (s.label("set_hash").unwrap().to_string(), s.value))
+        .collect();
+    assert_eq!(
+        per_set,
+        entries.iter().map(|(k, v)| (k.clone(), *v as f64)).collect::<BTreeMap<_, _>>()
+    );
     assert_eq!(cluster_m.value("npm_num_policies", &[]), Some(2.0));
     lab.lab.shutdown().unwrap();
 }

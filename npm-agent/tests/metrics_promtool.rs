@@ -12,7 +12,8 @@ use npm_agent::metrics::prometheus_config::{StaticTargets, with_static_targets};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -30,9 +31,16 @@ fn alert_rules_check_and_unit_tests() {
         println!("SKIPPED: promtool is not installed");
         return;
     };
-    let out = run(Command::new(&promtool).arg("check").arg("rules").arg(deploy("prometheus/npm-alerts.yaml")));
+    let out = run(Command::new(&promtool)
+        .arg("check")
+        .arg("rules")
+        .arg(deploy("prometheus/npm-alerts.yaml")));
     assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
-    let out = run(Command::new(&promtool).current_dir(deploy("prometheus")).args(["test", "rules", "npm-alerts.test.yaml"]));
+    let out = run(Command::new(&promtool).current_dir(deploy("prometheus")).args([
+        "test",
+        "rules",
+        "npm-alerts.test.yaml",
+    ]));
     assert!(out.contains("SUCCESS"), "{out}");
     // Every alert has a test.
     let rules = std::fs::read_to_string(deploy("prometheus/npm-alerts.yaml")).unwrap();
@@ -56,7 +64,10 @@ fn scrape_configuration_checks() {
     let config = with_static_targets(
         &shipped,
         &StaticTargets {
-            nodes: vec![("node-0".into(), "10.0.0.4:10250".into()), ("node-1".into(), "10.0.0.5:10250".into())],
+            nodes: vec![
+                ("node-0".into(), "10.0.0.4:10250".into()),
+                ("node-1".into(), "10.0.0.5:10250".into()),
+            ],
             service: "npm-metrics-cluster-service.kube-system.svc:9000".into(),
             advanced_copy: true,
             ..StaticTargets::default()
@@ -64,7 +75,8 @@ fn scrape_configuration_checks() {
     )
     .unwrap();
     std::fs::write(dir.join("prometheus.yml"), &config).unwrap();
-    let out = run(Command::new(&promtool).arg("check").arg("config").arg(dir.join("prometheus.yml")));
+    let out =
+        run(Command::new(&promtool).arg("check").arg("config").arg(dir.join("prometheus.yml")));
     assert!(out.contains("SUCCESS"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -79,7 +91,10 @@ fn dashboard_is_well_formed_and_its_queries_parse() {
         let id = p["id"].as_u64().expect("panel id");
         assert!(ids.insert(id), "panel id {id} repeated");
         let g = &p["gridPos"];
-        assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24, "panel {id} wider than the grid");
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "panel {id} wider than the grid"
+        );
         titles.push(p["title"].as_str().unwrap().to_string());
         if p["type"] == "row" {
             continue;
@@ -88,14 +103,24 @@ fn dashboard_is_well_formed_and_its_queries_parse() {
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "panel {id} has no query");
         for t in targets {
-            assert!(t["expr"].as_str().is_some_and(|e| e.contains("npm_") || e.contains("up{")), "panel {id}: {t}");
+            assert!(
+                t["expr"].as_str().is_some_and(|e| e.contains("npm_") || e.contains("up{")),
+                "panel {id}: {t}"
+            );
         }
     }
     // Azure NPM's dashboard sections, and the dataplane.
-    for want in ["Summary counts", "Counts over time", "IPSet entries", "Runtime quantiles (milliseconds, last 10 minutes)", "Dataplane"] {
+    for want in [
+        "Summary counts",
+        "Counts over time",
+        "IPSet entries",
+        "Runtime quantiles (milliseconds, last 10 minutes)",
+        "Dataplane",
+    ] {
         assert!(titles.iter().any(|t| t == want), "no {want:?} row");
     }
-    for want in ["Packets allowed per node and direction", "Packets dropped per node and direction"] {
+    for want in ["Packets allowed per node and direction", "Packets dropped per node and direction"]
+    {
         assert!(titles.iter().any(|t| t == want), "no {want:?} panel");
     }
     // Every metric of Azure NPM and the dataplane's appears in some query.
@@ -120,7 +145,10 @@ fn dashboard_is_well_formed_and_its_queries_parse() {
         "npm_conntrack_entries",
         "npm_dataplane_apply_failures_total",
     ] {
-        assert!(queries.iter().any(|q| q.expr.contains(metric)), "no dashboard query uses {metric}");
+        assert!(
+            queries.iter().any(|q| q.expr.contains(metric)),
+            "no dashboard query uses {metric}"
+        );
     }
 
     let Some(promtool) = tool("promtool") else {
@@ -131,7 +159,10 @@ fn dashboard_is_well_formed_and_its_queries_parse() {
     let dir = temp_dir("dashboard");
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, q) in queries.iter().enumerate() {
-        rules += &format!("      - record: dashboard:query{i}\n        expr: {}\n", serde_json::to_string(&q.expr).unwrap());
+        rules += &format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&q.expr).unwrap()
+        );
     }
     std::fs::write(dir.join("queries.yaml"), &rules).unwrap();
     let out = run(Command::new(&promtool).arg("check").arg("rules").arg(dir.join("queries.yaml")));

@@ -13,7 +13,11 @@ fn repo(rel: &str) -> PathBuf {
 
 #[test]
 fn wrong_expectation_fails_with_a_readable_diff() {
-    let out = bin().arg("simulate").arg(repo("npm-agent/tests/fixtures/wrong-expectation.yaml")).output().unwrap();
+    let out = bin()
+        .arg("simulate")
+        .arg(repo("npm-agent/tests/fixtures/wrong-expectation.yaml"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "must exit non-zero:\n{text}");
     assert!(text.contains("TCP/80    FAIL: 1 cells differ"), "{text}");
@@ -25,7 +29,11 @@ fn wrong_expectation_fails_with_a_readable_diff() {
 
 #[test]
 fn json_report_is_machine_readable() {
-    let out = bin().args(["simulate", "--json"]).arg(repo("npm-agent/tests/fixtures/wrong-expectation.yaml")).output().unwrap();
+    let out = bin()
+        .args(["simulate", "--json"])
+        .arg(repo("npm-agent/tests/fixtures/wrong-expectation.yaml"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(v["failed"], 1);
@@ -45,7 +53,9 @@ fn the_shared_examples_and_the_suite_pass() {
         .collect();
     assert!(files.len() >= 40, "the suite has at least 40 cases");
     if let Ok(dir) = std::fs::read_dir(repo("../shared/conformance/examples")) {
-        files.extend(dir.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")));
+        files.extend(
+            dir.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+        );
     }
     let out = bin().arg("simulate").args(&files).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -6,8 +6,12 @@ use npm_agent::model::validate::network_policy;
 use npm_agent::model::{Direction, Peer, PortSpec, Protocol};
 
 fn parse(spec: &str) -> NetworkPolicy {
-    let doc = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: np\n  namespace: ns1\nspec:\n{}", indent(spec));
-    serde_yaml_ng::from_str(&doc).unwrap_or_else(|e| panic!("test policy does not parse: {e}\n{doc}"))
+    let doc = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: np\n  namespace: ns1\nspec:\n{}",
+        indent(spec)
+    );
+    serde_yaml_ng::from_str(&doc)
+        .unwrap_or_else(|e| panic!("test policy does not parse: {e}\n{doc}"))
 }
 
 fn indent(s: &str) -> String {
@@ -24,14 +28,29 @@ fn rejects(spec: &str, field: &str, words: &str) {
         "expected an error on {field} containing {words:?}, got: {err}"
     );
     let text = err.to_string();
-    assert!(text.contains("ns1/np") && text.contains(field), "message names object and field: {text}");
+    assert!(
+        text.contains("ns1/np") && text.contains(field),
+        "message names object and field: {text}"
+    );
 }
 
 #[test]
 fn malformed_cidr() {
-    rejects("podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/33", "spec.ingress[0].from[0].ipBlock.cidr", "invalid CIDR");
-    rejects("podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: banana", "spec.egress[0].to[0].ipBlock.cidr", "invalid CIDR");
-    rejects("podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: 10.0.0.1", "spec.egress[0].to[0].ipBlock.cidr", "invalid CIDR");
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/33",
+        "spec.ingress[0].from[0].ipBlock.cidr",
+        "invalid CIDR",
+    );
+    rejects(
+        "podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: banana",
+        "spec.egress[0].to[0].ipBlock.cidr",
+        "invalid CIDR",
+    );
+    rejects(
+        "podSelector: {}\negress:\n- to:\n  - ipBlock:\n      cidr: 10.0.0.1",
+        "spec.egress[0].to[0].ipBlock.cidr",
+        "invalid CIDR",
+    );
 }
 
 #[test]
@@ -55,18 +74,50 @@ fn except_outside_or_equal_to_cidr() {
 
 #[test]
 fn end_port_rules() {
-    rejects("podSelector: {}\ningress:\n- ports:\n  - endPort: 90", "spec.ingress[0].ports[0].endPort", "not specified");
-    rejects("podSelector: {}\ningress:\n- ports:\n  - port: http\n    endPort: 90", "spec.ingress[0].ports[0].endPort", "named port");
-    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 100\n    endPort: 90", "spec.ingress[0].ports[0].endPort", "greater than or equal");
-    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 0", "spec.ingress[0].ports[0].port", "between 1 and 65535");
-    rejects("podSelector: {}\ningress:\n- ports:\n  - port: 80\n    endPort: 70000", "spec.ingress[0].ports[0].endPort", "between 1 and 65535");
-    rejects("podSelector: {}\ningress:\n- ports:\n  - port: Not_A_Name", "spec.ingress[0].ports[0].port", "invalid port name");
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - endPort: 90",
+        "spec.ingress[0].ports[0].endPort",
+        "not specified",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - port: http\n    endPort: 90",
+        "spec.ingress[0].ports[0].endPort",
+        "named port",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - port: 100\n    endPort: 90",
+        "spec.ingress[0].ports[0].endPort",
+        "greater than or equal",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - port: 0",
+        "spec.ingress[0].ports[0].port",
+        "between 1 and 65535",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - port: 80\n    endPort: 70000",
+        "spec.ingress[0].ports[0].endPort",
+        "between 1 and 65535",
+    );
+    rejects(
+        "podSelector: {}\ningress:\n- ports:\n  - port: Not_A_Name",
+        "spec.ingress[0].ports[0].port",
+        "invalid port name",
+    );
 }
 
 #[test]
 fn unknown_protocol() {
-    rejects("podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: ICMP", "spec.egress[0].ports[0].protocol", "unsupported value");
-    rejects("podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: tcp", "spec.egress[0].ports[0].protocol", "unsupported value");
+    rejects(
+        "podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: ICMP",
+        "spec.egress[0].ports[0].protocol",
+        "unsupported value",
+    );
+    rejects(
+        "podSelector: {}\negress:\n- ports:\n  - port: 80\n    protocol: tcp",
+        "spec.egress[0].ports[0].protocol",
+        "unsupported value",
+    );
 }
 
 #[test]
@@ -86,8 +137,16 @@ fn bad_selectors() {
         "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values",
         "may not be specified",
     );
-    rejects("podSelector:\n  matchLabels:\n    'bad key!': x", "spec.podSelector.matchLabels", "invalid label key");
-    rejects("podSelector:\n  matchLabels:\n    app: '-bad-'", "spec.podSelector.matchLabels", "invalid label value");
+    rejects(
+        "podSelector:\n  matchLabels:\n    'bad key!': x",
+        "spec.podSelector.matchLabels",
+        "invalid label key",
+    );
+    rejects(
+        "podSelector:\n  matchLabels:\n    app: '-bad-'",
+        "spec.podSelector.matchLabels",
+        "invalid label value",
+    );
 }
 
 #[test]
@@ -97,8 +156,16 @@ fn bad_peers_and_types() {
         "spec.ingress[0].from[0]",
         "may not specify both",
     );
-    rejects("podSelector: {}\ningress:\n- from:\n  - {}", "spec.ingress[0].from[0]", "must specify a peer");
-    rejects("podSelector: {}\npolicyTypes: [Ingress, Sideways]", "spec.policyTypes[1]", "unsupported value");
+    rejects(
+        "podSelector: {}\ningress:\n- from:\n  - {}",
+        "spec.ingress[0].from[0]",
+        "must specify a peer",
+    );
+    rejects(
+        "podSelector: {}\npolicyTypes: [Ingress, Sideways]",
+        "spec.policyTypes[1]",
+        "unsupported value",
+    );
 }
 
 #[test]
@@ -123,7 +190,8 @@ fn defaults_follow_the_api_server() {
     let p = network_policy(&parse("podSelector: {}\negress:\n- {}")).unwrap();
     assert!(p.rules(Direction::Ingress).is_some() && p.rules(Direction::Egress).is_some());
     // Egress only.
-    let p = network_policy(&parse("podSelector: {}\npolicyTypes: [Egress]\ningress:\n- {}")).unwrap();
+    let p =
+        network_policy(&parse("podSelector: {}\npolicyTypes: [Egress]\ningress:\n- {}")).unwrap();
     assert!(p.rules(Direction::Ingress).is_none());
     assert!(p.rules(Direction::Egress).is_some_and(|r| r.is_empty()));
     // Port defaults: TCP; a cidr with host bits set means its network.
@@ -148,7 +216,10 @@ fn defaults_follow_the_api_server() {
 
 #[test]
 fn missing_metadata_is_reported() {
-    let np: NetworkPolicy = serde_yaml_ng::from_str("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {}\nspec: {}").unwrap();
+    let np: NetworkPolicy = serde_yaml_ng::from_str(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {}\nspec: {}",
+    )
+    .unwrap();
     let err = network_policy(&np).unwrap_err();
     assert!(err.errors.iter().any(|e| e.field == "metadata.name"));
     assert!(err.errors.iter().any(|e| e.field == "metadata.namespace"));

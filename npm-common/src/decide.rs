@@ -6,8 +6,8 @@
 //! prefix, and at most three policy-trie lookups (identity, prefix, any).
 
 use crate::{
-    CtKey, DIR_EGRESS, DIR_INGRESS, EndpointInfo, FragKey, FragValue, PEER_ANY, POLICY_PREFIX_FULL, PolicyKeyData,
-    Reason, policy_key,
+    CtKey, DIR_EGRESS, DIR_INGRESS, EndpointInfo, FragKey, FragValue, PEER_ANY, POLICY_PREFIX_FULL,
+    PolicyKeyData, Reason, policy_key,
 };
 
 /// The lookups a decision needs.
@@ -36,13 +36,29 @@ pub struct Flow {
 
 impl Flow {
     pub fn ct_key(&self, dir: u8) -> CtKey {
-        CtKey { src: self.src, dst: self.dst, sport: self.sport, dport: self.dport, protocol: self.protocol, dir, pad: [0; 2] }
+        CtKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            protocol: self.protocol,
+            dir,
+            pad: [0; 2],
+        }
     }
 
     /// The key a reply to this flow would have had when its request was allowed.
     pub fn reply_key(&self, dir: u8) -> CtKey {
         let other = if dir == DIR_INGRESS { DIR_EGRESS } else { DIR_INGRESS };
-        CtKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, protocol: self.protocol, dir: other, pad: [0; 2] }
+        CtKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            dir: other,
+            pad: [0; 2],
+        }
     }
 
     pub fn frag_key(&self, id: u16, dir: u8) -> FragKey {
@@ -75,7 +91,8 @@ impl Decision {
 /// Decides a packet seen in direction `dir` (of the pod at the veth: for `DIR_EGRESS` the
 /// endpoint is the source, for `DIR_INGRESS` the destination).
 pub fn decide<M: Maps>(maps: &M, flow: &Flow, dir: u8) -> Decision {
-    let (endpoint, peer) = if dir == DIR_EGRESS { (flow.src, flow.dst) } else { (flow.dst, flow.src) };
+    let (endpoint, peer) =
+        if dir == DIR_EGRESS { (flow.src, flow.dst) } else { (flow.dst, flow.src) };
     let Some(ep) = maps.endpoint(endpoint) else {
         return Decision::of(Reason::Unmanaged, false);
     };
@@ -102,7 +119,12 @@ pub fn decide<M: Maps>(maps: &M, flow: &Flow, dir: u8) -> Decision {
 
 fn admitted<M: Maps>(maps: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> bool {
     // A rule's ports are the destination's, in both directions.
-    let check = |peer_id: u32| maps.policy_matches(POLICY_PREFIX_FULL, &policy_key(profile, dir, peer_id, flow.protocol, flow.dport));
+    let check = |peer_id: u32| {
+        maps.policy_matches(
+            POLICY_PREFIX_FULL,
+            &policy_key(profile, dir, peer_id, flow.protocol, flow.dport),
+        )
+    };
     if let Some(id) = maps.identity(peer)
         && check(id)
     {

@@ -26,8 +26,17 @@ pub const MAP_COUNTERS: &str = "NPM_COUNTERS";
 pub const MAP_CONFIG: &str = "NPM_CONFIG";
 
 /// Every map, for pinning, reconciliation and cleanup.
-pub const ALL_MAPS: [&str; 9] =
-    [MAP_ENDPOINTS, MAP_IDENTITIES, MAP_CIDRS, MAP_POLICY, MAP_NODE_IPS, MAP_CT, MAP_FRAGS, MAP_COUNTERS, MAP_CONFIG];
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_ENDPOINTS,
+    MAP_IDENTITIES,
+    MAP_CIDRS,
+    MAP_POLICY,
+    MAP_NODE_IPS,
+    MAP_CT,
+    MAP_FRAGS,
+    MAP_COUNTERS,
+    MAP_CONFIG,
+];
 
 /// The program on the host side's tc ingress: packets leaving the pod (its egress).
 pub const PROG_FROM_POD: &str = "npm_from_pod";
@@ -111,7 +120,20 @@ pub fn policy_key(profile: u32, dir: u8, peer: u32, protocol: u8, port: u16) -> 
     let endpoint = profile.to_be_bytes();
     let p = peer.to_be_bytes();
     let port = port.to_be_bytes();
-    [endpoint[0], endpoint[1], endpoint[2], endpoint[3], dir, p[0], p[1], p[2], p[3], protocol, port[0], port[1]]
+    [
+        endpoint[0],
+        endpoint[1],
+        endpoint[2],
+        endpoint[3],
+        dir,
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        protocol,
+        port[0],
+        port[1],
+    ]
 }
 
 // ---- connection tracking ----
@@ -286,7 +308,16 @@ mod tests {
 
     #[test]
     fn port_blocks_cover_exactly() {
-        for (first, last) in [(80, 80), (80, 81), (1, 65535), (1000, 2000), (0, 65535), (65535, 65535), (32768, 65535), (7, 9)] {
+        for (first, last) in [
+            (80, 80),
+            (80, 81),
+            (1, 65535),
+            (1000, 2000),
+            (0, 65535),
+            (65535, 65535),
+            (32768, 65535),
+            (7, 9),
+        ] {
             let (v, n) = blocks(first, last);
             let mut covered = 0u32;
             let mut next = first as u32;

@@ -25,9 +25,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use npm_common::{
-    CONFIG_ENTRIES, CONFIG_LOG_DROPS, COUNTERS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo, FragKey, FragValue,
-    MAX_CIDRS, MAX_CT, MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_NODE_IPS, MAX_POLICY, PolicyKeyData, Reason,
-    counter_index,
+    CONFIG_ENTRIES, CONFIG_LOG_DROPS, COUNTERS, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
+    EndpointInfo, FragKey, FragValue, MAX_CIDRS, MAX_CT, MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES,
+    MAX_NODE_IPS, MAX_POLICY, PolicyKeyData, Reason, counter_index,
     decide::{Flow, FragmentKind, Maps, decide, fragment_kind},
 };
 
@@ -151,7 +151,8 @@ fn classify(ctx: &TcContext, dir: u8) -> (Reason, Option<Flow>) {
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
     let total_len = u16::from_be(total_len) as usize;
-    if vihl >> 4 != 4 || ihl < 20 || total_len < ihl || (ctx.len() as usize) < ETH_HLEN + total_len {
+    if vihl >> 4 != 4 || ihl < 20 || total_len < ihl || (ctx.len() as usize) < ETH_HLEN + total_len
+    {
         return (Reason::Malformed, None);
     }
     let mut flow = Flow { src, dst, protocol, sport: 0, dport: 0 };

@@ -75,10 +75,7 @@ fn repo_root() -> PathBuf {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest_dir
-        .parent()
-        .expect("xtask lives in the workspace root")
-        .to_path_buf()
+    manifest_dir.parent().expect("xtask lives in the workspace root").to_path_buf()
 }
 
 /// A `cargo` command run from the workspace root.
@@ -92,9 +89,7 @@ fn cargo() -> Command {
 /// Runs `cmd` with inherited stdio; an error unless it exits successfully.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     println!("$ {}", display(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to start {}", display(cmd)))?;
+    let status = cmd.status().with_context(|| format!("failed to start {}", display(cmd)))?;
     if !status.success() {
         bail!("`{}` failed: {status}", display(cmd));
     }
@@ -104,11 +99,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 fn display(cmd: &Command) -> String {
     // `$CARGO` is a full toolchain path; its file name is enough for the log.
     let program = Path::new(cmd.get_program());
-    let mut s = program
-        .file_name()
-        .unwrap_or(program.as_os_str())
-        .to_string_lossy()
-        .into_owned();
+    let mut s = program.file_name().unwrap_or(program.as_os_str()).to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&arg.to_string_lossy());
@@ -135,10 +126,7 @@ fn yaml_files(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("failed to read {}", dir.display()))? {
         let path = entry?.path();
-        if path
-            .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        {
+        if path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml") {
             files.push(path);
         }
     }
@@ -202,19 +190,11 @@ struct Step {
 
 impl Step {
     fn new(name: &'static str, run: impl Fn() -> Result<()> + 'static) -> Self {
-        Self {
-            name,
-            gate: false,
-            run: Box::new(run),
-        }
+        Self { name, gate: false, run: Box::new(run) }
     }
 
     fn gate(name: &'static str, run: impl Fn() -> Result<()> + 'static) -> Self {
-        Self {
-            name,
-            gate: true,
-            run: Box::new(run),
-        }
+        Self { name, gate: true, run: Box::new(run) }
     }
 }
 
@@ -270,9 +250,7 @@ fn test() -> Result<()> {
     let own_cases = root.join("tests/conformance");
     let steps = vec![
         Step::gate("setup", setup::setup),
-        Step::gate("build", || {
-            run(cargo().args(["build", "--workspace", "--all-targets"]))
-        }),
+        Step::gate("build", || run(cargo().args(["build", "--workspace", "--all-targets"]))),
         Step::new("unit and integration tests", || {
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
         }),
@@ -281,7 +259,14 @@ fn test() -> Result<()> {
             || {
                 run(cargo()
                     .args(["test", "--package", "npm-agent"])
-                    .args(["--test", "metrics_promtool", "--test", "metrics_endpoints", "--test", "metrics_lab"])
+                    .args([
+                        "--test",
+                        "metrics_promtool",
+                        "--test",
+                        "metrics_endpoints",
+                        "--test",
+                        "metrics_lab",
+                    ])
                     .env("NPM_REQUIRE_PROMTOOL", "1"))
             },
         ),
@@ -321,18 +306,23 @@ fn demo(hold: bool) -> Result<()> {
     let steps = vec![
         Step::gate("setup", setup::setup),
         Step::gate("build", || run(cargo().args(["build", "--package", "npm-agent"]))),
-        Step::new("the example application on a lab cluster, enforced by the eBPF agents", move || {
-            if !is_root() {
-                println!("The lab needs root (network namespaces, eBPF); showing the simulator's tables instead.");
-                return simulate("the demo cases", &examples);
-            }
-            let mut cmd = cargo();
-            cmd.args(["run", "--package", "npm-agent", "--", "lab", "demo"]);
-            if hold {
-                cmd.arg("--hold");
-            }
-            run(cmd.arg(relative_to_root(&example)))
-        }),
+        Step::new(
+            "the example application on a lab cluster, enforced by the eBPF agents",
+            move || {
+                if !is_root() {
+                    println!(
+                        "The lab needs root (network namespaces, eBPF); showing the simulator's tables instead."
+                    );
+                    return simulate("the demo cases", &examples);
+                }
+                let mut cmd = cargo();
+                cmd.args(["run", "--package", "npm-agent", "--", "lab", "demo"]);
+                if hold {
+                    cmd.arg("--hold");
+                }
+                run(cmd.arg(relative_to_root(&example)))
+            },
+        ),
     ];
     run_steps("demo", steps)
 }

@@ -78,11 +78,8 @@ fn debian_packages(root: bool, manual: &mut Vec<String>) -> Result<bool> {
         return Ok(true);
     }
     let installed = installed_debian_packages(DEBIAN_PACKAGES)?;
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|pkg| !installed.iter().any(|i| i == pkg))
-        .collect();
+    let missing: Vec<&str> =
+        DEBIAN_PACKAGES.iter().copied().filter(|pkg| !installed.iter().any(|i| i == pkg)).collect();
     for pkg in DEBIAN_PACKAGES {
         if !missing.contains(pkg) {
             report("ok", &format!("package {pkg}"));
@@ -96,27 +93,20 @@ fn debian_packages(root: bool, manual: &mut Vec<String>) -> Result<bool> {
         for pkg in &missing {
             report("MISSING", &format!("package {pkg}"));
         }
-        manual.push(format!(
-            "sudo apt-get update && sudo apt-get install -y {list}"
-        ));
+        manual.push(format!("sudo apt-get update && sudo apt-get install -y {list}"));
         return Ok(false);
     }
     for pkg in &missing {
         report("installing", &format!("package {pkg}"));
     }
-    run(Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     let installed = installed_debian_packages(&missing)?;
-    let still: Vec<&str> = missing
-        .iter()
-        .copied()
-        .filter(|pkg| !installed.iter().any(|i| i == pkg))
-        .collect();
+    let still: Vec<&str> =
+        missing.iter().copied().filter(|pkg| !installed.iter().any(|i| i == pkg)).collect();
     if !still.is_empty() {
         bail!("apt-get did not install: {}", still.join(" "));
     }
@@ -136,9 +126,7 @@ fn installed_debian_packages(pkgs: &[&str]) -> Result<Vec<String>> {
         .lines()
         .filter_map(|line| {
             let (name, status) = line.split_once(' ')?;
-            status
-                .starts_with("ii")
-                .then(|| name.split(':').next().unwrap_or(name).to_owned())
+            status.starts_with("ii").then(|| name.split(':').next().unwrap_or(name).to_owned())
         })
         .collect())
 }
@@ -153,10 +141,7 @@ fn nightly_toolchain(manual: &mut Vec<String>) -> Result<bool> {
         );
         return Ok(false);
     };
-    if list
-        .lines()
-        .any(|l| l.starts_with("nightly-") || l.starts_with("nightly "))
-    {
+    if list.lines().any(|l| l.starts_with("nightly-") || l.starts_with("nightly ")) {
         report("ok", "rust toolchain nightly");
     } else {
         report("installing", "rust toolchain nightly");
@@ -176,10 +161,7 @@ fn nightly_toolchain(manual: &mut Vec<String>) -> Result<bool> {
         "nightly",
         "--installed",
     ]))?;
-    if components
-        .lines()
-        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src"))
-    {
+    if components.lines().any(|l| l.trim() == "rust-src" || l.starts_with("rust-src")) {
         report("ok", "rust-src (nightly)");
     } else {
         report("installing", "rust-src (nightly)");
@@ -205,17 +187,11 @@ fn bpf_linker(can_install: bool, manual: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     if !can_install {
-        report(
-            "MISSING",
-            "bpf-linker (needs llvm-22-dev and the nightly toolchain first)",
-        );
+        report("MISSING", "bpf-linker (needs llvm-22-dev and the nightly toolchain first)");
         manual.push(install_cmd);
         return Ok(());
     }
-    report(
-        "installing",
-        &format!("bpf-linker {BPF_LINKER_VERSION} (a few minutes)"),
-    );
+    report("installing", &format!("bpf-linker {BPF_LINKER_VERSION} (a few minutes)"));
     // bpf-linker's build script finds LLVM through LLVM_PREFIX (or the first llvm-config on
     // PATH); llvm-sys 221.x through LLVM_SYS_221_PREFIX. Set all three so neither picks up
     // another LLVM installed on the machine.
@@ -251,7 +227,8 @@ fn kubernetes_validate(debs_ok: bool, manual: &mut Vec<String>) -> Result<()> {
         }
     }
     // Debian's python3 (with python3-venv, a package above) when there is one.
-    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let python =
+        if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
     let spec = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
     let install_cmd = format!("{python} -m venv {0} && {0}/bin/pip install {spec}", venv.display());
     if !debs_ok {
@@ -267,17 +244,16 @@ fn kubernetes_validate(debs_ok: bool, manual: &mut Vec<String>) -> Result<()> {
         manual.push(install_cmd);
         return Ok(());
     }
-    let version = capture(Command::new(&tool).arg("--version")).context("kubernetes-validate was installed but does not run")?;
+    let version = capture(Command::new(&tool).arg("--version"))
+        .context("kubernetes-validate was installed but does not run")?;
     report("ok", &format!("kubernetes-validate {}", version.trim()));
     Ok(())
 }
 
 /// Runs `cmd` quietly and returns its stdout; an error if it cannot start or fails.
 fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::null())
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let out =
+        cmd.stderr(Stdio::null()).output().with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", out.status);
     }

@@ -88,7 +88,10 @@ impl Config {
 
     /// One of [`SIZES`] by name (`1k`, `10k`, `100k`).
     pub fn named(name: &str) -> Option<Self> {
-        SIZES.iter().find(|(n, _, _)| *n == name).map(|&(_, pods, policies)| Self::new(pods, policies))
+        SIZES
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|&(_, pods, policies)| Self::new(pods, policies))
     }
 }
 
@@ -171,7 +174,11 @@ fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
 }
 
 fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
-    Requirement { key: key.to_string(), operator, values: values.iter().map(|v| v.to_string()).collect() }
+    Requirement {
+        key: key.to_string(),
+        operator,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
 }
 
 impl Cluster {
@@ -192,7 +199,9 @@ impl Cluster {
         let node_count = config.pods.div_ceil(config.pods_per_node);
         let nodes: Vec<String> = (0..node_count).map(node_name).collect();
         for (n, name) in nodes.iter().enumerate() {
-            state.nodes.insert(name.clone(), Node { name: name.clone(), addresses: vec![node_ip(n)] });
+            state
+                .nodes
+                .insert(name.clone(), Node { name: name.clone(), addresses: vec![node_ip(n)] });
         }
 
         // A random permutation of the node slots: pod i goes to slot perm[i].
@@ -216,7 +225,9 @@ impl Cluster {
             let hash = format!("{:010x}", rng.next_u64() & 0xff_ffff_ffff);
             let mut l = labels(&[("app", &app), ("tier", tier), ("pod-template-hash", &hash)]);
             let mut ports = match tier {
-                "frontend" => vec![np("http", Protocol::Tcp, 8080), np("metrics", Protocol::Tcp, 9090)],
+                "frontend" => {
+                    vec![np("http", Protocol::Tcp, 8080), np("metrics", Protocol::Tcp, 9090)]
+                }
                 "backend" => vec![
                     np("http", Protocol::Tcp, 8080),
                     np("grpc", Protocol::Tcp, 9000),
@@ -226,16 +237,33 @@ impl Cluster {
             };
             if app == "kube-dns" {
                 l.insert("k8s-app".into(), "kube-dns".into());
-                ports = vec![np("dns", Protocol::Udp, 53), np("dns-tcp", Protocol::Tcp, 53), np("metrics", Protocol::Tcp, 9153)];
+                ports = vec![
+                    np("dns", Protocol::Udp, 53),
+                    np("dns-tcp", Protocol::Tcp, 53),
+                    np("metrics", Protocol::Tcp, 9153),
+                ];
             }
             ports.sort();
-            deployments.push(Deployment { namespace: ns.clone(), labels: l, named_ports: ports, pods: Vec::new() });
+            deployments.push(Deployment {
+                namespace: ns.clone(),
+                labels: l,
+                named_ports: ports,
+                pods: Vec::new(),
+            });
         }
         for (i, &slot) in perm.iter().enumerate() {
             let d = i / config.replicas;
             let (n, s) = (slot / config.pods_per_node, slot % config.pods_per_node);
             let dep = &mut deployments[d];
-            let key = ObjectKey::new(dep.namespace.clone(), format!("{}-{}-{}", dep.labels["app"], dep.labels["pod-template-hash"], i % config.replicas));
+            let key = ObjectKey::new(
+                dep.namespace.clone(),
+                format!(
+                    "{}-{}-{}",
+                    dep.labels["app"],
+                    dep.labels["pod-template-hash"],
+                    i % config.replicas
+                ),
+            );
             dep.pods.push(key.clone());
             state.pods.insert(
                 key.clone(),
@@ -263,7 +291,11 @@ impl Cluster {
             let kind = (slot + nsi) % POLICY_KINDS.len();
             let app = |i: usize| -> String {
                 let a = &apps[nsi];
-                if a.is_empty() { format!("{}-d{i}", namespaces[nsi]) } else { a[i % a.len()].labels["app"].clone() }
+                if a.is_empty() {
+                    format!("{}-d{i}", namespaces[nsi])
+                } else {
+                    a[i % a.len()].labels["app"].clone()
+                }
             };
             let policy = make_policy(&namespaces[nsi], nsi, slot, kind, &app(slot), &app(slot + 1));
             policy_kinds.insert(policy.key.clone(), kind);
@@ -282,7 +314,9 @@ impl Cluster {
     /// (namespaces, nodes, pods, policies).
     pub fn events(&self) -> Vec<Event> {
         let s = &self.state;
-        let mut events = Vec::with_capacity(s.namespaces.len() + s.nodes.len() + s.pods.len() + s.policies.len());
+        let mut events = Vec::with_capacity(
+            s.namespaces.len() + s.nodes.len() + s.pods.len() + s.policies.len(),
+        );
         events.extend(s.namespaces.values().cloned().map(Event::UpsertNamespace));
         events.extend(s.nodes.values().cloned().map(Event::UpsertNode));
         events.extend(s.pods.values().cloned().map(Event::UpsertPod));
@@ -316,7 +350,8 @@ impl Cluster {
     /// `node_index`, at an address no generated pod uses (slots 120..=252 of the node's /24).
     pub fn new_pod_like(&self, like: &Pod, node_index: usize, i: usize) -> Pod {
         let mut pod = like.clone();
-        pod.key = ObjectKey::new(like.key.namespace.clone(), format!("{}-new-{i}", like.labels["app"]));
+        pod.key =
+            ObjectKey::new(like.key.namespace.clone(), format!("{}-new-{i}", like.labels["app"]));
         pod.ip = Some(pod_ip(node_index, 120 + i % 133));
         pod.node = Some(self.nodes[node_index].clone());
         pod
@@ -339,7 +374,10 @@ impl Cluster {
         match rules.first_mut() {
             Some(r) if !r.ports.is_empty() => r.ports.push(extra),
             Some(r) => r.ports = vec![extra],
-            None => rules.push(Rule { peers: vec![in_ns(&policy.key.namespace, LabelSelector::everything())], ports: vec![extra] }),
+            None => rules.push(Rule {
+                peers: vec![in_ns(&policy.key.namespace, LabelSelector::everything())],
+                ports: vec![extra],
+            }),
         }
         p
     }
@@ -362,7 +400,10 @@ fn make_policy(ns: &str, nsi: usize, slot: usize, kind: usize, app: &str, other:
         // The frontend app may reach `app` on its named http port and 8443.
         1 => ingress_only(
             sel(&[("app", app)]),
-            vec![Rule { peers: vec![in_ns(ns, sel(&[("app", other)]))], ports: vec![named("http"), tcp(8443)] }],
+            vec![Rule {
+                peers: vec![in_ns(ns, sel(&[("app", other)]))],
+                ports: vec![named("http"), tcp(8443)],
+            }],
         ),
         // Frontends of the team's namespaces may reach this namespace's backends.
         2 => ingress_only(
@@ -377,7 +418,10 @@ fn make_policy(ns: &str, nsi: usize, slot: usize, kind: usize, app: &str, other:
             sel(&[("app", app)]),
             vec![Rule {
                 peers: vec![
-                    Peer::Block(CidrBlock::new(net("10.0.0.0/8"), [net(&format!("10.{}.0.0/16", 100 + nsi % 100)), net("10.250.0.0/16")])),
+                    Peer::Block(CidrBlock::new(
+                        net("10.0.0.0/8"),
+                        [net(&format!("10.{}.0.0/16", 100 + nsi % 100)), net("10.250.0.0/16")],
+                    )),
                     Peer::Block(CidrBlock::new(net("172.16.0.0/12"), [net("172.16.1.0/24")])),
                 ],
                 ports: vec![tcp(80), tcp(443)],
@@ -434,7 +478,10 @@ fn make_policy(ns: &str, nsi: usize, slot: usize, kind: usize, app: &str, other:
                         PortSpec::Range { protocol: Protocol::Tcp, first: 53, last: 53 },
                     ],
                 },
-                Rule { peers: vec![in_ns(ns, LabelSelector::everything())], ports: vec![named("http")] },
+                Rule {
+                    peers: vec![in_ns(ns, LabelSelector::everything())],
+                    ports: vec![named("http")],
+                },
             ]),
         },
         // Backends and databases accept from the namespace's non-database pods, and from
@@ -443,12 +490,18 @@ fn make_policy(ns: &str, nsi: usize, slot: usize, kind: usize, app: &str, other:
             LabelSelector::new(vec![req("tier", Operator::In, &["backend", "db"])]),
             vec![
                 Rule {
-                    peers: vec![in_ns(ns, LabelSelector::new(vec![req("tier", Operator::NotIn, &["db"])]))],
+                    peers: vec![in_ns(
+                        ns,
+                        LabelSelector::new(vec![req("tier", Operator::NotIn, &["db"])]),
+                    )],
                     ports: vec![named("http"), named("db")],
                 },
                 Rule {
                     peers: vec![across(
-                        LabelSelector::new(vec![req("env", Operator::NotIn, &["dev"]), req("team", Operator::Exists, &[])]),
+                        LabelSelector::new(vec![
+                            req("env", Operator::NotIn, &["dev"]),
+                            req("team", Operator::Exists, &[]),
+                        ]),
                         sel(&[("tier", "backend")]),
                     )],
                     ports: vec![tcp(5432)],
@@ -543,9 +596,9 @@ impl Cluster {
             .policies
             .values()
             .filter(|pol| {
-                local_pods
-                    .iter()
-                    .any(|p| p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels))
+                local_pods.iter().any(|p| {
+                    p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels)
+                })
             })
             .cloned()
             .collect();
@@ -561,7 +614,8 @@ impl Cluster {
             let key = pod.key.clone();
             (Event::UpsertPod(pod), Event::DeletePod(key))
         };
-        let relabel = |pod: &Pod| (Event::UpsertPod(Self::relabelled(pod, i)), Event::UpsertPod(pod.clone()));
+        let relabel =
+            |pod: &Pod| (Event::UpsertPod(Self::relabelled(pod, i)), Event::UpsertPod(pod.clone()));
         let delete = |pod: &Pod| (Event::DeletePod(pod.key.clone()), Event::UpsertPod(pod.clone()));
         match kind {
             EventKind::LocalCreate => create(local(), 0),

@@ -139,7 +139,8 @@ pub struct Config {
 impl Settings {
     /// Parses a config file's text. Unknown keys are errors naming the key.
     pub fn from_yaml(text: &str) -> Result<Settings, String> {
-        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        let value: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
         if value.is_null() {
             return Ok(Settings::default());
         }
@@ -151,8 +152,10 @@ impl Settings {
 
     /// Reads a config file.
     pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-        Settings::from_yaml(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Settings::from_yaml(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
     /// These settings, with every setting that `over` sets replaced by its value.
@@ -174,13 +177,17 @@ impl Settings {
     pub fn resolve(self) -> anyhow::Result<Config> {
         let node_name = match self.node_name.filter(|n| !n.is_empty()) {
             Some(n) => n,
-            None => default_node_name().context("no node name: give --node-name or set NODE_NAME")?,
+            None => {
+                default_node_name().context("no node name: give --node-name or set NODE_NAME")?
+            }
         };
         Ok(Config {
             source: self.source.unwrap_or(SourceSpec::Kube),
             dataplane: self.dataplane.unwrap_or_default(),
             node_name,
-            metrics_addr: self.metrics_addr.unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default")),
+            metrics_addr: self
+                .metrics_addr
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             pin_root: self.pin_root.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
             log_drops: self.log_drops.unwrap_or(false),
             status_file: self.status_file,
@@ -232,7 +239,8 @@ mod tests {
 
     #[test]
     fn missing_keys_keep_defaults_and_flags_win() {
-        let file = Settings::from_yaml("log-drops: true\nnodeName: n7\nsource: files:/m\n").unwrap();
+        let file =
+            Settings::from_yaml("log-drops: true\nnodeName: n7\nsource: files:/m\n").unwrap();
         let flags = Settings { node_name: Some("n9".into()), ..Settings::default() };
         let c = file.overridden_by(flags).resolve().unwrap();
         assert!(c.log_drops);

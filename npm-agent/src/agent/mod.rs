@@ -35,7 +35,9 @@ pub use status::{EventStats, OpStats, Operation, Sample, Status};
 /// Opens the source the configuration names.
 pub fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
     match &config.source {
-        SourceSpec::Kube => Ok(Box::new(KubeSource::connect(KubeOptions::new(config.node_name.clone()))?)),
+        SourceSpec::Kube => {
+            Ok(Box::new(KubeSource::connect(KubeOptions::new(config.node_name.clone()))?))
+        }
         SourceSpec::Files(dir) => {
             if !dir.is_dir() {
                 tracing::warn!(dir = %dir.display(), "manifest directory does not exist (yet); waiting for it");
@@ -48,19 +50,31 @@ pub fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
 /// Opens the dataplane the configuration names (`auto`: eBPF when the kernel loads the
 /// programs, else iptables, saying why).
 pub fn open_dataplane(config: &Config) -> anyhow::Result<AgentDataplane> {
-    let ebpf = || EbpfDataplane::open(EbpfConfig { pin_root: config.pin_root.clone(), log_drops: config.log_drops, attach: true });
+    let ebpf = || {
+        EbpfDataplane::open(EbpfConfig {
+            pin_root: config.pin_root.clone(),
+            log_drops: config.log_drops,
+            attach: true,
+        })
+    };
     let iptables = || IptablesDataplane::open(IptablesConfig::default());
     match config.dataplane {
-        DataplaneKind::Ebpf => Ok(AgentDataplane::Ebpf(Box::new(ebpf().context("eBPF dataplane")?))),
+        DataplaneKind::Ebpf => {
+            Ok(AgentDataplane::Ebpf(Box::new(ebpf().context("eBPF dataplane")?)))
+        }
         DataplaneKind::Auto => match ebpf() {
             Ok(d) => Ok(AgentDataplane::Ebpf(Box::new(d))),
             Err(e) => {
                 tracing::warn!(reason = %e, "the eBPF dataplane is unavailable; falling back to iptables");
-                let d = iptables().with_context(|| format!("eBPF dataplane unavailable ({e}); iptables dataplane"))?;
+                let d = iptables().with_context(|| {
+                    format!("eBPF dataplane unavailable ({e}); iptables dataplane")
+                })?;
                 Ok(AgentDataplane::Other(Box::new(d)))
             }
         },
-        DataplaneKind::Iptables => Ok(AgentDataplane::Other(Box::new(iptables().context("iptables dataplane")?))),
+        DataplaneKind::Iptables => {
+            Ok(AgentDataplane::Other(Box::new(iptables().context("iptables dataplane")?)))
+        }
         DataplaneKind::Memory => Ok(AgentDataplane::Other(Box::new(Memory::default()))),
     }
 }
@@ -68,7 +82,11 @@ pub fn open_dataplane(config: &Config) -> anyhow::Result<AgentDataplane> {
 /// Once the agent is ready (its dataplane enforces the whole plan), removes what the other
 /// dataplane left on this node: the AZURE-NPM chains and azure-npm- sets under eBPF, the
 /// pin root under iptables. Never before, so switching modes opens no unprotected moment.
-fn cleanup_other_dataplane_when_ready(config: &Config, dataplane: &str, handles: crate::agent::Handles) {
+fn cleanup_other_dataplane_when_ready(
+    config: &Config,
+    dataplane: &str,
+    handles: crate::agent::Handles,
+) {
     let job: Box<dyn FnOnce() + Send> = match dataplane {
         "ebpf" => Box::new(|| {
             let r = crate::dataplane::iptables::cleanup(None);
@@ -83,9 +101,13 @@ fn cleanup_other_dataplane_when_ready(config: &Config, dataplane: &str, handles:
         "iptables" => {
             let pin_root = config.pin_root.clone();
             Box::new(move || match cleanup_ebpf(&pin_root) {
-                Ok(r) if r.existed => tracing::info!(pin_root = %pin_root.display(), links = r.links, maps = r.maps, "removed what the eBPF dataplane left"),
+                Ok(r) if r.existed => {
+                    tracing::info!(pin_root = %pin_root.display(), links = r.links, maps = r.maps, "removed what the eBPF dataplane left")
+                }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "removing what the eBPF dataplane left"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "removing what the eBPF dataplane left")
+                }
             })
         }
         _ => return,
@@ -108,7 +130,13 @@ pub fn build(config: &Config) -> anyhow::Result<Agent> {
     tracing::info!(dataplane = dataplane.name(), "dataplane open");
     let metrics = Arc::new(Metrics::new(metrics_options(config, dataplane.name())));
     let name = dataplane.name();
-    let agent = Agent::with_metrics(&config.node_name, source, dataplane, config.status_file.clone(), metrics);
+    let agent = Agent::with_metrics(
+        &config.node_name,
+        source,
+        dataplane,
+        config.status_file.clone(),
+        metrics,
+    );
     cleanup_other_dataplane_when_ready(config, name, agent.handles());
     Ok(agent)
 }
@@ -127,7 +155,8 @@ pub fn metrics_options(config: &Config, dataplane: &str) -> MetricsOptions {
 /// Runs the agent until `stop` is set, serving its metrics on the metrics address.
 pub fn run(config: &Config, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut agent = build(config)?;
-    let _server = crate::metrics::server::spawn(config.metrics_addr, agent.handles().metrics.clone());
+    let _server =
+        crate::metrics::server::spawn(config.metrics_addr, agent.handles().metrics.clone());
     agent.run(stop)
 }
 
@@ -135,7 +164,8 @@ pub fn run(config: &Config, stop: &AtomicBool) -> anyhow::Result<()> {
 /// keeping the mount namespace). Affects only the calling thread: call it before any other
 /// thread exists, first thing in `main`.
 pub fn enter_netns(path: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
     // SAFETY: a valid file descriptor and a namespace type flag.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
@@ -176,7 +206,11 @@ pub fn init_logging(level: Option<&str>) {
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 /// What [`cleanup`] removed.
@@ -214,7 +248,8 @@ pub fn cleanup_ebpf(pin_root: &Path) -> anyhow::Result<Cleanup> {
         return Ok(report);
     }
     report.existed = true;
-    let c = std::ffi::CString::new(pin_root.as_os_str().as_encoded_bytes()).context("pin root path")?;
+    let c =
+        std::ffi::CString::new(pin_root.as_os_str().as_encoded_bytes()).context("pin root path")?;
     // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -229,9 +264,11 @@ pub fn cleanup_ebpf(pin_root: &Path) -> anyhow::Result<Cleanup> {
     // Links first, so programs leave the interfaces before their maps go.
     if let Ok(dir) = std::fs::read_dir(pin_root.join("links")) {
         for entry in dir.flatten() {
-            std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
         }
     }
-    std::fs::remove_dir_all(pin_root).with_context(|| format!("removing {}", pin_root.display()))?;
+    std::fs::remove_dir_all(pin_root)
+        .with_context(|| format!("removing {}", pin_root.display()))?;
     Ok(report)
 }

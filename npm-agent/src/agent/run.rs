@@ -102,7 +102,11 @@ pub struct Handles {
 
 impl Default for Handles {
     fn default() -> Self {
-        Self { status: Default::default(), stats: Default::default(), metrics: Arc::new(Metrics::new(MetricsOptions::default())) }
+        Self {
+            status: Default::default(),
+            stats: Default::default(),
+            metrics: Arc::new(Metrics::new(MetricsOptions::default())),
+        }
     }
 }
 
@@ -131,8 +135,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(node_name: &str, source: Box<dyn Source>, dataplane: AgentDataplane, status_file: Option<PathBuf>) -> Agent {
-        let metrics = Metrics::new(MetricsOptions { dataplane: dataplane.name().to_string(), ..MetricsOptions::default() });
+    pub fn new(
+        node_name: &str,
+        source: Box<dyn Source>,
+        dataplane: AgentDataplane,
+        status_file: Option<PathBuf>,
+    ) -> Agent {
+        let metrics = Metrics::new(MetricsOptions {
+            dataplane: dataplane.name().to_string(),
+            ..MetricsOptions::default()
+        });
         Agent::with_metrics(node_name, source, dataplane, status_file, Arc::new(metrics))
     }
 
@@ -258,7 +270,10 @@ impl Agent {
             Event::UpsertPod(p) => st.pods.contains_key(&p.key),
             Event::UpsertPolicy(p) => st.policies.contains_key(&p.key),
             Event::UpsertNode(n) => st.nodes.contains_key(&n.name),
-            Event::DeleteNamespace(_) | Event::DeletePod(_) | Event::DeletePolicy(_) | Event::DeleteNode(_) => {
+            Event::DeleteNamespace(_)
+            | Event::DeletePod(_)
+            | Event::DeletePolicy(_)
+            | Event::DeleteNode(_) => {
                 return Operation::Delete;
             }
         };
@@ -285,7 +300,11 @@ impl Agent {
                 self.in_sync = true;
                 let mut s = self.handles.status.lock().expect("status lock");
                 if !s.ready {
-                    tracing::info!(endpoints, took_ms = took.as_millis() as u64, "first full sync applied; ready");
+                    tracing::info!(
+                        endpoints,
+                        took_ms = took.as_millis() as u64,
+                        "first full sync applied; ready"
+                    );
                 } else {
                     tracing::info!(took_ms = took.as_millis() as u64, "dataplane resynchronized");
                 }

@@ -47,24 +47,31 @@ impl Status {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().context("status file has no name")?.to_string_lossy();
         let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         serde_json::to_writer_pretty(&mut f, self)?;
         f.write_all(b"\n")?;
         drop(f);
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     }
 
     /// Reads a status file (for the lab and tests).
     pub fn read(path: &Path) -> anyhow::Result<Status> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// Waits until the status file at `path` reports the agent ready, in sync, and at
     /// `generation` or later (the lab's handshake: write the manifests, bump `.generation`,
     /// then wait for every agent). Fails after `timeout` with the last status seen.
-    pub fn wait_for_generation(path: &Path, generation: u64, timeout: Duration) -> anyhow::Result<Status> {
+    pub fn wait_for_generation(
+        path: &Path,
+        generation: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Status> {
         let deadline = Instant::now() + timeout;
         loop {
             let last = Status::read(path);
@@ -77,8 +84,14 @@ impl Status {
             }
             if Instant::now() >= deadline {
                 return match last {
-                    Ok(s) => Err(anyhow::anyhow!("{}: generation {generation} not reached in {timeout:?}; last status {s:?}", path.display())),
-                    Err(e) => Err(e.context(format!("generation {generation} not reached in {timeout:?}"))),
+                    Ok(s) => Err(anyhow::anyhow!(
+                        "{}: generation {generation} not reached in {timeout:?}; last status {s:?}",
+                        path.display()
+                    )),
+                    Err(e) => {
+                        Err(e
+                            .context(format!("generation {generation} not reached in {timeout:?}")))
+                    }
                 };
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -148,7 +161,9 @@ impl EventStats {
         s.failed += u64::from(failed);
         s.total += duration;
         s.max = s.max.max(duration);
-        while s.recent.front().is_some_and(|f| now.duration_since(f.at) > Self::WINDOW) || s.recent.len() >= Self::MAX_SAMPLES {
+        while s.recent.front().is_some_and(|f| now.duration_since(f.at) > Self::WINDOW)
+            || s.recent.len() >= Self::MAX_SAMPLES
+        {
             s.recent.pop_front();
         }
         s.recent.push_back(Sample { at: now, duration, failed });

@@ -25,8 +25,13 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use super::{IdentityKey, PeerSelector, Scope, Term, TermPeer, host_block, resolution_ports, rule_terms};
-use crate::model::{CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod, Policy};
+use super::{
+    IdentityKey, PeerSelector, Scope, Term, TermPeer, host_block, resolution_ports, rule_terms,
+};
+use crate::model::{
+    CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
+    Policy,
+};
 use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, PlanDiff};
 use crate::state::{ClusterState, Event};
 
@@ -158,7 +163,8 @@ impl Output {
         let count = counts.get(&allow).copied().unwrap_or(0);
         let DiffBuilder { allows, removed_allows, .. } = &mut self.diff;
         allows.entry((ep.ip, direction, allow.clone())).or_insert_with(|| {
-            count > 0 || removed_allows.get(&ep.ip).is_some_and(|r| r[di(direction)].contains_key(&allow))
+            count > 0
+                || removed_allows.get(&ep.ip).is_some_and(|r| r[di(direction)].contains_key(&allow))
         });
         if up {
             counts.insert(allow, count + 1);
@@ -195,7 +201,13 @@ impl Engine {
     /// An engine keeping at most `capacity` released selectors dormant (tests use small
     /// numbers to exercise forgetting them).
     pub fn with_dormant_capacity(scope: Scope, capacity: usize) -> Self {
-        Self { scope, dormant_capacity: capacity, state: ClusterState::default(), idx: Index { next_identity: 1, ..Index::default() }, out: Output::default() }
+        Self {
+            scope,
+            dormant_capacity: capacity,
+            state: ClusterState::default(),
+            idx: Index { next_identity: 1, ..Index::default() },
+            out: Output::default(),
+        }
     }
 
     pub fn scope(&self) -> &Scope {
@@ -265,7 +277,12 @@ impl Engine {
         let mut plan = Plan {
             node_ips: self.out.node_ips.clone(),
             identity_keys: self.idx.identities.iter().map(|(id, e)| (*id, e.key.clone())).collect(),
-            namespaces: self.state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect(),
+            namespaces: self
+                .state
+                .namespaces
+                .iter()
+                .map(|(name, ns)| (name.clone(), ns.labels.clone()))
+                .collect(),
             policies: self.state.policies.clone(),
             ..Plan::default()
         };
@@ -273,7 +290,13 @@ impl Engine {
             plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
         }
         for (id, s) in self.idx.selectors.iter().filter(|(_, s)| s.live) {
-            plan.sets.insert(*id, PeerSet { selector: s.selector.clone(), members: s.members.iter().copied().collect() });
+            plan.sets.insert(
+                *id,
+                PeerSet {
+                    selector: s.selector.clone(),
+                    members: s.members.iter().copied().collect(),
+                },
+            );
         }
         for (key, ep) in &self.out.endpoints {
             let mut p = EndpointPlan::new(key.clone());
@@ -295,7 +318,12 @@ impl Engine {
             identities: self.idx.identities.len(),
             materialized_selectors: self.idx.selectors.len() - self.idx.dormant.len(),
             endpoints: self.out.endpoints.len(),
-            allow_entries: self.out.endpoints.values().map(|e| e.counts[0].len() + e.counts[1].len()).sum(),
+            allow_entries: self
+                .out
+                .endpoints
+                .values()
+                .map(|e| e.counts[0].len() + e.counts[1].len())
+                .sum(),
         }
     }
 
@@ -340,7 +368,8 @@ impl Engine {
     fn set_node(&mut self, name: String, node: Option<Node>) {
         if self.scope.node() == Some(name.as_str()) {
             self.out.diff.node_ips.get_or_insert_with(|| self.out.node_ips.clone());
-            self.out.node_ips = node.as_ref().map(|n| n.addresses.iter().copied().collect()).unwrap_or_default();
+            self.out.node_ips =
+                node.as_ref().map(|n| n.addresses.iter().copied().collect()).unwrap_or_default();
         }
         match node {
             Some(n) => self.state.nodes.insert(name, n),
@@ -476,7 +505,9 @@ impl Engine {
             .flatten()
             .chain(self.idx.global_selectors.iter())
             .copied()
-            .filter(|s| self.idx.selectors[s].selector.matches(&key.namespace, &ns_labels, &key.labels))
+            .filter(|s| {
+                self.idx.selectors[s].selector.matches(&key.namespace, &ns_labels, &key.labels)
+            })
             .collect();
         self.idx.identities_by_ns.entry(key.namespace.clone()).or_default().insert(id);
         self.idx.identity_ids.insert(key.clone(), id);
@@ -534,8 +565,15 @@ impl Engine {
             for ep in &policy.endpoints {
                 let ep_ports = out.endpoints[ep].named_ports.clone();
                 for port in term.ports.iter().filter(|p| p.per_peer(t.direction)) {
-                    if let Some(ports) = port.resolve(resolution_ports(t.direction, &ep_ports, peer_ports)) {
-                        out.bump(ep, t.direction, Allow { peer: PeerMatch::Identity(id), ports }, up);
+                    if let Some(ports) =
+                        port.resolve(resolution_ports(t.direction, &ep_ports, peer_ports))
+                    {
+                        out.bump(
+                            ep,
+                            t.direction,
+                            Allow { peer: PeerMatch::Identity(id), ports },
+                            up,
+                        );
                     }
                 }
             }
@@ -554,7 +592,12 @@ impl Engine {
             for ep in &policy.endpoints {
                 for port in &term.ports {
                     if let Some(ports) = port.resolve(peer_ports) {
-                        out.bump(ep, t.direction, Allow { peer: PeerMatch::Cidr(host_block(ip)), ports }, up);
+                        out.bump(
+                            ep,
+                            t.direction,
+                            Allow { peer: PeerMatch::Cidr(host_block(ip)), ports },
+                            up,
+                        );
                     }
                 }
             }
@@ -567,10 +610,19 @@ impl Engine {
         self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
         self.out.endpoints.insert(
             pod.key.clone(),
-            EndpointEntry { ip, named_ports: pod.named_ports.to_vec(), policies: Default::default(), counts: Default::default() },
+            EndpointEntry {
+                ip,
+                named_ports: pod.named_ports.to_vec(),
+                policies: Default::default(),
+                counts: Default::default(),
+            },
         );
         self.out.endpoint_at.insert(ip, pod.key.clone());
-        self.out.endpoints_by_ns.entry(pod.key.namespace.clone()).or_default().insert(pod.key.clone());
+        self.out
+            .endpoints_by_ns
+            .entry(pod.key.namespace.clone())
+            .or_default()
+            .insert(pod.key.clone());
         let selecting: Vec<PolicyId> = self
             .idx
             .policies_by_ns
@@ -666,7 +718,8 @@ impl Engine {
                 TermPeer::Any => add(out, PeerMatch::Any, &[]),
                 TermPeer::Block(b) => add(out, PeerMatch::Cidr(b.clone()), &[]),
                 TermPeer::Pods(_) => {
-                    let sel = policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
+                    let sel =
+                        policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
                     for port in term.ports.iter().filter(|p| !p.per_peer(d)) {
                         if let Some(ports) = port.resolve(&ep_ports) {
                             out.bump(ep, d, Allow { peer: PeerMatch::Set(sel), ports }, up);
@@ -677,7 +730,12 @@ impl Engine {
                             let peer_ports = &idx.identities[id].key.named_ports;
                             for port in term.ports.iter().filter(|p| p.per_peer(d)) {
                                 if let Some(ports) = port.resolve(peer_ports) {
-                                    out.bump(ep, d, Allow { peer: PeerMatch::Identity(*id), ports }, up);
+                                    out.bump(
+                                        ep,
+                                        d,
+                                        Allow { peer: PeerMatch::Identity(*id), ports },
+                                        up,
+                                    );
                                 }
                             }
                         }
@@ -702,7 +760,12 @@ impl Engine {
         let pid = self.idx.next_policy;
         self.idx.next_policy += 1;
         let terms = Direction::BOTH.map(|d| {
-            policy.rules(d).unwrap_or_default().iter().flat_map(|r| rule_terms(r, d)).collect::<Vec<_>>()
+            policy
+                .rules(d)
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|r| rule_terms(r, d))
+                .collect::<Vec<_>>()
         });
         let ns = policy.key.namespace.clone();
         let selected: Vec<ObjectKey> = self
@@ -718,7 +781,12 @@ impl Engine {
         self.idx.policies_by_ns.entry(ns).or_default().insert(pid);
         self.idx.policies.insert(
             pid,
-            PolicyEntry { policy, terms, term_selectors: [Vec::new(), Vec::new()], endpoints: BTreeSet::new() },
+            PolicyEntry {
+                policy,
+                terms,
+                term_selectors: [Vec::new(), Vec::new()],
+                endpoints: BTreeSet::new(),
+            },
         );
         for ep in selected {
             self.attach(pid, &ep);
@@ -766,7 +834,9 @@ impl Engine {
 
     fn dematerialize(&mut self, pid: PolicyId) {
         for d in Direction::BOTH {
-            let sels = std::mem::take(&mut self.idx.policies.get_mut(&pid).expect("policy").term_selectors[di(d)]);
+            let sels = std::mem::take(
+                &mut self.idx.policies.get_mut(&pid).expect("policy").term_selectors[di(d)],
+            );
             for (ti, sel) in sels.into_iter().enumerate() {
                 let tref = TermRef { policy: pid, direction: d, term: ti };
                 self.idx.pods_in_block.remove(&tref);
@@ -822,7 +892,10 @@ impl Engine {
         }
         self.out.diff.sets.entry(id).or_insert(false);
         self.idx.selector_ids.insert(s.clone(), id);
-        self.idx.selectors.insert(id, SelectorEntry { selector: s.clone(), members, users: HashSet::new(), live: true });
+        self.idx.selectors.insert(
+            id,
+            SelectorEntry { selector: s.clone(), members, users: HashSet::new(), live: true },
+        );
         id
     }
 
@@ -933,19 +1006,28 @@ impl Engine {
             }
         }
         let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);
-        let isolated_now = |ip: &IpAddr, d: Direction| current(ip).is_some_and(|ep| !ep.policies[di(d)].is_empty());
+        let isolated_now = |ip: &IpAddr, d: Direction| {
+            current(ip).is_some_and(|ep| !ep.policies[di(d)].is_empty())
+        };
         let isolated_before = |ip: &IpAddr, d: Direction| {
-            !fresh.contains(ip) && diff.isolation.get(&(*ip, d)).copied().unwrap_or_else(|| isolated_now(ip, d))
+            !fresh.contains(ip)
+                && diff.isolation.get(&(*ip, d)).copied().unwrap_or_else(|| isolated_now(ip, d))
         };
         for ((ip, d), before) in &diff.isolation {
             let after = isolated_now(ip, *d);
             if fresh.contains(ip) {
                 if after {
-                    changes.push((ISOLATE, Change::SetIsolation { ip: *ip, direction: *d, isolated: true }));
+                    changes.push((
+                        ISOLATE,
+                        Change::SetIsolation { ip: *ip, direction: *d, isolated: true },
+                    ));
                 }
             } else if !gone.contains(ip) && *before != after {
                 let stage = if after { ISOLATE } else { UNISOLATE };
-                changes.push((stage, Change::SetIsolation { ip: *ip, direction: *d, isolated: after }));
+                changes.push((
+                    stage,
+                    Change::SetIsolation { ip: *ip, direction: *d, isolated: after },
+                ));
             }
         }
         for ((ip, d, allow), before) in diff.allows {
@@ -966,10 +1048,20 @@ impl Engine {
             }
         }
         for (ip, before) in diff.identities {
-            let after = self.idx.claims.get(&ip).and_then(|c| c.first()).and_then(|k| self.idx.pod_identity.get(k)).copied();
+            let after = self
+                .idx
+                .claims
+                .get(&ip)
+                .and_then(|c| c.first())
+                .and_then(|k| self.idx.pod_identity.get(k))
+                .copied();
             match (before, after) {
-                (None, Some(a)) => changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a })),
-                (Some(b), Some(a)) if b != a => changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a })),
+                (None, Some(a)) => {
+                    changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a }))
+                }
+                (Some(b), Some(a)) if b != a => {
+                    changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a }))
+                }
                 (Some(_), None) => changes.push((UNIDENTIFY, Change::RemoveIdentity { ip })),
                 _ => {}
             }
@@ -983,7 +1075,11 @@ impl Engine {
                     changes.push((SETS, Change::AddSet { set: sel, selector: s.selector.clone() }));
                     let mut members: Vec<IdentityId> = s.members.iter().copied().collect();
                     members.sort_unstable();
-                    changes.extend(members.into_iter().map(|m| (SETS, Change::AddMember { set: sel, identity: m })));
+                    changes.extend(
+                        members
+                            .into_iter()
+                            .map(|m| (SETS, Change::AddMember { set: sel, identity: m })),
+                    );
                 }
                 (true, None) => changes.push((UNSET, Change::RemoveSet { set: sel })),
                 _ => {}
@@ -997,8 +1093,11 @@ impl Engine {
             match (before, s.members.contains(&id)) {
                 // (In a pod event, only a new identity joins sets: no address has it until
                 // IDENTIFY or IDENTIFY_NEW.)
-                (false, true) => changes.push((QUIET_ADDS, Change::AddMember { set: sel, identity: id })),
-                (true, false) => changes.push((RESTRICTING_REMOVES, Change::RemoveMember { set: sel, identity: id })),
+                (false, true) => {
+                    changes.push((QUIET_ADDS, Change::AddMember { set: sel, identity: id }))
+                }
+                (true, false) => changes
+                    .push((RESTRICTING_REMOVES, Change::RemoveMember { set: sel, identity: id })),
                 _ => {}
             }
         }
@@ -1013,23 +1112,28 @@ impl Engine {
         // The label view: identities exist before any address has them and after none has.
         for (id, before) in diff.identity_keys {
             match (before, self.idx.identities.get(&id)) {
-                (false, Some(e)) => changes.push((SETS, Change::AddIdentityKey { identity: id, key: e.key.clone() })),
+                (false, Some(e)) => changes
+                    .push((SETS, Change::AddIdentityKey { identity: id, key: e.key.clone() })),
                 (true, None) => changes.push((UNSET, Change::RemoveIdentityKey { identity: id })),
                 _ => {}
             }
         }
         for (name, before) in diff.namespaces {
             match self.state.namespaces.get(&name) {
-                Some(ns) if before.as_ref() != Some(&ns.labels) => {
-                    changes.push((IDENTIFY, Change::SetNamespaceLabels { namespace: name, labels: ns.labels.clone() }))
+                Some(ns) if before.as_ref() != Some(&ns.labels) => changes.push((
+                    IDENTIFY,
+                    Change::SetNamespaceLabels { namespace: name, labels: ns.labels.clone() },
+                )),
+                None if before.is_some() => {
+                    changes.push((IDENTIFY, Change::RemoveNamespace { namespace: name }))
                 }
-                None if before.is_some() => changes.push((IDENTIFY, Change::RemoveNamespace { namespace: name })),
                 _ => {}
             }
         }
         for (key, existed) in diff.policies {
             match self.state.policies.get(&key) {
-                Some(p) => changes.push((IDENTIFY, Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) })),
+                Some(p) => changes
+                    .push((IDENTIFY, Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) })),
                 None if existed => changes.push((IDENTIFY, Change::RemovePolicy { key })),
                 None => {}
             }

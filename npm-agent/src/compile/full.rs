@@ -34,7 +34,9 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             let id = plan.sets.len() as SetId + 1;
             let members = identities
                 .iter()
-                .filter(|(_, k)| sel.matches(&k.namespace, &state.namespace_labels(&k.namespace), &k.labels))
+                .filter(|(_, k)| {
+                    sel.matches(&k.namespace, &state.namespace_labels(&k.namespace), &k.labels)
+                })
                 .map(|(id, _)| *id)
                 .collect();
             plan.sets.insert(id, PeerSet { selector: sel.clone(), members });
@@ -42,7 +44,8 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
         });
         (id, plan.sets[&id].members.iter().copied().collect())
     };
-    let key_of: HashMap<IdentityId, &IdentityKey> = identities.iter().map(|(id, k)| (*id, *k)).collect();
+    let key_of: HashMap<IdentityId, &IdentityKey> =
+        identities.iter().map(|(id, k)| (*id, *k)).collect();
 
     for (ip, pod) in &owners {
         if !scope.is_local(pod) {
@@ -58,17 +61,23 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                 ep.direction_mut(direction).isolated = true;
                 for rule in rules {
                     for term in rule_terms(rule, direction) {
-                        let add = |dp: &mut crate::plan::DirectionPlan, peer: PeerMatch, peer_ports: &[crate::model::NamedPort]| {
-                            for port in &term.ports {
-                                let named = resolution_ports(direction, &pod.named_ports, peer_ports);
-                                if let Some(ports) = port.resolve(named) {
-                                    dp.allow.insert(Allow { peer: peer.clone(), ports });
+                        let add =
+                            |dp: &mut crate::plan::DirectionPlan,
+                             peer: PeerMatch,
+                             peer_ports: &[crate::model::NamedPort]| {
+                                for port in &term.ports {
+                                    let named =
+                                        resolution_ports(direction, &pod.named_ports, peer_ports);
+                                    if let Some(ports) = port.resolve(named) {
+                                        dp.allow.insert(Allow { peer: peer.clone(), ports });
+                                    }
                                 }
-                            }
-                        };
+                            };
                         match &term.peer {
                             TermPeer::Any => add(ep.direction_mut(direction), PeerMatch::Any, &[]),
-                            TermPeer::Block(b) => add(ep.direction_mut(direction), PeerMatch::Cidr(b.clone()), &[]),
+                            TermPeer::Block(b) => {
+                                add(ep.direction_mut(direction), PeerMatch::Cidr(b.clone()), &[])
+                            }
                             TermPeer::Pods(sel) => {
                                 // One entry for the set per port, but egress named ports per
                                 // member, each resolved against that member's ports.
@@ -80,9 +89,14 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                                     }
                                 }
                                 for id in members {
-                                    for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
-                                        if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
-                                            dp.allow.insert(Allow { peer: PeerMatch::Identity(id), ports });
+                                    for port in term.ports.iter().filter(|p| p.per_peer(direction))
+                                    {
+                                        if let Some(ports) = port.resolve(&key_of[&id].named_ports)
+                                        {
+                                            dp.allow.insert(Allow {
+                                                peer: PeerMatch::Identity(id),
+                                                ports,
+                                            });
                                         }
                                     }
                                 }
@@ -90,7 +104,11 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                             TermPeer::PodsInBlock(b) => {
                                 for (peer_ip, peer) in &owners {
                                     if b.contains(*peer_ip) {
-                                        add(ep.direction_mut(direction), PeerMatch::Cidr(host_block(*peer_ip)), &peer.named_ports);
+                                        add(
+                                            ep.direction_mut(direction),
+                                            PeerMatch::Cidr(host_block(*peer_ip)),
+                                            &peer.named_ports,
+                                        );
                                     }
                                 }
                             }
@@ -104,7 +122,8 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());
     }
-    plan.namespaces = state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect();
+    plan.namespaces =
+        state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect();
     plan.policies = state.policies.clone();
     plan
 }

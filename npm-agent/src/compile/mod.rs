@@ -57,7 +57,11 @@ pub struct IdentityKey {
 
 impl IdentityKey {
     pub fn of(pod: &Pod) -> Self {
-        Self { namespace: pod.key.namespace.clone(), labels: pod.labels.clone(), named_ports: pod.named_ports.clone() }
+        Self {
+            namespace: pod.key.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports: pod.named_ports.clone(),
+        }
     }
 }
 
@@ -71,7 +75,10 @@ pub struct PeerSelector {
 impl PeerSelector {
     /// Every pod of every namespace.
     pub fn everything() -> Self {
-        Self { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::everything() }
+        Self {
+            namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+            pods: LabelSelector::everything(),
+        }
     }
 
     pub fn matches(&self, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
@@ -171,13 +178,17 @@ pub fn rule_terms(rule: &Rule, direction: Direction) -> Vec<Term> {
         }
     };
     let any_peer = [None];
-    let peers: Vec<Option<&Peer>> =
-        if rule.peers.is_empty() { any_peer.to_vec() } else { rule.peers.iter().map(Some).collect() };
+    let peers: Vec<Option<&Peer>> = if rule.peers.is_empty() {
+        any_peer.to_vec()
+    } else {
+        rule.peers.iter().map(Some).collect()
+    };
     for peer in peers {
         match peer {
-            Some(Peer::Pods { namespaces, pods }) => {
-                push(TermPeer::Pods(PeerSelector { namespaces: namespaces.clone(), pods: pods.clone() }), &ports)
-            }
+            Some(Peer::Pods { namespaces, pods }) => push(
+                TermPeer::Pods(PeerSelector { namespaces: namespaces.clone(), pods: pods.clone() }),
+                &ports,
+            ),
             None if direction == Direction::Ingress => push(TermPeer::Any, &ports),
             None => {
                 push(TermPeer::Any, &numeric);

@@ -39,7 +39,11 @@ impl Dataplane for Memory {
     }
 
     fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
-        self.plan.apply(diff).map_err(|message| DataplaneError::Apply { dataplane: "memory", operation: "apply".into(), message })
+        self.plan.apply(diff).map_err(|message| DataplaneError::Apply {
+            dataplane: "memory",
+            operation: "apply".into(),
+            message,
+        })
     }
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {

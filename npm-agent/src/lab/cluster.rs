@@ -91,7 +91,8 @@ impl LabCluster {
         net::check_environment()?;
         let lab = Lab::new(LabConfig { nodes: opts.nodes, ..LabConfig::default() })?;
         let dir = std::env::temp_dir().join(lab.prefix());
-        std::fs::create_dir_all(dir.join("manifests")).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir.join("manifests"))
+            .with_context(|| format!("creating {}", dir.display()))?;
         let mut c = LabCluster {
             opts,
             lab: Some(lab),
@@ -222,7 +223,16 @@ impl LabCluster {
         };
         docs.push((
             "namespaces.yaml",
-            self.namespaces.values().map(|n| yaml(with_kind(serde_json::to_value(namespace_to_k8s(n)).unwrap(), "v1", "Namespace"))).collect(),
+            self.namespaces
+                .values()
+                .map(|n| {
+                    yaml(with_kind(
+                        serde_json::to_value(namespace_to_k8s(n)).unwrap(),
+                        "v1",
+                        "Namespace",
+                    ))
+                })
+                .collect(),
         ));
         let nodes: Vec<Node> = self
             .lab()
@@ -230,13 +240,33 @@ impl LabCluster {
             .iter()
             .map(|n| Node { name: node_name(n.index), addresses: vec![IpAddr::V4(n.address)] })
             .collect();
-        docs.push(("nodes.yaml", nodes.iter().map(|n| yaml(with_kind(serde_json::to_value(node_to_k8s(n)).unwrap(), "v1", "Node"))).collect()));
-        docs.push(("pods.yaml", self.pods.values().map(|p| yaml(with_kind(serde_json::to_value(pod_to_k8s(p)).unwrap(), "v1", "Pod"))).collect()));
+        docs.push((
+            "nodes.yaml",
+            nodes
+                .iter()
+                .map(|n| {
+                    yaml(with_kind(serde_json::to_value(node_to_k8s(n)).unwrap(), "v1", "Node"))
+                })
+                .collect(),
+        ));
+        docs.push((
+            "pods.yaml",
+            self.pods
+                .values()
+                .map(|p| yaml(with_kind(serde_json::to_value(pod_to_k8s(p)).unwrap(), "v1", "Pod")))
+                .collect(),
+        ));
         docs.push((
             "policies.yaml",
             self.policies
                 .values()
-                .map(|p| yaml(with_kind(serde_json::to_value(policy_to_k8s(p)).unwrap(), "networking.k8s.io/v1", "NetworkPolicy")))
+                .map(|p| {
+                    yaml(with_kind(
+                        serde_json::to_value(policy_to_k8s(p)).unwrap(),
+                        "networking.k8s.io/v1",
+                        "NetworkPolicy",
+                    ))
+                })
                 .collect(),
         ));
         for (name, objects) in docs {
@@ -259,7 +289,9 @@ impl LabCluster {
                 let applied = std::fs::read_to_string(&a.status_file)
                     .ok()
                     .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                    .is_some_and(|v| v["ready"] == true && v["generation"].as_u64() >= Some(self.generation));
+                    .is_some_and(|v| {
+                        v["ready"] == true && v["generation"].as_u64() >= Some(self.generation)
+                    });
                 done &= applied;
             }
             if done {
@@ -269,9 +301,20 @@ impl LabCluster {
                 let logs: Vec<String> = self
                     .agents()
                     .iter()
-                    .map(|a| format!("node {}:\n{}", a.node, tail(&std::fs::read_to_string(&a.log_file).unwrap_or_default(), 20)))
+                    .map(|a| {
+                        format!(
+                            "node {}:\n{}",
+                            a.node,
+                            tail(&std::fs::read_to_string(&a.log_file).unwrap_or_default(), 20)
+                        )
+                    })
                     .collect();
-                bail!("agents did not apply generation {} within {:?}:\n{}", self.generation, self.opts.apply_timeout, logs.join("\n"));
+                bail!(
+                    "agents did not apply generation {} within {:?}:\n{}",
+                    self.generation,
+                    self.opts.apply_timeout,
+                    logs.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -392,7 +435,13 @@ impl Backend for LabCluster {
         self.wait_applied()
     }
 
-    fn probe(&mut self, _: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> Result<Vec<Vec<bool>>> {
+    fn probe(
+        &mut self,
+        _: &CaseCluster,
+        pods: &[&Pod],
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<Vec<Vec<bool>>> {
         let keys: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.lab().probe_matrix(&keys, protocol, port, self.opts.probe_timeout)
@@ -413,7 +462,11 @@ pub fn remove_stale_pins() {
     let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else { return };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix(net::NAME_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(net::NAME_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         // SAFETY: signal 0 only checks that the process exists.
@@ -467,4 +520,3 @@ pub fn run_cli(paths: &[PathBuf], opts: &LabOptions, json: bool) -> std::process
     }
     crate::simulate::report::print_summary(&reports, json, "lab")
 }
-

@@ -35,14 +35,19 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
     println!("== {}\n   ({})", case.name, path.display());
     let mut lab = LabCluster::new(opts.clone())?;
     lab.apply(&cluster, &cluster.initial_events())?;
-    println!("\nA lab cluster of {} nodes (network namespaces), one {} agent per node:", opts.nodes, opts.dataplane);
+    println!(
+        "\nA lab cluster of {} nodes (network namespaces), one {} agent per node:",
+        opts.nodes, opts.dataplane
+    );
     for p in cluster.pods() {
         let node = lab.node_of(&p.key).map(|n| format!("node-{n}")).unwrap_or_default();
         let ip = p.ip.map(|i| i.to_string()).unwrap_or_default();
         println!("   {:<16} {:<14} on {node}", p.key.to_string(), ip);
     }
     match serve_metrics(&lab, metrics_addr) {
-        Ok(()) => println!("\nMetrics of node-0's agent: http://{metrics_addr}/node-metrics and /cluster-metrics"),
+        Ok(()) => println!(
+            "\nMetrics of node-0's agent: http://{metrics_addr}/node-metrics and /cluster-metrics"
+        ),
         Err(e) => println!("\n(metrics not served on {metrics_addr}: {e:#})"),
     }
 
@@ -51,7 +56,8 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
     for step in &case.steps {
         for e in &step.expect {
             if let Some(p) = Protocol::parse(&e.protocol.to_uppercase())
-                && !kinds.contains(&(p, e.port)) && (p != Protocol::Sctp || lab.supports_sctp())
+                && !kinds.contains(&(p, e.port))
+                && (p != Protocol::Sctp || lab.supports_sctp())
             {
                 kinds.push((p, e.port));
             }
@@ -70,7 +76,9 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
         for a in &step.actions {
             match cluster.action(a).map_err(anyhow::Error::msg)? {
                 ActionOutcome::Events(e) => events.extend(e),
-                ActionOutcome::Rejected(invalid) => println!("   rejected (not applied): {invalid}"),
+                ActionOutcome::Rejected(invalid) => {
+                    println!("   rejected (not applied): {invalid}")
+                }
             }
         }
         lab.apply(&cluster, &events)?;
@@ -95,11 +103,24 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
             }
         }
     }
-    println!("\n{}", if all_pass { "Every table matched the case's expectations." } else { "Some tables did not match." });
+    println!(
+        "\n{}",
+        if all_pass {
+            "Every table matched the case's expectations."
+        } else {
+            "Some tables did not match."
+        }
+    );
     if hold {
         println!("\nHolding the lab (Ctrl-C removes it). To explore:");
         for n in lab.lab().nodes() {
-            println!("   ip netns exec {}  ...   # node-{} (its agent's pins: /sys/fs/bpf/{}-n{})", n.netns, n.index, lab.lab().prefix(), n.index);
+            println!(
+                "   ip netns exec {}  ...   # node-{} (its agent's pins: /sys/fs/bpf/{}-n{})",
+                n.netns,
+                n.index,
+                lab.lab().prefix(),
+                n.index
+            );
         }
         for p in lab.lab().pods() {
             println!("   ip netns exec {}  ...   # pod {} {}", p.netns, p.key, p.ip);
@@ -123,7 +144,11 @@ fn serve_metrics(lab: &LabCluster, addr: &str) -> Result<()> {
         for client in listener.incoming().flatten() {
             let netns = netns.clone();
             std::thread::spawn(move || {
-                let Ok(Ok(upstream)) = net::in_netns(&netns, || TcpStream::connect("127.0.0.1:10091")) else { return };
+                let Ok(Ok(upstream)) =
+                    net::in_netns(&netns, || TcpStream::connect("127.0.0.1:10091"))
+                else {
+                    return;
+                };
                 pipe(client, upstream);
             });
         }

@@ -107,7 +107,12 @@ pub struct LabConfig {
 
 impl Default for LabConfig {
     fn default() -> Self {
-        Self { nodes: 2, fabric_network: Ipv4Addr::new(172, 31, 0, 0), handle_signals: true, cleanup_stale: true }
+        Self {
+            nodes: 2,
+            fabric_network: Ipv4Addr::new(172, 31, 0, 0),
+            handle_signals: true,
+            cleanup_stale: true,
+        }
     }
 }
 
@@ -163,20 +168,27 @@ impl Lab {
     /// Builds the nodes and the fabric (no pods yet).
     pub fn new(config: LabConfig) -> Result<Lab> {
         check_environment()?;
-        ensure!((1..=200).contains(&config.nodes), "a lab has 1 to 200 nodes, not {}", config.nodes);
+        ensure!(
+            (1..=200).contains(&config.nodes),
+            "a lab has 1 to 200 nodes, not {}",
+            config.nodes
+        );
         if config.handle_signals {
             install_signal_cleanup()?;
         }
         if config.cleanup_stale {
             match cleanup_stale() {
-                Ok(removed) if !removed.is_empty() => eprintln!("npm lab: removed stale namespaces {removed:?}"),
+                Ok(removed) if !removed.is_empty() => {
+                    eprintln!("npm lab: removed stale namespaces {removed:?}")
+                }
                 Ok(_) => {}
                 Err(e) => eprintln!("npm lab: could not remove stale namespaces: {e:#}"),
             }
         }
         raise_fd_limit();
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("{NAME_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let prefix =
+            format!("{NAME_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let [a, b, c, _] = config.fabric_network.octets();
         let nodes = (0..config.nodes)
             .map(|i| {
@@ -190,7 +202,14 @@ impl Lab {
                 }
             })
             .collect();
-        let mut lab = Lab { fabric: format!("{prefix}-f"), prefix, nodes, pods: BTreeMap::new(), next_pod: 0, namespaces: Vec::new() };
+        let mut lab = Lab {
+            fabric: format!("{prefix}-f"),
+            prefix,
+            nodes,
+            pods: BTreeMap::new(),
+            next_pod: 0,
+            namespaces: Vec::new(),
+        };
         // On error, dropping `lab` removes whatever was created.
         lab.build().with_context(|| format!("building lab {}", lab.prefix))?;
         Ok(lab)
@@ -208,10 +227,17 @@ impl Lab {
             settings.push(("ipv4/ip_forward", "1"));
             write_sysctls(&node.netns_path, &settings)?;
         }
-        let mut fabric = vec!["link set lo up".to_string(), "link add br0 type bridge".into(), "link set br0 up".into()];
+        let mut fabric = vec![
+            "link set lo up".to_string(),
+            "link add br0 type bridge".into(),
+            "link set br0 up".into(),
+        ];
         for node in &self.nodes {
             let port = format!("n{}", node.index);
-            fabric.push(format!("link add {port} type veth peer name {UPLINK_IFNAME} netns {}", node.netns));
+            fabric.push(format!(
+                "link add {port} type veth peer name {UPLINK_IFNAME} netns {}",
+                node.netns
+            ));
             fabric.push(format!("link set {port} master br0"));
             fabric.push(format!("link set {port} up"));
         }
@@ -244,7 +270,11 @@ impl Lab {
     }
 
     /// A command that runs in node `index`'s network namespace (see [`command_in_netns`]).
-    pub fn node_command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    pub fn node_command(
+        &self,
+        index: usize,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
         let node = self.nodes.get(index).ok_or_else(|| anyhow!("node {index} does not exist"))?;
         command_in_netns(&node.netns_path, program)
     }
@@ -275,20 +305,38 @@ impl Lab {
 
     /// Creates a pod namespace attached to node `node` with address `ip`, serving `ports`
     /// (TCP: accept and close; UDP: echo). Returns once the pod is reachable and serving.
-    pub fn add_pod(&mut self, key: &str, ip: Ipv4Addr, node: usize, ports: &[(Protocol, u16)]) -> Result<&LabPod> {
+    pub fn add_pod(
+        &mut self,
+        key: &str,
+        ip: Ipv4Addr,
+        node: usize,
+        ports: &[(Protocol, u16)],
+    ) -> Result<&LabPod> {
         ensure!(!key.is_empty(), "a pod needs a key");
         ensure!(!self.pods.contains_key(key), "pod {key} already exists in the lab");
-        ensure!(node < self.nodes.len(), "pod {key}: node {node} does not exist (the lab has {})", self.nodes.len());
+        ensure!(
+            node < self.nodes.len(),
+            "pod {key}: node {node} does not exist (the lab has {})",
+            self.nodes.len()
+        );
         if let Some(other) = self.pods.values().find(|e| e.info.ip == ip) {
             bail!("pod {key}: address {ip} is already used by pod {}", other.info.key);
         }
         let fabric = self.nodes[0].address.octets();
         ensure!(
-            !(ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+            !(ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast())
                 && ip.octets()[..3] != fabric[..3],
             "pod {key}: {ip} cannot be a pod address in the lab"
         );
-        let mut served: Vec<(Protocol, u16)> = ports.iter().copied().filter(|(p, _)| *p != Protocol::Sctp || sctp_supported()).collect();
+        let mut served: Vec<(Protocol, u16)> = ports
+            .iter()
+            .copied()
+            .filter(|(p, _)| *p != Protocol::Sctp || sctp_supported())
+            .collect();
         served.sort();
         served.dedup();
         let id = self.next_pod;
@@ -325,7 +373,10 @@ impl Lab {
             Some(&owner.netns),
             false,
             [
-                format!("link add {host} address {HOST_VETH_MAC} type veth peer name {POD_IFNAME} netns {}", pod.netns),
+                format!(
+                    "link add {host} address {HOST_VETH_MAC} type veth peer name {POD_IFNAME} netns {}",
+                    pod.netns
+                ),
                 format!("link set {host} up"),
                 format!("route add {}/32 dev {host} scope link", pod.ip),
             ],
@@ -339,14 +390,21 @@ impl Lab {
                 format!("link set {POD_IFNAME} up"),
                 format!("route add {POD_GATEWAY} dev {POD_IFNAME} scope link"),
                 format!("route add default via {POD_GATEWAY} dev {POD_IFNAME}"),
-                format!("neigh replace {POD_GATEWAY} lladdr {HOST_VETH_MAC} dev {POD_IFNAME} nud permanent"),
+                format!(
+                    "neigh replace {POD_GATEWAY} lladdr {HOST_VETH_MAC} dev {POD_IFNAME} nud permanent"
+                ),
             ],
         )?;
         for other in self.nodes.iter().filter(|n| n.index != pod.node) {
-            ip_batch(Some(&other.netns), false, [format!("route add {}/32 via {} dev {UPLINK_IFNAME}", pod.ip, owner.address)])?;
+            ip_batch(
+                Some(&other.netns),
+                false,
+                [format!("route add {}/32 via {} dev {UPLINK_IFNAME}", pod.ip, owner.address)],
+            )?;
         }
         let name = CString::new(host.as_str())?;
-        let ifindex = in_netns(&owner.netns_path, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+        let ifindex =
+            in_netns(&owner.netns_path, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
         ensure!(ifindex != 0, "{host} not found in {}", owner.netns);
         let server = PodServer::start(&pod)?;
         let entry = self.pods.get_mut(key).expect("inserted by add_pod");
@@ -368,13 +426,19 @@ impl Lab {
         let mut errors = Vec::new();
         let owner = &self.nodes[pod.node];
         for other in self.nodes.iter().filter(|n| n.index != pod.node) {
-            if let Err(e) = ip_batch(Some(&other.netns), true, [format!("route del {}/32 via {}", pod.ip, owner.address)]) {
+            if let Err(e) = ip_batch(
+                Some(&other.netns),
+                true,
+                [format!("route del {}/32 via {}", pod.ip, owner.address)],
+            ) {
                 errors.push(format!("{e:#}"));
             }
         }
         // Deleting the veth now (rather than when the namespace is finally freed) removes its
         // /32 route at once, so the address can be reused right away.
-        if let Err(e) = ip_batch(Some(&owner.netns), false, [format!("link del {}", pod.host_ifname)]) {
+        if let Err(e) =
+            ip_batch(Some(&owner.netns), false, [format!("link del {}", pod.host_ifname)])
+        {
             errors.push(format!("{e:#}"));
         }
         if let Err(e) = delete_namespaces(std::slice::from_ref(&pod.netns)) {
@@ -387,9 +451,21 @@ impl Lab {
 
     /// Probes every (client, server) pair of `pods` (keys) for one protocol and port, all in
     /// parallel: `result[i][j]` is whether `pods[i]` reached `pods[j]` within `timeout`.
-    pub fn probe_matrix(&self, pods: &[&str], protocol: Protocol, port: u16, timeout: Duration) -> Result<Vec<Vec<bool>>> {
-        ensure!(protocol != Protocol::Sctp || sctp_supported(), "this kernel has no SCTP (module sctp not loaded)");
-        let entries = pods.iter().map(|k| self.pod(k).ok_or_else(|| anyhow!("pod {k} is not in the lab"))).collect::<Result<Vec<_>>>()?;
+    pub fn probe_matrix(
+        &self,
+        pods: &[&str],
+        protocol: Protocol,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Vec<Vec<bool>>> {
+        ensure!(
+            protocol != Protocol::Sctp || sctp_supported(),
+            "this kernel has no SCTP (module sctp not loaded)"
+        );
+        let entries = pods
+            .iter()
+            .map(|k| self.pod(k).ok_or_else(|| anyhow!("pod {k} is not in the lab")))
+            .collect::<Result<Vec<_>>>()?;
         let states = std::thread::scope(|s| {
             let handles: Vec<_> = entries
                 .iter()
@@ -397,7 +473,8 @@ impl Lab {
                 .map(|(i, src)| {
                     let entries = &entries;
                     s.spawn(move || -> Result<Vec<ProbeState>> {
-                        let ns = File::open(&src.netns_path).with_context(|| format!("opening {}", src.netns_path.display()))?;
+                        let ns = File::open(&src.netns_path)
+                            .with_context(|| format!("opening {}", src.netns_path.display()))?;
                         enter_netns(&ns).with_context(|| format!("entering {}", src.netns))?;
                         entries
                             .iter()
@@ -413,13 +490,23 @@ impl Lab {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect::<Result<Vec<_>>>()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<Vec<_>>>()
         })?;
         wait_probes(states, timeout)
     }
 
     /// Probes one pair (see [`Lab::probe_matrix`]).
-    pub fn probe(&self, from: &str, to: &str, protocol: Protocol, port: u16, timeout: Duration) -> Result<bool> {
+    pub fn probe(
+        &self,
+        from: &str,
+        to: &str,
+        protocol: Protocol,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<bool> {
         Ok(self.probe_matrix(&[from, to], protocol, port, timeout)?[0][1])
     }
 
@@ -499,7 +586,10 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
     let mut live = live();
     let stale: Vec<String> = list_netns()?
         .into_iter()
-        .filter(|n| owner_pid(n).is_some_and(|pid| if pid == me { !live.contains(n) } else { !pid_alive(pid) }))
+        .filter(|n| {
+            owner_pid(n)
+                .is_some_and(|pid| if pid == me { !live.contains(n) } else { !pid_alive(pid) })
+        })
         .collect();
     delete_namespaces_locked(&mut live, &stale)?;
     Ok(stale)
@@ -508,7 +598,10 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
 /// Deletes every namespace whose name starts with `prefix`, which must start with
 /// [`NAME_PREFIX`], whoever owns it. Returns the names deleted.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
-    ensure!(prefix.starts_with(NAME_PREFIX), "refusing to delete namespaces not named {NAME_PREFIX}*");
+    ensure!(
+        prefix.starts_with(NAME_PREFIX),
+        "refusing to delete namespaces not named {NAME_PREFIX}*"
+    );
     let names: Vec<String> = list_netns()?.into_iter().filter(|n| n.starts_with(prefix)).collect();
     delete_namespaces(&names)?;
     Ok(names)
@@ -598,7 +691,11 @@ fn delete_namespaces(names: &[String]) -> Result<()> {
 }
 
 fn delete_namespaces_locked(live: &mut Vec<String>, names: &[String]) -> Result<()> {
-    let result = ip_batch(None, true, names.iter().filter(|n| netns_path(n).exists()).map(|n| format!("netns delete {n}")));
+    let result = ip_batch(
+        None,
+        true,
+        names.iter().filter(|n| netns_path(n).exists()).map(|n| format!("netns delete {n}")),
+    );
     live.retain(|n| !names.contains(n));
     let left: Vec<&String> = names.iter().filter(|n| netns_path(n).exists()).collect();
     match result {
@@ -614,7 +711,9 @@ fn owner_pid(name: &str) -> Option<u32> {
 
 fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    unsafe { libc::kill(pid, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+    unsafe {
+        libc::kill(pid, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
 }
 
 type Hook = (u64, Box<dyn Fn() + Send>);
@@ -655,7 +754,10 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// every registered lab namespace and exits with 128 + the signal number.
 fn install_signal_cleanup() -> Result<()> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    INSTALLED.get_or_init(|| install_signal_cleanup_once().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+    INSTALLED
+        .get_or_init(|| install_signal_cleanup_once().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
 }
 
 fn install_signal_cleanup_once() -> Result<()> {
@@ -663,7 +765,8 @@ fn install_signal_cleanup_once() -> Result<()> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error()).context("pipe2");
     }
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     std::thread::Builder::new()
         .name("npm-lab-signals".into())
         .spawn(move || {
@@ -695,7 +798,9 @@ fn install_signal_cleanup_once() -> Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         unsafe {
             let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
                 continue;
             }
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -714,7 +819,8 @@ fn install_signal_cleanup_once() -> Result<()> {
 fn raise_fd_limit() {
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max.min(1 << 20);
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
@@ -724,7 +830,11 @@ fn raise_fd_limit() {
 // ---- iproute2 and sysctls ----
 
 /// Runs `ip [-n netns] [-force] -batch -` with `lines` as its commands.
-fn ip_batch(netns: Option<&str>, force: bool, lines: impl IntoIterator<Item = String>) -> Result<()> {
+fn ip_batch(
+    netns: Option<&str>,
+    force: bool,
+    lines: impl IntoIterator<Item = String>,
+) -> Result<()> {
     let lines: Vec<String> = lines.into_iter().collect();
     if lines.is_empty() {
         return Ok(());
@@ -801,27 +911,50 @@ fn new_socket(protocol: Protocol) -> io::Result<OwnedFd> {
         Protocol::Udp => (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
         Protocol::Sctp => (libc::SOCK_STREAM, libc::IPPROTO_SCTP),
     };
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) })?;
+    let fd = cvt(unsafe {
+        libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto)
+    })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn bind(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
     let sa = sockaddr_in(addr);
-    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t) })
-        .map(drop)
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 fn connect(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
     let sa = sockaddr_in(addr);
     cvt(unsafe {
-        libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
     })
     .map(drop)
 }
 
-fn set_int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int_option(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     cvt(unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (&value as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
     })
     .map(drop)
 }
@@ -830,17 +963,28 @@ fn set_int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: li
 fn socket_error(fd: &OwnedFd) -> io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&mut value as *mut libc::c_int).cast(), &mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
     Ok(value)
 }
 
 fn send(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
-    let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+    let n =
+        unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+    };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
@@ -864,24 +1008,28 @@ struct PodServer {
 impl PodServer {
     fn start(pod: &LabPod) -> Result<PodServer> {
         let ports = pod.ports.clone();
-        let (streams, datagrams) = in_netns(&pod.netns_path, move || -> io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
-            let (mut streams, mut datagrams) = (Vec::new(), Vec::new());
-            for (protocol, port) in ports {
-                let fd = new_socket(protocol)?;
-                set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-                bind(&fd, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
-                if protocol == Protocol::Udp {
-                    datagrams.push(UdpSocket::from(fd));
-                } else {
-                    cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
-                    // accept() is the same call for TCP and SCTP stream sockets.
-                    streams.push(TcpListener::from(fd));
+        let (streams, datagrams) = in_netns(
+            &pod.netns_path,
+            move || -> io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
+                let (mut streams, mut datagrams) = (Vec::new(), Vec::new());
+                for (protocol, port) in ports {
+                    let fd = new_socket(protocol)?;
+                    set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+                    bind(&fd, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+                    if protocol == Protocol::Udp {
+                        datagrams.push(UdpSocket::from(fd));
+                    } else {
+                        cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+                        // accept() is the same call for TCP and SCTP stream sockets.
+                        streams.push(TcpListener::from(fd));
+                    }
                 }
-            }
-            Ok((streams, datagrams))
-        })?
+                Ok((streams, datagrams))
+            },
+        )?
         .with_context(|| format!("starting servers in pod {}", pod.key))?;
-        let stop = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }).context("eventfd")?;
+        let stop = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+            .context("eventfd")?;
         let stop = unsafe { OwnedFd::from_raw_fd(stop) };
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new()
@@ -926,7 +1074,9 @@ fn serve(stop: OwnedFd, streams: Vec<TcpListener>, datagrams: Vec<UdpSocket>) {
             loop {
                 match listener.accept() {
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::ConnectionAborted => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::Interrupted
+                            || e.kind() == io::ErrorKind::ConnectionAborted => {}
                     Err(_) => break,
                 }
             }
@@ -991,7 +1141,9 @@ fn start_probe(protocol: Protocol, dst: SocketAddrV4, payload: [u8; 16]) -> io::
     Ok(match protocol {
         Protocol::Tcp | Protocol::Sctp => match connect(&fd, dst) {
             Ok(()) => ProbeState::Done(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => ProbeState::Pending { fd, protocol, payload },
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                ProbeState::Pending { fd, protocol, payload }
+            }
             Err(_) => ProbeState::Done(false),
         },
         Protocol::Udp => match connect(&fd, dst).and_then(|()| send(&fd, &payload)) {
@@ -1015,7 +1167,8 @@ fn wait_probes(mut states: Vec<Vec<ProbeState>>, timeout: Duration) -> Result<Ve
         for (i, row) in states.iter().enumerate() {
             for (j, state) in row.iter().enumerate() {
                 if let ProbeState::Pending { fd, protocol, .. } = state {
-                    let events = if *protocol == Protocol::Udp { libc::POLLIN } else { libc::POLLOUT };
+                    let events =
+                        if *protocol == Protocol::Udp { libc::POLLIN } else { libc::POLLOUT };
                     fds.push(libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 });
                     cells.push((i, j));
                 }
@@ -1031,7 +1184,9 @@ fn wait_probes(mut states: Vec<Vec<ProbeState>>, timeout: Duration) -> Result<Ve
             if pfd.revents == 0 {
                 continue;
             }
-            let ProbeState::Pending { fd, protocol, payload } = &states[i][j] else { unreachable!() };
+            let ProbeState::Pending { fd, protocol, payload } = &states[i][j] else {
+                unreachable!()
+            };
             let verdict = if *protocol == Protocol::Udp {
                 loop {
                     match recv(fd, &mut buf) {
@@ -1062,7 +1217,10 @@ fn wait_probes(mut states: Vec<Vec<ProbeState>>, timeout: Duration) -> Result<Ve
             }
         }
     }
-    Ok(states.into_iter().map(|row| row.into_iter().map(|s| matches!(s, ProbeState::Done(true))).collect()).collect())
+    Ok(states
+        .into_iter()
+        .map(|row| row.into_iter().map(|s| matches!(s, ProbeState::Done(true))).collect())
+        .collect())
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 
 use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
-use crate::model::{CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule};
+use crate::model::{
+    CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule,
+};
 use crate::simulate::Backend;
 use crate::simulate::case::{Case, CaseCluster};
 use crate::state::Event;
@@ -21,16 +23,23 @@ const PORT: u16 = 5201;
 /// others one /32 each on another port, so the maps hold `n` policies' entries.
 pub fn policy(i: usize) -> Policy {
     let peer = if i == 0 {
-        Peer::Pods { namespaces: NamespaceScope::Selector(LabelSelector::everything()), pods: LabelSelector::from_labels([("app", "client")]) }
+        Peer::Pods {
+            namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+            pods: LabelSelector::from_labels([("app", "client")]),
+        }
     } else {
-        let ip = Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
+        let ip =
+            Ipv4Addr::new(172, 16 + (i / 65536) as u8, ((i / 256) % 256) as u8, (i % 256) as u8);
         Peer::Block(CidrBlock::new(ipnet::IpNet::from(IpAddr::V4(ip)), []))
     };
     let port = if i == 0 { PORT } else { 1000 + (i % 1000) as u16 };
     Policy {
         key: ObjectKey::new("x", format!("bench-{i}")),
         pod_selector: LabelSelector::from_labels([("app", "server")]),
-        ingress: Some(vec![Rule { peers: vec![peer], ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: port, last: port }] }]),
+        ingress: Some(vec![Rule {
+            peers: vec![peer],
+            ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: port, last: port }],
+        }]),
         egress: None,
     }
 }
@@ -73,7 +82,17 @@ pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32) -> Result
             let r = iperf(lab.lab(), seconds);
             if r.is_err() {
                 for l in lab.agent_logs() {
-                    eprintln!("--- {}:\n{}", l.display(), std::fs::read_to_string(&l).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+                    eprintln!(
+                        "--- {}:\n{}",
+                        l.display(),
+                        std::fs::read_to_string(&l)
+                            .unwrap_or_default()
+                            .lines()
+                            .rev()
+                            .take(15)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
                 }
             }
             lab.shutdown()?;
@@ -100,24 +119,41 @@ fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
         .context("starting iperf3 -s (is iperf3 installed?)")?;
     std::thread::sleep(Duration::from_millis(300));
     let out = net::command_in_netns(&client.netns_path, "iperf3")?
-        .args(["-c", &server.ip.to_string(), "-p", &PORT.to_string(), "-t", &seconds.to_string(), "-J"])
+        .args([
+            "-c",
+            &server.ip.to_string(),
+            "-p",
+            &PORT.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
         .output()
         .context("running iperf3 -c")?;
     let _ = srv.kill();
     let _ = srv.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| format!("iperf3 failed: {}", v["error"]))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 failed: {}", v["error"]))?;
     Ok(bps / 1e9)
 }
 
-pub fn throughput_cli(dataplanes: &[String], policies: usize, seconds: u32, runs: usize) -> ExitCode {
+pub fn throughput_cli(
+    dataplanes: &[String],
+    policies: usize,
+    seconds: u32,
+    runs: usize,
+) -> ExitCode {
     if let Err(e) = net::check_environment() {
         eprintln!("npm-agent lab throughput: {e:#}");
         return ExitCode::from(2);
     }
     super::cluster::remove_stale_pins();
     let _ = net::cleanup_stale();
-    println!("iperf3, TCP, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs");
+    println!(
+        "iperf3, TCP, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs"
+    );
     let mut baseline = None;
     for dp in dataplanes {
         let which = (dp != "none").then_some(dp.as_str());
@@ -134,8 +170,15 @@ pub fn throughput_cli(dataplanes: &[String], policies: usize, seconds: u32, runs
         results.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
         let median = results[results.len() / 2];
         let base = *baseline.get_or_insert(median);
-        let label = if which.is_none() { "no agent".to_string() } else { format!("{dp}, {policies} policies") };
-        println!("  {label:<28} {median:>7.2} Gbit/s  ({:.1}% of the first)  runs: {results:.2?}", 100.0 * median / base);
+        let label = if which.is_none() {
+            "no agent".to_string()
+        } else {
+            format!("{dp}, {policies} policies")
+        };
+        println!(
+            "  {label:<28} {median:>7.2} Gbit/s  ({:.1}% of the first)  runs: {results:.2?}",
+            100.0 * median / base
+        );
     }
     ExitCode::SUCCESS
 }

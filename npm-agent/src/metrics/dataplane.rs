@@ -163,7 +163,13 @@ fn counter(labels: Vec<LabelPair>, v: f64) -> Metric {
 }
 
 fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
-    Desc::new(name.into(), help.into(), labels.iter().map(|s| s.to_string()).collect(), Default::default()).expect("valid desc")
+    Desc::new(
+        name.into(),
+        help.into(),
+        labels.iter().map(|s| s.to_string()).collect(),
+        Default::default(),
+    )
+    .expect("valid desc")
 }
 
 /// `/node-metrics`: packets, maps, connection tracking.
@@ -195,7 +201,14 @@ impl Collector for NodeCollector {
         use super::*;
         let Some(f) = self.cache.get() else { return Vec::new() };
         let packets = |v: &[PacketFigure]| {
-            v.iter().map(|p| counter(vec![label("direction", p.direction), label("reason", &p.reason)], p.packets as f64)).collect()
+            v.iter()
+                .map(|p| {
+                    counter(
+                        vec![label("direction", p.direction), label("reason", &p.reason)],
+                        p.packets as f64,
+                    )
+                })
+                .collect()
         };
         let mut out = vec![
             family(PACKETS_ALLOWED, PACKETS_ALLOWED_HELP, MetricType::COUNTER, packets(&f.allowed)),
@@ -204,17 +217,28 @@ impl Collector for NodeCollector {
                 MAP_ENTRIES,
                 MAP_ENTRIES_HELP,
                 MetricType::GAUGE,
-                f.maps.iter().map(|m| gauge(vec![label("map", &m.name)], m.entries as f64)).collect(),
+                f.maps
+                    .iter()
+                    .map(|m| gauge(vec![label("map", &m.name)], m.entries as f64))
+                    .collect(),
             ),
             family(
                 MAP_MAX_ENTRIES,
                 MAP_MAX_ENTRIES_HELP,
                 MetricType::GAUGE,
-                f.maps.iter().map(|m| gauge(vec![label("map", &m.name)], m.max_entries as f64)).collect(),
+                f.maps
+                    .iter()
+                    .map(|m| gauge(vec![label("map", &m.name)], m.max_entries as f64))
+                    .collect(),
             ),
         ];
         if let Some(ct) = f.conntrack_entries {
-            out.push(family(CONNTRACK_ENTRIES, CONNTRACK_ENTRIES_HELP, MetricType::GAUGE, vec![gauge(Vec::new(), ct as f64)]));
+            out.push(family(
+                CONNTRACK_ENTRIES,
+                CONNTRACK_ENTRIES_HELP,
+                MetricType::GAUGE,
+                vec![gauge(Vec::new(), ct as f64)],
+            ));
         }
         out
     }
@@ -259,7 +283,9 @@ impl Collector for ClusterCollector {
         } else {
             Counts::from_state(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
         };
-        let one = |name: &str, help: &str, v: u64| family(name, help, MetricType::GAUGE, vec![gauge(Vec::new(), v as f64)]);
+        let one = |name: &str, help: &str, v: u64| {
+            family(name, help, MetricType::GAUGE, vec![gauge(Vec::new(), v as f64)])
+        };
         let mut out = vec![
             one(NUM_IPTABLES_RULES, NUM_IPTABLES_RULES_HELP, counts.rules),
             one(NUM_IPSETS, NUM_IPSETS_HELP, counts.sets),
@@ -273,7 +299,12 @@ impl Collector for ClusterCollector {
                 counts
                     .per_set
                     .iter()
-                    .map(|(name, hash, n)| gauge(vec![label(SET_NAME_LABEL, name), label(SET_HASH_LABEL, hash)], *n as f64))
+                    .map(|(name, hash, n)| {
+                        gauge(
+                            vec![label(SET_NAME_LABEL, name), label(SET_HASH_LABEL, hash)],
+                            *n as f64,
+                        )
+                    })
                     .collect(),
             ));
         }
@@ -324,7 +355,8 @@ impl EbpfContents {
 
 fn open_map(dir: &Path, name: &str) -> Result<aya::maps::Map> {
     let path = dir.join(name);
-    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     aya::maps::Map::from_map_data(data).with_context(|| format!("{name}: unsupported map type"))
 }
 
@@ -333,7 +365,10 @@ fn max_entries(map: &aya::maps::MapData) -> u64 {
 }
 
 /// Counts keys, at most `cap` (a hash map's iteration can restart while entries are deleted).
-fn count_keys<K>(keys: impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>, cap: u64) -> u64 {
+fn count_keys<K>(
+    keys: impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>,
+    cap: u64,
+) -> u64 {
     (keys.filter_map(std::result::Result::ok).take(cap as usize + 1).count() as u64).min(cap)
 }
 
@@ -379,8 +414,14 @@ impl Observer for EbpfObserver {
         let counters: PerCpuArray<MapData, u64> = open_map(dir, MAP_COUNTERS)?.try_into()?;
         for (dir_byte, direction) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
             for r in Reason::ALL {
-                let values = counters.get(&counter_index(dir_byte, r), 0).context("reading the packet counters")?;
-                let p = PacketFigure { direction, reason: r.name().into(), packets: values.iter().sum() };
+                let values = counters
+                    .get(&counter_index(dir_byte, r), 0)
+                    .context("reading the packet counters")?;
+                let p = PacketFigure {
+                    direction,
+                    reason: r.name().into(),
+                    packets: values.iter().sum(),
+                };
                 if r.allowed() { f.allowed.push(p) } else { f.dropped.push(p) }
             }
         }
@@ -451,7 +492,10 @@ pub fn parse_iptables_save(text: &str) -> IptablesFigures {
         let line = line.trim();
         let (packets, rule) = match line.strip_prefix('[') {
             Some(rest) => match rest.split_once(']') {
-                Some((c, rule)) => (c.split(':').next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(0), rule.trim()),
+                Some((c, rule)) => (
+                    c.split(':').next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(0),
+                    rule.trim(),
+                ),
                 None => continue,
             },
             None => (0, line),
@@ -494,8 +538,16 @@ pub fn parse_ipset_save(text: &str) -> BTreeMap<String, u64> {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
-    anyhow::ensure!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -526,15 +578,27 @@ impl Observer for IptablesObserver {
         let rules = parse_iptables_save(&iptables_save()?);
         let sets = parse_ipset_save(&run("ipset", &["save"])?);
         let mut f = Figures::default();
-        for (direction, packets) in [("ingress", rules.dropped_ingress), ("egress", rules.dropped_egress)] {
+        for (direction, packets) in
+            [("ingress", rules.dropped_ingress), ("egress", rules.dropped_egress)]
+        {
             f.dropped.push(PacketFigure { direction, reason: "denied".into(), packets });
         }
-        f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count").ok().and_then(|s| s.trim().parse().ok());
-        let mut counts =
-            Counts { rules: rules.rules, sets: sets.len() as u64, set_entries: sets.values().sum(), per_set: Vec::new() };
+        f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let mut counts = Counts {
+            rules: rules.rules,
+            sets: sets.len() as u64,
+            set_entries: sets.values().sum(),
+            per_set: Vec::new(),
+        };
         if per_set {
             for (kernel, n) in &sets {
-                let name = self.set_names.as_ref().and_then(|f| f(kernel)).unwrap_or_else(|| kernel.clone());
+                let name = self
+                    .set_names
+                    .as_ref()
+                    .and_then(|f| f(kernel))
+                    .unwrap_or_else(|| kernel.clone());
                 counts.per_set.push((name, kernel.clone(), *n));
             }
         }
@@ -565,7 +629,10 @@ mod tests {
 [0:0] -A AZURE-NPM-EGRESS-ALLOW -j RETURN
 COMMIT
 ";
-        assert_eq!(parse_iptables_save(save), IptablesFigures { rules: 5, dropped_ingress: 4, dropped_egress: 2 });
+        assert_eq!(
+            parse_iptables_save(save),
+            IptablesFigures { rules: 5, dropped_ingress: 4, dropped_egress: 2 }
+        );
     }
 
     #[test]
@@ -581,7 +648,14 @@ create azure-npm-3 list:set size 8
 add azure-npm-3 azure-npm-1
 ";
         let sets = parse_ipset_save(save);
-        assert_eq!(sets, BTreeMap::from([("azure-npm-1".into(), 2), ("azure-npm-2".into(), 0), ("azure-npm-3".into(), 1)]));
+        assert_eq!(
+            sets,
+            BTreeMap::from([
+                ("azure-npm-1".into(), 2),
+                ("azure-npm-2".into(), 0),
+                ("azure-npm-3".into(), 1)
+            ])
+        );
     }
 
     #[test]

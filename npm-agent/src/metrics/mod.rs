@@ -44,20 +44,24 @@ pub const NUM_IPSET_ENTRIES_HELP: &str = "The total number of entries in every I
 pub const IPSET_COUNTS: &str = "npm_ipset_counts";
 pub const IPSET_COUNTS_HELP: &str = "The number of entries in each individual IPSet";
 pub const PODS_WATCHED: &str = "npm_pods_watched";
-pub const PODS_WATCHED_HELP: &str = "Number of Pods NPM tracks across the cluster including Linux and Windows nodes";
+pub const PODS_WATCHED_HELP: &str =
+    "Number of Pods NPM tracks across the cluster including Linux and Windows nodes";
 pub const ADD_IPTABLES_RULE_EXEC_TIME: &str = "npm_add_iptables_rule_exec_time";
-pub const ADD_IPTABLES_RULE_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding an IPTable rule to a chain";
+pub const ADD_IPTABLES_RULE_EXEC_TIME_HELP: &str =
+    "Execution time in milliseconds for adding an IPTable rule to a chain";
 pub const ADD_IPSET_EXEC_TIME: &str = "npm_add_ipset_exec_time";
 pub const ADD_IPSET_EXEC_TIME_HELP: &str = "Execution time in milliseconds for creating an IP set";
 pub const ADD_POLICY_EXEC_TIME: &str = "npm_add_policy_exec_time";
-pub const ADD_POLICY_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding a network policy";
+pub const ADD_POLICY_EXEC_TIME_HELP: &str =
+    "Execution time in milliseconds for adding a network policy";
 pub const CONTROLLER_POLICY_EXEC_TIME: &str = "npm_controller_policy_exec_time";
-pub const CONTROLLER_POLICY_EXEC_TIME_HELP: &str =
-    "Execution time in milliseconds for updating/deleting a network policy. NOTE: for adding, see npm_add_policy_exec_time";
+pub const CONTROLLER_POLICY_EXEC_TIME_HELP: &str = "Execution time in milliseconds for updating/deleting a network policy. NOTE: for adding, see npm_add_policy_exec_time";
 pub const CONTROLLER_NAMESPACE_EXEC_TIME: &str = "npm_controller_namespace_exec_time";
-pub const CONTROLLER_NAMESPACE_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding/updating/deleting a namespace";
+pub const CONTROLLER_NAMESPACE_EXEC_TIME_HELP: &str =
+    "Execution time in milliseconds for adding/updating/deleting a namespace";
 pub const CONTROLLER_POD_EXEC_TIME: &str = "npm_controller_pod_exec_time";
-pub const CONTROLLER_POD_EXEC_TIME_HELP: &str = "Execution time in milliseconds for adding/updating/deleting a pod";
+pub const CONTROLLER_POD_EXEC_TIME_HELP: &str =
+    "Execution time in milliseconds for adding/updating/deleting a pod";
 
 pub const SET_NAME_LABEL: &str = "set_name";
 pub const SET_HASH_LABEL: &str = "set_hash";
@@ -67,20 +71,19 @@ pub const HAD_ERROR_LABEL: &str = "had_error";
 // ---- the dataplane's figures (this project's; Prometheus naming conventions) ----
 
 pub const PACKETS_ALLOWED: &str = "npm_packets_allowed_total";
-pub const PACKETS_ALLOWED_HELP: &str =
-    "Packets the dataplane let through, by direction as the pod sees it (ingress: entering the pod) and reason";
+pub const PACKETS_ALLOWED_HELP: &str = "Packets the dataplane let through, by direction as the pod sees it (ingress: entering the pod) and reason";
 pub const PACKETS_DROPPED: &str = "npm_packets_dropped_total";
-pub const PACKETS_DROPPED_HELP: &str = "Packets the dataplane dropped, by direction as the pod sees it and reason";
+pub const PACKETS_DROPPED_HELP: &str =
+    "Packets the dataplane dropped, by direction as the pod sees it and reason";
 pub const MAP_ENTRIES: &str = "npm_map_entries";
 pub const MAP_ENTRIES_HELP: &str = "Entries in each BPF map of the eBPF dataplane";
 pub const MAP_MAX_ENTRIES: &str = "npm_map_max_entries";
-pub const MAP_MAX_ENTRIES_HELP: &str = "Capacity (max_entries) of each BPF map of the eBPF dataplane";
+pub const MAP_MAX_ENTRIES_HELP: &str =
+    "Capacity (max_entries) of each BPF map of the eBPF dataplane";
 pub const CONNTRACK_ENTRIES: &str = "npm_conntrack_entries";
-pub const CONNTRACK_ENTRIES_HELP: &str =
-    "Connection-tracking entries: the eBPF dataplane's flow map, or the kernel's conntrack table in iptables mode";
+pub const CONNTRACK_ENTRIES_HELP: &str = "Connection-tracking entries: the eBPF dataplane's flow map, or the kernel's conntrack table in iptables mode";
 pub const APPLY_FAILURES: &str = "npm_dataplane_apply_failures_total";
-pub const APPLY_FAILURES_HELP: &str =
-    "Failures to program the dataplane, by dataplane and operation (apply: an event's changes, reconcile: the whole plan, attach: the programs to a pod's interface)";
+pub const APPLY_FAILURES_HELP: &str = "Failures to program the dataplane, by dataplane and operation (apply: an event's changes, reconcile: the whole plan, attach: the programs to a pod's interface)";
 pub const DATAPLANE_INFO: &str = "npm_dataplane_info";
 pub const DATAPLANE_INFO_HELP: &str = "The dataplane this agent programs (always 1)";
 
@@ -142,7 +145,10 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("dataplane", &self.dataplane).field("advanced", &self.advanced).finish()
+        f.debug_struct("Metrics")
+            .field("dataplane", &self.dataplane)
+            .field("advanced", &self.advanced)
+            .finish()
     }
 }
 
@@ -171,24 +177,41 @@ impl Metrics {
     pub fn new(opts: MetricsOptions) -> Metrics {
         let node = Registry::new();
         let cluster = Registry::new();
-        let add_policy = summary(ADD_POLICY_EXEC_TIME, ADD_POLICY_EXEC_TIME_HELP, &[HAD_ERROR_LABEL]);
+        let add_policy =
+            summary(ADD_POLICY_EXEC_TIME, ADD_POLICY_EXEC_TIME_HELP, &[HAD_ERROR_LABEL]);
         let crud = [OPERATION_LABEL, HAD_ERROR_LABEL];
-        let controller_policy = summary(CONTROLLER_POLICY_EXEC_TIME, CONTROLLER_POLICY_EXEC_TIME_HELP, &crud);
-        let controller_namespace = summary(CONTROLLER_NAMESPACE_EXEC_TIME, CONTROLLER_NAMESPACE_EXEC_TIME_HELP, &crud);
-        let controller_pod = summary(CONTROLLER_POD_EXEC_TIME, CONTROLLER_POD_EXEC_TIME_HELP, &crud);
+        let controller_policy =
+            summary(CONTROLLER_POLICY_EXEC_TIME, CONTROLLER_POLICY_EXEC_TIME_HELP, &crud);
+        let controller_namespace =
+            summary(CONTROLLER_NAMESPACE_EXEC_TIME, CONTROLLER_NAMESPACE_EXEC_TIME_HELP, &crud);
+        let controller_pod =
+            summary(CONTROLLER_POD_EXEC_TIME, CONTROLLER_POD_EXEC_TIME_HELP, &crud);
         let add_rule = summary(ADD_IPTABLES_RULE_EXEC_TIME, ADD_IPTABLES_RULE_EXEC_TIME_HELP, &[]);
         let add_ipset = summary(ADD_IPSET_EXEC_TIME, ADD_IPSET_EXEC_TIME_HELP, &[]);
-        for s in [&add_policy, &controller_policy, &controller_namespace, &controller_pod, &add_rule, &add_ipset] {
+        for s in [
+            &add_policy,
+            &controller_policy,
+            &controller_namespace,
+            &controller_pod,
+            &add_rule,
+            &add_ipset,
+        ] {
             node.register(Box::new(Shared(s.clone()))).expect("unique metric");
         }
-        let apply_failures =
-            IntCounterVec::new(Opts::new(APPLY_FAILURES, APPLY_FAILURES_HELP), &["dataplane", OPERATION_LABEL]).expect("valid counter");
+        let apply_failures = IntCounterVec::new(
+            Opts::new(APPLY_FAILURES, APPLY_FAILURES_HELP),
+            &["dataplane", OPERATION_LABEL],
+        )
+        .expect("valid counter");
         for op in APPLY_OPERATIONS {
             apply_failures.with_label_values(&[opts.dataplane.as_str(), op]);
         }
         node.register(Box::new(apply_failures.clone())).expect("unique metric");
-        let info = IntGauge::with_opts(Opts::new(DATAPLANE_INFO, DATAPLANE_INFO_HELP).const_label("dataplane", opts.dataplane.clone()))
-            .expect("valid gauge");
+        let info = IntGauge::with_opts(
+            Opts::new(DATAPLANE_INFO, DATAPLANE_INFO_HELP)
+                .const_label("dataplane", opts.dataplane.clone()),
+        )
+        .expect("valid gauge");
         info.set(1);
         node.register(Box::new(info)).expect("unique metric");
 
@@ -199,8 +222,15 @@ impl Metrics {
 
         let state = Arc::new(Mutex::new(StateCounts::default()));
         let cache = Arc::new(FiguresCache::new(opts.observer, opts.advanced));
-        node.register(Box::new(dataplane::NodeCollector::new(cache.clone()))).expect("unique metric");
-        cluster.register(Box::new(dataplane::ClusterCollector::new(cache, state.clone(), opts.advanced))).expect("unique metric");
+        node.register(Box::new(dataplane::NodeCollector::new(cache.clone())))
+            .expect("unique metric");
+        cluster
+            .register(Box::new(dataplane::ClusterCollector::new(
+                cache,
+                state.clone(),
+                opts.advanced,
+            )))
+            .expect("unique metric");
 
         Metrics {
             node,
@@ -256,7 +286,14 @@ impl Metrics {
         let ms = took.as_secs_f64() * 1000.0;
         let adds_rules = diff.changes.iter().any(|c| matches!(c, Change::AddAllow { .. }));
         let adds_sets = diff.changes.iter().any(|c| {
-            matches!(c, Change::SetIdentity { .. } | Change::AddAllow { allow: crate::plan::Allow { peer: PeerMatch::Cidr(_), .. }, .. })
+            matches!(
+                c,
+                Change::SetIdentity { .. }
+                    | Change::AddAllow {
+                        allow: crate::plan::Allow { peer: PeerMatch::Cidr(_), .. },
+                        ..
+                    }
+            )
         });
         if adds_rules {
             self.add_rule.observe(&[], ms);
@@ -342,7 +379,12 @@ pub fn set_hash(name: &str) -> String {
 impl Counts {
     /// The counts of a dataplane without an observer: the plan's sizes.
     pub fn from_state(s: &StateCounts) -> Counts {
-        Counts { rules: s.allow_entries as u64, sets: s.identities as u64, set_entries: s.pods as u64, per_set: Vec::new() }
+        Counts {
+            rules: s.allow_entries as u64,
+            sets: s.identities as u64,
+            set_entries: s.pods as u64,
+            per_set: Vec::new(),
+        }
     }
 }
 

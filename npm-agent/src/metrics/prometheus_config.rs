@@ -47,7 +47,8 @@ fn static_config(targets: &[String], l: Value) -> Value {
 
 /// The shipped configuration with static targets (see the module documentation).
 pub fn with_static_targets(shipped: &str, t: &StaticTargets) -> Result<String> {
-    let mut config: Value = serde_yaml_ng::from_str(shipped).context("parsing the Prometheus configuration")?;
+    let mut config: Value =
+        serde_yaml_ng::from_str(shipped).context("parsing the Prometheus configuration")?;
     let root = config.as_mapping_mut().context("the configuration is not a mapping")?;
     if let Some(interval) = &t.interval {
         let global = root.entry(key("global")).or_insert_with(|| Value::Mapping(Mapping::new()));
@@ -58,7 +59,10 @@ pub fn with_static_targets(shipped: &str, t: &StaticTargets) -> Result<String> {
     if let Some(files) = &t.rule_files {
         root.insert(key("rule_files"), Value::Sequence(files.iter().map(|f| key(f)).collect()));
     }
-    let jobs = root.get_mut(key("scrape_configs")).and_then(Value::as_sequence_mut).context("no scrape_configs")?;
+    let jobs = root
+        .get_mut(key("scrape_configs"))
+        .and_then(Value::as_sequence_mut)
+        .context("no scrape_configs")?;
     let mut extra = Vec::new();
     for job in jobs.iter_mut() {
         let job = job.as_mapping_mut().context("a scrape config is not a mapping")?;
@@ -69,7 +73,10 @@ pub fn with_static_targets(shipped: &str, t: &StaticTargets) -> Result<String> {
             match d.get("role").and_then(Value::as_str) {
                 Some("node") => {
                     for (node, addr) in &t.nodes {
-                        statics.push(static_config(std::slice::from_ref(addr), labels(&[("__meta_kubernetes_node_name", node)])));
+                        statics.push(static_config(
+                            std::slice::from_ref(addr),
+                            labels(&[("__meta_kubernetes_node_name", node)]),
+                        ));
                     }
                 }
                 Some("service") => statics.push(static_config(
@@ -79,7 +86,9 @@ pub fn with_static_targets(shipped: &str, t: &StaticTargets) -> Result<String> {
                         ("__meta_kubernetes_service_name", "npm-metrics-cluster-service"),
                     ]),
                 )),
-                other => bail!("job {name}: kubernetes_sd_configs role {other:?} has no static equivalent here"),
+                other => bail!(
+                    "job {name}: kubernetes_sd_configs role {other:?} has no static equivalent here"
+                ),
             }
         }
         job.insert(key("static_configs"), Value::Sequence(statics));
@@ -115,11 +124,24 @@ mod tests {
         assert_eq!(v["rule_files"][0], key("/x/npm-alerts.yaml"));
         let jobs = v["scrape_configs"].as_sequence().unwrap();
         let names: Vec<&str> = jobs.iter().map(|j| j["job_name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["azure-npm-node-metrics", "azure-npm-cluster-metrics", "azure-npm-cluster-metrics-advanced"]);
+        assert_eq!(
+            names,
+            [
+                "azure-npm-node-metrics",
+                "azure-npm-cluster-metrics",
+                "azure-npm-cluster-metrics-advanced"
+            ]
+        );
         assert_eq!(jobs[0]["static_configs"][0]["targets"][0], key("127.0.0.1:10250"));
         assert_eq!(jobs[0]["metrics_path"], key("/node-metrics"));
-        assert_eq!(jobs[1]["static_configs"][0]["labels"]["__meta_kubernetes_service_name"], key("npm-metrics-cluster-service"));
-        assert!(jobs[1].get("metric_relabel_configs").is_some() && jobs[2].get("metric_relabel_configs").is_none());
+        assert_eq!(
+            jobs[1]["static_configs"][0]["labels"]["__meta_kubernetes_service_name"],
+            key("npm-metrics-cluster-service")
+        );
+        assert!(
+            jobs[1].get("metric_relabel_configs").is_some()
+                && jobs[2].get("metric_relabel_configs").is_none()
+        );
         // The relabelling is the shipped one.
         assert_eq!(jobs[0]["relabel_configs"][0]["replacement"], key("$1:10091"));
     }

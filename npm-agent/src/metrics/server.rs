@@ -40,7 +40,10 @@ impl std::fmt::Debug for MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (port 0: any free port) and serves `metrics`.
     pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<MetricsServer> {
-        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| anyhow!("binding the metrics address {addr}: {e}"))?);
+        let server = Arc::new(
+            tiny_http::Server::http(addr)
+                .map_err(|e| anyhow!("binding the metrics address {addr}: {e}"))?,
+        );
         let addr = server.server_addr().to_ip().unwrap_or(addr);
         let workers = (0..WORKERS)
             .map(|i| {
@@ -76,7 +79,8 @@ impl Drop for MetricsServer {
 }
 
 fn respond(req: tiny_http::Request, code: u16, content_type: &str, body: String) {
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()).expect("valid header");
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
+        .expect("valid header");
     let resp = tiny_http::Response::from_string(body).with_status_code(code).with_header(header);
     let _ = req.respond(resp);
 }
@@ -84,7 +88,8 @@ fn respond(req: tiny_http::Request, code: u16, content_type: &str, body: String)
 fn handle(req: tiny_http::Request, metrics: &Metrics) {
     use tiny_http::Method;
     let path = req.url().split('?').next().unwrap_or_default().to_string();
-    let known = matches!(path.as_str(), "/node-metrics" | "/cluster-metrics" | "/healthz" | "/readyz");
+    let known =
+        matches!(path.as_str(), "/node-metrics" | "/cluster-metrics" | "/healthz" | "/readyz");
     if !known {
         return respond(req, 404, "text/plain", "not found\n".into());
     }
@@ -95,9 +100,19 @@ fn handle(req: tiny_http::Request, metrics: &Metrics) {
         "/node-metrics" => respond(req, 200, TEXT_FORMAT, metrics.render_node()),
         "/cluster-metrics" => respond(req, 200, TEXT_FORMAT, metrics.render_cluster()),
         "/healthz" if metrics.alive() => respond(req, 200, "text/plain", "ok\n".into()),
-        "/healthz" => respond(req, 503, "text/plain", format!("the agent's loop has not run for {:?}\n", metrics.since_heartbeat())),
+        "/healthz" => respond(
+            req,
+            503,
+            "text/plain",
+            format!("the agent's loop has not run for {:?}\n", metrics.since_heartbeat()),
+        ),
         "/readyz" if metrics.ready() => respond(req, 200, "text/plain", "ready\n".into()),
-        _ => respond(req, 503, "text/plain", "not ready: the first full sync is not enforced yet\n".into()),
+        _ => respond(
+            req,
+            503,
+            "text/plain",
+            "not ready: the first full sync is not enforced yet\n".into(),
+        ),
     }
 }
 
@@ -110,7 +125,11 @@ pub struct ServerGuard {
 
 impl ServerGuard {
     pub fn addr(&self) -> Option<SocketAddr> {
-        self.server.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(MetricsServer::local_addr)
+        self.server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(MetricsServer::local_addr)
     }
 }
 
@@ -125,7 +144,8 @@ pub const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// Starts the agent's metrics server (see [`ServerGuard`]).
 pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> ServerGuard {
-    let guard = ServerGuard { server: Arc::new(Mutex::new(None)), stop: Arc::new(AtomicBool::new(false)) };
+    let guard =
+        ServerGuard { server: Arc::new(Mutex::new(None)), stop: Arc::new(AtomicBool::new(false)) };
     match MetricsServer::start(addr, metrics.clone()) {
         Ok(s) => {
             tracing::info!(addr = %s.local_addr(), "serving /node-metrics, /cluster-metrics, /healthz and /readyz");
@@ -161,13 +181,15 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP header"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {:?}", head.lines().next())))?;
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP header"))?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
+        std::io::Error::other(format!("bad status line {:?}", head.lines().next()))
+    })?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
     let body = if chunked { dechunk(body) } else { body.to_string() };
     Ok((code, body))
 }

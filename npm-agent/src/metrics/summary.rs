@@ -59,7 +59,12 @@ impl Ckms {
         for &(q, e) in targets {
             assert!(q > 0.0 && q < 1.0 && e > 0.0 && e < 1.0, "invalid target ({q}, {e})");
         }
-        Self { targets: targets.into(), n: 0.0, samples: Vec::new(), buf: Vec::with_capacity(BUF_CAP) }
+        Self {
+            targets: targets.into(),
+            n: 0.0,
+            samples: Vec::new(),
+            buf: Vec::with_capacity(BUF_CAP),
+        }
     }
 
     pub fn insert(&mut self, v: f64) {
@@ -178,7 +183,9 @@ impl Ckms {
                 return f64::NAN;
             }
             self.buf.sort_by(f64::total_cmp);
-            let i = ((self.buf.len() as f64 * q).ceil() as usize).saturating_sub(1).min(self.buf.len() - 1);
+            let i = ((self.buf.len() as f64 * q).ceil() as usize)
+                .saturating_sub(1)
+                .min(self.buf.len() - 1);
             return self.buf[i];
         }
         self.flush();
@@ -211,10 +218,20 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(targets: &[(f64, f64)], max_age: Duration, age_buckets: usize, now: Instant) -> Self {
+    pub fn new(
+        targets: &[(f64, f64)],
+        max_age: Duration,
+        age_buckets: usize,
+        now: Instant,
+    ) -> Self {
         let age_buckets = age_buckets.max(1);
         let bucket = max_age / age_buckets as u32;
-        Self { streams: vec![Ckms::new(targets); age_buckets], head: 0, head_expires: now + bucket, bucket }
+        Self {
+            streams: vec![Ckms::new(targets); age_buckets],
+            head: 0,
+            head_expires: now + bucket,
+            bucket,
+        }
     }
 
     /// Resets the head while it has expired, moving to the next (oldest) estimator.
@@ -255,7 +272,11 @@ pub struct SummaryState {
 
 impl SummaryState {
     fn new(opts: &SummaryOpts, now: Instant) -> Self {
-        Self { window: Window::new(&opts.objectives, opts.max_age, opts.age_buckets, now), sum: 0.0, count: 0 }
+        Self {
+            window: Window::new(&opts.objectives, opts.max_age, opts.age_buckets, now),
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     fn observe(&mut self, v: f64, now: Instant) {
@@ -307,7 +328,12 @@ impl std::fmt::Debug for SummaryVec {
 
 impl SummaryVec {
     pub fn new(opts: SummaryOpts) -> prometheus::Result<Self> {
-        let desc = Desc::new(opts.name.clone(), opts.help.clone(), opts.label_names.clone(), Default::default())?;
+        let desc = Desc::new(
+            opts.name.clone(),
+            opts.help.clone(),
+            opts.label_names.clone(),
+            Default::default(),
+        )?;
         let mut children = BTreeMap::new();
         if opts.label_names.is_empty() {
             children.insert(Vec::new(), SummaryState::new(&opts, Instant::now()));
@@ -325,7 +351,12 @@ impl SummaryVec {
     }
 
     pub fn observe_at(&self, label_values: &[&str], v: f64, now: Instant) {
-        assert_eq!(label_values.len(), self.opts.label_names.len(), "{}: label values", self.opts.name);
+        assert_eq!(
+            label_values.len(),
+            self.opts.label_names.len(),
+            "{}: label values",
+            self.opts.name
+        );
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
         children.entry(key).or_insert_with(|| SummaryState::new(&self.opts, now)).observe(v, now);
@@ -415,7 +446,11 @@ mod tests {
             let upto = sorted.partition_point(|x| *x <= v) as f64;
             assert!(upto > below, "{what}: q{q} = {v} is not an observation");
             let (lo, hi) = ((q - e) * n, (q + e) * n);
-            assert!(upto >= lo.floor() && below + 1.0 <= hi.ceil(), "{what}: q{q} = {v} has ranks {}..={upto} of {n}, outside [{lo}, {hi}]", below + 1.0);
+            assert!(
+                upto >= lo.floor() && below + 1.0 <= hi.ceil(),
+                "{what}: q{q} = {v} has ranks {}..={upto} of {n}, outside [{lo}, {hi}]",
+                below + 1.0
+            );
         }
     }
 
@@ -491,7 +526,13 @@ mod tests {
                 .map(|i| match seed % 4 {
                     0 => rng.next(),
                     1 => -(1.0 - rng.next()).ln(),
-                    2 => if rng.next() < 0.8 { rng.next() } else { 100.0 + rng.next() },
+                    2 => {
+                        if rng.next() < 0.8 {
+                            rng.next()
+                        } else {
+                            100.0 + rng.next()
+                        }
+                    }
                     _ => i as f64 / n as f64 + rng.next() * 0.1,
                 })
                 .collect();
@@ -565,8 +606,13 @@ mod tests {
     #[test]
     fn summary_vec_families() {
         let t0 = Instant::now();
-        let v = SummaryVec::new(SummaryOpts::new("x_exec_time", "help", &["operation", "had_error"])).unwrap();
-        assert!(v.collect_at(t0).get_metric().is_empty(), "a vec has no series before an observation");
+        let v =
+            SummaryVec::new(SummaryOpts::new("x_exec_time", "help", &["operation", "had_error"]))
+                .unwrap();
+        assert!(
+            v.collect_at(t0).get_metric().is_empty(),
+            "a vec has no series before an observation"
+        );
         v.observe_at(&["create", "false"], 2.0, t0);
         v.observe_at(&["create", "false"], 4.0, t0);
         v.observe_at(&["delete", "true"], 8.0, t0);
@@ -574,11 +620,13 @@ mod tests {
         assert_eq!(mf.get_field_type(), MetricType::SUMMARY);
         assert_eq!(mf.get_metric().len(), 2);
         let m = &mf.get_metric()[0];
-        let labels: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+        let labels: Vec<(&str, &str)> =
+            m.get_label().iter().map(|l| (l.name(), l.value())).collect();
         assert_eq!(labels, [("had_error", "false"), ("operation", "create")]);
         let s = m.get_summary();
         assert_eq!((s.sample_count(), s.sample_sum()), (2, 6.0));
-        let qs: Vec<(f64, f64)> = s.get_quantile().iter().map(|q| (q.quantile(), q.value())).collect();
+        let qs: Vec<(f64, f64)> =
+            s.get_quantile().iter().map(|q| (q.quantile(), q.value())).collect();
         assert_eq!(qs, [(0.5, 2.0), (0.9, 4.0), (0.99, 4.0)]);
         // After the window the quantiles are NaN; sum and count stay.
         let later = v.collect_at(t0 + Duration::from_secs(601));

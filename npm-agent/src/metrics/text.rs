@@ -48,7 +48,11 @@ impl Exposition {
     }
 
     /// Every sample named `name` whose labels include all of `labels`.
-    pub fn samples<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+    pub fn samples<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
         self.families
             .values()
             .flat_map(|f| f.samples.iter())
@@ -122,7 +126,9 @@ fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
         }
         let eq = rest.find('=').ok_or_else(|| format!("expected = in {rest:?}"))?;
         let name = rest[..eq].trim().to_string();
-        let after = rest[eq + 1..].strip_prefix('"').ok_or_else(|| format!("label {name}: expected a quoted value"))?;
+        let after = rest[eq + 1..]
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label {name}: expected a quoted value"))?;
         let mut end = None;
         let mut escaped = false;
         for (i, c) in after.char_indices() {
@@ -158,21 +164,30 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             let mut words = comment.trim_start().splitn(3, ' ');
             match (words.next(), words.next(), words.next()) {
                 (Some("HELP"), Some(name), help) => {
-                    families.entry(name.into()).or_insert_with(|| Family { name: name.into(), ..Family::default() }).help =
-                        help.unwrap_or_default().replace("\\n", "\n").replace("\\\\", "\\");
+                    families
+                        .entry(name.into())
+                        .or_insert_with(|| Family { name: name.into(), ..Family::default() })
+                        .help = help.unwrap_or_default().replace("\\n", "\n").replace("\\\\", "\\");
                 }
                 (Some("TYPE"), Some(name), Some(kind)) => {
-                    families.entry(name.into()).or_insert_with(|| Family { name: name.into(), ..Family::default() }).kind =
-                        kind.trim().to_string();
+                    families
+                        .entry(name.into())
+                        .or_insert_with(|| Family { name: name.into(), ..Family::default() })
+                        .kind = kind.trim().to_string();
                 }
                 _ => {}
             }
             continue;
         }
-        let name_end = line.find(|c: char| c == '{' || c.is_whitespace()).ok_or_else(|| err("no value".into()))?;
+        let name_end = line
+            .find(|c: char| c == '{' || c.is_whitespace())
+            .ok_or_else(|| err("no value".into()))?;
         let name = &line[..name_end];
-        let (labels, rest) =
-            if line[name_end..].starts_with('{') { parse_labels(&line[name_end..]).map_err(err)? } else { (BTreeMap::new(), &line[name_end..]) };
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..]).map_err(err)?
+        } else {
+            (BTreeMap::new(), &line[name_end..])
+        };
         let value = rest.split_whitespace().next().ok_or_else(|| err("no value".into()))?;
         let value = parse_value(value).map_err(err)?;
         let fam = family_of(name, &families);
@@ -204,7 +219,10 @@ g{n=\"q\\\"uote\\\\\"} 7
 ";
         let e = parse(text).unwrap();
         let s = e.family("s").unwrap();
-        assert_eq!((s.kind.as_str(), s.help.as_str(), s.samples.len()), ("summary", "A summary", 4));
+        assert_eq!(
+            (s.kind.as_str(), s.help.as_str(), s.samples.len()),
+            ("summary", "A summary", 4)
+        );
         assert_eq!(e.value("s_count", &[("a", "x")]), Some(2.0));
         assert!(e.value("s", &[("quantile", "0.9")]).unwrap().is_nan());
         assert_eq!(e.value("g", &[("n", "q\"uote\\")]), Some(7.0));

@@ -32,13 +32,21 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
         for (i, a) in s.pod_ips.iter().flatten().enumerate() {
             match a.ip.parse() {
                 Ok(ip) => ips.push(ip),
-                Err(_) => return Err(invalid(&format!("status.podIPs[{i}].ip"), format!("invalid IP address {:?}", a.ip))),
+                Err(_) => {
+                    return Err(invalid(
+                        &format!("status.podIPs[{i}].ip"),
+                        format!("invalid IP address {:?}", a.ip),
+                    ));
+                }
             }
         }
         if ips.is_empty()
             && let Some(ip) = s.pod_ip.as_deref().filter(|s| !s.is_empty())
         {
-            ips.push(ip.parse().map_err(|_| invalid("status.podIP", format!("invalid IP address {ip:?}")))?);
+            ips.push(
+                ip.parse()
+                    .map_err(|_| invalid("status.podIP", format!("invalid IP address {ip:?}")))?,
+            );
         }
     }
     let ip = ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied();
@@ -53,7 +61,10 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
     let mut named_ports = Vec::new();
     for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
         for cp in c.ports.iter().flatten() {
-            let (Some(name), Ok(port)) = (cp.name.as_ref(), u16::try_from(cp.container_port)) else { continue };
+            let (Some(name), Ok(port)) = (cp.name.as_ref(), u16::try_from(cp.container_port))
+            else {
+                continue;
+            };
             let protocol = match cp.protocol.as_deref() {
                 None => Protocol::Tcp,
                 Some(s) => match Protocol::parse(s) {
@@ -120,7 +131,10 @@ pub fn policy_to_k8s(p: &super::Policy) -> k8s_openapi::api::networking::v1::Net
                 values: (!r.values.is_empty()).then(|| r.values.iter().cloned().collect()),
             })
             .collect();
-        meta::LabelSelector { match_expressions: (!exprs.is_empty()).then_some(exprs), match_labels: None }
+        meta::LabelSelector {
+            match_expressions: (!exprs.is_empty()).then_some(exprs),
+            match_labels: None,
+        }
     }
     let peers = |r: &super::Rule| -> Option<Vec<net::NetworkPolicyPeer>> {
         (!r.peers.is_empty()).then(|| {
@@ -130,17 +144,20 @@ pub fn policy_to_k8s(p: &super::Policy) -> k8s_openapi::api::networking::v1::Net
                     Peer::Block(b) => net::NetworkPolicyPeer {
                         ip_block: Some(net::IPBlock {
                             cidr: b.net.to_string(),
-                            except: (!b.except.is_empty()).then(|| b.except.iter().map(|e| e.to_string()).collect()),
+                            except: (!b.except.is_empty())
+                                .then(|| b.except.iter().map(|e| e.to_string()).collect()),
                         }),
                         ..Default::default()
                     },
                     Peer::Pods { namespaces, pods } => {
                         let namespace_selector = match namespaces {
                             NamespaceScope::Named(n) if *n == p.key.namespace => None,
-                            NamespaceScope::Named(n) => Some(selector(&super::LabelSelector::from_labels([(
-                                super::NAMESPACE_NAME_LABEL,
-                                n.as_str(),
-                            )]))),
+                            NamespaceScope::Named(n) => {
+                                Some(selector(&super::LabelSelector::from_labels([(
+                                    super::NAMESPACE_NAME_LABEL,
+                                    n.as_str(),
+                                )])))
+                            }
                             NamespaceScope::Selector(s) => Some(selector(s)),
                         };
                         let pod_selector = match (&namespace_selector, pods.is_everything()) {
@@ -160,29 +177,50 @@ pub fn policy_to_k8s(p: &super::Policy) -> k8s_openapi::api::networking::v1::Net
                 .map(|port| {
                     let protocol = Some(port.protocol().as_str().to_string());
                     match port {
-                        PortSpec::Protocol(_) => net::NetworkPolicyPort { protocol, ..Default::default() },
+                        PortSpec::Protocol(_) => {
+                            net::NetworkPolicyPort { protocol, ..Default::default() }
+                        }
                         PortSpec::Range { first, last, .. } => net::NetworkPolicyPort {
                             port: Some(IntOrString::Int(i32::from(*first))),
                             end_port: (last != first).then_some(i32::from(*last)),
                             protocol,
                         },
-                        PortSpec::Named { name, .. } => {
-                            net::NetworkPolicyPort { port: Some(IntOrString::String(name.clone())), end_port: None, protocol }
-                        }
+                        PortSpec::Named { name, .. } => net::NetworkPolicyPort {
+                            port: Some(IntOrString::String(name.clone())),
+                            end_port: None,
+                            protocol,
+                        },
                     }
                 })
                 .collect()
         })
     };
-    let types: Vec<String> =
-        Direction::BOTH.iter().filter(|d| p.rules(**d).is_some()).map(|d| if *d == Direction::Ingress { "Ingress" } else { "Egress" }.to_string()).collect();
+    let types: Vec<String> = Direction::BOTH
+        .iter()
+        .filter(|d| p.rules(**d).is_some())
+        .map(|d| if *d == Direction::Ingress { "Ingress" } else { "Egress" }.to_string())
+        .collect();
     net::NetworkPolicy {
-        metadata: meta::ObjectMeta { name: Some(p.key.name.clone()), namespace: Some(p.key.namespace.clone()), ..Default::default() },
+        metadata: meta::ObjectMeta {
+            name: Some(p.key.name.clone()),
+            namespace: Some(p.key.namespace.clone()),
+            ..Default::default()
+        },
         spec: Some(net::NetworkPolicySpec {
             pod_selector: Some(selector(&p.pod_selector)),
             policy_types: Some(types),
-            ingress: p.ingress.as_ref().map(|rules| rules.iter().map(|r| net::NetworkPolicyIngressRule { from: peers(r), ports: ports(r) }).collect()),
-            egress: p.egress.as_ref().map(|rules| rules.iter().map(|r| net::NetworkPolicyEgressRule { to: peers(r), ports: ports(r) }).collect()),
+            ingress: p.ingress.as_ref().map(|rules| {
+                rules
+                    .iter()
+                    .map(|r| net::NetworkPolicyIngressRule { from: peers(r), ports: ports(r) })
+                    .collect()
+            }),
+            egress: p.egress.as_ref().map(|rules| {
+                rules
+                    .iter()
+                    .map(|r| net::NetworkPolicyEgressRule { to: peers(r), ports: ports(r) })
+                    .collect()
+            }),
         }),
     }
 }
@@ -217,7 +255,11 @@ pub fn pod_to_k8s(p: &Pod) -> core::Pod {
         spec: Some(core::PodSpec {
             node_name: p.node.clone(),
             host_network: Some(p.host_network),
-            containers: vec![core::Container { name: "main".into(), ports: (!ports.is_empty()).then_some(ports), ..Default::default() }],
+            containers: vec![core::Container {
+                name: "main".into(),
+                ports: (!ports.is_empty()).then_some(ports),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
         status: Some(core::PodStatus {
@@ -232,7 +274,11 @@ pub fn pod_to_k8s(p: &Pod) -> core::Pod {
 pub fn namespace_to_k8s(ns: &Namespace) -> core::Namespace {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
     core::Namespace {
-        metadata: meta::ObjectMeta { name: Some(ns.name.clone()), labels: Some(ns.labels.clone()), ..Default::default() },
+        metadata: meta::ObjectMeta {
+            name: Some(ns.name.clone()),
+            labels: Some(ns.labels.clone()),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -242,7 +288,15 @@ pub fn node_to_k8s(n: &Node) -> core::Node {
     core::Node {
         metadata: meta::ObjectMeta { name: Some(n.name.clone()), ..Default::default() },
         status: Some(core::NodeStatus {
-            addresses: Some(n.addresses.iter().map(|a| core::NodeAddress { type_: "InternalIP".into(), address: a.to_string() }).collect()),
+            addresses: Some(
+                n.addresses
+                    .iter()
+                    .map(|a| core::NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: a.to_string(),
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         }),
         ..Default::default()

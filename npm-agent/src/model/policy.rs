@@ -69,7 +69,10 @@ pub enum Peer {
     /// Pods matching `pods` in the namespaces of `namespaces`. A peer with only a
     /// podSelector has the policy's own namespace as scope; one with only a
     /// namespaceSelector has the selector that matches every pod.
-    Pods { namespaces: NamespaceScope, pods: LabelSelector },
+    Pods {
+        namespaces: NamespaceScope,
+        pods: LabelSelector,
+    },
     Block(CidrBlock),
 }
 

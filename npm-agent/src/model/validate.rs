@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Operator, Peer, Policy,
-    PortSpec, Protocol, Requirement, Rule,
+    CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Operator, Peer, Policy, PortSpec,
+    Protocol, Requirement, Rule,
 };
 
 /// One problem in one field.
@@ -96,7 +96,9 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> 
                     "Egress" => has_egress = true,
                     other => errs.add(
                         format!("spec.policyTypes[{i}]"),
-                        format!("unsupported value {other:?}: supported values: \"Ingress\", \"Egress\""),
+                        format!(
+                            "unsupported value {other:?}: supported values: \"Ingress\", \"Egress\""
+                        ),
                     ),
                 }
             }
@@ -110,7 +112,14 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> 
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         let path = format!("spec.ingress[{i}]");
-        ingress.push(rule(&namespace, r.from.as_deref(), r.ports.as_deref(), &path, "from", &mut errs));
+        ingress.push(rule(
+            &namespace,
+            r.from.as_deref(),
+            r.ports.as_deref(),
+            &path,
+            "from",
+            &mut errs,
+        ));
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
@@ -119,7 +128,11 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> 
     }
 
     if !errs.0.is_empty() {
-        return Err(InvalidObject { kind: "NetworkPolicy", object: key.to_string(), errors: errs.0 });
+        return Err(InvalidObject {
+            kind: "NetworkPolicy",
+            object: key.to_string(),
+            errors: errs.0,
+        });
     }
     Ok(Policy {
         key,
@@ -157,7 +170,12 @@ fn rule(
     out
 }
 
-fn peer(namespace: &str, p: &net::NetworkPolicyPeer, path: &str, errs: &mut Errors) -> Option<Peer> {
+fn peer(
+    namespace: &str,
+    p: &net::NetworkPolicyPeer,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<Peer> {
     match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
         (Some(b), None, None) => ip_block(b, &format!("{path}.ipBlock"), errs).map(Peer::Block),
         (Some(_), _, _) => {
@@ -170,7 +188,11 @@ fn peer(namespace: &str, p: &net::NetworkPolicyPeer, path: &str, errs: &mut Erro
         }
         (None, ns, pods) => {
             let namespaces = match ns {
-                Some(s) => NamespaceScope::Selector(label_selector(s, &format!("{path}.namespaceSelector"), errs)),
+                Some(s) => NamespaceScope::Selector(label_selector(
+                    s,
+                    &format!("{path}.namespaceSelector"),
+                    errs,
+                )),
                 None => NamespaceScope::Named(namespace.to_string()),
             };
             let pods = match pods {
@@ -186,13 +208,23 @@ fn parse_cidr(s: &str) -> Option<IpNet> {
     // The API server accepts host bits set ("10.0.0.5/24" means 10.0.0.0/24).
     let (addr, len) = s.split_once('/')?;
     let addr: IpAddr = addr.parse().ok()?;
-    let len: u8 = if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) { return None } else { len.parse().ok()? };
+    let len: u8 = if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    } else {
+        len.parse().ok()?
+    };
     IpNet::new(addr, len).ok().map(|n| n.trunc())
 }
 
 fn ip_block(b: &net::IPBlock, path: &str, errs: &mut Errors) -> Option<CidrBlock> {
     let Some(cidr) = parse_cidr(&b.cidr) else {
-        errs.add(format!("{path}.cidr"), format!("invalid CIDR {:?}: must be an address/prefix length such as 10.0.0.0/16", b.cidr));
+        errs.add(
+            format!("{path}.cidr"),
+            format!(
+                "invalid CIDR {:?}: must be an address/prefix length such as 10.0.0.0/16",
+                b.cidr
+            ),
+        );
         return None;
     };
     let mut except = Vec::new();
@@ -220,7 +252,12 @@ fn port(p: &net::NetworkPolicyPort, path: &str, errs: &mut Errors) -> Option<Por
         Some(s) => match Protocol::parse(s) {
             Some(proto) => proto,
             None => {
-                errs.add(format!("{path}.protocol"), format!("unsupported value {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""));
+                errs.add(
+                    format!("{path}.protocol"),
+                    format!(
+                        "unsupported value {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""
+                    ),
+                );
                 return None;
             }
         },
@@ -228,14 +265,20 @@ fn port(p: &net::NetworkPolicyPort, path: &str, errs: &mut Errors) -> Option<Por
     let spec = match &p.port {
         None => {
             if p.end_port.is_some() {
-                errs.add(format!("{path}.endPort"), "may not be specified when `port` is not specified");
+                errs.add(
+                    format!("{path}.endPort"),
+                    "may not be specified when `port` is not specified",
+                );
                 return None;
             }
             PortSpec::Protocol(protocol)
         }
         Some(IntOrString::Int(n)) => {
             let Some(first) = valid_port(*n) else {
-                errs.add(format!("{path}.port"), format!("invalid port {n}: must be between 1 and 65535, inclusive"));
+                errs.add(
+                    format!("{path}.port"),
+                    format!("invalid port {n}: must be between 1 and 65535, inclusive"),
+                );
                 return None;
             };
             let last = match p.end_port {
@@ -243,11 +286,17 @@ fn port(p: &net::NetworkPolicyPort, path: &str, errs: &mut Errors) -> Option<Por
                 Some(e) => match valid_port(e) {
                     Some(last) if last >= first => last,
                     Some(_) => {
-                        errs.add(format!("{path}.endPort"), format!("{e} must be greater than or equal to `port` ({first})"));
+                        errs.add(
+                            format!("{path}.endPort"),
+                            format!("{e} must be greater than or equal to `port` ({first})"),
+                        );
                         return None;
                     }
                     None => {
-                        errs.add(format!("{path}.endPort"), format!("invalid port {e}: must be between 1 and 65535, inclusive"));
+                        errs.add(
+                            format!("{path}.endPort"),
+                            format!("invalid port {e}: must be between 1 and 65535, inclusive"),
+                        );
                         return None;
                     }
                 },
@@ -256,7 +305,10 @@ fn port(p: &net::NetworkPolicyPort, path: &str, errs: &mut Errors) -> Option<Por
         }
         Some(IntOrString::String(name)) => {
             if p.end_port.is_some() {
-                errs.add(format!("{path}.endPort"), "may not be specified when `port` is a named port");
+                errs.add(
+                    format!("{path}.endPort"),
+                    "may not be specified when `port` is a named port",
+                );
                 return None;
             }
             if let Err(why) = valid_port_name(name) {
@@ -292,7 +344,11 @@ pub fn valid_port_name(name: &str) -> Result<(), &'static str> {
 
 /// Validates an API label selector into the model's normalized form. Bad parts are
 /// reported; the rest of the selector is still returned (the caller rejects the object).
-pub fn label_selector(s: &meta::LabelSelector, path: &str, errs_out: &mut impl ErrorSink) -> LabelSelector {
+pub fn label_selector(
+    s: &meta::LabelSelector,
+    path: &str,
+    errs_out: &mut impl ErrorSink,
+) -> LabelSelector {
     let mut errs = Errors::default();
     let mut reqs = Vec::new();
     for (k, v) in s.match_labels.iter().flatten() {
@@ -303,7 +359,11 @@ pub fn label_selector(s: &meta::LabelSelector, path: &str, errs_out: &mut impl E
         if let Err(why) = valid_label_value(v) {
             errs.add(field, format!("invalid label value {v:?} for key {k:?}: {why}"));
         }
-        reqs.push(Requirement { key: k.clone(), operator: Operator::In, values: BTreeSet::from([v.clone()]) });
+        reqs.push(Requirement {
+            key: k.clone(),
+            operator: Operator::In,
+            values: BTreeSet::from([v.clone()]),
+        });
     }
     for (i, e) in s.match_expressions.iter().flatten().enumerate() {
         let field = format!("{path}.matchExpressions[{i}]");
@@ -322,16 +382,27 @@ pub fn label_selector(s: &meta::LabelSelector, path: &str, errs_out: &mut impl E
             "Exists" => Operator::Exists,
             "DoesNotExist" => Operator::DoesNotExist,
             other => {
-                errs.add(format!("{field}.operator"), format!("not a valid selector operator: {other:?} (In, NotIn, Exists, DoesNotExist)"));
+                errs.add(
+                    format!("{field}.operator"),
+                    format!(
+                        "not a valid selector operator: {other:?} (In, NotIn, Exists, DoesNotExist)"
+                    ),
+                );
                 continue;
             }
         };
         match operator {
             Operator::In | Operator::NotIn if values.is_empty() => {
-                errs.add(format!("{field}.values"), format!("must be specified when `operator` is '{}'", e.operator));
+                errs.add(
+                    format!("{field}.values"),
+                    format!("must be specified when `operator` is '{}'", e.operator),
+                );
             }
             Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
-                errs.add(format!("{field}.values"), format!("may not be specified when `operator` is '{}'", e.operator));
+                errs.add(
+                    format!("{field}.values"),
+                    format!("may not be specified when `operator` is '{}'", e.operator),
+                );
             }
             _ => {}
         }

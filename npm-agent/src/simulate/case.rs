@@ -159,7 +159,11 @@ impl<'de> Deserialize<'de> for Action {
             found.push(Action::DeletePolicy { namespace: r.namespace, name: r.name });
         }
         if let Some(r) = raw.set_pod_labels {
-            found.push(Action::SetPodLabels { namespace: r.namespace, pod: r.pod, labels: r.labels });
+            found.push(Action::SetPodLabels {
+                namespace: r.namespace,
+                pod: r.pod,
+                labels: r.labels,
+            });
         }
         if let Some(r) = raw.set_namespace_labels {
             found.push(Action::SetNamespaceLabels { namespace: r.namespace, labels: r.labels });
@@ -172,7 +176,9 @@ impl<'de> Deserialize<'de> for Action {
         }
         match found.len() {
             1 => Ok(found.pop().expect("one action")),
-            n => Err(serde::de::Error::custom(format!("an action must have exactly one key, found {n}"))),
+            n => Err(serde::de::Error::custom(format!(
+                "an action must have exactly one key, found {n}"
+            ))),
         }
     }
 }
@@ -198,7 +204,11 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
                 serde_yaml_ng::Value::Number(n) => n.to_string(),
                 serde_yaml_ng::Value::Bool(b) => b.to_string(),
                 serde_yaml_ng::Value::Null => String::new(),
-                other => return Err(serde::de::Error::custom(format!("label {k}: not a string: {other:?}"))),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "label {k}: not a string: {other:?}"
+                    )));
+                }
             };
             Ok((k, s))
         })
@@ -210,8 +220,10 @@ fn opt_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Erro
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Case> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
 }
 
 /// The default model's ports: 80 and 81 over TCP, UDP and SCTP, named `serve-<port>-<proto>`.
@@ -219,7 +231,11 @@ pub fn default_ports() -> Vec<NamedPort> {
     let mut ports = Vec::new();
     for port in [80u16, 81] {
         for protocol in Protocol::ALL {
-            ports.push(NamedPort { name: format!("serve-{port}-{}", protocol.as_str().to_lowercase()), protocol, port });
+            ports.push(NamedPort {
+                name: format!("serve-{port}-{}", protocol.as_str().to_lowercase()),
+                protocol,
+                port,
+            });
         }
     }
     ports.sort();
@@ -245,15 +261,30 @@ pub const SIM_NODE: &str = "node-0";
 
 impl CaseCluster {
     pub fn new(case: &Case) -> Result<Self, String> {
-        let mut c = CaseCluster { namespaces: Vec::new(), pods: Vec::new(), ports: HashMap::new(), created: HashMap::new(), seq: 0 };
+        let mut c = CaseCluster {
+            namespaces: Vec::new(),
+            pods: Vec::new(),
+            ports: HashMap::new(),
+            created: HashMap::new(),
+            seq: 0,
+        };
         match &case.model {
             None => {
                 for ns in ["x", "y", "z"] {
-                    c.namespaces.push(Namespace::new(ns, BTreeMap::from([("ns".to_string(), ns.to_string())])));
+                    c.namespaces.push(Namespace::new(
+                        ns,
+                        BTreeMap::from([("ns".to_string(), ns.to_string())]),
+                    ));
                 }
                 for ns in ["x", "y", "z"] {
                     for pod in ["a", "b", "c"] {
-                        c.add_model_pod(&PodSpec { namespace: ns.into(), pod: pod.into(), labels: None, ports: None, ip: None })?;
+                        c.add_model_pod(&PodSpec {
+                            namespace: ns.into(),
+                            pod: pod.into(),
+                            labels: None,
+                            ports: None,
+                            ip: None,
+                        })?;
                     }
                 }
             }
@@ -277,7 +308,9 @@ impl CaseCluster {
     }
 
     fn add_model_pod(&mut self, spec: &PodSpec) -> Result<(), String> {
-        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| format!("model: pod {}/{}: unknown namespace", spec.namespace, spec.pod))?;
+        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| {
+            format!("model: pod {}/{}: unknown namespace", spec.namespace, spec.pod)
+        })?;
         let j = self.pods.iter().filter(|(n, _, _)| *n == i).count();
         let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, 10 + j as u8)));
         self.insert(i, spec, ip)
@@ -286,7 +319,9 @@ impl CaseCluster {
     /// Creates a pod by action: address 10.240.i.(100+n), n counting this namespace's
     /// created pods, unless the action gives one.
     pub fn create_pod(&mut self, spec: &PodSpec) -> Result<Pod, String> {
-        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| format!("create-pod {}/{}: unknown namespace", spec.namespace, spec.pod))?;
+        let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| {
+            format!("create-pod {}/{}: unknown namespace", spec.namespace, spec.pod)
+        })?;
         let n = self.created.entry(spec.namespace.clone()).or_insert(0);
         let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, (100 + *n) as u8)));
         *n += 1;
@@ -311,8 +346,9 @@ impl CaseCluster {
             }
             Some(decls) => {
                 for d in decls {
-                    let protocol = Protocol::parse(&d.protocol)
-                        .ok_or_else(|| format!("pod {key}: port {}: unknown protocol {:?}", d.port, d.protocol))?;
+                    let protocol = Protocol::parse(&d.protocol).ok_or_else(|| {
+                        format!("pod {key}: port {}: unknown protocol {:?}", d.port, d.protocol)
+                    })?;
                     served.push((protocol, d.port));
                     if let Some(name) = &d.name {
                         named_ports.push(NamedPort { name: name.clone(), protocol, port: d.port });
@@ -323,7 +359,10 @@ impl CaseCluster {
         named_ports.sort();
         served.sort();
         served.dedup();
-        let labels = spec.labels.clone().unwrap_or_else(|| BTreeMap::from([("pod".to_string(), spec.pod.clone())]));
+        let labels = spec
+            .labels
+            .clone()
+            .unwrap_or_else(|| BTreeMap::from([("pod".to_string(), spec.pod.clone())]));
         let pod = Pod {
             key: key.clone(),
             labels: labels.into(),
@@ -351,7 +390,8 @@ impl CaseCluster {
 
     /// The events that create the model: namespaces, then pods.
     pub fn initial_events(&self) -> Vec<Event> {
-        let mut events: Vec<Event> = self.namespaces.iter().cloned().map(Event::UpsertNamespace).collect();
+        let mut events: Vec<Event> =
+            self.namespaces.iter().cloned().map(Event::UpsertNamespace).collect();
         events.extend(self.pods().cloned().map(Event::UpsertPod));
         events
     }
@@ -363,7 +403,8 @@ impl CaseCluster {
             Action::Apply(value) => {
                 let value = self.substitute(value)?;
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-                    serde_yaml_ng::from_value(value).map_err(|e| format!("apply: not a NetworkPolicy: {e}"))?;
+                    serde_yaml_ng::from_value(value)
+                        .map_err(|e| format!("apply: not a NetworkPolicy: {e}"))?;
                 match model::validate::network_policy(&np) {
                     Ok(p) => ActionOutcome::Events(vec![Event::UpsertPolicy(p)]),
                     Err(e) => ActionOutcome::Rejected(e),
@@ -383,14 +424,19 @@ impl CaseCluster {
                 ActionOutcome::Events(vec![Event::UpsertPod(p.clone())])
             }
             Action::SetNamespaceLabels { namespace, labels } => {
-                let i = self.ns_ordinal(namespace).ok_or_else(|| format!("set-namespace-labels: no namespace {namespace}"))?;
+                let i = self
+                    .ns_ordinal(namespace)
+                    .ok_or_else(|| format!("set-namespace-labels: no namespace {namespace}"))?;
                 self.namespaces[i] = Namespace::new(namespace, labels.clone());
                 ActionOutcome::Events(vec![Event::UpsertNamespace(self.namespaces[i].clone())])
             }
-            Action::CreatePod(spec) => ActionOutcome::Events(vec![Event::UpsertPod(self.create_pod(spec)?)]),
+            Action::CreatePod(spec) => {
+                ActionOutcome::Events(vec![Event::UpsertPod(self.create_pod(spec)?)])
+            }
             Action::DeletePod { namespace, pod } => {
                 let before = self.pods.len();
-                self.pods.retain(|(_, _, p)| !(p.key.namespace == *namespace && p.key.name == *pod));
+                self.pods
+                    .retain(|(_, _, p)| !(p.key.namespace == *namespace && p.key.name == *pod));
                 if self.pods.len() == before {
                     return Err(format!("delete-pod: no pod {namespace}/{pod}"));
                 }
@@ -406,7 +452,9 @@ impl CaseCluster {
         use serde_yaml_ng::Value;
         Ok(match v {
             Value::String(s) => Value::String(self.substitute_str(s)?),
-            Value::Sequence(seq) => Value::Sequence(seq.iter().map(|x| self.substitute(x)).collect::<Result<_, _>>()?),
+            Value::Sequence(seq) => {
+                Value::Sequence(seq.iter().map(|x| self.substitute(x)).collect::<Result<_, _>>()?)
+            }
             Value::Mapping(m) => {
                 let mut out = serde_yaml_ng::Mapping::new();
                 for (k, x) in m {
@@ -430,7 +478,9 @@ impl CaseCluster {
                 .strip_prefix("podIP")
                 .map(str::trim)
                 .ok_or_else(|| format!("unknown template {{{{{inner}}}}} in {s:?}"))?;
-            let (ns, pod) = target.split_once('/').ok_or_else(|| format!("{{{{podIP {target}}}}}: expected ns/pod"))?;
+            let (ns, pod) = target
+                .split_once('/')
+                .ok_or_else(|| format!("{{{{podIP {target}}}}}: expected ns/pod"))?;
             let ip = self
                 .pod(ns, pod)
                 .and_then(|p| p.ip)

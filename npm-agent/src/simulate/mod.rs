@@ -24,7 +24,13 @@ pub trait Backend {
     fn apply(&mut self, cluster: &CaseCluster, events: &[Event]) -> anyhow::Result<()>;
     /// Observes every (client, server) pair of `pods` for one protocol and port:
     /// `result[i][j]` is whether `pods[i]` reached `pods[j]`.
-    fn probe(&mut self, cluster: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>>;
+    fn probe(
+        &mut self,
+        cluster: &CaseCluster,
+        pods: &[&Pod],
+        protocol: Protocol,
+        port: u16,
+    ) -> anyhow::Result<Vec<Vec<bool>>>;
     /// Whether SCTP can be probed.
     fn supports_sctp(&self) -> bool;
 }
@@ -46,18 +52,31 @@ impl Backend for CompilerBackend {
     fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
         for e in events {
             let diff = self.engine.handle(e.clone());
-            self.plan.apply(&diff).map_err(|err| anyhow::anyhow!("compiler produced an inconsistent diff: {err}"))?;
+            self.plan
+                .apply(&diff)
+                .map_err(|err| anyhow::anyhow!("compiler produced an inconsistent diff: {err}"))?;
         }
         Ok(())
     }
 
-    fn probe(&mut self, _: &CaseCluster, pods: &[&Pod], protocol: Protocol, port: u16) -> anyhow::Result<Vec<Vec<bool>>> {
+    fn probe(
+        &mut self,
+        _: &CaseCluster,
+        pods: &[&Pod],
+        protocol: Protocol,
+        port: u16,
+    ) -> anyhow::Result<Vec<Vec<bool>>> {
         Ok(pods
             .iter()
             .map(|src| {
                 pods.iter()
                     .map(|dst| {
-                        let conn = Connection { src: src.ip.expect("case pods have addresses"), dst: dst.ip.expect("case pods have addresses"), protocol, port };
+                        let conn = Connection {
+                            src: src.ip.expect("case pods have addresses"),
+                            dst: dst.ip.expect("case pods have addresses"),
+                            protocol,
+                            port,
+                        };
                         src.key == dst.key || connection_allowed(&self.plan, &self.plan, &conn)
                     })
                     .collect()
@@ -134,7 +153,12 @@ pub struct Counts {
 
 /// Runs one case file against a backend.
 pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
-    let mut report = CaseReport { file: path.to_path_buf(), name: String::new(), error: None, steps: Vec::new() };
+    let mut report = CaseReport {
+        file: path.to_path_buf(),
+        name: String::new(),
+        error: None,
+        steps: Vec::new(),
+    };
     let case = match case::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -149,11 +173,21 @@ pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
     report
 }
 
-fn run_steps(case: &case::Case, backend: &mut dyn Backend, report: &mut CaseReport) -> Result<(), String> {
+fn run_steps(
+    case: &case::Case,
+    backend: &mut dyn Backend,
+    report: &mut CaseReport,
+) -> Result<(), String> {
     let mut cluster = CaseCluster::new(case)?;
-    backend.apply(&cluster, &cluster.initial_events()).map_err(|e| format!("setting up the model: {e:#}"))?;
+    backend
+        .apply(&cluster, &cluster.initial_events())
+        .map_err(|e| format!("setting up the model: {e:#}"))?;
     for (i, step) in case.steps.iter().enumerate() {
-        let mut sr = StepReport { description: step.description.clone(), rejected: Vec::new(), tables: Vec::new() };
+        let mut sr = StepReport {
+            description: step.description.clone(),
+            rejected: Vec::new(),
+            tables: Vec::new(),
+        };
         let mut events = Vec::new();
         for action in &step.actions {
             match cluster.action(action).map_err(|e| format!("step {}: {e}", i + 1))? {
@@ -171,7 +205,11 @@ fn run_steps(case: &case::Case, backend: &mut dyn Backend, report: &mut CaseRepo
 }
 
 /// Probes one expect table and compares it.
-pub fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &case::Expect) -> TableReport {
+pub fn check_table(
+    cluster: &CaseCluster,
+    backend: &mut dyn Backend,
+    expect: &case::Expect,
+) -> TableReport {
     let mut tr = TableReport {
         protocol: expect.protocol.clone(),
         port: expect.port,
@@ -189,11 +227,13 @@ pub fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &ca
     };
     tr.expected = Some(expected.clone());
     let Some(protocol) = Protocol::parse(&expect.protocol.to_uppercase()) else {
-        tr.outcome = TableOutcome::Error { message: format!("unknown protocol {:?}", expect.protocol) };
+        tr.outcome =
+            TableOutcome::Error { message: format!("unknown protocol {:?}", expect.protocol) };
         return tr;
     };
     if (expect.sctp || protocol == Protocol::Sctp) && !backend.supports_sctp() {
-        tr.outcome = TableOutcome::Skipped { reason: "SCTP is not available on this kernel".into() };
+        tr.outcome =
+            TableOutcome::Skipped { reason: "SCTP is not available on this kernel".into() };
         return tr;
     }
     let observed = match observe(cluster, backend, protocol, expect.port) {
@@ -213,19 +253,29 @@ pub fn check_table(cluster: &CaseCluster, backend: &mut dyn Backend, expect: &ca
 }
 
 /// The observed table of every pod pair for one protocol and port.
-pub fn observe(cluster: &CaseCluster, backend: &mut dyn Backend, protocol: Protocol, port: u16) -> anyhow::Result<Table> {
+pub fn observe(
+    cluster: &CaseCluster,
+    backend: &mut dyn Backend,
+    protocol: Protocol,
+    port: u16,
+) -> anyhow::Result<Table> {
     let pods: Vec<&Pod> = cluster.pods().collect();
     let matrix = backend.probe(cluster, &pods, protocol, port)?;
     let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
     Ok(Table {
         columns: names.clone(),
-        rows: names.iter().zip(&matrix).map(|(n, row)| (n.clone(), row.iter().map(|a| Cell::from_allowed(*a)).collect())).collect(),
+        rows: names
+            .iter()
+            .zip(&matrix)
+            .map(|(n, row)| (n.clone(), row.iter().map(|a| Cell::from_allowed(*a)).collect()))
+            .collect(),
     })
 }
 
 /// `npm-agent simulate`: runs every case through the compiler, prints the report, and
 /// exits 0 only when every table passed.
 pub fn cli(paths: &[PathBuf], json: bool) -> ExitCode {
-    let reports: Vec<CaseReport> = paths.iter().map(|p| run_case(p, &mut CompilerBackend::default())).collect();
+    let reports: Vec<CaseReport> =
+        paths.iter().map(|p| run_case(p, &mut CompilerBackend::default())).collect();
     report::print(&reports, json, "simulate")
 }

@@ -32,7 +32,10 @@ pub fn print_summary(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode
         println!();
         println!("{} cases, {} with failures", reports.len(), failed_cases);
         if total.skipped > 0 {
-            println!("{tool}: {} passed, {} failed, {} skipped", total.passed, total.failed, total.skipped);
+            println!(
+                "{tool}: {} passed, {} failed, {} skipped",
+                total.passed, total.failed, total.skipped
+            );
         } else {
             println!("{tool}: {} passed, {} failed", total.passed, total.failed);
         }
@@ -52,7 +55,9 @@ pub fn render(r: &CaseReport) -> String {
             let label = format!("{}/{}", t.protocol.to_uppercase(), t.port);
             match &t.outcome {
                 TableOutcome::Pass => out.push_str(&format!("    {label:<9} PASS\n")),
-                TableOutcome::Skipped { reason } => out.push_str(&format!("    {label:<9} SKIP: {reason}\n")),
+                TableOutcome::Skipped { reason } => {
+                    out.push_str(&format!("    {label:<9} SKIP: {reason}\n"))
+                }
                 TableOutcome::Error { message } => {
                     out.push_str(&format!("    {label:<9} FAIL: {message}\n"));
                     if let Some(o) = &t.observed {

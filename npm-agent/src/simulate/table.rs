@@ -52,7 +52,11 @@ impl Table {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if cells.len() != columns.len() {
-                return Err(format!("row {name}: {} cells for {} columns", cells.len(), columns.len()));
+                return Err(format!(
+                    "row {name}: {} cells for {} columns",
+                    cells.len(),
+                    columns.len()
+                ));
             }
             rows.push((name, cells));
         }
@@ -66,7 +70,14 @@ impl Table {
 
     /// Renders the table with aligned columns, `indent` before each line.
     pub fn render(&self, indent: &str) -> String {
-        let width = self.columns.iter().chain(self.rows.iter().map(|(r, _)| r)).map(String::len).max().unwrap_or(1).max(7);
+        let width = self
+            .columns
+            .iter()
+            .chain(self.rows.iter().map(|(r, _)| r))
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(7);
         let mut lines = Vec::new();
         let mut header = format!("{indent}{:<width$}", "from\\to");
         for c in &self.columns {
@@ -118,7 +129,12 @@ pub fn compare(expected: &Table, observed: &Table) -> Result<Vec<CellDiff>, Stri
         for (to, want) in expected.columns.iter().zip(cells) {
             let got = observed.get(from, to).expect("same names");
             if *want != Cell::Unchecked && *want != got {
-                diffs.push(CellDiff { from: from.clone(), to: to.clone(), expected: *want, observed: got });
+                diffs.push(CellDiff {
+                    from: from.clone(),
+                    to: to.clone(),
+                    expected: *want,
+                    observed: got,
+                });
             }
         }
     }
@@ -137,7 +153,15 @@ mod tests {
         assert_eq!(observed.columns, t.columns);
         let obs = Table::parse("from\\to x/a x/b\nx/a . .\nx/b X .\n").unwrap();
         let d = compare(&t, &obs).unwrap();
-        assert_eq!(d, vec![CellDiff { from: "x/a".into(), to: "x/b".into(), expected: Cell::Blocked, observed: Cell::Allowed }]);
+        assert_eq!(
+            d,
+            vec![CellDiff {
+                from: "x/a".into(),
+                to: "x/b".into(),
+                expected: Cell::Blocked,
+                observed: Cell::Allowed
+            }]
+        );
         assert!(Table::parse("from\\to x/a\nx/a . .\n").is_err());
         let missing = Table::parse("from\\to x/a\nx/a .\n").unwrap();
         assert!(compare(&missing, &obs).is_err());

@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::{Batch, Source, SourceHealth};
 use crate::model::validate::network_policy;
-use crate::model::{convert, Namespace, Node, ObjectKey, Pod, Policy};
+use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, convert};
 use crate::state::Event;
 
 /// How often the directory is scanned.
@@ -116,7 +116,12 @@ struct Stamp {
 
 impl Stamp {
     fn of(m: &std::fs::Metadata) -> Self {
-        Stamp { len: m.len(), ino: m.ino(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+        Stamp {
+            len: m.len(),
+            ino: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
     }
 }
 
@@ -181,11 +186,13 @@ impl FilesSource {
         self.last_scan = Some(Instant::now());
         // The generation first: manifests written before it are then seen by this scan.
         let generation_changed = self.read_generation();
-        let listing = std::fs::read_dir(&self.dir).with_context(|| format!("reading directory {}", self.dir.display()))?;
+        let listing = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading directory {}", self.dir.display()))?;
         let mut seen = BTreeSet::new();
         let mut files_changed = false;
         for entry in listing {
-            let entry = entry.with_context(|| format!("reading directory {}", self.dir.display()))?;
+            let entry =
+                entry.with_context(|| format!("reading directory {}", self.dir.display()))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') || !is_manifest(&name) {
@@ -245,7 +252,9 @@ impl FilesSource {
     }
 
     fn read_file(&mut self, path: PathBuf, stamp: Stamp) {
-        let parsed = std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|text| parse_manifests(&path, &text));
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| parse_manifests(&path, &text));
         let shown = path.display().to_string();
         match parsed {
             Ok(entries) => {
@@ -273,7 +282,10 @@ impl FilesSource {
                     kept_objects = previous.len(),
                     "manifest does not parse; its previous objects stay in force: {message}"
                 );
-                self.files.insert(path, FileState { stamp, entries: previous, parse_error: Some(message) });
+                self.files.insert(
+                    path,
+                    FileState { stamp, entries: previous, parse_error: Some(message) },
+                );
             }
         }
     }
@@ -344,7 +356,10 @@ impl Source for FilesSource {
         let mut problems = Vec::new();
         for (path, f) in &self.files {
             if let Some(e) = &f.parse_error {
-                problems.push(format!("{}: does not parse (previous objects kept): {e}", path.display()));
+                problems.push(format!(
+                    "{}: does not parse (previous objects kept): {e}",
+                    path.display()
+                ));
             }
             for e in &f.entries {
                 if let Err(message) = &e.object {
@@ -355,7 +370,11 @@ impl Source for FilesSource {
             }
         }
         problems.extend(self.merge_problems.iter().cloned());
-        SourceHealth { parse_errors: self.parse_errors, invalid_objects: self.invalid_objects, problems }
+        SourceHealth {
+            parse_errors: self.parse_errors,
+            invalid_objects: self.invalid_objects,
+            problems,
+        }
     }
 }
 
@@ -431,17 +450,22 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
         }
     };
     if unnamed {
-        out.push(Entry { id: None, object: Err(format!("{place}: invalid {kind}: metadata.name: required")) });
+        out.push(Entry {
+            id: None,
+            object: Err(format!("{place}: invalid {kind}: metadata.name: required")),
+        });
         return;
     }
     let object = match &id {
-        ObjectId::Namespace(_) => typed::<core::Namespace>(doc, &kind, &id).map(|n| Object::Namespace(convert::namespace(&n))),
-        ObjectId::Node(_) => typed::<core::Node>(doc, &kind, &id).map(|n| Object::Node(convert::node(&n))),
+        ObjectId::Namespace(_) => typed::<core::Namespace>(doc, &kind, &id)
+            .map(|n| Object::Namespace(convert::namespace(&n))),
+        ObjectId::Node(_) => {
+            typed::<core::Node>(doc, &kind, &id).map(|n| Object::Node(convert::node(&n)))
+        }
         ObjectId::Policy(_) => typed::<net::NetworkPolicy>(doc, &kind, &id)
             .and_then(|np| network_policy(&np).map(Object::Policy).map_err(|e| e.to_string())),
-        ObjectId::Pod(_) => {
-            typed::<core::Pod>(doc, &kind, &id).and_then(|p| convert::pod(&p).map(Object::Pod).map_err(|e| e.to_string()))
-        }
+        ObjectId::Pod(_) => typed::<core::Pod>(doc, &kind, &id)
+            .and_then(|p| convert::pod(&p).map(Object::Pod).map_err(|e| e.to_string())),
     };
     out.push(Entry { id: Some(id), object });
 }

@@ -61,7 +61,8 @@ use crate::state::Event;
 /// The field selector of the pod watch: pods that can never be peers or endpoints (they
 /// share the node's address, or have terminated) are left out. A pod that stops matching
 /// (it terminates) arrives as a deletion.
-pub const POD_FIELD_SELECTOR: &str = "spec.hostNetwork=false,status.phase!=Failed,status.phase!=Succeeded";
+pub const POD_FIELD_SELECTOR: &str =
+    "spec.hostNetwork=false,status.phase!=Failed,status.phase!=Succeeded";
 
 /// Objects per list page.
 pub const PAGE_SIZE: u32 = 500;
@@ -215,7 +216,12 @@ pub struct Item<W> {
 
 impl<W> Clone for Item<W> {
     fn clone(&self) -> Self {
-        Item { meta: self.meta.clone(), id: self.id.clone(), object: self.object.clone(), kind: PhantomData }
+        Item {
+            meta: self.meta.clone(),
+            id: self.id.clone(),
+            object: self.object.clone(),
+            kind: PhantomData,
+        }
     }
 }
 
@@ -228,7 +234,13 @@ impl<W> fmt::Debug for Item<W> {
 impl<W: Watched> Item<W> {
     /// Decodes one API object (as JSON) into the model.
     pub fn from_value(value: serde_json::Value) -> Self {
-        let meta_str = |key: &str| value.get("metadata").and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_string);
+        let meta_str = |key: &str| {
+            value
+                .get("metadata")
+                .and_then(|m| m.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
         let name = meta_str("name").filter(|n| !n.is_empty());
         let namespace = meta_str("namespace");
         let resource_version = meta_str("resourceVersion");
@@ -245,7 +257,8 @@ impl<W: Watched> Item<W> {
                 Ok(api) => W::convert(&api),
                 Err(e) => {
                     let path = e.path().to_string();
-                    let field = if path == "." || path.is_empty() { "(object)".to_string() } else { path };
+                    let field =
+                        if path == "." || path.is_empty() { "(object)".to_string() } else { path };
                     Err(format!("invalid {} {shown}: {field}: {}", W::NAME, e.inner()))
                 }
             }
@@ -295,11 +308,23 @@ enum Msg {
     /// A (re)list starts.
     Init(Kind),
     /// An object listed (`initial`) or added or modified.
-    Apply { kind: Kind, initial: bool, id: Option<ObjectId>, object: Result<Object, String> },
-    Delete { kind: Kind, id: Option<ObjectId> },
+    Apply {
+        kind: Kind,
+        initial: bool,
+        id: Option<ObjectId>,
+        object: Result<Object, String>,
+    },
+    Delete {
+        kind: Kind,
+        id: Option<ObjectId>,
+    },
     /// The (re)list is complete.
     InitDone(Kind),
-    Error { kind: Kind, what: ErrorKind, message: String },
+    Error {
+        kind: Kind,
+        what: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,12 +342,16 @@ fn classify(e: &watcher::Error) -> ErrorKind {
     use watcher::Error as W;
     match e {
         W::WatchError(status) if status.code == 410 => ErrorKind::Gone,
-        W::InitialListFailed(K::Api(status)) | W::WatchStartFailed(K::Api(status)) | W::WatchFailed(K::Api(status))
+        W::InitialListFailed(K::Api(status))
+        | W::WatchStartFailed(K::Api(status))
+        | W::WatchFailed(K::Api(status))
             if status.code == 410 =>
         {
             ErrorKind::Gone
         }
-        W::InitialListFailed(K::SerdeError(_)) | W::WatchFailed(K::SerdeError(_)) => ErrorKind::Parse,
+        W::InitialListFailed(K::SerdeError(_)) | W::WatchFailed(K::SerdeError(_)) => {
+            ErrorKind::Parse
+        }
         _ => ErrorKind::Api,
     }
 }
@@ -337,7 +366,10 @@ struct ExpBackoff {
 
 impl ExpBackoff {
     fn new(min: Duration, max: Duration) -> Self {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
         ExpBackoff { min, max: max.max(min), next: min, seed }
     }
 }
@@ -362,15 +394,24 @@ impl Backoff for ExpBackoff {
     }
 }
 
-async fn watch<W: Watched>(api: Api<Item<W>>, config: watcher::Config, options: KubeOptions, tx: mpsc::Sender<Msg>) {
+async fn watch<W: Watched>(
+    api: Api<Item<W>>,
+    config: watcher::Config,
+    options: KubeOptions,
+    tx: mpsc::Sender<Msg>,
+) {
     let backoff = ExpBackoff::new(options.backoff_min, options.backoff_max);
     let mut stream = watcher::watcher(api, config).backoff(backoff).boxed();
     while let Some(next) = stream.next().await {
         let kind = W::KIND;
         let msg = match next {
             Ok(watcher::Event::Init) => Msg::Init(kind),
-            Ok(watcher::Event::InitApply(item)) => Msg::Apply { kind, initial: true, id: item.id, object: item.object },
-            Ok(watcher::Event::Apply(item)) => Msg::Apply { kind, initial: false, id: item.id, object: item.object },
+            Ok(watcher::Event::InitApply(item)) => {
+                Msg::Apply { kind, initial: true, id: item.id, object: item.object }
+            }
+            Ok(watcher::Event::Apply(item)) => {
+                Msg::Apply { kind, initial: false, id: item.id, object: item.object }
+            }
             Ok(watcher::Event::Delete(item)) => Msg::Delete { kind, id: item.id },
             Ok(watcher::Event::InitDone) => Msg::InitDone(kind),
             Err(e) => Msg::Error { kind, what: classify(&e), message: e.to_string() },
@@ -439,17 +480,23 @@ impl KubeSource {
         KubeSource::start(runtime()?, config, options)
     }
 
-    fn start(runtime: tokio::runtime::Runtime, config: kube::Config, options: KubeOptions) -> anyhow::Result<KubeSource> {
+    fn start(
+        runtime: tokio::runtime::Runtime,
+        config: kube::Config,
+        options: KubeOptions,
+    ) -> anyhow::Result<KubeSource> {
         let describe = format!("kube:{}", config.cluster_url);
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         {
             let _guard = runtime.enter();
-            let client = Client::try_from(config).context("kube source: building the API client")?;
+            let client =
+                Client::try_from(config).context("kube source: building the API client")?;
             // Large kinds: paginated lists (kube-rs then leaves resourceVersion unset: the
             // most recent semantics). Small kinds: one list from the watch cache
             // (resourceVersion=0, no limit), which spares etcd.
             let paged = watcher::Config::default().page_size(options.page_size);
-            let cached = watcher::Config { page_size: None, ..watcher::Config::default() }.any_semantic();
+            let cached =
+                watcher::Config { page_size: None, ..watcher::Config::default() }.any_semantic();
             let pods = paged.clone().fields(POD_FIELD_SELECTOR);
             let policies = paged;
             let namespaces = cached.clone();
@@ -457,9 +504,24 @@ impl KubeSource {
             if !options.node_name.is_empty() {
                 nodes = nodes.fields(&format!("metadata.name={}", options.node_name));
             }
-            runtime.spawn(watch::<Namespaces>(Api::all(client.clone()), namespaces, options.clone(), tx.clone()));
-            runtime.spawn(watch::<Nodes>(Api::all(client.clone()), nodes, options.clone(), tx.clone()));
-            runtime.spawn(watch::<Policies>(Api::all(client.clone()), policies, options.clone(), tx.clone()));
+            runtime.spawn(watch::<Namespaces>(
+                Api::all(client.clone()),
+                namespaces,
+                options.clone(),
+                tx.clone(),
+            ));
+            runtime.spawn(watch::<Nodes>(
+                Api::all(client.clone()),
+                nodes,
+                options.clone(),
+                tx.clone(),
+            ));
+            runtime.spawn(watch::<Policies>(
+                Api::all(client.clone()),
+                policies,
+                options.clone(),
+                tx.clone(),
+            ));
             runtime.spawn(watch::<Pods>(Api::all(client), pods, options.clone(), tx));
         }
         tracing::info!(source = %describe, node = %options.node_name, "watching pods, namespaces, networkpolicies and nodes");
@@ -517,7 +579,9 @@ impl KubeSource {
                     tracing::debug!(kind = %kind, "listing");
                 }
             }
-            Msg::Apply { kind, initial, id, object } => self.apply(kind, initial, id, object, events),
+            Msg::Apply { kind, initial, id, object } => {
+                self.apply(kind, initial, id, object, events)
+            }
             Msg::Delete { kind: _, id: None } => {}
             Msg::Delete { kind: _, id: Some(id) } => {
                 self.invalid.remove(&id);
@@ -527,8 +591,12 @@ impl KubeSource {
             }
             Msg::InitDone(kind) => {
                 let epoch = self.kinds[kind.index()].epoch;
-                let mut gone: Vec<ObjectId> =
-                    self.current.iter().filter(|(id, e)| Kind::of(id) == kind && e.epoch != epoch).map(|(id, _)| id.clone()).collect();
+                let mut gone: Vec<ObjectId> = self
+                    .current
+                    .iter()
+                    .filter(|(id, e)| Kind::of(id) == kind && e.epoch != epoch)
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 gone.sort();
                 if !gone.is_empty() {
                     tracing::info!(kind = %kind, deleted = gone.len(), "objects gone while the watch was down");
@@ -572,7 +640,14 @@ impl KubeSource {
         }
     }
 
-    fn apply(&mut self, kind: Kind, initial: bool, id: Option<ObjectId>, object: Result<Object, String>, events: &mut Vec<Event>) {
+    fn apply(
+        &mut self,
+        kind: Kind,
+        initial: bool,
+        id: Option<ObjectId>,
+        object: Result<Object, String>,
+        events: &mut Vec<Event>,
+    ) {
         let epoch = self.kinds[kind.index()].epoch;
         let Some(id) = id else {
             self.invalid_objects += 1;
@@ -688,7 +763,8 @@ impl Source for KubeSource {
         let Some(runtime) = self.runtime.as_ref() else { anyhow::bail!("kube source: stopped") };
         let rx = &mut self.rx;
         // The timer is made inside the runtime (it needs its time driver).
-        let first = match runtime.block_on(async { tokio::time::timeout(timeout, rx.recv()).await }) {
+        let first = match runtime.block_on(async { tokio::time::timeout(timeout, rx.recv()).await })
+        {
             Err(_elapsed) => return Ok(None),
             Ok(None) => {
                 // Cannot happen while the runtime runs (watchers never end); do not spin.
@@ -719,20 +795,32 @@ impl Source for KubeSource {
     fn health(&self) -> SourceHealth {
         let mut problems: Vec<String> = Vec::new();
         for (id, (message, _)) in &self.invalid {
-            let what = if self.current.contains_key(id) { "previous version kept" } else { "not applied" };
+            let what =
+                if self.current.contains_key(id) { "previous version kept" } else { "not applied" };
             problems.push(format!("{message} ({what})"));
         }
         problems.extend(self.unnamed.iter().map(|m| format!("{m} (not applied)")));
         for kind in Kind::ALL {
             let st = &self.kinds[kind.index()];
             if let Some(e) = &st.error {
-                let state = if st.synced { "enforcing the last known state" } else { "initial list not complete" };
-                problems.push(format!("{kind}: {e} ({} errors in a row; retrying with backoff; {state})", st.errors_in_row));
+                let state = if st.synced {
+                    "enforcing the last known state"
+                } else {
+                    "initial list not complete"
+                };
+                problems.push(format!(
+                    "{kind}: {e} ({} errors in a row; retrying with backoff; {state})",
+                    st.errors_in_row
+                ));
             } else if !st.synced {
                 problems.push(format!("{kind}: initial list not complete"));
             }
         }
-        SourceHealth { parse_errors: self.parse_errors, invalid_objects: self.invalid_objects, problems }
+        SourceHealth {
+            parse_errors: self.parse_errors,
+            invalid_objects: self.invalid_objects,
+            problems,
+        }
     }
 }
 

@@ -25,8 +25,8 @@ use serde::Serialize;
 
 use crate::state::Event;
 
-pub use files::FilesSource;
 pub use self::kube::{KubeOptions, KubeSource};
+pub use files::FilesSource;
 
 /// Events that a source produced since its previous batch.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -34,13 +34,18 @@ pub fn external_ips() -> Vec<IpAddr> {
     vec![IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)), pod_ip(200), node_ip(0), node_ip(1)]
 }
 
-fn labels_strategy(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = Labels> {
+fn labels_strategy(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = Labels> {
     proptest::collection::vec((select(keys), any::<prop::sample::Index>()), 0..3).prop_map(|kv| {
-        kv.into_iter().map(|((k, vs), i)| (k.to_string(), vs[i.index(vs.len())].to_string())).collect()
+        kv.into_iter()
+            .map(|((k, vs), i)| (k.to_string(), vs[i.index(vs.len())].to_string()))
+            .collect()
     })
 }
 
-const POD_LABELS: &[(&str, &[&str])] = &[("app", &["web", "db", "api"]), ("tier", &["front", "back"]), ("env", &["prod", "dev"])];
+const POD_LABELS: &[(&str, &[&str])] =
+    &[("app", &["web", "db", "api"]), ("tier", &["front", "back"]), ("env", &["prod", "dev"])];
 const NS_LABELS: &[(&str, &[&str])] = &[("env", &["prod", "dev"]), ("team", &["a", "b"])];
 
 pub fn protocol() -> impl Strategy<Value = Protocol> {
@@ -94,8 +99,14 @@ pub fn namespace(name: &'static str) -> impl Strategy<Value = Namespace> {
     labels_strategy(NS_LABELS).prop_map(move |l| Namespace::new(name, l))
 }
 
-fn requirement(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = Requirement> {
-    (select(keys), select(&[Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist][..]), any::<prop::sample::Index>())
+fn requirement(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = Requirement> {
+    (
+        select(keys),
+        select(&[Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist][..]),
+        any::<prop::sample::Index>(),
+    )
         .prop_map(|((key, vals), operator, i)| {
             let values: BTreeSet<String> = match operator {
                 Operator::Exists | Operator::DoesNotExist => BTreeSet::new(),
@@ -108,7 +119,9 @@ fn requirement(keys: &'static [(&'static str, &'static [&'static str])]) -> impl
         })
 }
 
-pub fn selector(keys: &'static [(&'static str, &'static [&'static str])]) -> impl Strategy<Value = LabelSelector> {
+pub fn selector(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = LabelSelector> {
     prop_oneof![
         1 => Just(LabelSelector::everything()),
         3 => proptest::collection::vec(requirement(keys), 1..3).prop_map(LabelSelector::new),
@@ -131,7 +144,8 @@ fn block() -> impl Strategy<Value = CidrBlock> {
         ("192.168.0.0/16", vec![]),
     ];
     (select(shapes), any::<u8>()).prop_map(|((cidr, excepts), mask)| {
-        let chosen = excepts.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, e)| net(e));
+        let chosen =
+            excepts.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, e)| net(e));
         CidrBlock::new(net(cidr), chosen)
     })
 }
@@ -156,11 +170,12 @@ fn port_spec() -> impl Strategy<Value = PortSpec> {
 }
 
 fn rule(ns: &'static str) -> impl Strategy<Value = Rule> {
-    (proptest::collection::vec(peer(ns), 0..3), proptest::collection::vec(port_spec(), 0..3)).prop_map(|(mut peers, mut ports)| {
-        peers.dedup();
-        ports.dedup();
-        Rule { peers, ports }
-    })
+    (proptest::collection::vec(peer(ns), 0..3), proptest::collection::vec(port_spec(), 0..3))
+        .prop_map(|(mut peers, mut ports)| {
+            peers.dedup();
+            ports.dedup();
+            Rule { peers, ports }
+        })
 }
 
 fn rules(ns: &'static str) -> impl Strategy<Value = Option<Vec<Rule>>> {
@@ -172,11 +187,8 @@ fn rules(ns: &'static str) -> impl Strategy<Value = Option<Vec<Rule>>> {
 }
 
 pub fn policy_in(ns: &'static str, name: String) -> impl Strategy<Value = Policy> {
-    (selector(POD_LABELS), rules(ns), rules(ns)).prop_map(move |(pod_selector, ingress, egress)| Policy {
-        key: ObjectKey::new(ns, name.clone()),
-        pod_selector,
-        ingress,
-        egress,
+    (selector(POD_LABELS), rules(ns), rules(ns)).prop_map(move |(pod_selector, ingress, egress)| {
+        Policy { key: ObjectKey::new(ns, name.clone()), pod_selector, ingress, egress }
     })
 }
 
@@ -185,7 +197,11 @@ pub fn policy() -> impl Strategy<Value = Policy> {
 }
 
 pub fn nodes() -> Vec<Node> {
-    NODES.iter().enumerate().map(|(i, n)| Node { name: n.to_string(), addresses: vec![node_ip(i)] }).collect()
+    NODES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Node { name: n.to_string(), addresses: vec![node_ip(i)] })
+        .collect()
 }
 
 /// A whole cluster: namespaces (some may be missing: pods may reference unseen ones),
@@ -281,9 +297,25 @@ pub fn retargeted_endpoints(diff: &PlanDiff) -> std::collections::HashSet<IpAddr
 
 /// Whether `plan` admits the connection at endpoint `ep` in direction `d`, as a dataplane
 /// decides it (node addresses always pass; an address that is no endpoint is not enforced).
-pub fn dataplane_admits(plan: &Plan, ep: IpAddr, d: npm_agent::model::Direction, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
+pub fn dataplane_admits(
+    plan: &Plan,
+    ep: IpAddr,
+    d: npm_agent::model::Direction,
+    peer: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     match plan.endpoints.get(&ep) {
         None => true,
-        Some(e) => plan.node_ips.contains(&peer) || e.direction(d).admits(&plan.sets, peer, plan.identities.get(&peer).copied(), protocol, port),
+        Some(e) => {
+            plan.node_ips.contains(&peer)
+                || e.direction(d).admits(
+                    &plan.sets,
+                    peer,
+                    plan.identities.get(&peer).copied(),
+                    protocol,
+                    port,
+                )
+        }
     }
 }

@@ -69,7 +69,12 @@ pub fn scenarios() -> Vec<(String, PathBuf)> {
     .collect();
     let own = manifest_dir().join("tests/golden/scenarios");
     let mut extra: Vec<PathBuf> = std::fs::read_dir(&own)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+                .collect()
+        })
         .unwrap_or_default();
     extra.sort();
     for p in extra {
@@ -83,11 +88,15 @@ pub fn plans(path: &Path) -> Vec<StepPlan> {
     let c = case::load(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let mut cluster = CaseCluster::new(&c).expect("case model");
     let mut engine = Engine::new(Scope::Node(SIM_NODE.into()));
-    let mut diff = engine.handle(Event::UpsertNode(Node { name: SIM_NODE.into(), addresses: vec![IpAddr::V4(NODE_IP)] }));
+    let mut diff = engine.handle(Event::UpsertNode(Node {
+        name: SIM_NODE.into(),
+        addresses: vec![IpAddr::V4(NODE_IP)],
+    }));
     for e in cluster.initial_events() {
         diff.changes.extend(engine.handle(e).changes);
     }
-    let mut out = vec![StepPlan { description: "the model, no policy".into(), diff, plan: engine.plan() }];
+    let mut out =
+        vec![StepPlan { description: "the model, no policy".into(), diff, plan: engine.plan() }];
     for step in &c.steps {
         let mut diff = PlanDiff::default();
         for a in &step.actions {
@@ -108,11 +117,16 @@ pub fn check_golden(path: &Path, actual: &str) -> Result<(), String> {
         std::fs::write(path, actual).map_err(|e| format!("writing {}: {e}", path.display()))?;
         return Ok(());
     }
-    let expected = std::fs::read_to_string(path).map_err(|e| format!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()))?;
+    let expected = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()))?;
     if expected == actual {
         return Ok(());
     }
-    let first = expected.lines().zip(actual.lines()).position(|(a, b)| a != b).unwrap_or(expected.lines().count().min(actual.lines().count()));
+    let first = expected
+        .lines()
+        .zip(actual.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or(expected.lines().count().min(actual.lines().count()));
     Err(format!(
         "{} differs from the translation at line {} (UPDATE_GOLDEN=1 rewrites it):\n  golden: {:?}\n  actual: {:?}",
         path.display(),

@@ -91,11 +91,21 @@ impl Script {
     }
 
     pub fn push(&self, resource: &str, watch: bool, response: Response) {
-        self.queues.lock().unwrap().entry((resource.to_string(), watch)).or_default().push_back(response);
+        self.queues
+            .lock()
+            .unwrap()
+            .entry((resource.to_string(), watch))
+            .or_default()
+            .push_back(response);
     }
 
     pub fn respond(&self, req: &Request) -> Response {
-        let next = self.queues.lock().unwrap().get_mut(&(req.resource.clone(), req.watch)).and_then(|q| q.pop_front());
+        let next = self
+            .queues
+            .lock()
+            .unwrap()
+            .get_mut(&(req.resource.clone(), req.watch))
+            .and_then(|q| q.pop_front());
         match (next, req.watch) {
             (Some(r), false) => {
                 self.last_list.lock().unwrap().insert(req.resource.clone(), r.clone());
@@ -103,13 +113,15 @@ impl Script {
             }
             (Some(r), true) => r,
             (None, true) => Response::Watch { steps: Vec::new() },
-            (None, false) => self
-                .last_list
-                .lock()
-                .unwrap()
-                .get(&req.resource)
-                .cloned()
-                .unwrap_or_else(|| status_response(404, "NotFound", &format!("no recorded list of {}", req.resource))),
+            (None, false) => {
+                self.last_list.lock().unwrap().get(&req.resource).cloned().unwrap_or_else(|| {
+                    status_response(
+                        404,
+                        "NotFound",
+                        &format!("no recorded list of {}", req.resource),
+                    )
+                })
+            }
         }
     }
 }
@@ -186,10 +198,15 @@ impl Server {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((conn, _)) => {
-                            let (log, stop, responder) = (log.clone(), stop.clone(), responder.clone());
-                            handlers.push(std::thread::spawn(move || serve(conn, &log, &stop, &responder)));
+                            let (log, stop, responder) =
+                                (log.clone(), stop.clone(), responder.clone());
+                            handlers.push(std::thread::spawn(move || {
+                                serve(conn, &log, &stop, &responder)
+                            }));
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
@@ -257,7 +274,11 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<Request>>, stop: &AtomicBool, responde
     let _ = reader.read(&mut [0u8; 64]);
 }
 
-fn write_response(conn: &mut TcpStream, response: Response, stop: &AtomicBool) -> std::io::Result<()> {
+fn write_response(
+    conn: &mut TcpStream,
+    response: Response,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     match response {
         Response::Json { status, body } => {
             write!(
@@ -268,7 +289,10 @@ fn write_response(conn: &mut TcpStream, response: Response, stop: &AtomicBool) -
             )
         }
         Response::Watch { steps } => {
-            write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )?;
             conn.flush()?;
             for step in steps {
                 match step {
@@ -328,7 +352,9 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(b) => {
                         out.push(b);

@@ -23,8 +23,9 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use npm_common::{
-    CONFIG_LOG_DROPS, EndpointInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_NODE_IPS,
-    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
+    CONFIG_LOG_DROPS, EndpointInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS,
+    MAP_IDENTITIES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS,
+    Reason, counter_index,
 };
 
 use super::iface;
@@ -100,13 +101,16 @@ impl PacketCounters {
 /// Reads the packet counters of an agent from its pin root (for `npm-agent counters`, while
 /// the agent runs or after).
 pub fn pinned_counters(pin_root: &Path) -> Result<PacketCounters, DataplaneError> {
-    let data = MapData::from_pin(pin_root.join("maps").join(MAP_COUNTERS)).map_err(|e| err("opening the pinned counters", e))?;
-    let counters: PerCpuArray<MapData, u64> =
-        aya::maps::Map::PerCpuArray(data).try_into().map_err(|e| err("opening the pinned counters", e))?;
+    let data = MapData::from_pin(pin_root.join("maps").join(MAP_COUNTERS))
+        .map_err(|e| err("opening the pinned counters", e))?;
+    let counters: PerCpuArray<MapData, u64> = aya::maps::Map::PerCpuArray(data)
+        .try_into()
+        .map_err(|e| err("opening the pinned counters", e))?;
     let mut c = PacketCounters::default();
     for dir in 0..2u8 {
         for r in Reason::ALL {
-            let values = counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
+            let values =
+                counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
             c.counts[dir as usize][r as usize] = values.iter().sum();
         }
     }
@@ -127,28 +131,41 @@ impl EbpfDataplane {
     pub fn open(config: EbpfConfig) -> Result<Self, DataplaneError> {
         ensure_bpffs()?;
         let maps_dir = config.pin_root.join("maps");
-        std::fs::create_dir_all(&maps_dir).map_err(|e| err(format!("creating {}", maps_dir.display()), e))?;
-        std::fs::create_dir_all(config.pin_root.join("links")).map_err(|e| err("creating the links directory", e))?;
+        std::fs::create_dir_all(&maps_dir)
+            .map_err(|e| err(format!("creating {}", maps_dir.display()), e))?;
+        std::fs::create_dir_all(config.pin_root.join("links"))
+            .map_err(|e| err("creating the links directory", e))?;
         if OBJECT.is_empty() {
-            return Err(DataplaneError::Unsupported { dataplane: NAME, reason: "built without eBPF programs (AYA_BUILD_SKIP)".into() });
+            return Err(DataplaneError::Unsupported {
+                dataplane: NAME,
+                reason: "built without eBPF programs (AYA_BUILD_SKIP)".into(),
+            });
         }
         replace_incompatible_pins(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
-            .map_err(|e| DataplaneError::Unsupported { dataplane: NAME, reason: format!("loading the programs: {e}") })?;
+            .map_err(|e| DataplaneError::Unsupported {
+                dataplane: NAME,
+                reason: format!("loading the programs: {e}"),
+            })?;
         for name in [PROG_FROM_POD, PROG_TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| err("loading", format!("program {name} missing")))?
                 .try_into()
                 .map_err(|e| err("loading", e))?;
-            prog.load().map_err(|e| DataplaneError::Unsupported { dataplane: NAME, reason: format!("verifying {name}: {e}") })?;
+            prog.load().map_err(|e| DataplaneError::Unsupported {
+                dataplane: NAME,
+                reason: format!("verifying {name}: {e}"),
+            })?;
         }
         if let Ok(logger) = aya_log::EbpfLogger::init(&mut ebpf) {
             forward_logs(logger);
         }
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| err("opening maps", format!("map {name} missing")));
+        let mut take = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| err("opening maps", format!("map {name} missing")))
+        };
         let maps = Maps {
             endpoints: take(MAP_ENDPOINTS)?.try_into().map_err(|e| err(MAP_ENDPOINTS, e))?,
             identities: take(MAP_IDENTITIES)?.try_into().map_err(|e| err(MAP_IDENTITIES, e))?,
@@ -158,7 +175,8 @@ impl EbpfDataplane {
             counters: take(MAP_COUNTERS)?.try_into().map_err(|e| err(MAP_COUNTERS, e))?,
             config: take(MAP_CONFIG)?.try_into().map_err(|e| err(MAP_CONFIG, e))?,
         };
-        let mut dp = Self { config, ebpf, maps, translator: Translator::new(), attachments: HashMap::new() };
+        let mut dp =
+            Self { config, ebpf, maps, translator: Translator::new(), attachments: HashMap::new() };
         dp.set_log_drops(dp.config.log_drops)?;
         Ok(dp)
     }
@@ -181,7 +199,11 @@ impl EbpfDataplane {
         let mut c = PacketCounters::default();
         for dir in 0..2u8 {
             for r in Reason::ALL {
-                let values = self.maps.counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
+                let values = self
+                    .maps
+                    .counters
+                    .get(&counter_index(dir, r), 0)
+                    .map_err(|e| err("reading counters", e))?;
                 c.counts[dir as usize][r as usize] = values.iter().sum();
             }
         }
@@ -206,8 +228,12 @@ impl EbpfDataplane {
 
     /// Retries attachments whose interface was not there yet.
     pub fn retry_pending(&mut self) -> Result<usize, DataplaneError> {
-        let pending: Vec<(Ipv4Addr, ObjectKey)> =
-            self.attachments.iter().filter(|(_, a)| a.ifname.is_none()).map(|(ip, a)| (*ip, a.pod.clone())).collect();
+        let pending: Vec<(Ipv4Addr, ObjectKey)> = self
+            .attachments
+            .iter()
+            .filter(|(_, a)| a.ifname.is_none())
+            .map(|(ip, a)| (*ip, a.pod.clone()))
+            .collect();
         let n = pending.len();
         for (ip, pod) in pending {
             self.attach(ip, pod)?;
@@ -219,21 +245,37 @@ impl EbpfDataplane {
         let m = &mut self.maps;
         for op in ops {
             match op {
-                MapOp::EndpointSet { ip, info } => m.endpoints.insert(ip.octets(), info, 0).map_err(|e| err("endpoint", e))?,
-                MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&ip.octets())).map_err(|e| err("endpoint", e))?,
-                MapOp::IdentitySet { ip, id } => m.identities.insert(ip.octets(), id, 0).map_err(|e| err("identity", e))?,
-                MapOp::IdentityDel { ip } => ignore_missing(m.identities.remove(&ip.octets())).map_err(|e| err("identity", e))?,
-                MapOp::CidrSet { net, id } => {
-                    m.cidrs.insert(&Key::new(net.prefix_len() as u32, net.network().octets()), id, 0).map_err(|e| err("cidr", e))?
+                MapOp::EndpointSet { ip, info } => {
+                    m.endpoints.insert(ip.octets(), info, 0).map_err(|e| err("endpoint", e))?
                 }
-                MapOp::CidrDel { net } => ignore_missing(m.cidrs.remove(&Key::new(net.prefix_len() as u32, net.network().octets())))
+                MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&ip.octets()))
+                    .map_err(|e| err("endpoint", e))?,
+                MapOp::IdentitySet { ip, id } => {
+                    m.identities.insert(ip.octets(), id, 0).map_err(|e| err("identity", e))?
+                }
+                MapOp::IdentityDel { ip } => ignore_missing(m.identities.remove(&ip.octets()))
+                    .map_err(|e| err("identity", e))?,
+                MapOp::CidrSet { net, id } => m
+                    .cidrs
+                    .insert(&Key::new(net.prefix_len() as u32, net.network().octets()), id, 0)
                     .map_err(|e| err("cidr", e))?,
-                MapOp::PolicyAdd { prefix_len, key } => m.policy.insert(&Key::new(*prefix_len, *key), 1, 0).map_err(|e| err("policy", e))?,
+                MapOp::CidrDel { net } => ignore_missing(
+                    m.cidrs.remove(&Key::new(net.prefix_len() as u32, net.network().octets())),
+                )
+                .map_err(|e| err("cidr", e))?,
+                MapOp::PolicyAdd { prefix_len, key } => m
+                    .policy
+                    .insert(&Key::new(*prefix_len, *key), 1, 0)
+                    .map_err(|e| err("policy", e))?,
                 MapOp::PolicyDel { prefix_len, key } => {
-                    ignore_missing(m.policy.remove(&Key::new(*prefix_len, *key))).map_err(|e| err("policy", e))?
+                    ignore_missing(m.policy.remove(&Key::new(*prefix_len, *key)))
+                        .map_err(|e| err("policy", e))?
                 }
-                MapOp::NodeIpAdd { ip } => m.node_ips.insert(ip.octets(), 1, 0).map_err(|e| err("node address", e))?,
-                MapOp::NodeIpDel { ip } => ignore_missing(m.node_ips.remove(&ip.octets())).map_err(|e| err("node address", e))?,
+                MapOp::NodeIpAdd { ip } => {
+                    m.node_ips.insert(ip.octets(), 1, 0).map_err(|e| err("node address", e))?
+                }
+                MapOp::NodeIpDel { ip } => ignore_missing(m.node_ips.remove(&ip.octets()))
+                    .map_err(|e| err("node address", e))?,
                 MapOp::Attach { .. } | MapOp::Detach { .. } => {}
             }
         }
@@ -277,19 +319,32 @@ impl EbpfDataplane {
         {
             self.detach(ip)?;
         }
-        for (prog, ty, dir) in [(PROG_FROM_POD, TcAttachType::Ingress, "from"), (PROG_TO_POD, TcAttachType::Egress, "to")] {
+        for (prog, ty, dir) in [
+            (PROG_FROM_POD, TcAttachType::Ingress, "from"),
+            (PROG_TO_POD, TcAttachType::Egress, "to"),
+        ] {
             let path = self.link_path(&ifname, dir);
-            let program: &mut SchedClassifier =
-                self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok()).ok_or_else(|| err("attach", "program missing"))?;
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| err("attach", "program missing"))?;
             let id = match PinnedLink::from_pin(&path) {
                 // A link pinned by an earlier agent: swap in this agent's program atomically.
                 Ok(pinned) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| err("reusing a pinned link", e))?;
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| err("reusing a pinned link", e))?;
                     let _ = std::fs::remove_file(&path);
-                    program.attach_to_link(link).map_err(|e| err(format!("replacing the program on {ifname}"), e))?
+                    program
+                        .attach_to_link(link)
+                        .map_err(|e| err(format!("replacing the program on {ifname}"), e))?
                 }
                 Err(_) => program
-                    .attach_with_options(&ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .attach_with_options(
+                        &ifname,
+                        ty,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                     .or_else(|_| {
                         // Kernels before 6.6 have no tcx: legacy tc (clsact) filters, which
                         // outlive the agent by themselves.
@@ -325,13 +380,21 @@ impl EbpfDataplane {
     fn remove_stale(&mut self) -> Result<(), DataplaneError> {
         let want = self.translator.desired();
         let m = &mut self.maps;
-        let stale: Vec<[u8; 4]> =
-            m.endpoints.keys().filter_map(Result::ok).filter(|k| !want.endpoints.contains(&Ipv4Addr::from(*k))).collect();
+        let stale: Vec<[u8; 4]> = m
+            .endpoints
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.endpoints.contains(&Ipv4Addr::from(*k)))
+            .collect();
         for k in stale {
             ignore_missing(m.endpoints.remove(&k)).map_err(|e| err("stale endpoint", e))?;
         }
-        let stale: Vec<[u8; 4]> =
-            m.identities.keys().filter_map(Result::ok).filter(|k| !want.identities.contains(&Ipv4Addr::from(*k))).collect();
+        let stale: Vec<[u8; 4]> = m
+            .identities
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.identities.contains(&Ipv4Addr::from(*k)))
+            .collect();
         for k in stale {
             ignore_missing(m.identities.remove(&k)).map_err(|e| err("stale identity", e))?;
         }
@@ -340,20 +403,26 @@ impl EbpfDataplane {
             .keys()
             .filter_map(Result::ok)
             .filter(|k| {
-                let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).map(|n| n.trunc());
+                let net =
+                    Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).map(|n| n.trunc());
                 !net.is_ok_and(|n| want.cidrs.contains(&n))
             })
             .collect();
         for k in stale {
             ignore_missing(m.cidrs.remove(&k)).map_err(|e| err("stale cidr", e))?;
         }
-        let stale: Vec<Key<PolicyKeyData>> =
-            m.policy.keys().filter_map(Result::ok).filter(|k| !want.policy.contains(&(k.prefix_len(), k.data()))).collect();
+        let stale: Vec<Key<PolicyKeyData>> = m
+            .policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.policy.contains(&(k.prefix_len(), k.data())))
+            .collect();
         for k in stale {
             ignore_missing(m.policy.remove(&k)).map_err(|e| err("stale policy entry", e))?;
         }
         // Links of interfaces no endpoint uses any more.
-        let keep: HashSet<String> = self.attachments.values().filter_map(|a| a.ifname.clone()).collect();
+        let keep: HashSet<String> =
+            self.attachments.values().filter_map(|a| a.ifname.clone()).collect();
         if let Ok(dir) = std::fs::read_dir(self.config.pin_root.join("links")) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
@@ -388,14 +457,16 @@ impl Dataplane for EbpfDataplane {
         // throughout.
         self.translator = Translator::new();
         let ops = self.translator.translate(&plan.as_diff());
-        let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) = ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));
+        let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) =
+            ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));
         let mut last: HashMap<Ipv4Addr, MapOp> = HashMap::new();
         for op in endpoint_sets {
             if let MapOp::EndpointSet { ip, .. } = op {
                 last.insert(ip, op);
             }
         }
-        let (attaches, rest): (Vec<MapOp>, Vec<MapOp>) = rest.into_iter().partition(|op| matches!(op, MapOp::Attach { .. }));
+        let (attaches, rest): (Vec<MapOp>, Vec<MapOp>) =
+            rest.into_iter().partition(|op| matches!(op, MapOp::Attach { .. }));
         self.write(&rest)?;
         self.write(&last.into_values().collect::<Vec<_>>())?;
         self.attachments.clear();
@@ -422,13 +493,19 @@ struct MapShape {
 /// layout (the verifier would refuse them, or worse, they would misread it). Unpinning does
 /// not destroy the old map: the programs still attached keep using it until replaced.
 fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
-    let object = aya_obj::Object::parse(OBJECT).map_err(|e| err("reading the programs' map definitions", e))?;
+    let object = aya_obj::Object::parse(OBJECT)
+        .map_err(|e| err("reading the programs' map definitions", e))?;
     for (name, def) in &object.maps {
         let path = maps_dir.join(name);
         if !path.exists() {
             continue;
         }
-        let want = MapShape { map_type: def.map_type(), key_size: def.key_size(), value_size: def.value_size(), max_entries: def.max_entries() };
+        let want = MapShape {
+            map_type: def.map_type(),
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            max_entries: def.max_entries(),
+        };
         let found = aya::maps::MapInfo::from_pin(&path).map(|info| MapShape {
             map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
             key_size: info.key_size(),
@@ -439,7 +516,8 @@ fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
             Ok(found) if found == want => {}
             found => {
                 tracing::warn!(map = %name, pinned = ?found.ok(), expected = ?want, "pinned map has another definition (an upgrade changed it): creating it anew");
-                std::fs::remove_file(&path).map_err(|e| err(format!("unpinning {}", path.display()), e))?;
+                std::fs::remove_file(&path)
+                    .map_err(|e| err(format!("unpinning {}", path.display()), e))?;
             }
         }
     }
@@ -449,7 +527,11 @@ fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -465,7 +547,9 @@ fn ensure_bpffs() -> Result<(), DataplaneError> {
     let _ = std::fs::create_dir_all("/sys/fs/bpf");
     let fstype = std::ffi::CString::new("bpf").expect("no NUL");
     // SAFETY: all pointers are valid C strings; no data argument.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
     if rc != 0 {
         return Err(DataplaneError::Unsupported {
             dataplane: NAME,
@@ -482,7 +566,8 @@ fn forward_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         .name("ebpf-log".into())
         .spawn(move || {
             loop {
-                let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let mut pfd =
+                    libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one valid pollfd.
                 let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
                 if rc < 0 {

@@ -2,9 +2,9 @@
 //! in place of ipsets. [`translate`] encodes plan diffs as map operations; [`model`] models
 //! the maps on the host; the kernel side loads, pins and attaches.
 
-pub mod model;
-pub mod translate;
 pub mod iface;
 pub mod kernel;
+pub mod model;
+pub mod translate;
 
 pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters, pinned_counters};

@@ -101,7 +101,11 @@ impl Maps for MapModel {
 
     fn prefix_id(&self, ip: [u8; 4]) -> Option<u32> {
         let addr = Ipv4Addr::from(ip);
-        self.cidrs.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, id)| *id)
+        self.cidrs
+            .iter()
+            .filter(|(n, _)| n.contains(&addr))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, id)| *id)
     }
 
     fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {

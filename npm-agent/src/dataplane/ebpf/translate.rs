@@ -32,8 +32,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use npm_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY, POLICY_PREFIX_ANY_PROTO,
-    POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PREFIX_ID_BASE, PolicyKeyData, policy_key, port_blocks,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PREFIX_ID_BASE,
+    PolicyKeyData, policy_key, port_blocks,
 };
 
 use crate::model::{CidrBlock, Direction, ObjectKey};
@@ -92,11 +93,17 @@ impl EndpointDir {
     /// Adds (or removes) an entry, keeping the digest and the net change since the last
     /// flush; false when the entry was already there (or not there).
     fn change(&mut self, allow: &Allow, add: bool, hasher: &std::hash::RandomState) -> bool {
-        let changed = if add { self.allows.insert(allow.clone()) } else { self.allows.remove(allow) };
+        let changed =
+            if add { self.allows.insert(allow.clone()) } else { self.allows.remove(allow) };
         if changed {
             let h = hasher.hash_one(allow);
-            self.digest = if add { self.digest.wrapping_add(h) } else { self.digest.wrapping_sub(h) };
-            let (to, from) = if add { (&mut self.added, &mut self.removed) } else { (&mut self.removed, &mut self.added) };
+            self.digest =
+                if add { self.digest.wrapping_add(h) } else { self.digest.wrapping_sub(h) };
+            let (to, from) = if add {
+                (&mut self.added, &mut self.removed)
+            } else {
+                (&mut self.removed, &mut self.added)
+            };
             if !from.remove(allow) {
                 to.insert(allow.clone());
             }
@@ -223,7 +230,10 @@ impl Translator {
     pub fn translate(&mut self, diff: &PlanDiff) -> Vec<MapOp> {
         let mut ops = Vec::new();
         for c in &diff.changes {
-            let endpoint_change = matches!(c, Change::SetIsolation { .. } | Change::AddAllow { .. } | Change::RemoveAllow { .. });
+            let endpoint_change = matches!(
+                c,
+                Change::SetIsolation { .. } | Change::AddAllow { .. } | Change::RemoveAllow { .. }
+            );
             if !endpoint_change {
                 self.flush(&mut ops);
             }
@@ -268,56 +278,64 @@ impl Translator {
             m.1 += 1;
             if m.0 != i {
                 let (fip, fd, _, fkey) = &items[m.0];
-                let (first, this) = (&self.endpoints[fip].dirs[*fd as usize], &self.endpoints[ip].dirs[*d as usize]);
+                let (first, this) = (
+                    &self.endpoints[fip].dirs[*fd as usize],
+                    &self.endpoints[ip].dirs[*d as usize],
+                );
                 m.2 &= *fkey == *key && first.added == this.added && first.removed == this.removed;
             }
         }
         for (ip, d, old, key) in items {
             let dir = &mut self.endpoints.get_mut(&ip).expect("endpoint").dirs[d as usize];
-            let (added, removed) = (std::mem::take(&mut dir.added), std::mem::take(&mut dir.removed));
+            let (added, removed) =
+                (std::mem::take(&mut dir.added), std::mem::take(&mut dir.removed));
             let unchanged = added.is_empty() && removed.is_empty();
-            let new = match key {
-                None => 0,
-                // The same entries, or a profile this flush already edited for the group.
-                Some(_) if old != 0 && (unchanged || in_flux.contains(&old)) => old,
-                Some(k) => {
-                    let allows = &self.endpoints[&ip].dirs[d as usize].allows;
-                    let joined = self.by_content.get(&k).into_iter().flatten().copied().find(|p| {
-                        !in_flux.contains(p) && self.profiles[p].allows == *allows
-                    });
-                    let whole_group = old != 0
-                        && moves.get(&old).is_some_and(|(_, n, uniform)| *uniform && *n == self.profiles[&old].users);
-                    match joined {
-                        Some(p) => p,
-                        None if whole_group => {
-                            // Edit in place: additions now, removals after the endpoint writes.
-                            for a in &added {
-                                self.add_allow(old, d, a, ops);
+            let new =
+                match key {
+                    None => 0,
+                    // The same entries, or a profile this flush already edited for the group.
+                    Some(_) if old != 0 && (unchanged || in_flux.contains(&old)) => old,
+                    Some(k) => {
+                        let allows = &self.endpoints[&ip].dirs[d as usize].allows;
+                        let joined =
+                            self.by_content.get(&k).into_iter().flatten().copied().find(|p| {
+                                !in_flux.contains(p) && self.profiles[p].allows == *allows
+                            });
+                        let whole_group = old != 0
+                            && moves.get(&old).is_some_and(|(_, n, uniform)| {
+                                *uniform && *n == self.profiles[&old].users
+                            });
+                        match joined {
+                            Some(p) => p,
+                            None if whole_group => {
+                                // Edit in place: additions now, removals after the endpoint writes.
+                                for a in &added {
+                                    self.add_allow(old, d, a, ops);
+                                }
+                                removals.extend(removed.iter().map(|a| (old, d, a.clone())));
+                                let prof = self.profiles.get_mut(&old).expect("profile");
+                                prof.allows.retain(|a| !removed.contains(a));
+                                prof.allows.extend(added);
+                                let was = std::mem::replace(&mut prof.key, k);
+                                self.unindex(was, old);
+                                self.by_content.entry(k).or_default().push(old);
+                                in_flux.insert(old);
+                                old
                             }
-                            removals.extend(removed.iter().map(|a| (old, d, a.clone())));
-                            let prof = self.profiles.get_mut(&old).expect("profile");
-                            prof.allows.retain(|a| !removed.contains(a));
-                            prof.allows.extend(added);
-                            let was = std::mem::replace(&mut prof.key, k);
-                            self.unindex(was, old);
-                            self.by_content.entry(k).or_default().push(old);
-                            in_flux.insert(old);
-                            old
-                        }
-                        None => {
-                            self.next_profile += 1;
-                            let p = self.next_profile;
-                            let allows = self.endpoints[&ip].dirs[d as usize].allows.clone();
-                            for a in &allows {
-                                self.add_allow(p, d, a, ops);
+                            None => {
+                                self.next_profile += 1;
+                                let p = self.next_profile;
+                                let allows = self.endpoints[&ip].dirs[d as usize].allows.clone();
+                                for a in &allows {
+                                    self.add_allow(p, d, a, ops);
+                                }
+                                self.by_content.entry(k).or_default().push(p);
+                                self.profiles.insert(p, Profile { key: k, allows, users: 0 });
+                                p
                             }
-                            self.by_content.entry(k).or_default().push(p);
-                            self.profiles.insert(p, Profile { key: k, allows, users: 0 });
-                            p
                         }
                     }
-                }
-            };
+                };
             if new == old {
                 // (in place, or the same entries again)
                 writes.insert(ip);
@@ -412,7 +430,8 @@ impl Translator {
                 ep.dirs[*direction as usize].isolated = *isolated;
                 self.dirty.insert((ip, *direction));
             }
-            Change::AddAllow { ip, direction, allow } | Change::RemoveAllow { ip, direction, allow } => {
+            Change::AddAllow { ip, direction, allow }
+            | Change::RemoveAllow { ip, direction, allow } => {
                 let Some(ip) = v4(*ip) else { return };
                 let add = matches!(c, Change::AddAllow { .. });
                 if let Some(ep) = self.endpoints.get_mut(&ip)
@@ -470,9 +489,18 @@ impl Translator {
     }
 
     /// Adds (or removes) the keys of a peer-set entry: one per member.
-    fn set_entry(&mut self, prof: u32, d: Direction, set: SetId, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
+    fn set_entry(
+        &mut self,
+        prof: u32,
+        d: Direction,
+        set: SetId,
+        ports: PortMatch,
+        add: bool,
+        ops: &mut Vec<MapOp>,
+    ) {
         let s = self.sets.entry(set).or_default();
-        let changed = if add { s.users.insert((prof, d, ports)) } else { s.users.remove(&(prof, d, ports)) };
+        let changed =
+            if add { s.users.insert((prof, d, ports)) } else { s.users.remove(&(prof, d, ports)) };
         if !changed {
             return;
         }
@@ -499,7 +527,12 @@ impl Translator {
                 for id in ids {
                     self.policy_keys(prof, d, id, allow.ports, true, ops);
                 }
-                self.cidr_allows.insert(CidrAllow { profile: prof, dir: d, block: block.clone(), ports: allow.ports });
+                self.cidr_allows.insert(CidrAllow {
+                    profile: prof,
+                    dir: d,
+                    block: block.clone(),
+                    ports: allow.ports,
+                });
             }
         }
     }
@@ -511,7 +544,12 @@ impl Translator {
             PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, false, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else { return };
-                self.cidr_allows.remove(&CidrAllow { profile: prof, dir: d, block: block.clone(), ports: allow.ports });
+                self.cidr_allows.remove(&CidrAllow {
+                    profile: prof,
+                    dir: d,
+                    block: block.clone(),
+                    ports: allow.ports,
+                });
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
                     self.policy_keys(prof, d, id, allow.ports, false, ops);
@@ -546,7 +584,8 @@ impl Translator {
         let id = PREFIX_ID_BASE + self.next_prefix;
         self.next_prefix += 1;
         // Entries first: addresses that move to this prefix keep what admits them.
-        let users: Vec<CidrAllow> = self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
+        let users: Vec<CidrAllow> =
+            self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, true, ops);
         }
@@ -564,22 +603,36 @@ impl Translator {
         // Out of the trie first: its addresses fall back to the next shorter prefix.
         self.prefixes.remove(&p);
         ops.push(MapOp::CidrDel { net: p });
-        let users: Vec<CidrAllow> = self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
+        let users: Vec<CidrAllow> =
+            self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, false, ops);
         }
     }
 
     /// Adds (or removes) the policy-trie keys of one (profile, direction, peer, ports).
-    fn policy_keys(&mut self, ep: u32, d: Direction, peer: u32, ports: PortMatch, add: bool, ops: &mut Vec<MapOp>) {
+    fn policy_keys(
+        &mut self,
+        ep: u32,
+        d: Direction,
+        peer: u32,
+        ports: PortMatch,
+        add: bool,
+        ops: &mut Vec<MapOp>,
+    ) {
         let dir = dir_byte(d);
         let mut keys: Vec<(u32, PolicyKeyData)> = Vec::new();
         match ports {
             PortMatch::Any => keys.push((POLICY_PREFIX_ANY_PROTO, policy_key(ep, dir, peer, 0, 0))),
-            PortMatch::Protocol(p) => keys.push((POLICY_PREFIX_PROTO, policy_key(ep, dir, peer, p.number(), 0))),
+            PortMatch::Protocol(p) => {
+                keys.push((POLICY_PREFIX_PROTO, policy_key(ep, dir, peer, p.number(), 0)))
+            }
             PortMatch::Range { protocol, first, last } => {
                 port_blocks(first, last, |start, bits| {
-                    keys.push((POLICY_PREFIX_FULL - bits, policy_key(ep, dir, peer, protocol.number(), start)))
+                    keys.push((
+                        POLICY_PREFIX_FULL - bits,
+                        policy_key(ep, dir, peer, protocol.number(), start),
+                    ))
                 });
             }
         }

@@ -45,4 +45,7 @@ pub mod translate;
 #[cfg(windows)]
 pub mod windows;
 
-pub use translate::{AclPolicySetting, EndpointAcls, HnsPolicies, PolicyEntry, PolicyRequest, SetPolicySetting, Unsupported, translate};
+pub use translate::{
+    AclPolicySetting, EndpointAcls, HnsPolicies, PolicyEntry, PolicyRequest, SetPolicySetting,
+    Unsupported, translate,
+};

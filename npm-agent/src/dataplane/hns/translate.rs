@@ -115,7 +115,9 @@ fn protocol_number(p: Protocol) -> Result<&'static str, String> {
     match p {
         Protocol::Tcp => Ok("6"),
         Protocol::Udp => Ok("17"),
-        Protocol::Sctp => Err("HNS ACLs cannot match SCTP (Azure NPM rejects it on Windows too)".into()),
+        Protocol::Sctp => {
+            Err("HNS ACLs cannot match SCTP (Azure NPM rejects it on Windows too)".into())
+        }
     }
 }
 
@@ -131,7 +133,9 @@ fn ports_of(pm: &PortMatch) -> Result<(String, String), String> {
             }
             let n = u32::from(last) - u32::from(first) + 1;
             if n > MAX_EXPANDED_PORTS {
-                return Err(format!("a port range of {n} ports: HNS ACLs take port lists, expanded up to {MAX_EXPANDED_PORTS} ports"));
+                return Err(format!(
+                    "a port range of {n} ports: HNS ACLs take port lists, expanded up to {MAX_EXPANDED_PORTS} ports"
+                ));
             }
             let list: Vec<String> = (first..=last).map(|p| p.to_string()).collect();
             Ok((proto, list.join(",")))
@@ -185,14 +189,24 @@ struct Sets {
 impl Sets {
     fn add(&mut self, readable: String, kind: &str, values: Vec<String>) -> String {
         let id = hashed_set_name(&readable);
-        self.sets
-            .entry(id.clone())
-            .or_insert_with(|| SetPolicySetting { id: id.clone(), name: readable, kind: kind.into(), values: values.join(",") });
+        self.sets.entry(id.clone()).or_insert_with(|| SetPolicySetting {
+            id: id.clone(),
+            name: readable,
+            kind: kind.into(),
+            values: values.join(","),
+        });
         id
     }
 
-    fn identity(&mut self, plan_members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>, id: IdentityId) -> String {
-        let members = plan_members.get(&id).map(|v| v.iter().map(|ip| ip.to_string()).collect()).unwrap_or_default();
+    fn identity(
+        &mut self,
+        plan_members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
+        id: IdentityId,
+    ) -> String {
+        let members = plan_members
+            .get(&id)
+            .map(|v| v.iter().map(|ip| ip.to_string()).collect())
+            .unwrap_or_default();
         self.add(format!("identity-{id}"), "IPSET", members)
     }
 
@@ -242,10 +256,22 @@ fn direction_acls(
         return acls;
     }
     let mut report = |entry: String, reason: String| {
-        unsupported.push(Unsupported { endpoint: endpoint.into(), direction: hcn_direction(d).into(), entry, reason });
+        unsupported.push(Unsupported {
+            endpoint: endpoint.into(),
+            direction: hcn_direction(d).into(),
+            entry,
+            reason,
+        });
     };
     if !node_ips.is_empty() {
-        acls.push(Acl { action: "Allow", priority: PRIORITY_NODE, sets: vec![], direct: node_ips.to_vec(), protocols: String::new(), ports: String::new() });
+        acls.push(Acl {
+            action: "Allow",
+            priority: PRIORITY_NODE,
+            sets: vec![],
+            direct: node_ips.to_vec(),
+            protocols: String::new(),
+            ports: String::new(),
+        });
     }
     #[derive(Default)]
     struct Peers {
@@ -268,21 +294,33 @@ fn direction_acls(
                 p.ids.insert(*id);
             }
             // A whole-plan translation: a peer set is its members.
-            PeerMatch::Set(s) => p.ids.extend(peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied())),
+            PeerMatch::Set(s) => {
+                p.ids.extend(peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied()))
+            }
             PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
-                let ex: Vec<Ipv4Net> = except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
+                let ex: Vec<Ipv4Net> = except
+                    .iter()
+                    .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
+                    .collect();
                 if ex.is_empty() && net.prefix_len() == 0 {
                     p.any = true;
                 } else {
                     p.blocks.insert((*net, ex));
                 }
             }
-            PeerMatch::Cidr(_) => report(a.to_string(), "IPv6 addresses: HNS ACLs here are IPv4 only (as Azure NPM's)".into()),
+            PeerMatch::Cidr(_) => report(
+                a.to_string(),
+                "IPv6 addresses: HNS ACLs here are IPv4 only (as Azure NPM's)".into(),
+            ),
         }
     }
     // Which except blocks can be a block ACL: one that would hide no other except-allow.
-    let excepts: Vec<(PortMatch, Ipv4Net, Vec<Ipv4Net>)> =
-        by_port.iter().flat_map(|(pm, p)| p.blocks.iter().filter(|(_, e)| !e.is_empty()).map(|(n, e)| (*pm, *n, e.clone()))).collect();
+    let excepts: Vec<(PortMatch, Ipv4Net, Vec<Ipv4Net>)> = by_port
+        .iter()
+        .flat_map(|(pm, p)| {
+            p.blocks.iter().filter(|(_, e)| !e.is_empty()).map(|(n, e)| (*pm, *n, e.clone()))
+        })
+        .collect();
     let mut as_block: Vec<bool> = vec![true; excepts.len()];
     loop {
         let mut changed = false;
@@ -291,7 +329,10 @@ fn direction_acls(
                 continue;
             }
             let hides = (0..excepts.len()).any(|j| {
-                j != i && as_block[j] && ports_overlap(&excepts[i].0, &excepts[j].0) && excepts[i].2.iter().any(|x| meets(*x, excepts[j].1, &excepts[j].2))
+                j != i
+                    && as_block[j]
+                    && ports_overlap(&excepts[i].0, &excepts[j].0)
+                    && excepts[i].2.iter().any(|x| meets(*x, excepts[j].1, &excepts[j].2))
             });
             if hides {
                 as_block[i] = false;
@@ -304,7 +345,14 @@ fn direction_acls(
     }
     for (pm, peers) in &by_port {
         let (protocols, ports) = ports_of(pm).expect("checked above");
-        let acl = |priority, action, sets: Vec<String>| Acl { action, priority, sets, direct: vec![], protocols: protocols.clone(), ports: ports.clone() };
+        let acl = |priority, action, sets: Vec<String>| Acl {
+            action,
+            priority,
+            sets,
+            direct: vec![],
+            protocols: protocols.clone(),
+            ports: ports.clone(),
+        };
         if peers.any {
             acls.push(acl(PRIORITY_ALLOW, "Allow", vec![]));
             continue;
@@ -314,7 +362,8 @@ fn direction_acls(
             let set = if ids.len() == 1 {
                 ids[0].clone()
             } else {
-                let readable: Vec<String> = peers.ids.iter().map(|id| format!("identity-{id}")).collect();
+                let readable: Vec<String> =
+                    peers.ids.iter().map(|id| format!("identity-{id}")).collect();
                 let joined = readable.join(",");
                 let name = if joined.len() <= 120 {
                     format!("nestedlabel-{joined}")
@@ -352,7 +401,14 @@ fn direction_acls(
             }
         }
     }
-    acls.push(Acl { action: "Block", priority: PRIORITY_DEFAULT_BLOCK, sets: vec![], direct: vec![], protocols: String::new(), ports: String::new() });
+    acls.push(Acl {
+        action: "Block",
+        priority: PRIORITY_DEFAULT_BLOCK,
+        sets: vec![],
+        direct: vec![],
+        protocols: String::new(),
+        ports: String::new(),
+    });
     acls
 }
 
@@ -367,7 +423,8 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
     for m in members.values_mut() {
         m.sort();
     }
-    let node_ips: Vec<String> = plan.node_ips.iter().filter(|ip| ip.is_ipv4()).map(|ip| ip.to_string()).collect();
+    let node_ips: Vec<String> =
+        plan.node_ips.iter().filter(|ip| ip.is_ipv4()).map(|ip| ip.to_string()).collect();
     let mut sets = Sets::default();
     let mut unsupported = Vec::new();
     let mut eps: Vec<_> = plan.endpoints.iter().collect();
@@ -377,13 +434,27 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
         let name = format!("{} {}", ip, ep.pod);
         if ip.is_ipv6() {
             if ep.ingress.isolated || ep.egress.isolated {
-                unsupported.push(Unsupported { endpoint: name, direction: "In/Out".into(), entry: "endpoint".into(), reason: "IPv6 endpoint".into() });
+                unsupported.push(Unsupported {
+                    endpoint: name,
+                    direction: "In/Out".into(),
+                    entry: "endpoint".into(),
+                    reason: "IPv6 endpoint".into(),
+                });
             }
             continue;
         }
         let mut policies = Vec::new();
         for d in Direction::BOTH {
-            let acls = direction_acls(d, ep.direction(d), &plan.sets, &node_ips, &members, &mut sets, &name, &mut unsupported);
+            let acls = direction_acls(
+                d,
+                ep.direction(d),
+                &plan.sets,
+                &node_ips,
+                &members,
+                &mut sets,
+                &name,
+                &mut unsupported,
+            );
             if acls.is_empty() {
                 continue;
             }
@@ -391,9 +462,23 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
             // to a policy's ACLs).
             let digest_src: Vec<String> = acls
                 .iter()
-                .map(|a| format!("{}|{}|{}|{}|{}|{}", a.action, a.priority, a.sets.join(","), a.direct.join(","), a.protocols, a.ports))
+                .map(|a| {
+                    format!(
+                        "{}|{}|{}|{}|{}|{}",
+                        a.action,
+                        a.priority,
+                        a.sets.join(","),
+                        a.direct.join(","),
+                        a.protocols,
+                        a.ports
+                    )
+                })
                 .collect();
-            let id = format!("{ACL_ID_PREFIX}-{}-plan-{:016x}", ep.pod.namespace, fnv1a64(&format!("{d}\n{}", digest_src.join("\n"))));
+            let id = format!(
+                "{ACL_ID_PREFIX}-{}-plan-{:016x}",
+                ep.pod.namespace,
+                fnv1a64(&format!("{d}\n{}", digest_src.join("\n")))
+            );
             for a in acls {
                 // Azure NPM's mapping: set-based peers go to LocalAddresses for In (HNS's
                 // source sets) and RemoteAddresses for Out; direct addresses to
@@ -425,7 +510,11 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
             }
         }
         if !policies.is_empty() {
-            endpoints.push(EndpointAcls { ip: *ip, pod: ep.pod.to_string(), request: PolicyRequest { policies } });
+            endpoints.push(EndpointAcls {
+                ip: *ip,
+                pod: ep.pod.to_string(),
+                request: PolicyRequest { policies },
+            });
         }
     }
     let mut all: Vec<SetPolicySetting> = sets.sets.into_values().collect();
@@ -433,7 +522,12 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
     unsupported.sort();
     unsupported.dedup();
     HnsPolicies {
-        network: PolicyRequest { policies: all.into_iter().map(|s| PolicyEntry { kind: "SetPolicy", settings: s }).collect() },
+        network: PolicyRequest {
+            policies: all
+                .into_iter()
+                .map(|s| PolicyEntry { kind: "SetPolicy", settings: s })
+                .collect(),
+        },
         endpoints,
         unsupported,
     }
@@ -459,10 +553,19 @@ mod tests {
 
     #[test]
     fn ranges_expand_like_azure_npm() {
-        let (p, ports) = ports_of(&PortMatch::Range { protocol: Protocol::Tcp, first: 80, last: 83 }).unwrap();
+        let (p, ports) =
+            ports_of(&PortMatch::Range { protocol: Protocol::Tcp, first: 80, last: 83 }).unwrap();
         assert_eq!((p.as_str(), ports.as_str()), ("6", "80,81,82,83"));
-        assert!(ports_of(&PortMatch::Range { protocol: Protocol::Udp, first: 1, last: 65535 }).unwrap().1.is_empty());
-        assert!(ports_of(&PortMatch::Range { protocol: Protocol::Udp, first: 1000, last: 60000 }).is_err());
+        assert!(
+            ports_of(&PortMatch::Range { protocol: Protocol::Udp, first: 1, last: 65535 })
+                .unwrap()
+                .1
+                .is_empty()
+        );
+        assert!(
+            ports_of(&PortMatch::Range { protocol: Protocol::Udp, first: 1000, last: 60000 })
+                .is_err()
+        );
         assert!(ports_of(&PortMatch::Protocol(Protocol::Sctp)).is_err());
     }
 }

@@ -34,12 +34,24 @@ impl Dataplane for HnsDataplane {
     }
 
     fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
-        self.plan.apply(diff).map_err(|message| DataplaneError::Apply { dataplane: "hns", operation: "apply".into(), message })?;
-        Err(DataplaneError::Unsupported { dataplane: "hns", reason: "the HNS calls (HcnModifyNetwork, HcnModifyEndpoint) are not implemented yet".into() })
+        self.plan.apply(diff).map_err(|message| DataplaneError::Apply {
+            dataplane: "hns",
+            operation: "apply".into(),
+            message,
+        })?;
+        Err(DataplaneError::Unsupported {
+            dataplane: "hns",
+            reason: "the HNS calls (HcnModifyNetwork, HcnModifyEndpoint) are not implemented yet"
+                .into(),
+        })
     }
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         self.plan = plan.clone();
-        Err(DataplaneError::Unsupported { dataplane: "hns", reason: "the HNS calls (HcnModifyNetwork, HcnModifyEndpoint) are not implemented yet".into() })
+        Err(DataplaneError::Unsupported {
+            dataplane: "hns",
+            reason: "the HNS calls (HcnModifyNetwork, HcnModifyEndpoint) are not implemented yet"
+                .into(),
+        })
     }
 }

@@ -87,7 +87,13 @@ pub struct IptablesConfig {
 
 impl Default for IptablesConfig {
     fn default() -> Self {
-        Self { backend: None, netns: None, wait_seconds: 60, attempts: 3, guard_interval: Some(Duration::from_secs(30)) }
+        Self {
+            backend: None,
+            netns: None,
+            wait_seconds: 60,
+            attempts: 3,
+            guard_interval: Some(Duration::from_secs(30)),
+        }
     }
 }
 
@@ -144,7 +150,10 @@ impl Runner {
 
     fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> std::io::Result<Output> {
         let mut cmd = self.command(program)?;
-        cmd.args(args).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         if let Some(text) = input {
             let mut stdin = child.stdin.take().expect("piped stdin");
@@ -169,7 +178,8 @@ impl Runner {
 fn failed_line(stderr: &str) -> Option<usize> {
     for pat in ["Error in line ", "line "] {
         if let Some(i) = stderr.find(pat) {
-            let digits: String = stderr[i + pat.len()..].chars().take_while(char::is_ascii_digit).collect();
+            let digits: String =
+                stderr[i + pat.len()..].chars().take_while(char::is_ascii_digit).collect();
             if let Ok(n) = digits.parse() {
                 return Some(n);
             }
@@ -189,7 +199,10 @@ fn describe_failure(batch: &Batch, stderr: &str) -> String {
 /// with `iptables-legacy-save` would create the tables it names, so the legacy backend is
 /// only read where it already holds tables.
 fn legacy_tables(runner: &Runner) -> Vec<String> {
-    runner.output("cat", &["/proc/net/ip_tables_names"]).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default()
+    runner
+        .output("cat", &["/proc/net/ip_tables_names"])
+        .map(|s| s.lines().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Whether a backend may hold tables here (nft always may: reading it creates nothing).
@@ -212,7 +225,10 @@ pub fn detect_backend(runner: &Runner) -> (Backend, String) {
         if let Some(out) = runner.output(b.save_program(), &["-t", "mangle"]) {
             for hint in ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"] {
                 if out.lines().any(|l| l.starts_with(&format!(":{hint} "))) {
-                    return (b, format!("kube-proxy's hint chain {hint} is in iptables-{}", b.as_str()));
+                    return (
+                        b,
+                        format!("kube-proxy's hint chain {hint} is in iptables-{}", b.as_str()),
+                    );
                 }
             }
         }
@@ -244,7 +260,10 @@ pub fn detect_backend(runner: &Runner) -> (Backend, String) {
             } else if ra > rb {
                 (*a, format!("iptables-{} holds more rules ({ra} against {rb})", a.as_str()))
             } else {
-                (Backend::Nft, "no hint chain and no rules in either backend; nft by default".into())
+                (
+                    Backend::Nft,
+                    "no hint chain and no rules in either backend; nft by default".into(),
+                )
             }
         }
         _ => unreachable!(),
@@ -288,7 +307,13 @@ impl IptablesDataplane {
         };
         match runner.run(backend.restore_program(), &["--version"], None) {
             Ok(o) if o.ok => {}
-            Ok(o) => return Err(unsupported(format!("{} --version failed: {}", backend.restore_program(), o.stderr))),
+            Ok(o) => {
+                return Err(unsupported(format!(
+                    "{} --version failed: {}",
+                    backend.restore_program(),
+                    o.stderr
+                )));
+            }
             Err(e) => return Err(unsupported(format!("{}: {e}", backend.restore_program()))),
         }
         tracing::info!(backend = backend.as_str(), reason = %backend_reason, "iptables backend");
@@ -385,10 +410,18 @@ impl IptablesDataplane {
             }
         }
         self.stats.failed += 1;
-        Err(DataplaneError::Apply { dataplane: NAME, operation: batch.step.to_string(), message: last })
+        Err(DataplaneError::Apply {
+            dataplane: NAME,
+            operation: batch.step.to_string(),
+            message: last,
+        })
     }
 
-    fn run_batches(&mut self, batches: &[Batch], before_destroy: impl FnOnce(&mut Self)) -> Result<(), DataplaneError> {
+    fn run_batches(
+        &mut self,
+        batches: &[Batch],
+        before_destroy: impl FnOnce(&mut Self),
+    ) -> Result<(), DataplaneError> {
         let mut hook = Some(before_destroy);
         for b in batches {
             if b.step == STEP_DEL_SETS {
@@ -415,17 +448,26 @@ impl IptablesDataplane {
     /// using it), as Azure NPM v2 does at boot.
     fn cleanup_other_backend(&mut self) {
         let other = self.backend.other();
-        if !may_hold(&self.runner, other, "filter") || self.runner.output(other.save_program(), &["--version"]).is_none() {
+        if !may_hold(&self.runner, other, "filter")
+            || self.runner.output(other.save_program(), &["--version"]).is_none()
+        {
             return;
         }
         let Ok(state) = read_iptables(&self.runner, other) else { return };
         if state.chains.is_empty() && state.forward.is_empty() {
             return;
         }
-        for b in translate::cleanup_batches(&state).into_iter().filter(|b| b.tool == Tool::Iptables) {
+        for b in translate::cleanup_batches(&state).into_iter().filter(|b| b.tool == Tool::Iptables)
+        {
             match run_script(&self.runner, other, self.config.wait_seconds, &b) {
-                Ok(()) => tracing::info!(backend = other.as_str(), chains = state.chains.len(), "removed the layout from the other iptables backend"),
-                Err(e) => tracing::warn!(backend = other.as_str(), error = %e, "removing the layout from the other iptables backend"),
+                Ok(()) => tracing::info!(
+                    backend = other.as_str(),
+                    chains = state.chains.len(),
+                    "removed the layout from the other iptables backend"
+                ),
+                Err(e) => {
+                    tracing::warn!(backend = other.as_str(), error = %e, "removing the layout from the other iptables backend")
+                }
             }
         }
     }
@@ -441,7 +483,8 @@ impl Dataplane for IptablesDataplane {
             return Err(DataplaneError::Apply {
                 dataplane: NAME,
                 operation: "checking the layout".into(),
-                message: "the AZURE-NPM chain was removed by another program; resynchronizing".into(),
+                message: "the AZURE-NPM chain was removed by another program; resynchronizing"
+                    .into(),
             });
         }
         let batches = self.translator.translate(diff);
@@ -455,23 +498,36 @@ impl Dataplane for IptablesDataplane {
         self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
         self.start_guard();
         if self.translator.skipped_ipv6 > 0 {
-            tracing::debug!(skipped = self.translator.skipped_ipv6, "IPv6 plan entries are not enforced by the iptables dataplane");
+            tracing::debug!(
+                skipped = self.translator.skipped_ipv6,
+                "IPv6 plan entries are not enforced by the iptables dataplane"
+            );
         }
         Ok(())
     }
 }
 
 /// One check of the guard: the FORWARD jump first and alone, the AZURE-NPM chain present.
-fn guard_once(runner: &Runner, backend: Backend, wait: u32, damaged: &AtomicBool) -> Result<(), String> {
+fn guard_once(
+    runner: &Runner,
+    backend: Backend,
+    wait: u32,
+    damaged: &AtomicBool,
+) -> Result<(), String> {
     let state = read_iptables(runner, backend).map_err(|e| e.to_string())?;
     if !state.chains.contains_key(super::names::AZURE_NPM) {
         if !damaged.swap(true, Ordering::SeqCst) {
-            tracing::warn!("the AZURE-NPM chain is gone (removed by another program); the next change resynchronizes");
+            tracing::warn!(
+                "the AZURE-NPM chain is gone (removed by another program); the next change resynchronizes"
+            );
         }
         return Ok(());
     }
-    let jumps: Vec<&String> = state.forward.iter().filter(|r| super::state::jumps_to_azure_npm(r)).collect();
-    if jumps.len() == 1 && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP) {
+    let jumps: Vec<&String> =
+        state.forward.iter().filter(|r| super::state::jumps_to_azure_npm(r)).collect();
+    if jumps.len() == 1
+        && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP)
+    {
         return Ok(());
     }
     let mut script = String::from("*filter\n");
@@ -479,9 +535,17 @@ fn guard_once(runner: &Runner, backend: Backend, wait: u32, damaged: &AtomicBool
         script.push_str(&format!("-D FORWARD {j}\n"));
     }
     script.push_str(&format!("-I FORWARD 1 {}\nCOMMIT\n", super::names::FORWARD_JUMP));
-    let batch = Batch { step: "position the FORWARD jump", tool: Tool::Iptables, script, commands: jumps.len() + 1 };
+    let batch = Batch {
+        step: "position the FORWARD jump",
+        tool: Tool::Iptables,
+        script,
+        commands: jumps.len() + 1,
+    };
     run_script(runner, backend, wait, &batch)?;
-    tracing::warn!(found = jumps.len(), "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first");
+    tracing::warn!(
+        found = jumps.len(),
+        "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first"
+    );
     Ok(())
 }
 
@@ -489,7 +553,9 @@ fn run_script(runner: &Runner, backend: Backend, wait: u32, batch: &Batch) -> Re
     let wait = wait.to_string();
     let (program, args): (&str, Vec<&str>) = match batch.tool {
         Tool::Ipset => ("ipset", vec!["-exist", "restore"]),
-        Tool::Iptables => (backend.restore_program(), vec!["-w", &wait, "-T", "filter", "--noflush"]),
+        Tool::Iptables => {
+            (backend.restore_program(), vec!["-w", &wait, "-T", "filter", "--noflush"])
+        }
     };
     match runner.run(program, &args, Some(&batch.script)) {
         Ok(o) if o.ok => Ok(()),
@@ -527,21 +593,35 @@ fn run_ipset_lenient(runner: &Runner, script: &str) -> Vec<String> {
 }
 
 fn read_iptables(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
-    let out = runner
-        .run(backend.save_program(), &["-t", "filter"], None)
-        .map_err(|e| DataplaneError::Apply { dataplane: NAME, operation: "reading the rules".into(), message: format!("{}: {e}", backend.save_program()) })?;
+    let out = runner.run(backend.save_program(), &["-t", "filter"], None).map_err(|e| {
+        DataplaneError::Apply {
+            dataplane: NAME,
+            operation: "reading the rules".into(),
+            message: format!("{}: {e}", backend.save_program()),
+        }
+    })?;
     if !out.ok {
-        return Err(DataplaneError::Apply { dataplane: NAME, operation: "reading the rules".into(), message: format!("{}: {}", backend.save_program(), out.stderr) });
+        return Err(DataplaneError::Apply {
+            dataplane: NAME,
+            operation: "reading the rules".into(),
+            message: format!("{}: {}", backend.save_program(), out.stderr),
+        });
     }
     Ok(KernelState::parse("", &out.stdout))
 }
 
 fn read_state(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
-    let sets = runner
-        .run("ipset", &["save"], None)
-        .map_err(|e| DataplaneError::Apply { dataplane: NAME, operation: "reading the sets".into(), message: format!("ipset save: {e}") })?;
+    let sets = runner.run("ipset", &["save"], None).map_err(|e| DataplaneError::Apply {
+        dataplane: NAME,
+        operation: "reading the sets".into(),
+        message: format!("ipset save: {e}"),
+    })?;
     if !sets.ok {
-        return Err(DataplaneError::Apply { dataplane: NAME, operation: "reading the sets".into(), message: format!("ipset save: {}", sets.stderr) });
+        return Err(DataplaneError::Apply {
+            dataplane: NAME,
+            operation: "reading the sets".into(),
+            message: format!("ipset save: {}", sets.stderr),
+        });
     }
     let mut state = read_iptables(runner, backend)?;
     state.sets = KernelState::parse(&sets.stdout, "").sets;
@@ -566,7 +646,9 @@ pub fn cleanup(netns: Option<PathBuf>) -> IptablesCleanup {
     let runner = Runner::new(netns);
     let mut report = IptablesCleanup::default();
     for backend in [Backend::Nft, Backend::Legacy] {
-        if !may_hold(&runner, backend, "filter") || runner.output(backend.save_program(), &["--version"]).is_none() {
+        if !may_hold(&runner, backend, "filter")
+            || runner.output(backend.save_program(), &["--version"]).is_none()
+        {
             continue;
         }
         let state = match read_iptables(&runner, backend) {
@@ -606,8 +688,14 @@ mod tests {
 
     #[test]
     fn failed_lines_are_found() {
-        assert_eq!(failed_line("ipset v7.17: Error in line 3: The set with the given name does not exist"), Some(3));
+        assert_eq!(
+            failed_line("ipset v7.17: Error in line 3: The set with the given name does not exist"),
+            Some(3)
+        );
         assert_eq!(failed_line("iptables-restore: line 12 failed"), Some(12));
-        assert_eq!(failed_line("iptables-restore v1.8.9 (nf_tables): Couldn't load match `set'"), None);
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): Couldn't load match `set'"),
+            None
+        );
     }
 }

@@ -97,4 +97,7 @@ pub mod names;
 pub mod state;
 pub mod translate;
 
-pub use kernel::{ApplyStats, BACKEND_ENV, Backend, IptablesCleanup, IptablesConfig, IptablesDataplane, cleanup, detect_backend};
+pub use kernel::{
+    ApplyStats, BACKEND_ENV, Backend, IptablesCleanup, IptablesConfig, IptablesDataplane, cleanup,
+    detect_backend,
+};

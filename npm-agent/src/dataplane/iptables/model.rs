@@ -67,20 +67,38 @@ const BUILTIN: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
 
 fn hex_pair(s: &str) -> Result<(u32, u32), String> {
     let (v, m) = s.split_once('/').unwrap_or((s, "0xffffffff"));
-    let p = |x: &str| u32::from_str_radix(x.trim_start_matches("0x"), 16).map_err(|e| format!("bad mark {s}: {e}"));
+    let p = |x: &str| {
+        u32::from_str_radix(x.trim_start_matches("0x"), 16)
+            .map_err(|e| format!("bad mark {s}: {e}"))
+    };
     Ok((p(v)?, p(m)?))
 }
 
 fn parse_rule(text: &str) -> Result<Rule, String> {
     let w = split_words(text);
     // As iptables-save prints it: only the comment is a quoted string.
-    let canonical = w
-        .iter()
-        .enumerate()
-        .map(|(i, x)| if i > 0 && w[i - 1] == "--comment" { super::names::quote_word(x) } else { x.clone() })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut r = Rule { text: canonical, protocol: None, dports: None, sets: Vec::new(), mark: None, ct_new: false, target: String::new(), set_xmark: None };
+    let canonical =
+        w.iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if i > 0 && w[i - 1] == "--comment" {
+                    super::names::quote_word(x)
+                } else {
+                    x.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    let mut r = Rule {
+        text: canonical,
+        protocol: None,
+        dports: None,
+        sets: Vec::new(),
+        mark: None,
+        ct_new: false,
+        target: String::new(),
+        set_xmark: None,
+    };
     let mut i = 0;
     let next = |i: &mut usize| -> Result<&String, String> {
         *i += 1;
@@ -88,14 +106,22 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
     };
     while i < w.len() {
         match w[i].as_str() {
-            "-p" => r.protocol = Some(Protocol::parse(&next(&mut i)?.to_uppercase()).ok_or_else(|| format!("protocol in {text}"))?),
+            "-p" => {
+                r.protocol = Some(
+                    Protocol::parse(&next(&mut i)?.to_uppercase())
+                        .ok_or_else(|| format!("protocol in {text}"))?,
+                )
+            }
             "-m" => {
                 next(&mut i)?;
             }
             "--dport" => {
                 let v = next(&mut i)?;
                 let (a, b) = v.split_once(':').unwrap_or((v, v));
-                r.dports = Some((a.parse().map_err(|_| format!("port {v}"))?, b.parse().map_err(|_| format!("port {v}"))?));
+                r.dports = Some((
+                    a.parse().map_err(|_| format!("port {v}"))?,
+                    b.parse().map_err(|_| format!("port {v}"))?,
+                ));
             }
             "!" => {
                 if w.get(i + 1).map(String::as_str) != Some("--match-set") {
@@ -137,7 +163,10 @@ pub struct KernelModel {
 
 impl Default for KernelModel {
     fn default() -> Self {
-        Self { sets: BTreeMap::new(), chains: BUILTIN.iter().map(|c| (c.to_string(), Vec::new())).collect() }
+        Self {
+            sets: BTreeMap::new(),
+            chains: BUILTIN.iter().map(|c| (c.to_string(), Vec::new())).collect(),
+        }
     }
 }
 
@@ -171,30 +200,50 @@ impl KernelModel {
             match w.as_slice() {
                 [] => {}
                 ["create", name, kind, ..] => match self.sets.get(*name) {
-                    Some(s) if s.kind != *kind => return Err(err("Set cannot be created: set with the same name already exists".into())),
+                    Some(s) if s.kind != *kind => {
+                        return Err(err(
+                            "Set cannot be created: set with the same name already exists".into(),
+                        ));
+                    }
                     Some(_) => {}
                     None => {
                         if !["hash:net", "hash:ip,port", "list:set"].contains(kind) {
                             return Err(err(format!("unknown type {kind}")));
                         }
-                        self.sets.insert(name.to_string(), ModelSet { kind: kind.to_string(), ..ModelSet::default() });
+                        self.sets.insert(
+                            name.to_string(),
+                            ModelSet { kind: kind.to_string(), ..ModelSet::default() },
+                        );
                     }
                 },
                 ["add", name, member, rest @ ..] => {
                     let nomatch = rest == ["nomatch"];
                     let member_exists = self.sets.contains_key(*member);
-                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    let s = self
+                        .sets
+                        .get_mut(*name)
+                        .ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     if s.kind == "list:set" {
                         if !member_exists {
-                            return Err(err("Set to be added/deleted/tested as element does not exist".into()));
+                            return Err(err(
+                                "Set to be added/deleted/tested as element does not exist".into(),
+                            ));
                         }
                         if !s.list.iter().any(|m| m == member) {
                             s.list.push(member.to_string());
                         }
                     } else if s.kind == "hash:ip,port" {
-                        s.ports.insert(parse_port_member(member).ok_or_else(|| err(format!("bad element {member}")))?);
+                        s.ports.insert(
+                            parse_port_member(member)
+                                .ok_or_else(|| err(format!("bad element {member}")))?,
+                        );
                     } else {
-                        let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
+                        let net: Ipv4Net = member
+                            .parse()
+                            .or_else(|_| {
+                                member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())
+                            })
+                            .map_err(|_| err(format!("bad element {member}")))?;
                         if net.prefix_len() == 0 {
                             return Err(err("hash:net cannot hold /0".into()));
                         }
@@ -202,18 +251,32 @@ impl KernelModel {
                     }
                 }
                 ["del", name, member, ..] => {
-                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    let s = self
+                        .sets
+                        .get_mut(*name)
+                        .ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     if s.kind == "list:set" {
                         s.list.retain(|m| m != member);
                     } else if s.kind == "hash:ip,port" {
-                        s.ports.remove(&parse_port_member(member).ok_or_else(|| err(format!("bad element {member}")))?);
+                        s.ports.remove(
+                            &parse_port_member(member)
+                                .ok_or_else(|| err(format!("bad element {member}")))?,
+                        );
                     } else {
-                        let net: Ipv4Net = member.parse().or_else(|_| member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())).map_err(|_| err(format!("bad element {member}")))?;
+                        let net: Ipv4Net = member
+                            .parse()
+                            .or_else(|_| {
+                                member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())
+                            })
+                            .map_err(|_| err(format!("bad element {member}")))?;
                         s.nets.remove(&net.trunc());
                     }
                 }
                 ["flush", name] => {
-                    let s = self.sets.get_mut(*name).ok_or_else(|| err("The set with the given name does not exist".into()))?;
+                    let s = self
+                        .sets
+                        .get_mut(*name)
+                        .ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     s.nets.clear();
                     s.ports.clear();
                     s.list.clear();
@@ -223,7 +286,9 @@ impl KernelModel {
                         return Err(err("The set with the given name does not exist".into()));
                     }
                     if self.set_referenced(name) {
-                        return Err(err("Set cannot be destroyed: it is in use by a kernel component".into()));
+                        return Err(err(
+                            "Set cannot be destroyed: it is in use by a kernel component".into(),
+                        ));
                     }
                     self.sets.remove(*name);
                 }
@@ -273,15 +338,18 @@ impl KernelModel {
                     if !exists {
                         return Err(err(format!("chain {chain} does not exist")));
                     }
-                    let (pos, rest) = match (w[0].as_str(), w.get(2).and_then(|p| p.parse::<usize>().ok())) {
-                        ("-I", Some(p)) => (p, &w[3..]),
-                        ("-I", None) => (1, &w[2..]),
-                        _ => (0, &w[2..]),
-                    };
+                    let (pos, rest) =
+                        match (w[0].as_str(), w.get(2).and_then(|p| p.parse::<usize>().ok())) {
+                            ("-I", Some(p)) => (p, &w[3..]),
+                            ("-I", None) => (1, &w[2..]),
+                            _ => (0, &w[2..]),
+                        };
                     let text = rest.iter().map(|x| names_quote(x)).collect::<Vec<_>>().join(" ");
                     let rule = parse_rule(&text).map_err(err)?;
                     let t = &rule.target;
-                    if !["ACCEPT", "DROP", "RETURN", "MARK"].contains(&t.as_str()) && !chains.contains_key(t) {
+                    if !["ACCEPT", "DROP", "RETURN", "MARK"].contains(&t.as_str())
+                        && !chains.contains_key(t)
+                    {
                         return Err(err(format!("Couldn't load target `{t}'")));
                     }
                     let rules = chains.get_mut(&chain).expect("exists");
@@ -297,15 +365,24 @@ impl KernelModel {
                             Some(p) => {
                                 rules.remove(p);
                             }
-                            None => return Err(err("Bad rule (does a matching rule exist in that chain?)".into())),
+                            None => {
+                                return Err(err(
+                                    "Bad rule (does a matching rule exist in that chain?)".into(),
+                                ));
+                            }
                         },
                     }
                 }
                 Some("-F") => {
-                    chains.get_mut(&chain).ok_or_else(|| err(format!("chain {chain} does not exist")))?.clear();
+                    chains
+                        .get_mut(&chain)
+                        .ok_or_else(|| err(format!("chain {chain} does not exist")))?
+                        .clear();
                 }
                 Some("-X") => {
-                    let rules = chains.get(&chain).ok_or_else(|| err(format!("chain {chain} does not exist")))?;
+                    let rules = chains
+                        .get(&chain)
+                        .ok_or_else(|| err(format!("chain {chain} does not exist")))?;
                     if !rules.is_empty() {
                         return Err(err(format!("chain {chain} is not empty")));
                     }
@@ -330,11 +407,18 @@ impl KernelModel {
         for (name, s) in &self.sets {
             ipset.push_str(&format!("create {name} {} family inet\n", s.kind));
             for (net, nomatch) in &s.nets {
-                let m = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
-                ipset.push_str(&format!("add {name} {m}{}\n", if *nomatch { " nomatch" } else { "" }));
+                let m =
+                    if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+                ipset.push_str(&format!(
+                    "add {name} {m}{}\n",
+                    if *nomatch { " nomatch" } else { "" }
+                ));
             }
             for (ip, proto, port) in &s.ports {
-                ipset.push_str(&format!("add {name} {ip},{}:{port}\n", proto.as_str().to_lowercase()));
+                ipset.push_str(&format!(
+                    "add {name} {ip},{}:{port}\n",
+                    proto.as_str().to_lowercase()
+                ));
             }
             for m in &s.list {
                 ipset.push_str(&format!("add {name} {m}\n"));
@@ -362,7 +446,9 @@ impl KernelModel {
 
     /// Whether the model holds nothing but the empty built-in chains.
     pub fn is_clean(&self) -> bool {
-        self.sets.is_empty() && self.chains.len() == BUILTIN.len() && self.chains.values().all(Vec::is_empty)
+        self.sets.is_empty()
+            && self.chains.len() == BUILTIN.len()
+            && self.chains.values().all(Vec::is_empty)
     }
 
     /// The names of the user chains.
@@ -372,7 +458,10 @@ impl KernelModel {
 
     /// The rules of a chain, as `iptables-save` prints them after `-A CHAIN `.
     pub fn rules(&self, chain: &str) -> Vec<String> {
-        self.chains.get(chain).map(|r| r.iter().map(|r| r.text.clone()).collect()).unwrap_or_default()
+        self.chains
+            .get(chain)
+            .map(|r| r.iter().map(|r| r.text.clone()).collect())
+            .unwrap_or_default()
     }
 
     fn in_set(&self, name: &str, p: &Packet, flags: Flags, depth: usize) -> bool {
@@ -386,7 +475,11 @@ impl KernelModel {
             return flags == Flags::DstPort && s.ports.contains(&(ip, p.protocol, p.dport));
         }
         // The most specific entry decides (nomatch entries exclude).
-        s.nets.iter().filter(|(n, _)| n.contains(&ip)).max_by_key(|(n, _)| n.prefix_len()).is_some_and(|(_, nomatch)| !nomatch)
+        s.nets
+            .iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .is_some_and(|(_, nomatch)| !nomatch)
     }
 
     fn walk(&self, chain: &str, p: &Packet, mark: &mut u32, depth: usize) -> Option<bool> {
@@ -456,7 +549,12 @@ mod tests {
     fn nomatch_and_lists() {
         let mut m = KernelModel::default();
         m.apply_ipset("create a hash:net family inet\nadd a 10.0.0.0/16\nadd a 10.0.1.0/24 nomatch\ncreate b hash:net family inet\nadd b 10.0.1.5\ncreate l list:set\nadd l a\nadd l b\n").unwrap();
-        let to = |ip: &str| Packet { src: "192.0.2.1".parse().unwrap(), dst: ip.parse().unwrap(), protocol: Protocol::Tcp, dport: 80 };
+        let to = |ip: &str| Packet {
+            src: "192.0.2.1".parse().unwrap(),
+            dst: ip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dport: 80,
+        };
         assert!(m.in_set("a", &to("10.0.2.1"), Flags::Dst, 0));
         assert!(!m.in_set("a", &to("10.0.1.1"), Flags::Dst, 0));
         assert!(!m.in_set("a", &to("10.0.2.1"), Flags::Src, 0));
@@ -469,7 +567,12 @@ mod tests {
     fn named_ports_match_address_protocol_and_port() {
         let mut m = KernelModel::default();
         m.apply_ipset("create p hash:ip,port family inet\nadd p 10.0.0.1,tcp:8080\n").unwrap();
-        let p = |dst: &str, protocol, dport| Packet { src: "10.0.0.9".parse().unwrap(), dst: dst.parse().unwrap(), protocol, dport };
+        let p = |dst: &str, protocol, dport| Packet {
+            src: "10.0.0.9".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol,
+            dport,
+        };
         assert!(m.in_set("p", &p("10.0.0.1", Protocol::Tcp, 8080), Flags::DstPort, 0));
         assert!(!m.in_set("p", &p("10.0.0.1", Protocol::Udp, 8080), Flags::DstPort, 0));
         assert!(!m.in_set("p", &p("10.0.0.1", Protocol::Tcp, 80), Flags::DstPort, 0));

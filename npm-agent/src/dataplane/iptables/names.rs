@@ -85,7 +85,8 @@ pub fn quote_comment(comment: &str) -> String {
 
 /// A word as `iptables-save` prints it (see [`quote_comment`]).
 pub fn quote_word(w: &str) -> String {
-    let bare = !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let bare =
+        !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if bare {
         return w.to_string();
     }
@@ -156,7 +157,10 @@ mod tests {
         // y/base has chains AZURE-NPM-{INGRESS,EGRESS}-2697641196, and its jump matches the
         // sets of podlabel-pod:a and ns-y.
         assert_eq!(policy_chain(true, "y/base"), "AZURE-NPM-INGRESS-2697641196");
-        assert_eq!(policy_chain(false, "kube-system/konnectivity-agent"), "AZURE-NPM-EGRESS-3618314628");
+        assert_eq!(
+            policy_chain(false, "kube-system/konnectivity-agent"),
+            "AZURE-NPM-EGRESS-3618314628"
+        );
         let pair = [hashed_set_name("podlabel-pod:a"), hashed_set_name("ns-y")];
         assert!(pair.contains(&"azure-npm-3922407721".to_string()), "{pair:?}");
         assert!(pair.contains(&"azure-npm-2837910840".to_string()), "{pair:?}");
@@ -164,7 +168,12 @@ mod tests {
 
     #[test]
     fn quoting_round_trips() {
-        for c in ["DROP-ALL", "ALLOW-FROM-cidr-10.0.0.0/8-ON-TCP-TO-PORT-80", "a \"quoted\" 'x' \\ y", ""] {
+        for c in [
+            "DROP-ALL",
+            "ALLOW-FROM-cidr-10.0.0.0/8-ON-TCP-TO-PORT-80",
+            "a \"quoted\" 'x' \\ y",
+            "",
+        ] {
             let q = quote_comment(c);
             assert_eq!(split_words(&format!("-m comment --comment {q} -j X"))[3], c, "{q}");
         }

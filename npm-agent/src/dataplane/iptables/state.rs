@@ -35,7 +35,11 @@ impl KernelState {
                     k.sets.entry(name.to_string()).or_default().kind = kind;
                 }
                 (Some("add"), Some(name), Some(member)) if name.starts_with(SET_PREFIX) => {
-                    k.sets.entry(name.to_string()).or_default().members.insert(member.trim().to_string());
+                    k.sets
+                        .entry(name.to_string())
+                        .or_default()
+                        .members
+                        .insert(member.trim().to_string());
                 }
                 _ => {}
             }
@@ -70,7 +74,9 @@ impl KernelState {
 
     /// Whether the kernel holds anything of the layout.
     pub fn is_empty(&self) -> bool {
-        self.sets.is_empty() && self.chains.is_empty() && !self.forward.iter().any(|r| jumps_to_azure_npm(r))
+        self.sets.is_empty()
+            && self.chains.is_empty()
+            && !self.forward.iter().any(|r| jumps_to_azure_npm(r))
     }
 }
 

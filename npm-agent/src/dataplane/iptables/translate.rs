@@ -50,10 +50,15 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::names::{self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment};
+use super::names::{
+    self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
+};
 use super::state::{KernelState, jumps_to_azure_npm};
 use crate::compile::{IdentityKey, PeerSelector, PortSel, TermPeer, rule_terms};
-use crate::model::{CidrBlock, Direction, Labels, LabelSelector, Namespace, NamespaceScope, ObjectKey, Operator, Policy, PortSpec, Protocol};
+use crate::model::{
+    CidrBlock, Direction, LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Operator,
+    Policy, PortSpec, Protocol,
+};
 use crate::plan::{Change, IdentityId, Plan, PlanDiff};
 
 /// Which program a batch is for.
@@ -143,7 +148,12 @@ impl SetDef {
                     if joined.len() <= 120 {
                         let _ = write!(s, "-except-{joined}");
                     } else {
-                        let _ = write!(s, "-except-{}-nets-{:016x}", list.len(), names::fnv1a64(&joined));
+                        let _ = write!(
+                            s,
+                            "-except-{}-nets-{:016x}",
+                            list.len(),
+                            names::fnv1a64(&joined)
+                        );
                     }
                 }
                 s
@@ -154,9 +164,15 @@ impl SetDef {
 
     pub fn kind(&self) -> SetKind {
         match self {
-            SetDef::Namespace(_) | SetDef::PodLabel { .. } | SetDef::Cidr { .. } | SetDef::Transition => SetKind::HashNet,
+            SetDef::Namespace(_)
+            | SetDef::PodLabel { .. }
+            | SetDef::Cidr { .. }
+            | SetDef::Transition => SetKind::HashNet,
             SetDef::NamedPort(_) => SetKind::HashIpPort,
-            SetDef::PodValues { .. } | SetDef::NsLabel { .. } | SetDef::NsValues { .. } | SetDef::AllNamespaces => SetKind::ListSet,
+            SetDef::PodValues { .. }
+            | SetDef::NsLabel { .. }
+            | SetDef::NsValues { .. }
+            | SetDef::AllNamespaces => SetKind::ListSet,
         }
     }
 
@@ -370,7 +386,10 @@ fn azure_npm_rules(transition: &str) -> Vec<String> {
     for flag in ["src", "dst"] {
         r.push(format!(
             "-m set --match-set {transition} {flag} -m comment --comment {} -j DROP",
-            quote_comment(&format!("DROP-NEW-CONNECTIONS-OF-PODS-CHANGING-LABELS-{}", flag.to_uppercase()))
+            quote_comment(&format!(
+                "DROP-NEW-CONNECTIONS-OF-PODS-CHANGING-LABELS-{}",
+                flag.to_uppercase()
+            ))
         ));
     }
     for t in [INGRESS, EGRESS, ACCEPT] {
@@ -385,7 +404,10 @@ fn base_rules() -> Vec<(&'static str, String)> {
     let allow = names::INGRESS_ALLOW_MARK_HEX;
     r.push((
         INGRESS_ALLOW_MARK,
-        format!("-m comment --comment {} -j MARK --set-xmark {allow}", quote_comment(&format!("SET-INGRESS-ALLOW-MARK-{allow}"))),
+        format!(
+            "-m comment --comment {} -j MARK --set-xmark {allow}",
+            quote_comment(&format!("SET-INGRESS-ALLOW-MARK-{allow}"))
+        ),
     ));
     r.push((INGRESS_ALLOW_MARK, format!("-j {EGRESS}")));
     for t in egress_tail() {
@@ -397,15 +419,24 @@ fn base_rules() -> Vec<(&'static str, String)> {
 
 fn ingress_tail() -> String {
     let m = names::INGRESS_DROP_MARK_HEX;
-    format!("-m mark --mark {m} -m comment --comment {} -j DROP", quote_comment(&format!("DROP-ON-INGRESS-DROP-MARK-{m}")))
+    format!(
+        "-m mark --mark {m} -m comment --comment {} -j DROP",
+        quote_comment(&format!("DROP-ON-INGRESS-DROP-MARK-{m}"))
+    )
 }
 
 fn egress_tail() -> [String; 2] {
     let d = names::EGRESS_DROP_MARK_HEX;
     let a = names::INGRESS_ALLOW_MARK_HEX;
     [
-        format!("-m mark --mark {d} -m comment --comment {} -j DROP", quote_comment(&format!("DROP-ON-EGRESS-DROP-MARK-{d}"))),
-        format!("-m mark --mark {a} -m comment --comment {} -j {ACCEPT}", quote_comment(&format!("ACCEPT-ON-INGRESS-ALLOW-MARK-{a}"))),
+        format!(
+            "-m mark --mark {d} -m comment --comment {} -j DROP",
+            quote_comment(&format!("DROP-ON-EGRESS-DROP-MARK-{d}"))
+        ),
+        format!(
+            "-m mark --mark {a} -m comment --comment {} -j {ACCEPT}",
+            quote_comment(&format!("ACCEPT-ON-INGRESS-ALLOW-MARK-{a}"))
+        ),
     ]
 }
 
@@ -428,7 +459,9 @@ fn label_matches(
                 1 => out.push(m(false, label(key, r.values.first().cloned()))),
                 _ => out.push(m(false, values(key, r.values.iter().cloned().collect()))),
             },
-            Operator::NotIn => out.extend(r.values.iter().map(|v| m(true, label(key.clone(), Some(v.clone()))))),
+            Operator::NotIn => {
+                out.extend(r.values.iter().map(|v| m(true, label(key.clone(), Some(v.clone())))))
+            }
             Operator::Exists => out.push(m(false, label(key, None))),
             Operator::DoesNotExist => out.push(m(true, label(key, None))),
         }
@@ -440,19 +473,28 @@ fn label_matches(
 fn selector_matches(sel: &PeerSelector, flags: &'static str) -> Option<Vec<SetMatch>> {
     let mut out = Vec::new();
     match &sel.namespaces {
-        NamespaceScope::Named(ns) => out.push(SetMatch { negated: false, set: SetDef::Namespace(ns.clone()), flags }),
+        NamespaceScope::Named(ns) => {
+            out.push(SetMatch { negated: false, set: SetDef::Namespace(ns.clone()), flags })
+        }
         NamespaceScope::Selector(s) => {
-            out = label_matches(s, flags, |key, value| SetDef::NsLabel { key, value }, |key, values| SetDef::NsValues { key, values })?;
+            out = label_matches(
+                s,
+                flags,
+                |key, value| SetDef::NsLabel { key, value },
+                |key, values| SetDef::NsValues { key, values },
+            )?;
             // Negations alone would match addresses that are no pod's.
             if !out.iter().any(|m| !m.negated) {
                 out.insert(0, SetMatch { negated: false, set: SetDef::AllNamespaces, flags });
             }
         }
     }
-    out.extend(label_matches(&sel.pods, flags, |key, value| SetDef::PodLabel { key, value }, |key, values| SetDef::PodValues {
-        key,
-        values,
-    })?);
+    out.extend(label_matches(
+        &sel.pods,
+        flags,
+        |key, value| SetDef::PodLabel { key, value },
+        |key, values| SetDef::PodValues { key, values },
+    )?);
     Some(out)
 }
 
@@ -463,19 +505,34 @@ fn port_spec(port: &PortSel) -> (String, Option<SetMatch>, String) {
         PortSel::Spec(s) => s,
     };
     match spec {
-        PortSpec::Protocol(p) => (format!("-p {} ", p.as_str().to_lowercase()), None, format!("-ON-{}", p.as_str())),
+        PortSpec::Protocol(p) => {
+            (format!("-p {} ", p.as_str().to_lowercase()), None, format!("-ON-{}", p.as_str()))
+        }
         PortSpec::Range { protocol, first, last } => {
             let l = protocol.as_str().to_lowercase();
             let u = protocol.as_str();
             if first == last {
-                (format!("-p {l} -m {l} --dport {first} "), None, format!("-ON-{u}-TO-PORT-{first}"))
+                (
+                    format!("-p {l} -m {l} --dport {first} "),
+                    None,
+                    format!("-ON-{u}-TO-PORT-{first}"),
+                )
             } else {
-                (format!("-p {l} -m {l} --dport {first}:{last} "), None, format!("-ON-{u}-TO-PORT-{first}:{last}"))
+                (
+                    format!("-p {l} -m {l} --dport {first}:{last} "),
+                    None,
+                    format!("-ON-{u}-TO-PORT-{first}:{last}"),
+                )
             }
         }
         PortSpec::Named { protocol, name } => {
-            let m = SetMatch { negated: false, set: SetDef::NamedPort(name.clone()), flags: "dst,dst" };
-            (format!("-p {} ", protocol.as_str().to_lowercase()), Some(m), format!("-ON-{}-TO-PORT-namedport:{name}", protocol.as_str()))
+            let m =
+                SetMatch { negated: false, set: SetDef::NamedPort(name.clone()), flags: "dst,dst" };
+            (
+                format!("-p {} ", protocol.as_str().to_lowercase()),
+                Some(m),
+                format!("-ON-{}-TO-PORT-namedport:{name}", protocol.as_str()),
+            )
         }
     }
 }
@@ -559,21 +616,23 @@ impl Translator {
     }
 
     fn pods_of(&self, ids: impl IntoIterator<Item = IdentityId>) -> BTreeSet<String> {
-        ids.into_iter().flat_map(|id| self.addresses.get(&id).into_iter().flatten()).map(|ip| ip.to_string()).collect()
+        ids.into_iter()
+            .flat_map(|id| self.addresses.get(&id).into_iter().flatten())
+            .map(|ip| ip.to_string())
+            .collect()
     }
 
     /// The members a hash set should have now.
     fn hash_members(&self, def: &SetDef) -> BTreeSet<String> {
         match def {
-            SetDef::Namespace(ns) => self.pods_of(self.by_namespace.get(ns).into_iter().flatten().copied()),
-            SetDef::PodLabel { key, value } => self.pods_of(
-                self.by_label
-                    .get(key)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .filter(|id| value.is_none() || self.keys[id].labels.get(key) == value.as_ref()),
-            ),
+            SetDef::Namespace(ns) => {
+                self.pods_of(self.by_namespace.get(ns).into_iter().flatten().copied())
+            }
+            SetDef::PodLabel { key, value } => {
+                self.pods_of(self.by_label.get(key).into_iter().flatten().copied().filter(|id| {
+                    value.is_none() || self.keys[id].labels.get(key) == value.as_ref()
+                }))
+            }
             SetDef::NamedPort(name) => {
                 let mut m = BTreeSet::new();
                 for id in self.by_port_name.get(name).into_iter().flatten() {
@@ -593,13 +652,15 @@ impl Translator {
     /// The member sets a list should hold now.
     fn list_members(&self, def: &SetDef) -> Vec<SetDef> {
         match def {
-            SetDef::PodValues { key, values } => {
-                values.iter().map(|v| SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) }).collect()
-            }
+            SetDef::PodValues { key, values } => values
+                .iter()
+                .map(|v| SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) })
+                .collect(),
             d if d.is_namespace_list() => {
                 // The namespaces that exist: objects, and namespaces of pods (`by_namespace`
                 // holds no empty entry).
-                let all: BTreeSet<&String> = self.namespaces.keys().chain(self.by_namespace.keys()).collect();
+                let all: BTreeSet<&String> =
+                    self.namespaces.keys().chain(self.by_namespace.keys()).collect();
                 all.into_iter()
                     .filter(|ns| d.holds_namespace(&self.namespace_labels(ns)))
                     .map(|ns| SetDef::Namespace(ns.clone()))
@@ -648,7 +709,11 @@ impl Translator {
             self.hash_members(def)
         };
         if !ph.discard_creates {
-            let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
+            let out = if def.kind() == SetKind::ListSet {
+                &mut ph.create_lists
+            } else {
+                &mut ph.create_sets
+            };
             out.push(create_block(&name, def, &members));
         }
         self.sets.insert(def.clone(), SetState { name: name.clone(), readable, members, refs: 1 });
@@ -678,8 +743,12 @@ impl Translator {
             ph.del_members.retain(|l| !l.starts_with(&prefix));
             if def.kind() == SetKind::ListSet {
                 ph.destroy_lists.push(format!("destroy {}", s.name));
-                let subs: Vec<SetDef> =
-                    self.sets.iter().filter(|(_, st)| s.members.contains(&st.name)).map(|(d, _)| d.clone()).collect();
+                let subs: Vec<SetDef> = self
+                    .sets
+                    .iter()
+                    .filter(|(_, st)| s.members.contains(&st.name))
+                    .map(|(d, _)| d.clone())
+                    .collect();
                 for d in subs {
                     self.release(&d);
                 }
@@ -692,12 +761,17 @@ impl Translator {
     /// Changes one member of an existing hash set, holding its address in transition.
     fn change_member(&mut self, def: &SetDef, member: String, add: bool, ph: &mut Phases) {
         let Some(s) = self.sets.get_mut(def) else { return };
-        let changed = if add { s.members.insert(member.clone()) } else { s.members.remove(&member) };
+        let changed =
+            if add { s.members.insert(member.clone()) } else { s.members.remove(&member) };
         if !changed {
             return;
         }
         let line = format!("{} {} {member}", if add { "add" } else { "del" }, s.name);
-        if add { ph.add_members.push(line) } else { ph.del_members.push(line) }
+        if add {
+            ph.add_members.push(line)
+        } else {
+            ph.del_members.push(line)
+        }
         if let Some(ip) = member_address(&member) {
             ph.guard.insert(ip);
         }
@@ -705,7 +779,8 @@ impl Translator {
 
     /// Brings every existing namespace list up to date for the namespaces in `touched`.
     fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, ph: &mut Phases) {
-        let lists: Vec<SetDef> = self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
+        let lists: Vec<SetDef> =
+            self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
         if lists.is_empty() {
             return;
         }
@@ -715,11 +790,13 @@ impl Translator {
             let sub = SetDef::Namespace(ns.clone());
             for list in &lists {
                 let want = exists && list.holds_namespace(&labels);
-                let has = self.sets.get(&sub).is_some_and(|s| self.sets[list].members.contains(&s.name));
+                let has =
+                    self.sets.get(&sub).is_some_and(|s| self.sets[list].members.contains(&s.name));
                 if want == has {
                     continue;
                 }
-                let sub_name = if want { self.acquire(&sub, ph) } else { self.sets[&sub].name.clone() };
+                let sub_name =
+                    if want { self.acquire(&sub, ph) } else { self.sets[&sub].name.clone() };
                 // Every pod of the namespace changes memberships.
                 ph.guard.extend(self.sets[&sub].members.iter().filter_map(|m| member_address(m)));
                 let l = self.sets.get_mut(list).expect("list");
@@ -745,7 +822,10 @@ impl Translator {
             Direction::Ingress => ("dst", "src"),
             Direction::Egress => ("src", "dst"),
         };
-        let target = PeerSelector { namespaces: NamespaceScope::Named(policy.key.namespace.clone()), pods: policy.pod_selector.clone() };
+        let target = PeerSelector {
+            namespaces: NamespaceScope::Named(policy.key.namespace.clone()),
+            pods: policy.pod_selector.clone(),
+        };
         let jump = selector_matches(&target, own)?;
         let mut out = Vec::new();
         for rule in rules {
@@ -777,7 +857,11 @@ impl Translator {
             self.skipped_ipv6 += 1;
             return None;
         };
-        let except: Vec<Ipv4Net> = b.except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None }).collect();
+        let except: Vec<Ipv4Net> = b
+            .except
+            .iter()
+            .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
+            .collect();
         // A block whose excepts cover it admits nothing.
         if except.iter().any(|e| e.prefix_len() == 0) {
             return None;
@@ -797,7 +881,13 @@ impl Translator {
     }
 
     /// Writes a policy direction: sets acquired, rules and jump as `iptables-save` prints them.
-    fn write(&mut self, policy: &Policy, dir: Direction, r: Rendered, ph: &mut Phases) -> ChainState {
+    fn write(
+        &mut self,
+        policy: &Policy,
+        dir: Direction,
+        r: Rendered,
+        ph: &mut Phases,
+    ) -> ChainState {
         let key = (policy.key.clone(), dir);
         let chain = match self.chains.get(&key) {
             Some(c) => c.chain.clone(),
@@ -821,9 +911,16 @@ impl Translator {
         for (spec, matches, port_comment) in &r.rules {
             let text: String = matches.iter().map(|m| self.match_text(m)).collect();
             // (A named port is in the port part of the comment.)
-            let peers: Vec<String> =
-                matches.iter().filter(|m| !matches!(m.set, SetDef::NamedPort(_))).map(|m| self.match_readable(m)).collect();
-            let who = if peers.is_empty() { "ALLOW-ALL".to_string() } else { format!("ALLOW-{peer_word}-{}", peers.join("-AND-")) };
+            let peers: Vec<String> = matches
+                .iter()
+                .filter(|m| !matches!(m.set, SetDef::NamedPort(_)))
+                .map(|m| self.match_readable(m))
+                .collect();
+            let who = if peers.is_empty() {
+                "ALLOW-ALL".to_string()
+            } else {
+                format!("ALLOW-{peer_word}-{}", peers.join("-AND-"))
+            };
             let comment = quote_comment(&format!("{who}{port_comment}"));
             rules.push(format!("{spec}{text}-m comment --comment {comment} -j {target}"));
         }
@@ -831,7 +928,12 @@ impl Translator {
         let text: String = r.jump.iter().map(|m| self.match_text(m)).collect();
         let readable: Vec<String> = r.jump.iter().map(|m| self.match_readable(m)).collect();
         let to = if dir == Direction::Ingress { "TO" } else { "FROM" };
-        let comment = format!("{word}-POLICY-{}-{to}-{}-IN-ns-{}", policy.key, readable.join("-AND-"), policy.key.namespace);
+        let comment = format!(
+            "{word}-POLICY-{}-{to}-{}-IN-ns-{}",
+            policy.key,
+            readable.join("-AND-"),
+            policy.key.namespace
+        );
         let jump = format!("{text}-m comment --comment {} -j {chain}", quote_comment(&comment));
         ChainState { chain, jump, rules, refs }
     }
@@ -936,7 +1038,9 @@ impl Translator {
         let mut policies: BTreeMap<ObjectKey, Option<std::sync::Arc<Policy>>> = BTreeMap::new();
         for c in &diff.changes {
             match c {
-                Change::AddIdentityKey { identity, key } => self.index_identity(*identity, key.clone()),
+                Change::AddIdentityKey { identity, key } => {
+                    self.index_identity(*identity, key.clone())
+                }
                 Change::RemoveIdentityKey { identity } => dropped_keys.push(*identity),
                 Change::SetIdentity { ip, identity } => match v4(*ip) {
                     Some(ip) => {
@@ -988,8 +1092,14 @@ impl Translator {
             if old == new {
                 continue;
             }
-            let before: Vec<(SetDef, String)> = old.and_then(|o| self.keys.get(&o)).map(|k| Self::memberships(k, ip)).unwrap_or_default();
-            let after: Vec<(SetDef, String)> = new.and_then(|n| self.keys.get(&n)).map(|k| Self::memberships(k, ip)).unwrap_or_default();
+            let before: Vec<(SetDef, String)> = old
+                .and_then(|o| self.keys.get(&o))
+                .map(|k| Self::memberships(k, ip))
+                .unwrap_or_default();
+            let after: Vec<(SetDef, String)> = new
+                .and_then(|n| self.keys.get(&n))
+                .map(|k| Self::memberships(k, ip))
+                .unwrap_or_default();
             if let Some(o) = old {
                 if let Some(a) = self.addresses.get_mut(&o) {
                     a.remove(&ip);
@@ -1060,7 +1170,9 @@ impl Translator {
         let commands = ph.rules.len() + ph.del_rules.len() + ph.del_chains.len();
         if commands > 0 || !ph.new_chains.is_empty() {
             let mut script = String::from("*filter\n");
-            for l in ph.new_chains.into_iter().chain(ph.rules).chain(ph.del_rules).chain(ph.del_chains) {
+            for l in
+                ph.new_chains.into_iter().chain(ph.rules).chain(ph.del_rules).chain(ph.del_chains)
+            {
                 script.push_str(&l);
                 script.push('\n');
             }
@@ -1070,7 +1182,11 @@ impl Translator {
         if lift_after_rules {
             push_ipset(STEP_LIFT_TRANSITION, lift, &mut out);
         }
-        push_ipset(STEP_DEL_SETS, ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(), &mut out);
+        push_ipset(
+            STEP_DEL_SETS,
+            ph.destroy_lists.into_iter().chain(ph.destroy_sets).collect(),
+            &mut out,
+        );
         out
     }
 
@@ -1080,7 +1196,12 @@ impl Translator {
     /// from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
-        let mut t = Translator { kernel_kinds: Some(kinds), base: true, skipped_ipv6: self.skipped_ipv6, ..Translator::default() };
+        let mut t = Translator {
+            kernel_kinds: Some(kinds),
+            base: true,
+            skipped_ipv6: self.skipped_ipv6,
+            ..Translator::default()
+        };
         // The commands of the steps below are not kept: `reconcile_batches` writes the whole
         // layout. (A fresh scratch each time, so that they do not pile up.)
         let scratch = || Phases { discard_creates: true, ..Phases::default() };
@@ -1146,21 +1267,39 @@ impl Translator {
 
     /// Every set the layout should hold: kernel name → (readable name, type, members).
     pub fn desired_sets(&self) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
-        self.sets.iter().map(|(d, s)| (s.name.clone(), (s.readable.clone(), d.kind().type_name(), s.members.clone()))).collect()
+        self.sets
+            .iter()
+            .map(|(d, s)| {
+                (s.name.clone(), (s.readable.clone(), d.kind().type_name(), s.members.clone()))
+            })
+            .collect()
     }
 
     fn reconcile_batches(&self, kernel: &KernelState) -> Vec<Batch> {
         let mut ph = Phases::default();
         let mut sets: Vec<(&SetDef, &SetState)> = self.sets.iter().collect();
-        sets.sort_by(|a, b| (a.0.kind() == SetKind::ListSet, &a.1.name).cmp(&(b.0.kind() == SetKind::ListSet, &b.1.name)));
+        sets.sort_by(|a, b| {
+            (a.0.kind() == SetKind::ListSet, &a.1.name)
+                .cmp(&(b.0.kind() == SetKind::ListSet, &b.1.name))
+        });
         let kernel_addresses = |set: &str| -> Vec<Ipv4Addr> {
-            kernel.sets.get(set).into_iter().flat_map(|s| &s.members).filter_map(|m| member_address(m)).collect()
+            kernel
+                .sets
+                .get(set)
+                .into_iter()
+                .flat_map(|s| &s.members)
+                .filter_map(|m| member_address(m))
+                .collect()
         };
         // 1. Sets: create what is missing; members that differ change with their addresses
         //    (or, for lists, the addresses of the sets that join or leave) in transition.
         for (def, s) in &sets {
             let h = &s.name;
-            let out = if def.kind() == SetKind::ListSet { &mut ph.create_lists } else { &mut ph.create_sets };
+            let out = if def.kind() == SetKind::ListSet {
+                &mut ph.create_lists
+            } else {
+                &mut ph.create_sets
+            };
             if **def == SetDef::Transition
                 && let Some(ks) = kernel.sets.get(h)
             {
@@ -1178,7 +1317,11 @@ impl Translator {
                         ph.add_members.push(format!("add {h} {m}"));
                         ph.guard.extend(member_address(m));
                         if def.kind() == SetKind::ListSet {
-                            ph.guard.extend(self.sets.values().filter(|x| &x.name == m).flat_map(|x| x.members.iter().filter_map(|a| member_address(a))));
+                            ph.guard.extend(
+                                self.sets.values().filter(|x| &x.name == m).flat_map(|x| {
+                                    x.members.iter().filter_map(|a| member_address(a))
+                                }),
+                            );
                             ph.guard.extend(kernel_addresses(m));
                         }
                     }
@@ -1194,14 +1337,16 @@ impl Translator {
         }
         // 2. Every chain, in one transaction.
         let chains = self.desired_chains();
-        let stale: Vec<&String> = kernel.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
+        let stale: Vec<&String> =
+            kernel.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
         for (c, rules) in chains {
             ph.new_chains.push(format!(":{c} - [0:0]"));
             // (Each rule moves into its command: the layout's rules are not held twice.)
             ph.rules.extend(rules.into_iter().map(|r| format!("-A {c} {r}")));
         }
         let jumps: Vec<&String> = kernel.forward.iter().filter(|r| jumps_to_azure_npm(r)).collect();
-        let in_place = jumps.len() == 1 && kernel.forward.first().map(String::as_str) == Some(FORWARD_JUMP);
+        let in_place =
+            jumps.len() == 1 && kernel.forward.first().map(String::as_str) == Some(FORWARD_JUMP);
         if !in_place {
             for j in jumps {
                 ph.rules.push(format!("-D FORWARD {j}"));
@@ -1275,7 +1420,12 @@ pub fn cleanup_batches(kernel: &KernelState) -> Vec<Batch> {
             let _ = writeln!(s, "-X {c}");
         }
         s.push_str("COMMIT\n");
-        out.push(Batch { step: "remove chains", tool: Tool::Iptables, script: s, commands: jumps.len() + 2 * kernel.chains.len() });
+        out.push(Batch {
+            step: "remove chains",
+            tool: Tool::Iptables,
+            script: s,
+            commands: jumps.len() + 2 * kernel.chains.len(),
+        });
     }
     if !kernel.sets.is_empty() {
         let mut s = String::new();
@@ -1284,7 +1434,12 @@ pub fn cleanup_batches(kernel: &KernelState) -> Vec<Batch> {
         for (h, _) in lists.chain(others) {
             let _ = writeln!(s, "destroy {h}");
         }
-        out.push(Batch { step: STEP_DEL_SETS, tool: Tool::Ipset, script: s, commands: kernel.sets.len() });
+        out.push(Batch {
+            step: STEP_DEL_SETS,
+            tool: Tool::Ipset,
+            script: s,
+            commands: kernel.sets.len(),
+        });
     }
     out
 }
