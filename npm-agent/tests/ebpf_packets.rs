@@ -1,6 +1,9 @@
 //! The tc programs on hand-built packets through BPF_PROG_TEST_RUN, one test per verdict
-//! path. Plans come from the real compiler and reach the maps through the real dataplane
-//! (pinned under a throw-away pin root; nothing is attached to any interface).
+//! path, and the attacks a hostile pod can try (forged sources, conntrack poisoning, reused
+//! tuples, crafted flags, ICMP, other ethertypes). Plans come from the real compiler and reach
+//! the maps through the real dataplane (pinned under a throw-away pin root; nothing is
+//! attached: each packet is run "at" a dummy interface of the test thread's own network
+//! namespace standing for a pod's veth, or for the node's uplink).
 //!
 //! Needs root; without it each test says so and passes.
 
@@ -8,17 +11,15 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
+use npm_agent::dataplane::ebpf::testrun::{self, DROP, PASS, TestInterfaces};
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::validate::network_policy;
 use npm_agent::model::{NamedPort, Namespace, Node, ObjectKey, Pod, PodPhase, Protocol};
 use npm_agent::state::Event;
-use npm_common::{DIR_EGRESS, DIR_INGRESS, PROG_FROM_POD, PROG_TO_POD, Reason};
-
-const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): no objection
-const DROP: u32 = 2; // TC_ACT_SHOT
+use npm_common::{CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, MAP_CT, Reason};
 
 const A: [u8; 4] = [10, 0, 0, 1]; // x/a, local, app=web, named port http=8080/TCP
 const B: [u8; 4] = [10, 0, 0, 2]; // x/b, local, app=db
@@ -42,6 +43,7 @@ struct Harness {
     engine: Engine,
     dp: EbpfDataplane,
     pin_root: PathBuf,
+    ifaces: TestInterfaces,
 }
 
 impl Drop for Harness {
@@ -71,13 +73,14 @@ impl Harness {
             return None;
         }
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-test-{}-{test}", std::process::id()));
+        let ifaces = TestInterfaces::new(&["veth-a", "veth-b", "uplink"]).expect("test interfaces");
         let dp = EbpfDataplane::open(EbpfConfig {
             pin_root: pin_root.clone(),
             log_drops: false,
             attach: false,
         })
         .expect("load");
-        let mut h = Harness { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root };
+        let mut h = Harness { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root, ifaces };
         h.event(Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))],
@@ -89,7 +92,37 @@ impl Harness {
         h.event(Event::UpsertPod(pod("x", "a", A, "n1", "web", http)));
         h.event(Event::UpsertPod(pod("x", "b", B, "n1", "db", vec![])));
         h.event(Event::UpsertPod(pod("y", "c", C, "n2", "web", vec![])));
+        for (ip, name) in [(A, "veth-a"), (B, "veth-b")] {
+            let index = h.ifaces.index(name);
+            h.dp.bind_interface(Ipv4Addr::from(ip), index).expect("bind");
+        }
         Some(h)
+    }
+
+    /// The interface of a local pod's address, if it is one.
+    fn veth(&self, ip: [u8; 4]) -> Option<u32> {
+        match ip {
+            A => Some(self.ifaces.index("veth-a")),
+            B => Some(self.ifaces.index("veth-b")),
+            _ => None,
+        }
+    }
+
+    /// Where a packet is seen and where it came from, as the addresses say: leaving its
+    /// source's veth, or entering its destination's, from the source's veth or the uplink.
+    fn route(&self, dir: u8, pkt: &[u8]) -> (u32, u32) {
+        let src: [u8; 4] = pkt[26..30].try_into().unwrap();
+        let dst: [u8; 4] = pkt[30..34].try_into().unwrap();
+        let uplink = self.ifaces.index("uplink");
+        if dir == DIR_EGRESS {
+            let at = self.veth(src).expect("egress is seen at a local pod's veth");
+            (at, at)
+        } else {
+            (
+                self.veth(dst).expect("ingress is seen at a local pod's veth"),
+                self.veth(src).unwrap_or(uplink),
+            )
+        }
     }
 
     fn event(&mut self, e: Event) {
@@ -102,21 +135,18 @@ impl Harness {
         self.event(Event::UpsertPolicy(network_policy(&np).expect("valid policy")));
     }
 
-    /// Runs a packet through the program of one direction; returns the verdict and checks that
-    /// exactly the counter of `reason` moved, by one.
+    /// Runs a packet through the program of one direction, where its addresses say it is;
+    /// returns the verdict and checks that exactly the counter of `reason` moved, by one.
     fn run(&mut self, dir: u8, pkt: &[u8], reason: Reason) -> u32 {
+        let (at, from) = self.route(dir, pkt);
+        self.run_at(dir, at, from, pkt, reason)
+    }
+
+    /// Runs a packet seen at interface `at`, having come in through `from`.
+    fn run_at(&mut self, dir: u8, at: u32, from: u32, pkt: &[u8], reason: Reason) -> u32 {
         let before = self.dp.counters().unwrap();
-        let prog = if dir == DIR_EGRESS { PROG_FROM_POD } else { PROG_TO_POD };
-        let p = self.dp.program_mut(prog).expect("program");
-        let mut out = vec![0u8; pkt.len() + 64];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {:02x?}: {e}", pkt));
+        let r = testrun::run(&mut self.dp, dir, at, from, pkt, 1)
+            .unwrap_or_else(|e| panic!("{e}: {:02x?}", pkt));
         let after = self.dp.counters().unwrap();
         for d in [DIR_INGRESS, DIR_EGRESS] {
             for rr in Reason::ALL {
@@ -128,9 +158,26 @@ impl Harness {
                 );
             }
         }
-        let verdict = r.return_value;
+        let verdict = r.verdict;
         assert_eq!(verdict == PASS, reason.allowed(), "verdict {verdict} vs reason {reason:?}");
         verdict
+    }
+
+    /// The pinned connection-tracking map, as another process would open it.
+    fn conntrack(&self) -> BpfHashMap<MapData, CtKey, CtValue> {
+        let data =
+            MapData::from_pin(self.pin_root.join("maps").join(MAP_CT)).expect("pinned conntrack");
+        aya::maps::Map::LruHashMap(data).try_into().expect("conntrack map")
+    }
+
+    /// Makes every tracked flow look idle for `secs` more seconds.
+    fn age_conntrack(&self, secs: u64) {
+        let mut ct = self.conntrack();
+        let entries: Vec<(CtKey, CtValue)> = ct.iter().map(Result::unwrap).collect();
+        for (k, mut v) in entries {
+            v.last_seen = v.last_seen.saturating_sub(secs * 1_000_000_000);
+            ct.insert(k, v, 0).unwrap();
+        }
     }
 }
 
@@ -201,14 +248,18 @@ fn deny_all_ingress_to_x() -> &'static str {
 
 #[test]
 fn not_isolated_passes() {
-    let Some(mut h) = Harness::new("notiso") else { return };
+    let Some(mut h) = Harness::new("notiso") else {
+        return;
+    };
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::NotIsolated), PASS);
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 80).bytes(), Reason::NotIsolated), PASS);
 }
 
 #[test]
 fn isolated_identity_hit_and_miss() {
-    let Some(mut h) = Harness::new("identity") else { return };
+    let Some(mut h) = Harness::new("identity") else {
+        return;
+    };
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-to-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector: {matchLabels: {app: web}}\n",
     );
@@ -233,7 +284,9 @@ fn isolated_identity_hit_and_miss() {
 
 #[test]
 fn cidr_and_except() {
-    let Some(mut h) = Harness::new("cidr") else { return };
+    let Some(mut h) = Harness::new("cidr") else {
+        return;
+    };
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: outside, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 192.168.0.0/16, except: [192.168.7.9/32]}\n",
     );
@@ -259,7 +312,9 @@ fn cidr_and_except() {
 
 #[test]
 fn ports_ranges_and_named_ports() {
-    let Some(mut h) = Harness::new("ports") else { return };
+    let Some(mut h) = Harness::new("ports") else {
+        return;
+    };
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ports, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports:\n    - port: 80\n    - port: 1000\n      endPort: 2000\n    - port: http\n",
     );
@@ -279,7 +334,9 @@ fn ports_ranges_and_named_ports() {
 
 #[test]
 fn protocol_mismatch() {
-    let Some(mut h) = Harness::new("proto") else { return };
+    let Some(mut h) = Harness::new("proto") else {
+        return;
+    };
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: tcp80, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports: [{port: 80, protocol: TCP}]\n",
     );
@@ -302,21 +359,25 @@ fn protocol_mismatch() {
 
 #[test]
 fn replies_and_established_flows() {
-    let Some(mut h) = Harness::new("ct") else { return };
+    let Some(mut h) = Harness::new("ct") else {
+        return;
+    };
     h.policy(deny_all_ingress_to_x());
     // a opens a connection to c (egress not isolated: tracked), c's reply enters a.
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 80).bytes(), Reason::NotIsolated), PASS);
-    let reply = Pkt { src: C, dst: A, proto: 6, sport: 80, dport: 40000, frag: 0, id: 2 };
-    assert_eq!(h.run(DIR_INGRESS, &reply.bytes(), Reason::Reply), PASS);
-    assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 80).bytes(), Reason::Established), PASS);
+    let reply = tcp_flags(C, A, 80, 40000, SYN | ACK);
+    assert_eq!(h.run(DIR_INGRESS, &reply, Reason::Reply), PASS);
+    assert_eq!(h.run(DIR_EGRESS, &tcp_flags(A, C, 40000, 80, ACK), Reason::Established), PASS);
     // Not a reply: another source port.
-    let stray = Pkt { sport: 81, ..reply };
-    assert_eq!(h.run(DIR_INGRESS, &stray.bytes(), Reason::Denied), DROP);
+    let stray = tcp_flags(C, A, 81, 40000, SYN | ACK);
+    assert_eq!(h.run(DIR_INGRESS, &stray, Reason::Denied), DROP);
 }
 
 #[test]
 fn node_traffic_is_always_allowed() {
-    let Some(mut h) = Harness::new("node") else { return };
+    let Some(mut h) = Harness::new("node") else {
+        return;
+    };
     h.policy(deny_all_ingress_to_x());
     assert_eq!(h.run(DIR_INGRESS, &tcp(NODE, A, 10250).bytes(), Reason::Node), PASS);
     assert_eq!(
@@ -327,16 +388,28 @@ fn node_traffic_is_always_allowed() {
 }
 
 #[test]
-fn ipv6_passes_and_malformed_ipv4_drops() {
-    let Some(mut h) = Harness::new("odd") else { return };
+fn other_ethertypes_fail_closed_and_malformed_ipv4_drops() {
+    let Some(mut h) = Harness::new("odd") else {
+        return;
+    };
     h.policy(deny_all_ingress_to_x());
+    let (veth_a, uplink) = (h.ifaces.index("veth-a"), h.ifaces.index("uplink"));
     let mut v6 = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
     v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
     v6.extend_from_slice(&[0u8; 32]);
     v6.extend_from_slice(&[0u8; 8]);
-    assert_eq!(h.run(DIR_INGRESS, &v6, Reason::Unmanaged), PASS);
+    // IPv6 is not enforced yet: an isolated endpoint refuses it, others pass it.
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &v6, Reason::Unsupported), DROP);
+    assert_eq!(
+        h.run_at(DIR_EGRESS, veth_a, veth_a, &v6, Reason::Unmanaged),
+        PASS,
+        "a's egress is not isolated"
+    );
+    let mut other = v6.clone();
+    other[12..14].copy_from_slice(&[0x88, 0xb5]); // a local experimental ethertype
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &other, Reason::Unsupported), DROP);
     let arp = [vec![0xff; 6], vec![2, 0, 0, 0, 0, 1], vec![0x08, 0x06], vec![0; 28]].concat();
-    assert_eq!(h.run(DIR_INGRESS, &arp, Reason::Unmanaged), PASS);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &arp, Reason::Unmanaged), PASS);
     // Version 5.
     let mut bad = tcp(C, A, 80).bytes();
     bad[14] = 0x55;
@@ -359,7 +432,9 @@ fn ipv6_passes_and_malformed_ipv4_drops() {
 
 #[test]
 fn truncated_transport_header() {
-    let Some(mut h) = Harness::new("trunc") else { return };
+    let Some(mut h) = Harness::new("trunc") else {
+        return;
+    };
     h.policy(deny_all_ingress_to_x());
     // IPv4 says 22 bytes: 2 bytes of TCP, no destination port.
     let mut p = tcp(C, A, 80).bytes();
@@ -378,7 +453,9 @@ fn truncated_transport_header() {
 
 #[test]
 fn fragments_follow_their_first_fragment() {
-    let Some(mut h) = Harness::new("frag") else { return };
+    let Some(mut h) = Harness::new("frag") else {
+        return;
+    };
     h.policy(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: udp53, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports: [{port: 53, protocol: UDP}]\n",
     );
@@ -398,7 +475,9 @@ fn fragments_follow_their_first_fragment() {
 
 #[test]
 fn policy_removal_restores_traffic_and_reconcile_flushes_nothing_needed() {
-    let Some(mut h) = Harness::new("recon") else { return };
+    let Some(mut h) = Harness::new("recon") else {
+        return;
+    };
     h.policy(deny_all_ingress_to_x());
     assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Denied), DROP);
     // A second dataplane on the same pins (an agent restart) reconciles the same plan: the
@@ -418,4 +497,237 @@ fn policy_removal_restores_traffic_and_reconcile_flushes_nothing_needed() {
         h.dp.map_entries().iter().find(|(n, _, _)| *n == npm_common::MAP_POLICY).unwrap().1,
         0
     );
+}
+
+// ---- attacks ----
+
+/// A TCP segment with any flags.
+fn tcp_flags(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut b = Pkt { sport, ..tcp(src, dst, dport) }.bytes();
+    b[14 + 20 + 13] = flags;
+    b
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+/// b admits only y/c; a may send nothing.
+fn b_admits_only_c_and_a_sends_nothing(h: &mut Harness) {
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-c, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n",
+    );
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-quiet, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n",
+    );
+}
+
+#[test]
+fn forged_source_cannot_poison_conntrack() {
+    let Some(mut h) = Harness::new("poison") else {
+        return;
+    };
+    b_admits_only_c_and_a_sends_nothing(&mut h);
+    let (veth_a, veth_b) = (h.ifaces.index("veth-a"), h.ifaces.index("veth-b"));
+    // a forges b's address towards itself, as if b:80 had opened a flow to a:4444 (TCP SYN,
+    // then UDP): dropped at a's veth before anything is recorded.
+    for forged in [tcp_flags(B, A, 80, 4444, SYN), udp(B, A, 4444).bytes()] {
+        assert_eq!(h.run_at(DIR_EGRESS, veth_a, veth_a, &forged, Reason::Spoofed), DROP);
+    }
+    assert!(
+        h.dp.conntrack().is_empty(),
+        "a forged packet left conntrack entries: {:?}",
+        h.dp.conntrack()
+    );
+    // Then a uses the planted tuple: its egress denial and b's ingress policy still hold.
+    assert_eq!(h.run(DIR_EGRESS, &tcp_flags(A, B, 4444, 80, SYN), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_EGRESS, &tcp_flags(A, B, 4444, 80, ACK), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(A, B, 4444, 80, ACK), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_INGRESS, &udp(A, B, 80).bytes(), Reason::Denied), DROP);
+    // The same towards a remote pod: the forged "reply" from c is dropped at a's veth.
+    assert_eq!(
+        h.run_at(DIR_EGRESS, veth_a, veth_a, &udp(C, A, 4444).bytes(), Reason::Spoofed),
+        DROP
+    );
+    assert_eq!(
+        h.run(DIR_EGRESS, &Pkt { sport: 4444, ..udp(A, C, 53) }.bytes(), Reason::Denied),
+        DROP
+    );
+    let _ = veth_b;
+}
+
+#[test]
+fn a_pod_can_only_send_from_its_own_address() {
+    let Some(mut h) = Harness::new("spoof") else {
+        return;
+    };
+    b_admits_only_c_and_a_sends_nothing(&mut h);
+    let (veth_a, veth_b) = (h.ifaces.index("veth-a"), h.ifaces.index("veth-b"));
+    // From b's veth (b's egress is not isolated): its own address passes, no other does,
+    // whether a local pod's, a remote admitted peer's, or any.
+    assert_eq!(h.run(DIR_EGRESS, &udp(B, C, 53).bytes(), Reason::NotIsolated), PASS);
+    for src in [A, C, [10, 9, 9, 9], [0, 0, 0, 0]] {
+        assert_eq!(
+            h.run_at(DIR_EGRESS, veth_b, veth_b, &udp(src, C, 53).bytes(), Reason::Spoofed),
+            DROP,
+            "{src:?}"
+        );
+        assert_eq!(
+            h.run_at(DIR_EGRESS, veth_b, veth_b, &tcp_flags(src, A, 1, 80, SYN), Reason::Spoofed),
+            DROP,
+            "{src:?}"
+        );
+    }
+    // An interface the agent never described is not a pod's: nothing it sends is trusted.
+    let uplink = h.ifaces.index("uplink");
+    assert_eq!(h.run_at(DIR_EGRESS, uplink, uplink, &udp(C, A, 53).bytes(), Reason::Spoofed), DROP);
+    // c is admitted by b; a packet claiming c's address from a's veth never gets that far.
+    assert_eq!(
+        h.run_at(DIR_EGRESS, veth_a, veth_a, &tcp_flags(C, B, 1, 80, SYN), Reason::Spoofed),
+        DROP
+    );
+}
+
+#[test]
+fn a_local_pods_address_from_elsewhere_is_spoofed() {
+    let Some(mut h) = Harness::new("localsrc") else {
+        return;
+    };
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: web}}\n",
+    );
+    let (veth_a, veth_b, uplink) =
+        (h.ifaces.index("veth-a"), h.ifaces.index("veth-b"), h.ifaces.index("uplink"));
+    // a (web) is admitted by b when its packets come from a's veth...
+    assert_eq!(
+        h.run_at(DIR_INGRESS, veth_b, veth_a, &tcp_flags(A, B, 1, 80, SYN), Reason::Policy),
+        PASS
+    );
+    // ...not when a packet with a's address arrives from another node (an impostor claiming
+    // a's address elsewhere).
+    assert_eq!(
+        h.run_at(DIR_INGRESS, veth_b, uplink, &tcp_flags(A, B, 2, 80, SYN), Reason::Spoofed),
+        DROP
+    );
+}
+
+#[test]
+fn a_syn_is_always_judged_by_policy() {
+    let Some(mut h) = Harness::new("syn") else {
+        return;
+    };
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-c, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n",
+    );
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5000, 80, SYN), Reason::Policy), PASS);
+    assert_eq!(h.run(DIR_EGRESS, &tcp_flags(B, C, 80, 5000, SYN | ACK), Reason::Reply), PASS);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5000, 80, ACK), Reason::Established), PASS);
+    // The policy stops admitting c: the established connection goes on (as the kernel's
+    // conntrack lets it in iptables mode), a new connection from the same tuple does not.
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-c, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: z}}\n",
+    );
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5000, 80, ACK), Reason::Established), PASS);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5000, 80, SYN), Reason::Denied), DROP);
+    // A reset ends it (after a short linger).
+    assert_eq!(h.run(DIR_EGRESS, &tcp_flags(B, C, 80, 5000, RST), Reason::Reply), PASS);
+    h.age_conntrack(11);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5000, 80, ACK), Reason::Denied), DROP);
+}
+
+#[test]
+fn flows_end_with_fin_and_idle_out() {
+    let Some(mut h) = Harness::new("idle") else {
+        return;
+    };
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-from-c, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n",
+    );
+    let udp_q = Pkt { sport: 7000, ..udp(C, B, 53) }.bytes();
+    assert_eq!(h.run(DIR_INGRESS, &udp_q, Reason::Policy), PASS);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 5001, 80, SYN), Reason::Policy), PASS);
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp_flags(C, B, 5001, 80, FIN | ACK), Reason::Established),
+        PASS
+    );
+    // The policy goes away; the tracked flows stay until idle.
+    h.event(Event::DeletePolicy(ObjectKey::new("x", "b-from-c")));
+    h.policy(deny_all_ingress_to_x());
+    assert_eq!(h.run(DIR_INGRESS, &udp_q, Reason::Established), PASS);
+    h.age_conntrack(31);
+    assert_eq!(
+        h.run(DIR_INGRESS, &udp_q, Reason::Denied),
+        DROP,
+        "an unanswered UDP flow idles out after 30 s"
+    );
+    h.age_conntrack(121);
+    assert_eq!(
+        h.run(DIR_INGRESS, &tcp_flags(C, B, 5001, 80, ACK), Reason::Denied),
+        DROP,
+        "a closed TCP flow after 2 min"
+    );
+    // Dead entries the programs met are gone; the agent's sweep deletes the others.
+    assert!(h.dp.conntrack().is_empty(), "{:?}", h.dp.conntrack());
+    assert_eq!(h.run(DIR_EGRESS, &udp(B, C, 53).bytes(), Reason::NotIsolated), PASS);
+    assert_eq!(h.run(DIR_EGRESS, &tcp(B, C, 443).bytes(), Reason::NotIsolated), PASS);
+    assert_eq!(h.dp.sweep_conntrack().unwrap(), 0, "live entries stay");
+    h.age_conntrack(121);
+    assert_eq!(h.dp.sweep_conntrack().unwrap(), 2);
+    assert!(h.dp.conntrack().is_empty());
+}
+
+#[test]
+fn icmp_errors_of_tracked_flows_only() {
+    let Some(mut h) = Harness::new("icmp") else {
+        return;
+    };
+    h.policy(deny_all_ingress_to_x());
+    // a sends a UDP datagram to c (a's egress is open: tracked); c answers "port unreachable".
+    assert_eq!(
+        h.run(DIR_EGRESS, &Pkt { sport: 6000, ..udp(A, C, 9) }.bytes(), Reason::NotIsolated),
+        PASS
+    );
+    let unreachable = |sport: u16| {
+        let quoted = Pkt { sport, ..udp(A, C, 9) }.bytes()[14..14 + 28].to_vec();
+        let mut msg = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        msg.extend_from_slice(&quoted);
+        let mut f = Pkt { proto: 1, ..tcp(C, A, 0) }.bytes();
+        f.truncate(14 + 20);
+        f.extend_from_slice(&msg);
+        f[16..18].copy_from_slice(&((20 + msg.len()) as u16).to_be_bytes());
+        f
+    };
+    assert_eq!(h.run(DIR_INGRESS, &unreachable(6000), Reason::Related), PASS);
+    assert_eq!(
+        h.run(DIR_INGRESS, &unreachable(6001), Reason::Denied),
+        DROP,
+        "about a flow a never sent"
+    );
+}
+
+#[test]
+fn invalid_tcp_is_judged_and_never_tracked() {
+    let Some(mut h) = Harness::new("invalid") else {
+        return;
+    };
+    b_admits_only_c_and_a_sends_nothing(&mut h);
+    // From a (denied) to b: SYN+FIN, SYN+RST, FIN+PSH+URG, no flags.
+    for flags in [SYN | FIN, SYN | RST, FIN | 0x08 | 0x20, 0] {
+        assert_eq!(
+            h.run(DIR_INGRESS, &tcp_flags(A, B, 1234, 80, flags), Reason::Denied),
+            DROP,
+            "flags {flags:#x}"
+        );
+    }
+    // From c (admitted): judged by policy, but nothing is remembered.
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1234, 80, SYN | FIN), Reason::Policy), PASS);
+    assert!(h.dp.conntrack().is_empty(), "{:?}", h.dp.conntrack());
+    // Nor does a tracked flow vouch for them: once c is no longer admitted, its established
+    // connection goes on, but an invalid segment on the same tuple is judged, and dropped.
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1235, 80, SYN), Reason::Policy), PASS);
+    h.event(Event::DeletePolicy(ObjectKey::new("x", "b-from-c")));
+    h.policy(deny_all_ingress_to_x());
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1235, 80, ACK), Reason::Established), PASS);
+    assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1235, 80, SYN | FIN), Reason::Denied), DROP);
 }

@@ -1,6 +1,8 @@
 //! Map keys and values shared by the eBPF programs (`npm-ebpf`) and the agent (`npm-agent`),
-//! and the per-packet decision itself, written against a [`Maps`] trait so that it runs both
-//! in the kernel (over BPF maps) and on the host (over plain collections, in unit tests).
+//! and the per-packet logic itself: [`packet`] reads a frame, [`decide`] judges it against the
+//! maps and keeps connection tracking ([`conntrack`]). Both are written against traits
+//! ([`packet::Frame`], [`decide::Maps`]) so that they run in the kernel (over the skb and BPF
+//! maps) and on the host (over byte slices and plain collections, in tests and fuzzing).
 //!
 //! Everything stored in a map is `#[repr(C)]` plain old data so both sides agree on the layout
 //! byte for byte. With the `user` feature the types also implement [`aya::Pod`].
@@ -9,13 +11,18 @@
 //! keys are compared bytewise, and LPM tries need network order.
 #![no_std]
 
+pub mod conntrack;
 pub mod decide;
+pub mod packet;
 
-pub use decide::{Decision, Flow, Maps, decide};
+pub use conntrack::{CtKey, CtValue};
+pub use decide::{Hook, Maps, Verdict, decide};
+pub use packet::{Flow, Frame, Packet, classify_frame};
 
 // ---- map and program names (the agent pins maps under these names) ----
 
 pub const MAP_ENDPOINTS: &str = "NPM_ENDPOINTS";
+pub const MAP_IFACES: &str = "NPM_IFACES";
 pub const MAP_IDENTITIES: &str = "NPM_IDENTITIES";
 pub const MAP_CIDRS: &str = "NPM_CIDRS";
 pub const MAP_POLICY: &str = "NPM_POLICY";
@@ -26,8 +33,9 @@ pub const MAP_COUNTERS: &str = "NPM_COUNTERS";
 pub const MAP_CONFIG: &str = "NPM_CONFIG";
 
 /// Every map, for pinning, reconciliation and cleanup.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_ENDPOINTS,
+    MAP_IFACES,
     MAP_IDENTITIES,
     MAP_CIDRS,
     MAP_POLICY,
@@ -46,6 +54,7 @@ pub const PROG_TO_POD: &str = "npm_to_pod";
 // ---- map sizes ----
 
 pub const MAX_ENDPOINTS: u32 = 4096;
+pub const MAX_IFACES: u32 = 4096;
 pub const MAX_IDENTITIES: u32 = 262_144;
 pub const MAX_CIDRS: u32 = 65_536;
 pub const MAX_POLICY: u32 = 1_048_576;
@@ -79,6 +88,9 @@ pub struct EndpointInfo {
     pub flags: u32,
     /// Profile of each direction, indexed by `DIR_INGRESS` / `DIR_EGRESS`.
     pub profiles: [u32; 2],
+    /// The host side of the pod's veth, once the programs are attached to it (0 before):
+    /// a packet whose source is this pod must have come in through it.
+    pub ifindex: u32,
 }
 
 impl EndpointInfo {
@@ -91,6 +103,16 @@ impl EndpointInfo {
     pub fn profile(&self, dir: u8) -> u32 {
         if dir == DIR_INGRESS { self.profiles[0] } else { self.profiles[1] }
     }
+}
+
+/// Value of the interface map, keyed by the ifindex of the host side of a local pod's veth:
+/// whose interface it is. The programs know the pod from the interface a packet crosses,
+/// never from the addresses the packet claims.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct IfaceInfo {
+    /// The pod's IPv4 address: the only source its packets may carry.
+    pub ip4: [u8; 4],
 }
 
 // ---- identities ----
@@ -136,48 +158,6 @@ pub fn policy_key(profile: u32, dir: u8, peer: u32, protocol: u8, port: u16) -> 
     ]
 }
 
-// ---- connection tracking ----
-
-/// A flow as decided at one endpoint in one direction: `src`/`dst` are the packet's.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct CtKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub protocol: u8,
-    /// The direction (at the endpoint) in which the flow was allowed.
-    pub dir: u8,
-    pub pad: [u8; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct CtValue {
-    /// Packets seen on the flow in the direction it was allowed (saturating).
-    pub packets: u64,
-}
-
-/// The first fragment of an IPv4 datagram, remembered so later fragments (which carry no
-/// ports) are decided as their datagram was.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct FragKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub id: u16,
-    pub protocol: u8,
-    pub dir: u8,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct FragValue {
-    pub sport: u16,
-    pub dport: u16,
-}
-
 // ---- counters ----
 
 /// Why a packet was passed or dropped: the index of a counter within its direction.
@@ -190,21 +170,31 @@ pub enum Reason {
     Policy = 1,
     /// Allowed: to or from the node's own addresses.
     Node = 2,
-    /// Allowed: a later packet of an allowed flow.
+    /// Allowed: a later packet of a tracked flow.
     Established = 3,
-    /// Allowed: a reply of a flow allowed in the other direction.
+    /// Allowed: a reply of a flow tracked in the other direction.
     Reply = 4,
-    /// Passed: not a packet of a known endpoint (or not IPv4: IPv6 is not enforced yet).
+    /// Passed: not a packet of a known endpoint, or ARP, or (at an endpoint not isolated in
+    /// this direction) a frame that is not IPv4.
     Unmanaged = 5,
     /// Dropped: no policy admits it.
     Denied = 6,
-    /// Dropped: malformed or truncated IPv4 to or from an isolated endpoint.
+    /// Dropped: malformed or truncated IPv4 (truncated transport headers only at an
+    /// isolated endpoint).
     Malformed = 7,
     /// Dropped: a later fragment whose first fragment was not seen, at an isolated endpoint.
     Fragment = 8,
+    /// Allowed: an ICMP error about a tracked flow (as the kernel's conntrack says RELATED).
+    Related = 9,
+    /// Dropped: a packet leaving a pod with a source address that is not the pod's, or
+    /// arriving with a local pod's address through another interface than that pod's.
+    Spoofed = 10,
+    /// Dropped: a frame this version does not enforce (IPv6, any ethertype but IPv4 and
+    /// ARP) to or from an endpoint isolated in that direction: failing closed.
+    Unsupported = 11,
 }
 
-pub const REASONS: u32 = 9;
+pub const REASONS: u32 = 12;
 
 impl Reason {
     pub const ALL: [Reason; REASONS as usize] = [
@@ -217,10 +207,20 @@ impl Reason {
         Reason::Denied,
         Reason::Malformed,
         Reason::Fragment,
+        Reason::Related,
+        Reason::Spoofed,
+        Reason::Unsupported,
     ];
 
     pub fn allowed(self) -> bool {
-        !matches!(self, Reason::Denied | Reason::Malformed | Reason::Fragment)
+        !matches!(
+            self,
+            Reason::Denied
+                | Reason::Malformed
+                | Reason::Fragment
+                | Reason::Spoofed
+                | Reason::Unsupported
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -234,6 +234,9 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::Malformed => "malformed",
             Reason::Fragment => "fragment",
+            Reason::Related => "related",
+            Reason::Spoofed => "spoofed",
+            Reason::Unsupported => "unsupported",
         }
     }
 }
@@ -256,10 +259,11 @@ mod user {
     // SAFETY: each type is `#[repr(C)]`, has no padding and accepts every bit pattern
     // (`bytemuck::Pod`, checked by the derive at compile time).
     unsafe impl aya::Pod for super::EndpointInfo {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtValue {}
-    unsafe impl aya::Pod for super::FragKey {}
-    unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::IfaceInfo {}
+    unsafe impl aya::Pod for super::conntrack::CtKey {}
+    unsafe impl aya::Pod for super::conntrack::CtValue {}
+    unsafe impl aya::Pod for super::conntrack::FragKey {}
+    unsafe impl aya::Pod for super::conntrack::FragValue {}
 }
 
 /// Splits the port range `first..=last` into aligned blocks `(start, free_bits)`: each block
@@ -283,11 +287,12 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
-        assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtValue>(), 8);
-        assert_eq!(core::mem::size_of::<FragKey>(), 12);
-        assert_eq!(core::mem::size_of::<FragValue>(), 4);
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 16);
+        assert_eq!(core::mem::size_of::<IfaceInfo>(), 4);
+        assert_eq!(core::mem::size_of::<CtKey>(), 20);
+        assert_eq!(core::mem::size_of::<CtValue>(), 16);
+        assert_eq!(core::mem::size_of::<conntrack::FragKey>(), 16);
+        assert_eq!(core::mem::size_of::<conntrack::FragValue>(), 4);
     }
 
     #[test]

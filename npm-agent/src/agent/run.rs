@@ -24,6 +24,8 @@ use super::status::{EventStats, Operation, Status};
 
 /// How often pending eBPF attachments are retried and a failed dataplane resynchronized.
 pub const TICK: Duration = Duration::from_secs(1);
+/// How often dead connection-tracking entries are swept from the eBPF maps.
+pub const CONNTRACK_SWEEP: Duration = Duration::from_secs(30);
 /// The longest the loop waits before looking at the stop flag again.
 const MAX_WAIT: Duration = Duration::from_millis(200);
 
@@ -49,16 +51,23 @@ impl AgentDataplane {
         }
     }
 
-    /// The periodic work: attachments whose interface was not there yet. False when it
-    /// failed.
-    fn tick(&mut self) -> bool {
+    /// The periodic work: attachments whose interface was not there yet (or was replaced),
+    /// and, when `sweep`, dead connection-tracking entries. False when it failed.
+    fn tick(&mut self, sweep: bool) -> bool {
         if let AgentDataplane::Ebpf(d) = self {
-            match d.retry_pending() {
+            match d.refresh_attachments() {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(pending = n, "retried pending attachments"),
                 Err(e) => {
                     tracing::warn!(error = %e, "retrying pending attachments");
                     return false;
+                }
+            }
+            if sweep {
+                match d.sweep_conntrack() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(deleted = n, "swept dead connection-tracking entries"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping connection tracking"),
                 }
             }
         }
@@ -132,6 +141,8 @@ pub struct Agent {
     pending_generation: Option<u64>,
     status_error_logged: bool,
     last_source_error: Option<String>,
+    /// When dead connection-tracking entries were last swept.
+    last_sweep: Instant,
 }
 
 impl Agent {
@@ -174,6 +185,7 @@ impl Agent {
             pending_generation: None,
             status_error_logged: false,
             last_source_error: None,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -323,7 +335,11 @@ impl Agent {
             self.reconcile();
             self.publish();
         }
-        if self.in_sync && !self.dataplane.tick() {
+        let sweep = self.last_sweep.elapsed() >= CONNTRACK_SWEEP;
+        if sweep {
+            self.last_sweep = Instant::now();
+        }
+        if self.in_sync && !self.dataplane.tick(sweep) {
             self.handles.metrics.apply_failed("attach");
         }
     }

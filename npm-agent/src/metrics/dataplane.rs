@@ -199,7 +199,9 @@ impl Collector for NodeCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         use super::*;
-        let Some(f) = self.cache.get() else { return Vec::new() };
+        let Some(f) = self.cache.get() else {
+            return Vec::new();
+        };
         let packets = |v: &[PacketFigure]| {
             v.iter()
                 .map(|p| {
@@ -407,6 +409,7 @@ impl Observer for EbpfObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
         use aya::maps::lpm_trie::LpmTrie;
         use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+        use npm_common::conntrack::{FragKey, FragValue};
         use npm_common::*;
         let dir = &self.maps_dir;
         let mut f = Figures::default();
@@ -449,6 +452,7 @@ impl Observer for EbpfObserver {
         }
         use aya::maps::IterableMap as _;
         hash_map!(MAP_ENDPOINTS, [u8; 4], EndpointInfo);
+        hash_map!(MAP_IFACES, u32, IfaceInfo);
         hash_map!(MAP_IDENTITIES, [u8; 4], u32);
         trie!(MAP_CIDRS, [u8; 4]);
         trie!(MAP_POLICY, PolicyKeyData);
@@ -500,7 +504,9 @@ pub fn parse_iptables_save(text: &str) -> IptablesFigures {
             },
             None => (0, line),
         };
-        let Some(rest) = rule.strip_prefix("-A ") else { continue };
+        let Some(rest) = rule.strip_prefix("-A ") else {
+            continue;
+        };
         let chain = rest.split_whitespace().next().unwrap_or_default();
         if !chain.starts_with("AZURE-NPM") {
             continue;

@@ -23,9 +23,9 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use npm_common::{
-    CONFIG_LOG_DROPS, EndpointInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS,
-    MAP_IDENTITIES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS,
-    Reason, counter_index,
+    CONFIG_LOG_DROPS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_CT, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD,
+    PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
 };
 
 use super::iface;
@@ -64,11 +64,17 @@ fn err(operation: impl Into<String>, e: impl std::fmt::Display) -> DataplaneErro
 /// Where a local endpoint's programs are attached.
 struct Attachment {
     pod: ObjectKey,
+    /// The host side of the pod's veth and its index, once found.
     ifname: Option<String>,
+    ifindex: u32,
+    /// "No host route yet" was logged (once, not at every retry).
+    warned: bool,
 }
 
 struct Maps {
     endpoints: BpfHashMap<MapData, [u8; 4], EndpointInfo>,
+    ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
+    ct: BpfHashMap<MapData, CtKey, CtValue>,
     identities: BpfHashMap<MapData, [u8; 4], u32>,
     cidrs: LpmTrie<MapData, [u8; 4], u32>,
     policy: LpmTrie<MapData, PolicyKeyData, u32>,
@@ -168,6 +174,8 @@ impl EbpfDataplane {
         };
         let maps = Maps {
             endpoints: take(MAP_ENDPOINTS)?.try_into().map_err(|e| err(MAP_ENDPOINTS, e))?,
+            ifaces: take(MAP_IFACES)?.try_into().map_err(|e| err(MAP_IFACES, e))?,
+            ct: take(MAP_CT)?.try_into().map_err(|e| err(MAP_CT, e))?,
             identities: take(MAP_IDENTITIES)?.try_into().map_err(|e| err(MAP_IDENTITIES, e))?,
             cidrs: take(MAP_CIDRS)?.try_into().map_err(|e| err(MAP_CIDRS, e))?,
             policy: take(MAP_POLICY)?.try_into().map_err(|e| err(MAP_POLICY, e))?,
@@ -226,19 +234,91 @@ impl EbpfDataplane {
         ]
     }
 
-    /// Retries attachments whose interface was not there yet.
-    pub fn retry_pending(&mut self) -> Result<usize, DataplaneError> {
-        let pending: Vec<(Ipv4Addr, ObjectKey)> = self
+    /// Attaches to interfaces that were not there yet, and again to interfaces that were
+    /// replaced (a pod sandbox recreated with the same address gets a new veth, which has no
+    /// programs). Returns how many attachments were (re)tried.
+    pub fn refresh_attachments(&mut self) -> Result<usize, DataplaneError> {
+        if !self.config.attach {
+            return Ok(0);
+        }
+        let routes = iface::host_routes();
+        let stale: Vec<(Ipv4Addr, ObjectKey)> = self
             .attachments
             .iter()
-            .filter(|(_, a)| a.ifname.is_none())
+            .filter(|(ip, a)| match &a.ifname {
+                None => true,
+                Some(name) => routes.get(ip) != Some(name) || iface::index(name) != Some(a.ifindex),
+            })
             .map(|(ip, a)| (*ip, a.pod.clone()))
             .collect();
-        let n = pending.len();
-        for (ip, pod) in pending {
+        let n = stale.len();
+        for (ip, pod) in stale {
             self.attach(ip, pod)?;
         }
         Ok(n)
+    }
+
+    /// Says that `ifindex` is the interface of the local endpoint at `ip`, as attaching does,
+    /// without attaching anything: for packet tests through `TestRun`, where the interface
+    /// is only a number the test passes in.
+    pub fn bind_interface(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<(), DataplaneError> {
+        let pod = self
+            .attachments
+            .get(&ip)
+            .map(|a| a.pod.clone())
+            .unwrap_or_else(|| ObjectKey::new("", ""));
+        self.bind(ip, ifindex)?;
+        self.attachments.insert(ip, Attachment { pod, ifname: None, ifindex, warned: false });
+        Ok(())
+    }
+
+    /// Records `ifindex` as the interface of the pod at `ip` in the maps: the interface map
+    /// (what its packets may claim as their source) and the endpoint's value (where packets
+    /// with its address must come from). Done before the programs are attached.
+    fn bind(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<(), DataplaneError> {
+        self.maps
+            .ifaces
+            .insert(ifindex, IfaceInfo { ip4: ip.octets() }, 0)
+            .map_err(|e| err("interface", e))?;
+        if let Ok(info) = self.maps.endpoints.get(&ip.octets(), 0)
+            && info.ifindex != ifindex
+        {
+            self.maps
+                .endpoints
+                .insert(ip.octets(), EndpointInfo { ifindex, ..info }, 0)
+                .map_err(|e| err("endpoint", e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the connection-tracking entries that are dead (idle past their timeout, see
+    /// `npm_common::conntrack`) or belong to an interface no endpoint uses any more. The
+    /// programs ignore dead entries anyway; this keeps the map for live flows. Returns the
+    /// number of entries deleted.
+    pub fn sweep_conntrack(&mut self) -> Result<usize, DataplaneError> {
+        let now = boot_time_ns();
+        let bound: HashSet<u32> =
+            self.attachments.values().map(|a| a.ifindex).filter(|i| *i != 0).collect();
+        let dead: Vec<CtKey> = self
+            .maps
+            .ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                npm_common::conntrack::expired(k, v, now)
+                    || (self.config.attach && !bound.contains(&k.ifindex))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &dead {
+            ignore_missing(self.maps.ct.remove(k)).map_err(|e| err("conntrack", e))?;
+        }
+        Ok(dead.len())
+    }
+
+    /// The connection-tracking entries, live or not (for tests and tools).
+    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        self.maps.ct.iter().filter_map(Result::ok).collect()
     }
 
     fn write(&mut self, ops: &[MapOp]) -> Result<(), DataplaneError> {
@@ -246,7 +326,11 @@ impl EbpfDataplane {
         for op in ops {
             match op {
                 MapOp::EndpointSet { ip, info } => {
-                    m.endpoints.insert(ip.octets(), info, 0).map_err(|e| err("endpoint", e))?
+                    // The interface is this side's to know (the translator's value has none).
+                    let ifindex = self.attachments.get(ip).map_or(0, |a| a.ifindex);
+                    m.endpoints
+                        .insert(ip.octets(), EndpointInfo { ifindex, ..*info }, 0)
+                        .map_err(|e| err("endpoint", e))?
                 }
                 MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&ip.octets()))
                     .map_err(|e| err("endpoint", e))?,
@@ -305,20 +389,30 @@ impl EbpfDataplane {
     }
 
     fn attach(&mut self, ip: Ipv4Addr, pod: ObjectKey) -> Result<(), DataplaneError> {
+        let warned = self.attachments.get(&ip).is_some_and(|a| a.warned);
         if !self.config.attach {
-            self.attachments.insert(ip, Attachment { pod, ifname: None });
+            let ifindex = self.attachments.get(&ip).map_or(0, |a| a.ifindex);
+            self.attachments.insert(ip, Attachment { pod, ifname: None, ifindex, warned: false });
             return Ok(());
         }
-        let Some(ifname) = iface::host_interface(ip) else {
-            tracing::warn!(%ip, %pod, "no host route to the pod yet; will attach when it appears");
-            self.attachments.insert(ip, Attachment { pod, ifname: None });
+        let found = iface::host_interface(ip)
+            .and_then(|name| iface::index(&name).map(|index| (name, index)));
+        let Some((ifname, ifindex)) = found else {
+            // Said once, not at every retry: the pod's veth usually appears within seconds.
+            if !warned {
+                tracing::warn!(%ip, %pod, "no host route to the pod yet; will attach when it appears");
+            }
+            self.attachments.insert(ip, Attachment { pod, ifname: None, ifindex: 0, warned: true });
             return Ok(());
         };
-        if let Some(old) = self.attachments.get(&ip).and_then(|a| a.ifname.clone())
-            && old != ifname
+        if let Some(old) = self.attachments.get(&ip)
+            && old.ifname.as_ref().is_some_and(|n| *n != ifname)
+                | (old.ifindex != 0 && old.ifindex != ifindex)
         {
             self.detach(ip)?;
         }
+        // The maps know the interface before its programs run: the first packet is checked.
+        self.bind(ip, ifindex)?;
         for (prog, ty, dir) in [
             (PROG_FROM_POD, TcAttachType::Ingress, "from"),
             (PROG_TO_POD, TcAttachType::Egress, "to"),
@@ -358,12 +452,19 @@ impl EbpfDataplane {
                 fd.pin(&path).map_err(|e| err(format!("pinning {}", path.display()), e))?;
             }
         }
-        self.attachments.insert(ip, Attachment { pod, ifname: Some(ifname) });
+        if warned {
+            tracing::info!(%ip, %pod, interface = %ifname, "host route appeared; attached");
+        }
+        self.attachments
+            .insert(ip, Attachment { pod, ifname: Some(ifname), ifindex, warned: false });
         Ok(())
     }
 
     fn detach(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
-        if let Some(Attachment { ifname: Some(ifname), .. }) = self.attachments.remove(&ip) {
+        let Some(a) = self.attachments.remove(&ip) else {
+            return Ok(());
+        };
+        if let Some(ifname) = a.ifname {
             for dir in ["from", "to"] {
                 let path = self.link_path(&ifname, dir);
                 if let Ok(pinned) = PinnedLink::from_pin(&path) {
@@ -371,6 +472,9 @@ impl EbpfDataplane {
                     pinned.unpin().map_err(|e| err("detach", e))?;
                 }
             }
+        }
+        if a.ifindex != 0 {
+            ignore_missing(self.maps.ifaces.remove(&a.ifindex)).map_err(|e| err("interface", e))?;
         }
         Ok(())
     }
@@ -420,6 +524,12 @@ impl EbpfDataplane {
         for k in stale {
             ignore_missing(m.policy.remove(&k)).map_err(|e| err("stale policy entry", e))?;
         }
+        let bound: HashSet<u32> = self.attachments.values().map(|a| a.ifindex).collect();
+        let stale: Vec<u32> =
+            m.ifaces.keys().filter_map(Result::ok).filter(|k| !bound.contains(k)).collect();
+        for k in stale {
+            ignore_missing(m.ifaces.remove(&k)).map_err(|e| err("stale interface", e))?;
+        }
         // Links of interfaces no endpoint uses any more.
         let keep: HashSet<String> =
             self.attachments.values().filter_map(|a| a.ifname.clone()).collect();
@@ -467,9 +577,23 @@ impl Dataplane for EbpfDataplane {
         }
         let (attaches, rest): (Vec<MapOp>, Vec<MapOp>) =
             rest.into_iter().partition(|op| matches!(op, MapOp::Attach { .. }));
+        // Interfaces are found first, so that endpoint values are written with theirs.
+        let previous = std::mem::take(&mut self.attachments);
+        let routes = if self.config.attach { iface::host_routes() } else { HashMap::new() };
+        for op in &attaches {
+            if let MapOp::Attach { ip, pod } = op {
+                let ifindex = match self.config.attach {
+                    true => routes.get(ip).and_then(|name| iface::index(name)).unwrap_or(0),
+                    false => previous.get(ip).map_or(0, |a| a.ifindex),
+                };
+                self.attachments.insert(
+                    *ip,
+                    Attachment { pod: pod.clone(), ifname: None, ifindex, warned: false },
+                );
+            }
+        }
         self.write(&rest)?;
         self.write(&last.into_values().collect::<Vec<_>>())?;
-        self.attachments.clear();
         for op in attaches {
             if let MapOp::Attach { ip, pod } = op {
                 self.attach(ip, pod)?;
@@ -534,6 +658,15 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         }
         other => other,
     }
+}
+
+/// `CLOCK_BOOTTIME` in ns: the clock the programs stamp connection-tracking entries with
+/// (`bpf_ktime_get_boot_ns`).
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.

@@ -5,6 +5,7 @@
 pub mod iface;
 pub mod kernel;
 pub mod model;
+pub mod testrun;
 pub mod translate;
 
 pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters, pinned_counters};

@@ -1,13 +1,16 @@
 //! The BPF maps modelled on the host: applies [`MapOp`]s to plain collections and answers
-//! `npm_common::decide`'s lookups the way the kernel does (longest-prefix match included).
-//! Tests hold the encoding to the plan through it; `explain` tools can use it to say why a
-//! packet would be dropped.
+//! `npm_common::decide`'s lookups the way the kernel does (longest-prefix match included),
+//! connection tracking and fragments included. Tests hold the encoding to the plan through
+//! it, and the fuzzer holds the kernel's verdicts to it; `explain` tools can use it to say
+//! why a packet would be dropped.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use npm_common::{CtKey, EndpointInfo, Maps, PolicyKeyData};
+use npm_common::conntrack::{FragKey, FragValue};
+use npm_common::{CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData};
 
 use super::translate::MapOp;
 
@@ -18,23 +21,45 @@ pub struct MapModel {
     pub cidrs: BTreeMap<Ipv4Net, u32>,
     pub policy: HashSet<(u32, PolicyKeyData)>,
     pub node_ips: HashSet<[u8; 4]>,
-    pub ct: HashSet<CtKey>,
+    /// Interfaces of local pods (the kernel dataplane writes them when it attaches; tests
+    /// write them with [`MapModel::bind_interface`]).
+    pub ifaces: HashMap<u32, IfaceInfo>,
+    pub ct: RefCell<HashMap<CtKey, CtValue>>,
+    pub frags: RefCell<HashMap<FragKey, FragValue>>,
     /// Endpoints with programs attached.
     pub attached: HashSet<Ipv4Addr>,
 }
 
 impl MapModel {
+    /// The interface index the model gives the veth of the pod at `ip` when it attaches
+    /// (the kernel's are the system's; any distinct numbers serve the model).
+    pub fn ifindex_of(ip: Ipv4Addr) -> u32 {
+        u32::from(ip)
+    }
+
+    /// Says that `ifindex` is the interface of the pod at `ip`, as attaching does.
+    pub fn bind_interface(&mut self, ip: Ipv4Addr, ifindex: u32) {
+        self.ifaces.insert(ifindex, IfaceInfo { ip4: ip.octets() });
+        if let Some(ep) = self.endpoints.get_mut(&ip.octets()) {
+            ep.ifindex = ifindex;
+        }
+    }
+
     pub fn apply(&mut self, ops: &[MapOp]) {
         for op in ops {
             match op {
                 MapOp::Attach { ip, .. } => {
                     self.attached.insert(*ip);
+                    self.bind_interface(*ip, Self::ifindex_of(*ip));
                 }
                 MapOp::Detach { ip } => {
                     self.attached.remove(ip);
+                    self.ifaces.remove(&Self::ifindex_of(*ip));
                 }
                 MapOp::EndpointSet { ip, info } => {
-                    self.endpoints.insert(ip.octets(), *info);
+                    // The interface is the kernel side's to know: kept across rewrites.
+                    let ifindex = self.endpoints.get(&ip.octets()).map_or(0, |e| e.ifindex);
+                    self.endpoints.insert(ip.octets(), EndpointInfo { ifindex, ..*info });
                 }
                 MapOp::EndpointDel { ip } => {
                     self.endpoints.remove(&ip.octets());
@@ -83,12 +108,12 @@ fn mask(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
 }
 
 impl Maps for MapModel {
-    fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
-        self.endpoints.get(&ip).copied()
+    fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
+        self.ifaces.get(&ifindex).copied()
     }
 
-    fn ct_contains(&self, key: &CtKey) -> bool {
-        self.ct.contains(key)
+    fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
+        self.endpoints.get(&ip).copied()
     }
 
     fn is_node_ip(&self, ip: [u8; 4]) -> bool {
@@ -111,5 +136,25 @@ impl Maps for MapModel {
     fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {
         // Longest-prefix match: any stored prefix of the key matches (every entry allows).
         (0..=prefix_len).any(|len| self.policy.contains(&(len, mask(key, len))))
+    }
+
+    fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
+        self.ct.borrow().get(key).copied()
+    }
+
+    fn ct_put(&self, key: &CtKey, value: &CtValue) {
+        self.ct.borrow_mut().insert(*key, *value);
+    }
+
+    fn ct_delete(&self, key: &CtKey) {
+        self.ct.borrow_mut().remove(key);
+    }
+
+    fn frag_get(&self, key: &FragKey) -> Option<FragValue> {
+        self.frags.borrow().get(key).copied()
+    }
+
+    fn frag_put(&self, key: &FragKey, value: &FragValue) {
+        self.frags.borrow_mut().insert(*key, *value);
     }
 }

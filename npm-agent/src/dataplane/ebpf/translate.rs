@@ -127,7 +127,7 @@ impl Endpoint {
         if self.dirs[1].profile != 0 {
             flags |= EP_EGRESS_ISOLATED;
         }
-        EndpointInfo { flags, profiles: [self.dirs[0].profile, self.dirs[1].profile] }
+        EndpointInfo { flags, profiles: [self.dirs[0].profile, self.dirs[1].profile], ifindex: 0 }
     }
 }
 
@@ -415,7 +415,9 @@ impl Translator {
             }
             Change::RemoveEndpoint { ip } => {
                 let Some(ip) = v4(*ip) else { return };
-                let Some(ep) = self.endpoints.remove(&ip) else { return };
+                let Some(ep) = self.endpoints.remove(&ip) else {
+                    return;
+                };
                 ops.push(MapOp::Detach { ip });
                 ops.push(MapOp::EndpointDel { ip });
                 for dir in ep.dirs {
@@ -426,7 +428,9 @@ impl Translator {
             }
             Change::SetIsolation { ip, direction, isolated } => {
                 let Some(ip) = v4(*ip) else { return };
-                let Some(ep) = self.endpoints.get_mut(&ip) else { return };
+                let Some(ep) = self.endpoints.get_mut(&ip) else {
+                    return;
+                };
                 ep.dirs[*direction as usize].isolated = *isolated;
                 self.dirty.insert((ip, *direction));
             }
@@ -468,7 +472,9 @@ impl Translator {
                 }
             }
             Change::AddMember { set, identity } => {
-                let Some(s) = self.sets.get_mut(set) else { return };
+                let Some(s) = self.sets.get_mut(set) else {
+                    return;
+                };
                 if s.members.insert(*identity) {
                     let users: Vec<_> = s.users.iter().copied().collect();
                     for (prof, d, ports) in users {
@@ -477,7 +483,9 @@ impl Translator {
                 }
             }
             Change::RemoveMember { set, identity } => {
-                let Some(s) = self.sets.get_mut(set) else { return };
+                let Some(s) = self.sets.get_mut(set) else {
+                    return;
+                };
                 if s.members.remove(identity) {
                     let users: Vec<_> = s.users.iter().copied().collect();
                     for (prof, d, ports) in users {
@@ -543,7 +551,9 @@ impl Translator {
             PeerMatch::Identity(id) => self.policy_keys(prof, d, *id, allow.ports, false, ops),
             PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, false, ops),
             PeerMatch::Cidr(block) => {
-                let Some((net, excepts)) = v4_block(block) else { return };
+                let Some((net, excepts)) = v4_block(block) else {
+                    return;
+                };
                 self.cidr_allows.remove(&CidrAllow {
                     profile: prof,
                     dir: d,
@@ -594,7 +604,9 @@ impl Translator {
     }
 
     fn unname_prefix(&mut self, p: Ipv4Net, ops: &mut Vec<MapOp>) {
-        let Some(e) = self.prefixes.get_mut(&p) else { return };
+        let Some(e) = self.prefixes.get_mut(&p) else {
+            return;
+        };
         e.refs -= 1;
         if e.refs > 0 {
             return;
@@ -656,7 +668,9 @@ impl Translator {
 
 /// Whether a block admits every address of a named prefix (see the module docs).
 fn admits(block: &CidrBlock, p: Ipv4Net) -> bool {
-    let Some((net, excepts)) = v4_block(block) else { return false };
+    let Some((net, excepts)) = v4_block(block) else {
+        return false;
+    };
     net.contains(&p) && !excepts.iter().any(|e| e.contains(&p))
 }
 
