@@ -45,6 +45,7 @@ fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,
+        terminating: false,
         named_ports: vec![].into(),
     }
 }

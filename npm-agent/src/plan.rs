@@ -166,6 +166,17 @@ impl EndpointPlan {
     }
 }
 
+/// An address several pods claim and nothing tells apart cluster-wide (see
+/// [`Claim`](crate::state::Claim)): reported, and enforced closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    /// The pods claiming it, in key order.
+    pub claimants: Vec<ObjectKey>,
+    /// Whether several of them are on this node: the address's endpoint then admits nothing
+    /// (and is isolated in both directions).
+    pub quarantined: bool,
+}
+
 /// Everything one node's dataplane enforces.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
@@ -177,6 +188,8 @@ pub struct Plan {
     pub endpoints: HashMap<IpAddr, EndpointPlan>,
     /// The local node's addresses: always allowed to and from local endpoints.
     pub node_ips: BTreeSet<IpAddr>,
+    /// Addresses in conflict (for reports; their entries above already fail closed).
+    pub conflicts: std::collections::BTreeMap<IpAddr, Conflict>,
     /// Label view: what each identity stands for.
     pub identity_keys: HashMap<IdentityId, IdentityKey>,
     /// Label view: the labels of each Namespace object (a namespace without one has
@@ -313,6 +326,14 @@ impl Plan {
                         ));
                     }
                 }
+                Change::SetConflict { ip, conflict } => {
+                    self.conflicts.insert(*ip, conflict.clone());
+                }
+                Change::RemoveConflict { ip } => {
+                    self.conflicts
+                        .remove(ip)
+                        .ok_or_else(|| format!("conflict on {ip} removed but absent"))?;
+                }
                 Change::AddNodeIp { ip } => {
                     self.node_ips.insert(*ip);
                 }
@@ -354,6 +375,11 @@ impl Plan {
     pub fn as_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
+        changes.extend(
+            self.conflicts
+                .iter()
+                .map(|(ip, c)| Change::SetConflict { ip: *ip, conflict: c.clone() }),
+        );
         changes.extend(
             self.identity_keys
                 .iter()
@@ -456,6 +482,15 @@ pub enum Change {
         ip: IpAddr,
     },
     RemoveNodeIp {
+        ip: IpAddr,
+    },
+    /// An address is (still) in conflict; set before its endpoint is quarantined.
+    SetConflict {
+        ip: IpAddr,
+        conflict: Conflict,
+    },
+    /// An address is no longer in conflict; removed once its endpoint is whatever it becomes.
+    RemoveConflict {
         ip: IpAddr,
     },
     /// Label view: a new identity (before any address has it).

@@ -3,14 +3,80 @@
 //!
 //! It shares nothing with the compiler but the model types (and their selector matching),
 //! so that tests can hold the compiler to it.
+//!
+//! A connection is judged on the node of each end: egress where the client runs, ingress
+//! where the server runs. Each node knows which pod an address is by its own rules for
+//! addresses several pods claim (see [`End`]).
 
 use std::net::IpAddr;
 
-use crate::model::{Direction, Peer, Pod, Policy, PortSpec, Protocol, Rule, find_named_port};
+use crate::model::{
+    Direction, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Rule, find_named_port,
+};
 use crate::state::ClusterState;
 
+/// One end of a connection: an address, and the node whose pod it is (`None` for an address
+/// that is no pod's, or when no node enforces anything for it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct End {
+    pub ip: IpAddr,
+    pub node: Option<String>,
+}
+
+impl End {
+    /// The end at `ip` as the cluster sees it when nothing is contested: the node of the pod
+    /// that has the address (of its first claimant when several do).
+    pub fn at(state: &ClusterState, ip: IpAddr) -> End {
+        let claimants = claimants(state, ip);
+        let live: Vec<&&Pod> = claimants.iter().filter(|p| !p.terminating).collect();
+        let pod = if live.len() == 1 { Some(*live[0]) } else { claimants.first().copied() };
+        End { ip, node: pod.and_then(|p| p.node.clone()) }
+    }
+}
+
+/// What a node knows of an address.
+enum Seen<'a> {
+    /// No pod has it.
+    Nobody,
+    /// This pod has it.
+    Pod(&'a Pod),
+    /// Pods claim it and the node cannot tell which: it is nobody's as a peer, and, when
+    /// several claimants run on the node, its endpoint there admits nothing (but its node).
+    Contested { local: bool },
+}
+
+/// The pods claiming an address: pods of their own network that have not terminated, in
+/// key order.
+fn claimants(state: &ClusterState, ip: IpAddr) -> Vec<&Pod> {
+    state
+        .pods
+        .values()
+        .filter(|p| p.ip == Some(ip) && !p.host_network)
+        .filter(|p| !matches!(p.phase, PodPhase::Succeeded | PodPhase::Failed))
+        .collect()
+}
+
+/// The pod at `ip` as node `node` sees it: claimants on the node count first (the node's own
+/// interfaces say which pod has the address), then those not terminating.
+fn seen<'a>(state: &'a ClusterState, ip: IpAddr, node: Option<&str>) -> Seen<'a> {
+    let all = claimants(state, ip);
+    if all.is_empty() {
+        return Seen::Nobody;
+    }
+    let on_node: Vec<&Pod> = all.iter().copied().filter(|p| p.node.as_deref() == node).collect();
+    let candidates = if on_node.is_empty() { all } else { on_node.clone() };
+    let running: Vec<&Pod> = candidates.iter().copied().filter(|p| !p.terminating).collect();
+    if running.len() == 1 {
+        return Seen::Pod(running[0]);
+    }
+    if running.is_empty() && candidates.len() == 1 {
+        return Seen::Pod(candidates[0]);
+    }
+    Seen::Contested { local: on_node.len() > 1 }
+}
+
 /// Whether a connection from `src` to `dst` (addresses; pods are found by address) on
-/// `protocol`/`port` is allowed by the policies of `state`.
+/// `protocol`/`port` is allowed, each end judged by the node of the pod that has it.
 pub fn allowed(
     state: &ClusterState,
     src: IpAddr,
@@ -18,45 +84,64 @@ pub fn allowed(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    let src_pod = pod_at(state, src);
-    let dst_pod = pod_at(state, dst);
-    // A pod's traffic to itself never leaves its network namespace.
-    if src == dst {
-        return true;
-    }
-    let egress_ok = match src_pod {
-        None => true,
-        Some(s) => {
-            node_has(state, s, dst)
-                || direction_allows(state, s, Direction::Egress, dst, dst_pod, protocol, port)
-        }
-    };
-    let ingress_ok = match dst_pod {
-        None => true,
-        Some(d) => {
-            node_has(state, d, src)
-                || direction_allows(state, d, Direction::Ingress, src, src_pod, protocol, port)
-        }
-    };
-    egress_ok && ingress_ok
+    allowed_between(state, &End::at(state, src), &End::at(state, dst), protocol, port)
 }
 
-/// The pod that has `ip`: a running (or pending) pod of its own network. When several
-/// claim one address, the one with the smallest namespace/name.
-fn pod_at(state: &ClusterState, ip: IpAddr) -> Option<&Pod> {
-    state
-        .pods
-        .values()
-        .filter(|p| p.ip == Some(ip) && !p.host_network)
-        .filter(|p| {
-            !matches!(p.phase, crate::model::PodPhase::Succeeded | crate::model::PodPhase::Failed)
-        })
-        .min_by(|a, b| a.key.cmp(&b.key))
+/// Whether a connection from `src` to `dst` is allowed: egress judged by `src`'s node,
+/// ingress by `dst`'s.
+pub fn allowed_between(
+    state: &ClusterState,
+    src: &End,
+    dst: &End,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    // A pod's traffic to itself never leaves its network namespace.
+    if src.ip == dst.ip {
+        return true;
+    }
+    side_allows(state, src, dst, Direction::Egress, protocol, port)
+        && side_allows(state, dst, src, Direction::Ingress, protocol, port)
+}
+
+/// Whether a packet from `src` reaching `dst`'s node claims an address that a pod of that
+/// node has, having come from another node: the node's programs (and rules) drop it as
+/// spoofed, whatever policy says, since they know their pods' interfaces.
+pub fn arrives_spoofed(state: &ClusterState, src: &End, dst: &End) -> bool {
+    let Some(node) = dst.node.as_deref() else { return false };
+    src.node.as_deref() != Some(node)
+        && claimants(state, src.ip).iter().any(|p| p.node.as_deref() == Some(node))
+}
+
+/// Whether the node of `end` lets traffic in `direction` between `end` and `peer` through.
+fn side_allows(
+    state: &ClusterState,
+    end: &End,
+    peer: &End,
+    direction: Direction,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    let Some(node) = end.node.as_deref() else { return true };
+    let pod = match seen(state, end.ip, Some(node)) {
+        Seen::Pod(p) if p.node.as_deref() == Some(node) => p,
+        // Not a pod of this node: nothing is enforced here.
+        Seen::Pod(_) | Seen::Nobody | Seen::Contested { local: false } => return true,
+        Seen::Contested { local: true } => return node_has(state, node, peer.ip),
+    };
+    if node_has(state, node, peer.ip) {
+        return true;
+    }
+    let peer_pod = match seen(state, peer.ip, Some(node)) {
+        Seen::Pod(p) => Some(p),
+        Seen::Nobody | Seen::Contested { .. } => None,
+    };
+    direction_allows(state, pod, direction, peer.ip, peer_pod, protocol, port)
 }
 
 /// Traffic between a pod and its own node is always allowed.
-fn node_has(state: &ClusterState, pod: &Pod, ip: IpAddr) -> bool {
-    pod.node.as_ref().and_then(|n| state.nodes.get(n)).is_some_and(|n| n.addresses.contains(&ip))
+fn node_has(state: &ClusterState, node: &str, ip: IpAddr) -> bool {
+    state.nodes.get(node).is_some_and(|n| n.addresses.contains(&ip))
 }
 
 /// Whether the policies selecting `pod` let it talk to `peer` in `direction`: allowed

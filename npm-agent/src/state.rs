@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use crate::model::{Labels, Namespace, Node, ObjectKey, Pod, Policy};
 
@@ -86,15 +87,65 @@ impl ClusterState {
             .map(|(_, p)| p)
     }
 
-    /// The pod that owns each address: of the endpoint pods claiming one address (a
-    /// terminated pod's address can be reused before the old pod object is gone), the one
-    /// with the smallest key, so that every compiler agrees.
-    pub fn address_owners(&self) -> BTreeMap<std::net::IpAddr, &Pod> {
-        let mut owners = BTreeMap::new();
+    /// Who each pod address belongs to, as a node sees it (`is_local`: the node's pods). See
+    /// [`Claim`] for the rule.
+    pub fn claims(&self, is_local: impl Fn(&Pod) -> bool) -> BTreeMap<IpAddr, Claim<'_>> {
+        self.claimants()
+            .into_iter()
+            .map(|(ip, claimants)| (ip, Claim::resolve(claimants, &is_local)))
+            .collect()
+    }
+
+    /// The endpoint pods claiming each address, in key order.
+    pub fn claimants(&self) -> BTreeMap<IpAddr, Vec<&Pod>> {
+        let mut by_ip: BTreeMap<IpAddr, Vec<&Pod>> = BTreeMap::new();
         for p in self.pods.values().filter(|p| p.is_endpoint()) {
-            // Pods iterate in key order: the first claim wins.
-            owners.entry(p.ip.expect("endpoint pods have an address")).or_insert(p);
+            by_ip.entry(p.ip.expect("endpoint pods have an address")).or_default().push(p);
         }
-        owners
+        by_ip
+    }
+}
+
+/// Who an address belongs to, as one node sees it.
+///
+/// The API does not stop two pods from claiming one address: a terminated pod's address is
+/// reused before its object is gone, and whoever can write a pod's status can claim any
+/// address. Claimants are told apart by, in order: being on this node (the node's own
+/// interfaces say which pod really has the address, and its programs drop packets that claim
+/// a local pod's address from elsewhere), then not terminating. Whatever is still ambiguous is
+/// *contested*, and a contested address fails closed: as a peer it is no pod's (only ipBlocks
+/// and rules without peers match it), and where several of its claimants are local its
+/// endpoint admits nothing. So no claim can take another pod's protection or privileges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim<'a> {
+    Owner(&'a Pod),
+    Contested {
+        /// Every claimant, in key order.
+        claimants: Vec<&'a Pod>,
+        /// Whether several claimants are on this node: the address's endpoint admits nothing.
+        quarantined: bool,
+    },
+}
+
+impl<'a> Claim<'a> {
+    /// Resolves the claims on one address (`claimants` in key order, at least one).
+    pub fn resolve(claimants: Vec<&'a Pod>, is_local: impl Fn(&Pod) -> bool) -> Claim<'a> {
+        let local: Vec<&Pod> = claimants.iter().copied().filter(|p| is_local(p)).collect();
+        let pool = if local.is_empty() { claimants.clone() } else { local };
+        let live: Vec<&Pod> = pool.iter().copied().filter(|p| !p.terminating).collect();
+        match (live.as_slice(), pool.as_slice()) {
+            ([one], _) | ([], [one]) => Claim::Owner(one),
+            _ => {
+                let quarantined = claimants.iter().filter(|p| is_local(p)).count() > 1;
+                Claim::Contested { claimants, quarantined }
+            }
+        }
+    }
+
+    pub fn owner(&self) -> Option<&'a Pod> {
+        match self {
+            Claim::Owner(p) => Some(p),
+            Claim::Contested { .. } => None,
+        }
     }
 }

@@ -303,6 +303,45 @@ fn applies_the_manifests_of_a_directory() {
     let _ = std::fs::remove_file(status_file);
 }
 
+/// A pod on another node claiming x/b's address (its key sorts before x/b's) neither takes
+/// x/b's endpoint nor its protection: x/b stays isolated and keeps its own policy; as a peer
+/// the contested address is nobody's; the conflict is in the status, the metrics and the log.
+#[test]
+fn a_pod_claiming_a_local_pods_address_takes_nothing() {
+    let dir = Dir::new("claim");
+    write_cluster(&dir);
+    dir.generation(1);
+    let agent = Running::start(&dir, None);
+    agent.wait_generation(1);
+    assert!(agent.memory.plan().endpoints[&ip(B)].ingress.isolated);
+    // x/0evil on n2 (not isolated, labelled web) claims x/b's address.
+    dir.write("30-evil.yaml", &pod("x", "0evil", B, "n2", "web"));
+    dir.generation(2);
+    let s = agent.wait_generation(2);
+    let plan = agent.memory.plan();
+    let ep = &plan.endpoints[&ip(B)];
+    assert_eq!(ep.pod.to_string(), "x/b", "the local pod keeps its address");
+    assert!(ep.ingress.isolated, "x/b is still isolated");
+    assert!(!agent.allowed(&tcp(A, B, 80)), "x/b's policy still holds");
+    assert!(agent.allowed(&tcp(A, B, 5432)));
+    assert!(
+        s.problems
+            .iter()
+            .any(|p| p.contains("10.0.0.2") && p.contains("x/0evil") && p.contains("x/b")),
+        "{:?}",
+        s.problems
+    );
+    let metrics = agent.handles.metrics.render_node();
+    assert!(metrics.contains("npm_pod_address_conflicts 1"), "{metrics}");
+    // The impostor gone, nothing is left of the conflict.
+    dir.remove("30-evil.yaml");
+    dir.generation(3);
+    let s = agent.wait_generation(3);
+    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    assert!(agent.handles.metrics.render_node().contains("npm_pod_address_conflicts 0"));
+    agent.stop();
+}
+
 #[test]
 fn a_changed_manifest_is_picked_up_within_a_second() {
     let dir = Dir::new("changed");

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 
 use proptest::prelude::*;
 
@@ -13,33 +12,33 @@ use common::*;
 use npm_agent::compile::{Engine, Scope, compile};
 use npm_agent::model::Protocol;
 use npm_agent::plan::{Connection, Plan, connection_allowed};
-use npm_agent::reference;
+use npm_agent::reference::{self, End};
 use npm_agent::state::{ClusterState, Event};
-
-/// The plan of the node a pod address lives on; an address that is no local endpoint
-/// anywhere is enforced by nobody (an empty plan).
-fn plan_for<'a>(plans: &'a HashMap<String, Plan>, empty: &'a Plan, ip: IpAddr) -> &'a Plan {
-    plans.values().find(|p| p.endpoints.contains_key(&ip)).unwrap_or(empty)
-}
 
 fn check_against_reference(
     state: &ClusterState,
     plans: &HashMap<String, Plan>,
 ) -> Result<(), TestCaseError> {
     let empty = Plan::default();
-    let addrs = addresses(state);
-    for &src in &addrs {
-        for &dst in &addrs {
+    // The plan of the node an end's pod runs on; an end on no node is enforced by nobody.
+    let plan_of = |end: &End| end.node.as_ref().map_or(&empty, |n| &plans[n]);
+    let ends = ends(state);
+    for src in &ends {
+        for dst in &ends {
             for protocol in Protocol::ALL {
                 for port in PORTS {
-                    let conn = Connection { src, dst, protocol, port };
-                    let want = reference::allowed(state, src, dst, protocol, port);
-                    let got = connection_allowed(
-                        plan_for(plans, &empty, src),
-                        plan_for(plans, &empty, dst),
-                        &conn,
+                    let conn = Connection { src: src.ip, dst: dst.ip, protocol, port };
+                    let want = reference::allowed_between(state, src, dst, protocol, port);
+                    let got = connection_allowed(plan_of(src), plan_of(dst), &conn);
+                    prop_assert_eq!(
+                        got,
+                        want,
+                        "{:?} -> {:?}: {:?}\nstate: {:#?}",
+                        src,
+                        dst,
+                        conn,
+                        state
                     );
-                    prop_assert_eq!(got, want, "{:?}\nstate: {:#?}", conn, state);
                 }
             }
         }
@@ -98,6 +97,7 @@ fn egress_named_port_resolves_per_destination_pod() {
         node: Some("n1".into()),
         phase: PodPhase::Running,
         host_network: false,
+        terminating: false,
         named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port }].into(),
     };
     for p in [mk("x", "client", 1, 1), mk("y", "s80", 2, 80), mk("y", "s8080", 3, 8080)] {

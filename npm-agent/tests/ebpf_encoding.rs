@@ -28,15 +28,15 @@ const UPLINK: u32 = 2;
 
 /// Whether a node's programs let a new connection's first packet through in direction
 /// `dir`: they see it only at the veth of the endpoint it leaves (egress) or enters
-/// (ingress), once attached there, and a packet from a local pod comes in through that pod's
-/// veth.
-fn programs_allow(maps: &MapModel, dir: u8, flow: Flow) -> bool {
+/// (ingress), once attached there; a packet sent on the same node (`local`) comes in through
+/// its source's veth, else through the uplink.
+fn programs_allow(maps: &MapModel, dir: u8, flow: Flow, local: bool) -> bool {
     let endpoint = if dir == DIR_EGRESS { flow.src } else { flow.dst };
     if !maps.attached.contains(&endpoint.into()) {
         return true;
     }
     let ifindex = MapModel::ifindex_of(endpoint.into());
-    let ingress_ifindex = match maps.attached.contains(&flow.src.into()) {
+    let ingress_ifindex = match local && maps.attached.contains(&flow.src.into()) {
         true => MapModel::ifindex_of(flow.src.into()),
         false => UPLINK,
     };
@@ -87,31 +87,35 @@ fn check(
     state: &ClusterState,
     nodes: &HashMap<String, NodeDataplane>,
 ) -> Result<(), TestCaseError> {
-    let addrs = addresses(state);
-    for &src in &addrs {
-        for &dst in &addrs {
-            if src == dst {
+    let ends = ends(state);
+    for src in &ends {
+        for dst in &ends {
+            if src.ip == dst.ip {
                 continue;
             }
             for protocol in Protocol::ALL {
                 for port in PORTS {
                     let flow = Flow {
-                        src: octets(src),
-                        dst: octets(dst),
+                        src: octets(src.ip),
+                        dst: octets(dst.ip),
                         protocol: protocol.number(),
                         sport: 40000,
                         dport: port,
                     };
-                    // Every node's programs see the packet only at its own pods' veths, so
-                    // asking every node is the same as asking the owners'.
-                    let egress = nodes.values().all(|n| programs_allow(&n.maps, DIR_EGRESS, flow));
-                    let ingress =
-                        nodes.values().all(|n| programs_allow(&n.maps, DIR_INGRESS, flow));
-                    let want = reference::allowed(state, src, dst, protocol, port);
+                    // The sender's node sees the packet leave, the receiver's node enter.
+                    let egress = src
+                        .node
+                        .as_ref()
+                        .is_none_or(|n| programs_allow(&nodes[n].maps, DIR_EGRESS, flow, true));
+                    let ingress = dst.node.as_ref().is_none_or(|n| {
+                        programs_allow(&nodes[n].maps, DIR_INGRESS, flow, src.node == dst.node)
+                    });
+                    let want = reference::allowed_between(state, src, dst, protocol, port)
+                        && !reference::arrives_spoofed(state, src, dst);
                     prop_assert_eq!(
                         egress && ingress,
                         want,
-                        "{:?} {}/{} -> {}/{}",
+                        "{:?} {:?}/{} -> {:?}/{}",
                         protocol,
                         src,
                         40000,
@@ -197,7 +201,7 @@ proptest! {
                         Direction::Egress => (ep, peer, DIR_EGRESS),
                     };
                     let flow = Flow { src: octets(src), dst: octets(dst), protocol: protocol.number(), sport: 40000, dport: port };
-                    let mid = programs_allow(&n.maps, dir, flow);
+                    let mid = programs_allow(&n.maps, dir, flow, local.contains(&src));
                     prop_assert!(mid || !(o[k] && nw[k]), "after op {} ({:?}): {:?} refused though both plans admit it; ops {:#?}", i, op, all[k], ops);
                     prop_assert!(!mid || o[k] || nw[k] || retargeted.contains(&ep), "after op {} ({:?}): {:?} admitted though neither plan admits it; ops {:#?}", i, op, all[k], ops);
                 }

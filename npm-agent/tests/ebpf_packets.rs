@@ -60,6 +60,7 @@ fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str, named: Vec<Name
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,
+        terminating: false,
         named_ports: named.into(),
     }
 }

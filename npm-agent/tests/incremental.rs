@@ -166,10 +166,11 @@ proptest! {
     }
 }
 
-/// Found by `diffs_apply_make_before_break`: two pods claim one address; the owner moves to a
-/// new address and the other, isolated for egress, takes the old one over. The new address
-/// must have its identity before the endpoint is isolated, or the endpoint briefly refuses the
-/// traffic both plans allow.
+/// Found by `diffs_apply_make_before_break`: two pods claim one address (the second one
+/// terminating, so the first owns it); the owner moves to a new address and the other,
+/// isolated for egress, takes the old one over. The new address must have its identity
+/// before the endpoint is isolated, or the endpoint briefly refuses the traffic both plans
+/// allow.
 #[test]
 fn a_new_address_is_identified_before_isolation() {
     use npm_agent::model::{
@@ -184,6 +185,7 @@ fn a_new_address_is_identified_before_isolation() {
         node: Some("n1".into()),
         phase,
         host_network: false,
+        terminating: name == "p0",
         named_ports: vec![].into(),
     };
     let mut engine = Engine::new(Scope::Cluster);

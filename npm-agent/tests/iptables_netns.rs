@@ -46,10 +46,39 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The policy layout (the source guard's sets, which the guard keeps, left out).
     fn state(&self, backend: Backend) -> KernelState {
         let mut k = KernelState::parse("", &self.exec(&[backend.save_program(), "-t", "filter"]));
         k.sets = KernelState::parse(&self.exec(&["ipset", "save"]), "").sets;
+        k.sets.retain(|name, _| !iptables::guard::is_guard_set(name));
         k
+    }
+
+    /// Whether the source guard's chains are in place (IPv4 raw, IPv6 filter), jumped to first.
+    fn guard_in_place(&self, backend: Backend) -> bool {
+        let raw = self.exec(&[backend.save_program(), "-t", "raw"]);
+        let v6 = self.exec(&[backend.save6_program(), "-t", "filter"]);
+        use iptables::guard::*;
+        table_rules(&raw, "raw", GUARD_CHAIN) == Some(guard_rules())
+            && table_rules(&raw, "raw", "PREROUTING")
+                .unwrap_or_default()
+                .first()
+                .map(String::as_str)
+                == Some(GUARD_JUMP)
+            && table_rules(&v6, "filter", IPV6_CHAIN) == Some(ipv6_rules())
+            && table_rules(&v6, "filter", "FORWARD").unwrap_or_default().first().map(String::as_str)
+                == Some(IPV6_JUMP)
+    }
+
+    /// Whether any of the layout is left in a backend's tables of either family.
+    fn anything_left(&self, backend: Backend) -> bool {
+        [
+            self.exec(&[backend.save_program(), "-t", "filter"]),
+            self.exec(&[backend.save_program(), "-t", "raw"]),
+            self.exec(&[backend.save6_program(), "-t", "filter"]),
+        ]
+        .iter()
+        .any(|save| save.contains("AZURE-NPM"))
     }
 }
 
@@ -109,7 +138,7 @@ fn assert_matches(ns: &Netns, backend: Backend, t: &Translator, what: &str) {
     }
     assert_eq!(
         k.forward,
-        vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()],
+        vec!["-m conntrack --ctstate INVALID,NEW -j AZURE-NPM".to_string()],
         "{what}: FORWARD"
     );
 }
@@ -130,6 +159,7 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         let mut dp = open(&ns, backend);
         dp.reconcile(&Plan::default()).expect("empty reconcile");
         assert_matches(&ns, backend, dp.translator(), "empty");
+        assert!(ns.guard_in_place(backend), "{backend:?}: the source guard after start-up");
         let path =
             scenarios().into_iter().find(|(n, _)| n == "60-ipblock-or-selector-peers").unwrap().1;
         let mut last = Plan::default();
@@ -186,14 +216,15 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
             left.chains.is_empty() && left.forward.is_empty(),
             "{backend:?} still holds {left:?}"
         );
+        assert!(!ns.anything_left(backend), "{backend:?} still holds the source guard");
+        assert!(ns.guard_in_place(backend.other()));
         assert_matches(&ns, backend.other(), switched.translator(), "after switching backends");
         // Cleanup leaves nothing.
         let report = iptables::cleanup(Some(ns.path()));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert!(report.sets > 0);
         for b in [Backend::Nft, Backend::Legacy] {
-            let save = ns.exec(&[b.save_program(), "-t", "filter"]);
-            assert!(!save.contains("AZURE-NPM"), "{b:?} after cleanup:\n{save}");
+            assert!(!ns.anything_left(b), "{b:?} after cleanup");
         }
         assert!(!ns.exec(&["ipset", "list", "-n"]).contains("azure-npm-"), "sets after cleanup");
     }
@@ -248,7 +279,8 @@ fn guard_puts_the_forward_jump_back_and_reports_a_removed_chain() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let k = ns.state(backend);
-        if k.forward.first().map(String::as_str) == Some("-m conntrack --ctstate NEW -j AZURE-NPM")
+        if k.forward.first().map(String::as_str)
+            == Some("-m conntrack --ctstate INVALID,NEW -j AZURE-NPM")
             && k.forward.len() == 2
         {
             assert_eq!(k.forward[1], "-j ACCEPT");
@@ -263,12 +295,12 @@ fn guard_puts_the_forward_jump_back_and_reports_a_removed_chain() {
     }
     // Another program removes the whole layout: the next change asks for a resync, and the
     // reconcile rebuilds it.
-    ns.exec(&["sh", "-c", "iptables-nft -D FORWARD -m conntrack --ctstate NEW -j AZURE-NPM; iptables-nft -F AZURE-NPM; iptables-nft -X AZURE-NPM"]);
+    ns.exec(&["sh", "-c", "iptables-nft -D FORWARD -m conntrack --ctstate INVALID,NEW -j AZURE-NPM; iptables-nft -F AZURE-NPM; iptables-nft -X AZURE-NPM"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let err =
         dp.apply(&npm_agent::plan::PlanDiff::default()).expect_err("a removed chain is reported");
     assert!(err.to_string().contains("resynchronizing"), "{err}");
     dp.reconcile(&plan).expect("reconcile");
     assert!(ns.state(backend).chains.contains_key("AZURE-NPM"));
-    assert_eq!(ns.state(backend).forward[0], "-m conntrack --ctstate NEW -j AZURE-NPM");
+    assert_eq!(ns.state(backend).forward[0], "-m conntrack --ctstate INVALID,NEW -j AZURE-NPM");
 }

@@ -274,6 +274,7 @@ impl Cluster {
                     node: Some(nodes[n].clone()),
                     phase: PodPhase::Running,
                     host_network: false,
+                    terminating: false,
                     named_ports: dep.named_ports.clone().into(),
                 },
             );

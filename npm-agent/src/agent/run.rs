@@ -7,6 +7,8 @@
 //! logged and counted, the dataplane is marked out of sync, and the whole plan is reconciled
 //! again on the next tick (every second) until that succeeds; the loop never stops for it.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use crate::compile::{Engine, Scope};
 use crate::dataplane::ebpf::EbpfDataplane;
 use crate::dataplane::{Dataplane, DataplaneError, Memory};
 use crate::metrics::{Metrics, MetricsOptions, StateCounts};
-use crate::plan::{Plan, PlanDiff};
+use crate::plan::{Change, Conflict, Plan, PlanDiff};
 use crate::source::{Batch, Source};
 use crate::state::Event;
 
@@ -70,6 +72,12 @@ impl AgentDataplane {
                     Err(e) => tracing::warn!(error = %e, "sweeping connection tracking"),
                 }
             }
+        }
+        if let AgentDataplane::Other(d) = self
+            && let Err(e) = d.tick()
+        {
+            tracing::warn!(error = %e, "dataplane's periodic work");
+            return false;
         }
         true
     }
@@ -143,6 +151,9 @@ pub struct Agent {
     last_source_error: Option<String>,
     /// When dead connection-tracking entries were last swept.
     last_sweep: Instant,
+    /// Addresses several pods claim (reported in the status and the metrics, logged when they
+    /// appear, change and go).
+    conflicts: BTreeMap<IpAddr, Conflict>,
 }
 
 impl Agent {
@@ -186,6 +197,7 @@ impl Agent {
             status_error_logged: false,
             last_source_error: None,
             last_sweep: Instant::now(),
+            conflicts: BTreeMap::new(),
         }
     }
 
@@ -256,6 +268,11 @@ impl Agent {
         let op = self.operation(&event);
         let start = Instant::now();
         let diff = self.engine.handle(event);
+        self.track_conflicts(diff.changes.iter().filter_map(|c| match c {
+            Change::SetConflict { ip, conflict } => Some((*ip, Some(conflict.clone()))),
+            Change::RemoveConflict { ip } => Some((*ip, None)),
+            _ => None,
+        }));
         let mut failed = false;
         if self.in_sync && !diff.is_empty() {
             let applying = Instant::now();
@@ -292,10 +309,45 @@ impl Agent {
         if existed { Operation::Update } else { Operation::Create }
     }
 
+    /// Follows the conflicts on addresses: logs each one as it appears, changes or goes.
+    fn track_conflicts(&mut self, changes: impl IntoIterator<Item = (IpAddr, Option<Conflict>)>) {
+        for (ip, now) in changes {
+            let claimants = |c: &Conflict| {
+                c.claimants.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
+            match now {
+                Some(c) if self.conflicts.get(&ip) != Some(&c) => {
+                    tracing::warn!(
+                        %ip,
+                        claimants = %claimants(&c),
+                        quarantined = c.quarantined,
+                        "several pods claim one address: as a peer it matches no pod selector, and where several run on this node its endpoint admits nothing"
+                    );
+                    self.conflicts.insert(ip, c);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = self.conflicts.remove(&ip) {
+                        tracing::info!(%ip, claimants = %claimants(&c), "address no longer in conflict");
+                    }
+                }
+            }
+        }
+    }
+
     /// Makes the dataplane enforce the engine's whole plan.
     fn reconcile(&mut self) {
         let start = Instant::now();
         let plan = self.engine.plan();
+        let gone: Vec<IpAddr> =
+            self.conflicts.keys().filter(|ip| !plan.conflicts.contains_key(ip)).copied().collect();
+        self.track_conflicts(
+            plan.conflicts
+                .iter()
+                .map(|(ip, c)| (*ip, Some(c.clone())))
+                .chain(gone.into_iter().map(|ip| (ip, None)))
+                .collect::<Vec<_>>(),
+        );
         let result = self.dataplane.as_dyn().reconcile(&plan);
         let took = start.elapsed();
         let endpoints = plan.endpoints.len();
@@ -362,8 +414,21 @@ impl Agent {
             s.parse_errors = health.parse_errors;
             s.invalid_objects = health.invalid_objects;
             s.problems = health.problems;
+            s.problems.extend(self.conflicts.iter().map(|(ip, c)| {
+                let who: Vec<String> = c.claimants.iter().map(ToString::to_string).collect();
+                format!(
+                    "address {ip} is claimed by {}: {}",
+                    who.join(", "),
+                    if c.quarantined {
+                        "several run on this node, whose endpoint for it admits nothing"
+                    } else {
+                        "as a peer it matches no pod selector"
+                    }
+                )
+            }));
             s.clone()
         };
+        self.handles.metrics.set_address_conflicts(self.conflicts.len());
         self.handles.metrics.set_state(StateCounts {
             policies: stats.policies,
             pods: stats.pods,

@@ -26,14 +26,17 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use super::{
-    IdentityKey, PeerSelector, Scope, Term, TermPeer, host_block, resolution_ports, rule_terms,
+    IdentityKey, PeerSelector, Scope, Term, TermPeer, conflict_of, host_block, resolution_ports,
+    rule_terms,
 };
 use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
     Policy,
 };
-use crate::plan::{Allow, Change, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, PlanDiff};
-use crate::state::{ClusterState, Event};
+use crate::plan::{
+    Allow, Change, Conflict, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, PlanDiff,
+};
+use crate::state::{Claim, ClusterState, Event};
 
 type SelectorId = u32;
 
@@ -86,8 +89,9 @@ struct PolicyEntry {
 /// Identities, selectors and policies: what the expansions are computed from.
 #[derive(Default)]
 struct Index {
-    /// Endpoint pods claiming each address; the smallest key owns it.
-    /// A sorted `Vec`, not a set: nearly always one pod, and 100k of them must stay small.
+    /// Endpoint pods claiming each address, in key order; who owns it is [`Claim::resolve`]'s
+    /// to say. A sorted `Vec`, not a set: nearly always one pod, and 100k of them must stay
+    /// small.
     claims: HashMap<IpAddr, Vec<ObjectKey>>,
     /// The identity of each pod that owns its address.
     pod_identity: HashMap<ObjectKey, IdentityId>,
@@ -120,6 +124,26 @@ struct EndpointEntry {
     /// The policies selecting the endpoint for each direction (isolated when non-empty).
     policies: [BTreeSet<PolicyId>; 2],
     counts: [HashMap<Allow, u32>; 2],
+    /// A contested address with several local claimants: isolated both ways, no policy, no
+    /// entry (see [`Claim`]).
+    quarantined: bool,
+}
+
+impl EndpointEntry {
+    fn isolated(&self, d: Direction) -> bool {
+        self.quarantined || !self.policies[di(d)].is_empty()
+    }
+}
+
+/// What the claims on an address come to on this node (see [`Claim`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Resolution {
+    Owner(ObjectKey),
+    /// Contested; with several local claimants, the first of them names the quarantined
+    /// endpoint.
+    Contested {
+        quarantine: Option<ObjectKey>,
+    },
 }
 
 /// What an event changed, as first seen: the plan's entries before the event.
@@ -139,6 +163,8 @@ struct DiffBuilder {
     identity_keys: HashMap<IdentityId, bool>,
     namespaces: HashMap<String, Option<Labels>>,
     policies: HashMap<ObjectKey, bool>,
+    /// Conflicts of the addresses whose claims changed, as they were before the event.
+    conflicts: HashMap<IpAddr, Option<Conflict>>,
     /// The counted entries of endpoints removed during the event, by address, as they were
     /// at the (first) removal. An entry of such an address that `allows` does not record was
     /// untouched until then: it is in the plan before the event if and only if it is here.
@@ -178,7 +204,7 @@ impl Output {
 
     fn touch_isolation(&mut self, endpoint: &ObjectKey, direction: Direction) {
         let ep = &self.endpoints[endpoint];
-        let isolated = !ep.policies[di(direction)].is_empty();
+        let isolated = ep.isolated(direction);
         self.diff.isolation.entry((ep.ip, direction)).or_insert(isolated);
     }
 }
@@ -298,11 +324,16 @@ impl Engine {
                 },
             );
         }
+        for ip in self.idx.claims.keys() {
+            if let Some(c) = self.conflict(ip) {
+                plan.conflicts.insert(*ip, c);
+            }
+        }
         for (key, ep) in &self.out.endpoints {
             let mut p = EndpointPlan::new(key.clone());
             for d in Direction::BOTH {
                 let dp = p.direction_mut(d);
-                dp.isolated = !ep.policies[di(d)].is_empty();
+                dp.isolated = ep.isolated(d);
                 dp.allow = ep.counts[di(d)].keys().cloned().collect();
             }
             plan.endpoints.insert(ep.ip, p);
@@ -398,38 +429,79 @@ impl Engine {
         let ip = pod.ip.filter(|_| pod.is_endpoint());
         self.state.pods.insert(key.clone(), pod);
         let Some(ip) = ip else { return };
-        self.touch_identity(ip);
+        self.touch_claims(ip);
+        let before = self.resolve(&ip);
         let claims = self.idx.claims.entry(ip).or_default();
-        let previous = claims.first().cloned();
         if let Err(at) = claims.binary_search(&key) {
             claims.insert(at, key.clone());
         }
-        if claims.first() == Some(&key) {
-            if let Some(prev) = previous {
-                self.deactivate(&prev);
-            }
-            self.activate(&key);
-        }
+        let after = self.resolve(&ip);
+        self.settle(ip, before, after, None);
     }
 
     /// Removes what `old` contributed; `state.pods` may or may not still hold it.
     fn remove_pod(&mut self, old: &Pod) {
         let Some(ip) = old.ip.filter(|_| old.is_endpoint()) else { return };
-        self.touch_identity(ip);
+        self.touch_claims(ip);
+        let before = self.resolve(&ip);
         let Some(claims) = self.idx.claims.get_mut(&ip) else { return };
-        let was_owner = claims.first() == Some(&old.key);
         if let Ok(at) = claims.binary_search(&old.key) {
             claims.remove(at);
         }
-        let next = claims.first().cloned();
         if claims.is_empty() {
             self.idx.claims.remove(&ip);
         }
-        if was_owner {
-            self.deactivate_pod(old);
-            if let Some(next) = next {
-                self.activate(&next);
-            }
+        let after = self.resolve(&ip);
+        self.settle(ip, before, after, Some(old));
+    }
+
+    /// The claims on `ip`, resolved as this node sees them.
+    fn resolve(&self, ip: &IpAddr) -> Option<Resolution> {
+        let keys = self.idx.claims.get(ip)?;
+        let claimants: Vec<&Pod> = keys.iter().map(|k| &self.state.pods[k]).collect();
+        Some(match Claim::resolve(claimants, |p| self.scope.is_local(p)) {
+            Claim::Owner(p) => Resolution::Owner(p.key.clone()),
+            Claim::Contested { claimants, quarantined } => Resolution::Contested {
+                quarantine: quarantined.then(|| {
+                    claimants.iter().find(|p| self.scope.is_local(p)).expect("local").key.clone()
+                }),
+            },
+        })
+    }
+
+    /// What the claims on `ip` report.
+    fn conflict(&self, ip: &IpAddr) -> Option<Conflict> {
+        let keys = self.idx.claims.get(ip).filter(|k| k.len() > 1)?;
+        let claimants: Vec<&Pod> = keys.iter().map(|k| &self.state.pods[k]).collect();
+        let quarantined =
+            matches!(self.resolve(ip), Some(Resolution::Contested { quarantine: Some(_) }));
+        conflict_of(&claimants, quarantined)
+    }
+
+    /// Moves `ip` from what its claims came to (`before`) to what they come to now; `removed`
+    /// is the pod whose claim just went (its old version, which the state may no longer hold).
+    fn settle(
+        &mut self,
+        ip: IpAddr,
+        before: Option<Resolution>,
+        after: Option<Resolution>,
+        removed: Option<&Pod>,
+    ) {
+        if before == after {
+            return;
+        }
+        match before {
+            Some(Resolution::Owner(k)) => match removed.filter(|p| p.key == k) {
+                Some(old) => self.deactivate_pod(old),
+                None => self.deactivate(&k),
+            },
+            Some(Resolution::Contested { quarantine: Some(k) }) => self.remove_endpoint(&k),
+            Some(Resolution::Contested { quarantine: None }) | None => {}
+        }
+        match after {
+            Some(Resolution::Owner(k)) => self.activate(&k),
+            Some(Resolution::Contested { quarantine: Some(k) }) => self.add_quarantine(&k, ip),
+            Some(Resolution::Contested { quarantine: None }) | None => {}
         }
     }
 
@@ -477,15 +549,23 @@ impl Engine {
 
     fn touch_identity(&mut self, ip: IpAddr) {
         if !self.out.diff.identities.contains_key(&ip) {
-            let current = self
-                .idx
-                .claims
-                .get(&ip)
-                .and_then(|c| c.first())
-                .and_then(|k| self.idx.pod_identity.get(k))
-                .copied();
+            let current = self.identity_at(&ip);
             self.out.diff.identities.insert(ip, current);
         }
+    }
+
+    /// Records the identity and conflict of `ip` before its claims change.
+    fn touch_claims(&mut self, ip: IpAddr) {
+        self.touch_identity(ip);
+        if !self.out.diff.conflicts.contains_key(&ip) {
+            let current = self.conflict(&ip);
+            self.out.diff.conflicts.insert(ip, current);
+        }
+    }
+
+    /// The identity of the pod owning `ip` (only the owner of an address is activated).
+    fn identity_at(&self, ip: &IpAddr) -> Option<IdentityId> {
+        self.idx.claims.get(ip)?.iter().find_map(|k| self.idx.pod_identity.get(k)).copied()
     }
 
     fn identity_for(&mut self, pod: &Pod) -> IdentityId {
@@ -606,6 +686,24 @@ impl Engine {
 
     // ---- endpoints ----
 
+    /// A quarantined endpoint at `ip`, named after local claimant `key`: isolated both ways,
+    /// admitting nothing, selected by no policy.
+    fn add_quarantine(&mut self, key: &ObjectKey, ip: IpAddr) {
+        self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
+        let entry = EndpointEntry {
+            ip,
+            named_ports: Vec::new(),
+            policies: Default::default(),
+            counts: Default::default(),
+            quarantined: true,
+        };
+        self.out.endpoints.insert(key.clone(), entry);
+        self.out.endpoint_at.insert(ip, key.clone());
+        for d in Direction::BOTH {
+            self.out.diff.isolation.entry((ip, d)).or_insert(false);
+        }
+    }
+
     fn add_endpoint(&mut self, pod: &Pod, ip: IpAddr) {
         self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
         self.out.endpoints.insert(
@@ -615,6 +713,7 @@ impl Engine {
                 named_ports: pod.named_ports.to_vec(),
                 policies: Default::default(),
                 counts: Default::default(),
+                quarantined: false,
             },
         );
         self.out.endpoint_at.insert(ip, pod.key.clone());
@@ -639,6 +738,11 @@ impl Engine {
 
     fn remove_endpoint(&mut self, key: &ObjectKey) {
         let ip = self.out.endpoints[key].ip;
+        if self.out.endpoints[key].quarantined {
+            for d in Direction::BOTH {
+                self.out.touch_isolation(key, d);
+            }
+        }
         self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
         // The endpoint's entries go with it. Rather than un-count every expansion of every
         // policy (as many hash updates as the endpoint has expansions, for a diff that is just
@@ -657,6 +761,9 @@ impl Engine {
         let ep = self.out.endpoints.remove(key).expect("endpoint exists");
         debug_assert!(ep.counts.iter().all(|c| c.is_empty()), "endpoint removed with allows left");
         self.out.endpoint_at.remove(&ep.ip);
+        if ep.quarantined {
+            return;
+        }
         if let Some(set) = self.out.endpoints_by_ns.get_mut(&key.namespace) {
             set.remove(key);
             if set.is_empty() {
@@ -1006,9 +1113,7 @@ impl Engine {
             }
         }
         let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);
-        let isolated_now = |ip: &IpAddr, d: Direction| {
-            current(ip).is_some_and(|ep| !ep.policies[di(d)].is_empty())
-        };
+        let isolated_now = |ip: &IpAddr, d: Direction| current(ip).is_some_and(|ep| ep.isolated(d));
         let isolated_before = |ip: &IpAddr, d: Direction| {
             !fresh.contains(ip)
                 && diff.isolation.get(&(*ip, d)).copied().unwrap_or_else(|| isolated_now(ip, d))
@@ -1047,14 +1152,17 @@ impl Engine {
                 changes.push((stage, Change::RemoveAllow { ip, direction: d, allow }));
             }
         }
+        for (ip, before) in diff.conflicts {
+            match (before, self.conflict(&ip)) {
+                (before, Some(c)) if before.as_ref() != Some(&c) => {
+                    changes.push((SETS, Change::SetConflict { ip, conflict: c }))
+                }
+                (Some(_), None) => changes.push((UNSET, Change::RemoveConflict { ip })),
+                _ => {}
+            }
+        }
         for (ip, before) in diff.identities {
-            let after = self
-                .idx
-                .claims
-                .get(&ip)
-                .and_then(|c| c.first())
-                .and_then(|k| self.idx.pod_identity.get(k))
-                .copied();
+            let after = self.identity_at(&ip);
             match (before, after) {
                 (None, Some(a)) => {
                     changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a }))

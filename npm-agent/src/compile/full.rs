@@ -1,16 +1,26 @@
 //! Compiling a whole cluster state in one pass.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 
-use super::{IdentityKey, PeerSelector, Scope, TermPeer, host_block, resolution_ports, rule_terms};
+use super::{
+    IdentityKey, PeerSelector, Scope, TermPeer, conflict_of, host_block, resolution_ports,
+    rule_terms,
+};
 use crate::model::{Direction, Pod};
 use crate::plan::{Allow, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, SetId};
-use crate::state::ClusterState;
+use crate::state::{Claim, ClusterState};
 
 /// Compiles `state` into the plan of `scope`. Identities are numbered from 1 in the order
 /// of their keys, so the result depends only on the state.
 pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
-    let owners = state.address_owners();
+    let claimants = state.claimants();
+    let claims: BTreeMap<IpAddr, Claim> = claimants
+        .iter()
+        .map(|(ip, cs)| (*ip, Claim::resolve(cs.clone(), |p| scope.is_local(p))))
+        .collect();
+    let owners: BTreeMap<IpAddr, &Pod> =
+        claims.iter().filter_map(|(ip, c)| c.owner().map(|p| (*ip, p))).collect();
 
     let mut by_key: BTreeMap<IdentityKey, Vec<&Pod>> = BTreeMap::new();
     for pod in owners.values() {
@@ -118,6 +128,21 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             }
         }
         plan.endpoints.insert(*ip, ep);
+    }
+    // Contested addresses: reported; where several claimants are local, an endpoint that
+    // admits nothing.
+    for (ip, claim) in &claims {
+        let quarantined = matches!(claim, Claim::Contested { quarantined: true, .. });
+        if quarantined {
+            let pod = claimants[ip].iter().find(|p| scope.is_local(p)).expect("local claimants");
+            let mut ep = EndpointPlan::new(pod.key.clone());
+            ep.ingress.isolated = true;
+            ep.egress.isolated = true;
+            plan.endpoints.insert(*ip, ep);
+        }
+        if let Some(conflict) = conflict_of(&claimants[ip], quarantined) {
+            plan.conflicts.insert(*ip, conflict);
+        }
     }
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());

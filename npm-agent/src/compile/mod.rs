@@ -16,7 +16,8 @@ use crate::model::{
     CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, Peer, Pod, PortSpec,
     Protocol, Rule, find_named_port,
 };
-use crate::plan::PortMatch;
+use crate::plan::{Conflict, PortMatch};
+use crate::state::Claim;
 
 pub use engine::{DORMANT_SELECTORS, Engine};
 pub use full::compile;
@@ -214,6 +215,18 @@ pub fn resolution_ports<'a>(
         Direction::Ingress => endpoint,
         Direction::Egress => peer,
     }
+}
+
+/// What the claims on an address (`claimants`, in key order) report: a conflict when nothing
+/// tells the claimants apart cluster-wide (two live pods, or only terminating ones), or when
+/// this node had to quarantine the address. An address merely reused by a new pod before its
+/// terminating pod is gone is not one.
+pub fn conflict_of(claimants: &[&Pod], quarantined: bool) -> Option<Conflict> {
+    let global = Claim::resolve(claimants.to_vec(), |_| false);
+    (quarantined || matches!(global, Claim::Contested { .. })).then(|| Conflict {
+        claimants: claimants.iter().map(|p| p.key.clone()).collect(),
+        quarantined,
+    })
 }
 
 /// The /32 (or /128) block of one address.

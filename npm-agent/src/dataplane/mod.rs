@@ -4,6 +4,7 @@
 
 pub mod ebpf;
 pub mod hns;
+pub mod iface;
 pub mod iptables;
 
 use crate::plan::{Plan, PlanDiff};
@@ -25,6 +26,11 @@ pub trait Dataplane {
     /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,
     /// including state left pinned by a previous agent): adds first, then removes.
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
+    /// Periodic work of the dataplane's own (every second, once in sync): what depends on the
+    /// node rather than the plan, such as pods' interfaces appearing.
+    fn tick(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 /// A dataplane that only keeps the plan: for tests of what sits above dataplanes.

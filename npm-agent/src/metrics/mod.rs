@@ -86,6 +86,8 @@ pub const APPLY_FAILURES: &str = "npm_dataplane_apply_failures_total";
 pub const APPLY_FAILURES_HELP: &str = "Failures to program the dataplane, by dataplane and operation (apply: an event's changes, reconcile: the whole plan, attach: the programs to a pod's interface)";
 pub const DATAPLANE_INFO: &str = "npm_dataplane_info";
 pub const DATAPLANE_INFO_HELP: &str = "The dataplane this agent programs (always 1)";
+pub const ADDRESS_CONFLICTS: &str = "npm_pod_address_conflicts";
+pub const ADDRESS_CONFLICTS_HELP: &str = "Pod addresses claimed by more than one pod, which this node cannot tell apart (they fail closed)";
 
 /// The operations of [`APPLY_FAILURES`], exported from the start at 0.
 pub const APPLY_OPERATIONS: [&str; 3] = ["apply", "reconcile", "attach"];
@@ -137,6 +139,7 @@ pub struct Metrics {
     apply_failures: IntCounterVec,
     num_policies: IntGauge,
     pods_watched: IntGauge,
+    address_conflicts: IntGauge,
     state: Arc<Mutex<StateCounts>>,
     started: Instant,
     heartbeat_ms: AtomicU64,
@@ -214,6 +217,9 @@ impl Metrics {
         .expect("valid gauge");
         info.set(1);
         node.register(Box::new(info)).expect("unique metric");
+        let address_conflicts =
+            IntGauge::new(ADDRESS_CONFLICTS, ADDRESS_CONFLICTS_HELP).expect("valid gauge");
+        node.register(Box::new(address_conflicts.clone())).expect("unique metric");
 
         let num_policies = IntGauge::new(NUM_POLICIES, NUM_POLICIES_HELP).expect("valid gauge");
         let pods_watched = IntGauge::new(PODS_WATCHED, PODS_WATCHED_HELP).expect("valid gauge");
@@ -245,6 +251,7 @@ impl Metrics {
             add_ipset,
             apply_failures,
             num_policies,
+            address_conflicts,
             pods_watched,
             state,
             started: Instant::now(),
@@ -309,6 +316,11 @@ impl Metrics {
     }
 
     /// The counts that come from the agent's state.
+    /// How many addresses several pods claim (see `state::Claim`).
+    pub fn set_address_conflicts(&self, n: usize) {
+        self.address_conflicts.set(n as i64);
+    }
+
     pub fn set_state(&self, counts: StateCounts) {
         self.num_policies.set(counts.policies as i64);
         self.pods_watched.set(counts.pods as i64);

@@ -84,6 +84,7 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
         node: spec.and_then(|s| s.node_name.clone()),
         phase,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminating: p.metadata.deletion_timestamp.is_some(),
         named_ports: named_ports.into(),
     })
 }
@@ -250,6 +251,10 @@ pub fn pod_to_k8s(p: &Pod) -> core::Pod {
             name: Some(p.key.name.clone()),
             namespace: Some(p.key.namespace.clone()),
             labels: Some(p.labels.as_ref().clone()),
+            // The moment is not kept; any time in the past says the same.
+            deletion_timestamp: p
+                .terminating
+                .then_some(meta::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
             ..Default::default()
         },
         spec: Some(core::PodSpec {

@@ -126,6 +126,10 @@ pub struct Pod {
     pub node: Option<String>,
     pub phase: PodPhase,
     pub host_network: bool,
+    /// Its deletion has begun (`metadata.deletionTimestamp`): its address may already be
+    /// another pod's, so another live claimant of the address wins over it.
+    #[serde(default)]
+    pub terminating: bool,
     /// Named container ports, sorted; unnamed ports are irrelevant to policy. Shared as the
     /// labels are.
     pub named_ports: Arc<[NamedPort]>,
@@ -147,6 +151,7 @@ impl Pod {
             && self.ip == other.ip
             && self.node == other.node
             && self.is_endpoint() == other.is_endpoint()
+            && self.terminating == other.terminating
             && self.named_ports == other.named_ports
     }
 }

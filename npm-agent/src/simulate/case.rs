@@ -370,6 +370,7 @@ impl CaseCluster {
             node: Some(SIM_NODE.to_string()),
             phase: PodPhase::Running,
             host_network: false,
+            terminating: false,
             named_ports: named_ports.into(),
         };
         self.ports.insert(key, served);

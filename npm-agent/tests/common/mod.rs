@@ -15,6 +15,7 @@ use npm_agent::model::{
     Operator, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Requirement, Rule,
 };
 use npm_agent::plan::{Change, Plan, PlanDiff};
+use npm_agent::reference::End;
 use npm_agent::state::{ClusterState, Event};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -79,14 +80,16 @@ pub fn pod(key: ObjectKey) -> impl Strategy<Value = Pod> {
         prop_oneof![10 => Just(PodPhase::Running), 1 => Just(PodPhase::Succeeded), 1 => Just(PodPhase::Pending)],
         prop_oneof![12 => Just(false), 1 => Just(true)],
         named_ports(),
+        prop_oneof![6 => Just(false), 1 => Just(true)],
     )
-        .prop_map(move |(labels, ip, node, phase, host_network, named_ports)| Pod {
+        .prop_map(move |(labels, ip, node, phase, host_network, named_ports, terminating)| Pod {
             key: key.clone(),
             labels: labels.into(),
             ip: ip.map(pod_ip),
             node: Some(NODES[node].to_string()),
             phase,
             host_network,
+            terminating,
             named_ports: named_ports.into(),
         })
 }
@@ -251,6 +254,26 @@ pub fn event() -> impl Strategy<Value = Event> {
 pub fn addresses(state: &ClusterState) -> Vec<IpAddr> {
     let mut v: BTreeSet<IpAddr> = state.pods.values().filter_map(|p| p.ip).collect();
     v.extend(external_ips());
+    v.into_iter().collect()
+}
+
+/// Every end a connection can have: each address with the node of each endpoint pod that
+/// claims it (a contested address is sent from, and delivered to, each of them), or with no
+/// node for addresses that are no endpoint's.
+pub fn ends(state: &ClusterState) -> Vec<End> {
+    let mut v: BTreeSet<End> = BTreeSet::new();
+    for ip in addresses(state) {
+        let nodes: BTreeSet<Option<String>> = state
+            .pods
+            .values()
+            .filter(|p| p.is_endpoint() && p.ip == Some(ip))
+            .map(|p| p.node.clone())
+            .collect();
+        if nodes.is_empty() {
+            v.insert(End { ip, node: None });
+        }
+        v.extend(nodes.into_iter().map(|node| End { ip, node }));
+    }
     v.into_iter().collect()
 }
 

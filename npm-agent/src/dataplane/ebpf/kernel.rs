@@ -28,8 +28,8 @@ use npm_common::{
     PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
 };
 
-use super::iface;
 use super::translate::{Encoded, MapOp, Translator};
+use crate::dataplane::iface;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::model::ObjectKey;
 use crate::plan::{Plan, PlanDiff};

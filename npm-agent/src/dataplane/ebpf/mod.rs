@@ -2,7 +2,6 @@
 //! in place of ipsets. [`translate`] encodes plan diffs as map operations; [`model`] models
 //! the maps on the host; the kernel side loads, pins and attaches.
 
-pub mod iface;
 pub mod kernel;
 pub mod model;
 pub mod testrun;

@@ -14,8 +14,8 @@ use std::time::Duration;
 use aya::programs::{TestRun as _, TestRunOptions};
 use npm_common::{DIR_EGRESS, PROG_FROM_POD, PROG_TO_POD};
 
-use super::iface;
 use super::kernel::EbpfDataplane;
+use crate::dataplane::iface;
 
 /// `TC_ACT_UNSPEC` (-1) as the kernel returns it: no objection.
 pub const PASS: u32 = u32::MAX;

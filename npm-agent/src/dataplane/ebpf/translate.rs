@@ -394,6 +394,8 @@ impl Translator {
             | Change::RemoveNamespace { .. }
             | Change::SetPolicy { .. }
             | Change::RemovePolicy { .. } => {}
+            // A quarantined endpoint's entries already admit nothing.
+            Change::SetConflict { .. } | Change::RemoveConflict { .. } => {}
             Change::AddNodeIp { ip } => match v4(*ip) {
                 Some(ip) => ops.push(MapOp::NodeIpAdd { ip }),
                 None => self.skipped_ipv6 += 1,

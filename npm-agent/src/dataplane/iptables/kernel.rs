@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::guard::{self, Guard};
 use super::names::SET_PREFIX;
 use super::state::KernelState;
 use super::translate::{self, Batch, STEP_DEL_SETS, Tool, Translator};
@@ -53,6 +54,20 @@ impl Backend {
         match self {
             Backend::Nft => "iptables-nft-save",
             Backend::Legacy => "iptables-legacy-save",
+        }
+    }
+
+    pub fn restore6_program(self) -> &'static str {
+        match self {
+            Backend::Nft => "ip6tables-nft-restore",
+            Backend::Legacy => "ip6tables-legacy-restore",
+        }
+    }
+
+    pub fn save6_program(self) -> &'static str {
+        match self {
+            Backend::Nft => "ip6tables-nft-save",
+            Backend::Legacy => "ip6tables-legacy-save",
         }
     }
 
@@ -277,6 +292,8 @@ pub struct IptablesDataplane {
     backend: Backend,
     backend_reason: String,
     translator: Translator,
+    /// The source checks and the IPv6 fail-closed rules (see [`guard`]).
+    guard: Guard,
     stats: ApplyStats,
     /// Set by the guard when the layout's base was removed under the agent.
     damaged: Arc<AtomicBool>,
@@ -323,6 +340,7 @@ impl IptablesDataplane {
             backend,
             backend_reason,
             translator: Translator::new(),
+            guard: Guard::default(),
             stats: ApplyStats::default(),
             damaged: Arc::new(AtomicBool::new(false)),
             stop_guard: Arc::new(AtomicBool::new(false)),
@@ -378,9 +396,46 @@ impl IptablesDataplane {
         &self.translator
     }
 
-    /// What the kernel holds of the layout, through the dataplane's backend.
+    /// What the kernel holds of the policy layout, through the dataplane's backend (the
+    /// guard's sets, which the guard keeps itself, left out).
     pub fn read_state(&self) -> Result<KernelState, DataplaneError> {
-        read_state(&self.runner, self.backend)
+        let mut state = read_state(&self.runner, self.backend)?;
+        state.sets.retain(|name, _| !guard::is_guard_set(name));
+        Ok(state)
+    }
+
+    /// Brings the guard's sets to the endpoints' veths as the routes show them now, and, when
+    /// `chains`, its chains and jumps too.
+    fn write_guard(&mut self, chains: bool) -> Result<(), DataplaneError> {
+        let routes = match &self.config.netns {
+            None => crate::dataplane::iface::host_routes(),
+            Some(_) => crate::dataplane::iface::host_routes_in(
+                &self.runner.output("cat", &["/proc/net/route"]).unwrap_or_default(),
+            ),
+        };
+        self.guard.find_interfaces(&routes);
+        if let Some(script) = self.guard.sets_script() {
+            let batch = Batch {
+                step: "write the source guard's sets",
+                tool: Tool::Ipset,
+                commands: script.lines().count(),
+                script,
+            };
+            if let Err(e) = self.run_batch(&batch) {
+                self.guard.forget_written();
+                return Err(e);
+            }
+        }
+        if chains {
+            write_guard_chains(&self.runner, self.backend, self.config.wait_seconds).map_err(
+                |message| DataplaneError::Apply {
+                    dataplane: NAME,
+                    operation: "write the source guard's chains".into(),
+                    message,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Runs one batch, trying again (a busy lock, a transient failure) before reporting.
@@ -453,6 +508,9 @@ impl IptablesDataplane {
         {
             return;
         }
+        for problem in remove_guard_chains(&self.runner, other) {
+            tracing::warn!(backend = other.as_str(), %problem, "removing the source guard from the other iptables backend");
+        }
         let Ok(state) = read_iptables(&self.runner, other) else { return };
         if state.chains.is_empty() && state.forward.is_empty() {
             return;
@@ -488,7 +546,14 @@ impl Dataplane for IptablesDataplane {
             });
         }
         let batches = self.translator.translate(diff);
-        self.run_batches(&batches, |_| {})
+        self.run_batches(&batches, |_| {})?;
+        self.guard.apply(diff);
+        self.write_guard(false)
+    }
+
+    fn tick(&mut self) -> Result<(), DataplaneError> {
+        // Veths that appeared (or were replaced) since: their sources are checked from now.
+        self.write_guard(false)
     }
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
@@ -496,6 +561,8 @@ impl Dataplane for IptablesDataplane {
         let kernel = self.read_state()?;
         let batches = self.translator.reconcile(plan, &kernel);
         self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
+        self.guard.reconcile(plan);
+        self.write_guard(true)?;
         self.start_guard();
         if self.translator.skipped_ipv6 > 0 {
             tracing::debug!(
@@ -514,6 +581,7 @@ fn guard_once(
     wait: u32,
     damaged: &AtomicBool,
 ) -> Result<(), String> {
+    write_guard_chains(runner, backend, wait)?;
     let state = read_iptables(runner, backend).map_err(|e| e.to_string())?;
     if !state.chains.contains_key(super::names::AZURE_NPM) {
         if !damaged.swap(true, Ordering::SeqCst) {
@@ -547,6 +615,92 @@ fn guard_once(
         "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first"
     );
     Ok(())
+}
+
+/// Writes the guard's chains and puts their jumps first, where they are not exactly so: the
+/// raw table's (IPv4) and ip6tables' filter table's.
+fn write_guard_chains(runner: &Runner, backend: Backend, wait: u32) -> Result<(), String> {
+    let wait = wait.to_string();
+    let tables = [
+        (
+            backend.save_program(),
+            backend.restore_program(),
+            "raw",
+            guard::GUARD_CHAIN,
+            guard::guard_rules(),
+            "PREROUTING",
+            guard::GUARD_JUMP,
+        ),
+        (
+            backend.save6_program(),
+            backend.restore6_program(),
+            "filter",
+            guard::IPV6_CHAIN,
+            guard::ipv6_rules(),
+            "FORWARD",
+            guard::IPV6_JUMP,
+        ),
+    ];
+    for (save, restore, table, chain, rules, hook, jump) in tables {
+        let saved = runner.run(save, &["-t", table], None).map_err(|e| format!("{save}: {e}"))?;
+        if !saved.ok {
+            return Err(format!("{save}: {}", saved.stderr));
+        }
+        let hook_rules = guard::table_rules(&saved.stdout, table, hook).unwrap_or_default();
+        let chain_rules = guard::table_rules(&saved.stdout, table, chain);
+        let Some(script) = guard::chain_script(
+            table,
+            chain,
+            &rules,
+            hook,
+            jump,
+            &hook_rules,
+            chain_rules.as_deref(),
+        ) else {
+            continue;
+        };
+        match runner.run(restore, &["-w", &wait, "--noflush"], Some(&script)) {
+            Ok(o) if o.ok => {}
+            Ok(o) => return Err(format!("{restore}: {}", o.stderr)),
+            Err(e) => return Err(format!("{restore}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the guard's chains and jumps from one backend (both families).
+fn remove_guard_chains(runner: &Runner, backend: Backend) -> Vec<String> {
+    let mut problems = Vec::new();
+    let tables = [
+        (
+            backend.save_program(),
+            backend.restore_program(),
+            "raw",
+            guard::GUARD_CHAIN,
+            "PREROUTING",
+            guard::GUARD_JUMP,
+        ),
+        (
+            backend.save6_program(),
+            backend.restore6_program(),
+            "filter",
+            guard::IPV6_CHAIN,
+            "FORWARD",
+            guard::IPV6_JUMP,
+        ),
+    ];
+    for (save, restore, table, chain, hook, jump) in tables {
+        let Some(saved) = runner.output(save, &["-t", table]) else { continue };
+        let Some(script) = guard::removal_script(&saved, table, chain, hook, jump) else {
+            continue;
+        };
+        match runner.run(restore, &["-w", "60", "--noflush"], Some(&script)) {
+            Ok(o) if o.ok => {}
+            Ok(o) => problems.push(format!("{restore}: {}", o.stderr)),
+            Err(e) => problems.push(format!("{restore}: {e}")),
+        }
+    }
+    problems
 }
 
 fn run_script(runner: &Runner, backend: Backend, wait: u32, batch: &Batch) -> Result<(), String> {
@@ -658,6 +812,7 @@ pub fn cleanup(netns: Option<PathBuf>) -> IptablesCleanup {
                 continue;
             }
         };
+        report.problems.extend(remove_guard_chains(&runner, backend));
         if state.is_empty() {
             continue;
         }

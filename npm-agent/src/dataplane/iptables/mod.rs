@@ -91,6 +91,7 @@
 //! checks a connection's egress and ingress policies wherever the pods are, so a connection
 //! between two nodes is checked on both (with the same answer).
 
+pub mod guard;
 pub mod kernel;
 pub mod model;
 pub mod names;

@@ -138,7 +138,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 r.sets.push((false, name, Flags::parse(&d)?));
             }
             "--mark" => r.mark = Some(hex_pair(next(&mut i)?)?),
-            "--ctstate" => r.ct_new = next(&mut i)? == "NEW",
+            "--ctstate" => r.ct_new = next(&mut i)?.split(',').any(|s| s == "NEW"),
             "--comment" => {
                 next(&mut i)?;
             }

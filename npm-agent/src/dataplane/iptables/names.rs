@@ -27,8 +27,10 @@ pub const INGRESS_ALLOW_MARK_BITS: (u32, u32) = (0x200, 0x200);
 pub const INGRESS_DROP_MARK_BITS: (u32, u32) = (0x400, 0x400);
 pub const EGRESS_DROP_MARK_BITS: (u32, u32) = (0x800, 0x800);
 
-/// The jump from FORWARD (inserted first), exactly as Azure NPM v2 writes it.
-pub const FORWARD_JUMP: &str = "-m conntrack --ctstate NEW -j AZURE-NPM";
+/// The jump from FORWARD (inserted first), as `iptables-save` prints it. Azure NPM v2 jumps
+/// for NEW only, which lets what conntrack calls INVALID (SYN+FIN, a bad checksum, an ICMP
+/// error about no connection) skip every policy; here it is judged by policy like NEW.
+pub const FORWARD_JUMP: &str = "-m conntrack --ctstate INVALID,NEW -j AZURE-NPM";
 
 /// The longest comment the kernel keeps (XT_MAX_COMMENT_LEN is 256 with the NUL).
 pub const MAX_COMMENT: usize = 255;

@@ -95,7 +95,7 @@ mod tests {
                      add azure-npm-1 10.0.0.0/16\nadd azure-npm-1 10.0.1.0/24 nomatch\ncreate other hash:ip family inet\nadd other 1.2.3.4\n\
                      create azure-npm-2 list:set size 8\nadd azure-npm-2 azure-npm-1\n";
         let ipt = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:AZURE-NPM - [0:0]\n:AZURE-NPM-ACCEPT - [0:0]\n\
-                   -A FORWARD -m conntrack --ctstate NEW -j AZURE-NPM\n-A AZURE-NPM-ACCEPT -j ACCEPT\nCOMMIT\n";
+                   -A FORWARD -m conntrack --ctstate INVALID,NEW -j AZURE-NPM\n-A AZURE-NPM-ACCEPT -j ACCEPT\nCOMMIT\n";
         let k = KernelState::parse(ipset, ipt);
         assert_eq!(k.sets.len(), 2);
         assert_eq!(k.sets["azure-npm-1"].kind, "hash:net");
@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(k.sets["azure-npm-2"].kind, "list:set");
         assert_eq!(k.chains["AZURE-NPM"], Vec::<String>::new());
         assert_eq!(k.chains["AZURE-NPM-ACCEPT"], vec!["-j ACCEPT".to_string()]);
-        assert_eq!(k.forward, vec!["-m conntrack --ctstate NEW -j AZURE-NPM".to_string()]);
+        assert_eq!(k.forward, vec!["-m conntrack --ctstate INVALID,NEW -j AZURE-NPM".to_string()]);
         assert!(jumps_to_azure_npm(&k.forward[0]));
         assert!(!jumps_to_azure_npm("-j AZURE-NPM-ACCEPT"));
     }

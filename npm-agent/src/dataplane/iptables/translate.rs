@@ -126,6 +126,9 @@ pub enum SetDef {
     Cidr { net: Ipv4Net, except: Vec<Ipv4Net> },
     /// `transition`: addresses whose memberships are changing (see the module docs).
     Transition,
+    /// `quarantine`: local addresses several local pods claim (see `state::Claim`): their
+    /// new connections are refused, both ways.
+    Quarantine,
 }
 
 impl SetDef {
@@ -159,6 +162,7 @@ impl SetDef {
                 s
             }
             SetDef::Transition => "transition".to_string(),
+            SetDef::Quarantine => "quarantine".to_string(),
         }
     }
 
@@ -167,7 +171,8 @@ impl SetDef {
             SetDef::Namespace(_)
             | SetDef::PodLabel { .. }
             | SetDef::Cidr { .. }
-            | SetDef::Transition => SetKind::HashNet,
+            | SetDef::Transition
+            | SetDef::Quarantine => SetKind::HashNet,
             SetDef::NamedPort(_) => SetKind::HashIpPort,
             SetDef::PodValues { .. }
             | SetDef::NsLabel { .. }
@@ -278,6 +283,8 @@ pub struct Translator {
     unreferenced: Vec<SetDef>,
     /// Kernel chain name → the readable name it was claimed for.
     chain_names: HashMap<String, String>,
+    /// Local addresses in quarantine (the `quarantine` set exists while there are any).
+    quarantined: BTreeSet<Ipv4Addr>,
     /// Whether AZURE-NPM holds its rules (Azure NPM leaves it empty without policies).
     active: bool,
     /// Whether the base chains exist.
@@ -380,9 +387,18 @@ fn base_of(dir: Direction) -> &'static str {
     }
 }
 
-/// AZURE-NPM's rules while a policy exists: the transition guard, then the three jumps.
-fn azure_npm_rules(transition: &str) -> Vec<String> {
+/// AZURE-NPM's rules while a policy (or a quarantine) exists: the quarantine, the transition
+/// guard, then the three jumps.
+fn azure_npm_rules(transition: &str, quarantine: Option<&str>) -> Vec<String> {
     let mut r = Vec::new();
+    for flag in ["src", "dst"] {
+        if let Some(q) = quarantine {
+            r.push(format!(
+                "-m set --match-set {q} {flag} -m comment --comment {} -j DROP",
+                quote_comment(&format!("DROP-CONTESTED-POD-ADDRESS-{}", flag.to_uppercase()))
+            ));
+        }
+    }
     for flag in ["src", "dst"] {
         r.push(format!(
             "-m set --match-set {transition} {flag} -m comment --comment {} -j DROP",
@@ -645,6 +661,7 @@ impl Translator {
                 m
             }
             SetDef::Cidr { net, except } => cidr_members(*net, except),
+            SetDef::Quarantine => self.quarantined.iter().map(|ip| ip.to_string()).collect(),
             _ => BTreeSet::new(),
         }
     }
@@ -998,17 +1015,54 @@ impl Translator {
         }
     }
 
-    fn set_active(&mut self, ph: &mut Phases) {
-        let want = !self.chains.is_empty();
-        if want == self.active {
+    /// Writes AZURE-NPM's rules again when whether it has any, or whether they look at the
+    /// quarantine, changes.
+    fn set_active(&mut self, ph: &mut Phases, quarantine_changed: bool) {
+        let want = !self.chains.is_empty() || !self.quarantined.is_empty();
+        if want == self.active && !(want && quarantine_changed) {
             return;
         }
         self.active = want;
         ph.rules.push(format!("-F {AZURE_NPM}"));
         if want {
-            let t = self.sets[&SetDef::Transition].name.clone();
-            ph.rules.extend(azure_npm_rules(&t).into_iter().map(|r| format!("-A {AZURE_NPM} {r}")));
+            ph.rules
+                .extend(self.azure_npm_rules().into_iter().map(|r| format!("-A {AZURE_NPM} {r}")));
         }
+    }
+
+    fn azure_npm_rules(&self) -> Vec<String> {
+        // (A quarantine set left without addresses is on its way out: no rule names it.)
+        let quarantine =
+            (!self.quarantined.is_empty()).then(|| self.sets[&SetDef::Quarantine].name.as_str());
+        azure_npm_rules(&self.sets[&SetDef::Transition].name, quarantine)
+    }
+
+    /// Puts `ip` in quarantine (or takes it out): the set is created with its first address
+    /// and destroyed after its last, once AZURE-NPM no longer looks at it.
+    fn quarantine(&mut self, ip: Ipv4Addr, on: bool, ph: &mut Phases) -> bool {
+        let had = !self.quarantined.is_empty();
+        if on == self.quarantined.contains(&ip) {
+            return false;
+        }
+        if on {
+            if had {
+                self.quarantined.insert(ip);
+                self.change_member(&SetDef::Quarantine, ip.to_string(), true, ph);
+            } else {
+                // Created with its member.
+                self.quarantined.insert(ip);
+                self.acquire(&SetDef::Quarantine, ph);
+            }
+        } else {
+            self.quarantined.remove(&ip);
+            if self.quarantined.is_empty() {
+                self.release(&SetDef::Quarantine);
+            } else {
+                self.change_member(&SetDef::Quarantine, ip.to_string(), false, ph);
+            }
+        }
+        // Whether the set appeared or went (AZURE-NPM's rules then change).
+        had == self.quarantined.is_empty()
     }
 
     fn ensure_base(&mut self, ph: &mut Phases) {
@@ -1036,6 +1090,7 @@ impl Translator {
         let mut dropped_keys: Vec<IdentityId> = Vec::new();
         let mut namespaces: BTreeSet<String> = BTreeSet::new();
         let mut policies: BTreeMap<ObjectKey, Option<std::sync::Arc<Policy>>> = BTreeMap::new();
+        let mut quarantine_changed = false;
         for c in &diff.changes {
             match c {
                 Change::AddIdentityKey { identity, key } => {
@@ -1084,6 +1139,16 @@ impl Translator {
                 | Change::RemoveMember { .. }
                 | Change::AddNodeIp { .. }
                 | Change::RemoveNodeIp { .. } => {}
+                Change::SetConflict { ip, conflict } => {
+                    if let Some(ip) = v4(*ip) {
+                        quarantine_changed |= self.quarantine(ip, conflict.quarantined, &mut ph);
+                    }
+                }
+                Change::RemoveConflict { ip } => {
+                    if let Some(ip) = v4(*ip) {
+                        quarantine_changed |= self.quarantine(ip, false, &mut ph);
+                    }
+                }
             }
         }
         // Addresses changing identity: out of the sets of the old key, into those of the new.
@@ -1139,7 +1204,7 @@ impl Translator {
         for (key, policy) in &policies {
             self.update_policy(key, policy.as_deref(), &mut ph);
         }
-        self.set_active(&mut ph);
+        self.set_active(&mut ph, quarantine_changed);
         self.collect(&mut ph);
         if !self.active {
             // No rule looks at the transition set.
@@ -1221,10 +1286,15 @@ impl Translator {
             }
         }
         t.namespaces = plan.namespaces.clone();
+        for (ip, conflict) in &plan.conflicts {
+            if let (Some(ip), true) = (v4(*ip), conflict.quarantined) {
+                t.quarantine(ip, true, &mut scratch());
+            }
+        }
         for (key, policy) in &plan.policies {
             t.update_policy(key, Some(policy), &mut scratch());
         }
-        t.active = !t.chains.is_empty();
+        t.active = !t.chains.is_empty() || !t.quarantined.is_empty();
         t.kernel_kinds = None;
         let batches = t.reconcile_batches(kernel);
         *self = t;
@@ -1246,10 +1316,8 @@ impl Translator {
         for j in &mut jumps {
             j.sort();
         }
-        if self.active
-            && let Some(t) = self.sets.get(&SetDef::Transition)
-        {
-            chains.insert(AZURE_NPM.to_string(), azure_npm_rules(&t.name));
+        if self.active && self.sets.contains_key(&SetDef::Transition) {
+            chains.insert(AZURE_NPM.to_string(), self.azure_npm_rules());
         }
         let ing = chains.get_mut(INGRESS).expect("base");
         ing.extend(jumps[0].iter().map(|j| j.to_string()));

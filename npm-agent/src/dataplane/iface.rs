@@ -1,6 +1,7 @@
 //! Finding the host side of a pod's veth: the interface of the /32 route to the pod's address
 //! (Azure CNI in transparent mode, Calico and the lab all route each pod address through its
-//! own veth). Read from /proc/net/route of the calling thread's network namespace.
+//! own veth). Read from /proc/net/route of the calling thread's network namespace. Both Linux
+//! dataplanes need it: eBPF attaches there, iptables checks sources there.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
