@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod compile;
 pub mod dataplane;
+pub mod input;
 pub mod lab;
 pub mod metrics;
 pub mod model;

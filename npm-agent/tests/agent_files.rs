@@ -15,9 +15,10 @@ use npm_agent::agent::{
     Agent, AgentDataplane, Config, DataplaneKind, Handles, Operation, Settings, SharedMemory,
     Status,
 };
-use npm_agent::model::Protocol;
+use npm_agent::model::{Direction, ObjectKey, PortSpec, Protocol};
 use npm_agent::plan::{Connection, Plan};
-use npm_agent::source::{FilesSource, SourceSpec};
+use npm_agent::source::files::{Object, ObjectId};
+use npm_agent::source::{FilesSource, Source, SourceSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_npm-agent");
 
@@ -445,6 +446,94 @@ fn malformed_and_invalid_manifests_are_reported_and_the_old_version_kept() {
     agent.stop();
 }
 
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+}
+
+/// The policy x/db's ports, as the source holds it.
+fn db_ports(source: &FilesSource) -> Vec<PortSpec> {
+    match source.objects().get(&ObjectId::Policy(ObjectKey::new("x", "db"))) {
+        Some(Object::Policy(p)) => {
+            p.rules(Direction::Ingress).unwrap().iter().flat_map(|r| r.ports.clone()).collect()
+        }
+        other => panic!("x/db: {other:?}"),
+    }
+}
+
+#[test]
+fn a_fifo_swapped_in_for_a_manifest_is_reported_and_never_blocks_the_scan() {
+    // The attack: a manifest is replaced by a FIFO between the scan's stat (a regular file)
+    // and its open. Opening a FIFO for reading waits for a writer, so a plain open blocked
+    // the source for good (the loop stopped: /healthz 503, no edit applied). The source
+    // scans as fast as it can on a thread while the file flips between a regular file and
+    // a FIFO thousands of times, so the swap lands between the stat and the open.
+    let dir = Dir::new("fifo");
+    write_cluster(&dir);
+    dir.write("30-swapped.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let scans = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scanner = {
+        let (stop, scans, d) = (stop.clone(), scans.clone(), dir.0.clone());
+        std::thread::spawn(move || {
+            let mut source = FilesSource::with_interval(d, Duration::ZERO);
+            while !stop.load(Ordering::SeqCst) {
+                source.scan().unwrap();
+                scans.fetch_add(1, Ordering::SeqCst);
+            }
+            source
+        })
+    };
+    let (regular, fifo, target) =
+        (dir.path(".regular.tmp"), dir.path(".fifo.tmp"), dir.path("30-swapped.yaml"));
+    let start = Instant::now();
+    let mut last = (0, Instant::now());
+    let mut edited = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        std::fs::write(&regular, "apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n").unwrap();
+        std::fs::rename(&regular, &target).unwrap();
+        mkfifo(&fifo);
+        std::fs::rename(&fifo, &target).unwrap();
+        let n = scans.load(Ordering::SeqCst);
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        assert!(last.1.elapsed() < Duration::from_secs(2), "the scan is blocked (after {n} scans)");
+        if !edited && start.elapsed() > Duration::from_secs(1) {
+            // Other manifests keep applying meanwhile.
+            dir.write("20-policy.yaml", &policy("6543"));
+            edited = true;
+        }
+    }
+    // The FIFO stays; a few more scans see it.
+    let n = scans.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while scans.load(Ordering::SeqCst) < n + 10 {
+        assert!(Instant::now() < deadline, "the scan is blocked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let source = scanner.join().unwrap();
+    assert!(scans.load(Ordering::SeqCst) > 100, "scans: {}", scans.load(Ordering::SeqCst));
+    let health = source.health();
+    let all = health.problems.join("\n");
+    assert!(
+        all.contains("30-swapped.yaml") && all.contains("not a regular file (a FIFO)"),
+        "{all}"
+    );
+    assert!(health.parse_errors > 0);
+    assert_eq!(
+        db_ports(&source),
+        vec![PortSpec::Range { protocol: Protocol::Tcp, first: 6543, last: 6543 }]
+    );
+    assert!(
+        source.objects().contains_key(&ObjectId::Namespace("z".into())),
+        "the last good read of the file stays in force"
+    );
+    assert!(source.objects().contains_key(&ObjectId::Pod(ObjectKey::new("x", "a"))));
+}
+
 #[test]
 fn readiness_waits_for_the_directory() {
     // The directory appears only after the agent started: not ready (nothing applied) until
@@ -502,6 +591,35 @@ fn config_file_with_an_unknown_key_is_rejected_naming_it() {
         err.contains("enableV2NPM") && err.contains("unknown field") && err.contains("agent.yaml"),
         "{err}"
     );
+}
+
+#[test]
+fn config_file_that_is_a_fifo_is_an_error_not_a_hang() {
+    let dir = Dir::new("config-fifo");
+    mkfifo(&dir.path("agent.yaml"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--node-name", "n1", "--dataplane", "memory", "--source"])
+        .arg(format!("files:{}", dir.0.display()))
+        .arg("--config")
+        .arg(dir.path("agent.yaml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("npm-agent run --config FIFO did not exit within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent.yaml: not a regular file (a FIFO)"), "{err}");
 }
 
 #[test]

@@ -75,3 +75,67 @@ fn unreadable_case_is_an_error() {
     assert!(text.contains("ERROR"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `npm-agent simulate` on `path`; fails the test if it does not exit within 10 s.
+/// Its address space is capped (2 GiB), so a build that reads an endless file fails fast
+/// instead of taking the machine's memory.
+fn simulate_promptly(path: &Path) -> (bool, String) {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = bin();
+    cmd.arg("simulate")
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 2 << 30, rlim_max: 2 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("npm-agent simulate {} did not exit within 10 s", path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_fifo_or_a_device_as_a_case_is_an_error_not_a_hang() {
+    // Opening a FIFO waits for a writer (forever); /dev/zero never ends. Both are refused
+    // at once, naming the path.
+    let dir = std::env::temp_dir().join(format!("npm-sim-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("case.yaml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (ok, text) = simulate_promptly(&fifo);
+    assert!(!ok, "{text}");
+    assert!(text.contains("case.yaml: not a regular file (a FIFO)"), "{text}");
+
+    let (ok, text) = simulate_promptly(Path::new("/dev/zero"));
+    assert!(!ok, "{text}");
+    assert!(text.contains("/dev/zero: not a regular file (a character device)"), "{text}");
+
+    // A huge (sparse) file is refused by its size, not read.
+    let big = dir.join("big.yaml");
+    std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+    let (ok, text) = simulate_promptly(&big);
+    assert!(!ok, "{text}");
+    assert!(text.contains("big.yaml: larger than 64 MiB"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -152,8 +152,7 @@ impl Settings {
 
     /// Reads a config file.
     pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = crate::input::read_file(path).context("reading the config file")?;
         Settings::from_yaml(&text)
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }

@@ -59,8 +59,7 @@ impl Status {
 
     /// Reads a status file (for the lab and tests).
     pub fn read(path: &Path) -> anyhow::Result<Status> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::input::read_file(path)?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 

@@ -220,8 +220,7 @@ fn opt_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Erro
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Case> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = crate::input::read_file(path)?;
     serde_yaml_ng::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
 }

@@ -18,6 +18,9 @@
 //!   into `DIR/.generation`. The source reads `.generation` before the manifests of each
 //!   scan, so a batch reporting generation `g` reflects at least every manifest written
 //!   before `g` was.
+//! - Files are read with [`crate::input::read_file`]: a name that turns out to be a FIFO, a
+//!   device or a file over 64 MiB (also when swapped in after the scan listed it) is
+//!   reported as a file that does not parse, and the scan goes on.
 //!
 //! Each scan stats every file and re-reads only those whose size, times or inode changed.
 
@@ -34,6 +37,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::{Batch, Source, SourceHealth};
+use crate::input;
 use crate::model::validate::network_policy;
 use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, convert};
 use crate::state::Event;
@@ -43,6 +47,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The file holding the generation marker of the lab's protocol.
 pub const GENERATION_FILE: &str = ".generation";
+
+/// The generation marker is a number: a larger file is not one.
+const GENERATION_MAX_BYTES: u64 = 4096;
 
 /// What an object is, in the order upserts are applied (namespaces and nodes before the
 /// policies that select by them, policies before the pods they isolate); deletions go in
@@ -199,10 +206,12 @@ impl FilesSource {
                 continue;
             }
             let path = entry.path();
-            // Follows symbolic links (ConfigMap volumes are made of them).
+            // Follows symbolic links (ConfigMap volumes are made of them). Anything but a
+            // directory is read, and the read refuses what is not a regular file (a FIFO, a
+            // device): reported, never waited on.
             let meta = match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => continue,
+                Ok(m) if m.is_dir() => continue,
+                Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest");
@@ -233,10 +242,12 @@ impl FilesSource {
 
     /// Reads `.generation`; returns whether it changed.
     fn read_generation(&mut self) -> bool {
-        let raw = match std::fs::read_to_string(self.dir.join(GENERATION_FILE)) {
-            Ok(s) => Some(s.trim().to_string()),
-            Err(_) => None,
-        };
+        let raw =
+            match input::read_file_limited(&self.dir.join(GENERATION_FILE), GENERATION_MAX_BYTES) {
+                Ok(s) => Some(s.trim().to_string()),
+                Err(e) if e.not_found() => None,
+                Err(e) => Some(format!("(unreadable: {})", e.reason())),
+            };
         if raw == self.generation_raw {
             return false;
         }
@@ -252,8 +263,8 @@ impl FilesSource {
     }
 
     fn read_file(&mut self, path: PathBuf, stamp: Stamp) {
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
+        let parsed = input::read_file(&path)
+            .map_err(|e| e.reason())
             .and_then(|text| parse_manifests(&path, &text));
         let shown = path.display().to_string();
         match parsed {
