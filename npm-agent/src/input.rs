@@ -9,12 +9,19 @@
 //!   it was listed or stat'ed): anything but a regular file is refused, naming its type;
 //! - at most [`MAX_FILE_BYTES`] are read: a larger file is refused, whether its size says so
 //!   or it grows while it is read.
+//!
+//! The objects in those files are deserialized with [`strict`]: a field the type does not
+//! know is an error naming it, as with the API server's strict field validation (the
+//! Kubernetes types of k8s-openapi skip unknown fields, so a misspelled `from:` would
+//! otherwise vanish and leave a rule that admits everyone).
 
 use std::fmt;
 use std::fs::{File, FileType, OpenOptions};
 use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+
+use crate::model::validate::FieldError;
 
 /// The largest file read (64 MiB): far more than any manifest, case or config file needs,
 /// small enough that a huge or endless file cannot exhaust the agent's memory.
@@ -116,6 +123,101 @@ pub fn read_file_limited(path: &Path, limit: u64) -> Result<String, ReadError> {
     String::from_utf8(bytes).map_err(|_| err(ReadErrorKind::NotText))
 }
 
+/// Why an object read from a file was not deserialized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StrictError {
+    /// A field that does not fit its type (the first one met).
+    Invalid(FieldError),
+    /// Fields the type does not know, every one of them (the object fit otherwise).
+    Unknown(Vec<FieldError>),
+}
+
+impl StrictError {
+    pub fn into_errors(self) -> Vec<FieldError> {
+        match self {
+            StrictError::Invalid(e) => vec![e],
+            StrictError::Unknown(es) => es,
+        }
+    }
+}
+
+impl fmt::Display for StrictError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let errors = match self {
+            StrictError::Invalid(e) => std::slice::from_ref(e),
+            StrictError::Unknown(es) => es.as_slice(),
+        };
+        for (i, e) in errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The message of an unknown field, as the API server words it.
+pub const UNKNOWN_FIELD: &str = "unknown field";
+
+/// Deserializes `T`, rejecting every field `T` does not know, at any depth (see the module
+/// documentation). Errors name the field as the API server prints it:
+/// `spec.ingress[0].form: unknown field`.
+pub fn strict<'de, D, T>(de: D) -> Result<T, StrictError>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(api_path(&path));
+    let result = T::deserialize(serde_path_to_error::Deserializer::new(
+        serde_ignored::Deserializer::new(de, &mut note),
+        &mut track,
+    ));
+    match result {
+        Err(e) => {
+            let path = track.path().to_string();
+            let field = if path == "." || path.is_empty() { "(object)".to_string() } else { path };
+            // A YAML deserializer's own message may begin with the path (of the field's
+            // parent): said once.
+            let message = e.to_string();
+            let message = match message.split_once(": ") {
+                Some((prefix, rest))
+                    if !prefix.is_empty() && !prefix.contains(' ') && field.starts_with(prefix) =>
+                {
+                    rest.to_string()
+                }
+                _ => message,
+            };
+            Err(StrictError::Invalid(FieldError { field, message }))
+        }
+        Ok(_) if !unknown.is_empty() => Err(StrictError::Unknown(
+            unknown
+                .into_iter()
+                .map(|field| FieldError { field, message: UNKNOWN_FIELD.into() })
+                .collect(),
+        )),
+        Ok(t) => Ok(t),
+    }
+}
+
+/// `spec.ingress[0].form`, as the API server prints a field path.
+fn api_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", api_path(parent)),
+        Path::Map { parent, key } => match api_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => api_path(parent),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +260,34 @@ mod tests {
         let e = read_file(&d).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn strict_names_every_unknown_field_and_the_first_bad_one() {
+        use k8s_openapi::api::networking::v1::NetworkPolicy;
+        let doc = |spec: &str| -> serde_yaml_ng::Value {
+            serde_yaml_ng::from_str(&format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec:\n{spec}")).unwrap()
+        };
+        let e = strict::<_, NetworkPolicy>(doc("  podSelector: {matchLabel: {a: b}}\n  ingress:\n  - form: [{podSelector: {}}]\n    port: [{port: 80}]\n"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "spec.podSelector.matchLabel: unknown field; spec.ingress[0].form: unknown field; spec.ingress[0].port: unknown field"
+        );
+        let e = strict::<_, NetworkPolicy>(doc(
+            "  podSelector: {}\n  ingress:\n  - ports: [{port: [1]}]\n",
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(&e, StrictError::Invalid(f) if f.field == "spec.ingress[0].ports[0].port"),
+            "{e}"
+        );
+        assert!(
+            strict::<_, NetworkPolicy>(doc(
+                "  podSelector: {}\n  ingress:\n  - from: [{podSelector: {}}]\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -139,3 +139,127 @@ fn a_fifo_or_a_device_as_a_case_is_an_error_not_a_hang() {
     assert!(text.contains("big.yaml: larger than 64 MiB"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn unknown_fields_and_invalid_lists_reject_the_policy() {
+    let out = bin()
+        .arg("simulate")
+        .arg(repo("npm-agent/tests/fixtures/unknown-fields.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for rejected in [
+        "invalid NetworkPolicy x/allow-web: spec.ingress[0].form: unknown field",
+        "invalid NetworkPolicy x/match-typo: spec.podSelector.matchLabel: unknown field",
+        "invalid NetworkPolicy x/port-typo: spec.ingress[0].port: unknown field",
+        "invalid NetworkPolicy x/types: spec.policyTypes: may not specify more than two policyTypes",
+    ] {
+        assert!(
+            text.contains(&format!("rejected (not applied): {rejected}")),
+            "{rejected}:\n{text}"
+        );
+    }
+    assert!(out.status.success(), "only deny-a applies:\n{text}");
+}
+
+/// Runs `npm-agent simulate` on a case written to a scratch file.
+fn simulate_text(name: &str, case: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("npm-sim-strict-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("case.yaml");
+    std::fs::write(&f, case).unwrap();
+    let out = bin().arg("simulate").arg(&f).output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const ALL_ALLOWED: &str = "    table: |
+      from\\to x/a x/b x/c y/a y/b y/c z/a z/b z/c
+      x/a     .   .   .   .   .   .   .   .   .
+      x/b     .   .   .   .   .   .   .   .   .
+      x/c     .   .   .   .   .   .   .   .   .
+      y/a     .   .   .   .   .   .   .   .   .
+      y/b     .   .   .   .   .   .   .   .   .
+      y/c     .   .   .   .   .   .   .   .   .
+      z/a     .   .   .   .   .   .   .   .   .
+      z/b     .   .   .   .   .   .   .   .   .
+      z/c     .   .   .   .   .   .   .   .   .
+";
+
+#[test]
+fn misspelled_case_keys_are_errors_naming_the_key() {
+    // The case format's own keys: `expects:` for `expect:`, `action:` for `actions:`, a
+    // pod's `label:`; and a namespace's `label:`, which the `{name, labels}` form used to
+    // drop silently (the namespace then had the default labels).
+    for (name, case, key) in [
+        ("expects", format!("name: t\nsteps:\n- description: d\n  expects:\n  - port: 80\n    protocol: TCP\n{ALL_ALLOWED}"), "steps[0].expects"),
+        ("action", format!("name: t\nsteps:\n- action: []\n  expect:\n  - port: 80\n    protocol: TCP\n{ALL_ALLOWED}"), "steps[0].action"),
+        ("label", "name: t\nmodel:\n  namespaces: [{name: x, label: {team: a}}]\nsteps: []\n".to_string(), "model.namespaces[0].label"),
+        ("pod-key", "name: t\nmodel:\n  namespaces: [x]\n  pods: [{namespace: x, pod: a, label: {a: b}}]\nsteps: []\n".to_string(), "model.pods[0].label"),
+    ] {
+        let (ok, text) = simulate_text(name, &case);
+        assert!(!ok, "{name}: {text}");
+        assert!(text.contains("not a valid case") && text.contains(key) && text.contains("unknown field"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn documented_case_keys_are_read() {
+    // FORMAT.md's keys: those whose values this runner supports run; the others are refused
+    // saying what is not supported, never as unknown keys.
+    let case = format!(
+        "name: documented keys\nmodel:\n  ip-families: [IPv4]\nsteps:\n- description: d\n  actions:\n  \
+         - create-pod: {{namespace: x, pod: d, ips: [10.240.0.200]}}\n  \
+         - delete-pod: {{namespace: x, pod: d}}\n  \
+         - delete-policy: {{kind: NetworkPolicy, namespace: x, name: none}}\n  expect:\n  - port: 80\n    protocol: TCP\n    family: IPv4\n    sctp: false\n{ALL_ALLOWED}"
+    );
+    let (ok, text) = simulate_text("documented", &case);
+    assert!(ok, "{text}");
+    for (name, case, words) in [
+        (
+            "v6-model",
+            case.replace("[IPv4]", "[IPv4, IPv6]"),
+            "IPv6 (dual stack) is not supported yet",
+        ),
+        (
+            "v6-table",
+            case.replace("family: IPv4", "family: IPv6"),
+            "only IPv4 tables are supported",
+        ),
+        (
+            "cnp",
+            case.replace("kind: NetworkPolicy", "kind: ClusterNetworkPolicy"),
+            "kind ClusterNetworkPolicy is not supported yet",
+        ),
+        (
+            "v6-pod",
+            case.replace("ips: [10.240.0.200]", "ips: [10.240.0.200, 'fd00:10:240::200']"),
+            "IPv6 addresses are not supported yet",
+        ),
+    ] {
+        let (ok, text) = simulate_text(name, &case);
+        assert!(!ok, "{name}: {text}");
+        assert!(text.contains(words) && !text.contains("unknown field"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn every_case_file_loads() {
+    // The suite, the shared examples and the deploy examples (the shared
+    // cluster-network-policy cases are not supported yet).
+    let mut files = Vec::new();
+    for dir in ["tests/conformance", "../shared/conformance/examples", "deploy/examples"] {
+        let Ok(listing) = std::fs::read_dir(repo(dir)) else { continue };
+        files.extend(
+            listing
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+        );
+    }
+    assert!(files.len() >= 44, "{files:?}");
+    for f in files {
+        let case = npm_agent::simulate::case::load(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        npm_agent::simulate::case::CaseCluster::new(&case)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+}

@@ -169,6 +169,25 @@ fn bad_peers_and_types() {
 }
 
 #[test]
+fn more_than_two_policy_types() {
+    // Accepted before as Ingress and Egress; the API server allows at most two entries.
+    rejects(
+        "podSelector: {}\npolicyTypes: [Ingress, Ingress, Egress]",
+        "spec.policyTypes",
+        "may not specify more than two policyTypes",
+    );
+    rejects(
+        "podSelector: {}\npolicyTypes: [Egress, Egress, Egress]",
+        "spec.policyTypes",
+        "may not specify more than two policyTypes",
+    );
+    // Two entries naming one type twice: the API server accepts it, and so does the agent
+    // (refusing a policy the cluster holds would leave its pods unprotected).
+    let p = network_policy(&parse("podSelector: {}\npolicyTypes: [Ingress, Ingress]")).unwrap();
+    assert!(p.rules(Direction::Ingress).is_some() && p.rules(Direction::Egress).is_none());
+}
+
+#[test]
 fn every_error_is_reported_at_once() {
     let err = network_policy(&parse(
         "podSelector: {}\ningress:\n- ports:\n  - protocol: FOO\n  - port: 0\negress:\n- to:\n  - ipBlock:\n      cidr: x",
@@ -270,5 +289,84 @@ mod roundtrip {
             let back = convert::pod(&pod_to_k8s(&p)).unwrap();
             prop_assert_eq!(back, p);
         }
+    }
+}
+
+mod files_source {
+    //! The four policies an unknown field or an invalid list used to widen, read by the file
+    //! source: each reported naming the object and the field, and not applied; the rest of
+    //! the directory applies.
+
+    use npm_agent::source::files::ObjectId;
+    use npm_agent::source::{FilesSource, Source};
+
+    const BAD: [(&str, &str, &str); 4] = [
+        (
+            "allow-web",
+            "podSelector: {matchLabels: {app: db}}\n  ingress:\n  - form:\n    - podSelector: {matchLabels: {app: web}}",
+            "invalid NetworkPolicy x/allow-web: spec.ingress[0].form: unknown field",
+        ),
+        (
+            "match-typo",
+            "podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {matchLabel: {app: web}}",
+            "invalid NetworkPolicy x/match-typo: spec.ingress[0].from[0].podSelector.matchLabel: unknown field",
+        ),
+        (
+            "port-typo",
+            "podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n    port:\n    - port: 5432",
+            "invalid NetworkPolicy x/port-typo: spec.ingress[0].port: unknown field",
+        ),
+        (
+            "types",
+            "podSelector: {}\n  policyTypes: [Ingress, Ingress, Egress]",
+            "invalid NetworkPolicy x/types: spec.policyTypes: may not specify more than two policyTypes",
+        ),
+    ];
+
+    fn manifest(name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  {spec}\n"
+        )
+    }
+
+    #[test]
+    fn each_is_reported_naming_the_field_and_not_applied() {
+        let dir = std::env::temp_dir().join(format!("npm-validation-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("00-ns.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("10-good.yaml"),
+            manifest("good", "podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}"),
+        )
+        .unwrap();
+        for (name, spec, _) in BAD {
+            std::fs::write(dir.join(format!("20-{name}.yaml")), manifest(name, spec)).unwrap();
+        }
+        let mut source = FilesSource::new(&dir);
+        source.scan().unwrap();
+        let health = source.health();
+        let all = health.problems.join("\n");
+        for (name, _, error) in BAD {
+            assert!(
+                health.problems.iter().any(|p| p.contains(&format!("20-{name}.yaml"))
+                    && p.contains(error)
+                    && p.contains("not applied")),
+                "{error}:\n{all}"
+            );
+            let key = npm_agent::model::ObjectKey::new("x", name);
+            assert!(!source.objects().contains_key(&ObjectId::Policy(key)), "{name} applied");
+        }
+        assert_eq!(health.invalid_objects, 4, "{all}");
+        assert!(
+            source
+                .objects()
+                .contains_key(&ObjectId::Policy(npm_agent::model::ObjectKey::new("x", "good")))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -87,8 +87,19 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> 
 
     // policyTypes: as the API server defaults it, Ingress always, plus Egress when the
     // policy has egress rules.
+    // As the API server validates it: at most two entries, each Ingress or Egress (so a list
+    // that names one twice and the other once, `[Ingress, Ingress, Egress]`, is rejected).
     let (mut has_ingress, mut has_egress) = (false, false);
     match &spec.policy_types {
+        Some(types) if types.len() > 2 => {
+            errs.add(
+                "spec.policyTypes",
+                format!(
+                    "may not specify more than two policyTypes (found {}: {types:?})",
+                    types.len()
+                ),
+            );
+        }
         Some(types) if !types.is_empty() => {
             for (i, t) in types.iter().enumerate() {
                 match t.as_str() {

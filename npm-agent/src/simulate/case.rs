@@ -1,5 +1,11 @@
 //! The conformance case format (shared/conformance/FORMAT.md): parsing, and turning a
 //! case's model and actions into the compiler's events.
+//!
+//! Cases are read strictly ([`crate::input`]): a key the format does not have (`expects:`,
+//! `action:`) is an error naming it, and so is a field a policy of an `apply` does not have
+//! (`spec.ingress[0].form`): the policy is rejected, as the API server's strict field
+//! validation would. Keys the format documents for what this runner does not do yet (dual
+//! stack, ClusterNetworkPolicy) are read and refused with an error saying so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -24,20 +30,53 @@ pub struct Case {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    pub namespaces: Vec<NamespaceSpec>,
+    /// Absent: the default namespaces and pods.
+    #[serde(default)]
+    pub namespaces: Option<Vec<NamespaceSpec>>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Only `[IPv4]` is supported (dual stack is documented, not implemented yet).
+    #[serde(default, rename = "ip-families")]
+    pub ip_families: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A namespace of the model: its name, or `{name, labels}`.
+#[derive(Debug)]
 pub enum NamespaceSpec {
     Name(String),
-    Full {
-        name: String,
-        #[serde(default, deserialize_with = "opt_labels")]
-        labels: Option<Labels>,
-    },
+    Full { name: String, labels: Option<Labels> },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceFull {
+    name: String,
+    #[serde(default, deserialize_with = "opt_labels")]
+    labels: Option<Labels>,
+}
+
+impl<'de> Deserialize<'de> for NamespaceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Spec;
+        impl<'de> serde::de::Visitor<'de> for Spec {
+            type Value = NamespaceSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a namespace name or {name, labels}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NamespaceSpec, E> {
+                Ok(NamespaceSpec::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<NamespaceSpec, A::Error> {
+                let f =
+                    NamespaceFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(NamespaceSpec::Full { name: f.name, labels: f.labels })
+            }
+        }
+        d.deserialize_any(Spec)
+    }
 }
 
 impl NamespaceSpec {
@@ -67,6 +106,33 @@ pub struct PodSpec {
     pub ports: Option<Vec<PortDecl>>,
     #[serde(default)]
     pub ip: Option<IpAddr>,
+    /// Dual stack's form of `ip`: only one IPv4 address is supported.
+    #[serde(default)]
+    pub ips: Option<Vec<IpAddr>>,
+}
+
+impl PodSpec {
+    /// The address the spec gives (`ip`, or `ips` with one IPv4 address), if any.
+    fn address(&self) -> Result<Option<IpAddr>, String> {
+        let ips = self.ips.iter().flatten().copied().chain(self.ip);
+        let mut v4: Vec<IpAddr> = Vec::new();
+        for ip in ips {
+            if !ip.is_ipv4() {
+                return Err(format!(
+                    "pod {}/{}: {ip}: IPv6 addresses are not supported yet",
+                    self.namespace, self.pod
+                ));
+            }
+            if !v4.contains(&ip) {
+                v4.push(ip);
+            }
+        }
+        match v4.as_slice() {
+            [] => Ok(None),
+            [ip] => Ok(Some(*ip)),
+            _ => Err(format!("pod {}/{}: more than one IPv4 address", self.namespace, self.pod)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -108,7 +174,11 @@ pub enum Action {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyRef {
-    namespace: String,
+    /// `NetworkPolicy` (the default); `ClusterNetworkPolicy` is not supported yet.
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
     name: String,
 }
 
@@ -156,7 +226,18 @@ impl<'de> Deserialize<'de> for Action {
             found.push(Action::Apply(v));
         }
         if let Some(r) = raw.delete_policy {
-            found.push(Action::DeletePolicy { namespace: r.namespace, name: r.name });
+            match r.kind.as_deref() {
+                None | Some("NetworkPolicy") => {}
+                Some(other) => {
+                    return Err(serde::de::Error::custom(format!(
+                        "delete-policy: kind {other} is not supported yet"
+                    )));
+                }
+            }
+            let namespace = r.namespace.ok_or_else(|| {
+                serde::de::Error::custom("delete-policy: missing field `namespace`")
+            })?;
+            found.push(Action::DeletePolicy { namespace, name: r.name });
         }
         if let Some(r) = raw.set_pod_labels {
             found.push(Action::SetPodLabels {
@@ -191,6 +272,9 @@ pub struct Expect {
     pub table: String,
     #[serde(default)]
     pub sctp: bool,
+    /// `IPv4` (the default); `IPv6` is not supported yet.
+    #[serde(default)]
+    pub family: Option<String>,
 }
 
 /// Label values are strings in Kubernetes; YAML may spell `1` or `true` without quotes,
@@ -219,10 +303,15 @@ fn opt_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Erro
     labels(d).map(Some)
 }
 
+/// Reads a case file ([`crate::input::read_file`]) strictly: unknown keys are errors.
 pub fn load(path: &Path) -> anyhow::Result<Case> {
     let text = crate::input::read_file(path)?;
-    serde_yaml_ng::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: not a valid case: {e}", path.display()))
+}
+
+/// Parses a case strictly (a key the format does not have is an error naming it).
+pub fn parse(text: &str) -> Result<Case, crate::input::StrictError> {
+    crate::input::strict(serde_yaml_ng::Deserializer::from_str(text))
 }
 
 /// The default model's ports: 80 and 81 over TCP, UDP and SCTP, named `serve-<port>-<proto>`.
@@ -267,7 +356,18 @@ impl CaseCluster {
             created: HashMap::new(),
             seq: 0,
         };
-        match &case.model {
+        if let Some(families) = case.model.as_ref().and_then(|m| m.ip_families.as_ref()) {
+            match families.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                ["IPv4"] => {}
+                f if f.iter().all(|x| matches!(*x, "IPv4" | "IPv6")) => {
+                    return Err(format!(
+                        "model: ip-families {f:?}: IPv6 (dual stack) is not supported yet"
+                    ));
+                }
+                f => return Err(format!("model: ip-families {f:?}: each must be IPv4 or IPv6")),
+            }
+        }
+        match case.model.as_ref().and_then(|m| m.namespaces.as_ref().map(|ns| (ns, &m.pods))) {
             None => {
                 for ns in ["x", "y", "z"] {
                     c.namespaces.push(Namespace::new(
@@ -283,18 +383,19 @@ impl CaseCluster {
                             labels: None,
                             ports: None,
                             ip: None,
+                            ips: None,
                         })?;
                     }
                 }
             }
-            Some(m) => {
-                for ns in &m.namespaces {
+            Some((namespaces, pods)) => {
+                for ns in namespaces {
                     if c.ns_ordinal(ns.name()).is_some() {
                         return Err(format!("model: namespace {} listed twice", ns.name()));
                     }
                     c.namespaces.push(Namespace::new(ns.name(), ns.labels()));
                 }
-                for p in &m.pods {
+                for p in pods {
                     c.add_model_pod(p)?;
                 }
             }
@@ -311,7 +412,8 @@ impl CaseCluster {
             format!("model: pod {}/{}: unknown namespace", spec.namespace, spec.pod)
         })?;
         let j = self.pods.iter().filter(|(n, _, _)| *n == i).count();
-        let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, 10 + j as u8)));
+        let ip =
+            spec.address()?.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, 10 + j as u8)));
         self.insert(i, spec, ip)
     }
 
@@ -322,7 +424,12 @@ impl CaseCluster {
             format!("create-pod {}/{}: unknown namespace", spec.namespace, spec.pod)
         })?;
         let n = self.created.entry(spec.namespace.clone()).or_insert(0);
-        let ip = spec.ip.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, (100 + *n) as u8)));
+        let ip = spec.address()?.unwrap_or(IpAddr::V4(Ipv4Addr::new(
+            10,
+            240,
+            i as u8,
+            (100 + *n) as u8,
+        )));
         *n += 1;
         self.insert(i, spec, ip)?;
         Ok(self.pod(&spec.namespace, &spec.pod).expect("just inserted").clone())
@@ -402,9 +509,36 @@ impl CaseCluster {
         Ok(match action {
             Action::Apply(value) => {
                 let value = self.substitute(value)?;
+                let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+                if kind != "NetworkPolicy" {
+                    return Err(format!(
+                        "apply: kind {kind:?}: only NetworkPolicy objects are supported"
+                    ));
+                }
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-                    serde_yaml_ng::from_value(value)
-                        .map_err(|e| format!("apply: not a NetworkPolicy: {e}"))?;
+                    match crate::input::strict(value.clone()) {
+                        Ok(np) => np,
+                        // Fields a NetworkPolicy does not have: rejected, as the API server's
+                        // strict field validation rejects them.
+                        Err(crate::input::StrictError::Unknown(errors)) => {
+                            let name = |k: &str| {
+                                value
+                                    .get("metadata")
+                                    .and_then(|m| m.get(k))
+                                    .and_then(|v| v.as_str())
+                                    .unwrap_or_default()
+                                    .to_string()
+                            };
+                            let object =
+                                ObjectKey::new(name("namespace"), name("name")).to_string();
+                            return Ok(ActionOutcome::Rejected(InvalidObject {
+                                kind: "NetworkPolicy",
+                                object,
+                                errors,
+                            }));
+                        }
+                        Err(e) => return Err(format!("apply: not a NetworkPolicy: {e}")),
+                    };
                 match model::validate::network_policy(&np) {
                     Ok(p) => ActionOutcome::Events(vec![Event::UpsertPolicy(p)]),
                     Err(e) => ActionOutcome::Rejected(e),

@@ -226,6 +226,15 @@ pub fn check_table(
         }
     };
     tr.expected = Some(expected.clone());
+    match expect.family.as_deref() {
+        None | Some("IPv4") => {}
+        Some(f) => {
+            tr.outcome = TableOutcome::Error {
+                message: format!("family {f}: only IPv4 tables are supported"),
+            };
+            return tr;
+        }
+    }
     let Some(protocol) = Protocol::parse(&expect.protocol.to_uppercase()) else {
         tr.outcome =
             TableOutcome::Error { message: format!("unknown protocol {:?}", expect.protocol) };

@@ -7,6 +7,10 @@
 //!   `---`, and a document may be a `List` (`kind: List`, `PodList`, ...) with `items`.
 //! - Objects of other kinds are ignored (logged at debug level). Pods and NetworkPolicies
 //!   without a namespace land in `default`, as `kubectl apply` would put them.
+//! - Objects are read strictly, as the API server's strict field validation reads them: a
+//!   field the Kubernetes type does not know (`form:` for `from:`, `matchLabel:`, a rule's
+//!   `port:`), at any depth, makes the object invalid, naming the field
+//!   (`x/allow-web: spec.ingress[0].form: unknown field`).
 //! - A file that does not parse is reported and counted, and the objects it held at its last
 //!   good read stay in force. An object that does not convert or validate is reported
 //!   (naming the file, the object and the field) and counted, and its previous valid version,
@@ -481,17 +485,14 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
     out.push(Entry { id: Some(id), object });
 }
 
-/// Deserializes an API object, naming the field that does not fit.
+/// Deserializes an API object strictly ([`input::strict`]: a field the type does not know is
+/// an error), naming the fields that do not fit.
 fn typed<T: DeserializeOwned>(doc: Value, kind: &str, id: &ObjectId) -> Result<T, String> {
     let object = match id {
         ObjectId::Namespace(n) | ObjectId::Node(n) => n.clone(),
         ObjectId::Policy(k) | ObjectId::Pod(k) => k.to_string(),
     };
-    serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() { "(object)".to_string() } else { path };
-        format!("invalid {kind} {object}: {field}: {}", e.inner())
-    })
+    input::strict(doc).map_err(|e| format!("invalid {kind} {object}: {e}"))
 }
 
 #[cfg(test)]
@@ -523,6 +524,25 @@ mod tests {
         );
         let msg = e[0].object.as_ref().unwrap_err();
         assert!(msg.contains("x/np") && msg.contains("spec.podSelector.matchLabels"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_fields_make_the_object_invalid() {
+        let e = parse(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: x}\n\
+             spec:\n  podSelector: {}\n  ingress:\n  - form: [{podSelector: {}}]\n",
+        );
+        assert_eq!(
+            e[0].object.as_ref().unwrap_err(),
+            "invalid NetworkPolicy x/allow-web: spec.ingress[0].form: unknown field"
+        );
+        let e = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x, label: {app: web}}\n",
+        );
+        assert_eq!(
+            e[0].object.as_ref().unwrap_err(),
+            "invalid Pod x/p: metadata.label: unknown field"
+        );
     }
 
     #[test]
