@@ -534,6 +534,107 @@ fn a_fifo_swapped_in_for_a_manifest_is_reported_and_never_blocks_the_scan() {
     assert!(source.objects().contains_key(&ObjectId::Pod(ObjectKey::new("x", "a"))));
 }
 
+/// Log lines written through a subscriber scoped to one thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn lines(&self, level: &str, words: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(words))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[test]
+fn a_symlink_loop_is_logged_once_not_at_every_scan() {
+    // The attack: a symbolic link loop in the manifest directory. Stat fails with ELOOP at
+    // every scan (five a second), and every failure was logged: a log flood for as long as
+    // the link stayed. Now: one warning when it appears, one line when it clears.
+    let dir = Dir::new("symlink-loop");
+    write_cluster(&dir);
+    std::os::unix::fs::symlink("loop.yaml", dir.path("loop.yaml")).unwrap();
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut source = FilesSource::new(&dir.0);
+        // The source as the agent runs it: a scan every 200 ms.
+        let run = |source: &mut FilesSource, for_: Duration| {
+            let start = Instant::now();
+            while start.elapsed() < for_ {
+                source.next_batch(Duration::from_millis(100)).unwrap();
+            }
+        };
+        run(&mut source, Duration::from_secs(3));
+        let warnings = logs.lines("WARN", "loop.yaml");
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(warnings[0].contains("cannot stat manifest"), "{warnings:#?}");
+        let problems = source.health().problems;
+        assert!(
+            problems.iter().any(|p| p.contains("loop.yaml: cannot stat manifest")),
+            "{problems:?}"
+        );
+        assert!(
+            source.objects().contains_key(&ObjectId::Policy(ObjectKey::new("x", "db"))),
+            "the rest applies"
+        );
+
+        // Gone: one line says so, and nothing more is logged about it.
+        std::fs::remove_file(dir.path("loop.yaml")).unwrap();
+        run(&mut source, Duration::from_secs(1));
+        assert_eq!(logs.lines("INFO", "loop.yaml").len(), 1, "{:#?}", logs.lines("", "loop.yaml"));
+        assert_eq!(logs.lines("WARN", "loop.yaml").len(), 1);
+        assert!(source.health().problems.is_empty(), "{:?}", source.health().problems);
+
+        // An object defined in two files stands until one changes: logged once, however many
+        // other files change meanwhile.
+        dir.write("40-dup.yaml", NAMESPACES);
+        run(&mut source, Duration::from_millis(500));
+        for port in ["6001", "6002", "6003"] {
+            dir.write("20-policy.yaml", &policy(port));
+            run(&mut source, Duration::from_millis(500));
+        }
+        assert_eq!(
+            db_ports(&source),
+            vec![PortSpec::Range { protocol: Protocol::Tcp, first: 6003, last: 6003 }]
+        );
+        assert_eq!(
+            logs.lines("WARN", "is also defined in").len(),
+            2,
+            "x and y: {:#?}",
+            logs.lines("WARN", "also defined")
+        );
+        dir.remove("40-dup.yaml");
+        run(&mut source, Duration::from_millis(500));
+        assert_eq!(
+            logs.lines("INFO", "cleared")
+                .iter()
+                .filter(|l| l.contains("is also defined in"))
+                .count(),
+            2
+        );
+    });
+}
+
 #[test]
 fn readiness_waits_for_the_directory() {
     // The directory appears only after the agent started: not ready (nothing applied) until

@@ -25,6 +25,11 @@
 //! - Files are read with [`crate::input::read_file`]: a name that turns out to be a FIFO, a
 //!   device or a file over 64 MiB (also when swapped in after the scan listed it) is
 //!   reported as a file that does not parse, and the scan goes on.
+//! - Problems are logged when they appear, change or clear, never at every scan (the
+//!   directory is scanned five times a second): a file is read, and its problems logged, only
+//!   when it changed; a manifest that cannot be stat'ed (a symbolic link loop, no
+//!   permission) or an object defined twice is logged once while it stands. Every standing
+//!   problem is in [`Source::health`].
 //!
 //! Each scan stats every file and re-reads only those whose size, times or inode changed.
 
@@ -159,6 +164,10 @@ pub struct FilesSource {
     invalid_objects: u64,
     /// Problems of the last rebuild that are not tied to one file's parse (duplicates).
     merge_problems: Vec<String>,
+    /// Manifests that cannot be stat'ed (a symbolic link loop, no permission), with the
+    /// problem as last logged. Such a problem stands from scan to scan: it is logged when it
+    /// appears, changes or clears, not at every scan.
+    standing: BTreeMap<PathBuf, String>,
 }
 
 impl FilesSource {
@@ -179,6 +188,7 @@ impl FilesSource {
             parse_errors: 0,
             invalid_objects: 0,
             merge_problems: Vec::new(),
+            standing: BTreeMap::new(),
         }
     }
 
@@ -200,6 +210,7 @@ impl FilesSource {
         let listing = std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading directory {}", self.dir.display()))?;
         let mut seen = BTreeSet::new();
+        let mut failing = BTreeMap::new();
         let mut files_changed = false;
         for entry in listing {
             let entry =
@@ -218,7 +229,7 @@ impl FilesSource {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest");
+                    failing.insert(path, format!("cannot stat manifest: {e}"));
                     continue;
                 }
             };
@@ -230,6 +241,7 @@ impl FilesSource {
             files_changed = true;
             self.read_file(path, stamp);
         }
+        self.report_standing(failing);
         let before = self.files.len();
         self.files.retain(|p, _| seen.contains(p));
         if self.files.len() != before {
@@ -242,6 +254,22 @@ impl FilesSource {
         let events = if first || files_changed { self.rebuild() } else { Vec::new() };
         self.synced = true;
         Ok(Some(Batch { events, synced: true, generation: self.generation }))
+    }
+
+    /// Logs the problems of this scan that were not logged as they are, and the problems of
+    /// the last scan that are gone; keeps this scan's.
+    fn report_standing(&mut self, now: BTreeMap<PathBuf, String>) {
+        for (path, problem) in &now {
+            if self.standing.get(path) != Some(problem) {
+                tracing::warn!(file = %path.display(), "{problem} (logged once, until it changes or clears)");
+            }
+        }
+        for (path, problem) in &self.standing {
+            if !now.contains_key(path) {
+                tracing::info!(file = %path.display(), "cleared: {problem}");
+            }
+        }
+        self.standing = now;
     }
 
     /// Reads `.generation`; returns whether it changed.
@@ -310,7 +338,7 @@ impl FilesSource {
     fn rebuild(&mut self) -> Vec<Event> {
         let mut next: BTreeMap<ObjectId, Object> = BTreeMap::new();
         let mut origin: BTreeMap<ObjectId, &Path> = BTreeMap::new();
-        self.merge_problems.clear();
+        let mut merge_problems = Vec::new();
         for (path, file) in &self.files {
             for e in &file.entries {
                 let Some(id) = &e.id else { continue };
@@ -329,12 +357,24 @@ impl FilesSource {
                         prev.display(),
                         path.display()
                     );
-                    tracing::warn!("{problem}");
-                    self.merge_problems.push(problem);
+                    merge_problems.push(problem);
                 }
                 next.insert(id.clone(), object);
             }
         }
+        // A duplicate stands from rebuild to rebuild: logged when it appears and when it
+        // clears, not at every change of another file.
+        for problem in &merge_problems {
+            if !self.merge_problems.contains(problem) {
+                tracing::warn!("{problem}");
+            }
+        }
+        for problem in &self.merge_problems {
+            if !merge_problems.contains(problem) {
+                tracing::info!("cleared: {problem}");
+            }
+        }
+        self.merge_problems = merge_problems;
         let mut events = Vec::new();
         for (id, object) in &next {
             if self.current.get(id) != Some(object) {
@@ -385,6 +425,9 @@ impl Source for FilesSource {
             }
         }
         problems.extend(self.merge_problems.iter().cloned());
+        problems.extend(
+            self.standing.iter().map(|(path, problem)| format!("{}: {problem}", path.display())),
+        );
         SourceHealth {
             parse_errors: self.parse_errors,
             invalid_objects: self.invalid_objects,
