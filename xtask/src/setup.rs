@@ -25,6 +25,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "ipset",
     "iperf3",
     "prometheus",
+    // scapy, for the lab's attack tests (forged packets from a pod's namespace).
+    "python3-scapy",
     // A virtual environment for kubernetes-validate (PyPI), which checks deploy/'s manifests.
     "python3-venv",
 ];

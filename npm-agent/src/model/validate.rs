@@ -65,6 +65,13 @@ impl Errors {
     }
 }
 
+/// The most (peer, port) pairs one direction of a policy may expand to. Each pair becomes an
+/// entry for every endpoint the policy selects (Cilium's default per-endpoint policy map holds
+/// 16,384): a policy beyond it could not be enforced within a node's maps, memory and time, so
+/// it is rejected whole, as an invalid object, rather than stalling the agent or being enforced
+/// in part.
+pub const MAX_DIRECTION_ENTRIES: usize = 10_000;
+
 /// Validates a NetworkPolicy and converts it into the model's [`Policy`].
 pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> {
     let mut errs = Errors::default();
@@ -138,6 +145,19 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> 
         egress.push(rule(&namespace, r.to.as_deref(), r.ports.as_deref(), &path, "to", &mut errs));
     }
 
+    for (field, rules) in [("spec.ingress", &ingress), ("spec.egress", &egress)] {
+        let pairs: usize =
+            rules.iter().map(|r| r.peers.len().max(1).saturating_mul(r.ports.len().max(1))).sum();
+        if pairs > MAX_DIRECTION_ENTRIES {
+            errs.add(
+                field,
+                format!(
+                    "{} rules expand to {pairs} (peer, port) pairs, more than the {MAX_DIRECTION_ENTRIES} this agent enforces in one direction of one policy",
+                    rules.len()
+                ),
+            );
+        }
+    }
     if !errs.0.is_empty() {
         return Err(InvalidObject {
             kind: "NetworkPolicy",
