@@ -173,6 +173,22 @@ pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
     report
 }
 
+/// Runs a case given as text (for the fuzzer): what [`run_case`] does after reading the file.
+pub fn run_case_text(text: &str, backend: &mut dyn Backend) -> CaseReport {
+    let mut report =
+        CaseReport { file: PathBuf::new(), name: String::new(), error: None, steps: Vec::new() };
+    match case::parse(text) {
+        Ok(case) => {
+            report.name = case.name.clone();
+            if let Err(e) = run_steps(&case, backend, &mut report) {
+                report.error = Some(e);
+            }
+        }
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    report
+}
+
 fn run_steps(
     case: &case::Case,
     backend: &mut dyn Backend,

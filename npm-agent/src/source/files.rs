@@ -440,6 +440,16 @@ fn is_manifest(name: &str) -> bool {
     name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")
 }
 
+/// Reads a manifest file's text as the files source does: the objects it holds and the
+/// problems of those it rejects (`Err` when the file does not parse at all). For the fuzzer
+/// and tools; `name` says whether it is JSON.
+pub fn check_manifests(name: &Path, text: &str) -> Result<(usize, Vec<String>), String> {
+    let entries = parse_manifests(name, text)?;
+    let problems: Vec<String> =
+        entries.iter().filter_map(|e| e.object.as_ref().err().cloned()).collect();
+    Ok((entries.len() - problems.len(), problems))
+}
+
 /// Parses one file's text into entries. An error means the file does not parse at all.
 fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Entry>, String> {
     let mut docs = Vec::new();

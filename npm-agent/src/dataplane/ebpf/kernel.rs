@@ -22,12 +22,14 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
+use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
     CONFIG_LOG_DROPS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_CT, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD,
-    PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
+    MAP_CT, MAP_ENDPOINTS, MAP_FRAGS, MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY,
+    PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
 };
 
+use super::model::MapModel;
 use super::translate::{Encoded, MapOp, Translator};
 use crate::dataplane::iface;
 use crate::dataplane::{Dataplane, DataplaneError};
@@ -319,6 +321,53 @@ impl EbpfDataplane {
     /// The connection-tracking entries, live or not (for tests and tools).
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
         self.maps.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// What the kernel maps hold now, as the host model (connection tracking and fragments
+    /// included): to hold the programs' verdicts to the host's on the same state, and for
+    /// tools that explain a verdict.
+    pub fn snapshot(&self) -> Result<MapModel, DataplaneError> {
+        let m = &self.maps;
+        let mut model = MapModel::default();
+        let read = |e: aya::maps::MapError| err("reading the maps", e);
+        for kv in m.endpoints.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.endpoints.insert(k, v);
+        }
+        for kv in m.ifaces.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.ifaces.insert(k, v);
+        }
+        for kv in m.identities.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.identities.insert(k, v);
+        }
+        for kv in m.cidrs.iter() {
+            let (k, v) = kv.map_err(read)?;
+            let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+                .map_err(|e| err("reading the maps", e))?;
+            model.cidrs.insert(net, v);
+        }
+        for k in m.policy.keys() {
+            let k = k.map_err(read)?;
+            model.policy.insert((k.prefix_len(), k.data()));
+        }
+        for k in m.node_ips.keys() {
+            model.node_ips.insert(k.map_err(read)?);
+        }
+        for kv in m.ct.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.ct.borrow_mut().insert(k, v);
+        }
+        let frags: BpfHashMap<&MapData, FragKey, FragValue> = BpfHashMap::try_from(
+            self.ebpf.map(MAP_FRAGS).ok_or_else(|| err("reading the maps", "no fragment map"))?,
+        )
+        .map_err(|e| err(MAP_FRAGS, e))?;
+        for kv in frags.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.frags.borrow_mut().insert(k, v);
+        }
+        Ok(model)
     }
 
     fn write(&mut self, ops: &[MapOp]) -> Result<(), DataplaneError> {
