@@ -525,6 +525,27 @@ pub fn parse_iptables_save(text: &str) -> IptablesFigures {
     f
 }
 
+/// The packets the source guard dropped (`iptables-save -c -t raw` and `ip6tables-save -c -t
+/// filter`, see `dataplane::iptables::guard`): spoofed sources leaving pods (egress) and local
+/// pods' addresses arriving from elsewhere (ingress); IPv6 refused at isolated pods.
+pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
+    let counted = |text: &str, comment: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.contains(comment))
+            .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    [
+        ("egress", "spoofed", counted(raw, "DROP-SPOOFED-SOURCE-FROM-POD")),
+        ("ingress", "spoofed", counted(raw, "DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE")),
+        ("ingress", "unsupported", counted(ipv6, "DROP-IPV6-TO-ISOLATED-POD")),
+        ("egress", "unsupported", counted(ipv6, "DROP-IPV6-FROM-ISOLATED-POD")),
+    ]
+    .into_iter()
+    .map(|(direction, reason, packets)| PacketFigure { direction, reason: reason.into(), packets })
+    .collect()
+}
+
 /// Parses `ipset save`: the `azure-npm-*` sets and the entries of each.
 pub fn parse_ipset_save(text: &str) -> BTreeMap<String, u64> {
     let mut sets = BTreeMap::new();
@@ -558,14 +579,17 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// The filter table with counters of the iptables backend (nft or legacy) that holds the
-/// `AZURE-NPM` chains: the dataplane chose one and removes its layout from the other.
-fn iptables_save() -> Result<String> {
+/// `AZURE-NPM` chains (the dataplane chose one and removes its layout from the other), and the
+/// program that printed it.
+fn iptables_save() -> Result<(String, &'static str)> {
     let args = ["-c", "-t", "filter"];
     let mut first_error = None;
     let mut any_ran = false;
     for program in ["iptables-nft-save", "iptables-legacy-save", "iptables-save"] {
         match run(program, &args) {
-            Ok(text) if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) => return Ok(text),
+            Ok(text) if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) => {
+                return Ok((text, program));
+            }
             Ok(_) => any_ran = true,
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -575,13 +599,14 @@ fn iptables_save() -> Result<String> {
     match first_error {
         // No backend holds the chains yet: no rules.
         Some(e) if !any_ran => Err(e),
-        _ => Ok(String::new()),
+        _ => Ok((String::new(), "iptables-save")),
     }
 }
 
 impl Observer for IptablesObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
-        let rules = parse_iptables_save(&iptables_save()?);
+        let (filter, save) = iptables_save()?;
+        let rules = parse_iptables_save(&filter);
         let sets = parse_ipset_save(&run("ipset", &["save"])?);
         let mut f = Figures::default();
         for (direction, packets) in
@@ -589,6 +614,11 @@ impl Observer for IptablesObserver {
         {
             f.dropped.push(PacketFigure { direction, reason: "denied".into(), packets });
         }
+        // The guard's counters, from the same backend (absent tables count nothing).
+        let raw = run(save, &["-c", "-t", "raw"]).unwrap_or_default();
+        let save6 = save.replacen("iptables", "ip6tables", 1);
+        let ipv6 = run(&save6, &["-c", "-t", "filter"]).unwrap_or_default();
+        f.dropped.extend(parse_guard_drops(&raw, &ipv6));
         f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
             .ok()
             .and_then(|s| s.trim().parse().ok());
@@ -615,6 +645,21 @@ impl Observer for IptablesObserver {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guard_drops_are_counted_by_rule() {
+        let raw = "*raw\n:AZURE-NPM-GUARD - [0:0]\n[7:420] -A AZURE-NPM-GUARD -m set --match-set azure-npm-1 src,src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-SPOOFED-SOURCE-FROM-POD -j DROP\n[2:120] -A AZURE-NPM-GUARD -m set --match-set azure-npm-3 src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE -j DROP\nCOMMIT\n";
+        let v6 = "*filter\n[5:400] -A AZURE-NPM-IPV6 -m set --match-set azure-npm-4 dst,dst -m comment --comment DROP-IPV6-TO-ISOLATED-POD-NOT-ENFORCED -j DROP\nCOMMIT\n";
+        let f = parse_guard_drops(raw, v6);
+        let get = |d: &str, r: &str| {
+            f.iter().find(|p| p.direction == d && p.reason == r).map(|p| p.packets)
+        };
+        assert_eq!(get("egress", "spoofed"), Some(7));
+        assert_eq!(get("ingress", "spoofed"), Some(2));
+        assert_eq!(get("ingress", "unsupported"), Some(5));
+        assert_eq!(get("egress", "unsupported"), Some(0));
+    }
+
     use super::*;
 
     #[test]

@@ -12,8 +12,9 @@
 //!
 //! # The layout
 //! ```text
-//! FORWARD   -m conntrack --ctstate NEW -j AZURE-NPM                      (first rule)
-//! AZURE-NPM -m set --match-set <transition> src … -j DROP                (while a policy exists;
+//! FORWARD   -m conntrack --ctstate INVALID,NEW -j AZURE-NPM              (first rule)
+//! AZURE-NPM -m set --match-set <quarantine> src|dst … -j DROP            (while an address is)
+//!           -m set --match-set <transition> src … -j DROP                (while a policy exists;
 //!           -m set --match-set <transition> dst … -j DROP                 empty otherwise)
 //!           -j AZURE-NPM-INGRESS | -j AZURE-NPM-EGRESS | -j AZURE-NPM-ACCEPT
 //! AZURE-NPM-INGRESS  -m set --match-set <ns-y> dst -m set --match-set <podlabel-pod:a> dst
@@ -42,9 +43,11 @@
 //! selector is the conjunction of its sets; `NotIn` and `DoesNotExist` are `! --match-set`.
 //! Rule comments carry the readable names.
 //!
-//! Packets: a connection's first packet (conntrack NEW) entering FORWARD goes through
-//! AZURE-NPM; replies and later packets of accepted connections (ESTABLISHED, RELATED) never
-//! do, which is how Azure NPM accepts them before policy. Ingress of the destination pod is
+//! Packets: a connection's first packet (conntrack NEW), and whatever conntrack calls INVALID,
+//! entering FORWARD goes through AZURE-NPM; replies and later packets of accepted connections
+//! (ESTABLISHED, RELATED) never do, which is how Azure NPM accepts them before policy. Before
+//! any of it, the raw table's `AZURE-NPM-GUARD` ([`guard`]) drops packets whose source is not
+//! genuine, so that no forged packet leaves a conntrack entry behind. Ingress of the destination pod is
 //! checked first (every policy selecting the pod jumps; an allow sets 0x200 and goes on to
 //! egress, no allow leaves 0x400, dropped after the last policy); then egress of the source
 //! pod (an allow accepts; no allow leaves 0x800, dropped); then the packet is accepted.
@@ -71,6 +74,13 @@
 //!   connections from and to it until its memberships have changed (microseconds, in the
 //!   same `ipset restore`). A namespace relabel holds the namespace's pods the same way.
 //!   Established connections are not affected.
+//! - **INVALID packets** (SYN+FIN, bad checksums, ICMP errors about no connection) go through
+//!   the policies like NEW ones; Azure NPM jumps for NEW only, so they skipped every policy.
+//! - **Sources are checked** ([`guard`]): a pod's packets must carry its address, a local pod's
+//!   address may come only through its veth (raw table, before conntrack); IPv6 to and from
+//!   isolated pods is dropped until it is enforced (ip6tables). Azure NPM checks neither.
+//! - **Contested addresses** (several local pods claim one, see `state::Claim`) are in a
+//!   `quarantine` set whose new connections AZURE-NPM drops both ways.
 //! - **Named ports for egress** use the same `namedport:` sets, matched `dst,dst`: the
 //!   destination pod's own port of that name, as the specification says.
 //! - **`In` on a namespace label with several values** is one list of the matching
@@ -82,8 +92,8 @@
 //!   another name gets the name `…~1` (and so another hash) instead of sharing a set or
 //!   chain.
 //! - **Node addresses** need no rule (see above); Azure NPM has none either.
-//! - **IPv6** addresses and blocks are not enforced (ip6tables is not programmed), as in
-//!   Azure NPM.
+//! - **IPv6** addresses and blocks are not enforced; unlike Azure NPM, an isolated pod's IPv6
+//!   traffic is refused rather than passed.
 //! - **The FORWARD jump** is always the first rule (Azure NPM's default; its option to place
 //!   it after KUBE-SERVICES is not offered).
 //!
