@@ -94,6 +94,27 @@ enum LabCommand {
         metrics_addr: String,
         case: PathBuf,
     },
+    /// The connection rate (and the request rate on one connection) between pods on two lab
+    /// nodes: without any agent, and with each dataplane holding N policies that select the
+    /// server, interleaved over rounds.
+    Crr {
+        /// Setups in the order of the table (`none` first: the others are given as a share of
+        /// it): none, ebpf, iptables-legacy, iptables-nft.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,ebpf,iptables-legacy,iptables-nft"
+        )]
+        setups: Vec<String>,
+        /// Policies selecting the server, for each setup with an agent.
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000,10000")]
+        policies: Vec<usize>,
+        /// Seconds of each kind of traffic per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+    },
     /// iperf3 between pods on two lab nodes: without any agent, then with each dataplane
     /// holding N policies that select the server.
     Throughput {
@@ -133,6 +154,9 @@ fn main() -> ExitCode {
         Command::Lab {
             command: LabCommand::Throughput { dataplanes, policies, seconds, runs },
         } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs),
+        Command::Lab { command: LabCommand::Crr { setups, policies, seconds, rounds } } => {
+            npm_agent::lab::crr::crr_cli(&setups, &policies, seconds, rounds)
+        }
         Command::Lab {
             command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case },
         } => npm_agent::lab::demo_cli(

@@ -30,6 +30,8 @@ pub struct LabOptions {
     pub apply_timeout: Duration,
     /// Extra arguments for every agent.
     pub agent_args: Vec<String>,
+    /// Extra environment for every agent (e.g. the iptables backend).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl LabOptions {
@@ -41,6 +43,7 @@ impl LabOptions {
             probe_timeout: Duration::from_millis(500),
             apply_timeout: Duration::from_secs(20),
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -150,6 +153,7 @@ impl LabCluster {
             .arg(&status_file)
             .args(["--metrics-addr", "127.0.0.1:10091"])
             .args(&self.opts.agent_args)
+            .envs(self.opts.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -13,6 +13,7 @@
 //! case's steps written as manifests, and every table probed with real packets.
 
 pub mod cluster;
+pub mod crr;
 pub mod demo;
 pub mod net;
 pub mod throughput;
