@@ -17,7 +17,8 @@
 //! Timeouts follow the kernel's defaults (`nf_conntrack_*_timeout*`).
 
 use crate::packet::{
-    IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Kind, Packet, TCP_FIN, TCP_RST,
+    Flow, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Kind, Packet, TCP_FIN, TCP_RST,
+    other_direction,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -63,6 +64,46 @@ pub struct CtKey {
     /// The direction (at the endpoint) in which the flow was allowed.
     pub dir: u8,
     pub pad: [u8; 2],
+}
+
+/// The keys of a flow's tables (conntrack knows packets; packets know nothing of it).
+impl Flow {
+    /// The connection-tracking key of this packet at interface `ifindex`, direction `dir`.
+    pub fn ct_key(&self, ifindex: u32, dir: u8) -> CtKey {
+        CtKey {
+            ifindex,
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            protocol: self.protocol,
+            dir,
+            pad: [0; 2],
+        }
+    }
+
+    /// The key the flow this packet replies to was tracked under: the reversed tuple, at the
+    /// same interface, in the other direction.
+    pub fn reply_key(&self, ifindex: u32, dir: u8) -> CtKey {
+        CtKey {
+            ifindex,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            dir: other_direction(dir),
+            pad: [0; 2],
+        }
+    }
+
+    pub fn frag_key(&self, ifindex: u32, id: u16, dir: u8) -> FragKey {
+        FragKey { ifindex, src: self.src, dst: self.dst, id, protocol: self.protocol, dir }
+    }
+
+    pub fn frag_value(&self) -> FragValue {
+        FragValue { sport: self.sport, dport: self.dport }
+    }
 }
 
 #[repr(C)]
@@ -206,6 +247,24 @@ mod tests {
         assert_eq!(CtValue::default().timeout(47), GENERIC_NS);
         // A clock that went backwards (another CPU's older timestamp) keeps the entry alive.
         assert!(CtValue { last_seen: 100, ..Default::default() }.live(IPPROTO_UDP, 50));
+    }
+
+    #[test]
+    fn a_reply_finds_its_request() {
+        let req = Flow {
+            src: [1, 1, 1, 1],
+            dst: [2, 2, 2, 2],
+            protocol: IPPROTO_UDP,
+            sport: 7,
+            dport: 53,
+        };
+        let rep = Flow { src: req.dst, dst: req.src, sport: req.dport, dport: req.sport, ..req };
+        assert_eq!(rep.reply_key(3, crate::DIR_INGRESS), req.ct_key(3, crate::DIR_EGRESS));
+        assert_ne!(
+            rep.reply_key(4, crate::DIR_INGRESS),
+            req.ct_key(3, crate::DIR_EGRESS),
+            "another interface"
+        );
     }
 
     #[test]

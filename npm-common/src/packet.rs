@@ -9,7 +9,6 @@
 //! header's own lengths, and a transport header that cannot be read is reported as such
 //! ([`Kind::Truncated`]), to be dropped at an isolated endpoint.
 
-use crate::conntrack::{CtKey, FragKey, FragValue};
 use crate::{DIR_EGRESS, DIR_INGRESS};
 
 pub const ETH_HLEN: usize = 14;
@@ -79,45 +78,6 @@ pub struct Flow {
     /// its request's); 0 otherwise.
     pub sport: u16,
     pub dport: u16,
-}
-
-impl Flow {
-    /// The connection-tracking key of this packet at interface `ifindex`, direction `dir`.
-    pub fn ct_key(&self, ifindex: u32, dir: u8) -> CtKey {
-        CtKey {
-            ifindex,
-            src: self.src,
-            dst: self.dst,
-            sport: self.sport,
-            dport: self.dport,
-            protocol: self.protocol,
-            dir,
-            pad: [0; 2],
-        }
-    }
-
-    /// The key the flow this packet replies to was tracked under: the reversed tuple, at the
-    /// same interface, in the other direction.
-    pub fn reply_key(&self, ifindex: u32, dir: u8) -> CtKey {
-        CtKey {
-            ifindex,
-            src: self.dst,
-            dst: self.src,
-            sport: self.dport,
-            dport: self.sport,
-            protocol: self.protocol,
-            dir: other_direction(dir),
-            pad: [0; 2],
-        }
-    }
-
-    pub fn frag_key(&self, ifindex: u32, id: u16, dir: u8) -> FragKey {
-        FragKey { ifindex, src: self.src, dst: self.dst, id, protocol: self.protocol, dir }
-    }
-
-    pub fn frag_value(&self) -> FragValue {
-        FragValue { sport: self.sport, dport: self.dport }
-    }
 }
 
 pub fn other_direction(dir: u8) -> u8 {
@@ -506,11 +466,10 @@ mod tests {
     fn echo_identifiers_pair_requests_and_replies() {
         let req = packet(&ipv4(IPPROTO_ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]));
         assert_eq!(req.kind, Kind::IcmpEchoRequest);
-        let mut rep = packet(&ipv4(IPPROTO_ICMP, &[0, 0, 0, 0, 0, 7, 0, 1]));
+        let rep = packet(&ipv4(IPPROTO_ICMP, &[0, 0, 0, 0, 0, 7, 0, 1]));
         assert_eq!(rep.kind, Kind::IcmpEchoReply);
-        // A reply travels the other way: its reversed key is the request's.
-        core::mem::swap(&mut rep.flow.src, &mut rep.flow.dst);
-        assert_eq!(rep.flow.reply_key(3, DIR_INGRESS), req.flow.ct_key(3, DIR_EGRESS));
+        // A reply travels the other way: its ports are the request's, reversed.
+        assert_eq!((rep.flow.sport, rep.flow.dport), (req.flow.dport, req.flow.sport));
     }
 
     #[test]
