@@ -44,6 +44,13 @@ enum Task {
         #[arg(long)]
         hold: bool,
     },
+    /// Run each cargo-fuzz target of fuzz/ (manifests, case, frame) for a while, seeded with
+    /// the project's manifests and cases (installs cargo-fuzz when missing; nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the benchmarks (`cargo bench -p npm-agent`); extra arguments are passed through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => test(),
         Task::Demo { hold } => demo(hold),
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { args } => bench(&args),
     };
     match result {
@@ -325,6 +333,43 @@ fn demo(hold: bool) -> Result<()> {
         ),
     ];
     run_steps("demo", steps)
+}
+
+/// `cargo +nightly fuzz run` of every target, each for `seconds`, with a corpus (under
+/// fuzz/corpus, not committed) seeded from the project's YAML.
+fn fuzz(seconds: u64) -> Result<()> {
+    let root = repo_root();
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let seeds: Vec<PathBuf> =
+        [root.join("tests/conformance"), root.join("deploy"), root.join("deploy/examples")]
+            .iter()
+            .filter_map(|d| yaml_files(d).ok().flatten())
+            .flatten()
+            .collect();
+    for target in ["manifests", "case", "frame"] {
+        let corpus = root.join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        if target != "frame" {
+            for s in &seeds {
+                std::fs::copy(s, corpus.join(s.file_name().expect("file")))?;
+            }
+        }
+        println!("==> fuzz {target} for {seconds} s");
+        run(Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            // The eBPF object is not needed by any target (and would not build instrumented).
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .args(["--", &format!("-max_total_time={seconds}"), "-max_len=16384", "-timeout=10"]))?;
+    }
+    Ok(())
 }
 
 fn bench(args: &[OsString]) -> Result<()> {
