@@ -44,6 +44,7 @@ fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
         key: ObjectKey::new(ns, name),
         labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
         ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
+        ipv6: None,
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,

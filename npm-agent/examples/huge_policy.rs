@@ -48,6 +48,7 @@ fn pod(ns: &str, name: &str, ip: Ipv4Addr, node: &str, id: u32) -> Pod {
         ])
         .into(),
         ip: Some(IpAddr::V4(ip)),
+        ipv6: None,
         node: Some(node.into()),
         phase: PodPhase::Running,
         host_network: false,

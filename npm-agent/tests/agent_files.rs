@@ -343,6 +343,36 @@ fn a_pod_claiming_a_local_pods_address_takes_nothing() {
     agent.stop();
 }
 
+/// IPv6 is not enforced yet: a local pod with an IPv6 address and a policy with an IPv6
+/// ipBlock are reported (status problems), and no longer once they are gone.
+#[test]
+fn what_is_not_enforced_is_reported() {
+    let dir = Dir::new("ipv6");
+    write_cluster(&dir);
+    dir.write(
+        "30-dual.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: x, labels: {app: db}}\nspec: {nodeName: n1, containers: [{name: c}]}\nstatus: {phase: Running, podIP: 10.0.0.9, podIPs: [{ip: 10.0.0.9}, {ip: 'fd00::9'}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: v6, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{ipBlock: {cidr: 'fd00::/64'}}]\n",
+    );
+    dir.generation(1);
+    let agent = Running::start(&dir, None);
+    let s = agent.wait_generation(1);
+    assert!(
+        s.problems.iter().any(|p| p.contains("pod x/d") && p.contains("fd00::9")),
+        "{:?}",
+        s.problems
+    );
+    assert!(
+        s.problems.iter().any(|p| p.contains("x/v6") && p.contains("spec.ingress[0]: fd00::/64")),
+        "{:?}",
+        s.problems
+    );
+    dir.remove("30-dual.yaml");
+    dir.generation(2);
+    let s = agent.wait_generation(2);
+    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    agent.stop();
+}
+
 #[test]
 fn a_changed_manifest_is_picked_up_within_a_second() {
     let dir = Dir::new("changed");

@@ -94,6 +94,7 @@ fn egress_named_port_resolves_per_destination_pod() {
         key: ObjectKey::new(ns, name),
         labels: labels(&[("app", name)]).into(),
         ip: Some(pod_ip(ip)),
+        ipv6: None,
         node: Some("n1".into()),
         phase: PodPhase::Running,
         host_network: false,

@@ -182,6 +182,7 @@ fn a_new_address_is_identified_before_isolation() {
         key: ObjectKey::new(ns, name),
         labels: Labels::new().into(),
         ip: Some(ip.parse().unwrap()),
+        ipv6: None,
         node: Some("n1".into()),
         phase,
         host_network: false,

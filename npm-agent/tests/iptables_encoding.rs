@@ -387,6 +387,7 @@ fn layout_uses_azure_names() {
         key: ObjectKey::new("y", name),
         labels: labels(l).into(),
         ip: Some(pod_ip(ip)),
+        ipv6: None,
         node: Some("n1".into()),
         phase: npm_agent::model::PodPhase::Running,
         host_network: false,

@@ -271,6 +271,7 @@ impl Cluster {
                     key,
                     labels: dep.labels.clone().into(),
                     ip: Some(pod_ip(n, s)),
+                    ipv6: None,
                     node: Some(nodes[n].clone()),
                     phase: PodPhase::Running,
                     host_network: false,

@@ -154,6 +154,8 @@ pub struct Agent {
     /// Addresses several pods claim (reported in the status and the metrics, logged when they
     /// appear, change and go).
     conflicts: BTreeMap<IpAddr, Conflict>,
+    /// What is not enforced yet (IPv6): by object, the problem reported for it.
+    unenforced: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -198,6 +200,7 @@ impl Agent {
             last_source_error: None,
             last_sweep: Instant::now(),
             conflicts: BTreeMap::new(),
+            unenforced: BTreeMap::new(),
         }
     }
 
@@ -264,6 +267,7 @@ impl Agent {
     }
 
     fn handle_event(&mut self, event: Event) {
+        self.note_unenforced(&event);
         let kind = event.kind();
         let op = self.operation(&event);
         let start = Instant::now();
@@ -307,6 +311,63 @@ impl Agent {
             }
         };
         if existed { Operation::Update } else { Operation::Create }
+    }
+
+    /// Notes what an event brings that is not enforced yet (IPv6), logging it once when it
+    /// appears or changes: the local pods with an IPv6 address, and the IPv6 ipBlocks.
+    fn note_unenforced(&mut self, event: &Event) {
+        let (subject, problem) = match event {
+            Event::UpsertPod(p) => {
+                let local =
+                    p.node.as_deref().is_some_and(|n| Some(n) == self.engine.scope().node());
+                let v6 = match p.ip {
+                    Some(IpAddr::V6(v6)) => Some(v6),
+                    _ => p.ipv6,
+                };
+                let problem = v6.filter(|_| local && p.is_endpoint()).map(|v6| {
+                    format!(
+                        "pod {} has the IPv6 address {v6}: IPv6 is not enforced yet; while a policy isolates the pod in a direction, its IPv6 traffic that way is dropped",
+                        p.key
+                    )
+                });
+                (format!("pod {}", p.key), problem)
+            }
+            Event::DeletePod(k) => (format!("pod {k}"), None),
+            Event::UpsertPolicy(p) => {
+                let mut blocks = Vec::new();
+                for (field, rules) in [("spec.ingress", &p.ingress), ("spec.egress", &p.egress)] {
+                    for (i, rule) in rules.iter().flatten().enumerate() {
+                        for peer in &rule.peers {
+                            if let crate::model::Peer::Block(b) = peer
+                                && b.net.addr().is_ipv6()
+                            {
+                                blocks.push(format!("{field}[{i}]: {}", b.net));
+                            }
+                        }
+                    }
+                }
+                let problem = (!blocks.is_empty()).then(|| {
+                    format!(
+                        "NetworkPolicy {}: IPv6 ipBlocks are not enforced yet ({}): they admit no IPv4 traffic, and the pods the policy isolates get no IPv6",
+                        p.key,
+                        blocks.join(", ")
+                    )
+                });
+                (format!("policy {}", p.key), problem)
+            }
+            Event::DeletePolicy(k) => (format!("policy {k}"), None),
+            _ => return,
+        };
+        match problem {
+            Some(p) if self.unenforced.get(&subject) != Some(&p) => {
+                tracing::warn!("{p}");
+                self.unenforced.insert(subject, p);
+            }
+            Some(_) => {}
+            None => {
+                self.unenforced.remove(&subject);
+            }
+        }
     }
 
     /// Follows the conflicts on addresses: logs each one as it appears, changes or goes.
@@ -414,6 +475,7 @@ impl Agent {
             s.parse_errors = health.parse_errors;
             s.invalid_objects = health.invalid_objects;
             s.problems = health.problems;
+            s.problems.extend(self.unenforced.values().cloned());
             s.problems.extend(self.conflicts.iter().map(|(ip, c)| {
                 let who: Vec<String> = c.claimants.iter().map(ToString::to_string).collect();
                 format!(

@@ -50,6 +50,10 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
         }
     }
     let ip = ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied();
+    let ipv6 = ips.iter().find_map(|a| match a {
+        IpAddr::V6(v6) if ip.is_some_and(|ip| ip.is_ipv4()) => Some(*v6),
+        _ => None,
+    });
     let phase = match status.and_then(|s| s.phase.as_deref()) {
         Some("Running") => PodPhase::Running,
         Some("Succeeded") => PodPhase::Succeeded,
@@ -81,6 +85,7 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
         key,
         labels: p.metadata.labels.clone().unwrap_or_default().into(),
         ip,
+        ipv6,
         node: spec.and_then(|s| s.node_name.clone()),
         phase,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -270,7 +275,11 @@ pub fn pod_to_k8s(p: &Pod) -> core::Pod {
         status: Some(core::PodStatus {
             phase: Some(phase.into()),
             pod_ip: p.ip.map(|ip| ip.to_string()),
-            pod_ips: p.ip.map(|ip| vec![core::PodIP { ip: ip.to_string() }]),
+            pod_ips: p.ip.map(|ip| {
+                let mut ips = vec![core::PodIP { ip: ip.to_string() }];
+                ips.extend(p.ipv6.map(|v6| core::PodIP { ip: v6.to_string() }));
+                ips
+            }),
             ..Default::default()
         }),
     }

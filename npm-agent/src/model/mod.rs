@@ -123,6 +123,9 @@ pub struct Pod {
     /// most of what a large cluster's model weighs.
     pub labels: Arc<Labels>,
     pub ip: Option<IpAddr>,
+    /// Its IPv6 address beside an IPv4 one (dual stack): not enforced yet, only reported.
+    #[serde(default)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub node: Option<String>,
     pub phase: PodPhase,
     pub host_network: bool,

@@ -473,6 +473,7 @@ impl CaseCluster {
             key: key.clone(),
             labels: labels.into(),
             ip: Some(ip),
+            ipv6: None,
             node: Some(SIM_NODE.to_string()),
             phase: PodPhase::Running,
             host_network: false,

@@ -86,6 +86,7 @@ pub fn pod(key: ObjectKey) -> impl Strategy<Value = Pod> {
             key: key.clone(),
             labels: labels.into(),
             ip: ip.map(pod_ip),
+            ipv6: None,
             node: Some(NODES[node].to_string()),
             phase,
             host_network,
