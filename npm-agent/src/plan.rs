@@ -24,8 +24,60 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::compile::{IdentityKey, PeerSelector};
-use crate::model::{CidrBlock, Direction, Labels, ObjectKey, Policy, Protocol};
+use crate::model::{
+    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Pod, Policy,
+    Protocol,
+};
+
+/// What makes pods indistinguishable to every selector and named port: pods with equal
+/// keys share one identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct IdentityKey {
+    pub namespace: String,
+    pub labels: std::sync::Arc<Labels>,
+    pub named_ports: std::sync::Arc<[NamedPort]>,
+}
+
+impl IdentityKey {
+    pub fn of(pod: &Pod) -> Self {
+        Self {
+            namespace: pod.key.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports: pod.named_ports.clone(),
+        }
+    }
+}
+
+/// The pods a selector peer matches: `pods` in the namespaces of `namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PeerSelector {
+    pub namespaces: NamespaceScope,
+    pub pods: LabelSelector,
+}
+
+impl PeerSelector {
+    /// Every pod of every namespace.
+    pub fn everything() -> Self {
+        Self {
+            namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+            pods: LabelSelector::everything(),
+        }
+    }
+
+    pub fn matches(&self, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
+        self.namespaces.matches(namespace, namespace_labels) && self.pods.matches(pod_labels)
+    }
+}
+
+/// `ns:x pods:app=web`, `nsselector:team=a pods:{}`: readable, and stable for set names.
+impl std::fmt::Display for PeerSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespaces {
+            NamespaceScope::Named(ns) => write!(f, "ns:{ns} pods:{}", self.pods),
+            NamespaceScope::Selector(s) => write!(f, "nsselector:{s} pods:{}", self.pods),
+        }
+    }
+}
 
 /// A numeric identity shared by pods with the same namespace, labels and named ports.
 /// Never 0: 0 means "no identity" (an address that is not a pod's).

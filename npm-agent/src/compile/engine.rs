@@ -25,16 +25,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use super::{
-    IdentityKey, PeerSelector, Scope, Term, TermPeer, conflict_of, host_block, resolution_ports,
-    rule_terms,
-};
+use super::{Scope, Term, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
     Policy,
 };
 use crate::plan::{
-    Allow, Change, Conflict, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, PlanDiff,
+    Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
+    PeerSet, Plan, PlanDiff,
 };
 use crate::state::{Claim, ClusterState, Event};
 

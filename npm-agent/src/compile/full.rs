@@ -3,12 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use super::{
-    IdentityKey, PeerSelector, Scope, TermPeer, conflict_of, host_block, resolution_ports,
-    rule_terms,
-};
+use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{Direction, Pod};
-use crate::plan::{Allow, EndpointPlan, IdentityId, PeerMatch, PeerSet, Plan, SetId};
+use crate::plan::{
+    Allow, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector, PeerSet, Plan, SetId,
+};
 use crate::state::{Claim, ClusterState};
 
 /// Compiles `state` into the plan of `scope`. Identities are numbered from 1 in the order

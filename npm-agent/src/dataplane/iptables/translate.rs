@@ -54,12 +54,12 @@ use super::names::{
     self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
 };
 use super::state::{KernelState, jumps_to_azure_npm};
-use crate::compile::{IdentityKey, PeerSelector, PortSel, TermPeer, rule_terms};
+use crate::compile::{PortSel, TermPeer, rule_terms};
 use crate::model::{
     CidrBlock, Direction, LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Operator,
     Policy, PortSpec, Protocol,
 };
-use crate::plan::{Change, IdentityId, Plan, PlanDiff};
+use crate::plan::{Change, IdentityId, IdentityKey, PeerSelector, Plan, PlanDiff};
 
 /// Which program a batch is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
