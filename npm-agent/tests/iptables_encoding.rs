@@ -19,8 +19,8 @@ use proptest::prelude::*;
 
 use common::*;
 use npm_agent::compile::{Engine, Scope};
+use npm_agent::dataplane::azure::hashed_set_name;
 use npm_agent::dataplane::iptables::model::{KernelModel, Packet};
-use npm_agent::dataplane::iptables::names::hashed_set_name;
 use npm_agent::dataplane::iptables::translate::{Batch, Tool, Translator};
 use npm_agent::model::Protocol;
 use npm_agent::plan::Plan;

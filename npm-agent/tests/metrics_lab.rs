@@ -724,7 +724,8 @@ fn lab_iptables_metrics() {
     assert!(rules > 0, "the AZURE-NPM chains are in the node's namespace");
     // Azure NPM's layout, literally: a chain per policy named from `<namespace>/<name>`,
     // jumped to through the policy's label sets.
-    use npm_agent::dataplane::iptables::names::{hashed_set_name, policy_chain};
+    use npm_agent::dataplane::azure::hashed_set_name;
+    use npm_agent::dataplane::iptables::names::policy_chain;
     for chain in [policy_chain(true, "x/deny-x"), policy_chain(false, "z/za-egress")] {
         assert!(saved.lines().any(|l| l == format!(":{chain} - [0:0]")), "{chain} in\n{saved}");
     }

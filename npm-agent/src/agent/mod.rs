@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context as _, bail};
 
 use crate::dataplane::Memory;
+use crate::dataplane::ebpf::observe::EbpfObserver;
 use crate::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
+use crate::dataplane::iptables::observe::IptablesObserver;
 use crate::dataplane::iptables::{IptablesCleanup, IptablesConfig, IptablesDataplane};
-use crate::metrics::dataplane::{EbpfObserver, IptablesObserver, Observer};
+use crate::dataplane::observe::Observer;
 use crate::metrics::{Metrics, MetricsOptions};
 use crate::source::{FilesSource, KubeOptions, KubeSource, Source, SourceSpec};
 

@@ -2,10 +2,12 @@
 //! kernels that can run the tc programs, the iptables + ipset one (Azure NPM v2's layout)
 //! where they cannot, the Windows HNS translation, and an in-memory one for tests.
 
+pub mod azure;
 pub mod ebpf;
 pub mod hns;
 pub mod iface;
 pub mod iptables;
+pub mod observe;
 
 use crate::plan::{Plan, PlanDiff};
 

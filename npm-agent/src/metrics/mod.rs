@@ -27,8 +27,9 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+use crate::dataplane::observe::{Counts, Observer};
 use crate::plan::{Change, PeerMatch, PlanDiff};
-use dataplane::{Counts, FiguresCache, Observer};
+use dataplane::FiguresCache;
 use summary::{SummaryOpts, SummaryVec};
 
 // ---- Azure NPM's metrics: names and help texts exactly as Azure NPM registers them ----
@@ -378,38 +379,19 @@ fn encode(families: &[MetricFamily]) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Azure NPM's hashed set name: `azure-npm-` and the FNV-1a 32-bit hash of the name.
-pub fn set_hash(name: &str) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("azure-npm-{h}")
-}
-
-impl Counts {
-    /// The counts of a dataplane without an observer: the plan's sizes.
-    pub fn from_state(s: &StateCounts) -> Counts {
-        Counts {
-            rules: s.allow_entries as u64,
-            sets: s.identities as u64,
-            set_entries: s.pods as u64,
-            per_set: Vec::new(),
-        }
+/// The counts of a dataplane without an observer: the plan's sizes.
+pub fn counts_from_state(s: &StateCounts) -> Counts {
+    Counts {
+        rules: s.allow_entries as u64,
+        sets: s.identities as u64,
+        set_entries: s.pods as u64,
+        per_set: Vec::new(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn set_hash_is_fnv1a() {
-        // FNV-1a 32 of "" and of "a" (reference values).
-        assert_eq!(set_hash(""), "azure-npm-2166136261");
-        assert_eq!(set_hash("a"), "azure-npm-3826002220");
-    }
 
     #[test]
     fn events_go_to_azure_npm_summaries() {

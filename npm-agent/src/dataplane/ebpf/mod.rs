@@ -4,6 +4,7 @@
 
 pub mod kernel;
 pub mod model;
+pub mod observe;
 pub mod testrun;
 pub mod translate;
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 
-use crate::dataplane::iptables::names::{fnv1a64, hashed_set_name};
+use crate::dataplane::azure::{fnv1a64, hashed_set_name};
 use crate::model::{CidrBlock, Direction, Protocol};
 use crate::plan::{DirectionPlan, IdentityId, PeerMatch, PeerSet, Plan, PortMatch, SetId};
 

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use super::names::{hashed_set_name, quote_comment};
+use super::names::quote_comment;
+use crate::dataplane::azure::hashed_set_name;
 use crate::model::Direction;
 use crate::plan::{Change, Plan, PlanDiff};
 

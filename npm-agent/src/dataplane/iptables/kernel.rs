@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::guard::{self, Guard};
-use super::names::SET_PREFIX;
 use super::state::KernelState;
 use super::translate::{self, Batch, STEP_DEL_SETS, Tool, Translator};
+use crate::dataplane::azure::SET_PREFIX;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::plan::{Plan, PlanDiff};
 

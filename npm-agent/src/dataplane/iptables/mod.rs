@@ -105,6 +105,7 @@ pub mod guard;
 pub mod kernel;
 pub mod model;
 pub mod names;
+pub mod observe;
 pub mod state;
 pub mod translate;
 

@@ -1,9 +1,9 @@
-//! Azure NPM v2's names, marks and comment conventions, and the hashing behind them.
-//!
-//! Set names are `azure-npm-` followed by the FNV-1a (32-bit) hash of the readable name in
-//! decimal (`util.GetHashedName`); policy chains are `AZURE-NPM-INGRESS-<hash>` and
-//! `AZURE-NPM-EGRESS-<hash>` with the same hash of the policy's readable name
-//! (`util.Hash(policyKey)`), as every released Azure NPM v2 names them.
+//! Azure NPM v2's chain names, marks and comment conventions in iptables (the hashing behind
+//! set and chain names is [`crate::dataplane::azure`]'s): policy chains are
+//! `AZURE-NPM-INGRESS-<hash>` and `AZURE-NPM-EGRESS-<hash>` with the hash of the policy's
+//! readable name (`util.Hash(policyKey)`), as every released Azure NPM v2 names them.
+
+use crate::dataplane::azure::hash;
 
 /// The chain FORWARD jumps to for new connections.
 pub const AZURE_NPM: &str = "AZURE-NPM";
@@ -15,8 +15,6 @@ pub const ACCEPT: &str = "AZURE-NPM-ACCEPT";
 pub const BASE_CHAINS: [&str; 5] = [AZURE_NPM, INGRESS, INGRESS_ALLOW_MARK, EGRESS, ACCEPT];
 /// Every chain of the layout (base and per-policy) starts with this.
 pub const CHAIN_PREFIX: &str = "AZURE-NPM";
-/// Every set of the layout starts with this.
-pub const SET_PREFIX: &str = "azure-npm-";
 
 /// Marks, masked so that other users of the mark (kube-proxy's 0x4000 and 0x8000) are left
 /// alone: the 10th, 11th and 12th bits.
@@ -34,36 +32,6 @@ pub const FORWARD_JUMP: &str = "-m conntrack --ctstate INVALID,NEW -j AZURE-NPM"
 
 /// The longest comment the kernel keeps (XT_MAX_COMMENT_LEN is 256 with the NUL).
 pub const MAX_COMMENT: usize = 255;
-
-/// FNV-1a, 32 bits (Go's `hash/fnv` `New32a`).
-pub fn fnv1a32(s: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
-/// FNV-1a, 64 bits: content digests for readable names (not a kernel name).
-pub fn fnv1a64(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// Azure NPM's `util.Hash`: the FNV-1a hash in decimal.
-pub fn hash(s: &str) -> String {
-    fnv1a32(s).to_string()
-}
-
-/// Azure NPM's `util.GetHashedName`: the kernel name of the set with readable name `s`.
-pub fn hashed_set_name(readable: &str) -> String {
-    format!("{SET_PREFIX}{}", hash(readable))
-}
 
 /// The chain of a policy (readable name `ns/name`) for one direction.
 pub fn policy_chain(ingress: bool, policy: &str) -> String {
@@ -146,14 +114,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fnv_matches_go() {
-        // Known FNV-1a values.
-        assert_eq!(fnv1a32(""), 0x811c_9dc5);
-        assert_eq!(fnv1a32("a"), 0xe40c_292c);
-        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
     fn names_match_azure_npm() {
         // From Azure NPM's own test data (npm/pkg/dataplane/testdata/iptablesave-v2): policy
         // y/base has chains AZURE-NPM-{INGRESS,EGRESS}-2697641196, and its jump matches the
@@ -163,7 +123,10 @@ mod tests {
             policy_chain(false, "kube-system/konnectivity-agent"),
             "AZURE-NPM-EGRESS-3618314628"
         );
-        let pair = [hashed_set_name("podlabel-pod:a"), hashed_set_name("ns-y")];
+        let pair = [
+            crate::dataplane::azure::hashed_set_name("podlabel-pod:a"),
+            crate::dataplane::azure::hashed_set_name("ns-y"),
+        ];
         assert!(pair.contains(&"azure-npm-3922407721".to_string()), "{pair:?}");
         assert!(pair.contains(&"azure-npm-2837910840".to_string()), "{pair:?}");
     }

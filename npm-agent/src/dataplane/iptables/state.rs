@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::names::{CHAIN_PREFIX, SET_PREFIX};
+use super::names::CHAIN_PREFIX;
+use crate::dataplane::azure::SET_PREFIX;
 
 /// One set: its type (`hash:net`, `list:set`, …) and members as `ipset save` prints them
 /// (`10.0.0.1`, `10.0.0.0/16`, `10.0.1.0/24 nomatch`, a set name).

@@ -155,7 +155,7 @@ impl SetDef {
                             s,
                             "-except-{}-nets-{:016x}",
                             list.len(),
-                            names::fnv1a64(&joined)
+                            crate::dataplane::azure::fnv1a64(&joined)
                         );
                     }
                 }
@@ -695,7 +695,7 @@ impl Translator {
     fn claim(&mut self, readable: &str, kind: SetKind) -> String {
         for k in 0.. {
             let cand = alternate(readable, k);
-            let h = names::hashed_set_name(&cand);
+            let h = crate::dataplane::azure::hashed_set_name(&cand);
             if self.names.contains_key(&h) {
                 continue;
             }

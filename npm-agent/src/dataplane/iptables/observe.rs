@@ -1,0 +1,254 @@
+//! The iptables dataplane's figures: `iptables-save -c` of the backend (nft or legacy) that
+//! holds the `AZURE-NPM*` chains (their rules; drops are the packet counters of their `DROP`
+//! rules, by the chain's direction, and of the source guard's), `ipset save` (the
+//! `azure-npm-*` sets and their entries), and conntrack entries from
+//! `/proc/sys/net/netfilter/nf_conntrack_count`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+
+use crate::dataplane::azure::SET_PREFIX;
+use crate::dataplane::observe::{Counts, Figures, Observer, PacketFigure};
+
+/// The readable name of a kernel set name (`azure-npm-…`), when the dataplane knows it.
+pub type SetNames = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Reads the iptables dataplane's rules, sets and counters with `iptables-save` and
+/// `ipset save` (Azure NPM's chain and set names).
+#[derive(Default)]
+pub struct IptablesObserver {
+    /// Readable set names; without, the kernel name is both `set_name` and `set_hash`.
+    pub set_names: Option<SetNames>,
+}
+
+/// Rules and drops parsed from `iptables-save -c`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IptablesFigures {
+    pub rules: u64,
+    pub dropped_ingress: u64,
+    pub dropped_egress: u64,
+}
+
+/// Parses `iptables-save -c` (or without `-c`: no counters): the rules of every chain named
+/// `AZURE-NPM*`, and the packets of their `DROP` rules, ingress for chains whose name has
+/// `INGRESS`, egress for `EGRESS`.
+pub fn parse_iptables_save(text: &str) -> IptablesFigures {
+    let mut f = IptablesFigures::default();
+    for line in text.lines() {
+        let line = line.trim();
+        let (packets, rule) = match line.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((c, rule)) => (
+                    c.split(':').next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(0),
+                    rule.trim(),
+                ),
+                None => continue,
+            },
+            None => (0, line),
+        };
+        let Some(rest) = rule.strip_prefix("-A ") else {
+            continue;
+        };
+        let chain = rest.split_whitespace().next().unwrap_or_default();
+        if !chain.starts_with("AZURE-NPM") {
+            continue;
+        }
+        f.rules += 1;
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let drops = words.windows(2).any(|w| w[0] == "-j" && w[1] == "DROP");
+        if drops {
+            if chain.contains("INGRESS") {
+                f.dropped_ingress += packets;
+            } else if chain.contains("EGRESS") {
+                f.dropped_egress += packets;
+            }
+        }
+    }
+    f
+}
+
+/// The packets the source guard dropped (`iptables-save -c -t raw` and `ip6tables-save -c -t
+/// filter`, see `dataplane::iptables::guard`): spoofed sources leaving pods (egress) and local
+/// pods' addresses arriving from elsewhere (ingress); IPv6 refused at isolated pods.
+pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
+    let counted = |text: &str, comment: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.contains(comment))
+            .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    [
+        ("egress", "spoofed", counted(raw, "DROP-SPOOFED-SOURCE-FROM-POD")),
+        ("ingress", "spoofed", counted(raw, "DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE")),
+        ("ingress", "unsupported", counted(ipv6, "DROP-IPV6-TO-ISOLATED-POD")),
+        ("egress", "unsupported", counted(ipv6, "DROP-IPV6-FROM-ISOLATED-POD")),
+    ]
+    .into_iter()
+    .map(|(direction, reason, packets)| PacketFigure { direction, reason: reason.into(), packets })
+    .collect()
+}
+
+/// Parses `ipset save`: the `azure-npm-*` sets and the entries of each.
+pub fn parse_ipset_save(text: &str) -> BTreeMap<String, u64> {
+    let mut sets = BTreeMap::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("create"), Some(name)) if name.starts_with(SET_PREFIX) => {
+                sets.entry(name.to_string()).or_insert(0);
+            }
+            (Some("add"), Some(name)) if name.starts_with(SET_PREFIX) => {
+                *sets.entry(name.to_string()).or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The filter table with counters of the iptables backend (nft or legacy) that holds the
+/// `AZURE-NPM` chains (the dataplane chose one and removes its layout from the other), and the
+/// program that printed it.
+fn iptables_save() -> Result<(String, &'static str)> {
+    let args = ["-c", "-t", "filter"];
+    let mut first_error = None;
+    let mut any_ran = false;
+    for program in ["iptables-nft-save", "iptables-legacy-save", "iptables-save"] {
+        match run(program, &args) {
+            Ok(text) if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) => {
+                return Ok((text, program));
+            }
+            Ok(_) => any_ran = true,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        // No backend holds the chains yet: no rules.
+        Some(e) if !any_ran => Err(e),
+        _ => Ok((String::new(), "iptables-save")),
+    }
+}
+
+impl Observer for IptablesObserver {
+    fn observe(&self, per_set: bool) -> Result<Figures> {
+        let (filter, save) = iptables_save()?;
+        let rules = parse_iptables_save(&filter);
+        let sets = parse_ipset_save(&run("ipset", &["save"])?);
+        let mut f = Figures::default();
+        for (direction, packets) in
+            [("ingress", rules.dropped_ingress), ("egress", rules.dropped_egress)]
+        {
+            f.dropped.push(PacketFigure { direction, reason: "denied".into(), packets });
+        }
+        // The guard's counters, from the same backend (absent tables count nothing).
+        let raw = run(save, &["-c", "-t", "raw"]).unwrap_or_default();
+        let save6 = save.replacen("iptables", "ip6tables", 1);
+        let ipv6 = run(&save6, &["-c", "-t", "filter"]).unwrap_or_default();
+        f.dropped.extend(parse_guard_drops(&raw, &ipv6));
+        f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let mut counts = Counts {
+            rules: rules.rules,
+            sets: sets.len() as u64,
+            set_entries: sets.values().sum(),
+            per_set: Vec::new(),
+        };
+        if per_set {
+            for (kernel, n) in &sets {
+                let name = self
+                    .set_names
+                    .as_ref()
+                    .and_then(|f| f(kernel))
+                    .unwrap_or_else(|| kernel.clone());
+                counts.per_set.push((name, kernel.clone(), *n));
+            }
+        }
+        f.counts = Some(counts);
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_drops_are_counted_by_rule() {
+        let raw = "*raw\n:AZURE-NPM-GUARD - [0:0]\n[7:420] -A AZURE-NPM-GUARD -m set --match-set azure-npm-1 src,src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-SPOOFED-SOURCE-FROM-POD -j DROP\n[2:120] -A AZURE-NPM-GUARD -m set --match-set azure-npm-3 src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE -j DROP\nCOMMIT\n";
+        let v6 = "*filter\n[5:400] -A AZURE-NPM-IPV6 -m set --match-set azure-npm-4 dst,dst -m comment --comment DROP-IPV6-TO-ISOLATED-POD-NOT-ENFORCED -j DROP\nCOMMIT\n";
+        let f = parse_guard_drops(raw, v6);
+        let get = |d: &str, r: &str| {
+            f.iter().find(|p| p.direction == d && p.reason == r).map(|p| p.packets)
+        };
+        assert_eq!(get("egress", "spoofed"), Some(7));
+        assert_eq!(get("ingress", "spoofed"), Some(2));
+        assert_eq!(get("ingress", "unsupported"), Some(5));
+        assert_eq!(get("egress", "unsupported"), Some(0));
+    }
+
+    #[test]
+    fn iptables_rules_and_drops() {
+        let save = "\
+# Generated by iptables-save
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [10:600]
+:AZURE-NPM - [0:0]
+:AZURE-NPM-INGRESS - [0:0]
+:AZURE-NPM-EGRESS - [0:0]
+[10:600] -A FORWARD -j AZURE-NPM
+[10:600] -A AZURE-NPM -j AZURE-NPM-INGRESS
+[3:180] -A AZURE-NPM-INGRESS -m set --match-set azure-npm-1 dst -m mark --mark 0x2000/0x2000 -j AZURE-NPM-ACCEPT
+[4:240] -A AZURE-NPM-INGRESS -m set --match-set azure-npm-1 dst -m comment --comment \"DROP-ALL\" -j DROP
+[2:120] -A AZURE-NPM-EGRESS -m set --match-set azure-npm-2 src -j DROP
+[0:0] -A AZURE-NPM-EGRESS-ALLOW -j RETURN
+COMMIT
+";
+        assert_eq!(
+            parse_iptables_save(save),
+            IptablesFigures { rules: 5, dropped_ingress: 4, dropped_egress: 2 }
+        );
+    }
+
+    #[test]
+    fn ipset_sets_and_entries() {
+        let save = "\
+create azure-npm-1 hash:net family inet hashsize 1024 maxelem 65536
+add azure-npm-1 10.0.0.1
+add azure-npm-1 10.0.0.2
+create azure-npm-2 hash:net family inet hashsize 1024 maxelem 65536
+create other hash:ip family inet
+add other 1.2.3.4
+create azure-npm-3 list:set size 8
+add azure-npm-3 azure-npm-1
+";
+        let sets = parse_ipset_save(save);
+        assert_eq!(
+            sets,
+            BTreeMap::from([
+                ("azure-npm-1".into(), 2),
+                ("azure-npm-2".into(), 0),
+                ("azure-npm-3".into(), 1)
+            ])
+        );
+    }
+}
