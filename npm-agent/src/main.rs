@@ -224,15 +224,15 @@ fn cleanup(pin_root: Option<PathBuf>, config_file: Option<&Path>) -> ExitCode {
         .unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
     match agent::cleanup(&pin_root) {
         Ok(r) => {
-            if r.existed {
+            if r.ebpf.existed {
                 println!(
                     "{}: removed {} pinned links and {} pinned maps",
-                    r.pin_root.display(),
-                    r.links,
-                    r.maps
+                    r.ebpf.pin_root.display(),
+                    r.ebpf.links,
+                    r.ebpf.maps
                 );
             } else {
-                println!("{}: nothing to remove", r.pin_root.display());
+                println!("{}: nothing to remove", r.ebpf.pin_root.display());
             }
             for (backend, chains) in &r.iptables.chains {
                 println!("iptables-{}: removed {chains} AZURE-NPM chains", backend.as_str());

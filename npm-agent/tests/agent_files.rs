@@ -12,12 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use npm_agent::agent::{
-    Agent, AgentDataplane, Config, DataplaneKind, Handles, Operation, Settings, SharedMemory,
-    Status,
+    Agent, Config, DataplaneKind, Handles, Operation, Settings, SharedMemory, Status,
 };
 use npm_agent::model::{Direction, ObjectKey, PortSpec, Protocol};
 use npm_agent::plan::{Connection, Plan};
-use npm_agent::source::files::{Object, ObjectId};
+use npm_agent::source::{Object, ObjectId};
 use npm_agent::source::{FilesSource, Source, SourceSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_npm-agent");
@@ -175,12 +174,8 @@ impl Running {
         let (tx, rx) = std::sync::mpsc::channel();
         let (m, s, d) = (memory.clone(), stop.clone(), dir.0.clone());
         let thread = std::thread::spawn(move || {
-            let mut agent = Agent::new(
-                "n1",
-                Box::new(FilesSource::new(d)),
-                AgentDataplane::Other(Box::new(m)),
-                status_file,
-            );
+            let mut agent =
+                Agent::new("n1", Box::new(FilesSource::new(d)), Box::new(m), status_file);
             tx.send(agent.handles()).unwrap();
             agent.run(&s)
         });

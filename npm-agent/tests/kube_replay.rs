@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kube_server::Server;
-use npm_agent::agent::{Agent, AgentDataplane, SharedMemory};
+use npm_agent::agent::{Agent, SharedMemory};
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::model::ObjectKey;
 use npm_agent::source::{Batch, FilesSource, KubeOptions, KubeSource, Source};
@@ -213,12 +213,7 @@ fn agent_is_ready_only_after_every_kind_is_listed_and_keeps_state_through_api_er
             let config = kube::Config::new(url.parse().unwrap());
             let source = KubeSource::from_config(config, options()).unwrap();
             let memory = SharedMemory::default();
-            let mut agent = Agent::new(
-                NODE,
-                Box::new(source),
-                AgentDataplane::Other(Box::new(memory.clone())),
-                None,
-            );
+            let mut agent = Agent::new(NODE, Box::new(source), Box::new(memory.clone()), None);
             tx.send((agent.handles(), memory)).unwrap();
             agent.run(&stop).unwrap();
             agent.engine().state().clone()

@@ -297,7 +297,7 @@ mod files_source {
     //! source: each reported naming the object and the field, and not applied; the rest of
     //! the directory applies.
 
-    use npm_agent::source::files::ObjectId;
+    use npm_agent::source::ObjectId;
     use npm_agent::source::{FilesSource, Source};
 
     const BAD: [(&str, &str, &str); 4] = [

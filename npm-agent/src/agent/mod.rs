@@ -15,23 +15,20 @@ pub mod run;
 pub mod status;
 
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, bail};
 
-use crate::dataplane::Memory;
-use crate::dataplane::ebpf::observe::EbpfObserver;
-use crate::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
-use crate::dataplane::iptables::observe::IptablesObserver;
-use crate::dataplane::iptables::{IptablesCleanup, IptablesConfig, IptablesDataplane};
-use crate::dataplane::observe::Observer;
+use crate::dataplane::ebpf::{self, EbpfCleanup, EbpfConfig, EbpfDataplane};
+use crate::dataplane::iptables::{self, IptablesCleanup, IptablesConfig, IptablesDataplane};
+use crate::dataplane::{Dataplane, Memory};
 use crate::metrics::{Metrics, MetricsOptions};
 use crate::source::{FilesSource, KubeOptions, KubeSource, Source, SourceSpec};
 
 pub use config::{Config, DataplaneKind, Settings};
-pub use run::{Agent, AgentDataplane, Handles, SharedMemory};
+pub use run::{Agent, Handles, SharedMemory};
 pub use status::{EventStats, OpStats, Operation, Sample, Status};
 
 /// Opens the source the configuration names.
@@ -50,8 +47,8 @@ pub fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
 }
 
 /// Opens the dataplane the configuration names (`auto`: eBPF when the kernel loads the
-/// programs, else iptables, saying why).
-pub fn open_dataplane(config: &Config) -> anyhow::Result<AgentDataplane> {
+/// programs, else iptables, saying why), and says which it opened.
+pub fn open_dataplane(config: &Config) -> anyhow::Result<(DataplaneKind, Box<dyn Dataplane>)> {
     let ebpf = || {
         EbpfDataplane::open(EbpfConfig {
             pin_root: config.pin_root.clone(),
@@ -60,25 +57,23 @@ pub fn open_dataplane(config: &Config) -> anyhow::Result<AgentDataplane> {
         })
     };
     let iptables = || IptablesDataplane::open(IptablesConfig::default());
-    match config.dataplane {
-        DataplaneKind::Ebpf => {
-            Ok(AgentDataplane::Ebpf(Box::new(ebpf().context("eBPF dataplane")?)))
-        }
+    Ok(match config.dataplane {
+        DataplaneKind::Ebpf => (DataplaneKind::Ebpf, Box::new(ebpf().context("eBPF dataplane")?)),
         DataplaneKind::Auto => match ebpf() {
-            Ok(d) => Ok(AgentDataplane::Ebpf(Box::new(d))),
+            Ok(d) => (DataplaneKind::Ebpf, Box::new(d)),
             Err(e) => {
                 tracing::warn!(reason = %e, "the eBPF dataplane is unavailable; falling back to iptables");
                 let d = iptables().with_context(|| {
                     format!("eBPF dataplane unavailable ({e}); iptables dataplane")
                 })?;
-                Ok(AgentDataplane::Other(Box::new(d)))
+                (DataplaneKind::Iptables, Box::new(d))
             }
         },
         DataplaneKind::Iptables => {
-            Ok(AgentDataplane::Other(Box::new(iptables().context("iptables dataplane")?)))
+            (DataplaneKind::Iptables, Box::new(iptables().context("iptables dataplane")?))
         }
-        DataplaneKind::Memory => Ok(AgentDataplane::Other(Box::new(Memory::default()))),
-    }
+        DataplaneKind::Memory => (DataplaneKind::Memory, Box::new(Memory::default())),
+    })
 }
 
 /// Once the agent is ready (its dataplane enforces the whole plan), removes what the other
@@ -86,12 +81,12 @@ pub fn open_dataplane(config: &Config) -> anyhow::Result<AgentDataplane> {
 /// pin root under iptables. Never before, so switching modes opens no unprotected moment.
 fn cleanup_other_dataplane_when_ready(
     config: &Config,
-    dataplane: &str,
+    running: DataplaneKind,
     handles: crate::agent::Handles,
 ) {
-    let job: Box<dyn FnOnce() + Send> = match dataplane {
-        "ebpf" => Box::new(|| {
-            let r = crate::dataplane::iptables::cleanup(None);
+    let job: Box<dyn FnOnce() + Send> = match running {
+        DataplaneKind::Ebpf => Box::new(|| {
+            let r = iptables::cleanup(None);
             let chains: usize = r.chains.iter().map(|(_, n)| n).sum();
             if chains + r.sets > 0 {
                 tracing::info!(chains, sets = r.sets, "removed what the iptables dataplane left");
@@ -100,19 +95,17 @@ fn cleanup_other_dataplane_when_ready(
                 tracing::warn!("removing what the iptables dataplane left: {p}");
             }
         }),
-        "iptables" => {
+        DataplaneKind::Iptables => {
             let pin_root = config.pin_root.clone();
-            Box::new(move || match cleanup_ebpf(&pin_root) {
+            Box::new(move || match ebpf::cleanup(&pin_root) {
                 Ok(r) if r.existed => {
                     tracing::info!(pin_root = %pin_root.display(), links = r.links, maps = r.maps, "removed what the eBPF dataplane left")
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "removing what the eBPF dataplane left")
-                }
+                Err(e) => tracing::warn!(error = %e, "removing what the eBPF dataplane left"),
             })
         }
-        _ => return,
+        DataplaneKind::Auto | DataplaneKind::Memory => return,
     };
     let spawned = std::thread::Builder::new().name("cleanup-other".into()).spawn(move || {
         while !handles.status().ready {
@@ -128,10 +121,9 @@ fn cleanup_other_dataplane_when_ready(
 /// Builds the agent from a configuration.
 pub fn build(config: &Config) -> anyhow::Result<Agent> {
     let source = open_source(config)?;
-    let dataplane = open_dataplane(config)?;
+    let (kind, dataplane) = open_dataplane(config)?;
     tracing::info!(dataplane = dataplane.name(), "dataplane open");
-    let metrics = Arc::new(Metrics::new(metrics_options(config, dataplane.name())));
-    let name = dataplane.name();
+    let metrics = Arc::new(Metrics::new(metrics_options(config, dataplane.as_ref())));
     let agent = Agent::with_metrics(
         &config.node_name,
         source,
@@ -139,19 +131,18 @@ pub fn build(config: &Config) -> anyhow::Result<Agent> {
         config.status_file.clone(),
         metrics,
     );
-    cleanup_other_dataplane_when_ready(config, name, agent.handles());
+    cleanup_other_dataplane_when_ready(config, kind, agent.handles());
     Ok(agent)
 }
 
-/// The metrics of a dataplane: its figures are read from the kernel at scrape time (the
-/// pinned maps of the eBPF dataplane; iptables-save and ipset for iptables).
-pub fn metrics_options(config: &Config, dataplane: &str) -> MetricsOptions {
-    let observer: Option<Box<dyn Observer>> = match dataplane {
-        "ebpf" => Some(Box::new(EbpfObserver::new(&config.pin_root))),
-        "iptables" => Some(Box::new(IptablesObserver::default())),
-        _ => None,
-    };
-    MetricsOptions { dataplane: dataplane.to_string(), advanced: config.advanced_metrics, observer }
+/// The metrics of a dataplane: its figures are read from the kernel at scrape time by its
+/// observer (the pinned maps of the eBPF dataplane; iptables-save and ipset for iptables).
+pub fn metrics_options(config: &Config, dataplane: &dyn Dataplane) -> MetricsOptions {
+    MetricsOptions {
+        dataplane: dataplane.name().to_string(),
+        advanced: config.advanced_metrics,
+        observer: dataplane.observer(),
+    }
 }
 
 /// Runs the agent until `stop` is set, serving its metrics on the metrics address.
@@ -218,59 +209,17 @@ pub fn init_logging(level: Option<&str>) {
 /// What [`cleanup`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cleanup {
-    pub pin_root: PathBuf,
-    /// Pinned links removed (each detaching its program from an interface).
-    pub links: usize,
-    /// Pinned maps removed.
-    pub maps: usize,
-    /// Whether the pin root existed.
-    pub existed: bool,
+    /// The eBPF dataplane's pin root.
+    pub ebpf: EbpfCleanup,
     /// The iptables dataplane's chains and sets removed.
     pub iptables: IptablesCleanup,
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Removes everything the agent installed: the iptables dataplane's chains (every
 /// `AZURE-NPM…` chain and FORWARD's jump, in both iptables backends) and sets (every
-/// `azure-npm-…` set), and the eBPF dataplane's pin root (removing a link's pin detaches its
-/// program, removing a map's pin frees the map once no program uses it). Refuses a pin root
-/// that is not on a bpf filesystem.
+/// `azure-npm-…` set), and the eBPF dataplane's pin root (see [`ebpf::cleanup`]).
 pub fn cleanup(pin_root: &Path) -> anyhow::Result<Cleanup> {
-    let iptables = crate::dataplane::iptables::cleanup(None);
-    let mut report = cleanup_ebpf(pin_root)?;
-    report.iptables = iptables;
-    Ok(report)
-}
-
-/// Removes the eBPF dataplane's pin root (see [`cleanup`]).
-pub fn cleanup_ebpf(pin_root: &Path) -> anyhow::Result<Cleanup> {
-    let mut report = Cleanup { pin_root: pin_root.to_path_buf(), ..Cleanup::default() };
-    if !pin_root.exists() {
-        return Ok(report);
-    }
-    report.existed = true;
-    let c =
-        std::ffi::CString::new(pin_root.as_os_str().as_encoded_bytes()).context("pin root path")?;
-    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        bail!("statfs {}: {}", pin_root.display(), std::io::Error::last_os_error());
-    }
-    if st.f_type as i64 != BPF_FS_MAGIC {
-        bail!("{} is not on a bpf filesystem; refusing to remove it", pin_root.display());
-    }
-    let count = |sub: &str| std::fs::read_dir(pin_root.join(sub)).map(|d| d.count()).unwrap_or(0);
-    report.links = count("links");
-    report.maps = count("maps");
-    // Links first, so programs leave the interfaces before their maps go.
-    if let Ok(dir) = std::fs::read_dir(pin_root.join("links")) {
-        for entry in dir.flatten() {
-            std::fs::remove_file(entry.path())
-                .with_context(|| format!("removing {}", entry.path().display()))?;
-        }
-    }
-    std::fs::remove_dir_all(pin_root)
-        .with_context(|| format!("removing {}", pin_root.display()))?;
-    Ok(report)
+    let iptables = iptables::cleanup(None);
+    let ebpf = ebpf::cleanup(pin_root)?;
+    Ok(Cleanup { ebpf, iptables })
 }

@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::compile::{Engine, Scope};
-use crate::dataplane::ebpf::EbpfDataplane;
-use crate::dataplane::{Dataplane, DataplaneError, Memory};
+use crate::dataplane::{Applied, Dataplane, DataplaneError, Memory};
 use crate::metrics::{Metrics, MetricsOptions, StateCounts};
 use crate::plan::{Change, Conflict, Plan, PlanDiff};
 use crate::source::{Batch, Source};
@@ -24,64 +23,10 @@ use crate::state::Event;
 
 use super::status::{EventStats, Operation, Status};
 
-/// How often pending eBPF attachments are retried and a failed dataplane resynchronized.
+/// How often the dataplane's periodic work runs and a failed dataplane is resynchronized.
 pub const TICK: Duration = Duration::from_secs(1);
-/// How often dead connection-tracking entries are swept from the eBPF maps.
-pub const CONNTRACK_SWEEP: Duration = Duration::from_secs(30);
 /// The longest the loop waits before looking at the stop flag again.
 const MAX_WAIT: Duration = Duration::from_millis(200);
-
-/// The dataplane the agent drives. eBPF is named because it has periodic work of its own
-/// (attaching to interfaces that appeared late).
-pub enum AgentDataplane {
-    Ebpf(Box<EbpfDataplane>),
-    Other(Box<dyn Dataplane>),
-}
-
-impl AgentDataplane {
-    pub fn as_dyn(&mut self) -> &mut dyn Dataplane {
-        match self {
-            AgentDataplane::Ebpf(d) => d.as_mut(),
-            AgentDataplane::Other(d) => d.as_mut(),
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            AgentDataplane::Ebpf(d) => d.name(),
-            AgentDataplane::Other(d) => d.name(),
-        }
-    }
-
-    /// The periodic work: attachments whose interface was not there yet (or was replaced),
-    /// and, when `sweep`, dead connection-tracking entries. False when it failed.
-    fn tick(&mut self, sweep: bool) -> bool {
-        if let AgentDataplane::Ebpf(d) = self {
-            match d.refresh_attachments() {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(pending = n, "retried pending attachments"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "retrying pending attachments");
-                    return false;
-                }
-            }
-            if sweep {
-                match d.sweep_conntrack() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(deleted = n, "swept dead connection-tracking entries"),
-                    Err(e) => tracing::warn!(error = %e, "sweeping connection tracking"),
-                }
-            }
-        }
-        if let AgentDataplane::Other(d) = self
-            && let Err(e) = d.tick()
-        {
-            tracing::warn!(error = %e, "dataplane's periodic work");
-            return false;
-        }
-        true
-    }
-}
 
 /// An in-memory dataplane whose plan can be read from another thread (tests, the lab).
 #[derive(Clone, Default)]
@@ -99,7 +44,7 @@ impl Dataplane for SharedMemory {
         "memory"
     }
 
-    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+    fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         self.0.lock().expect("memory dataplane lock").apply(diff)
     }
 
@@ -137,7 +82,7 @@ impl Handles {
 pub struct Agent {
     engine: Engine,
     source: Box<dyn Source>,
-    dataplane: AgentDataplane,
+    dataplane: Box<dyn Dataplane>,
     status_file: Option<PathBuf>,
     handles: Handles,
     /// Whether the dataplane holds the engine's plan (false before the first reconcile and
@@ -149,8 +94,6 @@ pub struct Agent {
     pending_generation: Option<u64>,
     status_error_logged: bool,
     last_source_error: Option<String>,
-    /// When dead connection-tracking entries were last swept.
-    last_sweep: Instant,
     /// Addresses several pods claim (reported in the status and the metrics, logged when they
     /// appear, change and go).
     conflicts: BTreeMap<IpAddr, Conflict>,
@@ -162,7 +105,7 @@ impl Agent {
     pub fn new(
         node_name: &str,
         source: Box<dyn Source>,
-        dataplane: AgentDataplane,
+        dataplane: Box<dyn Dataplane>,
         status_file: Option<PathBuf>,
     ) -> Agent {
         let metrics = Metrics::new(MetricsOptions {
@@ -177,7 +120,7 @@ impl Agent {
     pub fn with_metrics(
         node_name: &str,
         source: Box<dyn Source>,
-        dataplane: AgentDataplane,
+        dataplane: Box<dyn Dataplane>,
         status_file: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Agent {
@@ -198,7 +141,6 @@ impl Agent {
             pending_generation: None,
             status_error_logged: false,
             last_source_error: None,
-            last_sweep: Instant::now(),
             conflicts: BTreeMap::new(),
             unenforced: BTreeMap::new(),
         }
@@ -280,8 +222,10 @@ impl Agent {
         let mut failed = false;
         if self.in_sync && !diff.is_empty() {
             let applying = Instant::now();
-            let result = self.dataplane.as_dyn().apply(&diff);
-            self.handles.metrics.observe_apply(&diff, applying.elapsed());
+            let result = self.dataplane.apply(&diff);
+            if let Ok(applied) = &result {
+                self.handles.metrics.observe_apply(*applied, applying.elapsed());
+            }
             if let Err(e) = result {
                 failed = true;
                 self.in_sync = false;
@@ -409,7 +353,7 @@ impl Agent {
                 .chain(gone.into_iter().map(|ip| (ip, None)))
                 .collect::<Vec<_>>(),
         );
-        let result = self.dataplane.as_dyn().reconcile(&plan);
+        let result = self.dataplane.reconcile(&plan);
         let took = start.elapsed();
         let endpoints = plan.endpoints.len();
         drop(plan);
@@ -448,11 +392,10 @@ impl Agent {
             self.reconcile();
             self.publish();
         }
-        let sweep = self.last_sweep.elapsed() >= CONNTRACK_SWEEP;
-        if sweep {
-            self.last_sweep = Instant::now();
-        }
-        if self.in_sync && !self.dataplane.tick(sweep) {
+        if self.in_sync
+            && let Err(e) = self.dataplane.tick()
+        {
+            tracing::warn!(error = %e, "the dataplane's periodic work");
             self.handles.metrics.apply_failed("attach");
         }
     }

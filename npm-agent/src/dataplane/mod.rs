@@ -9,7 +9,8 @@ pub mod iface;
 pub mod iptables;
 pub mod observe;
 
-use crate::plan::{Plan, PlanDiff};
+use crate::plan::{Change, Plan, PlanDiff};
+use observe::Observer;
 
 /// A failure to program the dataplane. Enforcement of what was already applied goes on.
 #[derive(Debug, thiserror::Error)]
@@ -20,11 +21,21 @@ pub enum DataplaneError {
     Unsupported { dataplane: &'static str, reason: String },
 }
 
+/// What applying a diff wrote, in Azure NPM's terms: its `npm_add_iptables_rule_exec_time`
+/// and `npm_add_ipset_exec_time` summaries time the applies that add rules and sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rules (or policy entries) were added.
+    pub rules_added: bool,
+    /// Sets (or set members, identities, prefixes) were added.
+    pub sets_added: bool,
+}
+
 /// Something that enforces a plan.
 pub trait Dataplane {
     fn name(&self) -> &'static str;
     /// Applies one diff, in its order (make-before-break).
-    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError>;
+    fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;
     /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,
     /// including state left pinned by a previous agent): adds first, then removes.
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
@@ -32,6 +43,11 @@ pub trait Dataplane {
     /// node rather than the plan, such as pods' interfaces appearing.
     fn tick(&mut self) -> Result<(), DataplaneError> {
         Ok(())
+    }
+    /// What reads this dataplane's figures from the kernel for the metrics (at scrape time,
+    /// from another thread); `None` when it has none (the metrics then count the plan).
+    fn observer(&self) -> Option<Box<dyn Observer>> {
+        None
     }
 }
 
@@ -46,11 +62,18 @@ impl Dataplane for Memory {
         "memory"
     }
 
-    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+    fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         self.plan.apply(diff).map_err(|message| DataplaneError::Apply {
             dataplane: "memory",
             operation: "apply".into(),
             message,
+        })?;
+        Ok(Applied {
+            rules_added: diff.changes.iter().any(|c| matches!(c, Change::AddAllow { .. })),
+            sets_added: diff
+                .changes
+                .iter()
+                .any(|c| matches!(c, Change::SetIdentity { .. } | Change::AddMember { .. })),
         })
     }
 

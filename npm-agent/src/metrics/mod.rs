@@ -27,8 +27,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+use crate::dataplane::Applied;
 use crate::dataplane::observe::{Counts, Observer};
-use crate::plan::{Change, PeerMatch, PlanDiff};
 use dataplane::FiguresCache;
 use summary::{SummaryOpts, SummaryVec};
 
@@ -286,27 +286,16 @@ impl Metrics {
         }
     }
 
-    /// Records the application of one event's diff to the dataplane (failed or not): its
-    /// time goes to `npm_add_iptables_rule_exec_time` when the diff adds allow entries (what
-    /// iptables rules and policy-map entries express) and to `npm_add_ipset_exec_time` when it
-    /// adds set members (a pod address joining its identity, or a CIDR prefix).
-    pub fn observe_apply(&self, diff: &PlanDiff, took: Duration) {
+    /// Records a successful application of one event's diff to the dataplane: its time goes
+    /// to `npm_add_iptables_rule_exec_time` when the dataplane added rules (iptables rules,
+    /// policy-map entries) and to `npm_add_ipset_exec_time` when it added sets or members
+    /// (ipsets and their entries, identities, CIDR prefixes).
+    pub fn observe_apply(&self, applied: Applied, took: Duration) {
         let ms = took.as_secs_f64() * 1000.0;
-        let adds_rules = diff.changes.iter().any(|c| matches!(c, Change::AddAllow { .. }));
-        let adds_sets = diff.changes.iter().any(|c| {
-            matches!(
-                c,
-                Change::SetIdentity { .. }
-                    | Change::AddAllow {
-                        allow: crate::plan::Allow { peer: PeerMatch::Cidr(_), .. },
-                        ..
-                    }
-            )
-        });
-        if adds_rules {
+        if applied.rules_added {
             self.add_rule.observe(&[], ms);
         }
-        if adds_sets {
+        if applied.sets_added {
             self.add_ipset.observe(&[], ms);
         }
     }

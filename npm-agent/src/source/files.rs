@@ -45,10 +45,10 @@ use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
-use super::{Batch, Source, SourceHealth};
+use super::{Batch, Object, ObjectId, Source, SourceHealth};
 use crate::input;
 use crate::model::validate::network_policy;
-use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, convert};
+use crate::model::{ObjectKey, convert};
 use crate::state::Event;
 
 /// How often the directory is scanned.
@@ -59,59 +59,6 @@ pub const GENERATION_FILE: &str = ".generation";
 
 /// The generation marker is a number: a larger file is not one.
 const GENERATION_MAX_BYTES: u64 = 4096;
-
-/// What an object is, in the order upserts are applied (namespaces and nodes before the
-/// policies that select by them, policies before the pods they isolate); deletions go in
-/// the reverse order.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ObjectId {
-    Namespace(String),
-    Node(String),
-    Policy(ObjectKey),
-    Pod(ObjectKey),
-}
-
-impl std::fmt::Display for ObjectId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ObjectId::Namespace(n) => write!(f, "Namespace {n}"),
-            ObjectId::Node(n) => write!(f, "Node {n}"),
-            ObjectId::Policy(k) => write!(f, "NetworkPolicy {k}"),
-            ObjectId::Pod(k) => write!(f, "Pod {k}"),
-        }
-    }
-}
-
-/// An object in model form.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Object {
-    Namespace(Namespace),
-    Node(Node),
-    Policy(Policy),
-    Pod(Pod),
-}
-
-impl Object {
-    fn upsert(&self) -> Event {
-        match self {
-            Object::Namespace(n) => Event::UpsertNamespace(n.clone()),
-            Object::Node(n) => Event::UpsertNode(n.clone()),
-            Object::Policy(p) => Event::UpsertPolicy(p.clone()),
-            Object::Pod(p) => Event::UpsertPod(p.clone()),
-        }
-    }
-}
-
-impl ObjectId {
-    fn delete(&self) -> Event {
-        match self {
-            ObjectId::Namespace(n) => Event::DeleteNamespace(n.clone()),
-            ObjectId::Node(n) => Event::DeleteNode(n.clone()),
-            ObjectId::Policy(k) => Event::DeletePolicy(k.clone()),
-            ObjectId::Pod(k) => Event::DeletePod(k.clone()),
-        }
-    }
-}
 
 /// One object read from a file: its identity when it could be read, and the object or why
 /// it was rejected.

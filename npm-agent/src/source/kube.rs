@@ -52,8 +52,7 @@ use kube::{Client, Resource};
 use serde::de::{Deserialize, DeserializeOwned, Deserializer};
 use tokio::sync::mpsc;
 
-use super::files::{Object, ObjectId};
-use super::{Batch, Source, SourceHealth};
+use super::{Batch, Object, ObjectId, Source, SourceHealth};
 use crate::model::validate::network_policy;
 use crate::model::{ObjectKey, convert};
 use crate::state::Event;

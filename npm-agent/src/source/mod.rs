@@ -15,6 +15,7 @@
 
 pub mod files;
 pub mod kube;
+pub mod object;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use crate::state::Event;
 
 pub use self::kube::{KubeOptions, KubeSource};
 pub use files::FilesSource;
+pub use object::{Object, ObjectId};
 
 /// Events that a source produced since its previous batch.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -30,9 +31,11 @@ use npm_common::{
 };
 
 use super::model::MapModel;
+use super::observe::EbpfObserver;
 use super::translate::{Encoded, MapOp, Translator};
 use crate::dataplane::iface;
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::dataplane::observe::Observer;
+use crate::dataplane::{Applied, Dataplane, DataplaneError};
 use crate::model::ObjectKey;
 use crate::plan::{Plan, PlanDiff};
 
@@ -131,7 +134,12 @@ pub struct EbpfDataplane {
     maps: Maps,
     translator: Translator,
     attachments: HashMap<Ipv4Addr, Attachment>,
+    /// When dead connection-tracking entries were last swept.
+    last_sweep: Instant,
 }
+
+/// How often [`EbpfDataplane::tick`] sweeps dead connection-tracking entries.
+pub const CONNTRACK_SWEEP: Duration = Duration::from_secs(30);
 
 impl EbpfDataplane {
     /// Loads the programs and opens (or creates) the pinned maps. Fails when the kernel cannot
@@ -185,8 +193,14 @@ impl EbpfDataplane {
             counters: take(MAP_COUNTERS)?.try_into().map_err(|e| err(MAP_COUNTERS, e))?,
             config: take(MAP_CONFIG)?.try_into().map_err(|e| err(MAP_CONFIG, e))?,
         };
-        let mut dp =
-            Self { config, ebpf, maps, translator: Translator::new(), attachments: HashMap::new() };
+        let mut dp = Self {
+            config,
+            ebpf,
+            maps,
+            translator: Translator::new(),
+            attachments: HashMap::new(),
+            last_sweep: Instant::now(),
+        };
         dp.set_log_drops(dp.config.log_drops)?;
         Ok(dp)
     }
@@ -604,9 +618,38 @@ impl Dataplane for EbpfDataplane {
         NAME
     }
 
-    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+    fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         let ops = self.translator.translate(diff);
-        self.run_ops(ops)
+        let applied = Applied {
+            rules_added: ops.iter().any(|op| matches!(op, MapOp::PolicyAdd { .. })),
+            sets_added: ops
+                .iter()
+                .any(|op| matches!(op, MapOp::IdentitySet { .. } | MapOp::CidrSet { .. })),
+        };
+        self.run_ops(ops)?;
+        Ok(applied)
+    }
+
+    /// Attachments whose interface was not there yet (or was replaced); every
+    /// [`CONNTRACK_SWEEP`], dead connection-tracking entries.
+    fn tick(&mut self) -> Result<(), DataplaneError> {
+        if self.last_sweep.elapsed() >= CONNTRACK_SWEEP {
+            self.last_sweep = Instant::now();
+            match self.sweep_conntrack() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "swept dead connection-tracking entries"),
+                Err(e) => tracing::warn!(error = %e, "sweeping connection tracking"),
+            }
+        }
+        let n = self.refresh_attachments()?;
+        if n > 0 {
+            tracing::debug!(pending = n, "retried pending attachments");
+        }
+        Ok(())
+    }
+
+    fn observer(&self) -> Option<Box<dyn Observer>> {
+        Some(Box::new(EbpfObserver::new(&self.config.pin_root)))
     }
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
@@ -759,4 +802,53 @@ fn forward_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             }
         })
         .ok();
+}
+
+/// What [`cleanup`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EbpfCleanup {
+    pub pin_root: PathBuf,
+    /// Pinned links removed (each detaching its program from an interface).
+    pub links: usize,
+    /// Pinned maps removed.
+    pub maps: usize,
+    /// Whether the pin root existed.
+    pub existed: bool,
+}
+
+/// Removes the dataplane's pin root: removing a link's pin detaches its program, removing a
+/// map's pin frees the map once no program uses it. Refuses a pin root that is not on a bpf
+/// filesystem.
+pub fn cleanup(pin_root: &Path) -> Result<EbpfCleanup, DataplaneError> {
+    let mut report = EbpfCleanup { pin_root: pin_root.to_path_buf(), ..EbpfCleanup::default() };
+    if !pin_root.exists() {
+        return Ok(report);
+    }
+    report.existed = true;
+    let c = std::ffi::CString::new(pin_root.as_os_str().as_encoded_bytes())
+        .map_err(|e| err("pin root path", e))?;
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(err(format!("statfs {}", pin_root.display()), std::io::Error::last_os_error()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(err(
+            "cleanup",
+            format!("{} is not on a bpf filesystem; refusing to remove it", pin_root.display()),
+        ));
+    }
+    let count = |sub: &str| std::fs::read_dir(pin_root.join(sub)).map(|d| d.count()).unwrap_or(0);
+    report.links = count("links");
+    report.maps = count("maps");
+    // Links first, so programs leave the interfaces before their maps go.
+    if let Ok(dir) = std::fs::read_dir(pin_root.join("links")) {
+        for entry in dir.flatten() {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| err(format!("removing {}", entry.path().display()), e))?;
+        }
+    }
+    std::fs::remove_dir_all(pin_root)
+        .map_err(|e| err(format!("removing {}", pin_root.display()), e))?;
+    Ok(report)
 }

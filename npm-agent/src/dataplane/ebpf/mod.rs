@@ -8,4 +8,7 @@ pub mod observe;
 pub mod testrun;
 pub mod translate;
 
-pub use kernel::{DEFAULT_PIN_ROOT, EbpfConfig, EbpfDataplane, PacketCounters, pinned_counters};
+pub use kernel::{
+    CONNTRACK_SWEEP, DEFAULT_PIN_ROOT, EbpfCleanup, EbpfConfig, EbpfDataplane, PacketCounters,
+    cleanup, pinned_counters,
+};

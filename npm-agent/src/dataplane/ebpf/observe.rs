@@ -17,6 +17,7 @@ use crate::dataplane::observe::{Counts, Figures, MapFigure, Observer, PacketFigu
 
 /// Reads the eBPF dataplane's pinned maps (under `<pin root>/maps`).
 pub struct EbpfObserver {
+    pin_root: PathBuf,
     maps_dir: PathBuf,
 }
 
@@ -75,7 +76,7 @@ fn count_keys<K>(
 
 impl EbpfObserver {
     pub fn new(pin_root: &Path) -> Self {
-        Self { maps_dir: pin_root.join("maps") }
+        Self { pin_root: pin_root.to_path_buf(), maps_dir: pin_root.join("maps") }
     }
 
     /// The identity, CIDR and policy maps' contents (also for tests that check the metrics
@@ -107,22 +108,19 @@ impl EbpfObserver {
 impl Observer for EbpfObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
         use aya::maps::lpm_trie::LpmTrie;
-        use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+        use aya::maps::{HashMap as BpfHashMap, MapData};
         use npm_common::conntrack::{FragKey, FragValue};
         use npm_common::*;
         let dir = &self.maps_dir;
         let mut f = Figures::default();
 
-        let counters: PerCpuArray<MapData, u64> = open_map(dir, MAP_COUNTERS)?.try_into()?;
+        let counters = super::kernel::pinned_counters(&self.pin_root)?;
         for (dir_byte, direction) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
             for r in Reason::ALL {
-                let values = counters
-                    .get(&counter_index(dir_byte, r), 0)
-                    .context("reading the packet counters")?;
                 let p = PacketFigure {
                     direction,
                     reason: r.name().into(),
-                    packets: values.iter().sum(),
+                    packets: counters.get(dir_byte, r),
                 };
                 if r.allowed() { f.allowed.push(p) } else { f.dropped.push(p) }
             }

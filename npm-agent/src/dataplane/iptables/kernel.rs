@@ -12,10 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::guard::{self, Guard};
+use super::observe::IptablesObserver;
 use super::state::KernelState;
 use super::translate::{self, Batch, STEP_DEL_SETS, Tool, Translator};
 use crate::dataplane::azure::SET_PREFIX;
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::dataplane::observe::Observer;
+use crate::dataplane::{Applied, Dataplane, DataplaneError};
 use crate::plan::{Plan, PlanDiff};
 
 const NAME: &str = "iptables";
@@ -183,10 +185,36 @@ impl Runner {
         })
     }
 
+    /// A program's output, or why it did not run or failed.
+    pub fn read(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        match self.run(program, args, None) {
+            Ok(o) if o.ok => Ok(o.stdout),
+            Ok(o) => Err(o.stderr),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// A program's output when it exists and succeeds.
     fn output(&self, program: &str, args: &[&str]) -> Option<String> {
         self.run(program, args, None).ok().filter(|o| o.ok).map(|o| o.stdout)
     }
+}
+
+/// What a diff's batches added: rules (`-A`, `-I`), sets and members (`create`, `add`).
+fn applied(batches: &[Batch]) -> Applied {
+    let mut a = Applied::default();
+    for b in batches {
+        let lines = || b.script.lines();
+        match b.tool {
+            Tool::Iptables => {
+                a.rules_added |= lines().any(|l| l.starts_with("-A ") || l.starts_with("-I "))
+            }
+            Tool::Ipset => {
+                a.sets_added |= lines().any(|l| l.starts_with("create ") || l.starts_with("add "))
+            }
+        }
+    }
+    a
 }
 
 /// The line a restore program names in its error (`line 3 failed`, `Error in line 3:`).
@@ -536,7 +564,7 @@ impl Dataplane for IptablesDataplane {
         NAME
     }
 
-    fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
+    fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         if self.damaged.swap(false, Ordering::SeqCst) {
             return Err(DataplaneError::Apply {
                 dataplane: NAME,
@@ -548,7 +576,12 @@ impl Dataplane for IptablesDataplane {
         let batches = self.translator.translate(diff);
         self.run_batches(&batches, |_| {})?;
         self.guard.apply(diff);
-        self.write_guard(false)
+        self.write_guard(false)?;
+        Ok(applied(&batches))
+    }
+
+    fn observer(&self) -> Option<Box<dyn Observer>> {
+        Some(Box::new(IptablesObserver::new(self.runner.clone(), self.backend)))
     }
 
     fn tick(&mut self) -> Result<(), DataplaneError> {

@@ -1,15 +1,15 @@
-//! The iptables dataplane's figures: `iptables-save -c` of the backend (nft or legacy) that
-//! holds the `AZURE-NPM*` chains (their rules; drops are the packet counters of their `DROP`
-//! rules, by the chain's direction, and of the source guard's), `ipset save` (the
-//! `azure-npm-*` sets and their entries), and conntrack entries from
-//! `/proc/sys/net/netfilter/nf_conntrack_count`.
+//! The iptables dataplane's figures: `iptables-save -c` of the dataplane's backend (its
+//! `AZURE-NPM*` rules; drops are the packet counters of their `DROP` rules, by the chain's
+//! direction, and of the source guard's), `ipset save` (the `azure-npm-*` sets and their
+//! entries, read as a reconcile reads them), and conntrack entries from
+//! `/proc/sys/net/netfilter/nf_conntrack_count`. Run in the dataplane's network namespace.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
-use crate::dataplane::azure::SET_PREFIX;
+use super::kernel::{Backend, Runner};
+use super::state::KernelState;
 use crate::dataplane::observe::{Counts, Figures, Observer, PacketFigure};
 
 /// The readable name of a kernel set name (`azure-npm-…`), when the dataplane knows it.
@@ -17,10 +17,24 @@ pub type SetNames = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// Reads the iptables dataplane's rules, sets and counters with `iptables-save` and
 /// `ipset save` (Azure NPM's chain and set names).
-#[derive(Default)]
 pub struct IptablesObserver {
+    runner: Runner,
+    backend: Backend,
     /// Readable set names; without, the kernel name is both `set_name` and `set_hash`.
     pub set_names: Option<SetNames>,
+}
+
+impl IptablesObserver {
+    /// Reads what `backend` holds, running the programs with `runner` (the dataplane's).
+    pub fn new(runner: Runner, backend: Backend) -> Self {
+        Self { runner, backend, set_names: None }
+    }
+
+    fn read(&self, program: &str, args: &[&str]) -> Result<String> {
+        self.runner
+            .read(program, args)
+            .map_err(|e| anyhow::anyhow!("{program} {}: {e}", args.join(" ")))
+    }
 }
 
 /// Rules and drops parsed from `iptables-save -c`.
@@ -90,78 +104,21 @@ pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
     .collect()
 }
 
-/// Parses `ipset save`: the `azure-npm-*` sets and the entries of each.
-pub fn parse_ipset_save(text: &str) -> BTreeMap<String, u64> {
-    let mut sets = BTreeMap::new();
-    for line in text.lines() {
-        let mut w = line.split_whitespace();
-        match (w.next(), w.next()) {
-            (Some("create"), Some(name)) if name.starts_with(SET_PREFIX) => {
-                sets.entry(name.to_string()).or_insert(0);
-            }
-            (Some("add"), Some(name)) if name.starts_with(SET_PREFIX) => {
-                *sets.entry(name.to_string()).or_insert(0) += 1;
-            }
-            _ => {}
-        }
-    }
-    sets
-}
-
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The filter table with counters of the iptables backend (nft or legacy) that holds the
-/// `AZURE-NPM` chains (the dataplane chose one and removes its layout from the other), and the
-/// program that printed it.
-fn iptables_save() -> Result<(String, &'static str)> {
-    let args = ["-c", "-t", "filter"];
-    let mut first_error = None;
-    let mut any_ran = false;
-    for program in ["iptables-nft-save", "iptables-legacy-save", "iptables-save"] {
-        match run(program, &args) {
-            Ok(text) if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) => {
-                return Ok((text, program));
-            }
-            Ok(_) => any_ran = true,
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    match first_error {
-        // No backend holds the chains yet: no rules.
-        Some(e) if !any_ran => Err(e),
-        _ => Ok((String::new(), "iptables-save")),
-    }
-}
-
 impl Observer for IptablesObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
-        let (filter, save) = iptables_save()?;
-        let rules = parse_iptables_save(&filter);
-        let sets = parse_ipset_save(&run("ipset", &["save"])?);
+        let save = self.backend.save_program();
+        let rules = parse_iptables_save(&self.read(save, &["-c", "-t", "filter"])?);
+        let sets = KernelState::parse(&self.read("ipset", &["save"])?, "").sets;
         let mut f = Figures::default();
         for (direction, packets) in
             [("ingress", rules.dropped_ingress), ("egress", rules.dropped_egress)]
         {
             f.dropped.push(PacketFigure { direction, reason: "denied".into(), packets });
         }
-        // The guard's counters, from the same backend (absent tables count nothing).
-        let raw = run(save, &["-c", "-t", "raw"]).unwrap_or_default();
-        let save6 = save.replacen("iptables", "ip6tables", 1);
-        let ipv6 = run(&save6, &["-c", "-t", "filter"]).unwrap_or_default();
+        // The guard's counters (an absent table counts nothing).
+        let raw = self.read(save, &["-c", "-t", "raw"]).unwrap_or_default();
+        let ipv6 =
+            self.read(self.backend.save6_program(), &["-c", "-t", "filter"]).unwrap_or_default();
         f.dropped.extend(parse_guard_drops(&raw, &ipv6));
         f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
             .ok()
@@ -169,17 +126,18 @@ impl Observer for IptablesObserver {
         let mut counts = Counts {
             rules: rules.rules,
             sets: sets.len() as u64,
-            set_entries: sets.values().sum(),
+            set_entries: sets.values().map(|s| s.members.len() as u64).sum(),
             per_set: Vec::new(),
         };
         if per_set {
-            for (kernel, n) in &sets {
+            for (kernel, set) in &sets {
+                let n = set.members.len() as u64;
                 let name = self
                     .set_names
                     .as_ref()
                     .and_then(|f| f(kernel))
                     .unwrap_or_else(|| kernel.clone());
-                counts.per_set.push((name, kernel.clone(), *n));
+                counts.per_set.push((name, kernel.clone(), n));
             }
         }
         f.counts = Some(counts);
@@ -226,29 +184,6 @@ COMMIT
         assert_eq!(
             parse_iptables_save(save),
             IptablesFigures { rules: 5, dropped_ingress: 4, dropped_egress: 2 }
-        );
-    }
-
-    #[test]
-    fn ipset_sets_and_entries() {
-        let save = "\
-create azure-npm-1 hash:net family inet hashsize 1024 maxelem 65536
-add azure-npm-1 10.0.0.1
-add azure-npm-1 10.0.0.2
-create azure-npm-2 hash:net family inet hashsize 1024 maxelem 65536
-create other hash:ip family inet
-add other 1.2.3.4
-create azure-npm-3 list:set size 8
-add azure-npm-3 azure-npm-1
-";
-        let sets = parse_ipset_save(save);
-        assert_eq!(
-            sets,
-            BTreeMap::from([
-                ("azure-npm-1".into(), 2),
-                ("azure-npm-2".into(), 0),
-                ("azure-npm-3".into(), 1)
-            ])
         );
     }
 }
