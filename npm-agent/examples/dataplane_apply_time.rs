@@ -83,9 +83,10 @@ fn stats(mut v: Vec<Duration>) -> String {
 }
 
 /// A compiled node: the engine after every event, and its plan.
-fn compile(cluster: &Cluster, node: &str) -> (Engine, Duration) {
+fn compile(cluster: &Cluster, node: &str, layout: bool) -> (Engine, Duration) {
     let t = Instant::now();
-    let mut engine = Engine::new(Scope::Node(node.into()));
+    let engine = Engine::new(Scope::Node(node.into()));
+    let mut engine = if layout { engine.with_layout() } else { engine };
     for e in cluster.events() {
         engine.handle(e);
     }
@@ -160,7 +161,7 @@ fn main() {
             }
         }
         for backend in [Backend::Nft, Backend::Legacy] {
-            let (mut engine, compiled) = compile(&cluster, &node);
+            let (mut engine, compiled) = compile(&cluster, &node, true);
             let plan = engine.plan();
             let ns = Netns::new(backend.as_str());
             let mut dp = IptablesDataplane::open(IptablesConfig {
@@ -202,7 +203,7 @@ fn main() {
                 enc.set_members,
             );
         }
-        let (mut engine, compiled) = compile(&cluster, &node);
+        let (mut engine, compiled) = compile(&cluster, &node, false);
         let plan = engine.plan();
         let pin =
             PinRoot(PathBuf::from(format!("/sys/fs/bpf/npm-apply-bench-{}", std::process::id())));

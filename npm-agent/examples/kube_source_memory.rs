@@ -13,7 +13,8 @@
 //! runtime. `engine` feeds them into an incremental engine for the measured node, as the
 //! agent does: the engine holds the model of the cluster. `iptables` then reconciles the
 //! iptables translator over the plan (an empty kernel, no process run), as an agent in
-//! iptables mode holds it: the label view of every pod and policy, and the sets' members.
+//! iptables mode holds it: the engine with the Azure NPM layout (sets and their members),
+//! and the translator's kernel names and rule text.
 
 #[path = "../tests/kube_server/mod.rs"]
 mod kube_server;
@@ -71,7 +72,11 @@ fn main() {
     let mut source =
         KubeSource::from_config(config, KubeOptions::new(node.clone())).expect("source");
     report("source started");
-    let mut engine = (mode != "source").then(|| Engine::new(Scope::Node(node.clone())));
+    let mut engine = (mode != "source").then(|| {
+        let engine = Engine::new(Scope::Node(node.clone()));
+        // (The iptables dataplane renders the plan's layout, which the engine then keeps.)
+        if mode == "iptables" { engine.with_layout() } else { engine }
+    });
     let t = Instant::now();
     let mut events = 0usize;
     loop {

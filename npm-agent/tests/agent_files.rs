@@ -16,8 +16,8 @@ use npm_agent::agent::{
 };
 use npm_agent::model::{Direction, ObjectKey, PortSpec, Protocol};
 use npm_agent::plan::{Connection, Plan};
-use npm_agent::source::{Object, ObjectId};
 use npm_agent::source::{FilesSource, Source, SourceSpec};
+use npm_agent::source::{Object, ObjectId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_npm-agent");
 

@@ -90,7 +90,7 @@ fn apply_make_before_break(
     let old = verdicts(plan, &all);
     let new_v = verdicts(new, &all);
     for (i, change) in diff.changes.iter().enumerate() {
-        plan.apply(&PlanDiff { changes: vec![change.clone()] }).map_err(TestCaseError::fail)?;
+        plan.apply(&PlanDiff::of(vec![change.clone()])).map_err(TestCaseError::fail)?;
         let mid = verdicts(plan, &all);
         for (k, p) in all.iter().enumerate() {
             prop_assert!(
@@ -121,7 +121,7 @@ proptest! {
     fn diffs_rebuild_the_full_plan(events in proptest::collection::vec(event(), 1..30)) {
         // Capacity 1 forgets released selectors soon (exercising both reviving and forgetting).
         for (scope, dormant) in scopes().into_iter().flat_map(|s| [(s.clone(), DORMANT_SELECTORS), (s, 1)]) {
-            let mut engine = Engine::with_dormant_capacity(scope.clone(), dormant);
+            let mut engine = Engine::with_dormant_capacity(scope.clone(), dormant).with_layout();
             let mut plan = Plan::default();
             let mut state = ClusterState::default();
             for e in &events {
@@ -134,8 +134,13 @@ proptest! {
                         prop_assert!(seen.insert((*ip, *direction, allow.clone())), "{:?} twice in one diff", c);
                     }
                 }
+                let before = plan.layout.clone();
                 plan.apply(&diff).map_err(TestCaseError::fail)?;
                 let full = compile(&state, &scope);
+                // A layout's diff to another moves it there (what a test builds diffs with).
+                let mut moved = before.clone();
+                moved.apply(&before.diff(&full.layout)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&moved, &full.layout);
                 prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
                 prop_assert_eq!(engine.plan().canonical(), full.canonical());
                 // The same event again changes nothing.
@@ -220,7 +225,7 @@ fn a_new_address_is_identified_before_isolation() {
         port: 80,
     };
     for c in &diff.changes {
-        plan.apply(&PlanDiff { changes: vec![c.clone()] }).unwrap();
+        plan.apply(&PlanDiff::of(vec![c.clone()])).unwrap();
         assert!(plan.allows_egress(&conn), "refused after {c:?} in {diff:#?}");
     }
 }

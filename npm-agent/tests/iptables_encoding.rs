@@ -36,7 +36,7 @@ struct Node {
 impl Node {
     fn new(node: &str) -> Self {
         let mut n = Self {
-            engine: Engine::new(Scope::Node(node.into())),
+            engine: Engine::new(Scope::Node(node.into())).with_layout(),
             translator: Translator::new(),
             kernel: KernelModel::default(),
         };
@@ -317,7 +317,7 @@ proptest! {
         let mut events = initial_events(&now);
         let k = events.len().max(1);
         events.rotate_left((seed as usize) % k);
-        let mut engine = Engine::new(Scope::Node("n1".into()));
+        let mut engine = Engine::new(Scope::Node("n1".into())).with_layout();
         for e in events {
             engine.handle(e);
         }

@@ -192,6 +192,7 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
                 d.changes.push(npm_agent::plan::Change::RemoveIdentity { ip: *ip });
             }
             d.changes.extend(next.as_diff().changes);
+            d.layout = last.layout.diff(&next.layout);
             d
         };
         let first_create = dry

@@ -130,8 +130,10 @@ impl Agent {
             s.node = node_name.to_string();
             s.dataplane = dataplane.name().to_string();
         }
+        let engine = Engine::new(Scope::Node(node_name.to_string()));
+        let engine = if dataplane.renders_layout() { engine.with_layout() } else { engine };
         Agent {
-            engine: Engine::new(Scope::Node(node_name.to_string())),
+            engine,
             source,
             dataplane,
             status_file,

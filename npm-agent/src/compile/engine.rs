@@ -25,6 +25,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
+use super::layout::{LayoutCompiler, LayoutInput};
 use super::{Scope, Term, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
@@ -156,8 +157,9 @@ struct DiffBuilder {
     /// Set memberships touched: whether each held before the event.
     members: HashMap<(SelectorId, IdentityId), bool>,
     node_ips: Option<BTreeSet<IpAddr>>,
-    /// Label view: identities created or dropped (whether each existed before the event),
-    /// namespaces (their labels before), policies changed (whether each existed before).
+    /// For the layout: identities created or dropped (whether each existed before the
+    /// event), namespaces (their labels before), policies changed (whether each existed
+    /// before).
     identity_keys: HashMap<IdentityId, bool>,
     namespaces: HashMap<String, Option<Labels>>,
     policies: HashMap<ObjectKey, bool>,
@@ -207,6 +209,42 @@ impl Output {
     }
 }
 
+/// The stages of a diff's order (see [`PlanDiff`]), in order: changes are sorted by stage,
+/// stably. Addresses that become pods get their identity before anything is isolated, so a
+/// newly isolated endpoint already recognizes them; entries are added before isolation is
+/// switched on and removed only after it is lifted, so no endpoint direction ever admits
+/// what neither its old nor its new entries admit (`tests/incremental.rs` checks every
+/// prefix of every diff).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// New peer sets with their members; conflicts reported.
+    Sets,
+    /// New (or retargeted) endpoints.
+    Endpoints,
+    /// Entries of endpoint directions not isolated before (they admit everything anyway), and
+    /// members joining existing sets (no address has a new identity yet).
+    QuietAdds,
+    /// Addresses that become pods.
+    IdentifyNew,
+    Isolate,
+    /// Entries of endpoint directions already isolated.
+    WideningAdds,
+    /// Addresses whose identity switches (atomically, for each).
+    Identify,
+    /// Isolation lifted, and endpoints that go unenforced: an endpoint that goes (its pod
+    /// gone, or its address now another node's pod's) admits everything in the new plan, so
+    /// it is removed before any address loses its identity: it never refuses what it admitted
+    /// and still admits.
+    Unisolate,
+    /// Entries removed (from isolated directions, or quietly), members leaving sets, node
+    /// addresses gone.
+    Removes,
+    /// Addresses no longer a pod's.
+    Unidentify,
+    /// Peer sets gone, conflicts ended.
+    Unset,
+}
+
 /// The incremental compiler of one node's plan (or of every pod's, for the simulator).
 pub struct Engine {
     scope: Scope,
@@ -215,6 +253,8 @@ pub struct Engine {
     state: ClusterState,
     idx: Index,
     out: Output,
+    /// The Azure NPM layout, when a dataplane renders it ([`Engine::with_layout`]).
+    layout: Option<LayoutCompiler>,
 }
 
 impl Engine {
@@ -231,7 +271,40 @@ impl Engine {
             state: ClusterState::default(),
             idx: Index { next_identity: 1, ..Index::default() },
             out: Output::default(),
+            layout: None,
         }
+    }
+
+    /// The engine, also compiling the plan's Azure NPM layout (for the iptables dataplane).
+    pub fn with_layout(mut self) -> Self {
+        let mut compiler = LayoutCompiler::new();
+        let input = LayoutInput {
+            new_keys: self.idx.identities.iter().map(|(id, e)| (*id, e.key.clone())).collect(),
+            addresses: self
+                .idx
+                .pod_identity
+                .iter()
+                .map(|(k, id)| (self.state.pods[k].ip.expect("owners have addresses"), Some(*id)))
+                .collect(),
+            namespaces: self
+                .state
+                .namespaces
+                .iter()
+                .map(|(n, ns)| (n.clone(), Some(ns.labels.clone())))
+                .collect(),
+            policies: self.state.policies.iter().map(|(k, p)| (k.clone(), Some(p))).collect(),
+            quarantine: self
+                .idx
+                .claims
+                .keys()
+                .filter(|ip| self.conflict(ip).is_some_and(|c| c.quarantined))
+                .map(|ip| (*ip, true))
+                .collect(),
+            dropped_keys: Vec::new(),
+        };
+        compiler.update(input);
+        self.layout = Some(compiler);
+        self
     }
 
     pub fn scope(&self) -> &Scope {
@@ -300,14 +373,7 @@ impl Engine {
     pub fn plan(&self) -> Plan {
         let mut plan = Plan {
             node_ips: self.out.node_ips.clone(),
-            identity_keys: self.idx.identities.iter().map(|(id, e)| (*id, e.key.clone())).collect(),
-            namespaces: self
-                .state
-                .namespaces
-                .iter()
-                .map(|(name, ns)| (name.clone(), ns.labels.clone()))
-                .collect(),
-            policies: self.state.policies.clone(),
+            layout: self.layout.as_ref().map(LayoutCompiler::layout).unwrap_or_default(),
             ..Plan::default()
         };
         for (key, id) in &self.idx.pod_identity {
@@ -1042,39 +1108,54 @@ impl Engine {
 
     // ---- the diff ----
 
+    /// What the layout needs of an event: identities created and dropped, addresses whose
+    /// identity changed (from the entries' changes), namespaces relabelled, policies touched,
+    /// quarantines.
+    fn layout_input(
+        &self,
+        identity_keys: HashMap<IdentityId, bool>,
+        changes: &[(Stage, Change)],
+        namespaces: HashMap<String, Option<Labels>>,
+        policies: HashMap<ObjectKey, bool>,
+        quarantine: Vec<(IpAddr, bool)>,
+    ) -> LayoutInput<'_> {
+        let mut input = LayoutInput { quarantine, ..LayoutInput::default() };
+        for (id, before) in identity_keys {
+            match (before, self.idx.identities.get(&id)) {
+                (false, Some(e)) => input.new_keys.push((id, e.key.clone())),
+                (true, None) => input.dropped_keys.push(id),
+                _ => {}
+            }
+        }
+        for (_, c) in changes {
+            match c {
+                Change::SetIdentity { ip, identity } => {
+                    input.addresses.push((*ip, Some(*identity)))
+                }
+                Change::RemoveIdentity { ip } => input.addresses.push((*ip, None)),
+                _ => {}
+            }
+        }
+        for (name, before) in namespaces {
+            let now = self.state.namespaces.get(&name).map(|ns| ns.labels.clone());
+            if now != before {
+                input.namespaces.push((name, now));
+            }
+        }
+        input.policies =
+            policies.into_keys().map(|k| (k.clone(), self.state.policies.get(&k))).collect();
+        input
+    }
+
     /// Turns what the event touched into the net diff, ordered as [`PlanDiff`] explains.
     fn finish(&mut self) -> PlanDiff {
-        // Stages of the order (see `PlanDiff`). Addresses that become pods get their identity
-        // before anything is isolated, so a newly isolated endpoint already recognizes them.
-        // Addresses that become pods are identified, and endpoints that become isolated are
-        // isolated, only after the restricting removals: an endpoint losing a peer set must
-        // not admit a new pod that joins the set in the same event (a pod that moves to a
-        // new address while its old one passes to a pod that policies select differently).
-        // Isolating late only keeps an endpoint as open as it was a moment longer.
-        const SETS: u8 = 0;
-        const ENDPOINTS: u8 = 1;
-        const QUIET_ADDS: u8 = 2;
-        const IDENTIFY_NEW: u8 = 3;
-        const ISOLATE: u8 = 4;
-        const WIDENING_ADDS: u8 = 5;
-        const IDENTIFY: u8 = 6;
-        const UNISOLATE: u8 = 7;
-        const RESTRICTING_REMOVES: u8 = 8;
-        const QUIET_REMOVES: u8 = 8;
-        const UNIDENTIFY: u8 = 9;
-        // An endpoint that goes (its pod gone, or its address now another node's pod's) admits
-        // everything in the new plan: unenforced with the unisolations, before any address
-        // loses its identity, so it never refuses what it admitted and still admits.
-        const UNENFORCE: u8 = UNISOLATE;
-        const UNSET: u8 = 11;
-
         for sel in std::mem::take(&mut self.idx.unused_selectors) {
             if self.idx.selectors.get(&sel).is_some_and(|s| s.live && s.users.is_empty()) {
                 self.release_selector(sel);
             }
         }
         let mut diff = std::mem::take(&mut self.out.diff);
-        let mut changes: Vec<(u8, Change)> = Vec::new();
+        let mut changes: Vec<(Stage, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
         // gone get nothing but their removal.
         let mut fresh: HashSet<IpAddr> = HashSet::new();
@@ -1085,16 +1166,18 @@ impl Engine {
                 (None, None) => {}
                 (None, Some(pod)) => {
                     fresh.insert(*ip);
-                    changes.push((ENDPOINTS, Change::AddEndpoint { ip: *ip, pod: pod.clone() }));
+                    changes.push((
+                        Stage::Endpoints,
+                        Change::AddEndpoint { ip: *ip, pod: pod.clone() },
+                    ));
                 }
                 (Some(_), None) => {
                     gone.insert(*ip);
-                    changes.push((UNENFORCE, Change::RemoveEndpoint { ip: *ip }));
+                    changes.push((Stage::Unisolate, Change::RemoveEndpoint { ip: *ip }));
                 }
                 // The address passed to another pod: its entries change by their net diff.
-                (Some(a), Some(b)) if a != b => {
-                    changes.push((ENDPOINTS, Change::RetargetEndpoint { ip: *ip, pod: b.clone() }))
-                }
+                (Some(a), Some(b)) if a != b => changes
+                    .push((Stage::Endpoints, Change::RetargetEndpoint { ip: *ip, pod: b.clone() })),
                 (Some(_), Some(_)) => {}
             }
         }
@@ -1121,12 +1204,12 @@ impl Engine {
             if fresh.contains(ip) {
                 if after {
                     changes.push((
-                        ISOLATE,
+                        Stage::Isolate,
                         Change::SetIsolation { ip: *ip, direction: *d, isolated: true },
                     ));
                 }
             } else if !gone.contains(ip) && *before != after {
-                let stage = if after { ISOLATE } else { UNISOLATE };
+                let stage = if after { Stage::Isolate } else { Stage::Unisolate };
                 changes.push((
                     stage,
                     Change::SetIsolation { ip: *ip, direction: *d, isolated: after },
@@ -1143,19 +1226,25 @@ impl Engine {
                 continue;
             }
             if after {
-                let stage = if isolated_before(&ip, d) { WIDENING_ADDS } else { QUIET_ADDS };
+                let stage =
+                    if isolated_before(&ip, d) { Stage::WideningAdds } else { Stage::QuietAdds };
                 changes.push((stage, Change::AddAllow { ip, direction: d, allow }));
             } else {
-                let stage = if isolated_now(&ip, d) { RESTRICTING_REMOVES } else { QUIET_REMOVES };
-                changes.push((stage, Change::RemoveAllow { ip, direction: d, allow }));
+                changes.push((Stage::Removes, Change::RemoveAllow { ip, direction: d, allow }));
             }
         }
+        let mut quarantine: Vec<(IpAddr, bool)> = Vec::new();
         for (ip, before) in diff.conflicts {
-            match (before, self.conflict(&ip)) {
+            let now = self.conflict(&ip);
+            let (was, is) = (before.as_ref(), now.as_ref());
+            if was.is_some_and(|c| c.quarantined) != is.is_some_and(|c| c.quarantined) {
+                quarantine.push((ip, is.is_some_and(|c| c.quarantined)));
+            }
+            match (before, now) {
                 (before, Some(c)) if before.as_ref() != Some(&c) => {
-                    changes.push((SETS, Change::SetConflict { ip, conflict: c }))
+                    changes.push((Stage::Sets, Change::SetConflict { ip, conflict: c }))
                 }
-                (Some(_), None) => changes.push((UNSET, Change::RemoveConflict { ip })),
+                (Some(_), None) => changes.push((Stage::Unset, Change::RemoveConflict { ip })),
                 _ => {}
             }
         }
@@ -1163,12 +1252,12 @@ impl Engine {
             let after = self.identity_at(&ip);
             match (before, after) {
                 (None, Some(a)) => {
-                    changes.push((IDENTIFY_NEW, Change::SetIdentity { ip, identity: a }))
+                    changes.push((Stage::IdentifyNew, Change::SetIdentity { ip, identity: a }))
                 }
                 (Some(b), Some(a)) if b != a => {
-                    changes.push((IDENTIFY, Change::SetIdentity { ip, identity: a }))
+                    changes.push((Stage::Identify, Change::SetIdentity { ip, identity: a }))
                 }
-                (Some(_), None) => changes.push((UNIDENTIFY, Change::RemoveIdentity { ip })),
+                (Some(_), None) => changes.push((Stage::Unidentify, Change::RemoveIdentity { ip })),
                 _ => {}
             }
         }
@@ -1178,16 +1267,19 @@ impl Engine {
             match (before, self.idx.selectors.get(&sel).filter(|s| s.live)) {
                 (false, Some(s)) => {
                     new_sets.insert(sel);
-                    changes.push((SETS, Change::AddSet { set: sel, selector: s.selector.clone() }));
+                    changes.push((
+                        Stage::Sets,
+                        Change::AddSet { set: sel, selector: s.selector.clone() },
+                    ));
                     let mut members: Vec<IdentityId> = s.members.iter().copied().collect();
                     members.sort_unstable();
                     changes.extend(
                         members
                             .into_iter()
-                            .map(|m| (SETS, Change::AddMember { set: sel, identity: m })),
+                            .map(|m| (Stage::Sets, Change::AddMember { set: sel, identity: m })),
                     );
                 }
-                (true, None) => changes.push((UNSET, Change::RemoveSet { set: sel })),
+                (true, None) => changes.push((Stage::Unset, Change::RemoveSet { set: sel })),
                 _ => {}
             }
         }
@@ -1198,54 +1290,41 @@ impl Engine {
             let Some(s) = self.idx.selectors.get(&sel).filter(|s| s.live) else { continue };
             match (before, s.members.contains(&id)) {
                 // (In a pod event, only a new identity joins sets: no address has it until
-                // IDENTIFY or IDENTIFY_NEW.)
+                // `Identify` or `IdentifyNew`.)
                 (false, true) => {
-                    changes.push((QUIET_ADDS, Change::AddMember { set: sel, identity: id }))
+                    changes.push((Stage::QuietAdds, Change::AddMember { set: sel, identity: id }))
                 }
-                (true, false) => changes
-                    .push((RESTRICTING_REMOVES, Change::RemoveMember { set: sel, identity: id })),
+                (true, false) => {
+                    changes.push((Stage::Removes, Change::RemoveMember { set: sel, identity: id }))
+                }
                 _ => {}
             }
         }
         if let Some(before) = diff.node_ips {
             for ip in self.out.node_ips.difference(&before) {
-                changes.push((WIDENING_ADDS, Change::AddNodeIp { ip: *ip }));
+                changes.push((Stage::WideningAdds, Change::AddNodeIp { ip: *ip }));
             }
             for ip in before.difference(&self.out.node_ips) {
-                changes.push((RESTRICTING_REMOVES, Change::RemoveNodeIp { ip: *ip }));
+                changes.push((Stage::Removes, Change::RemoveNodeIp { ip: *ip }));
             }
         }
-        // The label view: identities exist before any address has them and after none has.
-        for (id, before) in diff.identity_keys {
-            match (before, self.idx.identities.get(&id)) {
-                (false, Some(e)) => changes
-                    .push((SETS, Change::AddIdentityKey { identity: id, key: e.key.clone() })),
-                (true, None) => changes.push((UNSET, Change::RemoveIdentityKey { identity: id })),
-                _ => {}
+        let layout = match self.layout.take() {
+            Some(mut compiler) => {
+                let input = self.layout_input(
+                    diff.identity_keys,
+                    &changes,
+                    diff.namespaces,
+                    diff.policies,
+                    quarantine,
+                );
+                let layout = compiler.update(input);
+                self.layout = Some(compiler);
+                layout
             }
-        }
-        for (name, before) in diff.namespaces {
-            match self.state.namespaces.get(&name) {
-                Some(ns) if before.as_ref() != Some(&ns.labels) => changes.push((
-                    IDENTIFY,
-                    Change::SetNamespaceLabels { namespace: name, labels: ns.labels.clone() },
-                )),
-                None if before.is_some() => {
-                    changes.push((IDENTIFY, Change::RemoveNamespace { namespace: name }))
-                }
-                _ => {}
-            }
-        }
-        for (key, existed) in diff.policies {
-            match self.state.policies.get(&key) {
-                Some(p) => changes
-                    .push((IDENTIFY, Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) })),
-                None if existed => changes.push((IDENTIFY, Change::RemovePolicy { key })),
-                None => {}
-            }
-        }
+            None => Vec::new(),
+        };
         changes.sort_by_key(|(stage, _)| *stage);
-        PlanDiff { changes: changes.into_iter().map(|(_, c)| c).collect() }
+        PlanDiff { changes: changes.into_iter().map(|(_, c)| c).collect(), layout }
     }
 }
 

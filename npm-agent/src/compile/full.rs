@@ -3,10 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use super::layout::{LayoutCompiler, LayoutInput};
 use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{Direction, Pod};
 use crate::plan::{
-    Allow, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector, PeerSet, Plan, SetId,
+    Allow, EndpointPlan, IdentityId, IdentityKey, Layout, PeerMatch, PeerSelector, PeerSet, Plan,
+    SetId,
 };
 use crate::state::{Claim, ClusterState};
 
@@ -30,7 +32,6 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     for (i, (key, pods)) in by_key.iter().enumerate() {
         let id = i as IdentityId + 1;
         identities.push((id, key));
-        plan.identity_keys.insert(id, key.clone());
         for p in pods {
             plan.identities.insert(p.ip.expect("owners have addresses"), id);
         }
@@ -146,8 +147,29 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());
     }
-    plan.namespaces =
-        state.namespaces.iter().map(|(name, ns)| (name.clone(), ns.labels.clone())).collect();
-    plan.policies = state.policies.clone();
+    plan.layout = layout(state, &plan, &identities);
     plan
+}
+
+/// The Azure NPM layout of `state` (cluster-wide: it follows every pod and policy).
+fn layout(state: &ClusterState, plan: &Plan, identities: &[(IdentityId, &IdentityKey)]) -> Layout {
+    let mut compiler = LayoutCompiler::new();
+    compiler.update(LayoutInput {
+        new_keys: identities.iter().map(|(id, k)| (*id, (*k).clone())).collect(),
+        addresses: plan.identities.iter().map(|(ip, id)| (*ip, Some(*id))).collect(),
+        namespaces: state
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.clone(), Some(ns.labels.clone())))
+            .collect(),
+        policies: state.policies.iter().map(|(k, p)| (k.clone(), Some(p))).collect(),
+        quarantine: plan
+            .conflicts
+            .iter()
+            .filter(|(_, c)| c.quarantined)
+            .map(|(ip, _)| (*ip, true))
+            .collect(),
+        dropped_keys: Vec::new(),
+    });
+    compiler.layout()
 }

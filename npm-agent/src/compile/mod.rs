@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod full;
+pub mod layout;
 
 use std::net::IpAddr;
 

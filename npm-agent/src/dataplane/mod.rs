@@ -34,6 +34,11 @@ pub struct Applied {
 /// Something that enforces a plan.
 pub trait Dataplane {
     fn name(&self) -> &'static str;
+    /// Whether the dataplane renders the plan's Azure NPM layout (the compiler then computes
+    /// it; the others read only the entries).
+    fn renders_layout(&self) -> bool {
+        false
+    }
     /// Applies one diff, in its order (make-before-break).
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;
     /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,

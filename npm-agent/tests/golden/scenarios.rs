@@ -87,13 +87,13 @@ pub fn scenarios() -> Vec<(String, PathBuf)> {
 pub fn plans(path: &Path) -> Vec<StepPlan> {
     let c = case::load(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let mut cluster = CaseCluster::new(&c).expect("case model");
-    let mut engine = Engine::new(Scope::Node(SIM_NODE.into()));
+    let mut engine = Engine::new(Scope::Node(SIM_NODE.into())).with_layout();
     let mut diff = engine.handle(Event::UpsertNode(Node {
         name: SIM_NODE.into(),
         addresses: vec![IpAddr::V4(NODE_IP)],
     }));
     for e in cluster.initial_events() {
-        diff.changes.extend(engine.handle(e).changes);
+        diff.extend(engine.handle(e));
     }
     let mut out =
         vec![StepPlan { description: "the model, no policy".into(), diff, plan: engine.plan() }];
@@ -102,7 +102,7 @@ pub fn plans(path: &Path) -> Vec<StepPlan> {
         for a in &step.actions {
             if let ActionOutcome::Events(events) = cluster.action(a).expect("action") {
                 for e in events {
-                    diff.changes.extend(engine.handle(e).changes);
+                    diff.extend(engine.handle(e));
                 }
             }
         }

@@ -387,13 +387,6 @@ impl Translator {
 
     fn change(&mut self, c: &Change, ops: &mut Vec<MapOp>) {
         match c {
-            // The label view: the maps hold resolved entries, not labels.
-            Change::AddIdentityKey { .. }
-            | Change::RemoveIdentityKey { .. }
-            | Change::SetNamespaceLabels { .. }
-            | Change::RemoveNamespace { .. }
-            | Change::SetPolicy { .. }
-            | Change::RemovePolicy { .. } => {}
             // A quarantined endpoint's entries already admit nothing.
             Change::SetConflict { .. } | Change::RemoveConflict { .. } => {}
             Change::AddNodeIp { ip } => match v4(*ip) {

@@ -326,17 +326,15 @@ mod tests {
     fn sets_follow_endpoints_interfaces_and_isolation() {
         let mut g = Guard::default();
         let pod = ObjectKey::new("x", "a");
-        g.apply(&PlanDiff {
-            changes: vec![
-                Change::AddEndpoint { ip: ip("10.0.0.1"), pod: pod.clone() },
-                Change::AddEndpoint { ip: ip("10.0.0.2"), pod },
-                Change::SetIsolation {
-                    ip: ip("10.0.0.1"),
-                    direction: Direction::Ingress,
-                    isolated: true,
-                },
-            ],
-        });
+        g.apply(&PlanDiff::of(vec![
+            Change::AddEndpoint { ip: ip("10.0.0.1"), pod: pod.clone() },
+            Change::AddEndpoint { ip: ip("10.0.0.2"), pod },
+            Change::SetIsolation {
+                ip: ip("10.0.0.1"),
+                direction: Direction::Ingress,
+                isolated: true,
+            },
+        ]));
         assert_eq!(g.pending(), 2);
         // Without interfaces nothing is checked yet.
         assert!(g.contents().values().all(BTreeSet::is_empty));
@@ -356,7 +354,7 @@ mod tests {
             hashed_set_name(POD_SOURCES)
         )));
         assert_eq!(g.sets_script(), None);
-        g.apply(&PlanDiff { changes: vec![Change::RemoveEndpoint { ip: ip("10.0.0.1") }] });
+        g.apply(&PlanDiff::of(vec![Change::RemoveEndpoint { ip: ip("10.0.0.1") }]));
         let second = g.sets_script().expect("second write");
         assert!(second.contains(&hashed_set_name(POD_SOURCES)));
         assert!(!second.contains(&hashed_set_name(ISOLATED_EGRESS_V6)), "{second}");

@@ -564,6 +564,10 @@ impl Dataplane for IptablesDataplane {
         NAME
     }
 
+    fn renders_layout(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         if self.damaged.swap(false, Ordering::SeqCst) {
             return Err(DataplaneError::Apply {

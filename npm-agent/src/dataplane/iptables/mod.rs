@@ -3,8 +3,8 @@
 //! `iptables-save | grep AZURE-NPM`, `ipset list` habits) carries over.
 //!
 //! - [`names`]: Azure NPM's chain names, marks, hashing (`azure-npm-<FNV-1a>`) and comments;
-//! - [`translate`]: plan diffs (the plan's label view: identities' labels, namespaces,
-//!   policies) → `ipset restore` / `iptables-restore --noflush` batches, and a reconcile
+//! - [`translate`]: the plan's Azure NPM layout (its diffs) → `ipset restore` /
+//!   `iptables-restore --noflush` batches, and a reconcile
 //!   against what the kernel holds (pure, host-tested);
 //! - [`model`]: the filter table and ipsets modelled on the host, to check the batches;
 //! - [`state`]: reading `ipset save` / `iptables-save`;

@@ -1,6 +1,7 @@
-//! From plan diffs to `ipset restore` and `iptables-restore --noflush` batches: the iptables
-//! dataplane's encoding, pure and host-testable. It builds on the plan's *label view*
-//! (identity keys, namespace labels, policies), as Azure NPM v2 builds on the API objects.
+//! From the plan's Azure NPM layout ([`crate::plan::layout`]) to `ipset restore` and
+//! `iptables-restore --noflush` batches: the iptables dataplane's encoding, pure and
+//! host-testable. The compiler decides which sets exist, what they hold and what each policy
+//! matches; this module names them as Azure NPM does and spells them as rules and commands.
 //!
 //! # Encoding
 //! - Every NetworkPolicy gets a chain per direction it covers,
@@ -15,13 +16,14 @@
 //!   `ns-` sets of matching namespaces) and `nslabel-all-namespaces`; `NotIn` and
 //!   `DoesNotExist` are negated matches (`! --match-set`), with `nslabel-all-namespaces`
 //!   added when nothing else says the address is a pod's.
-//! - Allow rules are one per (peer, port) of each rule, as `rule_terms` splits them: numeric
+//! - Allow rules are one per rule of the layout (one per peer and port): numeric
 //!   ports as `-p`/`--dport`, named ports as `namedport:<name>` (hash:ip,port of
 //!   `<ip>,<proto>:<port>`, matched `dst,dst`: the selected pod's port for ingress, the
 //!   destination pod's for egress), ipBlocks as `cidr-<block>[-except-…]` sets (hash:net,
 //!   excepts as `nomatch`). The chain's last rule sets the drop mark.
-//! - A set exists while a rule (or a list holding it) references it; its members follow the
-//!   pods' identities and the namespaces' labels.
+//! - Sets exist and hold what the layout says (which the compiler keeps following the pods
+//!   and namespaces); `quarantine` holds addresses several local pods claim. The IPv4
+//!   encoding leaves IPv6 members and blocks out (counted in `skipped_ipv6`).
 //!
 //! # Order (make-before-break)
 //! Every diff becomes up to three batches, each one process:
@@ -35,7 +37,7 @@
 //! address to its new label sets before removing it from its old ones would, for a moment,
 //! match combinations that neither its old nor its new labels have (and removing first
 //! would match negations wrongly). So `AZURE-NPM` first drops new connections from and to
-//! an address in `transition`: while its labels change, its new connections are refused
+//! an address in `transition` (the addresses the layout's diff regroups): while its labels change, its new connections are refused
 //! (TCP retries), never admitted by a combination that neither state allows. Connections
 //! already established are not affected (AZURE-NPM sees only a connection's first packet).
 //!
@@ -54,12 +56,11 @@ use super::names::{
     self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
 };
 use super::state::{KernelState, jumps_to_azure_npm};
-use crate::compile::{PortSel, TermPeer, rule_terms};
-use crate::model::{
-    CidrBlock, Direction, LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Operator,
-    Policy, PortSpec, Protocol,
+use crate::model::{Direction, ObjectKey, PortSpec};
+use crate::plan::layout::{
+    DirectionLayout, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
 };
-use crate::plan::{Change, IdentityId, IdentityKey, PeerSelector, Plan, PlanDiff};
+use crate::plan::{Plan, PlanDiff};
 
 /// Which program a batch is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,35 +106,22 @@ impl SetKind {
     }
 }
 
-/// What a set holds, which also gives its readable name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SetDef {
-    /// `ns-<ns>`: the pods of a namespace.
-    Namespace(String),
-    /// `podlabel-<key>[:<value>]`: the pods with the label (any namespace).
-    PodLabel { key: String, value: Option<String> },
-    /// `nestedlabel-<key>:<v1>:<v2>…`: the podlabel sets of the values.
-    PodValues { key: String, values: Vec<String> },
-    /// `nslabel-<key>[:<value>]`: the ns sets of the namespaces with the label.
-    NsLabel { key: String, value: Option<String> },
-    /// `nslabel-<key>:<v1>:<v2>…`: the ns sets of the namespaces with one of the values.
-    NsValues { key: String, values: Vec<String> },
-    /// `nslabel-all-namespaces`: every ns set.
-    AllNamespaces,
-    /// `namedport:<name>`: `<ip>,<proto>:<port>` of every pod port with the name.
-    NamedPort(String),
-    /// `cidr-<block>[-except-…]`: the block, excepts as `nomatch`.
-    Cidr { net: Ipv4Net, except: Vec<Ipv4Net> },
+/// A set the kernel holds: one of the plan's layout, or the dataplane's own `transition`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelSet<'a> {
+    Layout(&'a SetDef),
     /// `transition`: addresses whose memberships are changing (see the module docs).
     Transition,
-    /// `quarantine`: local addresses several local pods claim (see `state::Claim`): their
-    /// new connections are refused, both ways.
-    Quarantine,
 }
 
-impl SetDef {
-    pub fn readable(&self) -> String {
-        match self {
+impl KernelSet<'_> {
+    /// Azure NPM's readable name (the kernel name is its hash).
+    fn readable(self) -> String {
+        let def = match self {
+            KernelSet::Transition => return "transition".to_string(),
+            KernelSet::Layout(d) => d,
+        };
+        match def {
             SetDef::Namespace(ns) => format!("ns-{ns}"),
             SetDef::PodLabel { key, value: None } => format!("podlabel-{key}"),
             SetDef::PodLabel { key, value: Some(v) } => format!("podlabel-{key}:{v}"),
@@ -143,10 +131,15 @@ impl SetDef {
             SetDef::NsValues { key, values } => format!("nslabel-{key}:{}", values.join(":")),
             SetDef::AllNamespaces => "nslabel-all-namespaces".to_string(),
             SetDef::NamedPort(name) => format!("namedport:{name}"),
-            SetDef::Cidr { net, except } => {
-                let mut s = format!("cidr-{net}");
-                if !except.is_empty() {
-                    let list: Vec<String> = except.iter().map(|e| e.to_string()).collect();
+            SetDef::Cidr(b) => {
+                let mut s = format!("cidr-{}", b.net);
+                let list: Vec<String> = b
+                    .except
+                    .iter()
+                    .filter(|e| v4_net(e).is_some())
+                    .map(|e| e.to_string())
+                    .collect();
+                if !list.is_empty() {
                     let joined = list.join(",");
                     if joined.len() <= 120 {
                         let _ = write!(s, "-except-{joined}");
@@ -161,54 +154,32 @@ impl SetDef {
                 }
                 s
             }
-            SetDef::Transition => "transition".to_string(),
             SetDef::Quarantine => "quarantine".to_string(),
         }
     }
 
-    pub fn kind(&self) -> SetKind {
+    fn kind(self) -> SetKind {
         match self {
-            SetDef::Namespace(_)
-            | SetDef::PodLabel { .. }
-            | SetDef::Cidr { .. }
-            | SetDef::Transition
-            | SetDef::Quarantine => SetKind::HashNet,
-            SetDef::NamedPort(_) => SetKind::HashIpPort,
-            SetDef::PodValues { .. }
-            | SetDef::NsLabel { .. }
-            | SetDef::NsValues { .. }
-            | SetDef::AllNamespaces => SetKind::ListSet,
+            KernelSet::Transition => SetKind::HashNet,
+            KernelSet::Layout(SetDef::NamedPort(_)) => SetKind::HashIpPort,
+            KernelSet::Layout(d) if d.is_list() => SetKind::ListSet,
+            KernelSet::Layout(_) => SetKind::HashNet,
         }
-    }
-
-    /// Whether a namespace list holds the ns set of a namespace with these labels.
-    fn holds_namespace(&self, labels: &Labels) -> bool {
-        match self {
-            SetDef::NsLabel { key, value: None } => labels.contains_key(key),
-            SetDef::NsLabel { key, value: Some(v) } => labels.get(key) == Some(v),
-            SetDef::NsValues { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
-            SetDef::AllNamespaces => true,
-            _ => false,
-        }
-    }
-
-    fn is_namespace_list(&self) -> bool {
-        matches!(self, SetDef::NsLabel { .. } | SetDef::NsValues { .. } | SetDef::AllNamespaces)
     }
 }
 
 /// The commands that create a set and add its members, as one block of lines (one string,
 /// not one per line: a reconcile at 100k pods writes half a million of them).
-fn create_block(h: &str, def: &SetDef, members: &BTreeSet<String>) -> String {
-    let mut b = create_line(h, def);
+fn create_block(h: &str, set: KernelSet<'_>, members: &BTreeSet<String>) -> String {
+    let mut b = create_line(h, set);
     for m in members {
         let _ = write!(b, "\nadd {h} {m}");
     }
     b
 }
 
-fn create_line(h: &str, def: &SetDef) -> String {
-    match def.kind() {
+fn create_line(h: &str, set: KernelSet<'_>) -> String {
+    match set.kind() {
         // Sets of pods may hold every pod of a large cluster.
         SetKind::HashNet => format!("create {h} hash:net family inet maxelem 4294967295"),
         SetKind::HashIpPort => format!("create {h} hash:ip,port family inet maxelem 4294967295"),
@@ -217,23 +188,12 @@ fn create_line(h: &str, def: &SetDef) -> String {
     }
 }
 
-/// One match of a rule: a set, perhaps negated, by source or destination.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct SetMatch {
-    negated: bool,
-    set: SetDef,
-    /// `src`, `dst` or `dst,dst` (address and port of a hash:ip,port set).
-    flags: &'static str,
-}
-
-/// What a set is now: its kernel name, members as `ipset save` prints them, references.
+/// What a set is now: its kernel name, members as `ipset save` prints them.
 #[derive(Clone, Debug)]
 struct SetState {
     name: String,
     readable: String,
     members: BTreeSet<String>,
-    /// Chains referencing the set (once each) and lists holding it.
-    refs: u32,
 }
 
 /// One direction of one policy, as written.
@@ -243,15 +203,10 @@ struct ChainState {
     /// The jump, as `iptables-save` prints it after `-A AZURE-NPM-INGRESS `.
     jump: String,
     rules: Vec<String>,
-    /// The sets the jump and rules reference (each once).
-    refs: Vec<SetDef>,
 }
 
 #[derive(Default)]
 struct Phases {
-    /// Whether to leave out the commands that create sets (a reconcile writes its own, from
-    /// the whole layout, and at 100k pods these are half a million lines).
-    discard_creates: bool,
     create_sets: Vec<String>,
     create_lists: Vec<String>,
     guard: BTreeSet<Ipv4Addr>,
@@ -265,26 +220,19 @@ struct Phases {
     destroy_sets: Vec<String>,
 }
 
-/// The encoder's memory: the plan's label view (IPv4) and what it has told the kernel.
+/// The encoder's memory: what it has told the kernel (set names and members as strings,
+/// chains as rule text). What the sets hold and what each policy matches is the plan's
+/// layout; this only spells it.
 #[derive(Clone, Debug, Default)]
 pub struct Translator {
-    identities: HashMap<Ipv4Addr, IdentityId>,
-    keys: HashMap<IdentityId, IdentityKey>,
-    addresses: HashMap<IdentityId, BTreeSet<Ipv4Addr>>,
-    by_namespace: HashMap<String, HashSet<IdentityId>>,
-    by_label: HashMap<String, HashSet<IdentityId>>,
-    by_port_name: HashMap<String, HashSet<IdentityId>>,
-    namespaces: HashMap<String, Labels>,
+    /// The layout's sets the kernel holds (IPv6 blocks left out).
     sets: HashMap<SetDef, SetState>,
+    transition: Option<SetState>,
     /// Kernel set name → readable name (every name given out).
     names: HashMap<String, String>,
     chains: HashMap<(ObjectKey, Direction), ChainState>,
-    /// Sets whose last reference went during the diff being translated.
-    unreferenced: Vec<SetDef>,
     /// Kernel chain name → the readable name it was claimed for.
     chain_names: HashMap<String, String>,
-    /// Local addresses in quarantine (the `quarantine` set exists while there are any).
-    quarantined: BTreeSet<Ipv4Addr>,
     /// Whether AZURE-NPM holds its rules (Azure NPM leaves it empty without policies).
     active: bool,
     /// Whether the base chains exist.
@@ -292,14 +240,13 @@ pub struct Translator {
     /// During a reconcile: the type of each set the kernel holds, so that no name is taken
     /// by a set of another type.
     kernel_kinds: Option<HashMap<String, String>>,
-    /// Plan entries the encoding cannot express (IPv6 addresses and blocks), for the logs.
+    /// Layout entries the encoding cannot express (IPv6 addresses and blocks), for the logs.
     pub skipped_ipv6: u64,
 }
 
 /// Sizes of what the translator has told the kernel to hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Encoded {
-    pub pods: usize,
     pub policies: usize,
     pub chains: usize,
     pub sets: usize,
@@ -321,6 +268,18 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
+fn v4_net(net: &IpNet) -> Option<Ipv4Net> {
+    match net {
+        IpNet::V4(n) => Some(*n),
+        IpNet::V6(_) => None,
+    }
+}
+
+/// Whether the encoding can hold a set (IPv4 only: `family inet`).
+fn expressible(def: &SetDef) -> bool {
+    !matches!(def, SetDef::Cidr(b) if v4_net(&b.net).is_none())
+}
+
 fn alternate(base: &str, k: usize) -> String {
     if k == 0 { base.to_string() } else { format!("{base}~{k}") }
 }
@@ -334,35 +293,42 @@ fn net_member(net: Ipv4Net, nomatch: bool) -> String {
     s
 }
 
-/// The entries of a CIDR block's set.
-fn cidr_members(net: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<String> {
-    let mut m = BTreeSet::new();
-    if net.prefix_len() == 0 {
-        // hash:net cannot hold /0.
-        m.insert("0.0.0.0/1".to_string());
-        m.insert("128.0.0.0/1".to_string());
-    } else {
-        m.insert(net_member(net, false));
-    }
-    for e in except {
-        if e.prefix_len() == 0 {
-            // Everything is excepted: nothing matches.
-            m.clear();
-            return m;
-        }
-        m.insert(net_member(*e, true));
-    }
-    m
-}
-
-/// A hash:ip,port member as `ipset save` prints it.
-fn port_member(ip: Ipv4Addr, protocol: Protocol, port: u16) -> String {
-    format!("{ip},{}:{port}", protocol.as_str().to_lowercase())
-}
-
 /// The address a member line is about (for the transition set).
 fn member_address(member: &str) -> Option<Ipv4Addr> {
     member.split([',', '/', ' ']).next().and_then(|a| a.parse().ok())
+}
+
+/// `-p` … `--dport`, the named port (matched by the `namedport:` set), and the comment's
+/// `-ON-…-TO-PORT-…` of a rule's port.
+fn port_spec(port: Option<&PortSpec>) -> (String, Option<&str>, String) {
+    let Some(spec) = port else { return (String::new(), None, String::new()) };
+    match spec {
+        PortSpec::Protocol(p) => {
+            (format!("-p {} ", p.as_str().to_lowercase()), None, format!("-ON-{}", p.as_str()))
+        }
+        PortSpec::Range { protocol, first, last } => {
+            let l = protocol.as_str().to_lowercase();
+            let u = protocol.as_str();
+            if first == last {
+                (
+                    format!("-p {l} -m {l} --dport {first} "),
+                    None,
+                    format!("-ON-{u}-TO-PORT-{first}"),
+                )
+            } else {
+                (
+                    format!("-p {l} -m {l} --dport {first}:{last} "),
+                    None,
+                    format!("-ON-{u}-TO-PORT-{first}:{last}"),
+                )
+            }
+        }
+        PortSpec::Named { protocol, name } => (
+            format!("-p {} ", protocol.as_str().to_lowercase()),
+            Some(name.as_str()),
+            format!("-ON-{}-TO-PORT-namedport:{name}", protocol.as_str()),
+        ),
+    }
 }
 
 fn allow_target(dir: Direction) -> &'static str {
@@ -456,110 +422,6 @@ fn egress_tail() -> [String; 2] {
     ]
 }
 
-/// The set matches of a label selector's requirements, with the sets of one label
-/// (`podlabel-…` or `nslabel-…`) and of several values of one key (`None`: it matches
-/// nothing).
-fn label_matches(
-    sel: &LabelSelector,
-    flags: &'static str,
-    label: fn(String, Option<String>) -> SetDef,
-    values: fn(String, Vec<String>) -> SetDef,
-) -> Option<Vec<SetMatch>> {
-    let mut out = Vec::new();
-    for r in sel.requirements() {
-        let key = r.key.clone();
-        let m = |negated, set| SetMatch { negated, set, flags };
-        match r.operator {
-            Operator::In => match r.values.len() {
-                0 => return None,
-                1 => out.push(m(false, label(key, r.values.first().cloned()))),
-                _ => out.push(m(false, values(key, r.values.iter().cloned().collect()))),
-            },
-            Operator::NotIn => {
-                out.extend(r.values.iter().map(|v| m(true, label(key.clone(), Some(v.clone())))))
-            }
-            Operator::Exists => out.push(m(false, label(key, None))),
-            Operator::DoesNotExist => out.push(m(true, label(key, None))),
-        }
-    }
-    Some(out)
-}
-
-/// The set matches of a selector peer (`None`: it matches no pod).
-fn selector_matches(sel: &PeerSelector, flags: &'static str) -> Option<Vec<SetMatch>> {
-    let mut out = Vec::new();
-    match &sel.namespaces {
-        NamespaceScope::Named(ns) => {
-            out.push(SetMatch { negated: false, set: SetDef::Namespace(ns.clone()), flags })
-        }
-        NamespaceScope::Selector(s) => {
-            out = label_matches(
-                s,
-                flags,
-                |key, value| SetDef::NsLabel { key, value },
-                |key, values| SetDef::NsValues { key, values },
-            )?;
-            // Negations alone would match addresses that are no pod's.
-            if !out.iter().any(|m| !m.negated) {
-                out.insert(0, SetMatch { negated: false, set: SetDef::AllNamespaces, flags });
-            }
-        }
-    }
-    out.extend(label_matches(
-        &sel.pods,
-        flags,
-        |key, value| SetDef::PodLabel { key, value },
-        |key, values| SetDef::PodValues { key, values },
-    )?);
-    Some(out)
-}
-
-/// `-p` … `--dport` / named-port match, and the comment's `-ON-…-TO-PORT-…`, of a port.
-fn port_spec(port: &PortSel) -> (String, Option<SetMatch>, String) {
-    let spec = match port {
-        PortSel::Any => return (String::new(), None, String::new()),
-        PortSel::Spec(s) => s,
-    };
-    match spec {
-        PortSpec::Protocol(p) => {
-            (format!("-p {} ", p.as_str().to_lowercase()), None, format!("-ON-{}", p.as_str()))
-        }
-        PortSpec::Range { protocol, first, last } => {
-            let l = protocol.as_str().to_lowercase();
-            let u = protocol.as_str();
-            if first == last {
-                (
-                    format!("-p {l} -m {l} --dport {first} "),
-                    None,
-                    format!("-ON-{u}-TO-PORT-{first}"),
-                )
-            } else {
-                (
-                    format!("-p {l} -m {l} --dport {first}:{last} "),
-                    None,
-                    format!("-ON-{u}-TO-PORT-{first}:{last}"),
-                )
-            }
-        }
-        PortSpec::Named { protocol, name } => {
-            let m =
-                SetMatch { negated: false, set: SetDef::NamedPort(name.clone()), flags: "dst,dst" };
-            (
-                format!("-p {} ", protocol.as_str().to_lowercase()),
-                Some(m),
-                format!("-ON-{}-TO-PORT-namedport:{name}", protocol.as_str()),
-            )
-        }
-    }
-}
-
-/// A rendered direction of a policy, set names still readable.
-struct Rendered {
-    jump: Vec<SetMatch>,
-    /// (port spec, matches, comment) of each allow rule.
-    rules: Vec<(String, Vec<SetMatch>, String)>,
-}
-
 impl Translator {
     pub fn new() -> Self {
         Self::default()
@@ -567,124 +429,19 @@ impl Translator {
 
     pub fn encoded(&self) -> Encoded {
         Encoded {
-            pods: self.identities.len(),
             policies: self.chains.keys().map(|(k, _)| k).collect::<HashSet<_>>().len(),
             chains: self.chains.len(),
-            sets: self.sets.len(),
-            set_members: self.sets.values().map(|s| s.members.len()).sum(),
+            sets: self.all_sets().count(),
+            set_members: self.all_sets().map(|(_, s)| s.members.len()).sum(),
             rules: self.chains.values().map(|c| c.rules.len() + 1).sum(),
         }
     }
 
-    // ---- the label view ----
-
-    fn namespace_labels(&self, ns: &str) -> Labels {
-        self.namespaces.get(ns).cloned().unwrap_or_else(|| Namespace::default_labels(ns))
-    }
-
-    /// Namespaces that have a Namespace object or a pod.
-    fn namespace_exists(&self, ns: &str) -> bool {
-        self.namespaces.contains_key(ns) || self.by_namespace.contains_key(ns)
-    }
-
-    fn index_identity(&mut self, id: IdentityId, key: IdentityKey) {
-        self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
-        for k in key.labels.keys() {
-            self.by_label.entry(k.clone()).or_default().insert(id);
-        }
-        for p in key.named_ports.iter() {
-            self.by_port_name.entry(p.name.clone()).or_default().insert(id);
-        }
-        self.keys.insert(id, key);
-    }
-
-    fn unindex_identity(&mut self, id: IdentityId) {
-        let Some(key) = self.keys.remove(&id) else { return };
-        let drop = |m: &mut HashMap<String, HashSet<IdentityId>>, k: &str| {
-            if let Some(s) = m.get_mut(k) {
-                s.remove(&id);
-                if s.is_empty() {
-                    m.remove(k);
-                }
-            }
-        };
-        drop(&mut self.by_namespace, &key.namespace);
-        for k in key.labels.keys() {
-            drop(&mut self.by_label, k);
-        }
-        for p in key.named_ports.iter() {
-            drop(&mut self.by_port_name, &p.name);
-        }
-    }
-
-    /// The (hash set, member) pairs an address with identity key `key` belongs to.
-    fn memberships(key: &IdentityKey, ip: Ipv4Addr) -> Vec<(SetDef, String)> {
-        let a = ip.to_string();
-        let mut v = vec![(SetDef::Namespace(key.namespace.clone()), a.clone())];
-        for (k, val) in key.labels.iter() {
-            v.push((SetDef::PodLabel { key: k.clone(), value: None }, a.clone()));
-            v.push((SetDef::PodLabel { key: k.clone(), value: Some(val.clone()) }, a.clone()));
-        }
-        for p in key.named_ports.iter() {
-            v.push((SetDef::NamedPort(p.name.clone()), port_member(ip, p.protocol, p.port)));
-        }
-        v
-    }
-
-    fn pods_of(&self, ids: impl IntoIterator<Item = IdentityId>) -> BTreeSet<String> {
-        ids.into_iter()
-            .flat_map(|id| self.addresses.get(&id).into_iter().flatten())
-            .map(|ip| ip.to_string())
-            .collect()
-    }
-
-    /// The members a hash set should have now.
-    fn hash_members(&self, def: &SetDef) -> BTreeSet<String> {
-        match def {
-            SetDef::Namespace(ns) => {
-                self.pods_of(self.by_namespace.get(ns).into_iter().flatten().copied())
-            }
-            SetDef::PodLabel { key, value } => {
-                self.pods_of(self.by_label.get(key).into_iter().flatten().copied().filter(|id| {
-                    value.is_none() || self.keys[id].labels.get(key) == value.as_ref()
-                }))
-            }
-            SetDef::NamedPort(name) => {
-                let mut m = BTreeSet::new();
-                for id in self.by_port_name.get(name).into_iter().flatten() {
-                    for p in self.keys[id].named_ports.iter().filter(|p| &p.name == name) {
-                        for ip in self.addresses.get(id).into_iter().flatten() {
-                            m.insert(port_member(*ip, p.protocol, p.port));
-                        }
-                    }
-                }
-                m
-            }
-            SetDef::Cidr { net, except } => cidr_members(*net, except),
-            SetDef::Quarantine => self.quarantined.iter().map(|ip| ip.to_string()).collect(),
-            _ => BTreeSet::new(),
-        }
-    }
-
-    /// The member sets a list should hold now.
-    fn list_members(&self, def: &SetDef) -> Vec<SetDef> {
-        match def {
-            SetDef::PodValues { key, values } => values
-                .iter()
-                .map(|v| SetDef::PodLabel { key: key.clone(), value: Some(v.clone()) })
-                .collect(),
-            d if d.is_namespace_list() => {
-                // The namespaces that exist: objects, and namespaces of pods (`by_namespace`
-                // holds no empty entry).
-                let all: BTreeSet<&String> =
-                    self.namespaces.keys().chain(self.by_namespace.keys()).collect();
-                all.into_iter()
-                    .filter(|ns| d.holds_namespace(&self.namespace_labels(ns)))
-                    .map(|ns| SetDef::Namespace(ns.clone()))
-                    .collect()
-            }
-            _ => Vec::new(),
-        }
+    fn all_sets(&self) -> impl Iterator<Item = (KernelSet<'_>, &SetState)> {
+        self.transition
+            .iter()
+            .map(|s| (KernelSet::Transition, s))
+            .chain(self.sets.iter().map(|(d, s)| (KernelSet::Layout(d), s)))
     }
 
     // ---- sets ----
@@ -710,249 +467,111 @@ impl Translator {
         unreachable!()
     }
 
-    /// Takes a reference to a set, creating it (with its members, and the sets a list holds)
-    /// when it does not exist; returns its kernel name.
-    fn acquire(&mut self, def: &SetDef, ph: &mut Phases) -> String {
-        if let Some(s) = self.sets.get_mut(def) {
-            s.refs += 1;
-            return s.name.clone();
+    /// Names a set of the layout (`false`: the encoding cannot hold it).
+    fn add_set(&mut self, def: &SetDef) -> bool {
+        if !expressible(def) {
+            self.skipped_ipv6 += 1;
+            return false;
         }
-        let readable = def.readable();
-        let name = self.claim(&readable, def.kind());
-        let members = if def.kind() == SetKind::ListSet {
-            let subs = self.list_members(def);
-            subs.iter().map(|d| self.acquire(d, ph)).collect()
-        } else {
-            self.hash_members(def)
-        };
-        if !ph.discard_creates {
-            let out = if def.kind() == SetKind::ListSet {
-                &mut ph.create_lists
-            } else {
-                &mut ph.create_sets
-            };
-            out.push(create_block(&name, def, &members));
-        }
-        self.sets.insert(def.clone(), SetState { name: name.clone(), readable, members, refs: 1 });
-        name
+        let set = KernelSet::Layout(def);
+        let readable = set.readable();
+        let name = self.claim(&readable, set.kind());
+        self.sets.insert(def.clone(), SetState { name, readable, members: BTreeSet::new() });
+        true
     }
 
-    /// Drops a reference to a set. A set left without references is destroyed at the end of
-    /// the diff ([`Self::collect`]) unless something takes it again meanwhile.
-    fn release(&mut self, def: &SetDef) {
-        let Some(s) = self.sets.get_mut(def) else { return };
-        s.refs -= 1;
-        if s.refs == 0 {
-            self.unreferenced.push(def.clone());
-        }
-    }
-
-    /// Destroys the sets left without references (and releases what a list held).
-    fn collect(&mut self, ph: &mut Phases) {
-        while let Some(def) = self.unreferenced.pop() {
-            if self.sets.get(&def).is_none_or(|s| s.refs > 0) {
-                continue;
+    /// A member as `ipset save` prints it (an IPv4 block of /0 is two /1: hash:net cannot
+    /// hold /0); nothing for IPv6.
+    fn member_strings(&mut self, member: &Member) -> Vec<String> {
+        let out = match member {
+            Member::Address(ip) => v4(*ip).map(|a| vec![a.to_string()]),
+            Member::Port { ip, protocol, port } => {
+                v4(*ip).map(|a| vec![format!("{a},{}:{port}", protocol.as_str().to_lowercase())])
             }
-            let s = self.sets.remove(&def).expect("set");
-            self.names.remove(&s.name);
-            // Members need not leave a set that is destroyed.
-            let prefix = format!("del {} ", s.name);
-            ph.del_members.retain(|l| !l.starts_with(&prefix));
-            if def.kind() == SetKind::ListSet {
-                ph.destroy_lists.push(format!("destroy {}", s.name));
-                let subs: Vec<SetDef> = self
-                    .sets
-                    .iter()
-                    .filter(|(_, st)| s.members.contains(&st.name))
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                for d in subs {
-                    self.release(&d);
-                }
-            } else {
-                ph.destroy_sets.push(format!("destroy {}", s.name));
-            }
-        }
-    }
-
-    /// Changes one member of an existing hash set, holding its address in transition.
-    fn change_member(&mut self, def: &SetDef, member: String, add: bool, ph: &mut Phases) {
-        let Some(s) = self.sets.get_mut(def) else { return };
-        let changed =
-            if add { s.members.insert(member.clone()) } else { s.members.remove(&member) };
-        if !changed {
-            return;
-        }
-        let line = format!("{} {} {member}", if add { "add" } else { "del" }, s.name);
-        if add {
-            ph.add_members.push(line)
-        } else {
-            ph.del_members.push(line)
-        }
-        if let Some(ip) = member_address(&member) {
-            ph.guard.insert(ip);
-        }
-    }
-
-    /// Brings every existing namespace list up to date for the namespaces in `touched`.
-    fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, ph: &mut Phases) {
-        let lists: Vec<SetDef> =
-            self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
-        if lists.is_empty() {
-            return;
-        }
-        for ns in touched {
-            let exists = self.namespace_exists(ns);
-            let labels = self.namespace_labels(ns);
-            let sub = SetDef::Namespace(ns.clone());
-            for list in &lists {
-                let want = exists && list.holds_namespace(&labels);
-                let has =
-                    self.sets.get(&sub).is_some_and(|s| self.sets[list].members.contains(&s.name));
-                if want == has {
-                    continue;
-                }
-                let sub_name =
-                    if want { self.acquire(&sub, ph) } else { self.sets[&sub].name.clone() };
-                // Every pod of the namespace changes memberships.
-                ph.guard.extend(self.sets[&sub].members.iter().filter_map(|m| member_address(m)));
-                let l = self.sets.get_mut(list).expect("list");
-                if want {
-                    l.members.insert(sub_name.clone());
-                    ph.add_members.push(format!("add {} {sub_name}", l.name));
+            Member::Net { net, except } => v4_net(net).map(|n| {
+                if n.prefix_len() == 0 && !except {
+                    vec!["0.0.0.0/1".to_string(), "128.0.0.0/1".to_string()]
                 } else {
-                    l.members.remove(&sub_name);
-                    ph.del_members.push(format!("del {} {sub_name}", l.name));
-                    self.release(&sub);
+                    vec![net_member(n, *except)]
                 }
+            }),
+            Member::Set(sub) => {
+                return self.sets.get(sub).map(|s| vec![s.name.clone()]).unwrap_or_default();
             }
-        }
+        };
+        out.unwrap_or_else(|| {
+            self.skipped_ipv6 += 1;
+            Vec::new()
+        })
     }
 
     // ---- chains ----
 
-    /// A policy direction's jump and rules (readable), or `None` when the policy does not
-    /// cover the direction.
-    fn render(&mut self, policy: &Policy, dir: Direction) -> Option<Rendered> {
-        let rules = policy.rules(dir)?;
-        let (own, peer) = match dir {
-            Direction::Ingress => ("dst", "src"),
-            Direction::Egress => ("src", "dst"),
-        };
-        let target = PeerSelector {
-            namespaces: NamespaceScope::Named(policy.key.namespace.clone()),
-            pods: policy.pod_selector.clone(),
-        };
-        let jump = selector_matches(&target, own)?;
-        let mut out = Vec::new();
-        for rule in rules {
-            for term in rule_terms(rule, dir) {
-                let peers = match &term.peer {
-                    TermPeer::Any => Vec::new(),
-                    TermPeer::Pods(sel) => match selector_matches(sel, peer) {
-                        Some(m) => m,
-                        None => continue,
-                    },
-                    TermPeer::Block(b) | TermPeer::PodsInBlock(b) => match self.cidr_def(b) {
-                        Some(set) => vec![SetMatch { negated: false, set, flags: peer }],
-                        None => continue,
-                    },
-                };
-                for port in &term.ports {
-                    let (spec, named, comment) = port_spec(port);
-                    let mut matches = peers.clone();
-                    matches.extend(named);
-                    out.push((spec, matches, comment));
-                }
-            }
-        }
-        Some(Rendered { jump, rules: out })
-    }
-
-    fn cidr_def(&mut self, b: &CidrBlock) -> Option<SetDef> {
-        let IpNet::V4(net) = b.net else {
-            self.skipped_ipv6 += 1;
-            return None;
-        };
-        let except: Vec<Ipv4Net> = b
-            .except
-            .iter()
-            .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
-            .collect();
-        // A block whose excepts cover it admits nothing.
-        if except.iter().any(|e| e.prefix_len() == 0) {
-            return None;
-        }
-        Some(SetDef::Cidr { net, except })
-    }
-
-    /// A match as `iptables-save` prints it.
-    fn match_text(&self, m: &SetMatch) -> String {
-        let bang = if m.negated { "! " } else { "" };
-        format!("-m set {bang}--match-set {} {} ", self.sets[&m.set].name, m.flags)
+    /// A match as `iptables-save` prints it (`None`: the set is not held).
+    fn match_text(&self, negated: bool, set: &SetDef, flags: &str) -> Option<String> {
+        let bang = if negated { "! " } else { "" };
+        let name = &self.sets.get(set)?.name;
+        Some(format!("-m set {bang}--match-set {name} {flags} "))
     }
 
     /// A match's readable name, for comments.
     fn match_readable(&self, m: &SetMatch) -> String {
-        format!("{}{}", if m.negated { "!" } else { "" }, self.sets[&m.set].readable)
+        let readable = self.sets.get(&m.set).map(|s| s.readable.as_str()).unwrap_or_default();
+        format!("{}{readable}", if m.negated { "!" } else { "" })
     }
 
-    /// Writes a policy direction: sets acquired, rules and jump as `iptables-save` prints them.
-    fn write(
-        &mut self,
-        policy: &Policy,
-        dir: Direction,
-        r: Rendered,
-        ph: &mut Phases,
-    ) -> ChainState {
-        let key = (policy.key.clone(), dir);
-        let chain = match self.chains.get(&key) {
+    /// Writes a policy direction: rules and jump as `iptables-save` prints them. A rule whose
+    /// peer is a set the encoding cannot hold (an IPv6 block) is left out.
+    fn write(&mut self, key: &ObjectKey, dir: Direction, l: &DirectionLayout) -> ChainState {
+        let chain = match self.chains.get(&(key.clone(), dir)) {
             Some(c) => c.chain.clone(),
-            None => self.claim_chain(&policy.key, dir),
+            None => self.claim_chain(key, dir),
         };
-        let mut refs: Vec<SetDef> = Vec::new();
-        for m in r.jump.iter().chain(r.rules.iter().flat_map(|(_, ms, _)| ms)) {
-            if !refs.contains(&m.set) {
-                refs.push(m.set.clone());
-            }
-        }
-        for d in &refs {
-            self.acquire(d, ph);
-        }
+        let (own, peer) = match dir {
+            Direction::Ingress => ("dst", "src"),
+            Direction::Egress => ("src", "dst"),
+        };
         let (word, peer_word) = match dir {
             Direction::Ingress => ("INGRESS", "FROM"),
             Direction::Egress => ("EGRESS", "TO"),
         };
         let target = allow_target(dir);
         let mut rules = Vec::new();
-        for (spec, matches, port_comment) in &r.rules {
-            let text: String = matches.iter().map(|m| self.match_text(m)).collect();
-            // (A named port is in the port part of the comment.)
-            let peers: Vec<String> = matches
+        for r in &l.rules {
+            let (spec, named, port_comment) = port_spec(r.port.as_ref());
+            let named = named.map(|n| SetDef::NamedPort(n.to_string()));
+            let texts: Option<Vec<String>> = r
+                .peers
                 .iter()
-                .filter(|m| !matches!(m.set, SetDef::NamedPort(_)))
-                .map(|m| self.match_readable(m))
+                .map(|m| self.match_text(m.negated, &m.set, peer))
+                .chain(named.iter().map(|n| self.match_text(false, n, "dst,dst")))
                 .collect();
+            let Some(texts) = texts else {
+                self.skipped_ipv6 += 1;
+                continue;
+            };
+            // (A named port is in the port part of the comment.)
+            let peers: Vec<String> = r.peers.iter().map(|m| self.match_readable(m)).collect();
             let who = if peers.is_empty() {
                 "ALLOW-ALL".to_string()
             } else {
                 format!("ALLOW-{peer_word}-{}", peers.join("-AND-"))
             };
             let comment = quote_comment(&format!("{who}{port_comment}"));
-            rules.push(format!("{spec}{text}-m comment --comment {comment} -j {target}"));
+            rules.push(format!(
+                "{spec}{}-m comment --comment {comment} -j {target}",
+                texts.concat()
+            ));
         }
         rules.push(drop_rule(dir));
-        let text: String = r.jump.iter().map(|m| self.match_text(m)).collect();
-        let readable: Vec<String> = r.jump.iter().map(|m| self.match_readable(m)).collect();
+        let text: String =
+            l.target.iter().filter_map(|m| self.match_text(m.negated, &m.set, own)).collect();
+        let readable: Vec<String> = l.target.iter().map(|m| self.match_readable(m)).collect();
         let to = if dir == Direction::Ingress { "TO" } else { "FROM" };
-        let comment = format!(
-            "{word}-POLICY-{}-{to}-{}-IN-ns-{}",
-            policy.key,
-            readable.join("-AND-"),
-            policy.key.namespace
-        );
+        let comment =
+            format!("{word}-POLICY-{key}-{to}-{}-IN-ns-{}", readable.join("-AND-"), key.namespace);
         let jump = format!("{text}-m comment --comment {} -j {chain}", quote_comment(&comment));
-        ChainState { chain, jump, rules, refs }
+        ChainState { chain, jump, rules }
     }
 
     fn claim_chain(&mut self, key: &ObjectKey, dir: Direction) -> String {
@@ -968,18 +587,10 @@ impl Translator {
         unreachable!()
     }
 
-    /// Rewrites the chains of one policy (created, changed or deleted). Both directions'
-    /// sets are taken before any is released, so a set that moves from one to the other
-    /// stays.
-    /// (The translator keeps a policy's chains, not the policy: `policy` is what the plan
-    /// now has, `None` when it was deleted.)
-    fn update_policy(&mut self, key: &ObjectKey, policy: Option<&Policy>, ph: &mut Phases) {
-        let mut written = Vec::new();
+    /// Rewrites the chains of one policy (created, changed or deleted: `None`).
+    fn set_policy(&mut self, key: &ObjectKey, layout: Option<&PolicyLayout>, ph: &mut Phases) {
         for dir in Direction::BOTH {
-            let new = policy.as_ref().and_then(|p| self.render(p, dir).map(|r| (p, r)));
-            written.push((dir, new.map(|(p, r)| self.write(p, dir, r, ph))));
-        }
-        for (dir, new) in written {
+            let new = layout.and_then(|l| l.direction(dir)).map(|l| self.write(key, dir, l));
             let ck = (key.clone(), dir);
             let old = self.chains.remove(&ck);
             match (&old, &new) {
@@ -1007,18 +618,13 @@ impl Translator {
             if let Some(n) = new {
                 self.chains.insert(ck, n);
             }
-            if let Some(o) = old {
-                for d in &o.refs {
-                    self.release(d);
-                }
-            }
         }
     }
 
     /// Writes AZURE-NPM's rules again when whether it has any, or whether they look at the
     /// quarantine, changes.
     fn set_active(&mut self, ph: &mut Phases, quarantine_changed: bool) {
-        let want = !self.chains.is_empty() || !self.quarantined.is_empty();
+        let want = !self.chains.is_empty() || self.sets.contains_key(&SetDef::Quarantine);
         if want == self.active && !(want && quarantine_changed) {
             return;
         }
@@ -1031,38 +637,9 @@ impl Translator {
     }
 
     fn azure_npm_rules(&self) -> Vec<String> {
-        // (A quarantine set left without addresses is on its way out: no rule names it.)
-        let quarantine =
-            (!self.quarantined.is_empty()).then(|| self.sets[&SetDef::Quarantine].name.as_str());
-        azure_npm_rules(&self.sets[&SetDef::Transition].name, quarantine)
-    }
-
-    /// Puts `ip` in quarantine (or takes it out): the set is created with its first address
-    /// and destroyed after its last, once AZURE-NPM no longer looks at it.
-    fn quarantine(&mut self, ip: Ipv4Addr, on: bool, ph: &mut Phases) -> bool {
-        let had = !self.quarantined.is_empty();
-        if on == self.quarantined.contains(&ip) {
-            return false;
-        }
-        if on {
-            if had {
-                self.quarantined.insert(ip);
-                self.change_member(&SetDef::Quarantine, ip.to_string(), true, ph);
-            } else {
-                // Created with its member.
-                self.quarantined.insert(ip);
-                self.acquire(&SetDef::Quarantine, ph);
-            }
-        } else {
-            self.quarantined.remove(&ip);
-            if self.quarantined.is_empty() {
-                self.release(&SetDef::Quarantine);
-            } else {
-                self.change_member(&SetDef::Quarantine, ip.to_string(), false, ph);
-            }
-        }
-        // Whether the set appeared or went (AZURE-NPM's rules then change).
-        had == self.quarantined.is_empty()
+        let quarantine = self.sets.get(&SetDef::Quarantine).map(|s| s.name.as_str());
+        let transition = self.transition.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
+        azure_npm_rules(transition, quarantine)
     }
 
     fn ensure_base(&mut self, ph: &mut Phases) {
@@ -1070,7 +647,9 @@ impl Translator {
             return;
         }
         self.base = true;
-        self.acquire(&SetDef::Transition, ph);
+        self.add_transition();
+        let t = self.transition.as_ref().expect("transition");
+        ph.create_sets.push(create_line(&t.name, KernelSet::Transition));
         for c in names::BASE_CHAINS {
             ph.new_chains.push(format!(":{c} - [0:0]"));
         }
@@ -1080,132 +659,85 @@ impl Translator {
         ph.rules.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
     }
 
+    fn add_transition(&mut self) {
+        let readable = KernelSet::Transition.readable();
+        let name = self.claim(&readable, SetKind::HashNet);
+        self.transition = Some(SetState { name, readable, members: BTreeSet::new() });
+    }
+
     // ---- diffs ----
 
-    /// Translates one diff into batches, in order (empty ones left out).
+    /// Translates one diff's layout changes into batches, in order (empty ones left out).
     pub fn translate(&mut self, diff: &PlanDiff) -> Vec<Batch> {
         let mut ph = Phases::default();
         self.ensure_base(&mut ph);
-        let mut old_identity: BTreeMap<Ipv4Addr, Option<IdentityId>> = BTreeMap::new();
-        let mut dropped_keys: Vec<IdentityId> = Vec::new();
-        let mut namespaces: BTreeSet<String> = BTreeSet::new();
-        let mut policies: BTreeMap<ObjectKey, Option<std::sync::Arc<Policy>>> = BTreeMap::new();
-        let mut quarantine_changed = false;
-        for c in &diff.changes {
+        let quarantine_before = self.sets.contains_key(&SetDef::Quarantine);
+        // Sets added by this diff, in order: their members go into their create blocks.
+        let mut fresh: Vec<&SetDef> = Vec::new();
+        let mut fresh_set: HashSet<&SetDef> = HashSet::new();
+        for c in &diff.layout {
             match c {
-                Change::AddIdentityKey { identity, key } => {
-                    self.index_identity(*identity, key.clone())
-                }
-                Change::RemoveIdentityKey { identity } => dropped_keys.push(*identity),
-                Change::SetIdentity { ip, identity } => match v4(*ip) {
-                    Some(ip) => {
-                        let old = self.identities.insert(ip, *identity);
-                        old_identity.entry(ip).or_insert(old);
-                    }
-                    None => self.skipped_ipv6 += 1,
-                },
-                Change::RemoveIdentity { ip } => {
-                    if let Some(ip) = v4(*ip) {
-                        let old = self.identities.remove(&ip);
-                        old_identity.entry(ip).or_insert(old);
+                LayoutChange::AddSet { set } => {
+                    if self.add_set(set) {
+                        fresh.push(set);
+                        fresh_set.insert(set);
                     }
                 }
-                Change::SetNamespaceLabels { namespace, labels } => {
-                    self.namespaces.insert(namespace.clone(), labels.clone());
-                    namespaces.insert(namespace.clone());
-                }
-                Change::RemoveNamespace { namespace } => {
-                    self.namespaces.remove(namespace);
-                    namespaces.insert(namespace.clone());
-                }
-                Change::SetPolicy { policy } => {
-                    policies.insert(policy.key.clone(), Some(policy.clone()));
-                }
-                Change::RemovePolicy { key } => {
-                    policies.insert(key.clone(), None);
-                }
-                // The entries: what the label view already says, resolved (the eBPF and HNS
-                // dataplanes' input). Node addresses need no rule (see the module docs of
-                // `iptables`).
-                Change::AddEndpoint { .. }
-                | Change::RetargetEndpoint { .. }
-                | Change::RemoveEndpoint { .. }
-                | Change::SetIsolation { .. }
-                | Change::AddAllow { .. }
-                | Change::RemoveAllow { .. }
-                | Change::AddSet { .. }
-                | Change::RemoveSet { .. }
-                | Change::AddMember { .. }
-                | Change::RemoveMember { .. }
-                | Change::AddNodeIp { .. }
-                | Change::RemoveNodeIp { .. } => {}
-                Change::SetConflict { ip, conflict } => {
-                    if let Some(ip) = v4(*ip) {
-                        quarantine_changed |= self.quarantine(ip, conflict.quarantined, &mut ph);
+                LayoutChange::AddMember { set, member }
+                | LayoutChange::RemoveMember { set, member } => {
+                    let add = matches!(c, LayoutChange::AddMember { .. });
+                    let strings = self.member_strings(member);
+                    let is_fresh = fresh_set.contains(set);
+                    let Some(s) = self.sets.get_mut(set) else { continue };
+                    for m in strings {
+                        let changed =
+                            if add { s.members.insert(m.clone()) } else { s.members.remove(&m) };
+                        if !changed || is_fresh {
+                            continue;
+                        }
+                        if add {
+                            ph.add_members.push(format!("add {} {m}", s.name));
+                        } else {
+                            let m = m.trim_end_matches(" nomatch");
+                            ph.del_members.push(format!("del {} {m}", s.name));
+                        }
                     }
                 }
-                Change::RemoveConflict { ip } => {
-                    if let Some(ip) = v4(*ip) {
-                        quarantine_changed |= self.quarantine(ip, false, &mut ph);
+                LayoutChange::RemoveSet { set } => {
+                    let Some(s) = self.sets.remove(set) else { continue };
+                    self.names.remove(&s.name);
+                    if fresh_set.remove(set) {
+                        // Added and removed within the diff: never created.
+                        continue;
                     }
+                    // Members need not leave a set that is destroyed.
+                    let prefix = format!("del {} ", s.name);
+                    ph.del_members.retain(|l| !l.starts_with(&prefix));
+                    let out =
+                        if set.is_list() { &mut ph.destroy_lists } else { &mut ph.destroy_sets };
+                    out.push(format!("destroy {}", s.name));
                 }
+                LayoutChange::Regroup { ip } => ph.guard.extend(v4(*ip)),
+                LayoutChange::SetPolicy { key, layout } => {
+                    self.set_policy(key, Some(layout), &mut ph)
+                }
+                LayoutChange::RemovePolicy { key } => self.set_policy(key, None, &mut ph),
             }
         }
-        // Addresses changing identity: out of the sets of the old key, into those of the new.
-        for (ip, old) in old_identity {
-            let new = self.identities.get(&ip).copied();
-            if old == new {
+        for def in fresh {
+            if !fresh_set.remove(def) {
                 continue;
             }
-            let before: Vec<(SetDef, String)> = old
-                .and_then(|o| self.keys.get(&o))
-                .map(|k| Self::memberships(k, ip))
-                .unwrap_or_default();
-            let after: Vec<(SetDef, String)> = new
-                .and_then(|n| self.keys.get(&n))
-                .map(|k| Self::memberships(k, ip))
-                .unwrap_or_default();
-            if let Some(o) = old {
-                if let Some(a) = self.addresses.get_mut(&o) {
-                    a.remove(&ip);
-                    if a.is_empty() {
-                        self.addresses.remove(&o);
-                    }
-                }
-                if let Some(ns) = self.keys.get(&o).map(|k| k.namespace.clone()) {
-                    namespaces.insert(ns);
-                }
-            }
-            if let Some(n) = new {
-                self.addresses.entry(n).or_default().insert(ip);
-                if let Some(ns) = self.keys.get(&n).map(|k| k.namespace.clone()) {
-                    namespaces.insert(ns);
-                }
-            }
-            for pair in &before {
-                if !after.contains(pair) {
-                    self.change_member(&pair.0, pair.1.clone(), false, &mut ph);
-                }
-            }
-            for pair in after {
-                if !before.contains(&pair) {
-                    self.change_member(&pair.0, pair.1, true, &mut ph);
-                }
+            let s = &self.sets[def];
+            let block = create_block(&s.name, KernelSet::Layout(def), &s.members);
+            if def.is_list() {
+                ph.create_lists.push(block);
+            } else {
+                ph.create_sets.push(block);
             }
         }
-        for id in dropped_keys {
-            if let Some(ns) = self.keys.get(&id).map(|k| k.namespace.clone()) {
-                namespaces.insert(ns);
-            }
-            self.unindex_identity(id);
-        }
-        // Namespaces appearing, going or relabelled: the lists holding their ns sets.
-        self.update_namespace_lists(&namespaces, &mut ph);
-        for (key, policy) in &policies {
-            self.update_policy(key, policy.as_deref(), &mut ph);
-        }
+        let quarantine_changed = quarantine_before != self.sets.contains_key(&SetDef::Quarantine);
         self.set_active(&mut ph, quarantine_changed);
-        self.collect(&mut ph);
         if !self.active {
             // No rule looks at the transition set.
             ph.guard.clear();
@@ -1219,7 +751,7 @@ impl Translator {
     /// (a reconcile, whose old rules look at the changed sets until (2)), after (2).
     fn batches(&self, ph: Phases, lift_after_rules: bool) -> Vec<Batch> {
         let mut out = Vec::new();
-        let guard: Vec<String> = match self.sets.get(&SetDef::Transition) {
+        let guard: Vec<String> = match &self.transition {
             Some(t) => ph.guard.iter().map(|ip| format!("{} {ip}", t.name)).collect(),
             None => Vec::new(),
         };
@@ -1257,8 +789,8 @@ impl Translator {
 
     // ---- whole plans ----
 
-    /// Makes the translator hold exactly `plan` and returns the batches that move the kernel
-    /// from `kernel` to it (see the module docs).
+    /// Makes the translator hold exactly `plan`'s layout and returns the batches that move
+    /// the kernel from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
         let mut t = Translator {
@@ -1267,38 +799,55 @@ impl Translator {
             skipped_ipv6: self.skipped_ipv6,
             ..Translator::default()
         };
-        // The commands of the steps below are not kept: `reconcile_batches` writes the whole
-        // layout. (A fresh scratch each time, so that they do not pile up.)
-        let scratch = || Phases { discard_creates: true, ..Phases::default() };
-        // Sets are claimed in a fixed order (the transition set, then by policy), so that a
-        // restart gives colliding names the same alternates.
-        t.acquire(&SetDef::Transition, &mut scratch());
-        for (id, key) in &plan.identity_keys {
-            t.index_identity(*id, key.clone());
+        let layout = &plan.layout;
+        // Sets are named in a fixed order (the transition set, the quarantine, then by
+        // policy, a list before the sets it holds), so that a restart gives colliding names
+        // the same alternates.
+        t.add_transition();
+        let policy_sets = layout.policies.values().flat_map(|p| {
+            Direction::BOTH.into_iter().flat_map(|d| p.direction(d).map(|l| l.references()))
+        });
+        let order: Vec<SetDef> = std::iter::once(vec![SetDef::Quarantine])
+            .chain(policy_sets)
+            .flatten()
+            .chain(layout.sets.keys().cloned())
+            .collect();
+        for def in &order {
+            t.name_tree(def, layout);
         }
-        for (ip, id) in &plan.identities {
-            match v4(*ip) {
-                Some(v) => {
-                    t.identities.insert(v, *id);
-                    t.addresses.entry(*id).or_default().insert(v);
+        for (def, members) in &layout.sets {
+            let strings: BTreeSet<String> =
+                members.iter().flat_map(|m| t.member_strings(m)).collect();
+            if let Some(s) = t.sets.get_mut(def) {
+                s.members = strings;
+            }
+        }
+        for (key, p) in &layout.policies {
+            for d in Direction::BOTH {
+                if let Some(l) = p.direction(d) {
+                    let c = t.write(key, d, l);
+                    t.chains.insert((key.clone(), d), c);
                 }
-                None => t.skipped_ipv6 += 1,
             }
         }
-        t.namespaces = plan.namespaces.clone();
-        for (ip, conflict) in &plan.conflicts {
-            if let (Some(ip), true) = (v4(*ip), conflict.quarantined) {
-                t.quarantine(ip, true, &mut scratch());
-            }
-        }
-        for (key, policy) in &plan.policies {
-            t.update_policy(key, Some(policy), &mut scratch());
-        }
-        t.active = !t.chains.is_empty() || !t.quarantined.is_empty();
+        t.active = !t.chains.is_empty() || t.sets.contains_key(&SetDef::Quarantine);
         t.kernel_kinds = None;
         let batches = t.reconcile_batches(kernel);
         *self = t;
         batches
+    }
+
+    /// Names a set of `layout` not named yet, and the sets it holds.
+    fn name_tree(&mut self, def: &SetDef, layout: &Layout) {
+        let Some(members) = layout.sets.get(def) else { return };
+        if self.sets.contains_key(def) || !self.add_set(def) {
+            return;
+        }
+        for m in members {
+            if let Member::Set(sub) = m {
+                self.name_tree(sub, layout);
+            }
+        }
     }
 
     /// Every chain the layout should hold, with its rules, in `iptables-save` order of rules
@@ -1316,7 +865,7 @@ impl Translator {
         for j in &mut jumps {
             j.sort();
         }
-        if self.active && self.sets.contains_key(&SetDef::Transition) {
+        if self.active && self.transition.is_some() {
             chains.insert(AZURE_NPM.to_string(), self.azure_npm_rules());
         }
         let ing = chains.get_mut(INGRESS).expect("base");
@@ -1335,8 +884,7 @@ impl Translator {
 
     /// Every set the layout should hold: kernel name → (readable name, type, members).
     pub fn desired_sets(&self) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
-        self.sets
-            .iter()
+        self.all_sets()
             .map(|(d, s)| {
                 (s.name.clone(), (s.readable.clone(), d.kind().type_name(), s.members.clone()))
             })
@@ -1345,7 +893,7 @@ impl Translator {
 
     fn reconcile_batches(&self, kernel: &KernelState) -> Vec<Batch> {
         let mut ph = Phases::default();
-        let mut sets: Vec<(&SetDef, &SetState)> = self.sets.iter().collect();
+        let mut sets: Vec<(KernelSet<'_>, &SetState)> = self.all_sets().collect();
         sets.sort_by(|a, b| {
             (a.0.kind() == SetKind::ListSet, &a.1.name)
                 .cmp(&(b.0.kind() == SetKind::ListSet, &b.1.name))
@@ -1368,7 +916,7 @@ impl Translator {
             } else {
                 &mut ph.create_sets
             };
-            if **def == SetDef::Transition
+            if *def == KernelSet::Transition
                 && let Some(ks) = kernel.sets.get(h)
             {
                 // Addresses a failed batch left in transition stay there until the rules are
@@ -1378,7 +926,7 @@ impl Translator {
             }
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_block(h, def, &s.members));
+                    out.push(create_block(h, *def, &s.members));
                 }
                 Some(ks) => {
                     for m in s.members.difference(&ks.members) {
@@ -1386,9 +934,9 @@ impl Translator {
                         ph.guard.extend(member_address(m));
                         if def.kind() == SetKind::ListSet {
                             ph.guard.extend(
-                                self.sets.values().filter(|x| &x.name == m).flat_map(|x| {
-                                    x.members.iter().filter_map(|a| member_address(a))
-                                }),
+                                self.all_sets().map(|(_, x)| x).filter(|x| &x.name == m).flat_map(
+                                    |x| x.members.iter().filter_map(|a| member_address(a)),
+                                ),
                             );
                             ph.guard.extend(kernel_addresses(m));
                         }
@@ -1429,7 +977,7 @@ impl Translator {
             ph.del_chains.push(format!("-X {c}"));
         }
         // 3. Stale sets, lists first (they reference the others).
-        let names: HashSet<&String> = self.sets.values().map(|s| &s.name).collect();
+        let names: HashSet<&String> = self.all_sets().map(|(_, s)| &s.name).collect();
         for (h, ks) in &kernel.sets {
             if !names.contains(h) {
                 if ks.kind == "list:set" {
@@ -1446,7 +994,7 @@ impl Translator {
 
     /// The kernel name and readable name of every set, for explaining rules.
     pub fn set_names(&self) -> BTreeMap<String, String> {
-        self.sets.values().map(|s| (s.name.clone(), s.readable.clone())).collect()
+        self.all_sets().map(|(_, s)| (s.name.clone(), s.readable.clone())).collect()
     }
 
     /// The chain of every policy direction: (policy, direction) → chain.

@@ -13,10 +13,12 @@
 //! once per node, not once per endpoint. Dataplanes that match by identity (eBPF) expand
 //! sets themselves; ipset-based ones keep them as sets.
 //!
-//! The plan also carries a *label view*: each identity's namespace, labels and named ports,
-//! the namespaces' labels and the (validated) policies. The entries above are all that the
-//! eBPF and HNS dataplanes need; the iptables dataplane lays rules out as Azure NPM does, one
-//! chain per NetworkPolicy matching pods through label sets, and builds them from this view.
+//! The entries above are all that the eBPF and HNS dataplanes need. When asked, the plan
+//! also carries the Azure NPM [`layout`]: one entry per NetworkPolicy matching pods through
+//! label sets, which the iptables dataplane renders as chains and ipsets. Both are computed by
+//! the compiler; dataplanes only render them.
+
+pub mod layout;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -25,9 +27,10 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::model::{
-    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Pod, Policy,
+    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Pod,
     Protocol,
 };
+pub use layout::{Layout, LayoutChange};
 
 /// What makes pods indistinguishable to every selector and named port: pods with equal
 /// keys share one identity.
@@ -242,13 +245,9 @@ pub struct Plan {
     pub node_ips: BTreeSet<IpAddr>,
     /// Addresses in conflict (for reports; their entries above already fail closed).
     pub conflicts: std::collections::BTreeMap<IpAddr, Conflict>,
-    /// Label view: what each identity stands for.
-    pub identity_keys: HashMap<IdentityId, IdentityKey>,
-    /// Label view: the labels of each Namespace object (a namespace without one has
-    /// [`Namespace::default_labels`](crate::model::Namespace::default_labels)).
-    pub namespaces: HashMap<String, Labels>,
-    /// Label view: every policy of the cluster.
-    pub policies: std::collections::BTreeMap<ObjectKey, Policy>,
+    /// The Azure NPM layout of every policy of the cluster (empty unless the compiler was
+    /// asked for it).
+    pub layout: Layout,
 }
 
 /// A connection attempt, as a dataplane sees its first packet.
@@ -392,35 +391,9 @@ impl Plan {
                 Change::RemoveNodeIp { ip } => {
                     self.node_ips.remove(ip);
                 }
-                Change::AddIdentityKey { identity, key } => {
-                    if self.identity_keys.insert(*identity, key.clone()).is_some() {
-                        return Err(format!("key of identity {identity} added twice"));
-                    }
-                }
-                Change::RemoveIdentityKey { identity } => {
-                    self.identity_keys
-                        .remove(identity)
-                        .ok_or_else(|| format!("key of identity {identity} removed but absent"))?;
-                }
-                Change::SetNamespaceLabels { namespace, labels } => {
-                    self.namespaces.insert(namespace.clone(), labels.clone());
-                }
-                Change::RemoveNamespace { namespace } => {
-                    self.namespaces
-                        .remove(namespace)
-                        .ok_or_else(|| format!("namespace {namespace} removed but absent"))?;
-                }
-                Change::SetPolicy { policy } => {
-                    self.policies.insert(policy.key.clone(), (**policy).clone());
-                }
-                Change::RemovePolicy { key } => {
-                    self.policies
-                        .remove(key)
-                        .ok_or_else(|| format!("policy {key} removed but absent"))?;
-                }
             }
         }
-        Ok(())
+        self.layout.apply(&diff.layout)
     }
 
     /// A diff that builds this plan from nothing (what a dataplane applies at start-up).
@@ -432,15 +405,6 @@ impl Plan {
                 .iter()
                 .map(|(ip, c)| Change::SetConflict { ip: *ip, conflict: c.clone() }),
         );
-        changes.extend(
-            self.identity_keys
-                .iter()
-                .map(|(id, key)| Change::AddIdentityKey { identity: *id, key: key.clone() }),
-        );
-        changes.extend(self.namespaces.iter().map(|(ns, labels)| Change::SetNamespaceLabels {
-            namespace: ns.clone(),
-            labels: labels.clone(),
-        }));
         for (id, set) in &self.sets {
             changes.push(Change::AddSet { set: *id, selector: set.selector.clone() });
             changes
@@ -467,12 +431,7 @@ impl Plan {
                 }
             }
         }
-        changes.extend(
-            self.policies
-                .values()
-                .map(|p| Change::SetPolicy { policy: std::sync::Arc::new(p.clone()) }),
-        );
-        PlanDiff { changes }
+        PlanDiff { changes, layout: self.layout.as_changes() }
     }
 }
 
@@ -545,30 +504,6 @@ pub enum Change {
     RemoveConflict {
         ip: IpAddr,
     },
-    /// Label view: a new identity (before any address has it).
-    AddIdentityKey {
-        identity: IdentityId,
-        key: IdentityKey,
-    },
-    /// Label view: an identity no address has any more.
-    RemoveIdentityKey {
-        identity: IdentityId,
-    },
-    /// Label view: a Namespace object created or relabelled.
-    SetNamespaceLabels {
-        namespace: String,
-        labels: Labels,
-    },
-    RemoveNamespace {
-        namespace: String,
-    },
-    /// Label view: a policy created or changed.
-    SetPolicy {
-        policy: std::sync::Arc<Policy>,
-    },
-    RemovePolicy {
-        key: ObjectKey,
-    },
 }
 
 /// An ordered list of changes, to be applied in order.
@@ -587,21 +522,36 @@ pub enum Change {
 /// new one's while members join and leave them, so within the diff it may admit a peer that
 /// neither pod's policies admit (never refusing what both admit). Peers whose identity
 /// switches (their labels or named ports changed) are matched by their old or their new
-/// identity, switched atomically in the middle of the diff. The label view changes with the
-/// entries: identity keys are added first and removed last; namespaces and policies change
-/// in the middle (a dataplane that builds on them orders its own work).
+/// identity, switched atomically in the middle of the diff.
+///
+/// The layout's changes are a separate list, ordered as [`LayoutChange`] says: a dataplane
+/// renders one list or the other.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
+    /// The entries: endpoints, identities, peer sets, allow entries, node addresses, conflicts.
     pub changes: Vec<Change>,
+    /// The Azure NPM layout (empty unless the compiler was asked for it).
+    pub layout: Vec<LayoutChange>,
 }
 
 impl PlanDiff {
+    /// A diff of entries only.
+    pub fn of(changes: Vec<Change>) -> Self {
+        Self { changes, layout: Vec::new() }
+    }
+
+    /// Appends the changes of the diff that follows.
+    pub fn extend(&mut self, next: PlanDiff) {
+        self.changes.extend(next.changes);
+        self.layout.extend(next.layout);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+        self.changes.is_empty() && self.layout.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.changes.len()
+        self.changes.len() + self.layout.len()
     }
 }
 
@@ -619,10 +569,8 @@ pub struct CanonicalPlan {
     pub endpoints: Vec<(IpAddr, ObjectKey, [CanonicalDirection; 2])>,
     pub addresses_by_identity: BTreeSet<Vec<IpAddr>>,
     pub node_ips: BTreeSet<IpAddr>,
-    /// The label view: each identity's key with its addresses, namespaces, policies.
-    pub identity_keys: BTreeSet<(Vec<IpAddr>, IdentityKey)>,
-    pub namespaces: std::collections::BTreeMap<String, Labels>,
-    pub policies: std::collections::BTreeMap<ObjectKey, Policy>,
+    /// The layout (it names addresses and labels, not identities).
+    pub layout: Layout,
 }
 
 /// One endpoint direction, canonical: isolated, and its sorted (peer, ports) entries.
@@ -683,18 +631,11 @@ impl Plan {
             })
             .collect();
         endpoints.sort();
-        let identity_keys = self
-            .identity_keys
-            .iter()
-            .map(|(id, k)| (members.get(id).cloned().unwrap_or_default(), k.clone()))
-            .collect();
         CanonicalPlan {
             endpoints,
             addresses_by_identity: members.into_values().collect(),
             node_ips: self.node_ips.clone(),
-            identity_keys,
-            namespaces: self.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            policies: self.policies.clone(),
+            layout: self.layout.clone(),
         }
     }
 }

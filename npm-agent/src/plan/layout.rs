@@ -1,0 +1,326 @@
+//! The plan's Azure NPM layout: NetworkPolicy as Azure Network Policy Manager lays it out on
+//! Linux, computed by the compiler and rendered by the iptables dataplane (rule text, set
+//! names and `ipset` commands are the dataplane's; which sets exist, what they hold and which
+//! conjunction of them each rule matches are decided here, once).
+//!
+//! - Every policy direction it covers has a *target* (the pods it selects, as a conjunction of
+//!   set matches) and *rules*, one per (peer, port) of each NetworkPolicy rule: the peer as a
+//!   conjunction of set matches (empty: any address), the port as the rule says it.
+//! - A selector becomes a conjunction of sets: the pods of a namespace, pods with a label (or
+//!   a label value), several values of one label key (a list of label sets), namespaces with a
+//!   label (lists of namespace sets), all namespaces; `NotIn` and `DoesNotExist` are negated
+//!   matches. Named ports match a set of (address, protocol, port); ipBlocks a set of the
+//!   block with its excepts.
+//! - A set exists while a policy (or a list holding it) references it; its members follow
+//!   the pods' labels, named ports and addresses and the namespaces' labels, cluster-wide.
+//! - `quarantine` holds the local addresses that several local pods claim (their
+//!   connections are refused both ways); it exists while it holds any.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::model::{CidrBlock, Direction, PortSpec, Protocol};
+
+/// A set of the layout: what it holds, which also gives its (Azure NPM) readable name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum SetDef {
+    /// The pods of a namespace.
+    Namespace(String),
+    /// The pods with the label key (`value: None`) or the label (any namespace).
+    PodLabel { key: String, value: Option<String> },
+    /// A list of the `PodLabel` sets of several values of one key.
+    PodValues { key: String, values: Vec<String> },
+    /// A list of the `Namespace` sets of the namespaces with the label key or the label.
+    NsLabel { key: String, value: Option<String> },
+    /// A list of the `Namespace` sets of the namespaces with one of the values of a key.
+    NsValues { key: String, values: Vec<String> },
+    /// A list of every `Namespace` set.
+    AllNamespaces,
+    /// Every pod port with this name: (address, protocol, port).
+    NamedPort(String),
+    /// The addresses of a block, but its excepts.
+    Cidr(CidrBlock),
+    /// Local addresses several local pods claim.
+    Quarantine,
+}
+
+impl SetDef {
+    /// Whether the set holds other sets (the others hold addresses).
+    pub fn is_list(&self) -> bool {
+        matches!(
+            self,
+            SetDef::PodValues { .. }
+                | SetDef::NsLabel { .. }
+                | SetDef::NsValues { .. }
+                | SetDef::AllNamespaces
+        )
+    }
+}
+
+/// One member of a set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Member {
+    /// A pod's address.
+    Address(IpAddr),
+    /// A pod's named port.
+    Port { ip: IpAddr, protocol: Protocol, port: u16 },
+    /// A block of a `Cidr` set, or one of its excepts (`except`: addresses in it do not match).
+    Net { net: IpNet, except: bool },
+    /// A set of a list.
+    Set(SetDef),
+}
+
+impl Member {
+    /// The address whose memberships this member is about (none for blocks and sets).
+    pub fn address(&self) -> Option<IpAddr> {
+        match self {
+            Member::Address(ip) | Member::Port { ip, .. } => Some(*ip),
+            Member::Net { .. } | Member::Set(_) => None,
+        }
+    }
+}
+
+/// One set of a conjunction, perhaps negated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SetMatch {
+    pub negated: bool,
+    pub set: SetDef,
+}
+
+/// One allow rule: a peer (a conjunction of set matches; empty: any address) and a port
+/// (`None`: every protocol and port). A named port matches the `NamedPort` set of its name by
+/// destination address and port: the selected pod's for ingress, the peer's for egress.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct LayoutRule {
+    pub peers: Vec<SetMatch>,
+    pub port: Option<PortSpec>,
+}
+
+/// One direction of one policy: the pods it selects and what it admits, in rule order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DirectionLayout {
+    pub target: Vec<SetMatch>,
+    pub rules: Vec<LayoutRule>,
+}
+
+impl DirectionLayout {
+    /// The sets the direction references, each once: the target's, then each rule's peers'
+    /// and named port's.
+    pub fn references(&self) -> Vec<SetDef> {
+        let mut refs: Vec<SetDef> = Vec::new();
+        let mut add = |s: &SetDef| {
+            if !refs.contains(s) {
+                refs.push(s.clone());
+            }
+        };
+        for m in &self.target {
+            add(&m.set);
+        }
+        for r in &self.rules {
+            for m in &r.peers {
+                add(&m.set);
+            }
+            if let Some(PortSpec::Named { name, .. }) = &r.port {
+                add(&SetDef::NamedPort(name.clone()));
+            }
+        }
+        refs
+    }
+}
+
+/// One policy: the directions it covers (`None`: not covered, or its pod selector can
+/// match no pod).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyLayout {
+    pub ingress: Option<DirectionLayout>,
+    pub egress: Option<DirectionLayout>,
+}
+
+impl PolicyLayout {
+    pub fn direction(&self, d: Direction) -> Option<&DirectionLayout> {
+        match d {
+            Direction::Ingress => self.ingress.as_ref(),
+            Direction::Egress => self.egress.as_ref(),
+        }
+    }
+}
+
+/// The whole layout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Layout {
+    pub policies: BTreeMap<crate::model::ObjectKey, Arc<PolicyLayout>>,
+    pub sets: BTreeMap<SetDef, BTreeSet<Member>>,
+}
+
+/// One change of the layout.
+///
+/// The compiler orders them so that a set is added (with its members) before anything
+/// references it and removed after nothing does; `Regroup` names, before its member
+/// changes, every address whose memberships change in pre-existing sets (directly or
+/// through a list): a dataplane that cannot change them atomically holds the address's new
+/// connections meanwhile, since a conjunction evaluated halfway could match what neither
+/// the old nor the new memberships match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum LayoutChange {
+    AddSet {
+        set: SetDef,
+    },
+    AddMember {
+        set: SetDef,
+        member: Member,
+    },
+    RemoveMember {
+        set: SetDef,
+        member: Member,
+    },
+    RemoveSet {
+        set: SetDef,
+    },
+    Regroup {
+        ip: IpAddr,
+    },
+    /// A policy created or changed.
+    SetPolicy {
+        key: crate::model::ObjectKey,
+        layout: Arc<PolicyLayout>,
+    },
+    RemovePolicy {
+        key: crate::model::ObjectKey,
+    },
+}
+
+impl Layout {
+    /// Applies changes, checking that they fit (see [`super::Plan::apply`]).
+    pub fn apply(&mut self, changes: &[LayoutChange]) -> Result<(), String> {
+        for c in changes {
+            match c {
+                LayoutChange::AddSet { set } => {
+                    if self.sets.insert(set.clone(), BTreeSet::new()).is_some() {
+                        return Err(format!("layout set {set:?} added twice"));
+                    }
+                }
+                LayoutChange::RemoveSet { set } => {
+                    self.sets
+                        .remove(set)
+                        .ok_or_else(|| format!("layout set {set:?} removed but absent"))?;
+                }
+                LayoutChange::AddMember { set, member } => {
+                    let s = self
+                        .sets
+                        .get_mut(set)
+                        .ok_or_else(|| format!("member of absent layout set {set:?}"))?;
+                    if !s.insert(member.clone()) {
+                        return Err(format!("{member:?} added to {set:?} twice"));
+                    }
+                }
+                LayoutChange::RemoveMember { set, member } => {
+                    let s = self
+                        .sets
+                        .get_mut(set)
+                        .ok_or_else(|| format!("member of absent layout set {set:?}"))?;
+                    if !s.remove(member) {
+                        return Err(format!("{member:?} removed from {set:?} but absent"));
+                    }
+                }
+                LayoutChange::Regroup { .. } => {}
+                LayoutChange::SetPolicy { key, layout } => {
+                    self.policies.insert(key.clone(), layout.clone());
+                }
+                LayoutChange::RemovePolicy { key } => {
+                    self.policies
+                        .remove(key)
+                        .ok_or_else(|| format!("layout of policy {key} removed but absent"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes that build this layout from nothing: sets with their members (lists after
+    /// the sets they hold), then policies.
+    pub fn as_changes(&self) -> Vec<LayoutChange> {
+        let mut out = Vec::new();
+        let (lists, others): (Vec<_>, Vec<_>) = self.sets.iter().partition(|(d, _)| d.is_list());
+        for (set, members) in others.into_iter().chain(lists) {
+            out.push(LayoutChange::AddSet { set: set.clone() });
+            out.extend(
+                members
+                    .iter()
+                    .map(|m| LayoutChange::AddMember { set: set.clone(), member: m.clone() }),
+            );
+        }
+        out.extend(
+            self.policies
+                .iter()
+                .map(|(k, l)| LayoutChange::SetPolicy { key: k.clone(), layout: l.clone() }),
+        );
+        out
+    }
+
+    /// Changes that move this layout to `to`, in the promised order: new sets with their
+    /// members (lists after the sets they hold), the members of kept sets (their addresses
+    /// regrouped first), policies, then gone sets (lists first).
+    pub fn diff(&self, to: &Layout) -> Vec<LayoutChange> {
+        let mut out = Vec::new();
+        let (lists, others): (Vec<_>, Vec<_>) = to
+            .sets
+            .iter()
+            .filter(|(d, _)| !self.sets.contains_key(*d))
+            .partition(|(d, _)| d.is_list());
+        for (set, members) in others.into_iter().chain(lists) {
+            out.push(LayoutChange::AddSet { set: set.clone() });
+            out.extend(
+                members
+                    .iter()
+                    .map(|m| LayoutChange::AddMember { set: set.clone(), member: m.clone() }),
+            );
+        }
+        let mut members = Vec::new();
+        let mut regroup = BTreeSet::new();
+        for (set, now) in &to.sets {
+            let Some(was) = self.sets.get(set) else { continue };
+            for m in now.difference(was) {
+                members.push(LayoutChange::AddMember { set: set.clone(), member: m.clone() });
+                regroup.extend(self.addresses_of(m));
+            }
+            for m in was.difference(now) {
+                members.push(LayoutChange::RemoveMember { set: set.clone(), member: m.clone() });
+                regroup.extend(self.addresses_of(m));
+            }
+        }
+        out.extend(regroup.into_iter().map(|ip| LayoutChange::Regroup { ip }));
+        out.extend(members);
+        for (key, l) in &to.policies {
+            if self.policies.get(key) != Some(l) {
+                out.push(LayoutChange::SetPolicy { key: key.clone(), layout: l.clone() });
+            }
+        }
+        for key in self.policies.keys().filter(|k| !to.policies.contains_key(*k)) {
+            out.push(LayoutChange::RemovePolicy { key: key.clone() });
+        }
+        let (lists, others): (Vec<_>, Vec<_>) =
+            self.sets.keys().filter(|d| !to.sets.contains_key(*d)).partition(|d| d.is_list());
+        out.extend(
+            lists.into_iter().chain(others).map(|d| LayoutChange::RemoveSet { set: d.clone() }),
+        );
+        out
+    }
+
+    /// The addresses whose memberships a member stands for (a set's: all it holds).
+    fn addresses_of(&self, m: &Member) -> Vec<IpAddr> {
+        match m {
+            Member::Set(sub) => self
+                .sets
+                .get(sub)
+                .into_iter()
+                .flatten()
+                .flat_map(|m| self.addresses_of(m))
+                .collect(),
+            m => m.address().into_iter().collect(),
+        }
+    }
+}
