@@ -12,6 +12,7 @@ pub mod input;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod netns;
 pub mod plan;
 pub mod reference;
 pub mod simulate;

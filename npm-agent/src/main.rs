@@ -137,7 +137,7 @@ fn main() -> ExitCode {
         Command::Run { config, netns, settings } => {
             // Before any thread exists: setns affects only the calling thread.
             if let Some(ns) = &netns
-                && let Err(e) = npm_agent::agent::enter_netns(ns)
+                && let Err(e) = npm_agent::netns::enter(ns)
             {
                 eprintln!("npm-agent: {e:#}");
                 return ExitCode::FAILURE;

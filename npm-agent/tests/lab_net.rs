@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use npm_agent::lab::net::{self, DEFAULT_PROBE_TIMEOUT, Lab, LabConfig};
 use npm_agent::model::Protocol;
+use npm_agent::netns;
 
 fn lab_available() -> bool {
     match net::check_environment() {
@@ -116,13 +117,10 @@ fn lab_network_end_to_end() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", node.address)));
-    let out = net::command_in_netns(&pod.netns_path, "cat")
-        .unwrap()
-        .arg("/proc/net/route")
-        .output()
-        .unwrap();
+    let out =
+        netns::command(&pod.netns_path, "cat").unwrap().arg("/proc/net/route").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("eth0"), "the pod has its own routes");
-    let forwarding = net::in_netns(&node.netns_path, || {
+    let forwarding = netns::run_in(&node.netns_path, || {
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
     })
     .unwrap();

@@ -26,6 +26,7 @@ use npm_agent::metrics::prometheus_config::{StaticTargets, with_static_targets};
 use npm_agent::metrics::server::http_get;
 use npm_agent::metrics::text::{Exposition, parse};
 use npm_agent::model::Protocol;
+use npm_agent::netns;
 use npm_agent::simulate::Backend;
 use npm_agent::simulate::case::{Action, ActionOutcome, Case, CaseCluster};
 use npm_agent::state::Event;
@@ -140,7 +141,7 @@ impl Lab {
     fn get(&self, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let addr: SocketAddr = addr.parse()?;
         let path = path.to_string();
-        Ok(net::in_netns(&self.netns, move || http_get(addr, &path, Duration::from_secs(10)))??)
+        Ok(netns::run_in(&self.netns, move || http_get(addr, &path, Duration::from_secs(10)))??)
     }
 
     fn scrape(&self, path: &str) -> Exposition {

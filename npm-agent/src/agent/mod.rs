@@ -14,12 +14,11 @@ pub mod config;
 pub mod run;
 pub mod status;
 
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::dataplane::ebpf::{self, EbpfCleanup, EbpfConfig, EbpfDataplane};
 use crate::dataplane::iptables::{self, IptablesCleanup, IptablesConfig, IptablesDataplane};
@@ -151,20 +150,6 @@ pub fn run(config: &Config, stop: &AtomicBool) -> anyhow::Result<()> {
     let _server =
         crate::metrics::server::spawn(config.metrics_addr, agent.handles().metrics.clone());
     agent.run(stop)
-}
-
-/// Moves the process into the network namespace at `path` (as `ip netns exec` would, but
-/// keeping the mount namespace). Affects only the calling thread: call it before any other
-/// thread exists, first thing in `main`.
-pub fn enter_netns(path: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
-    // SAFETY: a valid file descriptor and a namespace type flag.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!("entering network namespace {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
+use crate::netns;
 use crate::simulate::Backend;
 use crate::simulate::case::{Case, CaseCluster};
 use crate::state::Event;
@@ -112,12 +113,12 @@ fn rates(lab: &Lab, seconds: f64) -> Result<Rates> {
     let server = lab.pod("x/server").context("server pod")?.clone();
     let client = lab.pod("x/client").context("client pod")?.clone();
     // Short-lived connections: every ephemeral port, and TIME_WAIT ports reused, in the client.
-    net::in_netns(&client.netns_path, || {
+    netns::run_in(&client.netns_path, || {
         let _ = std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65000");
         let _ = std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1");
     })?;
     let stop = AtomicBool::new(false);
-    let listener = net::in_netns(&server.netns_path, || {
+    let listener = netns::run_in(&server.netns_path, || {
         TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
     })??;
     listener.set_nonblocking(true)?;
@@ -127,11 +128,11 @@ fn rates(lab: &Lab, seconds: f64) -> Result<Rates> {
             pin_to_cpu0();
             serve(&listener, &stop)
         });
-        let connections = net::in_netns(&client.netns_path, || {
+        let connections = netns::run_in(&client.netns_path, || {
             pin_to_cpu0();
             connect_loop(addr, seconds)
         })??;
-        let requests = net::in_netns(&client.netns_path, || {
+        let requests = netns::run_in(&client.netns_path, || {
             pin_to_cpu0();
             request_loop(addr, seconds)
         })??;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use super::cluster::{LabCluster, LabOptions};
 use super::net;
 use crate::model::Protocol;
+use crate::netns;
 use crate::simulate::case::{self, ActionOutcome, CaseCluster};
 use crate::simulate::{Backend, TableOutcome, check_table, observe};
 
@@ -145,7 +146,7 @@ fn serve_metrics(lab: &LabCluster, addr: &str) -> Result<()> {
             let netns = netns.clone();
             std::thread::spawn(move || {
                 let Ok(Ok(upstream)) =
-                    net::in_netns(&netns, || TcpStream::connect("127.0.0.1:10091"))
+                    netns::run_in(&netns, || TcpStream::connect("127.0.0.1:10091"))
                 else {
                     return;
                 };

@@ -66,7 +66,6 @@ use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -77,6 +76,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::model::Protocol;
+use crate::netns;
 
 /// Where `ip netns` keeps named network namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -269,14 +269,15 @@ impl Lab {
         self.nodes.get(index)
     }
 
-    /// A command that runs in node `index`'s network namespace (see [`command_in_netns`]).
+    /// A command that runs in node `index`'s network namespace (see [`netns::command`]).
     pub fn node_command(
         &self,
         index: usize,
         program: impl AsRef<std::ffi::OsStr>,
     ) -> Result<Command> {
         let node = self.nodes.get(index).ok_or_else(|| anyhow!("node {index} does not exist"))?;
-        command_in_netns(&node.netns_path, program)
+        netns::command(&node.netns_path, program)
+            .with_context(|| format!("opening network namespace {}", node.netns_path.display()))
     }
 
     /// The fabric namespace's name.
@@ -404,7 +405,7 @@ impl Lab {
         }
         let name = CString::new(host.as_str())?;
         let ifindex =
-            in_netns(&owner.netns_path, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+            netns::run_in(&owner.netns_path, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
         ensure!(ifindex != 0, "{host} not found in {}", owner.netns);
         let server = PodServer::start(&pod)?;
         let entry = self.pods.get_mut(key).expect("inserted by add_pod");
@@ -473,9 +474,7 @@ impl Lab {
                 .map(|(i, src)| {
                     let entries = &entries;
                     s.spawn(move || -> Result<Vec<ProbeState>> {
-                        let ns = File::open(&src.netns_path)
-                            .with_context(|| format!("opening {}", src.netns_path.display()))?;
-                        enter_netns(&ns).with_context(|| format!("entering {}", src.netns))?;
+                        netns::enter(&src.netns_path)?;
                         entries
                             .iter()
                             .enumerate()
@@ -605,65 +604,6 @@ pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
     let names: Vec<String> = list_netns()?.into_iter().filter(|n| n.starts_with(prefix)).collect();
     delete_namespaces(&names)?;
     Ok(names)
-}
-
-/// Runs `f` on a new thread that has entered the network namespace at `netns` (e.g.
-/// `/run/netns/<name>`); sockets `f` creates belong to that namespace. The calling thread
-/// never changes namespace.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    std::thread::scope(|s| {
-        let handle = s.spawn(|| -> io::Result<T> {
-            enter_netns(&file)?;
-            Ok(f())
-        });
-        match handle.join() {
-            Ok(r) => r.with_context(|| format!("entering {}", netns.display())),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
-
-/// Moves the calling thread (only it) into the network namespace at `netns`, e.g. in a tokio
-/// runtime's `on_thread_start` to run a node's agent in-process. Only for threads that are
-/// dedicated to that namespace: the thread's sockets, interface indexes, routes and
-/// /proc/sys/net are the namespace's from then on.
-pub fn set_thread_netns(netns: &Path) -> Result<()> {
-    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    enter_netns(&file).with_context(|| format!("entering {}", netns.display()))
-}
-
-/// A command that runs in the network namespace at `netns` (and in the caller's mount
-/// namespace, unlike `ip netns exec`, which remounts /sys and so hides /sys/fs/bpf). The child
-/// enters the namespace between fork and exec.
-pub fn command_in_netns(netns: &Path, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-    use std::os::unix::process::CommandExt;
-    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let mut cmd = Command::new(program);
-    // SAFETY: only setns(2), which is async-signal-safe, runs in the forked child.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
-
-/// Moves the calling thread into the network namespace `ns` and checks that it did. Only for
-/// threads that end afterwards.
-fn enter_netns(ns: &File) -> io::Result<()> {
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let want = ns.metadata()?;
-    let now = std::fs::metadata("/proc/thread-self/ns/net")?;
-    if (want.dev(), want.ino()) != (now.dev(), now.ino()) {
-        return Err(io::Error::other("setns did not move the thread into the namespace"));
-    }
-    Ok(())
 }
 
 // ---- namespaces, the registry and signals ----
@@ -875,9 +815,9 @@ fn namespace_sysctls() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Writes `/proc/sys/net/<key>` from inside the namespace: /proc/sys/net shows the writing
-/// thread's namespace, and `in_netns` has checked that the thread is in it.
+/// thread's namespace, and `netns::run_in` has checked that the thread is in it.
 fn write_sysctls(netns: &Path, settings: &[(&str, &str)]) -> Result<()> {
-    in_netns(netns, || -> Result<()> {
+    netns::run_in(netns, || -> Result<()> {
         for (key, value) in settings {
             let path = format!("/proc/sys/net/{key}");
             if key.starts_with("ipv6/") && !Path::new(&path).exists() {
@@ -1008,7 +948,7 @@ struct PodServer {
 impl PodServer {
     fn start(pod: &LabPod) -> Result<PodServer> {
         let ports = pod.ports.clone();
-        let (streams, datagrams) = in_netns(
+        let (streams, datagrams) = netns::run_in(
             &pod.netns_path,
             move || -> io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
                 let (mut streams, mut datagrams) = (Vec::new(), Vec::new());

@@ -13,6 +13,7 @@ use super::net::{self, Lab, LabConfig};
 use crate::model::{
     CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule,
 };
+use crate::netns;
 use crate::simulate::Backend;
 use crate::simulate::case::{Case, CaseCluster};
 use crate::state::Event;
@@ -111,14 +112,16 @@ fn v4(ip: Option<IpAddr>) -> Result<Ipv4Addr> {
 fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
     let server = lab.pod("x/server").context("server pod")?;
     let client = lab.pod("x/client").context("client pod")?;
-    let mut srv = net::command_in_netns(&server.netns_path, "iperf3")?
+    let mut srv = netns::command(&server.netns_path, "iperf3")
+        .with_context(|| format!("opening network namespace {}", server.netns_path.display()))?
         .args(["-s", "-1", "-p", &PORT.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting iperf3 -s (is iperf3 installed?)")?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = net::command_in_netns(&client.netns_path, "iperf3")?
+    let out = netns::command(&client.netns_path, "iperf3")
+        .with_context(|| format!("opening network namespace {}", client.netns_path.display()))?
         .args([
             "-c",
             &server.ip.to_string(),

@@ -4,7 +4,6 @@
 //! chains say; reconciling with what the kernel holds at start-up; cleanup.
 
 use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -148,21 +147,10 @@ impl Runner {
     }
 
     fn command(&self, program: &str) -> std::io::Result<Command> {
-        let mut cmd = Command::new(program);
-        if let Some(ns) = &self.netns {
-            use std::os::unix::process::CommandExt;
-            let f = std::fs::File::open(ns)?;
-            // SAFETY: only setns(2), async-signal-safe, runs in the forked child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        match &self.netns {
+            Some(ns) => crate::netns::command(ns, program),
+            None => Ok(Command::new(program)),
         }
-        Ok(cmd)
     }
 
     fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> std::io::Result<Output> {
