@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use npm_agent::lab::net::{self, DEFAULT_PROBE_TIMEOUT, Lab, LabConfig};
+use npm_agent::lab::net::{self, Lab, LabConfig};
+use npm_agent::lab::probe::DEFAULT_PROBE_TIMEOUT;
+use npm_agent::lab::registry;
 use npm_agent::model::Protocol;
 use npm_agent::netns;
 
@@ -353,8 +355,8 @@ fn lab_cleans_up_when_interrupted_or_killed() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(namespaces_of(&prefix).len(), 5, "SIGKILL cannot clean up");
-    let removed = net::cleanup_stale().unwrap();
-    assert!(removed.iter().all(|n| n.starts_with(net::NAME_PREFIX)));
+    let removed = registry::cleanup_stale().unwrap();
+    assert!(removed.iter().all(|n| n.starts_with(registry::NAME_PREFIX)));
     assert_eq!(namespaces_of(&prefix), Vec::<String>::new(), "stale namespaces removed");
 }
 

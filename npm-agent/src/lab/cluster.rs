@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::net::{self, Lab, LabConfig};
+use super::registry;
 use crate::model::convert::{namespace_to_k8s, node_to_k8s, pod_to_k8s, policy_to_k8s};
 use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, Protocol};
 use crate::simulate::Backend;
@@ -170,7 +171,7 @@ impl LabCluster {
         // If the lab is interrupted, the agents go and their pins with them.
         let pids = self.pids.clone();
         let pins: Vec<PathBuf> = self.agents().iter().map(|a| a.pin_root.clone()).collect();
-        self.hook = Some(net::add_interrupt_hook(move || {
+        self.hook = Some(registry::add_interrupt_hook(move || {
             for pid in pids.lock().map(|p| p.clone()).unwrap_or_default() {
                 // SAFETY: sending a signal to our own child process.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -356,7 +357,7 @@ impl LabCluster {
             }
         }
         if let Some(id) = self.hook.take() {
-            net::remove_interrupt_hook(id);
+            registry::remove_interrupt_hook(id);
         }
         if let Some(lab) = self.lab.take() {
             lab.shutdown()?;
@@ -467,7 +468,7 @@ pub fn remove_stale_pins() {
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(pid) = name
-            .strip_prefix(net::NAME_PREFIX)
+            .strip_prefix(registry::NAME_PREFIX)
             .and_then(|r| r.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
@@ -499,7 +500,7 @@ pub fn run_cli(paths: &[PathBuf], opts: &LabOptions, json: bool) -> std::process
         return std::process::ExitCode::from(2);
     }
     remove_stale_pins();
-    let _ = net::cleanup_stale();
+    let _ = registry::cleanup_stale();
     let mut reports = Vec::new();
     for path in paths {
         let report = match LabCluster::new(opts.clone()) {

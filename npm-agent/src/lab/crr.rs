@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
+use super::registry;
 use crate::netns;
 use crate::simulate::Backend;
 use crate::simulate::case::{Case, CaseCluster};
@@ -198,7 +199,7 @@ pub fn crr_cli(setups: &[String], policies: &[usize], seconds: f64, rounds: usiz
         return ExitCode::from(2);
     }
     super::cluster::remove_stale_pins();
-    let _ = net::cleanup_stale();
+    let _ = registry::cleanup_stale();
     let mut all: Vec<Setup> = Vec::new();
     for name in setups {
         if name == "none" {

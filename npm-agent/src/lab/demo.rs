@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 use super::cluster::{LabCluster, LabOptions};
-use super::net;
+use super::{net, registry};
 use crate::model::Protocol;
 use crate::netns;
 use crate::simulate::case::{self, ActionOutcome, CaseCluster};
@@ -30,7 +30,7 @@ pub fn demo_cli(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) 
 fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Result<bool> {
     net::check_environment()?;
     super::cluster::remove_stale_pins();
-    let _ = net::cleanup_stale();
+    let _ = registry::cleanup_stale();
     let case = case::load(path)?;
     let mut cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
     println!("== {}\n   ({})", case.name, path.display());

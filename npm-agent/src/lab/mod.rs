@@ -7,6 +7,14 @@
 //! UDP servers in every pod, and parallel probing of every (client, server) pair. Everything
 //! it creates lives in namespaces it creates, and it removes them on drop, on panic and on
 //! SIGINT/SIGTERM/SIGHUP; see the module's documentation for the layout and the guarantees.
+//! It is built from:
+//! - [`registry`]: the process-wide registry of lab namespaces (named with the owning process
+//!   id), the interrupt hooks and the SIGINT/SIGTERM/SIGHUP cleanup, and the cleanup of what
+//!   dead lab processes left;
+//! - `iproute`: `ip` batches and sysctls in the lab's namespaces;
+//! - [`probe`]: the sockets, each pod's in-process servers and the parallel probes.
+//!
+//! Entering a namespace (threads and child processes) is [`crate::netns`]'s.
 //!
 //! [`cluster`] runs a conformance case on it: one real agent per node (`npm-agent run` with
 //! the file source and the chosen dataplane, inside the node's network namespace), the
@@ -15,7 +23,10 @@
 pub mod cluster;
 pub mod crr;
 pub mod demo;
+mod iproute;
 pub mod net;
+pub mod probe;
+pub mod registry;
 pub mod throughput;
 
 pub use cluster::{LabCluster, LabOptions, run_cli};

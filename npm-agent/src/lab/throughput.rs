@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
+use super::registry;
 use crate::model::{
     CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule,
 };
@@ -153,7 +154,7 @@ pub fn throughput_cli(
         return ExitCode::from(2);
     }
     super::cluster::remove_stale_pins();
-    let _ = net::cleanup_stale();
+    let _ = registry::cleanup_stale();
     println!(
         "iperf3, TCP, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs"
     );
