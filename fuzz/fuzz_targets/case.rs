@@ -3,9 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use npm_agent::simulate::{CompilerBackend, run_case_text};
+use npm_agent::simulate::{CompilerEnforcer, run_case_text};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = run_case_text(text, &mut CompilerBackend::default());
+    let _ = run_case_text(text, &mut CompilerEnforcer::default());
 });

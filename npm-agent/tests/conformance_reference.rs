@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use npm_agent::model::{Pod, Protocol};
 use npm_agent::reference;
 use npm_agent::simulate::case::CaseCluster;
-use npm_agent::simulate::{Backend, run_case};
+use npm_agent::simulate::{Enforcer, run_case};
 use npm_agent::state::{ClusterState, Event};
 
 #[derive(Default)]
-struct ReferenceBackend {
+struct ReferenceEnforcer {
     state: ClusterState,
 }
 
-impl Backend for ReferenceBackend {
+impl Enforcer for ReferenceEnforcer {
     fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
         for e in events {
             self.state.apply(e);
@@ -78,7 +78,7 @@ fn every_case_agrees_with_the_reference_evaluator() {
     assert!(files.len() >= 40);
     let mut failures = Vec::new();
     for f in &files {
-        let report = run_case(f, &mut ReferenceBackend::default());
+        let report = run_case(f, &mut ReferenceEnforcer::default());
         if report.counts().failed > 0 {
             failures.push(npm_agent::simulate::report::render(&report));
         }

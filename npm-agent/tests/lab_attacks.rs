@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use npm_agent::lab::{LabCluster, LabOptions};
 use npm_agent::model::ObjectKey;
-use npm_agent::simulate::Backend;
+use npm_agent::simulate::Enforcer;
 use npm_agent::simulate::case::{ActionOutcome, Case, CaseCluster};
 
 /// Debian's Python, which has scapy (another python3 may be first on PATH).

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use npm_agent::lab::{LabCluster, LabOptions};
-use npm_agent::simulate::{self, CaseReport, CompilerBackend};
+use npm_agent::simulate::{self, CaseReport, CompilerEnforcer};
 
 /// xorshift64*: deterministic from the seed, no dependency.
 struct Rng(u64);
@@ -258,7 +258,7 @@ fn ebpf_and_iptables_observe_identical_tables() {
         let path = dir.join(format!("random-{case_seed}.yaml"));
         std::fs::write(&path, random_case(case_seed, 5)).unwrap();
         eprintln!("lab differential: seed {case_seed} ({})", path.display());
-        let sim = tables(&simulate::run_case(&path, &mut CompilerBackend::default()));
+        let sim = tables(&simulate::run_case(&path, &mut CompilerEnforcer::default()));
         let ebpf = tables(&run(&path, "ebpf"));
         let ipt = tables(&run(&path, "iptables"));
         assert_eq!(sim.len(), ebpf.len());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use npm_agent::lab::{LabCluster, LabOptions};
 use npm_agent::model::Protocol;
-use npm_agent::simulate::Backend;
+use npm_agent::simulate::Enforcer;
 use npm_agent::simulate::case::{ActionOutcome, Case, CaseCluster};
 
 fn root() -> bool {

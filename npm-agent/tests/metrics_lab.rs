@@ -27,7 +27,7 @@ use npm_agent::metrics::server::http_get;
 use npm_agent::metrics::text::{Exposition, parse};
 use npm_agent::model::Protocol;
 use npm_agent::netns;
-use npm_agent::simulate::Backend;
+use npm_agent::simulate::Enforcer;
 use npm_agent::simulate::case::{Action, ActionOutcome, Case, CaseCluster};
 use npm_agent::state::Event;
 

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use npm_agent::simulate::{CompilerBackend, run_case_text};
+use npm_agent::simulate::{CompilerEnforcer, run_case_text};
 use npm_agent::source::files::check_manifests;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -387,7 +387,7 @@ fn cases_of_every_shape_are_run_or_refused() {
         });
     let ran = std::cell::Cell::new(0u32);
     run(400, case, |text| {
-        let report = run_case_text(text, &mut CompilerBackend::default());
+        let report = run_case_text(text, &mut CompilerEnforcer::default());
         if std::env::var("NPM_FUZZ_DEBUG").is_ok()
             && let Some(e) = &report.error
         {
@@ -404,7 +404,7 @@ fn mutated_cases_are_run_or_refused() {
     let s = seeds(&["tests/conformance", "deploy/examples"]);
     let ran = std::cell::Cell::new(0u32);
     run(600, mutated(s), |text| {
-        let report = run_case_text(text, &mut CompilerBackend::default());
+        let report = run_case_text(text, &mut CompilerEnforcer::default());
         ran.set(ran.get() + u32::from(report.error.is_none() && !report.steps.is_empty()));
     });
     // The mutations must leave many cases whole enough to run (else this fuzzes the YAML

@@ -14,7 +14,7 @@ use super::net::{self, Lab, LabConfig};
 use super::registry;
 use crate::model::convert::{namespace_to_k8s, node_to_k8s, pod_to_k8s, policy_to_k8s};
 use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, Protocol};
-use crate::simulate::Backend;
+use crate::simulate::Enforcer;
 use crate::simulate::case::CaseCluster;
 use crate::state::Event;
 
@@ -408,7 +408,7 @@ impl Drop for LabCluster {
     }
 }
 
-impl Backend for LabCluster {
+impl Enforcer for LabCluster {
     fn apply(&mut self, cluster: &CaseCluster, events: &[Event]) -> Result<()> {
         if events.is_empty() {
             return Ok(());

@@ -19,7 +19,7 @@ use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
 use super::registry;
 use crate::netns;
-use crate::simulate::Backend;
+use crate::simulate::Enforcer;
 use crate::simulate::case::{Case, CaseCluster};
 use crate::state::Event;
 

@@ -14,7 +14,7 @@ use super::{net, registry};
 use crate::model::Protocol;
 use crate::netns;
 use crate::simulate::case::{self, ActionOutcome, CaseCluster};
-use crate::simulate::{Backend, TableOutcome, check_table, observe};
+use crate::simulate::{Enforcer, TableOutcome, check_table, observe};
 
 pub fn demo_cli(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> ExitCode {
     match demo(path, opts, hold, metrics_addr) {

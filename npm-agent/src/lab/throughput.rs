@@ -15,7 +15,7 @@ use crate::model::{
     CidrBlock, LabelSelector, NamespaceScope, ObjectKey, Peer, Policy, PortSpec, Protocol, Rule,
 };
 use crate::netns;
-use crate::simulate::Backend;
+use crate::simulate::Enforcer;
 use crate::simulate::case::{Case, CaseCluster};
 use crate::state::Event;
 

@@ -1,5 +1,5 @@
 //! Running conformance cases: the case format ([`case`]), tables ([`table`]), and a runner
-//! that replays a case's steps against a [`Backend`] — the compiler for `simulate`, real
+//! that replays a case's steps against an [`Enforcer`] — the compiler for `simulate`, real
 //! network namespaces for the lab — and reports every table.
 
 pub mod case;
@@ -19,7 +19,7 @@ use case::{ActionOutcome, CaseCluster};
 use table::{Cell, CellDiff, Table};
 
 /// Where a case's steps are applied and its tables observed.
-pub trait Backend {
+pub trait Enforcer {
     /// Applies events (in order) and returns once they are enforced.
     fn apply(&mut self, cluster: &CaseCluster, events: &[Event]) -> anyhow::Result<()>;
     /// Observes every (client, server) pair of `pods` for one protocol and port:
@@ -35,20 +35,20 @@ pub trait Backend {
     fn supports_sctp(&self) -> bool;
 }
 
-/// The offline backend: the incremental compiler, its diffs applied to a plan, and the plan
+/// The offline enforcer: the incremental compiler, its diffs applied to a plan, and the plan
 /// evaluated the way a dataplane evaluates it.
-pub struct CompilerBackend {
+pub struct CompilerEnforcer {
     engine: Engine,
     plan: Plan,
 }
 
-impl Default for CompilerBackend {
+impl Default for CompilerEnforcer {
     fn default() -> Self {
         Self { engine: Engine::new(Scope::Cluster), plan: Plan::default() }
     }
 }
 
-impl Backend for CompilerBackend {
+impl Enforcer for CompilerEnforcer {
     fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
         for e in events {
             let diff = self.engine.handle(e.clone());
@@ -151,8 +151,8 @@ pub struct Counts {
     pub skipped: usize,
 }
 
-/// Runs one case file against a backend.
-pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
+/// Runs one case file against an enforcer.
+pub fn run_case(path: &Path, enforcer: &mut dyn Enforcer) -> CaseReport {
     let mut report = CaseReport {
         file: path.to_path_buf(),
         name: String::new(),
@@ -167,20 +167,20 @@ pub fn run_case(path: &Path, backend: &mut dyn Backend) -> CaseReport {
         }
     };
     report.name = case.name.clone();
-    if let Err(e) = run_steps(&case, backend, &mut report) {
+    if let Err(e) = run_steps(&case, enforcer, &mut report) {
         report.error = Some(e);
     }
     report
 }
 
 /// Runs a case given as text (for the fuzzer): what [`run_case`] does after reading the file.
-pub fn run_case_text(text: &str, backend: &mut dyn Backend) -> CaseReport {
+pub fn run_case_text(text: &str, enforcer: &mut dyn Enforcer) -> CaseReport {
     let mut report =
         CaseReport { file: PathBuf::new(), name: String::new(), error: None, steps: Vec::new() };
     match case::parse(text) {
         Ok(case) => {
             report.name = case.name.clone();
-            if let Err(e) = run_steps(&case, backend, &mut report) {
+            if let Err(e) = run_steps(&case, enforcer, &mut report) {
                 report.error = Some(e);
             }
         }
@@ -191,11 +191,11 @@ pub fn run_case_text(text: &str, backend: &mut dyn Backend) -> CaseReport {
 
 fn run_steps(
     case: &case::Case,
-    backend: &mut dyn Backend,
+    enforcer: &mut dyn Enforcer,
     report: &mut CaseReport,
 ) -> Result<(), String> {
     let mut cluster = CaseCluster::new(case)?;
-    backend
+    enforcer
         .apply(&cluster, &cluster.initial_events())
         .map_err(|e| format!("setting up the model: {e:#}"))?;
     for (i, step) in case.steps.iter().enumerate() {
@@ -211,9 +211,11 @@ fn run_steps(
                 ActionOutcome::Rejected(invalid) => sr.rejected.push(invalid.to_string()),
             }
         }
-        backend.apply(&cluster, &events).map_err(|e| format!("step {}: applying: {e:#}", i + 1))?;
+        enforcer
+            .apply(&cluster, &events)
+            .map_err(|e| format!("step {}: applying: {e:#}", i + 1))?;
         for expect in &step.expect {
-            sr.tables.push(check_table(&cluster, backend, expect));
+            sr.tables.push(check_table(&cluster, enforcer, expect));
         }
         report.steps.push(sr);
     }
@@ -223,7 +225,7 @@ fn run_steps(
 /// Probes one expect table and compares it.
 pub fn check_table(
     cluster: &CaseCluster,
-    backend: &mut dyn Backend,
+    enforcer: &mut dyn Enforcer,
     expect: &case::Expect,
 ) -> TableReport {
     let mut tr = TableReport {
@@ -256,12 +258,12 @@ pub fn check_table(
             TableOutcome::Error { message: format!("unknown protocol {:?}", expect.protocol) };
         return tr;
     };
-    if (expect.sctp || protocol == Protocol::Sctp) && !backend.supports_sctp() {
+    if (expect.sctp || protocol == Protocol::Sctp) && !enforcer.supports_sctp() {
         tr.outcome =
             TableOutcome::Skipped { reason: "SCTP is not available on this kernel".into() };
         return tr;
     }
-    let observed = match observe(cluster, backend, protocol, expect.port) {
+    let observed = match observe(cluster, enforcer, protocol, expect.port) {
         Ok(t) => t,
         Err(e) => {
             tr.outcome = TableOutcome::Error { message: format!("probing: {e:#}") };
@@ -280,12 +282,12 @@ pub fn check_table(
 /// The observed table of every pod pair for one protocol and port.
 pub fn observe(
     cluster: &CaseCluster,
-    backend: &mut dyn Backend,
+    enforcer: &mut dyn Enforcer,
     protocol: Protocol,
     port: u16,
 ) -> anyhow::Result<Table> {
     let pods: Vec<&Pod> = cluster.pods().collect();
-    let matrix = backend.probe(cluster, &pods, protocol, port)?;
+    let matrix = enforcer.probe(cluster, &pods, protocol, port)?;
     let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
     Ok(Table {
         columns: names.clone(),
@@ -301,6 +303,6 @@ pub fn observe(
 /// exits 0 only when every table passed.
 pub fn cli(paths: &[PathBuf], json: bool) -> ExitCode {
     let reports: Vec<CaseReport> =
-        paths.iter().map(|p| run_case(p, &mut CompilerBackend::default())).collect();
+        paths.iter().map(|p| run_case(p, &mut CompilerEnforcer::default())).collect();
     report::print(&reports, json, "simulate")
 }
