@@ -239,7 +239,7 @@ fn backend_follows_kube_proxy_hint() {
     let ns = Netns::new("hint");
     // (The override would win over the hint.)
     assert!(std::env::var(iptables::BACKEND_ENV).is_err());
-    let runner = iptables::kernel::Runner::new(Some(ns.path()));
+    let runner = iptables::Runner::new(Some(ns.path()));
     ns.exec(&["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
     let (b, why) = iptables::detect_backend(&runner);
     assert_eq!(b, Backend::Legacy, "{why}");

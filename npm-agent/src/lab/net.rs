@@ -61,7 +61,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use super::iproute::{ip_batch, namespace_sysctls, write_sysctls};
-use super::probe::{self, PodServer};
+use super::probe::{self, PodServer, ProbePod};
 use super::registry::{
     self, cleanup_stale, create_namespaces, delete_namespaces, install_signal_cleanup, netns_path,
 };
@@ -130,6 +130,12 @@ pub struct LabPod {
     pub host_ifindex: u32,
     /// The ports served in the pod (SCTP ports are left out when the kernel has no SCTP).
     pub ports: Vec<(Protocol, u16)>,
+}
+
+impl LabPod {
+    fn probe_pod(&self) -> ProbePod<'_> {
+        ProbePod { key: &self.key, ip: self.ip, netns_path: &self.netns_path }
+    }
 }
 
 /// A cluster of network namespaces; see the module documentation.
@@ -389,7 +395,8 @@ impl Lab {
         let ifindex =
             netns::run_in(&owner.netns_path, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
         ensure!(ifindex != 0, "{host} not found in {}", owner.netns);
-        let server = PodServer::start(&pod)?;
+        let server =
+            PodServer::start(pod.probe_pod(), &pod.ports, &format!("lab-srv-{}", pod.host_ifname))?;
         let entry = self.pods.get_mut(key).expect("inserted by add_pod");
         entry.info.host_ifindex = ifindex;
         entry.server = Some(server);
@@ -447,7 +454,11 @@ impl Lab {
         );
         let entries = pods
             .iter()
-            .map(|k| self.pod(k).ok_or_else(|| anyhow!("pod {k} is not in the lab")))
+            .map(|k| {
+                self.pod(k)
+                    .map(LabPod::probe_pod)
+                    .ok_or_else(|| anyhow!("pod {k} is not in the lab"))
+            })
             .collect::<Result<Vec<_>>>()?;
         probe::matrix(&entries, protocol, port, timeout)
     }

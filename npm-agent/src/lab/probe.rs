@@ -16,13 +16,13 @@ use std::io;
 use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::net::LabPod;
 use crate::model::Protocol;
 use crate::netns;
 
@@ -156,11 +156,25 @@ pub(super) struct PodServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A pod as the probes and servers see it.
+#[derive(Clone, Copy)]
+pub(super) struct ProbePod<'a> {
+    /// The caller's name for the pod (for errors and thread names).
+    pub key: &'a str,
+    pub ip: Ipv4Addr,
+    pub netns_path: &'a Path,
+}
+
 impl PodServer {
-    pub(super) fn start(pod: &LabPod) -> Result<PodServer> {
-        let ports = pod.ports.clone();
+    /// Serves `ports` in the pod (`thread`: the server thread's name).
+    pub(super) fn start(
+        pod: ProbePod<'_>,
+        ports: &[(Protocol, u16)],
+        thread: &str,
+    ) -> Result<PodServer> {
+        let ports = ports.to_vec();
         let (streams, datagrams) = netns::run_in(
-            &pod.netns_path,
+            pod.netns_path,
             move || -> io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
                 let (mut streams, mut datagrams) = (Vec::new(), Vec::new());
                 for (protocol, port) in ports {
@@ -184,7 +198,7 @@ impl PodServer {
         let stop = unsafe { OwnedFd::from_raw_fd(stop) };
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new()
-            .name(format!("lab-srv-{}", pod.host_ifname))
+            .name(thread.to_string())
             .spawn(move || serve(stop_rx, streams, datagrams))
             .context("starting a server thread")?;
         Ok(PodServer { stop, thread: Some(thread) })
@@ -256,7 +270,7 @@ fn serve(stop: OwnedFd, streams: Vec<TcpListener>, datagrams: Vec<UdpSocket>) {
 /// short-lived thread in its source pod's namespace (one per source), and one `poll` loop waits
 /// for all of them.
 pub(super) fn matrix(
-    entries: &[&LabPod],
+    entries: &[ProbePod<'_>],
     protocol: Protocol,
     port: u16,
     timeout: Duration,
@@ -267,7 +281,7 @@ pub(super) fn matrix(
             .enumerate()
             .map(|(i, src)| {
                 s.spawn(move || -> Result<Vec<ProbeState>> {
-                    netns::enter(&src.netns_path)?;
+                    netns::enter(src.netns_path)?;
                     entries
                         .iter()
                         .enumerate()

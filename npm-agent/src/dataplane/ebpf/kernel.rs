@@ -27,11 +27,11 @@ use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
     CONFIG_LOG_DROPS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS,
     MAP_CT, MAP_ENDPOINTS, MAP_FRAGS, MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY,
-    PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, REASONS, Reason, counter_index,
+    PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, Reason, counter_index,
 };
 
 use super::model::MapModel;
-use super::observe::EbpfObserver;
+use super::observe::{EbpfObserver, PacketCounters};
 use super::translate::{Encoded, MapOp, Translator};
 use crate::dataplane::iface;
 use crate::dataplane::observe::Observer;
@@ -86,46 +86,6 @@ struct Maps {
     node_ips: BpfHashMap<MapData, [u8; 4], u32>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
-}
-
-/// Packets passed and dropped, per direction and reason, summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PacketCounters {
-    /// `[direction][reason]`, direction as `npm_common::DIR_*`.
-    pub counts: [[u64; REASONS as usize]; 2],
-}
-
-impl PacketCounters {
-    pub fn get(&self, dir: u8, reason: Reason) -> u64 {
-        self.counts[dir as usize][reason as usize]
-    }
-
-    pub fn allowed(&self, dir: u8) -> u64 {
-        Reason::ALL.iter().filter(|r| r.allowed()).map(|r| self.get(dir, *r)).sum()
-    }
-
-    pub fn dropped(&self, dir: u8) -> u64 {
-        Reason::ALL.iter().filter(|r| !r.allowed()).map(|r| self.get(dir, *r)).sum()
-    }
-}
-
-/// Reads the packet counters of an agent from its pin root (for `npm-agent counters`, while
-/// the agent runs or after).
-pub fn pinned_counters(pin_root: &Path) -> Result<PacketCounters, DataplaneError> {
-    let data = MapData::from_pin(pin_root.join("maps").join(MAP_COUNTERS))
-        .map_err(|e| err("opening the pinned counters", e))?;
-    let counters: PerCpuArray<MapData, u64> = aya::maps::Map::PerCpuArray(data)
-        .try_into()
-        .map_err(|e| err("opening the pinned counters", e))?;
-    let mut c = PacketCounters::default();
-    for dir in 0..2u8 {
-        for r in Reason::ALL {
-            let values =
-                counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", e))?;
-            c.counts[dir as usize][r as usize] = values.iter().sum();
-        }
-    }
-    Ok(c)
 }
 
 pub struct EbpfDataplane {

@@ -9,6 +9,6 @@ pub mod testrun;
 pub mod translate;
 
 pub use kernel::{
-    CONNTRACK_SWEEP, DEFAULT_PIN_ROOT, EbpfCleanup, EbpfConfig, EbpfDataplane, PacketCounters,
-    cleanup, pinned_counters,
+    CONNTRACK_SWEEP, DEFAULT_PIN_ROOT, EbpfCleanup, EbpfConfig, EbpfDataplane, cleanup,
 };
+pub use observe::{PacketCounters, pinned_counters};

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
+use crate::dataplane::DataplaneError;
 use crate::dataplane::azure::hashed_set_name;
 use crate::dataplane::observe::{Counts, Figures, MapFigure, Observer, PacketFigure};
+use npm_common::{REASONS, Reason};
 
 /// Reads the eBPF dataplane's pinned maps (under `<pin root>/maps`).
 pub struct EbpfObserver {
@@ -114,7 +116,7 @@ impl Observer for EbpfObserver {
         let dir = &self.maps_dir;
         let mut f = Figures::default();
 
-        let counters = super::kernel::pinned_counters(&self.pin_root)?;
+        let counters = pinned_counters(&self.pin_root)?;
         for (dir_byte, direction) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
             for r in Reason::ALL {
                 let p = PacketFigure {
@@ -181,4 +183,51 @@ mod tests {
         assert_eq!(counts.per_set[2].0, "cidr-10.0.0.0/8");
         assert!(c.counts(false).per_set.is_empty());
     }
+}
+
+/// Packets passed and dropped, per direction and reason, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PacketCounters {
+    /// `[direction][reason]`, direction as `npm_common::DIR_*`.
+    pub counts: [[u64; REASONS as usize]; 2],
+}
+
+impl PacketCounters {
+    pub fn get(&self, dir: u8, reason: Reason) -> u64 {
+        self.counts[dir as usize][reason as usize]
+    }
+
+    pub fn allowed(&self, dir: u8) -> u64 {
+        Reason::ALL.iter().filter(|r| r.allowed()).map(|r| self.get(dir, *r)).sum()
+    }
+
+    pub fn dropped(&self, dir: u8) -> u64 {
+        Reason::ALL.iter().filter(|r| !r.allowed()).map(|r| self.get(dir, *r)).sum()
+    }
+}
+
+/// Reads the packet counters of an agent from its pin root (for `npm-agent counters`, while
+/// the agent runs or after).
+pub fn pinned_counters(pin_root: &Path) -> Result<PacketCounters, DataplaneError> {
+    use aya::maps::{MapData, PerCpuArray};
+    use npm_common::{MAP_COUNTERS, Reason, counter_index};
+    let err = |operation: &str, e: &dyn std::fmt::Display| DataplaneError::Apply {
+        dataplane: "ebpf",
+        operation: operation.into(),
+        message: e.to_string(),
+    };
+    let data = MapData::from_pin(pin_root.join("maps").join(MAP_COUNTERS))
+        .map_err(|e| err("opening the pinned counters", &e))?;
+    let counters: PerCpuArray<MapData, u64> = aya::maps::Map::PerCpuArray(data)
+        .try_into()
+        .map_err(|e| err("opening the pinned counters", &e))?;
+    let mut c = PacketCounters::default();
+    for dir in 0..2u8 {
+        for r in Reason::ALL {
+            let values =
+                counters.get(&counter_index(dir, r), 0).map_err(|e| err("reading counters", &e))?;
+            c.counts[dir as usize][r as usize] = values.iter().sum();
+        }
+    }
+    Ok(c)
 }

@@ -8,7 +8,9 @@
 //!   against what the kernel holds (pure, host-tested);
 //! - [`model`]: the filter table and ipsets modelled on the host, to check the batches;
 //! - [`state`]: reading `ipset save` / `iptables-save`;
-//! - [`kernel`]: running the batches, backend detection, cleanup.
+//! - [`exec`]: the backend (nft or legacy) and its detection, running programs in a netns;
+//! - [`kernel`]: running the batches, reconciling, the guard's chains, cleanup;
+//! - [`observe`]: the kernel's figures for the metrics.
 //!
 //! # The layout
 //! ```text
@@ -101,6 +103,7 @@
 //! checks a connection's egress and ingress policies wherever the pods are, so a connection
 //! between two nodes is checked on both (with the same answer).
 
+pub mod exec;
 pub mod guard;
 pub mod kernel;
 pub mod model;
@@ -109,7 +112,5 @@ pub mod observe;
 pub mod state;
 pub mod translate;
 
-pub use kernel::{
-    ApplyStats, BACKEND_ENV, Backend, IptablesCleanup, IptablesConfig, IptablesDataplane, cleanup,
-    detect_backend,
-};
+pub use exec::{BACKEND_ENV, Backend, Runner, detect_backend};
+pub use kernel::{ApplyStats, IptablesCleanup, IptablesConfig, IptablesDataplane, cleanup};

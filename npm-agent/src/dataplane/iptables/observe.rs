@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::kernel::{Backend, Runner};
+use super::exec::{Backend, Runner};
 use super::state::KernelState;
 use crate::dataplane::observe::{Counts, Figures, Observer, PacketFigure};
 
