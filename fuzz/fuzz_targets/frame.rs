@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use npm_agent::dataplane::ebpf::model::MapModel;
+use npm_agent::dataplane::ebpf::emulator::MapEmulator;
 use npm_common::packet::FrameKind;
 use npm_common::{DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, Hook, Reason, classify_frame, decide};
 
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (head, frame) = data.split_at(3);
-    let mut maps = MapModel::default();
+    let mut maps = MapEmulator::default();
     for (i, ip) in [[10, 0, 0, 1], [10, 0, 0, 2]].into_iter().enumerate() {
         let flags = [EP_INGRESS_ISOLATED, EP_EGRESS_ISOLATED][i] | u32::from(head[2] & 1) * EP_INGRESS_ISOLATED;
         maps.endpoints.insert(ip, EndpointInfo { flags, profiles: [1, 2], ifindex: 0 });

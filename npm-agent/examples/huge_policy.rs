@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
-use npm_agent::dataplane::ebpf::translate::Translator;
+use npm_agent::dataplane::ebpf::translate::MapTranslator;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::convert::policy_to_k8s;
 use npm_agent::model::validate::network_policy;
@@ -84,7 +84,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(npm_agent::model::validate::MAX_DIRECTION_ENTRIES);
     let mut engine = Engine::new(Scope::Node("n1".into()));
-    let mut translator = Translator::new();
+    let mut translator = MapTranslator::new();
     let root = unsafe { libc::geteuid() } == 0;
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-huge-{}", std::process::id()));
     let mut dp = root.then(|| {

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use kube_server::{Request, Response, Server, Step, status_response};
 use npm_agent::compile::{Engine, Scope};
-use npm_agent::dataplane::iptables::state::KernelState;
-use npm_agent::dataplane::iptables::translate::Translator;
+use npm_agent::dataplane::iptables::saved::KernelState;
+use npm_agent::dataplane::iptables::translate::RuleTranslator;
 use npm_agent::model::convert;
 use npm_agent::source::{KubeOptions, KubeSource, Source};
 use serde_json::{Value, json};
@@ -103,7 +103,7 @@ fn main() {
     let mut translator = None;
     if mode == "iptables" {
         let plan = engine.as_ref().expect("engine").plan();
-        let mut t = Translator::new();
+        let mut t = RuleTranslator::new();
         let batches = t.reconcile(&plan, &KernelState::default());
         let lines: usize = batches.iter().map(|b| b.commands).sum();
         drop((plan, batches));

@@ -15,8 +15,8 @@ use proptest::prelude::*;
 
 use common::*;
 use npm_agent::compile::{Engine, Scope};
-use npm_agent::dataplane::ebpf::model::MapModel;
-use npm_agent::dataplane::ebpf::translate::Translator;
+use npm_agent::dataplane::ebpf::emulator::MapEmulator;
+use npm_agent::dataplane::ebpf::translate::MapTranslator;
 use npm_agent::model::{Direction, Protocol};
 use npm_agent::reference;
 use npm_agent::state::{ClusterState, Event};
@@ -30,14 +30,14 @@ const UPLINK: u32 = 2;
 /// `dir`: they see it only at the veth of the endpoint it leaves (egress) or enters
 /// (ingress), once attached there; a packet sent on the same node (`local`) comes in through
 /// its source's veth, else through the uplink.
-fn programs_allow(maps: &MapModel, dir: u8, flow: Flow, local: bool) -> bool {
+fn programs_allow(maps: &MapEmulator, dir: u8, flow: Flow, local: bool) -> bool {
     let endpoint = if dir == DIR_EGRESS { flow.src } else { flow.dst };
     if !maps.attached.contains(&endpoint.into()) {
         return true;
     }
-    let ifindex = MapModel::ifindex_of(endpoint.into());
+    let ifindex = MapEmulator::ifindex_of(endpoint.into());
     let ingress_ifindex = match local && maps.attached.contains(&flow.src.into()) {
-        true => MapModel::ifindex_of(flow.src.into()),
+        true => MapEmulator::ifindex_of(flow.src.into()),
         false => UPLINK,
     };
     // A first packet: nothing tracked from earlier questions.
@@ -56,16 +56,16 @@ fn programs_allow(maps: &MapModel, dir: u8, flow: Flow, local: bool) -> bool {
 
 struct NodeDataplane {
     engine: Engine,
-    translator: Translator,
-    maps: MapModel,
+    translator: MapTranslator,
+    maps: MapEmulator,
 }
 
 impl NodeDataplane {
     fn new(node: &str) -> Self {
         Self {
             engine: Engine::new(Scope::Node(node.into())),
-            translator: Translator::new(),
-            maps: MapModel::default(),
+            translator: MapTranslator::new(),
+            maps: MapEmulator::default(),
         }
     }
 

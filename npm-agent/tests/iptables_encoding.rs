@@ -20,8 +20,8 @@ use proptest::prelude::*;
 use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::azure::hashed_set_name;
-use npm_agent::dataplane::iptables::model::{KernelModel, Packet};
-use npm_agent::dataplane::iptables::translate::{Batch, Tool, Translator};
+use npm_agent::dataplane::iptables::emulator::{Packet, TableEmulator};
+use npm_agent::dataplane::iptables::translate::{Batch, RuleTranslator, Tool};
 use npm_agent::model::Protocol;
 use npm_agent::plan::Plan;
 use npm_agent::reference::{self, End};
@@ -29,16 +29,16 @@ use npm_agent::state::{ClusterState, Event};
 
 struct Node {
     engine: Engine,
-    translator: Translator,
-    kernel: KernelModel,
+    translator: RuleTranslator,
+    kernel: TableEmulator,
 }
 
 impl Node {
     fn new(node: &str) -> Self {
         let mut n = Self {
             engine: Engine::new(Scope::Node(node.into())).with_layout(),
-            translator: Translator::new(),
-            kernel: KernelModel::default(),
+            translator: RuleTranslator::new(),
+            kernel: TableEmulator::default(),
         };
         // Start-up: a reconcile over an empty kernel.
         let batches = n.translator.reconcile(&Plan::default(), &n.kernel.state());
@@ -186,7 +186,7 @@ fn spec(state: &ClusterState, p: &Packet) -> bool {
 
 /// Whether an address is held in the transition set (its new connections refused while its
 /// set memberships change).
-fn in_transition(k: &KernelModel, ip: Ipv4Addr) -> bool {
+fn in_transition(k: &TableEmulator, ip: Ipv4Addr) -> bool {
     k.sets
         .get(&hashed_set_name("transition"))
         .is_some_and(|s| s.nets.contains_key(&ipnet::Ipv4Net::new(ip, 32).unwrap()))
@@ -196,7 +196,7 @@ fn in_transition(k: &KernelModel, ip: Ipv4Addr) -> bool {
 /// state allows it, and admitted when both do (unless an end is in transition, whose new
 /// connections are refused for the moment); nothing is left in transition at the end.
 fn apply_checked(
-    kernel: &mut KernelModel,
+    kernel: &mut TableEmulator,
     batches: &[Batch],
     old: &ClusterState,
     new: &ClusterState,
@@ -323,7 +323,7 @@ proptest! {
         }
         let new_plan = engine.plan();
         let all = probes("n1", &[&before, &now]);
-        let mut t = Translator::new();
+        let mut t = RuleTranslator::new();
         let mut kernel = old.kernel.clone();
         let batches = t.reconcile(&new_plan, &kernel.state());
         apply_checked(&mut kernel, &batches, &before, &now, &all)?;
@@ -364,7 +364,7 @@ proptest! {
         }
         // The agent reconciles the whole plan: a fresh translator, as after a failure.
         let plan = n.engine.plan();
-        let mut t = Translator::new();
+        let mut t = RuleTranslator::new();
         for b in t.reconcile(&plan, &n.kernel.state()) {
             n.kernel.apply(&b).map_err(|e| TestCaseError::fail(format!("{}: {e}\n{}", b.step, b.script)))?;
         }

@@ -9,16 +9,16 @@ mod scenarios;
 
 use std::fmt::Write as _;
 
-use npm_agent::dataplane::iptables::model::KernelModel;
-use npm_agent::dataplane::iptables::translate::{Tool, Translator};
+use npm_agent::dataplane::iptables::emulator::TableEmulator;
+use npm_agent::dataplane::iptables::translate::{RuleTranslator, Tool};
 use npm_agent::plan::Plan;
 use scenarios::*;
 
 fn layout(name: &str) -> String {
     let path = scenarios().into_iter().find(|(n, _)| n == name).expect("scenario").1;
     let mut out = String::new();
-    let mut t = Translator::new();
-    let mut kernel = KernelModel::default();
+    let mut t = RuleTranslator::new();
+    let mut kernel = TableEmulator::default();
     for b in t.reconcile(&Plan::default(), &kernel.state()) {
         kernel.apply(&b).expect("start-up");
     }

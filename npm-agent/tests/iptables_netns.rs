@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use npm_agent::dataplane::Dataplane;
-use npm_agent::dataplane::iptables::state::KernelState;
-use npm_agent::dataplane::iptables::translate::Translator;
+use npm_agent::dataplane::iptables::saved::KernelState;
+use npm_agent::dataplane::iptables::translate::RuleTranslator;
 use npm_agent::dataplane::iptables::{self, Backend, IptablesConfig, IptablesDataplane};
 use npm_agent::plan::Plan;
 use scenarios::*;
@@ -115,7 +115,7 @@ fn open(ns: &Netns, backend: Backend) -> IptablesDataplane {
 }
 
 /// The kernel holds exactly what the translator says (rules in iptables-save's spelling).
-fn assert_matches(ns: &Netns, backend: Backend, t: &Translator, what: &str) {
+fn assert_matches(ns: &Netns, backend: Backend, t: &RuleTranslator, what: &str) {
     let k = ns.state(backend);
     let sorted = |mut v: Vec<String>| {
         v.sort();

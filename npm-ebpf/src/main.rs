@@ -69,29 +69,29 @@ impl Maps for Kernel {
     fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
         // SAFETY: the value is copied out at once; a concurrent update can at worst give a
         // torn read of one u32, which the kernel does not allow for naturally aligned words.
-        unsafe { NPM_IFACES.get(&ifindex).copied() }
+        unsafe { NPM_IFACES.get(ifindex).copied() }
     }
 
     fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
         // SAFETY: as for `iface`.
-        unsafe { NPM_ENDPOINTS.get(&ip).copied() }
+        unsafe { NPM_ENDPOINTS.get(ip).copied() }
     }
 
     fn is_node_ip(&self, ip: [u8; 4]) -> bool {
-        NPM_NODE_IPS.get_ptr(&ip).is_some()
+        NPM_NODE_IPS.get_ptr(ip).is_some()
     }
 
     fn identity(&self, ip: [u8; 4]) -> Option<u32> {
         // SAFETY: as for `iface`.
-        unsafe { NPM_IDENTITIES.get(&ip).copied() }
+        unsafe { NPM_IDENTITIES.get(ip).copied() }
     }
 
     fn prefix_id(&self, ip: [u8; 4]) -> Option<u32> {
-        NPM_CIDRS.get(&Key::new(32, ip)).copied()
+        NPM_CIDRS.get(Key::new(32, ip)).copied()
     }
 
     fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {
-        NPM_POLICY.get(&Key::new(prefix_len, *key)).is_some()
+        NPM_POLICY.get(Key::new(prefix_len, *key)).is_some()
     }
 
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {

@@ -259,6 +259,10 @@ fn test() -> Result<()> {
     let steps = vec![
         Step::gate("setup", setup::setup),
         Step::gate("build", || run(cargo().args(["build", "--workspace", "--all-targets"]))),
+        Step::new("format (cargo fmt --check) and lints (cargo clippy -D warnings)", || {
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        }),
         Step::new("unit and integration tests", || {
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
         }),

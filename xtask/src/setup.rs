@@ -52,6 +52,7 @@ pub fn setup() -> Result<()> {
 
     let debs_ok = debian_packages(root, &mut missing_manual)?;
     let nightly_ok = nightly_toolchain(&mut missing_manual)?;
+    lint_components()?;
     bpf_linker(debs_ok && nightly_ok, &mut missing_manual)?;
     kubernetes_validate(debs_ok, &mut missing_manual)?;
 
@@ -176,6 +177,20 @@ fn nightly_toolchain(manual: &mut Vec<String>) -> Result<bool> {
         ]))?;
     }
     Ok(true)
+}
+
+/// rustfmt and clippy of the default toolchain (the test's format and lint gate).
+fn lint_components() -> Result<()> {
+    let components = capture(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    for c in ["rustfmt", "clippy"] {
+        if components.lines().any(|l| l.starts_with(c)) {
+            report("ok", c);
+        } else {
+            report("installing", c);
+            run(Command::new("rustup").args(["component", "add", c]))?;
+        }
+    }
+    Ok(())
 }
 
 /// `bpf-linker`, built against Debian's LLVM 22.

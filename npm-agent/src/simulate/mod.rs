@@ -128,8 +128,8 @@ pub struct CaseReport {
 }
 
 impl CaseReport {
-    pub fn counts(&self) -> Counts {
-        let mut c = Counts::default();
+    pub fn counts(&self) -> Tally {
+        let mut c = Tally::default();
         if self.error.is_some() {
             c.failed += 1;
         }
@@ -145,7 +145,7 @@ impl CaseReport {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
+pub struct Tally {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{CaseReport, Counts, TableOutcome};
+use super::{CaseReport, TableOutcome, Tally};
 
 /// Prints the reports and returns the exit status: success only when nothing failed.
 pub fn print(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
@@ -17,7 +17,7 @@ pub fn print(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
 /// Prints the closing summary (or, for `json`, the whole report) and returns the exit
 /// status, for runners that print each case's text as it finishes.
 pub fn print_summary(reports: &[CaseReport], json: bool, tool: &str) -> ExitCode {
-    let mut total = Counts::default();
+    let mut total = Tally::default();
     for r in reports {
         let c = r.counts();
         total.passed += c.passed;

@@ -30,9 +30,9 @@ use npm_common::{
     PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, Reason, counter_index,
 };
 
-use super::model::MapModel;
+use super::emulator::MapEmulator;
 use super::observe::{EbpfObserver, PacketCounters};
-use super::translate::{Encoded, MapOp, Translator};
+use super::translate::{Encoded, MapOp, MapTranslator};
 use crate::dataplane::iface;
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
@@ -92,7 +92,7 @@ pub struct EbpfDataplane {
     config: EbpfConfig,
     ebpf: Ebpf,
     maps: Maps,
-    translator: Translator,
+    translator: MapTranslator,
     attachments: HashMap<Ipv4Addr, Attachment>,
     /// When dead connection-tracking entries were last swept.
     last_sweep: Instant,
@@ -157,7 +157,7 @@ impl EbpfDataplane {
             config,
             ebpf,
             maps,
-            translator: Translator::new(),
+            translator: MapTranslator::new(),
             attachments: HashMap::new(),
             last_sweep: Instant::now(),
         };
@@ -300,9 +300,9 @@ impl EbpfDataplane {
     /// What the kernel maps hold now, as the host model (connection tracking and fragments
     /// included): to hold the programs' verdicts to the host's on the same state, and for
     /// tools that explain a verdict.
-    pub fn snapshot(&self) -> Result<MapModel, DataplaneError> {
+    pub fn snapshot(&self) -> Result<MapEmulator, DataplaneError> {
         let m = &self.maps;
-        let mut model = MapModel::default();
+        let mut model = MapEmulator::default();
         let read = |e: aya::maps::MapError| err("reading the maps", e);
         for kv in m.endpoints.iter() {
             let (k, v) = kv.map_err(read)?;
@@ -617,7 +617,7 @@ impl Dataplane for EbpfDataplane {
         // entries first, then each endpoint's final isolation, then attachments, and only
         // then the removal of what is stale. An endpoint that was isolated stays isolated
         // throughout.
-        self.translator = Translator::new();
+        self.translator = MapTranslator::new();
         let ops = self.translator.translate(&plan.as_diff());
         let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) =
             ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));

@@ -172,7 +172,7 @@ struct PeerSetState {
 
 /// The encoder's memory of what is in the maps.
 #[derive(Default)]
-pub struct Translator {
+pub struct MapTranslator {
     sets: HashMap<SetId, PeerSetState>,
     endpoints: HashMap<Ipv4Addr, Endpoint>,
     profiles: HashMap<u32, Profile>,
@@ -201,7 +201,7 @@ pub struct Encoded {
     pub policy_entries: usize,
 }
 
-impl Translator {
+impl MapTranslator {
     pub fn new() -> Self {
         Self::default()
     }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::exec::{Backend, Runner, detect_backend, may_hold};
 use super::guard::{self, Guard};
 use super::observe::IptablesObserver;
-use super::state::KernelState;
-use super::translate::{self, Batch, STEP_DEL_SETS, Tool, Translator};
+use super::saved::KernelState;
+use super::translate::{self, Batch, RuleTranslator, STEP_DEL_SETS, Tool};
 use crate::dataplane::azure::SET_PREFIX;
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
@@ -109,7 +109,7 @@ pub struct IptablesDataplane {
     runner: Runner,
     backend: Backend,
     backend_reason: String,
-    translator: Translator,
+    translator: RuleTranslator,
     /// The source checks and the IPv6 fail-closed rules (see [`guard`]).
     guard: Guard,
     stats: ApplyStats,
@@ -157,7 +157,7 @@ impl IptablesDataplane {
             runner,
             backend,
             backend_reason,
-            translator: Translator::new(),
+            translator: RuleTranslator::new(),
             guard: Guard::default(),
             stats: ApplyStats::default(),
             damaged: Arc::new(AtomicBool::new(false)),
@@ -210,7 +210,7 @@ impl IptablesDataplane {
         self.stats
     }
 
-    pub fn translator(&self) -> &Translator {
+    pub fn translator(&self) -> &RuleTranslator {
         &self.translator
     }
 
@@ -419,7 +419,7 @@ fn guard_once(
         return Ok(());
     }
     let jumps: Vec<&String> =
-        state.forward.iter().filter(|r| super::state::jumps_to_azure_npm(r)).collect();
+        state.forward.iter().filter(|r| super::saved::jumps_to_azure_npm(r)).collect();
     if jumps.len() == 1
         && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP)
     {

@@ -6,8 +6,8 @@
 //! - [`translate`]: the plan's Azure NPM layout (its diffs) → `ipset restore` /
 //!   `iptables-restore --noflush` batches, and a reconcile
 //!   against what the kernel holds (pure, host-tested);
-//! - [`model`]: the filter table and ipsets modelled on the host, to check the batches;
-//! - [`state`]: reading `ipset save` / `iptables-save`;
+//! - [`emulator`]: the filter table and ipsets modelled on the host, to check the batches;
+//! - [`saved`]: reading `ipset save` / `iptables-save`;
 //! - [`exec`]: the backend (nft or legacy) and its detection, running programs in a netns;
 //! - [`kernel`]: running the batches, reconciling, the guard's chains, cleanup;
 //! - [`observe`]: the kernel's figures for the metrics.
@@ -103,13 +103,13 @@
 //! checks a connection's egress and ingress policies wherever the pods are, so a connection
 //! between two nodes is checked on both (with the same answer).
 
+pub mod emulator;
 pub mod exec;
 pub mod guard;
 pub mod kernel;
-pub mod model;
 pub mod names;
 pub mod observe;
-pub mod state;
+pub mod saved;
 pub mod translate;
 
 pub use exec::{BACKEND_ENV, Backend, Runner, detect_backend};

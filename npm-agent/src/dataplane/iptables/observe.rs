@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::exec::{Backend, Runner};
-use super::state::KernelState;
+use super::saved::KernelState;
 use crate::dataplane::observe::{Counts, Figures, Observer, PacketFigure};
 
 /// The readable name of a kernel set name (`azure-npm-…`), when the dataplane knows it.

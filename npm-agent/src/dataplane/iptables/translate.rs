@@ -55,7 +55,7 @@ use ipnet::{IpNet, Ipv4Net};
 use super::names::{
     self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
 };
-use super::state::{KernelState, jumps_to_azure_npm};
+use super::saved::{KernelState, jumps_to_azure_npm};
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
     DirectionLayout, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
@@ -224,7 +224,7 @@ struct Phases {
 /// chains as rule text). What the sets hold and what each policy matches is the plan's
 /// layout; this only spells it.
 #[derive(Clone, Debug, Default)]
-pub struct Translator {
+pub struct RuleTranslator {
     /// The layout's sets the kernel holds (IPv6 blocks left out).
     sets: HashMap<SetDef, SetState>,
     transition: Option<SetState>,
@@ -422,7 +422,7 @@ fn egress_tail() -> [String; 2] {
     ]
 }
 
-impl Translator {
+impl RuleTranslator {
     pub fn new() -> Self {
         Self::default()
     }
@@ -793,11 +793,11 @@ impl Translator {
     /// the kernel from `kernel` to it (see the module docs).
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
-        let mut t = Translator {
+        let mut t = RuleTranslator {
             kernel_kinds: Some(kinds),
             base: true,
             skipped_ipv6: self.skipped_ipv6,
-            ..Translator::default()
+            ..RuleTranslator::default()
         };
         let layout = &plan.layout;
         // Sets are named in a fixed order (the transition set, the quarantine, then by

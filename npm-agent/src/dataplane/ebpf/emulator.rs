@@ -15,14 +15,14 @@ use npm_common::{CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData};
 use super::translate::MapOp;
 
 #[derive(Clone, Debug, Default)]
-pub struct MapModel {
+pub struct MapEmulator {
     pub endpoints: HashMap<[u8; 4], EndpointInfo>,
     pub identities: HashMap<[u8; 4], u32>,
     pub cidrs: BTreeMap<Ipv4Net, u32>,
     pub policy: HashSet<(u32, PolicyKeyData)>,
     pub node_ips: HashSet<[u8; 4]>,
     /// Interfaces of local pods (the kernel dataplane writes them when it attaches; tests
-    /// write them with [`MapModel::bind_interface`]).
+    /// write them with [`MapEmulator::bind_interface`]).
     pub ifaces: HashMap<u32, IfaceInfo>,
     pub ct: RefCell<HashMap<CtKey, CtValue>>,
     pub frags: RefCell<HashMap<FragKey, FragValue>>,
@@ -30,7 +30,7 @@ pub struct MapModel {
     pub attached: HashSet<Ipv4Addr>,
 }
 
-impl MapModel {
+impl MapEmulator {
     /// The interface index the model gives the veth of the pod at `ip` when it attaches
     /// (the kernel's are the system's; any distinct numbers serve the model).
     pub fn ifindex_of(ip: Ipv4Addr) -> u32 {
@@ -107,7 +107,7 @@ fn mask(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
     k
 }
 
-impl Maps for MapModel {
+impl Maps for MapEmulator {
     fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
         self.ifaces.get(&ifindex).copied()
     }

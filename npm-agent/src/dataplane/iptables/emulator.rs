@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use super::names::split_words;
-use super::state::{KernelSet, KernelState};
+use super::saved::{KernelSet, KernelState};
 use super::translate::{Batch, Tool};
 use crate::model::Protocol;
 
@@ -156,12 +156,12 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
 
 /// A filter table and the sets of one network namespace.
 #[derive(Clone, Debug)]
-pub struct KernelModel {
+pub struct TableEmulator {
     pub sets: BTreeMap<String, ModelSet>,
     chains: BTreeMap<String, Vec<Rule>>,
 }
 
-impl Default for KernelModel {
+impl Default for TableEmulator {
     fn default() -> Self {
         Self {
             sets: BTreeMap::new(),
@@ -179,7 +179,7 @@ pub struct Packet {
     pub dport: u16,
 }
 
-impl KernelModel {
+impl TableEmulator {
     pub fn apply(&mut self, batch: &Batch) -> Result<(), String> {
         match batch.tool {
             Tool::Ipset => self.apply_ipset(&batch.script),
@@ -530,8 +530,8 @@ fn names_quote(w: &str) -> String {
     super::names::quote_word(w)
 }
 
-impl From<&KernelModel> for KernelState {
-    fn from(m: &KernelModel) -> Self {
+impl From<&TableEmulator> for KernelState {
+    fn from(m: &TableEmulator) -> Self {
         m.state()
     }
 }
@@ -547,7 +547,7 @@ mod tests {
 
     #[test]
     fn nomatch_and_lists() {
-        let mut m = KernelModel::default();
+        let mut m = TableEmulator::default();
         m.apply_ipset("create a hash:net family inet\nadd a 10.0.0.0/16\nadd a 10.0.1.0/24 nomatch\ncreate b hash:net family inet\nadd b 10.0.1.5\ncreate l list:set\nadd l a\nadd l b\n").unwrap();
         let to = |ip: &str| Packet {
             src: "192.0.2.1".parse().unwrap(),
@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn named_ports_match_address_protocol_and_port() {
-        let mut m = KernelModel::default();
+        let mut m = TableEmulator::default();
         m.apply_ipset("create p hash:ip,port family inet\nadd p 10.0.0.1,tcp:8080\n").unwrap();
         let p = |dst: &str, protocol, dport| Packet {
             src: "10.0.0.9".parse().unwrap(),
@@ -583,7 +583,7 @@ mod tests {
 
     #[test]
     fn iptables_is_atomic() {
-        let mut m = KernelModel::default();
+        let mut m = TableEmulator::default();
         m.apply_iptables("*filter\n:X - [0:0]\n-A X -j ACCEPT\n-A FORWARD -j X\nCOMMIT\n").unwrap();
         let before = m.rules("FORWARD");
         assert!(m.apply_iptables("*filter\n-F FORWARD\n-A FORWARD -j NOPE\nCOMMIT\n").is_err());
