@@ -416,7 +416,7 @@ impl LayoutCompiler {
             for d in &subs {
                 self.acquire(d, out);
             }
-            subs.into_iter().map(Member::Set).collect()
+            subs.into_iter().map(|d| Member::Set(Box::new(d))).collect()
         } else {
             self.address_members(def)
         };
@@ -483,7 +483,7 @@ impl LayoutCompiler {
             let exists = self.namespace_exists(ns);
             let labels = self.namespace_labels(ns);
             let sub = SetDef::Namespace(ns.clone());
-            let member = Member::Set(sub.clone());
+            let member = Member::Set(Box::new(sub.clone()));
             for list in &lists {
                 let want = exists && list.holds_namespace(&labels);
                 if want == self.sets[list].members.contains(&member) {
