@@ -262,7 +262,7 @@ proptest! {
         // The kernel holds exactly what the translator says, and a reconcile of the same plan
         // over it changes no set and no chain.
         for n in nodes.values_mut() {
-            let sets = n.translator.desired_sets();
+            let sets = n.translator.desired_sets(&n.engine.plan().layout);
             prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), n.kernel.sets.keys().cloned().collect::<Vec<_>>());
             let chains = n.translator.desired_chains();
             // (Jumps to policy chains may be in any order.)
@@ -329,7 +329,7 @@ proptest! {
         apply_checked(&mut kernel, &batches, &before, &now, &all)?;
         // Nothing of the old agent's is left, and the new one's rules decide like the
         // specification.
-        let sets = t.desired_sets();
+        let sets = t.desired_sets(&new_plan.layout);
         prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), kernel.sets.keys().cloned().collect::<Vec<_>>());
         prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names().into_iter().collect::<Vec<_>>());
         for p in probes("n1", &[&now]) {

@@ -115,7 +115,7 @@ fn open(ns: &Netns, backend: Backend) -> IptablesDataplane {
 }
 
 /// The kernel holds exactly what the translator says (rules in iptables-save's spelling).
-fn assert_matches(ns: &Netns, backend: Backend, t: &RuleTranslator, what: &str) {
+fn assert_matches(ns: &Netns, backend: Backend, t: &RuleTranslator, plan: &Plan, what: &str) {
     let k = ns.state(backend);
     let sorted = |mut v: Vec<String>| {
         v.sort();
@@ -130,7 +130,7 @@ fn assert_matches(ns: &Netns, backend: Backend, t: &RuleTranslator, what: &str) 
     for (c, rules) in &want {
         assert_eq!(sorted(k.chains[c].clone()), sorted(rules.clone()), "{what}: chain {c}");
     }
-    let sets = t.desired_sets();
+    let sets = t.desired_sets(&plan.layout);
     assert_eq!(k.sets.keys().collect::<Vec<_>>(), sets.keys().collect::<Vec<_>>(), "{what}: sets");
     for (h, (readable, kind, members)) in &sets {
         assert_eq!(&k.sets[h].kind, kind, "{what}: {h} ({readable})");
@@ -158,14 +158,20 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         // Start-up over nothing, then step by step.
         let mut dp = open(&ns, backend);
         dp.reconcile(&Plan::default()).expect("empty reconcile");
-        assert_matches(&ns, backend, dp.translator(), "empty");
+        assert_matches(&ns, backend, dp.translator(), &Plan::default(), "empty");
         assert!(ns.guard_in_place(backend), "{backend:?}: the source guard after start-up");
         let path =
             scenarios().into_iter().find(|(n, _)| n == "60-ipblock-or-selector-peers").unwrap().1;
         let mut last = Plan::default();
         for (i, step) in plans(&path).into_iter().enumerate() {
             dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
-            assert_matches(&ns, backend, dp.translator(), &format!("{backend:?} step {i}"));
+            assert_matches(
+                &ns,
+                backend,
+                dp.translator(),
+                &step.plan,
+                &format!("{backend:?} step {i}"),
+            );
             last = step.plan;
         }
         assert!(dp.stats().processes > 0);
@@ -173,11 +179,11 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         let other = final_plan("47-union-of-policies");
         let mut dp2 = open(&ns, backend);
         dp2.reconcile(&other).expect("reconcile over another agent's state");
-        assert_matches(&ns, backend, dp2.translator(), "after restart");
+        assert_matches(&ns, backend, dp2.translator(), &other, "after restart");
         // And once more with the first plan: nothing of the second is left.
         let mut dp3 = open(&ns, backend);
         dp3.reconcile(&last).expect("reconcile back");
-        assert_matches(&ns, backend, dp3.translator(), "after second restart");
+        assert_matches(&ns, backend, dp3.translator(), &last, "after second restart");
         // A batch fails (a set of another type squats the name of the next set to create):
         // it is retried, reported, and the next reconcile gets around it.
         let next = final_plan("23-ipblock-except");
@@ -208,7 +214,7 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         assert!(dp3.stats().failed >= 1 && dp3.stats().retried >= 1, "{:?}", dp3.stats());
         dp3.reconcile(&next).expect("the reconcile names the set otherwise");
         // (The squatter is not ours to keep: it is a stale azure-npm- set and goes.)
-        assert_matches(&ns, backend, dp3.translator(), "after the failure");
+        assert_matches(&ns, backend, dp3.translator(), &next, "after the failure");
         // Switching backends: the other backend's reconcile removes this one's chains.
         let mut switched = open(&ns, backend.other());
         switched.reconcile(&next).expect("reconcile with the other backend");
@@ -219,7 +225,13 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         );
         assert!(!ns.anything_left(backend), "{backend:?} still holds the source guard");
         assert!(ns.guard_in_place(backend.other()));
-        assert_matches(&ns, backend.other(), switched.translator(), "after switching backends");
+        assert_matches(
+            &ns,
+            backend.other(),
+            switched.translator(),
+            &next,
+            "after switching backends",
+        );
         // Cleanup leaves nothing.
         let report = iptables::cleanup(Some(ns.path()));
         assert!(report.problems.is_empty(), "{:?}", report.problems);

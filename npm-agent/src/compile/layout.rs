@@ -42,7 +42,9 @@ pub struct LayoutInput<'a> {
 
 #[derive(Clone, Debug)]
 struct SetEntry {
-    members: BTreeSet<Member>,
+    /// (Shared with the layouts `layout()` hands out: a plan costs no copy of them; the next
+    /// change copies a set only while such a layout lives.)
+    members: Arc<BTreeSet<Member>>,
     /// Policy directions referencing the set (once each) and lists holding it.
     refs: u32,
 }
@@ -423,7 +425,7 @@ impl LayoutCompiler {
         out.changes.extend(
             members.iter().map(|m| LayoutChange::AddMember { set: def.clone(), member: m.clone() }),
         );
-        self.sets.insert(def.clone(), SetEntry { members, refs: 1 });
+        self.sets.insert(def.clone(), SetEntry { members: Arc::new(members), refs: 1 });
     }
 
     /// Drops a reference to a set; one left without references is removed at the end of
@@ -444,7 +446,7 @@ impl LayoutCompiler {
             }
             let s = self.sets.remove(&def).expect("set");
             out.changes.push(LayoutChange::RemoveSet { set: def });
-            for m in s.members {
+            for m in s.members.iter() {
                 if let Member::Set(sub) = m {
                     self.release(&sub, out);
                 }
@@ -455,8 +457,11 @@ impl LayoutCompiler {
     /// Changes one member of an existing address set (the address regrouped first).
     fn change_member(&mut self, def: &SetDef, member: Member, add: bool, out: &mut Out) {
         let Some(s) = self.sets.get_mut(def) else { return };
-        let changed =
-            if add { s.members.insert(member.clone()) } else { s.members.remove(&member) };
+        let changed = if add {
+            Arc::make_mut(&mut s.members).insert(member.clone())
+        } else {
+            Arc::make_mut(&mut s.members).remove(&member)
+        };
         if !changed {
             return;
         }
@@ -501,10 +506,10 @@ impl LayoutCompiler {
                 let l = self.sets.get_mut(list).expect("list");
                 let set = list.clone();
                 if want {
-                    l.members.insert(member.clone());
+                    Arc::make_mut(&mut l.members).insert(member.clone());
                     out.changes.push(LayoutChange::AddMember { set, member: member.clone() });
                 } else {
-                    l.members.remove(&member);
+                    Arc::make_mut(&mut l.members).remove(&member);
                     out.changes.push(LayoutChange::RemoveMember { set, member: member.clone() });
                     self.release(&sub, out);
                 }

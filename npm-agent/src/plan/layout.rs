@@ -153,7 +153,8 @@ impl PolicyLayout {
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Layout {
     pub policies: BTreeMap<crate::model::ObjectKey, Arc<PolicyLayout>>,
-    pub sets: BTreeMap<SetDef, BTreeSet<Member>>,
+    /// (Each set's members behind an `Arc`: the compiler's copy and a plan's share them.)
+    pub sets: BTreeMap<SetDef, Arc<BTreeSet<Member>>>,
 }
 
 /// One change of the layout.
@@ -199,7 +200,7 @@ impl Layout {
         for c in changes {
             match c {
                 LayoutChange::AddSet { set } => {
-                    if self.sets.insert(set.clone(), BTreeSet::new()).is_some() {
+                    if self.sets.insert(set.clone(), Arc::default()).is_some() {
                         return Err(format!("layout set {set:?} added twice"));
                     }
                 }
@@ -213,7 +214,7 @@ impl Layout {
                         .sets
                         .get_mut(set)
                         .ok_or_else(|| format!("member of absent layout set {set:?}"))?;
-                    if !s.insert(member.clone()) {
+                    if !Arc::make_mut(s).insert(member.clone()) {
                         return Err(format!("{member:?} added to {set:?} twice"));
                     }
                 }
@@ -222,7 +223,7 @@ impl Layout {
                         .sets
                         .get_mut(set)
                         .ok_or_else(|| format!("member of absent layout set {set:?}"))?;
-                    if !s.remove(member) {
+                    if !Arc::make_mut(s).remove(member) {
                         return Err(format!("{member:?} removed from {set:?} but absent"));
                     }
                 }
@@ -243,22 +244,7 @@ impl Layout {
     /// Changes that build this layout from nothing: sets with their members (lists after
     /// the sets they hold), then policies.
     pub fn as_changes(&self) -> Vec<LayoutChange> {
-        let mut out = Vec::new();
-        let (lists, others): (Vec<_>, Vec<_>) = self.sets.iter().partition(|(d, _)| d.is_list());
-        for (set, members) in others.into_iter().chain(lists) {
-            out.push(LayoutChange::AddSet { set: set.clone() });
-            out.extend(
-                members
-                    .iter()
-                    .map(|m| LayoutChange::AddMember { set: set.clone(), member: m.clone() }),
-            );
-        }
-        out.extend(
-            self.policies
-                .iter()
-                .map(|(k, l)| LayoutChange::SetPolicy { key: k.clone(), layout: l.clone() }),
-        );
-        out
+        Layout::default().diff(self)
     }
 
     /// Changes that move this layout to `to`, in the promised order: new sets with their
@@ -315,9 +301,9 @@ impl Layout {
         match m {
             Member::Set(sub) => self
                 .sets
-                .get(sub)
+                .get(sub.as_ref())
                 .into_iter()
-                .flatten()
+                .flat_map(|m| m.iter())
                 .flat_map(|m| self.addresses_of(m))
                 .collect(),
             m => m.address().into_iter().collect(),
@@ -341,11 +327,11 @@ mod tests {
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let ns = |n: &str| SetDef::Namespace(n.into());
         let mut a = Layout::default();
-        a.sets.insert(ns("x"), [Member::Address(ip("10.0.0.1"))].into());
-        a.sets.insert(SetDef::AllNamespaces, [Member::Set(Box::new(ns("x")))].into());
+        a.sets.insert(ns("x"), Arc::new([Member::Address(ip("10.0.0.1"))].into()));
+        a.sets.insert(SetDef::AllNamespaces, Arc::new([Member::Set(Box::new(ns("x")))].into()));
         let mut b = a.clone();
-        b.sets.get_mut(&SetDef::AllNamespaces).unwrap().clear();
-        b.sets.insert(ns("y"), [Member::Address(ip("10.0.0.2"))].into());
+        Arc::make_mut(b.sets.get_mut(&SetDef::AllNamespaces).unwrap()).clear();
+        b.sets.insert(ns("y"), Arc::new([Member::Address(ip("10.0.0.2"))].into()));
         let d = a.diff(&b);
         assert!(d.contains(&LayoutChange::Regroup { ip: ip("10.0.0.1") }), "{d:?}");
         let mut moved = a.clone();

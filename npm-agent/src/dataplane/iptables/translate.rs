@@ -188,12 +188,13 @@ fn create_line(h: &str, set: KernelSet<'_>) -> String {
     }
 }
 
-/// What a set is now: its kernel name, members as `ipset save` prints them.
+/// A set the kernel holds: its names and how many members it has (what they are is the
+/// plan's layout: the translator spells them when it writes them, and keeps no copy).
 #[derive(Clone, Debug)]
 struct SetState {
     name: String,
     readable: String,
-    members: BTreeSet<String>,
+    members: usize,
 }
 
 /// One direction of one policy, as written.
@@ -220,8 +221,7 @@ struct Phases {
     destroy_sets: Vec<String>,
 }
 
-/// The encoder's memory: what it has told the kernel (set names and members as strings,
-/// chains as rule text). What the sets hold and what each policy matches is the plan's
+/// The encoder's memory: what it has told the kernel (set names, chains as rule text). What the sets hold and what each policy matches is the plan's
 /// layout; this only spells it.
 #[derive(Clone, Debug, Default)]
 pub struct RuleTranslator {
@@ -432,7 +432,7 @@ impl RuleTranslator {
             policies: self.chains.keys().map(|(k, _)| k).collect::<HashSet<_>>().len(),
             chains: self.chains.len(),
             sets: self.all_sets().count(),
-            set_members: self.all_sets().map(|(_, s)| s.members.len()).sum(),
+            set_members: self.all_sets().map(|(_, s)| s.members).sum(),
             rules: self.chains.values().map(|c| c.rules.len() + 1).sum(),
         }
     }
@@ -476,14 +476,14 @@ impl RuleTranslator {
         let set = KernelSet::Layout(def);
         let readable = set.readable();
         let name = self.claim(&readable, set.kind());
-        self.sets.insert(def.clone(), SetState { name, readable, members: BTreeSet::new() });
+        self.sets.insert(def.clone(), SetState { name, readable, members: 0 });
         true
     }
 
     /// A member as `ipset save` prints it (an IPv4 block of /0 is two /1: hash:net cannot
-    /// hold /0); nothing for IPv6.
-    fn member_strings(&mut self, member: &Member) -> Vec<String> {
-        let out = match member {
+    /// hold /0); `None` for IPv6, which this encoding leaves out.
+    fn member_strings(&self, member: &Member) -> Option<Vec<String>> {
+        match member {
             Member::Address(ip) => v4(*ip).map(|a| vec![a.to_string()]),
             Member::Port { ip, protocol, port } => {
                 v4(*ip).map(|a| vec![format!("{a},{}:{port}", protocol.as_str().to_lowercase())])
@@ -496,13 +496,27 @@ impl RuleTranslator {
                 }
             }),
             Member::Set(sub) => {
-                return self.sets.get(sub).map(|s| vec![s.name.clone()]).unwrap_or_default();
+                Some(self.sets.get(sub).map(|s| vec![s.name.clone()]).unwrap_or_default())
             }
-        };
-        out.unwrap_or_else(|| {
-            self.skipped_ipv6 += 1;
-            Vec::new()
-        })
+        }
+    }
+
+    /// The members of every set held, as `ipset save` prints them, from `layout` (kernel
+    /// name → members; the transition set's are the kernel's business).
+    fn members_from(&self, layout: &Layout) -> HashMap<String, BTreeSet<String>> {
+        let mut out: HashMap<String, BTreeSet<String>> = self
+            .sets
+            .iter()
+            .map(|(def, s)| {
+                let members = layout.sets.get(def).into_iter().flat_map(|m| m.iter());
+                let strings = members.filter_map(|m| self.member_strings(m)).flatten().collect();
+                (s.name.clone(), strings)
+            })
+            .collect();
+        if let Some(t) = &self.transition {
+            out.insert(t.name.clone(), BTreeSet::new());
+        }
+        out
     }
 
     // ---- chains ----
@@ -662,7 +676,7 @@ impl RuleTranslator {
     fn add_transition(&mut self) {
         let readable = KernelSet::Transition.readable();
         let name = self.claim(&readable, SetKind::HashNet);
-        self.transition = Some(SetState { name, readable, members: BTreeSet::new() });
+        self.transition = Some(SetState { name, readable, members: 0 });
     }
 
     // ---- diffs ----
@@ -674,30 +688,40 @@ impl RuleTranslator {
         let quarantine_before = self.sets.contains_key(&SetDef::Quarantine);
         // Sets added by this diff, in order: their members go into their create blocks.
         let mut fresh: Vec<&SetDef> = Vec::new();
-        let mut fresh_set: HashSet<&SetDef> = HashSet::new();
+        let mut fresh_members: HashMap<&SetDef, BTreeSet<String>> = HashMap::new();
         for c in &diff.layout {
             match c {
                 LayoutChange::AddSet { set } => {
                     if self.add_set(set) {
                         fresh.push(set);
-                        fresh_set.insert(set);
+                        fresh_members.insert(set, BTreeSet::new());
                     }
                 }
                 LayoutChange::AddMember { set, member }
                 | LayoutChange::RemoveMember { set, member } => {
                     let add = matches!(c, LayoutChange::AddMember { .. });
-                    let strings = self.member_strings(member);
-                    let is_fresh = fresh_set.contains(set);
+                    let Some(strings) = self.member_strings(member) else {
+                        self.skipped_ipv6 += 1;
+                        continue;
+                    };
+                    if let Some(f) = fresh_members.get_mut(set) {
+                        for m in strings {
+                            if add {
+                                f.insert(m)
+                            } else {
+                                f.remove(&m)
+                            };
+                        }
+                        continue;
+                    }
+                    // (The compiler changes a member only when it changes.)
                     let Some(s) = self.sets.get_mut(set) else { continue };
                     for m in strings {
-                        let changed =
-                            if add { s.members.insert(m.clone()) } else { s.members.remove(&m) };
-                        if !changed || is_fresh {
-                            continue;
-                        }
                         if add {
+                            s.members += 1;
                             ph.add_members.push(format!("add {} {m}", s.name));
                         } else {
+                            s.members = s.members.saturating_sub(1);
                             let m = m.trim_end_matches(" nomatch");
                             ph.del_members.push(format!("del {} {m}", s.name));
                         }
@@ -706,7 +730,7 @@ impl RuleTranslator {
                 LayoutChange::RemoveSet { set } => {
                     let Some(s) = self.sets.remove(set) else { continue };
                     self.names.remove(&s.name);
-                    if fresh_set.remove(set) {
+                    if fresh_members.remove(set).is_some() {
                         // Added and removed within the diff: never created.
                         continue;
                     }
@@ -725,11 +749,10 @@ impl RuleTranslator {
             }
         }
         for def in fresh {
-            if !fresh_set.remove(def) {
-                continue;
-            }
-            let s = &self.sets[def];
-            let block = create_block(&s.name, KernelSet::Layout(def), &s.members);
+            let Some(members) = fresh_members.remove(def) else { continue };
+            let s = self.sets.get_mut(def).expect("a fresh set is held");
+            s.members = members.len();
+            let block = create_block(&s.name, KernelSet::Layout(def), &members);
             if def.is_list() {
                 ph.create_lists.push(block);
             } else {
@@ -815,12 +838,22 @@ impl RuleTranslator {
         for def in &order {
             t.name_tree(def, layout);
         }
-        for (def, members) in &layout.sets {
-            let strings: BTreeSet<String> =
-                members.iter().flat_map(|m| t.member_strings(m)).collect();
-            if let Some(s) = t.sets.get_mut(def) {
-                s.members = strings;
-            }
+        t.skipped_ipv6 += layout
+            .sets
+            .values()
+            .flat_map(|m| m.iter())
+            .filter(|m| t.member_strings(m).is_none())
+            .count() as u64;
+        let counts: Vec<(SetDef, usize)> = t
+            .sets
+            .keys()
+            .map(|d| {
+                let members = layout.sets.get(d).into_iter().flat_map(|m| m.iter());
+                (d.clone(), members.filter_map(|m| t.member_strings(m)).map(|v| v.len()).sum())
+            })
+            .collect();
+        for (d, n) in counts {
+            t.sets.get_mut(&d).expect("named").members = n;
         }
         for (key, p) in &layout.policies {
             for d in Direction::BOTH {
@@ -832,7 +865,7 @@ impl RuleTranslator {
         }
         t.active = !t.chains.is_empty() || t.sets.contains_key(&SetDef::Quarantine);
         t.kernel_kinds = None;
-        let batches = t.reconcile_batches(kernel);
+        let batches = t.reconcile_batches(kernel, layout);
         *self = t;
         batches
     }
@@ -843,7 +876,7 @@ impl RuleTranslator {
         if self.sets.contains_key(def) || !self.add_set(def) {
             return;
         }
-        for m in members {
+        for m in members.iter() {
             if let Member::Set(sub) = m {
                 self.name_tree(sub, layout);
             }
@@ -882,16 +915,34 @@ impl RuleTranslator {
         chains
     }
 
-    /// Every set the layout should hold: kernel name → (readable name, type, members).
-    pub fn desired_sets(&self) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
+    /// Every set the kernel should hold for `layout` (the one the translator last applied):
+    /// kernel name → (readable name, type, members).
+    pub fn desired_sets(
+        &self,
+        layout: &Layout,
+    ) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
+        let mut members = self.members_from(layout);
         self.all_sets()
             .map(|(d, s)| {
-                (s.name.clone(), (s.readable.clone(), d.kind().type_name(), s.members.clone()))
+                let m = members.remove(&s.name).unwrap_or_default();
+                (s.name.clone(), (s.readable.clone(), d.kind().type_name(), m))
             })
             .collect()
     }
 
-    fn reconcile_batches(&self, kernel: &KernelState) -> Vec<Batch> {
+    /// (Each set's members are spelled from `layout` when the set's turn comes, and dropped
+    /// after: at 100k pods they are half a million strings.)
+    fn reconcile_batches(&self, kernel: &KernelState, layout: &Layout) -> Vec<Batch> {
+        let def_of: HashMap<&str, &SetDef> =
+            self.sets.iter().map(|(d, s)| (s.name.as_str(), d)).collect();
+        let members_of = |name: &str| -> BTreeSet<String> {
+            let members = def_of
+                .get(name)
+                .and_then(|d| layout.sets.get(*d))
+                .into_iter()
+                .flat_map(|m| m.iter());
+            members.filter_map(|m| self.member_strings(m)).flatten().collect()
+        };
         let mut ph = Phases::default();
         let mut sets: Vec<(KernelSet<'_>, &SetState)> = self.all_sets().collect();
         sets.sort_by(|a, b| {
@@ -924,24 +975,21 @@ impl RuleTranslator {
                 ph.guard.extend(ks.members.iter().filter_map(|m| member_address(m)));
                 continue;
             }
+            let mine = members_of(h);
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_block(h, *def, &s.members));
+                    out.push(create_block(h, *def, &mine));
                 }
                 Some(ks) => {
-                    for m in s.members.difference(&ks.members) {
+                    for m in mine.difference(&ks.members) {
                         ph.add_members.push(format!("add {h} {m}"));
                         ph.guard.extend(member_address(m));
                         if def.kind() == SetKind::ListSet {
-                            ph.guard.extend(
-                                self.all_sets().map(|(_, x)| x).filter(|x| &x.name == m).flat_map(
-                                    |x| x.members.iter().filter_map(|a| member_address(a)),
-                                ),
-                            );
+                            ph.guard.extend(members_of(m).iter().filter_map(|a| member_address(a)));
                             ph.guard.extend(kernel_addresses(m));
                         }
                     }
-                    for m in ks.members.difference(&s.members) {
+                    for m in ks.members.difference(&mine) {
                         ph.del_members.push(format!("del {h} {}", m.trim_end_matches(" nomatch")));
                         ph.guard.extend(member_address(m));
                         if def.kind() == SetKind::ListSet {
