@@ -448,7 +448,7 @@ impl LayoutCompiler {
             out.changes.push(LayoutChange::RemoveSet { set: def });
             for m in s.members.iter() {
                 if let Member::Set(sub) = m {
-                    self.release(&sub, out);
+                    self.release(sub, out);
                 }
             }
         }
