@@ -238,12 +238,8 @@ impl TableEmulator {
                                 .ok_or_else(|| err(format!("bad element {member}")))?,
                         );
                     } else {
-                        let net: Ipv4Net = member
-                            .parse()
-                            .or_else(|_| {
-                                member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())
-                            })
-                            .map_err(|_| err(format!("bad element {member}")))?;
+                        let net = net_member(member)
+                            .ok_or_else(|| err(format!("bad element {member}")))?;
                         if net.prefix_len() == 0 {
                             return Err(err("hash:net cannot hold /0".into()));
                         }
@@ -263,12 +259,8 @@ impl TableEmulator {
                                 .ok_or_else(|| err(format!("bad element {member}")))?,
                         );
                     } else {
-                        let net: Ipv4Net = member
-                            .parse()
-                            .or_else(|_| {
-                                member.parse::<Ipv4Addr>().map(|a| Ipv4Net::new(a, 32).unwrap())
-                            })
-                            .map_err(|_| err(format!("bad element {member}")))?;
+                        let net = net_member(member)
+                            .ok_or_else(|| err(format!("bad element {member}")))?;
                         s.nets.remove(&net.trunc());
                     }
                 }
@@ -539,6 +531,11 @@ impl From<&TableEmulator> for KernelState {
 /// A set as the parser reads it (for tests comparing with the kernel).
 pub fn kernel_set(kind: &str, members: &[&str]) -> KernelSet {
     KernelSet { kind: kind.into(), members: members.iter().map(|m| m.to_string()).collect() }
+}
+
+/// A hash:net member as `ipset` takes it: a block, or an address (a /32).
+fn net_member(member: &str) -> Option<Ipv4Net> {
+    member.parse().ok().or_else(|| member.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
 }
 
 #[cfg(test)]
