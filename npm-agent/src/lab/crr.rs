@@ -20,7 +20,7 @@ use super::net::{self, Lab, LabConfig};
 use super::registry;
 use crate::netns;
 use crate::simulate::Enforcer;
-use crate::simulate::case::{Case, CaseCluster};
+use crate::simulate::case::CaseCluster;
 use crate::state::Event;
 
 const PORT: u16 = 5201;
@@ -42,19 +42,9 @@ pub struct Rates {
     pub requests: f64,
 }
 
-const CASE: &str = r#"
-name: crr
-model:
-  namespaces: [x]
-  pods:
-  - {namespace: x, pod: client, labels: {app: client}, ports: [{name: unused, port: 5299, protocol: TCP}]}
-  - {namespace: x, pod: server, labels: {app: server}, ports: [{name: unused, port: 5299, protocol: TCP}]}
-steps: []
-"#;
-
 /// Measures one setup for `seconds` of each kind of traffic.
 pub fn measure(setup: &Setup, seconds: f64) -> Result<Rates> {
-    let case: Case = serde_yaml_ng::from_str(CASE).expect("the crr case parses");
+    let case = super::throughput::client_server("crr");
     let cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
     if setup.name == "none" {
         let mut lab = Lab::new(LabConfig::default())?;

@@ -46,9 +46,10 @@ pub fn policy(i: usize) -> Policy {
     }
 }
 
-// The model pods serve 5299 (the lab starts servers on model ports); iperf3 takes 5201.
+// The model pods serve 5299 (the lab starts servers on model ports); iperf3 and the crr
+// server take 5201.
 const CASE: &str = r#"
-name: throughput
+name: client-server
 model:
   namespaces: [x]
   pods:
@@ -57,9 +58,17 @@ model:
 steps: []
 "#;
 
+/// The two pods the lab's benchmarks measure between, x/client and x/server (app labels), as
+/// the case `name`.
+pub(super) fn client_server(name: &str) -> Case {
+    let mut case: Case = serde_yaml_ng::from_str(CASE).expect("the client-server case parses");
+    case.name = name.to_string();
+    case
+}
+
 /// Gbit/s from the client pod to the server pod over `seconds`.
 pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32) -> Result<f64> {
-    let case: Case = serde_yaml_ng::from_str(CASE).expect("the throughput case parses");
+    let case = client_server("throughput");
     let cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
     match dataplane {
         None => {
