@@ -120,12 +120,11 @@ fn main() {
     let plan = compile(&cluster.state, &scope);
     let one_pass = t.elapsed();
     println!(
-        "one-pass compile: {one_pass:.2?}, {} endpoints, {} allow entries, {} pod addresses",
+        "one-pass compile: {one_pass:.2?}, {} endpoints, {} profiles, {} allow entries, {} pod \
+         addresses",
         plan.endpoints.len(),
-        plan.endpoints
-            .values()
-            .map(|e| e.ingress.allow.len() + e.egress.allow.len())
-            .sum::<usize>(),
+        plan.profiles.len(),
+        plan.profiles.values().map(|p| p.allow.len()).sum::<usize>(),
         plan.identities.len()
     );
     if check {

@@ -79,12 +79,10 @@ fn main() {
             report("compile: plan built (state kept)");
             println!();
             println!(
-                "compile time {elapsed:.2?}; plan of {} endpoints, {} allow entries",
+                "compile time {elapsed:.2?}; plan of {} endpoints, {} profiles, {} allow entries",
                 plan.endpoints.len(),
-                plan.endpoints
-                    .values()
-                    .map(|e| e.ingress.allow.len() + e.egress.allow.len())
-                    .sum::<usize>()
+                plan.profiles.len(),
+                plan.profiles.values().map(|p| p.allow.len()).sum::<usize>()
             );
         }
         other => panic!("unknown mode {other}: engine or compile"),

@@ -248,8 +248,8 @@ fn applies_the_manifests_of_a_directory() {
     let mut local: Vec<IpAddr> = plan.endpoints.keys().copied().collect();
     local.sort();
     assert_eq!(local, vec![ip(A), ip(B)], "only n1's pods are endpoints");
-    assert!(plan.endpoints[&ip(B)].ingress.isolated);
-    assert!(!plan.endpoints[&ip(A)].ingress.isolated);
+    assert!(plan.endpoints[&ip(B)].isolated(Direction::Ingress));
+    assert!(!plan.endpoints[&ip(A)].isolated(Direction::Ingress));
     assert!(plan.node_ips.contains(&"10.1.0.1".parse().unwrap()));
     assert!(agent.allowed(&tcp(A, B, 5432)));
     assert!(!agent.allowed(&tcp(A, B, 80)));
@@ -290,7 +290,7 @@ fn applies_the_manifests_of_a_directory() {
     dir.generation(3);
     let s = agent.wait_generation(3);
     assert_eq!(s.policies, 0);
-    assert!(!agent.memory.plan().endpoints[&ip(B)].ingress.isolated);
+    assert!(!agent.memory.plan().endpoints[&ip(B)].isolated(Direction::Ingress));
     assert_eq!(
         agent.handles.stats.lock().unwrap().get("policy", Operation::Delete).map(|s| s.count),
         Some(1)
@@ -309,7 +309,7 @@ fn a_pod_claiming_a_local_pods_address_takes_nothing() {
     dir.generation(1);
     let agent = Running::start(&dir, None);
     agent.wait_generation(1);
-    assert!(agent.memory.plan().endpoints[&ip(B)].ingress.isolated);
+    assert!(agent.memory.plan().endpoints[&ip(B)].isolated(Direction::Ingress));
     // x/0evil on n2 (not isolated, labelled web) claims x/b's address.
     dir.write("30-evil.yaml", &pod("x", "0evil", B, "n2", "web"));
     dir.generation(2);
@@ -317,7 +317,7 @@ fn a_pod_claiming_a_local_pods_address_takes_nothing() {
     let plan = agent.memory.plan();
     let ep = &plan.endpoints[&ip(B)];
     assert_eq!(ep.pod.to_string(), "x/b", "the local pod keeps its address");
-    assert!(ep.ingress.isolated, "x/b is still isolated");
+    assert!(ep.isolated(Direction::Ingress), "x/b is still isolated");
     assert!(!agent.allowed(&tcp(A, B, 80)), "x/b's policy still holds");
     assert!(agent.allowed(&tcp(A, B, 5432)));
     assert!(

@@ -117,7 +117,7 @@ fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Resu
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     for port in [80u16, 81, 1000, 5353, 60000] {
                         let want = plan.node_ips.contains(&IpAddr::V4(peer))
-                            || ep.direction(d).admits(
+                            || plan.direction(ep, d).admits(
                                 &plan.sets,
                                 IpAddr::V4(peer),
                                 plan.identities.get(&IpAddr::V4(peer)).copied(),

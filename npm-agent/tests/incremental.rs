@@ -45,7 +45,7 @@ fn side(
 ) -> bool {
     match plan.endpoints.get(&ep) {
         None => true,
-        Some(e) => e.direction(d).admits(
+        Some(e) => plan.direction(e, d).admits(
             &plan.sets,
             peer,
             plan.identities.get(&peer).copied(),
@@ -130,8 +130,8 @@ proptest! {
                 // Net: no entry is both added and removed.
                 let mut seen = HashSet::new();
                 for c in &diff.changes {
-                    if let Change::AddAllow { ip, direction, allow } | Change::RemoveAllow { ip, direction, allow } = c {
-                        prop_assert!(seen.insert((*ip, *direction, allow.clone())), "{:?} twice in one diff", c);
+                    if let Change::AddAllow { profile, allow } | Change::RemoveAllow { profile, allow } = c {
+                        prop_assert!(seen.insert((*profile, allow.clone())), "{:?} twice in one diff", c);
                     }
                 }
                 let before = plan.layout.clone();

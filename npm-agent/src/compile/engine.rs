@@ -1,10 +1,15 @@
 //! The incremental compiler: keeps one node's plan up to date, event by event.
 //!
 //! Invariants (checked by the property tests against [`super::full::compile`]):
-//! - Every allow entry of every local endpoint has a count: the number of (policy, term,
-//!   peer, port) expansions that produce it. An entry is in the plan while its count is
-//!   above zero. Every change of state adds or removes expansions symmetrically, so counts
-//!   never drift.
+//! - Every isolated direction of a local endpoint names a profile: the one of its key, the
+//!   policies selecting it for that direction (and its own named ports, when those
+//!   policies resolve ingress named ports against it). Endpoints move between profiles at
+//!   the end of an event; a profile goes with its last user. Every allow entry of a profile
+//!   has a count: the number of (policy, term, peer, port) expansions that produce it, and
+//!   is in the plan while its count is above zero. Every change of state adds or removes
+//!   expansions symmetrically, so counts never drift. A profile whose policy stops being
+//!   evaluated mid-event (no local endpoint selected) is no longer its key's: it may miss
+//!   expansions from then on, so it is never named again and goes at the end of the event.
 //! - A selector is evaluated ("materialized") only while a policy that uses it selects a
 //!   local endpoint; its member identities are then kept up to date as identities appear,
 //!   disappear and namespaces are relabelled. On a node, most of a large cluster's
@@ -26,14 +31,16 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use super::layout::{LayoutCompiler, LayoutInput};
-use super::{Scope, Term, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
+use super::{
+    PortSel, Scope, Term, TermPeer, conflict_of, host_block, resolution_ports, rule_terms,
+};
 use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
     Policy,
 };
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
-    PeerSet, Plan, PlanDiff,
+    PeerSet, Plan, PlanDiff, Profile, ProfileId,
 };
 use crate::state::{Claim, ClusterState, Event};
 
@@ -122,7 +129,8 @@ struct EndpointEntry {
     named_ports: Vec<NamedPort>,
     /// The policies selecting the endpoint for each direction (isolated when non-empty).
     policies: [BTreeSet<PolicyId>; 2],
-    counts: [HashMap<Allow, u32>; 2],
+    /// The profile of each isolated direction, as of the end of the last event.
+    profiles: [Option<ProfileId>; 2],
     /// A contested address with several local claimants: isolated both ways, no policy, no
     /// entry (see [`Claim`]).
     quarantined: bool,
@@ -132,6 +140,25 @@ impl EndpointEntry {
     fn isolated(&self, d: Direction) -> bool {
         self.quarantined || !self.policies[di(d)].is_empty()
     }
+}
+
+/// What makes endpoint directions share one profile (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ProfileKey {
+    direction: Direction,
+    /// The selecting policies, in order.
+    policies: Vec<PolicyId>,
+    /// The endpoint's named ports, when the policies resolve ingress named ports against
+    /// it; else empty.
+    own_ports: Vec<NamedPort>,
+    quarantined: bool,
+}
+
+struct ProfileEntry {
+    key: ProfileKey,
+    counts: HashMap<Allow, u32>,
+    /// Endpoint directions naming it.
+    users: u32,
 }
 
 /// What the claims on an address come to on this node (see [`Claim`]).
@@ -149,8 +176,13 @@ enum Resolution {
 #[derive(Default)]
 struct DiffBuilder {
     endpoints: HashMap<IpAddr, Option<ObjectKey>>,
-    allows: HashMap<(IpAddr, Direction, Allow), bool>,
-    isolation: HashMap<(IpAddr, Direction), bool>,
+    /// Entries of profiles, whether each was there before the event.
+    allows: HashMap<(ProfileId, Allow), bool>,
+    /// The profile of each endpoint direction before the event.
+    isolation: HashMap<(IpAddr, Direction), Option<ProfileId>>,
+    /// Profiles made in this event, and profiles gone (made before it).
+    created: HashSet<ProfileId>,
+    removed: Vec<ProfileId>,
     identities: HashMap<IpAddr, Option<IdentityId>>,
     /// Peer sets touched: whether each existed before the event.
     sets: HashMap<SelectorId, bool>,
@@ -165,33 +197,34 @@ struct DiffBuilder {
     policies: HashMap<ObjectKey, bool>,
     /// Conflicts of the addresses whose claims changed, as they were before the event.
     conflicts: HashMap<IpAddr, Option<Conflict>>,
-    /// The counted entries of endpoints removed during the event, by address, as they were
-    /// at the (first) removal. An entry of such an address that `allows` does not record was
-    /// untouched until then: it is in the plan before the event if and only if it is here.
-    removed_allows: HashMap<IpAddr, [HashMap<Allow, u32>; 2]>,
 }
 
-/// The local endpoints and their counted allow entries: the plan, and what an event did
-/// to it.
+/// The local endpoints, their profiles and the profiles' counted allow entries: the plan,
+/// and what an event did to it.
 #[derive(Default)]
 struct Output {
     endpoints: HashMap<ObjectKey, EndpointEntry>,
     endpoint_at: HashMap<IpAddr, ObjectKey>,
     endpoints_by_ns: HashMap<String, BTreeSet<ObjectKey>>,
     node_ips: BTreeSet<IpAddr>,
+    profiles: HashMap<ProfileId, ProfileEntry>,
+    /// The profile of each key (not of a stale profile's: see the module docs).
+    profile_ids: HashMap<ProfileKey, ProfileId>,
+    /// The (current) profiles whose key holds each policy.
+    profiles_by_policy: HashMap<PolicyId, HashSet<ProfileId>>,
+    next_profile: ProfileId,
+    /// Endpoints whose profiles may change: moved at the end of the event.
+    dirty: HashSet<ObjectKey>,
+    /// Profiles that lost a user during the event: removed at its end if unused.
+    released: Vec<ProfileId>,
     diff: DiffBuilder,
 }
 
 impl Output {
-    fn bump(&mut self, endpoint: &ObjectKey, direction: Direction, allow: Allow, up: bool) {
-        let ep = self.endpoints.get_mut(endpoint).expect("bumped endpoint exists");
-        let counts = &mut ep.counts[di(direction)];
+    fn bump(&mut self, profile: ProfileId, allow: Allow, up: bool) {
+        let counts = &mut self.profiles.get_mut(&profile).expect("bumped profile exists").counts;
         let count = counts.get(&allow).copied().unwrap_or(0);
-        let DiffBuilder { allows, removed_allows, .. } = &mut self.diff;
-        allows.entry((ep.ip, direction, allow.clone())).or_insert_with(|| {
-            count > 0
-                || removed_allows.get(&ep.ip).is_some_and(|r| r[di(direction)].contains_key(&allow))
-        });
+        self.diff.allows.entry((profile, allow.clone())).or_insert(count > 0);
         if up {
             counts.insert(allow, count + 1);
         } else if count <= 1 {
@@ -202,10 +235,44 @@ impl Output {
         }
     }
 
+    /// Records an endpoint direction's profile before the event, at first touch.
     fn touch_isolation(&mut self, endpoint: &ObjectKey, direction: Direction) {
         let ep = &self.endpoints[endpoint];
-        let isolated = ep.isolated(direction);
-        self.diff.isolation.entry((ep.ip, direction)).or_insert(isolated);
+        let profile = ep.profiles[di(direction)];
+        self.diff.isolation.entry((ep.ip, direction)).or_insert(profile);
+    }
+
+    /// The profiles whose key holds policy `pid` for direction `d`.
+    fn profiles_of(&self, pid: PolicyId, d: Direction) -> Vec<ProfileId> {
+        self.profiles_by_policy
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|p| self.profiles[p].key.direction == d)
+            .collect()
+    }
+
+    /// One endpoint direction stops naming `p`.
+    fn release(&mut self, p: ProfileId) {
+        self.profiles.get_mut(&p).expect("released profile").users -= 1;
+        self.released.push(p);
+    }
+
+    /// A profile stops being its key's (see the module docs).
+    fn stale(&mut self, p: ProfileId) {
+        let key = &self.profiles[&p].key;
+        if self.profile_ids.get(key) == Some(&p) {
+            self.profile_ids.remove(key);
+        }
+        for pid in &key.policies {
+            if let Some(ps) = self.profiles_by_policy.get_mut(pid) {
+                ps.remove(&p);
+                if ps.is_empty() {
+                    self.profiles_by_policy.remove(pid);
+                }
+            }
+        }
     }
 }
 
@@ -221,27 +288,30 @@ enum Stage {
     Sets,
     /// New (or retargeted) endpoints.
     Endpoints,
-    /// Entries of endpoint directions not isolated before (they admit everything anyway), and
-    /// members joining existing sets (no address has a new identity yet).
+    /// New profiles with their entries (no endpoint names them yet), and members joining
+    /// existing sets (no address has a new identity yet).
     QuietAdds,
     /// Addresses that become pods.
     IdentifyNew,
-    Isolate,
-    /// Entries of endpoint directions already isolated.
+    /// Entries of profiles in use.
     WideningAdds,
     /// Addresses whose identity switches (atomically, for each).
     Identify,
+    /// Endpoint directions isolated, or moved to another profile (atomically, for each):
+    /// after every identity switch, since a new profile's entries name peers by their new
+    /// identities. (Until then an old profile holds entries for both: it follows membership
+    /// changes as they happen.)
+    Switch,
     /// Isolation lifted, and endpoints that go unenforced: an endpoint that goes (its pod
     /// gone, or its address now another node's pod's) admits everything in the new plan, so
     /// it is removed before any address loses its identity: it never refuses what it admitted
     /// and still admits.
     Unisolate,
-    /// Entries removed (from isolated directions, or quietly), members leaving sets, node
-    /// addresses gone.
+    /// Entries removed from profiles, members leaving sets, node addresses gone.
     Removes,
     /// Addresses no longer a pod's.
     Unidentify,
-    /// Peer sets gone, conflicts ended.
+    /// Profiles and peer sets gone, conflicts ended.
     Unset,
 }
 
@@ -341,8 +411,7 @@ impl Engine {
                 let key = policy.key.clone();
                 if self.state.policies.get(&key) != Some(&policy) {
                     self.touch_policy(&key);
-                    self.remove_policy(&key);
-                    self.add_policy(policy.clone());
+                    self.replace_policy(policy.clone());
                     self.state.policies.insert(key, policy);
                 }
             }
@@ -393,13 +462,12 @@ impl Engine {
                 plan.conflicts.insert(*ip, c);
             }
         }
+        for (id, p) in &self.out.profiles {
+            let allow = p.counts.keys().cloned().collect();
+            plan.profiles.insert(*id, Profile { direction: p.key.direction, allow });
+        }
         for (key, ep) in &self.out.endpoints {
-            let mut p = EndpointPlan::new(key.clone());
-            for d in Direction::BOTH {
-                let dp = p.direction_mut(d);
-                dp.isolated = ep.isolated(d);
-                dp.allow = ep.counts[di(d)].keys().cloned().collect();
-            }
+            let p = EndpointPlan { pod: key.clone(), profiles: ep.profiles };
             plan.endpoints.insert(ep.ip, p);
         }
         plan
@@ -413,12 +481,8 @@ impl Engine {
             identities: self.idx.identities.len(),
             materialized_selectors: self.idx.selectors.len() - self.idx.dormant.len(),
             endpoints: self.out.endpoints.len(),
-            allow_entries: self
-                .out
-                .endpoints
-                .values()
-                .map(|e| e.counts[0].len() + e.counts[1].len())
-                .sum(),
+            profiles: self.out.profiles.len(),
+            allow_entries: self.out.profiles.values().map(|p| p.counts.len()).sum(),
         }
     }
 
@@ -703,21 +767,14 @@ impl Engine {
         for t in &idx.selectors[&sel].users {
             let policy = &idx.policies[&t.policy];
             let term = &policy.terms[di(t.direction)][t.term];
+            // (Per-peer ports are egress named ports: they resolve against the peer alone.)
             if !term.ports.iter().any(|p| p.per_peer(t.direction)) {
                 continue;
             }
-            for ep in &policy.endpoints {
-                let ep_ports = out.endpoints[ep].named_ports.clone();
+            for prof in out.profiles_of(t.policy, t.direction) {
                 for port in term.ports.iter().filter(|p| p.per_peer(t.direction)) {
-                    if let Some(ports) =
-                        port.resolve(resolution_ports(t.direction, &ep_ports, peer_ports))
-                    {
-                        out.bump(
-                            ep,
-                            t.direction,
-                            Allow { peer: PeerMatch::Identity(id), ports },
-                            up,
-                        );
+                    if let Some(ports) = port.resolve(peer_ports) {
+                        out.bump(prof, Allow { peer: PeerMatch::Identity(id), ports }, up);
                     }
                 }
             }
@@ -733,15 +790,10 @@ impl Engine {
             }
             let policy = &idx.policies[&t.policy];
             let term = &policy.terms[di(t.direction)][t.term];
-            for ep in &policy.endpoints {
+            for prof in out.profiles_of(t.policy, t.direction) {
                 for port in &term.ports {
                     if let Some(ports) = port.resolve(peer_ports) {
-                        out.bump(
-                            ep,
-                            t.direction,
-                            Allow { peer: PeerMatch::Cidr(host_block(ip)), ports },
-                            up,
-                        );
+                        out.bump(prof, Allow { peer: PeerMatch::Cidr(host_block(ip)), ports }, up);
                     }
                 }
             }
@@ -758,14 +810,12 @@ impl Engine {
             ip,
             named_ports: Vec::new(),
             policies: Default::default(),
-            counts: Default::default(),
+            profiles: Default::default(),
             quarantined: true,
         };
         self.out.endpoints.insert(key.clone(), entry);
         self.out.endpoint_at.insert(ip, key.clone());
-        for d in Direction::BOTH {
-            self.out.diff.isolation.entry((ip, d)).or_insert(false);
-        }
+        self.out.dirty.insert(key.clone());
     }
 
     fn add_endpoint(&mut self, pod: &Pod, ip: IpAddr) {
@@ -776,11 +826,12 @@ impl Engine {
                 ip,
                 named_ports: pod.named_ports.to_vec(),
                 policies: Default::default(),
-                counts: Default::default(),
+                profiles: Default::default(),
                 quarantined: false,
             },
         );
         self.out.endpoint_at.insert(ip, pod.key.clone());
+        self.out.dirty.insert(pod.key.clone());
         self.out
             .endpoints_by_ns
             .entry(pod.key.namespace.clone())
@@ -802,28 +853,20 @@ impl Engine {
 
     fn remove_endpoint(&mut self, key: &ObjectKey) {
         let ip = self.out.endpoints[key].ip;
-        if self.out.endpoints[key].quarantined {
-            for d in Direction::BOTH {
-                self.out.touch_isolation(key, d);
+        self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
+        for d in Direction::BOTH {
+            self.out.touch_isolation(key, d);
+            if let Some(p) = self.out.endpoints[key].profiles[di(d)] {
+                self.out.release(p);
             }
         }
-        self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
-        // The endpoint's entries go with it. Rather than un-count every expansion of every
-        // policy (as many hash updates as the endpoint has expansions, for a diff that is just
-        // the removal), keep its counts aside: should the address be an endpoint again by the
-        // end of the event, they say which entries it had before (see `DiffBuilder`).
-        let Output { endpoints, diff, .. } = &mut self.out;
-        let ep = endpoints.get_mut(key).expect("endpoint exists");
-        let counts = std::mem::take(&mut ep.counts);
-        // A second removal in the same event keeps the first snapshot: the entries counted
-        // since the first were all touched, so their state before the event is recorded.
-        diff.removed_allows.entry(ip).or_insert(counts);
+        let ep = &self.out.endpoints[key];
         let policies: BTreeSet<PolicyId> = ep.policies[0].union(&ep.policies[1]).copied().collect();
         for p in policies {
-            self.detach(p, key, false);
+            self.detach(p, key);
         }
         let ep = self.out.endpoints.remove(key).expect("endpoint exists");
-        debug_assert!(ep.counts.iter().all(|c| c.is_empty()), "endpoint removed with allows left");
+        self.out.dirty.remove(key);
         self.out.endpoint_at.remove(&ep.ip);
         if ep.quarantined {
             return;
@@ -836,35 +879,31 @@ impl Engine {
         }
     }
 
-    /// Policy `pid` starts selecting endpoint `ep`.
+    /// Policy `pid` starts selecting endpoint `ep` (which moves to its new profiles at the
+    /// end of the event).
     fn attach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+        if Direction::BOTH.iter().all(|d| self.idx.policies[&pid].policy.rules(*d).is_none()) {
+            // (It isolates nothing: nothing to evaluate.)
+            return;
+        }
         if self.idx.policies[&pid].endpoints.is_empty() {
             self.materialize(pid);
         }
         self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
         for d in Direction::BOTH {
-            if self.idx.policies[&pid].policy.rules(d).is_none() {
-                continue;
+            if self.idx.policies[&pid].policy.rules(d).is_some() {
+                self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].insert(pid);
             }
-            self.out.touch_isolation(ep, d);
-            self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].insert(pid);
-            self.contribute(pid, d, ep, true);
         }
+        self.out.dirty.insert(ep.clone());
     }
 
-    /// Policy `pid` stops selecting endpoint `ep`; its expansions are un-counted when
-    /// `uncount` (not when the endpoint is going away with its counts).
-    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey, uncount: bool) {
+    /// Policy `pid` stops selecting endpoint `ep`.
+    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
         for d in Direction::BOTH {
-            if self.idx.policies[&pid].policy.rules(d).is_none() {
-                continue;
-            }
-            if uncount {
-                self.contribute(pid, d, ep, false);
-            }
-            self.out.touch_isolation(ep, d);
             self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].remove(&pid);
         }
+        self.out.dirty.insert(ep.clone());
         let entry = self.idx.policies.get_mut(&pid).expect("policy");
         entry.endpoints.remove(ep);
         if entry.endpoints.is_empty() {
@@ -872,16 +911,56 @@ impl Engine {
         }
     }
 
-    /// Adds (or removes) every expansion of one direction of a policy for one endpoint.
-    fn contribute(&mut self, pid: PolicyId, d: Direction, ep: &ObjectKey, up: bool) {
+    /// The profile key of one direction of an endpoint, when it is isolated.
+    fn profile_key(&self, ep: &EndpointEntry, d: Direction) -> Option<ProfileKey> {
+        if !ep.isolated(d) {
+            return None;
+        }
+        let policies: Vec<PolicyId> = ep.policies[di(d)].iter().copied().collect();
+        let own = d == Direction::Ingress
+            && policies.iter().any(|p| {
+                self.idx.policies[p].terms[di(d)]
+                    .iter()
+                    .any(|t| t.ports.iter().any(PortSel::is_named))
+            });
+        Some(ProfileKey {
+            direction: d,
+            policies,
+            own_ports: if own { ep.named_ports.clone() } else { Vec::new() },
+            quarantined: ep.quarantined,
+        })
+    }
+
+    /// The profile of `key`, made (with every expansion of its policies) if there is none.
+    fn profile_for(&mut self, key: ProfileKey) -> ProfileId {
+        if let Some(&p) = self.out.profile_ids.get(&key) {
+            return p;
+        }
+        self.out.next_profile += 1;
+        let p = self.out.next_profile;
+        for pid in &key.policies {
+            self.out.profiles_by_policy.entry(*pid).or_default().insert(p);
+        }
+        self.out.profile_ids.insert(key.clone(), p);
+        let entry = ProfileEntry { key: key.clone(), counts: HashMap::new(), users: 0 };
+        self.out.profiles.insert(p, entry);
+        self.out.diff.created.insert(p);
+        for pid in key.policies {
+            self.contribute(pid, key.direction, p, true);
+        }
+        p
+    }
+
+    /// Adds (or removes) every expansion of one direction of a policy to one profile.
+    fn contribute(&mut self, pid: PolicyId, d: Direction, prof: ProfileId, up: bool) {
         let Self { idx, out, state, .. } = self;
         let policy = &idx.policies[&pid];
-        let ep_ports = out.endpoints[ep].named_ports.clone();
+        let ep_ports = out.profiles[&prof].key.own_ports.clone();
         for (ti, term) in policy.terms[di(d)].iter().enumerate() {
             let add = |out: &mut Output, peer: PeerMatch, peer_ports: &[NamedPort]| {
                 for port in &term.ports {
                     if let Some(ports) = port.resolve(resolution_ports(d, &ep_ports, peer_ports)) {
-                        out.bump(ep, d, Allow { peer: peer.clone(), ports }, up);
+                        out.bump(prof, Allow { peer: peer.clone(), ports }, up);
                     }
                 }
             };
@@ -893,7 +972,7 @@ impl Engine {
                         policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
                     for port in term.ports.iter().filter(|p| !p.per_peer(d)) {
                         if let Some(ports) = port.resolve(&ep_ports) {
-                            out.bump(ep, d, Allow { peer: PeerMatch::Set(sel), ports }, up);
+                            out.bump(prof, Allow { peer: PeerMatch::Set(sel), ports }, up);
                         }
                     }
                     if term.ports.iter().any(|p| p.per_peer(d)) {
@@ -902,8 +981,7 @@ impl Engine {
                             for port in term.ports.iter().filter(|p| p.per_peer(d)) {
                                 if let Some(ports) = port.resolve(peer_ports) {
                                     out.bump(
-                                        ep,
-                                        d,
+                                        prof,
                                         Allow { peer: PeerMatch::Identity(*id), ports },
                                         up,
                                     );
@@ -925,11 +1003,114 @@ impl Engine {
         }
     }
 
+    /// Moves every user of profile `old` to a new copy of it (see [`Self::move_endpoints`]).
+    fn replace_profile(&mut self, old: ProfileId) {
+        let (key, counts) = {
+            let e = &self.out.profiles[&old];
+            (e.key.clone(), e.counts.clone())
+        };
+        self.out.stale(old);
+        self.out.next_profile += 1;
+        let p = self.out.next_profile;
+        for pid in &key.policies {
+            self.out.profiles_by_policy.entry(*pid).or_default().insert(p);
+        }
+        self.out.profile_ids.insert(key.clone(), p);
+        self.out.profiles.insert(p, ProfileEntry { key, counts, users: 0 });
+        self.out.diff.created.insert(p);
+        let users: Vec<(ObjectKey, Direction)> = self
+            .out
+            .endpoints
+            .iter()
+            .flat_map(|(k, e)| {
+                Direction::BOTH
+                    .into_iter()
+                    .filter(|d| e.profiles[di(*d)] == Some(old))
+                    .map(|d| (k.clone(), d))
+            })
+            .collect();
+        for (k, d) in users {
+            self.out.touch_isolation(&k, d);
+            self.out.release(old);
+            self.out.profiles.get_mut(&p).expect("profile").users += 1;
+            self.out.endpoints.get_mut(&k).expect("endpoint").profiles[di(d)] = Some(p);
+        }
+    }
+
+    /// Moves every endpoint touched by the event to the profiles of its keys, and drops the
+    /// profiles left unused.
+    ///
+    /// A profile edited in place is make-before-break for the endpoints that stay on it
+    /// (its additions come before its removals), and a move between two profiles is atomic;
+    /// but an endpoint moving onto (or off) a profile that is also being edited would see the
+    /// edits that are neither its old entries nor its new ones. Such a profile is replaced:
+    /// its users move, with the others, to a copy of its new entries.
+    fn move_endpoints(&mut self) {
+        let mut dirty: Vec<ObjectKey> = std::mem::take(&mut self.out.dirty).into_iter().collect();
+        dirty.sort();
+        let mut joined: HashSet<ProfileId> = HashSet::new();
+        for key in dirty {
+            for d in Direction::BOTH {
+                let Some(ep) = self.out.endpoints.get(&key) else { break };
+                let new = self.profile_key(ep, d).map(|k| self.profile_for(k));
+                let old = self.out.endpoints[&key].profiles[di(d)];
+                if new == old {
+                    continue;
+                }
+                self.out.touch_isolation(&key, d);
+                if let Some(p) = old {
+                    self.out.release(p);
+                }
+                if let Some(p) = new {
+                    self.out.profiles.get_mut(&p).expect("profile").users += 1;
+                    joined.insert(p);
+                }
+                self.out.endpoints.get_mut(&key).expect("endpoint").profiles[di(d)] = new;
+            }
+        }
+        let edited: HashSet<ProfileId> = self
+            .out
+            .diff
+            .allows
+            .iter()
+            .filter(|((p, a), before)| {
+                self.out.profiles.get(p).is_some_and(|e| e.counts.contains_key(a) != **before)
+            })
+            .map(|((p, _), _)| *p)
+            .collect();
+        let mut replaced: Vec<ProfileId> = joined
+            .into_iter()
+            .chain(self.out.released.iter().copied())
+            .filter(|p| {
+                edited.contains(p)
+                    && !self.out.diff.created.contains(p)
+                    && self.out.profiles.get(p).is_some_and(|e| e.users > 0)
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        replaced.sort_unstable();
+        for p in replaced {
+            self.replace_profile(p);
+        }
+        for p in std::mem::take(&mut self.out.released) {
+            if self.out.profiles.get(&p).is_some_and(|e| e.users == 0) {
+                self.out.stale(p);
+                self.out.profiles.remove(&p);
+                debug_assert!(!self.out.diff.created.contains(&p), "a new profile without users");
+                self.out.diff.removed.push(p);
+            }
+        }
+    }
+
     // ---- policies ----
 
-    fn add_policy(&mut self, policy: Policy) {
-        let pid = self.idx.next_policy;
-        self.idx.next_policy += 1;
+    /// A new (or, with `number`, an updated) policy.
+    fn add_policy(&mut self, policy: Policy, number: Option<PolicyId>) {
+        let pid = number.unwrap_or_else(|| {
+            self.idx.next_policy += 1;
+            self.idx.next_policy
+        });
         let terms = Direction::BOTH.map(|d| {
             policy
                 .rules(d)
@@ -964,11 +1145,39 @@ impl Engine {
         }
     }
 
+    /// An updated policy keeps its number, so the profiles of its endpoints keep their keys:
+    /// they lose the old expansions and gain the new ones, and a policy update changes the
+    /// entries it changes, not all of them.
+    fn replace_policy(&mut self, policy: Policy) {
+        let Some(&pid) = self.idx.policy_ids.get(&policy.key) else {
+            return self.add_policy(policy, None);
+        };
+        let profiles: Vec<ProfileId> =
+            self.out.profiles_by_policy.remove(&pid).into_iter().flatten().collect();
+        for &p in &profiles {
+            let d = self.out.profiles[&p].key.direction;
+            self.contribute(pid, d, p, false);
+        }
+        self.remove_policy(&policy.key);
+        self.add_policy(policy, Some(pid));
+        let evaluated = !self.idx.policies[&pid].endpoints.is_empty();
+        for p in profiles {
+            if evaluated {
+                self.out.profiles_by_policy.entry(pid).or_default().insert(p);
+                let d = self.out.profiles[&p].key.direction;
+                self.contribute(pid, d, p, true);
+            } else {
+                // No endpoint of it is left: it goes at the end of the event.
+                self.out.stale(p);
+            }
+        }
+    }
+
     fn remove_policy(&mut self, key: &ObjectKey) {
         let Some(pid) = self.idx.policy_ids.remove(key) else { return };
         let endpoints: Vec<ObjectKey> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
         for ep in endpoints {
-            self.detach(pid, &ep, true);
+            self.detach(pid, &ep);
         }
         self.idx.policies.remove(&pid);
         if let Some(set) = self.idx.policies_by_ns.get_mut(&key.namespace) {
@@ -1003,7 +1212,14 @@ impl Engine {
         }
     }
 
+    /// Stops evaluating the selectors of a policy that selects no local endpoint any more;
+    /// its profiles go stale (see the module docs).
     fn dematerialize(&mut self, pid: PolicyId) {
+        let profiles: Vec<ProfileId> =
+            self.out.profiles_by_policy.get(&pid).into_iter().flatten().copied().collect();
+        for p in profiles {
+            self.out.stale(p);
+        }
         for d in Direction::BOTH {
             let sels = std::mem::take(
                 &mut self.idx.policies.get_mut(&pid).expect("policy").term_selectors[di(d)],
@@ -1154,7 +1370,8 @@ impl Engine {
                 self.release_selector(sel);
             }
         }
-        let mut diff = std::mem::take(&mut self.out.diff);
+        self.move_endpoints();
+        let diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(Stage, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
         // gone get nothing but their removal.
@@ -1175,62 +1392,58 @@ impl Engine {
                     gone.insert(*ip);
                     changes.push((Stage::Unisolate, Change::RemoveEndpoint { ip: *ip }));
                 }
-                // The address passed to another pod: its entries change by their net diff.
+                // The address passed to another pod: its profiles change as they change.
                 (Some(a), Some(b)) if a != b => changes
                     .push((Stage::Endpoints, Change::RetargetEndpoint { ip: *ip, pod: b.clone() })),
                 (Some(_), Some(_)) => {}
             }
         }
-        // Endpoints removed and back by the end of the event: the entries they had and that
-        // were not touched since are gone unless counted again.
-        for (ip, removed) in std::mem::take(&mut diff.removed_allows) {
-            if gone.contains(&ip) {
-                continue;
-            }
-            for d in Direction::BOTH {
-                for allow in removed[di(d)].keys() {
-                    diff.allows.entry((ip, d, allow.clone())).or_insert(true);
-                }
-            }
+        // Profiles made in the event, whole (no endpoint names them before `Switch`); gone,
+        // whole (no endpoint names them after `Unisolate`).
+        let mut created: Vec<ProfileId> = diff.created.iter().copied().collect();
+        created.sort_unstable();
+        for p in created {
+            let Some(prof) = self.out.profiles.get(&p) else { continue };
+            changes.push((
+                Stage::QuietAdds,
+                Change::AddProfile { profile: p, direction: prof.key.direction },
+            ));
+            changes.extend(
+                prof.counts
+                    .keys()
+                    .map(|a| (Stage::QuietAdds, Change::AddAllow { profile: p, allow: a.clone() })),
+            );
         }
-        let current = |ip: &IpAddr| self.out.endpoint_at.get(ip).map(|k| &self.out.endpoints[k]);
-        let isolated_now = |ip: &IpAddr, d: Direction| current(ip).is_some_and(|ep| ep.isolated(d));
-        let isolated_before = |ip: &IpAddr, d: Direction| {
-            !fresh.contains(ip)
-                && diff.isolation.get(&(*ip, d)).copied().unwrap_or_else(|| isolated_now(ip, d))
-        };
+        changes.extend(
+            diff.removed.iter().map(|p| (Stage::Unset, Change::RemoveProfile { profile: *p })),
+        );
         for ((ip, d), before) in &diff.isolation {
-            let after = isolated_now(ip, *d);
-            if fresh.contains(ip) {
-                if after {
-                    changes.push((
-                        Stage::Isolate,
-                        Change::SetIsolation { ip: *ip, direction: *d, isolated: true },
-                    ));
-                }
-            } else if !gone.contains(ip) && *before != after {
-                let stage = if after { Stage::Isolate } else { Stage::Unisolate };
-                changes.push((
-                    stage,
-                    Change::SetIsolation { ip: *ip, direction: *d, isolated: after },
-                ));
-            }
-        }
-        for ((ip, d, allow), before) in diff.allows {
-            if gone.contains(&ip) {
+            if gone.contains(ip) {
                 continue;
             }
-            let after = current(&ip).is_some_and(|ep| ep.counts[di(d)].contains_key(&allow));
-            let before = before && !fresh.contains(&ip);
+            let after =
+                self.out.endpoint_at.get(ip).and_then(|k| self.out.endpoints[k].profiles[di(*d)]);
+            let before = if fresh.contains(ip) { None } else { *before };
+            if before != after {
+                let stage = if after.is_some() { Stage::Switch } else { Stage::Unisolate };
+                changes
+                    .push((stage, Change::SetProfile { ip: *ip, direction: *d, profile: after }));
+            }
+        }
+        // Entries of profiles kept through the event: their net change.
+        for ((p, allow), before) in diff.allows {
+            if diff.created.contains(&p) {
+                continue;
+            }
+            let Some(prof) = self.out.profiles.get(&p) else { continue };
+            let after = prof.counts.contains_key(&allow);
             if before == after {
                 continue;
             }
             if after {
-                let stage =
-                    if isolated_before(&ip, d) { Stage::WideningAdds } else { Stage::QuietAdds };
-                changes.push((stage, Change::AddAllow { ip, direction: d, allow }));
+                changes.push((Stage::WideningAdds, Change::AddAllow { profile: p, allow }));
             } else {
-                changes.push((Stage::Removes, Change::RemoveAllow { ip, direction: d, allow }));
+                changes.push((Stage::Removes, Change::RemoveAllow { profile: p, allow }));
             }
         }
         let mut quarantine: Vec<(IpAddr, bool)> = Vec::new();
@@ -1336,5 +1549,7 @@ pub struct EngineStats {
     pub identities: usize,
     pub materialized_selectors: usize,
     pub endpoints: usize,
+    /// Profiles, and the allow entries they hold (each once, however many endpoints name it).
+    pub profiles: usize,
     pub allow_entries: usize,
 }

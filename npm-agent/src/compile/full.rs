@@ -1,14 +1,14 @@
 //! Compiling a whole cluster state in one pass.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use super::layout::{LayoutCompiler, LayoutInput};
 use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
-use crate::model::{Direction, Pod};
+use crate::model::{Direction, NamedPort, ObjectKey, Pod, Policy, PortSpec};
 use crate::plan::{
     Allow, EndpointPlan, IdentityId, IdentityKey, Layout, PeerMatch, PeerSelector, PeerSet, Plan,
-    SetId,
+    Profile, ProfileId, SetId,
 };
 use crate::state::{Claim, ClusterState};
 
@@ -57,75 +57,88 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     let key_of: HashMap<IdentityId, &IdentityKey> =
         identities.iter().map(|(id, k)| (*id, *k)).collect();
 
+    // Profiles, numbered from 1 in the order endpoints first need them: one for each
+    // direction and selecting policies (and the endpoint's own named ports, when those
+    // policies resolve ingress named ports against it), as the engine shares them.
+    let mut profile_ids: HashMap<ProfileKey, ProfileId> = HashMap::new();
     for (ip, pod) in &owners {
         if !scope.is_local(pod) {
             continue;
         }
         let mut ep = EndpointPlan::new(pod.key.clone());
-        for policy in state.policies_in(&pod.key.namespace) {
-            if !policy.pod_selector.matches(&pod.labels) {
+        for direction in Direction::BOTH {
+            let policies: Vec<&Policy> = state
+                .policies_in(&pod.key.namespace)
+                .filter(|p| p.pod_selector.matches(&pod.labels) && p.rules(direction).is_some())
+                .collect();
+            if policies.is_empty() {
                 continue;
             }
-            for direction in Direction::BOTH {
-                let Some(rules) = policy.rules(direction) else { continue };
-                ep.direction_mut(direction).isolated = true;
-                for rule in rules {
-                    for term in rule_terms(rule, direction) {
-                        let add =
-                            |dp: &mut crate::plan::DirectionPlan,
-                             peer: PeerMatch,
-                             peer_ports: &[crate::model::NamedPort]| {
-                                for port in &term.ports {
-                                    let named =
-                                        resolution_ports(direction, &pod.named_ports, peer_ports);
-                                    if let Some(ports) = port.resolve(named) {
-                                        dp.allow.insert(Allow { peer: peer.clone(), ports });
-                                    }
-                                }
-                            };
-                        match &term.peer {
-                            TermPeer::Any => add(ep.direction_mut(direction), PeerMatch::Any, &[]),
-                            TermPeer::Block(b) => {
-                                add(ep.direction_mut(direction), PeerMatch::Cidr(b.clone()), &[])
-                            }
-                            TermPeer::Pods(sel) => {
-                                // One entry for the set per port, but egress named ports per
-                                // member, each resolved against that member's ports.
-                                let (set, members) = selector_set(sel, &mut plan);
-                                let dp = ep.direction_mut(direction);
-                                for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
-                                    if let Some(ports) = port.resolve(&pod.named_ports) {
-                                        dp.allow.insert(Allow { peer: PeerMatch::Set(set), ports });
-                                    }
-                                }
-                                for id in members {
-                                    for port in term.ports.iter().filter(|p| p.per_peer(direction))
-                                    {
-                                        if let Some(ports) = port.resolve(&key_of[&id].named_ports)
-                                        {
-                                            dp.allow.insert(Allow {
-                                                peer: PeerMatch::Identity(id),
-                                                ports,
-                                            });
-                                        }
-                                    }
+            let own = direction == Direction::Ingress
+                && policies
+                    .iter()
+                    .flat_map(|p| p.rules(direction).unwrap_or_default())
+                    .any(|r| r.ports.iter().any(|port| matches!(port, PortSpec::Named { .. })));
+            let own_ports: Vec<NamedPort> = if own { pod.named_ports.to_vec() } else { Vec::new() };
+            let key = ProfileKey {
+                direction,
+                policies: policies.iter().map(|p| p.key.clone()).collect(),
+                own_ports,
+                quarantined: false,
+            };
+            if let Some(id) = profile_ids.get(&key) {
+                ep.profiles[direction as usize] = Some(*id);
+                continue;
+            }
+            let mut allow: HashSet<Allow> = HashSet::new();
+            for rule in policies.iter().flat_map(|p| p.rules(direction).unwrap_or_default()) {
+                for term in rule_terms(rule, direction) {
+                    let add =
+                        |allow: &mut HashSet<Allow>, peer: PeerMatch, peer_ports: &[NamedPort]| {
+                            for port in &term.ports {
+                                let named = resolution_ports(direction, &key.own_ports, peer_ports);
+                                if let Some(ports) = port.resolve(named) {
+                                    allow.insert(Allow { peer: peer.clone(), ports });
                                 }
                             }
-                            TermPeer::PodsInBlock(b) => {
-                                for (peer_ip, peer) in &owners {
-                                    if b.contains(*peer_ip) {
-                                        add(
-                                            ep.direction_mut(direction),
-                                            PeerMatch::Cidr(host_block(*peer_ip)),
-                                            &peer.named_ports,
-                                        );
+                        };
+                    match &term.peer {
+                        TermPeer::Any => add(&mut allow, PeerMatch::Any, &[]),
+                        TermPeer::Block(b) => add(&mut allow, PeerMatch::Cidr(b.clone()), &[]),
+                        TermPeer::Pods(sel) => {
+                            // One entry for the set per port, but egress named ports per
+                            // member, each resolved against that member's ports.
+                            let (set, members) = selector_set(sel, &mut plan);
+                            for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
+                                if let Some(ports) = port.resolve(&key.own_ports) {
+                                    allow.insert(Allow { peer: PeerMatch::Set(set), ports });
+                                }
+                            }
+                            for id in members {
+                                for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
+                                    if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
+                                        allow
+                                            .insert(Allow { peer: PeerMatch::Identity(id), ports });
                                     }
+                                }
+                            }
+                        }
+                        TermPeer::PodsInBlock(b) => {
+                            for (peer_ip, peer) in &owners {
+                                if b.contains(*peer_ip) {
+                                    add(
+                                        &mut allow,
+                                        PeerMatch::Cidr(host_block(*peer_ip)),
+                                        &peer.named_ports,
+                                    );
                                 }
                             }
                         }
                     }
                 }
             }
+            let id = new_profile(&mut plan, &mut profile_ids, key, allow);
+            ep.profiles[direction as usize] = Some(id);
         }
         plan.endpoints.insert(*ip, ep);
     }
@@ -136,8 +149,19 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
         if quarantined {
             let pod = claimants[ip].iter().find(|p| scope.is_local(p)).expect("local claimants");
             let mut ep = EndpointPlan::new(pod.key.clone());
-            ep.ingress.isolated = true;
-            ep.egress.isolated = true;
+            for direction in Direction::BOTH {
+                let key = ProfileKey {
+                    direction,
+                    policies: Vec::new(),
+                    own_ports: Vec::new(),
+                    quarantined: true,
+                };
+                let id = match profile_ids.get(&key) {
+                    Some(id) => *id,
+                    None => new_profile(&mut plan, &mut profile_ids, key, HashSet::new()),
+                };
+                ep.profiles[direction as usize] = Some(id);
+            }
             plan.endpoints.insert(*ip, ep);
         }
         if let Some(conflict) = conflict_of(&claimants[ip], quarantined) {
@@ -149,6 +173,27 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     }
     plan.layout = layout(state, &plan, &identities);
     plan
+}
+
+/// What makes endpoint directions share a profile (as the engine's key, by policy name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ProfileKey {
+    direction: Direction,
+    policies: Vec<ObjectKey>,
+    own_ports: Vec<NamedPort>,
+    quarantined: bool,
+}
+
+fn new_profile(
+    plan: &mut Plan,
+    ids: &mut HashMap<ProfileKey, ProfileId>,
+    key: ProfileKey,
+    allow: HashSet<Allow>,
+) -> ProfileId {
+    let id = ids.len() as ProfileId + 1;
+    plan.profiles.insert(id, Profile { direction: key.direction, allow });
+    ids.insert(key, id);
+    id
 }
 
 /// The Azure NPM layout of `state` (cluster-wide: it follows every pod and policy).

@@ -2,7 +2,11 @@
 //! move a dataplane from one plan to the next.
 //!
 //! For each local endpoint (pod address) and direction the plan says whether the endpoint
-//! is isolated and which (peer, ports) pairs are allowed. Peers are peer sets (the
+//! is isolated and, if it is, which profile holds its (peer, ports) allow entries. A
+//! profile is shared by every endpoint direction that the same policies select (the
+//! replicas of a deployment, or every pod of a namespace under one default policy), so the
+//! plan, its diffs and the dataplanes hold a policy's entries once per profile, not once
+//! per pod: a new replica costs one change, however large its policies. Peers are peer sets (the
 //! identities a selector matches, kept once per node as ipsets are), single identities
 //! (groups of pods that no selector can tell apart), CIDR blocks, or anyone. Pod addresses
 //! map to identities cluster-wide, since peers may live on any node.
@@ -158,16 +162,30 @@ impl fmt::Display for Allow {
     }
 }
 
-/// One direction of one endpoint.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct DirectionPlan {
-    /// Whether any policy selects the endpoint for this direction. When false, everything
-    /// is allowed and `allow` is empty.
-    pub isolated: bool,
+/// A profile's number, unique while the compiler runs (never reused). Never 0.
+pub type ProfileId = u32;
+
+/// The allow entries of isolated endpoint directions that the same policies select.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    /// Whether peers are sources (ingress) or destinations (egress).
+    pub direction: Direction,
     pub allow: HashSet<Allow>,
 }
 
-impl DirectionPlan {
+/// No entries: what an endpoint direction without a profile holds.
+static NO_ENTRIES: std::sync::LazyLock<HashSet<Allow>> = std::sync::LazyLock::new(HashSet::new);
+
+/// One direction of one endpoint, as the plan enforces it.
+#[derive(Clone, Copy, Debug)]
+pub struct DirectionPlan<'a> {
+    /// Whether any policy selects the endpoint for this direction. When false, everything
+    /// is allowed and `allow` is empty.
+    pub isolated: bool,
+    pub allow: &'a HashSet<Allow>,
+}
+
+impl DirectionPlan<'_> {
     /// Whether the entries admit a packet from (or to) `peer`, whose identity (if it is a
     /// pod) is `identity`, with the plan's peer sets `sets`. A linear scan: dataplanes use
     /// hash lookups, with the same result.
@@ -197,27 +215,21 @@ impl DirectionPlan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointPlan {
     pub pod: ObjectKey,
-    pub ingress: DirectionPlan,
-    pub egress: DirectionPlan,
+    /// The profile of each direction (ingress, egress) that is isolated.
+    pub profiles: [Option<ProfileId>; 2],
 }
 
 impl EndpointPlan {
     pub fn new(pod: ObjectKey) -> Self {
-        Self { pod, ingress: DirectionPlan::default(), egress: DirectionPlan::default() }
+        Self { pod, profiles: [None, None] }
     }
 
-    pub fn direction(&self, d: Direction) -> &DirectionPlan {
-        match d {
-            Direction::Ingress => &self.ingress,
-            Direction::Egress => &self.egress,
-        }
+    pub fn profile(&self, d: Direction) -> Option<ProfileId> {
+        self.profiles[d as usize]
     }
 
-    pub fn direction_mut(&mut self, d: Direction) -> &mut DirectionPlan {
-        match d {
-            Direction::Ingress => &mut self.ingress,
-            Direction::Egress => &mut self.egress,
-        }
+    pub fn isolated(&self, d: Direction) -> bool {
+        self.profile(d).is_some()
     }
 }
 
@@ -241,6 +253,8 @@ pub struct Plan {
     pub sets: HashMap<SetId, PeerSet>,
     /// The local endpoints, by pod address.
     pub endpoints: HashMap<IpAddr, EndpointPlan>,
+    /// The entries of the endpoints' isolated directions.
+    pub profiles: HashMap<ProfileId, Profile>,
     /// The local node's addresses: always allowed to and from local endpoints.
     pub node_ips: BTreeSet<IpAddr>,
     /// Addresses in conflict (for reports; their entries above already fail closed).
@@ -260,13 +274,25 @@ pub struct Connection {
 }
 
 impl Plan {
+    /// One direction of a local endpoint: its profile's entries, when it is isolated (a
+    /// profile the plan lacks admits nothing).
+    pub fn direction(&self, ep: &EndpointPlan, d: Direction) -> DirectionPlan<'_> {
+        match ep.profile(d) {
+            None => DirectionPlan { isolated: false, allow: &NO_ENTRIES },
+            Some(p) => DirectionPlan {
+                isolated: true,
+                allow: self.profiles.get(&p).map_or(&NO_ENTRIES, |p| &p.allow),
+            },
+        }
+    }
+
     /// Whether the plan lets `conn` leave its source (when the source is a local endpoint).
     pub fn allows_egress(&self, conn: &Connection) -> bool {
         match self.endpoints.get(&conn.src) {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.dst)
-                    || ep.egress.admits(
+                    || self.direction(ep, Direction::Egress).admits(
                         &self.sets,
                         conn.dst,
                         self.identities.get(&conn.dst).copied(),
@@ -283,7 +309,7 @@ impl Plan {
             None => true,
             Some(ep) => {
                 self.node_ips.contains(&conn.src)
-                    || ep.ingress.admits(
+                    || self.direction(ep, Direction::Ingress).admits(
                         &self.sets,
                         conn.src,
                         self.identities.get(&conn.src).copied(),
@@ -315,29 +341,45 @@ impl Plan {
                         .remove(ip)
                         .ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
                 }
-                Change::SetIsolation { ip, direction, isolated } => {
-                    let ep = self
-                        .endpoints
-                        .get_mut(ip)
-                        .ok_or_else(|| format!("isolation of absent endpoint {ip}"))?;
-                    ep.direction_mut(*direction).isolated = *isolated;
-                }
-                Change::AddAllow { ip, direction, allow } => {
-                    let ep = self
-                        .endpoints
-                        .get_mut(ip)
-                        .ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
-                    if !ep.direction_mut(*direction).allow.insert(allow.clone()) {
-                        return Err(format!("{ip} {direction}: {allow} added twice"));
+                Change::AddProfile { profile, direction } => {
+                    let new = Profile { direction: *direction, allow: HashSet::new() };
+                    if self.profiles.insert(*profile, new).is_some() {
+                        return Err(format!("profile {profile} added twice"));
                     }
                 }
-                Change::RemoveAllow { ip, direction, allow } => {
+                Change::RemoveProfile { profile } => {
+                    self.profiles
+                        .remove(profile)
+                        .ok_or_else(|| format!("profile {profile} removed but absent"))?;
+                }
+                Change::SetProfile { ip, direction, profile } => {
+                    if let Some(p) = profile
+                        && !self.profiles.contains_key(p)
+                    {
+                        return Err(format!("{ip} {direction}: absent profile {p}"));
+                    }
                     let ep = self
                         .endpoints
                         .get_mut(ip)
-                        .ok_or_else(|| format!("allow on absent endpoint {ip}"))?;
-                    if !ep.direction_mut(*direction).allow.remove(allow) {
-                        return Err(format!("{ip} {direction}: {allow} removed but absent"));
+                        .ok_or_else(|| format!("profile of absent endpoint {ip}"))?;
+                    ep.profiles[*direction as usize] = *profile;
+                }
+                Change::AddAllow { profile, allow } => {
+                    let p = self
+                        .profiles
+                        .get_mut(profile)
+                        .ok_or_else(|| format!("allow on absent profile {profile}"))?;
+                    if !p.allow.insert(allow.clone()) {
+                        return Err(format!("profile {profile}: {allow} added twice"));
+                    }
+                }
+                Change::RemoveAllow { profile, allow } => {
+                    let p = self
+                        .profiles
+                        .get_mut(profile)
+                        .ok_or_else(|| format!("allow on absent profile {profile}"))?;
+                    if !p.allow.remove(allow) {
+                        return Err(format!("profile {profile}: {allow} removed but absent"));
                     }
                 }
                 Change::SetIdentity { ip, identity } => {
@@ -410,24 +452,24 @@ impl Plan {
             changes
                 .extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
         }
-        for (ip, ep) in &self.endpoints {
-            changes.push(Change::AddEndpoint { ip: *ip, pod: ep.pod.clone() });
-            for d in Direction::BOTH {
-                let dp = ep.direction(d);
-                changes.extend(dp.allow.iter().map(|a| Change::AddAllow {
-                    ip: *ip,
-                    direction: d,
-                    allow: a.clone(),
-                }));
-            }
+        for (id, p) in &self.profiles {
+            changes.push(Change::AddProfile { profile: *id, direction: p.direction });
+            changes.extend(
+                p.allow.iter().map(|a| Change::AddAllow { profile: *id, allow: a.clone() }),
+            );
         }
+        changes.extend(
+            self.endpoints
+                .iter()
+                .map(|(ip, ep)| Change::AddEndpoint { ip: *ip, pod: ep.pod.clone() }),
+        );
         changes.extend(
             self.identities.iter().map(|(ip, id)| Change::SetIdentity { ip: *ip, identity: *id }),
         );
         for (ip, ep) in &self.endpoints {
             for d in Direction::BOTH {
-                if ep.direction(d).isolated {
-                    changes.push(Change::SetIsolation { ip: *ip, direction: d, isolated: true });
+                if let Some(p) = ep.profile(d) {
+                    changes.push(Change::SetProfile { ip: *ip, direction: d, profile: Some(p) });
                 }
             }
         }
@@ -450,19 +492,27 @@ pub enum Change {
     RemoveEndpoint {
         ip: IpAddr,
     },
-    SetIsolation {
+    /// A new, empty profile (before any endpoint names it).
+    AddProfile {
+        profile: ProfileId,
+        direction: Direction,
+    },
+    /// A profile no endpoint names any more, with its entries.
+    RemoveProfile {
+        profile: ProfileId,
+    },
+    /// An endpoint direction is isolated with this profile's entries, or (`None`) open.
+    SetProfile {
         ip: IpAddr,
         direction: Direction,
-        isolated: bool,
+        profile: Option<ProfileId>,
     },
     AddAllow {
-        ip: IpAddr,
-        direction: Direction,
+        profile: ProfileId,
         allow: Allow,
     },
     RemoveAllow {
-        ip: IpAddr,
-        direction: Direction,
+        profile: ProfileId,
         allow: Allow,
     },
     SetIdentity {
@@ -508,27 +558,30 @@ pub enum Change {
 
 /// An ordered list of changes, to be applied in order.
 ///
-/// The compiler orders a diff make-before-break for every endpoint and direction: entries
-/// are added before isolation is switched on and before any entry is removed, and isolation
-/// is lifted before entries are removed. So at every prefix of the diff, each endpoint
-/// direction admits everything that both its old and its new state admit, and nothing that
-/// neither admits (a property test checks this change by change). Addresses that become pods
-/// get their identity before any endpoint is isolated, and endpoints becoming isolated are
-/// isolated before any other endpoint's entries widen. New sets come first, with their
-/// members, before entries name them; members join existing sets before anything is
-/// isolated and leave with the restricting removals; sets go last. One exception: an
-/// endpoint whose address passes to another pod in the event (two pods claiming one address
-/// while the first one's deletion is on its way) names the old pod's peer sets and then the
-/// new one's while members join and leave them, so within the diff it may admit a peer that
-/// neither pod's policies admit (never refusing what both admit). Peers whose identity
-/// switches (their labels or named ports changed) are matched by their old or their new
-/// identity, switched atomically in the middle of the diff.
+/// The compiler orders a diff make-before-break for every endpoint and direction: a profile
+/// edited in place gains its entries before it loses any, and keeps the same users all the
+/// while; an endpoint direction that is isolated, or moves to another profile, does so in
+/// one change (`SetProfile`), to a profile that already holds all its entries and is not
+/// edited in the diff; isolation is lifted before entries are removed. So at every prefix of
+/// the diff, each endpoint direction admits everything that both its old and its new state
+/// admit, and nothing that neither admits (a property test checks this change by change).
+/// Addresses that become pods get their identity before any endpoint is isolated. New sets
+/// come first, with their members, before entries name them; members join existing sets
+/// before anything is isolated and leave with the restricting removals; profiles and sets go
+/// last. One exception: an endpoint whose address passes to another pod in the event (two
+/// pods claiming one address while the first one's deletion is on its way) names the old
+/// pod's peer sets and then the new one's while members join and leave them, so within the
+/// diff it may admit a peer that neither pod's policies admit (never refusing what both
+/// admit). Peers whose identity switches (their labels or named ports changed) are matched
+/// by their old or their new identity, switched atomically in the middle of the diff;
+/// endpoints move to new profiles after every switch.
 ///
 /// The layout's changes are a separate list, ordered as [`LayoutChange`] says: a dataplane
 /// renders one list or the other.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
-    /// The entries: endpoints, identities, peer sets, allow entries, node addresses, conflicts.
+    /// The entries: endpoints, profiles and their allow entries, identities, peer sets, node
+    /// addresses, conflicts.
     pub changes: Vec<Change>,
     /// The Azure NPM layout (empty unless the compiler was asked for it).
     pub layout: Vec<LayoutChange>,
@@ -596,7 +649,7 @@ impl Plan {
             .endpoints
             .iter()
             .map(|(ip, ep)| {
-                let dir = |d: &DirectionPlan| {
+                let dir = |d: DirectionPlan| {
                     let mut allows: Vec<_> = d
                         .allow
                         .iter()
@@ -627,7 +680,8 @@ impl Plan {
                     allows.sort();
                     (d.isolated, allows)
                 };
-                (*ip, ep.pod.clone(), [dir(&ep.ingress), dir(&ep.egress)])
+                let [i, e] = Direction::BOTH.map(|d| dir(self.direction(ep, d)));
+                (*ip, ep.pod.clone(), [i, e])
             })
             .collect();
         endpoints.sort();

@@ -333,7 +333,7 @@ pub fn dataplane_admits(
         None => true,
         Some(e) => {
             plan.node_ips.contains(&peer)
-                || e.direction(d).admits(
+                || plan.direction(e, d).admits(
                     &plan.sets,
                     peer,
                     plan.identities.get(&peer).copied(),

@@ -3,14 +3,10 @@
 //!
 //! Encoding (see `npm_common`):
 //! - endpoints: pod address -> isolation flags and, per isolated direction, a profile;
-//! - profiles: the entries of one endpoint direction, shared by every endpoint direction with
-//!   equal entries (replicas, as a rule). Endpoint changes are gathered per run of endpoint
-//!   changes in the diff and then applied per endpoint direction: the profile of its new
-//!   entries is found (by a digest of the entries, then compared), or built in full, or
-//!   (when all its users move to the same new entries and no profile has them) edited in
-//!   place by the entries that changed, additions first; then the endpoint's
-//!   value is written once (isolation and profile together); then what is no longer used
-//!   goes. So an endpoint moves between entries atomically, and replicas cost one copy;
+//! - profiles: the plan's profiles, by their numbers: the entries shared by every endpoint
+//!   direction the same policies select. An endpoint's value (isolation and profile
+//!   together) is written once per change of its profile, so an endpoint moves between
+//!   entries atomically, and replicas cost one copy;
 //! - identities: pod address -> identity (the plan's numbers);
 //! - CIDR trie: every prefix that an ipBlock of a local endpoint names (its cidr and each
 //!   except) -> its own prefix id. A longest-prefix match gives the most specific named
@@ -27,7 +23,6 @@
 //! trie; a prefix no longer named leaves the trie before its entries go.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::BuildHasher as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
@@ -72,80 +67,28 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 }
 
 #[derive(Default)]
-struct EndpointDir {
-    isolated: bool,
-    allows: HashSet<Allow>,
-    /// The sum of the entries' hashes (see [`ContentKey`]), kept as entries come and go.
-    digest: u64,
-    /// Entries added and removed since the last flush (net): what an in-place edit of the
-    /// profile writes, without comparing whole entry sets.
-    added: HashSet<Allow>,
-    removed: HashSet<Allow>,
-    /// The profile the maps hold for this direction (0: none, not isolated).
-    profile: u32,
-}
-
-impl EndpointDir {
-    fn key(&self, dir: Direction) -> Option<ContentKey> {
-        self.isolated.then_some(ContentKey { dir, len: self.allows.len(), digest: self.digest })
-    }
-
-    /// Adds (or removes) an entry, keeping the digest and the net change since the last
-    /// flush; false when the entry was already there (or not there).
-    fn change(&mut self, allow: &Allow, add: bool, hasher: &std::hash::RandomState) -> bool {
-        let changed =
-            if add { self.allows.insert(allow.clone()) } else { self.allows.remove(allow) };
-        if changed {
-            let h = hasher.hash_one(allow);
-            self.digest =
-                if add { self.digest.wrapping_add(h) } else { self.digest.wrapping_sub(h) };
-            let (to, from) = if add {
-                (&mut self.added, &mut self.removed)
-            } else {
-                (&mut self.removed, &mut self.added)
-            };
-            if !from.remove(allow) {
-                to.insert(allow.clone());
-            }
-        }
-        changed
-    }
-}
-
-#[derive(Default)]
 struct Endpoint {
-    pod: Option<ObjectKey>,
-    dirs: [EndpointDir; 2],
+    /// The profile of each direction (0: none, not isolated).
+    profiles: [u32; 2],
 }
 
 impl Endpoint {
     fn info(&self) -> EndpointInfo {
         let mut flags = 0;
-        if self.dirs[0].profile != 0 {
+        if self.profiles[0] != 0 {
             flags |= EP_INGRESS_ISOLATED;
         }
-        if self.dirs[1].profile != 0 {
+        if self.profiles[1] != 0 {
             flags |= EP_EGRESS_ISOLATED;
         }
-        EndpointInfo { flags, profiles: [self.dirs[0].profile, self.dirs[1].profile], ifindex: 0 }
+        EndpointInfo { flags, profiles: self.profiles, ifindex: 0 }
     }
 }
 
-/// A cheap name for a direction's entries: profiles with the same key are candidates, and
-/// a candidate's entries are compared before an endpoint joins it. The digest is the
-/// wrapping sum of each entry's keyed hash, so it is kept in O(1) per entry change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ContentKey {
-    dir: Direction,
-    len: usize,
-    digest: u64,
-}
-
+/// A plan profile, as far as its keys are concerned.
 struct Profile {
-    key: ContentKey,
+    dir: Direction,
     allows: HashSet<Allow>,
-    /// Endpoint directions naming it.
-    users: u32,
 }
 
 struct Prefix {
@@ -176,12 +119,6 @@ pub struct MapTranslator {
     sets: HashMap<SetId, PeerSetState>,
     endpoints: HashMap<Ipv4Addr, Endpoint>,
     profiles: HashMap<u32, Profile>,
-    by_content: HashMap<ContentKey, Vec<u32>>,
-    /// Keys the entry hashes of the digests (per process: digests are never stored).
-    hasher: std::hash::RandomState,
-    next_profile: u32,
-    /// Endpoint directions changed by the current run of endpoint changes.
-    dirty: BTreeSet<(Ipv4Addr, Direction)>,
     prefixes: BTreeMap<Ipv4Net, Prefix>,
     next_prefix: u32,
     policy: HashMap<(u32, PolicyKeyData), u32>,
@@ -230,159 +167,9 @@ impl MapTranslator {
     pub fn translate(&mut self, diff: &PlanDiff) -> Vec<MapOp> {
         let mut ops = Vec::new();
         for c in &diff.changes {
-            let endpoint_change = matches!(
-                c,
-                Change::SetIsolation { .. } | Change::AddAllow { .. } | Change::RemoveAllow { .. }
-            );
-            if !endpoint_change {
-                self.flush(&mut ops);
-            }
             self.change(c, &mut ops);
         }
-        self.flush(&mut ops);
         ops
-    }
-
-    /// Moves every endpoint direction changed since the last flush to the profile of its
-    /// entries (see the module docs): additions, then endpoint values, then removals.
-    fn flush(&mut self, ops: &mut Vec<MapOp>) {
-        if self.dirty.is_empty() {
-            return;
-        }
-        let dirty = std::mem::take(&mut self.dirty);
-        // Removals run after the endpoint values are written (their state with them: a
-        // prefix a removal un-names may be named again by an addition before it).
-        let mut removals: Vec<(u32, Direction, Allow)> = Vec::new();
-        // Profiles edited in place in this flush still hold entries that go with the removals:
-        // no other endpoint joins them before.
-        let mut in_flux: HashSet<u32> = HashSet::new();
-        let mut release: Vec<u32> = Vec::new();
-        let mut writes: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let items: Vec<(Ipv4Addr, Direction, u32, Option<ContentKey>)> = dirty
-            .into_iter()
-            .filter_map(|(ip, d)| {
-                let dir = &self.endpoints.get(&ip)?.dirs[d as usize];
-                Some((ip, d, dir.profile, dir.key(d)))
-            })
-            .collect();
-        // A profile whose every user moves to the same new entries (a policy update reaching
-        // all the pods of a deployment) is edited in place, as is one with a single user:
-        // writing only the entries that change. Users of one profile had equal entries, so
-        // they move alike exactly when their changes since are equal.
-        let mut moves: HashMap<u32, (usize, u32, bool)> = HashMap::new();
-        for (i, (ip, d, old, key)) in items.iter().enumerate() {
-            if *old == 0 {
-                continue;
-            }
-            let m = moves.entry(*old).or_insert((i, 0, true));
-            m.1 += 1;
-            if m.0 != i {
-                let (fip, fd, _, fkey) = &items[m.0];
-                let (first, this) = (
-                    &self.endpoints[fip].dirs[*fd as usize],
-                    &self.endpoints[ip].dirs[*d as usize],
-                );
-                m.2 &= *fkey == *key && first.added == this.added && first.removed == this.removed;
-            }
-        }
-        for (ip, d, old, key) in items {
-            let dir = &mut self.endpoints.get_mut(&ip).expect("endpoint").dirs[d as usize];
-            let (added, removed) =
-                (std::mem::take(&mut dir.added), std::mem::take(&mut dir.removed));
-            let unchanged = added.is_empty() && removed.is_empty();
-            let new =
-                match key {
-                    None => 0,
-                    // The same entries, or a profile this flush already edited for the group.
-                    Some(_) if old != 0 && (unchanged || in_flux.contains(&old)) => old,
-                    Some(k) => {
-                        let allows = &self.endpoints[&ip].dirs[d as usize].allows;
-                        let joined =
-                            self.by_content.get(&k).into_iter().flatten().copied().find(|p| {
-                                !in_flux.contains(p) && self.profiles[p].allows == *allows
-                            });
-                        let whole_group = old != 0
-                            && moves.get(&old).is_some_and(|(_, n, uniform)| {
-                                *uniform && *n == self.profiles[&old].users
-                            });
-                        match joined {
-                            Some(p) => p,
-                            None if whole_group => {
-                                // Edit in place: additions now, removals after the endpoint writes.
-                                for a in &added {
-                                    self.add_allow(old, d, a, ops);
-                                }
-                                removals.extend(removed.iter().map(|a| (old, d, a.clone())));
-                                let prof = self.profiles.get_mut(&old).expect("profile");
-                                prof.allows.retain(|a| !removed.contains(a));
-                                prof.allows.extend(added);
-                                let was = std::mem::replace(&mut prof.key, k);
-                                self.unindex(was, old);
-                                self.by_content.entry(k).or_default().push(old);
-                                in_flux.insert(old);
-                                old
-                            }
-                            None => {
-                                self.next_profile += 1;
-                                let p = self.next_profile;
-                                let allows = self.endpoints[&ip].dirs[d as usize].allows.clone();
-                                for a in &allows {
-                                    self.add_allow(p, d, a, ops);
-                                }
-                                self.by_content.entry(k).or_default().push(p);
-                                self.profiles.insert(p, Profile { key: k, allows, users: 0 });
-                                p
-                            }
-                        }
-                    }
-                };
-            if new == old {
-                // (in place, or the same entries again)
-                writes.insert(ip);
-                continue;
-            }
-            if new != 0 {
-                self.profiles.get_mut(&new).expect("profile").users += 1;
-            }
-            if old != 0 {
-                release.push(old);
-            }
-            self.endpoints.get_mut(&ip).expect("endpoint").dirs[d as usize].profile = new;
-            writes.insert(ip);
-        }
-        for ip in writes {
-            ops.push(MapOp::EndpointSet { ip, info: self.endpoints[&ip].info() });
-        }
-        for (p, d, a) in removals {
-            self.remove_allow(p, d, &a, ops);
-        }
-        for p in release {
-            self.release_profile(p, ops);
-        }
-    }
-
-    /// One endpoint direction stops naming `p`; its entries go with its last user.
-    fn release_profile(&mut self, p: u32, ops: &mut Vec<MapOp>) {
-        let prof = self.profiles.get_mut(&p).expect("released profile");
-        prof.users -= 1;
-        if prof.users > 0 {
-            return;
-        }
-        let prof = self.profiles.remove(&p).expect("profile");
-        self.unindex(prof.key, p);
-        for a in &prof.allows {
-            self.remove_allow(p, prof.key.dir, a, ops);
-        }
-    }
-
-    /// Profile `p` no longer has the entries named `key`.
-    fn unindex(&mut self, key: ContentKey, p: u32) {
-        if let Some(ps) = self.by_content.get_mut(&key) {
-            ps.retain(|q| *q != p);
-            if ps.is_empty() {
-                self.by_content.remove(&key);
-            }
-        }
     }
 
     fn change(&mut self, c: &Change, ops: &mut Vec<MapOp>) {
@@ -404,39 +191,46 @@ impl MapTranslator {
                     return;
                 };
                 let ep = self.endpoints.entry(ip).or_default();
-                ep.pod = Some(pod.clone());
                 ops.push(MapOp::EndpointSet { ip, info: ep.info() });
                 ops.push(MapOp::Attach { ip, pod: pod.clone() });
             }
             Change::RemoveEndpoint { ip } => {
                 let Some(ip) = v4(*ip) else { return };
-                let Some(ep) = self.endpoints.remove(&ip) else {
-                    return;
-                };
-                ops.push(MapOp::Detach { ip });
-                ops.push(MapOp::EndpointDel { ip });
-                for dir in ep.dirs {
-                    if dir.profile != 0 {
-                        self.release_profile(dir.profile, ops);
-                    }
+                if self.endpoints.remove(&ip).is_some() {
+                    ops.push(MapOp::Detach { ip });
+                    ops.push(MapOp::EndpointDel { ip });
                 }
             }
-            Change::SetIsolation { ip, direction, isolated } => {
+            Change::SetProfile { ip, direction, profile } => {
                 let Some(ip) = v4(*ip) else { return };
                 let Some(ep) = self.endpoints.get_mut(&ip) else {
                     return;
                 };
-                ep.dirs[*direction as usize].isolated = *isolated;
-                self.dirty.insert((ip, *direction));
+                ep.profiles[*direction as usize] = profile.unwrap_or(0);
+                ops.push(MapOp::EndpointSet { ip, info: ep.info() });
             }
-            Change::AddAllow { ip, direction, allow }
-            | Change::RemoveAllow { ip, direction, allow } => {
-                let Some(ip) = v4(*ip) else { return };
-                let add = matches!(c, Change::AddAllow { .. });
-                if let Some(ep) = self.endpoints.get_mut(&ip)
-                    && ep.dirs[*direction as usize].change(allow, add, &self.hasher)
-                {
-                    self.dirty.insert((ip, *direction));
+            Change::AddProfile { profile, direction } => {
+                self.profiles.insert(*profile, Profile { dir: *direction, allows: HashSet::new() });
+            }
+            Change::RemoveProfile { profile } => {
+                if let Some(prof) = self.profiles.remove(profile) {
+                    for a in &prof.allows {
+                        self.remove_allow(*profile, prof.dir, a, ops);
+                    }
+                }
+            }
+            Change::AddAllow { profile, allow } => {
+                let Some(prof) = self.profiles.get_mut(profile) else { return };
+                let d = prof.dir;
+                if prof.allows.insert(allow.clone()) {
+                    self.add_allow(*profile, d, allow, ops);
+                }
+            }
+            Change::RemoveAllow { profile, allow } => {
+                let Some(prof) = self.profiles.get_mut(profile) else { return };
+                let d = prof.dir;
+                if prof.allows.remove(allow) {
+                    self.remove_allow(*profile, d, allow, ops);
                 }
             }
             Change::SetIdentity { ip, identity } => match v4(*ip) {

@@ -243,7 +243,7 @@ struct Acl {
 #[allow(clippy::too_many_arguments)]
 fn direction_acls(
     d: Direction,
-    dp: &DirectionPlan,
+    dp: DirectionPlan,
     peer_sets: &HashMap<SetId, PeerSet>,
     node_ips: &[String],
     members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
@@ -433,7 +433,7 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
     for (ip, ep) in eps {
         let name = format!("{} {}", ip, ep.pod);
         if ip.is_ipv6() {
-            if ep.ingress.isolated || ep.egress.isolated {
+            if ep.profiles.iter().any(Option::is_some) {
                 unsupported.push(Unsupported {
                     endpoint: name,
                     direction: "In/Out".into(),
@@ -447,7 +447,7 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
         for d in Direction::BOTH {
             let acls = direction_acls(
                 d,
-                ep.direction(d),
+                plan.direction(ep, d),
                 &plan.sets,
                 &node_ips,
                 &members,

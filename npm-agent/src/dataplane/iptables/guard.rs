@@ -110,9 +110,9 @@ impl Guard {
                         self.endpoints.remove(&ip);
                     }
                 }
-                Change::SetIsolation { ip, direction, isolated } => {
+                Change::SetProfile { ip, direction, profile } => {
                     if let Some(ep) = v4(*ip).and_then(|ip| self.endpoints.get_mut(&ip)) {
-                        ep.isolated[di(*direction)] = *isolated;
+                        ep.isolated[di(*direction)] = profile.is_some();
                     }
                 }
                 _ => {}
@@ -126,7 +126,7 @@ impl Guard {
             .endpoints
             .iter()
             .filter_map(|(ip, ep)| {
-                let isolated = [ep.ingress.isolated, ep.egress.isolated];
+                let isolated = Direction::BOTH.map(|d| ep.isolated(d));
                 v4(*ip).map(|ip| (ip, Endpoint { isolated, ifname: None }))
             })
             .collect();
@@ -329,10 +329,11 @@ mod tests {
         g.apply(&PlanDiff::of(vec![
             Change::AddEndpoint { ip: ip("10.0.0.1"), pod: pod.clone() },
             Change::AddEndpoint { ip: ip("10.0.0.2"), pod },
-            Change::SetIsolation {
+            Change::AddProfile { profile: 1, direction: Direction::Ingress },
+            Change::SetProfile {
                 ip: ip("10.0.0.1"),
                 direction: Direction::Ingress,
-                isolated: true,
+                profile: Some(1),
             },
         ]));
         assert_eq!(g.pending(), 2);
