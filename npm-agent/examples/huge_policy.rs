@@ -1,24 +1,27 @@
 //! One huge NetworkPolicy (docs/BENCHMARKS.md, "One huge policy"): RULES ingress and RULES
 //! egress rules (default 10,000, the most a direction may expand to), each one peer (a /32
 //! ipBlock or a pod selector) and one port, selecting the node's 50 pods (each with labels of
-//! its own, so no two share entries), on a node of a 250-pod cluster; validated, created,
-//! then deleted. Prints how long validation takes (and whether it rejects the policy), the
-//! time the compiler and the eBPF dataplane take for each event (maps under a scratch pin
-//! root, programs not attached; as root), the entries written and the peak memory.
+//! its own), on a node of a 250-pod cluster; validated, created, then deleted. Prints how long
+//! validation takes (and whether it rejects the policy), then, for the eBPF dataplane (maps
+//! under a scratch pin root, programs not attached) and the iptables dataplane (both
+//! backends, in a scratch network namespace), the time the compiler and the dataplane take
+//! for each event, what they write and the peak memory of each run. As root.
 //!
 //! ```text
-//! cargo run --release -p npm-agent --example huge_policy [RULES]     # as root for the maps
+//! cargo run --release -p npm-agent --example huge_policy [RULES]
 //! ```
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Instant;
 
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::translate::MapTranslator;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
+use npm_agent::dataplane::iptables::{Backend, IptablesConfig, IptablesDataplane};
 use npm_agent::model::convert::policy_to_k8s;
 use npm_agent::model::validate::network_policy;
 use npm_agent::model::{
@@ -78,40 +81,60 @@ fn rules(n: usize, salt: u8) -> Vec<Rule> {
         .collect()
 }
 
-fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(npm_agent::model::validate::MAX_DIRECTION_ENTRIES);
-    let mut engine = Engine::new(Scope::Node("n1".into()));
-    let mut translator = MapTranslator::new();
-    let root = unsafe { libc::geteuid() } == 0;
-    let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-huge-{}", std::process::id()));
-    let mut dp = root.then(|| {
-        EbpfDataplane::open(EbpfConfig {
-            pin_root: pin_root.clone(),
-            log_drops: false,
-            attach: false,
-        })
-        .expect("load eBPF")
-    });
+/// Resets the peak RSS (`VmHWM`), so that each run reports its own.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("npm-huge-{}-{tag}", std::process::id());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "ip netns add");
+        Netns(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
+    }
+}
+
+/// Builds the cluster, then creates and deletes `policy`, timing each step.
+fn run(
+    what: &str,
+    mut engine: Engine,
+    dp: &mut dyn Dataplane,
+    mut translator: Option<MapTranslator>,
+    policy: &Policy,
+) {
+    reset_peak();
     let mut handle = |e: Event, what: &str| {
         let t = Instant::now();
         let diff = engine.handle(e);
         let compiled = t.elapsed();
         let t = Instant::now();
-        let ops = translator.translate(&diff);
+        let ops = translator.as_mut().map(|tr| tr.translate(&diff).len());
         let translated = t.elapsed();
         let t = Instant::now();
-        if let Some(dp) = dp.as_mut() {
-            dp.apply(&diff).expect("apply");
-        }
+        dp.apply(&diff).expect("apply");
         let applied = t.elapsed();
         if !what.is_empty() {
+            let translate = match ops {
+                Some(ops) => format!(", translate {translated:.2?} ({ops} map operations)"),
+                None => String::new(),
+            };
             println!(
-                "{what}: compile {compiled:.2?} ({} changes), translate {translated:.2?} ({} map operations), kernel apply {applied:.2?}, peak RSS {:.0} MiB",
+                "  {what}: compile {compiled:.2?} ({} changes){translate}, dataplane apply \
+                 {applied:.2?}, peak RSS {:.0} MiB",
                 diff.len(),
-                ops.len(),
                 rss_mib()
             );
         }
@@ -128,6 +151,17 @@ fn main() {
         let ip = Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250) as u8 + 1);
         handle(Event::UpsertPod(pod(ns, &format!("p{i}"), ip, node, i)), "");
     }
+    println!("{what}:");
+    handle(Event::UpsertPolicy(policy.clone()), "created");
+    handle(Event::DeletePolicy(policy.key.clone()), "deleted");
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(npm_agent::model::validate::MAX_DIRECTION_ENTRIES);
+    assert!(unsafe { libc::geteuid() } == 0, "run as root (maps, network namespaces)");
     println!("{n} ingress and {n} egress rules, selecting the node's 50 pods:");
     let policy = Policy {
         key: ObjectKey::new("x", "huge"),
@@ -151,8 +185,22 @@ fn main() {
     if validated.is_err() {
         return;
     }
-    handle(Event::UpsertPolicy(policy), "created");
-    handle(Event::DeletePolicy(ObjectKey::new("x", "huge")), "deleted");
+    let scope = Scope::Node("n1".into());
+    let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-huge-{}", std::process::id()));
+    let config = EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false };
+    let mut dp = EbpfDataplane::open(config).expect("load eBPF");
+    run("eBPF", Engine::new(scope.clone()), &mut dp, Some(MapTranslator::new()), &policy);
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin_root);
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let ns = Netns::new(backend.as_str());
+        let mut dp = IptablesDataplane::open(IptablesConfig {
+            backend: Some(backend),
+            netns: Some(ns.path()),
+            ..IptablesConfig::default()
+        })
+        .expect("open iptables");
+        let what = format!("iptables ({})", backend.as_str());
+        run(&what, Engine::new(scope.clone()).with_layout(), &mut dp, None, &policy);
+    }
 }

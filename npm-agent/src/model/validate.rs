@@ -66,10 +66,12 @@ impl Errors {
 }
 
 /// The most (peer, port) pairs one direction of a policy may expand to. Each pair becomes an
-/// entry for every endpoint the policy selects (Cilium's default per-endpoint policy map holds
-/// 16,384): a policy beyond it could not be enforced within a node's maps, memory and time, so
-/// it is rejected whole, as an invalid object, rather than stalling the agent or being enforced
-/// in part.
+/// entry of every profile holding the policy (Cilium's default per-endpoint policy map holds
+/// 16,384), and in iptables mode a rule, and for an ipBlock a set, of Azure NPM's layout: a
+/// policy beyond it could not be enforced within a node's maps, memory and time, so it is
+/// rejected whole, as an invalid object, rather than stalling the agent or being enforced in
+/// part. At the limit, one policy costs the agent's loop 0.2 s in eBPF mode and 5-7 s in
+/// iptables mode (docs/BENCHMARKS.md, "One huge policy").
 pub const MAX_DIRECTION_ENTRIES: usize = 10_000;
 
 /// Validates a NetworkPolicy and converts it into the model's [`Policy`].

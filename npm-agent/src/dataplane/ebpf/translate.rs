@@ -122,7 +122,9 @@ pub struct MapTranslator {
     prefixes: BTreeMap<Ipv4Net, Prefix>,
     next_prefix: u32,
     policy: HashMap<(u32, PolicyKeyData), u32>,
-    cidr_allows: HashSet<CidrAllow>,
+    /// CIDR allows by their block's network: the allows that may admit a prefix are those
+    /// of its supernets, at most 33 lookups rather than a scan of every allow.
+    cidr_allows: HashMap<Ipv4Net, HashSet<CidrAllow>>,
     identities: HashMap<Ipv4Addr, u32>,
     /// Plan entries the encoding cannot express (IPv6), counted for the logs.
     pub skipped_ipv6: u64,
@@ -324,7 +326,7 @@ impl MapTranslator {
                 for id in ids {
                     self.policy_keys(prof, d, id, allow.ports, true, ops);
                 }
-                self.cidr_allows.insert(CidrAllow {
+                self.cidr_allows.entry(net.trunc()).or_default().insert(CidrAllow {
                     profile: prof,
                     dir: d,
                     block: block.clone(),
@@ -343,12 +345,17 @@ impl MapTranslator {
                 let Some((net, excepts)) = v4_block(block) else {
                     return;
                 };
-                self.cidr_allows.remove(&CidrAllow {
-                    profile: prof,
-                    dir: d,
-                    block: block.clone(),
-                    ports: allow.ports,
-                });
+                if let Some(allows) = self.cidr_allows.get_mut(&net.trunc()) {
+                    allows.remove(&CidrAllow {
+                        profile: prof,
+                        dir: d,
+                        block: block.clone(),
+                        ports: allow.ports,
+                    });
+                    if allows.is_empty() {
+                        self.cidr_allows.remove(&net.trunc());
+                    }
+                }
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
                     self.policy_keys(prof, d, id, allow.ports, false, ops);
@@ -375,6 +382,17 @@ impl MapTranslator {
             .map(|(_, e)| e.id)
     }
 
+    /// The CIDR allows whose block admits every address of `p`.
+    fn cidr_allows_admitting(&self, p: Ipv4Net) -> Vec<CidrAllow> {
+        (0..=p.prefix_len())
+            .filter_map(|len| Ipv4Net::new(p.network(), len).ok().map(|n| n.trunc()))
+            .filter_map(|net| self.cidr_allows.get(&net))
+            .flatten()
+            .filter(|a| admits(&a.block, p))
+            .cloned()
+            .collect()
+    }
+
     fn name_prefix(&mut self, p: Ipv4Net, ops: &mut Vec<MapOp>) {
         if let Some(e) = self.prefixes.get_mut(&p) {
             e.refs += 1;
@@ -384,7 +402,7 @@ impl MapTranslator {
         self.next_prefix += 1;
         // Entries first: addresses that move to this prefix keep what admits them.
         let users: Vec<CidrAllow> =
-            self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
+            self.cidr_allows_admitting(p);
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, true, ops);
         }
@@ -405,7 +423,7 @@ impl MapTranslator {
         self.prefixes.remove(&p);
         ops.push(MapOp::CidrDel { net: p });
         let users: Vec<CidrAllow> =
-            self.cidr_allows.iter().filter(|a| admits(&a.block, p)).cloned().collect();
+            self.cidr_allows_admitting(p);
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, false, ops);
         }
