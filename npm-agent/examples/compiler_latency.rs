@@ -60,6 +60,13 @@ fn fmt(d: Duration) -> String {
     if us < 1000.0 { format!("{us:.1} µs") } else { format!("{:.2} ms", us / 1000.0) }
 }
 
+/// A plan's entries, canonical: the engine here compiles no layout, as on an eBPF node.
+fn entries(p: &npm_agent::plan::Plan) -> npm_agent::plan::CanonicalPlan {
+    let mut c = p.canonical();
+    c.layout = Default::default();
+    c
+}
+
 fn main() {
     let mut positional = Vec::new();
     let mut cluster_scope = false;
@@ -128,12 +135,6 @@ fn main() {
         plan.identities.len()
     );
     if check {
-        // (The engine here compiles no layout, as on an eBPF node: the entries are compared.)
-        let entries = |p: &npm_agent::plan::Plan| {
-            let mut c = p.canonical();
-            c.layout = Default::default();
-            c
-        };
         let want = entries(&plan);
         assert!(entries(&engine.plan()) == want, "engine and one-pass plans differ");
         assert!(
@@ -242,11 +243,11 @@ fn main() {
     if check {
         let plan = compile(engine.state(), &scope);
         assert!(
-            engine.plan().canonical() == plan.canonical(),
+            entries(&engine.plan()) == entries(&plan),
             "engine and one-pass plans differ after the events"
         );
         assert!(
-            applied.canonical() == plan.canonical(),
+            entries(&applied) == entries(&plan),
             "the plan built from the diffs differs from the one-pass plan"
         );
         assert!(engine.state() == &cluster.state, "the events did not undo themselves");

@@ -416,6 +416,7 @@ impl Agent {
             s.policies = stats.policies;
             s.identities = stats.identities;
             s.endpoints = stats.endpoints;
+            s.profiles = stats.profiles;
             s.allow_entries = stats.allow_entries;
             s.parse_errors = health.parse_errors;
             s.invalid_objects = health.invalid_objects;

@@ -33,6 +33,9 @@ pub struct Status {
     pub policies: usize,
     pub identities: usize,
     pub endpoints: usize,
+    /// Profiles (entries shared by the endpoint directions the same policies select) and the
+    /// allow entries they hold.
+    pub profiles: usize,
     pub allow_entries: usize,
     /// From the source: files that did not parse, objects rejected (since start), and the
     /// problems standing now.
