@@ -10,6 +10,9 @@
 //!   expansions symmetrically, so counts never drift. A profile whose policy stops being
 //!   evaluated mid-event (no local endpoint selected) is no longer its key's: it may miss
 //!   expansions from then on, so it is never named again and goes at the end of the event.
+//!   A profile whose users all move to one new key differing by whole policies (a policy
+//!   created, updated or deleted that selects them all) takes the new key and gains or loses
+//!   those policies' expansions, so a policy event writes its own entries, not the profile's.
 //! - A selector is evaluated ("materialized") only while a policy that uses it selects a
 //!   local endpoint; its member identities are then kept up to date as identities appear,
 //!   disappear and namespaces are relabelled. On a node, most of a large cluster's
@@ -90,6 +93,8 @@ struct PolicyEntry {
     term_selectors: [Vec<Option<SelectorId>>; 2],
     /// Local endpoints the policy selects.
     endpoints: BTreeSet<ObjectKey>,
+    /// Whether its ingress rules name ports (resolved against the endpoints it selects).
+    ingress_named: bool,
 }
 
 /// Identities, selectors and policies: what the expansions are computed from.
@@ -183,6 +188,8 @@ struct DiffBuilder {
     /// Profiles made in this event, and profiles gone (made before it).
     created: HashSet<ProfileId>,
     removed: Vec<ProfileId>,
+    /// The removed profiles that were quarantines (admitting nothing).
+    removed_quarantines: HashSet<ProfileId>,
     identities: HashMap<IpAddr, Option<IdentityId>>,
     /// Peer sets touched: whether each existed before the event.
     sets: HashMap<SelectorId, bool>,
@@ -300,7 +307,9 @@ enum Stage {
     /// Endpoint directions isolated, or moved to another profile (atomically, for each):
     /// after every identity switch, since a new profile's entries name peers by their new
     /// identities. (Until then an old profile holds entries for both: it follows membership
-    /// changes as they happen.)
+    /// changes as they happen.) Quarantines, which admit nothing, are entered in `QuietAdds`
+    /// (before any address gains an identity) and left in `Unidentify` (after addresses leave
+    /// the sets).
     Switch,
     /// Isolation lifted, and endpoints that go unenforced: an endpoint that goes (its pod
     /// gone, or its address now another node's pod's) admits everything in the new plan, so
@@ -917,18 +926,57 @@ impl Engine {
             return None;
         }
         let policies: Vec<PolicyId> = ep.policies[di(d)].iter().copied().collect();
-        let own = d == Direction::Ingress
-            && policies.iter().any(|p| {
-                self.idx.policies[p].terms[di(d)]
-                    .iter()
-                    .any(|t| t.ports.iter().any(PortSel::is_named))
-            });
+        let own = self.needs_own_ports(&policies, d);
         Some(ProfileKey {
             direction: d,
             policies,
             own_ports: if own { ep.named_ports.clone() } else { Vec::new() },
             quarantined: ep.quarantined,
         })
+    }
+
+    /// Whether `policies` resolve named ports against the endpoint they select (ingress).
+    fn needs_own_ports(&self, policies: &[PolicyId], d: Direction) -> bool {
+        d == Direction::Ingress && policies.iter().any(|p| self.idx.policies[p].ingress_named)
+    }
+
+    /// Gives profile `p` a new key whose expansions differ by whole policies: the policies
+    /// it gains are added, those it loses taken away (both evaluated now), so its users keep
+    /// it and it is edited in place by the entries that change.
+    fn rekey(&mut self, p: ProfileId, key: ProfileKey) {
+        let old = self.out.profiles[&p].key.clone();
+        debug_assert_eq!(old.own_ports, key.own_ports);
+        if self.out.profile_ids.get(&old) == Some(&p) {
+            self.out.profile_ids.remove(&old);
+        }
+        self.out.profile_ids.insert(key.clone(), p);
+        // (Keys hold their policies in order.)
+        let gone: Vec<PolicyId> = old
+            .policies
+            .iter()
+            .copied()
+            .filter(|x| key.policies.binary_search(x).is_err())
+            .collect();
+        let new: Vec<PolicyId> = key
+            .policies
+            .iter()
+            .copied()
+            .filter(|x| old.policies.binary_search(x).is_err())
+            .collect();
+        for pid in &gone {
+            if let Some(ps) = self.out.profiles_by_policy.get_mut(pid) {
+                ps.remove(&p);
+                if ps.is_empty() {
+                    self.out.profiles_by_policy.remove(pid);
+                }
+            }
+            self.contribute(*pid, key.direction, p, false);
+        }
+        for pid in &new {
+            self.out.profiles_by_policy.entry(*pid).or_default().insert(p);
+            self.contribute(*pid, key.direction, p, true);
+        }
+        self.out.profiles.get_mut(&p).expect("profile").key = key;
     }
 
     /// The profile of `key`, made (with every expansion of its policies) if there is none.
@@ -1048,11 +1096,45 @@ impl Engine {
     fn move_endpoints(&mut self) {
         let mut dirty: Vec<ObjectKey> = std::mem::take(&mut self.out.dirty).into_iter().collect();
         dirty.sort();
+        let moves: Vec<(ObjectKey, Direction, Option<ProfileKey>)> = dirty
+            .iter()
+            .filter_map(|k| self.out.endpoints.get(k).map(|ep| (k, ep)))
+            .flat_map(|(k, ep)| Direction::BOTH.map(|d| (k.clone(), d, self.profile_key(ep, d))))
+            .collect();
+        // A profile whose every user moves to one new key that no profile has (a policy
+        // created or changed that selects them all, as a rule) takes that key, and stays.
+        let mut groups: HashMap<ProfileId, (Option<&ProfileKey>, u32)> = HashMap::new();
+        for (k, d, new) in &moves {
+            let Some(old) = self.out.endpoints[k].profiles[di(*d)] else { continue };
+            let g = groups.entry(old).or_insert((new.as_ref(), 0));
+            if g.0 != new.as_ref() {
+                g.0 = None;
+            }
+            g.1 += 1;
+        }
+        let mut rekeys: Vec<(ProfileId, ProfileKey)> = groups
+            .into_iter()
+            .filter_map(|(p, (key, n))| {
+                let e = &self.out.profiles[&p];
+                let key = key?;
+                (n == e.users
+                    && *key != e.key
+                    && key.own_ports == e.key.own_ports
+                    && key.quarantined == e.key.quarantined
+                    && self.out.profile_ids.get(&e.key) == Some(&p))
+                .then(|| (p, key.clone()))
+            })
+            .collect();
+        rekeys.sort_unstable_by_key(|(p, _)| *p);
+        for (p, key) in rekeys {
+            if !self.out.profile_ids.contains_key(&key) {
+                self.rekey(p, key);
+            }
+        }
         let mut joined: HashSet<ProfileId> = HashSet::new();
-        for key in dirty {
-            for d in Direction::BOTH {
-                let Some(ep) = self.out.endpoints.get(&key) else { break };
-                let new = self.profile_key(ep, d).map(|k| self.profile_for(k));
+        for (key, d, new) in moves {
+            {
+                let new = new.map(|k| self.profile_for(k));
                 let old = self.out.endpoints[&key].profiles[di(d)];
                 if new == old {
                     continue;
@@ -1096,9 +1178,12 @@ impl Engine {
         for p in std::mem::take(&mut self.out.released) {
             if self.out.profiles.get(&p).is_some_and(|e| e.users == 0) {
                 self.out.stale(p);
-                self.out.profiles.remove(&p);
+                let gone = self.out.profiles.remove(&p).expect("profile");
                 debug_assert!(!self.out.diff.created.contains(&p), "a new profile without users");
                 self.out.diff.removed.push(p);
+                if gone.key.quarantined {
+                    self.out.diff.removed_quarantines.insert(p);
+                }
             }
         }
     }
@@ -1134,6 +1219,9 @@ impl Engine {
         self.idx.policies.insert(
             pid,
             PolicyEntry {
+                ingress_named: terms[di(Direction::Ingress)]
+                    .iter()
+                    .any(|t| t.ports.iter().any(PortSel::is_named)),
                 policy,
                 terms,
                 term_selectors: [Vec::new(), Vec::new()],
@@ -1175,6 +1263,30 @@ impl Engine {
 
     fn remove_policy(&mut self, key: &ObjectKey) {
         let Some(pid) = self.idx.policy_ids.remove(key) else { return };
+        // Its profiles lose its expansions now, while they are evaluated, and take the key
+        // of what is left: their users keep them (edited in place) unless another profile
+        // already has that key. (An update took them out already: see `replace_policy`.)
+        let profiles: Vec<ProfileId> =
+            self.out.profiles_by_policy.get(&pid).into_iter().flatten().copied().collect();
+        let mut profiles = profiles;
+        profiles.sort_unstable();
+        for p in profiles {
+            let mut k = self.out.profiles[&p].key.clone();
+            k.policies.retain(|x| *x != pid);
+            if !self.needs_own_ports(&k.policies, k.direction) {
+                k.own_ports.clear();
+            }
+            let own_ports_kept = k.own_ports == self.out.profiles[&p].key.own_ports;
+            if (k.policies.is_empty() && !k.quarantined)
+                || !own_ports_kept
+                || self.out.profile_ids.contains_key(&k)
+            {
+                // Its users go elsewhere: it goes at the end of the event.
+                self.out.stale(p);
+            } else {
+                self.rekey(p, k);
+            }
+        }
         let endpoints: Vec<ObjectKey> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
         for ep in endpoints {
             self.detach(pid, &ep);
@@ -1425,7 +1537,22 @@ impl Engine {
                 self.out.endpoint_at.get(ip).and_then(|k| self.out.endpoints[k].profiles[di(*d)]);
             let before = if fresh.contains(ip) { None } else { *before };
             if before != after {
-                let stage = if after.is_some() { Stage::Switch } else { Stage::Unisolate };
+                let quarantine = |p: ProfileId| {
+                    self.out.profiles.get(&p).map_or_else(
+                        || diff.removed_quarantines.contains(&p),
+                        |e| e.key.quarantined,
+                    )
+                };
+                let stage = match after {
+                    // A quarantine admits nothing, so it cannot admit what neither state
+                    // admits: entered first, before any address gains an identity that the
+                    // old entries would admit; left last, once every address that leaves the
+                    // new entries' sets has left them.
+                    Some(p) if quarantine(p) => Stage::QuietAdds,
+                    Some(_) if before.is_some_and(quarantine) => Stage::Unidentify,
+                    Some(_) => Stage::Switch,
+                    None => Stage::Unisolate,
+                };
                 changes
                     .push((stage, Change::SetProfile { ip: *ip, direction: *d, profile: after }));
             }

@@ -401,8 +401,7 @@ impl MapTranslator {
         let id = PREFIX_ID_BASE + self.next_prefix;
         self.next_prefix += 1;
         // Entries first: addresses that move to this prefix keep what admits them.
-        let users: Vec<CidrAllow> =
-            self.cidr_allows_admitting(p);
+        let users: Vec<CidrAllow> = self.cidr_allows_admitting(p);
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, true, ops);
         }
@@ -422,8 +421,7 @@ impl MapTranslator {
         // Out of the trie first: its addresses fall back to the next shorter prefix.
         self.prefixes.remove(&p);
         ops.push(MapOp::CidrDel { net: p });
-        let users: Vec<CidrAllow> =
-            self.cidr_allows_admitting(p);
+        let users: Vec<CidrAllow> = self.cidr_allows_admitting(p);
         for a in users {
             self.policy_keys(a.profile, a.dir, id, a.ports, false, ops);
         }
