@@ -18,6 +18,7 @@ use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::ebpf::emulator::MapEmulator;
 use npm_agent::dataplane::ebpf::translate::MapTranslator;
 use npm_agent::model::{Direction, Protocol};
+use npm_agent::plan::PlanDiff;
 use npm_agent::reference;
 use npm_agent::state::{ClusterState, Event};
 use npm_common::packet::{FragmentKind, IPPROTO_TCP, Kind, Parsed, TCP_SYN};
@@ -70,7 +71,15 @@ impl NodeDataplane {
     }
 
     fn handle(&mut self, e: &Event) {
-        let diff = self.engine.handle(e.clone());
+        self.handle_together(std::slice::from_ref(e));
+    }
+
+    /// Events compiled one by one, their diffs applied together (as the agent does a batch).
+    fn handle_together(&mut self, events: &[Event]) {
+        let mut diff = PlanDiff::default();
+        for e in events {
+            diff.extend(self.engine.handle(e.clone()));
+        }
         let ops = self.translator.translate(&diff);
         self.maps.apply(&ops);
     }
@@ -151,6 +160,22 @@ proptest! {
             prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
             prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
         }
+    }
+
+    #[test]
+    fn diffs_applied_together_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12), chunk in 2usize..6) {
+        let mut nodes: HashMap<String, NodeDataplane> = NODES.iter().map(|n| (n.to_string(), NodeDataplane::new(n))).collect();
+        let all: Vec<Event> = initial_events(&state).into_iter().chain(events).collect();
+        let mut current = ClusterState::default();
+        for part in all.chunks(chunk) {
+            for e in part {
+                current.apply(e);
+            }
+            for n in nodes.values_mut() {
+                n.handle_together(part);
+            }
+        }
+        check(&current, &nodes)?;
     }
 
     #[test]

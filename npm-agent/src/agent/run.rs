@@ -27,6 +27,9 @@ use super::status::{EventStats, Operation, Status};
 pub const TICK: Duration = Duration::from_secs(1);
 /// The longest the loop waits before looking at the stop flag again.
 const MAX_WAIT: Duration = Duration::from_millis(200);
+/// The most events whose diffs one dataplane apply takes (see [`Agent::handle_events`]): a
+/// bound on the diff held in memory and on how long the first of them waits.
+pub const MAX_EVENTS_PER_APPLY: usize = 1024;
 
 /// An in-memory dataplane whose plan can be read from another thread (tests, the lab).
 #[derive(Clone, Default)]
@@ -188,8 +191,10 @@ impl Agent {
     /// is in sync; the whole plan when this batch completes the initial sync.
     pub fn handle_batch(&mut self, batch: Batch) {
         let n = batch.events.len();
-        for event in batch.events {
-            self.handle_event(event);
+        let together = if self.dataplane.takes_diffs_together() { MAX_EVENTS_PER_APPLY } else { 1 };
+        let mut events = batch.events.into_iter().peekable();
+        while events.peek().is_some() {
+            self.handle_events(events.by_ref().take(together).collect());
         }
         if batch.generation.is_some() {
             self.pending_generation = batch.generation;
@@ -210,17 +215,28 @@ impl Agent {
         self.publish();
     }
 
-    fn handle_event(&mut self, event: Event) {
-        self.note_unenforced(&event);
-        let kind = event.kind();
-        let op = self.operation(&event);
-        let start = Instant::now();
-        let diff = self.engine.handle(event);
-        self.track_conflicts(diff.changes.iter().filter_map(|c| match c {
-            Change::SetConflict { ip, conflict } => Some((*ip, Some(conflict.clone()))),
-            Change::RemoveConflict { ip } => Some((*ip, None)),
-            _ => None,
-        }));
+    /// Compiles events one by one and applies their diffs together, in order (a diff after
+    /// another is the path through both states, make-before-break at every step): a burst
+    /// (a resync, a GitOps sync of many policies) costs the dataplane one apply, not one per
+    /// event. Each event is timed from the start of its compilation to the end of the apply
+    /// that enforced it.
+    fn handle_events(&mut self, events: Vec<Event>) {
+        let mut diff = PlanDiff::default();
+        let mut timed = Vec::with_capacity(events.len());
+        for event in events {
+            self.note_unenforced(&event);
+            let kind = event.kind();
+            let op = self.operation(&event);
+            let start = Instant::now();
+            let d = self.engine.handle(event);
+            self.track_conflicts(d.changes.iter().filter_map(|c| match c {
+                Change::SetConflict { ip, conflict } => Some((*ip, Some(conflict.clone()))),
+                Change::RemoveConflict { ip } => Some((*ip, None)),
+                _ => None,
+            }));
+            diff.extend(d);
+            timed.push((kind, op, start));
+        }
         let mut failed = false;
         if self.in_sync && !diff.is_empty() {
             let applying = Instant::now();
@@ -233,12 +249,16 @@ impl Agent {
                 self.in_sync = false;
                 self.handles.status.lock().expect("status lock").apply_errors += 1;
                 self.handles.metrics.apply_failed("apply");
-                tracing::error!(kind, operation = op.as_str(), error = %e, "dataplane apply failed; resynchronizing on the next tick");
+                tracing::error!(events = timed.len(), error = %e, "dataplane apply failed; resynchronizing on the next tick");
             }
         }
-        let took = start.elapsed();
-        self.handles.stats.lock().expect("stats lock").record(kind, op, took, failed);
-        self.handles.metrics.observe_event(kind, op.as_str(), took, failed);
+        let end = Instant::now();
+        let mut stats = self.handles.stats.lock().expect("stats lock");
+        for (kind, op, start) in timed {
+            let took = end.duration_since(start);
+            stats.record(kind, op, took, failed);
+            self.handles.metrics.observe_event(kind, op.as_str(), took, failed);
+        }
     }
 
     /// Create or update, by whether the engine knows the object.

@@ -39,6 +39,11 @@ pub trait Dataplane {
     fn renders_layout(&self) -> bool {
         false
     }
+    /// Whether `apply` takes several events' diffs concatenated (each one after the other):
+    /// the agent then applies a burst of events at once.
+    fn takes_diffs_together(&self) -> bool {
+        true
+    }
     /// Applies one diff, in its order (make-before-break).
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;
     /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,
