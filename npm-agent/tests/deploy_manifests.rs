@@ -222,8 +222,10 @@ fn daemonset_config_and_service_fit_the_agent() {
     let template_labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
     assert_eq!(template_labels.get("k8s-app").map(String::as_str), Some("azure-npm"));
     let annotations = spec.template.metadata.as_ref().unwrap().annotations.clone().unwrap();
-    assert_eq!(annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"));
-    assert_eq!(annotations.get("prometheus.io/port").map(String::as_str), Some("10091"));
+    // Azure NPM's marker only: annotation-based discovery would scrape the agents a second
+    // time, beside the two jobs of prometheus.yml.
+    assert!(annotations.contains_key("azure.npm/scrapeable"), "{annotations:?}");
+    assert!(annotations.keys().all(|k| !k.starts_with("prometheus.io/")), "{annotations:?}");
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
@@ -339,4 +341,56 @@ fn daemonset_config_and_service_fit_the_agent() {
     }
     let port = &svc_spec.ports.unwrap()[0];
     assert_eq!((port.port, port.target_port.clone()), (9000, Some(IntOrString::Int(10091))));
+}
+
+/// What an Azure NPM user's monitoring keys on, written from Azure NPM's documentation and
+/// its sample Prometheus files (names and labels, not copied): the sample alerts' names and
+/// labels, the scrape jobs' names and paths, the metrics Service. Each must be in deploy/.
+#[test]
+fn azure_npm_users_find_their_alerts_and_scrape_jobs() {
+    let alerts_file = repo_root().join("deploy/prometheus/npm-alerts.yaml");
+    let alerts: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&alerts_file).unwrap()).unwrap();
+    let rules: Vec<&Value> = alerts["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .collect();
+    for (name, labels) in [
+        ("AzureNPMFailureCreatePolicy", [("severity", "warning"), ("addon", "azure-npm")]),
+        (
+            "AzureNPMHighControllerPodCreateTimeMedian",
+            [("severity", "warning"), ("addon", "azure-npm")],
+        ),
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| r["alert"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("Azure NPM's alert {name} is not in {alerts_file:?}"));
+        for (k, v) in labels {
+            assert_eq!(rule["labels"][k].as_str(), Some(v), "{name}: label {k}");
+        }
+    }
+    // Every alert of ours is routed as Azure NPM's are.
+    for r in &rules {
+        assert_eq!(r["labels"]["addon"].as_str(), Some("azure-npm"), "{:?}", r["alert"]);
+    }
+    let scrape_file = repo_root().join("deploy/prometheus/prometheus.yml");
+    let scrape: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&scrape_file).unwrap()).unwrap();
+    let jobs = scrape["scrape_configs"].as_sequence().unwrap();
+    for (job, path) in [
+        ("azure-npm-node-metrics", "/node-metrics"),
+        ("azure-npm-cluster-metrics", "/cluster-metrics"),
+    ] {
+        let j = jobs
+            .iter()
+            .find(|j| j["job_name"].as_str() == Some(job))
+            .unwrap_or_else(|| panic!("Azure NPM's scrape job {job} is not in {scrape_file:?}"));
+        assert_eq!(j["metrics_path"].as_str(), Some(path), "{job}");
+    }
+    let objects = objects();
+    let svc: Service = typed(&objects, "Service", "npm-metrics-cluster-service");
+    assert_eq!(svc.metadata.namespace.as_deref(), Some("kube-system"));
 }

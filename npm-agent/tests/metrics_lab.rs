@@ -650,7 +650,7 @@ fn lab_agent_metrics_and_prometheus() {
         assert_eq!(r["health"], "ok", "{r}");
         if [
             "NpmAgentDown",
-            "NpmPolicyCreateFailed",
+            "AzureNPMFailureCreatePolicy",
             "NpmDataplaneApplyFailures",
             "NpmMapNearCapacity",
         ]
