@@ -696,7 +696,7 @@ fn config_file_keys_missing_keep_their_defaults_and_flags_win() {
     // Left out: defaults, not false or empty.
     assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:10091");
     assert_eq!(c.pin_root, PathBuf::from("/sys/fs/bpf/npm-rs"));
-    assert!(!c.advanced_metrics);
+    assert!(c.advanced_metrics);
     assert_eq!(c.status_file, None);
 }
 

@@ -14,7 +14,7 @@
 //! pin-root: /sys/fs/bpf/npm-rs
 //! log-drops: false
 //! status-file: /run/npm/status.json
-//! advanced-metrics: false
+//! advanced-metrics: true             # npm_ipset_counts (false: not exported)
 //! log-level: info                    # an EnvFilter directive; default: $RUST_LOG, then info
 //! ```
 
@@ -99,7 +99,8 @@ pub struct Settings {
     pub status_file: Option<PathBuf>,
 
     /// Advanced metrics: `npm_ipset_counts`, the entries of each set (one series per set).
-    /// [default: false]
+    /// Exported by default, as Azure NPM does: the collector chooses (Azure Monitor's
+    /// `collect_advanced_metrics`, or the scrape job's drop rule). [default: true]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     #[serde(default, alias = "advancedMetrics")]
     pub advanced_metrics: Option<bool>,
@@ -190,7 +191,7 @@ impl Settings {
             pin_root: self.pin_root.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
             log_drops: self.log_drops.unwrap_or(false),
             status_file: self.status_file,
-            advanced_metrics: self.advanced_metrics.unwrap_or(false),
+            advanced_metrics: self.advanced_metrics.unwrap_or(true),
             log_level: self.log_level,
         })
     }
@@ -246,7 +247,7 @@ mod tests {
         assert_eq!(c.node_name, "n9");
         assert_eq!(c.source, SourceSpec::Files("/m".into()));
         assert_eq!(c.dataplane, DataplaneKind::Auto);
-        assert!(!c.advanced_metrics);
+        assert!(c.advanced_metrics);
         assert_eq!(c.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(c.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
     }
