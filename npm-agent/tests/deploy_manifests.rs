@@ -393,4 +393,15 @@ fn azure_npm_users_find_their_alerts_and_scrape_jobs() {
     let objects = objects();
     let svc: Service = typed(&objects, "Service", "npm-metrics-cluster-service");
     assert_eq!(svc.metadata.namespace.as_deref(), Some("kube-system"));
+    // Azure Monitor's settings for Azure NPM, under the names its agent reads.
+    let azm: ConfigMap = typed(&objects, "ConfigMap", "container-azm-ms-agentconfig");
+    assert_eq!(azm.metadata.namespace.as_deref(), Some("kube-system"));
+    let integrations = &azm.data.as_ref().unwrap()["integrations"];
+    for key in [
+        "[integrations.azure_network_policy_manager]",
+        "collect_basic_metrics",
+        "collect_advanced_metrics",
+    ] {
+        assert!(integrations.contains(key), "{key} in {integrations}");
+    }
 }
