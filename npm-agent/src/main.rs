@@ -200,6 +200,9 @@ fn run(config_file: Option<&Path>, flags: npm_agent::agent::Settings) -> ExitCod
         }
     };
     agent::init_logging(config.log_level.as_deref());
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let stop = agent::stop_on_signals();
     match agent::run(&config, stop) {
         Ok(()) => ExitCode::SUCCESS,

@@ -700,6 +700,39 @@ fn config_file_keys_missing_keep_their_defaults_and_flags_win() {
     assert_eq!(c.status_file, None);
 }
 
+/// A migrating cluster's kept ConfigMap: Azure NPM's `azure-npm.json` where the agent's file
+/// is expected (alone, or beside the agent's, which wins).
+#[test]
+fn azure_npm_config_map_is_read_and_what_does_not_apply_is_named() {
+    let dir = Dir::new("azure-config");
+    dir.write(
+        "azure-npm.json",
+        r#"{"ListeningPort": 10095, "ResyncPeriodInMinutes": 15, "LogLevel": "debug",
+            "Toggles": {"EnablePprof": true, "EnablePrometheusMetrics": true}}"#,
+    );
+    let flags = || Settings { node_name: Some("n1".into()), ..Settings::default() };
+    let c = Config::load(Some(&dir.path("npm-agent.yaml")), flags()).unwrap();
+    assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:10095");
+    assert_eq!(c.log_level.as_deref(), Some("debug"));
+    for k in ["npm-agent.yaml is missing", "ResyncPeriodInMinutes", "Toggles.EnablePprof"] {
+        assert!(c.warnings.iter().any(|w| w.contains(k)), "{k}: {:?}", c.warnings);
+    }
+    assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+    // Both files: the agent's own settings win, Azure NPM's fill in the rest.
+    dir.write("npm-agent.yaml", "log-level: warn\ndataplane: memory\n");
+    let c = Config::load(Some(&dir.path("npm-agent.yaml")), flags()).unwrap();
+    assert_eq!(c.log_level.as_deref(), Some("warn"));
+    assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:10095");
+    assert_eq!(c.dataplane, DataplaneKind::Memory);
+    // Given directly.
+    let c = Config::load(Some(&dir.path("azure-npm.json")), flags()).unwrap();
+    assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:10095");
+    // A value of the wrong type is an error naming the setting.
+    dir.write("azure-npm.json", r#"{"ListeningPort": "ten"}"#);
+    let err = Config::load(Some(&dir.path("npm-agent.yaml")), flags()).unwrap_err();
+    assert!(format!("{err:#}").contains("ListeningPort"), "{err:#}");
+}
+
 #[test]
 fn config_file_with_an_unknown_key_is_rejected_naming_it() {
     let dir = Dir::new("unknown-key");

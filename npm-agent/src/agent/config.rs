@@ -135,6 +135,9 @@ pub struct Config {
     pub advanced_metrics: bool,
     /// `None`: RUST_LOG, then `info`.
     pub log_level: Option<String>,
+    /// What loading the configuration has to say (settings of Azure NPM's file that do not
+    /// apply), logged once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 impl Settings {
@@ -149,6 +152,34 @@ impl Settings {
             let path = e.path().to_string();
             if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
         })
+    }
+
+    /// The settings of a config file and of Azure NPM's file (see [`Config::load`]).
+    pub fn from_files(path: &Path, warnings: &mut Vec<String>) -> anyhow::Result<Settings> {
+        use super::azure_config::{AZURE_CONFIG_FILE, settings};
+        let azure = |p: &Path, warnings: &mut Vec<String>| -> anyhow::Result<Settings> {
+            let text = crate::input::read_file(p).context("reading Azure NPM's config file")?;
+            let (s, w) =
+                settings(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?;
+            warnings.extend(w);
+            Ok(s)
+        };
+        if path.extension().is_some_and(|e| e == "json") {
+            return azure(path, warnings);
+        }
+        let beside = path.with_file_name(AZURE_CONFIG_FILE);
+        match (path.exists(), beside.exists()) {
+            (false, true) => {
+                warnings.push(format!(
+                    "{} is missing: running with Azure NPM's {} beside it",
+                    path.display(),
+                    beside.display()
+                ));
+                azure(&beside, warnings)
+            }
+            (true, true) => Ok(azure(&beside, warnings)?.overridden_by(Settings::from_file(path)?)),
+            _ => Settings::from_file(path),
+        }
     }
 
     /// Reads a config file.
@@ -193,18 +224,27 @@ impl Settings {
             status_file: self.status_file,
             advanced_metrics: self.advanced_metrics.unwrap_or(true),
             log_level: self.log_level,
+            warnings: Vec::new(),
         })
     }
 }
 
 impl Config {
     /// Defaults, then the config file (if any), then the flags.
+    ///
+    /// Azure NPM's own file is read too (see [`super::azure_config`]): given as the config
+    /// file (`*.json`), or found beside it (`azure-npm.json` in the same directory: the
+    /// ConfigMap mounted there is Azure NPM's, kept, or holds both keys), under the agent's
+    /// own file, which wins where both set a setting.
     pub fn load(config_file: Option<&Path>, flags: Settings) -> anyhow::Result<Config> {
+        let mut warnings = Vec::new();
         let file = match config_file {
-            Some(p) => Settings::from_file(p)?,
+            Some(p) => Settings::from_files(p, &mut warnings)?,
             None => Settings::default(),
         };
-        file.overridden_by(flags).resolve()
+        let mut config = file.overridden_by(flags).resolve()?;
+        config.warnings = warnings;
+        Ok(config)
     }
 }
 

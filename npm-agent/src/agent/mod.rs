@@ -10,6 +10,7 @@
 //! (or the iptables chains and sets) keep enforcing while the next agent starts, and it
 //! reconciles over them. [`cleanup`] removes everything the agent installed.
 
+pub mod azure_config;
 pub mod config;
 pub mod run;
 pub mod status;
