@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use npm_agent::agent::Agent;
@@ -26,6 +25,7 @@ use npm_agent::model::{
     CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
     Policy, PortSpec, Protocol, Rule,
 };
+use npm_agent::netns::Scratch;
 use npm_agent::source::{Batch, Source, SourceHealth};
 use npm_agent::state::Event;
 
@@ -41,27 +41,6 @@ impl Source for Nothing {
     }
     fn health(&self) -> SourceHealth {
         SourceHealth::default()
-    }
-}
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("npm-burst-{}-{tag}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "ip netns add");
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
     }
 }
 
@@ -135,6 +114,9 @@ fn burst(dp: Box<dyn Dataplane>, n: u32, per_batch: usize) -> (Duration, Duratio
     (create, delete)
 }
 
+/// The scratch network namespaces' names begin with it.
+const TAG: &str = "npm-burst";
+
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u32>().expect("a number"));
     let n = args.next().unwrap_or(10_000);
@@ -149,7 +131,8 @@ fn main() {
         let _ = std::fs::remove_dir_all(&pin_root);
     }
     for backend in [Backend::Nft, Backend::Legacy] {
-        let ns = Netns::new(backend.as_str());
+        let ns = Scratch::new(format!("{TAG}-{}-{}", std::process::id(), backend.as_str()))
+            .expect("ip netns add");
         let dp = IptablesDataplane::open(IptablesConfig {
             backend: Some(backend),
             netns: Some(ns.path()),

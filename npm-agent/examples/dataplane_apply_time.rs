@@ -17,7 +17,6 @@
 mod synth;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use npm_agent::compile::{Engine, Scope};
@@ -25,39 +24,18 @@ use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::dataplane::iptables::{Backend, IptablesConfig, IptablesDataplane};
 use npm_agent::model::ObjectKey;
+use npm_agent::netns::{self, Scratch};
 use npm_agent::state::Event;
 use synth::{Cluster, Config};
 
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("npm-apply-bench-{}-{tag}", std::process::id());
-        assert!(
-            Command::new("ip").args(["netns", "add", &name]).status().expect("ip").success(),
-            "ip netns add"
-        );
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-
-    fn count(&self, args: &[&str], pred: impl Fn(&str) -> bool) -> usize {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .expect("ip netns exec");
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| pred(l)).count()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
+/// The lines of a command's output in the scratch namespace that `pred` accepts.
+fn count(ns: &Scratch, args: &[&str], pred: impl Fn(&str) -> bool) -> usize {
+    let out = netns::command(&ns.path(), args[0])
+        .expect("open the namespace")
+        .args(&args[1..])
+        .output()
+        .expect("run in the namespace");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| pred(l)).count()
 }
 
 struct PinRoot(PathBuf);
@@ -163,7 +141,12 @@ fn main() {
         for backend in [Backend::Nft, Backend::Legacy] {
             let (mut engine, compiled) = compile(&cluster, &node, true);
             let plan = engine.plan();
-            let ns = Netns::new(backend.as_str());
+            let ns = Scratch::new(format!(
+                "npm-apply-bench-{}-{}",
+                std::process::id(),
+                backend.as_str()
+            ))
+            .expect("ip netns add");
             let mut dp = IptablesDataplane::open(IptablesConfig {
                 backend: Some(backend),
                 netns: Some(ns.path()),
@@ -174,7 +157,7 @@ fn main() {
             dp.reconcile(&plan).expect("reconcile");
             let full = t.elapsed();
             let rules =
-                ns.count(&[backend.save_program(), "-t", "filter"], |l| l.starts_with("-A "));
+                count(&ns, &[backend.save_program(), "-t", "filter"], |l| l.starts_with("-A "));
             let enc = dp.translator().encoded();
             let (up, changes) = updates(&cluster, &mut engine, &mut dp, &node);
             let processes = dp.stats().processes;

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use npm_agent::compile::{Engine, Scope};
@@ -28,6 +27,7 @@ use npm_agent::model::{
     CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
     Policy, PortSpec, Protocol, Rule,
 };
+use npm_agent::netns::Scratch;
 use npm_agent::state::Event;
 
 fn rss_mib() -> f64 {
@@ -86,27 +86,6 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("npm-huge-{}-{tag}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "ip netns add");
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
-}
-
 /// Builds the cluster, then creates and deletes `policy`, timing each step.
 fn run(
     what: &str,
@@ -156,6 +135,9 @@ fn run(
     handle(Event::DeletePolicy(policy.key.clone()), "deleted");
 }
 
+/// The scratch network namespaces' names begin with it.
+const TAG: &str = "npm-huge";
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -193,7 +175,8 @@ fn main() {
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin_root);
     for backend in [Backend::Nft, Backend::Legacy] {
-        let ns = Netns::new(backend.as_str());
+        let ns = Scratch::new(format!("{TAG}-{}-{}", std::process::id(), backend.as_str()))
+            .expect("ip netns add");
         let mut dp = IptablesDataplane::open(IptablesConfig {
             backend: Some(backend),
             netns: Some(ns.path()),

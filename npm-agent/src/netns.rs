@@ -84,3 +84,40 @@ fn enter_file(ns: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A network namespace made for the caller (`ip netns add NAME`) and deleted when dropped: the
+/// scratch namespace of a test or a benchmark.
+pub struct Scratch {
+    name: String,
+}
+
+impl Scratch {
+    pub fn new(name: impl Into<String>) -> Result<Scratch> {
+        let name = name.into();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .context("running `ip netns add`")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Scratch { name })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's file, for [`enter`], [`run_in`] and [`command`].
+    pub fn path(&self) -> std::path::PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+    }
+}

@@ -16,29 +16,27 @@ use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::iptables::saved::KernelState;
 use npm_agent::dataplane::iptables::translate::RuleTranslator;
 use npm_agent::dataplane::iptables::{self, Backend, IptablesConfig, IptablesDataplane};
+use npm_agent::netns::Scratch;
 use npm_agent::plan::Plan;
 use scenarios::*;
 
 struct Netns {
-    name: String,
+    ns: Scratch,
 }
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        let name = format!("npmipt-{}-{tag}", std::process::id());
-        let ok =
-            Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name}");
-        Netns { name }
+        let ns = Scratch::new(format!("npmipt-{}-{tag}", std::process::id())).expect("netns");
+        Netns { ns }
     }
 
     fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+        self.ns.path()
     }
 
     fn exec(&self, args: &[&str]) -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+            .args(["netns", "exec", self.ns.name()])
             .args(args)
             .output()
             .expect("ip netns exec");
@@ -79,12 +77,6 @@ impl Netns {
         ]
         .iter()
         .any(|save| save.contains("AZURE-NPM"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
     }
 }
 
