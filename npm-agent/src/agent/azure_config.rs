@@ -3,9 +3,18 @@
 //! settings that have a meaning here become the agent's, every other one is named in a
 //! warning (never an error: Azure NPM's file has keys for its own internals).
 
+use std::net::SocketAddr;
+
 use serde_json::Value;
 
-use super::config::Settings;
+/// The settings of Azure NPM's file that mean something here (the agent's config takes them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AzureSettings {
+    /// `ListeningAddress` and `ListeningPort`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `LogLevel`.
+    pub log_level: Option<String>,
+}
 
 /// The name of Azure NPM's configuration file in its ConfigMap.
 pub const AZURE_CONFIG_FILE: &str = "azure-npm.json";
@@ -30,12 +39,12 @@ const NOT_APPLICABLE: &[(&str, &str)] = &[
 ];
 
 /// Settings from `azure-npm.json`'s text, and a warning for each setting that does not apply.
-pub fn settings(text: &str) -> Result<(Settings, Vec<String>), String> {
+pub fn settings(text: &str) -> Result<(AzureSettings, Vec<String>), String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("{AZURE_CONFIG_FILE}: {e}"))?;
     let Value::Object(top) = v else {
         return Err(format!("{AZURE_CONFIG_FILE}: not a JSON object"));
     };
-    let mut s = Settings::default();
+    let mut s = AzureSettings::default();
     let mut warnings = Vec::new();
     let mut address: Option<String> = None;
     let mut port: Option<u64> = None;
@@ -122,7 +131,6 @@ mod tests {
         let (s, warnings) = settings(AZURE).unwrap();
         assert_eq!(s.metrics_addr, Some("0.0.0.0:10091".parse().unwrap()));
         assert_eq!(s.log_level.as_deref(), Some("info"));
-        assert_eq!(s.source, None, "nothing else is set");
         // One warning per setting that does not apply, naming it.
         for k in ["ResyncPeriodInMinutes", "Toggles.EnablePprof", "Transport", "MaxPendingNetPols"]
         {

@@ -162,7 +162,11 @@ impl Settings {
             let (s, w) =
                 settings(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?;
             warnings.extend(w);
-            Ok(s)
+            Ok(Settings {
+                metrics_addr: s.metrics_addr,
+                log_level: s.log_level,
+                ..Settings::default()
+            })
         };
         if path.extension().is_some_and(|e| e == "json") {
             return azure(path, warnings);
