@@ -1,7 +1,7 @@
 //! The Kubernetes manifests under `deploy/` (not `deploy/examples`, which are conformance
 //! cases, nor `deploy/grafana`; from `deploy/prometheus` only the Kubernetes objects):
 //!
-//! - every object is validated against the Kubernetes 1.33 OpenAPI schemas, strictly
+//! - every object is validated against the Kubernetes 1.30 to 1.34 OpenAPI schemas, strictly
 //!   (unknown fields are errors), by `kubernetes-validate` (PyPI; `cargo xtask setup`
 //!   installs it). Without it the check is skipped, unless NPM_REQUIRE_KUBERNETES_VALIDATE
 //!   is set (as `cargo xtask test` does);
@@ -24,8 +24,8 @@ use npm_agent::source::SourceSpec;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
-/// The Kubernetes version the manifests are validated against (k8s-openapi's feature).
-const KUBERNETES_VERSION: &str = "1.33.0";
+/// The Kubernetes versions the manifests are validated against, strictly.
+const VALIDATED_VERSIONS: [&str; 5] = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -129,19 +129,22 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         eprintln!("SKIP: kubernetes-validate not found (cargo xtask setup installs it)");
         return;
     };
-    let out = Command::new(&tool)
-        .args(["--kubernetes-version", KUBERNETES_VERSION, "--strict"])
-        .args(&files)
-        .output()
-        .expect("running kubernetes-validate");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kubernetes-validate failed:\n{stdout}\n{stderr}");
-    // One "passed" line per object.
-    let objects: usize = files.iter().map(|f| documents(f).len()).sum();
-    let passed = format!("{stdout}{stderr}").lines().filter(|l| l.contains(" passed ")).count();
-    assert_eq!(passed, objects, "{stdout}\n{stderr}");
-    assert!(!format!("{stdout}{stderr}").contains("ERROR"), "{stdout}\n{stderr}");
+    // Every Kubernetes version an operator may run it on (AKS's supported range).
+    for version in VALIDATED_VERSIONS {
+        let out = Command::new(&tool)
+            .args(["--kubernetes-version", version, "--strict"])
+            .args(&files)
+            .output()
+            .expect("running kubernetes-validate");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubernetes-validate {version} failed:\n{stdout}\n{stderr}");
+        // One "passed" line per object.
+        let objects: usize = files.iter().map(|f| documents(f).len()).sum();
+        let passed = format!("{stdout}{stderr}").lines().filter(|l| l.contains(" passed ")).count();
+        assert_eq!(passed, objects, "{version}: {stdout}\n{stderr}");
+        assert!(!format!("{stdout}{stderr}").contains("ERROR"), "{version}: {stdout}\n{stderr}");
+    }
 }
 
 #[test]

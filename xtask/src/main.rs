@@ -283,7 +283,7 @@ fn test() -> Result<()> {
             },
         ),
         Step::new(
-            "deploy manifests: kubernetes-validate (Kubernetes 1.33 schemas, strict) and what the agent needs of them",
+            "deploy manifests: kubernetes-validate (Kubernetes 1.30 to 1.34 schemas, strict) and what the agent needs of them",
             || {
                 run(cargo()
                     .args(["test", "--package", "npm-agent", "--test", "deploy_manifests"])
