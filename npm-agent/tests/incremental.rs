@@ -229,3 +229,64 @@ fn a_new_address_is_identified_before_isolation() {
         assert!(plan.allows_egress(&conn), "refused after {c:?} in {diff:#?}");
     }
 }
+
+/// Issue 10, item 11 (one huge policy): the endpoints one policy selects share its entries.
+/// A policy of 2,000 ipBlock rules selecting 50 pods of the node (each with labels of its own)
+/// costs the plan, its diff and the eBPF maps 2,000 entries, not 50 × 2,000; a new replica
+/// joins them with one change per direction, not 2,000.
+#[test]
+fn a_policy_s_entries_are_held_once_for_the_pods_it_selects() {
+    use npm_agent::dataplane::ebpf::translate::{MapOp, MapTranslator};
+    use npm_agent::model::{
+        CidrBlock, LabelSelector, Labels, Namespace, Node, ObjectKey, Peer, Pod, PodPhase, Policy,
+        Rule,
+    };
+    let pod = |i: u32| Pod {
+        key: ObjectKey::new("x", format!("p{i}")),
+        labels: Labels::from([("app".into(), "web".into()), ("id".into(), format!("{i}"))]).into(),
+        ip: Some(format!("10.0.0.{}", i + 1).parse().unwrap()),
+        ipv6: None,
+        node: Some("n1".into()),
+        phase: PodPhase::Running,
+        host_network: false,
+        terminating: false,
+        named_ports: vec![].into(),
+    };
+    let rules: Vec<Rule> = (0..2_000u32)
+        .map(|i| Rule {
+            peers: vec![Peer::Block(CidrBlock::new(
+                format!("172.16.{}.{}/32", i / 250, i % 250).parse().unwrap(),
+                [],
+            ))],
+            ports: vec![],
+        })
+        .collect();
+    let mut engine = Engine::new(Scope::Node("n1".into()));
+    let mut translator = MapTranslator::new();
+    let mut handle = |e: Event| {
+        let diff = engine.handle(e);
+        let ops = translator.translate(&diff);
+        (diff, ops, engine.stats())
+    };
+    handle(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![] }));
+    handle(Event::UpsertNamespace(Namespace::new("x", Labels::new())));
+    for i in 0..50 {
+        handle(Event::UpsertPod(pod(i)));
+    }
+    let (diff, ops, stats) = handle(Event::UpsertPolicy(Policy {
+        key: ObjectKey::new("x", "huge"),
+        pod_selector: LabelSelector::from_labels([("app", "web")]),
+        ingress: Some(rules),
+        egress: None,
+    }));
+    let allows = diff.changes.iter().filter(|c| matches!(c, Change::AddAllow { .. })).count();
+    assert_eq!(allows, 2_000, "one profile's entries");
+    let keys = ops.iter().filter(|o| matches!(o, MapOp::PolicyAdd { .. })).count();
+    assert_eq!(keys, 2_000, "one key per entry, once");
+    assert_eq!(stats.profiles, 1);
+    assert_eq!(stats.allow_entries, 2_000);
+    // A new replica: its endpoint, identity and profile, nothing of the policy's entries.
+    let (diff, ops, _) = handle(Event::UpsertPod(pod(50)));
+    assert!(!diff.changes.iter().any(|c| matches!(c, Change::AddAllow { .. })), "{diff:?}");
+    assert!(ops.len() <= 6, "{ops:?}");
+}
