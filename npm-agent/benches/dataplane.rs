@@ -18,8 +18,8 @@ use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::testrun;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::{
-    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
-    Policy, PortSpec, Protocol, Rule,
+    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, Policy,
+    PortSpec, Protocol, Rule,
 };
 use npm_agent::state::Event;
 use npm_common::{DIR_EGRESS, DIR_INGRESS};
@@ -40,17 +40,8 @@ unsafe extern "C" {
 }
 
 fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
-    Pod {
-        key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
-        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
-        ipv6: None,
-        node: Some(node.into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
-        named_ports: vec![].into(),
-    }
+    let labels = BTreeMap::from([("app".to_string(), app.to_string())]);
+    Pod::running(ObjectKey::new(ns, name), labels, IpAddr::V4(Ipv4Addr::from(ip)), node)
 }
 
 /// Policy `i` selects the endpoint and admits one /32 (outside the client) on one port, so

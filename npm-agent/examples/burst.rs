@@ -22,8 +22,8 @@ use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::dataplane::iptables::{Backend, IptablesConfig, IptablesDataplane};
 use npm_agent::model::{
-    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
-    Policy, PortSpec, Protocol, Rule,
+    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, Policy,
+    PortSpec, Protocol, Rule,
 };
 use npm_agent::netns::Scratch;
 use npm_agent::source::{Batch, Source, SourceHealth};
@@ -45,21 +45,11 @@ impl Source for Nothing {
 }
 
 fn pod(name: &str, ip: Ipv4Addr, node: &str, group: u32) -> Pod {
-    Pod {
-        key: ObjectKey::new("x", name),
-        labels: BTreeMap::from([
-            ("app".into(), "web".into()),
-            ("group".into(), format!("g{}", group % 10)),
-        ])
-        .into(),
-        ip: Some(IpAddr::V4(ip)),
-        ipv6: None,
-        node: Some(node.into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
-        named_ports: vec![].into(),
-    }
+    let labels = BTreeMap::from([
+        ("app".into(), "web".into()),
+        ("group".into(), format!("g{}", group % 10)),
+    ]);
+    Pod::running(ObjectKey::new("x", name), labels, IpAddr::V4(ip), node)
 }
 
 fn policy(i: u32) -> Policy {

@@ -24,8 +24,8 @@ use npm_agent::dataplane::iptables::{Backend, IptablesConfig, IptablesDataplane}
 use npm_agent::model::convert::policy_to_k8s;
 use npm_agent::model::validate::network_policy;
 use npm_agent::model::{
-    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, PodPhase,
-    Policy, PortSpec, Protocol, Rule,
+    CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, Policy,
+    PortSpec, Protocol, Rule,
 };
 use npm_agent::netns::Scratch;
 use npm_agent::state::Event;
@@ -43,21 +43,9 @@ fn rss_mib() -> f64 {
 }
 
 fn pod(ns: &str, name: &str, ip: Ipv4Addr, node: &str, id: u32) -> Pod {
-    Pod {
-        key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([
-            ("app".into(), "web".into()),
-            ("id".into(), format!("{}", id % 100)),
-        ])
-        .into(),
-        ip: Some(IpAddr::V4(ip)),
-        ipv6: None,
-        node: Some(node.into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
-        named_ports: vec![].into(),
-    }
+    let labels =
+        BTreeMap::from([("app".into(), "web".into()), ("id".into(), format!("{}", id % 100))]);
+    Pod::running(ObjectKey::new(ns, name), labels, IpAddr::V4(ip), node)
 }
 
 fn rules(n: usize, salt: u8) -> Vec<Rule> {

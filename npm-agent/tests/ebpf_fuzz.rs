@@ -20,7 +20,7 @@ use npm_agent::dataplane::ebpf::kernel::boot_time_ns;
 use npm_agent::dataplane::ebpf::testrun::{self, PASS, TestInterfaces};
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::validate::network_policy;
-use npm_agent::model::{NamedPort, Namespace, Node, ObjectKey, Pod, PodPhase, Protocol};
+use npm_agent::model::{NamedPort, Namespace, Node, ObjectKey, Pod, Protocol};
 use npm_agent::state::Event;
 use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
@@ -43,17 +43,11 @@ fn root() -> bool {
 }
 
 fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str) -> Pod {
+    let labels = BTreeMap::from([("app".to_string(), app.to_string())]);
     Pod {
-        key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
-        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
-        ipv6: None,
-        node: Some(node.into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
         named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }]
             .into(),
+        ..Pod::running(ObjectKey::new(ns, name), labels, IpAddr::V4(Ipv4Addr::from(ip)), node)
     }
 }
 

@@ -17,7 +17,7 @@ use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::testrun::{self, DROP, PASS, TestInterfaces};
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
 use npm_agent::model::validate::network_policy;
-use npm_agent::model::{NamedPort, Namespace, Node, ObjectKey, Pod, PodPhase, Protocol};
+use npm_agent::model::{NamedPort, Namespace, Node, ObjectKey, Pod, Protocol};
 use npm_agent::state::Event;
 use npm_common::{CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, MAP_CT, Reason};
 
@@ -53,16 +53,10 @@ impl Drop for Harness {
 }
 
 fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, app: &str, named: Vec<NamedPort>) -> Pod {
+    let labels = BTreeMap::from([("app".to_string(), app.to_string())]);
     Pod {
-        key: ObjectKey::new(ns, name),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
-        ip: Some(IpAddr::V4(Ipv4Addr::from(ip))),
-        ipv6: None,
-        node: Some(node.into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
         named_ports: named.into(),
+        ..Pod::running(ObjectKey::new(ns, name), labels, IpAddr::V4(Ipv4Addr::from(ip)), node)
     }
 }
 

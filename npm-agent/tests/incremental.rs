@@ -238,19 +238,12 @@ fn a_new_address_is_identified_before_isolation() {
 fn a_policy_s_entries_are_held_once_for_the_pods_it_selects() {
     use npm_agent::dataplane::ebpf::translate::{MapOp, MapTranslator};
     use npm_agent::model::{
-        CidrBlock, LabelSelector, Labels, Namespace, Node, ObjectKey, Peer, Pod, PodPhase, Policy,
-        Rule,
+        CidrBlock, LabelSelector, Labels, Namespace, Node, ObjectKey, Peer, Pod, Policy, Rule,
     };
-    let pod = |i: u32| Pod {
-        key: ObjectKey::new("x", format!("p{i}")),
-        labels: Labels::from([("app".into(), "web".into()), ("id".into(), format!("{i}"))]).into(),
-        ip: Some(format!("10.0.0.{}", i + 1).parse().unwrap()),
-        ipv6: None,
-        node: Some("n1".into()),
-        phase: PodPhase::Running,
-        host_network: false,
-        terminating: false,
-        named_ports: vec![].into(),
+    let pod = |i: u32| {
+        let labels = Labels::from([("app".into(), "web".into()), ("id".into(), format!("{i}"))]);
+        let ip = format!("10.0.0.{}", i + 1).parse().unwrap();
+        Pod::running(ObjectKey::new("x", format!("p{i}")), labels, ip, "n1")
     };
     let rules: Vec<Rule> = (0..2_000u32)
         .map(|i| Rule {

@@ -384,16 +384,9 @@ fn layout_uses_azure_names() {
     n.handle(&Event::UpsertNamespace(Namespace::new("y", labels(&[("team", "a")])))).unwrap();
     n.handle(&Event::UpsertNode(nodes()[0].clone())).unwrap();
     let pod = |name: &str, ip: u8, l: &[(&str, &str)]| npm_agent::model::Pod {
-        key: ObjectKey::new("y", name),
-        labels: labels(l).into(),
-        ip: Some(pod_ip(ip)),
-        ipv6: None,
-        node: Some("n1".into()),
-        phase: npm_agent::model::PodPhase::Running,
-        host_network: false,
-        terminating: false,
         named_ports: vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }]
             .into(),
+        ..npm_agent::model::Pod::running(ObjectKey::new("y", name), labels(l), pod_ip(ip), "n1")
     };
     n.handle(&Event::UpsertPod(pod("a", 1, &[("pod", "a")]))).unwrap();
     n.handle(&Event::UpsertPod(pod("b", 2, &[("pod", "b")]))).unwrap();

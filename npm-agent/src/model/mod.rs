@@ -139,6 +139,22 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// A running pod with its own address and no named ports (tests, benchmarks, examples
+    /// set the rest with struct update syntax).
+    pub fn running(key: ObjectKey, labels: Labels, ip: IpAddr, node: &str) -> Pod {
+        Pod {
+            key,
+            labels: Arc::new(labels),
+            ip: Some(ip),
+            ipv6: None,
+            node: Some(node.to_string()),
+            phase: PodPhase::Running,
+            host_network: false,
+            terminating: false,
+            named_ports: Arc::new([]),
+        }
+    }
+
     /// Whether the pod takes part in policy as a peer or an endpoint: it has its own address
     /// (host-network pods share the node's and are never endpoints) and has not terminated
     /// (a terminated pod's address may already belong to a new pod).
