@@ -266,19 +266,37 @@ impl Output {
         self.released.push(p);
     }
 
+    /// A new profile, the one of `key`, made in this event.
+    fn new_profile(&mut self, key: ProfileKey, counts: HashMap<Allow, u32>) -> ProfileId {
+        self.next_profile += 1;
+        let p = self.next_profile;
+        for pid in &key.policies {
+            self.profiles_by_policy.entry(*pid).or_default().insert(p);
+        }
+        self.profile_ids.insert(key.clone(), p);
+        self.profiles.insert(p, ProfileEntry { key, counts, users: 0 });
+        self.diff.created.insert(p);
+        p
+    }
+
+    /// Profile `p` no longer holds policy `pid` (for membership changes).
+    fn unlink(&mut self, pid: PolicyId, p: ProfileId) {
+        if let Some(ps) = self.profiles_by_policy.get_mut(&pid) {
+            ps.remove(&p);
+            if ps.is_empty() {
+                self.profiles_by_policy.remove(&pid);
+            }
+        }
+    }
+
     /// A profile stops being its key's (see the module docs).
     fn stale(&mut self, p: ProfileId) {
-        let key = &self.profiles[&p].key;
-        if self.profile_ids.get(key) == Some(&p) {
-            self.profile_ids.remove(key);
+        let key = self.profiles[&p].key.clone();
+        if self.profile_ids.get(&key) == Some(&p) {
+            self.profile_ids.remove(&key);
         }
-        for pid in &key.policies {
-            if let Some(ps) = self.profiles_by_policy.get_mut(pid) {
-                ps.remove(&p);
-                if ps.is_empty() {
-                    self.profiles_by_policy.remove(pid);
-                }
-            }
+        for pid in key.policies {
+            self.unlink(pid, p);
         }
     }
 }
@@ -964,12 +982,7 @@ impl Engine {
             .filter(|x| old.policies.binary_search(x).is_err())
             .collect();
         for pid in &gone {
-            if let Some(ps) = self.out.profiles_by_policy.get_mut(pid) {
-                ps.remove(&p);
-                if ps.is_empty() {
-                    self.out.profiles_by_policy.remove(pid);
-                }
-            }
+            self.out.unlink(*pid, p);
             self.contribute(*pid, key.direction, p, false);
         }
         for pid in &new {
@@ -984,15 +997,7 @@ impl Engine {
         if let Some(&p) = self.out.profile_ids.get(&key) {
             return p;
         }
-        self.out.next_profile += 1;
-        let p = self.out.next_profile;
-        for pid in &key.policies {
-            self.out.profiles_by_policy.entry(*pid).or_default().insert(p);
-        }
-        self.out.profile_ids.insert(key.clone(), p);
-        let entry = ProfileEntry { key: key.clone(), counts: HashMap::new(), users: 0 };
-        self.out.profiles.insert(p, entry);
-        self.out.diff.created.insert(p);
+        let p = self.out.new_profile(key.clone(), HashMap::new());
         for pid in key.policies {
             self.contribute(pid, key.direction, p, true);
         }
@@ -1058,14 +1063,7 @@ impl Engine {
             (e.key.clone(), e.counts.clone())
         };
         self.out.stale(old);
-        self.out.next_profile += 1;
-        let p = self.out.next_profile;
-        for pid in &key.policies {
-            self.out.profiles_by_policy.entry(*pid).or_default().insert(p);
-        }
-        self.out.profile_ids.insert(key.clone(), p);
-        self.out.profiles.insert(p, ProfileEntry { key, counts, users: 0 });
-        self.out.diff.created.insert(p);
+        let p = self.out.new_profile(key, counts);
         let users: Vec<(ObjectKey, Direction)> = self
             .out
             .endpoints
@@ -1133,22 +1131,20 @@ impl Engine {
         }
         let mut joined: HashSet<ProfileId> = HashSet::new();
         for (key, d, new) in moves {
-            {
-                let new = new.map(|k| self.profile_for(k));
-                let old = self.out.endpoints[&key].profiles[di(d)];
-                if new == old {
-                    continue;
-                }
-                self.out.touch_isolation(&key, d);
-                if let Some(p) = old {
-                    self.out.release(p);
-                }
-                if let Some(p) = new {
-                    self.out.profiles.get_mut(&p).expect("profile").users += 1;
-                    joined.insert(p);
-                }
-                self.out.endpoints.get_mut(&key).expect("endpoint").profiles[di(d)] = new;
+            let new = new.map(|k| self.profile_for(k));
+            let old = self.out.endpoints[&key].profiles[di(d)];
+            if new == old {
+                continue;
             }
+            self.out.touch_isolation(&key, d);
+            if let Some(p) = old {
+                self.out.release(p);
+            }
+            if let Some(p) = new {
+                self.out.profiles.get_mut(&p).expect("profile").users += 1;
+                joined.insert(p);
+            }
+            self.out.endpoints.get_mut(&key).expect("endpoint").profiles[di(d)] = new;
         }
         let edited: HashSet<ProfileId> = self
             .out
