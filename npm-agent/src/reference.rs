@@ -104,6 +104,24 @@ pub fn allowed_between(
         && side_allows(state, dst, src, Direction::Ingress, protocol, port)
 }
 
+/// Whether node `node` lets a connection from `src` to `dst` through: the sides whose end is
+/// this node's pod (the other side is judged on its own node).
+pub fn allowed_on(
+    state: &ClusterState,
+    node: &str,
+    src: &End,
+    dst: &End,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    if src.ip == dst.ip {
+        return true;
+    }
+    let here = |e: &End| e.node.as_deref() == Some(node);
+    (!here(src) || side_allows(state, src, dst, Direction::Egress, protocol, port))
+        && (!here(dst) || side_allows(state, dst, src, Direction::Ingress, protocol, port))
+}
+
 /// Whether a packet from `src` reaching `dst`'s node claims an address that a pod of that
 /// node has, having come from another node: the node's programs (and rules) drop it as
 /// spoofed, whatever policy says, since they know their pods' interfaces.

@@ -179,9 +179,11 @@ fn own_node(state: &ClusterState, src: &End, dst: &End) -> bool {
     node_has(src, dst.ip) || node_has(dst, src.ip)
 }
 
-/// The specification's verdict on a probe.
-fn spec(state: &ClusterState, p: &Packet) -> bool {
-    reference::allowed(state, IpAddr::V4(p.src), IpAddr::V4(p.dst), p.protocol, p.dport)
+/// The specification's verdict on a probe, for the sides that `node` judges (its own
+/// pods'; the other node judges the other side).
+fn spec(state: &ClusterState, node: &str, p: &Packet) -> bool {
+    let (src, dst) = (End::at(state, IpAddr::V4(p.src)), End::at(state, IpAddr::V4(p.dst)));
+    reference::allowed_on(state, node, &src, &dst, p.protocol, p.dport)
 }
 
 /// Whether an address is held in the transition set (its new connections refused while its
@@ -196,14 +198,15 @@ fn in_transition(k: &TableEmulator, ip: Ipv4Addr) -> bool {
 /// state allows it, and admitted when both do (unless an end is in transition, whose new
 /// connections are refused for the moment); nothing is left in transition at the end.
 fn apply_checked(
+    node: &str,
     kernel: &mut TableEmulator,
     batches: &[Batch],
     old: &ClusterState,
     new: &ClusterState,
     all: &[Packet],
 ) -> Result<(), TestCaseError> {
-    let o: Vec<bool> = all.iter().map(|p| spec(old, p)).collect();
-    let n: Vec<bool> = all.iter().map(|p| spec(new, p)).collect();
+    let o: Vec<bool> = all.iter().map(|p| spec(old, node, p)).collect();
+    let n: Vec<bool> = all.iter().map(|p| spec(new, node, p)).collect();
     for (i, b) in batches.iter().enumerate() {
         // ipset applies a script command by command (packets see every step); an
         // iptables-restore transaction at once.
@@ -297,7 +300,7 @@ proptest! {
             current.apply(e);
             let all = probes("n1", &[&old, &current]);
             let batches = n.translator.translate(&diff);
-            apply_checked(&mut n.kernel, &batches, &old, &current, &all)?;
+            apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
         }
     }
 
@@ -326,14 +329,14 @@ proptest! {
         let mut t = RuleTranslator::new();
         let mut kernel = old.kernel.clone();
         let batches = t.reconcile(&new_plan, &kernel.state());
-        apply_checked(&mut kernel, &batches, &before, &now, &all)?;
+        apply_checked("n1", &mut kernel, &batches, &before, &now, &all)?;
         // Nothing of the old agent's is left, and the new one's rules decide like the
         // specification.
         let sets = t.desired_sets(&new_plan.layout);
         prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), kernel.sets.keys().cloned().collect::<Vec<_>>());
         prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names().into_iter().collect::<Vec<_>>());
         for p in probes("n1", &[&now]) {
-            prop_assert_eq!(kernel.forward(&p), spec(&now, &p), "{:?}", p);
+            prop_assert_eq!(kernel.forward(&p), spec(&now, "n1", &p), "{:?}", p);
         }
     }
 
@@ -370,7 +373,7 @@ proptest! {
         }
         // Every connection through the node is decided as the specification says.
         for p in probes("n1", &[&current]) {
-            prop_assert_eq!(n.kernel.forward(&p), spec(&current, &p), "{:?}", p);
+            prop_assert_eq!(n.kernel.forward(&p), spec(&current, "n1", &p), "{:?}", p);
         }
         let _ = t;
     }
@@ -424,11 +427,11 @@ fn layout_uses_azure_names() {
         vec!["-m conntrack --ctstate INVALID,NEW -j AZURE-NPM".to_string()]
     );
     let set = |r: &str| hashed_set_name(r);
-    // The jump matches the policy's namespace and pod label sets, as Azure NPM's does.
+    // The pod the policy selects walks it: a jump by its address (the policy's namespace and
+    // pod label sets are matched by the compiler, not per packet).
     let jump = format!(
-        "-m set --match-set {} dst -m set --match-set {} dst -m comment --comment \"INGRESS-POLICY-y/base-TO-ns-y-AND-podlabel-pod:a-IN-ns-y\" -j AZURE-NPM-INGRESS-2697641196",
-        set("ns-y"),
-        set("podlabel-pod:a")
+        "-d {}/32 -m comment --comment \"INGRESS-TO-POD-y/a\" -j AZURE-NPM-INGRESS-2697641196",
+        pod_ip(1)
     );
     assert!(
         n.kernel.rules("AZURE-NPM-INGRESS").contains(&jump),

@@ -41,6 +41,7 @@ use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
     Policy,
 };
+use crate::plan::layout::Dispatch;
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
     PeerSet, Plan, PlanDiff, Profile, ProfileId,
@@ -398,6 +399,7 @@ impl Engine {
                 .map(|ip| (*ip, true))
                 .collect(),
             dropped_keys: Vec::new(),
+            dispatch: self.dispatch_of(self.out.endpoint_at.keys().copied().collect()),
         };
         compiler.update(input);
         self.layout = Some(compiler);
@@ -1091,7 +1093,8 @@ impl Engine {
     /// but an endpoint moving onto (or off) a profile that is also being edited would see the
     /// edits that are neither its old entries nor its new ones. Such a profile is replaced:
     /// its users move, with the others, to a copy of its new entries.
-    fn move_endpoints(&mut self) {
+    /// (Returns the endpoints it looked at.)
+    fn move_endpoints(&mut self) -> Vec<ObjectKey> {
         let mut dirty: Vec<ObjectKey> = std::mem::take(&mut self.out.dirty).into_iter().collect();
         dirty.sort();
         let moves: Vec<(ObjectKey, Direction, Option<ProfileKey>)> = dirty
@@ -1182,6 +1185,27 @@ impl Engine {
                 }
             }
         }
+        dirty
+    }
+
+    /// For the layout: the dispatch now of the endpoint directions at `ips`.
+    fn dispatch_of(&self, ips: BTreeSet<IpAddr>) -> Vec<(Direction, IpAddr, Option<Dispatch>)> {
+        let mut out = Vec::new();
+        for ip in ips {
+            let ep = self.out.endpoint_at.get(&ip).map(|k| (k, &self.out.endpoints[k]));
+            for d in Direction::BOTH {
+                let x = ep.filter(|(_, e)| !e.policies[di(d)].is_empty()).map(|(k, e)| {
+                    let mut keys: Vec<ObjectKey> = e.policies[di(d)]
+                        .iter()
+                        .map(|p| self.idx.policies[p].policy.key.clone())
+                        .collect();
+                    keys.sort();
+                    Dispatch { pod: k.clone(), policies: keys.into() }
+                });
+                out.push((d, ip, x));
+            }
+        }
+        out
     }
 
     // ---- policies ----
@@ -1478,7 +1502,7 @@ impl Engine {
                 self.release_selector(sel);
             }
         }
-        self.move_endpoints();
+        let moved = self.move_endpoints();
         let diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(Stage, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
@@ -1646,13 +1670,19 @@ impl Engine {
         }
         let layout = match self.layout.take() {
             Some(mut compiler) => {
-                let input = self.layout_input(
+                let mut input = self.layout_input(
                     diff.identity_keys,
                     &changes,
                     diff.namespaces,
                     diff.policies,
                     quarantine,
                 );
+                let ips = moved
+                    .iter()
+                    .filter_map(|k| self.out.endpoints.get(k).map(|e| e.ip))
+                    .chain(diff.endpoints.keys().copied())
+                    .collect();
+                input.dispatch = self.dispatch_of(ips);
                 let layout = compiler.update(input);
                 self.layout = Some(compiler);
                 layout

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use super::layout::{LayoutCompiler, LayoutInput};
 use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{Direction, NamedPort, ObjectKey, Pod, Policy, PortSpec};
+use crate::plan::layout::Dispatch;
 use crate::plan::{
     Allow, EndpointPlan, IdentityId, IdentityKey, Layout, PeerMatch, PeerSelector, PeerSet, Plan,
     Profile, ProfileId, SetId,
@@ -61,6 +62,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     // direction and selecting policies (and the endpoint's own named ports, when those
     // policies resolve ingress named ports against it), as the engine shares them.
     let mut profile_ids: HashMap<ProfileKey, ProfileId> = HashMap::new();
+    let mut dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)> = Vec::new();
     for (ip, pod) in &owners {
         if !scope.is_local(pod) {
             continue;
@@ -74,6 +76,10 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             if policies.is_empty() {
                 continue;
             }
+            let mut names: Vec<ObjectKey> = policies.iter().map(|p| p.key.clone()).collect();
+            names.sort();
+            let x = Dispatch { pod: pod.key.clone(), policies: names.into() };
+            dispatch.push((direction, *ip, Some(x)));
             let own = direction == Direction::Ingress
                 && policies
                     .iter()
@@ -171,7 +177,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());
     }
-    plan.layout = layout(state, &plan, &identities);
+    plan.layout = layout(state, &plan, &identities, dispatch);
     plan
 }
 
@@ -197,7 +203,12 @@ fn new_profile(
 }
 
 /// The Azure NPM layout of `state` (cluster-wide: it follows every pod and policy).
-fn layout(state: &ClusterState, plan: &Plan, identities: &[(IdentityId, &IdentityKey)]) -> Layout {
+fn layout(
+    state: &ClusterState,
+    plan: &Plan,
+    identities: &[(IdentityId, &IdentityKey)],
+    dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)>,
+) -> Layout {
     let mut compiler = LayoutCompiler::new();
     compiler.update(LayoutInput {
         new_keys: identities.iter().map(|(id, k)| (*id, (*k).clone())).collect(),
@@ -215,6 +226,7 @@ fn layout(state: &ClusterState, plan: &Plan, identities: &[(IdentityId, &Identit
             .map(|(ip, _)| (*ip, true))
             .collect(),
         dropped_keys: Vec::new(),
+        dispatch,
     });
     compiler.layout()
 }

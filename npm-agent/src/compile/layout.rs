@@ -19,7 +19,8 @@ use crate::model::{
     Policy,
 };
 use crate::plan::layout::{
-    DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
+    DirectionLayout, Dispatch, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef,
+    SetMatch,
 };
 use crate::plan::{IdentityId, IdentityKey, PeerSelector};
 
@@ -38,6 +39,8 @@ pub struct LayoutInput<'a> {
     pub policies: Vec<(ObjectKey, Option<&'a Policy>)>,
     /// Local addresses entering (`true`) or leaving quarantine.
     pub quarantine: Vec<(IpAddr, bool)>,
+    /// Local endpoint directions whose dispatch may have changed: the dispatch now.
+    pub dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +66,7 @@ pub struct LayoutCompiler {
     sets: HashMap<SetDef, SetEntry>,
     policies: HashMap<ObjectKey, Arc<PolicyLayout>>,
     quarantined: BTreeSet<IpAddr>,
+    dispatch: BTreeMap<(Direction, IpAddr), Dispatch>,
 }
 
 /// One update's output and scratch.
@@ -226,14 +230,22 @@ impl LayoutCompiler {
         Layout {
             policies: self.policies.iter().map(|(k, l)| (k.clone(), l.clone())).collect(),
             sets: self.sets.iter().map(|(d, s)| (d.clone(), s.members.clone())).collect(),
+            dispatch: self.dispatch.clone(),
         }
     }
 
     /// Applies what one event changed; returns the layout's changes, in order.
     pub fn update(&mut self, input: LayoutInput<'_>) -> Vec<LayoutChange> {
         let mut out = Out::default();
-        let LayoutInput { new_keys, dropped_keys, mut addresses, namespaces, policies, quarantine } =
-            input;
+        let LayoutInput {
+            new_keys,
+            dropped_keys,
+            mut addresses,
+            namespaces,
+            policies,
+            quarantine,
+            dispatch,
+        } = input;
         let mut touched: BTreeSet<String> = BTreeSet::new();
         for (ip, on) in quarantine {
             self.quarantine(ip, on, &mut out);
@@ -295,8 +307,24 @@ impl LayoutCompiler {
         }
         // Namespaces appearing, going or relabelled: the lists holding their sets.
         self.update_namespace_lists(&touched, &mut out);
+        // Policies set, then the dispatch that names them, then policies removed.
         let policies: BTreeMap<ObjectKey, Option<&Policy>> = policies.into_iter().collect();
-        for (key, policy) in policies {
+        let (set, removed): (Vec<_>, Vec<_>) = policies.into_iter().partition(|(_, p)| p.is_some());
+        for (key, policy) in set {
+            self.update_policy(key, policy, &mut out);
+        }
+        let dispatch: BTreeMap<(Direction, IpAddr), Option<Dispatch>> =
+            dispatch.into_iter().map(|(d, ip, x)| ((d, ip), x)).collect();
+        for ((direction, ip), x) in dispatch {
+            let old = match &x {
+                Some(x) => self.dispatch.insert((direction, ip), x.clone()),
+                None => self.dispatch.remove(&(direction, ip)),
+            };
+            if old != x {
+                out.changes.push(LayoutChange::SetDispatch { direction, ip, dispatch: x });
+            }
+        }
+        for (key, policy) in removed {
             self.update_policy(key, policy, &mut out);
         }
         self.collect(&mut out);

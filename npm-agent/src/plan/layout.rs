@@ -15,6 +15,9 @@
 //!   the pods' labels, named ports and addresses and the namespaces' labels, cluster-wide.
 //! - `quarantine` holds the local addresses that several local pods claim (their
 //!   connections are refused both ways); it exists while it holds any.
+//! - The *dispatch*: for each local endpoint direction that policies isolate, the pod and
+//!   the policies selecting it (by name, sorted), so that a connection walks only the
+//!   policies of its own endpoints, not every policy's target in turn.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{CidrBlock, Direction, PortSpec, Protocol};
+use crate::model::{CidrBlock, Direction, ObjectKey, PortSpec, Protocol};
 
 /// A set of the layout: what it holds, which also gives its (Azure NPM) readable name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -149,12 +152,22 @@ impl PolicyLayout {
     }
 }
 
+/// A local endpoint direction's dispatch: its pod, and the policies selecting it for that
+/// direction (sorted by name; never empty).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Dispatch {
+    pub pod: ObjectKey,
+    pub policies: Arc<[ObjectKey]>,
+}
+
 /// The whole layout.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Layout {
-    pub policies: BTreeMap<crate::model::ObjectKey, Arc<PolicyLayout>>,
+    pub policies: BTreeMap<ObjectKey, Arc<PolicyLayout>>,
     /// (Each set's members behind an `Arc`: the compiler's copy and a plan's share them.)
     pub sets: BTreeMap<SetDef, Arc<BTreeSet<Member>>>,
+    /// Local endpoint directions isolated by policies: which policies they walk.
+    pub dispatch: BTreeMap<(Direction, IpAddr), Dispatch>,
 }
 
 /// One change of the layout.
@@ -186,11 +199,18 @@ pub enum LayoutChange {
     },
     /// A policy created or changed.
     SetPolicy {
-        key: crate::model::ObjectKey,
+        key: ObjectKey,
         layout: Arc<PolicyLayout>,
     },
     RemovePolicy {
-        key: crate::model::ObjectKey,
+        key: ObjectKey,
+    },
+    /// A local endpoint direction's dispatch set, changed, or (`None`) removed: after the
+    /// policies it names are set, before those it stopped naming are removed.
+    SetDispatch {
+        direction: Direction,
+        ip: IpAddr,
+        dispatch: Option<Dispatch>,
     },
 }
 
@@ -235,7 +255,26 @@ impl Layout {
                     self.policies
                         .remove(key)
                         .ok_or_else(|| format!("layout of policy {key} removed but absent"))?;
+                    if let Some(((d, ip), _)) =
+                        self.dispatch.iter().find(|(_, x)| x.policies.contains(key))
+                    {
+                        return Err(format!("policy {key} removed while {ip} {d:?} walks it"));
+                    }
                 }
+                LayoutChange::SetDispatch { direction, ip, dispatch } => match dispatch {
+                    Some(x) => {
+                        if let Some(p) = x.policies.iter().find(|p| !self.policies.contains_key(*p))
+                        {
+                            return Err(format!("{ip} {direction:?} walks absent policy {p}"));
+                        }
+                        self.dispatch.insert((*direction, *ip), x.clone());
+                    }
+                    None => {
+                        self.dispatch.remove(&(*direction, *ip)).ok_or_else(|| {
+                            format!("dispatch of {ip} {direction:?} removed but absent")
+                        })?;
+                    }
+                },
             }
         }
         Ok(())
@@ -284,6 +323,16 @@ impl Layout {
             if self.policies.get(key) != Some(l) {
                 out.push(LayoutChange::SetPolicy { key: key.clone(), layout: l.clone() });
             }
+        }
+        for ((direction, ip), x) in &to.dispatch {
+            if self.dispatch.get(&(*direction, *ip)) != Some(x) {
+                let (direction, ip, dispatch) = (*direction, *ip, Some(x.clone()));
+                out.push(LayoutChange::SetDispatch { direction, ip, dispatch });
+            }
+        }
+        for (direction, ip) in self.dispatch.keys().filter(|k| !to.dispatch.contains_key(*k)) {
+            let (direction, ip) = (*direction, *ip);
+            out.push(LayoutChange::SetDispatch { direction, ip, dispatch: None });
         }
         for key in self.policies.keys().filter(|k| !to.policies.contains_key(*k)) {
             out.push(LayoutChange::RemovePolicy { key: key.clone() });

@@ -55,6 +55,9 @@ struct Rule {
     text: String,
     protocol: Option<Protocol>,
     dports: Option<(u16, u16)>,
+    /// `-s` and `-d`.
+    src: Option<Ipv4Net>,
+    dst: Option<Ipv4Net>,
     /// (negated, set, what it looks at)
     sets: Vec<(bool, String, Flags)>,
     mark: Option<(u32, u32)>,
@@ -93,6 +96,8 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
         text: canonical,
         protocol: None,
         dports: None,
+        src: None,
+        dst: None,
         sets: Vec::new(),
         mark: None,
         ct_new: false,
@@ -114,6 +119,16 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
             }
             "-m" => {
                 next(&mut i)?;
+            }
+            "-s" | "-d" => {
+                let flag = w[i].clone();
+                let v = next(&mut i)?;
+                let net: Ipv4Net = v.parse().map_err(|_| format!("address {v} in {text}"))?;
+                if flag == "-s" {
+                    r.src = Some(net);
+                } else {
+                    r.dst = Some(net);
+                }
             }
             "--dport" => {
                 let v = next(&mut i)?;
@@ -477,6 +492,11 @@ impl TableEmulator {
     fn walk(&self, chain: &str, p: &Packet, mark: &mut u32, depth: usize) -> Option<bool> {
         assert!(depth < 16, "jump loop at {chain}");
         for r in self.chains.get(chain)? {
+            if r.src.is_some_and(|n| !n.contains(&p.src))
+                || r.dst.is_some_and(|n| !n.contains(&p.dst))
+            {
+                continue;
+            }
             if r.protocol.is_some_and(|pr| pr != p.protocol) {
                 continue;
             }

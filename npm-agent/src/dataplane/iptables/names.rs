@@ -38,6 +38,13 @@ pub fn policy_chain(ingress: bool, policy: &str) -> String {
     format!("{}-{}", if ingress { INGRESS } else { EGRESS }, hash(policy))
 }
 
+/// The chain of the policies that local endpoints walk together (readable name: the
+/// policies' names, joined by `,`), for one direction: `AZURE-NPM-IN-PODS-<hash>` or
+/// `AZURE-NPM-EG-PODS-<hash>` (28 characters at most, the kernel's limit).
+pub fn group_chain(ingress: bool, policies: &str) -> String {
+    format!("AZURE-NPM-{}-PODS-{}", if ingress { "IN" } else { "EG" }, hash(policies))
+}
+
 /// A comment as `iptables-save` prints it: bare when it is only letters, digits, `-` and `_`,
 /// else in double quotes with `"`, `\` and `'` escaped; cut to the kernel's limit.
 pub fn quote_comment(comment: &str) -> String {

@@ -49,6 +49,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -58,7 +59,7 @@ use super::names::{
 use super::saved::{KernelState, jumps_to_azure_npm};
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
-    DirectionLayout, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
+    DirectionLayout, Dispatch, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
 };
 use crate::plan::{Plan, PlanDiff};
 
@@ -201,8 +202,14 @@ struct SetState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ChainState {
     chain: String,
-    /// The jump, as `iptables-save` prints it after `-A AZURE-NPM-INGRESS `.
-    jump: String,
+    rules: Vec<String>,
+}
+
+/// The chain of the policies that several local endpoint directions walk (one policy is
+/// jumped to directly).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GroupState {
+    chain: String,
     rules: Vec<String>,
 }
 
@@ -231,6 +238,10 @@ pub struct RuleTranslator {
     /// Kernel set name → readable name (every name given out).
     names: HashMap<String, String>,
     chains: HashMap<(ObjectKey, Direction), ChainState>,
+    /// Local endpoint directions (IPv4) and the policies each walks.
+    dispatch: BTreeMap<(Direction, Ipv4Addr), Dispatch>,
+    /// The chains of the policy lists that dispatch names (two policies or more).
+    groups: HashMap<(Direction, Arc<[ObjectKey]>), GroupState>,
     /// Kernel chain name → the readable name it was claimed for.
     chain_names: HashMap<String, String>,
     /// Whether AZURE-NPM holds its rules (Azure NPM leaves it empty without policies).
@@ -430,10 +441,12 @@ impl RuleTranslator {
     pub fn encoded(&self) -> Encoded {
         Encoded {
             policies: self.chains.keys().map(|(k, _)| k).collect::<HashSet<_>>().len(),
-            chains: self.chains.len(),
+            chains: self.chains.len() + self.groups.len(),
             sets: self.all_sets().count(),
             set_members: self.all_sets().map(|(_, s)| s.members).sum(),
-            rules: self.chains.values().map(|c| c.rules.len() + 1).sum(),
+            rules: self.chains.values().map(|c| c.rules.len()).sum::<usize>()
+                + self.groups.values().map(|g| g.rules.len()).sum::<usize>()
+                + self.dispatch.len(),
         }
     }
 
@@ -541,13 +554,9 @@ impl RuleTranslator {
             Some(c) => c.chain.clone(),
             None => self.claim_chain(key, dir),
         };
-        let (own, peer) = match dir {
-            Direction::Ingress => ("dst", "src"),
-            Direction::Egress => ("src", "dst"),
-        };
-        let (word, peer_word) = match dir {
-            Direction::Ingress => ("INGRESS", "FROM"),
-            Direction::Egress => ("EGRESS", "TO"),
+        let (peer, peer_word) = match dir {
+            Direction::Ingress => ("src", "FROM"),
+            Direction::Egress => ("dst", "TO"),
         };
         let target = allow_target(dir);
         let mut rules = Vec::new();
@@ -578,14 +587,7 @@ impl RuleTranslator {
             ));
         }
         rules.push(drop_rule(dir));
-        let text: String =
-            l.target.iter().filter_map(|m| self.match_text(m.negated, &m.set, own)).collect();
-        let readable: Vec<String> = l.target.iter().map(|m| self.match_readable(m)).collect();
-        let to = if dir == Direction::Ingress { "TO" } else { "FROM" };
-        let comment =
-            format!("{word}-POLICY-{key}-{to}-{}-IN-ns-{}", readable.join("-AND-"), key.namespace);
-        let jump = format!("{text}-m comment --comment {} -j {chain}", quote_comment(&comment));
-        ChainState { chain, jump, rules }
+        ChainState { chain, rules }
     }
 
     fn claim_chain(&mut self, key: &ObjectKey, dir: Direction) -> String {
@@ -615,15 +617,10 @@ impl RuleTranslator {
                         ph.new_chains.push(format!(":{} - [0:0]", n.chain));
                         ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
                     }
-                    if old.as_ref().is_none_or(|o| o.jump != n.jump) {
-                        if let Some(o) = &old {
-                            ph.rules.push(format!("-D {} {}", base_of(dir), o.jump));
-                        }
-                        ph.rules.push(format!("-I {} 1 {}", base_of(dir), n.jump));
-                    }
                 }
                 (Some(o), None) => {
-                    ph.del_rules.push(format!("-D {} {}", base_of(dir), o.jump));
+                    // (Nothing dispatches to it any more: the layout removes a policy after
+                    // the dispatch stops naming it, and the base chains are rewritten first.)
                     ph.del_rules.push(format!("-F {}", o.chain));
                     ph.del_chains.push(format!("-X {}", o.chain));
                     self.chain_names.remove(&o.chain);
@@ -633,6 +630,108 @@ impl RuleTranslator {
                 self.chains.insert(ck, n);
             }
         }
+    }
+
+    // ---- dispatch ----
+
+    /// The chain a local endpoint direction's rule jumps to: its one policy's, or its
+    /// group's.
+    fn dispatch_target(&self, d: Direction, x: &Dispatch) -> Option<&str> {
+        match &*x.policies {
+            [one] => self.chains.get(&(one.clone(), d)).map(|c| c.chain.as_str()),
+            _ => self.groups.get(&(d, x.policies.clone())).map(|g| g.chain.as_str()),
+        }
+    }
+
+    /// A base chain's dispatch rules (by address), then its tail.
+    fn base_chain_rules(&self, d: Direction) -> Vec<String> {
+        let (flag, word) = match d {
+            Direction::Ingress => ("-d", "INGRESS-TO-POD"),
+            Direction::Egress => ("-s", "EGRESS-FROM-POD"),
+        };
+        let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
+        let mut rules: Vec<String> = self
+            .dispatch
+            .range(range)
+            .filter_map(|((_, ip), x)| {
+                let target = self.dispatch_target(d, x)?;
+                let comment = quote_comment(&format!("{word}-{}", x.pod));
+                Some(format!("{flag} {ip}/32 -m comment --comment {comment} -j {target}"))
+            })
+            .collect();
+        match d {
+            Direction::Ingress => rules.push(ingress_tail()),
+            Direction::Egress => rules.extend(egress_tail()),
+        }
+        rules
+    }
+
+    /// A group's rules: a jump to each policy's chain, in order.
+    fn group_rules(&self, d: Direction, policies: &[ObjectKey]) -> Vec<String> {
+        let word = if d == Direction::Ingress { "INGRESS" } else { "EGRESS" };
+        policies
+            .iter()
+            .filter_map(|k| {
+                let c = self.chains.get(&(k.clone(), d))?;
+                let comment = quote_comment(&format!("{word}-POLICY-{k}"));
+                Some(format!("-m comment --comment {comment} -j {}", c.chain))
+            })
+            .collect()
+    }
+
+    fn claim_group(&mut self, d: Direction, policies: &[ObjectKey]) -> String {
+        let readable: Vec<String> = policies.iter().map(ToString::to_string).collect();
+        let readable = readable.join(",");
+        for k in 0.. {
+            let chain = names::group_chain(d == Direction::Ingress, &alternate(&readable, k));
+            if !self.chain_names.contains_key(&chain) {
+                self.chain_names.insert(chain.clone(), readable);
+                return chain;
+            }
+        }
+        unreachable!()
+    }
+
+    /// Makes the groups of `d` those its dispatch names (new ones written, unused ones
+    /// removed); with `ph`, the changes go into it and the base chain is rewritten (in the
+    /// diff's one transaction: every endpoint direction moves atomically).
+    fn render_dispatch(&mut self, d: Direction, ph: Option<&mut Phases>) {
+        let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
+        let wanted: BTreeSet<Arc<[ObjectKey]>> = self
+            .dispatch
+            .range(range)
+            .map(|(_, x)| x.policies.clone())
+            .filter(|p| p.len() > 1)
+            .collect();
+        let mut new_chains = Vec::new();
+        let mut rules = Vec::new();
+        let new: Vec<Arc<[ObjectKey]>> =
+            wanted.iter().filter(|g| !self.groups.contains_key(&(d, (*g).clone()))).cloned().collect();
+        for g in new {
+            let chain = self.claim_group(d, &g);
+            let group_rules = self.group_rules(d, &g);
+            new_chains.push(format!(":{chain} - [0:0]"));
+            rules.extend(group_rules.iter().map(|r| format!("-A {chain} {r}")));
+            self.groups.insert((d, g), GroupState { chain, rules: group_rules });
+        }
+        let gone: Vec<(Direction, Arc<[ObjectKey]>)> =
+            self.groups.keys().filter(|(gd, g)| *gd == d && !wanted.contains(g)).cloned().collect();
+        let mut del_rules = Vec::new();
+        let mut del_chains = Vec::new();
+        for k in gone {
+            let g = self.groups.remove(&k).expect("group");
+            self.chain_names.remove(&g.chain);
+            del_rules.push(format!("-F {}", g.chain));
+            del_chains.push(format!("-X {}", g.chain));
+        }
+        let Some(ph) = ph else { return };
+        ph.new_chains.extend(new_chains);
+        ph.rules.extend(rules);
+        let base = base_of(d);
+        ph.rules.push(format!("-F {base}"));
+        ph.rules.extend(self.base_chain_rules(d).into_iter().map(|r| format!("-A {base} {r}")));
+        ph.del_rules.extend(del_rules);
+        ph.del_chains.extend(del_chains);
     }
 
     /// Writes AZURE-NPM's rules again when whether it has any, or whether they look at the
@@ -686,6 +785,9 @@ impl RuleTranslator {
         let mut ph = Phases::default();
         self.ensure_base(&mut ph);
         let quarantine_before = self.sets.contains_key(&SetDef::Quarantine);
+        // Endpoint directions whose dispatch changes, by direction, and their addresses.
+        let mut dispatched = [false; 2];
+        let mut moved: BTreeSet<Ipv4Addr> = BTreeSet::new();
         // Sets added by this diff, in order: their members go into their create blocks.
         let mut fresh: Vec<&SetDef> = Vec::new();
         let mut fresh_members: HashMap<&SetDef, BTreeSet<String>> = HashMap::new();
@@ -746,6 +848,23 @@ impl RuleTranslator {
                     self.set_policy(key, Some(layout), &mut ph)
                 }
                 LayoutChange::RemovePolicy { key } => self.set_policy(key, None, &mut ph),
+                LayoutChange::SetDispatch { direction, ip, dispatch } => {
+                    let Some(v) = v4(*ip) else {
+                        self.skipped_ipv6 += 1;
+                        continue;
+                    };
+                    match dispatch {
+                        Some(x) => self.dispatch.insert((*direction, v), x.clone()),
+                        None => self.dispatch.remove(&(*direction, v)),
+                    };
+                    dispatched[di(*direction)] = true;
+                    moved.insert(v);
+                }
+            }
+        }
+        for d in Direction::BOTH {
+            if dispatched[di(d)] {
+                self.render_dispatch(d, Some(&mut ph));
             }
         }
         for def in fresh {
@@ -765,7 +884,11 @@ impl RuleTranslator {
             // No rule looks at the transition set.
             ph.guard.clear();
         }
-        self.batches(ph, false)
+        // An address whose memberships change while its dispatch changes stays in
+        // transition until both have: its own side and its peers' would otherwise judge it
+        // by different labels for a moment.
+        let lift_after_rules = ph.guard.iter().any(|ip| moved.contains(ip));
+        self.batches(ph, lift_after_rules)
     }
 
     /// The batches of `ph`: (1) new sets, then member changes with their addresses in
@@ -863,6 +986,17 @@ impl RuleTranslator {
                 }
             }
         }
+        for ((d, ip), x) in &layout.dispatch {
+            match v4(*ip) {
+                Some(v) => {
+                    t.dispatch.insert((*d, v), x.clone());
+                }
+                None => t.skipped_ipv6 += 1,
+            }
+        }
+        for d in Direction::BOTH {
+            t.render_dispatch(d, None);
+        }
         t.active = !t.chains.is_empty() || t.sets.contains_key(&SetDef::Quarantine);
         t.kernel_kinds = None;
         let batches = t.reconcile_batches(kernel, layout);
@@ -890,28 +1024,22 @@ impl RuleTranslator {
         for c in names::BASE_CHAINS {
             chains.insert(c.to_string(), Vec::new());
         }
-        let mut jumps: [Vec<&String>; 2] = [Vec::new(), Vec::new()];
-        for ((_, dir), c) in &self.chains {
-            jumps[di(*dir)].push(&c.jump);
+        for c in self.chains.values() {
             chains.insert(c.chain.clone(), c.rules.clone());
         }
-        for j in &mut jumps {
-            j.sort();
+        for g in self.groups.values() {
+            chains.insert(g.chain.clone(), g.rules.clone());
         }
         if self.active && self.transition.is_some() {
             chains.insert(AZURE_NPM.to_string(), self.azure_npm_rules());
         }
-        let ing = chains.get_mut(INGRESS).expect("base");
-        ing.extend(jumps[0].iter().map(|j| j.to_string()));
-        ing.push(ingress_tail());
         for (chain, rule) in base_rules() {
             if chain == INGRESS_ALLOW_MARK || chain == ACCEPT {
                 chains.get_mut(chain).expect("base").push(rule);
             }
         }
-        let eg = chains.get_mut(EGRESS).expect("base");
-        eg.extend(jumps[1].iter().map(|j| j.to_string()));
-        eg.extend(egress_tail());
+        chains.insert(INGRESS.to_string(), self.base_chain_rules(Direction::Ingress));
+        chains.insert(EGRESS.to_string(), self.base_chain_rules(Direction::Egress));
         chains
     }
 
@@ -1043,6 +1171,15 @@ impl RuleTranslator {
     /// The kernel name and readable name of every set, for explaining rules.
     pub fn set_names(&self) -> BTreeMap<String, String> {
         self.all_sets().map(|(_, s)| (s.name.clone(), s.readable.clone())).collect()
+    }
+
+    /// The chain that each local endpoint direction's new connections walk (its policy's or
+    /// its group's), for explaining rules.
+    pub fn dispatch_chains(&self) -> BTreeMap<(Direction, Ipv4Addr), String> {
+        self.dispatch
+            .iter()
+            .filter_map(|(k, x)| Some((*k, self.dispatch_target(k.0, x)?.to_string())))
+            .collect()
     }
 
     /// The chain of every policy direction: (policy, direction) → chain.
