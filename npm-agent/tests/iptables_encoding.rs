@@ -23,7 +23,7 @@ use npm_agent::dataplane::azure::hashed_set_name;
 use npm_agent::dataplane::iptables::emulator::{Packet, TableEmulator};
 use npm_agent::dataplane::iptables::translate::{Batch, RuleTranslator, Tool};
 use npm_agent::model::Protocol;
-use npm_agent::plan::Plan;
+use npm_agent::plan::{Layout, Plan, PlanDiff};
 use npm_agent::reference::{self, End};
 use npm_agent::state::{ClusterState, Event};
 
@@ -31,6 +31,8 @@ struct Node {
     engine: Engine,
     translator: RuleTranslator,
     kernel: TableEmulator,
+    /// The layout the kernel holds, which the dataplane advances by each apply's net move.
+    layout: Layout,
 }
 
 impl Node {
@@ -39,6 +41,7 @@ impl Node {
             engine: Engine::new(Scope::Node(node.into())).with_layout(),
             translator: RuleTranslator::new(),
             kernel: TableEmulator::default(),
+            layout: Layout::default(),
         };
         // Start-up: a reconcile over an empty kernel.
         let batches = n.translator.reconcile(&Plan::default(), &n.kernel.state());
@@ -50,12 +53,19 @@ impl Node {
 
     fn handle(&mut self, e: &Event) -> Result<(), TestCaseError> {
         let diff = self.engine.handle(e.clone());
-        for b in self.translator.translate(&diff) {
+        for b in self.batches(&diff)? {
             self.kernel.apply(&b).map_err(|err| {
                 TestCaseError::fail(format!("{} failed: {err}\n{}", b.step, b.script))
             })?;
         }
         Ok(())
+    }
+
+    /// The batches of one diff (or of several, concatenated), as the dataplane makes them:
+    /// the net move of the layout, translated.
+    fn batches(&mut self, diff: &PlanDiff) -> Result<Vec<Batch>, TestCaseError> {
+        let layout = self.layout.advance(&diff.layout).map_err(TestCaseError::fail)?;
+        Ok(self.translator.translate(&PlanDiff { changes: Vec::new(), layout }))
     }
 }
 
@@ -186,6 +196,14 @@ fn spec(state: &ClusterState, node: &str, p: &Packet) -> bool {
     reference::allowed_on(state, node, &src, &dst, p.protocol, p.dport)
 }
 
+/// Every connection through node `n1` is decided as the specification says.
+fn check_node(state: &ClusterState, n: &Node) -> Result<(), TestCaseError> {
+    for p in probes("n1", &[state]) {
+        prop_assert_eq!(n.kernel.forward(&p), spec(state, "n1", &p), "{:?}", p);
+    }
+    Ok(())
+}
+
 /// Whether an address is held in the transition set (its new connections refused while its
 /// set memberships change).
 fn in_transition(k: &TableEmulator, ip: Ipv4Addr) -> bool {
@@ -299,9 +317,35 @@ proptest! {
             let diff = n.engine.handle(e.clone());
             current.apply(e);
             let all = probes("n1", &[&old, &current]);
-            let batches = n.translator.translate(&diff);
+            let batches = n.batches(&diff)?;
             apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
         }
+    }
+
+    #[test]
+    fn bursts_apply_make_before_break(
+        state in cluster(),
+        bursts in proptest::collection::vec(proptest::collection::vec(event(), 1..5), 1..4),
+    ) {
+        // Several events' diffs applied at once (a burst): no state between the burst's
+        // first and last admits what neither of those two does.
+        let mut n = Node::new("n1");
+        for e in initial_events(&state) {
+            n.handle(&e)?;
+        }
+        let mut current = state.clone();
+        for burst in &bursts {
+            let old = current.clone();
+            let mut diff = PlanDiff::default();
+            for e in burst {
+                diff.extend(n.engine.handle(e.clone()));
+                current.apply(e);
+            }
+            let all = probes("n1", &[&old, &current]);
+            let batches = n.batches(&diff)?;
+            apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
+        }
+        check_node(&current, &n)?;
     }
 
     #[test]
@@ -354,7 +398,7 @@ proptest! {
                 // The agent applies nothing more until it has reconciled.
                 continue;
             }
-            for b in n.translator.translate(&diff) {
+            for b in n.batches(&diff)? {
                 // One batch somewhere is lost (the process failed every try); the rest of
                 // its diff is not applied.
                 if batches_seen == target {

@@ -191,10 +191,9 @@ impl Agent {
     /// is in sync; the whole plan when this batch completes the initial sync.
     pub fn handle_batch(&mut self, batch: Batch) {
         let n = batch.events.len();
-        let together = if self.dataplane.takes_diffs_together() { MAX_EVENTS_PER_APPLY } else { 1 };
         let mut events = batch.events.into_iter().peekable();
         while events.peek().is_some() {
-            self.handle_events(events.by_ref().take(together).collect());
+            self.handle_events(events.by_ref().take(MAX_EVENTS_PER_APPLY).collect());
         }
         if batch.generation.is_some() {
             self.pending_generation = batch.generation;

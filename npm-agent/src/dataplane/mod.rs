@@ -39,12 +39,8 @@ pub trait Dataplane {
     fn renders_layout(&self) -> bool {
         false
     }
-    /// Whether `apply` takes several events' diffs concatenated (each one after the other):
-    /// the agent then applies a burst of events at once.
-    fn takes_diffs_together(&self) -> bool {
-        true
-    }
-    /// Applies one diff, in its order (make-before-break).
+    /// Applies one diff, in its order (make-before-break): one event's, or several events'
+    /// concatenated (each one after the other, as a burst is applied).
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;
     /// Makes the dataplane enforce exactly `plan`, whatever it held before (start-up,
     /// including state left pinned by a previous agent): adds first, then removes.

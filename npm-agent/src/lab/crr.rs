@@ -4,8 +4,9 @@
 //! enforcing N policies that select the server. Configurations are interleaved over rounds, so
 //! the machine's drift falls on every one alike; each figure is the median of its rounds.
 //!
-//! The admitting policy is applied last (in iptables mode, the last policy chain a connection
-//! walks through); the others each admit a /32 elsewhere on another port.
+//! The admitting policy is applied last and named to sort last (in iptables mode, the last
+//! policy chain a connection walks through: an endpoint walks its policies by name); the
+//! others each admit a /32 elsewhere on another port.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};

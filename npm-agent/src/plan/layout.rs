@@ -280,6 +280,17 @@ impl Layout {
         Ok(())
     }
 
+    /// Applies changes (one diff, or several diffs one after the other) and returns the net
+    /// move they make, in the promised order: what a dataplane that cannot take several
+    /// diffs' changes in one pass applies instead of them.
+    pub fn advance(&mut self, changes: &[LayoutChange]) -> Result<Vec<LayoutChange>, String> {
+        let mut next = self.clone();
+        next.apply(changes)?;
+        let net = self.diff(&next);
+        *self = next;
+        Ok(net)
+    }
+
     /// Changes that build this layout from nothing: sets with their members (lists after
     /// the sets they hold), then policies.
     pub fn as_changes(&self) -> Vec<LayoutChange> {
@@ -308,19 +319,26 @@ impl Layout {
         let mut regroup = BTreeSet::new();
         for (set, now) in &to.sets {
             let Some(was) = self.sets.get(set) else { continue };
+            // (The compiler shares unchanged sets with earlier layouts.)
+            if Arc::ptr_eq(now, was) {
+                continue;
+            }
+            // A list's member set stands for its addresses, as they are in either layout.
             for m in now.difference(was) {
                 members.push(LayoutChange::AddMember { set: set.clone(), member: m.clone() });
                 regroup.extend(self.addresses_of(m));
+                regroup.extend(to.addresses_of(m));
             }
             for m in was.difference(now) {
                 members.push(LayoutChange::RemoveMember { set: set.clone(), member: m.clone() });
                 regroup.extend(self.addresses_of(m));
+                regroup.extend(to.addresses_of(m));
             }
         }
         out.extend(regroup.into_iter().map(|ip| LayoutChange::Regroup { ip }));
         out.extend(members);
         for (key, l) in &to.policies {
-            if self.policies.get(key) != Some(l) {
+            if self.policies.get(key).is_none_or(|o| !Arc::ptr_eq(o, l) && o != l) {
                 out.push(LayoutChange::SetPolicy { key: key.clone(), layout: l.clone() });
             }
         }

@@ -16,7 +16,7 @@ use super::translate::{self, Batch, RuleTranslator, STEP_DEL_SETS, Tool};
 use crate::dataplane::azure::SET_PREFIX;
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
-use crate::plan::{Plan, PlanDiff};
+use crate::plan::{Layout, Plan, PlanDiff};
 
 const NAME: &str = "iptables";
 
@@ -110,6 +110,9 @@ pub struct IptablesDataplane {
     backend: Backend,
     backend_reason: String,
     translator: RuleTranslator,
+    /// The layout the kernel holds (as of the last apply or reconcile): a burst's diffs are
+    /// applied as one net move from it.
+    layout: Layout,
     /// The source checks and the IPv6 fail-closed rules (see [`guard`]).
     guard: Guard,
     stats: ApplyStats,
@@ -158,6 +161,7 @@ impl IptablesDataplane {
             backend,
             backend_reason,
             translator: RuleTranslator::new(),
+            layout: Layout::default(),
             guard: Guard::default(),
             stats: ApplyStats::default(),
             damaged: Arc::new(AtomicBool::new(false)),
@@ -354,15 +358,6 @@ impl Dataplane for IptablesDataplane {
         NAME
     }
 
-    fn takes_diffs_together(&self) -> bool {
-        // Not yet (issue 16): the translator groups a diff's set and rule changes into three
-        // phases, which assumes a net diff (a member removed by one event and added back by
-        // the next would end up missing), and a net diff of several events may widen a chain
-        // for a moment (a new pod's address joins a policy's target set before the policy's
-        // deletion in the same batch takes its chain away).
-        false
-    }
-
     fn renders_layout(&self) -> bool {
         true
     }
@@ -376,7 +371,16 @@ impl Dataplane for IptablesDataplane {
                     .into(),
             });
         }
-        let batches = self.translator.translate(diff);
+        // The translator groups a diff's set and rule changes into three phases, which needs
+        // a net diff: several events' diffs (a burst) become the one move from the layout
+        // the kernel holds to the layout after the last of them.
+        // (After a failure the next reconcile starts from the plan, whatever the kernel got.)
+        let layout = self.layout.advance(&diff.layout).map_err(|e| DataplaneError::Apply {
+            dataplane: NAME,
+            operation: "following the layout".into(),
+            message: e,
+        })?;
+        let batches = self.translator.translate(&PlanDiff { changes: Vec::new(), layout });
         self.run_batches(&batches, |_| {})?;
         self.guard.apply(diff);
         self.write_guard(false)?;
@@ -396,6 +400,7 @@ impl Dataplane for IptablesDataplane {
         self.damaged.store(false, Ordering::SeqCst);
         let kernel = self.read_state()?;
         let batches = self.translator.reconcile(plan, &kernel);
+        self.layout = plan.layout.clone();
         self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
         self.guard.reconcile(plan);
         self.write_guard(true)?;

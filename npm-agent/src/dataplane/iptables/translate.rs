@@ -5,10 +5,15 @@
 //!
 //! # Encoding
 //! - Every NetworkPolicy gets a chain per direction it covers,
-//!   `AZURE-NPM-{INGRESS,EGRESS}-<FNV-1a of "<namespace>/<name>">`, jumped to from
-//!   `AZURE-NPM-INGRESS` (by destination) or `AZURE-NPM-EGRESS` (by source) by a rule that
-//!   matches the policy's pod selector: `ns-<namespace>` and the label sets of its
-//!   requirements, all together.
+//!   `AZURE-NPM-{INGRESS,EGRESS}-<FNV-1a of "<namespace>/<name>">`.
+//! - Dispatch (where this layout departs from Azure NPM's, which jumps to every policy's
+//!   chain through a rule matching the policy's pod selector sets, so that each new
+//!   connection walks every policy of the cluster): `AZURE-NPM-INGRESS` (by destination)
+//!   and `AZURE-NPM-EGRESS` (by source) hold one rule per local pod that policies isolate,
+//!   `-d <pod>/32` (`-s`), jumping to its one policy's chain, or to the chain of its
+//!   policies, `AZURE-NPM-IN-PODS-<hash>` / `AZURE-NPM-EG-PODS-<hash>` (a jump to each
+//!   policy's chain, by name; shared by the pods that the same policies select). The
+//!   compiler says which policies select each local pod; a connection walks only those.
 //! - A selector becomes a conjunction of sets: `ns-<ns>` (the pods of a namespace, hash:net),
 //!   `podlabel-<key>` / `podlabel-<key>:<value>` (pods with the label, hash:net, cluster-wide),
 //!   `nestedlabel-<key>:<v1>:<v2>` (list:set of podlabel sets, for `In` with several values),
@@ -26,12 +31,20 @@
 //!   encoding leaves IPv6 members and blocks out (counted in `skipped_ipv6`).
 //!
 //! # Order (make-before-break)
-//! Every diff becomes up to three batches, each one process:
+//! Every diff becomes up to three batches, each one process (four when the transition is
+//! lifted on its own):
 //! 1. `ipset`: new sets with their members; then, for addresses whose memberships change,
-//!    the address joins the `transition` set, the memberships change, and it leaves again;
-//! 2. `iptables`: every chain, rule and jump change of the diff in one transaction (atomic):
-//!    a policy is created, rewritten or removed at once;
-//! 3. `ipset`: sets no longer referenced are destroyed.
+//!    the address joins the `transition` set and the memberships change;
+//! 2. `iptables`: every chain, rule and dispatch change of the diff in one transaction
+//!    (atomic): a policy is created, rewritten or removed at once, an endpoint moves to its
+//!    new policies at once;
+//! 3. `ipset`: the addresses leave `transition` (at the end of 1 when the diff writes no
+//!    rule); sets no longer referenced are destroyed.
+//!
+//! The dataplane hands the translator net diffs: a burst of events' diffs becomes the one
+//! move from the layout the kernel holds to the layout after the burst (`Layout::diff`).
+//! Between 1 and 2 the old rules judge the new memberships, but every address whose
+//! memberships changed is in transition then, and the others are judged as before.
 //!
 //! Set memberships cannot change atomically, and selectors are conjunctions: adding an
 //! address to its new label sets before removing it from its old ones would, for a moment,
@@ -785,9 +798,8 @@ impl RuleTranslator {
         let mut ph = Phases::default();
         self.ensure_base(&mut ph);
         let quarantine_before = self.sets.contains_key(&SetDef::Quarantine);
-        // Endpoint directions whose dispatch changes, by direction, and their addresses.
+        // Whether the dispatch of each direction changes.
         let mut dispatched = [false; 2];
-        let mut moved: BTreeSet<Ipv4Addr> = BTreeSet::new();
         // Sets added by this diff, in order: their members go into their create blocks.
         let mut fresh: Vec<&SetDef> = Vec::new();
         let mut fresh_members: HashMap<&SetDef, BTreeSet<String>> = HashMap::new();
@@ -858,7 +870,6 @@ impl RuleTranslator {
                         None => self.dispatch.remove(&(*direction, v)),
                     };
                     dispatched[di(*direction)] = true;
-                    moved.insert(v);
                 }
             }
         }
@@ -884,11 +895,13 @@ impl RuleTranslator {
             // No rule looks at the transition set.
             ph.guard.clear();
         }
-        // An address whose memberships change while its dispatch changes stays in
-        // transition until both have: its own side and its peers' would otherwise judge it
-        // by different labels for a moment.
-        let lift_after_rules = ph.guard.iter().any(|ip| moved.contains(ip));
-        self.batches(ph, lift_after_rules)
+        // Addresses whose memberships change stay in transition until the rules are
+        // written too, when the diff writes any: the rules of one state and the memberships
+        // of the other would judge them together otherwise (a pod relabelled and its
+        // dispatch moved; in a burst's net diff, a policy changed by one event and a pod by
+        // another).
+        let writes_rules = !ph.rules.is_empty() || !ph.del_rules.is_empty();
+        self.batches(ph, writes_rules)
     }
 
     /// The batches of `ph`: (1) new sets, then member changes with their addresses in
