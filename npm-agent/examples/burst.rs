@@ -5,8 +5,8 @@
 //! and admits a client selector and an ipBlock on its own port. Delivered as the Kubernetes
 //! source delivers what is queued (one batch), and, for comparison, one event per batch. The
 //! eBPF dataplane writes real maps (programs not attached); the iptables dataplane (both
-//! backends) a scratch network namespace, with IPTABLES_POLICIES policies (default 1,000:
-//! it applies them one by one). As root.
+//! backends) a scratch network namespace, with IPTABLES_POLICIES policies (default N), in one
+//! batch. As root.
 //!
 //! ```text
 //! cargo run --release -p npm-agent --example burst [N [IPTABLES_POLICIES]]
@@ -110,7 +110,7 @@ const TAG: &str = "npm-burst";
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u32>().expect("a number"));
     let n = args.next().unwrap_or(10_000);
-    let n_iptables = args.next().unwrap_or(1_000);
+    let n_iptables = args.next().unwrap_or(n);
     assert!(unsafe { libc::geteuid() } == 0, "run as root (maps, network namespaces)");
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-burst-{}", std::process::id()));
     for (what, per_batch) in [("one batch", n as usize), ("one event per batch", 1)] {
@@ -131,8 +131,8 @@ fn main() {
         .expect("open iptables");
         let (create, delete) = burst(Box::new(dp), n_iptables, n_iptables as usize);
         println!(
-            "iptables ({}), {n_iptables} policies, one batch (applied one by one): created in \
-             {create:.2?}, deleted in {delete:.2?}",
+            "iptables ({}), {n_iptables} policies, one batch: created in {create:.2?}, deleted \
+             in {delete:.2?}",
             backend.as_str()
         );
     }

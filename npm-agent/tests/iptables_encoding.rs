@@ -474,7 +474,7 @@ fn layout_uses_azure_names() {
     // The pod the policy selects walks it: a jump by its address (the policy's namespace and
     // pod label sets are matched by the compiler, not per packet).
     let jump = format!(
-        "-d {}/32 -m comment --comment \"INGRESS-TO-POD-y/a\" -j AZURE-NPM-INGRESS-2697641196",
+        "-d {}/32 -j AZURE-NPM-INGRESS-2697641196",
         pod_ip(1)
     );
     assert!(

@@ -41,7 +41,6 @@ use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
     Policy,
 };
-use crate::plan::layout::Dispatch;
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
     PeerSet, Plan, PlanDiff, Profile, ProfileId,
@@ -205,6 +204,9 @@ struct DiffBuilder {
     policies: HashMap<ObjectKey, bool>,
     /// Conflicts of the addresses whose claims changed, as they were before the event.
     conflicts: HashMap<IpAddr, Option<Conflict>>,
+    /// For the layout's dispatch: (policy, local endpoint direction) pairs touched, whether
+    /// each held before the event, and the policy's name.
+    dispatch: HashMap<(Direction, IpAddr, PolicyId), (bool, ObjectKey)>,
 }
 
 /// The local endpoints, their profiles and the profiles' counted allow entries: the plan,
@@ -399,7 +401,17 @@ impl Engine {
                 .map(|ip| (*ip, true))
                 .collect(),
             dropped_keys: Vec::new(),
-            dispatch: self.dispatch_of(self.out.endpoint_at.keys().copied().collect()),
+            dispatch: self
+                .out
+                .endpoints
+                .values()
+                .flat_map(|e| {
+                    Direction::BOTH
+                        .into_iter()
+                        .flat_map(move |d| e.policies[di(d)].iter().map(move |pid| (d, e.ip, *pid)))
+                })
+                .map(|(d, ip, pid)| (d, ip, self.idx.policies[&pid].policy.key.clone(), true))
+                .collect(),
         };
         compiler.update(input);
         self.layout = Some(compiler);
@@ -921,7 +933,11 @@ impl Engine {
         self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
         for d in Direction::BOTH {
             if self.idx.policies[&pid].policy.rules(d).is_some() {
-                self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].insert(pid);
+                let e = self.out.endpoints.get_mut(ep).expect("endpoint");
+                if e.policies[di(d)].insert(pid) && self.layout.is_some() {
+                    let key = self.idx.policies[&pid].policy.key.clone();
+                    self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((false, key));
+                }
             }
         }
         self.out.dirty.insert(ep.clone());
@@ -930,7 +946,11 @@ impl Engine {
     /// Policy `pid` stops selecting endpoint `ep`.
     fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
         for d in Direction::BOTH {
-            self.out.endpoints.get_mut(ep).expect("endpoint").policies[di(d)].remove(&pid);
+            let e = self.out.endpoints.get_mut(ep).expect("endpoint");
+            if e.policies[di(d)].remove(&pid) && self.layout.is_some() {
+                let key = self.idx.policies[&pid].policy.key.clone();
+                self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((true, key));
+            }
         }
         self.out.dirty.insert(ep.clone());
         let entry = self.idx.policies.get_mut(&pid).expect("policy");
@@ -1093,8 +1113,7 @@ impl Engine {
     /// but an endpoint moving onto (or off) a profile that is also being edited would see the
     /// edits that are neither its old entries nor its new ones. Such a profile is replaced:
     /// its users move, with the others, to a copy of its new entries.
-    /// (Returns the endpoints it looked at.)
-    fn move_endpoints(&mut self) -> Vec<ObjectKey> {
+    fn move_endpoints(&mut self) {
         let mut dirty: Vec<ObjectKey> = std::mem::take(&mut self.out.dirty).into_iter().collect();
         dirty.sort();
         let moves: Vec<(ObjectKey, Direction, Option<ProfileKey>)> = dirty
@@ -1185,27 +1204,6 @@ impl Engine {
                 }
             }
         }
-        dirty
-    }
-
-    /// For the layout: the dispatch now of the endpoint directions at `ips`.
-    fn dispatch_of(&self, ips: BTreeSet<IpAddr>) -> Vec<(Direction, IpAddr, Option<Dispatch>)> {
-        let mut out = Vec::new();
-        for ip in ips {
-            let ep = self.out.endpoint_at.get(&ip).map(|k| (k, &self.out.endpoints[k]));
-            for d in Direction::BOTH {
-                let x = ep.filter(|(_, e)| !e.policies[di(d)].is_empty()).map(|(k, e)| {
-                    let mut keys: Vec<ObjectKey> = e.policies[di(d)]
-                        .iter()
-                        .map(|p| self.idx.policies[p].policy.key.clone())
-                        .collect();
-                    keys.sort();
-                    Dispatch { pod: k.clone(), policies: keys.into() }
-                });
-                out.push((d, ip, x));
-            }
-        }
-        out
     }
 
     // ---- policies ----
@@ -1502,7 +1500,7 @@ impl Engine {
                 self.release_selector(sel);
             }
         }
-        let moved = self.move_endpoints();
+        self.move_endpoints();
         let diff = std::mem::take(&mut self.out.diff);
         let mut changes: Vec<(Stage, Change)> = Vec::new();
         // Endpoints that are new in this event get their whole state; endpoints that are
@@ -1677,12 +1675,17 @@ impl Engine {
                     diff.policies,
                     quarantine,
                 );
-                let ips = moved
-                    .iter()
-                    .filter_map(|k| self.out.endpoints.get(k).map(|e| e.ip))
-                    .chain(diff.endpoints.keys().copied())
+                input.dispatch = diff
+                    .dispatch
+                    .into_iter()
+                    .filter_map(|((d, ip, pid), (before, key))| {
+                        let after = self.out.endpoint_at.get(&ip).is_some_and(|k| {
+                            self.out.endpoints[k].policies[di(d)].contains(&pid)
+                                && self.idx.policies.get(&pid).is_some_and(|p| p.policy.key == key)
+                        });
+                        (before != after).then_some((d, ip, key, after))
+                    })
                     .collect();
-                input.dispatch = self.dispatch_of(ips);
                 let layout = compiler.update(input);
                 self.layout = Some(compiler);
                 layout

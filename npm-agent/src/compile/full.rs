@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use super::layout::{LayoutCompiler, LayoutInput};
 use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
 use crate::model::{Direction, NamedPort, ObjectKey, Pod, Policy, PortSpec};
-use crate::plan::layout::Dispatch;
 use crate::plan::{
     Allow, EndpointPlan, IdentityId, IdentityKey, Layout, PeerMatch, PeerSelector, PeerSet, Plan,
     Profile, ProfileId, SetId,
@@ -62,7 +61,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     // direction and selecting policies (and the endpoint's own named ports, when those
     // policies resolve ingress named ports against it), as the engine shares them.
     let mut profile_ids: HashMap<ProfileKey, ProfileId> = HashMap::new();
-    let mut dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)> = Vec::new();
+    let mut dispatch: Vec<(Direction, IpAddr, ObjectKey, bool)> = Vec::new();
     for (ip, pod) in &owners {
         if !scope.is_local(pod) {
             continue;
@@ -76,10 +75,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             if policies.is_empty() {
                 continue;
             }
-            let mut names: Vec<ObjectKey> = policies.iter().map(|p| p.key.clone()).collect();
-            names.sort();
-            let x = Dispatch { pod: pod.key.clone(), policies: names.into() };
-            dispatch.push((direction, *ip, Some(x)));
+            dispatch.extend(policies.iter().map(|p| (direction, *ip, p.key.clone(), true)));
             let own = direction == Direction::Ingress
                 && policies
                     .iter()
@@ -207,7 +203,7 @@ fn layout(
     state: &ClusterState,
     plan: &Plan,
     identities: &[(IdentityId, &IdentityKey)],
-    dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)>,
+    dispatch: Vec<(Direction, IpAddr, ObjectKey, bool)>,
 ) -> Layout {
     let mut compiler = LayoutCompiler::new();
     compiler.update(LayoutInput {

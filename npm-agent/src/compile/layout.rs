@@ -19,8 +19,7 @@ use crate::model::{
     Policy,
 };
 use crate::plan::layout::{
-    DirectionLayout, Dispatch, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef,
-    SetMatch,
+    DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
 };
 use crate::plan::{IdentityId, IdentityKey, PeerSelector};
 
@@ -39,8 +38,9 @@ pub struct LayoutInput<'a> {
     pub policies: Vec<(ObjectKey, Option<&'a Policy>)>,
     /// Local addresses entering (`true`) or leaving quarantine.
     pub quarantine: Vec<(IpAddr, bool)>,
-    /// Local endpoint directions whose dispatch may have changed: the dispatch now.
-    pub dispatch: Vec<(Direction, IpAddr, Option<Dispatch>)>,
+    /// (Policy, local endpoint direction) pairs that changed: whether the policy selects
+    /// the endpoint now.
+    pub dispatch: Vec<(Direction, IpAddr, ObjectKey, bool)>,
 }
 
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ pub struct LayoutCompiler {
     sets: HashMap<SetDef, SetEntry>,
     policies: HashMap<ObjectKey, Arc<PolicyLayout>>,
     quarantined: BTreeSet<IpAddr>,
-    dispatch: BTreeMap<(Direction, IpAddr), Dispatch>,
+    dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
 }
 
 /// One update's output and scratch.
@@ -313,15 +313,20 @@ impl LayoutCompiler {
         for (key, policy) in set {
             self.update_policy(key, policy, &mut out);
         }
-        let dispatch: BTreeMap<(Direction, IpAddr), Option<Dispatch>> =
-            dispatch.into_iter().map(|(d, ip, x)| ((d, ip), x)).collect();
-        for ((direction, ip), x) in dispatch {
-            let old = match &x {
-                Some(x) => self.dispatch.insert((direction, ip), x.clone()),
-                None => self.dispatch.remove(&(direction, ip)),
-            };
-            if old != x {
-                out.changes.push(LayoutChange::SetDispatch { direction, ip, dispatch: x });
+        let (on, off): (Vec<_>, Vec<_>) = dispatch.into_iter().partition(|x| x.3);
+        for (direction, ip, policy, _) in on {
+            let x = self.dispatch.entry((direction, ip)).or_default();
+            if Arc::make_mut(x).insert(policy.clone()) {
+                out.changes.push(LayoutChange::AddDispatch { direction, ip, policy });
+            }
+        }
+        for (direction, ip, policy, _) in off {
+            let Some(x) = self.dispatch.get_mut(&(direction, ip)) else { continue };
+            if Arc::make_mut(x).remove(&policy) {
+                if x.is_empty() {
+                    self.dispatch.remove(&(direction, ip));
+                }
+                out.changes.push(LayoutChange::RemoveDispatch { direction, ip, policy });
             }
         }
         for (key, policy) in removed {

@@ -38,7 +38,10 @@ pub fn policy(i: usize) -> Policy {
     Policy {
         // (The admitting policy's name sorts after the others': the iptables layout walks an
         // endpoint's policies by name, so it is walked last, the worst case.)
-        key: ObjectKey::new("x", if i == 0 { "bench-zz-admit".into() } else { format!("bench-{i}") }),
+        key: ObjectKey::new(
+            "x",
+            if i == 0 { "bench-zz-admit".into() } else { format!("bench-{i}") },
+        ),
         pod_selector: LabelSelector::from_labels([("app", "server")]),
         ingress: Some(vec![Rule {
             peers: vec![peer],

@@ -15,9 +15,10 @@
 //!   the pods' labels, named ports and addresses and the namespaces' labels, cluster-wide.
 //! - `quarantine` holds the local addresses that several local pods claim (their
 //!   connections are refused both ways); it exists while it holds any.
-//! - The *dispatch*: for each local endpoint direction that policies isolate, the pod and
-//!   the policies selecting it (by name, sorted), so that a connection walks only the
-//!   policies of its own endpoints, not every policy's target in turn.
+//! - The *dispatch*: for each local endpoint direction that policies isolate, the policies
+//!   selecting it, so that a connection walks only the policies of its own endpoints, not
+//!   every policy's target in turn. It changes a (policy, endpoint) pair at a time: a policy
+//!   selecting a thousand endpoints' worth of others costs one change per pod it selects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -152,22 +153,15 @@ impl PolicyLayout {
     }
 }
 
-/// A local endpoint direction's dispatch: its pod, and the policies selecting it for that
-/// direction (sorted by name; never empty).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Dispatch {
-    pub pod: ObjectKey,
-    pub policies: Arc<[ObjectKey]>,
-}
-
 /// The whole layout.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Layout {
     pub policies: BTreeMap<ObjectKey, Arc<PolicyLayout>>,
     /// (Each set's members behind an `Arc`: the compiler's copy and a plan's share them.)
     pub sets: BTreeMap<SetDef, Arc<BTreeSet<Member>>>,
-    /// Local endpoint directions isolated by policies: which policies they walk.
-    pub dispatch: BTreeMap<(Direction, IpAddr), Dispatch>,
+    /// Local endpoint directions isolated by policies: the policies selecting each (never
+    /// empty). (Behind an `Arc`, as the sets' members.)
+    pub dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
 }
 
 /// One change of the layout.
@@ -205,12 +199,18 @@ pub enum LayoutChange {
     RemovePolicy {
         key: ObjectKey,
     },
-    /// A local endpoint direction's dispatch set, changed, or (`None`) removed: after the
-    /// policies it names are set, before those it stopped naming are removed.
-    SetDispatch {
+    /// Policy `policy` now selects the local endpoint at `ip` for `direction` (after the
+    /// policy is set).
+    AddDispatch {
         direction: Direction,
         ip: IpAddr,
-        dispatch: Option<Dispatch>,
+        policy: ObjectKey,
+    },
+    /// It no longer does (before the policy is removed).
+    RemoveDispatch {
+        direction: Direction,
+        ip: IpAddr,
+        policy: ObjectKey,
     },
 }
 
@@ -255,26 +255,32 @@ impl Layout {
                     self.policies
                         .remove(key)
                         .ok_or_else(|| format!("layout of policy {key} removed but absent"))?;
-                    if let Some(((d, ip), _)) =
-                        self.dispatch.iter().find(|(_, x)| x.policies.contains(key))
+                    if let Some(((d, ip), _)) = self.dispatch.iter().find(|(_, x)| x.contains(key))
                     {
                         return Err(format!("policy {key} removed while {ip} {d:?} walks it"));
                     }
                 }
-                LayoutChange::SetDispatch { direction, ip, dispatch } => match dispatch {
-                    Some(x) => {
-                        if let Some(p) = x.policies.iter().find(|p| !self.policies.contains_key(*p))
-                        {
-                            return Err(format!("{ip} {direction:?} walks absent policy {p}"));
-                        }
-                        self.dispatch.insert((*direction, *ip), x.clone());
+                LayoutChange::AddDispatch { direction, ip, policy } => {
+                    if !self.policies.contains_key(policy) {
+                        return Err(format!("{ip} {direction:?} walks absent policy {policy}"));
                     }
-                    None => {
-                        self.dispatch.remove(&(*direction, *ip)).ok_or_else(|| {
-                            format!("dispatch of {ip} {direction:?} removed but absent")
-                        })?;
+                    let x = self.dispatch.entry((*direction, *ip)).or_default();
+                    if !Arc::make_mut(x).insert(policy.clone()) {
+                        return Err(format!("{ip} {direction:?} walks {policy} twice"));
                     }
-                },
+                }
+                LayoutChange::RemoveDispatch { direction, ip, policy } => {
+                    let k = (*direction, *ip);
+                    let x = self.dispatch.get_mut(&k);
+                    if !x.is_some_and(|x| Arc::make_mut(x).remove(policy)) {
+                        return Err(format!(
+                            "{ip} {direction:?} stops walking {policy} it did not"
+                        ));
+                    }
+                    if self.dispatch.get(&k).is_some_and(|x| x.is_empty()) {
+                        self.dispatch.remove(&k);
+                    }
+                }
             }
         }
         Ok(())
@@ -342,16 +348,27 @@ impl Layout {
                 out.push(LayoutChange::SetPolicy { key: key.clone(), layout: l.clone() });
             }
         }
-        for ((direction, ip), x) in &to.dispatch {
-            if self.dispatch.get(&(*direction, *ip)) != Some(x) {
-                let (direction, ip, dispatch) = (*direction, *ip, Some(x.clone()));
-                out.push(LayoutChange::SetDispatch { direction, ip, dispatch });
+        let none = BTreeSet::new();
+        let keys: BTreeSet<&(Direction, IpAddr)> =
+            self.dispatch.keys().chain(to.dispatch.keys()).collect();
+        let mut gone = Vec::new();
+        for k in keys {
+            let (was, now) = (self.dispatch.get(k), to.dispatch.get(k));
+            if let (Some(a), Some(b)) = (was, now)
+                && Arc::ptr_eq(a, b)
+            {
+                continue;
+            }
+            let (was, now) = (was.map_or(&none, |x| &**x), now.map_or(&none, |x| &**x));
+            let (direction, ip) = *k;
+            for policy in now.difference(was).cloned() {
+                out.push(LayoutChange::AddDispatch { direction, ip, policy });
+            }
+            for policy in was.difference(now).cloned() {
+                gone.push(LayoutChange::RemoveDispatch { direction, ip, policy });
             }
         }
-        for (direction, ip) in self.dispatch.keys().filter(|k| !to.dispatch.contains_key(*k)) {
-            let (direction, ip) = (*direction, *ip);
-            out.push(LayoutChange::SetDispatch { direction, ip, dispatch: None });
-        }
+        out.extend(gone);
         for key in self.policies.keys().filter(|k| !to.policies.contains_key(*k)) {
             out.push(LayoutChange::RemovePolicy { key: key.clone() });
         }

@@ -72,7 +72,7 @@ use super::names::{
 use super::saved::{KernelState, jumps_to_azure_npm};
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
-    DirectionLayout, Dispatch, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
+    DirectionLayout, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
 };
 use crate::plan::{Plan, PlanDiff};
 
@@ -252,9 +252,9 @@ pub struct RuleTranslator {
     names: HashMap<String, String>,
     chains: HashMap<(ObjectKey, Direction), ChainState>,
     /// Local endpoint directions (IPv4) and the policies each walks.
-    dispatch: BTreeMap<(Direction, Ipv4Addr), Dispatch>,
+    dispatch: BTreeMap<(Direction, Ipv4Addr), Arc<BTreeSet<ObjectKey>>>,
     /// The chains of the policy lists that dispatch names (two policies or more).
-    groups: HashMap<(Direction, Arc<[ObjectKey]>), GroupState>,
+    groups: HashMap<(Direction, Arc<BTreeSet<ObjectKey>>), GroupState>,
     /// Kernel chain name → the readable name it was claimed for.
     chain_names: HashMap<String, String>,
     /// Whether AZURE-NPM holds its rules (Azure NPM leaves it empty without policies).
@@ -649,27 +649,25 @@ impl RuleTranslator {
 
     /// The chain a local endpoint direction's rule jumps to: its one policy's, or its
     /// group's.
-    fn dispatch_target(&self, d: Direction, x: &Dispatch) -> Option<&str> {
-        match &*x.policies {
-            [one] => self.chains.get(&(one.clone(), d)).map(|c| c.chain.as_str()),
-            _ => self.groups.get(&(d, x.policies.clone())).map(|g| g.chain.as_str()),
+    fn dispatch_target(&self, d: Direction, x: &Arc<BTreeSet<ObjectKey>>) -> Option<&str> {
+        if x.len() == 1 {
+            let one = x.first().expect("one policy");
+            return self.chains.get(&(one.clone(), d)).map(|c| c.chain.as_str());
         }
+        self.groups.get(&(d, x.clone())).map(|g| g.chain.as_str())
     }
 
     /// A base chain's dispatch rules (by address), then its tail.
     fn base_chain_rules(&self, d: Direction) -> Vec<String> {
-        let (flag, word) = match d {
-            Direction::Ingress => ("-d", "INGRESS-TO-POD"),
-            Direction::Egress => ("-s", "EGRESS-FROM-POD"),
-        };
+        // (No comment: a comment is a match, walked by every connection; the address says
+        // which pod it is.)
+        let flag = if d == Direction::Ingress { "-d" } else { "-s" };
         let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
         let mut rules: Vec<String> = self
             .dispatch
             .range(range)
             .filter_map(|((_, ip), x)| {
-                let target = self.dispatch_target(d, x)?;
-                let comment = quote_comment(&format!("{word}-{}", x.pod));
-                Some(format!("{flag} {ip}/32 -m comment --comment {comment} -j {target}"))
+                Some(format!("{flag} {ip}/32 -j {}", self.dispatch_target(d, x)?))
             })
             .collect();
         match d {
@@ -680,7 +678,7 @@ impl RuleTranslator {
     }
 
     /// A group's rules: a jump to each policy's chain, in order.
-    fn group_rules(&self, d: Direction, policies: &[ObjectKey]) -> Vec<String> {
+    fn group_rules(&self, d: Direction, policies: &BTreeSet<ObjectKey>) -> Vec<String> {
         let word = if d == Direction::Ingress { "INGRESS" } else { "EGRESS" };
         policies
             .iter()
@@ -692,7 +690,7 @@ impl RuleTranslator {
             .collect()
     }
 
-    fn claim_group(&mut self, d: Direction, policies: &[ObjectKey]) -> String {
+    fn claim_group(&mut self, d: Direction, policies: &BTreeSet<ObjectKey>) -> String {
         let readable: Vec<String> = policies.iter().map(ToString::to_string).collect();
         let readable = readable.join(",");
         for k in 0.. {
@@ -710,16 +708,15 @@ impl RuleTranslator {
     /// diff's one transaction: every endpoint direction moves atomically).
     fn render_dispatch(&mut self, d: Direction, ph: Option<&mut Phases>) {
         let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
-        let wanted: BTreeSet<Arc<[ObjectKey]>> = self
-            .dispatch
-            .range(range)
-            .map(|(_, x)| x.policies.clone())
-            .filter(|p| p.len() > 1)
-            .collect();
+        let wanted: HashSet<Arc<BTreeSet<ObjectKey>>> =
+            self.dispatch.range(range).map(|(_, x)| x.clone()).filter(|p| p.len() > 1).collect();
         let mut new_chains = Vec::new();
         let mut rules = Vec::new();
-        let new: Vec<Arc<[ObjectKey]>> =
-            wanted.iter().filter(|g| !self.groups.contains_key(&(d, (*g).clone()))).cloned().collect();
+        let new: Vec<Arc<BTreeSet<ObjectKey>>> = wanted
+            .iter()
+            .filter(|g| !self.groups.contains_key(&(d, (*g).clone())))
+            .cloned()
+            .collect();
         for g in new {
             let chain = self.claim_group(d, &g);
             let group_rules = self.group_rules(d, &g);
@@ -727,7 +724,7 @@ impl RuleTranslator {
             rules.extend(group_rules.iter().map(|r| format!("-A {chain} {r}")));
             self.groups.insert((d, g), GroupState { chain, rules: group_rules });
         }
-        let gone: Vec<(Direction, Arc<[ObjectKey]>)> =
+        let gone: Vec<(Direction, Arc<BTreeSet<ObjectKey>>)> =
             self.groups.keys().filter(|(gd, g)| *gd == d && !wanted.contains(g)).cloned().collect();
         let mut del_rules = Vec::new();
         let mut del_chains = Vec::new();
@@ -860,15 +857,22 @@ impl RuleTranslator {
                     self.set_policy(key, Some(layout), &mut ph)
                 }
                 LayoutChange::RemovePolicy { key } => self.set_policy(key, None, &mut ph),
-                LayoutChange::SetDispatch { direction, ip, dispatch } => {
+                LayoutChange::AddDispatch { direction, ip, policy }
+                | LayoutChange::RemoveDispatch { direction, ip, policy } => {
                     let Some(v) = v4(*ip) else {
                         self.skipped_ipv6 += 1;
                         continue;
                     };
-                    match dispatch {
-                        Some(x) => self.dispatch.insert((*direction, v), x.clone()),
-                        None => self.dispatch.remove(&(*direction, v)),
-                    };
+                    let k = (*direction, v);
+                    let x = Arc::make_mut(self.dispatch.entry(k).or_default());
+                    if matches!(c, LayoutChange::AddDispatch { .. }) {
+                        x.insert(policy.clone());
+                    } else {
+                        x.remove(policy);
+                    }
+                    if x.is_empty() {
+                        self.dispatch.remove(&k);
+                    }
                     dispatched[di(*direction)] = true;
                 }
             }
