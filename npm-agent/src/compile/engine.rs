@@ -134,6 +134,9 @@ struct EndpointEntry {
     named_ports: Vec<NamedPort>,
     /// The policies selecting the endpoint for each direction (isolated when non-empty).
     policies: [BTreeSet<PolicyId>; 2],
+    /// How many of its ingress policies resolve named ports against it (kept as they
+    /// attach and detach: a profile key is computed at every move).
+    named_ingress: u32,
     /// The profile of each isolated direction, as of the end of the last event.
     profiles: [Option<ProfileId>; 2],
     /// A contested address with several local claimants: isolated both ways, no policy, no
@@ -851,6 +854,7 @@ impl Engine {
             ip,
             named_ports: Vec::new(),
             policies: Default::default(),
+            named_ingress: 0,
             profiles: Default::default(),
             quarantined: true,
         };
@@ -867,6 +871,7 @@ impl Engine {
                 ip,
                 named_ports: pod.named_ports.to_vec(),
                 policies: Default::default(),
+                named_ingress: 0,
                 profiles: Default::default(),
                 quarantined: false,
             },
@@ -933,10 +938,14 @@ impl Engine {
         self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
         for d in Direction::BOTH {
             if self.idx.policies[&pid].policy.rules(d).is_some() {
+                let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
                 let e = self.out.endpoints.get_mut(ep).expect("endpoint");
-                if e.policies[di(d)].insert(pid) && self.layout.is_some() {
-                    let key = self.idx.policies[&pid].policy.key.clone();
-                    self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((false, key));
+                if e.policies[di(d)].insert(pid) {
+                    e.named_ingress += u32::from(named);
+                    if self.layout.is_some() {
+                        let key = self.idx.policies[&pid].policy.key.clone();
+                        self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((false, key));
+                    }
                 }
             }
         }
@@ -946,10 +955,14 @@ impl Engine {
     /// Policy `pid` stops selecting endpoint `ep`.
     fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
         for d in Direction::BOTH {
+            let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
             let e = self.out.endpoints.get_mut(ep).expect("endpoint");
-            if e.policies[di(d)].remove(&pid) && self.layout.is_some() {
-                let key = self.idx.policies[&pid].policy.key.clone();
-                self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((true, key));
+            if e.policies[di(d)].remove(&pid) {
+                e.named_ingress -= u32::from(named);
+                if self.layout.is_some() {
+                    let key = self.idx.policies[&pid].policy.key.clone();
+                    self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((true, key));
+                }
             }
         }
         self.out.dirty.insert(ep.clone());
@@ -966,7 +979,8 @@ impl Engine {
             return None;
         }
         let policies: Vec<PolicyId> = ep.policies[di(d)].iter().copied().collect();
-        let own = self.needs_own_ports(&policies, d);
+        let own = d == Direction::Ingress && ep.named_ingress > 0;
+        debug_assert_eq!(own, self.needs_own_ports(&policies, d));
         Some(ProfileKey {
             direction: d,
             policies,
