@@ -473,10 +473,7 @@ fn layout_uses_azure_names() {
     let set = |r: &str| hashed_set_name(r);
     // The pod the policy selects walks it: a jump by its address (the policy's namespace and
     // pod label sets are matched by the compiler, not per packet).
-    let jump = format!(
-        "-d {}/32 -j AZURE-NPM-INGRESS-2697641196",
-        pod_ip(1)
-    );
+    let jump = format!("-d {}/32 -j AZURE-NPM-INGRESS-2697641196", pod_ip(1));
     assert!(
         n.kernel.rules("AZURE-NPM-INGRESS").contains(&jump),
         "{:#?}",

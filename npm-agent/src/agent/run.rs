@@ -29,7 +29,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 const MAX_WAIT: Duration = Duration::from_millis(200);
 /// The most events whose diffs one dataplane apply takes (see [`Agent::handle_events`]): a
 /// bound on the diff held in memory and on how long the first of them waits.
-pub const MAX_EVENTS_PER_APPLY: usize = 1024;
+pub const MAX_EVENTS_PER_APPLY: usize = 4096;
 
 /// An in-memory dataplane whose plan can be read from another thread (tests, the lab).
 #[derive(Clone, Default)]

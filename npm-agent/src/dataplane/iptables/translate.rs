@@ -299,6 +299,16 @@ fn v4_net(net: &IpNet) -> Option<Ipv4Net> {
     }
 }
 
+/// An IPv4 ipBlock without excepts: rules match it by address (`-s`/`-d`), not through a
+/// set (no set to create, no name for the kernel to look up among thousands, no set lookup
+/// per packet).
+fn inline_net(def: &SetDef) -> Option<Ipv4Net> {
+    match def {
+        SetDef::Cidr(b) if b.except.iter().all(|e| v4_net(e).is_none()) => v4_net(&b.net),
+        _ => None,
+    }
+}
+
 /// Whether the encoding can hold a set (IPv4 only: `family inet`).
 fn expressible(def: &SetDef) -> bool {
     !matches!(def, SetDef::Cidr(b) if v4_net(&b.net).is_none())
@@ -493,8 +503,12 @@ impl RuleTranslator {
         unreachable!()
     }
 
-    /// Names a set of the layout (`false`: the encoding cannot hold it).
+    /// Names a set of the layout (`false`: the kernel holds no such set: an ipBlock matched
+    /// by address, or one the encoding cannot hold).
     fn add_set(&mut self, def: &SetDef) -> bool {
+        if inline_net(def).is_some() {
+            return false;
+        }
         if !expressible(def) {
             self.skipped_ipv6 += 1;
             return false;
@@ -556,7 +570,10 @@ impl RuleTranslator {
 
     /// A match's readable name, for comments.
     fn match_readable(&self, m: &SetMatch) -> String {
-        let readable = self.sets.get(&m.set).map(|s| s.readable.as_str()).unwrap_or_default();
+        let readable = match self.sets.get(&m.set) {
+            Some(s) => s.readable.clone(),
+            None => KernelSet::Layout(&m.set).readable(),
+        };
         format!("{}{readable}", if m.negated { "!" } else { "" })
     }
 
@@ -576,16 +593,41 @@ impl RuleTranslator {
         for r in &l.rules {
             let (spec, named, port_comment) = port_spec(r.port.as_ref());
             let named = named.map(|n| SetDef::NamedPort(n.to_string()));
-            let texts: Option<Vec<String>> = r
-                .peers
-                .iter()
-                .map(|m| self.match_text(m.negated, &m.set, peer))
-                .chain(named.iter().map(|n| self.match_text(false, n, "dst,dst")))
-                .collect();
+            // (`iptables-save` prints the address before the protocol and the matches.)
+            let mut addr = None;
+            let mut texts = Some(Vec::new());
+            for m in &r.peers {
+                match inline_net(&m.set).filter(|_| !m.negated) {
+                    Some(net) if addr.is_none() => {
+                        let flag = if peer == "src" { "-s" } else { "-d" };
+                        // (A /0 matches every address: `iptables-save` prints nothing.)
+                        addr = Some(if net.prefix_len() == 0 {
+                            String::new()
+                        } else {
+                            format!("{flag} {net} ")
+                        });
+                    }
+                    _ => {
+                        let t = self.match_text(m.negated, &m.set, peer);
+                        texts = texts.zip(t).map(|(mut v, t)| {
+                            v.push(t);
+                            v
+                        });
+                    }
+                }
+            }
+            if let Some(n) = &named {
+                let t = self.match_text(false, n, "dst,dst");
+                texts = texts.zip(t).map(|(mut v, t)| {
+                    v.push(t);
+                    v
+                });
+            }
             let Some(texts) = texts else {
                 self.skipped_ipv6 += 1;
                 continue;
             };
+            let addr = addr.unwrap_or_default();
             // (A named port is in the port part of the comment.)
             let peers: Vec<String> = r.peers.iter().map(|m| self.match_readable(m)).collect();
             let who = if peers.is_empty() {
@@ -595,7 +637,7 @@ impl RuleTranslator {
             };
             let comment = quote_comment(&format!("{who}{port_comment}"));
             rules.push(format!(
-                "{spec}{}-m comment --comment {comment} -j {target}",
+                "{addr}{spec}{}-m comment --comment {comment} -j {target}",
                 texts.concat()
             ));
         }
