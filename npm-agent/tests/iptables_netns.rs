@@ -140,6 +140,35 @@ fn final_plan(name: &str) -> Plan {
     plans(&path).pop().expect("steps").plan
 }
 
+/// The groups' `hash:net,port` sets of blocks and ports, and their `src,dst`/`dst,dst`
+/// matches, are spelled as the kernel prints them, step by step and after a restart.
+#[test]
+fn block_and_port_sets_are_spelled_as_the_kernel_prints_them() {
+    if !available() {
+        return;
+    }
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let ns = Netns::new(&format!("bp-{}", backend.as_str()));
+        let mut dp = open(&ns, backend);
+        dp.reconcile(&Plan::default()).expect("empty reconcile");
+        let path = scenarios().into_iter().find(|(n, _)| n == "blocks-on-ports").unwrap().1;
+        let mut last = Plan::default();
+        for (i, step) in plans(&path).into_iter().enumerate() {
+            dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
+            let what = format!("{backend:?} step {i}");
+            assert_matches(&ns, backend, dp.translator(), &step.plan, &what);
+            last = step.plan;
+        }
+        assert!(ns.state(backend).sets.values().any(|s| s.kind == "hash:net,port"));
+        let mut dp2 = open(&ns, backend);
+        dp2.reconcile(&last).expect("reconcile over the same plan");
+        assert_matches(&ns, backend, dp2.translator(), &last, "after restart");
+        drop(dp2);
+        iptables::cleanup(Some(ns.path()));
+        assert!(!ns.anything_left(backend), "{backend:?} after cleanup");
+    }
+}
+
 #[test]
 fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
     if !available() {

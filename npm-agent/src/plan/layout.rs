@@ -287,14 +287,127 @@ impl Layout {
     }
 
     /// Applies changes (one diff, or several diffs one after the other) and returns the net
-    /// move they make, in the promised order: what a dataplane that cannot take several
-    /// diffs' changes in one pass applies instead of them.
+    /// move they make from the layout before them to the layout after, in the promised order
+    /// (as [`Layout::diff`] would give it): what a dataplane that cannot take several diffs'
+    /// changes in one pass applies instead. It costs what the changes touch (and the members
+    /// of sets they create or re-create), not the layout's size.
     pub fn advance(&mut self, changes: &[LayoutChange]) -> Result<Vec<LayoutChange>, String> {
-        let mut next = self.clone();
-        next.apply(changes)?;
-        let net = self.diff(&next);
-        *self = next;
-        Ok(net)
+        // What each thing the changes touch was before them (taken at first touch).
+        let mut whole: BTreeMap<SetDef, Option<Arc<BTreeSet<Member>>>> = BTreeMap::new();
+        let mut members: BTreeMap<(SetDef, Member), bool> = BTreeMap::new();
+        let mut policies: BTreeMap<ObjectKey, Option<Arc<PolicyLayout>>> = BTreeMap::new();
+        let mut dispatch: BTreeMap<(Direction, IpAddr, ObjectKey), bool> = BTreeMap::new();
+        for c in changes {
+            match c {
+                LayoutChange::AddSet { set } | LayoutChange::RemoveSet { set } => {
+                    whole.entry(set.clone()).or_insert_with(|| self.sets.get(set).cloned());
+                }
+                LayoutChange::AddMember { set, member }
+                | LayoutChange::RemoveMember { set, member } => {
+                    members
+                        .entry((set.clone(), member.clone()))
+                        .or_insert_with(|| self.sets.get(set).is_some_and(|m| m.contains(member)));
+                }
+                LayoutChange::Regroup { .. } => {}
+                LayoutChange::SetPolicy { key, .. } | LayoutChange::RemovePolicy { key } => {
+                    policies.entry(key.clone()).or_insert_with(|| self.policies.get(key).cloned());
+                }
+                LayoutChange::AddDispatch { direction, ip, policy }
+                | LayoutChange::RemoveDispatch { direction, ip, policy } => {
+                    dispatch.entry((*direction, *ip, policy.clone())).or_insert_with(|| {
+                        self.dispatch.get(&(*direction, *ip)).is_some_and(|x| x.contains(policy))
+                    });
+                }
+            }
+        }
+        // (A set removed or re-created keeps its old members only in the `Arc` taken above.)
+        let before_sets: BTreeMap<SetDef, Option<Arc<BTreeSet<Member>>>> = whole.clone();
+        self.apply(changes)?;
+        let mut out = Vec::new();
+        let mut new_lists = Vec::new();
+        let mut kept: Vec<(SetDef, Member, bool)> = Vec::new();
+        let mut gone: (Vec<SetDef>, Vec<SetDef>) = (Vec::new(), Vec::new());
+        for (set, before) in whole {
+            match (before, self.sets.get(&set)) {
+                (None, Some(now)) => {
+                    let block = std::iter::once(LayoutChange::AddSet { set: set.clone() }).chain(
+                        now.iter().map(|m| LayoutChange::AddMember {
+                            set: set.clone(),
+                            member: m.clone(),
+                        }),
+                    );
+                    if set.is_list() { new_lists.extend(block) } else { out.extend(block) }
+                }
+                (Some(_), None) => {
+                    if set.is_list() {
+                        gone.0.push(set)
+                    } else {
+                        gone.1.push(set)
+                    }
+                }
+                (Some(was), Some(now)) => {
+                    kept.extend(now.difference(&was).map(|m| (set.clone(), m.clone(), true)));
+                    kept.extend(was.difference(now).map(|m| (set.clone(), m.clone(), false)));
+                }
+                (None, None) => {}
+            }
+        }
+        out.extend(new_lists);
+        for ((set, member), before) in members {
+            if before_sets.contains_key(&set) {
+                continue;
+            }
+            let after = self.sets.get(&set).is_some_and(|m| m.contains(&member));
+            if after != before {
+                kept.push((set, member, after));
+            }
+        }
+        // Addresses whose memberships change: a member's, or those of a set a list gains or
+        // loses (as it holds them now, or held them before; an address that joined or left
+        // that set in the meantime is a member change of its own).
+        let mut regroup: BTreeSet<IpAddr> = BTreeSet::new();
+        for (_, m, _) in &kept {
+            match m {
+                Member::Set(sub) => {
+                    regroup.extend(self.addresses_of(m));
+                    if let Some(Some(was)) = before_sets.get(sub.as_ref()) {
+                        regroup.extend(was.iter().flat_map(|x| self.addresses_of(x)));
+                    }
+                }
+                m => regroup.extend(m.address()),
+            }
+        }
+        out.extend(regroup.into_iter().map(|ip| LayoutChange::Regroup { ip }));
+        out.extend(kept.into_iter().map(|(set, member, add)| {
+            if add {
+                LayoutChange::AddMember { set, member }
+            } else {
+                LayoutChange::RemoveMember { set, member }
+            }
+        }));
+        let mut removed_policies = Vec::new();
+        for (key, before) in policies {
+            match (before, self.policies.get(&key)) {
+                (b, Some(now)) if b.as_ref().is_none_or(|b| !Arc::ptr_eq(b, now) && b != now) => {
+                    out.push(LayoutChange::SetPolicy { key, layout: now.clone() })
+                }
+                (Some(_), None) => removed_policies.push(LayoutChange::RemovePolicy { key }),
+                _ => {}
+            }
+        }
+        let mut off = Vec::new();
+        for ((direction, ip, policy), before) in dispatch {
+            let after = self.dispatch.get(&(direction, ip)).is_some_and(|x| x.contains(&policy));
+            match (before, after) {
+                (false, true) => out.push(LayoutChange::AddDispatch { direction, ip, policy }),
+                (true, false) => off.push(LayoutChange::RemoveDispatch { direction, ip, policy }),
+                _ => {}
+            }
+        }
+        out.extend(off);
+        out.extend(removed_policies);
+        out.extend(gone.0.into_iter().chain(gone.1).map(|set| LayoutChange::RemoveSet { set }));
+        Ok(out)
     }
 
     /// Changes that build this layout from nothing: sets with their members (lists after

@@ -18,18 +18,22 @@ use crate::model::Protocol;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelSet {
     pub kind: String,
-    /// hash:net entries (prefix → nomatch), hash:ip,port entries, or list:set members.
+    /// hash:net entries (prefix → nomatch), hash:ip,port entries, hash:net,port entries, or
+    /// list:set members.
     pub nets: BTreeMap<Ipv4Net, bool>,
     pub ports: BTreeSet<(Ipv4Addr, Protocol, u16)>,
+    pub net_ports: BTreeSet<(Ipv4Net, Protocol, u16)>,
     pub list: Vec<String>,
 }
 
-/// What a set match looks at: `src`, `dst`, or `dst,dst` (destination address and port).
+/// What a set match looks at: `src`, `dst`, `dst,dst` (destination address and port) or
+/// `src,dst` (source address, destination port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flags {
     Src,
     Dst,
     DstPort,
+    SrcDstPort,
 }
 
 impl Flags {
@@ -38,9 +42,18 @@ impl Flags {
             "src" => Ok(Flags::Src),
             "dst" => Ok(Flags::Dst),
             "dst,dst" => Ok(Flags::DstPort),
+            "src,dst" => Ok(Flags::SrcDstPort),
             other => Err(format!("unsupported set flags {other}")),
         }
     }
+}
+
+/// A hash:net,port member: `10.0.0.0/8,tcp:80` (a /32 without its length).
+fn parse_net_port_member(m: &str) -> Option<(Ipv4Net, Protocol, u16)> {
+    let (net, rest) = m.split_once(',')?;
+    let (proto, port) = rest.split_once(':')?;
+    let net = net_member(net)?;
+    Some((net.trunc(), Protocol::parse(&proto.to_uppercase())?, port.parse().ok()?))
 }
 
 /// A hash:ip,port member: `10.0.0.1,tcp:80`.
@@ -222,7 +235,8 @@ impl TableEmulator {
                     }
                     Some(_) => {}
                     None => {
-                        if !["hash:net", "hash:ip,port", "list:set"].contains(kind) {
+                        if !["hash:net", "hash:ip,port", "hash:net,port", "list:set"].contains(kind)
+                        {
                             return Err(err(format!("unknown type {kind}")));
                         }
                         self.sets.insert(
@@ -252,6 +266,11 @@ impl TableEmulator {
                             parse_port_member(member)
                                 .ok_or_else(|| err(format!("bad element {member}")))?,
                         );
+                    } else if s.kind == "hash:net,port" {
+                        s.net_ports.insert(
+                            parse_net_port_member(member)
+                                .ok_or_else(|| err(format!("bad element {member}")))?,
+                        );
                     } else {
                         let net = net_member(member)
                             .ok_or_else(|| err(format!("bad element {member}")))?;
@@ -273,6 +292,11 @@ impl TableEmulator {
                             &parse_port_member(member)
                                 .ok_or_else(|| err(format!("bad element {member}")))?,
                         );
+                    } else if s.kind == "hash:net,port" {
+                        s.net_ports.remove(
+                            &parse_net_port_member(member)
+                                .ok_or_else(|| err(format!("bad element {member}")))?,
+                        );
                     } else {
                         let net = net_member(member)
                             .ok_or_else(|| err(format!("bad element {member}")))?;
@@ -286,6 +310,7 @@ impl TableEmulator {
                         .ok_or_else(|| err("The set with the given name does not exist".into()))?;
                     s.nets.clear();
                     s.ports.clear();
+                    s.net_ports.clear();
                     s.list.clear();
                 }
                 ["destroy", name] => {
@@ -427,6 +452,14 @@ impl TableEmulator {
                     proto.as_str().to_lowercase()
                 ));
             }
+            for (net, proto, port) in &s.net_ports {
+                let n =
+                    if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+                ipset.push_str(&format!(
+                    "add {name} {n},{}:{port}\n",
+                    proto.as_str().to_lowercase()
+                ));
+            }
             for m in &s.list {
                 ipset.push_str(&format!("add {name} {m}\n"));
             }
@@ -476,7 +509,14 @@ impl TableEmulator {
         if s.kind == "list:set" {
             return depth < 4 && s.list.iter().any(|m| self.in_set(m, p, flags, depth + 1));
         }
-        let ip = if flags == Flags::Src { p.src } else { p.dst };
+        let ip = if matches!(flags, Flags::Src | Flags::SrcDstPort) { p.src } else { p.dst };
+        if s.kind == "hash:net,port" {
+            // (Only `src,dst` and `dst,dst`: the address, then the destination port.)
+            return matches!(flags, Flags::SrcDstPort | Flags::DstPort)
+                && s.net_ports
+                    .iter()
+                    .any(|(n, pr, port)| n.contains(&ip) && *pr == p.protocol && *port == p.dport);
+        }
         if s.kind == "hash:ip,port" {
             // (A `src`/`dst` match of a hash:ip,port set compares no port: never the case here.)
             return flags == Flags::DstPort && s.ports.contains(&(ip, p.protocol, p.dport));

@@ -72,7 +72,7 @@ use super::names::{
 use super::saved::{KernelState, jumps_to_azure_npm};
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
-    DirectionLayout, Layout, LayoutChange, Member, PolicyLayout, SetDef, SetMatch,
+    DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
 };
 use crate::plan::{Plan, PlanDiff};
 
@@ -107,6 +107,7 @@ pub const STEP_LIFT_TRANSITION: &str = "lift the transition guard";
 pub enum SetKind {
     HashNet,
     HashIpPort,
+    HashNetPort,
     ListSet,
 }
 
@@ -115,6 +116,7 @@ impl SetKind {
         match self {
             SetKind::HashNet => "hash:net",
             SetKind::HashIpPort => "hash:ip,port",
+            SetKind::HashNetPort => "hash:net,port",
             SetKind::ListSet => "list:set",
         }
     }
@@ -193,10 +195,15 @@ fn create_block(h: &str, set: KernelSet<'_>, members: &BTreeSet<String>) -> Stri
 }
 
 fn create_line(h: &str, set: KernelSet<'_>) -> String {
-    match set.kind() {
+    create_kind(h, set.kind())
+}
+
+fn create_kind(h: &str, kind: SetKind) -> String {
+    match kind {
         // Sets of pods may hold every pod of a large cluster.
         SetKind::HashNet => format!("create {h} hash:net family inet maxelem 4294967295"),
         SetKind::HashIpPort => format!("create {h} hash:ip,port family inet maxelem 4294967295"),
+        SetKind::HashNetPort => format!("create {h} hash:net,port family inet maxelem 4294967295"),
         // (Kernels before 4.x hold at most `size` members.)
         SetKind::ListSet => format!("create {h} list:set size 65536"),
     }
@@ -216,14 +223,29 @@ struct SetState {
 struct ChainState {
     chain: String,
     rules: Vec<String>,
+    /// What its rules of one ipBlock (without excepts) and one port admit, as `hash:net,port`
+    /// members (`ipset save`'s spelling): its endpoints' groups match them all at once.
+    fast: BTreeSet<String>,
+    /// Whether it has other rules (its endpoints' groups then jump to its chain).
+    slow: bool,
 }
 
-/// The chain of the policies that several local endpoint directions walk (one policy is
-/// jumped to directly).
+/// What the local endpoint directions that the same policies select walk: a chain, with
+/// the policies' block-and-port rules as one set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct GroupState {
     chain: String,
     rules: Vec<String>,
+    set: Option<GroupSet>,
+}
+
+/// A group's `hash:net,port` set (named after its content: a group whose blocks and ports
+/// change gets a new set, written before its chain names it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GroupSet {
+    name: String,
+    readable: String,
+    members: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -307,6 +329,20 @@ fn inline_net(def: &SetDef) -> Option<Ipv4Net> {
         SetDef::Cidr(b) if b.except.iter().all(|e| v4_net(e).is_none()) => v4_net(&b.net),
         _ => None,
     }
+}
+
+/// What a rule admits as `hash:net,port` members, when its peer is one ipBlock without
+/// excepts (not /0) and its port one number or a short range (`None`: the rule is walked).
+fn fast_members(r: &LayoutRule) -> Option<Vec<String>> {
+    let [m] = r.peers.as_slice() else { return None };
+    let net = inline_net(&m.set).filter(|n| !m.negated && n.prefix_len() > 0)?;
+    let Some(PortSpec::Range { protocol, first, last }) = &r.port else { return None };
+    if last < first || last - first >= 16 {
+        return None;
+    }
+    let n = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+    let p = protocol.as_str().to_lowercase();
+    Some((*first..=*last).map(|port| format!("{n},{p}:{port}")).collect())
 }
 
 /// Whether the encoding can hold a set (IPv4 only: `family inet`).
@@ -462,11 +498,13 @@ impl RuleTranslator {
     }
 
     pub fn encoded(&self) -> Encoded {
+        let group_sets = || self.groups.values().filter_map(|g| g.set.as_ref());
         Encoded {
             policies: self.chains.keys().map(|(k, _)| k).collect::<HashSet<_>>().len(),
             chains: self.chains.len() + self.groups.len(),
-            sets: self.all_sets().count(),
-            set_members: self.all_sets().map(|(_, s)| s.members).sum(),
+            sets: self.all_sets().count() + group_sets().count(),
+            set_members: self.all_sets().map(|(_, s)| s.members).sum::<usize>()
+                + group_sets().map(|g| g.members.len()).sum::<usize>(),
             rules: self.chains.values().map(|c| c.rules.len()).sum::<usize>()
                 + self.groups.values().map(|g| g.rules.len()).sum::<usize>()
                 + self.dispatch.len(),
@@ -590,6 +628,7 @@ impl RuleTranslator {
         };
         let target = allow_target(dir);
         let mut rules = Vec::new();
+        let (mut fast, mut slow) = (BTreeSet::new(), false);
         for r in &l.rules {
             let (spec, named, port_comment) = port_spec(r.port.as_ref());
             let named = named.map(|n| SetDef::NamedPort(n.to_string()));
@@ -636,13 +675,17 @@ impl RuleTranslator {
                 format!("ALLOW-{peer_word}-{}", peers.join("-AND-"))
             };
             let comment = quote_comment(&format!("{who}{port_comment}"));
+            match fast_members(r) {
+                Some(m) => fast.extend(m),
+                None => slow = true,
+            }
             rules.push(format!(
                 "{addr}{spec}{}-m comment --comment {comment} -j {target}",
                 texts.concat()
             ));
         }
-        rules.push(drop_rule(dir));
-        ChainState { chain, rules }
+        // (The drop mark is set by the groups that jump here, once per connection.)
+        ChainState { chain, rules, fast, slow }
     }
 
     fn claim_chain(&mut self, key: &ObjectKey, dir: Direction) -> String {
@@ -689,13 +732,8 @@ impl RuleTranslator {
 
     // ---- dispatch ----
 
-    /// The chain a local endpoint direction's rule jumps to: its one policy's, or its
-    /// group's.
+    /// The chain a local endpoint direction's rule jumps to: its group's.
     fn dispatch_target(&self, d: Direction, x: &Arc<BTreeSet<ObjectKey>>) -> Option<&str> {
-        if x.len() == 1 {
-            let one = x.first().expect("one policy");
-            return self.chains.get(&(one.clone(), d)).map(|c| c.chain.as_str());
-        }
         self.groups.get(&(d, x.clone())).map(|g| g.chain.as_str())
     }
 
@@ -719,17 +757,43 @@ impl RuleTranslator {
         rules
     }
 
-    /// A group's rules: a jump to each policy's chain, in order.
-    fn group_rules(&self, d: Direction, policies: &BTreeSet<ObjectKey>) -> Vec<String> {
-        let word = if d == Direction::Ingress { "INGRESS" } else { "EGRESS" };
-        policies
-            .iter()
-            .filter_map(|k| {
-                let c = self.chains.get(&(k.clone(), d))?;
-                let comment = quote_comment(&format!("{word}-POLICY-{k}"));
-                Some(format!("-m comment --comment {comment} -j {}", c.chain))
-            })
-            .collect()
+    /// What a group holds: the block-and-port members of its policies, and the chains of
+    /// those with other rules, in order.
+    fn group_content(
+        &self,
+        d: Direction,
+        policies: &BTreeSet<ObjectKey>,
+    ) -> (BTreeSet<String>, Vec<&str>) {
+        let mut fast = BTreeSet::new();
+        let mut walk = Vec::new();
+        for c in policies.iter().filter_map(|k| self.chains.get(&(k.clone(), d))) {
+            fast.extend(c.fast.iter().cloned());
+            if c.slow {
+                walk.push(c.chain.as_str());
+            }
+        }
+        (fast, walk)
+    }
+
+    /// A group's rules: its set (blocks and ports, matched at once), a jump to each policy
+    /// chain with other rules (no comment: the walk is the hot path), the drop mark.
+    fn group_rules(d: Direction, set: Option<&GroupSet>, walk: &[&str]) -> Vec<String> {
+        let mut rules = Vec::new();
+        if let Some(s) = set {
+            let (flags, word) = match d {
+                Direction::Ingress => ("src,dst", "FROM"),
+                Direction::Egress => ("dst,dst", "TO"),
+            };
+            let comment = quote_comment(&format!("ALLOW-{word}-{}", s.readable));
+            rules.push(format!(
+                "-m set --match-set {} {flags} -m comment --comment {comment} -j {}",
+                s.name,
+                allow_target(d)
+            ));
+        }
+        rules.extend(walk.iter().map(|c| format!("-j {c}")));
+        rules.push(drop_rule(d));
+        rules
     }
 
     fn claim_group(&mut self, d: Direction, policies: &BTreeSet<ObjectKey>) -> String {
@@ -745,45 +809,97 @@ impl RuleTranslator {
         unreachable!()
     }
 
-    /// Makes the groups of `d` those its dispatch names (new ones written, unused ones
-    /// removed); with `ph`, the changes go into it and the base chain is rewritten (in the
-    /// diff's one transaction: every endpoint direction moves atomically).
-    fn render_dispatch(&mut self, d: Direction, ph: Option<&mut Phases>) {
+    /// Makes the groups of `d` those its dispatch names: new ones written, those holding a
+    /// policy in `touched` brought up to date (a new set when their blocks and ports change),
+    /// unused ones removed. With `ph`, the changes go into it and, when `rewrite_base`, the
+    /// base chain is rewritten (all in the diff's one transaction: every endpoint direction
+    /// moves at once; new sets before, old sets after).
+    fn render_groups(
+        &mut self,
+        d: Direction,
+        touched: &HashSet<ObjectKey>,
+        rewrite_base: bool,
+        mut ph: Option<&mut Phases>,
+    ) {
         let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
         let wanted: HashSet<Arc<BTreeSet<ObjectKey>>> =
-            self.dispatch.range(range).map(|(_, x)| x.clone()).filter(|p| p.len() > 1).collect();
-        let mut new_chains = Vec::new();
-        let mut rules = Vec::new();
-        let new: Vec<Arc<BTreeSet<ObjectKey>>> = wanted
+            self.dispatch.range(range).map(|(_, x)| x.clone()).collect();
+        let redo: Vec<Arc<BTreeSet<ObjectKey>>> = wanted
             .iter()
-            .filter(|g| !self.groups.contains_key(&(d, (*g).clone())))
+            .filter(|g| {
+                !self.groups.contains_key(&(d, (*g).clone()))
+                    || touched.iter().any(|k| g.contains(k))
+            })
             .cloned()
             .collect();
-        for g in new {
-            let chain = self.claim_group(d, &g);
-            let group_rules = self.group_rules(d, &g);
-            new_chains.push(format!(":{chain} - [0:0]"));
-            rules.extend(group_rules.iter().map(|r| format!("-A {chain} {r}")));
-            self.groups.insert((d, g), GroupState { chain, rules: group_rules });
+        for g in redo {
+            let (fast, walk) = self.group_content(d, &g);
+            let walk: Vec<String> = walk.into_iter().map(str::to_string).collect();
+            let old = self.groups.remove(&(d, g.clone()));
+            let chain = match &old {
+                Some(o) => o.chain.clone(),
+                None => self.claim_group(d, &g),
+            };
+            let set = match old.as_ref().and_then(|o| o.set.as_ref()) {
+                Some(s) if s.members == fast => Some(s.clone()),
+                _ if fast.is_empty() => None,
+                _ => {
+                    let joined: Vec<&str> = fast.iter().map(String::as_str).collect();
+                    let digest = crate::dataplane::azure::fnv1a64(&joined.join(" "));
+                    let readable = format!("blocks-and-ports-of-{chain}-{digest:016x}");
+                    let name = self.claim(&readable, SetKind::HashNetPort);
+                    if let Some(ph) = ph.as_deref_mut() {
+                        let mut b = create_kind(&name, SetKind::HashNetPort);
+                        for m in &fast {
+                            let _ = write!(b, "\nadd {name} {m}");
+                        }
+                        ph.create_sets.push(b);
+                    }
+                    Some(GroupSet { name, readable, members: fast })
+                }
+            };
+            if let Some(o) = old.as_ref().and_then(|o| o.set.as_ref())
+                && set.as_ref().is_none_or(|s| s.name != o.name)
+            {
+                self.names.remove(&o.name);
+                if let Some(ph) = ph.as_deref_mut() {
+                    ph.destroy_sets.push(format!("destroy {}", o.name));
+                }
+            }
+            let walk: Vec<&str> = walk.iter().map(String::as_str).collect();
+            let rules = Self::group_rules(d, set.as_ref(), &walk);
+            if let Some(ph) = ph.as_deref_mut()
+                && old.as_ref().is_none_or(|o| o.rules != rules)
+            {
+                // (Declaring an existing chain flushes it, in the same transaction.)
+                ph.new_chains.push(format!(":{chain} - [0:0]"));
+                ph.rules.extend(rules.iter().map(|r| format!("-A {chain} {r}")));
+            }
+            self.groups.insert((d, g), GroupState { chain, rules, set });
         }
         let gone: Vec<(Direction, Arc<BTreeSet<ObjectKey>>)> =
             self.groups.keys().filter(|(gd, g)| *gd == d && !wanted.contains(g)).cloned().collect();
-        let mut del_rules = Vec::new();
-        let mut del_chains = Vec::new();
         for k in gone {
             let g = self.groups.remove(&k).expect("group");
             self.chain_names.remove(&g.chain);
-            del_rules.push(format!("-F {}", g.chain));
-            del_chains.push(format!("-X {}", g.chain));
+            if let Some(s) = &g.set {
+                self.names.remove(&s.name);
+            }
+            if let Some(ph) = ph.as_deref_mut() {
+                ph.del_rules.push(format!("-F {}", g.chain));
+                ph.del_chains.push(format!("-X {}", g.chain));
+                if let Some(s) = &g.set {
+                    ph.destroy_sets.push(format!("destroy {}", s.name));
+                }
+            }
         }
-        let Some(ph) = ph else { return };
-        ph.new_chains.extend(new_chains);
-        ph.rules.extend(rules);
-        let base = base_of(d);
-        ph.rules.push(format!("-F {base}"));
-        ph.rules.extend(self.base_chain_rules(d).into_iter().map(|r| format!("-A {base} {r}")));
-        ph.del_rules.extend(del_rules);
-        ph.del_chains.extend(del_chains);
+        if let Some(ph) = ph
+            && rewrite_base
+        {
+            let base = base_of(d);
+            ph.rules.push(format!("-F {base}"));
+            ph.rules.extend(self.base_chain_rules(d).into_iter().map(|r| format!("-A {base} {r}")));
+        }
     }
 
     /// Writes AZURE-NPM's rules again when whether it has any, or whether they look at the
@@ -837,8 +953,9 @@ impl RuleTranslator {
         let mut ph = Phases::default();
         self.ensure_base(&mut ph);
         let quarantine_before = self.sets.contains_key(&SetDef::Quarantine);
-        // Whether the dispatch of each direction changes.
+        // Whether the dispatch of each direction changes, and the policies changed.
         let mut dispatched = [false; 2];
+        let mut touched: HashSet<ObjectKey> = HashSet::new();
         // Sets added by this diff, in order: their members go into their create blocks.
         let mut fresh: Vec<&SetDef> = Vec::new();
         let mut fresh_members: HashMap<&SetDef, BTreeSet<String>> = HashMap::new();
@@ -896,9 +1013,13 @@ impl RuleTranslator {
                 }
                 LayoutChange::Regroup { ip } => ph.guard.extend(v4(*ip)),
                 LayoutChange::SetPolicy { key, layout } => {
-                    self.set_policy(key, Some(layout), &mut ph)
+                    self.set_policy(key, Some(layout), &mut ph);
+                    touched.insert(key.clone());
                 }
-                LayoutChange::RemovePolicy { key } => self.set_policy(key, None, &mut ph),
+                LayoutChange::RemovePolicy { key } => {
+                    self.set_policy(key, None, &mut ph);
+                    touched.insert(key.clone());
+                }
                 LayoutChange::AddDispatch { direction, ip, policy }
                 | LayoutChange::RemoveDispatch { direction, ip, policy } => {
                     let Some(v) = v4(*ip) else {
@@ -920,8 +1041,8 @@ impl RuleTranslator {
             }
         }
         for d in Direction::BOTH {
-            if dispatched[di(d)] {
-                self.render_dispatch(d, Some(&mut ph));
+            if dispatched[di(d)] || !touched.is_empty() {
+                self.render_groups(d, &touched, dispatched[di(d)], Some(&mut ph));
             }
         }
         for def in fresh {
@@ -1054,7 +1175,7 @@ impl RuleTranslator {
             }
         }
         for d in Direction::BOTH {
-            t.render_dispatch(d, None);
+            t.render_groups(d, &HashSet::new(), false, None);
         }
         t.active = !t.chains.is_empty() || t.sets.contains_key(&SetDef::Quarantine);
         t.kernel_kinds = None;
@@ -1109,12 +1230,18 @@ impl RuleTranslator {
         layout: &Layout,
     ) -> BTreeMap<String, (String, &'static str, BTreeSet<String>)> {
         let mut members = self.members_from(layout);
-        self.all_sets()
+        let mut out: BTreeMap<String, (String, &'static str, BTreeSet<String>)> = self
+            .all_sets()
             .map(|(d, s)| {
                 let m = members.remove(&s.name).unwrap_or_default();
                 (s.name.clone(), (s.readable.clone(), d.kind().type_name(), m))
             })
-            .collect()
+            .collect();
+        for s in self.groups.values().filter_map(|g| g.set.as_ref()) {
+            let kind = SetKind::HashNetPort.type_name();
+            out.insert(s.name.clone(), (s.readable.clone(), kind, s.members.clone()));
+        }
+        out
     }
 
     /// (Each set's members are spelled from `layout` when the set's turn comes, and dropped
@@ -1186,6 +1313,27 @@ impl RuleTranslator {
                 }
             }
         }
+        //    The groups' sets (blocks and ports: no pod's memberships).
+        for g in self.groups.values().filter_map(|g| g.set.as_ref()) {
+            let h = &g.name;
+            match kernel.sets.get(h) {
+                None => {
+                    let mut b = create_kind(h, SetKind::HashNetPort);
+                    for m in &g.members {
+                        let _ = write!(b, "\nadd {h} {m}");
+                    }
+                    ph.create_sets.push(b);
+                }
+                Some(ks) => {
+                    for m in g.members.difference(&ks.members) {
+                        ph.add_members.push(format!("add {h} {m}"));
+                    }
+                    for m in ks.members.difference(&g.members) {
+                        ph.del_members.push(format!("del {h} {m}"));
+                    }
+                }
+            }
+        }
         // 2. Every chain, in one transaction.
         let chains = self.desired_chains();
         let stale: Vec<&String> =
@@ -1212,7 +1360,9 @@ impl RuleTranslator {
             ph.del_chains.push(format!("-X {c}"));
         }
         // 3. Stale sets, lists first (they reference the others).
-        let names: HashSet<&String> = self.all_sets().map(|(_, s)| &s.name).collect();
+        let groups = self.groups.values().filter_map(|g| g.set.as_ref());
+        let names: HashSet<&String> =
+            self.all_sets().map(|(_, s)| &s.name).chain(groups.map(|g| &g.name)).collect();
         for (h, ks) in &kernel.sets {
             if !names.contains(h) {
                 if ks.kind == "list:set" {
@@ -1229,7 +1379,11 @@ impl RuleTranslator {
 
     /// The kernel name and readable name of every set, for explaining rules.
     pub fn set_names(&self) -> BTreeMap<String, String> {
-        self.all_sets().map(|(_, s)| (s.name.clone(), s.readable.clone())).collect()
+        let groups = self.groups.values().filter_map(|g| g.set.as_ref());
+        self.all_sets()
+            .map(|(_, s)| (s.name.clone(), s.readable.clone()))
+            .chain(groups.map(|s| (s.name.clone(), s.readable.clone())))
+            .collect()
     }
 
     /// The chain that each local endpoint direction's new connections walk (its policy's or
