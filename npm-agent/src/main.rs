@@ -114,6 +114,10 @@ enum LabCommand {
         seconds: f64,
         #[arg(long, default_value_t = 4)]
         rounds: usize,
+        /// What the policies other than the admitting one admit: a /32 ipBlock each
+        /// (`blocks`), or a pod label each (`selectors`), on ports of their own.
+        #[arg(long, value_enum, default_value = "blocks")]
+        others: npm_agent::lab::throughput::OtherPeers,
     },
     /// iperf3 between pods on two lab nodes: without any agent, then with each dataplane
     /// holding N policies that select the server.
@@ -154,8 +158,8 @@ fn main() -> ExitCode {
         Command::Lab {
             command: LabCommand::Throughput { dataplanes, policies, seconds, runs },
         } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs),
-        Command::Lab { command: LabCommand::Crr { setups, policies, seconds, rounds } } => {
-            npm_agent::lab::crr::crr_cli(&setups, &policies, seconds, rounds)
+        Command::Lab { command: LabCommand::Crr { setups, policies, seconds, rounds, others } } => {
+            npm_agent::lab::crr::crr_cli(&setups, &policies, seconds, rounds, others)
         }
         Command::Lab {
             command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case },

@@ -96,12 +96,7 @@ pub fn allowed_between(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    // A pod's traffic to itself never leaves its network namespace.
-    if src.ip == dst.ip {
-        return true;
-    }
-    side_allows(state, src, dst, Direction::Egress, protocol, port)
-        && side_allows(state, dst, src, Direction::Ingress, protocol, port)
+    sides_allow(state, src, dst, protocol, port, |_| true)
 }
 
 /// Whether node `node` lets a connection from `src` to `dst` through: the sides whose end is
@@ -114,12 +109,24 @@ pub fn allowed_on(
     protocol: Protocol,
     port: u16,
 ) -> bool {
+    sides_allow(state, src, dst, protocol, port, |e| e.node.as_deref() == Some(node))
+}
+
+/// Whether the sides of a connection that `judged` says are judged (an end's) allow it.
+fn sides_allow(
+    state: &ClusterState,
+    src: &End,
+    dst: &End,
+    protocol: Protocol,
+    port: u16,
+    judged: impl Fn(&End) -> bool,
+) -> bool {
+    // A pod's traffic to itself never leaves its network namespace.
     if src.ip == dst.ip {
         return true;
     }
-    let here = |e: &End| e.node.as_deref() == Some(node);
-    (!here(src) || side_allows(state, src, dst, Direction::Egress, protocol, port))
-        && (!here(dst) || side_allows(state, dst, src, Direction::Ingress, protocol, port))
+    (!judged(src) || side_allows(state, src, dst, Direction::Egress, protocol, port))
+        && (!judged(dst) || side_allows(state, dst, src, Direction::Ingress, protocol, port))
 }
 
 /// Whether a packet from `src` reaching `dst`'s node claims an address that a pod of that

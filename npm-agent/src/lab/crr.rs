@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use super::cluster::{LabCluster, LabOptions};
 use super::net::{self, Lab, LabConfig};
 use super::registry;
+use super::throughput::{OtherPeers, policy_of};
 use crate::netns;
 use crate::simulate::Enforcer;
 use crate::simulate::case::CaseCluster;
@@ -43,8 +44,9 @@ pub struct Rates {
     pub requests: f64,
 }
 
-/// Measures one setup for `seconds` of each kind of traffic.
-pub fn measure(setup: &Setup, seconds: f64) -> Result<Rates> {
+/// Measures one setup for `seconds` of each kind of traffic, the policies other than the
+/// admitting one admitting `others`.
+pub fn measure(setup: &Setup, seconds: f64, others: OtherPeers) -> Result<Rates> {
     let case = super::throughput::client_server("crr");
     let cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
     if setup.name == "none" {
@@ -72,9 +74,7 @@ pub fn measure(setup: &Setup, seconds: f64) -> Result<Rates> {
     let mut lab = LabCluster::new(opts)?;
     let mut events = cluster.initial_events();
     // The admitting policy (number 0) last.
-    events.extend(
-        (1..setup.policies.max(1)).map(|i| Event::UpsertPolicy(super::throughput::policy(i))),
-    );
+    events.extend((1..setup.policies.max(1)).map(|i| Event::UpsertPolicy(policy_of(i, others))));
     events.push(Event::UpsertPolicy(super::throughput::policy(0)));
     lab.apply(&cluster, &events)?;
     let r = rates(lab.lab(), seconds);
@@ -184,7 +184,13 @@ fn request_loop(addr: SocketAddrV4, seconds: f64) -> Result<f64> {
 }
 
 /// `npm-agent lab crr`: every setup × policy count, interleaved over `rounds`.
-pub fn crr_cli(setups: &[String], policies: &[usize], seconds: f64, rounds: usize) -> ExitCode {
+pub fn crr_cli(
+    setups: &[String],
+    policies: &[usize],
+    seconds: f64,
+    rounds: usize,
+    others: OtherPeers,
+) -> ExitCode {
     if let Err(e) = net::check_environment() {
         eprintln!("npm-agent lab crr: {e:#}");
         return ExitCode::from(2);
@@ -200,12 +206,16 @@ pub fn crr_cli(setups: &[String], policies: &[usize], seconds: f64, rounds: usiz
         }
     }
     println!(
-        "TCP between pods on two lab nodes, client and server on CPU 0: new connections/s (connect, 1-byte request, 1-byte reply, close) and requests/s on one connection, {seconds} s each; median of {rounds} rounds, setups interleaved; the admitting policy applied last"
+        "TCP between pods on two lab nodes, client and server on CPU 0: new connections/s (connect, 1-byte request, 1-byte reply, close) and requests/s on one connection, {seconds} s each; median of {rounds} rounds, setups interleaved; the admitting policy applied last, the others admitting {} on ports of their own",
+        match others {
+            OtherPeers::Blocks => "a /32 ipBlock each",
+            OtherPeers::Selectors => "a pod label of their own each",
+        }
     );
     let mut results: Vec<Vec<Rates>> = vec![Vec::new(); all.len()];
     for round in 0..rounds {
         for (i, setup) in all.iter().enumerate() {
-            match measure(setup, seconds) {
+            match measure(setup, seconds, others) {
                 Ok(r) => {
                     eprintln!(
                         "round {}: {} {}: {:.0} connections/s, {:.0} requests/s",

@@ -24,10 +24,29 @@ const PORT: u16 = 5201;
 /// A policy selecting the server; policy 0 admits the client's pods on the iperf3 port, the
 /// others one /32 each on another port, so the maps hold `n` policies' entries.
 pub fn policy(i: usize) -> Policy {
+    policy_of(i, OtherPeers::Blocks)
+}
+
+/// What the policies other than the admitting one admit (each on a port of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtherPeers {
+    /// A /32 ipBlock each.
+    Blocks,
+    /// The pods of a label of its own, in any namespace.
+    Selectors,
+}
+
+/// Policy `i` (0 admits the client) with the others' peers of kind `others`.
+pub fn policy_of(i: usize, others: OtherPeers) -> Policy {
     let peer = if i == 0 {
         Peer::Pods {
             namespaces: NamespaceScope::Selector(LabelSelector::everything()),
             pods: LabelSelector::from_labels([("app", "client")]),
+        }
+    } else if others == OtherPeers::Selectors {
+        Peer::Pods {
+            namespaces: NamespaceScope::Selector(LabelSelector::everything()),
+            pods: LabelSelector::from_labels([("app", format!("other-{i}").as_str())]),
         }
     } else {
         let ip =

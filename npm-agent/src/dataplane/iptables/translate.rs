@@ -10,10 +10,15 @@
 //!   chain through a rule matching the policy's pod selector sets, so that each new
 //!   connection walks every policy of the cluster): `AZURE-NPM-INGRESS` (by destination)
 //!   and `AZURE-NPM-EGRESS` (by source) hold one rule per local pod that policies isolate,
-//!   `-d <pod>/32` (`-s`), jumping to its one policy's chain, or to the chain of its
-//!   policies, `AZURE-NPM-IN-PODS-<hash>` / `AZURE-NPM-EG-PODS-<hash>` (a jump to each
-//!   policy's chain, by name; shared by the pods that the same policies select). The
-//!   compiler says which policies select each local pod; a connection walks only those.
+//!   `-d <pod>/32` (`-s`), jumping to the chain of the policies selecting it,
+//!   `AZURE-NPM-IN-PODS-<hash>` / `AZURE-NPM-EG-PODS-<hash>` (shared by the pods that the
+//!   same policies select). That *group* chain matches, at once, every rule of those
+//!   policies whose peer is an ipBlock without excepts and whose port is one number (or a
+//!   range of at most 16): a `hash:net,port` set of (block, protocol:port), named after its
+//!   content; then jumps to the chains of the policies with other rules, by name; then sets
+//!   the drop mark (the pod is isolated). The compiler says which policies select each local
+//!   pod; a connection walks only those, and blocks on ports cost one set lookup however
+//!   many policies name them. The policy chains hold all their rules, for reading.
 //! - A selector becomes a conjunction of sets: `ns-<ns>` (the pods of a namespace, hash:net),
 //!   `podlabel-<key>` / `podlabel-<key>:<value>` (pods with the label, hash:net, cluster-wide),
 //!   `nestedlabel-<key>:<v1>:<v2>` (list:set of podlabel sets, for `In` with several values),
@@ -24,8 +29,8 @@
 //! - Allow rules are one per rule of the layout (one per peer and port): numeric
 //!   ports as `-p`/`--dport`, named ports as `namedport:<name>` (hash:ip,port of
 //!   `<ip>,<proto>:<port>`, matched `dst,dst`: the selected pod's port for ingress, the
-//!   destination pod's for egress), ipBlocks as `cidr-<block>[-except-…]` sets (hash:net,
-//!   excepts as `nomatch`). The chain's last rule sets the drop mark.
+//!   destination pod's for egress), ipBlocks with excepts as `cidr-<block>[-except-…]` sets
+//!   (hash:net, excepts as `nomatch`), those without by address (`-s`/`-d`).
 //! - Sets exist and hold what the layout says (which the compiler keeps following the pods
 //!   and namespaces); `quarantine` holds addresses several local pods claim. The IPv4
 //!   encoding leaves IPv6 members and blocks out (counted in `skipped_ipv6`).
