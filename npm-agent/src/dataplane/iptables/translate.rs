@@ -827,7 +827,8 @@ impl RuleTranslator {
         mut ph: Option<&mut Phases>,
     ) {
         let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
-        let wanted: HashSet<Arc<BTreeSet<ObjectKey>>> =
+        // (In order: the scripts, and the names claimed, do not depend on hashing.)
+        let wanted: BTreeSet<Arc<BTreeSet<ObjectKey>>> =
             self.dispatch.range(range).map(|(_, x)| x.clone()).collect();
         let redo: Vec<Arc<BTreeSet<ObjectKey>>> = wanted
             .iter()
@@ -882,8 +883,9 @@ impl RuleTranslator {
             }
             self.groups.insert((d, g), GroupState { chain, rules, set });
         }
-        let gone: Vec<(Direction, Arc<BTreeSet<ObjectKey>>)> =
+        let mut gone: Vec<(Direction, Arc<BTreeSet<ObjectKey>>)> =
             self.groups.keys().filter(|(gd, g)| *gd == d && !wanted.contains(g)).cloned().collect();
+        gone.sort();
         for k in gone {
             let g = self.groups.remove(&k).expect("group");
             self.chain_names.remove(&g.chain);
