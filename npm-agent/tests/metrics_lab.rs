@@ -723,19 +723,17 @@ fn lab_iptables_metrics() {
         }
     }
     assert!(rules > 0, "the AZURE-NPM chains are in the node's namespace");
-    // Azure NPM's layout, literally: a chain per policy named from `<namespace>/<name>`,
-    // jumped to through the policy's label sets.
+    // Azure NPM's chain per policy, named from `<namespace>/<name>`, walked from the chain
+    // of the pods it selects, which the base chain jumps to by the pod's address.
     use npm_agent::dataplane::azure::hashed_set_name;
-    use npm_agent::dataplane::iptables::names::policy_chain;
+    use npm_agent::dataplane::iptables::names::{group_chain, policy_chain};
     for chain in [policy_chain(true, "x/deny-x"), policy_chain(false, "z/za-egress")] {
         assert!(saved.lines().any(|l| l == format!(":{chain} - [0:0]")), "{chain} in\n{saved}");
     }
-    let jump = format!(
-        "-A AZURE-NPM-EGRESS -m set --match-set {} src -m set --match-set {} src ",
-        hashed_set_name("ns-z"),
-        hashed_set_name("podlabel-pod:a")
-    );
-    assert!(saved.lines().any(|l| l.starts_with(&jump)), "{jump} in\n{saved}");
+    let group = group_chain(false, "z/za-egress");
+    let jump =
+        |l: &&str| l.starts_with("-A AZURE-NPM-EGRESS -s ") && l.ends_with(&format!(" -j {group}"));
+    assert!(saved.lines().any(|l| jump(&l)), "a jump to {group} in\n{saved}");
     let sets = output("ipset", &["save"]);
     for readable in ["ns-x", "ns-z", "podlabel-pod:a", "transition"] {
         assert!(
