@@ -938,32 +938,38 @@ impl Engine {
         self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
         for d in Direction::BOTH {
             if self.idx.policies[&pid].policy.rules(d).is_some() {
-                let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
-                let e = self.out.endpoints.get_mut(ep).expect("endpoint");
-                if e.policies[di(d)].insert(pid) {
-                    e.named_ingress += u32::from(named);
-                    if self.layout.is_some() {
-                        let key = self.idx.policies[&pid].policy.key.clone();
-                        self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((false, key));
-                    }
-                }
+                self.select(pid, ep, d, true);
             }
         }
         self.out.dirty.insert(ep.clone());
     }
 
+    /// Policy `pid` starts (`on`) or stops selecting endpoint `ep` for direction `d`: the
+    /// endpoint's policies and named-port count, and, for the layout, the dispatch pair as
+    /// it was before the event.
+    fn select(&mut self, pid: PolicyId, ep: &ObjectKey, d: Direction, on: bool) {
+        let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
+        let e = self.out.endpoints.get_mut(ep).expect("endpoint");
+        let changed =
+            if on { e.policies[di(d)].insert(pid) } else { e.policies[di(d)].remove(&pid) };
+        if !changed {
+            return;
+        }
+        if on {
+            e.named_ingress += u32::from(named);
+        } else {
+            e.named_ingress -= u32::from(named);
+        }
+        if self.layout.is_some() {
+            let key = self.idx.policies[&pid].policy.key.clone();
+            self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((!on, key));
+        }
+    }
+
     /// Policy `pid` stops selecting endpoint `ep`.
     fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
         for d in Direction::BOTH {
-            let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
-            let e = self.out.endpoints.get_mut(ep).expect("endpoint");
-            if e.policies[di(d)].remove(&pid) {
-                e.named_ingress -= u32::from(named);
-                if self.layout.is_some() {
-                    let key = self.idx.policies[&pid].policy.key.clone();
-                    self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((true, key));
-                }
-            }
+            self.select(pid, ep, d, false);
         }
         self.out.dirty.insert(ep.clone());
         let entry = self.idx.policies.get_mut(&pid).expect("policy");
@@ -1005,18 +1011,11 @@ impl Engine {
         }
         self.out.profile_ids.insert(key.clone(), p);
         // (Keys hold their policies in order.)
-        let gone: Vec<PolicyId> = old
-            .policies
-            .iter()
-            .copied()
-            .filter(|x| key.policies.binary_search(x).is_err())
-            .collect();
-        let new: Vec<PolicyId> = key
-            .policies
-            .iter()
-            .copied()
-            .filter(|x| old.policies.binary_search(x).is_err())
-            .collect();
+        let only = |a: &[PolicyId], b: &[PolicyId]| -> Vec<PolicyId> {
+            a.iter().copied().filter(|x| b.binary_search(x).is_err()).collect()
+        };
+        let gone = only(&old.policies, &key.policies);
+        let new = only(&key.policies, &old.policies);
         for pid in &gone {
             self.out.unlink(*pid, p);
             self.contribute(*pid, key.direction, p, false);
@@ -1689,17 +1688,17 @@ impl Engine {
                     diff.policies,
                     quarantine,
                 );
-                input.dispatch = diff
-                    .dispatch
-                    .into_iter()
-                    .filter_map(|((d, ip, pid), (before, key))| {
-                        let after = self.out.endpoint_at.get(&ip).is_some_and(|k| {
-                            self.out.endpoints[k].policies[di(d)].contains(&pid)
-                                && self.idx.policies.get(&pid).is_some_and(|p| p.policy.key == key)
-                        });
-                        (before != after).then_some((d, ip, key, after))
-                    })
-                    .collect();
+                input.dispatch =
+                    diff.dispatch
+                        .into_iter()
+                        .filter_map(|((d, ip, pid), (before, key))| {
+                            // (A policy keeps its number, and its number its name.)
+                            let after = self.out.endpoint_at.get(&ip).is_some_and(|k| {
+                                self.out.endpoints[k].policies[di(d)].contains(&pid)
+                            });
+                            (before != after).then_some((d, ip, key, after))
+                        })
+                        .collect();
                 let layout = compiler.update(input);
                 self.layout = Some(compiler);
                 layout

@@ -321,14 +321,13 @@ impl Layout {
             }
         }
         // (A set removed or re-created keeps its old members only in the `Arc` taken above.)
-        let before_sets: BTreeMap<SetDef, Option<Arc<BTreeSet<Member>>>> = whole.clone();
         self.apply(changes)?;
         let mut out = Vec::new();
         let mut new_lists = Vec::new();
         let mut kept: Vec<(SetDef, Member, bool)> = Vec::new();
         let mut gone: (Vec<SetDef>, Vec<SetDef>) = (Vec::new(), Vec::new());
-        for (set, before) in whole {
-            match (before, self.sets.get(&set)) {
+        for (set, before) in &whole {
+            match (before, self.sets.get(set)) {
                 (None, Some(now)) => {
                     let block = std::iter::once(LayoutChange::AddSet { set: set.clone() }).chain(
                         now.iter().map(|m| LayoutChange::AddMember {
@@ -340,13 +339,13 @@ impl Layout {
                 }
                 (Some(_), None) => {
                     if set.is_list() {
-                        gone.0.push(set)
+                        gone.0.push(set.clone())
                     } else {
-                        gone.1.push(set)
+                        gone.1.push(set.clone())
                     }
                 }
                 (Some(was), Some(now)) => {
-                    kept.extend(now.difference(&was).map(|m| (set.clone(), m.clone(), true)));
+                    kept.extend(now.difference(was).map(|m| (set.clone(), m.clone(), true)));
                     kept.extend(was.difference(now).map(|m| (set.clone(), m.clone(), false)));
                 }
                 (None, None) => {}
@@ -354,7 +353,7 @@ impl Layout {
         }
         out.extend(new_lists);
         for ((set, member), before) in members {
-            if before_sets.contains_key(&set) {
+            if whole.contains_key(&set) {
                 continue;
             }
             let after = self.sets.get(&set).is_some_and(|m| m.contains(&member));
@@ -370,7 +369,7 @@ impl Layout {
             match m {
                 Member::Set(sub) => {
                     regroup.extend(self.addresses_of(m));
-                    if let Some(Some(was)) = before_sets.get(sub.as_ref()) {
+                    if let Some(Some(was)) = whole.get(sub.as_ref()) {
                         regroup.extend(was.iter().flat_map(|x| self.addresses_of(x)));
                     }
                 }

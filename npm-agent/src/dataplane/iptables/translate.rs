@@ -191,19 +191,15 @@ impl KernelSet<'_> {
 
 /// The commands that create a set and add its members, as one block of lines (one string,
 /// not one per line: a reconcile at 100k pods writes half a million of them).
-fn create_block(h: &str, set: KernelSet<'_>, members: &BTreeSet<String>) -> String {
-    let mut b = create_line(h, set);
+fn create_block(h: &str, kind: SetKind, members: &BTreeSet<String>) -> String {
+    let mut b = create_line(h, kind);
     for m in members {
         let _ = write!(b, "\nadd {h} {m}");
     }
     b
 }
 
-fn create_line(h: &str, set: KernelSet<'_>) -> String {
-    create_kind(h, set.kind())
-}
-
-fn create_kind(h: &str, kind: SetKind) -> String {
+fn create_line(h: &str, kind: SetKind) -> String {
     match kind {
         // Sets of pods may hold every pod of a large cluster.
         SetKind::HashNet => format!("create {h} hash:net family inet maxelem 4294967295"),
@@ -768,13 +764,13 @@ impl RuleTranslator {
         &self,
         d: Direction,
         policies: &BTreeSet<ObjectKey>,
-    ) -> (BTreeSet<String>, Vec<&str>) {
+    ) -> (BTreeSet<String>, Vec<String>) {
         let mut fast = BTreeSet::new();
         let mut walk = Vec::new();
         for c in policies.iter().filter_map(|k| self.chains.get(&(k.clone(), d))) {
             fast.extend(c.fast.iter().cloned());
             if c.slow {
-                walk.push(c.chain.as_str());
+                walk.push(c.chain.clone());
             }
         }
         (fast, walk)
@@ -782,7 +778,7 @@ impl RuleTranslator {
 
     /// A group's rules: its set (blocks and ports, matched at once), a jump to each policy
     /// chain with other rules (no comment: the walk is the hot path), the drop mark.
-    fn group_rules(d: Direction, set: Option<&GroupSet>, walk: &[&str]) -> Vec<String> {
+    fn group_rules(d: Direction, set: Option<&GroupSet>, walk: &[String]) -> Vec<String> {
         let mut rules = Vec::new();
         if let Some(s) = set {
             let (flags, word) = match d {
@@ -840,7 +836,6 @@ impl RuleTranslator {
             .collect();
         for g in redo {
             let (fast, walk) = self.group_content(d, &g);
-            let walk: Vec<String> = walk.into_iter().map(str::to_string).collect();
             let old = self.groups.remove(&(d, g.clone()));
             let chain = match &old {
                 Some(o) => o.chain.clone(),
@@ -855,11 +850,7 @@ impl RuleTranslator {
                     let readable = format!("blocks-and-ports-of-{chain}-{digest:016x}");
                     let name = self.claim(&readable, SetKind::HashNetPort);
                     if let Some(ph) = ph.as_deref_mut() {
-                        let mut b = create_kind(&name, SetKind::HashNetPort);
-                        for m in &fast {
-                            let _ = write!(b, "\nadd {name} {m}");
-                        }
-                        ph.create_sets.push(b);
+                        ph.create_sets.push(create_block(&name, SetKind::HashNetPort, &fast));
                     }
                     Some(GroupSet { name, readable, members: fast })
                 }
@@ -872,7 +863,6 @@ impl RuleTranslator {
                     ph.destroy_sets.push(format!("destroy {}", o.name));
                 }
             }
-            let walk: Vec<&str> = walk.iter().map(String::as_str).collect();
             let rules = Self::group_rules(d, set.as_ref(), &walk);
             if let Some(ph) = ph.as_deref_mut()
                 && old.as_ref().is_none_or(|o| o.rules != rules)
@@ -937,7 +927,7 @@ impl RuleTranslator {
         self.base = true;
         self.add_transition();
         let t = self.transition.as_ref().expect("transition");
-        ph.create_sets.push(create_line(&t.name, KernelSet::Transition));
+        ph.create_sets.push(create_line(&t.name, KernelSet::Transition.kind()));
         for c in names::BASE_CHAINS {
             ph.new_chains.push(format!(":{c} - [0:0]"));
         }
@@ -1056,7 +1046,7 @@ impl RuleTranslator {
             let Some(members) = fresh_members.remove(def) else { continue };
             let s = self.sets.get_mut(def).expect("a fresh set is held");
             s.members = members.len();
-            let block = create_block(&s.name, KernelSet::Layout(def), &members);
+            let block = create_block(&s.name, KernelSet::Layout(def).kind(), &members);
             if def.is_list() {
                 ph.create_lists.push(block);
             } else {
@@ -1299,7 +1289,7 @@ impl RuleTranslator {
             let mine = members_of(h);
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_block(h, *def, &mine));
+                    out.push(create_block(h, def.kind(), &mine));
                 }
                 Some(ks) => {
                     for m in mine.difference(&ks.members) {
@@ -1324,13 +1314,7 @@ impl RuleTranslator {
         for g in self.groups.values().filter_map(|g| g.set.as_ref()) {
             let h = &g.name;
             match kernel.sets.get(h) {
-                None => {
-                    let mut b = create_kind(h, SetKind::HashNetPort);
-                    for m in &g.members {
-                        let _ = write!(b, "\nadd {h} {m}");
-                    }
-                    ph.create_sets.push(b);
-                }
+                None => ph.create_sets.push(create_block(h, SetKind::HashNetPort, &g.members)),
                 Some(ks) => {
                     for m in g.members.difference(&ks.members) {
                         ph.add_members.push(format!("add {h} {m}"));
