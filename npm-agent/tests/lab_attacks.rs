@@ -3,8 +3,10 @@
 //! sockets, and what arrives observed by a packet socket in the target pod's namespace.
 //!
 //! The pods (namespace x, all serving TCP and UDP on 80), by node:
-//! - node 0: a (sends nothing: egress denied), e (admits only c), g (no policy), h (no policy)
-//! - node 1: c (admitted by e and f), f (admits only c), k (filler)
+//! - node 0: a (sends nothing: egress denied), e (admits only c, by a pod selector), g (no
+//!   policy), h (no policy)
+//! - node 1: c (admitted by e and f), f (admits only c, by c's address as an ipBlock on port
+//!   80: in iptables mode, through its group's set of blocks and ports), k (filler)
 //!
 //! Each attack is one the issue found working before its fix:
 //! 1. conntrack poisoning: a forges e→a (and f→a) "replies", then connects from the planted
@@ -58,11 +60,21 @@ steps:
       kind: NetworkPolicy
       metadata: {name: only-c, namespace: x}
       spec:
-        podSelector: {matchExpressions: [{key: pod, operator: In, values: [e, f]}]}
+        podSelector: {matchLabels: {pod: e}}
         ingress:
         - from: [{podSelector: {matchLabels: {pod: c}}}]
+  - apply:
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: c-block, namespace: x}
+      spec:
+        podSelector: {matchLabels: {pod: f}}
+        ingress:
+        - from: [{ipBlock: {cidr: 10.240.0.11/32}}]
+          ports: [{port: 80, protocol: TCP}, {port: 80, protocol: UDP}]
 - description: e and f admit nobody
   actions:
+  - delete-policy: {namespace: x, name: c-block}
   - apply:
       apiVersion: networking.k8s.io/v1
       kind: NetworkPolicy
@@ -297,6 +309,7 @@ fn run_attacks(mut t: Attack) {
         };
     }
     let (a, c, e, f, g) = (t.ip("a"), t.ip("c"), t.ip("e"), t.ip("f"), t.ip("g"));
+    assert_eq!(c, Ipv4Addr::new(10, 240, 0, 11), "c-block names c's address");
 
     // The policies hold for honest packets: c reaches e and f, a and g do not.
     assert!(t.connect("c", &e.to_string(), 80, 41000, false), "{dp}: c -> e");
