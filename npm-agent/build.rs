@@ -8,6 +8,8 @@
 //! and `bpf-linker` on `PATH`; `cargo xtask setup` installs them. So plain `cargo build` and
 //! `cargo test` work on stable.
 //!
+//! Other target systems (Windows, for the HNS dataplane) build no object.
+//!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build (aya-build honours it); an empty placeholder object is
 //! written instead so the agent still compiles, and loading the programs fails at run time.
 use std::{env, fs, path::PathBuf};
@@ -39,6 +41,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let object = out_dir.join(EBPF_PACKAGE);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    // The eBPF dataplane exists on Linux only: a Windows build (the HNS dataplane) needs no
+    // object, nor the nightly toolchain.
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return Ok(());
+    }
 
     aya_build::build_ebpf(
         [aya_build::Package { name: EBPF_PACKAGE, root_dir: ebpf_dir, ..Default::default() }],

@@ -18,6 +18,7 @@
 use std::fmt;
 use std::fs::{File, FileType, OpenOptions};
 use std::io::Read as _;
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -76,6 +77,12 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
+#[cfg(not(unix))]
+fn describe(t: FileType) -> &'static str {
+    if t.is_dir() { "a directory" } else { "not a file" }
+}
+
+#[cfg(unix)]
 fn describe(t: FileType) -> &'static str {
     if t.is_fifo() {
         "a FIFO"
@@ -102,11 +109,11 @@ pub fn read_file_limited(path: &Path, limit: u64) -> Result<String, ReadError> {
     let err = |kind| ReadError { path: path.to_path_buf(), kind };
     // O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal does not
     // become the agent's controlling terminal. Neither changes how a regular file reads.
-    let file: File = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| err(ReadErrorKind::Io(e)))?;
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    let file: File = options.open(path).map_err(|e| err(ReadErrorKind::Io(e)))?;
     let meta = file.metadata().map_err(|e| err(ReadErrorKind::Io(e)))?;
     if !meta.file_type().is_file() {
         return Err(err(ReadErrorKind::NotRegular(describe(meta.file_type()))));

@@ -9,9 +9,11 @@ pub mod agent;
 pub mod compile;
 pub mod dataplane;
 pub mod input;
+#[cfg(target_os = "linux")]
 pub mod lab;
 pub mod metrics;
 pub mod model;
+#[cfg(target_os = "linux")]
 pub mod netns;
 pub mod plan;
 pub mod reference;

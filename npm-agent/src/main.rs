@@ -33,18 +33,21 @@ enum Command {
         config: Option<PathBuf>,
         /// Enter this network namespace (a file such as /run/netns/NAME) before anything
         /// else, keeping the mount namespace.
+        #[cfg(target_os = "linux")]
         #[arg(long)]
         netns: Option<PathBuf>,
         #[command(flatten)]
         settings: npm_agent::agent::Settings,
     },
     /// The network-namespace lab: conformance cases on real packets, one agent per node.
+    #[cfg(target_os = "linux")]
     Lab {
         #[command(subcommand)]
         command: LabCommand,
     },
     /// Print the eBPF dataplane's packet counters (passed and dropped, by direction and
     /// reason) from an agent's pin root.
+    #[cfg(target_os = "linux")]
     Counters {
         #[arg(long, default_value = npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
@@ -61,6 +64,7 @@ enum Command {
     },
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Subcommand)]
 enum LabCommand {
     /// Build each case's cluster from network namespaces (as root), run the real agent on
@@ -138,6 +142,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate { json, cases } => npm_agent::simulate::cli(&cases, json),
+        #[cfg(not(target_os = "linux"))]
+        Command::Run { config, settings } => run(config.as_deref(), settings),
+        #[cfg(target_os = "linux")]
         Command::Run { config, netns, settings } => {
             // Before any thread exists: setns affects only the calling thread.
             if let Some(ns) = &netns
@@ -148,6 +155,7 @@ fn main() -> ExitCode {
             }
             run(config.as_deref(), settings)
         }
+        #[cfg(target_os = "linux")]
         Command::Lab { command: LabCommand::Run { dataplane, nodes, json, cases } } => {
             npm_agent::lab::run_cli(
                 &cases,
@@ -155,12 +163,15 @@ fn main() -> ExitCode {
                 json,
             )
         }
+        #[cfg(target_os = "linux")]
         Command::Lab {
             command: LabCommand::Throughput { dataplanes, policies, seconds, runs },
         } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs),
+        #[cfg(target_os = "linux")]
         Command::Lab { command: LabCommand::Crr { setups, policies, seconds, rounds, others } } => {
             npm_agent::lab::crr::crr_cli(&setups, &policies, seconds, rounds, others)
         }
+        #[cfg(target_os = "linux")]
         Command::Lab {
             command: LabCommand::Demo { dataplane, nodes, hold, metrics_addr, case },
         } => npm_agent::lab::demo_cli(
@@ -169,6 +180,7 @@ fn main() -> ExitCode {
             hold,
             &metrics_addr,
         ),
+        #[cfg(target_os = "linux")]
         Command::Counters { pin_root } => {
             match npm_agent::dataplane::ebpf::pinned_counters(&pin_root) {
                 Ok(c) => {
@@ -230,6 +242,12 @@ fn cleanup(pin_root: Option<PathBuf>, config_file: Option<&Path>) -> ExitCode {
         .or(from_file)
         .unwrap_or_else(|| PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT));
     match agent::cleanup(&pin_root) {
+        #[cfg(windows)]
+        Ok(_) => {
+            println!("hns: removed the ACLs and SetPolicies of the agent");
+            ExitCode::SUCCESS
+        }
+        #[cfg(target_os = "linux")]
         Ok(r) => {
             if r.ebpf.existed {
                 println!(

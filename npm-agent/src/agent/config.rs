@@ -8,7 +8,7 @@
 //!
 //! ```yaml
 //! source: files:/etc/npm/manifests   # or kube
-//! dataplane: auto                    # auto | ebpf | iptables
+//! dataplane: auto                    # auto | ebpf | iptables (Linux) | hns (Windows)
 //! node-name: node-1                  # default: $NODE_NAME, then the hostname
 //! metrics-addr: 0.0.0.0:10091
 //! pin-root: /sys/fs/bpf/npm-rs
@@ -39,6 +39,8 @@ pub enum DataplaneKind {
     Auto,
     Ebpf,
     Iptables,
+    /// Windows: the Host Networking Service's SetPolicies and endpoint ACLs.
+    Hns,
     /// Keeps the plan in memory and enforces nothing (tests).
     #[value(hide = true)]
     Memory,
@@ -50,6 +52,7 @@ impl std::fmt::Display for DataplaneKind {
             DataplaneKind::Auto => "auto",
             DataplaneKind::Ebpf => "ebpf",
             DataplaneKind::Iptables => "iptables",
+            DataplaneKind::Hns => "hns",
             DataplaneKind::Memory => "memory",
         })
     }
@@ -66,8 +69,8 @@ pub struct Settings {
     #[serde(default, deserialize_with = "from_str_opt")]
     pub source: Option<SourceSpec>,
 
-    /// The dataplane: auto (eBPF when the kernel supports it, else iptables), ebpf or
-    /// iptables. [default: auto]
+    /// The dataplane: auto (on Linux eBPF when the kernel supports it, else iptables; on
+    /// Windows hns), ebpf, iptables or hns. [default: auto]
     #[arg(long)]
     #[serde(default)]
     pub dataplane: Option<DataplaneKind>,
@@ -259,6 +262,16 @@ pub fn default_node_name() -> Option<String> {
     {
         return Some(n);
     }
+    hostname()
+}
+
+#[cfg(windows)]
+fn hostname() -> Option<String> {
+    std::env::var("COMPUTERNAME").ok().filter(|n| !n.is_empty()).map(|n| n.to_lowercase())
+}
+
+#[cfg(unix)]
+fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it (or
     // truncates, which the search for NUL below tolerates).

@@ -15,14 +15,9 @@ pub mod config;
 pub mod run;
 pub mod status;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context as _;
-
-use crate::dataplane::ebpf::{self, EbpfCleanup, EbpfConfig, EbpfDataplane};
-use crate::dataplane::iptables::{self, IptablesCleanup, IptablesConfig, IptablesDataplane};
 use crate::dataplane::{Dataplane, Memory};
 use crate::metrics::{Metrics, MetricsOptions};
 use crate::source::{FilesSource, KubeOptions, KubeSource, Source, SourceSpec};
@@ -46,67 +41,180 @@ pub fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
     }
 }
 
-/// Opens the dataplane the configuration names (`auto`: eBPF when the kernel loads the
-/// programs, else iptables, saying why), and says which it opened.
+/// Opens the dataplane the configuration names (`auto`: on Linux eBPF when the kernel loads
+/// the programs, else iptables, saying why; on Windows HNS), and says which it opened.
 pub fn open_dataplane(config: &Config) -> anyhow::Result<(DataplaneKind, Box<dyn Dataplane>)> {
-    let ebpf = || {
-        EbpfDataplane::open(EbpfConfig {
-            pin_root: config.pin_root.clone(),
-            log_drops: config.log_drops,
-            attach: true,
-        })
-    };
-    let iptables = || IptablesDataplane::open(IptablesConfig::default());
-    Ok(match config.dataplane {
-        DataplaneKind::Ebpf => (DataplaneKind::Ebpf, Box::new(ebpf().context("eBPF dataplane")?)),
-        DataplaneKind::Auto => match ebpf() {
-            Ok(d) => (DataplaneKind::Ebpf, Box::new(d)),
-            Err(e) => {
-                tracing::warn!(reason = %e, "the eBPF dataplane is unavailable; falling back to iptables");
-                let d = iptables().with_context(|| {
-                    format!("eBPF dataplane unavailable ({e}); iptables dataplane")
-                })?;
-                (DataplaneKind::Iptables, Box::new(d))
-            }
-        },
-        DataplaneKind::Iptables => {
-            (DataplaneKind::Iptables, Box::new(iptables().context("iptables dataplane")?))
-        }
-        DataplaneKind::Memory => (DataplaneKind::Memory, Box::new(Memory::default())),
-    })
+    if config.dataplane == DataplaneKind::Memory {
+        return Ok((DataplaneKind::Memory, Box::new(Memory::default())));
+    }
+    platform::open_dataplane(config)
 }
 
-/// Once the agent is ready (its dataplane enforces the whole plan), removes what the other
-/// dataplane left on this node: the AZURE-NPM chains and azure-npm- sets under eBPF, the
-/// pin root under iptables. Never before, so switching modes opens no unprotected moment.
+#[cfg(target_os = "linux")]
+mod platform {
+    use anyhow::Context as _;
+
+    use super::{Config, DataplaneKind};
+    use crate::dataplane::Dataplane;
+    use crate::dataplane::ebpf::{self, EbpfCleanup, EbpfConfig, EbpfDataplane};
+    use crate::dataplane::iptables::{self, IptablesCleanup, IptablesConfig, IptablesDataplane};
+
+    pub fn open_dataplane(config: &Config) -> anyhow::Result<(DataplaneKind, Box<dyn Dataplane>)> {
+        let ebpf = || {
+            EbpfDataplane::open(EbpfConfig {
+                pin_root: config.pin_root.clone(),
+                log_drops: config.log_drops,
+                attach: true,
+            })
+        };
+        let iptables = || IptablesDataplane::open(IptablesConfig::default());
+        Ok(match config.dataplane {
+            DataplaneKind::Ebpf => {
+                (DataplaneKind::Ebpf, Box::new(ebpf().context("eBPF dataplane")?))
+            }
+            DataplaneKind::Auto => match ebpf() {
+                Ok(d) => (DataplaneKind::Ebpf, Box::new(d)),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "the eBPF dataplane is unavailable; falling back to iptables");
+                    let d = iptables().with_context(|| {
+                        format!("eBPF dataplane unavailable ({e}); iptables dataplane")
+                    })?;
+                    (DataplaneKind::Iptables, Box::new(d))
+                }
+            },
+            DataplaneKind::Iptables => {
+                (DataplaneKind::Iptables, Box::new(iptables().context("iptables dataplane")?))
+            }
+            DataplaneKind::Hns => {
+                anyhow::bail!("the hns dataplane runs on Windows nodes only (this is Linux)")
+            }
+            DataplaneKind::Memory => unreachable!("opened by the caller"),
+        })
+    }
+
+    /// Once the agent is ready (its dataplane enforces the whole plan), removes what the
+    /// other dataplane left on this node: the AZURE-NPM chains and azure-npm- sets under
+    /// eBPF, the pin root under iptables. Never before, so switching modes opens no
+    /// unprotected moment.
+    pub fn cleanup_other_dataplane(
+        config: &Config,
+        running: DataplaneKind,
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        Some(match running {
+            DataplaneKind::Ebpf => Box::new(|| {
+                let r = iptables::cleanup(None);
+                let chains: usize = r.chains.iter().map(|(_, n)| n).sum();
+                if chains + r.sets > 0 {
+                    tracing::info!(
+                        chains,
+                        sets = r.sets,
+                        "removed what the iptables dataplane left"
+                    );
+                }
+                for p in r.problems {
+                    tracing::warn!("removing what the iptables dataplane left: {p}");
+                }
+            }),
+            DataplaneKind::Iptables => {
+                let pin_root = config.pin_root.clone();
+                Box::new(move || match ebpf::cleanup(&pin_root) {
+                    Ok(r) if r.existed => {
+                        tracing::info!(pin_root = %pin_root.display(), links = r.links, maps = r.maps, "removed what the eBPF dataplane left")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "removing what the eBPF dataplane left"),
+                })
+            }
+            DataplaneKind::Auto | DataplaneKind::Hns | DataplaneKind::Memory => return None,
+        })
+    }
+
+    /// What [`cleanup`] removed.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Cleanup {
+        /// The eBPF dataplane's pin root.
+        pub ebpf: EbpfCleanup,
+        /// The iptables dataplane's chains and sets removed.
+        pub iptables: IptablesCleanup,
+    }
+
+    /// Removes everything the agent installed: the iptables dataplane's chains (every
+    /// `AZURE-NPM…` chain and FORWARD's jump, in both iptables backends) and sets (every
+    /// `azure-npm-…` set), and the eBPF dataplane's pin root (see [`ebpf::cleanup`]).
+    pub fn cleanup(pin_root: &std::path::Path) -> anyhow::Result<Cleanup> {
+        let iptables = iptables::cleanup(None);
+        let ebpf = ebpf::cleanup(pin_root)?;
+        Ok(Cleanup { ebpf, iptables })
+    }
+}
+
+#[cfg(windows)]
+mod platform {
+    use anyhow::Context as _;
+
+    use super::{Config, DataplaneKind};
+    use crate::dataplane::Dataplane;
+    use crate::dataplane::hns::HnsDataplane;
+    use crate::dataplane::hns::windows::WindowsHcn;
+    use crate::plan::Plan;
+
+    /// The HCN network of the pods: `$NPM_HNS_NETWORK`, else Azure CNI's `azure`.
+    fn network_name() -> String {
+        std::env::var("NPM_HNS_NETWORK")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "azure".into())
+    }
+
+    fn open_hns() -> anyhow::Result<HnsDataplane<WindowsHcn>> {
+        let name = network_name();
+        let hcn = WindowsHcn::open(&name).with_context(|| format!("the HCN network {name:?}"))?;
+        Ok(HnsDataplane::new(hcn))
+    }
+
+    pub fn open_dataplane(config: &Config) -> anyhow::Result<(DataplaneKind, Box<dyn Dataplane>)> {
+        match config.dataplane {
+            DataplaneKind::Auto | DataplaneKind::Hns => {
+                Ok((DataplaneKind::Hns, Box::new(open_hns().context("hns dataplane")?)))
+            }
+            other => {
+                anyhow::bail!("the {other} dataplane runs on Linux nodes only (this is Windows)")
+            }
+        }
+    }
+
+    pub fn cleanup_other_dataplane(
+        _config: &Config,
+        _running: DataplaneKind,
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
+
+    /// What [`cleanup`] removed.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Cleanup {
+        /// The endpoints' ACLs and the network's SetPolicies were removed.
+        pub hns: bool,
+    }
+
+    /// Removes the HNS dataplane's ACLs and SetPolicies (a reconcile to an empty plan).
+    pub fn cleanup(_pin_root: &std::path::Path) -> anyhow::Result<Cleanup> {
+        let mut d = open_hns()?;
+        d.reconcile(&Plan::default())?;
+        Ok(Cleanup { hns: true })
+    }
+}
+
+pub use platform::{Cleanup, cleanup};
+
+/// Once the agent is ready, removes what the other dataplane left (see the platform's
+/// `cleanup_other_dataplane`), on a thread of its own.
 fn cleanup_other_dataplane_when_ready(
     config: &Config,
     running: DataplaneKind,
     handles: crate::agent::Handles,
 ) {
-    let job: Box<dyn FnOnce() + Send> = match running {
-        DataplaneKind::Ebpf => Box::new(|| {
-            let r = iptables::cleanup(None);
-            let chains: usize = r.chains.iter().map(|(_, n)| n).sum();
-            if chains + r.sets > 0 {
-                tracing::info!(chains, sets = r.sets, "removed what the iptables dataplane left");
-            }
-            for p in r.problems {
-                tracing::warn!("removing what the iptables dataplane left: {p}");
-            }
-        }),
-        DataplaneKind::Iptables => {
-            let pin_root = config.pin_root.clone();
-            Box::new(move || match ebpf::cleanup(&pin_root) {
-                Ok(r) if r.existed => {
-                    tracing::info!(pin_root = %pin_root.display(), links = r.links, maps = r.maps, "removed what the eBPF dataplane left")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "removing what the eBPF dataplane left"),
-            })
-        }
-        DataplaneKind::Auto | DataplaneKind::Memory => return,
-    };
+    let Some(job) = platform::cleanup_other_dataplane(config, running) else { return };
     let spawned = std::thread::Builder::new().name("cleanup-other".into()).spawn(move || {
         while !handles.status().ready {
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -155,11 +263,30 @@ pub fn run(config: &Config, stop: &AtomicBool) -> anyhow::Result<()> {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+#[cfg(unix)]
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Makes Ctrl-C, Ctrl-Break, closing and shutdown set the returned flag (a HostProcess
+/// container is stopped with these console events).
+#[cfg(windows)]
+pub fn stop_on_signals() -> &'static AtomicBool {
+    unsafe extern "system" fn on_event(_: u32) -> windows::core::BOOL {
+        STOP.store(true, Ordering::SeqCst);
+        true.into()
+    }
+    // SAFETY: the handler only stores into an atomic.
+    if let Err(e) =
+        unsafe { windows::Win32::System::Console::SetConsoleCtrlHandler(Some(on_event), true) }
+    {
+        tracing::warn!("the agent cannot catch console stop events: {e}");
+    }
+    &STOP
+}
+
 /// Makes SIGTERM and SIGINT set the returned flag (the run loop stops within 200 ms).
+#[cfg(unix)]
 pub fn stop_on_signals() -> &'static AtomicBool {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
@@ -190,22 +317,4 @@ pub fn init_logging(level: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .try_init();
-}
-
-/// What [`cleanup`] removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Cleanup {
-    /// The eBPF dataplane's pin root.
-    pub ebpf: EbpfCleanup,
-    /// The iptables dataplane's chains and sets removed.
-    pub iptables: IptablesCleanup,
-}
-
-/// Removes everything the agent installed: the iptables dataplane's chains (every
-/// `AZURE-NPM…` chain and FORWARD's jump, in both iptables backends) and sets (every
-/// `azure-npm-…` set), and the eBPF dataplane's pin root (see [`ebpf::cleanup`]).
-pub fn cleanup(pin_root: &Path) -> anyhow::Result<Cleanup> {
-    let iptables = iptables::cleanup(None);
-    let ebpf = ebpf::cleanup(pin_root)?;
-    Ok(Cleanup { ebpf, iptables })
 }

@@ -5,6 +5,7 @@
 pub mod azure;
 pub mod ebpf;
 pub mod hns;
+#[cfg(target_os = "linux")]
 pub mod iface;
 pub mod iptables;
 pub mod observe;

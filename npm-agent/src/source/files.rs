@@ -34,6 +34,7 @@
 //! Each scan stats every file and re-reads only those whose size, times or inode changed.
 
 use std::collections::{BTreeMap, BTreeSet};
+#[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -78,6 +79,18 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// Windows has no inode and change time here: the size and modification time.
+    #[cfg(not(unix))]
+    fn of(m: &std::fs::Metadata) -> Self {
+        let since = |t: std::io::Result<std::time::SystemTime>| {
+            t.ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or((0, 0), |d| (d.as_secs() as i64, i64::from(d.subsec_nanos())))
+        };
+        Stamp { len: m.len(), ino: 0, mtime: since(m.modified()), ctime: (0, 0) }
+    }
+
+    #[cfg(unix)]
     fn of(m: &std::fs::Metadata) -> Self {
         Stamp {
             len: m.len(),

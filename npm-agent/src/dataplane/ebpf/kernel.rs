@@ -42,7 +42,7 @@ use crate::plan::{Plan, PlanDiff};
 /// The tc programs, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm-ebpf"));
 
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/npm-rs";
+pub use super::DEFAULT_PIN_ROOT;
 const NAME: &str = "ebpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -3,12 +3,18 @@
 //! the maps on the host; the kernel side loads, pins and attaches.
 
 pub mod emulator;
+#[cfg(target_os = "linux")]
 pub mod kernel;
+#[cfg(target_os = "linux")]
 pub mod observe;
+#[cfg(target_os = "linux")]
 pub mod testrun;
 pub mod translate;
 
-pub use kernel::{
-    CONNTRACK_SWEEP, DEFAULT_PIN_ROOT, EbpfCleanup, EbpfConfig, EbpfDataplane, cleanup,
-};
+/// Where the agent pins its maps and links (bpffs).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/npm-rs";
+
+#[cfg(target_os = "linux")]
+pub use kernel::{CONNTRACK_SWEEP, EbpfCleanup, EbpfConfig, EbpfDataplane, cleanup};
+#[cfg(target_os = "linux")]
 pub use observe::{PacketCounters, pinned_counters};

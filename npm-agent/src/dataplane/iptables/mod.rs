@@ -118,13 +118,19 @@
 //! between two nodes is checked on both (with the same answer).
 
 pub mod emulator;
+#[cfg(target_os = "linux")]
 pub mod exec;
+#[cfg(target_os = "linux")]
 pub mod guard;
+#[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod names;
+#[cfg(target_os = "linux")]
 pub mod observe;
 pub mod saved;
 pub mod translate;
 
+#[cfg(target_os = "linux")]
 pub use exec::{BACKEND_ENV, Backend, Runner, detect_backend};
+#[cfg(target_os = "linux")]
 pub use kernel::{ApplyStats, IptablesCleanup, IptablesConfig, IptablesDataplane, cleanup};
