@@ -1,9 +1,10 @@
 //! The Windows HNS translation: for every scenario (a conformance case per feature, see
 //! `golden/scenarios.rs`), the JSON HNS would receive after each step is compared with
-//! `tests/golden/hns/<scenario>.json` (`UPDATE_GOLDEN=1` rewrites them), and the ACLs are
-//! evaluated the way HNS evaluates them (by priority, first match; no ACL: allowed) for every
-//! pair of addresses, ports and protocols, which must agree with the plan except for the
-//! entries the translation reports it cannot express.
+//! `tests/golden/hns/<scenario>.json` (`UPDATE_GOLDEN=1` rewrites them). Each step's diff is
+//! also applied by the HNS dataplane to the HCN host model, which must then hold exactly that
+//! translation, and whose ACLs are evaluated the way HNS evaluates them (by priority, first
+//! match; no ACL: allowed) for every pair of addresses, ports and protocols: they must agree
+//! with the plan except for the entries the translation reports it cannot express.
 
 #[path = "golden/scenarios.rs"]
 mod scenarios;
@@ -11,90 +12,20 @@ mod scenarios;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
-use npm_agent::dataplane::hns::{self, AclPolicySetting, HnsPolicies};
+use npm_agent::dataplane::Dataplane;
+use npm_agent::dataplane::hns::{self, AclPolicySetting, HnsDataplane, HnsPolicies, HostHcn};
 use npm_agent::model::{Direction, Protocol};
-use npm_agent::plan::Plan;
+use npm_agent::plan::{Plan, PlanDiff};
 use scenarios::*;
+use serde_json::Value;
 
-/// The addresses a set holds (nested sets resolved).
-fn set_nets(h: &HnsPolicies, id: &str) -> Vec<Ipv4Net> {
-    let Some(s) = h.network.policies.iter().map(|p| &p.settings).find(|s| s.id == id) else {
-        panic!("ACL names unknown set {id}")
-    };
-    let values = s.values.split(',').filter(|v| !v.is_empty());
-    match s.kind.as_str() {
-        "IPSET" => values
-            .map(|v| {
-                v.parse::<Ipv4Net>()
-                    .or_else(|_| v.parse::<Ipv4Addr>().map(Ipv4Net::from))
-                    .expect("address")
-            })
-            .collect(),
-        "NESTEDIPSET" => values.flat_map(|m| set_nets(h, m)).collect(),
-        k => panic!("unknown set type {k}"),
-    }
-}
-
-fn addresses_match(h: &HnsPolicies, list: &str, peer: Ipv4Addr, sets: bool) -> bool {
-    if list.is_empty() {
-        return true;
-    }
-    list.split(',').any(|item| {
-        if sets {
-            set_nets(h, item).iter().any(|n| n.contains(&peer))
-        } else {
-            item.parse::<Ipv4Net>()
-                .or_else(|_| item.parse::<Ipv4Addr>().map(Ipv4Net::from))
-                .expect("address")
-                .contains(&peer)
-        }
-    })
-}
-
-fn acl_matches(
+fn check_semantics(
+    name: &str,
+    step: &str,
+    plan: &Plan,
     h: &HnsPolicies,
-    a: &AclPolicySetting,
-    peer: Ipv4Addr,
-    protocol: Protocol,
-    port: u16,
-) -> bool {
-    if !a.protocols.is_empty() && a.protocols != protocol.number().to_string() {
-        return false;
-    }
-    let ports = if a.direction == "In" { &a.local_ports } else { &a.remote_ports };
-    if !ports.is_empty() && !ports.split(',').any(|p| p == port.to_string()) {
-        return false;
-    }
-    // Azure NPM's mapping: set peers in LocalAddresses for In and RemoteAddresses for Out;
-    // direct addresses in RemoteAddresses.
-    let remote_sets = a.remote_addresses.starts_with("azure-npm-");
-    addresses_match(h, &a.local_addresses, peer, true)
-        && addresses_match(h, &a.remote_addresses, peer, remote_sets)
-}
-
-/// HNS's verdict for one endpoint direction: the first matching ACL by priority; no ACL
-/// allows.
-fn hns_allows(
-    h: &HnsPolicies,
-    ep: IpAddr,
-    d: Direction,
-    peer: Ipv4Addr,
-    protocol: Protocol,
-    port: u16,
-) -> bool {
-    let Some(e) = h.endpoints.iter().find(|e| e.ip == ep) else { return true };
-    let dir = if d == Direction::Ingress { "In" } else { "Out" };
-    let mut acls: Vec<&AclPolicySetting> =
-        e.request.policies.iter().map(|p| &p.settings).filter(|a| a.direction == dir).collect();
-    acls.sort_by_key(|a| a.priority);
-    match acls.iter().find(|a| acl_matches(h, a, peer, protocol, port)) {
-        Some(a) => a.action == "Allow",
-        None => true,
-    }
-}
-
-fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Result<(), String> {
+    hcn: &HostHcn,
+) -> Result<(), String> {
     let mut peers: Vec<Ipv4Addr> = plan
         .identities
         .keys()
@@ -124,7 +55,7 @@ fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Resu
                                 protocol,
                                 port,
                             );
-                        let got = hns_allows(h, *ip, d, peer, protocol, port);
+                        let got = hcn.allows(*ip, d, peer, protocol, port);
                         // A left-out entry may only make HNS refuse what the plan admits.
                         if got != want && !(want && !got && left_out.is_some()) {
                             return Err(format!(
@@ -138,6 +69,49 @@ fn check_semantics(name: &str, step: &str, plan: &Plan, h: &HnsPolicies) -> Resu
         }
     }
     Ok(())
+}
+
+/// Applies a step's diff through the dataplane over the model (endpoints of new pods made
+/// first, as the CNI does, those of gone pods removed after), then checks that HCN holds
+/// exactly the translation: its SetPolicies and each endpoint's ACLs.
+fn apply_through_the_model(
+    dp: &mut HnsDataplane<HostHcn>,
+    diff: &PlanDiff,
+    plan: &Plan,
+    h: &HnsPolicies,
+) -> Result<(), String> {
+    for ip in plan.endpoints.keys().filter(|ip| ip.is_ipv4()) {
+        if !dp.hcn().has_endpoint(*ip) {
+            dp.hcn_mut().add_endpoint(*ip);
+        }
+    }
+    dp.apply(diff).map_err(|e| format!("apply: {e}"))?;
+    let gone: Vec<IpAddr> =
+        h.endpoints.iter().map(|e| e.ip).filter(|ip| !plan.endpoints.contains_key(ip)).collect();
+    for ip in gone {
+        dp.hcn_mut().remove_endpoint(ip);
+    }
+    let mut want_sets: Vec<Value> = h.network.policies.iter().map(value).collect();
+    want_sets.sort_by_key(|v| v["Settings"]["Id"].as_str().unwrap_or_default().to_string());
+    if dp.hcn().set_policies() != want_sets {
+        return Err(format!(
+            "HCN holds the sets {:#?}\nnot {want_sets:#?}",
+            dp.hcn().set_policies()
+        ));
+    }
+    for e in &h.endpoints {
+        let held: Vec<Value> =
+            dp.hcn().endpoint_policies(e.ip).into_iter().filter(|p| p["Type"] == "ACL").collect();
+        let want: Vec<Value> = e.request.policies.iter().map(value).collect();
+        if held != want {
+            return Err(format!("endpoint {} holds the ACLs {held:#?}\nnot {want:#?}", e.ip));
+        }
+    }
+    Ok(())
+}
+
+fn value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("serializes")
 }
 
 #[test]
@@ -159,9 +133,16 @@ fn hns_translation_matches_golden_files_and_the_plan() {
     let mut failures = Vec::new();
     for (name, path) in scenarios() {
         let mut steps = Vec::new();
+        // The dataplane over the HCN host model, as the agent applies each step's diff.
+        let mut dp = HnsDataplane::new(HostHcn::new());
+        dp.reconcile(&Plan::default()).expect("an empty reconcile");
         for s in plans(&path) {
             let h = hns::translate(&s.plan);
-            if let Err(e) = check_semantics(&name, &s.description, &s.plan, &h) {
+            if let Err(e) = apply_through_the_model(&mut dp, &s.diff, &s.plan, &h) {
+                failures.push(format!("{name}, {}: {e}", s.description));
+                break;
+            }
+            if let Err(e) = check_semantics(&name, &s.description, &s.plan, &h, dp.hcn()) {
                 failures.push(e);
             }
             steps.push(Step {

@@ -3,9 +3,10 @@
 //! `NESTEDIPSET` of sets) and, per endpoint, ACL policies (`Id`, `Action` Allow/Block,
 //! `Direction` In/Out, `Priority`, `Protocols`, `LocalAddresses`/`RemoteAddresses`,
 //! `LocalPorts`/`RemotePorts`, `RuleType` Switch). [`translate`] builds it (pure, golden-tested
-//! in `tests/hns_golden.rs` against `tests/golden/hns/*.json`); the calls to HNS itself compile
-//! only on Windows ([`windows`], `cfg(windows)`) and are not implemented yet: that module says
-//! so at run time.
+//! in `tests/hns_golden.rs` against `tests/golden/hns/*.json`); [`dataplane`] brings HCN to it,
+//! changing what differs, through the [`hcn::Hcn`] seam: [`windows`] makes the calls on
+//! Windows (`cfg(windows)`), [`host`] models them anywhere, for the golden and differential
+//! tests.
 //!
 //! # Layout
 //! - Sets: `identity-<n>` (IPSET of the pods of one identity), `nestedlabel-<sets>`
@@ -41,10 +42,16 @@
 //!
 //! A left-out entry makes the endpoint admit less than the plan, never more.
 
+pub mod dataplane;
+pub mod hcn;
+pub mod host;
 pub mod translate;
 #[cfg(windows)]
 pub mod windows;
 
+pub use dataplane::HnsDataplane;
+pub use hcn::{Hcn, HcnError};
+pub use host::HostHcn;
 pub use translate::{
     AclPolicySetting, EndpointAcls, HnsPolicies, PolicyEntry, PolicyRequest, SetPolicySetting,
     Unsupported, translate,
