@@ -9,7 +9,9 @@
 //! - what the agent depends on holds: the RBAC grants exactly get/list/watch on pods,
 //!   namespaces, nodes and networkpolicies; the ConfigMap's file is a valid agent config
 //!   and is where the DaemonSet tells the agent to read it; the DaemonSet has the node name,
-//!   the probes, the mounts, the capabilities; the Service selects the DaemonSet's pods.
+//!   the probes, the mounts, the capabilities; the Service selects the DaemonSet's pods;
+//!   the Windows DaemonSet runs the agent's HNS dataplane as a HostProcess container on
+//!   Windows nodes only, with flags the agent takes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -344,6 +346,83 @@ fn daemonset_config_and_service_fit_the_agent() {
     }
     let port = &svc_spec.ports.unwrap()[0];
     assert_eq!((port.port, port.target_port.clone()), (9000, Some(IntOrString::Int(10091))));
+}
+
+/// The Windows DaemonSet: a HostProcess container as SYSTEM on Windows nodes (and the Linux
+/// one on Linux nodes only), its arguments as the agent parses them (the HNS dataplane), its
+/// config from the Linux agents' ConfigMap, its pods in the metrics Service.
+#[test]
+fn windows_daemonset_runs_the_hns_agent_as_a_host_process() {
+    use clap::Parser as _;
+    use npm_agent::agent::DataplaneKind;
+    #[derive(clap::Parser)]
+    struct Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    }
+    let objects = objects();
+    let os = |ds: &DaemonSet| {
+        let pod = ds.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        pod.node_selector.unwrap_or_default().get("kubernetes.io/os").cloned()
+    };
+    let linux: DaemonSet = typed(&objects, "DaemonSet", "azure-npm");
+    let ds: DaemonSet = typed(&objects, "DaemonSet", "azure-npm-win");
+    assert_eq!(os(&linux).as_deref(), Some("linux"));
+    assert_eq!(os(&ds).as_deref(), Some("windows"));
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let windows = pod.security_context.as_ref().unwrap().windows_options.as_ref().unwrap();
+    assert_eq!(windows.host_process, Some(true));
+    assert_eq!(windows.run_as_user_name.as_deref(), Some("NT AUTHORITY\\SYSTEM"));
+    assert_eq!(pod.host_network, Some(true), "HostProcess pods must use the host's network");
+    assert_eq!(pod.service_account_name.as_deref(), Some("azure-npm"));
+    let _: ServiceAccount = typed(&objects, "ServiceAccount", "azure-npm");
+
+    let c = agent_container(&ds);
+    let args = c.args.clone().unwrap();
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    let run =
+        Run::try_parse_from(std::iter::once("run".to_string()).chain(args[1..].iter().cloned()))
+            .unwrap_or_else(|e| panic!("the agent rejects the Windows DaemonSet's arguments: {e}"));
+    assert_eq!(run.settings.dataplane, Some(DataplaneKind::Hns));
+    let env: Vec<&str> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
+    assert!(env.contains(&"NODE_NAME"), "{env:?}");
+    // The config and the status file on the container's mounts.
+    let mounts: BTreeMap<&str, &str> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.mount_path.as_str(), m.name.as_str()))
+        .collect();
+    let config = run.config.expect("--config");
+    let volume = mounts[config.parent().unwrap().to_str().unwrap()];
+    let v = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == volume).unwrap();
+    let cm_name = &v.config_map.as_ref().expect("a ConfigMap volume").name;
+    let cm: ConfigMap = typed(&objects, "ConfigMap", cm_name);
+    let text = &cm.data.as_ref().unwrap()[config.file_name().unwrap().to_str().unwrap()];
+    let file = Settings::from_yaml(text).unwrap();
+    assert!(
+        matches!(file.dataplane, None | Some(DataplaneKind::Auto | DataplaneKind::Hns)),
+        "the ConfigMap's dataplane {:?} does not run on Windows (flags override it, but auto is what both read)",
+        file.dataplane
+    );
+    let status = run.settings.status_file.expect("--status-file");
+    assert!(mounts.keys().any(|m| status.starts_with(m)), "{} is not on a mount", status.display());
+    // Probes on the metrics port; the metrics Service selects these pods too.
+    for p in [&c.liveness_probe, &c.readiness_probe] {
+        let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(g.port, IntOrString::Int(10091));
+    }
+    let labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let svc: Service = typed(&objects, "Service", "npm-metrics-cluster-service");
+    for (k, v) in svc.spec.unwrap().selector.unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "the Service does not select the Windows pods");
+    }
+    let annotations = spec.template.metadata.as_ref().unwrap().annotations.clone().unwrap();
+    assert!(annotations.keys().all(|k| !k.starts_with("prometheus.io/")), "{annotations:?}");
 }
 
 /// What an Azure NPM user's monitoring keys on, written from Azure NPM's documentation and

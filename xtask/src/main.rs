@@ -263,6 +263,18 @@ fn test() -> Result<()> {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
         }),
+        Step::new(
+            "the Windows build (HNS dataplane): cargo clippy -D warnings for x86_64-pc-windows-gnu",
+            || {
+                run(cargo().args(["clippy", "--package", "npm-agent", "--lib", "--bins"]).args([
+                    "--target",
+                    setup::WINDOWS_TARGET,
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            },
+        ),
         Step::new("unit and integration tests", || {
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
         }),

@@ -29,7 +29,12 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "python3-scapy",
     // A virtual environment for kubernetes-validate (PyPI), which checks deploy/'s manifests.
     "python3-venv",
+    // The Windows build's C compiler (ring, under kube's rustls, builds C for the target).
+    "gcc-mingw-w64-x86-64",
 ];
+
+/// The Windows target the agent's HNS dataplane is built and linted for.
+pub const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
 
 /// The kubernetes-validate release installed when none is found (it bundles the Kubernetes
 /// OpenAPI schemas, so validating needs no network).
@@ -53,6 +58,7 @@ pub fn setup() -> Result<()> {
     let debs_ok = debian_packages(root, &mut missing_manual)?;
     let nightly_ok = nightly_toolchain(&mut missing_manual)?;
     lint_components()?;
+    windows_target()?;
     bpf_linker(debs_ok && nightly_ok, &mut missing_manual)?;
     kubernetes_validate(debs_ok, &mut missing_manual)?;
 
@@ -189,6 +195,18 @@ fn lint_components() -> Result<()> {
             report("installing", c);
             run(Command::new("rustup").args(["component", "add", c]))?;
         }
+    }
+    Ok(())
+}
+
+/// The standard library of the Windows target (stable), for linting the Windows build.
+fn windows_target() -> Result<()> {
+    let targets = capture(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if targets.lines().any(|l| l.trim() == WINDOWS_TARGET) {
+        report("ok", WINDOWS_TARGET);
+    } else {
+        report("installing", WINDOWS_TARGET);
+        run(Command::new("rustup").args(["target", "add", WINDOWS_TARGET]))?;
     }
     Ok(())
 }
