@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod compile;
 pub mod dataplane;
+pub mod explain;
 pub mod input;
 #[cfg(target_os = "linux")]
 pub mod lab;

@@ -39,6 +39,36 @@ enum Command {
         #[command(flatten)]
         settings: npm_agent::agent::Settings,
     },
+    /// Why is a connection allowed or denied? The verdict of each side (the source's
+    /// egress, the destination's ingress), the policies selecting each end and the rules
+    /// admitting it (`spec.ingress[1].from[0]`), from the compiler that enforces. Exit
+    /// status: 0 allowed, 1 denied, 2 error.
+    Explain {
+        /// The source: NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        from: String,
+        /// The destination: NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        to: String,
+        /// The destination port and protocol: 80/TCP, 53/UDP.
+        #[arg(long, default_value = "80/TCP")]
+        port: String,
+        /// The cluster from a directory of manifests (YAML, as `--source files:DIR`).
+        #[arg(long, conflicts_with_all = ["case", "kube"], required_unless_present_any = ["case", "kube"])]
+        manifests: Option<PathBuf>,
+        /// The cluster from a case file (shared/conformance/FORMAT.md): its model and steps.
+        #[arg(long, conflicts_with = "kube")]
+        case: Option<PathBuf>,
+        /// With --case: only the first N steps (0: the model alone) [default: every step].
+        #[arg(long, requires = "case")]
+        step: Option<usize>,
+        /// The cluster from the Kubernetes API (KUBECONFIG or in-cluster), read only.
+        #[arg(long)]
+        kube: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The network-namespace lab: conformance cases on real packets, one agent per node.
     #[cfg(target_os = "linux")]
     Lab {
@@ -142,6 +172,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate { json, cases } => npm_agent::simulate::cli(&cases, json),
+        Command::Explain { from, to, port, manifests, case, step, kube, json } => {
+            use npm_agent::explain::{ClusterFrom, cli};
+            let cluster = match (manifests, case, kube) {
+                (Some(dir), _, _) => ClusterFrom::Manifests(dir),
+                (_, Some(path), _) => ClusterFrom::Case { path, steps: step },
+                _ => ClusterFrom::Kube,
+            };
+            cli(&cluster, &from, &to, &port, json)
+        }
         #[cfg(not(target_os = "linux"))]
         Command::Run { config, settings } => run(config.as_deref(), settings),
         #[cfg(target_os = "linux")]

@@ -6,6 +6,7 @@
 //! how a rule expands into allow entries; tests check that the two agree.
 
 pub mod engine;
+pub mod explain;
 pub mod full;
 pub mod layout;
 

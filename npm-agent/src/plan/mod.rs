@@ -198,16 +198,29 @@ impl DirectionPlan<'_> {
         port: u16,
     ) -> bool {
         !self.isolated
-            || self.allow.iter().any(|a| {
-                let peer_ok = match &a.peer {
-                    PeerMatch::Any => true,
-                    PeerMatch::Identity(id) => identity == Some(*id),
-                    PeerMatch::Set(s) => identity
-                        .is_some_and(|i| sets.get(s).is_some_and(|s| s.members.contains(&i))),
-                    PeerMatch::Cidr(b) => b.contains(peer),
-                };
-                peer_ok && a.ports.matches(protocol, port)
-            })
+            || self
+                .allow
+                .iter()
+                .any(|a| a.peer.matches(sets, peer, identity) && a.ports.matches(protocol, port))
+    }
+}
+
+impl PeerMatch {
+    /// Whether the entry's peer is `peer`, whose identity (if it is a pod) is `identity`.
+    pub fn matches(
+        &self,
+        sets: &HashMap<SetId, PeerSet>,
+        peer: IpAddr,
+        identity: Option<IdentityId>,
+    ) -> bool {
+        match self {
+            PeerMatch::Any => true,
+            PeerMatch::Identity(id) => identity == Some(*id),
+            PeerMatch::Set(s) => {
+                identity.is_some_and(|i| sets.get(s).is_some_and(|s| s.members.contains(&i)))
+            }
+            PeerMatch::Cidr(b) => b.contains(peer),
+        }
     }
 }
 
