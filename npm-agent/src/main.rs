@@ -20,6 +20,10 @@ enum Command {
         /// Print a machine-readable JSON report instead of text.
         #[arg(long)]
         json: bool,
+        /// Also write one self-contained page: every case's state after each step, the
+        /// matrix of each port its step expects, every cell opening its explanation.
+        #[arg(long)]
+        html: Option<PathBuf>,
         /// Case files (see shared/conformance/FORMAT.md).
         #[arg(required = true)]
         cases: Vec<PathBuf>,
@@ -45,14 +49,19 @@ enum Command {
     /// status: 0 allowed, 1 denied, 2 error.
     Explain {
         /// The source: NAMESPACE/POD or an IP address.
-        #[arg(long)]
-        from: String,
+        #[arg(long, required_unless_present = "html", requires = "to")]
+        from: Option<String>,
         /// The destination: NAMESPACE/POD or an IP address.
+        #[arg(long, required_unless_present = "html", requires = "from")]
+        to: Option<String>,
+        /// The destination port and protocol: 80/TCP, 53/UDP (with --html, repeat it for
+        /// one matrix each) [default: 80/TCP].
         #[arg(long)]
-        to: String,
-        /// The destination port and protocol: 80/TCP, 53/UDP.
-        #[arg(long, default_value = "80/TCP")]
-        port: String,
+        port: Vec<String>,
+        /// Write one self-contained page: the pods-by-pods matrix of each --port, every cell
+        /// opening its explanation, and the policies.
+        #[arg(long)]
+        html: Option<PathBuf>,
         /// The cluster from a directory of manifests (YAML, as `--source files:DIR`).
         #[arg(long, conflicts_with_all = ["case", "kube"], required_unless_present_any = ["case", "kube"])]
         manifests: Option<PathBuf>,
@@ -171,15 +180,36 @@ enum LabCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Simulate { json, cases } => npm_agent::simulate::cli(&cases, json),
-        Command::Explain { from, to, port, manifests, case, step, kube, json } => {
-            use npm_agent::explain::{ClusterFrom, cli};
+        Command::Simulate { json, html, cases } => {
+            let code = npm_agent::simulate::cli(&cases, json);
+            match html.map(|out| npm_agent::explain::html_cases(&cases, &out)) {
+                Some(Err(e)) => {
+                    eprintln!("npm-agent simulate: --html: {e:#}");
+                    ExitCode::from(2)
+                }
+                _ => code,
+            }
+        }
+        Command::Explain { from, to, port, html, manifests, case, step, kube, json } => {
+            use npm_agent::explain::{ClusterFrom, cli, html_cli};
             let cluster = match (manifests, case, kube) {
                 (Some(dir), _, _) => ClusterFrom::Manifests(dir),
                 (_, Some(path), _) => ClusterFrom::Case { path, steps: step },
                 _ => ClusterFrom::Kube,
             };
-            cli(&cluster, &from, &to, &port, json)
+            let ports = if port.is_empty() { vec!["80/TCP".to_string()] } else { port };
+            match (html, from, to) {
+                (Some(out), None, None) => html_cli(&cluster, &ports, &out),
+                (None, Some(from), Some(to)) if ports.len() == 1 => {
+                    cli(&cluster, &from, &to, &ports[0], json)
+                }
+                _ => {
+                    eprintln!(
+                        "npm-agent explain: either --from, --to and one --port, or --html with any --port"
+                    );
+                    ExitCode::from(2)
+                }
+            }
         }
         #[cfg(not(target_os = "linux"))]
         Command::Run { config, settings } => run(config.as_deref(), settings),

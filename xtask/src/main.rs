@@ -276,7 +276,9 @@ fn test() -> Result<()> {
             },
         ),
         Step::new("unit and integration tests", || {
-            run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+            run(cargo()
+                .args(["test", "--workspace", "--no-fail-fast"])
+                .env("NPM_REQUIRE_CHROMIUM", "1"))
         }),
         Step::new(
             "metrics: promtool on deploy/prometheus and deploy/grafana, a real Prometheus on a lab agent",

@@ -29,6 +29,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "python3-scapy",
     // A virtual environment for kubernetes-validate (PyPI), which checks deploy/'s manifests.
     "python3-venv",
+    // A real browser for the HTML report's test (tests/explain_html.rs).
+    "chromium",
     // The Windows build's C compiler (ring, under kube's rustls, builds C for the target).
     "gcc-mingw-w64-x86-64",
 ];

@@ -4,8 +4,10 @@
 //! each deciding entry lives in the dataplanes (the plan's entries, which the eBPF maps hold,
 //! and Azure NPM's chain of each policy in iptables mode).
 
+pub mod html;
+
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -200,4 +202,84 @@ pub fn cli(from: &ClusterFrom, src: &str, dst: &str, port: &str, json: bool) -> 
             ExitCode::from(2)
         }
     }
+}
+
+fn describe(from: &ClusterFrom) -> String {
+    match from {
+        ClusterFrom::Manifests(dir) => format!("the manifests of {}", dir.display()),
+        ClusterFrom::Case { path, steps: Some(n) } => {
+            format!("{} after {n} step(s)", path.display())
+        }
+        ClusterFrom::Case { path, steps: None } => path.display().to_string(),
+        ClusterFrom::Kube => "the cluster".into(),
+    }
+}
+
+fn probes(ports: &[String]) -> anyhow::Result<Vec<html::Probe>> {
+    ports
+        .iter()
+        .map(|p| parse_port(p).map(|(port, protocol)| html::Probe { port, protocol }))
+        .collect()
+}
+
+fn write_page(out: &Path, page: &str) -> anyhow::Result<()> {
+    std::fs::write(out, page).with_context(|| format!("writing {}", out.display()))
+}
+
+/// `npm-agent explain --html`: the matrix of each port over the cluster.
+pub fn html_cli(from: &ClusterFrom, ports: &[String], out: &Path) -> ExitCode {
+    let run = || -> anyhow::Result<()> {
+        let state = load(from)?;
+        let section =
+            html::Section { title: describe(from), state: &state, probes: probes(ports)? };
+        let title = format!("Connectivity of {}", describe(from));
+        write_page(out, &html::render(&title, &[section]))
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("npm-agent explain: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `npm-agent simulate --html`: every case's state after each step, with the matrix of each
+/// port and protocol the step expects (TCP/80 for a step that expects none).
+pub fn html_cases(cases: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut states: Vec<(String, ClusterState, Vec<html::Probe>)> = Vec::new();
+    for path in cases {
+        let c = case::load(path)?;
+        let mut cluster = CaseCluster::new(&c).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let mut state = ClusterState::default();
+        for e in cluster.initial_events() {
+            state.apply(&e);
+        }
+        for (i, step) in c.steps.iter().enumerate() {
+            for a in &step.actions {
+                if let Ok(ActionOutcome::Events(events)) = cluster.action(a) {
+                    events.iter().for_each(|e| state.apply(e));
+                }
+            }
+            let mut probes = Vec::new();
+            for e in &step.expect {
+                let (port, protocol) = parse_port(&format!("{}/{}", e.port, e.protocol))?;
+                probes.push(html::Probe { port, protocol });
+            }
+            if probes.is_empty() {
+                probes.push(html::Probe { port: 80, protocol: Protocol::Tcp });
+            }
+            let title = format!("{}: step {}: {}", c.name, i + 1, step.description);
+            states.push((title, state.clone(), probes));
+        }
+    }
+    let sections: Vec<html::Section> = states
+        .iter()
+        .map(|(title, state, probes)| html::Section {
+            title: title.clone(),
+            state,
+            probes: probes.clone(),
+        })
+        .collect();
+    write_page(out, &html::render("Connectivity of the cases", &sections))
 }
