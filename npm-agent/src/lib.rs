@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod compile;
 pub mod dataplane;
+#[cfg(target_os = "linux")]
+pub mod debug;
 pub mod explain;
 pub mod input;
 #[cfg(target_os = "linux")]

@@ -78,6 +78,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Azure NPM's debug commands, answering from this node's iptables layout (iptables
+    /// mode; in eBPF mode use `explain` and `counters`).
+    #[cfg(target_os = "linux")]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+        /// Read the rules from this `iptables-save -t filter` output instead of the node.
+        #[arg(long, global = true)]
+        iptables_save: Option<PathBuf>,
+        /// Read the sets from this `ipset save` output instead of the node.
+        #[arg(long, global = true)]
+        ipset_save: Option<PathBuf>,
+    },
     /// The network-namespace lab: conformance cases on real packets, one agent per node.
     #[cfg(target_os = "linux")]
     Lab {
@@ -101,6 +114,24 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[cfg(target_os = "linux")]
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// The AZURE-NPM rules a new connection from SRC to DST walks, and the verdict (exit
+    /// status 0 allowed, 1 dropped).
+    Gettuples {
+        #[arg(short = 's', long)]
+        src: String,
+        #[arg(short = 'd', long)]
+        dst: String,
+        /// The destination port and protocol.
+        #[arg(long, default_value = "80/TCP")]
+        port: String,
+    },
+    /// The AZURE-NPM chains as JSON: each rule's sets, ports, comment and target.
+    Convertiptable,
 }
 
 #[cfg(target_os = "linux")]
@@ -249,6 +280,16 @@ fn main() -> ExitCode {
             hold,
             &metrics_addr,
         ),
+        #[cfg(target_os = "linux")]
+        Command::Debug { command, iptables_save, ipset_save } => {
+            let tables = npm_agent::debug::Tables { iptables_save, ipset_save };
+            match command {
+                DebugCommand::Gettuples { src, dst, port } => {
+                    npm_agent::debug::gettuples(&tables, &src, &dst, &port)
+                }
+                DebugCommand::Convertiptable => npm_agent::debug::convertiptable(&tables),
+            }
+        }
         #[cfg(target_os = "linux")]
         Command::Counters { pin_root } => {
             match npm_agent::dataplane::ebpf::pinned_counters(&pin_root) {

@@ -169,6 +169,47 @@ fn block_and_port_sets_are_spelled_as_the_kernel_prints_them() {
     }
 }
 
+/// `npm-agent debug gettuples` reads the kernel's tables as the kernel prints them (either
+/// backend) and walks them as the packet would.
+#[test]
+fn debug_gettuples_reads_the_kernels_tables() {
+    if !available() {
+        return;
+    }
+    let path = manifest_dir().join("../tests/conformance/47-union-of-policies.yaml");
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let ns = Netns::new(&format!("dbg-{}", backend.as_str()));
+        let mut dp = open(&ns, backend);
+        dp.reconcile(&Plan::default()).expect("empty reconcile");
+        // After the first step: x/a (10.240.0.10) admits namespace y, not x/b (10.240.0.11).
+        for step in plans(&path).into_iter().take(2) {
+            dp.apply(&step.diff).expect("apply");
+        }
+        let gettuples = |src: &str| {
+            Command::new("ip")
+                .args(["netns", "exec", ns.ns.name(), env!("CARGO_BIN_EXE_npm-agent")])
+                .args(["debug", "gettuples", "-s", src, "-d", "10.240.0.10", "--port", "80/TCP"])
+                .output()
+                .expect("npm-agent debug")
+        };
+        let out = gettuples("10.240.1.11");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{backend:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("ALLOW-FROM-nslabel-ns:y"), "{backend:?}: {text}");
+        let out = gettuples("10.240.0.11");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{backend:?}: {text}");
+        assert!(text.contains("DROP-ALL"), "{backend:?}: {text}");
+        drop(dp);
+        iptables::cleanup(Some(ns.path()));
+    }
+}
+
 #[test]
 fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
     if !available() {

@@ -529,8 +529,18 @@ impl TableEmulator {
             .is_some_and(|(_, nomatch)| !nomatch)
     }
 
-    fn walk(&self, chain: &str, p: &Packet, mark: &mut u32, depth: usize) -> Option<bool> {
-        assert!(depth < 16, "jump loop at {chain}");
+    fn walk(
+        &self,
+        chain: &str,
+        p: &Packet,
+        mark: &mut u32,
+        depth: usize,
+        trace: &mut Option<&mut Vec<(String, String)>>,
+    ) -> Option<bool> {
+        // (Deeper than any layout nests: a loop in tables read from a node is not followed.)
+        if depth >= 16 {
+            return Some(false);
+        }
         for r in self.chains.get(chain)? {
             if r.src.is_some_and(|n| !n.contains(&p.src))
                 || r.dst.is_some_and(|n| !n.contains(&p.dst))
@@ -551,6 +561,9 @@ impl TableEmulator {
             if r.mark.is_some_and(|(v, m)| *mark & m != v) {
                 continue;
             }
+            if let Some(t) = trace.as_deref_mut() {
+                t.push((chain.to_string(), r.text.clone()));
+            }
             // Every packet decided here is a connection's first (conntrack NEW).
             match r.target.as_str() {
                 "ACCEPT" => return Some(true),
@@ -562,7 +575,7 @@ impl TableEmulator {
                     }
                 }
                 t => {
-                    if let Some(v) = self.walk(t, p, mark, depth + 1) {
+                    if let Some(v) = self.walk(t, p, mark, depth + 1, trace) {
                         return Some(v);
                     }
                 }
@@ -571,10 +584,58 @@ impl TableEmulator {
         None
     }
 
+    /// The agent's part of a node's tables as `iptables-save -t filter` and `ipset save`
+    /// print them: the `azure-npm-` sets and the `AZURE-NPM` chains, with FORWARD's jumps to
+    /// them (what else the node holds is not the agent's and is left out).
+    pub fn from_saved(iptables_save: &str, ipset_save: &str) -> Result<Self, String> {
+        let mut t = TableEmulator::default();
+        // The filter table's sets: the source guard's (`hash:net,iface`, in the raw table)
+        // are not modelled.
+        let modelled: BTreeSet<&str> = ipset_save
+            .lines()
+            .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["create", name, kind, ..]
+                    if name.starts_with("azure-npm-")
+                        && ["hash:net", "hash:ip,port", "hash:net,port", "list:set"]
+                            .contains(kind) =>
+                {
+                    Some(*name)
+                }
+                _ => None,
+            })
+            .collect();
+        let ours = |l: &&str| l.split_whitespace().nth(1).is_some_and(|n| modelled.contains(n));
+        let (creates, adds): (Vec<&str>, Vec<&str>) =
+            ipset_save.lines().filter(ours).partition(|l| l.starts_with("create "));
+        t.apply_ipset(&(creates.join("\n") + "\n" + &adds.join("\n")))?;
+        let mut script = String::from("*filter\n");
+        for line in iptables_save.lines() {
+            let keep = line.starts_with(":AZURE-NPM")
+                || line.starts_with("-A AZURE-NPM")
+                || (line.starts_with("-A FORWARD ") && line.ends_with(" -j AZURE-NPM"));
+            if keep {
+                script.push_str(line);
+                script.push('\n');
+            }
+        }
+        script.push_str("COMMIT\n");
+        t.apply_iptables(&script)?;
+        Ok(t)
+    }
+
+    /// [`TableEmulator::forward`], with every rule that matched on the way, in order (chain,
+    /// rule): what `npm-agent debug gettuples` prints.
+    pub fn trace(&self, p: &Packet) -> (bool, Vec<(String, String)>) {
+        let mut mark = 0;
+        let mut steps = Vec::new();
+        let verdict = self.walk("FORWARD", p, &mut mark, 0, &mut Some(&mut steps)).unwrap_or(true);
+        (verdict, steps)
+    }
+
     /// Whether the FORWARD hook lets a connection's first packet through (policy ACCEPT).
     pub fn forward(&self, p: &Packet) -> bool {
         let mut mark = 0;
-        self.walk("FORWARD", p, &mut mark, 0).unwrap_or(true)
+        self.walk("FORWARD", p, &mut mark, 0, &mut None).unwrap_or(true)
     }
 }
 

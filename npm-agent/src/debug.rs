@@ -1,0 +1,208 @@
+//! `npm-agent debug`: Azure NPM's debug commands under the names its users know, answering
+//! from a node's iptables layout (the tables the agent wrote, read live or from saved
+//! files):
+//! - `gettuples -s SRC -d DST [--port 80/TCP]`: the rules a new connection walks through the
+//!   AZURE-NPM chains, each with its chain and comment, and the verdict;
+//! - `convertiptable`: the AZURE-NPM chains as JSON (each rule's sets with their match
+//!   flags, its ports, comment and target).
+//!
+//! In eBPF mode the same question is `npm-agent explain` (the plan's entries are what the
+//! maps hold) and `npm-agent counters`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, anyhow};
+use serde::Serialize;
+
+use crate::dataplane::iptables::emulator::{Packet, TableEmulator};
+use crate::dataplane::iptables::names::split_words;
+use crate::dataplane::iptables::{Backend, Runner, detect_backend};
+use crate::explain::parse_port;
+
+/// Where the tables come from: the node (the backend the agent uses) or saved files.
+#[derive(Clone, Debug, Default)]
+pub struct Tables {
+    pub iptables_save: Option<PathBuf>,
+    pub ipset_save: Option<PathBuf>,
+}
+
+impl Tables {
+    /// `(iptables-save -t filter, ipset save)`.
+    pub fn read(&self) -> anyhow::Result<(String, String)> {
+        let runner = Runner::new(None);
+        let rules = match &self.iptables_save {
+            Some(p) => crate::input::read_file(p)?,
+            None => {
+                // The backend holding the agent's chains (the one kube-proxy hints at, else
+                // the other).
+                let (hinted, _) = detect_backend(&runner);
+                let read = |b: Backend| runner.read(b.save_program(), &["-t", "filter"]);
+                let first = read(hinted).map_err(|e| anyhow!(e))?;
+                if first.lines().any(|l| l.starts_with(":AZURE-NPM ")) {
+                    first
+                } else {
+                    read(hinted.other())
+                        .ok()
+                        .filter(|t| t.lines().any(|l| l.starts_with(":AZURE-NPM ")))
+                        .unwrap_or(first)
+                }
+            }
+        };
+        let sets = match &self.ipset_save {
+            Some(p) => crate::input::read_file(p)?,
+            None => runner.read("ipset", &["save"]).map_err(|e| anyhow!(e))?,
+        };
+        Ok((rules, sets))
+    }
+}
+
+fn v4(s: &str) -> anyhow::Result<Ipv4Addr> {
+    match s.parse::<IpAddr>().with_context(|| format!("{s:?}: not an address"))? {
+        IpAddr::V4(v) => Ok(v),
+        IpAddr::V6(_) => Err(anyhow!("{s}: the iptables layout is IPv4")),
+    }
+}
+
+/// `npm-agent debug gettuples`.
+pub fn gettuples(tables: &Tables, src: &str, dst: &str, port: &str) -> ExitCode {
+    let run = || -> anyhow::Result<bool> {
+        let (rules, sets) = tables.read()?;
+        let t = TableEmulator::from_saved(&rules, &sets).map_err(|e| anyhow!(e))?;
+        let (dport, protocol) = parse_port(port)?;
+        let p = Packet { src: v4(src)?, dst: v4(dst)?, protocol, dport };
+        let (allowed, steps) = t.trace(&p);
+        let mut out = format!(
+            "{src} -> {dst} {protocol}/{dport}, a new connection: {}\n",
+            if allowed { "ALLOWED" } else { "DROPPED" }
+        );
+        if steps.is_empty() {
+            out.push_str("  no AZURE-NPM rule matched (no policy isolates either end here)\n");
+        }
+        for (chain, rule) in steps {
+            out.push_str(&format!("  {chain}: {rule}\n"));
+        }
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
+        Ok(allowed)
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("npm-agent debug gettuples: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// One set match of a rule.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SetMatch {
+    pub set: String,
+    pub flags: String,
+    pub negated: bool,
+}
+
+/// One rule of an AZURE-NPM chain, taken apart.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RuleDoc {
+    pub chain: String,
+    pub rule: String,
+    pub sets: Vec<SetMatch>,
+    pub protocol: Option<String>,
+    pub dport: Option<String>,
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    pub comment: Option<String>,
+    pub target: Option<String>,
+}
+
+/// The rules of the AZURE-NPM chains of `iptables-save` text, taken apart.
+pub fn convert(iptables_save: &str) -> Vec<RuleDoc> {
+    let mut out = Vec::new();
+    for line in iptables_save.lines() {
+        let Some(rest) = line.strip_prefix("-A ") else { continue };
+        let words = split_words(rest);
+        let Some(chain) = words.first().filter(|c| c.starts_with("AZURE-NPM")) else { continue };
+        let mut doc = RuleDoc {
+            chain: chain.clone(),
+            rule: rest[chain.len()..].trim().to_string(),
+            sets: Vec::new(),
+            protocol: None,
+            dport: None,
+            source: None,
+            destination: None,
+            comment: None,
+            target: None,
+        };
+        let mut negated = false;
+        let mut i = 1;
+        while i < words.len() {
+            let next = words.get(i + 1).cloned();
+            match words[i].as_str() {
+                "!" => negated = true,
+                "--match-set" => {
+                    doc.sets.push(SetMatch {
+                        set: next.unwrap_or_default(),
+                        flags: words.get(i + 2).cloned().unwrap_or_default(),
+                        negated,
+                    });
+                    negated = false;
+                    i += 2;
+                }
+                "-p" => doc.protocol = next,
+                "--dport" => doc.dport = next,
+                "-s" => doc.source = next,
+                "-d" => doc.destination = next,
+                "--comment" => doc.comment = next,
+                "-j" => doc.target = next,
+                _ => {}
+            }
+            i += 1;
+        }
+        out.push(doc);
+    }
+    out
+}
+
+/// `npm-agent debug convertiptable`.
+pub fn convertiptable(tables: &Tables) -> ExitCode {
+    let run = || -> anyhow::Result<()> {
+        let (rules, _) = tables.read()?;
+        let json = serde_json::to_string_pretty(&convert(&rules))? + "\n";
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), json.as_bytes());
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("npm-agent debug convertiptable: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_are_taken_apart() {
+        let save = "*filter\n:AZURE-NPM-INGRESS-1 - [0:0]\n-A AZURE-NPM-INGRESS-1 -p tcp -m tcp --dport 80 -m set --match-set azure-npm-2 src -m set ! --match-set azure-npm-3 src -m comment --comment \"ALLOW-FROM-ns-x AND NOT podlabel-a\" -j AZURE-NPM-INGRESS-ALLOW-MARK\n-A FORWARD -j KUBE-FORWARD\nCOMMIT\n";
+        let docs = convert(save);
+        assert_eq!(docs.len(), 1);
+        let d = &docs[0];
+        assert_eq!(d.chain, "AZURE-NPM-INGRESS-1");
+        assert_eq!((d.protocol.as_deref(), d.dport.as_deref()), (Some("tcp"), Some("80")));
+        assert_eq!(
+            d.sets,
+            vec![
+                SetMatch { set: "azure-npm-2".into(), flags: "src".into(), negated: false },
+                SetMatch { set: "azure-npm-3".into(), flags: "src".into(), negated: true },
+            ]
+        );
+        assert_eq!(d.comment.as_deref(), Some("ALLOW-FROM-ns-x AND NOT podlabel-a"));
+        assert_eq!(d.target.as_deref(), Some("AZURE-NPM-INGRESS-ALLOW-MARK"));
+    }
+}
