@@ -6,8 +6,9 @@
 //! - `convertiptable`: the AZURE-NPM chains as JSON (each rule's sets with their match
 //!   flags, its ports, comment and target).
 //!
-//! In eBPF mode the same question is `npm-agent explain` (the plan's entries are what the
-//! maps hold) and `npm-agent counters`.
+//! In eBPF mode `gettuples` answers from the maps the agent pinned: they are read into the
+//! host model of the maps, which runs the programs' own decision code (`npm_common::decide`)
+//! on the connection's first packet at each end's veth.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -65,7 +66,60 @@ fn v4(s: &str) -> anyhow::Result<Ipv4Addr> {
     }
 }
 
-/// `npm-agent debug gettuples`.
+/// `npm-agent debug gettuples` in eBPF mode: the verdict of each end's program, from the maps
+/// pinned under `pin_root`.
+pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &str) -> ExitCode {
+    use npm_common::{DIR_EGRESS, DIR_INGRESS};
+    let run = || -> anyhow::Result<bool> {
+        let maps = crate::dataplane::ebpf::observe::pinned_model(&pin_root.join("maps"))?;
+        let (dport, protocol) = parse_port(port)?;
+        let (s, d) = (v4(src)?, v4(dst)?);
+        let mut out = String::new();
+        let mut allowed = true;
+        for (dir, name, end) in [(DIR_EGRESS, "egress", s), (DIR_INGRESS, "ingress", d)] {
+            let line = match maps.first_packet(dir, s, d, protocol.number(), dport) {
+                None => {
+                    format!("  {name} at {end}: no program attached (not a pod of this node)\n")
+                }
+                Some(reason) => {
+                    allowed &= reason.allowed();
+                    let ep = maps.endpoints.get(&end.octets());
+                    format!(
+                        "  {name} at {end}'s veth (ifindex {}): {} ({}), endpoint flags {:#x}, profiles ingress {} egress {}\n",
+                        ep.map_or(0, |e| e.ifindex),
+                        if reason.allowed() { "passed" } else { "DROPPED" },
+                        reason.name(),
+                        ep.map_or(0, |e| e.flags),
+                        ep.map_or(0, |e| e.profiles[usize::from(DIR_INGRESS)]),
+                        ep.map_or(0, |e| e.profiles[usize::from(DIR_EGRESS)]),
+                    )
+                }
+            };
+            out.push_str(&line);
+        }
+        let id = |ip: Ipv4Addr| {
+            maps.identities.get(&ip.octets()).map_or_else(|| "none".to_string(), u32::to_string)
+        };
+        out.push_str(&format!("  identities: {s} {}, {d} {}\n", id(s), id(d)));
+        let head = format!(
+            "{src} -> {dst} {protocol}/{dport}, a new connection: {} (eBPF maps under {})\n",
+            if allowed { "ALLOWED" } else { "DROPPED" },
+            pin_root.display()
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), (head + &out).as_bytes());
+        Ok(allowed)
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("npm-agent debug gettuples: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `npm-agent debug gettuples` in iptables mode.
 pub fn gettuples(tables: &Tables, src: &str, dst: &str, port: &str) -> ExitCode {
     let run = || -> anyhow::Result<bool> {
         let (rules, sets) = tables.read()?;

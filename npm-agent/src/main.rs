@@ -129,6 +129,13 @@ enum DebugCommand {
         /// The destination port and protocol.
         #[arg(long, default_value = "80/TCP")]
         port: String,
+        /// Answer from the eBPF maps pinned under this root (eBPF mode) instead of the
+        /// iptables tables [default: the maps when the agent's pin root holds them].
+        #[arg(long)]
+        pin_root: Option<PathBuf>,
+        /// Answer from the iptables tables even when eBPF maps are pinned.
+        #[arg(long, conflicts_with = "pin_root")]
+        iptables: bool,
     },
     /// The AZURE-NPM chains as JSON: each rule's sets, ports, comment and target.
     Convertiptable,
@@ -284,8 +291,18 @@ fn main() -> ExitCode {
         Command::Debug { command, iptables_save, ipset_save } => {
             let tables = npm_agent::debug::Tables { iptables_save, ipset_save };
             match command {
-                DebugCommand::Gettuples { src, dst, port } => {
-                    npm_agent::debug::gettuples(&tables, &src, &dst, &port)
+                DebugCommand::Gettuples { src, dst, port, pin_root, iptables } => {
+                    let default = PathBuf::from(npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT);
+                    let explicit = pin_root.is_some();
+                    let root = pin_root.unwrap_or(default);
+                    let ebpf = !iptables
+                        && tables.iptables_save.is_none()
+                        && (explicit || root.join("maps").join(npm_common::MAP_ENDPOINTS).exists());
+                    if ebpf {
+                        npm_agent::debug::gettuples_ebpf(&root, &src, &dst, &port)
+                    } else {
+                        npm_agent::debug::gettuples(&tables, &src, &dst, &port)
+                    }
                 }
                 DebugCommand::Convertiptable => npm_agent::debug::convertiptable(&tables),
             }

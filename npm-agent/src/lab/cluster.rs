@@ -131,7 +131,8 @@ impl LabCluster {
         self.agents().iter().map(|a| a.log_file.clone()).collect()
     }
 
-    fn pin_root(&self, node: usize) -> PathBuf {
+    /// Where node `node`'s agent pins its maps (eBPF mode).
+    pub fn pin_root(&self, node: usize) -> PathBuf {
         PathBuf::from("/sys/fs/bpf").join(format!("{}-n{node}", self.lab().prefix()))
     }
 

@@ -107,6 +107,47 @@ fn mask(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
     k
 }
 
+impl MapEmulator {
+    /// What the programs decide for a new connection's first packet (a TCP SYN, or the
+    /// first datagram) in direction `dir`, at the veth of the endpoint it leaves (egress)
+    /// or enters (ingress); `None` when no program is attached there (nothing is decided).
+    /// A packet from a local pod comes in through its veth, any other through the uplink.
+    pub fn first_packet(
+        &self,
+        dir: u8,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: u8,
+        dport: u16,
+    ) -> Option<npm_common::Reason> {
+        use npm_common::packet::{FragmentKind, IPPROTO_TCP, Kind, Parsed, TCP_SYN};
+        use npm_common::{DIR_EGRESS, Flow, Hook, Packet, decide};
+        let endpoint = if dir == DIR_EGRESS { src } else { dst };
+        let ifindex = self.endpoints.get(&endpoint.octets()).map(|e| e.ifindex)?;
+        if ifindex == 0 || !self.attached.contains(&endpoint) {
+            return None;
+        }
+        let ingress_ifindex = match self.endpoints.get(&src.octets()) {
+            Some(e) if e.ifindex != 0 => e.ifindex,
+            // (Any interface that is no pod's: the uplink.)
+            _ => u32::MAX,
+        };
+        let flow = Flow { src: src.octets(), dst: dst.octets(), protocol, sport: 40000, dport };
+        let kind = if protocol == IPPROTO_TCP { Kind::Tcp } else { Kind::Other };
+        let packet = Packet {
+            flow,
+            kind,
+            tcp_flags: TCP_SYN,
+            fragment: FragmentKind::Whole,
+            ..Packet::default()
+        };
+        self.ct.borrow_mut().clear();
+        self.frags.borrow_mut().clear();
+        let hook = Hook { dir, ifindex, ingress_ifindex, now: 0 };
+        Some(decide(self, &hook, &Parsed::ipv4(packet)).reason)
+    }
+}
+
 impl Maps for MapEmulator {
     fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
         self.ifaces.get(&ifindex).copied()

@@ -107,6 +107,41 @@ impl EbpfObserver {
     }
 }
 
+/// The decision maps of a running agent (under `<pin root>/maps`), read into the host model:
+/// endpoints, interfaces, identities, CIDR prefixes, policy entries and node addresses (not
+/// connection tracking: the model answers for a connection's first packet).
+pub fn pinned_model(maps_dir: &Path) -> Result<crate::dataplane::ebpf::emulator::MapEmulator> {
+    use aya::maps::HashMap as BpfHashMap;
+    use aya::maps::lpm_trie::LpmTrie;
+    use npm_common::*;
+    let mut m = crate::dataplane::ebpf::emulator::MapEmulator::default();
+    let endpoints: BpfHashMap<_, [u8; 4], EndpointInfo> =
+        open_map(maps_dir, MAP_ENDPOINTS)?.try_into()?;
+    m.endpoints = endpoints.iter().filter_map(std::result::Result::ok).collect();
+    let ifaces: BpfHashMap<_, u32, IfaceInfo> = open_map(maps_dir, MAP_IFACES)?.try_into()?;
+    m.ifaces = ifaces.iter().filter_map(std::result::Result::ok).collect();
+    for (ifindex, info) in &m.ifaces {
+        if m.endpoints.get(&info.ip4).is_some_and(|e| e.ifindex == *ifindex) {
+            m.attached.insert(Ipv4Addr::from(info.ip4));
+        }
+    }
+    let ids: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_IDENTITIES)?.try_into()?;
+    m.identities = ids.iter().filter_map(std::result::Result::ok).collect();
+    let cidrs: LpmTrie<_, [u8; 4], u32> = open_map(maps_dir, MAP_CIDRS)?.try_into()?;
+    for (k, id) in cidrs.iter().filter_map(std::result::Result::ok) {
+        if let Ok(net) = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+            m.cidrs.insert(net, id);
+        }
+    }
+    let policy: LpmTrie<_, PolicyKeyData, u32> = open_map(maps_dir, MAP_POLICY)?.try_into()?;
+    for k in policy.keys().filter_map(std::result::Result::ok).take(MAX_POLICY as usize) {
+        m.policy.insert((k.prefix_len(), k.data()));
+    }
+    let nodes: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_NODE_IPS)?.try_into()?;
+    m.node_ips = nodes.keys().filter_map(std::result::Result::ok).collect();
+    Ok(m)
+}
+
 impl Observer for EbpfObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
         use aya::maps::lpm_trie::LpmTrie;
