@@ -59,6 +59,18 @@ impl Tables {
     }
 }
 
+/// The exit status of a command whose answer is a verdict: 0 allowed, 1 dropped, 2 error.
+fn verdict_exit(command: &str, result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("npm-agent debug {command}: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn v4(s: &str) -> anyhow::Result<Ipv4Addr> {
     match s.parse::<IpAddr>().with_context(|| format!("{s:?}: not an address"))? {
         IpAddr::V4(v) => Ok(v),
@@ -109,14 +121,7 @@ pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &s
         let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), (head + &out).as_bytes());
         Ok(allowed)
     };
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("npm-agent debug gettuples: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    verdict_exit("gettuples", run())
 }
 
 /// `npm-agent debug gettuples` in iptables mode.
@@ -140,14 +145,7 @@ pub fn gettuples(tables: &Tables, src: &str, dst: &str, port: &str) -> ExitCode 
         let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
         Ok(allowed)
     };
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("npm-agent debug gettuples: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    verdict_exit("gettuples", run())
 }
 
 /// One set match of a rule.

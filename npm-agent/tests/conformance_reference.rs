@@ -4,54 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use npm_agent::model::{Pod, Protocol};
 use npm_agent::reference;
-use npm_agent::simulate::case::CaseCluster;
-use npm_agent::simulate::{Enforcer, run_case};
-use npm_agent::state::{ClusterState, Event};
-
-#[derive(Default)]
-struct ReferenceEnforcer {
-    state: ClusterState,
-}
-
-impl Enforcer for ReferenceEnforcer {
-    fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
-        for e in events {
-            self.state.apply(e);
-        }
-        Ok(())
-    }
-
-    fn probe(
-        &mut self,
-        _: &CaseCluster,
-        pods: &[&Pod],
-        protocol: Protocol,
-        port: u16,
-    ) -> anyhow::Result<Vec<Vec<bool>>> {
-        Ok(pods
-            .iter()
-            .map(|s| {
-                pods.iter()
-                    .map(|d| {
-                        reference::allowed(
-                            &self.state,
-                            s.ip.unwrap(),
-                            d.ip.unwrap(),
-                            protocol,
-                            port,
-                        )
-                    })
-                    .collect()
-            })
-            .collect())
-    }
-
-    fn supports_sctp(&self) -> bool {
-        true
-    }
-}
+use npm_agent::simulate::{StateEnforcer, run_case};
 
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -78,7 +32,8 @@ fn every_case_agrees_with_the_reference_evaluator() {
     assert!(files.len() >= 40);
     let mut failures = Vec::new();
     for f in &files {
-        let report = run_case(f, &mut ReferenceEnforcer::default());
+        let mut enforcer = StateEnforcer::new(reference::allowed);
+        let report = run_case(f, &mut enforcer);
         if report.counts().failed > 0 {
             failures.push(npm_agent::simulate::report::render(&report));
         }

@@ -13,48 +13,10 @@ use proptest::prelude::*;
 
 use common::*;
 use npm_agent::compile::explain::{Side, explain};
-use npm_agent::model::{Direction, Pod, PortSpec, Protocol, Rule};
+use npm_agent::model::{Direction, PortSpec, Protocol, Rule};
 use npm_agent::reference::{self, End};
-use npm_agent::simulate::case::CaseCluster;
-use npm_agent::simulate::{Enforcer, run_case};
-use npm_agent::state::{ClusterState, Event};
-
-/// An enforcer whose every verdict is `explain`'s.
-#[derive(Default)]
-struct ExplainEnforcer {
-    state: ClusterState,
-}
-
-impl Enforcer for ExplainEnforcer {
-    fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
-        for e in events {
-            self.state.apply(e);
-        }
-        Ok(())
-    }
-
-    fn probe(
-        &mut self,
-        _: &CaseCluster,
-        pods: &[&Pod],
-        protocol: Protocol,
-        port: u16,
-    ) -> anyhow::Result<Vec<Vec<bool>>> {
-        let ip = |p: &Pod| p.ip.expect("case pods have addresses");
-        Ok(pods
-            .iter()
-            .map(|s| {
-                pods.iter()
-                    .map(|d| explain(&self.state, ip(s), ip(d), protocol, port).allowed)
-                    .collect()
-            })
-            .collect())
-    }
-
-    fn supports_sctp(&self) -> bool {
-        true
-    }
-}
+use npm_agent::simulate::{StateEnforcer, run_case};
+use npm_agent::state::ClusterState;
 
 #[test]
 fn explain_answers_every_cell_of_the_conformance_suite() {
@@ -71,7 +33,11 @@ fn explain_answers_every_cell_of_the_conformance_suite() {
     assert!(files.len() >= 40, "{files:?}");
     let mut failures = Vec::new();
     for f in &files {
-        let report = run_case(f, &mut ExplainEnforcer::default());
+        // Every verdict is explain's.
+        let mut enforcer = StateEnforcer::new(|state: &ClusterState, src, dst, protocol, port| {
+            explain(state, src, dst, protocol, port).allowed
+        });
+        let report = run_case(f, &mut enforcer);
         if report.counts().failed > 0 {
             failures.push(npm_agent::simulate::report::render(&report));
         }

@@ -89,6 +89,58 @@ impl Enforcer for CompilerEnforcer {
     }
 }
 
+/// An enforcer that keeps the cluster's objects and answers each probe with a function of
+/// them: for other evaluators of the same questions (the reference evaluator, `explain`),
+/// held to the cases' tables as the compiler is.
+pub struct StateEnforcer<F> {
+    pub state: crate::state::ClusterState,
+    verdict: F,
+}
+
+impl<F> StateEnforcer<F>
+where
+    F: Fn(&crate::state::ClusterState, std::net::IpAddr, std::net::IpAddr, Protocol, u16) -> bool,
+{
+    /// `verdict(state, src, dst, protocol, port)` answers the probes.
+    pub fn new(verdict: F) -> Self {
+        Self { state: crate::state::ClusterState::default(), verdict }
+    }
+}
+
+impl<F> Enforcer for StateEnforcer<F>
+where
+    F: Fn(&crate::state::ClusterState, std::net::IpAddr, std::net::IpAddr, Protocol, u16) -> bool,
+{
+    fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
+        for e in events {
+            self.state.apply(e);
+        }
+        Ok(())
+    }
+
+    fn probe(
+        &mut self,
+        _: &CaseCluster,
+        pods: &[&Pod],
+        protocol: Protocol,
+        port: u16,
+    ) -> anyhow::Result<Vec<Vec<bool>>> {
+        let ip = |p: &Pod| p.ip.expect("case pods have addresses");
+        Ok(pods
+            .iter()
+            .map(|s| {
+                pods.iter()
+                    .map(|d| (self.verdict)(&self.state, ip(s), ip(d), protocol, port))
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn supports_sctp(&self) -> bool {
+        true
+    }
+}
+
 /// The outcome of one expect table.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
