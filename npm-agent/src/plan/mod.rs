@@ -440,6 +440,12 @@ impl Plan {
 
     /// A diff that builds this plan from nothing (what a dataplane applies at start-up).
     pub fn as_diff(&self) -> PlanDiff {
+        PlanDiff { layout: self.layout.as_changes(), ..self.entries_diff() }
+    }
+
+    /// The same without the layout's changes: what a dataplane that reads only the entries
+    /// applies at start-up.
+    pub fn entries_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
         changes.extend(
@@ -473,7 +479,7 @@ impl Plan {
                 }
             }
         }
-        PlanDiff { changes, layout: self.layout.as_changes() }
+        PlanDiff { changes, layout: Vec::new() }
     }
 }
 
