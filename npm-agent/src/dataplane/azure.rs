@@ -121,6 +121,19 @@ pub fn member_entries(member: &Member) -> u64 {
     }
 }
 
+/// The entries a member adds to a kernel set ([`member_entries`]), but an except of a /1 in a
+/// block of /0: the block is the two /1 entries, and the except's `nomatch` entry is one of
+/// them, flagged.
+fn entries_in(def: &SetDef, member: &Member) -> u64 {
+    if let (SetDef::Cidr(b), Member::Net { net, except: true }) = (def, member)
+        && b.net.prefix_len() == 0
+        && net.prefix_len() == 1
+    {
+        return 0;
+    }
+    member_entries(member)
+}
+
 /// One of Azure NPM's sets: its readable name, its kernel name and its entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AzureSet {
@@ -157,7 +170,7 @@ impl AzureSets {
             if !is_kernel_set(def) {
                 continue;
             }
-            let entries = members.iter().map(member_entries).sum();
+            let entries = members.iter().map(|m| entries_in(def, m)).sum();
             out.entries += entries;
             out.sets.insert(def.clone(), AzureSet { entries, ..named(def, &kernel_name) });
         }
@@ -189,14 +202,14 @@ impl AzureSets {
                 }
                 LayoutChange::AddMember { set, member } => {
                     if let Some(s) = self.sets.get_mut(set) {
-                        let n = member_entries(member);
+                        let n = entries_in(set, member);
                         s.entries += n;
                         self.entries += n;
                     }
                 }
                 LayoutChange::RemoveMember { set, member } => {
                     if let Some(s) = self.sets.get_mut(set) {
-                        let n = member_entries(member).min(s.entries);
+                        let n = entries_in(set, member).min(s.entries);
                         s.entries -= n;
                         self.entries -= n;
                     }
@@ -307,6 +320,7 @@ mod tests {
         let cidr = block("10.0.0.0/16", &["10.0.1.0/24"]);
         let inline = block("10.1.0.0/16", &[]);
         let any = block("0.0.0.0/0", &["10.2.0.0/16"]);
+        let half = block("0.0.0.0/0", &["128.0.0.0/1"]);
         let net = |n: &str, except| Member::Net { net: n.parse().unwrap(), except };
         let changes = vec![
             LayoutChange::AddSet { set: ns.clone() },
@@ -327,6 +341,9 @@ mod tests {
             LayoutChange::AddMember { set: any.clone(), member: net("0.0.0.0/0", false) },
             LayoutChange::AddMember { set: any.clone(), member: net("10.2.0.0/16", true) },
             LayoutChange::RemoveMember { set: ns.clone(), member: ip("10.0.0.2") },
+            LayoutChange::AddSet { set: half.clone() },
+            LayoutChange::AddMember { set: half.clone(), member: net("0.0.0.0/0", false) },
+            LayoutChange::AddMember { set: half.clone(), member: net("128.0.0.0/1", true) },
         ];
         let mut sets = AzureSets::default();
         sets.apply(&changes);
@@ -335,13 +352,15 @@ mod tests {
         assert_eq!(sets, AzureSets::from_layout(&layout));
         let c = sets.counts(7, true);
         // ns-x: one IPv4 address; the list: one set; the block: itself and its except; the
-        // /0: two /1 and the except; the block without excepts is no set.
-        assert_eq!((c.rules, c.sets, c.set_entries), (7, 4, 1 + 1 + 2 + 3));
+        // /0: two /1 and the except; the /0 without a /1: two /1, one flagged `nomatch`; the
+        // block without excepts is no set.
+        assert_eq!((c.rules, c.sets, c.set_entries), (7, 5, 1 + 1 + 2 + 3 + 2));
         let names: Vec<&str> = c.per_set.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(
             names,
             [
                 "cidr-0.0.0.0/0-except-10.2.0.0/16",
+                "cidr-0.0.0.0/0-except-128.0.0.0/1",
                 "cidr-10.0.0.0/16-except-10.0.1.0/24",
                 "ns-x",
                 "nslabel-all-namespaces"
@@ -349,7 +368,7 @@ mod tests {
         );
         assert!(c.per_set.iter().all(|(n, h, _)| *h == hashed_set_name(n)));
         sets.apply(&[LayoutChange::RemoveSet { set: any }]);
-        assert_eq!((sets.len(), sets.entries()), (3, 4));
+        assert_eq!((sets.len(), sets.entries()), (4, 6));
         let named = AzureSets::from_layout_named(&layout, |d| {
             (d == &ns).then(|| "azure-npm-1".to_string())
         });

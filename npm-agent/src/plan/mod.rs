@@ -583,7 +583,8 @@ pub enum Change {
 /// endpoints move to new profiles after every switch.
 ///
 /// The layout's changes are a separate list, ordered as [`LayoutChange`] says: a dataplane
-/// renders one list or the other.
+/// renders one list or the other (the eBPF dataplane follows the layout's sets for its
+/// metrics only).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
     /// The entries: endpoints, profiles and their allow entries, identities, peer sets, node
