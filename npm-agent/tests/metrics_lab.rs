@@ -209,6 +209,13 @@ impl Lab {
     }
 }
 
+/// The agent the labs run: this build's, or NPM_LAB_AGENT (another build: an older one, to see
+/// the tests fail there).
+fn agent() -> PathBuf {
+    std::env::var_os("NPM_LAB_AGENT")
+        .map_or_else(|| env!("CARGO_BIN_EXE_npm-agent").into(), PathBuf::from)
+}
+
 fn policy(name: &str, ns: &str, spec: &str) -> String {
     format!(
         "- apply:\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    metadata: {{name: {name}, namespace: {ns}}}\n    spec: {spec}\n"
@@ -309,7 +316,7 @@ fn lab_agent_metrics_and_prometheus() {
         return;
     }
     let mut opts = LabOptions::new("ebpf", 1);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
+    opts.agent = agent();
     opts.agent_args = vec!["--advanced-metrics".into()];
     let lab = LabCluster::new(opts).expect("building the lab");
     let netns = lab.lab().node(0).unwrap().netns_path.clone();
@@ -683,7 +690,7 @@ fn lab_iptables_metrics() {
         return;
     }
     let mut opts = LabOptions::new("iptables", 1);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
+    opts.agent = agent();
     opts.agent_args = vec!["--advanced-metrics".into()];
     let lab = LabCluster::new(opts).expect("building the lab");
     let netns = lab.lab().node(0).unwrap().netns_path.clone();
@@ -819,9 +826,7 @@ type SetSeries = (f64, f64, BTreeMap<(String, String), f64>);
 /// `SETS_CASE` and its policies on a one-node lab of `dataplane`: the set series once enforced.
 fn set_series(dataplane: &str) -> SetSeries {
     let mut opts = LabOptions::new(dataplane, 1);
-    // NPM_LAB_AGENT runs it against another build (an older one, to see it fail there).
-    opts.agent = std::env::var_os("NPM_LAB_AGENT")
-        .map_or_else(|| env!("CARGO_BIN_EXE_npm-agent").into(), PathBuf::from);
+    opts.agent = agent();
     opts.agent_args = vec!["--advanced-metrics".into()];
     let lab = LabCluster::new(opts).expect("building the lab");
     let netns = lab.lab().node(0).unwrap().netns_path.clone();
