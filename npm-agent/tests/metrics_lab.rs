@@ -910,7 +910,7 @@ fn lab_both_dataplanes_report_the_same_sets() {
         !names.iter().any(|n| n.starts_with("cidr-192.168.")),
         "a block without excepts is matched by address"
     );
-    for ((n, h), _) in &iptables.2 {
+    for (n, h) in iptables.2.keys() {
         assert_eq!(*h, hashed_set_name(n), "{n}");
     }
     assert_eq!(iptables.0, iptables.2.len() as f64);
