@@ -59,7 +59,9 @@ pub struct LayoutCompiler {
     keys: HashMap<IdentityId, IdentityKey>,
     addresses: HashMap<IdentityId, BTreeSet<IpAddr>>,
     by_namespace: HashMap<String, HashSet<IdentityId>>,
-    by_label: HashMap<String, HashSet<IdentityId>>,
+    /// Label key → value → the identities with it (a `podlabel-<key>:<value>` set's members
+    /// without a scan of every identity with the key).
+    by_label: HashMap<String, HashMap<String, HashSet<IdentityId>>>,
     by_port_name: HashMap<String, HashSet<IdentityId>>,
     /// Namespace objects' labels.
     namespaces: HashMap<String, Labels>,
@@ -349,8 +351,9 @@ impl LayoutCompiler {
 
     fn index_identity(&mut self, id: IdentityId, key: IdentityKey) {
         self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
-        for k in key.labels.keys() {
-            self.by_label.entry(k.clone()).or_default().insert(id);
+        for (k, v) in key.labels.iter() {
+            let values = self.by_label.entry(k.clone()).or_default();
+            values.entry(v.clone()).or_default().insert(id);
         }
         for p in key.named_ports.iter() {
             self.by_port_name.entry(p.name.clone()).or_default().insert(id);
@@ -369,8 +372,13 @@ impl LayoutCompiler {
             }
         };
         drop(&mut self.by_namespace, &key.namespace);
-        for k in key.labels.keys() {
-            drop(&mut self.by_label, k);
+        for (k, v) in key.labels.iter() {
+            if let Some(values) = self.by_label.get_mut(k) {
+                drop(values, v);
+                if values.is_empty() {
+                    self.by_label.remove(k);
+                }
+            }
         }
         for p in key.named_ports.iter() {
             drop(&mut self.by_port_name, &p.name);
@@ -391,9 +399,16 @@ impl LayoutCompiler {
                 self.addresses_of(self.by_namespace.get(ns).into_iter().flatten().copied())
             }
             SetDef::PodLabel { key, value } => {
-                self.addresses_of(self.by_label.get(key).into_iter().flatten().copied().filter(
-                    |id| value.is_none() || self.keys[id].labels.get(key) == value.as_ref(),
-                ))
+                let values = self.by_label.get(key);
+                let ids: Vec<IdentityId> = match value {
+                    None => {
+                        values.into_iter().flat_map(|v| v.values().flatten()).copied().collect()
+                    }
+                    Some(v) => {
+                        values.and_then(|m| m.get(v)).into_iter().flatten().copied().collect()
+                    }
+                };
+                self.addresses_of(ids)
             }
             SetDef::NamedPort(name) => {
                 let mut m = BTreeSet::new();
