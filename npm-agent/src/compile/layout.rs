@@ -66,6 +66,9 @@ pub struct LayoutCompiler {
     /// Namespace objects' labels.
     namespaces: HashMap<String, Labels>,
     sets: HashMap<SetDef, SetEntry>,
+    /// The namespace lists among `sets`, in order (a pod event looks at them, not at every
+    /// set).
+    namespace_lists: BTreeSet<SetDef>,
     policies: HashMap<ObjectKey, Arc<PolicyLayout>>,
     quarantined: BTreeSet<IpAddr>,
     dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
@@ -473,6 +476,9 @@ impl LayoutCompiler {
         out.changes.extend(
             members.iter().map(|m| LayoutChange::AddMember { set: def.clone(), member: m.clone() }),
         );
+        if def.is_namespace_list() {
+            self.namespace_lists.insert(def.clone());
+        }
         self.sets.insert(def.clone(), SetEntry { members: Arc::new(members), refs: 1 });
     }
 
@@ -493,6 +499,7 @@ impl LayoutCompiler {
                 continue;
             }
             let s = self.sets.remove(&def).expect("set");
+            self.namespace_lists.remove(&def);
             out.changes.push(LayoutChange::RemoveSet { set: def });
             for m in s.members.iter() {
                 if let Member::Set(sub) = m {
@@ -526,12 +533,10 @@ impl LayoutCompiler {
 
     /// Brings every existing namespace list up to date for the namespaces in `touched`.
     fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, out: &mut Out) {
-        let mut lists: Vec<SetDef> =
-            self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
-        if lists.is_empty() {
+        if touched.is_empty() || self.namespace_lists.is_empty() {
             return;
         }
-        lists.sort();
+        let lists: Vec<SetDef> = self.namespace_lists.iter().cloned().collect();
         for ns in touched {
             let exists = self.namespace_exists(ns);
             let labels = self.namespace_labels(ns);
