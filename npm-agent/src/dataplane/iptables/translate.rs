@@ -1,7 +1,8 @@
 //! From the plan's Azure NPM layout ([`crate::plan::layout`]) to `ipset restore` and
 //! `iptables-restore --noflush` batches: the iptables dataplane's encoding, pure and
 //! host-testable. The compiler decides which sets exist, what they hold and what each policy
-//! matches; this module names them as Azure NPM does and spells them as rules and commands.
+//! matches; this module names them as Azure NPM does (`dataplane::azure::set_name`, shared with
+//! the metrics of both Linux modes) and spells them as rules and commands.
 //!
 //! # Encoding
 //! - Every NetworkPolicy gets a chain per direction it covers,
