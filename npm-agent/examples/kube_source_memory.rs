@@ -6,12 +6,15 @@
 //! are the agent's own: the resident set (VmRSS, and its peak VmHWM) and the live heap.
 //!
 //! ```text
-//! cargo run --release -p npm-agent --example kube_source_memory -- [SIZE] [source|engine|iptables]
+//! cargo run --release -p npm-agent --example kube_source_memory -- [SIZE] [source|engine|ebpf|iptables]
 //! ```
 //! SIZE is 1k, 10k or 100k (default 100k). `source` (the default) drops the events once
 //! counted: what remains is the source's own state (one fingerprint per object) and the
 //! runtime. `engine` feeds them into an incremental engine for the measured node, as the
-//! agent does: the engine holds the model of the cluster. `iptables` then reconciles the
+//! agent does: the engine holds the model of the cluster (without the Azure NPM layout: eBPF
+//! mode before it counted Azure NPM's sets). `ebpf` does so with the layout, as eBPF mode does
+//! now, and then follows Azure NPM's sets of the plan (`AzureSets`, what eBPF mode's
+//! metrics count; the maps are not written). `iptables` then reconciles the
 //! iptables translator over the plan (an empty kernel, no process run), as an agent in
 //! iptables mode holds it: the engine with the Azure NPM layout (sets and their members),
 //! and the translator's kernel names and rule text.
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use kube_server::{Request, Response, Server, Step, status_response};
 use npm_agent::compile::{Engine, Scope};
+use npm_agent::dataplane::azure::AzureSets;
 use npm_agent::dataplane::iptables::saved::KernelState;
 use npm_agent::dataplane::iptables::translate::RuleTranslator;
 use npm_agent::model::convert;
@@ -48,8 +52,8 @@ fn main() {
     let size = args.first().map(String::as_str).unwrap_or("100k").to_string();
     let mode = args.get(1).map(String::as_str).unwrap_or("source").to_string();
     assert!(
-        matches!(mode.as_str(), "source" | "engine" | "iptables"),
-        "mode is source, engine or iptables"
+        matches!(mode.as_str(), "source" | "engine" | "ebpf" | "iptables"),
+        "mode is source, engine, ebpf or iptables"
     );
 
     // The API server: a child process serving the synthetic cluster.
@@ -74,8 +78,8 @@ fn main() {
     report("source started");
     let mut engine = (mode != "source").then(|| {
         let engine = Engine::new(Scope::Node(node.clone()));
-        // (The iptables dataplane renders the plan's layout, which the engine then keeps.)
-        if mode == "iptables" { engine.with_layout() } else { engine }
+        // (Both Linux dataplanes want the plan's layout, which the engine then keeps.)
+        if mode == "engine" { engine } else { engine.with_layout() }
     });
     let t = Instant::now();
     let mut events = 0usize;
@@ -100,6 +104,21 @@ fn main() {
     } else {
         "synced, the cluster in the engine"
     });
+    let mut azure_sets = None;
+    if mode == "ebpf" {
+        let plan = engine.as_ref().expect("engine").plan();
+        let sets = AzureSets::from_layout(&plan.layout);
+        drop(plan);
+        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        report("Azure NPM's sets followed (plan dropped, malloc_trim)");
+        println!();
+        println!("Azure NPM's sets: {} with {} entries", sets.len(), sets.entries());
+        println!();
+        azure_sets = Some(sets);
+    }
     let mut translator = None;
     if mode == "iptables" {
         let plan = engine.as_ref().expect("engine").plan();
@@ -130,7 +149,7 @@ fn main() {
     if let Some(engine) = &engine {
         println!("engine: {:?}", engine.stats());
     }
-    drop((source, translator));
+    drop((source, translator, azure_sets));
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -8,7 +8,9 @@
 //!   held in transition (its labels changing); nothing stays in transition;
 //! - a restarted agent (another translator, identities numbered differently) reconciles over
 //!   what the previous one left under the same conditions;
-//! - a batch that fails is repaired by the next reconcile.
+//! - a batch that fails is repaired by the next reconcile;
+//! - Azure NPM's sets as the kernel holds them (the layout's, not the dataplane's own) equal
+//!   what `AzureSets` counts from the compiler's diffs, as the eBPF dataplane reports them.
 
 mod common;
 
@@ -19,8 +21,9 @@ use proptest::prelude::*;
 
 use common::*;
 use npm_agent::compile::{Engine, Scope};
-use npm_agent::dataplane::azure::hashed_set_name;
+use npm_agent::dataplane::azure::{AzureSets, hashed_set_name};
 use npm_agent::dataplane::iptables::emulator::{Packet, TableEmulator};
+use npm_agent::dataplane::iptables::observe::kernel_counts;
 use npm_agent::dataplane::iptables::translate::{Batch, RuleTranslator, Tool};
 use npm_agent::model::Protocol;
 use npm_agent::plan::{Layout, Plan, PlanDiff};
@@ -33,6 +36,10 @@ struct Node {
     kernel: TableEmulator,
     /// The layout the kernel holds, which the dataplane advances by each apply's net move.
     layout: Layout,
+    /// Azure NPM's sets as the iptables dataplane names them (from the net moves) and as the
+    /// eBPF dataplane counts them (from the compiler's diffs).
+    named_sets: AzureSets,
+    counted_sets: AzureSets,
 }
 
 impl Node {
@@ -42,6 +49,8 @@ impl Node {
             translator: RuleTranslator::new(),
             kernel: TableEmulator::default(),
             layout: Layout::default(),
+            named_sets: AzureSets::default(),
+            counted_sets: AzureSets::default(),
         };
         // Start-up: a reconcile over an empty kernel.
         let batches = n.translator.reconcile(&Plan::default(), &n.kernel.state());
@@ -75,7 +84,11 @@ impl Node {
         };
         prop_assert_eq!(sorted(&layout), sorted(&before.diff(&self.layout)));
         prop_assert_eq!(&self.layout, &self.engine.plan().layout);
-        Ok(self.translator.translate(&PlanDiff { changes: Vec::new(), layout }))
+        let net = PlanDiff { changes: Vec::new(), layout };
+        let batches = self.translator.translate(&net);
+        self.named_sets.apply_named(&net.layout, |d| self.translator.kernel_set_name(d));
+        self.counted_sets.apply(&diff.layout);
+        Ok(batches)
     }
 }
 
@@ -291,8 +304,12 @@ proptest! {
         }
         check(&current, &nodes)?;
         // The kernel holds exactly what the translator says, and a reconcile of the same plan
-        // over it changes no set and no chain.
+        // over it changes no set and no chain. Azure NPM's counts of the kernel's sets are
+        // those counted from the compiler's diffs, and from its whole layout.
         for n in nodes.values_mut() {
+            let kernel = kernel_counts(0, &n.named_sets, &n.kernel.state().sets, true);
+            prop_assert_eq!(&kernel, &n.counted_sets.counts(0, true));
+            prop_assert_eq!(&n.counted_sets, &AzureSets::from_layout(&n.engine.plan().layout));
             let sets = n.translator.desired_sets(&n.engine.plan().layout);
             prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), n.kernel.sets.keys().cloned().collect::<Vec<_>>());
             let chains = n.translator.desired_chains();

@@ -4,7 +4,10 @@
 //! - every metric of Azure NPM with its name, type, help and labels, and values that follow
 //!   known actions (three policies applied give `npm_num_policies 3`, blocked probes raise the
 //!   dropped counter, a pod create is counted under `operation="create"`, ...);
-//! - the counts of rules, sets and entries against the pinned maps' contents, read here;
+//! - the counts of rules against the pinned maps' contents, read here, and of Azure NPM's sets
+//!   (the layout's: `ns-x`, `podlabel-pod:a`, …) against the cluster;
+//! - one cluster on an eBPF agent and on an iptables agent: the same `npm_num_ipsets`,
+//!   `npm_num_ipset_entries` and `npm_ipset_counts` series;
 //! - Prometheus (Debian's) in node 0's namespace with deploy/prometheus's jobs (static
 //!   targets in place of Kubernetes discovery) and alert rules: both jobs up, the advanced
 //!   metric dropped by the cluster job as shipped, the rules healthy, and every query of
@@ -21,6 +24,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use metrics_common::{dashboard_queries, deploy, tool};
+use npm_agent::dataplane::azure::hashed_set_name;
 use npm_agent::lab::{LabCluster, LabOptions, net};
 use npm_agent::metrics::prometheus_config::{StaticTargets, with_static_targets};
 use npm_agent::metrics::server::http_get;
@@ -205,6 +209,13 @@ impl Lab {
     }
 }
 
+/// The agent the labs run: this build's, or NPM_LAB_AGENT (another build: an older one, to see
+/// the tests fail there).
+fn agent() -> PathBuf {
+    std::env::var_os("NPM_LAB_AGENT")
+        .map_or_else(|| env!("CARGO_BIN_EXE_npm-agent").into(), PathBuf::from)
+}
+
 fn policy(name: &str, ns: &str, spec: &str) -> String {
     format!(
         "- apply:\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    metadata: {{name: {name}, namespace: {ns}}}\n    spec: {spec}\n"
@@ -305,7 +316,7 @@ fn lab_agent_metrics_and_prometheus() {
         return;
     }
     let mut opts = LabOptions::new("ebpf", 1);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
+    opts.agent = agent();
     opts.agent_args = vec!["--advanced-metrics".into()];
     let lab = LabCluster::new(opts).expect("building the lab");
     let netns = lab.lab().node(0).unwrap().netns_path.clone();
@@ -499,28 +510,34 @@ fn lab_agent_metrics_and_prometheus() {
         Some(m.policy_entries as f64),
         "rules: policy-map entries"
     );
-    assert_eq!(
-        cluster_m.value("npm_num_ipsets", &[]),
-        Some((m.identities.len() + m.prefixes.len()) as f64),
-        "sets: identities and prefixes"
-    );
+    // Azure NPM's sets of the cluster, as iptables mode holds them (the maps hold none):
+    // the pods of x (a, b, c, d), y, z (a, b), the pods labelled pod=a, the namespaces
+    // labelled ns=y (a list of ns-y), and za-egress's block with its except.
+    let xb = lab.cluster.pod("x", "b").unwrap().ip.unwrap();
+    let want: BTreeMap<String, f64> = [
+        ("ns-x".to_string(), 4.0),
+        ("ns-y".to_string(), 3.0),
+        ("ns-z".to_string(), 2.0),
+        ("podlabel-pod:a".to_string(), 3.0),
+        ("nslabel-ns:y".to_string(), 1.0),
+        (format!("cidr-10.240.0.0/16-except-{xb}/32"), 2.0),
+    ]
+    .into();
+    let per_set: BTreeMap<String, f64> = cluster_m
+        .samples("npm_ipset_counts", &[])
+        .map(|s| {
+            let name = s.label("set_name").unwrap();
+            assert_eq!(s.label("set_hash").unwrap(), hashed_set_name(name), "{name}: Azure's hash");
+            (name.to_string(), s.value)
+        })
+        .collect();
+    assert_eq!(per_set, want, "npm_ipset_counts");
+    assert_eq!(cluster_m.value("npm_num_ipsets", &[]), Some(want.len() as f64), "sets");
     assert_eq!(
         cluster_m.value("npm_num_ipset_entries", &[]),
-        Some((m.identity_entries + m.prefixes.len() as u64) as f64),
+        Some(want.values().sum::<f64>()),
         "set entries"
     );
-    let mut per_set: BTreeMap<String, f64> = cluster_m
-        .samples("npm_ipset_counts", &[])
-        .map(|s| (s.label("set_name").unwrap().to_string(), s.value))
-        .collect();
-    for (id, n) in &m.identities {
-        assert_eq!(per_set.remove(&format!("identity-{id}")), Some(*n as f64), "identity {id}");
-    }
-    for (len, addr) in &m.prefixes {
-        let name = format!("cidr-{}.{}.{}.{}/{len}", addr[0], addr[1], addr[2], addr[3]);
-        assert_eq!(per_set.remove(&name), Some(1.0), "{name}");
-    }
-    assert!(per_set.is_empty(), "sets not in the maps: {per_set:?}");
     for (map, (entries, cap)) in &m.entries {
         assert_eq!(
             node.value("npm_map_entries", &[("map", map)]),
@@ -664,8 +681,8 @@ fn lab_agent_metrics_and_prometheus() {
 }
 
 /// The iptables dataplane's counts are the kernel's: the rules of the AZURE-NPM chains
-/// (iptables-save) and the azure-npm- sets and their entries (ipset save), in the node's
-/// namespace; blocked probes raise the DROP rules' counters.
+/// (iptables-save) and Azure NPM's sets (the layout's, not the dataplane's own) and their
+/// entries (ipset save), in the node's namespace; blocked probes raise the DROP rules' counters.
 #[test]
 fn lab_iptables_metrics() {
     if let Err(e) = net::check_environment() {
@@ -673,7 +690,7 @@ fn lab_iptables_metrics() {
         return;
     }
     let mut opts = LabOptions::new("iptables", 1);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
+    opts.agent = agent();
     opts.agent_args = vec!["--advanced-metrics".into()];
     let lab = LabCluster::new(opts).expect("building the lab");
     let netns = lab.lab().node(0).unwrap().netns_path.clone();
@@ -725,7 +742,6 @@ fn lab_iptables_metrics() {
     assert!(rules > 0, "the AZURE-NPM chains are in the node's namespace");
     // Azure NPM's chain per policy, named from `<namespace>/<name>`, walked from the chain
     // of the pods it selects, which the base chain jumps to by the pod's address.
-    use npm_agent::dataplane::azure::hashed_set_name;
     use npm_agent::dataplane::iptables::names::{group_chain, policy_chain};
     for chain in [policy_chain(true, "x/deny-x"), policy_chain(false, "z/za-egress")] {
         assert!(saved.lines().any(|l| l == format!(":{chain} - [0:0]")), "{chain} in\n{saved}");
@@ -741,33 +757,165 @@ fn lab_iptables_metrics() {
             "{readable} in\n{sets}"
         );
     }
+    // Azure NPM's sets (the layout's) with their entries in the kernel, by readable name; the
+    // dataplane's own (transition, the groups', the guard's) are not counted.
+    let yb = lab.cluster.pod("y", "b").unwrap().ip.unwrap();
+    let azure: Vec<String> = ["ns-x", "ns-z", "podlabel-pod:a"]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("cidr-10.240.0.0/16-except-{yb}/32")])
+        .collect();
     let mut entries: BTreeMap<String, u64> = BTreeMap::new();
     for line in sets.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["create", name, ..] if name.starts_with("azure-npm-") => {
-                entries.entry(name.to_string()).or_default();
-            }
-            ["add", name, ..] if name.starts_with("azure-npm-") => {
-                *entries.entry(name.to_string()).or_default() += 1
-            }
-            _ => {}
+        if let ["add", name, ..] = w.as_slice() {
+            *entries.entry(name.to_string()).or_default() += 1;
         }
     }
-    assert_eq!(cluster_m.value("npm_num_iptables_rules", &[]), Some(rules as f64));
-    assert_eq!(cluster_m.value("npm_num_ipsets", &[]), Some(entries.len() as f64));
-    assert_eq!(
-        cluster_m.value("npm_num_ipset_entries", &[]),
-        Some(entries.values().sum::<u64>() as f64)
-    );
-    let per_set: BTreeMap<String, f64> = cluster_m
-        .samples("npm_ipset_counts", &[])
-        .map(|s| (s.label("set_hash").unwrap().to_string(), s.value))
+    let want: BTreeMap<(String, String), f64> = azure
+        .iter()
+        .map(|n| {
+            let h = hashed_set_name(n);
+            let e = entries.get(&h).copied().unwrap_or(0) as f64;
+            ((n.clone(), h), e)
+        })
         .collect();
-    assert_eq!(
-        per_set,
-        entries.iter().map(|(k, v)| (k.clone(), *v as f64)).collect::<BTreeMap<_, _>>()
-    );
+    assert_eq!(cluster_m.value("npm_num_iptables_rules", &[]), Some(rules as f64));
+    assert_eq!(cluster_m.value("npm_num_ipsets", &[]), Some(want.len() as f64));
+    assert_eq!(cluster_m.value("npm_num_ipset_entries", &[]), Some(want.values().sum::<f64>()));
+    let per_set: BTreeMap<(String, String), f64> = cluster_m
+        .samples("npm_ipset_counts", &[])
+        .map(|s| {
+            let name = s.label("set_name").unwrap().to_string();
+            ((name, s.label("set_hash").unwrap().to_string()), s.value)
+        })
+        .collect();
+    assert_eq!(per_set, want);
+    // ns-x holds x's three pods; the block, itself and its except (a `nomatch` entry).
+    assert_eq!(want[&("ns-x".to_string(), hashed_set_name("ns-x"))], 3.0);
+    let cidr = &azure[3];
+    assert_eq!(want[&(cidr.clone(), hashed_set_name(cidr))], 2.0);
     assert_eq!(cluster_m.value("npm_num_policies", &[]), Some(2.0));
     lab.lab.shutdown().unwrap();
+}
+
+/// One cluster with every kind of Azure NPM set: namespaces, pod labels, a list of label
+/// values, namespace labels, all namespaces, a named port, blocks with and without excepts, a
+/// negated label.
+const SETS_CASE: &str = r#"
+name: sets
+model:
+  namespaces:
+  - {name: x, labels: {ns: x, team: a}}
+  - {name: y, labels: {ns: y, team: b}}
+  - {name: z, labels: {ns: z}}
+  pods:
+  - {namespace: x, pod: a, labels: {app: web, tier: front}, ports: [{name: http, port: 80}]}
+  - {namespace: x, pod: b, labels: {app: db}}
+  - {namespace: y, pod: a, labels: {app: web}, ports: [{name: http, port: 81}]}
+  - {namespace: y, pod: b, labels: {app: api}}
+  - {namespace: z, pod: a, labels: {app: web}}
+  - {namespace: z, pod: b, labels: {app: db, tier: back}}
+steps: []
+"#;
+
+/// Azure NPM's set series of `/cluster-metrics`: `npm_num_ipsets`, `npm_num_ipset_entries`,
+/// and `npm_ipset_counts` by (set_name, set_hash).
+type SetSeries = (f64, f64, BTreeMap<(String, String), f64>);
+
+/// `SETS_CASE` and its policies on a one-node lab of `dataplane`: the set series once enforced.
+fn set_series(dataplane: &str) -> SetSeries {
+    let mut opts = LabOptions::new(dataplane, 1);
+    opts.agent = agent();
+    opts.agent_args = vec!["--advanced-metrics".into()];
+    let lab = LabCluster::new(opts).expect("building the lab");
+    let netns = lab.lab().node(0).unwrap().netns_path.clone();
+    let case: Case = serde_yaml_ng::from_str(SETS_CASE).unwrap();
+    let cluster = CaseCluster::new(&case).unwrap();
+    let mut lab = Lab { lab, cluster, netns };
+    let initial = lab.cluster.initial_events();
+    lab.lab.apply(&lab.cluster, &initial).unwrap();
+    lab.act(&format!(
+        "{}{}{}",
+        policy(
+            "web",
+            "x",
+            "{podSelector: {matchLabels: {app: web}}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchExpressions: [{key: app, operator: In, values: [web, api]}]}}], ports: [{port: http}]}]}"
+        ),
+        policy(
+            "out",
+            "y",
+            "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 10.240.0.0/16, except: ['{{podIP x/b}}/32']}}, {ipBlock: {cidr: 192.168.0.0/16}}, {namespaceSelector: {}}]}]}"
+        ),
+        policy(
+            "not-db",
+            "z",
+            "{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}, ingress: [{from: [{podSelector: {matchExpressions: [{key: tier, operator: DoesNotExist}]}}]}]}"
+        ),
+    ));
+    lab.wait("/cluster-metrics", "three policies", |e| {
+        e.value("npm_num_policies", &[]) == Some(3.0)
+    });
+    // (The figures are read at most once a second.)
+    std::thread::sleep(Duration::from_millis(1100));
+    let m = lab.scrape("/cluster-metrics");
+    if std::env::var_os("NPM_SHOW_METRICS").is_some() {
+        println!("---- {dataplane}\n{}", lab.get(AGENT, "/cluster-metrics").unwrap().1);
+    }
+    let per_set = m
+        .samples("npm_ipset_counts", &[])
+        .map(|s| {
+            let name = s.label("set_name").unwrap().to_string();
+            ((name, s.label("set_hash").unwrap().to_string()), s.value)
+        })
+        .collect();
+    let series = (
+        m.value("npm_num_ipsets", &[]).unwrap(),
+        m.value("npm_num_ipset_entries", &[]).unwrap(),
+        per_set,
+    );
+    lab.lab.shutdown().unwrap();
+    series
+}
+
+/// One cluster, both dataplanes: Azure NPM's set series are equal (docs/METRICS.md), so that a
+/// dashboard shows the same series for the same cluster in either mode.
+#[test]
+fn lab_both_dataplanes_report_the_same_sets() {
+    if let Err(e) = net::check_environment() {
+        println!("SKIPPED: the metrics lab test needs root and iproute2: {e:#}");
+        return;
+    }
+    let ebpf = set_series("ebpf");
+    let iptables = set_series("iptables");
+    // The cluster has every kind of set, named as Azure NPM names them, with Azure's hashes.
+    let names: BTreeSet<&str> = iptables.2.keys().map(|(n, _)| n.as_str()).collect();
+    for n in [
+        "ns-x",
+        "ns-y",
+        "ns-z",
+        "podlabel-app:web",
+        "podlabel-app:api",
+        "podlabel-app:db",
+        "podlabel-tier",
+        "nestedlabel-app:api:web",
+        "nslabel-team:b",
+        "nslabel-all-namespaces",
+        "namedport:http",
+    ] {
+        assert!(names.contains(n), "{n} in {names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("cidr-10.240.0.0/16-except-")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("cidr-192.168.")),
+        "a block without excepts is matched by address"
+    );
+    for (n, h) in iptables.2.keys() {
+        assert_eq!(*h, hashed_set_name(n), "{n}");
+    }
+    assert_eq!(iptables.0, iptables.2.len() as f64);
+    assert_eq!(iptables.1, iptables.2.values().sum::<f64>());
+    assert_eq!(ebpf.2, iptables.2, "npm_ipset_counts: eBPF mode, then iptables mode");
+    assert_eq!(ebpf.0, iptables.0, "npm_num_ipsets");
+    assert_eq!(ebpf.1, iptables.1, "npm_num_ipset_entries");
 }

@@ -134,7 +134,7 @@ impl Agent {
             s.dataplane = dataplane.name().to_string();
         }
         let engine = Engine::new(Scope::Node(node_name.to_string()));
-        let engine = if dataplane.renders_layout() { engine.with_layout() } else { engine };
+        let engine = if dataplane.wants_layout() { engine.with_layout() } else { engine };
         Agent {
             engine,
             source,

@@ -356,7 +356,7 @@ pub struct Engine {
     state: ClusterState,
     idx: Index,
     out: Output,
-    /// The Azure NPM layout, when a dataplane renders it ([`Engine::with_layout`]).
+    /// The Azure NPM layout, when a dataplane wants it ([`Engine::with_layout`]).
     layout: Option<LayoutCompiler>,
 }
 
@@ -378,7 +378,8 @@ impl Engine {
         }
     }
 
-    /// The engine, also compiling the plan's Azure NPM layout (for the iptables dataplane).
+    /// The engine, also compiling the plan's Azure NPM layout (for the iptables dataplane, which
+    /// renders it, and the eBPF dataplane, which counts its sets for the metrics).
     pub fn with_layout(mut self) -> Self {
         let mut compiler = LayoutCompiler::new();
         let input = LayoutInput {

@@ -59,11 +59,16 @@ pub struct LayoutCompiler {
     keys: HashMap<IdentityId, IdentityKey>,
     addresses: HashMap<IdentityId, BTreeSet<IpAddr>>,
     by_namespace: HashMap<String, HashSet<IdentityId>>,
-    by_label: HashMap<String, HashSet<IdentityId>>,
+    /// Label key → value → the identities with it (a `podlabel-<key>:<value>` set's members
+    /// without a scan of every identity with the key).
+    by_label: HashMap<String, HashMap<String, HashSet<IdentityId>>>,
     by_port_name: HashMap<String, HashSet<IdentityId>>,
     /// Namespace objects' labels.
     namespaces: HashMap<String, Labels>,
     sets: HashMap<SetDef, SetEntry>,
+    /// The namespace lists among `sets`, in order (a pod event looks at them, not at every
+    /// set).
+    namespace_lists: BTreeSet<SetDef>,
     policies: HashMap<ObjectKey, Arc<PolicyLayout>>,
     quarantined: BTreeSet<IpAddr>,
     dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
@@ -349,8 +354,9 @@ impl LayoutCompiler {
 
     fn index_identity(&mut self, id: IdentityId, key: IdentityKey) {
         self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
-        for k in key.labels.keys() {
-            self.by_label.entry(k.clone()).or_default().insert(id);
+        for (k, v) in key.labels.iter() {
+            let values = self.by_label.entry(k.clone()).or_default();
+            values.entry(v.clone()).or_default().insert(id);
         }
         for p in key.named_ports.iter() {
             self.by_port_name.entry(p.name.clone()).or_default().insert(id);
@@ -369,8 +375,13 @@ impl LayoutCompiler {
             }
         };
         drop(&mut self.by_namespace, &key.namespace);
-        for k in key.labels.keys() {
-            drop(&mut self.by_label, k);
+        for (k, v) in key.labels.iter() {
+            if let Some(values) = self.by_label.get_mut(k) {
+                drop(values, v);
+                if values.is_empty() {
+                    self.by_label.remove(k);
+                }
+            }
         }
         for p in key.named_ports.iter() {
             drop(&mut self.by_port_name, &p.name);
@@ -391,9 +402,16 @@ impl LayoutCompiler {
                 self.addresses_of(self.by_namespace.get(ns).into_iter().flatten().copied())
             }
             SetDef::PodLabel { key, value } => {
-                self.addresses_of(self.by_label.get(key).into_iter().flatten().copied().filter(
-                    |id| value.is_none() || self.keys[id].labels.get(key) == value.as_ref(),
-                ))
+                let values = self.by_label.get(key);
+                let ids: Vec<IdentityId> = match value {
+                    None => {
+                        values.into_iter().flat_map(|v| v.values().flatten()).copied().collect()
+                    }
+                    Some(v) => {
+                        values.and_then(|m| m.get(v)).into_iter().flatten().copied().collect()
+                    }
+                };
+                self.addresses_of(ids)
             }
             SetDef::NamedPort(name) => {
                 let mut m = BTreeSet::new();
@@ -458,6 +476,9 @@ impl LayoutCompiler {
         out.changes.extend(
             members.iter().map(|m| LayoutChange::AddMember { set: def.clone(), member: m.clone() }),
         );
+        if def.is_namespace_list() {
+            self.namespace_lists.insert(def.clone());
+        }
         self.sets.insert(def.clone(), SetEntry { members: Arc::new(members), refs: 1 });
     }
 
@@ -478,6 +499,7 @@ impl LayoutCompiler {
                 continue;
             }
             let s = self.sets.remove(&def).expect("set");
+            self.namespace_lists.remove(&def);
             out.changes.push(LayoutChange::RemoveSet { set: def });
             for m in s.members.iter() {
                 if let Member::Set(sub) = m {
@@ -511,12 +533,10 @@ impl LayoutCompiler {
 
     /// Brings every existing namespace list up to date for the namespaces in `touched`.
     fn update_namespace_lists(&mut self, touched: &BTreeSet<String>, out: &mut Out) {
-        let mut lists: Vec<SetDef> =
-            self.sets.keys().filter(|d| d.is_namespace_list()).cloned().collect();
-        if lists.is_empty() {
+        if touched.is_empty() || self.namespace_lists.is_empty() {
             return;
         }
-        lists.sort();
+        let lists: Vec<SetDef> = self.namespace_lists.iter().cloned().collect();
         for ns in touched {
             let exists = self.namespace_exists(ns);
             let labels = self.namespace_labels(ns);

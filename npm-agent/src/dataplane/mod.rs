@@ -35,9 +35,10 @@ pub struct Applied {
 /// Something that enforces a plan.
 pub trait Dataplane {
     fn name(&self) -> &'static str;
-    /// Whether the dataplane renders the plan's Azure NPM layout (the compiler then computes
-    /// it; the others read only the entries).
-    fn renders_layout(&self) -> bool {
+    /// Whether the dataplane needs the plan's Azure NPM layout (the compiler then computes
+    /// it): the iptables dataplane renders it, the eBPF dataplane reports Azure NPM's counts of
+    /// its sets; the others read only the entries.
+    fn wants_layout(&self) -> bool {
         false
     }
     /// Applies one diff, in its order (make-before-break): one event's, or several events'

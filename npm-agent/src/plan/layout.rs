@@ -1,7 +1,8 @@
 //! The plan's Azure NPM layout: NetworkPolicy as Azure Network Policy Manager lays it out on
 //! Linux, computed by the compiler and rendered by the iptables dataplane (rule text, set
 //! names and `ipset` commands are the dataplane's; which sets exist, what they hold and which
-//! conjunction of them each rule matches are decided here, once).
+//! conjunction of them each rule matches are decided here, once). The eBPF dataplane follows
+//! its sets too, for Azure NPM's set metrics (`dataplane::azure::AzureSets`).
 //!
 //! - Every policy direction it covers has a *target* (the pods it selects, as a conjunction of
 //!   set matches) and *rules*, one per (peer, port) of each NetworkPolicy rule: the peer as a

@@ -453,6 +453,12 @@ impl Plan {
 
     /// A diff that builds this plan from nothing (what a dataplane applies at start-up).
     pub fn as_diff(&self) -> PlanDiff {
+        PlanDiff { layout: self.layout.as_changes(), ..self.entries_diff() }
+    }
+
+    /// The same without the layout's changes: what a dataplane that reads only the entries
+    /// applies at start-up.
+    pub fn entries_diff(&self) -> PlanDiff {
         let mut changes = Vec::new();
         changes.extend(self.node_ips.iter().map(|ip| Change::AddNodeIp { ip: *ip }));
         changes.extend(
@@ -486,7 +492,7 @@ impl Plan {
                 }
             }
         }
-        PlanDiff { changes, layout: self.layout.as_changes() }
+        PlanDiff { changes, layout: Vec::new() }
     }
 }
 
@@ -590,7 +596,8 @@ pub enum Change {
 /// endpoints move to new profiles after every switch.
 ///
 /// The layout's changes are a separate list, ordered as [`LayoutChange`] says: a dataplane
-/// renders one list or the other.
+/// renders one list or the other (the eBPF dataplane follows the layout's sets for its
+/// metrics only).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PlanDiff {
     /// The entries: endpoints, profiles and their allow entries, identities, peer sets, node

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -33,6 +34,7 @@ use npm_common::{
 use super::emulator::MapEmulator;
 use super::observe::{EbpfObserver, PacketCounters};
 use super::translate::{Encoded, MapOp, MapTranslator};
+use crate::dataplane::azure::AzureSets;
 use crate::dataplane::iface;
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
@@ -96,6 +98,9 @@ pub struct EbpfDataplane {
     attachments: HashMap<Ipv4Addr, Attachment>,
     /// When dead connection-tracking entries were last swept.
     last_sweep: Instant,
+    /// Azure NPM's sets of the plan's layout, for the observer: the maps hold no such sets,
+    /// but Azure NPM's metrics count them (the same in iptables mode).
+    azure_sets: Arc<Mutex<AzureSets>>,
 }
 
 /// How often [`EbpfDataplane::tick`] sweeps dead connection-tracking entries.
@@ -160,6 +165,7 @@ impl EbpfDataplane {
             translator: MapTranslator::new(),
             attachments: HashMap::new(),
             last_sweep: Instant::now(),
+            azure_sets: Arc::default(),
         };
         dp.set_log_drops(dp.config.log_drops)?;
         Ok(dp)
@@ -578,7 +584,13 @@ impl Dataplane for EbpfDataplane {
         NAME
     }
 
+    /// The layout is followed only for Azure NPM's counts of its sets.
+    fn wants_layout(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
+        self.azure_sets.lock().unwrap_or_else(|p| p.into_inner()).apply(&diff.layout);
         let ops = self.translator.translate(diff);
         let applied = Applied {
             rules_added: ops.iter().any(|op| matches!(op, MapOp::PolicyAdd { .. })),
@@ -609,7 +621,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn observer(&self) -> Option<Box<dyn Observer>> {
-        Some(Box::new(EbpfObserver::new(&self.config.pin_root)))
+        Some(Box::new(EbpfObserver::new(&self.config.pin_root, self.azure_sets.clone())))
     }
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
@@ -617,8 +629,10 @@ impl Dataplane for EbpfDataplane {
         // entries first, then each endpoint's final isolation, then attachments, and only
         // then the removal of what is stale. An endpoint that was isolated stays isolated
         // throughout.
+        *self.azure_sets.lock().unwrap_or_else(|p| p.into_inner()) =
+            AzureSets::from_layout(&plan.layout);
         self.translator = MapTranslator::new();
-        let ops = self.translator.translate(&plan.as_diff());
+        let ops = self.translator.translate(&plan.entries_diff());
         let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) =
             ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));
         let mut last: HashMap<Ipv4Addr, MapOp> = HashMap::new();

@@ -1,60 +1,27 @@
 //! The eBPF dataplane's figures, read from the pinned maps under the pin root, opened
 //! read-only by path (no lock on the agent's loop). Packets: the per-CPU counters, summed over
 //! CPUs, per direction and reason. Maps: entries and `max_entries` of every hash, LRU and LPM
-//! map. Connection tracking: the entries of `NPM_CT`. Counts, in place of Azure NPM's ipsets
-//! and iptables rules: every identity of `NPM_IDENTITIES` is a set whose entries are its pod
-//! addresses; every prefix of `NPM_CIDRS` is a set of one entry; every entry of `NPM_POLICY`
-//! is a rule.
+//! map. Connection tracking: the entries of `NPM_CT`. Azure NPM's counts: every entry of
+//! `NPM_POLICY` is a rule; the sets are Azure NPM's sets of the plan's layout, which the
+//! dataplane follows ([`AzureSets`]: the same sets, names and entries as the iptables
+//! dataplane's kernel holds for the same cluster), since the maps hold none (a peer set is
+//! spelled out as policy keys, one per identity; the maps' own sizes are `npm_map_entries`).
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
 
 use crate::dataplane::DataplaneError;
-use crate::dataplane::azure::hashed_set_name;
-use crate::dataplane::observe::{Counts, Figures, MapFigure, Observer, PacketFigure};
+use crate::dataplane::azure::AzureSets;
+use crate::dataplane::observe::{Figures, MapFigure, Observer, PacketFigure};
 use npm_common::{REASONS, Reason};
 
-/// Reads the eBPF dataplane's pinned maps (under `<pin root>/maps`).
+/// Reads the eBPF dataplane's pinned maps (under `<pin root>/maps`) and the layout's sets.
 pub struct EbpfObserver {
     pin_root: PathBuf,
     maps_dir: PathBuf,
-}
-
-/// What the eBPF maps hold, as the metrics count it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EbpfContents {
-    /// Pod address → identity entries, and the entries of each identity.
-    pub identity_entries: u64,
-    pub identities: BTreeMap<u32, u64>,
-    /// CIDR prefixes.
-    pub prefixes: Vec<ipnet::Ipv4Net>,
-    pub policy_entries: u64,
-}
-
-impl EbpfContents {
-    /// Azure NPM's counts in eBPF terms (see the module documentation).
-    pub fn counts(&self, per_set: bool) -> Counts {
-        let mut c = Counts {
-            rules: self.policy_entries,
-            sets: self.identities.len() as u64 + self.prefixes.len() as u64,
-            set_entries: self.identity_entries + self.prefixes.len() as u64,
-            per_set: Vec::new(),
-        };
-        if per_set {
-            for (id, n) in &self.identities {
-                let name = format!("identity-{id}");
-                c.per_set.push((name.clone(), hashed_set_name(&name), *n));
-            }
-            for p in &self.prefixes {
-                let name = format!("cidr-{p}");
-                c.per_set.push((name.clone(), hashed_set_name(&name), 1));
-            }
-        }
-        c
-    }
+    sets: Arc<Mutex<AzureSets>>,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<aya::maps::Map> {
@@ -77,33 +44,8 @@ fn count_keys<K>(
 }
 
 impl EbpfObserver {
-    pub fn new(pin_root: &Path) -> Self {
-        Self { pin_root: pin_root.to_path_buf(), maps_dir: pin_root.join("maps") }
-    }
-
-    /// The identity, CIDR and policy maps' contents (also for tests that check the metrics
-    /// against the maps).
-    pub fn contents(maps_dir: &Path) -> Result<EbpfContents> {
-        use aya::maps::HashMap as BpfHashMap;
-        use aya::maps::lpm_trie::LpmTrie;
-        use npm_common::{MAP_CIDRS, MAP_IDENTITIES, MAP_POLICY, PolicyKeyData};
-        let mut out = EbpfContents::default();
-        let ids: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_IDENTITIES)?.try_into()?;
-        for (_, id) in ids.iter().filter_map(std::result::Result::ok) {
-            out.identity_entries += 1;
-            *out.identities.entry(id).or_default() += 1;
-        }
-        let cidrs: LpmTrie<_, [u8; 4], u32> = open_map(maps_dir, MAP_CIDRS)?.try_into()?;
-        for k in cidrs.keys().filter_map(std::result::Result::ok) {
-            if let Ok(net) = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
-                out.prefixes.push(net);
-            }
-        }
-        out.prefixes.sort();
-        out.prefixes.dedup();
-        let policy: LpmTrie<_, PolicyKeyData, u32> = open_map(maps_dir, MAP_POLICY)?.try_into()?;
-        out.policy_entries = count_keys(policy.keys(), u64::from(npm_common::MAX_POLICY));
-        Ok(out)
+    pub fn new(pin_root: &Path, sets: Arc<Mutex<AzureSets>>) -> Self {
+        Self { pin_root: pin_root.to_path_buf(), maps_dir: pin_root.join("maps"), sets }
     }
 }
 
@@ -189,34 +131,15 @@ impl Observer for EbpfObserver {
         hash_map!(MAP_IFACES, u32, IfaceInfo);
         hash_map!(MAP_IDENTITIES, [u8; 4], u32);
         trie!(MAP_CIDRS, [u8; 4]);
-        trie!(MAP_POLICY, PolicyKeyData);
+        let rules = trie!(MAP_POLICY, PolicyKeyData);
         hash_map!(MAP_NODE_IPS, [u8; 4], u32);
         let ct = hash_map!(MAP_CT, CtKey, CtValue);
         hash_map!(MAP_FRAGS, FragKey, FragValue);
         f.conntrack_entries = Some(ct);
 
-        f.counts = Some(Self::contents(dir)?.counts(per_set));
+        let sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        f.counts = Some(sets.counts(rules, per_set));
         Ok(f)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts() {
-        let c = EbpfContents {
-            identity_entries: 5,
-            identities: BTreeMap::from([(1, 3), (2, 2)]),
-            prefixes: vec!["10.0.0.0/8".parse().unwrap()],
-            policy_entries: 7,
-        };
-        let counts = c.counts(true);
-        assert_eq!((counts.rules, counts.sets, counts.set_entries), (7, 3, 6));
-        assert_eq!(counts.per_set[0], ("identity-1".to_string(), hashed_set_name("identity-1"), 3));
-        assert_eq!(counts.per_set[2].0, "cidr-10.0.0.0/8");
-        assert!(c.counts(false).per_set.is_empty());
     }
 }
 

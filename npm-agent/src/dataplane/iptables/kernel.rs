@@ -4,8 +4,8 @@
 //! chains say; reconciling with what the kernel holds at start-up; cleanup.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::exec::{Backend, Runner, detect_backend, may_hold};
@@ -13,7 +13,7 @@ use super::guard::{self, Guard};
 use super::observe::IptablesObserver;
 use super::saved::KernelState;
 use super::translate::{self, Batch, RuleTranslator, STEP_DEL_SETS, Tool};
-use crate::dataplane::azure::SET_PREFIX;
+use crate::dataplane::azure::{AzureSets, SET_PREFIX};
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
 use crate::plan::{Layout, Plan, PlanDiff};
@@ -113,6 +113,10 @@ pub struct IptablesDataplane {
     /// The layout the kernel holds (as of the last apply or reconcile): a burst's diffs are
     /// applied as one net move from it.
     layout: Layout,
+    /// The layout's sets by their kernel names, for the observer: Azure NPM's counts are of
+    /// these (the dataplane's own sets, `transition`, the groups' and the guard's, are not
+    /// Azure NPM's).
+    azure_sets: Arc<Mutex<AzureSets>>,
     /// The source checks and the IPv6 fail-closed rules (see [`guard`]).
     guard: Guard,
     stats: ApplyStats,
@@ -162,6 +166,7 @@ impl IptablesDataplane {
             backend_reason,
             translator: RuleTranslator::new(),
             layout: Layout::default(),
+            azure_sets: Arc::default(),
             guard: Guard::default(),
             stats: ApplyStats::default(),
             damaged: Arc::new(AtomicBool::new(false)),
@@ -358,7 +363,7 @@ impl Dataplane for IptablesDataplane {
         NAME
     }
 
-    fn renders_layout(&self) -> bool {
+    fn wants_layout(&self) -> bool {
         true
     }
 
@@ -380,7 +385,10 @@ impl Dataplane for IptablesDataplane {
             operation: "following the layout".into(),
             message: e,
         })?;
-        let batches = self.translator.translate(&PlanDiff { changes: Vec::new(), layout });
+        let net = PlanDiff { changes: Vec::new(), layout };
+        let batches = self.translator.translate(&net);
+        let t = &self.translator;
+        lock(&self.azure_sets).apply_named(&net.layout, |d| t.kernel_set_name(d));
         self.run_batches(&batches, |_| {})?;
         self.guard.apply(diff);
         self.write_guard(false)?;
@@ -388,7 +396,11 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn observer(&self) -> Option<Box<dyn Observer>> {
-        Some(Box::new(IptablesObserver::new(self.runner.clone(), self.backend)))
+        Some(Box::new(IptablesObserver::new(
+            self.runner.clone(),
+            self.backend,
+            self.azure_sets.clone(),
+        )))
     }
 
     fn tick(&mut self) -> Result<(), DataplaneError> {
@@ -401,6 +413,9 @@ impl Dataplane for IptablesDataplane {
         let kernel = self.read_state()?;
         let batches = self.translator.reconcile(plan, &kernel);
         self.layout = plan.layout.clone();
+        let t = &self.translator;
+        *lock(&self.azure_sets) =
+            AzureSets::from_layout_named(&plan.layout, |d| t.kernel_set_name(d));
         self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
         self.guard.reconcile(plan);
         self.write_guard(true)?;
@@ -413,6 +428,10 @@ impl Dataplane for IptablesDataplane {
         }
         Ok(())
     }
+}
+
+fn lock(sets: &Mutex<AzureSets>) -> std::sync::MutexGuard<'_, AzureSets> {
+    sets.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One check of the guard: the FORWARD jump first and alone, the AZURE-NPM chain present.

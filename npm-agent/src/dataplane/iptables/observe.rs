@@ -1,33 +1,35 @@
 //! The iptables dataplane's figures: `iptables-save -c` of the dataplane's backend (its
 //! `AZURE-NPM*` rules; drops are the packet counters of their `DROP` rules, by the chain's
-//! direction, and of the source guard's), `ipset save` (the `azure-npm-*` sets and their
-//! entries, read as a reconcile reads them), and conntrack entries from
+//! direction, and of the source guard's), `ipset save` (the sets of the plan's layout, Azure
+//! NPM's sets, and their entries as the kernel holds them; the dataplane's own sets,
+//! `transition`, the groups' `blocks-and-ports-of-…` and the source guard's, are not Azure
+//! NPM's and not counted, so that both Linux modes count the same sets), and conntrack entries from
 //! `/proc/sys/net/netfilter/nf_conntrack_count`. Run in the dataplane's network namespace.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 
 use super::exec::{Backend, Runner};
-use super::saved::KernelState;
+use super::saved::{KernelSet, KernelState};
+use crate::dataplane::azure::AzureSets;
 use crate::dataplane::observe::{Counts, Figures, Observer, PacketFigure};
-
-/// The readable name of a kernel set name (`azure-npm-…`), when the dataplane knows it.
-pub type SetNames = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// Reads the iptables dataplane's rules, sets and counters with `iptables-save` and
 /// `ipset save` (Azure NPM's chain and set names).
 pub struct IptablesObserver {
     runner: Runner,
     backend: Backend,
-    /// Readable set names; without, the kernel name is both `set_name` and `set_hash`.
-    pub set_names: Option<SetNames>,
+    /// The layout's sets, by readable and kernel name (the dataplane keeps them).
+    sets: Arc<Mutex<AzureSets>>,
 }
 
 impl IptablesObserver {
-    /// Reads what `backend` holds, running the programs with `runner` (the dataplane's).
-    pub fn new(runner: Runner, backend: Backend) -> Self {
-        Self { runner, backend, set_names: None }
+    /// Reads what `backend` holds, running the programs with `runner` (the dataplane's); counts
+    /// the kernel's sets that are `sets`.
+    pub fn new(runner: Runner, backend: Backend, sets: Arc<Mutex<AzureSets>>) -> Self {
+        Self { runner, backend, sets }
     }
 
     fn read(&self, program: &str, args: &[&str]) -> Result<String> {
@@ -104,6 +106,29 @@ pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
     .collect()
 }
 
+/// Azure NPM's counts of the kernel's sets (`ipset save`, parsed): the layout's sets the
+/// kernel holds, with the entries the kernel holds (a set the layout has and the kernel not yet,
+/// or the reverse, while a change is written, is not counted).
+pub fn kernel_counts(
+    rules: u64,
+    azure: &AzureSets,
+    kernel: &BTreeMap<String, KernelSet>,
+    per_set: bool,
+) -> Counts {
+    let mut counts = Counts { rules, ..Counts::default() };
+    for (_, s) in azure.iter() {
+        let Some(k) = kernel.get(&s.hash) else { continue };
+        let n = k.members.len() as u64;
+        counts.sets += 1;
+        counts.set_entries += n;
+        if per_set {
+            counts.per_set.push((s.name.clone(), s.hash.clone(), n));
+        }
+    }
+    counts.per_set.sort();
+    counts
+}
+
 impl Observer for IptablesObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
         let save = self.backend.save_program();
@@ -123,24 +148,12 @@ impl Observer for IptablesObserver {
         f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let mut counts = Counts {
-            rules: rules.rules,
-            sets: sets.len() as u64,
-            set_entries: sets.values().map(|s| s.members.len() as u64).sum(),
-            per_set: Vec::new(),
-        };
-        if per_set {
-            for (kernel, set) in &sets {
-                let n = set.members.len() as u64;
-                let name = self
-                    .set_names
-                    .as_ref()
-                    .and_then(|f| f(kernel))
-                    .unwrap_or_else(|| kernel.clone());
-                counts.per_set.push((name, kernel.clone(), n));
-            }
-        }
-        f.counts = Some(counts);
+        f.counts = Some(kernel_counts(
+            rules.rules,
+            &self.sets.lock().unwrap_or_else(|p| p.into_inner()),
+            &sets,
+            per_set,
+        ));
         Ok(f)
     }
 }

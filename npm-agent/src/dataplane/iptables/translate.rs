@@ -1,7 +1,8 @@
 //! From the plan's Azure NPM layout ([`crate::plan::layout`]) to `ipset restore` and
 //! `iptables-restore --noflush` batches: the iptables dataplane's encoding, pure and
 //! host-testable. The compiler decides which sets exist, what they hold and what each policy
-//! matches; this module names them as Azure NPM does and spells them as rules and commands.
+//! matches; this module names them as Azure NPM does (`dataplane::azure::set_name`, shared with
+//! the metrics of both Linux modes) and spells them as rules and commands.
 //!
 //! # Encoding
 //! - Every NetworkPolicy gets a chain per direction it covers,
@@ -75,6 +76,7 @@ use super::names::{
     self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
 };
 use super::saved::{KernelState, jumps_to_azure_npm};
+use crate::dataplane::azure;
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
     DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
@@ -138,44 +140,9 @@ enum KernelSet<'a> {
 impl KernelSet<'_> {
     /// Azure NPM's readable name (the kernel name is its hash).
     fn readable(self) -> String {
-        let def = match self {
-            KernelSet::Transition => return "transition".to_string(),
-            KernelSet::Layout(d) => d,
-        };
-        match def {
-            SetDef::Namespace(ns) => format!("ns-{ns}"),
-            SetDef::PodLabel { key, value: None } => format!("podlabel-{key}"),
-            SetDef::PodLabel { key, value: Some(v) } => format!("podlabel-{key}:{v}"),
-            SetDef::PodValues { key, values } => format!("nestedlabel-{key}:{}", values.join(":")),
-            SetDef::NsLabel { key, value: None } => format!("nslabel-{key}"),
-            SetDef::NsLabel { key, value: Some(v) } => format!("nslabel-{key}:{v}"),
-            SetDef::NsValues { key, values } => format!("nslabel-{key}:{}", values.join(":")),
-            SetDef::AllNamespaces => "nslabel-all-namespaces".to_string(),
-            SetDef::NamedPort(name) => format!("namedport:{name}"),
-            SetDef::Cidr(b) => {
-                let mut s = format!("cidr-{}", b.net);
-                let list: Vec<String> = b
-                    .except
-                    .iter()
-                    .filter(|e| v4_net(e).is_some())
-                    .map(|e| e.to_string())
-                    .collect();
-                if !list.is_empty() {
-                    let joined = list.join(",");
-                    if joined.len() <= 120 {
-                        let _ = write!(s, "-except-{joined}");
-                    } else {
-                        let _ = write!(
-                            s,
-                            "-except-{}-nets-{:016x}",
-                            list.len(),
-                            crate::dataplane::azure::fnv1a64(&joined)
-                        );
-                    }
-                }
-                s
-            }
-            SetDef::Quarantine => "quarantine".to_string(),
+        match self {
+            KernelSet::Transition => "transition".to_string(),
+            KernelSet::Layout(d) => azure::set_name(d),
         }
     }
 
@@ -326,10 +293,7 @@ fn v4_net(net: &IpNet) -> Option<Ipv4Net> {
 /// set (no set to create, no name for the kernel to look up among thousands, no set lookup
 /// per packet).
 fn inline_net(def: &SetDef) -> Option<Ipv4Net> {
-    match def {
-        SetDef::Cidr(b) if b.except.iter().all(|e| v4_net(e).is_none()) => v4_net(&b.net),
-        _ => None,
-    }
+    azure::inline_block(def)
 }
 
 /// What a rule admits as `hash:net,port` members, when its peer is one ipBlock without
@@ -344,11 +308,6 @@ fn fast_members(r: &LayoutRule) -> Option<Vec<String>> {
     let n = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
     let p = protocol.as_str().to_lowercase();
     Some((*first..=*last).map(|port| format!("{n},{p}:{port}")).collect())
-}
-
-/// Whether the encoding can hold a set (IPv4 only: `family inet`).
-fn expressible(def: &SetDef) -> bool {
-    !matches!(def, SetDef::Cidr(b) if v4_net(&b.net).is_none())
 }
 
 fn alternate(base: &str, k: usize) -> String {
@@ -527,7 +486,7 @@ impl RuleTranslator {
     fn claim(&mut self, readable: &str, kind: SetKind) -> String {
         for k in 0.. {
             let cand = alternate(readable, k);
-            let h = crate::dataplane::azure::hashed_set_name(&cand);
+            let h = azure::hashed_set_name(&cand);
             if self.names.contains_key(&h) {
                 continue;
             }
@@ -548,7 +507,8 @@ impl RuleTranslator {
         if inline_net(def).is_some() {
             return false;
         }
-        if !expressible(def) {
+        if !azure::is_kernel_set(def) {
+            // (An IPv6 block: the encoding is `family inet`.)
             self.skipped_ipv6 += 1;
             return false;
         }
@@ -846,7 +806,7 @@ impl RuleTranslator {
                 _ if fast.is_empty() => None,
                 _ => {
                     let joined: Vec<&str> = fast.iter().map(String::as_str).collect();
-                    let digest = crate::dataplane::azure::fnv1a64(&joined.join(" "));
+                    let digest = azure::fnv1a64(&joined.join(" "));
                     let readable = format!("blocks-and-ports-of-{chain}-{digest:016x}");
                     let name = self.claim(&readable, SetKind::HashNetPort);
                     if let Some(ph) = ph.as_deref_mut() {
@@ -1366,6 +1326,11 @@ impl RuleTranslator {
         // The guard is lifted only after the rules are rewritten: until then, the old rules
         // look at the changed sets.
         self.batches(ph, true)
+    }
+
+    /// The kernel name of a set of the layout, when the kernel holds it as a set.
+    pub fn kernel_set_name(&self, def: &SetDef) -> Option<String> {
+        self.sets.get(def).map(|s| s.name.clone())
     }
 
     /// The kernel name and readable name of every set, for explaining rules.
