@@ -7,6 +7,7 @@
 //! dataplane's kernel holds for the same cluster), since the maps hold none (a peer set is
 //! spelled out as policy keys, one per identity; the maps' own sizes are `npm_map_entries`).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
