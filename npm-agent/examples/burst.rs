@@ -120,7 +120,9 @@ fn main() {
         println!("eBPF, {n} policies, {what}: created in {create:.2?}, deleted in {delete:.2?}");
         let _ = std::fs::remove_dir_all(&pin_root);
     }
-    for backend in [Backend::Nft, Backend::Legacy] {
+    // (IPTABLES_POLICIES 0: the eBPF part only.)
+    let backends = if n_iptables == 0 { vec![] } else { vec![Backend::Nft, Backend::Legacy] };
+    for backend in backends {
         let ns = Scratch::new(format!("{TAG}-{}-{}", std::process::id(), backend.as_str()))
             .expect("ip netns add");
         let dp = IptablesDataplane::open(IptablesConfig {
