@@ -226,9 +226,14 @@ fn violations(mods: &[Module]) -> Vec<String> {
                 dataplanes.insert(d);
             }
         }
-        if dataplanes.len() > 1 && !starts(me, "agent") && !starts(me, "dataplane") {
+        // (`debug` reads a node in whichever mode it runs, as `agent` cleans up after either.)
+        if dataplanes.len() > 1
+            && !starts(me, "agent")
+            && !starts(me, "debug")
+            && !starts(me, "dataplane")
+        {
             v.push(format!(
-                "{} names the dataplanes {dataplanes:?}: only the agent picks between them",
+                "{} names the dataplanes {dataplanes:?}: only the agent (and the debug tool, which reads either) picks between them",
                 me.join("::")
             ));
         }
