@@ -109,7 +109,7 @@ impl Setup {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-bench-{}-{tag}", std::process::id()));
         let dp = EbpfDataplane::open(EbpfConfig {
             pin_root: pin_root.clone(),
-            log_drops: false,
+            drop_events: Default::default(),
             attach: false,
         })
         .expect("load eBPF");

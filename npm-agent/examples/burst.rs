@@ -114,7 +114,11 @@ fn main() {
     assert!(unsafe { libc::geteuid() } == 0, "run as root (maps, network namespaces)");
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-burst-{}", std::process::id()));
     for (what, per_batch) in [("one batch", n as usize), ("one event per batch", 1)] {
-        let config = EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false };
+        let config = EbpfConfig {
+            pin_root: pin_root.clone(),
+            drop_events: Default::default(),
+            attach: false,
+        };
         let dp = EbpfDataplane::open(config).expect("load eBPF");
         let (create, delete) = burst(Box::new(dp), n, per_batch);
         println!("eBPF, {n} policies, {what}: created in {create:.2?}, deleted in {delete:.2?}");

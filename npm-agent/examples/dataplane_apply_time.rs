@@ -192,7 +192,7 @@ fn main() {
             PinRoot(PathBuf::from(format!("/sys/fs/bpf/npm-apply-bench-{}", std::process::id())));
         let mut dp = EbpfDataplane::open(EbpfConfig {
             pin_root: pin.0.clone(),
-            log_drops: false,
+            drop_events: Default::default(),
             attach: false,
         })
         .expect("eBPF");
@@ -205,7 +205,7 @@ fn main() {
         let plan = engine.plan();
         let mut again = EbpfDataplane::open(EbpfConfig {
             pin_root: pin.0.clone(),
-            log_drops: false,
+            drop_events: Default::default(),
             attach: false,
         })
         .expect("eBPF");

@@ -157,7 +157,8 @@ fn main() {
     }
     let scope = Scope::Node("n1".into());
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-huge-{}", std::process::id()));
-    let config = EbpfConfig { pin_root: pin_root.clone(), log_drops: false, attach: false };
+    let config =
+        EbpfConfig { pin_root: pin_root.clone(), drop_events: Default::default(), attach: false };
     let mut dp = EbpfDataplane::open(config).expect("load eBPF");
     run("eBPF", Engine::new(scope.clone()), &mut dp, Some(MapTranslator::new()), &policy);
     drop(dp);

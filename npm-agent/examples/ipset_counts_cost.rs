@@ -53,6 +53,7 @@ fn main() {
             dataplane: "iptables".into(),
             advanced,
             observer: Some(Box::new(Sets(sets))),
+            ..MetricsOptions::default()
         });
         let mut body = String::new();
         let t = Instant::now();

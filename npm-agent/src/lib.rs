@@ -10,6 +10,7 @@ pub mod compile;
 pub mod dataplane;
 #[cfg(target_os = "linux")]
 pub mod debug;
+pub mod drops;
 pub mod explain;
 pub mod input;
 #[cfg(target_os = "linux")]

@@ -104,6 +104,30 @@ enum Command {
         #[arg(long, default_value = npm_agent::dataplane::ebpf::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
+    /// The packets the agent on this node dropped, named: the pod, the 5-tuple, the reason
+    /// and the policies that isolate the pod (eBPF dataplane; as many as its rate limiter,
+    /// --drop-events-rate, lets through). Run it where the agent runs (`kubectl exec`).
+    #[cfg(unix)]
+    Drops {
+        /// Keep printing new drops until interrupted.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only drops at pods of this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Only drops at this pod (in --namespace, or in any namespace).
+        #[arg(short = 'p', long)]
+        pod: Option<String>,
+        /// How many of the latest drops to print first.
+        #[arg(long, default_value_t = 100)]
+        recent: usize,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket (its drops-socket setting).
+        #[arg(long, default_value = npm_agent::agent::config::DEFAULT_DROPS_SOCKET)]
+        socket: PathBuf,
+    },
     /// Remove everything the agent installed (pinned programs, links and maps; AZURE-NPM
     /// chains and azure-npm- sets), for uninstall. Run it after the agent has stopped.
     Cleanup {
@@ -325,6 +349,28 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("npm-agent counters: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        #[cfg(unix)]
+        Command::Drops { follow, namespace, pod, recent, json, socket } => {
+            use npm_agent::drops::{Filter, client, server::Request};
+            let req = Request { filter: Filter { namespace, pod }, recent, follow };
+            let mut out = std::io::stdout().lock();
+            let printed = client::read(&socket, &req, |r| {
+                use std::io::Write as _;
+                let line = if json {
+                    serde_json::to_string(&r).unwrap_or_default()
+                } else {
+                    r.to_string()
+                };
+                writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+            });
+            match printed {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("npm-agent drops: {e:#}");
                     ExitCode::FAILURE
                 }
             }

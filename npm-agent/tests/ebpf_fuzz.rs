@@ -187,7 +187,7 @@ fn kernel_and_host_decide_alike() {
     let index = [ifaces.index("veth-a"), ifaces.index("veth-b"), ifaces.index("uplink"), 0];
     let mut dp = EbpfDataplane::open(EbpfConfig {
         pin_root: pin_root.clone(),
-        log_drops: false,
+        drop_events: Default::default(),
         attach: false,
     })
     .expect("load");

@@ -72,7 +72,7 @@ impl Harness {
         let ifaces = TestInterfaces::new(&["veth-a", "veth-b", "uplink"]).expect("test interfaces");
         let dp = EbpfDataplane::open(EbpfConfig {
             pin_root: pin_root.clone(),
-            log_drops: false,
+            drop_events: Default::default(),
             attach: false,
         })
         .expect("load");
@@ -481,7 +481,7 @@ fn policy_removal_restores_traffic_and_reconcile_flushes_nothing_needed() {
     let plan = h.engine.plan();
     let mut again = EbpfDataplane::open(EbpfConfig {
         pin_root: h.pin_root.clone(),
-        log_drops: false,
+        drop_events: Default::default(),
         attach: false,
     })
     .unwrap();
@@ -726,4 +726,83 @@ fn invalid_tcp_is_judged_and_never_tracked() {
     h.policy(deny_all_ingress_to_x());
     assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1235, 80, ACK), Reason::Established), PASS);
     assert_eq!(h.run(DIR_INGRESS, &tcp_flags(C, B, 1235, 80, SYN | FIN), Reason::Denied), DROP);
+}
+
+// ---- drop events ----
+
+/// Every packet an isolated pod's policies deny becomes an event naming the pod (by its
+/// interface), the direction, the 5-tuple and the profile, which the compiler resolves to
+/// the isolating policy; a flood is held to the per-CPU rate, the rest counted suppressed.
+#[test]
+fn drops_become_rate_limited_events_naming_pod_and_policy() {
+    use npm_agent::dataplane::ebpf::events::{EventRate, pinned_event_totals};
+    let Some(mut h) = Harness::new("events") else {
+        return;
+    };
+    h.policy(deny_all_ingress_to_x());
+    h.dp.set_drop_events(EventRate { per_second: 2, burst: 3 }).unwrap();
+    let mut feed = h.dp.drop_feed().expect("the eBPF dataplane has a drop feed");
+    assert!(h.dp.drop_feed().is_none(), "the feed is taken once");
+    let wait = |feed: &mut Box<dyn npm_agent::dataplane::drops::DropFeed>| {
+        let mut all = Vec::new();
+        loop {
+            let got = feed.wait(std::time::Duration::from_millis(200)).unwrap();
+            if got.is_empty() {
+                return all;
+            }
+            all.extend(got);
+        }
+    };
+    wait(&mut feed); // nothing from before
+
+    // Allowed packets make no event; one denied packet makes one.
+    h.run(DIR_EGRESS, &tcp(A, C, 80).bytes(), Reason::NotIsolated);
+    h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Denied);
+    let got = wait(&mut feed);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let n = &got[0];
+    assert_eq!((n.direction, n.reason), (npm_agent::model::Direction::Ingress, "denied"));
+    assert_eq!(n.pod_ip, Some(IpAddr::V4(Ipv4Addr::from(A))));
+    let f = n.flow.expect("the header was read");
+    assert_eq!((f.src, f.dst, f.protocol, f.sport, f.dport), (C.into(), A.into(), 6, 40000, 80));
+    let r = npm_agent::drops::resolve(n, &h.engine);
+    assert_eq!(r.pod.as_deref(), Some("x/a"));
+    assert_eq!(r.peer.as_deref(), Some("y/c"));
+    assert_eq!(r.policies, ["x/deny"]);
+    assert!(
+        r.to_string().contains("x/a ingress dropped (denied) TCP 10.0.1.3:40000 -> 10.0.0.1:80"),
+        "{r}"
+    );
+
+    // A spoofed packet names the pod whose interface sent it, and no profile.
+    h.run_at(
+        DIR_EGRESS,
+        h.veth(B).unwrap(),
+        h.veth(B).unwrap(),
+        &tcp(A, C, 80).bytes(),
+        Reason::Spoofed,
+    );
+    let got = wait(&mut feed);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].reason, got[0].pod_ip, got[0].profile), ("spoofed", Some(B.into()), None));
+
+    // A flood: 20,000 denied packets in one run. Each CPU sends its burst and the rate.
+    let before = pinned_event_totals(&h.pin_root).unwrap();
+    let start = std::time::Instant::now();
+    let (at, from) = h.route(DIR_INGRESS, &tcp(C, A, 80).bytes());
+    testrun::run(&mut h.dp, DIR_INGRESS, at, from, &tcp(C, A, 80).bytes(), 20_000).unwrap();
+    let got = wait(&mut feed);
+    let secs = start.elapsed().as_secs_f64();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bound = cpus * (3.0 + 2.0 * secs + 1.0);
+    assert!(!got.is_empty() && got.len() as f64 <= bound, "{} events, bound {bound}", got.len());
+    let after = pinned_event_totals(&h.pin_root).unwrap();
+    assert_eq!(after.sent - before.sent, got.len() as u64, "every event sent was read");
+    assert_eq!(after.suppressed - before.suppressed, 20_000 - got.len() as u64);
+    assert_eq!(after.lost, 0);
+
+    // Rate 0: no events at all.
+    h.dp.set_drop_events(EventRate { per_second: 0, burst: 3 }).unwrap();
+    h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Denied);
+    assert!(wait(&mut feed).is_empty());
 }

@@ -35,7 +35,7 @@ impl Drop for PinRoot {
 fn open(root: &Path) -> EbpfDataplane {
     EbpfDataplane::open(EbpfConfig {
         pin_root: root.to_path_buf(),
-        log_drops: false,
+        drop_events: Default::default(),
         attach: false,
     })
     .expect("load")

@@ -13,10 +13,12 @@
 
 pub mod conntrack;
 pub mod decide;
+pub mod events;
 pub mod packet;
 
 pub use conntrack::{CtKey, CtValue};
 pub use decide::{Hook, Maps, Verdict, decide};
+pub use events::{DropEvent, RateLimit, drop_event, rate_admit};
 pub use packet::{Flow, Frame, Packet, classify_frame};
 
 // ---- map and program names (the agent pins maps under these names) ----
@@ -31,9 +33,11 @@ pub const MAP_CT: &str = "NPM_CT";
 pub const MAP_FRAGS: &str = "NPM_FRAGS";
 pub const MAP_COUNTERS: &str = "NPM_COUNTERS";
 pub const MAP_CONFIG: &str = "NPM_CONFIG";
+pub const MAP_EVENTS: &str = "NPM_EVENTS";
+pub const MAP_EVENT_RATE: &str = "NPM_EVENT_RATE";
 
 /// Every map, for pinning, reconciliation and cleanup.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_ENDPOINTS,
     MAP_IFACES,
     MAP_IDENTITIES,
@@ -44,6 +48,8 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_FRAGS,
     MAP_COUNTERS,
     MAP_CONFIG,
+    MAP_EVENTS,
+    MAP_EVENT_RATE,
 ];
 
 /// The program on the host side's tc ingress: packets leaving the pod (its egress).
@@ -61,6 +67,9 @@ pub const MAX_POLICY: u32 = 1_048_576;
 pub const MAX_NODE_IPS: u32 = 64;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_FRAGS: u32 = 8192;
+/// Bytes of the drop-event ring buffer (a power of two pages): 6,500 events of 40 bytes
+/// and their headers, far more than the rate limiter lets through between two reads.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 // ---- directions, as the pod sees them ----
 
@@ -250,8 +259,12 @@ pub const COUNTERS: u32 = 2 * REASONS;
 
 // ---- run-time configuration ----
 
-/// Index in the config array: non-zero makes the programs log every drop through aya-log.
-pub const CONFIG_LOG_DROPS: u32 = 0;
+/// Index in the config array: the cost of one drop event in ns of the rate limiter's credit
+/// (10^9 / events a second per CPU); 0: no events. (Index 0 is unused: it was the aya-log
+/// switch of earlier versions.)
+pub const CONFIG_EVENT_COST_NS: u32 = 1;
+/// Index in the config array: how many events a CPU may send at once after a quiet time.
+pub const CONFIG_EVENT_BURST: u32 = 2;
 pub const CONFIG_ENTRIES: u32 = 4;
 
 #[cfg(feature = "user")]
@@ -264,6 +277,8 @@ mod user {
     unsafe impl aya::Pod for super::conntrack::CtValue {}
     unsafe impl aya::Pod for super::conntrack::FragKey {}
     unsafe impl aya::Pod for super::conntrack::FragValue {}
+    unsafe impl aya::Pod for super::events::DropEvent {}
+    unsafe impl aya::Pod for super::events::RateLimit {}
 }
 
 /// Splits the port range `first..=last` into aligned blocks `(start, free_bits)`: each block

@@ -16,16 +16,16 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
-use aya_log_ebpf::info;
 use npm_common::{
-    CONFIG_ENTRIES, CONFIG_LOG_DROPS, COUNTERS, DIR_EGRESS, DIR_INGRESS, EndpointInfo, Frame, Hook,
-    IfaceInfo, MAX_CIDRS, MAX_CT, MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_IFACES,
-    MAX_NODE_IPS, MAX_POLICY, Maps, PolicyKeyData, Reason, classify_frame,
+    CONFIG_ENTRIES, CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, COUNTERS, DIR_EGRESS, DIR_INGRESS,
+    DropEvent, EVENTS_RING_BYTES, EndpointInfo, Frame, Hook, IfaceInfo, MAX_CIDRS, MAX_CT,
+    MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_IFACES, MAX_NODE_IPS, MAX_POLICY, Maps,
+    PolicyKeyData, RateLimit, Reason, Verdict, classify_frame,
     conntrack::{CtKey, CtValue, FragKey, FragValue},
-    counter_index, decide,
+    counter_index, decide, drop_event, rate_admit,
 };
 
 #[map]
@@ -48,6 +48,10 @@ static NPM_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(MAX_FRAGS,
 static NPM_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
 #[map]
 static NPM_CONFIG: Array<u32> = Array::pinned(CONFIG_ENTRIES, 0);
+#[map]
+static NPM_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+#[map]
+static NPM_EVENT_RATE: PerCpuArray<RateLimit> = PerCpuArray::pinned(1, 0);
 
 /// The skb, as `npm_common` reads frames.
 struct Skb<'a>(&'a TcContext);
@@ -141,22 +145,31 @@ fn run(ctx: &TcContext, dir: u8) -> i32 {
     if verdict.allowed() {
         return TC_ACT_UNSPEC; // no objection: the next program, or the stack, decides
     }
-    if let Some(flow) = verdict.flow
-        && NPM_CONFIG.get(CONFIG_LOG_DROPS).is_some_and(|v| *v != 0)
-    {
-        info!(
-            ctx,
-            "npm drop {} reason={} {:i}:{} -> {:i}:{} proto={}",
-            if dir == DIR_EGRESS { "egress" } else { "ingress" },
-            verdict.reason as u32,
-            u32::from_be_bytes(flow.src),
-            flow.sport,
-            u32::from_be_bytes(flow.dst),
-            flow.dport,
-            flow.protocol
-        );
-    }
+    report(&hook, &verdict);
     TC_ACT_SHOT
+}
+
+/// Sends the drop's event to the agent, if the CPU's rate limiter lets it through.
+#[inline(always)]
+fn report(hook: &Hook, verdict: &Verdict) {
+    let cost = NPM_CONFIG.get(CONFIG_EVENT_COST_NS).copied().unwrap_or(0);
+    if cost == 0 {
+        return;
+    }
+    let burst = NPM_CONFIG.get(CONFIG_EVENT_BURST).copied().unwrap_or(1);
+    let Some(limit) = NPM_EVENT_RATE.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU slot from a successful lookup; only this CPU touches it while the
+    // program runs (tc programs are not preempted by one another on a CPU).
+    let limit = unsafe { &mut *limit };
+    if !rate_admit(limit, hook.now, u64::from(cost), u64::from(burst)) {
+        return;
+    }
+    let event: DropEvent = drop_event(&Kernel, hook, verdict);
+    if NPM_EVENTS.output::<DropEvent>(&event, 0).is_ok() {
+        limit.emitted += 1;
+    } else {
+        limit.lost += 1;
+    }
 }
 
 #[inline(always)]

@@ -12,7 +12,11 @@
 //! node-name: node-1                  # default: $NODE_NAME, then the hostname
 //! metrics-addr: 0.0.0.0:10091
 //! pin-root: /sys/fs/bpf/npm-rs
-//! log-drops: false
+//! log-drops: false                  # log every drop event the dataplane reports
+//! drop-events-rate: 10               # drop events per second per CPU (0: none)
+//! drop-events-burst: 20              # … and at once after a quiet time
+//! drops-socket: /run/npm/drops.sock  # where `npm-agent drops` reads them
+//! drop-metrics-pod-labels: false     # npm_drop_events_total by pod (cardinality!)
 //! status-file: /run/npm/status.json
 //! advanced-metrics: true             # npm_ipset_counts (false: not exported)
 //! log-level: info                    # an EnvFilter directive; default: $RUST_LOG, then info
@@ -29,6 +33,8 @@ use crate::dataplane::ebpf::DEFAULT_PIN_ROOT;
 use crate::source::SourceSpec;
 
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10091";
+/// Where `npm-agent drops` finds the agent's drop events.
+pub const DEFAULT_DROPS_SOCKET: &str = "/run/npm/drops.sock";
 
 /// Which dataplane enforces the plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -91,10 +97,33 @@ pub struct Settings {
     #[serde(default, alias = "pinRoot")]
     pub pin_root: Option<PathBuf>,
 
-    /// Log every dropped packet. [default: false]
+    /// Log every drop event (see --drop-events-rate). [default: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     #[serde(default, alias = "logDrops")]
     pub log_drops: Option<bool>,
+
+    /// Drop events the eBPF programs may send, per second and CPU: the rest are counted as
+    /// suppressed, not reported (0: none). [default: 10]
+    #[arg(long, value_name = "N")]
+    #[serde(default, alias = "dropEventsRate")]
+    pub drop_events_rate: Option<u32>,
+
+    /// Drop events a CPU may send at once after a quiet time. [default: 20]
+    #[arg(long, value_name = "N")]
+    #[serde(default, alias = "dropEventsBurst")]
+    pub drop_events_burst: Option<u32>,
+
+    /// The local socket `npm-agent drops` reads drop events from (inside the agent's pod;
+    /// nothing is served on the network). [default: /run/npm/drops.sock]
+    #[arg(long, value_name = "PATH")]
+    #[serde(default, alias = "dropsSocket")]
+    pub drops_socket: Option<PathBuf>,
+
+    /// Count drop events by namespace and pod in `npm_drop_events_total` (one series per
+    /// pod that drops: mind the cardinality). [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(default, alias = "dropMetricsPodLabels")]
+    pub drop_metrics_pod_labels: Option<bool>,
 
     /// After each applied batch, write the agent's status as JSON to this file (atomically).
     #[arg(long)]
@@ -134,6 +163,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub pin_root: PathBuf,
     pub log_drops: bool,
+    pub drop_events: crate::agent::drops::DropEventConfig,
     pub status_file: Option<PathBuf>,
     pub advanced_metrics: bool,
     /// `None`: RUST_LOG, then `info`.
@@ -205,6 +235,10 @@ impl Settings {
             metrics_addr: over.metrics_addr.or(self.metrics_addr),
             pin_root: over.pin_root.or(self.pin_root),
             log_drops: over.log_drops.or(self.log_drops),
+            drop_events_rate: over.drop_events_rate.or(self.drop_events_rate),
+            drop_events_burst: over.drop_events_burst.or(self.drop_events_burst),
+            drops_socket: over.drops_socket.or(self.drops_socket),
+            drop_metrics_pod_labels: over.drop_metrics_pod_labels.or(self.drop_metrics_pod_labels),
             status_file: over.status_file.or(self.status_file),
             advanced_metrics: over.advanced_metrics.or(self.advanced_metrics),
             log_level: over.log_level.or(self.log_level),
@@ -228,6 +262,12 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             pin_root: self.pin_root.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
             log_drops: self.log_drops.unwrap_or(false),
+            drop_events: crate::agent::drops::DropEventConfig {
+                per_second: self.drop_events_rate.unwrap_or(10),
+                burst: self.drop_events_burst.unwrap_or(20),
+                socket: self.drops_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_DROPS_SOCKET)),
+                pod_labels: self.drop_metrics_pod_labels.unwrap_or(false),
+            },
             status_file: self.status_file,
             advanced_metrics: self.advanced_metrics.unwrap_or(true),
             log_level: self.log_level,

@@ -12,6 +12,7 @@
 
 pub mod azure_config;
 pub mod config;
+pub mod drops;
 pub mod run;
 pub mod status;
 
@@ -63,7 +64,10 @@ mod platform {
         let ebpf = || {
             EbpfDataplane::open(EbpfConfig {
                 pin_root: config.pin_root.clone(),
-                log_drops: config.log_drops,
+                drop_events: ebpf::events::EventRate {
+                    per_second: config.drop_events.per_second,
+                    burst: config.drop_events.burst,
+                },
                 attach: true,
             })
         };
@@ -232,16 +236,31 @@ pub fn build(config: &Config) -> anyhow::Result<Agent> {
     let (kind, dataplane) = open_dataplane(config)?;
     tracing::info!(dataplane = dataplane.name(), "dataplane open");
     let metrics = Arc::new(Metrics::new(metrics_options(config, dataplane.as_ref())));
-    let agent = Agent::with_metrics(
+    let mut agent = Agent::with_metrics(
         &config.node_name,
         source,
         dataplane,
         config.status_file.clone(),
         metrics,
     );
+    if let Some(hub) = agent.take_drop_events(config.log_drops) {
+        serve_drops(config, hub);
+    }
     cleanup_other_dataplane_when_ready(config, kind, agent.handles());
     Ok(agent)
 }
+
+/// Serves drop events to `npm-agent drops` on the configured socket.
+#[cfg(unix)]
+fn serve_drops(config: &Config, hub: Arc<crate::drops::Hub>) {
+    match crate::drops::server::serve(&config.drop_events.socket, hub) {
+        Ok(path) => tracing::info!(socket = %path.display(), "serving drop events"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "not serving drop events"),
+    }
+}
+
+#[cfg(not(unix))]
+fn serve_drops(_config: &Config, _hub: Arc<crate::drops::Hub>) {}
 
 /// The metrics of a dataplane: its figures are read from the kernel at scrape time by its
 /// observer (the pinned maps of the eBPF dataplane; iptables-save and ipset for iptables).
@@ -250,6 +269,7 @@ pub fn metrics_options(config: &Config, dataplane: &dyn Dataplane) -> MetricsOpt
         dataplane: dataplane.name().to_string(),
         advanced: config.advanced_metrics,
         observer: dataplane.observer(),
+        drop_pod_labels: config.drop_events.pod_labels,
     }
 }
 

@@ -102,6 +102,8 @@ pub struct Agent {
     conflicts: BTreeMap<IpAddr, Conflict>,
     /// What is not enforced yet (IPv6): by object, the problem reported for it.
     unenforced: BTreeMap<String, String>,
+    /// The dataplane's drop events, once taken (see [`Agent::take_drop_events`]).
+    drops: Option<super::drops::DropPipe>,
 }
 
 impl Agent {
@@ -148,6 +150,7 @@ impl Agent {
             last_source_error: None,
             conflicts: BTreeMap::new(),
             unenforced: BTreeMap::new(),
+            drops: None,
         }
     }
 
@@ -167,6 +170,7 @@ impl Agent {
                 next_tick = now + TICK;
                 self.tick();
             }
+            self.handle_drops();
             let wait = next_tick.saturating_duration_since(Instant::now()).min(MAX_WAIT);
             match self.source.next_batch(wait) {
                 Ok(Some(batch)) => {
@@ -183,8 +187,32 @@ impl Agent {
                 }
             }
         }
+        self.handle_drops();
         tracing::info!("stopping; enforcement stays in place");
         Ok(())
+    }
+
+    /// Starts reading the dataplane's drop events (if it has any), to be named by this
+    /// agent's compiler, counted, logged (`log`) and published to the returned hub.
+    pub fn take_drop_events(&mut self, log: bool) -> Option<Arc<crate::drops::Hub>> {
+        let feed = self.dataplane.drop_feed()?;
+        let hub = crate::drops::Hub::new();
+        self.drops = Some(super::drops::spawn_reader(feed, hub.clone(), log));
+        Some(hub)
+    }
+
+    /// Names, counts and publishes the drop events read since the last call.
+    fn handle_drops(&mut self) {
+        let Some(pipe) = &self.drops else { return };
+        while let Ok(n) = pipe.rx.try_recv() {
+            let r = crate::drops::resolve(&n, &self.engine);
+            let pod = r.pod_key.as_ref().map(|k| (k.namespace.as_str(), k.name.as_str()));
+            self.handles.metrics.count_drop_event(&r.direction, &r.reason, pod);
+            if pipe.log {
+                tracing::info!("{r}");
+            }
+            pipe.hub.publish(r);
+        }
     }
 
     /// Handles one batch: every event through the engine, and through the dataplane when it

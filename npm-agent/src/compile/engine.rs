@@ -150,6 +150,14 @@ impl EndpointEntry {
     }
 }
 
+/// Where a profile comes from (see [`Engine::profile_origin`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileOrigin {
+    pub direction: Direction,
+    pub policies: Vec<ObjectKey>,
+    pub quarantined: bool,
+}
+
 /// What makes endpoint directions share one profile (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ProfileKey {
@@ -516,6 +524,33 @@ impl Engine {
             plan.endpoints.insert(ep.ip, p);
         }
         plan
+    }
+
+    /// The pods claiming an address, in key order (nearly always one): who a dropped packet's
+    /// address names.
+    pub fn pods_at(&self, ip: &IpAddr) -> &[ObjectKey] {
+        self.idx.claims.get(ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// The local endpoint at an address: the pod whose interface carries it on this node.
+    pub fn endpoint_at(&self, ip: &IpAddr) -> Option<&ObjectKey> {
+        self.out.endpoint_at.get(ip)
+    }
+
+    /// What a profile enforces: the policies whose union it is (those still known), its
+    /// direction, and whether it is a quarantine (an address several local pods claim,
+    /// admitting nothing). `None` for a profile no longer in the plan.
+    pub fn profile_origin(&self, id: ProfileId) -> Option<ProfileOrigin> {
+        let key = &self.out.profiles.get(&id)?.key;
+        Some(ProfileOrigin {
+            direction: key.direction,
+            policies: key
+                .policies
+                .iter()
+                .filter_map(|p| self.idx.policies.get(p).map(|e| e.policy.key.clone()))
+                .collect(),
+            quarantined: key.quarantined,
+        })
     }
 
     /// Sizes of the compiler's state, for metrics and benchmarks.

@@ -20,7 +20,7 @@ use crate::model::{
 use crate::plan::{Conflict, PeerSelector, PortMatch};
 use crate::state::Claim;
 
-pub use engine::{DORMANT_SELECTORS, Engine};
+pub use engine::{DORMANT_SELECTORS, Engine, ProfileOrigin};
 pub use full::compile;
 
 /// Which pods are local endpoints of the plan being built.

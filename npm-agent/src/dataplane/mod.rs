@@ -3,6 +3,7 @@
 //! where they cannot, the Windows HNS translation, and an in-memory one for tests.
 
 pub mod azure;
+pub mod drops;
 pub mod ebpf;
 pub mod hns;
 #[cfg(target_os = "linux")]
@@ -11,6 +12,7 @@ pub mod iptables;
 pub mod observe;
 
 use crate::plan::{Change, Plan, PlanDiff};
+use drops::DropFeed;
 use observe::Observer;
 
 /// A failure to program the dataplane. Enforcement of what was already applied goes on.
@@ -55,6 +57,11 @@ pub trait Dataplane {
     /// What reads this dataplane's figures from the kernel for the metrics (at scrape time,
     /// from another thread); `None` when it has none (the metrics then count the plan).
     fn observer(&self) -> Option<Box<dyn Observer>> {
+        None
+    }
+    /// The stream of drop events, taken once (by the agent's reader thread); `None` when the
+    /// dataplane has none.
+    fn drop_feed(&mut self) -> Option<Box<dyn DropFeed>> {
         None
     }
 }

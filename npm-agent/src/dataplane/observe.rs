@@ -32,6 +32,15 @@ pub struct PacketFigure {
     pub packets: u64,
 }
 
+/// Drop events the dataplane's rate limiter let through (`sent`), kept back (`suppressed`)
+/// and lost (`lost`: let through, but the agent was not reading).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEventCounts {
+    pub sent: u64,
+    pub suppressed: u64,
+    pub lost: u64,
+}
+
 /// What the kernel holds now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Figures {
@@ -40,6 +49,7 @@ pub struct Figures {
     pub maps: Vec<MapFigure>,
     pub conntrack_entries: Option<u64>,
     pub counts: Option<Counts>,
+    pub drop_events: Option<DropEventCounts>,
 }
 
 /// Reads a dataplane's figures from the kernel.

@@ -130,6 +130,8 @@ impl NodeCollector {
             desc(MAP_ENTRIES, MAP_ENTRIES_HELP, &["map"]),
             desc(MAP_MAX_ENTRIES, MAP_MAX_ENTRIES_HELP, &["map"]),
             desc(CONNTRACK_ENTRIES, CONNTRACK_ENTRIES_HELP, &[]),
+            desc(DROP_EVENTS_SUPPRESSED, DROP_EVENTS_SUPPRESSED_HELP, &[]),
+            desc(DROP_EVENTS_LOST, DROP_EVENTS_LOST_HELP, &[]),
         ];
         Self { cache, descs }
     }
@@ -184,6 +186,19 @@ impl Collector for NodeCollector {
                 MetricType::GAUGE,
                 vec![gauge(Vec::new(), ct as f64)],
             ));
+        }
+        if let Some(e) = f.drop_events {
+            for (name, help, v) in [
+                (DROP_EVENTS_SUPPRESSED, DROP_EVENTS_SUPPRESSED_HELP, e.suppressed),
+                (DROP_EVENTS_LOST, DROP_EVENTS_LOST_HELP, e.lost),
+            ] {
+                out.push(family(
+                    name,
+                    help,
+                    MetricType::COUNTER,
+                    vec![counter(Vec::new(), v as f64)],
+                ));
+            }
         }
         out
     }

@@ -87,6 +87,14 @@ pub const APPLY_FAILURES: &str = "npm_dataplane_apply_failures_total";
 pub const APPLY_FAILURES_HELP: &str = "Failures to program the dataplane, by dataplane and operation (apply: an event's changes, reconcile: the whole plan, attach: the programs to a pod's interface)";
 pub const DATAPLANE_INFO: &str = "npm_dataplane_info";
 pub const DATAPLANE_INFO_HELP: &str = "The dataplane this agent programs (always 1)";
+pub const DROP_EVENTS: &str = "npm_drop_events_total";
+pub const DROP_EVENTS_HELP: &str = "Drop events the agent received from the dataplane (as many as its rate limiter lets through; npm_packets_dropped_total counts every drop), by direction and reason, and with --drop-metrics-pod-labels by namespace and pod";
+pub const DROP_EVENTS_SUPPRESSED: &str = "npm_drop_events_suppressed_total";
+pub const DROP_EVENTS_SUPPRESSED_HELP: &str =
+    "Drops the dataplane's rate limiter kept from becoming drop events (--drop-events-rate)";
+pub const DROP_EVENTS_LOST: &str = "npm_drop_events_lost_total";
+pub const DROP_EVENTS_LOST_HELP: &str =
+    "Drop events lost because the ring buffer was full (the agent was not reading)";
 pub const ADDRESS_CONFLICTS: &str = "npm_pod_address_conflicts";
 pub const ADDRESS_CONFLICTS_HELP: &str = "Pod addresses claimed by more than one pod, which this node cannot tell apart (they fail closed)";
 
@@ -105,11 +113,13 @@ pub struct MetricsOptions {
     /// Where the kernel's figures come from; `None`: the counts come from the compiled plan
     /// (the in-memory dataplane of tests) and there are no packet or map figures.
     pub observer: Option<Box<dyn Observer>>,
+    /// Count drop events by namespace and pod too (a series per pod that drops).
+    pub drop_pod_labels: bool,
 }
 
 impl Default for MetricsOptions {
     fn default() -> Self {
-        Self { dataplane: "memory".into(), advanced: false, observer: None }
+        Self { dataplane: "memory".into(), advanced: false, observer: None, drop_pod_labels: false }
     }
 }
 
@@ -141,6 +151,8 @@ pub struct Metrics {
     num_policies: IntGauge,
     pods_watched: IntGauge,
     address_conflicts: IntGauge,
+    drop_events: IntCounterVec,
+    drop_pod_labels: bool,
     state: Arc<Mutex<StateCounts>>,
     started: Instant,
     heartbeat_ms: AtomicU64,
@@ -221,6 +233,14 @@ impl Metrics {
         let address_conflicts =
             IntGauge::new(ADDRESS_CONFLICTS, ADDRESS_CONFLICTS_HELP).expect("valid gauge");
         node.register(Box::new(address_conflicts.clone())).expect("unique metric");
+        let drop_labels: &[&str] = if opts.drop_pod_labels {
+            &["direction", "reason", "namespace", "pod"]
+        } else {
+            &["direction", "reason"]
+        };
+        let drop_events = IntCounterVec::new(Opts::new(DROP_EVENTS, DROP_EVENTS_HELP), drop_labels)
+            .expect("valid counter");
+        node.register(Box::new(drop_events.clone())).expect("unique metric");
 
         let num_policies = IntGauge::new(NUM_POLICIES, NUM_POLICIES_HELP).expect("valid gauge");
         let pods_watched = IntGauge::new(PODS_WATCHED, PODS_WATCHED_HELP).expect("valid gauge");
@@ -253,6 +273,8 @@ impl Metrics {
             apply_failures,
             num_policies,
             address_conflicts,
+            drop_events,
+            drop_pod_labels: opts.drop_pod_labels,
             pods_watched,
             state,
             started: Instant::now(),
@@ -305,7 +327,17 @@ impl Metrics {
         self.apply_failures.with_label_values(&[self.dataplane.as_str(), operation]).inc();
     }
 
-    /// The counts that come from the agent's state.
+    /// Counts a drop event (`pod`: namespace and name, when known; a label only if the user
+    /// opted in).
+    pub fn count_drop_event(&self, direction: &str, reason: &str, pod: Option<(&str, &str)>) {
+        if self.drop_pod_labels {
+            let (ns, name) = pod.unwrap_or(("", ""));
+            self.drop_events.with_label_values(&[direction, reason, ns, name]).inc();
+        } else {
+            self.drop_events.with_label_values(&[direction, reason]).inc();
+        }
+    }
+
     /// How many addresses several pods claim (see `state::Claim`).
     pub fn set_address_conflicts(&self, n: usize) {
         self.address_conflicts.set(n as i64);

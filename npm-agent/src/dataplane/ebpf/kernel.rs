@@ -26,12 +26,14 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
-    CONFIG_LOG_DROPS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_CT, MAP_ENDPOINTS, MAP_FRAGS, MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY,
-    PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, Reason, counter_index,
+    CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGS, MAP_IDENTITIES,
+    MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, Reason,
+    counter_index,
 };
 
 use super::emulator::MapEmulator;
+use super::events::{EventRate, RingFeed};
 use super::observe::{EbpfObserver, PacketCounters};
 use super::translate::{Encoded, MapOp, MapTranslator};
 use crate::dataplane::azure::AzureSets;
@@ -52,15 +54,19 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub struct EbpfConfig {
     /// Where maps and links are pinned; distinct per agent on one machine.
     pub pin_root: PathBuf,
-    /// Log every dropped packet (through aya-log, into the agent's log).
-    pub log_drops: bool,
+    /// How many drop events the programs send (per CPU).
+    pub drop_events: EventRate,
     /// Attach programs to pod interfaces. Off only for packet tests (`TestRun`).
     pub attach: bool,
 }
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        Self { pin_root: PathBuf::from(DEFAULT_PIN_ROOT), log_drops: false, attach: true }
+        Self {
+            pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
+            drop_events: EventRate::DEFAULT,
+            attach: true,
+        }
     }
 }
 
@@ -101,6 +107,8 @@ pub struct EbpfDataplane {
     /// Azure NPM's sets of the plan's layout, for the observer: the maps hold no such sets,
     /// but Azure NPM's metrics count them (the same in iptables mode).
     azure_sets: Arc<Mutex<AzureSets>>,
+    /// The drop-event ring buffer, until the agent's reader takes it.
+    events: Option<aya::maps::RingBuf<MapData>>,
 }
 
 /// How often [`EbpfDataplane::tick`] sweeps dead connection-tracking entries.
@@ -141,9 +149,6 @@ impl EbpfDataplane {
                 reason: format!("verifying {name}: {e}"),
             })?;
         }
-        if let Ok(logger) = aya_log::EbpfLogger::init(&mut ebpf) {
-            forward_logs(logger);
-        }
         let mut take = |name: &str| {
             ebpf.take_map(name).ok_or_else(|| err("opening maps", format!("map {name} missing")))
         };
@@ -158,6 +163,7 @@ impl EbpfDataplane {
             counters: take(MAP_COUNTERS)?.try_into().map_err(|e| err(MAP_COUNTERS, e))?,
             config: take(MAP_CONFIG)?.try_into().map_err(|e| err(MAP_CONFIG, e))?,
         };
+        let events = take(MAP_EVENTS)?.try_into().map_err(|e| err(MAP_EVENTS, e))?;
         let mut dp = Self {
             config,
             ebpf,
@@ -166,8 +172,9 @@ impl EbpfDataplane {
             attachments: HashMap::new(),
             last_sweep: Instant::now(),
             azure_sets: Arc::default(),
+            events: Some(events),
         };
-        dp.set_log_drops(dp.config.log_drops)?;
+        dp.set_drop_events(dp.config.drop_events)?;
         Ok(dp)
     }
 
@@ -175,9 +182,11 @@ impl EbpfDataplane {
         &self.config.pin_root
     }
 
-    /// Turns logging of dropped packets on or off at run time.
-    pub fn set_log_drops(&mut self, on: bool) -> Result<(), DataplaneError> {
-        self.maps.config.set(CONFIG_LOG_DROPS, u32::from(on), 0).map_err(|e| err("config", e))
+    /// Sets how many drop events the programs send, at run time.
+    pub fn set_drop_events(&mut self, rate: EventRate) -> Result<(), DataplaneError> {
+        let (cost, burst) = rate.config();
+        self.maps.config.set(CONFIG_EVENT_BURST, burst, 0).map_err(|e| err("config", e))?;
+        self.maps.config.set(CONFIG_EVENT_COST_NS, cost, 0).map_err(|e| err("config", e))
     }
 
     /// One of the two programs (for `TestRun` packet tests and benchmarks).
@@ -624,6 +633,11 @@ impl Dataplane for EbpfDataplane {
         Some(Box::new(EbpfObserver::new(&self.config.pin_root, self.azure_sets.clone())))
     }
 
+    fn drop_feed(&mut self) -> Option<Box<dyn crate::dataplane::drops::DropFeed>> {
+        let ring = self.events.take()?;
+        Some(Box::new(RingFeed::new(ring)))
+    }
+
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         // Start from an empty encoding and write the whole plan over whatever is pinned:
         // entries first, then each endpoint's final isolation, then attachments, and only
@@ -756,26 +770,6 @@ fn ensure_bpffs() -> Result<(), DataplaneError> {
         });
     }
     Ok(())
-}
-
-/// Forwards the programs' aya-log records into the agent's log, on a thread of its own.
-fn forward_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    use std::os::fd::AsRawFd;
-    std::thread::Builder::new()
-        .name("ebpf-log".into())
-        .spawn(move || {
-            loop {
-                let mut pfd =
-                    libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd.
-                let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
-                if rc < 0 {
-                    return;
-                }
-                logger.flush();
-            }
-        })
-        .ok();
 }
 
 /// What [`cleanup`] removed.

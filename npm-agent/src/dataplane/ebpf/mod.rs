@@ -3,6 +3,7 @@
 //! the maps on the host; the kernel side loads, pins and attaches.
 
 pub mod emulator;
+pub mod events;
 #[cfg(target_os = "linux")]
 pub mod kernel;
 #[cfg(target_os = "linux")]

@@ -137,6 +137,8 @@ impl Observer for EbpfObserver {
         let ct = hash_map!(MAP_CT, CtKey, CtValue);
         hash_map!(MAP_FRAGS, FragKey, FragValue);
         f.conntrack_entries = Some(ct);
+        // An older agent's pins have no limiter: no figures, rather than no metrics at all.
+        f.drop_events = super::events::pinned_event_totals(&self.pin_root).ok();
 
         let sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
         f.counts = Some(sets.counts(rules, per_set));
