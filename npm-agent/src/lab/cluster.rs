@@ -136,6 +136,16 @@ impl LabCluster {
         PathBuf::from("/sys/fs/bpf").join(format!("{}-n{node}", self.lab().prefix()))
     }
 
+    /// The process id of a node's agent (for measuring its CPU time).
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.agents().iter().find(|a| a.node == node).map(|a| a.child.id())
+    }
+
+    /// The socket `npm-agent drops` reads a node's drop events from.
+    pub fn drops_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("drops-{node}.sock"))
+    }
+
     fn spawn_agent(&self, i: usize) -> Result<Agent> {
         let status_file = self.dir.join(format!("status-{i}.json"));
         let log_file = self.dir.join(format!("agent-{i}.log"));
@@ -153,6 +163,8 @@ impl LabCluster {
             .arg(&pin_root)
             .arg("--status-file")
             .arg(&status_file)
+            .arg("--drops-socket")
+            .arg(self.drops_socket(i))
             .args(["--metrics-addr", "127.0.0.1:10091"])
             .args(&self.opts.agent_args)
             .envs(self.opts.agent_env.iter().map(|(k, v)| (k, v)))

@@ -415,6 +415,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn drop_events_are_counted_by_pod_only_when_asked() {
+        let plain = Metrics::new(MetricsOptions::default());
+        plain.count_drop_event("ingress", "denied", Some(("x", "a")));
+        plain.count_drop_event("ingress", "denied", None);
+        let text = plain.render_node();
+        assert!(
+            text.contains("npm_drop_events_total{direction=\"ingress\",reason=\"denied\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("pod=\""), "{text}");
+        let by_pod =
+            Metrics::new(MetricsOptions { drop_pod_labels: true, ..MetricsOptions::default() });
+        by_pod.count_drop_event("egress", "spoofed", Some(("x", "a")));
+        let text = by_pod.render_node();
+        assert!(
+            text.contains(
+                "npm_drop_events_total{direction=\"egress\",namespace=\"x\",pod=\"a\",reason=\"spoofed\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn events_go_to_azure_npm_summaries() {
         let m = Metrics::new(MetricsOptions::default());
         m.observe_event("policy", "create", Duration::from_millis(3), false);
