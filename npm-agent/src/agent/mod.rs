@@ -243,9 +243,13 @@ pub fn build(config: &Config) -> anyhow::Result<Agent> {
         config.status_file.clone(),
         metrics,
     );
-    if let Some(hub) = agent.take_drop_events(config.log_drops) {
-        serve_drops(config, hub);
-    }
+    let hub = agent.take_drop_events(config.log_drops).unwrap_or_else(|| {
+        crate::drops::Hub::unavailable(format!(
+            "the {} dataplane reports no drop events (the eBPF dataplane does); npm_packets_dropped_total counts its drops, `iptables-save -c` shows which rules dropped them",
+            kind
+        ))
+    });
+    serve_drops(config, hub);
     cleanup_other_dataplane_when_ready(config, kind, agent.handles());
     Ok(agent)
 }

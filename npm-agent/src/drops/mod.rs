@@ -160,6 +160,8 @@ pub const RECENT: usize = 1024;
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<HubInner>,
+    /// Why this agent has no drop events (its dataplane reports none), told to readers.
+    unavailable: Option<String>,
 }
 
 #[derive(Default)]
@@ -171,6 +173,15 @@ struct HubInner {
 impl Hub {
     pub fn new() -> Arc<Hub> {
         Arc::default()
+    }
+
+    /// A hub of an agent whose dataplane reports no drop events, saying why.
+    pub fn unavailable(why: impl Into<String>) -> Arc<Hub> {
+        Arc::new(Hub { unavailable: Some(why.into()), ..Hub::default() })
+    }
+
+    pub fn why_unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     /// Keeps an event and hands it to every follower whose filter takes it. A follower that

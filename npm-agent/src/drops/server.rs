@@ -88,6 +88,11 @@ fn answer(stream: UnixStream, hub: &Hub) -> Result<()> {
             return Ok(());
         }
     };
+    if let Some(why) = hub.why_unavailable() {
+        let msg = serde_json::json!({ "error": why });
+        (&stream).write_all(format!("{msg}\n").as_bytes())?;
+        return Ok(());
+    }
     let (recent, rx) = hub.open(&req.filter, req.recent, req.follow);
     let mut out = std::io::BufWriter::new(&stream);
     for r in recent {
@@ -106,5 +111,103 @@ fn answer(stream: UnixStream, hub: &Hub) -> Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
         out.flush()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drops::{DropRecord, client};
+    use crate::model::ObjectKey;
+
+    fn record(ns: &str, name: &str, dport: u16) -> DropRecord {
+        DropRecord {
+            time: "t".into(),
+            direction: "egress".into(),
+            reason: "denied".into(),
+            pod: Some(format!("{ns}/{name}")),
+            pod_key: Some(ObjectKey::new(ns, name)),
+            protocol: Some("UDP".into()),
+            src: None,
+            sport: None,
+            dst: None,
+            dport: Some(dport),
+            peer: None,
+            policies: vec![],
+            quarantined: false,
+        }
+    }
+
+    fn socket(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("npm-drops-{}-{tag}.sock", std::process::id()))
+    }
+
+    #[test]
+    fn readers_get_the_latest_then_follow_through_the_socket() {
+        let hub = Hub::new();
+        let path = socket("follow");
+        serve(&path, hub.clone()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "root's alone"
+        );
+        hub.publish(record("x", "a", 1));
+        hub.publish(record("y", "b", 2));
+        let req = |follow| Request {
+            filter: Filter { namespace: Some("x".into()), pod: None },
+            recent: 10,
+            follow,
+        };
+        let mut got = Vec::new();
+        client::read(&path, &req(false), |r| {
+            got.push(r.dport);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, [Some(1)]);
+        // Following: the latest, then new ones as they come, until the reader stops.
+        let (path2, hub2) = (path.clone(), hub.clone());
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            client::read(&path2, &req(true), |r| {
+                got.push(r.dport);
+                got.len() < 3
+            })
+            .unwrap();
+            got
+        });
+        while hub2.followers() == 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        hub.publish(record("y", "c", 3));
+        hub.publish(record("x", "d", 4));
+        hub.publish(record("x", "e", 5));
+        assert_eq!(reader.join().unwrap(), [Some(1), Some(4), Some(5)]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn an_agent_without_drop_events_says_why() {
+        let path = socket("none");
+        serve(&path, Hub::unavailable("the iptables dataplane reports no drop events")).unwrap();
+        let e = client::read(&path, &Request::default(), |_| true).unwrap_err();
+        assert!(format!("{e:#}").contains("iptables dataplane reports no drop events"), "{e:#}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_bad_request_is_answered_not_fatal() {
+        let hub = Hub::new();
+        let path = socket("bad");
+        serve(&path, hub).unwrap();
+        let s = UnixStream::connect(&path).unwrap();
+        (&s).write_all(b"{\"follow\": 7}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains("bad request"), "{line}");
+        // The server still answers.
+        client::read(&path, &Request::default(), |_| true).unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 }
