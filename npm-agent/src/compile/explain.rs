@@ -280,17 +280,39 @@ pub fn explain(
     protocol: Protocol,
     port: u16,
 ) -> Explanation {
-    let conn = Connection { src, dst, protocol, port };
-    let mut plans = BTreeMap::new();
-    let egress = side(state, Direction::Egress, &conn, &mut plans);
-    let ingress = side(state, Direction::Ingress, &conn, &mut plans);
-    Explanation {
-        src,
-        dst,
-        protocol,
-        port,
-        allowed: egress.allowed && ingress.allowed,
-        egress,
-        ingress,
+    Explainer::new(state).explain(src, dst, protocol, port)
+}
+
+/// Explains many connections of one cluster state, compiling each node's plan once (a
+/// report's matrix asks for every pair of pods).
+pub struct Explainer<'a> {
+    state: &'a ClusterState,
+    plans: BTreeMap<Option<String>, Plan>,
+}
+
+impl<'a> Explainer<'a> {
+    pub fn new(state: &'a ClusterState) -> Self {
+        Self { state, plans: BTreeMap::new() }
+    }
+
+    pub fn explain(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Explanation {
+        let conn = Connection { src, dst, protocol, port };
+        let egress = side(self.state, Direction::Egress, &conn, &mut self.plans);
+        let ingress = side(self.state, Direction::Ingress, &conn, &mut self.plans);
+        Explanation {
+            src,
+            dst,
+            protocol,
+            port,
+            allowed: egress.allowed && ingress.allowed,
+            egress,
+            ingress,
+        }
     }
 }

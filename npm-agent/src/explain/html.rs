@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::compile::explain::{Explanation, explain};
+use crate::compile::explain::{Explainer, Explanation};
 use crate::model::{ObjectKey, Protocol};
 use crate::state::ClusterState;
 
@@ -143,10 +143,11 @@ pub fn render(title: &str, sections: &[Section]) -> String {
     let mut drawn = Vec::new();
     for (si, s) in sections.iter().enumerate() {
         let (pods, total) = pods(s.state);
+        let mut explainer = Explainer::new(s.state);
         for (pi, probe) in s.probes.iter().enumerate() {
             for (_, src) in &pods {
                 for (_, dst) in &pods {
-                    explanations.push(explain(s.state, *src, *dst, probe.protocol, probe.port));
+                    explanations.push(explainer.explain(*src, *dst, probe.protocol, probe.port));
                 }
             }
             drawn.push(Drawn { section: si, probe: pi, pods: pods.clone(), total });
