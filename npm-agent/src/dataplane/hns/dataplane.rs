@@ -133,13 +133,20 @@ impl<H: Hcn> HnsDataplane<H> {
     }
 
     /// Writes an endpoint's ACLs (the whole list, its other policies kept). `Ok(false)`:
-    /// HCN has no endpoint with this address.
-    fn write_acls(&mut self, ip: IpAddr, acls: &[Value]) -> Result<bool, DataplaneError> {
+    /// HCN has no endpoint with this address. `listed`: the endpoints were listed in this sync already (a list per sync is enough:
+    /// a pod's endpoint the CNI makes later is written on a later tick).
+    fn write_acls(
+        &mut self,
+        ip: IpAddr,
+        acls: &[Value],
+        listed: &mut bool,
+    ) -> Result<bool, DataplaneError> {
         let mut doc = None;
         if let Some(id) = self.endpoints.get(&ip).cloned() {
             doc = self.hcn.query_endpoint(&id).ok();
         }
-        if doc.is_none() {
+        if doc.is_none() && !*listed {
+            *listed = true;
             self.list_endpoints().map_err(|e| apply_error("listing endpoints", e))?;
             if let Some(id) = self.endpoints.get(&ip).cloned() {
                 doc = Some(
@@ -212,13 +219,14 @@ impl<H: Hcn> HnsDataplane<H> {
         // 2. Endpoints whose ACLs differ, or that were missing.
         let ips: BTreeSet<IpAddr> =
             want_acls.keys().chain(self.acls.keys()).chain(self.missing.iter()).copied().collect();
+        let mut listed = false;
         for ip in ips {
             let wanted = want_acls.get(&ip).map(Vec::as_slice).unwrap_or_default();
             let had = self.acls.get(&ip).map(Vec::as_slice).unwrap_or_default();
             if wanted == had && !self.missing.contains(&ip) {
                 continue;
             }
-            if self.write_acls(ip, wanted)? {
+            if self.write_acls(ip, wanted, &mut listed)? {
                 self.missing.remove(&ip);
                 applied.rules_added |= !wanted.is_empty();
             } else if wanted.is_empty() {
