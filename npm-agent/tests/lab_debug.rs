@@ -4,35 +4,18 @@
 //! prints SKIPPED.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use npm_agent::lab::{LabCluster, LabOptions, net};
+mod lab_common;
+
+use lab_common::UnionLab;
 use npm_agent::model::{ObjectKey, Protocol};
-use npm_agent::simulate::Enforcer;
-use npm_agent::simulate::case::{self, ActionOutcome, CaseCluster};
 
 #[test]
 fn gettuples_answers_from_the_pinned_maps_as_packets_do() {
-    if let Err(e) = net::check_environment() {
-        println!("SKIPPED: the lab needs root and iproute2: {e:#}");
+    let Some(UnionLab { lab, cluster }) = UnionLab::start("ebpf", 1, &[]) else {
         return;
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/conformance/47-union-of-policies.yaml");
-    let c = case::load(&path).unwrap();
-    let mut cluster = CaseCluster::new(&c).unwrap();
-    let mut opts = LabOptions::new("ebpf", 1);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
-    let mut lab = LabCluster::new(opts).expect("building the lab");
-    let initial = cluster.initial_events();
-    lab.apply(&cluster, &initial).unwrap();
-    // The first step: x/a admits namespace y (a-from-y) and x/c (all-from-c).
-    for a in &c.steps[0].actions {
-        if let ActionOutcome::Events(events) = cluster.action(a).unwrap() {
-            lab.apply(&cluster, &events).unwrap();
-        }
-    }
+    };
     let ip = |ns: &str, name: &str| -> IpAddr {
         cluster.pods().find(|p| p.key == ObjectKey::new(ns, name)).and_then(|p| p.ip).unwrap()
     };

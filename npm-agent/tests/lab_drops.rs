@@ -6,18 +6,18 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod lab_common;
+
+use lab_common::UnionLab;
 use npm_agent::dataplane::ebpf::events::pinned_event_totals;
 use npm_agent::drops::DropRecord;
-use npm_agent::lab::{LabCluster, LabOptions, net};
 use npm_agent::metrics::server::http_get;
 use npm_agent::metrics::text::parse;
 use npm_agent::model::{ObjectKey, Protocol};
-use npm_agent::simulate::Enforcer;
-use npm_agent::simulate::case::{self, ActionOutcome, CaseCluster};
 
 /// The events `npm-agent drops` prints for pod `ns/name`.
 fn drops(socket: &Path, ns: &str, name: &str) -> Vec<DropRecord> {
@@ -47,26 +47,11 @@ fn settle(mut f: impl FnMut() -> Vec<DropRecord>) -> Vec<DropRecord> {
 
 #[test]
 fn a_denied_probe_is_one_event_naming_pod_and_policies_and_a_flood_is_rate_limited() {
-    if let Err(e) = net::check_environment() {
-        println!("SKIPPED: the lab needs root and iproute2: {e:#}");
+    let Some(UnionLab { lab, cluster }) =
+        UnionLab::start("ebpf", 2, &["--drop-metrics-pod-labels"])
+    else {
         return;
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/conformance/47-union-of-policies.yaml");
-    let c = case::load(&path).unwrap();
-    let mut cluster = CaseCluster::new(&c).unwrap();
-    let mut opts = LabOptions::new("ebpf", 2);
-    opts.agent = PathBuf::from(env!("CARGO_BIN_EXE_npm-agent"));
-    opts.agent_args = vec!["--drop-metrics-pod-labels".into()];
-    let mut lab = LabCluster::new(opts).expect("building the lab");
-    let initial = cluster.initial_events();
-    lab.apply(&cluster, &initial).unwrap();
-    // x/a is isolated by a-from-y (namespace y) and all-from-c (x/c): x/b is denied.
-    for a in &c.steps[0].actions {
-        if let ActionOutcome::Events(events) = cluster.action(a).unwrap() {
-            lab.apply(&cluster, &events).unwrap();
-        }
-    }
+    };
     let ip = |ns: &str, name: &str| -> IpAddr {
         cluster.pods().find(|p| p.key == ObjectKey::new(ns, name)).and_then(|p| p.ip).unwrap()
     };
