@@ -2,7 +2,8 @@
 //! rather than fast: "is this connection allowed?", answered straight from the objects.
 //!
 //! It shares nothing with the compiler but the model types (and their selector matching),
-//! so that tests can hold the compiler to it.
+//! so that tests can hold the compiler to it. It also judges ClusterNetworkPolicies (Admin
+//! and Baseline tiers around the NetworkPolicies), which the compiler does not compile yet.
 //!
 //! A connection is judged on the node of each end: egress where the client runs, ingress
 //! where the server runs. Each node knows which pod an address is by its own rules for
@@ -10,6 +11,7 @@
 
 use std::net::IpAddr;
 
+use crate::model::cluster_policy::{Action, ClusterPeer, ClusterPolicy, ClusterPort, PodSet, Tier};
 use crate::model::{
     Direction, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Rule, find_named_port,
 };
@@ -169,8 +171,10 @@ fn node_has(state: &ClusterState, node: &str, ip: IpAddr) -> bool {
     state.nodes.get(node).is_some_and(|n| n.addresses.contains(&ip))
 }
 
-/// Whether the policies selecting `pod` let it talk to `peer` in `direction`: allowed
-/// when no policy selects it for that direction, or when a rule of one that does matches.
+/// Whether `pod` may talk to `peer` in `direction`, tier by tier (the ClusterNetworkPolicy
+/// API's precedence): the Admin tier's first matching rule decides, unless it passes; then
+/// the NetworkPolicies that select the pod for that direction, if any; then the Baseline
+/// tier the same way; what nothing decided is allowed.
 fn direction_allows(
     state: &ClusterState,
     pod: &Pod,
@@ -180,6 +184,82 @@ fn direction_allows(
     protocol: Protocol,
     port: u16,
 ) -> bool {
+    let tier = |tier| tier_decides(state, tier, pod, direction, peer_ip, peer_pod, protocol, port);
+    match tier(Tier::Admin) {
+        Some(Action::Accept) => return true,
+        Some(Action::Deny) => return false,
+        Some(Action::Pass) | None => {}
+    }
+    if let Some(allowed) =
+        network_policies_decide(state, pod, direction, peer_ip, peer_pod, protocol, port)
+    {
+        return allowed;
+    }
+    tier(Tier::Baseline) != Some(Action::Deny)
+}
+
+fn pod_set_has(state: &ClusterState, set: &PodSet, pod: &Pod) -> bool {
+    let ns = &pod.key.namespace;
+    set.namespaces.matches(&state.namespace_labels(ns))
+        && set.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+}
+
+/// The action of the first rule of a tier that matches: policies whose subject selects the
+/// pod, lower priority first (equal priorities by name: the API leaves the order to the
+/// implementation), rules in order. `Pass` ends the tier as well.
+#[allow(clippy::too_many_arguments)]
+fn tier_decides(
+    state: &ClusterState,
+    tier: Tier,
+    pod: &Pod,
+    direction: Direction,
+    peer_ip: IpAddr,
+    peer_pod: Option<&Pod>,
+    protocol: Protocol,
+    port: u16,
+) -> Option<Action> {
+    let mut policies: Vec<&ClusterPolicy> = state
+        .cluster_policies
+        .values()
+        .filter(|p| p.tier == tier && pod_set_has(state, &p.subject, pod))
+        .collect();
+    policies.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    let destination = match direction {
+        Direction::Ingress => Some(pod),
+        Direction::Egress => peer_pod,
+    };
+    policies.iter().flat_map(|p| p.rules(direction)).find_map(|rule| {
+        let peer = rule.peers.iter().any(|peer| match peer {
+            ClusterPeer::Pods(set) => peer_pod.is_some_and(|pp| pod_set_has(state, set, pp)),
+            ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&peer_ip)),
+        });
+        let ports = rule.ports.as_ref().is_none_or(|ports| {
+            ports.iter().any(|p| match p {
+                ClusterPort::Range { protocol: p, first, last } => {
+                    *p == protocol && *first <= port && port <= *last
+                }
+                ClusterPort::Protocol(p) => *p == protocol,
+                ClusterPort::Named(name) => {
+                    destination.and_then(|d| find_named_port(&d.named_ports, name, protocol))
+                        == Some(port)
+                }
+            })
+        });
+        (peer && ports).then_some(rule.action)
+    })
+}
+
+/// What the NetworkPolicies selecting `pod` for `direction` say: `None` when none does
+/// (the pod is not isolated that way), else whether a rule of one of them matches.
+fn network_policies_decide(
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    peer_ip: IpAddr,
+    peer_pod: Option<&Pod>,
+    protocol: Protocol,
+    port: u16,
+) -> Option<bool> {
     let selecting: Vec<&Policy> = state
         .policies
         .values()
@@ -187,8 +267,23 @@ fn direction_allows(
         .filter(|p| p.rules(direction).is_some())
         .collect();
     if selecting.is_empty() {
-        return true;
+        return None;
     }
+    Some(np_allows(&selecting, state, pod, direction, peer_ip, peer_pod, protocol, port))
+}
+
+/// Whether a rule of the policies selecting `pod` for `direction` admits the connection.
+#[allow(clippy::too_many_arguments)]
+fn np_allows(
+    selecting: &[&Policy],
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    peer_ip: IpAddr,
+    peer_pod: Option<&Pod>,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     // Named ports name a port of the destination: the selected pod for ingress, the peer
     // for egress.
     let destination = match direction {

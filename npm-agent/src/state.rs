@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::model::{Labels, Namespace, Node, ObjectKey, Pod, Policy};
+use crate::model::{ClusterPolicy, Labels, Namespace, Node, ObjectKey, Pod, Policy};
 
 /// One change to the cluster, as the compiler sees it. Objects arrive validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +18,10 @@ pub enum Event {
     DeletePolicy(ObjectKey),
     UpsertNode(Node),
     DeleteNode(String),
+    /// A ClusterNetworkPolicy (cluster-scoped: by name). Held in the state and judged by the
+    /// reference evaluator; not compiled into plans yet.
+    UpsertClusterPolicy(ClusterPolicy),
+    DeleteClusterPolicy(String),
 }
 
 impl Event {
@@ -28,6 +32,7 @@ impl Event {
             Event::UpsertPod(_) | Event::DeletePod(_) => "pod",
             Event::UpsertPolicy(_) | Event::DeletePolicy(_) => "policy",
             Event::UpsertNode(_) | Event::DeleteNode(_) => "node",
+            Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_) => "clusterpolicy",
         }
     }
 }
@@ -39,6 +44,7 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub policies: BTreeMap<ObjectKey, Policy>,
     pub nodes: BTreeMap<String, Node>,
+    pub cluster_policies: BTreeMap<String, ClusterPolicy>,
 }
 
 impl ClusterState {
@@ -67,6 +73,12 @@ impl ClusterState {
             }
             Event::DeleteNode(n) => {
                 self.nodes.remove(n);
+            }
+            Event::UpsertClusterPolicy(p) => {
+                self.cluster_policies.insert(p.name.clone(), p.clone());
+            }
+            Event::DeleteClusterPolicy(name) => {
+                self.cluster_policies.remove(name);
             }
         }
     }

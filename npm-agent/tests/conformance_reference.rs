@@ -13,6 +13,9 @@ fn cases() -> Vec<PathBuf> {
     for dir in [
         root.join("tests/conformance"),
         root.join("../shared/conformance/examples"),
+        // ClusterNetworkPolicy: judged by the reference only (not compiled yet).
+        root.join("../shared/conformance/cluster-network-policy"),
+        root.join("tests/conformance/cluster-network-policy"),
         root.join("deploy/examples"),
     ] {
         if let Ok(rd) = std::fs::read_dir(dir) {

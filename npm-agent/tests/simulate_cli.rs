@@ -228,8 +228,13 @@ fn documented_case_keys_are_read() {
         ),
         (
             "cnp",
+            case.replace("kind: NetworkPolicy, namespace: x", "kind: ClusterNetworkPolicy"),
+            "ClusterNetworkPolicy is not compiled yet",
+        ),
+        (
+            "cnp-namespace",
             case.replace("kind: NetworkPolicy", "kind: ClusterNetworkPolicy"),
-            "kind ClusterNetworkPolicy is not supported yet",
+            "a ClusterNetworkPolicy is cluster-scoped: no namespace",
         ),
         (
             "v6-pod",

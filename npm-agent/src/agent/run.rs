@@ -296,10 +296,12 @@ impl Agent {
             Event::UpsertPod(p) => st.pods.contains_key(&p.key),
             Event::UpsertPolicy(p) => st.policies.contains_key(&p.key),
             Event::UpsertNode(n) => st.nodes.contains_key(&n.name),
+            Event::UpsertClusterPolicy(p) => st.cluster_policies.contains_key(&p.name),
             Event::DeleteNamespace(_)
             | Event::DeletePod(_)
             | Event::DeletePolicy(_)
-            | Event::DeleteNode(_) => {
+            | Event::DeleteNode(_)
+            | Event::DeleteClusterPolicy(_) => {
                 return Operation::Delete;
             }
         };

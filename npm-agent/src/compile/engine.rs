@@ -475,6 +475,11 @@ impl Engine {
             }
             Event::UpsertNode(node) => self.set_node(node.name.clone(), Some(node)),
             Event::DeleteNode(name) => self.set_node(name, None),
+            // Not compiled yet: held in the state only (the simulator and the lab refuse
+            // cases with ClusterNetworkPolicies, and no source watches them yet).
+            e @ (Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_)) => {
+                self.state.apply(&e)
+            }
         }
         self.finish()
     }

@@ -447,6 +447,9 @@ impl Enforcer for LabCluster {
                     self.policies.remove(k);
                 }
                 Event::UpsertNode(_) | Event::DeleteNode(_) => {}
+                Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_) => {
+                    anyhow::bail!("the lab does not run ClusterNetworkPolicies yet")
+                }
             }
         }
         self.write_manifests()?;

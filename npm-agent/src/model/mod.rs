@@ -5,6 +5,7 @@
 //! from the API types (and validation, with errors naming the object and the field) happens
 //! once, at the edge, in [`validate`] and [`convert`].
 
+pub mod cluster_policy;
 pub mod convert;
 pub mod policy;
 pub mod selector;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use cluster_policy::ClusterPolicy;
 pub use policy::{CidrBlock, Direction, NamespaceScope, Peer, Policy, PortSpec, Rule};
 pub use selector::{LabelSelector, Operator, Requirement};
 pub use validate::{FieldError, InvalidObject};

@@ -4,8 +4,10 @@
 //! Cases are read strictly ([`crate::input`]): a key the format does not have (`expects:`,
 //! `action:`) is an error naming it, and so is a field a policy of an `apply` does not have
 //! (`spec.ingress[0].form`): the policy is rejected, as the API server's strict field
-//! validation would. Keys the format documents for what this runner does not do yet (dual
-//! stack, ClusterNetworkPolicy) are read and refused with an error saying so.
+//! validation would. ClusterNetworkPolicy objects are validated into events (the reference
+//! evaluator judges them; the compiler's enforcer refuses them, not compiled yet). Keys the
+//! format documents for what this runner does not do yet (dual stack) are read and refused
+//! with an error saying so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -165,6 +167,7 @@ pub struct Step {
 pub enum Action {
     Apply(serde_yaml_ng::Value),
     DeletePolicy { namespace: String, name: String },
+    DeleteClusterPolicy { name: String },
     SetPodLabels { namespace: String, pod: String, labels: Labels },
     SetNamespaceLabels { namespace: String, labels: Labels },
     CreatePod(PodSpec),
@@ -174,7 +177,7 @@ pub enum Action {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyRef {
-    /// `NetworkPolicy` (the default); `ClusterNetworkPolicy` is not supported yet.
+    /// `NetworkPolicy` (the default) or `ClusterNetworkPolicy` (cluster-scoped: no namespace).
     #[serde(default)]
     kind: Option<String>,
     #[serde(default)]
@@ -227,17 +230,26 @@ impl<'de> Deserialize<'de> for Action {
         }
         if let Some(r) = raw.delete_policy {
             match r.kind.as_deref() {
-                None | Some("NetworkPolicy") => {}
+                None | Some("NetworkPolicy") => {
+                    let namespace = r.namespace.ok_or_else(|| {
+                        serde::de::Error::custom("delete-policy: missing field `namespace`")
+                    })?;
+                    found.push(Action::DeletePolicy { namespace, name: r.name });
+                }
+                Some("ClusterNetworkPolicy") => {
+                    if r.namespace.is_some() {
+                        return Err(serde::de::Error::custom(
+                            "delete-policy: a ClusterNetworkPolicy is cluster-scoped: no namespace",
+                        ));
+                    }
+                    found.push(Action::DeleteClusterPolicy { name: r.name });
+                }
                 Some(other) => {
                     return Err(serde::de::Error::custom(format!(
-                        "delete-policy: kind {other} is not supported yet"
+                        "delete-policy: kind {other}: NetworkPolicy or ClusterNetworkPolicy"
                     )));
                 }
             }
-            let namespace = r.namespace.ok_or_else(|| {
-                serde::de::Error::custom("delete-policy: missing field `namespace`")
-            })?;
-            found.push(Action::DeletePolicy { namespace, name: r.name });
         }
         if let Some(r) = raw.set_pod_labels {
             found.push(Action::SetPodLabels {
@@ -504,6 +516,29 @@ impl CaseCluster {
         events
     }
 
+    /// A ClusterNetworkPolicy object of an `apply`: validated, or rejected as the API server
+    /// would (fields the object does not have, values the CRD's schema refuses).
+    fn cluster_policy(value: serde_yaml_ng::Value) -> ActionOutcome {
+        use crate::model::cluster_policy::{api, cluster_network_policy};
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        match crate::input::strict::<_, api::ClusterNetworkPolicy>(value) {
+            Ok(o) => match cluster_network_policy(&o) {
+                Ok(p) => ActionOutcome::Events(vec![Event::UpsertClusterPolicy(p)]),
+                Err(e) => ActionOutcome::Rejected(e),
+            },
+            Err(e) => ActionOutcome::Rejected(InvalidObject {
+                kind: "ClusterNetworkPolicy",
+                object: name,
+                errors: e.into_errors(),
+            }),
+        }
+    }
+
     /// Applies one action to the case's cluster and returns the compiler's events. A policy
     /// the API server would reject is returned as `Rejected` and changes nothing.
     pub fn action(&mut self, action: &Action) -> Result<ActionOutcome, String> {
@@ -511,6 +546,9 @@ impl CaseCluster {
             Action::Apply(value) => {
                 let value = self.substitute(value)?;
                 let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+                if kind == "ClusterNetworkPolicy" {
+                    return Ok(Self::cluster_policy(value));
+                }
                 if kind != "NetworkPolicy" {
                     return Err(format!(
                         "apply: kind {kind:?}: only NetworkPolicy objects are supported"
@@ -544,6 +582,9 @@ impl CaseCluster {
                     Ok(p) => ActionOutcome::Events(vec![Event::UpsertPolicy(p)]),
                     Err(e) => ActionOutcome::Rejected(e),
                 }
+            }
+            Action::DeleteClusterPolicy { name } => {
+                ActionOutcome::Events(vec![Event::DeleteClusterPolicy(name.clone())])
             }
             Action::DeletePolicy { namespace, name } => {
                 ActionOutcome::Events(vec![Event::DeletePolicy(ObjectKey::new(namespace, name))])
