@@ -358,7 +358,9 @@ fn main() -> ExitCode {
             use npm_agent::drops::{Filter, client, server::Request};
             let req = Request { filter: Filter { namespace, pod }, recent, follow };
             let mut out = std::io::stdout().lock();
+            let mut count = 0usize;
             let printed = client::read(&socket, &req, |r| {
+                count += 1;
                 use std::io::Write as _;
                 let line = if json {
                     serde_json::to_string(&r).unwrap_or_default()
@@ -368,7 +370,15 @@ fn main() -> ExitCode {
                 writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
             });
             match printed {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => {
+                    if count == 0 && !follow {
+                        eprintln!(
+                            "npm-agent drops: no drop events{} since the agent started (it reports drop-events-rate drops a second per CPU; --follow waits for new ones)",
+                            if req.filter == Filter::default() { "" } else { " matching" }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("npm-agent drops: {e:#}");
                     ExitCode::FAILURE
