@@ -53,7 +53,7 @@ fn claimants(state: &ClusterState, ip: IpAddr) -> Vec<&Pod> {
     state
         .pods
         .values()
-        .filter(|p| p.ip == Some(ip) && !p.host_network)
+        .filter(|p| p.has_address(ip) && !p.host_network)
         .filter(|p| !matches!(p.phase, PodPhase::Succeeded | PodPhase::Failed))
         .collect()
 }

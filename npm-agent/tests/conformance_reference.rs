@@ -16,6 +16,8 @@ fn cases() -> Vec<PathBuf> {
         // ClusterNetworkPolicy: judged by the reference only (not compiled yet).
         root.join("../shared/conformance/cluster-network-policy"),
         root.join("tests/conformance/cluster-network-policy"),
+        // Dual stack: IPv6 tables judged by the reference only (IPv6 is not enforced yet).
+        root.join("tests/conformance/dual-stack"),
         root.join("deploy/examples"),
     ] {
         if let Ok(rd) = std::fs::read_dir(dir) {

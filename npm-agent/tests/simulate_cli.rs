@@ -215,16 +215,22 @@ fn documented_case_keys_are_read() {
     );
     let (ok, text) = simulate_text("documented", &case);
     assert!(ok, "{text}");
+    // A dual-stack model's IPv4 tables run (its IPv6 tables are refused, below).
+    let dual = case
+        .replace("[IPv4]", "[IPv4, IPv6]")
+        .replace("ips: [10.240.0.200]", "ips: [10.240.0.200, 'fd00:10:240::200']");
+    let (ok, text) = simulate_text("dual", &dual);
+    assert!(ok, "{text}");
     for (name, case, words) in [
         (
-            "v6-model",
-            case.replace("[IPv4]", "[IPv4, IPv6]"),
-            "IPv6 (dual stack) is not supported yet",
+            "v6-table",
+            case.replace("[IPv4]", "[IPv4, IPv6]").replace("family: IPv4", "family: IPv6"),
+            "IPv6 is not enforced yet",
         ),
         (
-            "v6-table",
+            "v6-table-single-stack",
             case.replace("family: IPv4", "family: IPv6"),
-            "only IPv4 tables are supported",
+            "IPv6 is not enforced yet",
         ),
         (
             "cnp",
@@ -239,7 +245,7 @@ fn documented_case_keys_are_read() {
         (
             "v6-pod",
             case.replace("ips: [10.240.0.200]", "ips: [10.240.0.200, 'fd00:10:240::200']"),
-            "IPv6 addresses are not supported yet",
+            "IPv6 needs ip-families with IPv6",
         ),
     ] {
         let (ok, text) = simulate_text(name, &case);

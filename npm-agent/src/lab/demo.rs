@@ -66,7 +66,7 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
     }
     println!("\n-- before any policy: everything is reachable");
     for (p, port) in &kinds {
-        let t = observe(&cluster, &mut lab, *p, *port)?;
+        let t = observe(&cluster, &mut lab, false, *p, *port)?;
         println!("   {p}/{port}:\n{}", t.render("     "));
     }
 

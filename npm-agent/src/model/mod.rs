@@ -140,7 +140,35 @@ pub struct Pod {
     pub named_ports: Arc<[NamedPort]>,
 }
 
+/// An address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> IpFamily {
+        if ip.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 }
+    }
+}
+
 impl Pod {
+    /// The pod's address of one family: `ip` when it is of that family, else (IPv6) the
+    /// dual-stack `ipv6`.
+    pub fn address(&self, family: IpFamily) -> Option<IpAddr> {
+        match (self.ip, family) {
+            (Some(ip), f) if IpFamily::of(&ip) == f => Some(ip),
+            (_, IpFamily::V6) => self.ipv6.map(IpAddr::V6),
+            _ => None,
+        }
+    }
+
+    /// Whether the pod has this address, of either family.
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        self.ip == Some(ip) || matches!(ip, IpAddr::V6(v6) if self.ipv6 == Some(v6))
+    }
+
     /// A running pod with its own address and no named ports (tests, benchmarks, examples
     /// set the rest with struct update syntax).
     pub fn running(key: ObjectKey, labels: Labels, ip: IpAddr, node: &str) -> Pod {

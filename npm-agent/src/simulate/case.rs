@@ -10,7 +10,7 @@
 //! with an error saying so.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
@@ -37,7 +37,7 @@ pub struct ModelSpec {
     pub namespaces: Option<Vec<NamespaceSpec>>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
-    /// Only `[IPv4]` is supported (dual stack is documented, not implemented yet).
+    /// `[IPv4]` (the default), `[IPv4, IPv6]` (dual stack) or `[IPv6]`.
     #[serde(default, rename = "ip-families")]
     pub ip_families: Option<Vec<String>>,
 }
@@ -108,32 +108,28 @@ pub struct PodSpec {
     pub ports: Option<Vec<PortDecl>>,
     #[serde(default)]
     pub ip: Option<IpAddr>,
-    /// Dual stack's form of `ip`: only one IPv4 address is supported.
+    /// Dual stack's form of `ip`: one address of each family.
     #[serde(default)]
     pub ips: Option<Vec<IpAddr>>,
 }
 
 impl PodSpec {
-    /// The address the spec gives (`ip`, or `ips` with one IPv4 address), if any.
-    fn address(&self) -> Result<Option<IpAddr>, String> {
-        let ips = self.ips.iter().flatten().copied().chain(self.ip);
-        let mut v4: Vec<IpAddr> = Vec::new();
-        for ip in ips {
-            if !ip.is_ipv4() {
+    /// The addresses the spec gives (`ip`, or `ips`: at most one of each family).
+    fn addresses(&self) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), String> {
+        let (mut v4, mut v6) = (None, None);
+        for ip in self.ips.iter().flatten().copied().chain(self.ip) {
+            let twice = match ip {
+                IpAddr::V4(a) => v4.replace(a).is_some_and(|old| old != a),
+                IpAddr::V6(a) => v6.replace(a).is_some_and(|old| old != a),
+            };
+            if twice {
                 return Err(format!(
-                    "pod {}/{}: {ip}: IPv6 addresses are not supported yet",
+                    "pod {}/{}: more than one address of a family",
                     self.namespace, self.pod
                 ));
             }
-            if !v4.contains(&ip) {
-                v4.push(ip);
-            }
         }
-        match v4.as_slice() {
-            [] => Ok(None),
-            [ip] => Ok(Some(*ip)),
-            _ => Err(format!("pod {}/{}: more than one IPv4 address", self.namespace, self.pod)),
-        }
+        Ok((v4, v6))
     }
 }
 
@@ -284,7 +280,7 @@ pub struct Expect {
     pub table: String,
     #[serde(default)]
     pub sctp: bool,
-    /// `IPv4` (the default); `IPv6` is not supported yet.
+    /// `IPv4` (the default) or `IPv6`: the addresses the table's probes go between.
     #[serde(default)]
     pub family: Option<String>,
 }
@@ -354,6 +350,8 @@ pub struct CaseCluster {
     pub ports: HashMap<ObjectKey, Vec<(Protocol, u16)>>,
     created: HashMap<String, u32>,
     seq: u64,
+    /// The cluster's families (IPv4, IPv6): which addresses pods get.
+    families: (bool, bool),
 }
 
 /// The node every simulated pod runs on.
@@ -367,17 +365,21 @@ impl CaseCluster {
             ports: HashMap::new(),
             created: HashMap::new(),
             seq: 0,
+            families: (true, false),
         };
         if let Some(families) = case.model.as_ref().and_then(|m| m.ip_families.as_ref()) {
-            match families.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                ["IPv4"] => {}
-                f if f.iter().all(|x| matches!(*x, "IPv4" | "IPv6")) => {
-                    return Err(format!(
-                        "model: ip-families {f:?}: IPv6 (dual stack) is not supported yet"
-                    ));
+            let (mut v4, mut v6) = (false, false);
+            for f in families {
+                match f.as_str() {
+                    "IPv4" => v4 = true,
+                    "IPv6" => v6 = true,
+                    f => return Err(format!("model: ip-families: {f:?}: IPv4 or IPv6")),
                 }
-                f => return Err(format!("model: ip-families {f:?}: each must be IPv4 or IPv6")),
             }
+            if families.is_empty() || families.len() > 2 || (families.len() == 2 && !(v4 && v6)) {
+                return Err(format!("model: ip-families {families:?}: one or both families, once"));
+            }
+            c.families = (v4, v6);
         }
         match case.model.as_ref().and_then(|m| m.namespaces.as_ref().map(|ns| (ns, &m.pods))) {
             None => {
@@ -424,9 +426,8 @@ impl CaseCluster {
             format!("model: pod {}/{}: unknown namespace", spec.namespace, spec.pod)
         })?;
         let j = self.pods.iter().filter(|(n, _, _)| *n == i).count();
-        let ip =
-            spec.address()?.unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 240, i as u8, 10 + j as u8)));
-        self.insert(i, spec, ip)
+        let ips = self.addresses(spec, i, 10 + j)?;
+        self.insert(i, spec, ips)
     }
 
     /// Creates a pod by action: address 10.240.i.(100+n), n counting this namespace's
@@ -435,26 +436,60 @@ impl CaseCluster {
         let i = self.ns_ordinal(&spec.namespace).ok_or_else(|| {
             format!("create-pod {}/{}: unknown namespace", spec.namespace, spec.pod)
         })?;
-        let n = self.created.entry(spec.namespace.clone()).or_insert(0);
-        let ip = spec.address()?.unwrap_or(IpAddr::V4(Ipv4Addr::new(
-            10,
-            240,
-            i as u8,
-            (100 + *n) as u8,
-        )));
-        *n += 1;
-        self.insert(i, spec, ip)?;
+        let n = *self.created.get(&spec.namespace).unwrap_or(&0);
+        let ips = self.addresses(spec, i, 100 + n as usize)?;
+        *self.created.entry(spec.namespace.clone()).or_insert(0) += 1;
+        self.insert(i, spec, ips)?;
         Ok(self.pod(&spec.namespace, &spec.pod).expect("just inserted").clone())
     }
 
-    fn insert(&mut self, ns_ordinal: usize, spec: &PodSpec, ip: IpAddr) -> Result<(), String> {
+    /// A pod's addresses: those its spec gives, else the model's of ordinal `host` (IPv4
+    /// `10.240.i.host`, IPv6 `fd00:10:240:i::host` written with the same decimal digits), of
+    /// the cluster's families. The first is its `ip`; a dual-stack pod's IPv6 one is `ipv6`.
+    fn addresses(&self, spec: &PodSpec, i: usize, host: usize) -> Result<Vec<IpAddr>, String> {
+        let (v4, v6) = spec.addresses()?;
+        let key = ObjectKey::new(&spec.namespace, &spec.pod);
+        let mut out = Vec::new();
+        if self.families.0 {
+            out.push(IpAddr::V4(v4.unwrap_or(Ipv4Addr::new(10, 240, i as u8, host as u8))));
+        } else if let Some(a) = v4 {
+            return Err(format!("pod {key}: {a}: the cluster is IPv6 only (ip-families)"));
+        }
+        if self.families.1 {
+            let model = || format!("fd00:10:240:{i}::{host}").parse::<Ipv6Addr>();
+            let a = match v6 {
+                Some(a) => a,
+                None => model().map_err(|e| format!("pod {key}: model IPv6 address: {e}"))?,
+            };
+            out.push(IpAddr::V6(a));
+        } else if let Some(a) = v6 {
+            return Err(format!(
+                "pod {key}: {a}: IPv6 needs ip-families with IPv6 in the model (dual stack)"
+            ));
+        }
+        Ok(out)
+    }
+
+    fn insert(
+        &mut self,
+        ns_ordinal: usize,
+        spec: &PodSpec,
+        ips: Vec<IpAddr>,
+    ) -> Result<(), String> {
         let key = ObjectKey::new(&spec.namespace, &spec.pod);
         if self.pod(&spec.namespace, &spec.pod).is_some() {
             return Err(format!("pod {key} already exists"));
         }
-        if let Some((_, _, other)) = self.pods.iter().find(|(_, _, p)| p.ip == Some(ip)) {
-            return Err(format!("pod {key}: address {ip} already belongs to {}", other.key));
+        for ip in &ips {
+            if let Some((_, _, other)) = self.pods.iter().find(|(_, _, p)| p.has_address(*ip)) {
+                return Err(format!("pod {key}: address {ip} already belongs to {}", other.key));
+            }
         }
+        let ip = ips.first().copied();
+        let ipv6 = match ips.get(1) {
+            Some(IpAddr::V6(a)) => Some(*a),
+            _ => None,
+        };
         let mut named_ports = Vec::new();
         let mut served = Vec::new();
         match &spec.ports {
@@ -484,8 +519,8 @@ impl CaseCluster {
         let pod = Pod {
             key: key.clone(),
             labels: labels.into(),
-            ip: Some(ip),
-            ipv6: None,
+            ip,
+            ipv6,
             node: Some(SIM_NODE.to_string()),
             phase: PodPhase::Running,
             host_network: false,
@@ -623,7 +658,7 @@ impl CaseCluster {
         })
     }
 
-    /// Replaces `{{podIP ns/pod}}` in every string of a policy.
+    /// Replaces `{{podIP ns/pod}}` and `{{podIPv6 ns/pod}}` in every string of a policy.
     fn substitute(&self, v: &serde_yaml_ng::Value) -> Result<serde_yaml_ng::Value, String> {
         use serde_yaml_ng::Value;
         Ok(match v {
@@ -650,17 +685,20 @@ impl CaseCluster {
             let after = &rest[start + 2..];
             let end = after.find("}}").ok_or_else(|| format!("unterminated {{{{ in {s:?}"))?;
             let inner = after[..end].trim();
-            let target = inner
-                .strip_prefix("podIP")
-                .map(str::trim)
-                .ok_or_else(|| format!("unknown template {{{{{inner}}}}} in {s:?}"))?;
+            let (family, target) = if let Some(t) = inner.strip_prefix("podIPv6") {
+                (crate::model::IpFamily::V6, t.trim())
+            } else if let Some(t) = inner.strip_prefix("podIP") {
+                (crate::model::IpFamily::V4, t.trim())
+            } else {
+                return Err(format!("unknown template {{{{{inner}}}}} in {s:?}"));
+            };
             let (ns, pod) = target
                 .split_once('/')
                 .ok_or_else(|| format!("{{{{podIP {target}}}}}: expected ns/pod"))?;
-            let ip = self
-                .pod(ns, pod)
-                .and_then(|p| p.ip)
-                .ok_or_else(|| format!("{{{{podIP {target}}}}}: no such pod"))?;
+            let p = self.pod(ns, pod).ok_or_else(|| format!("{{{{{inner}}}}}: no such pod"))?;
+            let ip = p
+                .address(family)
+                .ok_or_else(|| format!("{{{{{inner}}}}}: the pod has no address of that family"))?;
             out.push_str(&ip.to_string());
             rest = &after[end + 2..];
         }
