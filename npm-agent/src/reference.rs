@@ -171,6 +171,28 @@ fn node_has(state: &ClusterState, node: &str, ip: IpAddr) -> bool {
     state.nodes.get(node).is_some_and(|n| n.addresses.contains(&ip))
 }
 
+/// One side's question: may `pod` talk to the peer at `peer_ip` (the pod there, if the node
+/// knows one) in `direction`, on `protocol`/`port`?
+struct Side<'a> {
+    pod: &'a Pod,
+    direction: Direction,
+    peer_ip: IpAddr,
+    peer_pod: Option<&'a Pod>,
+    protocol: Protocol,
+    port: u16,
+}
+
+impl Side<'_> {
+    /// Named ports name a port of the destination: the selected pod for ingress, the peer
+    /// for egress.
+    fn destination(&self) -> Option<&Pod> {
+        match self.direction {
+            Direction::Ingress => Some(self.pod),
+            Direction::Egress => self.peer_pod,
+        }
+    }
+}
+
 /// Whether `pod` may talk to `peer` in `direction`, tier by tier (the ClusterNetworkPolicy
 /// API's precedence): the Admin tier's first matching rule decides, unless it passes; then
 /// the NetworkPolicies that select the pod for that direction, if any; then the Baseline
@@ -184,18 +206,16 @@ fn direction_allows(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    let tier = |tier| tier_decides(state, tier, pod, direction, peer_ip, peer_pod, protocol, port);
-    match tier(Tier::Admin) {
+    let q = Side { pod, direction, peer_ip, peer_pod, protocol, port };
+    match tier_decides(state, Tier::Admin, &q) {
         Some(Action::Accept) => return true,
         Some(Action::Deny) => return false,
         Some(Action::Pass) | None => {}
     }
-    if let Some(allowed) =
-        network_policies_decide(state, pod, direction, peer_ip, peer_pod, protocol, port)
-    {
+    if let Some(allowed) = network_policies_decide(state, &q) {
         return allowed;
     }
-    tier(Tier::Baseline) != Some(Action::Deny)
+    tier_decides(state, Tier::Baseline, &q) != Some(Action::Deny)
 }
 
 fn pod_set_has(state: &ClusterState, set: &PodSet, pod: &Pod) -> bool {
@@ -207,41 +227,27 @@ fn pod_set_has(state: &ClusterState, set: &PodSet, pod: &Pod) -> bool {
 /// The action of the first rule of a tier that matches: policies whose subject selects the
 /// pod, lower priority first (equal priorities by name: the API leaves the order to the
 /// implementation), rules in order. `Pass` ends the tier as well.
-#[allow(clippy::too_many_arguments)]
-fn tier_decides(
-    state: &ClusterState,
-    tier: Tier,
-    pod: &Pod,
-    direction: Direction,
-    peer_ip: IpAddr,
-    peer_pod: Option<&Pod>,
-    protocol: Protocol,
-    port: u16,
-) -> Option<Action> {
+fn tier_decides(state: &ClusterState, tier: Tier, q: &Side) -> Option<Action> {
     let mut policies: Vec<&ClusterPolicy> = state
         .cluster_policies
         .values()
-        .filter(|p| p.tier == tier && pod_set_has(state, &p.subject, pod))
+        .filter(|p| p.tier == tier && pod_set_has(state, &p.subject, q.pod))
         .collect();
     policies.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
-    let destination = match direction {
-        Direction::Ingress => Some(pod),
-        Direction::Egress => peer_pod,
-    };
-    policies.iter().flat_map(|p| p.rules(direction)).find_map(|rule| {
+    policies.iter().flat_map(|p| p.rules(q.direction)).find_map(|rule| {
         let peer = rule.peers.iter().any(|peer| match peer {
-            ClusterPeer::Pods(set) => peer_pod.is_some_and(|pp| pod_set_has(state, set, pp)),
-            ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&peer_ip)),
+            ClusterPeer::Pods(set) => q.peer_pod.is_some_and(|pp| pod_set_has(state, set, pp)),
+            ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&q.peer_ip)),
         });
         let ports = rule.ports.as_ref().is_none_or(|ports| {
             ports.iter().any(|p| match p {
-                ClusterPort::Range { protocol: p, first, last } => {
-                    *p == protocol && *first <= port && port <= *last
+                ClusterPort::Range { protocol, first, last } => {
+                    *protocol == q.protocol && *first <= q.port && q.port <= *last
                 }
-                ClusterPort::Protocol(p) => *p == protocol,
+                ClusterPort::Protocol(p) => *p == q.protocol,
                 ClusterPort::Named(name) => {
-                    destination.and_then(|d| find_named_port(&d.named_ports, name, protocol))
-                        == Some(port)
+                    q.destination().and_then(|d| find_named_port(&d.named_ports, name, q.protocol))
+                        == Some(q.port)
                 }
             })
         });
@@ -249,53 +255,24 @@ fn tier_decides(
     })
 }
 
-/// What the NetworkPolicies selecting `pod` for `direction` say: `None` when none does
+/// What the NetworkPolicies selecting the pod for the direction say: `None` when none does
 /// (the pod is not isolated that way), else whether a rule of one of them matches.
-fn network_policies_decide(
-    state: &ClusterState,
-    pod: &Pod,
-    direction: Direction,
-    peer_ip: IpAddr,
-    peer_pod: Option<&Pod>,
-    protocol: Protocol,
-    port: u16,
-) -> Option<bool> {
+fn network_policies_decide(state: &ClusterState, q: &Side) -> Option<bool> {
     let selecting: Vec<&Policy> = state
         .policies
         .values()
-        .filter(|p| p.key.namespace == pod.key.namespace && p.pod_selector.matches(&pod.labels))
-        .filter(|p| p.rules(direction).is_some())
+        .filter(|p| p.key.namespace == q.pod.key.namespace && p.pod_selector.matches(&q.pod.labels))
+        .filter(|p| p.rules(q.direction).is_some())
         .collect();
     if selecting.is_empty() {
         return None;
     }
-    Some(np_allows(&selecting, state, pod, direction, peer_ip, peer_pod, protocol, port))
-}
-
-/// Whether a rule of the policies selecting `pod` for `direction` admits the connection.
-#[allow(clippy::too_many_arguments)]
-fn np_allows(
-    selecting: &[&Policy],
-    state: &ClusterState,
-    pod: &Pod,
-    direction: Direction,
-    peer_ip: IpAddr,
-    peer_pod: Option<&Pod>,
-    protocol: Protocol,
-    port: u16,
-) -> bool {
-    // Named ports name a port of the destination: the selected pod for ingress, the peer
-    // for egress.
-    let destination = match direction {
-        Direction::Ingress => Some(pod),
-        Direction::Egress => peer_pod,
-    };
-    selecting.iter().any(|policy| {
-        policy.rules(direction).unwrap_or_default().iter().any(|rule| {
-            rule_peer_matches(state, rule, peer_ip, peer_pod)
-                && rule_port_matches(rule, destination, protocol, port)
+    Some(selecting.iter().any(|policy| {
+        policy.rules(q.direction).unwrap_or_default().iter().any(|rule| {
+            rule_peer_matches(state, rule, q.peer_ip, q.peer_pod)
+                && rule_port_matches(rule, q.destination(), q.protocol, q.port)
         })
-    })
+    }))
 }
 
 fn rule_peer_matches(state: &ClusterState, rule: &Rule, ip: IpAddr, peer: Option<&Pod>) -> bool {
