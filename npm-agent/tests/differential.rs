@@ -77,6 +77,28 @@ proptest! {
         });
         check_against_reference(&state, &plans)?;
     }
+
+    /// With ClusterNetworkPolicies: the one-pass compiler, one plan per node, against the
+    /// specification's tiers.
+    #[test]
+    fn full_compile_agrees_with_reference_tiers(state in tiered_cluster()) {
+        let plans = per_node(|scope| compile(&state, scope));
+        check_against_reference(&state, &plans)?;
+    }
+
+    /// With ClusterNetworkPolicies: the engine fed the state as events.
+    #[test]
+    fn engine_agrees_with_reference_tiers(state in tiered_cluster()) {
+        let plans = per_node(|scope| {
+            let mut engine = Engine::new(scope.clone()).with_cluster_policies();
+            let mut plan = Plan::default();
+            for e in initial_events(&state) {
+                plan.apply(&engine.handle(e)).expect("consistent diff");
+            }
+            plan
+        });
+        check_against_reference(&state, &plans)?;
+    }
 }
 
 /// A hand-made case the random ones may miss: a named port that means different numbers

@@ -171,6 +171,28 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// With ClusterNetworkPolicies among the events: the diffs rebuild the full plan.
+    #[test]
+    fn diffs_rebuild_the_full_plan_tiers(events in proptest::collection::vec(tiered_event(), 1..30)) {
+        for scope in scopes() {
+            let mut engine = Engine::new(scope.clone()).with_layout().with_cluster_policies();
+            let mut plan = Plan::default();
+            let mut state = ClusterState::default();
+            for e in &events {
+                let diff = engine.handle(e.clone());
+                state.apply(e);
+                plan.apply(&diff).map_err(TestCaseError::fail)?;
+                let full = compile(&state, &scope);
+                prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
+                prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
+            }
+        }
+    }
+}
+
 /// Found by `diffs_apply_make_before_break`: two pods claim one address (the second one
 /// terminating, so the first owns it); the owner moves to a new address and the other,
 /// isolated for egress, takes the old one over. The new address must have its identity

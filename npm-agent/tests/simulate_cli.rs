@@ -233,11 +233,6 @@ fn documented_case_keys_are_read() {
             "IPv6 is not enforced yet",
         ),
         (
-            "cnp",
-            case.replace("kind: NetworkPolicy, namespace: x", "kind: ClusterNetworkPolicy"),
-            "ClusterNetworkPolicy is not compiled yet",
-        ),
-        (
             "cnp-namespace",
             case.replace("kind: NetworkPolicy", "kind: ClusterNetworkPolicy"),
             "a ClusterNetworkPolicy is cluster-scoped: no namespace",
@@ -256,10 +251,16 @@ fn documented_case_keys_are_read() {
 
 #[test]
 fn every_case_file_loads() {
-    // The suite, the shared examples and the deploy examples (the shared
-    // cluster-network-policy cases are not supported yet).
+    // The suite, the shared examples and the deploy examples.
     let mut files = Vec::new();
-    for dir in ["tests/conformance", "../shared/conformance/examples", "deploy/examples"] {
+    for dir in [
+        "tests/conformance",
+        "tests/conformance/cluster-network-policy",
+        "tests/conformance/dual-stack",
+        "../shared/conformance/examples",
+        "../shared/conformance/cluster-network-policy",
+        "deploy/examples",
+    ] {
         let Ok(listing) = std::fs::read_dir(repo(dir)) else { continue };
         files.extend(
             listing

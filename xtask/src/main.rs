@@ -143,8 +143,8 @@ fn yaml_files(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
 }
 
 /// `npm-agent simulate FILES...` through `cargo run`, or a printed skip when there are no files.
-fn simulate(what: &str, dir: &Path) -> Result<()> {
-    agent_on_cases(what, &[dir], &["simulate"])
+fn simulate(what: &str, dirs: &[&Path]) -> Result<()> {
+    agent_on_cases(what, dirs, &["simulate"])
 }
 
 /// `npm-agent lab run --dataplane DP FILES...` (as root) over the cases of `dirs`.
@@ -304,12 +304,16 @@ fn test() -> Result<()> {
                     .env("NPM_REQUIRE_KUBERNETES_VALIDATE", "1"))
             },
         ),
-        Step::new("simulate tests/conformance", move || {
-            simulate("the project's conformance cases", &own_cases)
+        Step::new("simulate tests/conformance (and its cluster-network-policy cases)", move || {
+            let tiers = own_cases.join("cluster-network-policy");
+            simulate("the project's conformance cases", &[&own_cases, &tiers])
         }),
-        Step::new("simulate shared conformance examples", {
+        Step::new("simulate shared conformance examples (and cluster-network-policy)", {
             let shared_examples = shared_examples.clone();
-            move || simulate("the shared conformance examples", &shared_examples)
+            move || {
+                let tiers = shared_examples.with_file_name("cluster-network-policy");
+                simulate("the shared conformance examples", &[&shared_examples, &tiers])
+            }
         }),
         Step::new("lab (eBPF): conformance cases and shared examples with real packets", {
             let own = root.join("tests/conformance");
@@ -339,7 +343,7 @@ fn demo(hold: bool) -> Result<()> {
                     println!(
                         "The lab needs root (network namespaces, eBPF); showing the simulator's tables instead."
                     );
-                    return simulate("the demo cases", &examples);
+                    return simulate("the demo cases", &[&examples]);
                 }
                 let mut cmd = cargo();
                 cmd.args(["run", "--package", "npm-agent", "--", "lab", "demo"]);

@@ -35,11 +35,10 @@ use std::net::IpAddr;
 
 use super::layout::{LayoutCompiler, LayoutInput};
 use super::{
-    PortSel, Scope, Term, TermPeer, conflict_of, host_block, resolution_ports, rule_terms,
+    PolicyTerms, PortSel, Scope, Subject, TermPeer, conflict_of, host_block, resolution_ports,
 };
 use crate::model::{
     CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
-    Policy,
 };
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
@@ -86,9 +85,10 @@ struct SelectorEntry {
     live: bool,
 }
 
+/// A policy of either kind (a NetworkPolicy, or a ClusterNetworkPolicy when the engine
+/// compiles them).
 struct PolicyEntry {
-    policy: Policy,
-    terms: [Vec<Term>; 2],
+    policy: PolicyTerms,
     /// The selector of each `TermPeer::Pods` term, while materialized.
     term_selectors: [Vec<Option<SelectorId>>; 2],
     /// Local endpoints the policy selects.
@@ -126,6 +126,8 @@ struct Index {
     policies: HashMap<PolicyId, PolicyEntry>,
     policy_ids: HashMap<ObjectKey, PolicyId>,
     policies_by_ns: HashMap<String, BTreeSet<PolicyId>>,
+    /// ClusterNetworkPolicies, which may select pods of any namespace.
+    cluster_policies: BTreeSet<PolicyId>,
     next_policy: PolicyId,
 }
 
@@ -168,6 +170,8 @@ struct ProfileKey {
     /// it; else empty.
     own_ports: Vec<NamedPort>,
     quarantined: bool,
+    /// Quarantined, or a NetworkPolicy among the policies (see [`Profile::isolating`]).
+    isolating: bool,
 }
 
 struct ProfileEntry {
@@ -323,6 +327,12 @@ impl Output {
 /// prefix of every diff).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
+    /// Isolation lifted, and endpoints that go unenforced: an endpoint that goes (its pod
+    /// gone, or its address now another node's pod's) admits everything in the new plan, so
+    /// it goes first: before any address loses its identity (it never refuses what it
+    /// admitted and still admits), and before any gains one that a Deny entry of its old
+    /// profile names.
+    Unisolate,
     /// New peer sets with their members; conflicts reported.
     Sets,
     /// New (or retargeted) endpoints.
@@ -343,11 +353,6 @@ enum Stage {
     /// (before any address gains an identity) and left in `Unidentify` (after addresses leave
     /// the sets).
     Switch,
-    /// Isolation lifted, and endpoints that go unenforced: an endpoint that goes (its pod
-    /// gone, or its address now another node's pod's) admits everything in the new plan, so
-    /// it is removed before any address loses its identity: it never refuses what it admitted
-    /// and still admits.
-    Unisolate,
     /// Entries removed from profiles, members leaving sets, node addresses gone.
     Removes,
     /// Addresses no longer a pod's.
@@ -366,6 +371,9 @@ pub struct Engine {
     out: Output,
     /// The Azure NPM layout, when a dataplane wants it ([`Engine::with_layout`]).
     layout: Option<LayoutCompiler>,
+    /// Whether ClusterNetworkPolicies are compiled ([`Engine::with_cluster_policies`]); if
+    /// not, they are held in the state only.
+    cluster_policies: bool,
 }
 
 impl Engine {
@@ -383,7 +391,21 @@ impl Engine {
             idx: Index { next_identity: 1, ..Index::default() },
             out: Output::default(),
             layout: None,
+            cluster_policies: false,
         }
+    }
+
+    /// The engine, also compiling ClusterNetworkPolicies into the plan (their entries carry
+    /// [`Verdict`](crate::plan::Verdict)s other than `Allow`): for the dataplanes that render
+    /// tiers. Call before the first event.
+    pub fn with_cluster_policies(mut self) -> Self {
+        self.cluster_policies = true;
+        self
+    }
+
+    /// Whether ClusterNetworkPolicies are compiled.
+    pub fn compiles_cluster_policies(&self) -> bool {
+        self.cluster_policies
     }
 
     /// The engine, also compiling the plan's Azure NPM layout (for the iptables dataplane, which
@@ -422,6 +444,7 @@ impl Engine {
                         .into_iter()
                         .flat_map(move |d| e.policies[di(d)].iter().map(move |pid| (d, e.ip, *pid)))
                 })
+                .filter(|(_, _, pid)| self.idx.policies[pid].policy.isolates)
                 .map(|(d, ip, pid)| (d, ip, self.idx.policies[&pid].policy.key.clone(), true))
                 .collect(),
         };
@@ -464,7 +487,7 @@ impl Engine {
                 let key = policy.key.clone();
                 if self.state.policies.get(&key) != Some(&policy) {
                     self.touch_policy(&key);
-                    self.replace_policy(policy.clone());
+                    self.replace_policy(PolicyTerms::of_network_policy(&policy));
                     self.state.policies.insert(key, policy);
                 }
             }
@@ -475,8 +498,17 @@ impl Engine {
             }
             Event::UpsertNode(node) => self.set_node(node.name.clone(), Some(node)),
             Event::DeleteNode(name) => self.set_node(name, None),
-            // Not compiled yet: held in the state only (the simulator and the lab refuse
-            // cases with ClusterNetworkPolicies, and no source watches them yet).
+            Event::UpsertClusterPolicy(policy) if self.cluster_policies => {
+                if self.state.cluster_policies.get(&policy.name) != Some(&policy) {
+                    self.replace_policy(PolicyTerms::of_cluster_policy(&policy));
+                    self.state.cluster_policies.insert(policy.name.clone(), policy);
+                }
+            }
+            Event::DeleteClusterPolicy(name) if self.cluster_policies => {
+                self.remove_policy(&super::cluster_policy_key(&name));
+                self.state.cluster_policies.remove(&name);
+            }
+            // Not compiled here: held in the state only.
             e @ (Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_)) => {
                 self.state.apply(&e)
             }
@@ -522,7 +554,8 @@ impl Engine {
         }
         for (id, p) in &self.out.profiles {
             let allow = p.counts.keys().cloned().collect();
-            plan.profiles.insert(*id, Profile { direction: p.key.direction, allow });
+            let profile = Profile { direction: p.key.direction, isolating: p.key.isolating, allow };
+            plan.profiles.insert(*id, profile);
         }
         for (key, ep) in &self.out.endpoints {
             let p = EndpointPlan { pod: key.clone(), profiles: ep.profiles };
@@ -579,11 +612,30 @@ impl Engine {
         self.state.namespaces.insert(ns.name.clone(), ns);
     }
 
-    /// Re-evaluates namespaceSelectors for the identities of one namespace.
+    /// Re-evaluates namespaceSelectors for the identities of one namespace, and the
+    /// ClusterNetworkPolicies' subjects for its endpoints.
     fn relabel_namespace(&mut self, name: &str, new: Labels) {
         let old = self.state.namespace_labels(name).into_owned();
         if old == new {
             return;
+        }
+        let mut subjects = Vec::new();
+        for ep in self.out.endpoints_by_ns.get(name).into_iter().flatten() {
+            let pod = &self.state.pods[ep];
+            for pid in &self.idx.cluster_policies {
+                let subject = &self.idx.policies[pid].policy.subject;
+                let (was, is) = (subject.selects(pod, &old), subject.selects(pod, &new));
+                if was != is {
+                    subjects.push((*pid, ep.clone(), is));
+                }
+            }
+        }
+        for (pid, ep, is) in subjects {
+            if is {
+                self.attach(pid, &ep);
+            } else {
+                self.detach(pid, &ep);
+            }
         }
         let Some(ids) = self.idx.identities_by_ns.get(name) else { return };
         let ids: Vec<IdentityId> = ids.iter().copied().collect();
@@ -851,7 +903,7 @@ impl Engine {
         let peer_ports = &idx.identities[&id].key.named_ports;
         for t in &idx.selectors[&sel].users {
             let policy = &idx.policies[&t.policy];
-            let term = &policy.terms[di(t.direction)][t.term];
+            let term = &policy.policy.terms(t.direction)[t.term];
             // (Per-peer ports are egress named ports: they resolve against the peer alone.)
             if !term.ports.iter().any(|p| p.per_peer(t.direction)) {
                 continue;
@@ -859,7 +911,8 @@ impl Engine {
             for prof in out.profiles_of(t.policy, t.direction) {
                 for port in term.ports.iter().filter(|p| p.per_peer(t.direction)) {
                     if let Some(ports) = port.resolve(peer_ports) {
-                        out.bump(prof, Allow { peer: PeerMatch::Identity(id), ports }, up);
+                        let verdict = term.verdict.clone();
+                        out.bump(prof, Allow { peer: PeerMatch::Identity(id), ports, verdict }, up);
                     }
                 }
             }
@@ -874,11 +927,13 @@ impl Engine {
                 continue;
             }
             let policy = &idx.policies[&t.policy];
-            let term = &policy.terms[di(t.direction)][t.term];
+            let term = &policy.policy.terms(t.direction)[t.term];
             for prof in out.profiles_of(t.policy, t.direction) {
                 for port in &term.ports {
                     if let Some(ports) = port.resolve(peer_ports) {
-                        out.bump(prof, Allow { peer: PeerMatch::Cidr(host_block(ip)), ports }, up);
+                        let (peer, verdict) =
+                            (PeerMatch::Cidr(host_block(ip)), term.verdict.clone());
+                        out.bump(prof, Allow { peer, ports, verdict }, up);
                     }
                 }
             }
@@ -924,14 +979,16 @@ impl Engine {
             .entry(pod.key.namespace.clone())
             .or_default()
             .insert(pod.key.clone());
+        let ns_labels = self.state.namespace_labels(&pod.key.namespace);
         let selecting: Vec<PolicyId> = self
             .idx
             .policies_by_ns
             .get(&pod.key.namespace)
             .into_iter()
             .flatten()
+            .chain(&self.idx.cluster_policies)
             .copied()
-            .filter(|p| self.idx.policies[p].policy.pod_selector.matches(&pod.labels))
+            .filter(|p| self.idx.policies[p].policy.subject.selects(pod, &ns_labels))
             .collect();
         for p in selecting {
             self.attach(p, &pod.key);
@@ -969,7 +1026,7 @@ impl Engine {
     /// Policy `pid` starts selecting endpoint `ep` (which moves to its new profiles at the
     /// end of the event).
     fn attach(&mut self, pid: PolicyId, ep: &ObjectKey) {
-        if Direction::BOTH.iter().all(|d| self.idx.policies[&pid].policy.rules(*d).is_none()) {
+        if Direction::BOTH.iter().all(|d| !self.idx.policies[&pid].policy.covers(*d)) {
             // (It isolates nothing: nothing to evaluate.)
             return;
         }
@@ -978,7 +1035,7 @@ impl Engine {
         }
         self.idx.policies.get_mut(&pid).expect("policy").endpoints.insert(ep.clone());
         for d in Direction::BOTH {
-            if self.idx.policies[&pid].policy.rules(d).is_some() {
+            if self.idx.policies[&pid].policy.covers(d) {
                 self.select(pid, ep, d, true);
             }
         }
@@ -1001,7 +1058,8 @@ impl Engine {
         } else {
             e.named_ingress -= u32::from(named);
         }
-        if self.layout.is_some() {
+        // (The layout dispatches to NetworkPolicies.)
+        if self.layout.is_some() && self.idx.policies[&pid].policy.isolates {
             let key = self.idx.policies[&pid].policy.key.clone();
             self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((!on, key));
         }
@@ -1030,10 +1088,16 @@ impl Engine {
         debug_assert_eq!(own, self.needs_own_ports(&policies, d));
         Some(ProfileKey {
             direction: d,
+            isolating: ep.quarantined || self.isolate(&policies),
             policies,
             own_ports: if own { ep.named_ports.clone() } else { Vec::new() },
             quarantined: ep.quarantined,
         })
+    }
+
+    /// Whether `policies` isolate what they select (a NetworkPolicy among them).
+    fn isolate(&self, policies: &[PolicyId]) -> bool {
+        policies.iter().any(|p| self.idx.policies[p].policy.isolates)
     }
 
     /// Whether `policies` resolve named ports against the endpoint they select (ingress).
@@ -1047,6 +1111,7 @@ impl Engine {
     fn rekey(&mut self, p: ProfileId, key: ProfileKey) {
         let old = self.out.profiles[&p].key.clone();
         debug_assert_eq!(old.own_ports, key.own_ports);
+        debug_assert_eq!(old.isolating, key.isolating);
         if self.out.profile_ids.get(&old) == Some(&p) {
             self.out.profile_ids.remove(&old);
         }
@@ -1085,11 +1150,12 @@ impl Engine {
         let Self { idx, out, state, .. } = self;
         let policy = &idx.policies[&pid];
         let ep_ports = out.profiles[&prof].key.own_ports.clone();
-        for (ti, term) in policy.terms[di(d)].iter().enumerate() {
+        for (ti, term) in policy.policy.terms(d).iter().enumerate() {
             let add = |out: &mut Output, peer: PeerMatch, peer_ports: &[NamedPort]| {
                 for port in &term.ports {
                     if let Some(ports) = port.resolve(resolution_ports(d, &ep_ports, peer_ports)) {
-                        out.bump(prof, Allow { peer: peer.clone(), ports }, up);
+                        let verdict = term.verdict.clone();
+                        out.bump(prof, Allow { peer: peer.clone(), ports, verdict }, up);
                     }
                 }
             };
@@ -1101,7 +1167,8 @@ impl Engine {
                         policy.term_selectors[di(d)][ti].expect("materialized term has a selector");
                     for port in term.ports.iter().filter(|p| !p.per_peer(d)) {
                         if let Some(ports) = port.resolve(&ep_ports) {
-                            out.bump(prof, Allow { peer: PeerMatch::Set(sel), ports }, up);
+                            let verdict = term.verdict.clone();
+                            out.bump(prof, Allow { peer: PeerMatch::Set(sel), ports, verdict }, up);
                         }
                     }
                     if term.ports.iter().any(|p| p.per_peer(d)) {
@@ -1111,7 +1178,11 @@ impl Engine {
                                 if let Some(ports) = port.resolve(peer_ports) {
                                     out.bump(
                                         prof,
-                                        Allow { peer: PeerMatch::Identity(*id), ports },
+                                        Allow {
+                                            peer: PeerMatch::Identity(*id),
+                                            ports,
+                                            verdict: term.verdict.clone(),
+                                        },
                                         up,
                                     );
                                 }
@@ -1195,6 +1266,7 @@ impl Engine {
                     && *key != e.key
                     && key.own_ports == e.key.own_ports
                     && key.quarantined == e.key.quarantined
+                    && key.isolating == e.key.isolating
                     && self.out.profile_ids.get(&e.key) == Some(&p))
                 .then(|| (p, key.clone()))
             })
@@ -1263,39 +1335,52 @@ impl Engine {
     // ---- policies ----
 
     /// A new (or, with `number`, an updated) policy.
-    fn add_policy(&mut self, policy: Policy, number: Option<PolicyId>) {
+    fn add_policy(&mut self, policy: PolicyTerms, number: Option<PolicyId>) {
         let pid = number.unwrap_or_else(|| {
             self.idx.next_policy += 1;
             self.idx.next_policy
         });
-        let terms = Direction::BOTH.map(|d| {
-            policy
-                .rules(d)
-                .unwrap_or_default()
-                .iter()
-                .flat_map(|r| rule_terms(r, d))
-                .collect::<Vec<_>>()
-        });
-        let ns = policy.key.namespace.clone();
-        let selected: Vec<ObjectKey> = self
-            .out
-            .endpoints_by_ns
-            .get(&ns)
-            .into_iter()
-            .flatten()
-            .filter(|k| policy.pod_selector.matches(&self.state.pods[*k].labels))
-            .cloned()
-            .collect();
+        let selects = |k: &ObjectKey| {
+            let pod = &self.state.pods[k];
+            policy.subject.selects(pod, &self.state.namespace_labels(&k.namespace))
+        };
+        let selected: Vec<ObjectKey> = match &policy.subject {
+            Subject::Namespaced { namespace, .. } => self
+                .out
+                .endpoints_by_ns
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .filter(|k| selects(k))
+                .cloned()
+                .collect(),
+            // (Quarantined endpoints are in no namespace's list: no policy selects them.)
+            Subject::Cluster(_) => self
+                .out
+                .endpoints_by_ns
+                .values()
+                .flatten()
+                .filter(|k| selects(k))
+                .cloned()
+                .collect(),
+        };
         self.idx.policy_ids.insert(policy.key.clone(), pid);
-        self.idx.policies_by_ns.entry(ns).or_default().insert(pid);
+        match &policy.subject {
+            Subject::Namespaced { namespace, .. } => {
+                self.idx.policies_by_ns.entry(namespace.clone()).or_default().insert(pid);
+            }
+            Subject::Cluster(_) => {
+                self.idx.cluster_policies.insert(pid);
+            }
+        }
         self.idx.policies.insert(
             pid,
             PolicyEntry {
-                ingress_named: terms[di(Direction::Ingress)]
+                ingress_named: policy
+                    .terms(Direction::Ingress)
                     .iter()
                     .any(|t| t.ports.iter().any(PortSel::is_named)),
                 policy,
-                terms,
                 term_selectors: [Vec::new(), Vec::new()],
                 endpoints: BTreeSet::new(),
             },
@@ -1308,7 +1393,7 @@ impl Engine {
     /// An updated policy keeps its number, so the profiles of its endpoints keep their keys:
     /// they lose the old expansions and gain the new ones, and a policy update changes the
     /// entries it changes, not all of them.
-    fn replace_policy(&mut self, policy: Policy) {
+    fn replace_policy(&mut self, policy: PolicyTerms) {
         let Some(&pid) = self.idx.policy_ids.get(&policy.key) else {
             return self.add_policy(policy, None);
         };
@@ -1348,9 +1433,11 @@ impl Engine {
             if !self.needs_own_ports(&k.policies, k.direction) {
                 k.own_ports.clear();
             }
+            k.isolating = k.quarantined || self.isolate(&k.policies);
             let own_ports_kept = k.own_ports == self.out.profiles[&p].key.own_ports;
             if (k.policies.is_empty() && !k.quarantined)
                 || !own_ports_kept
+                || k.isolating != self.out.profiles[&p].key.isolating
                 || self.out.profile_ids.contains_key(&k)
             {
                 // Its users go elsewhere: it goes at the end of the event.
@@ -1364,6 +1451,7 @@ impl Engine {
             self.detach(pid, &ep);
         }
         self.idx.policies.remove(&pid);
+        self.idx.cluster_policies.remove(&pid);
         if let Some(set) = self.idx.policies_by_ns.get_mut(&key.namespace) {
             set.remove(&pid);
             if set.is_empty() {
@@ -1375,7 +1463,7 @@ impl Engine {
     /// Interns and evaluates the selectors of a policy that now selects a local endpoint.
     fn materialize(&mut self, pid: PolicyId) {
         for d in Direction::BOTH {
-            let terms = self.idx.policies[&pid].terms[di(d)].clone();
+            let terms = self.idx.policies[&pid].policy.terms(d).to_vec();
             let mut sels = Vec::with_capacity(terms.len());
             for (ti, term) in terms.iter().enumerate() {
                 let tref = TermRef { policy: pid, direction: d, term: ti };
@@ -1590,7 +1678,11 @@ impl Engine {
             let Some(prof) = self.out.profiles.get(&p) else { continue };
             changes.push((
                 Stage::QuietAdds,
-                Change::AddProfile { profile: p, direction: prof.key.direction },
+                Change::AddProfile {
+                    profile: p,
+                    direction: prof.key.direction,
+                    isolating: prof.key.isolating,
+                },
             ));
             changes.extend(
                 prof.counts

@@ -105,7 +105,7 @@ pub struct Question<'a> {
 /// Whether `rule` answers `q` yes, expanded as the compiler expands it.
 pub fn rule_admits(state: &ClusterState, rule: &Rule, q: &Question) -> bool {
     let Question { direction, endpoint, peer_ip, peer, protocol, port } = *q;
-    rule_terms(rule, direction).iter().any(|term| {
+    rule_terms(rule, direction, &crate::plan::Verdict::Allow).iter().any(|term| {
         let peer_matches = match &term.peer {
             TermPeer::Any => true,
             TermPeer::Block(b) => b.contains(peer_ip),

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use super::layout::{LayoutCompiler, LayoutInput};
-use super::{Scope, TermPeer, conflict_of, host_block, resolution_ports, rule_terms};
-use crate::model::{Direction, NamedPort, ObjectKey, Pod, Policy, PortSpec};
+use super::{PolicyTerms, PortSel, Scope, TermPeer, conflict_of, host_block, resolution_ports};
+use crate::model::{Direction, NamedPort, ObjectKey, Pod};
 use crate::plan::{
     Allow, EndpointPlan, IdentityId, IdentityKey, Layout, PeerMatch, PeerSelector, PeerSet, Plan,
     Profile, ProfileId, SetId,
@@ -57,6 +57,14 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     let key_of: HashMap<IdentityId, &IdentityKey> =
         identities.iter().map(|(id, k)| (*id, *k)).collect();
 
+    // Policies of both kinds, NetworkPolicies by namespace.
+    let mut namespaced: HashMap<&str, Vec<PolicyTerms>> = HashMap::new();
+    for p in state.policies.values() {
+        namespaced.entry(&p.key.namespace).or_default().push(PolicyTerms::of_network_policy(p));
+    }
+    let cluster: Vec<PolicyTerms> =
+        state.cluster_policies.values().map(PolicyTerms::of_cluster_policy).collect();
+
     // Profiles, numbered from 1 in the order endpoints first need them: one for each
     // direction and selecting policies (and the endpoint's own named ports, when those
     // policies resolve ingress named ports against it), as the engine shares them.
@@ -67,40 +75,54 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             continue;
         }
         let mut ep = EndpointPlan::new(pod.key.clone());
+        let ns_labels = state.namespace_labels(&pod.key.namespace);
         for direction in Direction::BOTH {
-            let policies: Vec<&Policy> = state
-                .policies_in(&pod.key.namespace)
-                .filter(|p| p.pod_selector.matches(&pod.labels) && p.rules(direction).is_some())
+            let policies: Vec<&PolicyTerms> = namespaced
+                .get(pod.key.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .chain(&cluster)
+                .filter(|p| p.subject.selects(pod, &ns_labels) && p.covers(direction))
                 .collect();
             if policies.is_empty() {
                 continue;
             }
-            dispatch.extend(policies.iter().map(|p| (direction, *ip, p.key.clone(), true)));
+            dispatch.extend(
+                policies
+                    .iter()
+                    .filter(|p| p.isolates)
+                    .map(|p| (direction, *ip, p.key.clone(), true)),
+            );
             let own = direction == Direction::Ingress
                 && policies
                     .iter()
-                    .flat_map(|p| p.rules(direction).unwrap_or_default())
-                    .any(|r| r.ports.iter().any(|port| matches!(port, PortSpec::Named { .. })));
+                    .flat_map(|p| p.terms(direction))
+                    .any(|t| t.ports.iter().any(|port| matches!(port, PortSel::Spec(s) if matches!(s, crate::model::PortSpec::Named { .. }))));
             let own_ports: Vec<NamedPort> = if own { pod.named_ports.to_vec() } else { Vec::new() };
+            let mut keys: Vec<ObjectKey> = policies.iter().map(|p| p.key.clone()).collect();
+            keys.sort();
             let key = ProfileKey {
                 direction,
-                policies: policies.iter().map(|p| p.key.clone()).collect(),
+                policies: keys,
                 own_ports,
                 quarantined: false,
+                isolating: policies.iter().any(|p| p.isolates),
             };
             if let Some(id) = profile_ids.get(&key) {
                 ep.profiles[direction as usize] = Some(*id);
                 continue;
             }
             let mut allow: HashSet<Allow> = HashSet::new();
-            for rule in policies.iter().flat_map(|p| p.rules(direction).unwrap_or_default()) {
-                for term in rule_terms(rule, direction) {
+            for term in policies.iter().flat_map(|p| p.terms(direction)) {
+                {
+                    let verdict = &term.verdict;
                     let add =
                         |allow: &mut HashSet<Allow>, peer: PeerMatch, peer_ports: &[NamedPort]| {
                             for port in &term.ports {
                                 let named = resolution_ports(direction, &key.own_ports, peer_ports);
                                 if let Some(ports) = port.resolve(named) {
-                                    allow.insert(Allow { peer: peer.clone(), ports });
+                                    let verdict = verdict.clone();
+                                    allow.insert(Allow { peer: peer.clone(), ports, verdict });
                                 }
                             }
                         };
@@ -113,14 +135,20 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                             let (set, members) = selector_set(sel, &mut plan);
                             for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
                                 if let Some(ports) = port.resolve(&key.own_ports) {
-                                    allow.insert(Allow { peer: PeerMatch::Set(set), ports });
+                                    let verdict = verdict.clone();
+                                    allow.insert(Allow {
+                                        peer: PeerMatch::Set(set),
+                                        ports,
+                                        verdict,
+                                    });
                                 }
                             }
                             for id in members {
                                 for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
                                     if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
-                                        allow
-                                            .insert(Allow { peer: PeerMatch::Identity(id), ports });
+                                        let peer = PeerMatch::Identity(id);
+                                        let verdict = verdict.clone();
+                                        allow.insert(Allow { peer, ports, verdict });
                                     }
                                 }
                             }
@@ -157,6 +185,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                     policies: Vec::new(),
                     own_ports: Vec::new(),
                     quarantined: true,
+                    isolating: true,
                 };
                 let id = match profile_ids.get(&key) {
                     Some(id) => *id,
@@ -184,6 +213,7 @@ struct ProfileKey {
     policies: Vec<ObjectKey>,
     own_ports: Vec<NamedPort>,
     quarantined: bool,
+    isolating: bool,
 }
 
 fn new_profile(
@@ -193,7 +223,7 @@ fn new_profile(
     allow: HashSet<Allow>,
 ) -> ProfileId {
     let id = ids.len() as ProfileId + 1;
-    plan.profiles.insert(id, Profile { direction: key.direction, allow });
+    plan.profiles.insert(id, Profile { direction: key.direction, isolating: key.isolating, allow });
     ids.insert(key, id);
     id
 }

@@ -176,7 +176,7 @@ fn direction_layout(policy: &Policy, dir: Direction) -> Option<DirectionLayout> 
     })?;
     let mut out = Vec::new();
     for rule in rules {
-        for term in rule_terms(rule, dir) {
+        for term in rule_terms(rule, dir, &crate::plan::Verdict::Allow) {
             let peers = match &term.peer {
                 TermPeer::Any => Vec::new(),
                 TermPeer::Pods(sel) => match selector_matches(sel) {

@@ -14,10 +14,14 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::model::{
-    CidrBlock, Direction, NamedPort, Peer, Pod, PortSpec, Protocol, Rule, find_named_port,
+use crate::model::cluster_policy::{
+    ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier,
 };
-use crate::plan::{Conflict, PeerSelector, PortMatch};
+use crate::model::{
+    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Peer, Pod,
+    Policy, PortSpec, Protocol, Rule, find_named_port,
+};
+use crate::plan::{Conflict, PeerSelector, PortMatch, Precedence, Verdict};
 use crate::state::Claim;
 
 pub use engine::{DORMANT_SELECTORS, Engine, ProfileOrigin};
@@ -106,14 +110,153 @@ pub enum TermPeer {
 pub struct Term {
     pub peer: TermPeer,
     pub ports: Vec<PortSel>,
+    /// What its entries do (a NetworkPolicy's admit).
+    pub verdict: Verdict,
 }
 
-/// Splits a rule into terms.
+/// Whom a policy selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// A NetworkPolicy's: the pods of its namespace that its podSelector matches.
+    Namespaced { namespace: String, pods: LabelSelector },
+    /// A ClusterNetworkPolicy's: pods of any namespace.
+    Cluster(PodSet),
+}
+
+impl Subject {
+    /// Whether it selects `pod`, whose namespace has labels `namespace_labels`.
+    pub fn selects(&self, pod: &Pod, namespace_labels: &Labels) -> bool {
+        match self {
+            Subject::Namespaced { namespace, pods } => {
+                *namespace == pod.key.namespace && pods.matches(&pod.labels)
+            }
+            Subject::Cluster(set) => {
+                set.namespaces.matches(namespace_labels)
+                    && set.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+            }
+        }
+    }
+}
+
+/// A policy of either kind as the compiler expands it: whom it selects, and, for each
+/// direction it covers, its rules as terms carrying their verdicts.
+#[derive(Clone, Debug)]
+pub struct PolicyTerms {
+    /// `ns/name` for a NetworkPolicy, the bare name (empty namespace) for a
+    /// ClusterNetworkPolicy.
+    pub key: ObjectKey,
+    pub subject: Subject,
+    /// Whether what it selects is isolated (NetworkPolicies: what no rule admits is refused).
+    pub isolates: bool,
+    /// The terms of each direction it covers (ingress, egress); `None` for a direction it
+    /// does not (a NetworkPolicy's policyTypes, a ClusterNetworkPolicy without rules there).
+    pub terms: [Option<Vec<Term>>; 2],
+}
+
+impl PolicyTerms {
+    pub fn of_network_policy(p: &Policy) -> Self {
+        Self {
+            key: p.key.clone(),
+            subject: Subject::Namespaced {
+                namespace: p.key.namespace.clone(),
+                pods: p.pod_selector.clone(),
+            },
+            isolates: true,
+            terms: Direction::BOTH.map(|d| {
+                p.rules(d).map(|rules| {
+                    rules.iter().flat_map(|r| rule_terms(r, d, &Verdict::Allow)).collect()
+                })
+            }),
+        }
+    }
+
+    /// The tiers, priorities and rule order resolve here, into each term's verdict.
+    pub fn of_cluster_policy(p: &ClusterPolicy) -> Self {
+        let name: std::sync::Arc<str> = p.name.as_str().into();
+        Self {
+            key: cluster_policy_key(&p.name),
+            subject: Subject::Cluster(p.subject.clone()),
+            isolates: false,
+            terms: Direction::BOTH.map(|d| {
+                let rules = p.rules(d);
+                (!rules.is_empty()).then(|| {
+                    rules
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, r)| {
+                            let precedence = Precedence {
+                                priority: p.priority,
+                                policy: name.clone(),
+                                rule: i as u32,
+                                action: r.action,
+                            };
+                            let verdict = match p.tier {
+                                Tier::Admin => Verdict::Admin(precedence),
+                                Tier::Baseline => Verdict::Baseline(precedence),
+                            };
+                            rule_terms(&cluster_rule(r), d, &verdict)
+                        })
+                        .collect()
+                })
+            }),
+        }
+    }
+
+    pub fn covers(&self, d: Direction) -> bool {
+        self.terms[d as usize].is_some()
+    }
+
+    pub fn terms(&self, d: Direction) -> &[Term] {
+        self.terms[d as usize].as_deref().unwrap_or_default()
+    }
+}
+
+/// How a ClusterNetworkPolicy is named where policies of both kinds are listed.
+pub fn cluster_policy_key(name: &str) -> ObjectKey {
+    ObjectKey { namespace: String::new(), name: name.to_string() }
+}
+
+/// A ClusterNetworkPolicy rule's peers and ports in a NetworkPolicy rule's terms: `pods`
+/// and `namespaces` as selector peers, `networks` as blocks, a named port for each
+/// protocol it may be declared with.
+fn cluster_rule(rule: &ClusterRule) -> Rule {
+    let peers = rule
+        .peers
+        .iter()
+        .flat_map(|p| match p {
+            ClusterPeer::Pods(set) => vec![Peer::Pods {
+                namespaces: NamespaceScope::Selector(set.namespaces.clone()),
+                pods: set.pods.clone().unwrap_or_else(LabelSelector::everything),
+            }],
+            ClusterPeer::Networks(nets) => {
+                nets.iter().map(|n| Peer::Block(CidrBlock::new(*n, []))).collect()
+            }
+        })
+        .collect();
+    let ports = rule
+        .ports
+        .iter()
+        .flatten()
+        .flat_map(|p| match p {
+            ClusterPort::Range { protocol, first, last } => {
+                vec![PortSpec::Range { protocol: *protocol, first: *first, last: *last }]
+            }
+            ClusterPort::Protocol(p) => vec![PortSpec::Protocol(*p)],
+            ClusterPort::Named(name) => Protocol::ALL
+                .iter()
+                .map(|p| PortSpec::Named { protocol: *p, name: name.clone() })
+                .collect(),
+        })
+        .collect();
+    Rule { peers, ports }
+}
+
+/// Splits a rule into terms whose entries do `verdict`.
 ///
 /// Ingress named ports resolve against the endpoint itself, so every peer keeps every port.
 /// Egress named ports resolve against the destination pod: a peer that is not a selector
 /// (every address, an ipBlock) only admits pods for its named ports.
-pub fn rule_terms(rule: &Rule, direction: Direction) -> Vec<Term> {
+pub fn rule_terms(rule: &Rule, direction: Direction, verdict: &Verdict) -> Vec<Term> {
     let ports: Vec<PortSel> = if rule.ports.is_empty() {
         vec![PortSel::Any]
     } else {
@@ -126,7 +269,7 @@ pub fn rule_terms(rule: &Rule, direction: Direction) -> Vec<Term> {
     let mut terms = Vec::new();
     let mut push = |peer: TermPeer, ports: &[PortSel]| {
         if !ports.is_empty() {
-            terms.push(Term { peer, ports: ports.to_vec() });
+            terms.push(Term { peer, ports: ports.to_vec(), verdict: verdict.clone() });
         }
     };
     let any_peer = [None];

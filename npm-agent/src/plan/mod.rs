@@ -30,6 +30,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::model::cluster_policy::Action;
 use crate::model::{
     CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Pod,
     Protocol,
@@ -137,10 +138,57 @@ impl PortMatch {
     }
 }
 
+/// What an entry does when it matches, and where it stands among the others.
+///
+/// NetworkPolicies only admit: their entries are [`Verdict::Allow`]. ClusterNetworkPolicy
+/// rules come before them (Admin tier) or after them (Baseline tier), ordered by
+/// [`Precedence`]; the variants are declared in that order, so the derived order is the
+/// order of evaluation. How a set of matching entries decides is [`DirectionPlan::admits`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Verdict {
+    /// An Admin-tier rule: the first that matches decides (Pass skips the rest of the tier).
+    Admin(Precedence),
+    /// A NetworkPolicy's rule: admits.
+    #[default]
+    Allow,
+    /// A Baseline-tier rule: judged only where no NetworkPolicy isolates the endpoint.
+    Baseline(Precedence),
+}
+
+/// A ClusterNetworkPolicy rule's place in its tier: lower priority first, equal priorities
+/// by policy name (the API leaves that order to the implementation), then rule order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Precedence {
+    pub priority: u32,
+    pub policy: std::sync::Arc<str>,
+    /// The rule's index in its direction's rules.
+    pub rule: u32,
+    pub action: Action,
+}
+
+impl Verdict {
+    pub fn precedence(&self) -> Option<&Precedence> {
+        match self {
+            Verdict::Admin(p) | Verdict::Baseline(p) => Some(p),
+            Verdict::Allow => None,
+        }
+    }
+}
+
+/// An entry of a profile: packets of `peer` on `ports` meet `verdict` (for a
+/// NetworkPolicy's rule, they are admitted).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Allow {
     pub peer: PeerMatch,
     pub ports: PortMatch,
+    pub verdict: Verdict,
+}
+
+impl Allow {
+    /// A NetworkPolicy's entry.
+    pub fn new(peer: PeerMatch, ports: PortMatch) -> Self {
+        Self { peer, ports, verdict: Verdict::Allow }
+    }
 }
 
 impl fmt::Display for Allow {
@@ -158,6 +206,15 @@ impl fmt::Display for Allow {
                 write!(f, " {protocol}/{first}")
             }
             PortMatch::Range { protocol, first, last } => write!(f, " {protocol}/{first}-{last}"),
+        }?;
+        match &self.verdict {
+            Verdict::Allow => Ok(()),
+            Verdict::Admin(p) => {
+                write!(f, " admin {:?} ({} #{} rule {})", p.action, p.policy, p.priority, p.rule)
+            }
+            Verdict::Baseline(p) => {
+                write!(f, " baseline {:?} ({} #{} rule {})", p.action, p.policy, p.priority, p.rule)
+            }
         }
     }
 }
@@ -165,11 +222,15 @@ impl fmt::Display for Allow {
 /// A profile's number, unique while the compiler runs (never reused). Never 0.
 pub type ProfileId = u32;
 
-/// The allow entries of isolated endpoint directions that the same policies select.
+/// The entries of endpoint directions that the same policies select.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Profile {
     /// Whether peers are sources (ingress) or destinations (egress).
     pub direction: Direction,
+    /// Whether a NetworkPolicy selects its endpoint directions (or they are quarantined):
+    /// what no entry admits is then refused. A profile of ClusterNetworkPolicies alone
+    /// refuses only what their Deny entries say.
+    pub isolating: bool,
     pub allow: HashSet<Allow>,
 }
 
@@ -179,9 +240,12 @@ static NO_ENTRIES: std::sync::LazyLock<HashSet<Allow>> = std::sync::LazyLock::ne
 /// One direction of one endpoint, as the plan enforces it.
 #[derive(Clone, Copy, Debug)]
 pub struct DirectionPlan<'a> {
-    /// Whether any policy selects the endpoint for this direction. When false, everything
-    /// is allowed and `allow` is empty.
+    /// Whether a NetworkPolicy isolates the endpoint for this direction (what no entry
+    /// admits is refused).
     pub isolated: bool,
+    /// Whether any policy selects it (it has a profile). When false, everything is allowed
+    /// and `allow` is empty.
+    pub selected: bool,
     pub allow: &'a HashSet<Allow>,
 }
 
@@ -197,12 +261,42 @@ impl DirectionPlan<'_> {
         protocol: Protocol,
         port: u16,
     ) -> bool {
-        !self.isolated
-            || self
-                .allow
-                .iter()
-                .any(|a| a.peer.matches(sets, peer, identity) && a.ports.matches(protocol, port))
+        if !self.selected {
+            return true;
+        }
+        let matching = self
+            .allow
+            .iter()
+            .filter(|a| a.peer.matches(sets, peer, identity) && a.ports.matches(protocol, port))
+            .map(|a| &a.verdict);
+        decide(matching, self.isolated)
     }
+}
+
+/// What the entries matching a packet (`matching`, in any order) decide, for an endpoint
+/// direction that NetworkPolicies isolate or not: the Admin tier's first match (unless it
+/// passes), then the NetworkPolicies' allows (final where they isolate), then the Baseline
+/// tier's first match; what nothing decides is allowed.
+pub fn decide<'a>(matching: impl Iterator<Item = &'a Verdict>, isolated: bool) -> bool {
+    let mut admin: Option<&Precedence> = None;
+    let mut allowed = false;
+    let mut baseline: Option<&Precedence> = None;
+    for v in matching {
+        match v {
+            Verdict::Admin(p) => admin = Some(admin.map_or(p, |a| a.min(p))),
+            Verdict::Allow => allowed = true,
+            Verdict::Baseline(p) => baseline = Some(baseline.map_or(p, |b| b.min(p))),
+        }
+    }
+    match admin.map(|p| p.action) {
+        Some(Action::Accept) => return true,
+        Some(Action::Deny) => return false,
+        Some(Action::Pass) | None => {}
+    }
+    if allowed || isolated {
+        return allowed;
+    }
+    baseline.is_none_or(|p| p.action != Action::Deny)
 }
 
 impl PeerMatch {
@@ -228,7 +322,8 @@ impl PeerMatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointPlan {
     pub pod: ObjectKey,
-    /// The profile of each direction (ingress, egress) that is isolated.
+    /// The profile of each direction (ingress, egress) that a policy selects (a
+    /// NetworkPolicy, which isolates it, or a ClusterNetworkPolicy).
     pub profiles: [Option<ProfileId>; 2],
 }
 
@@ -291,10 +386,10 @@ impl Plan {
     /// profile the plan lacks admits nothing).
     pub fn direction(&self, ep: &EndpointPlan, d: Direction) -> DirectionPlan<'_> {
         match ep.profile(d) {
-            None => DirectionPlan { isolated: false, allow: &NO_ENTRIES },
-            Some(p) => DirectionPlan {
-                isolated: true,
-                allow: self.profiles.get(&p).map_or(&NO_ENTRIES, |p| &p.allow),
+            None => DirectionPlan { isolated: false, selected: false, allow: &NO_ENTRIES },
+            Some(p) => match self.profiles.get(&p) {
+                Some(p) => DirectionPlan { isolated: p.isolating, selected: true, allow: &p.allow },
+                None => DirectionPlan { isolated: true, selected: true, allow: &NO_ENTRIES },
             },
         }
     }
@@ -354,8 +449,12 @@ impl Plan {
                         .remove(ip)
                         .ok_or_else(|| format!("endpoint {ip} removed but absent"))?;
                 }
-                Change::AddProfile { profile, direction } => {
-                    let new = Profile { direction: *direction, allow: HashSet::new() };
+                Change::AddProfile { profile, direction, isolating } => {
+                    let new = Profile {
+                        direction: *direction,
+                        isolating: *isolating,
+                        allow: HashSet::new(),
+                    };
                     if self.profiles.insert(*profile, new).is_some() {
                         return Err(format!("profile {profile} added twice"));
                     }
@@ -472,7 +571,11 @@ impl Plan {
                 .extend(set.members.iter().map(|m| Change::AddMember { set: *id, identity: *m }));
         }
         for (id, p) in &self.profiles {
-            changes.push(Change::AddProfile { profile: *id, direction: p.direction });
+            changes.push(Change::AddProfile {
+                profile: *id,
+                direction: p.direction,
+                isolating: p.isolating,
+            });
             changes.extend(
                 p.allow.iter().map(|a| Change::AddAllow { profile: *id, allow: a.clone() }),
             );
@@ -515,6 +618,7 @@ pub enum Change {
     AddProfile {
         profile: ProfileId,
         direction: Direction,
+        isolating: bool,
     },
     /// A profile no endpoint names any more, with its entries.
     RemoveProfile {
@@ -646,8 +750,9 @@ pub struct CanonicalPlan {
     pub layout: Layout,
 }
 
-/// One endpoint direction, canonical: isolated, and its sorted (peer, ports) entries.
-pub type CanonicalDirection = (bool, Vec<(CanonicalPeer, PortMatch)>);
+/// One endpoint direction, canonical: isolated, selected, and its sorted (peer, ports,
+/// verdict) entries.
+pub type CanonicalDirection = (bool, bool, Vec<(CanonicalPeer, PortMatch, Verdict)>);
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CanonicalPeer {
@@ -694,11 +799,11 @@ impl Plan {
                                 }
                                 PeerMatch::Cidr(b) => CanonicalPeer::Cidr(b.clone()),
                             };
-                            (peer, a.ports)
+                            (peer, a.ports, a.verdict.clone())
                         })
                         .collect();
                     allows.sort();
-                    (d.isolated, allows)
+                    (d.isolated, d.selected, allows)
                 };
                 let [i, e] = Direction::BOTH.map(|d| dir(self.direction(ep, d)));
                 (*ip, ep.pod.clone(), [i, e])

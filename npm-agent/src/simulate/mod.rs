@@ -48,18 +48,16 @@ pub struct CompilerEnforcer {
 
 impl Default for CompilerEnforcer {
     fn default() -> Self {
-        Self { engine: Engine::new(Scope::Cluster), plan: Plan::default() }
+        Self {
+            engine: Engine::new(Scope::Cluster).with_cluster_policies(),
+            plan: Plan::default(),
+        }
     }
 }
 
 impl Enforcer for CompilerEnforcer {
     fn apply(&mut self, _: &CaseCluster, events: &[Event]) -> anyhow::Result<()> {
         for e in events {
-            if matches!(e, Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_)) {
-                anyhow::bail!(
-                    "ClusterNetworkPolicy is not compiled yet (only the reference evaluator judges it)"
-                );
-            }
             let diff = self.engine.handle(e.clone());
             self.plan
                 .apply(&diff)

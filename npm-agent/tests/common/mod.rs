@@ -10,6 +10,9 @@ use ipnet::IpNet;
 use proptest::prelude::*;
 use proptest::sample::select;
 
+use npm_agent::model::cluster_policy::{
+    Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier,
+};
 use npm_agent::model::{
     CidrBlock, LabelSelector, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey,
     Operator, Peer, Pod, PodPhase, Policy, PortSpec, Protocol, Requirement, Rule,
@@ -291,6 +294,7 @@ pub fn initial_events(state: &ClusterState) -> Vec<Event> {
         .map(Event::UpsertNamespace)
         .chain(state.nodes.values().cloned().map(Event::UpsertNode))
         .chain(state.policies.values().cloned().map(Event::UpsertPolicy))
+        .chain(state.cluster_policies.values().cloned().map(Event::UpsertClusterPolicy))
         .chain(state.pods.values().cloned().map(Event::UpsertPod))
         .collect()
 }
@@ -342,4 +346,83 @@ pub fn dataplane_admits(
                 )
         }
     }
+}
+
+// ---- ClusterNetworkPolicies ----
+
+fn pod_set() -> impl Strategy<Value = PodSet> {
+    (selector(NS_LABELS), prop::option::of(selector(POD_LABELS)))
+        .prop_map(|(namespaces, pods)| PodSet { namespaces, pods })
+}
+
+fn cluster_peer(egress: bool) -> BoxedStrategy<ClusterPeer> {
+    let pods = pod_set().prop_map(ClusterPeer::Pods);
+    if !egress {
+        return pods.boxed();
+    }
+    let nets = ["10.0.0.0/24", "10.0.0.4/30", "0.0.0.0/0", "10.0.0.7/32", "192.168.0.0/16"];
+    prop_oneof![
+        3 => pods,
+        2 => proptest::sample::subsequence(nets.to_vec(), 1..3)
+            .prop_map(|v| ClusterPeer::Networks(v.into_iter().map(net).collect())),
+    ]
+    .boxed()
+}
+
+fn cluster_port() -> impl Strategy<Value = ClusterPort> {
+    prop_oneof![
+        3 => (protocol(), select(&PORTS[..])).prop_map(|(protocol, p)| ClusterPort::Range { protocol, first: p, last: p }),
+        1 => (protocol(), select(&PORTS[..]), 0u16..100).prop_map(|(protocol, p, w)| ClusterPort::Range { protocol, first: p, last: p + w }),
+        1 => protocol().prop_map(ClusterPort::Protocol),
+        2 => select(&["http", "dns", "alt", "none"][..]).prop_map(|n| ClusterPort::Named(n.to_string())),
+    ]
+}
+
+fn cluster_rule(egress: bool) -> impl Strategy<Value = ClusterRule> {
+    (
+        select(&[Action::Accept, Action::Deny, Action::Pass][..]),
+        proptest::collection::vec(cluster_peer(egress), 1..3),
+        prop::option::of(proptest::collection::vec(cluster_port(), 1..3)),
+    )
+        .prop_map(|(action, peers, ports)| ClusterRule { name: None, action, peers, ports })
+}
+
+/// A ClusterNetworkPolicy `cnp0`..`cnp3` of either tier; few priorities, so that ties
+/// (ordered by name) happen.
+pub fn cluster_policy() -> impl Strategy<Value = ClusterPolicy> {
+    (
+        0u8..4,
+        select(&[Tier::Admin, Tier::Baseline][..]),
+        select(&[0u32, 5, 10][..]),
+        pod_set(),
+        proptest::collection::vec(cluster_rule(false), 0..3),
+        proptest::collection::vec(cluster_rule(true), 0..3),
+    )
+        .prop_map(|(i, tier, priority, subject, ingress, egress)| ClusterPolicy {
+            name: format!("cnp{i}"),
+            tier,
+            priority,
+            subject,
+            ingress,
+            egress,
+        })
+}
+
+/// A cluster with ClusterNetworkPolicies too.
+pub fn tiered_cluster() -> impl Strategy<Value = ClusterState> {
+    (cluster(), proptest::collection::vec(cluster_policy(), 0..4)).prop_map(|(mut s, cnps)| {
+        for p in cnps {
+            s.cluster_policies.insert(p.name.clone(), p);
+        }
+        s
+    })
+}
+
+/// One event over the universe, ClusterNetworkPolicies included.
+pub fn tiered_event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        8 => event(),
+        2 => cluster_policy().prop_map(Event::UpsertClusterPolicy),
+        1 => (0u8..4).prop_map(|i| Event::DeleteClusterPolicy(format!("cnp{i}"))),
+    ]
 }

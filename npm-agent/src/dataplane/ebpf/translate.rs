@@ -211,7 +211,7 @@ impl MapTranslator {
                 ep.profiles[*direction as usize] = profile.unwrap_or(0);
                 ops.push(MapOp::EndpointSet { ip, info: ep.info() });
             }
-            Change::AddProfile { profile, direction } => {
+            Change::AddProfile { profile, direction, .. } => {
                 self.profiles.insert(*profile, Profile { dir: *direction, allows: HashSet::new() });
             }
             Change::RemoveProfile { profile } => {

@@ -326,8 +326,10 @@ mod tests {
         ep.profiles = [Some(1), None];
         assert!(ep.isolated(Direction::Ingress));
         plan.endpoints.insert(ip, ep);
-        plan.profiles
-            .insert(1, Profile { direction: Direction::Ingress, allow: Default::default() });
+        plan.profiles.insert(
+            1,
+            Profile { direction: Direction::Ingress, isolating: true, allow: Default::default() },
+        );
         let mut dp = HnsDataplane::new(HostHcn::new());
         dp.reconcile(&plan).unwrap();
         assert!(dp.missing_endpoints().contains(&ip), "no endpoint yet");

@@ -329,7 +329,7 @@ mod tests {
         g.apply(&PlanDiff::of(vec![
             Change::AddEndpoint { ip: ip("10.0.0.1"), pod: pod.clone() },
             Change::AddEndpoint { ip: ip("10.0.0.2"), pod },
-            Change::AddProfile { profile: 1, direction: Direction::Ingress },
+            Change::AddProfile { profile: 1, direction: Direction::Ingress, isolating: true },
             Change::SetProfile {
                 ip: ip("10.0.0.1"),
                 direction: Direction::Ingress,
