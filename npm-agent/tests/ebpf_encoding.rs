@@ -70,6 +70,14 @@ impl NodeDataplane {
         }
     }
 
+    /// A node whose compiler also compiles ClusterNetworkPolicies (as the eBPF agent's does).
+    fn tiered(node: &str) -> Self {
+        Self {
+            engine: Engine::new(Scope::Node(node.into())).with_cluster_policies(),
+            ..Self::new(node)
+        }
+    }
+
     fn handle(&mut self, e: &Event) {
         self.handle_together(std::slice::from_ref(e));
     }
@@ -159,6 +167,26 @@ proptest! {
             prop_assert_eq!(d.policy.len(), n.maps.policy.len());
             prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
             prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
+        }
+    }
+
+    /// With ClusterNetworkPolicies: verdict codes, folded values and three lookups decide
+    /// as the specification's tiers do.
+    #[test]
+    fn encoded_tiers_decide_like_the_specification(state in tiered_cluster(), events in proptest::collection::vec(tiered_event(), 0..12)) {
+        let mut nodes: HashMap<String, NodeDataplane> = NODES.iter().map(|n| (n.to_string(), NodeDataplane::tiered(n))).collect();
+        let mut current = ClusterState::default();
+        for e in initial_events(&state).iter().chain(events.iter()) {
+            current.apply(e);
+            for n in nodes.values_mut() {
+                n.handle(e);
+            }
+        }
+        check(&current, &nodes)?;
+        // The maps hold exactly the keys the translator says they hold.
+        for n in nodes.values() {
+            let d = n.translator.desired();
+            prop_assert_eq!(d.policy.len(), n.maps.policy.len());
         }
     }
 

@@ -76,7 +76,8 @@ impl Harness {
             attach: false,
         })
         .expect("load");
-        let mut h = Harness { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root, ifaces };
+        let engine = Engine::new(Scope::Node("n1".into())).with_cluster_policies();
+        let mut h = Harness { engine, dp, pin_root, ifaces };
         h.event(Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))],
@@ -129,6 +130,12 @@ impl Harness {
     fn policy(&mut self, yaml: &str) {
         let np = serde_yaml_ng::from_str(yaml).expect("policy yaml");
         self.event(Event::UpsertPolicy(network_policy(&np).expect("valid policy")));
+    }
+
+    fn cluster_policy(&mut self, yaml: &str) {
+        use npm_agent::model::cluster_policy::{api, cluster_network_policy};
+        let o: api::ClusterNetworkPolicy = serde_yaml_ng::from_str(yaml).expect("policy yaml");
+        self.event(Event::UpsertClusterPolicy(cluster_network_policy(&o).expect("valid policy")));
     }
 
     /// Runs a packet through the program of one direction, where its addresses say it is;
@@ -805,4 +812,50 @@ fn drops_become_rate_limited_events_naming_pod_and_policy() {
     h.dp.set_drop_events(EventRate { per_second: 0, burst: 3 }).unwrap();
     h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Denied);
     assert!(wait(&mut feed).is_empty());
+}
+
+/// ClusterNetworkPolicy tiers in the kernel: an Admin Deny over a NetworkPolicy's allow, an
+/// Admin Pass handing over to it, an Admin Accept over a deny-all, and a Baseline Deny that
+/// only binds where no NetworkPolicy isolates; three lookups whatever the tiers.
+#[test]
+fn cluster_policy_tiers() {
+    let Some(mut h) = Harness::new("tiers") else {
+        return;
+    };
+    // x/b admits every web pod on 5432; a's egress is not isolated.
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-to-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector: {matchLabels: {app: web}}\n",
+    );
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, B, 5432).bytes(), Reason::Policy), PASS);
+    // Admin: pass namespace x's own pods to the NetworkPolicies, deny every other pod.
+    h.cluster_policy(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}\n  ingress:\n  - action: Pass\n    from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}]\n  - action: Deny\n    from: [{namespaces: {}}]\n",
+    );
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, B, 5432).bytes(), Reason::Denied), DROP, "admin deny");
+    assert_eq!(h.run(DIR_INGRESS, &tcp(A, B, 5432).bytes(), Reason::Policy), PASS, "passed");
+    // a is not isolated by any NetworkPolicy: the Admin Deny binds it too, the Pass leaves
+    // it open (nothing isolates it).
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_INGRESS, &tcp(B, A, 80).bytes(), Reason::NotIsolated), PASS);
+    // Not a pod: no rule matches; b is isolated, a is not.
+    assert_eq!(h.run(DIR_INGRESS, &tcp(OUTSIDE, B, 5432).bytes(), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_INGRESS, &tcp(OUTSIDE, A, 80).bytes(), Reason::NotIsolated), PASS);
+    // A higher-priority Accept (lower number) for y's web pods on 5432 wins over the Deny.
+    h.cluster_policy(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: allow-c}\nspec:\n  tier: Admin\n  priority: 5\n  subject: {namespaces: {}}\n  ingress:\n  - action: Accept\n    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}]\n    protocols: [{tcp: {destinationPort: {number: 5432}}}]\n",
+    );
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, B, 5432).bytes(), Reason::Policy), PASS, "accept");
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, B, 5433).bytes(), Reason::Denied), DROP, "other port");
+    // Baseline: deny egress to the outside; a (not isolated for egress) is bound by it.
+    h.cluster_policy(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-outside}\nspec:\n  tier: Baseline\n  priority: 0\n  subject: {namespaces: {}}\n  egress:\n  - action: Deny\n    to: [{networks: [192.168.0.0/16]}]\n",
+    );
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 443).bytes(), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 443).bytes(), Reason::NotIsolated), PASS);
+    // ... unless a NetworkPolicy isolates a's egress: it then decides alone.
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 192.168.0.0/16}\n",
+    );
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 443).bytes(), Reason::Policy), PASS);
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 443).bytes(), Reason::Denied), DROP);
 }

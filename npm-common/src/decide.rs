@@ -20,8 +20,8 @@
 use crate::conntrack::{CtKey, CtValue, FragKey, FragValue, starts_flow};
 use crate::packet::{Flow, FragmentKind, FrameKind, Kind, Packet, Parsed, other_direction};
 use crate::{
-    DIR_EGRESS, EndpointInfo, IfaceInfo, PEER_ANY, POLICY_PREFIX_FULL, PolicyKeyData, Reason,
-    policy_key,
+    DIR_EGRESS, EndpointInfo, IfaceInfo, PEER_ANY, POLICY_PREFIX_FULL, PolicyKeyData, PolicyValue,
+    Reason, policy_key,
 };
 
 /// The lookups and writes a decision needs.
@@ -34,8 +34,8 @@ pub trait Maps {
     fn identity(&self, ip: [u8; 4]) -> Option<u32>;
     /// The id of the longest listed CIDR prefix holding the address.
     fn prefix_id(&self, ip: [u8; 4]) -> Option<u32>;
-    /// Whether an entry of the policy trie matches the key (longest-prefix match).
-    fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool;
+    /// The value of the longest entry of the policy trie that matches the key.
+    fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue>;
     fn ct_get(&self, key: &CtKey) -> Option<CtValue>;
     fn ct_put(&self, key: &CtKey, value: &CtValue);
     fn ct_delete(&self, key: &CtKey);
@@ -89,7 +89,7 @@ pub fn decide<M: Maps>(m: &M, hook: &Hook, parsed: &Parsed) -> Verdict {
         FrameKind::Arp => return Verdict::of(Reason::Unmanaged, None),
         FrameKind::Other => {
             // IPv6 and the rest: not enforced yet, so an isolated endpoint refuses them.
-            let isolated = iface.and_then(|i| m.endpoint(i.ip4)).is_some_and(|e| e.isolated(dir));
+            let isolated = iface.and_then(|i| m.endpoint(i.ip4)).is_some_and(|e| e.enforced(dir));
             return Verdict::of(
                 if isolated { Reason::Unsupported } else { Reason::Unmanaged },
                 None,
@@ -115,7 +115,8 @@ pub fn decide<M: Maps>(m: &M, hook: &Hook, parsed: &Parsed) -> Verdict {
     let Some(ep) = m.endpoint(endpoint_ip) else {
         return Verdict::of(Reason::Unmanaged, Some(flow));
     };
-    let isolated = ep.isolated(dir);
+    // (Odd packets are refused wherever a policy judges, even one that does not isolate.)
+    let isolated = ep.enforced(dir);
     let peer = if dir == DIR_EGRESS { flow.dst } else { flow.src };
 
     if p.has_ports() {
@@ -207,37 +208,40 @@ fn follow<M: Maps>(m: &M, key: &CtKey, p: &Packet, reply: bool, now: u64) -> boo
 /// Policy's answer for a packet no tracked flow accounts for.
 #[inline(always)]
 fn judge<M: Maps>(m: &M, ep: &EndpointInfo, dir: u8, peer: [u8; 4], flow: &Flow) -> Reason {
-    if !ep.isolated(dir) {
-        Reason::NotIsolated
-    } else if m.is_node_ip(peer) {
-        Reason::Node
-    } else if admitted(m, ep.profile(dir), dir, peer, flow) {
-        Reason::Policy
-    } else {
-        Reason::Denied
+    let profile = ep.profile(dir);
+    if profile == 0 {
+        return Reason::NotIsolated;
+    }
+    if m.is_node_ip(peer) {
+        return Reason::Node;
+    }
+    match matching(m, profile, dir, peer, flow).decision(ep.isolated(dir)) {
+        Some(true) => Reason::Policy,
+        Some(false) => Reason::Denied,
+        None => Reason::NotIsolated,
     }
 }
 
+/// What the profile's entries for the peer's identity, its prefix and anyone say: three
+/// trie lookups, whatever the number of policies and tiers.
 #[inline(always)]
-fn admitted<M: Maps>(m: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> bool {
+fn matching<M: Maps>(m: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> PolicyValue {
     // A rule's ports are the destination's, in both directions.
-    let check = |peer_id: u32| {
-        m.policy_matches(
+    let get = |peer_id: u32| {
+        m.policy_lookup(
             POLICY_PREFIX_FULL,
             &policy_key(profile, dir, peer_id, flow.protocol, flow.dport),
         )
+        .unwrap_or(PolicyValue::NONE)
     };
-    if let Some(id) = m.identity(peer)
-        && check(id)
-    {
-        return true;
+    let mut v = get(PEER_ANY);
+    if let Some(id) = m.identity(peer) {
+        v = v.fold(get(id));
     }
-    if let Some(id) = m.prefix_id(peer)
-        && check(id)
-    {
-        return true;
+    if let Some(id) = m.prefix_id(peer) {
+        v = v.fold(get(id));
     }
-    check(PEER_ANY)
+    v
 }
 
 #[cfg(test)]
@@ -283,10 +287,10 @@ mod tests {
         fn prefix_id(&self, _: [u8; 4]) -> Option<u32> {
             None
         }
-        fn policy_matches(&self, _: u32, key: &PolicyKeyData) -> bool {
+        fn policy_lookup(&self, _: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
             let profile = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
             let peer = u32::from_be_bytes([key[5], key[6], key[7], key[8]]);
-            self.policy.contains(&(profile, key[4], peer))
+            self.policy.contains(&(profile, key[4], peer)).then_some(PolicyValue::ALLOW)
         }
         fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
             self.ct.borrow().get(key).copied()

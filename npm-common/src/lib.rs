@@ -103,9 +103,17 @@ pub struct EndpointInfo {
 }
 
 impl EndpointInfo {
+    /// Whether NetworkPolicies isolate this direction: what no entry admits is refused.
     pub fn isolated(&self, dir: u8) -> bool {
         let bit = if dir == DIR_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
         self.flags & bit != 0
+    }
+
+    /// Whether any policy judges this direction (it has a profile): isolated, or selected by
+    /// a ClusterNetworkPolicy whose entries may deny. Odd packets (unreadable ports, stray
+    /// fragments, other ethertypes) are refused where this holds.
+    pub fn enforced(&self, dir: u8) -> bool {
+        self.profile(dir) != 0
     }
 
     /// The profile whose entries admit this direction's traffic.
@@ -165,6 +173,82 @@ pub fn policy_key(profile: u32, dir: u8, peer: u32, protocol: u8, port: u16) -> 
         port[0],
         port[1],
     ]
+}
+
+/// Value of the policy trie: what the entries of a key decide, folded with those of every
+/// shorter key of the same (profile, direction, peer), so that the longest match alone
+/// holds all that covers the packet. Tiers are resolved by the compiler into verdict
+/// codes ([`verdict_code`]): the lowest code of a tier is its first matching rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PolicyValue {
+    /// The first matching Admin-tier rule's code, or [`VERDICT_NONE`].
+    pub admin: u32,
+    /// The first matching Baseline-tier rule's code, or [`VERDICT_NONE`].
+    pub baseline: u32,
+    /// 1 when a NetworkPolicy admits.
+    pub allow: u32,
+}
+
+/// No rule of the tier matches.
+pub const VERDICT_NONE: u32 = u32::MAX;
+/// A verdict code's action (its two low bits).
+pub const ACTION_ACCEPT: u32 = 0;
+pub const ACTION_DENY: u32 = 1;
+pub const ACTION_PASS: u32 = 2;
+
+impl PolicyValue {
+    /// Nothing matches.
+    pub const NONE: Self = Self { admin: VERDICT_NONE, baseline: VERDICT_NONE, allow: 0 };
+    /// A NetworkPolicy admits, nothing else.
+    pub const ALLOW: Self = Self { admin: VERDICT_NONE, baseline: VERDICT_NONE, allow: 1 };
+
+    /// Both together: each tier's first rule, and whether anything admits.
+    #[inline(always)]
+    pub fn fold(self, other: Self) -> Self {
+        Self {
+            admin: if other.admin < self.admin { other.admin } else { self.admin },
+            baseline: if other.baseline < self.baseline { other.baseline } else { self.baseline },
+            allow: self.allow | other.allow,
+        }
+    }
+
+    /// What the matching entries decide for a direction NetworkPolicies isolate or not:
+    /// `Some(true)` admitted by a rule, `Some(false)` refused, `None` left to the default
+    /// (allowed: nothing isolates it). The Admin tier's first rule decides unless it
+    /// passes; then the NetworkPolicies (final where they isolate); then the Baseline tier.
+    #[inline(always)]
+    pub fn decision(self, isolated: bool) -> Option<bool> {
+        if self.admin != VERDICT_NONE {
+            match self.admin & 3 {
+                ACTION_ACCEPT => return Some(true),
+                ACTION_DENY => return Some(false),
+                _ => {}
+            }
+        }
+        if self.allow != 0 {
+            return Some(true);
+        }
+        if isolated {
+            return Some(false);
+        }
+        if self.baseline != VERDICT_NONE {
+            match self.baseline & 3 {
+                ACTION_ACCEPT => return Some(true),
+                ACTION_DENY => return Some(false),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// A ClusterNetworkPolicy rule's verdict code: lower first. `slot` orders the policies of
+/// equal priority (by name); rules are in order within a policy. Priorities run to 1000 and
+/// a direction has at most 25 rules (the CRD's limits); values beyond the fields saturate.
+pub fn verdict_code(priority: u32, slot: u32, rule: u32, action: u32) -> u32 {
+    let clamp = |v: u32, max: u32| if v > max { max } else { v };
+    (clamp(priority, 1023) << 16) | (clamp(slot, 255) << 8) | (clamp(rule, 63) << 2) | (action & 3)
 }
 
 // ---- counters ----
@@ -273,6 +357,7 @@ mod user {
     // (`bytemuck::Pod`, checked by the derive at compile time).
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::IfaceInfo {}
+    unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::conntrack::CtKey {}
     unsafe impl aya::Pod for super::conntrack::CtValue {}
     unsafe impl aya::Pod for super::conntrack::FragKey {}

@@ -23,7 +23,7 @@ use npm_common::{
     CONFIG_ENTRIES, CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, COUNTERS, DIR_EGRESS, DIR_INGRESS,
     DropEvent, EVENTS_RING_BYTES, EndpointInfo, Frame, Hook, IfaceInfo, MAX_CIDRS, MAX_CT,
     MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_IFACES, MAX_NODE_IPS, MAX_POLICY, Maps,
-    PolicyKeyData, RateLimit, Reason, Verdict, classify_frame,
+    PolicyKeyData, PolicyValue, RateLimit, Reason, Verdict, classify_frame,
     conntrack::{CtKey, CtValue, FragKey, FragValue},
     counter_index, decide, drop_event, rate_admit,
 };
@@ -37,7 +37,8 @@ static NPM_IDENTITIES: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_IDENTITIES, 0
 #[map]
 static NPM_CIDRS: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_CIDRS, BPF_F_NO_PREALLOC);
 #[map]
-static NPM_POLICY: LpmTrie<PolicyKeyData, u32> = LpmTrie::pinned(MAX_POLICY, BPF_F_NO_PREALLOC);
+static NPM_POLICY: LpmTrie<PolicyKeyData, PolicyValue> =
+    LpmTrie::pinned(MAX_POLICY, BPF_F_NO_PREALLOC);
 #[map]
 static NPM_NODE_IPS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_NODE_IPS, 0);
 #[map]
@@ -94,8 +95,8 @@ impl Maps for Kernel {
         NPM_CIDRS.get(Key::new(32, ip)).copied()
     }
 
-    fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {
-        NPM_POLICY.get(Key::new(prefix_len, *key)).is_some()
+    fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
+        NPM_POLICY.get(Key::new(prefix_len, *key)).copied()
     }
 
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {

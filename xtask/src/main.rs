@@ -315,11 +315,22 @@ fn test() -> Result<()> {
                 simulate("the shared conformance examples", &[&shared_examples, &tiers])
             }
         }),
-        Step::new("lab (eBPF): conformance cases and shared examples with real packets", {
-            let own = root.join("tests/conformance");
-            let shared_examples = shared_examples.clone();
-            move || lab("the lab in eBPF mode", "ebpf", &[&own, &shared_examples])
-        }),
+        Step::new(
+            "lab (eBPF): conformance cases and shared examples with real packets, ClusterNetworkPolicy cases included",
+            {
+                let own = root.join("tests/conformance");
+                let shared_examples = shared_examples.clone();
+                move || {
+                    let own_tiers = own.join("cluster-network-policy");
+                    let shared_tiers = shared_examples.with_file_name("cluster-network-policy");
+                    lab(
+                        "the lab in eBPF mode",
+                        "ebpf",
+                        &[&own, &own_tiers, &shared_examples, &shared_tiers],
+                    )
+                }
+            },
+        ),
         // (The cross-dataplane differential test, tests/lab_differential.rs, runs with the
         // integration tests.)
         Step::new("lab (iptables): conformance cases and shared examples with real packets", {

@@ -137,6 +137,8 @@ impl Agent {
         }
         let engine = Engine::new(Scope::Node(node_name.to_string()));
         let engine = if dataplane.wants_layout() { engine.with_layout() } else { engine };
+        let engine =
+            if dataplane.renders_tiers() { engine.with_cluster_policies() } else { engine };
         Agent {
             engine,
             source,

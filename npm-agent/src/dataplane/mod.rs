@@ -43,6 +43,12 @@ pub trait Dataplane {
     fn wants_layout(&self) -> bool {
         false
     }
+    /// Whether the dataplane renders ClusterNetworkPolicy tiers (entries whose verdict is
+    /// not a NetworkPolicy's allow, profiles that do not isolate): the compiler compiles
+    /// ClusterNetworkPolicies only for those that do.
+    fn renders_tiers(&self) -> bool {
+        false
+    }
     /// Applies one diff, in its order (make-before-break): one event's, or several events'
     /// concatenated (each one after the other, as a burst is applied).
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;
@@ -75,6 +81,10 @@ pub struct Memory {
 impl Dataplane for Memory {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn renders_tiers(&self) -> bool {
+        true
     }
 
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {

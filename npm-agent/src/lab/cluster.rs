@@ -79,6 +79,7 @@ pub struct LabCluster {
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<ObjectKey, Pod>,
     policies: BTreeMap<ObjectKey, Policy>,
+    cluster_policies: BTreeMap<String, crate::model::cluster_policy::ClusterPolicy>,
     /// Node of each pod, fixed at creation (pods are spread round-robin).
     placement: HashMap<ObjectKey, usize>,
     placed: usize,
@@ -107,6 +108,7 @@ impl LabCluster {
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
+            cluster_policies: BTreeMap::new(),
             placement: HashMap::new(),
             placed: 0,
             pids: Default::default(),
@@ -287,6 +289,13 @@ impl LabCluster {
                 })
                 .collect(),
         ));
+        docs.push((
+            "cluster-policies.yaml",
+            self.cluster_policies
+                .values()
+                .map(|p| yaml(crate::model::convert::cluster_policy_to_api(p)))
+                .collect(),
+        ));
         for (name, objects) in docs {
             write_atomic(&dir.join(name), &objects.join("---\n"))?;
         }
@@ -447,8 +456,16 @@ impl Enforcer for LabCluster {
                     self.policies.remove(k);
                 }
                 Event::UpsertNode(_) | Event::DeleteNode(_) => {}
-                Event::UpsertClusterPolicy(_) | Event::DeleteClusterPolicy(_) => {
-                    anyhow::bail!("the lab does not run ClusterNetworkPolicies yet")
+                Event::UpsertClusterPolicy(p) => {
+                    if self.opts.dataplane == "iptables" {
+                        anyhow::bail!(
+                            "the iptables dataplane does not render ClusterNetworkPolicies yet (the eBPF dataplane does)"
+                        );
+                    }
+                    self.cluster_policies.insert(p.name.clone(), p.clone());
+                }
+                Event::DeleteClusterPolicy(n) => {
+                    self.cluster_policies.remove(n);
                 }
             }
         }

@@ -117,6 +117,98 @@ pub fn labels<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels
     pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
+/// A selector in API form (match expressions only).
+pub fn selector_to_k8s(
+    s: &super::LabelSelector,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+    let exprs: Vec<meta::LabelSelectorRequirement> = s
+        .requirements()
+        .iter()
+        .map(|r| meta::LabelSelectorRequirement {
+            key: r.key.clone(),
+            operator: format!("{:?}", r.operator),
+            values: (!r.values.is_empty()).then(|| r.values.iter().cloned().collect()),
+        })
+        .collect();
+    meta::LabelSelector {
+        match_expressions: (!exprs.is_empty()).then_some(exprs),
+        match_labels: None,
+    }
+}
+
+/// The API form of a validated ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`, as
+/// JSON): validating it again gives the same policy. The lab hands it to its agents as a file.
+pub fn cluster_policy_to_api(p: &super::cluster_policy::ClusterPolicy) -> serde_json::Value {
+    use super::cluster_policy::{Action, ClusterPeer, ClusterPort, PodSet, Tier};
+    use serde_json::json;
+    let pod_set = |s: &PodSet| match &s.pods {
+        None => json!({ "namespaces": selector_to_k8s(&s.namespaces) }),
+        Some(pods) => json!({ "pods": {
+            "namespaceSelector": selector_to_k8s(&s.namespaces),
+            "podSelector": selector_to_k8s(pods),
+        }}),
+    };
+    let rule = |r: &super::cluster_policy::ClusterRule, peers_key: &str| {
+        let mut v = json!({
+            "action": match r.action { Action::Accept => "Accept", Action::Deny => "Deny", Action::Pass => "Pass" },
+        });
+        if let Some(name) = &r.name {
+            v["name"] = name.as_str().into();
+        }
+        v[peers_key] = r
+            .peers
+            .iter()
+            .map(|peer| match peer {
+                ClusterPeer::Pods(s) => pod_set(s),
+                ClusterPeer::Networks(n) => {
+                    json!({ "networks": n.iter().map(|n| n.to_string()).collect::<Vec<_>>() })
+                }
+            })
+            .collect::<Vec<_>>()
+            .into();
+        if let Some(ports) = &r.ports {
+            let proto = |p: super::Protocol| match p {
+                super::Protocol::Tcp => "tcp",
+                super::Protocol::Udp => "udp",
+                super::Protocol::Sctp => "sctp",
+            };
+            v["protocols"] = ports
+                .iter()
+                .map(|port| match port {
+                    ClusterPort::Range { protocol, first, last } if first == last => {
+                        json!({ proto(*protocol): { "destinationPort": { "number": first } } })
+                    }
+                    ClusterPort::Range { protocol, first, last } => json!({ proto(*protocol): {
+                        "destinationPort": { "range": { "start": first, "end": last } }
+                    }}),
+                    ClusterPort::Protocol(protocol) => json!({ proto(*protocol): {} }),
+                    ClusterPort::Named(name) => json!({ "destinationNamedPort": name }),
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
+        v
+    };
+    let mut spec = json!({
+        "tier": match p.tier { Tier::Admin => "Admin", Tier::Baseline => "Baseline" },
+        "priority": p.priority,
+        "subject": pod_set(&p.subject),
+    });
+    if !p.ingress.is_empty() {
+        spec["ingress"] = p.ingress.iter().map(|r| rule(r, "from")).collect::<Vec<_>>().into();
+    }
+    if !p.egress.is_empty() {
+        spec["egress"] = p.egress.iter().map(|r| rule(r, "to")).collect::<Vec<_>>().into();
+    }
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": { "name": p.name },
+        "spec": spec,
+    })
+}
+
 /// The API form of a validated policy: validating it again gives the same policy. Used to
 /// write manifests (the lab hands policies to its agents as files) and to show a policy as
 /// the compiler understood it.
@@ -127,21 +219,7 @@ pub fn policy_to_k8s(p: &super::Policy) -> k8s_openapi::api::networking::v1::Net
 
     use super::{Direction, NamespaceScope, Peer, PortSpec};
 
-    fn selector(s: &super::LabelSelector) -> meta::LabelSelector {
-        let exprs: Vec<meta::LabelSelectorRequirement> = s
-            .requirements()
-            .iter()
-            .map(|r| meta::LabelSelectorRequirement {
-                key: r.key.clone(),
-                operator: format!("{:?}", r.operator),
-                values: (!r.values.is_empty()).then(|| r.values.iter().cloned().collect()),
-            })
-            .collect();
-        meta::LabelSelector {
-            match_expressions: (!exprs.is_empty()).then_some(exprs),
-            match_labels: None,
-        }
-    }
+    let selector = selector_to_k8s;
     let peers = |r: &super::Rule| -> Option<Vec<net::NetworkPolicyPeer>> {
         (!r.peers.is_empty()).then(|| {
             r.peers

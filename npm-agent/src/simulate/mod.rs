@@ -48,10 +48,7 @@ pub struct CompilerEnforcer {
 
 impl Default for CompilerEnforcer {
     fn default() -> Self {
-        Self {
-            engine: Engine::new(Scope::Cluster).with_cluster_policies(),
-            plan: Plan::default(),
-        }
+        Self { engine: Engine::new(Scope::Cluster).with_cluster_policies(), plan: Plan::default() }
     }
 }
 

@@ -1,5 +1,5 @@
-//! The file source: Namespaces, Pods, Nodes and NetworkPolicies read from the manifests of
-//! one directory, watched for changes by polling (every [`POLL_INTERVAL`]).
+//! The file source: Namespaces, Pods, Nodes, NetworkPolicies and ClusterNetworkPolicies
+//! (`policy.networking.k8s.io/v1alpha2`) read from the manifests of one directory, watched for changes by polling (every [`POLL_INTERVAL`]).
 //!
 //! - Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (names
 //!   starting with `.` are skipped, so `.x.yaml.tmp` files and the `..data` links of a
@@ -471,6 +471,7 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
         "Namespace" => ObjectId::Namespace(name.clone()),
         "Node" => ObjectId::Node(name.clone()),
         "NetworkPolicy" => ObjectId::Policy(ObjectKey::new(&namespace, &name)),
+        "ClusterNetworkPolicy" => ObjectId::ClusterPolicy(name.clone()),
         "Pod" => ObjectId::Pod(ObjectKey::new(&namespace, &name)),
         other => {
             tracing::debug!(kind = other, name = %name, "{place}: kind ignored");
@@ -494,6 +495,12 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
             .and_then(|np| network_policy(&np).map(Object::Policy).map_err(|e| e.to_string())),
         ObjectId::Pod(_) => typed::<core::Pod>(doc, &kind, &id)
             .and_then(|p| convert::pod(&p).map(Object::Pod).map_err(|e| e.to_string())),
+        ObjectId::ClusterPolicy(_) => {
+            use crate::model::cluster_policy::{api, cluster_network_policy};
+            typed::<api::ClusterNetworkPolicy>(doc, &kind, &id).and_then(|p| {
+                cluster_network_policy(&p).map(Object::ClusterPolicy).map_err(|e| e.to_string())
+            })
+        }
     };
     out.push(Entry { id: Some(id), object });
 }
@@ -502,7 +509,7 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
 /// an error), naming the fields that do not fit.
 fn typed<T: DeserializeOwned>(doc: Value, kind: &str, id: &ObjectId) -> Result<T, String> {
     let object = match id {
-        ObjectId::Namespace(n) | ObjectId::Node(n) => n.clone(),
+        ObjectId::Namespace(n) | ObjectId::Node(n) | ObjectId::ClusterPolicy(n) => n.clone(),
         ObjectId::Policy(k) | ObjectId::Pod(k) => k.to_string(),
     };
     input::strict(doc).map_err(|e| format!("invalid {kind} {object}: {e}"))

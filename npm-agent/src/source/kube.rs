@@ -122,12 +122,15 @@ impl Kind {
         self as usize
     }
 
-    fn of(id: &ObjectId) -> Kind {
+    /// The kind watched for objects like `id` (none for ClusterNetworkPolicies: not
+    /// watched yet).
+    fn of(id: &ObjectId) -> Option<Kind> {
         match id {
-            ObjectId::Namespace(_) => Kind::Namespace,
-            ObjectId::Node(_) => Kind::Node,
-            ObjectId::Policy(_) => Kind::Policy,
-            ObjectId::Pod(_) => Kind::Pod,
+            ObjectId::Namespace(_) => Some(Kind::Namespace),
+            ObjectId::Node(_) => Some(Kind::Node),
+            ObjectId::Policy(_) => Some(Kind::Policy),
+            ObjectId::Pod(_) => Some(Kind::Pod),
+            ObjectId::ClusterPolicy(_) => None,
         }
     }
 }
@@ -593,7 +596,7 @@ impl KubeSource {
                 let mut gone: Vec<ObjectId> = self
                     .current
                     .iter()
-                    .filter(|(id, e)| Kind::of(id) == kind && e.epoch != epoch)
+                    .filter(|(id, e)| Kind::of(id) == Some(kind) && e.epoch != epoch)
                     .map(|(id, _)| id.clone())
                     .collect();
                 gone.sort();
@@ -605,7 +608,7 @@ impl KubeSource {
                     self.invalid.remove(&id);
                     events.push(delete_event(&id));
                 }
-                self.invalid.retain(|id, (_, e)| Kind::of(id) != kind || *e == epoch);
+                self.invalid.retain(|id, (_, e)| Kind::of(id) != Some(kind) || *e == epoch);
                 let st = &mut self.kinds[kind.index()];
                 st.listing = false;
                 if !st.synced {
@@ -710,21 +713,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn upsert_event(object: Object) -> Event {
-    match object {
-        Object::Namespace(n) => Event::UpsertNamespace(n),
-        Object::Node(n) => Event::UpsertNode(n),
-        Object::Policy(p) => Event::UpsertPolicy(p),
-        Object::Pod(p) => Event::UpsertPod(p),
-    }
+    object.upsert()
 }
 
 fn delete_event(id: &ObjectId) -> Event {
-    match id {
-        ObjectId::Namespace(n) => Event::DeleteNamespace(n.clone()),
-        ObjectId::Node(n) => Event::DeleteNode(n.clone()),
-        ObjectId::Policy(k) => Event::DeletePolicy(k.clone()),
-        ObjectId::Pod(k) => Event::DeletePod(k.clone()),
-    }
+    id.delete()
 }
 
 /// Feeds what is written into a hasher.
@@ -747,6 +740,7 @@ fn fingerprint(object: &Object) -> u64 {
         Object::Namespace(n) => serde_json::to_writer(&mut w, n),
         Object::Node(n) => serde_json::to_writer(&mut w, n),
         Object::Policy(p) => serde_json::to_writer(&mut w, p),
+        Object::ClusterPolicy(p) => serde_json::to_writer(&mut w, p),
         Object::Pod(p) => serde_json::to_writer(&mut w, p),
     };
     debug_assert!(result.is_ok());

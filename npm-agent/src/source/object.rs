@@ -1,6 +1,7 @@
 //! The objects sources read, in model form, and their identities: what both sources track
 //! to turn listings and changes into [`Event`]s.
 
+use crate::model::cluster_policy::ClusterPolicy;
 use crate::model::{Namespace, Node, ObjectKey, Pod, Policy};
 use crate::state::Event;
 
@@ -12,6 +13,8 @@ pub enum ObjectId {
     Namespace(String),
     Node(String),
     Policy(ObjectKey),
+    /// A ClusterNetworkPolicy, by name (cluster-scoped).
+    ClusterPolicy(String),
     Pod(ObjectKey),
 }
 
@@ -21,6 +24,7 @@ impl std::fmt::Display for ObjectId {
             ObjectId::Namespace(n) => write!(f, "Namespace {n}"),
             ObjectId::Node(n) => write!(f, "Node {n}"),
             ObjectId::Policy(k) => write!(f, "NetworkPolicy {k}"),
+            ObjectId::ClusterPolicy(n) => write!(f, "ClusterNetworkPolicy {n}"),
             ObjectId::Pod(k) => write!(f, "Pod {k}"),
         }
     }
@@ -32,6 +36,7 @@ pub enum Object {
     Namespace(Namespace),
     Node(Node),
     Policy(Policy),
+    ClusterPolicy(ClusterPolicy),
     Pod(Pod),
 }
 
@@ -41,6 +46,7 @@ impl Object {
             Object::Namespace(n) => Event::UpsertNamespace(n.clone()),
             Object::Node(n) => Event::UpsertNode(n.clone()),
             Object::Policy(p) => Event::UpsertPolicy(p.clone()),
+            Object::ClusterPolicy(p) => Event::UpsertClusterPolicy(p.clone()),
             Object::Pod(p) => Event::UpsertPod(p.clone()),
         }
     }
@@ -52,6 +58,7 @@ impl ObjectId {
             ObjectId::Namespace(n) => Event::DeleteNamespace(n.clone()),
             ObjectId::Node(n) => Event::DeleteNode(n.clone()),
             ObjectId::Policy(k) => Event::DeletePolicy(k.clone()),
+            ObjectId::ClusterPolicy(n) => Event::DeleteClusterPolicy(n.clone()),
             ObjectId::Pod(k) => Event::DeletePod(k.clone()),
         }
     }

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use npm_common::conntrack::{FragKey, FragValue};
-use npm_common::{CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData};
+use npm_common::{CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData, PolicyValue};
 
 use super::translate::MapOp;
 
@@ -19,7 +19,8 @@ pub struct MapEmulator {
     pub endpoints: HashMap<[u8; 4], EndpointInfo>,
     pub identities: HashMap<[u8; 4], u32>,
     pub cidrs: BTreeMap<Ipv4Net, u32>,
-    pub policy: HashSet<(u32, PolicyKeyData)>,
+    /// The policy trie: (prefix length, key with the bits past it cleared) -> value.
+    pub policy: HashMap<(u32, PolicyKeyData), PolicyValue>,
     pub node_ips: HashSet<[u8; 4]>,
     /// Interfaces of local pods (the kernel dataplane writes them when it attaches; tests
     /// write them with [`MapEmulator::bind_interface`]).
@@ -76,8 +77,8 @@ impl MapEmulator {
                 MapOp::CidrDel { net } => {
                     self.cidrs.remove(net);
                 }
-                MapOp::PolicyAdd { prefix_len, key } => {
-                    self.policy.insert((*prefix_len, mask(key, *prefix_len)));
+                MapOp::PolicyAdd { prefix_len, key, value } => {
+                    self.policy.insert((*prefix_len, mask(key, *prefix_len)), *value);
                 }
                 MapOp::PolicyDel { prefix_len, key } => {
                     self.policy.remove(&(*prefix_len, mask(key, *prefix_len)));
@@ -174,9 +175,9 @@ impl Maps for MapEmulator {
             .map(|(_, id)| *id)
     }
 
-    fn policy_matches(&self, prefix_len: u32, key: &PolicyKeyData) -> bool {
-        // Longest-prefix match: any stored prefix of the key matches (every entry allows).
-        (0..=prefix_len).any(|len| self.policy.contains(&(len, mask(key, len))))
+    fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
+        // Longest-prefix match: the longest stored prefix of the key.
+        (0..=prefix_len).rev().find_map(|len| self.policy.get(&(len, mask(key, len))).copied())
     }
 
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {

@@ -28,8 +28,8 @@ use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
     CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS,
     MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGS, MAP_IDENTITIES,
-    MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, Reason,
-    counter_index,
+    MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, PolicyValue,
+    Reason, counter_index,
 };
 
 use super::emulator::MapEmulator;
@@ -90,7 +90,7 @@ struct Maps {
     ct: BpfHashMap<MapData, CtKey, CtValue>,
     identities: BpfHashMap<MapData, [u8; 4], u32>,
     cidrs: LpmTrie<MapData, [u8; 4], u32>,
-    policy: LpmTrie<MapData, PolicyKeyData, u32>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
     node_ips: BpfHashMap<MapData, [u8; 4], u32>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
@@ -337,9 +337,9 @@ impl EbpfDataplane {
                 .map_err(|e| err("reading the maps", e))?;
             model.cidrs.insert(net, v);
         }
-        for k in m.policy.keys() {
-            let k = k.map_err(read)?;
-            model.policy.insert((k.prefix_len(), k.data()));
+        for kv in m.policy.iter() {
+            let (k, v) = kv.map_err(read)?;
+            model.policy.insert((k.prefix_len(), k.data()), v);
         }
         for k in m.node_ips.keys() {
             model.node_ips.insert(k.map_err(read)?);
@@ -385,9 +385,9 @@ impl EbpfDataplane {
                     m.cidrs.remove(&Key::new(net.prefix_len() as u32, net.network().octets())),
                 )
                 .map_err(|e| err("cidr", e))?,
-                MapOp::PolicyAdd { prefix_len, key } => m
+                MapOp::PolicyAdd { prefix_len, key, value } => m
                     .policy
-                    .insert(&Key::new(*prefix_len, *key), 1, 0)
+                    .insert(&Key::new(*prefix_len, *key), value, 0)
                     .map_err(|e| err("policy", e))?,
                 MapOp::PolicyDel { prefix_len, key } => {
                     ignore_missing(m.policy.remove(&Key::new(*prefix_len, *key)))
@@ -595,6 +595,10 @@ impl Dataplane for EbpfDataplane {
 
     /// The layout is followed only for Azure NPM's counts of its sets.
     fn wants_layout(&self) -> bool {
+        true
+    }
+
+    fn renders_tiers(&self) -> bool {
         true
     }
 

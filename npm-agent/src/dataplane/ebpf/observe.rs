@@ -76,9 +76,10 @@ pub fn pinned_model(maps_dir: &Path) -> Result<crate::dataplane::ebpf::emulator:
             m.cidrs.insert(net, id);
         }
     }
-    let policy: LpmTrie<_, PolicyKeyData, u32> = open_map(maps_dir, MAP_POLICY)?.try_into()?;
-    for k in policy.keys().filter_map(std::result::Result::ok).take(MAX_POLICY as usize) {
-        m.policy.insert((k.prefix_len(), k.data()));
+    let policy: LpmTrie<_, PolicyKeyData, npm_common::PolicyValue> =
+        open_map(maps_dir, MAP_POLICY)?.try_into()?;
+    for (k, v) in policy.iter().filter_map(std::result::Result::ok).take(MAX_POLICY as usize) {
+        m.policy.insert((k.prefix_len(), k.data()), v);
     }
     let nodes: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_NODE_IPS)?.try_into()?;
     m.node_ips = nodes.keys().filter_map(std::result::Result::ok).collect();
@@ -119,8 +120,11 @@ impl Observer for EbpfObserver {
             }};
         }
         macro_rules! trie {
-            ($name:expr, $k:ty) => {{
-                let m: LpmTrie<MapData, $k, u32> = open_map(dir, $name)?.try_into()?;
+            ($name:expr, $k:ty) => {
+                trie!($name, $k, u32)
+            };
+            ($name:expr, $k:ty, $v:ty) => {{
+                let m: LpmTrie<MapData, $k, $v> = open_map(dir, $name)?.try_into()?;
                 let cap = max_entries(m.map());
                 let n = count_keys(m.keys(), cap);
                 push($name, m.map(), n);
@@ -132,7 +136,7 @@ impl Observer for EbpfObserver {
         hash_map!(MAP_IFACES, u32, IfaceInfo);
         hash_map!(MAP_IDENTITIES, [u8; 4], u32);
         trie!(MAP_CIDRS, [u8; 4]);
-        let rules = trie!(MAP_POLICY, PolicyKeyData);
+        let rules = trie!(MAP_POLICY, PolicyKeyData, npm_common::PolicyValue);
         hash_map!(MAP_NODE_IPS, [u8; 4], u32);
         let ct = hash_map!(MAP_CT, CtKey, CtValue);
         hash_map!(MAP_FRAGS, FragKey, FragValue);

@@ -18,6 +18,12 @@
 //!   per-packet lookup stays one identity lookup and one trie lookup however many sets
 //!   there are). Keys are counted, since several entries may need the same key.
 //!
+//!   The value of a key says what its entries decide: whether a NetworkPolicy admits, and
+//!   the first Admin and Baseline rules (ClusterNetworkPolicy), as verdict codes ordered as
+//!   the plan's [`Precedence`] (priority, a slot for policies of equal priority in name
+//!   order, rule, action). A longest-prefix match returns one key, so each key's value
+//!   folds in those of the shorter keys of its (profile, direction, peer) that cover it.
+//!
 //! Order: each plan change becomes operations that keep its make-before-break meaning. A
 //! newly named prefix first gets the entries of every allow that admits it, then enters the
 //! trie; a prefix no longer named leaves the trie before its entries go.
@@ -27,29 +33,63 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use npm_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY,
-    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PREFIX_ID_BASE,
-    PolicyKeyData, policy_key, port_blocks,
+    ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED,
+    EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    POLICY_PREFIX_PROTO, PREFIX_ID_BASE, PolicyKeyData, PolicyValue, policy_key, port_blocks,
+    verdict_code,
 };
 
+use crate::model::cluster_policy::Action;
 use crate::model::{CidrBlock, Direction, ObjectKey};
-use crate::plan::{Allow, Change, PeerMatch, PlanDiff, PortMatch, SetId};
+use crate::plan::{Allow, Change, PeerMatch, PlanDiff, PortMatch, Precedence, SetId, Verdict};
 
 /// One write to a BPF map (or to the attachments), in the order to perform them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    Attach { ip: Ipv4Addr, pod: ObjectKey },
-    Detach { ip: Ipv4Addr },
-    EndpointSet { ip: Ipv4Addr, info: EndpointInfo },
-    EndpointDel { ip: Ipv4Addr },
-    IdentitySet { ip: Ipv4Addr, id: u32 },
-    IdentityDel { ip: Ipv4Addr },
-    CidrSet { net: Ipv4Net, id: u32 },
-    CidrDel { net: Ipv4Net },
-    PolicyAdd { prefix_len: u32, key: PolicyKeyData },
-    PolicyDel { prefix_len: u32, key: PolicyKeyData },
-    NodeIpAdd { ip: Ipv4Addr },
-    NodeIpDel { ip: Ipv4Addr },
+    Attach {
+        ip: Ipv4Addr,
+        pod: ObjectKey,
+    },
+    Detach {
+        ip: Ipv4Addr,
+    },
+    EndpointSet {
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+    },
+    EndpointDel {
+        ip: Ipv4Addr,
+    },
+    IdentitySet {
+        ip: Ipv4Addr,
+        id: u32,
+    },
+    IdentityDel {
+        ip: Ipv4Addr,
+    },
+    CidrSet {
+        net: Ipv4Net,
+        id: u32,
+    },
+    CidrDel {
+        net: Ipv4Net,
+    },
+    /// Writes the key (new, or with a new value).
+    PolicyAdd {
+        prefix_len: u32,
+        key: PolicyKeyData,
+        value: PolicyValue,
+    },
+    PolicyDel {
+        prefix_len: u32,
+        key: PolicyKeyData,
+    },
+    NodeIpAdd {
+        ip: Ipv4Addr,
+    },
+    NodeIpDel {
+        ip: Ipv4Addr,
+    },
 }
 
 pub fn dir_byte(d: Direction) -> u8 {
@@ -68,27 +108,61 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 
 #[derive(Default)]
 struct Endpoint {
-    /// The profile of each direction (0: none, not isolated).
+    /// The profile of each direction (0: none, nothing judges it).
     profiles: [u32; 2],
-}
-
-impl Endpoint {
-    fn info(&self) -> EndpointInfo {
-        let mut flags = 0;
-        if self.profiles[0] != 0 {
-            flags |= EP_INGRESS_ISOLATED;
-        }
-        if self.profiles[1] != 0 {
-            flags |= EP_EGRESS_ISOLATED;
-        }
-        EndpointInfo { flags, profiles: self.profiles, ifindex: 0 }
-    }
 }
 
 /// A plan profile, as far as its keys are concerned.
 struct Profile {
     dir: Direction,
+    /// Whether NetworkPolicies isolate its users (their flag in the endpoint map).
+    isolating: bool,
     allows: HashSet<Allow>,
+}
+
+/// A policy-trie key's own entries, counted (several plan entries may need one key), and
+/// the value last written for it.
+#[derive(Default)]
+struct KeyEntries {
+    /// NetworkPolicy entries.
+    allow: u32,
+    /// Entries of ClusterNetworkPolicy rules, by verdict.
+    tiered: BTreeMap<Verdict, u32>,
+    written: Option<PolicyValue>,
+}
+
+impl KeyEntries {
+    fn is_empty(&self) -> bool {
+        self.allow == 0 && self.tiered.is_empty()
+    }
+}
+
+/// (profile, direction, peer): the bytes a key's wildcards never cut.
+type Group = [u8; 9];
+
+fn group_of(key: &PolicyKeyData) -> Group {
+    let mut g = [0; 9];
+    g.copy_from_slice(&key[..9]);
+    g
+}
+
+/// The key's bytes with everything after `prefix_len` bits cleared.
+fn masked(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
+    let mut out = *key;
+    for (i, b) in out.iter_mut().enumerate() {
+        let bit = i as u32 * 8;
+        if bit >= prefix_len {
+            *b = 0;
+        } else if bit + 8 > prefix_len {
+            *b &= 0xffu8 << (8 - (prefix_len - bit));
+        }
+    }
+    out
+}
+
+/// The prefix lengths a key of the trie can have, shortest first.
+fn key_lengths() -> impl Iterator<Item = u32> {
+    std::iter::once(POLICY_PREFIX_ANY_PROTO).chain(POLICY_PREFIX_PROTO..=POLICY_PREFIX_FULL)
 }
 
 struct Prefix {
@@ -104,13 +178,17 @@ struct CidrAllow {
     dir: Direction,
     block: CidrBlock,
     ports: PortMatch,
+    verdict: Verdict,
 }
+
+/// An entry naming a peer set: (profile, direction, ports, verdict).
+type SetUser = (u32, Direction, PortMatch, Verdict);
 
 /// A peer set: its members, and the entries naming it (profile, direction, ports).
 #[derive(Default)]
 struct PeerSetState {
     members: BTreeSet<u32>,
-    users: HashSet<(u32, Direction, PortMatch)>,
+    users: HashSet<SetUser>,
 }
 
 /// The encoder's memory of what is in the maps.
@@ -121,7 +199,13 @@ pub struct MapTranslator {
     profiles: HashMap<u32, Profile>,
     prefixes: BTreeMap<Ipv4Net, Prefix>,
     next_prefix: u32,
-    policy: HashMap<(u32, PolicyKeyData), u32>,
+    /// The policy trie's keys, ordered so that a (profile, direction, peer) is a range.
+    policy: BTreeMap<(PolicyKeyData, u32), KeyEntries>,
+    /// Groups with tiered entries (their keys' values fold shorter keys in), and how many.
+    tiered_groups: HashMap<Group, u32>,
+    /// The ClusterNetworkPolicies named by entries, per (Admin tier, priority), in name order
+    /// (a policy's place is its slot in the verdict codes), counted.
+    slots: BTreeMap<(bool, u32), BTreeMap<std::sync::Arc<str>, u32>>,
     /// CIDR allows by their block's network: the allows that may admit a prefix are those
     /// of its supernets, at most 33 lookups rather than a scan of every allow.
     cidr_allows: HashMap<Ipv4Net, HashSet<CidrAllow>>,
@@ -161,7 +245,7 @@ impl MapTranslator {
             endpoints: self.endpoints.keys().copied().collect(),
             identities: self.identities.keys().copied().collect(),
             cidrs: self.prefixes.keys().copied().collect(),
-            policy: self.policy.keys().copied().collect(),
+            policy: self.policy.keys().map(|(key, len)| (*len, *key)).collect(),
         }
     }
 
@@ -192,8 +276,8 @@ impl MapTranslator {
                     self.skipped_ipv6 += 1;
                     return;
                 };
-                let ep = self.endpoints.entry(ip).or_default();
-                ops.push(MapOp::EndpointSet { ip, info: ep.info() });
+                self.endpoints.entry(ip).or_default();
+                ops.push(MapOp::EndpointSet { ip, info: self.info(ip) });
                 ops.push(MapOp::Attach { ip, pod: pod.clone() });
             }
             Change::RemoveEndpoint { ip } => {
@@ -209,10 +293,12 @@ impl MapTranslator {
                     return;
                 };
                 ep.profiles[*direction as usize] = profile.unwrap_or(0);
-                ops.push(MapOp::EndpointSet { ip, info: ep.info() });
+                ops.push(MapOp::EndpointSet { ip, info: self.info(ip) });
             }
-            Change::AddProfile { profile, direction, .. } => {
-                self.profiles.insert(*profile, Profile { dir: *direction, allows: HashSet::new() });
+            Change::AddProfile { profile, direction, isolating } => {
+                let new =
+                    Profile { dir: *direction, isolating: *isolating, allows: HashSet::new() };
+                self.profiles.insert(*profile, new);
             }
             Change::RemoveProfile { profile } => {
                 if let Some(prof) = self.profiles.remove(profile) {
@@ -255,9 +341,9 @@ impl MapTranslator {
             Change::RemoveSet { set } => {
                 // Entries naming it are gone by now; drop their keys should any be left.
                 if let Some(s) = self.sets.remove(set) {
-                    for (prof, d, ports) in s.users {
+                    for (prof, d, ports, verdict) in s.users {
                         for m in &s.members {
-                            self.policy_keys(prof, d, *m, ports, false, ops);
+                            self.policy_keys(prof, d, *m, ports, &verdict, false, ops);
                         }
                     }
                 }
@@ -267,9 +353,9 @@ impl MapTranslator {
                     return;
                 };
                 if s.members.insert(*identity) {
-                    let users: Vec<_> = s.users.iter().copied().collect();
-                    for (prof, d, ports) in users {
-                        self.policy_keys(prof, d, *identity, ports, true, ops);
+                    let users: Vec<_> = s.users.iter().cloned().collect();
+                    for (prof, d, ports, verdict) in users {
+                        self.policy_keys(prof, d, *identity, ports, &verdict, true, ops);
                     }
                 }
             }
@@ -278,9 +364,9 @@ impl MapTranslator {
                     return;
                 };
                 if s.members.remove(identity) {
-                    let users: Vec<_> = s.users.iter().copied().collect();
-                    for (prof, d, ports) in users {
-                        self.policy_keys(prof, d, *identity, ports, false, ops);
+                    let users: Vec<_> = s.users.iter().cloned().collect();
+                    for (prof, d, ports, verdict) in users {
+                        self.policy_keys(prof, d, *identity, ports, &verdict, false, ops);
                     }
                 }
             }
@@ -293,27 +379,31 @@ impl MapTranslator {
         prof: u32,
         d: Direction,
         set: SetId,
-        ports: PortMatch,
+        allow: &Allow,
         add: bool,
         ops: &mut Vec<MapOp>,
     ) {
         let s = self.sets.entry(set).or_default();
-        let changed =
-            if add { s.users.insert((prof, d, ports)) } else { s.users.remove(&(prof, d, ports)) };
+        let user = (prof, d, allow.ports, allow.verdict.clone());
+        let changed = if add { s.users.insert(user) } else { s.users.remove(&user) };
         if !changed {
             return;
         }
         let members: Vec<u32> = s.members.iter().copied().collect();
         for m in members {
-            self.policy_keys(prof, d, m, ports, add, ops);
+            self.policy_keys(prof, d, m, allow.ports, &allow.verdict, add, ops);
         }
     }
 
     fn add_allow(&mut self, prof: u32, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
         match &allow.peer {
-            PeerMatch::Any => self.policy_keys(prof, d, PEER_ANY, allow.ports, true, ops),
-            PeerMatch::Identity(id) => self.policy_keys(prof, d, *id, allow.ports, true, ops),
-            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, true, ops),
+            PeerMatch::Any => {
+                self.policy_keys(prof, d, PEER_ANY, allow.ports, &allow.verdict, true, ops)
+            }
+            PeerMatch::Identity(id) => {
+                self.policy_keys(prof, d, *id, allow.ports, &allow.verdict, true, ops)
+            }
+            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow, true, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else {
                     self.skipped_ipv6 += 1;
@@ -324,13 +414,14 @@ impl MapTranslator {
                 }
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
-                    self.policy_keys(prof, d, id, allow.ports, true, ops);
+                    self.policy_keys(prof, d, id, allow.ports, &allow.verdict, true, ops);
                 }
                 self.cidr_allows.entry(net.trunc()).or_default().insert(CidrAllow {
                     profile: prof,
                     dir: d,
                     block: block.clone(),
                     ports: allow.ports,
+                    verdict: allow.verdict.clone(),
                 });
             }
         }
@@ -338,9 +429,13 @@ impl MapTranslator {
 
     fn remove_allow(&mut self, prof: u32, d: Direction, allow: &Allow, ops: &mut Vec<MapOp>) {
         match &allow.peer {
-            PeerMatch::Any => self.policy_keys(prof, d, PEER_ANY, allow.ports, false, ops),
-            PeerMatch::Identity(id) => self.policy_keys(prof, d, *id, allow.ports, false, ops),
-            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow.ports, false, ops),
+            PeerMatch::Any => {
+                self.policy_keys(prof, d, PEER_ANY, allow.ports, &allow.verdict, false, ops)
+            }
+            PeerMatch::Identity(id) => {
+                self.policy_keys(prof, d, *id, allow.ports, &allow.verdict, false, ops)
+            }
+            PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow, false, ops),
             PeerMatch::Cidr(block) => {
                 let Some((net, excepts)) = v4_block(block) else {
                     return;
@@ -351,6 +446,7 @@ impl MapTranslator {
                         dir: d,
                         block: block.clone(),
                         ports: allow.ports,
+                        verdict: allow.verdict.clone(),
                     });
                     if allows.is_empty() {
                         self.cidr_allows.remove(&net.trunc());
@@ -358,7 +454,7 @@ impl MapTranslator {
                 }
                 let ids: Vec<u32> = self.admitted(block).collect();
                 for id in ids {
-                    self.policy_keys(prof, d, id, allow.ports, false, ops);
+                    self.policy_keys(prof, d, id, allow.ports, &allow.verdict, false, ops);
                 }
                 for p in std::iter::once(net).chain(excepts) {
                     self.unname_prefix(p, ops);
@@ -403,7 +499,7 @@ impl MapTranslator {
         // Entries first: addresses that move to this prefix keep what admits them.
         let users: Vec<CidrAllow> = self.cidr_allows_admitting(p);
         for a in users {
-            self.policy_keys(a.profile, a.dir, id, a.ports, true, ops);
+            self.policy_keys(a.profile, a.dir, id, a.ports, &a.verdict, true, ops);
         }
         self.prefixes.insert(p, Prefix { id, refs: 1 });
         ops.push(MapOp::CidrSet { net: p, id });
@@ -423,17 +519,20 @@ impl MapTranslator {
         ops.push(MapOp::CidrDel { net: p });
         let users: Vec<CidrAllow> = self.cidr_allows_admitting(p);
         for a in users {
-            self.policy_keys(a.profile, a.dir, id, a.ports, false, ops);
+            self.policy_keys(a.profile, a.dir, id, a.ports, &a.verdict, false, ops);
         }
     }
 
-    /// Adds (or removes) the policy-trie keys of one (profile, direction, peer, ports).
+    /// Adds (or removes) the policy-trie keys of one (profile, direction, peer, ports) entry
+    /// with `verdict`.
+    #[allow(clippy::too_many_arguments)]
     fn policy_keys(
         &mut self,
         ep: u32,
         d: Direction,
         peer: u32,
         ports: PortMatch,
+        verdict: &Verdict,
         add: bool,
         ops: &mut Vec<MapOp>,
     ) {
@@ -453,21 +552,167 @@ impl MapTranslator {
                 });
             }
         }
+        let tiered = *verdict != Verdict::Allow;
+        if tiered {
+            self.slot_refs(verdict, add, ops);
+        }
         for (prefix_len, key) in keys {
-            let refs = self.policy.entry((prefix_len, key)).or_insert(0);
-            if add {
-                *refs += 1;
-                if *refs == 1 {
-                    ops.push(MapOp::PolicyAdd { prefix_len, key });
+            let group = group_of(&key);
+            let e = self.policy.entry((key, prefix_len)).or_default();
+            match (tiered, add) {
+                (false, true) => e.allow += 1,
+                (false, false) => e.allow = e.allow.saturating_sub(1),
+                (true, true) => *e.tiered.entry(verdict.clone()).or_insert(0) += 1,
+                (true, false) => {
+                    if let Some(n) = e.tiered.get_mut(verdict) {
+                        *n -= 1;
+                        if *n == 0 {
+                            e.tiered.remove(verdict);
+                        }
+                    }
                 }
+            }
+            if tiered {
+                let n = self.tiered_groups.entry(group).or_insert(0);
+                if add {
+                    *n += 1;
+                } else {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.tiered_groups.remove(&group);
+                    }
+                }
+            }
+            if self.policy[&(key, prefix_len)].is_empty() {
+                self.policy.remove(&(key, prefix_len));
+                ops.push(MapOp::PolicyDel { prefix_len, key });
+            }
+            // The key and the longer keys it covers hold its entries in their values.
+            if tiered || self.tiered_groups.contains_key(&group) {
+                self.refresh_under(key, prefix_len, ops);
             } else {
-                *refs = refs.saturating_sub(1);
-                if *refs == 0 {
-                    self.policy.remove(&(prefix_len, key));
-                    ops.push(MapOp::PolicyDel { prefix_len, key });
+                self.refresh(key, prefix_len, ops);
+            }
+        }
+    }
+
+    /// A tiered entry's policy takes (or gives back) its slot among the policies of equal
+    /// priority; when another policy's slot moves, every tiered key is written anew.
+    fn slot_refs(&mut self, verdict: &Verdict, add: bool, ops: &mut Vec<MapOp>) {
+        let Some(p) = verdict.precedence() else { return };
+        let bucket_key = (matches!(verdict, Verdict::Admin(_)), p.priority);
+        let bucket = self.slots.entry(bucket_key).or_default();
+        let before: Vec<std::sync::Arc<str>> = bucket.keys().cloned().collect();
+        if add {
+            *bucket.entry(p.policy.clone()).or_insert(0) += 1;
+        } else if let Some(n) = bucket.get_mut(&p.policy) {
+            *n -= 1;
+            if *n == 0 {
+                bucket.remove(&p.policy);
+            }
+        }
+        let moved = before.iter().enumerate().any(|(i, name)| {
+            **name != *p.policy && bucket.keys().position(|n| n == name).is_some_and(|j| j != i)
+        });
+        if bucket.is_empty() {
+            self.slots.remove(&bucket_key);
+        }
+        if moved {
+            let keys: Vec<(PolicyKeyData, u32)> = self
+                .policy
+                .keys()
+                .filter(|(k, _)| self.tiered_groups.contains_key(&group_of(k)))
+                .copied()
+                .collect();
+            for (key, len) in keys {
+                self.refresh(key, len, ops);
+            }
+        }
+    }
+
+    /// A verdict's code (see `npm_common::verdict_code`).
+    fn code(&self, p: &Precedence, admin: bool) -> u32 {
+        let slot = self
+            .slots
+            .get(&(admin, p.priority))
+            .and_then(|b| b.keys().position(|n| *n == p.policy))
+            .unwrap_or(0) as u32;
+        let action = match p.action {
+            Action::Accept => ACTION_ACCEPT,
+            Action::Deny => ACTION_DENY,
+            Action::Pass => ACTION_PASS,
+        };
+        verdict_code(p.priority, slot, p.rule, action)
+    }
+
+    /// What one key's own entries say.
+    fn own_value(&self, e: &KeyEntries) -> PolicyValue {
+        let mut v = if e.allow > 0 { PolicyValue::ALLOW } else { PolicyValue::NONE };
+        for verdict in e.tiered.keys() {
+            v = v.fold(match verdict {
+                Verdict::Allow => PolicyValue::ALLOW,
+                Verdict::Admin(p) => PolicyValue { admin: self.code(p, true), ..PolicyValue::NONE },
+                Verdict::Baseline(p) => {
+                    PolicyValue { baseline: self.code(p, false), ..PolicyValue::NONE }
+                }
+            });
+        }
+        v
+    }
+
+    /// Writes a key's value when it changed: its own entries, folded with the shorter keys of
+    /// its group that cover it (only tiered groups have values other than "admit").
+    fn refresh(&mut self, key: PolicyKeyData, prefix_len: u32, ops: &mut Vec<MapOp>) {
+        let Some(e) = self.policy.get(&(key, prefix_len)) else { return };
+        let mut value = self.own_value(e);
+        if self.tiered_groups.contains_key(&group_of(&key)) {
+            for len in key_lengths().take_while(|l| *l < prefix_len) {
+                if let Some(shorter) = self.policy.get(&(masked(&key, len), len)) {
+                    value = value.fold(self.own_value(shorter));
                 }
             }
         }
+        let e = self.policy.get_mut(&(key, prefix_len)).expect("key exists");
+        if e.written != Some(value) {
+            e.written = Some(value);
+            ops.push(MapOp::PolicyAdd { prefix_len, key, value });
+        }
+    }
+
+    /// Refreshes a key and every longer key of its group that it covers.
+    fn refresh_under(&mut self, key: PolicyKeyData, prefix_len: u32, ops: &mut Vec<MapOp>) {
+        let lo = masked(&key, prefix_len);
+        let mut hi = lo;
+        for (i, b) in hi.iter_mut().enumerate() {
+            let bit = i as u32 * 8;
+            if bit + 8 <= prefix_len {
+                continue;
+            }
+            *b |= if bit >= prefix_len { 0xff } else { 0xffu8 >> (prefix_len - bit) };
+        }
+        let covered: Vec<(PolicyKeyData, u32)> = self
+            .policy
+            .range((lo, 0)..=(hi, u32::MAX))
+            .map(|(k, _)| *k)
+            .filter(|(k, len)| *len >= prefix_len && masked(k, prefix_len) == lo)
+            .collect();
+        for (k, len) in covered {
+            self.refresh(k, len, ops);
+        }
+    }
+
+    /// An endpoint's value: its profiles, and which directions NetworkPolicies isolate.
+    fn info(&self, ip: Ipv4Addr) -> EndpointInfo {
+        let profiles = self.endpoints.get(&ip).map_or([0, 0], |e| e.profiles);
+        let isolating = |p: u32| p != 0 && self.profiles.get(&p).is_none_or(|p| p.isolating);
+        let mut flags = 0;
+        if isolating(profiles[0]) {
+            flags |= EP_INGRESS_ISOLATED;
+        }
+        if isolating(profiles[1]) {
+            flags |= EP_EGRESS_ISOLATED;
+        }
+        EndpointInfo { flags, profiles, ifindex: 0 }
     }
 }
 
