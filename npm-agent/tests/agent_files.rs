@@ -338,6 +338,55 @@ fn a_pod_claiming_a_local_pods_address_takes_nothing() {
     agent.stop();
 }
 
+/// A ClusterNetworkPolicy manifest is read, validated and enforced (the in-memory dataplane
+/// renders tiers, as the eBPF one does), counted per tier; deleting it lifts it.
+#[test]
+fn a_cluster_network_policy_manifest_is_enforced() {
+    let dir = Dir::new("cnp");
+    write_cluster(&dir);
+    dir.generation(1);
+    let agent = Running::start(&dir, None);
+    agent.wait_generation(1);
+    assert!(agent.allowed(&tcp(A, B, 5432)));
+    // Admin: x's pods may not reach x/b's 5432, whatever x's NetworkPolicy says.
+    dir.write(
+        "30-cnp.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\nspec:\n  tier: Admin\n  priority: 1\n  subject:\n    pods:\n      namespaceSelector: {}\n      podSelector: {matchLabels: {app: db}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {matchLabels: {team: a}}}]\n",
+    );
+    dir.generation(2);
+    let s = agent.wait_generation(2);
+    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    assert!(!agent.allowed(&tcp(A, B, 5432)), "the admin tier denies it");
+    let metrics = agent.handles.metrics.render_node();
+    assert!(metrics.contains("npm_cluster_network_policies{tier=\"admin\"} 1"), "{metrics}");
+    assert!(metrics.contains("npm_cluster_network_policies_unenforced{tier=\"admin\"} 0"));
+    // An invalid version (a domainNames peer) is reported and the valid one stays in force.
+    dir.write(
+        "30-cnp.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - action: Accept\n    to: [{domainNames: [example.com]}]\n",
+    );
+    dir.generation(3);
+    let s = agent.wait_generation(3);
+    assert!(
+        s.problems.iter().any(|p| p.contains("no-db") && p.contains("domainNames")),
+        "{:?}",
+        s.problems
+    );
+    assert!(!agent.allowed(&tcp(A, B, 5432)), "the previous version holds");
+    dir.remove("30-cnp.yaml");
+    dir.generation(4);
+    agent.wait_generation(4);
+    assert!(agent.allowed(&tcp(A, B, 5432)));
+    assert!(
+        agent
+            .handles
+            .metrics
+            .render_node()
+            .contains("npm_cluster_network_policies{tier=\"admin\"} 0")
+    );
+    agent.stop();
+}
+
 /// IPv6 is not enforced yet: a local pod with an IPv6 address and a policy with an IPv6
 /// ipBlock are reported (status problems), and no longer once they are gone.
 #[test]

@@ -47,6 +47,10 @@ impl Dataplane for SharedMemory {
         "memory"
     }
 
+    fn renders_tiers(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         self.0.lock().expect("memory dataplane lock").apply(diff)
     }
@@ -353,6 +357,16 @@ impl Agent {
                 (format!("policy {}", p.key), problem)
             }
             Event::DeletePolicy(k) => (format!("policy {k}"), None),
+            Event::UpsertClusterPolicy(p) => {
+                let problem = (!self.engine.compiles_cluster_policies()).then(|| {
+                    format!(
+                        "ClusterNetworkPolicy {} is not enforced: this dataplane does not render ClusterNetworkPolicy tiers yet (the eBPF dataplane does)",
+                        p.name
+                    )
+                });
+                (format!("clusternetworkpolicy {}", p.name), problem)
+            }
+            Event::DeleteClusterPolicy(n) => (format!("clusternetworkpolicy {n}"), None),
             _ => return,
         };
         match problem {
@@ -488,11 +502,18 @@ impl Agent {
             s.clone()
         };
         self.handles.metrics.set_address_conflicts(self.conflicts.len());
+        let tiers = |t| {
+            let cnps = self.engine.state().cluster_policies.values();
+            cnps.filter(|p| p.tier == t).count()
+        };
+        use crate::model::cluster_policy::Tier;
         self.handles.metrics.set_state(StateCounts {
             policies: stats.policies,
             pods: stats.pods,
             allow_entries: stats.allow_entries,
             identities: stats.identities,
+            cluster_policies: [tiers(Tier::Admin), tiers(Tier::Baseline)],
+            cluster_policies_enforced: self.engine.compiles_cluster_policies(),
         });
         self.handles.metrics.set_ready(status.ready);
         if let Some(path) = &self.status_file {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::dataplane::Applied;
 use crate::dataplane::observe::{Counts, Observer};
@@ -96,6 +96,11 @@ pub const DROP_EVENTS_LOST: &str = "npm_drop_events_lost_total";
 pub const DROP_EVENTS_LOST_HELP: &str =
     "Drop events lost because the ring buffer was full (the agent was not reading)";
 pub const ADDRESS_CONFLICTS: &str = "npm_pod_address_conflicts";
+pub const CLUSTER_POLICIES: &str = "npm_cluster_network_policies";
+pub const CLUSTER_POLICIES_HELP: &str =
+    "ClusterNetworkPolicies this node enforces, per tier (admin, baseline)";
+pub const CLUSTER_POLICIES_UNENFORCED: &str = "npm_cluster_network_policies_unenforced";
+pub const CLUSTER_POLICIES_UNENFORCED_HELP: &str = "ClusterNetworkPolicies this node knows but does not enforce (its dataplane does not render tiers), per tier";
 pub const ADDRESS_CONFLICTS_HELP: &str = "Pod addresses claimed by more than one pod, which this node cannot tell apart (they fail closed)";
 
 /// The operations of [`APPLY_FAILURES`], exported from the start at 0.
@@ -133,6 +138,10 @@ pub struct StateCounts {
     pub allow_entries: usize,
     /// Identities of the plan (its sets).
     pub identities: usize,
+    /// ClusterNetworkPolicies known, per tier (Admin, Baseline).
+    pub cluster_policies: [usize; 2],
+    /// Whether they are enforced (the dataplane renders tiers).
+    pub cluster_policies_enforced: bool,
 }
 
 /// Every metric of the agent, in the two registries Azure NPM serves.
@@ -151,6 +160,8 @@ pub struct Metrics {
     num_policies: IntGauge,
     pods_watched: IntGauge,
     address_conflicts: IntGauge,
+    cluster_policies: IntGaugeVec,
+    cluster_policies_unenforced: IntGaugeVec,
     drop_events: IntCounterVec,
     drop_pod_labels: bool,
     state: Arc<Mutex<StateCounts>>,
@@ -233,6 +244,17 @@ impl Metrics {
         let address_conflicts =
             IntGauge::new(ADDRESS_CONFLICTS, ADDRESS_CONFLICTS_HELP).expect("valid gauge");
         node.register(Box::new(address_conflicts.clone())).expect("unique metric");
+        let tier_gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["tier"]).expect("valid gauge");
+            for tier in ["admin", "baseline"] {
+                g.with_label_values(&[tier]).set(0);
+            }
+            node.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let cluster_policies = tier_gauge(CLUSTER_POLICIES, CLUSTER_POLICIES_HELP);
+        let cluster_policies_unenforced =
+            tier_gauge(CLUSTER_POLICIES_UNENFORCED, CLUSTER_POLICIES_UNENFORCED_HELP);
         let drop_labels: &[&str] = if opts.drop_pod_labels {
             &["direction", "reason", "namespace", "pod"]
         } else {
@@ -273,6 +295,8 @@ impl Metrics {
             apply_failures,
             num_policies,
             address_conflicts,
+            cluster_policies,
+            cluster_policies_unenforced,
             drop_events,
             drop_pod_labels: opts.drop_pod_labels,
             pods_watched,
@@ -345,6 +369,15 @@ impl Metrics {
 
     pub fn set_state(&self, counts: StateCounts) {
         self.num_policies.set(counts.policies as i64);
+        let [enforced, unenforced] = if counts.cluster_policies_enforced {
+            [&self.cluster_policies, &self.cluster_policies_unenforced]
+        } else {
+            [&self.cluster_policies_unenforced, &self.cluster_policies]
+        };
+        for (i, tier) in ["admin", "baseline"].into_iter().enumerate() {
+            enforced.with_label_values(&[tier]).set(counts.cluster_policies[i] as i64);
+            unenforced.with_label_values(&[tier]).set(0);
+        }
         self.pods_watched.set(counts.pods as i64);
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = counts;
     }
