@@ -2,6 +2,8 @@
 //! - per-packet cost of the tc program through BPF_PROG_TEST_RUN, for a new flow (allowed,
 //!   tracked), a new flow that is denied (the full policy lookup, nothing tracked) and a packet
 //!   of an established flow, with 1, 100, 1k and 10k policies selecting the endpoint;
+//! - the same at 10k policies beside 0, 1 and 1,000 ClusterNetworkPolicies selecting the
+//!   endpoint (tiers are resolved into the trie's values: still three lookups);
 //! - the time from an event (a pod created, a policy created) to its map entries being
 //!   written: compiler plus dataplane, p50/p90/p99.
 //!
@@ -17,6 +19,9 @@ use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::ebpf::testrun;
 use npm_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane};
+use npm_agent::model::cluster_policy::{
+    Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier,
+};
 use npm_agent::model::{
     CidrBlock, LabelSelector, Namespace, NamespaceScope, Node, ObjectKey, Peer, Pod, Policy,
     PortSpec, Protocol, Rule,
@@ -113,7 +118,8 @@ impl Setup {
             attach: false,
         })
         .expect("load eBPF");
-        let mut s = Setup { engine: Engine::new(Scope::Node("n1".into())), dp, pin_root };
+        let engine = Engine::new(Scope::Node("n1".into())).with_cluster_policies();
+        let mut s = Setup { engine, dp, pin_root };
         s.event(Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))],
@@ -148,17 +154,55 @@ impl Setup {
     }
 }
 
+/// ClusterNetworkPolicy `i`: Admin (even) or Baseline (odd), selecting every pod, accepting
+/// every namespace's pods on TCP port 2000 + i: an entry per CNP for the client's identity
+/// and the server's, so the client's key group holds them all.
+fn cluster_policy(i: usize) -> ClusterPolicy {
+    let every = PodSet { namespaces: LabelSelector::everything(), pods: None };
+    let port = 2000 + i as u16;
+    ClusterPolicy {
+        name: format!("cnp-{i:04}"),
+        tier: if i % 2 == 0 { Tier::Admin } else { Tier::Baseline },
+        priority: (i % 1000) as u32,
+        subject: every.clone(),
+        ingress: vec![ClusterRule {
+            name: None,
+            action: Action::Accept,
+            peers: vec![ClusterPeer::Pods(every)],
+            ports: Some(vec![ClusterPort::Range {
+                protocol: Protocol::Tcp,
+                first: port,
+                last: port,
+            }]),
+        }],
+        egress: Vec::new(),
+    }
+}
+
 fn per_packet() {
+    per_packet_rows("policies", [1usize, 100, 1_000, 10_000].map(|n| (n, 0)));
+}
+
+fn tiers() {
+    println!();
+    per_packet_rows("CNPs (10k NPs)", [0usize, 1, 1_000].map(|c| (10_000, c)));
+}
+
+/// One row per (NetworkPolicies, ClusterNetworkPolicies) selecting the endpoint.
+fn per_packet_rows(label: &str, rows: impl IntoIterator<Item = (usize, usize)>) {
     println!("per-packet cost (npm_to_pod, ns per packet, kernel-measured)");
     println!(
-        "{:>9} {:>16} {:>16} {:>16}",
-        "policies", "new flow allowed", "new flow denied", "established"
+        "{:>14} {:>16} {:>16} {:>16}",
+        label, "new flow allowed", "new flow denied", "established"
     );
     let mut first: Option<[f64; 3]> = None;
-    for n in [1usize, 100, 1_000, 10_000] {
-        let mut s = Setup::new(&format!("pp{n}"));
+    for (n, cnps) in rows {
+        let mut s = Setup::new(&format!("pp{n}-{cnps}"));
         for i in 0..n {
             s.event(Event::UpsertPolicy(policy(i)));
+        }
+        for i in 0..cnps {
+            s.event(Event::UpsertClusterPolicy(cluster_policy(i)));
         }
         // New allowed flows: one packet each, distinct source ports (each one a conntrack miss
         // and insert), averaged.
@@ -182,8 +226,9 @@ fn per_packet() {
         let established = d.as_nanos() as f64;
         let row = [new_allowed, denied, established];
         let base = *first.get_or_insert(row);
+        let n = if label == "policies" { n } else { cnps };
         println!(
-            "{n:>9} {:>10.0} ({:.2}x) {:>10.0} ({:.2}x) {:>10.0} ({:.2}x)",
+            "{n:>14} {:>10.0} ({:.2}x) {:>10.0} ({:.2}x) {:>10.0} ({:.2}x)",
             row[0],
             row[0] / base[0],
             row[1],
@@ -297,8 +342,9 @@ fn main() {
     }
     // `cargo bench --bench dataplane -- NAME...` runs only the named parts.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let parts: [(&str, fn()); 4] = [
+    let parts: [(&str, fn()); 5] = [
         ("per-packet", per_packet),
+        ("tiers", tiers),
         ("egress-checks", egress_checks),
         ("drop-events", drop_event_cost),
         ("event-to-maps", event_to_maps),

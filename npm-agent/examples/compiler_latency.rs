@@ -3,14 +3,17 @@
 //! with p50/p90/p99/max and diff sizes per kind of event.
 //!
 //! ```text
-//! cargo run --release -p npm-agent --example compiler_latency -- [SIZE] [POD_EVENTS] [POLICY_EVENTS] [--cluster] [--check] [--layout]
+//! cargo run --release -p npm-agent --example compiler_latency -- [SIZE] [POD_EVENTS] [POLICY_EVENTS] [--cluster] [--check] [--layout] [--cluster-policies N]
 //! ```
 //! SIZE is 1k, 10k or 100k (default 100k: 100,000 pods, 10,000 policies, 500 namespaces);
 //! POD_EVENTS defaults to 10,000 and POLICY_EVENTS to 1,000. `--cluster` compiles every pod
 //! as local (the simulator's scope) instead of one node's. `--check` compares the engine's
 //! plan with the one-pass compiler's before and after the events. `--layout`: the engine also
 //! keeps the Azure NPM layout, as it does for both Linux dataplanes (eBPF mode counts its sets
-//! for the metrics; without it, the engine as eBPF mode ran before).
+//! for the metrics; without it, the engine as eBPF mode ran before). `--cluster-policies N`:
+//! N ClusterNetworkPolicies as well (half Admin, half Baseline; each selects the namespaces of
+//! one `env`, a third of the cluster, and has a Pass, a Deny on a port and an Accept from one
+//! team's namespaces), compiled as the eBPF agent compiles them.
 
 #[path = "../benches/synth/mod.rs"]
 mod synth;
@@ -19,7 +22,51 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use npm_agent::compile::{Engine, Scope, compile};
+use npm_agent::model::cluster_policy::{
+    Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier,
+};
+use npm_agent::model::{LabelSelector, Protocol};
 use npm_agent::plan::Plan;
+use npm_agent::state::Event;
+
+/// ClusterNetworkPolicy `i` (see the module docs).
+fn cluster_policy(i: usize) -> ClusterPolicy {
+    let envs = ["prod", "staging", "dev"];
+    let team = |t: usize| PodSet {
+        namespaces: LabelSelector::from_labels([("team", format!("team-{:02}", t % 50).as_str())]),
+        pods: None,
+    };
+    let rule = |action, peer: PodSet, ports| ClusterRule {
+        name: None,
+        action,
+        peers: vec![ClusterPeer::Pods(peer)],
+        ports,
+    };
+    let port = ClusterPort::Range {
+        protocol: Protocol::Tcp,
+        first: 1000 + i as u16,
+        last: 1000 + i as u16,
+    };
+    ClusterPolicy {
+        name: format!("cnp-{i:03}"),
+        tier: if i % 2 == 0 { Tier::Admin } else { Tier::Baseline },
+        priority: i as u32,
+        subject: PodSet {
+            namespaces: LabelSelector::from_labels([("env", envs[i % 3])]),
+            pods: None,
+        },
+        ingress: vec![
+            rule(Action::Pass, team(i), None),
+            rule(Action::Deny, team(i + 1), Some(vec![port])),
+            rule(Action::Accept, team(i + 2), None),
+        ],
+        egress: vec![rule(
+            Action::Deny,
+            team(i + 3),
+            Some(vec![ClusterPort::Protocol(Protocol::Udp)]),
+        )],
+    }
+}
 use synth::{Cluster, Config, EventKind};
 
 #[derive(Default)]
@@ -74,11 +121,19 @@ fn main() {
     let mut cluster_scope = false;
     let mut check = false;
     let mut layout = false;
-    for arg in std::env::args().skip(1) {
+    let mut cluster_policies = 0usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cluster" => cluster_scope = true,
             "--check" => check = true,
             "--layout" => layout = true,
+            "--cluster-policies" => {
+                cluster_policies = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--cluster-policies takes a number")
+            }
             _ => positional.push(arg),
         }
     }
@@ -90,7 +145,11 @@ fn main() {
     let config = Config::named(size).expect("SIZE is one of 1k, 10k, 100k");
 
     let t = Instant::now();
-    let cluster = Cluster::generate(config.clone());
+    let mut cluster = Cluster::generate(config.clone());
+    for i in 0..cluster_policies {
+        let p = cluster_policy(i);
+        cluster.state.cluster_policies.insert(p.name.clone(), p);
+    }
     println!(
         "generated {size}: {} pods, {} policies, {} namespaces, {} nodes, {} deployments in {:.2?}",
         cluster.state.pods.len(),
@@ -108,8 +167,10 @@ fn main() {
     println!("scope: {scope:?}");
 
     // Start-up: every object as an event into a fresh engine.
-    let events = cluster.events();
-    let mut engine = Engine::new(scope.clone());
+    let mut events = cluster.events();
+    events.extend(cluster.state.cluster_policies.values().cloned().map(Event::UpsertClusterPolicy));
+    let mut engine = Engine::new(scope.clone()).with_cluster_policies();
+    println!("cluster network policies: {cluster_policies}");
     if layout {
         engine = engine.with_layout();
     }
@@ -186,13 +247,34 @@ fn main() {
     let t = Instant::now();
     run(&mut engine, &EventKind::POD, pod_events);
     run(&mut engine, &EventKind::POLICY, policy_events);
+    // ClusterNetworkPolicy updates (the Deny's port moves) and back, each one timed.
+    for round in 0..10 {
+        for i in 0..cluster_policies {
+            let original = cluster_policy(i);
+            let mut changed = original.clone();
+            changed.ingress[1].ports = Some(vec![ClusterPort::Range {
+                protocol: Protocol::Tcp,
+                first: 3000 + round,
+                last: 3000 + round,
+            }]);
+            for (name, p) in [("cnp_update", changed), ("cnp_update (back)", original)] {
+                let t = Instant::now();
+                let diff = engine.handle(Event::UpsertClusterPolicy(p));
+                let elapsed = t.elapsed();
+                if check {
+                    applied.apply(&diff).expect("event diff applies");
+                }
+                by_kind.entry(name.to_string()).or_default().push(elapsed, diff.len());
+            }
+        }
+    }
     println!("events run in {:.2?}", t.elapsed());
 
     let mut pod_all = Samples::default();
     let mut local_all = Samples::default();
     let mut policy_all = Samples::default();
     for (name, s) in &by_kind {
-        if name.starts_with("policy") {
+        if name.starts_with("policy") || name.starts_with("cnp") {
             policy_all.extend(s);
         } else {
             pod_all.extend(s);
