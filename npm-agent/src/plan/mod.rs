@@ -699,6 +699,15 @@ pub enum Change {
 /// by their old or their new identity, switched atomically in the middle of the diff;
 /// endpoints move to new profiles after every switch.
 ///
+/// All of the above is about NetworkPolicy entries, which only admit. ClusterNetworkPolicy
+/// entries decide by their first match (an Admin Deny, a Pass), so adding one can refuse
+/// and removing one can admit: a diff that changes tiered entries, or the members of sets
+/// they name, follows the same order, and its end state is exact (property tests against the
+/// one-pass compiler and the reference), but between its first and last change an endpoint
+/// direction selected by a ClusterNetworkPolicy may briefly decide as neither state does.
+/// Endpoints that go unenforced go first, so a departing endpoint never refuses a peer that a
+/// Deny entry of its old profile comes to name.
+///
 /// The layout's changes are a separate list, ordered as [`LayoutChange`] says: a dataplane
 /// renders one list or the other (the eBPF dataplane follows the layout's sets for its
 /// metrics only).
