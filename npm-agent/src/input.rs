@@ -177,7 +177,14 @@ where
 {
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
-    let mut note = |path: serde_ignored::Path<'_>| unknown.push(api_path(&path));
+    let mut note = |path: serde_ignored::Path<'_>| {
+        // Every API object has these two; types made by kube's `CustomResource` do not read
+        // them (the caller checks them: the kind chose the type).
+        let field = api_path(&path);
+        if field != "apiVersion" && field != "kind" {
+            unknown.push(field);
+        }
+    };
     let result = T::deserialize(serde_path_to_error::Deserializer::new(
         serde_ignored::Deserializer::new(de, &mut note),
         &mut track,

@@ -20,6 +20,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use npm_agent::agent::Settings;
 use npm_agent::source::SourceSpec;
@@ -166,12 +167,18 @@ fn every_object_deserializes_into_its_type() {
             "ConfigMap" => serde_path_to_error::deserialize::<_, ConfigMap>(v.clone()).map(|_| ()),
             "DaemonSet" => serde_path_to_error::deserialize::<_, DaemonSet>(v.clone()).map(|_| ()),
             "Service" => serde_path_to_error::deserialize::<_, Service>(v.clone()).map(|_| ()),
+            "CustomResourceDefinition" => {
+                serde_path_to_error::deserialize::<_, CustomResourceDefinition>(v.clone())
+                    .map(|_| ())
+            }
             other => panic!("{other} {name}: a kind this test does not know"),
         };
         if let Err(e) = result {
             panic!("{kind} {name}: {}: {}", e.path(), e.inner());
         }
-        if kind != "ClusterRole" && kind != "ClusterRoleBinding" {
+        if !["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"]
+            .contains(&kind.as_str())
+        {
             assert_eq!(v["metadata"]["namespace"].as_str(), Some("kube-system"), "{kind} {name}");
         }
     }
@@ -193,9 +200,13 @@ fn rbac_grants_exactly_reading_what_the_agent_watches() {
         }
     }
     let mut want = BTreeSet::new();
-    for (group, resource) in
-        [("", "pods"), ("", "namespaces"), ("", "nodes"), ("networking.k8s.io", "networkpolicies")]
-    {
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "nodes"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
+    ] {
         for verb in ["get", "list", "watch"] {
             want.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
@@ -485,5 +496,52 @@ fn azure_npm_users_find_their_alerts_and_scrape_jobs() {
         "collect_advanced_metrics",
     ] {
         assert!(integrations.contains(key), "{key} in {integrations}");
+    }
+}
+
+/// deploy/crds/clusternetworkpolicies.yaml is the CRD kube's `CustomResourceExt` makes from the
+/// Rust types the agent reads (group, version, kind, scope, plural and schema), so what the
+/// cluster serves is what the source decodes. `UPDATE_GOLDEN=1` rewrites it.
+#[test]
+fn the_shipped_crd_is_generated_from_the_rust_types() {
+    use kube::CustomResourceExt as _;
+    use npm_agent::model::cluster_policy::api::ClusterNetworkPolicy;
+    let crd = ClusterNetworkPolicy::crd();
+    let path = repo_root().join("deploy/crds/clusternetworkpolicies.yaml");
+    let generated = format!(
+        "# Generated from npm_agent::model::cluster_policy::api (kube's CustomResourceExt);\n\
+         # regenerate with UPDATE_GOLDEN=1 cargo test -p npm-agent --test deploy_manifests.\n{}",
+        serde_yaml_ng::to_string(&crd).unwrap()
+    );
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let shipped = std::fs::read_to_string(&path).expect("deploy/crds/clusternetworkpolicies.yaml");
+    assert_eq!(shipped, generated, "regenerate with UPDATE_GOLDEN=1");
+    let spec = &crd.spec;
+    assert_eq!(
+        (spec.group.as_str(), spec.names.plural.as_str(), spec.scope.as_str()),
+        ("policy.networking.k8s.io", "clusternetworkpolicies", "Cluster")
+    );
+    assert_eq!(spec.versions.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["v1alpha2"]);
+    // The shared example decodes with these types and validates.
+    let case = std::fs::read_to_string(
+        repo_root().join("../shared/conformance/cluster-network-policy/tiers.yaml"),
+    );
+    if let Ok(case) = case {
+        let v: Value = serde_yaml_ng::from_str(&case).unwrap();
+        let mut n = 0;
+        for step in v["steps"].as_sequence().unwrap() {
+            for a in step["actions"].as_sequence().into_iter().flatten() {
+                let o = &a["apply"];
+                if o["kind"] == "ClusterNetworkPolicy" {
+                    let o: ClusterNetworkPolicy = serde_yaml_ng::from_value(o.clone()).unwrap();
+                    npm_agent::model::cluster_policy::cluster_network_policy(&o).unwrap();
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 0);
     }
 }

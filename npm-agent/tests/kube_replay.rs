@@ -278,6 +278,41 @@ fn unreachable_api_server_is_retried_and_never_synced() {
     assert!(!source.synced());
     assert!(source.api_errors() >= 4, "retried with backoff: {} errors", source.api_errors());
     let health = source.health();
-    assert_eq!(health.problems.len(), 4, "{health:#?}");
+    assert_eq!(health.problems.len(), 5, "{health:#?}");
     assert!(health.problems.iter().all(|p| p.contains("initial list not complete")), "{health:#?}");
+}
+
+/// A cluster without the ClusterNetworkPolicy CRD (the list answers 404) syncs as before,
+/// with none enforced and no problem; once the CRD is installed (the retried list succeeds)
+/// its policies arrive, an invalid one is reported naming the field, and a watched change
+/// follows.
+#[test]
+fn cluster_policies_are_picked_up_when_their_crd_is_installed() {
+    let server = Server::scenario(&scenario("cluster-policies"));
+    let mut source = source_for(&server);
+    let mut engine = Engine::new(Scope::Node(NODE.into())).with_cluster_policies();
+    let mut synced_without = false;
+    let batches = drive(&mut source, &mut engine, |engine, source| {
+        if source.synced() && engine.state().cluster_policies.is_empty() {
+            synced_without = true;
+            assert!(source.health().problems.is_empty(), "{:#?}", source.health());
+        }
+        engine.state().cluster_policies.get("deny-y").is_some_and(|p| p.priority == 3)
+    });
+    assert!(synced_without, "synced only once the CRD was served");
+    assert!(server.requests_of("clusternetworkpolicies", false).len() >= 3, "the list is retried");
+    assert_eq!(
+        count(&batches, |e| matches!(e, Event::UpsertClusterPolicy(p) if p.name == "deny-y")),
+        2,
+        "listed, then modified"
+    );
+    assert_eq!(engine.state().cluster_policies.len(), 1, "by-domain is not applied");
+    let health = source.health();
+    assert!(
+        health.problems.iter().any(|p| p.contains("by-domain")
+            && p.contains("domainNames")
+            && p.contains("not applied")),
+        "{health:#?}"
+    );
+    assert_eq!(health.invalid_objects, 1);
 }

@@ -13,106 +13,146 @@ use super::validate::{FieldError, InvalidObject, label_selector, valid_port_name
 use super::{LabelSelector, Protocol};
 
 /// The API object, as served (unknown fields are the caller's to report, see
-/// `input::strict`).
+/// `input::strict`). kube's `CustomResource` makes the object type (`ClusterNetworkPolicy`:
+/// metadata and spec) from the spec, with its `Resource` identity (what the Kubernetes source
+/// watches) and its CRD (`CustomResourceExt::crd`, shipped in `deploy/`). Fields are as
+/// permissive as the JSON allows: what the API's schema requires is checked by
+/// [`cluster_network_policy`](super::cluster_network_policy), which names the field.
 pub mod api {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
-    use serde::Deserialize;
 
-    #[derive(Clone, Debug, Default, Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct ClusterNetworkPolicy {
-        #[serde(default)]
-        pub api_version: String,
-        #[serde(default)]
-        pub kind: String,
-        #[serde(default)]
-        pub metadata: meta::ObjectMeta,
-        #[serde(default)]
-        pub spec: Spec,
+    /// The only version read (the API's current one).
+    pub const API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
+
+    /// An error naming `apiVersion` unless it is [`API_VERSION`] (kube's type does not read it).
+    pub fn check_api_version(found: Option<&str>) -> Result<(), super::FieldError> {
+        match found {
+            Some(API_VERSION) => Ok(()),
+            other => Err(super::FieldError {
+                field: "apiVersion".into(),
+                message: format!("{other:?}: only {API_VERSION} is supported"),
+            }),
+        }
     }
+    use kube::CustomResource;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    /// The administrator's policy: a tier, a priority, whom it selects and its rules.
+    #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+    #[kube(
+        group = "policy.networking.k8s.io",
+        version = "v1alpha2",
+        kind = "ClusterNetworkPolicy",
+        plural = "clusternetworkpolicies",
+        shortname = "cnp"
+    )]
     #[serde(rename_all = "camelCase")]
-    pub struct Spec {
-        #[serde(default)]
+    pub struct ClusterNetworkPolicySpec {
+        /// `Admin` or `Baseline`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub tier: Option<String>,
-        #[serde(default)]
+        /// 0 to 1000: lower first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub priority: Option<i64>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub subject: Option<Subject>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub ingress: Option<Vec<Rule>>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub egress: Option<Vec<Rule>>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    /// Exactly one of `namespaces`, `pods`.
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Subject {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub namespaces: Option<meta::LabelSelector>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub pods: Option<NamespacedPod>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct NamespacedPod {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub namespace_selector: Option<meta::LabelSelector>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub pod_selector: Option<meta::LabelSelector>,
     }
 
     /// An ingress rule (`from`) or an egress rule (`to`).
-    #[derive(Clone, Debug, Default, Deserialize)]
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Rule {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub name: Option<String>,
-        #[serde(default)]
+        /// `Accept`, `Deny` or `Pass`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub action: Option<String>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub from: Option<Vec<Peer>>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub to: Option<Vec<Peer>>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub protocols: Option<Vec<ProtocolMatch>>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    /// Exactly one field: `namespaces`, `pods`; on egress also `networks`, and in the API's
+    /// experimental channel `nodes` and `domainNames` (refused here).
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Peer {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub namespaces: Option<meta::LabelSelector>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub pods: Option<NamespacedPod>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub networks: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub nodes: Option<meta::LabelSelector>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub domain_names: Option<Vec<String>>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    /// Exactly one field.
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct ProtocolMatch {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub tcp: Option<Ports>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub udp: Option<Ports>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub sctp: Option<Ports>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub destination_named_port: Option<String>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Ports {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub destination_port: Option<Port>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    /// Exactly one of `number`, `range`.
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Port {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub number: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub range: Option<PortRange>,
     }
 
-    #[derive(Clone, Debug, Default, Deserialize)]
+    #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct PortRange {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub start: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pub end: Option<i64>,
     }
 }

@@ -561,6 +561,14 @@ impl CaseCluster {
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
+        let version = value.get("apiVersion").and_then(|v| v.as_str());
+        if let Err(e) = api::check_api_version(version) {
+            return ActionOutcome::Rejected(InvalidObject {
+                kind: "ClusterNetworkPolicy",
+                object: name,
+                errors: vec![e],
+            });
+        }
         match crate::input::strict::<_, api::ClusterNetworkPolicy>(value) {
             Ok(o) => match cluster_network_policy(&o) {
                 Ok(p) => ActionOutcome::Events(vec![Event::UpsertClusterPolicy(p)]),

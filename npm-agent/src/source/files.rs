@@ -497,9 +497,13 @@ fn collect(mut doc: Value, place: &str, out: &mut Vec<Entry>) {
             .and_then(|p| convert::pod(&p).map(Object::Pod).map_err(|e| e.to_string())),
         ObjectId::ClusterPolicy(_) => {
             use crate::model::cluster_policy::{api, cluster_network_policy};
-            typed::<api::ClusterNetworkPolicy>(doc, &kind, &id).and_then(|p| {
-                cluster_network_policy(&p).map(Object::ClusterPolicy).map_err(|e| e.to_string())
-            })
+            let version = str_at(&doc, &["apiVersion"]);
+            api::check_api_version(version)
+                .map_err(|e| format!("invalid {kind} {name}: {e}"))
+                .and_then(|()| typed::<api::ClusterNetworkPolicy>(doc, &kind, &id))
+                .and_then(|p| {
+                    cluster_network_policy(&p).map(Object::ClusterPolicy).map_err(|e| e.to_string())
+                })
         }
     };
     out.push(Entry { id: Some(id), object });

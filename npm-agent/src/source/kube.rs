@@ -1,5 +1,6 @@
 //! The Kubernetes source: kube-rs watchers on Pods (cluster-wide: peers on other nodes matter),
-//! Namespaces, NetworkPolicies and this node's Node object, turned into [`Event`]s.
+//! Namespaces, NetworkPolicies, ClusterNetworkPolicies and this node's Node object, turned
+//! into [`Event`]s.
 //!
 //! - The watchers (`kube::runtime::watcher`) run on a small tokio runtime owned by the source
 //!   (one worker thread) and hand what they see over a bounded channel; [`Source::next_batch`]
@@ -29,9 +30,15 @@
 //!   skipped: the previous valid version, if any, stays in force (it is neither replaced nor
 //!   deleted, also across relists). A watch line that is not JSON at all is counted as a parse
 //!   error and skipped; the watch goes on.
-//! - The first batch with `synced` set is the one that completes the initial list of all four
-//!   kinds; before that the agent applies nothing to the dataplane, so whatever a previous
+//! - The first batch with `synced` set is the one that completes the initial list of every
+//!   kind; before that the agent applies nothing to the dataplane, so whatever a previous
 //!   agent pinned keeps enforcing.
+//! - ClusterNetworkPolicies (`policy.networking.k8s.io/v1alpha2`, typed by kube's
+//!   `CustomResource` in [`crate::model::cluster_policy::api`]) are optional: where their
+//!   CRD is not installed the list answers 404, the kind counts as listed with nothing in it
+//!   (the agent works as before), and the watcher keeps retrying with backoff, so the
+//!   policies arrive once the CRD is installed. A 403 (the ClusterRole lacks them) is the
+//!   same, but reported as a problem.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -103,10 +110,13 @@ pub enum Kind {
     Node,
     Policy,
     Pod,
+    /// ClusterNetworkPolicies: optional (a cluster without their CRD serves none).
+    ClusterPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Node, Kind::Policy, Kind::Pod];
+    pub const ALL: [Kind; 5] =
+        [Kind::Namespace, Kind::Node, Kind::Policy, Kind::Pod, Kind::ClusterPolicy];
 
     /// The resource's plural name, as the API and the logs spell it.
     pub fn plural(self) -> &'static str {
@@ -115,6 +125,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Policy => "networkpolicies",
             Kind::Pod => "pods",
+            Kind::ClusterPolicy => "clusternetworkpolicies",
         }
     }
 
@@ -122,16 +133,21 @@ impl Kind {
         self as usize
     }
 
-    /// The kind watched for objects like `id` (none for ClusterNetworkPolicies: not
-    /// watched yet).
+    /// The kind watched for objects like `id`.
     fn of(id: &ObjectId) -> Option<Kind> {
-        match id {
-            ObjectId::Namespace(_) => Some(Kind::Namespace),
-            ObjectId::Node(_) => Some(Kind::Node),
-            ObjectId::Policy(_) => Some(Kind::Policy),
-            ObjectId::Pod(_) => Some(Kind::Pod),
-            ObjectId::ClusterPolicy(_) => None,
-        }
+        Some(match id {
+            ObjectId::Namespace(_) => Kind::Namespace,
+            ObjectId::Node(_) => Kind::Node,
+            ObjectId::Policy(_) => Kind::Policy,
+            ObjectId::Pod(_) => Kind::Pod,
+            ObjectId::ClusterPolicy(_) => Kind::ClusterPolicy,
+        })
+    }
+
+    /// Whether the kind may be missing from the API (a CRD not installed): it then counts
+    /// as listed, with nothing in it, and the watch keeps retrying to pick it up later.
+    fn optional(self) -> bool {
+        self == Kind::ClusterPolicy
     }
 }
 
@@ -155,6 +171,7 @@ pub struct Pods;
 pub struct Namespaces;
 pub struct Nodes;
 pub struct Policies;
+pub struct ClusterPolicies;
 
 impl Watched for Pods {
     type Api = core::Pod;
@@ -201,6 +218,20 @@ impl Watched for Policies {
     }
     fn convert(api: &net::NetworkPolicy) -> Result<Object, String> {
         network_policy(api).map(Object::Policy).map_err(|e| e.to_string())
+    }
+}
+
+impl Watched for ClusterPolicies {
+    type Api = crate::model::cluster_policy::api::ClusterNetworkPolicy;
+    const KIND: Kind = Kind::ClusterPolicy;
+    const NAME: &'static str = "ClusterNetworkPolicy";
+    fn id(_: &str, name: &str) -> ObjectId {
+        ObjectId::ClusterPolicy(name.to_string())
+    }
+    fn convert(api: &Self::Api) -> Result<Object, String> {
+        crate::model::cluster_policy::cluster_network_policy(api)
+            .map(Object::ClusterPolicy)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -335,6 +366,9 @@ enum ErrorKind {
     Gone,
     /// A response or watch line that does not parse.
     Parse,
+    /// The resource is not served (404: its CRD is not installed) or not allowed (403):
+    /// retried with backoff; for an optional kind, the kind counts as listed meanwhile.
+    Unavailable(u16),
     /// Anything else (connection, authorization, server errors): retried with backoff.
     Api,
 }
@@ -353,6 +387,11 @@ fn classify(e: &watcher::Error) -> ErrorKind {
         }
         W::InitialListFailed(K::SerdeError(_)) | W::WatchFailed(K::SerdeError(_)) => {
             ErrorKind::Parse
+        }
+        W::InitialListFailed(K::Api(status)) | W::WatchStartFailed(K::Api(status))
+            if status.code == 404 || status.code == 403 =>
+        {
+            ErrorKind::Unavailable(status.code)
         }
         _ => ErrorKind::Api,
     }
@@ -449,7 +488,7 @@ struct KindState {
 pub struct KubeSource {
     rx: mpsc::Receiver<Msg>,
     describe: String,
-    kinds: [KindState; 4],
+    kinds: [KindState; 5],
     current: HashMap<ObjectId, Entry>,
     /// Objects whose last version was rejected: why, and the relist epoch of their kind in
     /// which that version was seen.
@@ -502,7 +541,7 @@ impl KubeSource {
             let pods = paged.clone().fields(POD_FIELD_SELECTOR);
             let policies = paged;
             let namespaces = cached.clone();
-            let mut nodes = cached;
+            let mut nodes = cached.clone();
             if !options.node_name.is_empty() {
                 nodes = nodes.fields(&format!("metadata.name={}", options.node_name));
             }
@@ -524,9 +563,15 @@ impl KubeSource {
                 options.clone(),
                 tx.clone(),
             ));
+            runtime.spawn(watch::<ClusterPolicies>(
+                Api::all(client.clone()),
+                cached.clone(),
+                options.clone(),
+                tx.clone(),
+            ));
             runtime.spawn(watch::<Pods>(Api::all(client), pods, options.clone(), tx));
         }
-        tracing::info!(source = %describe, node = %options.node_name, "watching pods, namespaces, networkpolicies and nodes");
+        tracing::info!(source = %describe, node = %options.node_name, "watching pods, namespaces, networkpolicies, clusternetworkpolicies and nodes");
         Ok(KubeSource {
             rx,
             describe,
@@ -627,7 +672,24 @@ impl KubeSource {
                         self.parse_errors += 1;
                         tracing::error!(kind = %kind, "malformed API response skipped: {message}");
                     }
-                    ErrorKind::Api => {
+                    ErrorKind::Unavailable(code) if kind.optional() => {
+                        if !st.synced {
+                            st.synced = true;
+                            if code == 404 {
+                                tracing::info!(kind = %kind, "not served (its CRD is not installed): none enforced; watching for it");
+                            }
+                        }
+                        if code == 403 {
+                            // Not allowed: the operator must know (a missing ClusterRole rule).
+                            self.api_errors += 1;
+                            if st.error.is_none() {
+                                tracing::warn!(kind = %kind, "not allowed to list them (the ClusterRole lacks it); none enforced: {message}");
+                            }
+                            st.error = Some(message);
+                            st.errors_in_row += 1;
+                        }
+                    }
+                    ErrorKind::Unavailable(_) | ErrorKind::Api => {
                         self.api_errors += 1;
                         if st.error.is_none() {
                             tracing::warn!(kind = %kind, "API error; retrying with backoff, enforcing the last known state: {message}");
