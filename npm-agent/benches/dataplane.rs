@@ -162,7 +162,7 @@ fn cluster_policy(i: usize) -> ClusterPolicy {
     let port = 2000 + i as u16;
     ClusterPolicy {
         name: format!("cnp-{i:04}"),
-        tier: if i % 2 == 0 { Tier::Admin } else { Tier::Baseline },
+        tier: if i.is_multiple_of(2) { Tier::Admin } else { Tier::Baseline },
         priority: (i % 1000) as u32,
         subject: every.clone(),
         ingress: vec![ClusterRule {

@@ -49,7 +49,7 @@ fn cluster_policy(i: usize) -> ClusterPolicy {
     };
     ClusterPolicy {
         name: format!("cnp-{i:03}"),
-        tier: if i % 2 == 0 { Tier::Admin } else { Tier::Baseline },
+        tier: if i.is_multiple_of(2) { Tier::Admin } else { Tier::Baseline },
         priority: i as u32,
         subject: PodSet {
             namespaces: LabelSelector::from_labels([("env", envs[i % 3])]),
