@@ -192,4 +192,39 @@ proptest! {
             }
         }
     }
+
+    /// With ClusterNetworkPolicies: the verdict is the specification's, and a side a tier's
+    /// rule decides names that policy among those selecting the pod.
+    #[test]
+    fn explain_with_tiers_agrees_with_the_specification(state in tiered_cluster(), events in proptest::collection::vec(tiered_event(), 0..6)) {
+        let mut current = state.clone();
+        for e in &events {
+            current.apply(e);
+        }
+        let ips = addresses(&current);
+        for &src in &ips {
+            for &dst in &ips {
+                if src == dst || !claimed_once(&current, src) || !claimed_once(&current, dst) {
+                    continue;
+                }
+                let (a, b) = (End::at(&current, src), End::at(&current, dst));
+                if reference::arrives_spoofed(&current, &a, &b) {
+                    continue;
+                }
+                for protocol in Protocol::ALL {
+                    for port in PORTS {
+                        let e = explain(&current, src, dst, protocol, port);
+                        let want = reference::allowed_between(&current, &a, &b, protocol, port);
+                        prop_assert_eq!(e.allowed, want, "{:#?}", e);
+                        for side in [&e.egress, &e.ingress] {
+                            if let Some(rest) = side.reason.split("ClusterNetworkPolicy ").nth(1) {
+                                let name = rest.split(' ').next().unwrap();
+                                prop_assert!(side.cluster_policies.iter().any(|p| p == name), "{:#?}", side);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

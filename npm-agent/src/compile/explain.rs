@@ -49,8 +49,11 @@ pub struct Side {
     pub pod: Option<ObjectKey>,
     /// The node whose agent judges this side.
     pub node: Option<String>,
-    /// The policies selecting the pod for this direction (empty: not isolated).
+    /// The NetworkPolicies selecting the pod for this direction (empty: not isolated).
     pub policies: Vec<ObjectKey>,
+    /// The ClusterNetworkPolicies whose subject selects the pod, with rules for this
+    /// direction (by name).
+    pub cluster_policies: Vec<String>,
     /// The rules admitting the connection (each peer and port of a rule that does).
     pub admitted_by: Vec<RuleRef>,
     /// The plan's entries of this side that admit the connection (what the dataplanes hold).
@@ -200,6 +203,7 @@ fn side(
         pod: None,
         node: None,
         policies: Vec::new(),
+        cluster_policies: Vec::new(),
         admitted_by: Vec::new(),
         entries: Vec::new(),
         allowed: true,
@@ -221,6 +225,14 @@ fn side(
         Direction::Ingress => plan.allows_ingress(conn),
     };
     s.policies = selecting(state, pod, direction).map(|p| p.key.clone()).collect();
+    let ns_labels = state.namespace_labels(&pod.key.namespace);
+    s.cluster_policies = state
+        .cluster_policies
+        .values()
+        .filter(|p| !p.rules(direction).is_empty())
+        .filter(|p| super::Subject::Cluster(p.subject.clone()).selects(pod, &ns_labels))
+        .map(|p| p.name.clone())
+        .collect();
     let q = Question {
         direction,
         endpoint: pod,
@@ -247,12 +259,44 @@ fn side(
         s.entries.sort();
     }
     let own_node = plan.node_ips.contains(&peer_ip);
-    s.reason = if s.policies.is_empty()
+    let isolated = plan.endpoints.get(&ip).is_some_and(|e| plan.direction(e, direction).isolated);
+    let decider = crate::plan::decider(s.entries.iter().map(|a| &a.verdict), isolated);
+    let list = match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    };
+    let tier_rule = |tier: &str, p: &crate::plan::Precedence| {
+        format!(
+            "ClusterNetworkPolicy {} ({tier} tier, priority {}) spec.{list}[{}]: {:?}",
+            p.policy, p.priority, p.rule, p.action
+        )
+    };
+    let passed = s
+        .entries
+        .iter()
+        .filter_map(|a| match &a.verdict {
+            crate::plan::Verdict::Admin(p) => Some(p),
+            _ => None,
+        })
+        .min()
+        .filter(|p| p.action == crate::model::cluster_policy::Action::Pass)
+        .map(|p| format!("passed by {}; ", tier_rule("Admin", p)))
+        .unwrap_or_default();
+    s.reason = if own_node {
+        format!("{peer_ip} is the address of {}'s own node: always allowed", pod.key)
+    } else if let crate::plan::Decider::Admin(p) = decider {
+        format!("decided first by {}", tier_rule("Admin", p))
+    } else if let crate::plan::Decider::Baseline(p) = decider {
+        format!("no Admin rule decides and no NetworkPolicy isolates; {}", tier_rule("Baseline", p))
+    } else if s.policies.is_empty()
         && !plan.endpoints.get(&ip).is_some_and(|e| e.isolated(direction))
     {
         format!("no policy selects {} for {what}: not isolated", pod.key)
-    } else if own_node {
-        format!("{peer_ip} is the address of {}'s own node: always allowed", pod.key)
+    } else if s.policies.is_empty() && !isolated && !s.cluster_policies.is_empty() {
+        format!(
+            "no rule of the ClusterNetworkPolicies selecting {} decides and no NetworkPolicy isolates it: allowed",
+            pod.key
+        )
     } else if plan.conflicts.get(&ip).is_some_and(|c| c.quarantined) {
         format!("{ip} is claimed by several pods on this node: quarantined, nothing admitted")
     } else if s.allowed {
@@ -269,6 +313,9 @@ fn side(
             conn.port
         )
     };
+    if !own_node && !matches!(decider, crate::plan::Decider::Admin(_)) {
+        s.reason = format!("{passed}{}", s.reason);
+    }
     s
 }
 

@@ -108,6 +108,7 @@ function side(label, s) {
   let who = s.pod ? `${s.pod.namespace}/${s.pod.name} (${s.ip})` : s.ip;
   let t = `${label} of ${who}: ${s.allowed ? 'allowed' : 'DENIED'}` + (s.node ? `, judged on node ${s.node}` : '') + `\n  ${s.reason}\n`;
   if (s.policies.length) t += `  selected by: ${s.policies.map(p => p.namespace + '/' + p.name).join(', ')}\n`;
+  if (s.cluster_policies && s.cluster_policies.length) t += `  ClusterNetworkPolicies: ${s.cluster_policies.join(', ')}\n`;
   for (const r of s.admitted_by) t += `  admitted by: ${r.policy.namespace}/${r.policy.name} ${r.peer}` + (r.port ? ` and ${r.port}` : '') + '\n';
   return t;
 }

@@ -155,11 +155,14 @@ fn write_side(out: &mut String, label: &str, s: &Side) {
         let list: Vec<String> = s.policies.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "    selected by: {}", list.join(", "));
     }
+    if !s.cluster_policies.is_empty() {
+        let _ = writeln!(out, "    ClusterNetworkPolicies: {}", s.cluster_policies.join(", "));
+    }
     for r in &s.admitted_by {
         let _ = writeln!(out, "    admitted by: {r}");
     }
     for a in &s.entries {
-        let _ = writeln!(out, "    plan entry: peer {:?}, ports {:?}", a.peer, a.ports);
+        let _ = writeln!(out, "    plan entry: {a}");
     }
 }
 

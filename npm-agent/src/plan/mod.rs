@@ -273,11 +273,35 @@ impl DirectionPlan<'_> {
     }
 }
 
-/// What the entries matching a packet (`matching`, in any order) decide, for an endpoint
-/// direction that NetworkPolicies isolate or not: the Admin tier's first match (unless it
-/// passes), then the NetworkPolicies' allows (final where they isolate), then the Baseline
-/// tier's first match; what nothing decides is allowed.
-pub fn decide<'a>(matching: impl Iterator<Item = &'a Verdict>, isolated: bool) -> bool {
+/// What decides a packet among the entries that match it (see [`decider`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decider<'a> {
+    /// An Admin-tier rule that accepts or denies.
+    Admin(&'a Precedence),
+    /// The NetworkPolicies: whether one admits (they isolate the endpoint, or one admits).
+    NetworkPolicies { allowed: bool },
+    /// A Baseline-tier rule (its Pass allows: nothing is left to deny).
+    Baseline(&'a Precedence),
+    /// Nothing: allowed.
+    Default,
+}
+
+impl Decider<'_> {
+    pub fn allowed(&self) -> bool {
+        match self {
+            Decider::Admin(p) => p.action == Action::Accept,
+            Decider::NetworkPolicies { allowed } => *allowed,
+            Decider::Baseline(p) => p.action != Action::Deny,
+            Decider::Default => true,
+        }
+    }
+}
+
+/// What decides among the entries matching a packet (`matching`, in any order), for an
+/// endpoint direction that NetworkPolicies isolate or not: the Admin tier's first match
+/// (unless it passes), then the NetworkPolicies' allows (final where they isolate), then the
+/// Baseline tier's first match; else the default (allowed).
+pub fn decider<'a>(matching: impl Iterator<Item = &'a Verdict>, isolated: bool) -> Decider<'a> {
     let mut admin: Option<&Precedence> = None;
     let mut allowed = false;
     let mut baseline: Option<&Precedence> = None;
@@ -288,15 +312,19 @@ pub fn decide<'a>(matching: impl Iterator<Item = &'a Verdict>, isolated: bool) -
             Verdict::Baseline(p) => baseline = Some(baseline.map_or(p, |b| b.min(p))),
         }
     }
-    match admin.map(|p| p.action) {
-        Some(Action::Accept) => return true,
-        Some(Action::Deny) => return false,
-        Some(Action::Pass) | None => {}
+    match admin {
+        Some(p) if p.action != Action::Pass => return Decider::Admin(p),
+        _ => {}
     }
     if allowed || isolated {
-        return allowed;
+        return Decider::NetworkPolicies { allowed };
     }
-    baseline.is_none_or(|p| p.action != Action::Deny)
+    baseline.map_or(Decider::Default, Decider::Baseline)
+}
+
+/// Whether the entries matching a packet let it through (see [`decider`]).
+pub fn decide<'a>(matching: impl Iterator<Item = &'a Verdict>, isolated: bool) -> bool {
+    decider(matching, isolated).allowed()
 }
 
 impl PeerMatch {
