@@ -93,6 +93,25 @@ impl NodeDataplane {
     }
 }
 
+/// Every node's dataplane (made by `make`) fed `state` from nothing, then `events`; the state
+/// they come to.
+fn replay(
+    state: &ClusterState,
+    events: &[Event],
+    make: fn(&str) -> NodeDataplane,
+) -> (ClusterState, HashMap<String, NodeDataplane>) {
+    let mut nodes: HashMap<String, NodeDataplane> =
+        NODES.iter().map(|n| (n.to_string(), make(n))).collect();
+    let mut current = ClusterState::default();
+    for e in initial_events(state).iter().chain(events) {
+        current.apply(e);
+        for n in nodes.values_mut() {
+            n.handle(e);
+        }
+    }
+    (current, nodes)
+}
+
 fn octets(ip: IpAddr) -> [u8; 4] {
     match ip {
         IpAddr::V4(v) => v.octets(),
@@ -151,15 +170,7 @@ proptest! {
 
     #[test]
     fn encoded_maps_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12)) {
-        let mut nodes: HashMap<String, NodeDataplane> = NODES.iter().map(|n| (n.to_string(), NodeDataplane::new(n))).collect();
-        let initial = initial_events(&state);
-        let mut current = ClusterState::default();
-        for e in initial.iter().chain(events.iter()) {
-            current.apply(e);
-            for n in nodes.values_mut() {
-                n.handle(e);
-            }
-        }
+        let (current, nodes) = replay(&state, &events, NodeDataplane::new);
         check(&current, &nodes)?;
         // The maps hold exactly what the translator says they hold.
         for n in nodes.values() {
@@ -174,19 +185,10 @@ proptest! {
     /// as the specification's tiers do.
     #[test]
     fn encoded_tiers_decide_like_the_specification(state in tiered_cluster(), events in proptest::collection::vec(tiered_event(), 0..12)) {
-        let mut nodes: HashMap<String, NodeDataplane> = NODES.iter().map(|n| (n.to_string(), NodeDataplane::tiered(n))).collect();
-        let mut current = ClusterState::default();
-        for e in initial_events(&state).iter().chain(events.iter()) {
-            current.apply(e);
-            for n in nodes.values_mut() {
-                n.handle(e);
-            }
-        }
+        let (current, nodes) = replay(&state, &events, NodeDataplane::tiered);
         check(&current, &nodes)?;
-        // The maps hold exactly the keys the translator says they hold.
         for n in nodes.values() {
-            let d = n.translator.desired();
-            prop_assert_eq!(d.policy.len(), n.maps.policy.len());
+            prop_assert_eq!(n.translator.desired().policy.len(), n.maps.policy.len());
         }
     }
 

@@ -86,6 +86,30 @@ fn the_command_names_the_rule_and_exits_with_the_verdict() {
     assert!(err.contains("unknown protocol"), "{err}");
 }
 
+/// Every question worth asking of `state`: two distinct addresses that at most one pod
+/// claims each, a packet between which is not dropped as spoofed, on each protocol and port.
+fn questions(state: &ClusterState) -> Vec<(End, End, Protocol, u16)> {
+    let ips = addresses(state);
+    let mut out = Vec::new();
+    for &src in &ips {
+        for &dst in &ips {
+            if src == dst || !claimed_once(state, src) || !claimed_once(state, dst) {
+                continue;
+            }
+            let (a, b) = (End::at(state, src), End::at(state, dst));
+            if reference::arrives_spoofed(state, &a, &b) {
+                continue;
+            }
+            for protocol in Protocol::ALL {
+                for port in PORTS {
+                    out.push((a.clone(), b.clone(), protocol, port));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn claimed_once(state: &ClusterState, ip: std::net::IpAddr) -> bool {
     state.pods.values().filter(|p| p.is_endpoint() && p.ip == Some(ip)).count() <= 1
 }
@@ -170,26 +194,12 @@ proptest! {
         for e in &events {
             current.apply(e);
         }
-        let ips = addresses(&current);
-        for &src in &ips {
-            for &dst in &ips {
-                if src == dst || !claimed_once(&current, src) || !claimed_once(&current, dst) {
-                    continue;
-                }
-                let (a, b) = (End::at(&current, src), End::at(&current, dst));
-                if reference::arrives_spoofed(&current, &a, &b) {
-                    continue;
-                }
-                for protocol in Protocol::ALL {
-                    for port in PORTS {
-                        let e = explain(&current, src, dst, protocol, port);
-                        let want = reference::allowed_between(&current, &a, &b, protocol, port);
-                        prop_assert_eq!(e.allowed, want, "{:#?}", e);
-                        check_side(&current, &e.egress, &a, &b, protocol, port)?;
-                        check_side(&current, &e.ingress, &a, &b, protocol, port)?;
-                    }
-                }
-            }
+        for (a, b, protocol, port) in questions(&current) {
+            let e = explain(&current, a.ip, b.ip, protocol, port);
+            let want = reference::allowed_between(&current, &a, &b, protocol, port);
+            prop_assert_eq!(e.allowed, want, "{:#?}", e);
+            check_side(&current, &e.egress, &a, &b, protocol, port)?;
+            check_side(&current, &e.ingress, &a, &b, protocol, port)?;
         }
     }
 
@@ -201,28 +211,14 @@ proptest! {
         for e in &events {
             current.apply(e);
         }
-        let ips = addresses(&current);
-        for &src in &ips {
-            for &dst in &ips {
-                if src == dst || !claimed_once(&current, src) || !claimed_once(&current, dst) {
-                    continue;
-                }
-                let (a, b) = (End::at(&current, src), End::at(&current, dst));
-                if reference::arrives_spoofed(&current, &a, &b) {
-                    continue;
-                }
-                for protocol in Protocol::ALL {
-                    for port in PORTS {
-                        let e = explain(&current, src, dst, protocol, port);
-                        let want = reference::allowed_between(&current, &a, &b, protocol, port);
-                        prop_assert_eq!(e.allowed, want, "{:#?}", e);
-                        for side in [&e.egress, &e.ingress] {
-                            if let Some(rest) = side.reason.split("ClusterNetworkPolicy ").nth(1) {
-                                let name = rest.split(' ').next().unwrap();
-                                prop_assert!(side.cluster_policies.iter().any(|p| p == name), "{:#?}", side);
-                            }
-                        }
-                    }
+        for (a, b, protocol, port) in questions(&current) {
+            let e = explain(&current, a.ip, b.ip, protocol, port);
+            let want = reference::allowed_between(&current, &a, &b, protocol, port);
+            prop_assert_eq!(e.allowed, want, "{:#?}", e);
+            for side in [&e.egress, &e.ingress] {
+                if let Some(rest) = side.reason.split("ClusterNetworkPolicy ").nth(1) {
+                    let name = rest.split(' ').next().unwrap();
+                    prop_assert!(side.cluster_policies.iter().any(|p| p == name), "{:#?}", side);
                 }
             }
         }

@@ -263,7 +263,7 @@ fn read_maps(maps: &Path) -> MapContents {
     for k in cidrs.keys().map(Result::unwrap) {
         c.prefixes.insert((k.prefix_len(), k.data()));
     }
-    let policy: LpmTrie<_, npm_common::PolicyKeyData, u32> =
+    let policy: LpmTrie<_, npm_common::PolicyKeyData, npm_common::PolicyValue> =
         open(npm_common::MAP_POLICY).try_into().unwrap();
     c.policy_entries = policy.keys().count() as u64;
     c.entries.insert(
@@ -662,7 +662,7 @@ fn lab_agent_metrics_and_prometheus() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(list.len(), 6, "{rules}");
+    assert_eq!(list.len(), 7, "{rules}");
     for r in list {
         assert_eq!(r["health"], "ok", "{r}");
         if [
@@ -670,6 +670,7 @@ fn lab_agent_metrics_and_prometheus() {
             "AzureNPMFailureCreatePolicy",
             "NpmDataplaneApplyFailures",
             "NpmMapNearCapacity",
+            "NpmClusterNetworkPolicyNotEnforced",
         ]
         .contains(&r["name"].as_str().unwrap_or_default())
         {

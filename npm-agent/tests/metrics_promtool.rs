@@ -35,7 +35,7 @@ fn alert_rules_check_and_unit_tests() {
         .arg("check")
         .arg("rules")
         .arg(deploy("prometheus/npm-alerts.yaml")));
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
     let out = run(Command::new(&promtool).current_dir(deploy("prometheus")).args([
         "test",
         "rules",

@@ -251,6 +251,22 @@ pub fn verdict_code(priority: u32, slot: u32, rule: u32, action: u32) -> u32 {
     (clamp(priority, 1023) << 16) | (clamp(slot, 255) << 8) | (clamp(rule, 63) << 2) | (action & 3)
 }
 
+/// The key with every bit past `prefix_len` cleared: what the kernel's trie compares.
+pub fn policy_key_prefix(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
+    let mut k = *key;
+    let mut i = 0;
+    while i < k.len() {
+        let bit = i as u32 * 8;
+        if bit >= prefix_len {
+            k[i] = 0;
+        } else if bit + 8 > prefix_len {
+            k[i] &= 0xffu8 << (8 - (prefix_len - bit));
+        }
+        i += 1;
+    }
+    k
+}
+
 // ---- counters ----
 
 /// Why a packet was passed or dropped: the index of a counter within its direction.

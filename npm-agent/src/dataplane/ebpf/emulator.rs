@@ -10,7 +10,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use npm_common::conntrack::{FragKey, FragValue};
-use npm_common::{CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData, PolicyValue};
+use npm_common::{
+    CtKey, CtValue, EndpointInfo, IfaceInfo, Maps, PolicyKeyData, PolicyValue, policy_key_prefix,
+};
 
 use super::translate::MapOp;
 
@@ -78,10 +80,10 @@ impl MapEmulator {
                     self.cidrs.remove(net);
                 }
                 MapOp::PolicyAdd { prefix_len, key, value } => {
-                    self.policy.insert((*prefix_len, mask(key, *prefix_len)), *value);
+                    self.policy.insert((*prefix_len, policy_key_prefix(key, *prefix_len)), *value);
                 }
                 MapOp::PolicyDel { prefix_len, key } => {
-                    self.policy.remove(&(*prefix_len, mask(key, *prefix_len)));
+                    self.policy.remove(&(*prefix_len, policy_key_prefix(key, *prefix_len)));
                 }
                 MapOp::NodeIpAdd { ip } => {
                     self.node_ips.insert(ip.octets());
@@ -92,20 +94,6 @@ impl MapEmulator {
             }
         }
     }
-}
-
-/// Clears the bits past the prefix, as the kernel's trie ignores them.
-fn mask(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
-    let mut k = *key;
-    for (i, b) in k.iter_mut().enumerate() {
-        let bit = i as u32 * 8;
-        if bit >= prefix_len {
-            *b = 0;
-        } else if bit + 8 > prefix_len {
-            *b &= 0xffu8 << (8 - (prefix_len - bit));
-        }
-    }
-    k
 }
 
 impl MapEmulator {
@@ -177,7 +165,9 @@ impl Maps for MapEmulator {
 
     fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
         // Longest-prefix match: the longest stored prefix of the key.
-        (0..=prefix_len).rev().find_map(|len| self.policy.get(&(len, mask(key, len))).copied())
+        (0..=prefix_len)
+            .rev()
+            .find_map(|len| self.policy.get(&(len, policy_key_prefix(key, len))).copied())
     }
 
     fn ct_get(&self, key: &CtKey) -> Option<CtValue> {

@@ -35,8 +35,8 @@ use ipnet::Ipv4Net;
 use npm_common::{
     ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED,
     EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
-    POLICY_PREFIX_PROTO, PREFIX_ID_BASE, PolicyKeyData, PolicyValue, policy_key, port_blocks,
-    verdict_code,
+    POLICY_PREFIX_PROTO, PREFIX_ID_BASE, PolicyKeyData, PolicyValue, policy_key, policy_key_prefix,
+    port_blocks, verdict_code,
 };
 
 use crate::model::cluster_policy::Action;
@@ -144,20 +144,6 @@ fn group_of(key: &PolicyKeyData) -> Group {
     let mut g = [0; 9];
     g.copy_from_slice(&key[..9]);
     g
-}
-
-/// The key's bytes with everything after `prefix_len` bits cleared.
-fn masked(key: &PolicyKeyData, prefix_len: u32) -> PolicyKeyData {
-    let mut out = *key;
-    for (i, b) in out.iter_mut().enumerate() {
-        let bit = i as u32 * 8;
-        if bit >= prefix_len {
-            *b = 0;
-        } else if bit + 8 > prefix_len {
-            *b &= 0xffu8 << (8 - (prefix_len - bit));
-        }
-    }
-    out
 }
 
 /// The prefix lengths a key of the trie can have, shortest first.
@@ -667,7 +653,7 @@ impl MapTranslator {
         let mut value = self.own_value(e);
         if self.tiered_groups.contains_key(&group_of(&key)) {
             for len in key_lengths().take_while(|l| *l < prefix_len) {
-                if let Some(shorter) = self.policy.get(&(masked(&key, len), len)) {
+                if let Some(shorter) = self.policy.get(&(policy_key_prefix(&key, len), len)) {
                     value = value.fold(self.own_value(shorter));
                 }
             }
@@ -681,7 +667,7 @@ impl MapTranslator {
 
     /// Refreshes a key and every longer key of its group that it covers.
     fn refresh_under(&mut self, key: PolicyKeyData, prefix_len: u32, ops: &mut Vec<MapOp>) {
-        let lo = masked(&key, prefix_len);
+        let lo = policy_key_prefix(&key, prefix_len);
         let mut hi = lo;
         for (i, b) in hi.iter_mut().enumerate() {
             let bit = i as u32 * 8;
@@ -694,7 +680,7 @@ impl MapTranslator {
             .policy
             .range((lo, 0)..=(hi, u32::MAX))
             .map(|(k, _)| *k)
-            .filter(|(k, len)| *len >= prefix_len && masked(k, prefix_len) == lo)
+            .filter(|(k, len)| *len >= prefix_len && policy_key_prefix(k, prefix_len) == lo)
             .collect();
         for (k, len) in covered {
             self.refresh(k, len, ops);
