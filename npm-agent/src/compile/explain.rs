@@ -230,7 +230,7 @@ fn side(
         .cluster_policies
         .values()
         .filter(|p| !p.rules(direction).is_empty())
-        .filter(|p| super::Subject::Cluster(p.subject.clone()).selects(pod, &ns_labels))
+        .filter(|p| p.subject.selects(pod, &ns_labels))
         .map(|p| p.name.clone())
         .collect();
     let q = Question {

@@ -97,7 +97,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
                 && policies
                     .iter()
                     .flat_map(|p| p.terms(direction))
-                    .any(|t| t.ports.iter().any(|port| matches!(port, PortSel::Spec(s) if matches!(s, crate::model::PortSpec::Named { .. }))));
+                    .any(|t| t.ports.iter().any(PortSel::is_named));
             let own_ports: Vec<NamedPort> = if own { pod.named_ports.to_vec() } else { Vec::new() };
             let mut keys: Vec<ObjectKey> = policies.iter().map(|p| p.key.clone()).collect();
             keys.sort();
@@ -114,54 +114,48 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             }
             let mut allow: HashSet<Allow> = HashSet::new();
             for term in policies.iter().flat_map(|p| p.terms(direction)) {
-                {
-                    let verdict = &term.verdict;
-                    let add =
-                        |allow: &mut HashSet<Allow>, peer: PeerMatch, peer_ports: &[NamedPort]| {
-                            for port in &term.ports {
-                                let named = resolution_ports(direction, &key.own_ports, peer_ports);
-                                if let Some(ports) = port.resolve(named) {
-                                    let verdict = verdict.clone();
-                                    allow.insert(Allow { peer: peer.clone(), ports, verdict });
-                                }
+                let verdict = &term.verdict;
+                let add =
+                    |allow: &mut HashSet<Allow>, peer: PeerMatch, peer_ports: &[NamedPort]| {
+                        for port in &term.ports {
+                            let named = resolution_ports(direction, &key.own_ports, peer_ports);
+                            if let Some(ports) = port.resolve(named) {
+                                let verdict = verdict.clone();
+                                allow.insert(Allow { peer: peer.clone(), ports, verdict });
                             }
-                        };
-                    match &term.peer {
-                        TermPeer::Any => add(&mut allow, PeerMatch::Any, &[]),
-                        TermPeer::Block(b) => add(&mut allow, PeerMatch::Cidr(b.clone()), &[]),
-                        TermPeer::Pods(sel) => {
-                            // One entry for the set per port, but egress named ports per
-                            // member, each resolved against that member's ports.
-                            let (set, members) = selector_set(sel, &mut plan);
-                            for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
-                                if let Some(ports) = port.resolve(&key.own_ports) {
-                                    let verdict = verdict.clone();
-                                    allow.insert(Allow {
-                                        peer: PeerMatch::Set(set),
-                                        ports,
-                                        verdict,
-                                    });
-                                }
+                        }
+                    };
+                match &term.peer {
+                    TermPeer::Any => add(&mut allow, PeerMatch::Any, &[]),
+                    TermPeer::Block(b) => add(&mut allow, PeerMatch::Cidr(b.clone()), &[]),
+                    TermPeer::Pods(sel) => {
+                        // One entry for the set per port, but egress named ports per
+                        // member, each resolved against that member's ports.
+                        let (set, members) = selector_set(sel, &mut plan);
+                        for port in term.ports.iter().filter(|p| !p.per_peer(direction)) {
+                            if let Some(ports) = port.resolve(&key.own_ports) {
+                                let verdict = verdict.clone();
+                                allow.insert(Allow { peer: PeerMatch::Set(set), ports, verdict });
                             }
-                            for id in members {
-                                for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
-                                    if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
-                                        let peer = PeerMatch::Identity(id);
-                                        let verdict = verdict.clone();
-                                        allow.insert(Allow { peer, ports, verdict });
-                                    }
+                        }
+                        for id in members {
+                            for port in term.ports.iter().filter(|p| p.per_peer(direction)) {
+                                if let Some(ports) = port.resolve(&key_of[&id].named_ports) {
+                                    let peer = PeerMatch::Identity(id);
+                                    let verdict = verdict.clone();
+                                    allow.insert(Allow { peer, ports, verdict });
                                 }
                             }
                         }
-                        TermPeer::PodsInBlock(b) => {
-                            for (peer_ip, peer) in &owners {
-                                if b.contains(*peer_ip) {
-                                    add(
-                                        &mut allow,
-                                        PeerMatch::Cidr(host_block(*peer_ip)),
-                                        &peer.named_ports,
-                                    );
-                                }
+                    }
+                    TermPeer::PodsInBlock(b) => {
+                        for (peer_ip, peer) in &owners {
+                            if b.contains(*peer_ip) {
+                                add(
+                                    &mut allow,
+                                    PeerMatch::Cidr(host_block(*peer_ip)),
+                                    &peer.named_ports,
+                                );
                             }
                         }
                     }

@@ -130,10 +130,7 @@ impl Subject {
             Subject::Namespaced { namespace, pods } => {
                 *namespace == pod.key.namespace && pods.matches(&pod.labels)
             }
-            Subject::Cluster(set) => {
-                set.namespaces.matches(namespace_labels)
-                    && set.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
-            }
+            Subject::Cluster(set) => set.selects(pod, namespace_labels),
         }
     }
 }

@@ -181,6 +181,14 @@ pub struct PodSet {
     pub pods: Option<LabelSelector>,
 }
 
+impl PodSet {
+    /// Whether it holds `pod`, whose namespace has labels `namespace_labels`.
+    pub fn selects(&self, pod: &super::Pod, namespace_labels: &super::Labels) -> bool {
+        self.namespaces.matches(namespace_labels)
+            && self.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ClusterPeer {
     Pods(PodSet),
