@@ -45,7 +45,7 @@ struct Node {
 impl Node {
     fn new(node: &str) -> Self {
         let mut n = Self {
-            engine: Engine::new(Scope::Node(node.into())).with_layout(),
+            engine: Engine::new(Scope::Node(node.into())).with_layout().with_cluster_policies(),
             translator: RuleTranslator::new(),
             kernel: TableEmulator::default(),
             layout: Layout::default(),
@@ -289,47 +289,74 @@ fn apply_checked(
     Ok(())
 }
 
+/// Every node's rules after the cluster's initial sync and `events` decide every connection
+/// as the specification does; the kernel holds what the translator says, and a reconcile of
+/// the same plan changes nothing.
+fn decide_like_the_specification(
+    state: &ClusterState,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
+    let mut nodes: HashMap<String, Node> =
+        NODES.iter().map(|n| (n.to_string(), Node::new(n))).collect();
+    let mut current = ClusterState::default();
+    for e in initial_events(state).iter().chain(events.iter()) {
+        current.apply(e);
+        for n in nodes.values_mut() {
+            n.handle(e)?;
+        }
+    }
+    check(&current, &nodes)?;
+    // The kernel holds exactly what the translator says, and a reconcile of the same plan
+    // over it changes no set and no chain. Azure NPM's counts of the kernel's sets are
+    // those counted from the compiler's diffs, and from its whole layout.
+    for n in nodes.values_mut() {
+        let kernel = kernel_counts(0, &n.named_sets, &n.kernel.state().sets, true);
+        prop_assert_eq!(&kernel, &n.counted_sets.counts(0, true));
+        prop_assert_eq!(&n.counted_sets, &AzureSets::from_layout(&n.engine.plan().layout));
+        let sets = n.translator.desired_sets(&n.engine.plan().layout);
+        prop_assert_eq!(
+            sets.keys().cloned().collect::<Vec<_>>(),
+            n.kernel.sets.keys().cloned().collect::<Vec<_>>()
+        );
+        let chains = n.translator.desired_chains();
+        // (Jumps to policy chains may be in any order.)
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        for (c, rules) in &chains {
+            prop_assert_eq!(sorted(rules.clone()), sorted(n.kernel.rules(c)), "chain {}", c);
+        }
+        let plan = n.engine.plan();
+        let before = n.kernel.state();
+        for b in n.translator.reconcile(&plan, &before) {
+            n.kernel.apply(&b).map_err(TestCaseError::fail)?;
+        }
+        let after = n.kernel.state();
+        prop_assert_eq!(&after.sets, &before.sets);
+        prop_assert_eq!(
+            after.chains.keys().collect::<Vec<_>>(),
+            before.chains.keys().collect::<Vec<_>>()
+        );
+        for (c, rules) in &after.chains {
+            prop_assert_eq!(sorted(rules.clone()), sorted(before.chains[c].clone()), "chain {}", c);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
     fn rules_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12)) {
-        let mut nodes: HashMap<String, Node> = NODES.iter().map(|n| (n.to_string(), Node::new(n))).collect();
-        let mut current = ClusterState::default();
-        for e in initial_events(&state).iter().chain(events.iter()) {
-            current.apply(e);
-            for n in nodes.values_mut() {
-                n.handle(e)?;
-            }
-        }
-        check(&current, &nodes)?;
-        // The kernel holds exactly what the translator says, and a reconcile of the same plan
-        // over it changes no set and no chain. Azure NPM's counts of the kernel's sets are
-        // those counted from the compiler's diffs, and from its whole layout.
-        for n in nodes.values_mut() {
-            let kernel = kernel_counts(0, &n.named_sets, &n.kernel.state().sets, true);
-            prop_assert_eq!(&kernel, &n.counted_sets.counts(0, true));
-            prop_assert_eq!(&n.counted_sets, &AzureSets::from_layout(&n.engine.plan().layout));
-            let sets = n.translator.desired_sets(&n.engine.plan().layout);
-            prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), n.kernel.sets.keys().cloned().collect::<Vec<_>>());
-            let chains = n.translator.desired_chains();
-            // (Jumps to policy chains may be in any order.)
-            let sorted = |mut v: Vec<String>| { v.sort(); v };
-            for (c, rules) in &chains {
-                prop_assert_eq!(sorted(rules.clone()), sorted(n.kernel.rules(c)), "chain {}", c);
-            }
-            let plan = n.engine.plan();
-            let before = n.kernel.state();
-            for b in n.translator.reconcile(&plan, &before) {
-                n.kernel.apply(&b).map_err(TestCaseError::fail)?;
-            }
-            let after = n.kernel.state();
-            prop_assert_eq!(&after.sets, &before.sets);
-            prop_assert_eq!(after.chains.keys().collect::<Vec<_>>(), before.chains.keys().collect::<Vec<_>>());
-            for (c, rules) in &after.chains {
-                prop_assert_eq!(sorted(rules.clone()), sorted(before.chains[c].clone()), "chain {}", c);
-            }
-        }
+        decide_like_the_specification(&state, &events)?;
+    }
+
+    /// With ClusterNetworkPolicies: their tiers' chains around the NetworkPolicies'.
+    #[test]
+    fn rules_decide_like_the_specification_tiers(state in tiered_cluster(), events in proptest::collection::vec(tiered_event(), 0..12)) {
+        decide_like_the_specification(&state, &events)?;
     }
 
     #[test]

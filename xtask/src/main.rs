@@ -333,10 +333,21 @@ fn test() -> Result<()> {
         ),
         // (The cross-dataplane differential test, tests/lab_differential.rs, runs with the
         // integration tests.)
-        Step::new("lab (iptables): conformance cases and shared examples with real packets", {
-            let own = root.join("tests/conformance");
-            move || lab("the lab in iptables mode", "iptables", &[&own, &shared_examples])
-        }),
+        Step::new(
+            "lab (iptables): conformance cases and shared examples with real packets, ClusterNetworkPolicy cases included",
+            {
+                let own = root.join("tests/conformance");
+                move || {
+                    let own_tiers = own.join("cluster-network-policy");
+                    let shared_tiers = shared_examples.with_file_name("cluster-network-policy");
+                    lab(
+                        "the lab in iptables mode",
+                        "iptables",
+                        &[&own, &own_tiers, &shared_examples, &shared_tiers],
+                    )
+                }
+            },
+        ),
     ];
     run_steps("test", steps)
 }

@@ -426,7 +426,12 @@ impl Engine {
                 .iter()
                 .map(|(n, ns)| (n.clone(), Some(ns.labels.clone())))
                 .collect(),
-            policies: self.state.policies.iter().map(|(k, p)| (k.clone(), Some(p))).collect(),
+            policies: self
+                .idx
+                .policies
+                .values()
+                .map(|e| (e.policy.key.clone(), Some(&e.policy)))
+                .collect(),
             quarantine: self
                 .idx
                 .claims
@@ -444,7 +449,6 @@ impl Engine {
                         .into_iter()
                         .flat_map(move |d| e.policies[di(d)].iter().map(move |pid| (d, e.ip, *pid)))
                 })
-                .filter(|(_, _, pid)| self.idx.policies[pid].policy.isolates)
                 .map(|(d, ip, pid)| (d, ip, self.idx.policies[&pid].policy.key.clone(), true))
                 .collect(),
         };
@@ -500,11 +504,13 @@ impl Engine {
             Event::DeleteNode(name) => self.set_node(name, None),
             Event::UpsertClusterPolicy(policy) if self.cluster_policies => {
                 if self.state.cluster_policies.get(&policy.name) != Some(&policy) {
+                    self.touch_policy(&super::cluster_policy_key(&policy.name));
                     self.replace_policy(PolicyTerms::of_cluster_policy(&policy));
                     self.state.cluster_policies.insert(policy.name.clone(), policy);
                 }
             }
             Event::DeleteClusterPolicy(name) if self.cluster_policies => {
+                self.touch_policy(&super::cluster_policy_key(&name));
                 self.remove_policy(&super::cluster_policy_key(&name));
                 self.state.cluster_policies.remove(&name);
             }
@@ -523,8 +529,9 @@ impl Engine {
         }
     }
 
+    /// Notes a policy of either kind (its key) as touched by the event.
     fn touch_policy(&mut self, key: &ObjectKey) {
-        let existed = self.state.policies.contains_key(key);
+        let existed = self.idx.policy_ids.contains_key(key);
         self.out.diff.policies.entry(key.clone()).or_insert(existed);
     }
 
@@ -1058,8 +1065,7 @@ impl Engine {
         } else {
             e.named_ingress -= u32::from(named);
         }
-        // (The layout dispatches to NetworkPolicies.)
-        if self.layout.is_some() && self.idx.policies[&pid].policy.isolates {
+        if self.layout.is_some() {
             let key = self.idx.policies[&pid].policy.key.clone();
             self.out.diff.dispatch.entry((d, e.ip, pid)).or_insert((!on, key));
         }
@@ -1630,8 +1636,13 @@ impl Engine {
                 input.namespaces.push((name, now));
             }
         }
-        input.policies =
-            policies.into_keys().map(|k| (k.clone(), self.state.policies.get(&k))).collect();
+        input.policies = policies
+            .into_keys()
+            .map(|k| {
+                let terms = self.idx.policy_ids.get(&k).map(|pid| &self.idx.policies[pid].policy);
+                (k, terms)
+            })
+            .collect();
         input
     }
 

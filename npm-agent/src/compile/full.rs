@@ -87,12 +87,7 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
             if policies.is_empty() {
                 continue;
             }
-            dispatch.extend(
-                policies
-                    .iter()
-                    .filter(|p| p.isolates)
-                    .map(|p| (direction, *ip, p.key.clone(), true)),
-            );
+            dispatch.extend(policies.iter().map(|p| (direction, *ip, p.key.clone(), true)));
             let own = direction == Direction::Ingress
                 && policies
                     .iter()
@@ -196,7 +191,8 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     if let Some(node) = scope.node().and_then(|n| state.nodes.get(n)) {
         plan.node_ips.extend(node.addresses.iter().copied());
     }
-    plan.layout = layout(state, &plan, &identities, dispatch);
+    let terms = namespaced.values().flatten().chain(&cluster);
+    plan.layout = layout(state, &plan, &identities, terms, dispatch);
     plan
 }
 
@@ -223,10 +219,11 @@ fn new_profile(
 }
 
 /// The Azure NPM layout of `state` (cluster-wide: it follows every pod and policy).
-fn layout(
+fn layout<'a>(
     state: &ClusterState,
     plan: &Plan,
     identities: &[(IdentityId, &IdentityKey)],
+    policies: impl Iterator<Item = &'a PolicyTerms>,
     dispatch: Vec<(Direction, IpAddr, ObjectKey, bool)>,
 ) -> Layout {
     let mut compiler = LayoutCompiler::new();
@@ -238,7 +235,7 @@ fn layout(
             .iter()
             .map(|(name, ns)| (name.clone(), Some(ns.labels.clone())))
             .collect(),
-        policies: state.policies.iter().map(|(k, p)| (k.clone(), Some(p))).collect(),
+        policies: policies.map(|p| (p.key.clone(), Some(p))).collect(),
         quarantine: plan
             .conflicts
             .iter()

@@ -13,15 +13,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{PortSel, TermPeer, rule_terms};
+use super::{PolicyTerms, PortSel, Subject, TermPeer};
+use crate::model::cluster_policy::Action;
 use crate::model::{
     CidrBlock, Direction, LabelSelector, Labels, Namespace, NamespaceScope, ObjectKey, Operator,
-    Policy,
 };
 use crate::plan::layout::{
     DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
 };
-use crate::plan::{IdentityId, IdentityKey, PeerSelector};
+use crate::plan::{IdentityId, IdentityKey, PeerSelector, Verdict};
 
 /// What one event changed, as the layout needs it.
 #[derive(Debug, Default)]
@@ -34,8 +34,8 @@ pub struct LayoutInput<'a> {
     pub addresses: Vec<(IpAddr, Option<IdentityId>)>,
     /// Namespaces whose object changed: its labels now (`None`: deleted).
     pub namespaces: Vec<(String, Option<Labels>)>,
-    /// Policies touched: the policy now (`None`: deleted).
-    pub policies: Vec<(ObjectKey, Option<&'a Policy>)>,
+    /// Policies of either kind touched: the policy now (`None`: deleted).
+    pub policies: Vec<(ObjectKey, Option<&'a PolicyTerms>)>,
     /// Local addresses entering (`true`) or leaving quarantine.
     pub quarantine: Vec<(IpAddr, bool)>,
     /// (Policy, local endpoint direction) pairs that changed: whether the policy selects
@@ -168,41 +168,52 @@ fn cidr_set(b: &CidrBlock) -> Option<SetDef> {
 }
 
 /// One direction of a policy (`None`: the policy does not cover it, or selects no pod).
-fn direction_layout(policy: &Policy, dir: Direction) -> Option<DirectionLayout> {
-    let rules = policy.rules(dir)?;
-    let target = selector_matches(&PeerSelector {
-        namespaces: NamespaceScope::Named(policy.key.namespace.clone()),
-        pods: policy.pod_selector.clone(),
+fn direction_layout(policy: &PolicyTerms, dir: Direction) -> Option<DirectionLayout> {
+    if !policy.covers(dir) {
+        return None;
+    }
+    let target = selector_matches(&match &policy.subject {
+        Subject::Namespaced { namespace, pods } => PeerSelector {
+            namespaces: NamespaceScope::Named(namespace.clone()),
+            pods: pods.clone(),
+        },
+        Subject::Cluster(set) => PeerSelector {
+            namespaces: NamespaceScope::Selector(set.namespaces.clone()),
+            pods: set.pods.clone().unwrap_or_else(LabelSelector::everything),
+        },
     })?;
     let mut out = Vec::new();
-    for rule in rules {
-        for term in rule_terms(rule, dir, &crate::plan::Verdict::Allow) {
-            let peers = match &term.peer {
-                TermPeer::Any => Vec::new(),
-                TermPeer::Pods(sel) => match selector_matches(sel) {
-                    Some(m) => m,
-                    None => continue,
-                },
-                TermPeer::Block(b) | TermPeer::PodsInBlock(b) => match cidr_set(b) {
-                    Some(set) => vec![SetMatch { negated: false, set }],
-                    None => continue,
-                },
+    for term in policy.terms(dir) {
+        let action = match &term.verdict {
+            Verdict::Allow => Action::Accept,
+            Verdict::Admin(p) | Verdict::Baseline(p) => p.action,
+        };
+        let peers = match &term.peer {
+            TermPeer::Any => Vec::new(),
+            TermPeer::Pods(sel) => match selector_matches(sel) {
+                Some(m) => m,
+                None => continue,
+            },
+            TermPeer::Block(b) | TermPeer::PodsInBlock(b) => match cidr_set(b) {
+                Some(set) => vec![SetMatch { negated: false, set }],
+                None => continue,
+            },
+        };
+        for port in &term.ports {
+            let port = match port {
+                PortSel::Any => None,
+                PortSel::Spec(s) => Some(s.clone()),
             };
-            for port in &term.ports {
-                let port = match port {
-                    PortSel::Any => None,
-                    PortSel::Spec(s) => Some(s.clone()),
-                };
-                out.push(LayoutRule { peers: peers.clone(), port });
-            }
+            out.push(LayoutRule { peers: peers.clone(), port, action });
         }
     }
     Some(DirectionLayout { target, rules: out })
 }
 
-/// The layout of a policy.
-pub fn policy_layout(policy: &Policy) -> PolicyLayout {
+/// The layout of a policy of either kind.
+pub fn policy_layout(policy: &PolicyTerms) -> PolicyLayout {
     PolicyLayout {
+        tier: policy.rank,
         ingress: direction_layout(policy, Direction::Ingress),
         egress: direction_layout(policy, Direction::Egress),
     }
@@ -313,7 +324,7 @@ impl LayoutCompiler {
         // Namespaces appearing, going or relabelled: the lists holding their sets.
         self.update_namespace_lists(&touched, &mut out);
         // Policies set, then the dispatch that names them, then policies removed.
-        let policies: BTreeMap<ObjectKey, Option<&Policy>> = policies.into_iter().collect();
+        let policies: BTreeMap<ObjectKey, Option<&PolicyTerms>> = policies.into_iter().collect();
         let (set, removed): (Vec<_>, Vec<_>) = policies.into_iter().partition(|(_, p)| p.is_some());
         for (key, policy) in set {
             self.update_policy(key, policy, &mut out);
@@ -574,7 +585,7 @@ impl LayoutCompiler {
 
     /// Lays out one policy again (created, changed or deleted): the sets of its new layout
     /// are taken before those of its old one are released, so a set it keeps stays.
-    fn update_policy(&mut self, key: ObjectKey, policy: Option<&Policy>, out: &mut Out) {
+    fn update_policy(&mut self, key: ObjectKey, policy: Option<&PolicyTerms>, out: &mut Out) {
         let new = policy.map(policy_layout);
         let old = self.policies.get(&key).cloned();
         if old.as_deref() == new.as_ref() {

@@ -21,6 +21,7 @@ use crate::model::{
     CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Peer, Pod,
     Policy, PortSpec, Protocol, Rule, find_named_port,
 };
+use crate::plan::layout::TierRank;
 use crate::plan::{Conflict, PeerSelector, PortMatch, Precedence, Verdict};
 use crate::state::Claim;
 
@@ -145,6 +146,8 @@ pub struct PolicyTerms {
     pub subject: Subject,
     /// Whether what it selects is isolated (NetworkPolicies: what no rule admits is refused).
     pub isolates: bool,
+    /// A ClusterNetworkPolicy's tier and priority (`None`: a NetworkPolicy).
+    pub rank: Option<TierRank>,
     /// The terms of each direction it covers (ingress, egress); `None` for a direction it
     /// does not (a NetworkPolicy's policyTypes, a ClusterNetworkPolicy without rules there).
     pub terms: [Option<Vec<Term>>; 2],
@@ -159,6 +162,7 @@ impl PolicyTerms {
                 pods: p.pod_selector.clone(),
             },
             isolates: true,
+            rank: None,
             terms: Direction::BOTH.map(|d| {
                 p.rules(d).map(|rules| {
                     rules.iter().flat_map(|r| rule_terms(r, d, &Verdict::Allow)).collect()
@@ -174,6 +178,7 @@ impl PolicyTerms {
             key: cluster_policy_key(&p.name),
             subject: Subject::Cluster(p.subject.clone()),
             isolates: false,
+            rank: Some(TierRank { tier: p.tier, priority: p.priority }),
             terms: Direction::BOTH.map(|d| {
                 let rules = p.rules(d);
                 (!rules.is_empty()).then(|| {

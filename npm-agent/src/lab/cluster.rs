@@ -457,11 +457,6 @@ impl Enforcer for LabCluster {
                 }
                 Event::UpsertNode(_) | Event::DeleteNode(_) => {}
                 Event::UpsertClusterPolicy(p) => {
-                    if self.opts.dataplane == "iptables" {
-                        anyhow::bail!(
-                            "the iptables dataplane does not render ClusterNetworkPolicies yet (the eBPF dataplane does)"
-                        );
-                    }
                     self.cluster_policies.insert(p.name.clone(), p.clone());
                 }
                 Event::DeleteClusterPolicy(n) => {

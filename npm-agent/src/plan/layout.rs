@@ -28,6 +28,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::model::cluster_policy::{Action, Tier};
 use crate::model::{CidrBlock, Direction, ObjectKey, PortSpec, Protocol};
 
 /// A set of the layout: what it holds, which also gives its (Azure NPM) readable name.
@@ -96,16 +97,19 @@ pub struct SetMatch {
     pub set: SetDef,
 }
 
-/// One allow rule: a peer (a conjunction of set matches; empty: any address) and a port
-/// (`None`: every protocol and port). A named port matches the `NamedPort` set of its name by
-/// destination address and port: the selected pod's for ingress, the peer's for egress.
+/// One rule: a peer (a conjunction of set matches; empty: any address) and a port (`None`:
+/// every protocol and port), and what a match does (a NetworkPolicy's rules always
+/// `Accept`). A named port matches the `NamedPort` set of its name by destination address
+/// and port: the selected pod's for ingress, the peer's for egress.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct LayoutRule {
     pub peers: Vec<SetMatch>,
     pub port: Option<PortSpec>,
+    pub action: Action,
 }
 
-/// One direction of one policy: the pods it selects and what it admits, in rule order.
+/// One direction of one policy: the pods it selects and its rules, in order (a
+/// ClusterNetworkPolicy's first match decides).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct DirectionLayout {
     pub target: Vec<SetMatch>,
@@ -137,10 +141,19 @@ impl DirectionLayout {
     }
 }
 
+/// Where a ClusterNetworkPolicy stands: its tier and priority (equal priorities are ordered
+/// by name, as the compiler's `Precedence` orders them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TierRank {
+    pub tier: Tier,
+    pub priority: u32,
+}
+
 /// One policy: the directions it covers (`None`: not covered, or its pod selector can
-/// match no pod).
+/// match no pod), and, for a ClusterNetworkPolicy, its tier (a NetworkPolicy has none).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PolicyLayout {
+    pub tier: Option<TierRank>,
     pub ingress: Option<DirectionLayout>,
     pub egress: Option<DirectionLayout>,
 }
@@ -160,8 +173,8 @@ pub struct Layout {
     pub policies: BTreeMap<ObjectKey, Arc<PolicyLayout>>,
     /// (Each set's members behind an `Arc`: the compiler's copy and a plan's share them.)
     pub sets: BTreeMap<SetDef, Arc<BTreeSet<Member>>>,
-    /// Local endpoint directions isolated by policies: the policies selecting each (never
-    /// empty). (Behind an `Arc`, as the sets' members.)
+    /// Local endpoint directions selected by policies of either kind: the policies selecting
+    /// each (never empty). (Behind an `Arc`, as the sets' members.)
     pub dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
 }
 

@@ -73,7 +73,8 @@ struct Rule {
     dst: Option<Ipv4Net>,
     /// (negated, set, what it looks at)
     sets: Vec<(bool, String, Flags)>,
-    mark: Option<(u32, u32)>,
+    /// (negated, value, mask)
+    mark: Option<(bool, u32, u32)>,
     ct_new: bool,
     target: String,
     set_xmark: Option<(u32, u32)>,
@@ -151,6 +152,11 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     b.parse().map_err(|_| format!("port {v}"))?,
                 ));
             }
+            "!" if w.get(i + 1).map(String::as_str) == Some("--mark") => {
+                i += 1;
+                let (v, m) = hex_pair(next(&mut i)?)?;
+                r.mark = Some((true, v, m));
+            }
             "!" => {
                 if w.get(i + 1).map(String::as_str) != Some("--match-set") {
                     return Err(format!("unsupported negation in {text}"));
@@ -165,7 +171,10 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 let d = next(&mut i)?.clone();
                 r.sets.push((false, name, Flags::parse(&d)?));
             }
-            "--mark" => r.mark = Some(hex_pair(next(&mut i)?)?),
+            "--mark" => {
+                let (v, m) = hex_pair(next(&mut i)?)?;
+                r.mark = Some((false, v, m));
+            }
             "--ctstate" => r.ct_new = next(&mut i)?.split(',').any(|s| s == "NEW"),
             "--comment" => {
                 next(&mut i)?;
@@ -558,7 +567,7 @@ impl TableEmulator {
             if r.sets.iter().any(|(neg, s, flags)| self.in_set(s, p, *flags, 0) == *neg) {
                 continue;
             }
-            if r.mark.is_some_and(|(v, m)| *mark & m != v) {
+            if r.mark.is_some_and(|(neg, v, m)| (*mark & m == v) == neg) {
                 continue;
             }
             if let Some(t) = trace.as_deref_mut() {

@@ -367,6 +367,11 @@ impl Dataplane for IptablesDataplane {
         true
     }
 
+    /// The layout holds ClusterNetworkPolicies' chains, walked around the NetworkPolicies'.
+    fn renders_tiers(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         if self.damaged.swap(false, Ordering::SeqCst) {
             return Err(DataplaneError::Apply {

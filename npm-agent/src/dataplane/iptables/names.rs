@@ -17,10 +17,14 @@ pub const BASE_CHAINS: [&str; 5] = [AZURE_NPM, INGRESS, INGRESS_ALLOW_MARK, EGRE
 pub const CHAIN_PREFIX: &str = "AZURE-NPM";
 
 /// Marks, masked so that other users of the mark (kube-proxy's 0x4000 and 0x8000) are left
-/// alone: the 10th, 11th and 12th bits.
+/// alone: the 10th, 11th and 12th bits (and the 13th for ClusterNetworkPolicy's `Pass`).
 pub const INGRESS_ALLOW_MARK_HEX: &str = "0x200/0x200";
 pub const INGRESS_DROP_MARK_HEX: &str = "0x400/0x400";
 pub const EGRESS_DROP_MARK_HEX: &str = "0x800/0x800";
+/// Set by a ClusterNetworkPolicy's `Pass` in the Admin tier: the group skips the tier's other
+/// policies (cleared before a tier of several policies is walked).
+pub const PASS_MARK_HEX: &str = "0x1000/0x1000";
+pub const PASS_MARK_CLEAR_HEX: &str = "0x0/0x1000";
 pub const INGRESS_ALLOW_MARK_BITS: (u32, u32) = (0x200, 0x200);
 pub const INGRESS_DROP_MARK_BITS: (u32, u32) = (0x400, 0x400);
 pub const EGRESS_DROP_MARK_BITS: (u32, u32) = (0x800, 0x800);
@@ -36,6 +40,31 @@ pub const MAX_COMMENT: usize = 255;
 /// The chain of a policy (readable name `ns/name`) for one direction.
 pub fn policy_chain(ingress: bool, policy: &str) -> String {
     format!("{}-{}", if ingress { INGRESS } else { EGRESS }, hash(policy))
+}
+
+/// The chain of a ClusterNetworkPolicy (readable name: its name) for one direction:
+/// `AZURE-NPM-ADM-IN-<hash>` / `AZURE-NPM-ADM-EG-<hash>` in the Admin tier,
+/// `AZURE-NPM-BASE-IN-<hash>` / `AZURE-NPM-BASE-EG-<hash>` in the Baseline tier (28
+/// characters at most).
+pub fn tier_chain(admin: bool, ingress: bool, policy: &str) -> String {
+    format!(
+        "AZURE-NPM-{}-{}-{}",
+        if admin { "ADM" } else { "BASE" },
+        if ingress { "IN" } else { "EG" },
+        hash(policy)
+    )
+}
+
+/// Whether a chain of the layout judges ingress (`Some(true)`), egress (`Some(false)`) or
+/// neither: what its `DROP` rules count as.
+pub fn chain_direction(chain: &str) -> Option<bool> {
+    if chain.contains("INGRESS") || chain.contains("-IN-") {
+        Some(true)
+    } else if chain.contains("EGRESS") || chain.contains("-EG-") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The chain of the policies that local endpoints walk together (readable name: the

@@ -48,8 +48,9 @@ pub struct IptablesFigures {
 }
 
 /// Parses `iptables-save -c` (or without `-c`: no counters): the rules of every chain named
-/// `AZURE-NPM*`, and the packets of their `DROP` rules, ingress for chains whose name has
-/// `INGRESS`, egress for `EGRESS`.
+/// `AZURE-NPM*`, and the packets of their `DROP` rules, ingress or egress as the chain's name
+/// says (`names::chain_direction`: a NetworkPolicy's denial or a ClusterNetworkPolicy's
+/// `Deny`).
 pub fn parse_iptables_save(text: &str) -> IptablesFigures {
     let mut f = IptablesFigures::default();
     for line in text.lines() {
@@ -75,10 +76,10 @@ pub fn parse_iptables_save(text: &str) -> IptablesFigures {
         let words: Vec<&str> = rest.split_whitespace().collect();
         let drops = words.windows(2).any(|w| w[0] == "-j" && w[1] == "DROP");
         if drops {
-            if chain.contains("INGRESS") {
-                f.dropped_ingress += packets;
-            } else if chain.contains("EGRESS") {
-                f.dropped_egress += packets;
+            match super::names::chain_direction(chain) {
+                Some(true) => f.dropped_ingress += packets,
+                Some(false) => f.dropped_egress += packets,
+                None => {}
             }
         }
     }

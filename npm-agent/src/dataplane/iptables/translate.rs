@@ -77,9 +77,11 @@ use super::names::{
 };
 use super::saved::{KernelState, jumps_to_azure_npm};
 use crate::dataplane::azure;
+use crate::model::cluster_policy::{Action, Tier};
 use crate::model::{Direction, ObjectKey, PortSpec};
 use crate::plan::layout::{
     DirectionLayout, Layout, LayoutChange, LayoutRule, Member, PolicyLayout, SetDef, SetMatch,
+    TierRank,
 };
 use crate::plan::{Plan, PlanDiff};
 
@@ -196,6 +198,8 @@ struct ChainState {
     fast: BTreeSet<String>,
     /// Whether it has other rules (its endpoints' groups then jump to its chain).
     slow: bool,
+    /// A ClusterNetworkPolicy's tier and priority (`None`: a NetworkPolicy's chain).
+    rank: Option<TierRank>,
 }
 
 /// What the local endpoint directions that the same policies select walk: a chain, with
@@ -205,6 +209,34 @@ struct GroupState {
     chain: String,
     rules: Vec<String>,
     set: Option<GroupSet>,
+}
+
+/// What a group walks, as [`RuleTranslator::group_content`] finds it.
+#[derive(Debug, Default)]
+struct GroupContent {
+    /// Whether a NetworkPolicy selects its endpoints (what no rule admits is refused).
+    isolating: bool,
+    fast: BTreeSet<String>,
+    walk: Vec<String>,
+    /// The tiers' chains, in the order of evaluation.
+    admin: Vec<String>,
+    baseline: Vec<String>,
+}
+
+/// The jumps to one tier's chains: the first to match decides (a chain's `Accept` or `Deny`
+/// ends the walk); an Admin `Pass` marks the packet, and the tier's other chains are
+/// walked only unmarked.
+fn tier_rules(chains: &[String], rules: &mut Vec<String>) {
+    if chains.len() > 1 {
+        rules.push(format!("-j MARK --set-xmark {}", names::PASS_MARK_CLEAR_HEX));
+    }
+    for (i, c) in chains.iter().enumerate() {
+        if i == 0 {
+            rules.push(format!("-j {c}"));
+        } else {
+            rules.push(format!("-m mark ! --mark {} -j {c}", names::PASS_MARK_HEX));
+        }
+    }
 }
 
 /// A group's `hash:net,port` set (named after its content: a group whose blocks and ports
@@ -578,10 +610,17 @@ impl RuleTranslator {
 
     /// Writes a policy direction: rules and jump as `iptables-save` prints them. A rule whose
     /// peer is a set the encoding cannot hold (an IPv6 block) is left out.
-    fn write(&mut self, key: &ObjectKey, dir: Direction, l: &DirectionLayout) -> ChainState {
+    fn write(
+        &mut self,
+        key: &ObjectKey,
+        dir: Direction,
+        rank: Option<TierRank>,
+        l: &DirectionLayout,
+    ) -> ChainState {
+        let tier = rank.map(|r| r.tier);
         let chain = match self.chains.get(&(key.clone(), dir)) {
-            Some(c) => c.chain.clone(),
-            None => self.claim_chain(key, dir),
+            Some(c) if c.rank.map(|r| r.tier) == tier => c.chain.clone(),
+            _ => self.claim_chain(key, dir, tier),
         };
         let (peer, peer_word) = match dir {
             Direction::Ingress => ("src", "FROM"),
@@ -630,30 +669,55 @@ impl RuleTranslator {
             let addr = addr.unwrap_or_default();
             // (A named port is in the port part of the comment.)
             let peers: Vec<String> = r.peers.iter().map(|m| self.match_readable(m)).collect();
+            // A NetworkPolicy allows; a ClusterNetworkPolicy's rule says what it does.
+            let (word, jump) = match (tier, r.action) {
+                (None, _) => ("ALLOW", format!("-j {target}")),
+                (Some(_), Action::Accept) => ("ACCEPT", format!("-j {target}")),
+                (Some(_), Action::Deny) => ("DENY", "-j DROP".to_string()),
+                // (Baseline is the last tier: passing it leaves the connection allowed.)
+                (Some(Tier::Baseline), Action::Pass) => ("PASS", format!("-j {target}")),
+                (Some(Tier::Admin), Action::Pass) => {
+                    ("PASS", format!("-j MARK --set-xmark {}", names::PASS_MARK_HEX))
+                }
+            };
             let who = if peers.is_empty() {
-                "ALLOW-ALL".to_string()
+                format!("{word}-ALL")
             } else {
-                format!("ALLOW-{peer_word}-{}", peers.join("-AND-"))
+                format!("{word}-{peer_word}-{}", peers.join("-AND-"))
             };
             let comment = quote_comment(&format!("{who}{port_comment}"));
-            match fast_members(r) {
+            match fast_members(r).filter(|_| tier.is_none()) {
                 Some(m) => fast.extend(m),
                 None => slow = true,
             }
             rules.push(format!(
-                "{addr}{spec}{}-m comment --comment {comment} -j {target}",
+                "{addr}{spec}{}-m comment --comment {comment} {jump}",
                 texts.concat()
             ));
+            if tier == Some(Tier::Admin) && r.action == Action::Pass {
+                // (The rest of this policy and of the tier is skipped: the group looks at
+                // the mark before each other policy of the tier.)
+                rules.push(format!("-m mark --mark {} -j RETURN", names::PASS_MARK_HEX));
+            }
         }
         // (The drop mark is set by the groups that jump here, once per connection.)
-        ChainState { chain, rules, fast, slow }
+        ChainState { chain, rules, fast, slow, rank }
     }
 
-    fn claim_chain(&mut self, key: &ObjectKey, dir: Direction) -> String {
-        let readable = format!("{key}");
+    /// A name for a policy's chain: `ns/name` hashed for a NetworkPolicy (as Azure NPM
+    /// does), the bare name in its tier's chains for a ClusterNetworkPolicy.
+    fn claim_chain(&mut self, key: &ObjectKey, dir: Direction, tier: Option<Tier>) -> String {
+        let readable = match tier {
+            None => format!("{key}"),
+            Some(_) => key.name.clone(),
+        };
+        let ingress = dir == Direction::Ingress;
         for k in 0.. {
             let cand = alternate(&readable, k);
-            let chain = names::policy_chain(dir == Direction::Ingress, &cand);
+            let chain = match tier {
+                None => names::policy_chain(ingress, &cand),
+                Some(t) => names::tier_chain(t == Tier::Admin, ingress, &cand),
+            };
             if !self.chain_names.contains_key(&chain) {
                 self.chain_names.insert(chain.clone(), readable);
                 return chain;
@@ -665,16 +729,24 @@ impl RuleTranslator {
     /// Rewrites the chains of one policy (created, changed or deleted: `None`).
     fn set_policy(&mut self, key: &ObjectKey, layout: Option<&PolicyLayout>, ph: &mut Phases) {
         for dir in Direction::BOTH {
-            let new = layout.and_then(|l| l.direction(dir)).map(|l| self.write(key, dir, l));
+            let rank = layout.and_then(|l| l.tier);
+            let new = layout.and_then(|l| l.direction(dir)).map(|l| self.write(key, dir, rank, l));
             let ck = (key.clone(), dir);
             let old = self.chains.remove(&ck);
             match (&old, &new) {
                 (None, None) => {}
                 (_, Some(n)) => {
                     // (Declaring an existing chain flushes it, in the same transaction.)
-                    if old.as_ref().is_none_or(|o| o.rules != n.rules) {
+                    if old.as_ref().is_none_or(|o| o.rules != n.rules || o.chain != n.chain) {
                         ph.new_chains.push(format!(":{} - [0:0]", n.chain));
                         ph.rules.extend(n.rules.iter().map(|r| format!("-A {} {r}", n.chain)));
+                    }
+                    // (A ClusterNetworkPolicy that changed tiers has a chain of the new tier;
+                    // its groups are rewritten in the same transaction.)
+                    if let Some(o) = old.as_ref().filter(|o| o.chain != n.chain) {
+                        ph.del_rules.push(format!("-F {}", o.chain));
+                        ph.del_chains.push(format!("-X {}", o.chain));
+                        self.chain_names.remove(&o.chain);
                     }
                 }
                 (Some(o), None) => {
@@ -718,28 +790,51 @@ impl RuleTranslator {
         rules
     }
 
-    /// What a group holds: the block-and-port members of its policies, and the chains of
-    /// those with other rules, in order.
-    fn group_content(
-        &self,
-        d: Direction,
-        policies: &BTreeSet<ObjectKey>,
-    ) -> (BTreeSet<String>, Vec<String>) {
-        let mut fast = BTreeSet::new();
-        let mut walk = Vec::new();
-        for c in policies.iter().filter_map(|k| self.chains.get(&(k.clone(), d))) {
-            fast.extend(c.fast.iter().cloned());
-            if c.slow {
-                walk.push(c.chain.clone());
+    /// What a group holds: the block-and-port members of its NetworkPolicies, and the
+    /// chains of its policies with other rules, by tier.
+    fn group_content(&self, d: Direction, policies: &BTreeSet<ObjectKey>) -> GroupContent {
+        let mut g = GroupContent::default();
+        let mut tiered: Vec<(TierRank, &ObjectKey, &ChainState)> = Vec::new();
+        for k in policies {
+            let Some(c) = self.chains.get(&(k.clone(), d)) else {
+                // (A NetworkPolicy selecting the endpoint isolates it, rules or not; a
+                // ClusterNetworkPolicy's key has no namespace.)
+                g.isolating |= !k.namespace.is_empty();
+                continue;
+            };
+            match c.rank {
+                None => {
+                    g.isolating = true;
+                    g.fast.extend(c.fast.iter().cloned());
+                    if c.slow {
+                        g.walk.push(c.chain.clone());
+                    }
+                }
+                Some(r) => tiered.push((r, k, c)),
             }
         }
-        (fast, walk)
+        // (In the order of evaluation: priority, then name.)
+        tiered.sort_by(|a, b| (a.0.priority, a.1).cmp(&(b.0.priority, b.1)));
+        for (r, _, c) in tiered.into_iter().filter(|t| t.2.slow) {
+            match r.tier {
+                Tier::Admin => g.admin.push(c.chain.clone()),
+                Tier::Baseline => g.baseline.push(c.chain.clone()),
+            }
+        }
+        g
     }
 
-    /// A group's rules: its set (blocks and ports, matched at once), a jump to each policy
-    /// chain with other rules (no comment: the walk is the hot path), the drop mark.
-    fn group_rules(d: Direction, set: Option<&GroupSet>, walk: &[String]) -> Vec<String> {
+    /// A group's rules: the Admin tier's chains; then, where NetworkPolicies isolate, its
+    /// set (their blocks and ports, matched at once), a jump to each of their chains with
+    /// other rules (no comment: the walk is the hot path) and the drop mark; elsewhere the
+    /// Baseline tier's chains.
+    fn group_rules(d: Direction, set: Option<&GroupSet>, g: &GroupContent) -> Vec<String> {
         let mut rules = Vec::new();
+        tier_rules(&g.admin, &mut rules);
+        if !g.isolating {
+            tier_rules(&g.baseline, &mut rules);
+            return rules;
+        }
         if let Some(s) = set {
             let (flags, word) = match d {
                 Direction::Ingress => ("src,dst", "FROM"),
@@ -752,7 +847,7 @@ impl RuleTranslator {
                 allow_target(d)
             ));
         }
-        rules.extend(walk.iter().map(|c| format!("-j {c}")));
+        rules.extend(g.walk.iter().map(|c| format!("-j {c}")));
         rules.push(drop_rule(d));
         rules
     }
@@ -795,7 +890,8 @@ impl RuleTranslator {
             .cloned()
             .collect();
         for g in redo {
-            let (fast, walk) = self.group_content(d, &g);
+            let content = self.group_content(d, &g);
+            let fast = content.fast.clone();
             let old = self.groups.remove(&(d, g.clone()));
             let chain = match &old {
                 Some(o) => o.chain.clone(),
@@ -823,7 +919,7 @@ impl RuleTranslator {
                     ph.destroy_sets.push(format!("destroy {}", o.name));
                 }
             }
-            let rules = Self::group_rules(d, set.as_ref(), &walk);
+            let rules = Self::group_rules(d, set.as_ref(), &content);
             if let Some(ph) = ph.as_deref_mut()
                 && old.as_ref().is_none_or(|o| o.rules != rules)
             {
@@ -1118,7 +1214,7 @@ impl RuleTranslator {
         for (key, p) in &layout.policies {
             for d in Direction::BOTH {
                 if let Some(l) = p.direction(d) {
-                    let c = t.write(key, d, l);
+                    let c = t.write(key, d, p.tier, l);
                     t.chains.insert((key.clone(), d), c);
                 }
             }
