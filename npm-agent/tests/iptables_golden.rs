@@ -1,5 +1,5 @@
 //! The iptables layout of every scenario (a conformance case per feature, see
-//! `golden/scenarios.rs`), step by step: the batches each step's diff becomes, and the sets
+//! `golden/scenarios.rs`, ClusterNetworkPolicy's tiers included), step by step: the batches each step's diff becomes, and the sets
 //! and rules the kernel then holds (as `ipset save` and `iptables-save` print them, from the
 //! host model that took the batches), with the readable name of every set. Compared with
 //! `tests/golden/iptables/<scenario>.txt` (`UPDATE_GOLDEN=1` rewrites them).
@@ -15,7 +15,12 @@ use npm_agent::plan::Plan;
 use scenarios::*;
 
 fn layout(name: &str) -> String {
-    let path = scenarios().into_iter().find(|(n, _)| n == name).expect("scenario").1;
+    let path = scenarios()
+        .into_iter()
+        .chain(tier_scenarios())
+        .find(|(n, _)| n == name)
+        .expect("scenario")
+        .1;
     let mut out = String::new();
     let mut t = RuleTranslator::new();
     let mut kernel = TableEmulator::default();
@@ -46,7 +51,7 @@ fn layout(name: &str) -> String {
 #[test]
 fn iptables_layout_matches_golden_files() {
     let mut failures = Vec::new();
-    for (name, _) in scenarios() {
+    for (name, _) in scenarios().into_iter().chain(tier_scenarios()) {
         let text = layout(&name);
         if let Err(e) =
             check_golden(&manifest_dir().join(format!("tests/golden/iptables/{name}.txt")), &text)

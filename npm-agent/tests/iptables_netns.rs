@@ -147,19 +147,46 @@ fn block_and_port_sets_are_spelled_as_the_kernel_prints_them() {
     if !available() {
         return;
     }
+    spelled_as_the_kernel_prints_them("blocks-on-ports", "bp", |ns, backend| {
+        assert!(ns.state(backend).sets.values().any(|s| s.kind == "hash:net,port"));
+    });
+}
+
+/// ClusterNetworkPolicy's tier chains, their actions and the groups' Pass marks are spelled
+/// as the kernel prints them, step by step and after a restart.
+#[test]
+fn tier_chains_are_spelled_as_the_kernel_prints_them() {
+    if !available() {
+        return;
+    }
+    spelled_as_the_kernel_prints_them("cluster-02-pass-ranges-relabels", "tiers", |ns, backend| {
+        let chains = ns.state(backend).chains;
+        assert!(chains.keys().any(|c| c.starts_with("AZURE-NPM-BASE-IN-")), "{chains:?}");
+    });
+}
+
+/// Applies a scenario step by step, checking after each that the kernel holds exactly what
+/// the translator says; then a restarted agent reconciles over it without a change, and
+/// cleanup leaves nothing.
+fn spelled_as_the_kernel_prints_them(scenario: &str, tag: &str, last_check: fn(&Netns, Backend)) {
     for backend in [Backend::Nft, Backend::Legacy] {
-        let ns = Netns::new(&format!("bp-{}", backend.as_str()));
+        let ns = Netns::new(&format!("{tag}-{}", backend.as_str()));
         let mut dp = open(&ns, backend);
         dp.reconcile(&Plan::default()).expect("empty reconcile");
-        let path = scenarios().into_iter().find(|(n, _)| n == "blocks-on-ports").unwrap().1;
+        let path = scenarios()
+            .into_iter()
+            .chain(tier_scenarios())
+            .find(|(n, _)| n == scenario)
+            .expect("scenario")
+            .1;
         let mut last = Plan::default();
         for (i, step) in plans(&path).into_iter().enumerate() {
             dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
-            let what = format!("{backend:?} step {i}");
+            let what = format!("{scenario} {backend:?} step {i}");
             assert_matches(&ns, backend, dp.translator(), &step.plan, &what);
             last = step.plan;
         }
-        assert!(ns.state(backend).sets.values().any(|s| s.kind == "hash:net,port"));
+        last_check(&ns, backend);
         let mut dp2 = open(&ns, backend);
         dp2.reconcile(&last).expect("reconcile over the same plan");
         assert_matches(&ns, backend, dp2.translator(), &last, "after restart");

@@ -83,11 +83,22 @@ pub fn scenarios() -> Vec<(String, PathBuf)> {
     v
 }
 
+/// Scenarios with ClusterNetworkPolicies, for the dataplanes that render tiers: (golden file
+/// stem, case file).
+pub fn tier_scenarios() -> Vec<(String, PathBuf)> {
+    let dir = manifest_dir().join("../tests/conformance/cluster-network-policy");
+    ["02-pass-ranges-relabels"]
+        .iter()
+        .map(|s| (format!("cluster-{s}"), dir.join(format!("{s}.yaml"))))
+        .collect()
+}
+
 /// Replays a case: the node's plan after its model, then after each step.
 pub fn plans(path: &Path) -> Vec<StepPlan> {
     let c = case::load(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let mut cluster = CaseCluster::new(&c).expect("case model");
-    let mut engine = Engine::new(Scope::Node(SIM_NODE.into())).with_layout();
+    let mut engine =
+        Engine::new(Scope::Node(SIM_NODE.into())).with_layout().with_cluster_policies();
     let mut diff = engine.handle(Event::UpsertNode(Node {
         name: SIM_NODE.into(),
         addresses: vec![IpAddr::V4(NODE_IP)],
