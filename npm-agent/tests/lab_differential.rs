@@ -1,5 +1,5 @@
-//! The two Linux dataplanes against each other on real packets: a random case (policies,
-//! label changes and deletions over the default model, every table `?`) runs through the lab
+//! The two Linux dataplanes against each other on real packets: a random case (policies of
+//! both kinds, label changes and deletions over the default model, every table `?`) runs through the lab
 //! once with eBPF agents and once with iptables agents, and every observed table must be
 //! identical, and identical to the simulator's. Needs root; skipped with a message otherwise.
 //! The seed is printed (and `NPM_DIFF_SEED=<n>` replays one); a failing case is kept in the
@@ -135,6 +135,73 @@ fn policy(r: &mut Rng, name: &str) -> String {
     )
 }
 
+/// A ClusterNetworkPolicy peer: namespaces, pods, or (egress) networks.
+fn cluster_peer(r: &mut Rng, egress: bool) -> String {
+    match r.below(if egress { 4 } else { 3 }) {
+        0 => format!("{{namespaces: {}}}", selector(r, "ns", &NS)),
+        1 => format!(
+            "{{pods: {{namespaceSelector: {}, podSelector: {}}}}}",
+            selector(r, "ns", &NS),
+            selector(r, "pod", &PODS)
+        ),
+        2 => "{namespaces: {}}".into(),
+        _ => format!("{{networks: [10.240.{}.0/24]}}", r.below(3)),
+    }
+}
+
+fn cluster_protocols(r: &mut Rng) -> String {
+    match r.below(5) {
+        0 => "\n            protocols: [{tcp: {destinationPort: {number: 80}}}]".into(),
+        1 => "\n            protocols: [{tcp: {destinationPort: {range: {start: 80, end: 81}}}}]"
+            .into(),
+        2 => {
+            let (n, p) = (80 + r.below(2), *r.pick(&["tcp", "udp"]));
+            format!("\n            protocols: [{{destinationNamedPort: serve-{n}-{p}}}]")
+        }
+        3 => "\n            protocols: [{udp: {}}]".into(),
+        _ => String::new(),
+    }
+}
+
+/// A random ClusterNetworkPolicy: a tier, a priority, a subject, a few rules of any action.
+fn cluster_policy(r: &mut Rng, name: &str) -> String {
+    let tier = *r.pick(&["Admin", "Baseline"]);
+    let subject = if r.below(2) == 0 {
+        format!("{{namespaces: {}}}", selector(r, "ns", &NS))
+    } else {
+        format!(
+            "{{pods: {{namespaceSelector: {}, podSelector: {}}}}}",
+            selector(r, "ns", &NS),
+            selector(r, "pod", &PODS)
+        )
+    };
+    let mut spec = format!(
+        "        tier: {tier}\n        priority: {}\n        subject: {subject}\n",
+        r.below(3) * 5
+    );
+    for (dir, word) in [("ingress", "from"), ("egress", "to")] {
+        let n = r.below(3);
+        if n == 0 {
+            continue;
+        }
+        let _ = writeln!(spec, "        {dir}:");
+        for _ in 0..n {
+            let action = *r.pick(&["Accept", "Deny", "Pass"]);
+            let peers: Vec<String> =
+                (0..1 + r.below(2)).map(|_| cluster_peer(r, dir == "egress")).collect();
+            let _ = writeln!(
+                spec,
+                "          - action: {action}\n            {word}: [{}]{}",
+                peers.join(", "),
+                cluster_protocols(r)
+            );
+        }
+    }
+    format!(
+        "  - apply:\n      apiVersion: policy.networking.k8s.io/v1alpha2\n      kind: ClusterNetworkPolicy\n      metadata: {{name: {name}}}\n      spec:\n{spec}"
+    )
+}
+
 fn table(protocol: &str, port: u16) -> String {
     let pods: Vec<String> =
         NS.iter().flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}"))).collect();
@@ -148,15 +215,29 @@ fn table(protocol: &str, port: u16) -> String {
     t
 }
 
-/// A random case: steps of policy applies, deletions and relabelling.
+/// A random case: steps of policy applies (NetworkPolicies and ClusterNetworkPolicies),
+/// deletions and relabelling.
 fn random_case(seed: u64, steps: usize) -> String {
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut s = format!("name: random case {seed}\nsteps:\n");
     let mut live: Vec<(String, String)> = Vec::new();
+    let mut live_cluster: std::collections::BTreeSet<String> = Default::default();
     for i in 0..steps {
         let _ = writeln!(s, "- description: step {i}\n  actions:");
         for _ in 0..1 + r.below(2) {
-            match r.below(10) {
+            match r.below(14) {
+                10..=12 => {
+                    let name = format!("c{}", r.below(3));
+                    s.push_str(&cluster_policy(&mut r, &name));
+                    live_cluster.insert(name);
+                }
+                13 if !live_cluster.is_empty() => {
+                    let name = live_cluster.pop_first().expect("a live ClusterNetworkPolicy");
+                    let _ = writeln!(
+                        s,
+                        "  - delete-policy: {{kind: ClusterNetworkPolicy, name: {name}}}"
+                    );
+                }
                 0..=5 => {
                     let name = format!("p{}", r.below(4));
                     let text = policy(&mut r, &name);
