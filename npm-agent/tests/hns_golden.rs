@@ -131,7 +131,7 @@ fn hns_translation_matches_golden_files_and_the_plan() {
         steps: Vec<Step>,
     }
     let mut failures = Vec::new();
-    for (name, path) in scenarios() {
+    for (name, path) in scenarios().into_iter().chain(tier_scenarios()) {
         let mut steps = Vec::new();
         // The dataplane over the HCN host model, as the agent applies each step's diff.
         let mut dp = HnsDataplane::new(HostHcn::new());

@@ -261,6 +261,11 @@ impl<H: Hcn> Dataplane for HnsDataplane<H> {
         "hns"
     }
 
+    /// ClusterNetworkPolicy's tiers become ACL priorities (`super::tiers`).
+    fn renders_tiers(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         self.plan.apply(diff).map_err(|message| DataplaneError::Apply {
             dataplane: "hns",

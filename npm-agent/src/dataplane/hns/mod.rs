@@ -45,6 +45,7 @@
 pub mod dataplane;
 pub mod hcn;
 pub mod host;
+pub mod tiers;
 pub mod translate;
 #[cfg(windows)]
 pub mod windows;

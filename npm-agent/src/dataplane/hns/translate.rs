@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 
+use super::tiers;
 use crate::dataplane::azure::{fnv1a64, hashed_set_name};
 use crate::model::{CidrBlock, Direction, Protocol};
 use crate::plan::{DirectionPlan, IdentityId, PeerMatch, PeerSet, Plan, PortMatch, SetId};
@@ -111,7 +112,7 @@ fn hcn_direction(d: Direction) -> &'static str {
     }
 }
 
-fn protocol_number(p: Protocol) -> Result<&'static str, String> {
+pub(super) fn protocol_number(p: Protocol) -> Result<&'static str, String> {
     match p {
         Protocol::Tcp => Ok("6"),
         Protocol::Udp => Ok("17"),
@@ -181,13 +182,13 @@ fn meets(x: Ipv4Net, a: Ipv4Net, a_except: &[Ipv4Net]) -> bool {
 }
 
 #[derive(Default)]
-struct Sets {
+pub(super) struct Sets {
     /// Kernel-style name → setting.
     sets: BTreeMap<String, SetPolicySetting>,
 }
 
 impl Sets {
-    fn add(&mut self, readable: String, kind: &str, values: Vec<String>) -> String {
+    pub(super) fn add(&mut self, readable: String, kind: &str, values: Vec<String>) -> String {
         let id = hashed_set_name(&readable);
         self.sets.entry(id.clone()).or_insert_with(|| SetPolicySetting {
             id: id.clone(),
@@ -198,7 +199,7 @@ impl Sets {
         id
     }
 
-    fn identity(
+    pub(super) fn identity(
         &mut self,
         plan_members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
         id: IdentityId,
@@ -210,7 +211,7 @@ impl Sets {
         self.add(format!("identity-{id}"), "IPSET", members)
     }
 
-    fn nets(&mut self, readable: String, nets: &[Ipv4Net]) -> String {
+    pub(super) fn nets(&mut self, readable: String, nets: &[Ipv4Net]) -> String {
         self.add(readable, "IPSET", nets.iter().map(|n| n.to_string()).collect())
     }
 }
@@ -229,14 +230,34 @@ fn block_name(net: Ipv4Net, except: &[Ipv4Net]) -> String {
     s
 }
 
-struct Acl {
-    action: &'static str,
-    priority: u16,
+/// One ACL, before it is spelled for HNS.
+pub(super) struct Acl {
+    pub action: &'static str,
+    pub priority: u16,
     /// Set names (matched by the peer side) or direct addresses.
-    sets: Vec<String>,
-    direct: Vec<String>,
-    protocols: String,
-    ports: String,
+    pub sets: Vec<String>,
+    pub direct: Vec<String>,
+    pub protocols: String,
+    pub ports: String,
+}
+
+impl Acl {
+    pub fn new(
+        action: &'static str,
+        priority: u16,
+        sets: Vec<String>,
+        protocols: &str,
+        ports: &str,
+    ) -> Self {
+        Self {
+            action,
+            priority,
+            sets,
+            direct: Vec::new(),
+            protocols: protocols.into(),
+            ports: ports.into(),
+        }
+    }
 }
 
 /// The ACLs of one endpoint direction.
@@ -250,11 +271,9 @@ fn direction_acls(
     sets: &mut Sets,
     endpoint: &str,
     unsupported: &mut Vec<Unsupported>,
+    identity_of: &HashMap<Ipv4Addr, IdentityId>,
 ) -> Vec<Acl> {
     let mut acls = Vec::new();
-    if !dp.isolated {
-        return acls;
-    }
     let mut report = |entry: String, reason: String| {
         unsupported.push(Unsupported {
             endpoint: endpoint.into(),
@@ -263,6 +282,17 @@ fn direction_acls(
             reason,
         });
     };
+    if tiers::is_tiered(&dp) {
+        let ctx = tiers::Context { peer_sets, members, identity_of };
+        let (acls, narrowed) = tiers::tiered_acls(&dp, &ctx, node_ips, sets);
+        for (entry, reason) in narrowed {
+            report(entry, reason);
+        }
+        return acls;
+    }
+    if !dp.isolated {
+        return acls;
+    }
     if !node_ips.is_empty() {
         acls.push(Acl {
             action: "Allow",
@@ -423,6 +453,11 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
     for m in members.values_mut() {
         m.sort();
     }
+    let identity_of: HashMap<Ipv4Addr, IdentityId> = plan
+        .identities
+        .iter()
+        .filter_map(|(ip, id)| if let IpAddr::V4(v) = ip { Some((*v, *id)) } else { None })
+        .collect();
     let node_ips: Vec<String> =
         plan.node_ips.iter().filter(|ip| ip.is_ipv4()).map(|ip| ip.to_string()).collect();
     let mut sets = Sets::default();
@@ -454,6 +489,7 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
                 &mut sets,
                 &name,
                 &mut unsupported,
+                &identity_of,
             );
             if acls.is_empty() {
                 continue;
