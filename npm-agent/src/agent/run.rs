@@ -360,7 +360,7 @@ impl Agent {
             Event::UpsertClusterPolicy(p) => {
                 let problem = (!self.engine.compiles_cluster_policies()).then(|| {
                     format!(
-                        "ClusterNetworkPolicy {} is not enforced: this dataplane does not render ClusterNetworkPolicy tiers yet (the eBPF dataplane does)",
+                        "ClusterNetworkPolicy {} is not enforced: this dataplane does not render ClusterNetworkPolicy tiers",
                         p.name
                     )
                 });

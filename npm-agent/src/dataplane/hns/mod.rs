@@ -41,6 +41,11 @@
 //! | established-connection state | HNS ACLs are stateful per flow on their own (replies pass); nothing to write |
 //!
 //! A left-out entry makes the endpoint admit less than the plan, never more.
+//!
+//! # ClusterNetworkPolicy
+//! A direction a ClusterNetworkPolicy selects gets the tiers' ACLs instead ([`tiers`]): the
+//! node at 201, Admin entries from 1000 in precedence order (a `Pass` expanded in place),
+//! then the NetworkPolicies (where they isolate) or the Baseline entries from 40000.
 
 pub mod dataplane;
 pub mod hcn;

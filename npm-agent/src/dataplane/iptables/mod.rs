@@ -72,6 +72,23 @@
 //! Azure NPM's reconcile does) and that AZURE-NPM still exists (if not, the next change fails
 //! and the agent reconciles).
 //!
+//! # ClusterNetworkPolicy (which Azure NPM does not have)
+//! ```text
+//! AZURE-NPM-IN-PODS-<hash>   -j MARK --set-xmark 0x0/0x1000              (a tier of several)
+//!                            -j AZURE-NPM-ADM-IN-<hash of name>          (Admin, by priority, name)
+//!                            -m mark ! --mark 0x1000/0x1000 -j AZURE-NPM-ADM-IN-<…>
+//!                            … the NetworkPolicies as above, where they select the pod;
+//!                            else the Baseline chains the same way (AZURE-NPM-BASE-IN-<hash>)
+//! AZURE-NPM-ADM-IN-<hash>    … -m comment --comment ACCEPT-FROM-… -j AZURE-NPM-INGRESS-ALLOW-MARK
+//!                            … -m comment --comment DENY-FROM-… -j DROP
+//!                            … -m comment --comment PASS-FROM-… -j MARK --set-xmark 0x1000/0x1000
+//!                            -m mark --mark 0x1000/0x1000 -j RETURN
+//! ```
+//! The first rule to match decides, as the tiers say: an `Accept` jumps to the allow target
+//! (ingress: the allow mark and on to egress; egress: accepted), a `Deny` drops, an Admin
+//! `Pass` skips its tier's other chains, so the NetworkPolicies (where they isolate) or the
+//! Baseline chains decide; a Baseline `Pass` allows. Egress chains are `-EG-`, with `-d`.
+//!
 //! # Where this differs from Azure NPM v2
 //! - **Dispatch by pod**, for speed (issue 16): Azure NPM jumps to every policy's chain
 //!   through a rule matching the policy's pod selector sets, so each new connection walks
