@@ -123,6 +123,7 @@ impl Setup {
         s.event(Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))],
+            ..Default::default()
         }));
         for ns in ["x", "y"] {
             s.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));

@@ -77,6 +77,7 @@ fn cluster() -> Vec<Event> {
     let mut events = vec![Event::UpsertNode(Node {
         name: "n1".into(),
         addresses: vec!["10.1.0.1".parse().expect("ip")],
+        ..Default::default()
     })];
     events.push(Event::UpsertNamespace(Namespace::new("x", BTreeMap::new())));
     for i in 0..250u32 {

@@ -107,7 +107,11 @@ fn run(
         }
     };
     handle(
-        Event::UpsertNode(Node { name: "n1".into(), addresses: vec!["10.1.0.1".parse().unwrap()] }),
+        Event::UpsertNode(Node {
+            name: "n1".into(),
+            addresses: vec!["10.1.0.1".parse().unwrap()],
+            ..Default::default()
+        }),
         "",
     );
     for ns in ["x", "y"] {

@@ -238,6 +238,10 @@ fn tier_decides(state: &ClusterState, tier: Tier, q: &Side) -> Option<Action> {
         let peer = rule.peers.iter().any(|peer| match peer {
             ClusterPeer::Pods(set) => q.peer_pod.is_some_and(|pp| pod_set_has(state, set, pp)),
             ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&q.peer_ip)),
+            ClusterPeer::Nodes(sel) => state
+                .nodes
+                .values()
+                .any(|n| sel.matches(&n.labels) && n.addresses.contains(&q.peer_ip)),
         });
         let ports = rule.ports.as_ref().is_none_or(|ports| {
             ports.iter().any(|p| match p {

@@ -107,7 +107,7 @@ proptest! {
 fn egress_named_port_resolves_per_destination_pod() {
     use npm_agent::model::*;
     let mut state = ClusterState::default();
-    let node = Node { name: "n1".into(), addresses: vec![node_ip(0)] };
+    let node = Node { name: "n1".into(), addresses: vec![node_ip(0)], ..Default::default() };
     state.nodes.insert("n1".into(), node);
     for ns in ["x", "y"] {
         state.namespaces.insert(ns.into(), Namespace::new(ns, Labels::new()));

@@ -197,6 +197,7 @@ fn kernel_and_host_decide_alike() {
         Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))],
+            ..Default::default()
         }),
         Event::UpsertNamespace(Namespace::new("x", BTreeMap::new())),
         Event::UpsertNamespace(Namespace::new("y", BTreeMap::new())),

@@ -81,6 +81,7 @@ impl Harness {
         h.event(Event::UpsertNode(Node {
             name: "n1".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(NODE))],
+            ..Default::default()
         }));
         for ns in ["x", "y"] {
             h.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));

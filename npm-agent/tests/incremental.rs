@@ -283,7 +283,7 @@ fn a_policy_s_entries_are_held_once_for_the_pods_it_selects() {
         let ops = translator.translate(&diff);
         (diff, ops, engine.stats())
     };
-    handle(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![] }));
+    handle(Event::UpsertNode(Node { name: "n1".into(), addresses: vec![], ..Default::default() }));
     handle(Event::UpsertNamespace(Namespace::new("x", Labels::new())));
     for i in 0..50 {
         handle(Event::UpsertPod(pod(i)));

@@ -176,17 +176,18 @@ fn converges_through_bookmarks_gone_drops_and_malformed_objects() {
         None,
         "pods are listed with the most recent semantics (paginated)"
     );
+    // Every node (ClusterNetworkPolicy `nodes` peers select them by label), paged.
     let node_lists = server.requests_of("nodes", false);
+    assert_eq!(node_lists[0].query.get("fieldSelector"), None);
+    assert_eq!(node_lists[0].query.get("limit").map(String::as_str), Some("500"));
+    assert_eq!(node_lists[0].query.get("resourceVersion"), None, "nodes are paged, as pods");
+    let ns_lists = server.requests_of("namespaces", false);
     assert_eq!(
-        node_lists[0].query.get("fieldSelector").map(String::as_str),
-        Some("metadata.name=node-1")
-    );
-    assert_eq!(
-        node_lists[0].query.get("resourceVersion").map(String::as_str),
+        ns_lists[0].query.get("resourceVersion").map(String::as_str),
         Some("0"),
         "small kinds come from the watch cache"
     );
-    assert_eq!(node_lists[0].query.get("limit"), None);
+    assert_eq!(ns_lists[0].query.get("limit"), None);
     let policy_lists = server.requests_of("networkpolicies", false);
     assert_eq!(policy_lists[0].query.get("limit").map(String::as_str), Some("500"));
     let pod_watches = server.requests_of("pods", true);

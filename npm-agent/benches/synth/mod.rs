@@ -199,9 +199,10 @@ impl Cluster {
         let node_count = config.pods.div_ceil(config.pods_per_node);
         let nodes: Vec<String> = (0..node_count).map(node_name).collect();
         for (n, name) in nodes.iter().enumerate() {
-            state
-                .nodes
-                .insert(name.clone(), Node { name: name.clone(), addresses: vec![node_ip(n)] });
+            state.nodes.insert(
+                name.clone(),
+                Node { name: name.clone(), addresses: vec![node_ip(n)], ..Default::default() },
+            );
         }
 
         // A random permutation of the node slots: pod i goes to slot perm[i].

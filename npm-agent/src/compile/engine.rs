@@ -500,12 +500,27 @@ impl Engine {
                 self.remove_policy(&key);
                 self.state.policies.remove(&key);
             }
-            Event::UpsertNode(node) => self.set_node(node.name.clone(), Some(node)),
-            Event::DeleteNode(name) => self.set_node(name, None),
+            Event::UpsertNode(node) => {
+                let changed =
+                    self.state.nodes.get(&node.name).is_none_or(|n| {
+                        (&n.labels, &n.addresses) != (&node.labels, &node.addresses)
+                    });
+                self.set_node(node.name.clone(), Some(node));
+                if changed {
+                    self.renode_cluster_policies();
+                }
+            }
+            Event::DeleteNode(name) => {
+                let existed = self.state.nodes.contains_key(&name);
+                self.set_node(name, None);
+                if existed {
+                    self.renode_cluster_policies();
+                }
+            }
             Event::UpsertClusterPolicy(policy) if self.cluster_policies => {
                 if self.state.cluster_policies.get(&policy.name) != Some(&policy) {
                     self.touch_policy(&super::cluster_policy_key(&policy.name));
-                    self.replace_policy(PolicyTerms::of_cluster_policy(&policy));
+                    self.replace_policy(PolicyTerms::of_cluster_policy(&policy, &self.state.nodes));
                     self.state.cluster_policies.insert(policy.name.clone(), policy);
                 }
             }
@@ -665,6 +680,25 @@ impl Engine {
             } else {
                 self.leave(sel, id);
             }
+        }
+    }
+
+    /// Compiles again the ClusterNetworkPolicies with `nodes` peers (whose addresses are
+    /// their terms), after a node's labels or addresses changed.
+    fn renode_cluster_policies(&mut self) {
+        if !self.cluster_policies {
+            return;
+        }
+        let policies: Vec<PolicyTerms> = self
+            .state
+            .cluster_policies
+            .values()
+            .filter(|p| super::names_nodes(p))
+            .map(|p| PolicyTerms::of_cluster_policy(p, &self.state.nodes))
+            .collect();
+        for terms in policies {
+            self.touch_policy(&terms.key);
+            self.replace_policy(terms);
         }
     }
 

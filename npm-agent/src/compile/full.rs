@@ -62,8 +62,11 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     for p in state.policies.values() {
         namespaced.entry(&p.key.namespace).or_default().push(PolicyTerms::of_network_policy(p));
     }
-    let cluster: Vec<PolicyTerms> =
-        state.cluster_policies.values().map(PolicyTerms::of_cluster_policy).collect();
+    let cluster: Vec<PolicyTerms> = state
+        .cluster_policies
+        .values()
+        .map(|p| PolicyTerms::of_cluster_policy(p, &state.nodes))
+        .collect();
 
     // Profiles, numbered from 1 in the order endpoints first need them: one for each
     // direction and selecting policies (and the endpoint's own named ports, when those

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod full;
 pub mod layout;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -18,8 +19,8 @@ use crate::model::cluster_policy::{
     ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier,
 };
 use crate::model::{
-    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, ObjectKey, Peer, Pod,
-    Policy, PortSpec, Protocol, Rule, find_named_port,
+    CidrBlock, Direction, LabelSelector, Labels, NamedPort, NamespaceScope, Node, ObjectKey, Peer,
+    Pod, Policy, PortSpec, Protocol, Rule, find_named_port,
 };
 use crate::plan::layout::TierRank;
 use crate::plan::{Conflict, PeerSelector, PortMatch, Precedence, Verdict};
@@ -171,8 +172,9 @@ impl PolicyTerms {
         }
     }
 
-    /// The tiers, priorities and rule order resolve here, into each term's verdict.
-    pub fn of_cluster_policy(p: &ClusterPolicy) -> Self {
+    /// The tiers, priorities and rule order resolve here, into each term's verdict; a `nodes`
+    /// peer, into the addresses of the `nodes` it selects now.
+    pub fn of_cluster_policy(p: &ClusterPolicy, nodes: &BTreeMap<String, Node>) -> Self {
         let name: std::sync::Arc<str> = p.name.as_str().into();
         Self {
             key: cluster_policy_key(&p.name),
@@ -196,7 +198,11 @@ impl PolicyTerms {
                                 Tier::Admin => Verdict::Admin(precedence),
                                 Tier::Baseline => Verdict::Baseline(precedence),
                             };
-                            rule_terms(&cluster_rule(r), d, &verdict)
+                            // (A rule whose peers are only nodes that do not exist matches
+                            // nothing: not "any peer", as a rule without peers would.)
+                            cluster_rule(r, nodes)
+                                .map(|rule| rule_terms(&rule, d, &verdict))
+                                .unwrap_or_default()
                         })
                         .collect()
                 })
@@ -218,11 +224,20 @@ pub fn cluster_policy_key(name: &str) -> ObjectKey {
     ObjectKey { namespace: String::new(), name: name.to_string() }
 }
 
+/// Whether a ClusterNetworkPolicy's terms depend on the nodes (a `nodes` peer).
+pub fn names_nodes(p: &ClusterPolicy) -> bool {
+    Direction::BOTH
+        .iter()
+        .flat_map(|d| p.rules(*d))
+        .any(|r| r.peers.iter().any(|peer| matches!(peer, ClusterPeer::Nodes(_))))
+}
+
 /// A ClusterNetworkPolicy rule's peers and ports in a NetworkPolicy rule's terms: `pods`
-/// and `namespaces` as selector peers, `networks` as blocks, a named port for each
-/// protocol it may be declared with.
-fn cluster_rule(rule: &ClusterRule) -> Rule {
-    let peers = rule
+/// and `namespaces` as selector peers, `networks` as blocks, `nodes` as a block of each
+/// address of each node it selects, a named port for each protocol it may be declared with.
+/// `None`: its peers are nodes that select no address (it matches nothing).
+fn cluster_rule(rule: &ClusterRule, nodes: &BTreeMap<String, Node>) -> Option<Rule> {
+    let peers: Vec<Peer> = rule
         .peers
         .iter()
         .flat_map(|p| match p {
@@ -233,6 +248,11 @@ fn cluster_rule(rule: &ClusterRule) -> Rule {
             ClusterPeer::Networks(nets) => {
                 nets.iter().map(|n| Peer::Block(CidrBlock::new(*n, []))).collect()
             }
+            ClusterPeer::Nodes(sel) => nodes
+                .values()
+                .filter(|n| sel.matches(&n.labels))
+                .flat_map(|n| n.addresses.iter().map(|ip| Peer::Block(host_block(*ip))))
+                .collect(),
         })
         .collect();
     let ports = rule
@@ -250,7 +270,7 @@ fn cluster_rule(rule: &ClusterRule) -> Rule {
                 .collect(),
         })
         .collect();
-    Rule { peers, ports }
+    (!peers.is_empty()).then_some(Rule { peers, ports })
 }
 
 /// Splits a rule into terms whose entries do `verdict`.

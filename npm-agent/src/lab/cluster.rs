@@ -258,7 +258,12 @@ impl LabCluster {
             .lab()
             .nodes()
             .iter()
-            .map(|n| Node { name: node_name(n.index), addresses: vec![IpAddr::V4(n.address)] })
+            .map(|n| Node {
+                name: node_name(n.index),
+                addresses: vec![IpAddr::V4(n.address)],
+                // (As the kubelet labels every node.)
+                labels: [("kubernetes.io/hostname".to_string(), node_name(n.index))].into(),
+            })
             .collect();
         docs.push((
             "nodes.yaml",

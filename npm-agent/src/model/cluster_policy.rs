@@ -2,9 +2,9 @@
 //! network-policy-api): the cluster administrator's Admin and Baseline tiers.
 //!
 //! [`api`] holds the object as the API serves it; [`cluster_network_policy`] validates it as
-//! the CRD's schema does (errors naming the field) into the model's [`ClusterPolicy`]. The
-//! experimental `nodes` and `domainNames` peers are refused with an error on the object,
-//! never read as "anyone".
+//! the CRD's schema does (errors naming the field) into the model's [`ClusterPolicy`]. Of the
+//! experimental channel's peers, `nodes` is supported (the matching nodes' addresses);
+//! `domainNames` is refused with an error on the object, never read as "anyone".
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -100,7 +100,7 @@ pub mod api {
     }
 
     /// Exactly one field: `namespaces`, `pods`; on egress also `networks`, and in the API's
-    /// experimental channel `nodes` and `domainNames` (refused here).
+    /// experimental channel `nodes` (supported) and `domainNames` (refused here).
     #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct Peer {
@@ -194,6 +194,9 @@ pub enum ClusterPeer {
     Pods(PodSet),
     /// CIDRs, which match pod addresses too (egress only).
     Networks(Vec<IpNet>),
+    /// The addresses of the nodes whose labels the selector matches (egress only; the API's
+    /// experimental channel).
+    Nodes(LabelSelector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -306,11 +309,14 @@ fn peer(
         }
         return Some(ClusterPeer::Networks(out));
     }
-    if p.nodes.is_some() {
-        err(format!("{path}.nodes"), "nodes peers (experimental) are not supported by this agent; the rule is not enforced and the object is rejected".into());
-    } else {
-        err(format!("{path}.domainNames"), "domainNames peers (experimental) are not supported by this agent; the object is rejected".into());
+    if let Some(nodes) = &p.nodes {
+        return Some(ClusterPeer::Nodes(label_selector(nodes, &format!("{path}.nodes"), errs)));
     }
+    err(
+        format!("{path}.domainNames"),
+        "domainNames peers (experimental) are not supported by this agent; the object is rejected"
+            .into(),
+    );
     None
 }
 
@@ -470,13 +476,12 @@ fn rules(rules: &[api::Rule], egress: bool, errs: &mut Vec<FieldError>) -> Vec<C
         });
         if let Some(ports) = &ports
             && ports.iter().any(|p| matches!(p, ClusterPort::Named(_)))
-            && peers.iter().any(|p| matches!(p, ClusterPeer::Networks(_)))
+            && peers.iter().any(|p| matches!(p, ClusterPeer::Networks(_) | ClusterPeer::Nodes(_)))
         {
             errs.push(FieldError {
                 field: format!("{path}.protocols"),
-                message:
-                    "networks peers cannot be set with named ports (networks have no named ports)"
-                        .into(),
+                message: "networks and nodes peers cannot be set with named ports (they have no named ports)"
+                    .into(),
             });
         }
         out.push(ClusterRule { name: r.name.clone(), action, peers, ports });
@@ -601,7 +606,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = parse(
-            "metadata: {name: bad}\nspec:\n  tier: Middle\n  priority: 1001\n  subject: {namespaces: {}, pods: {podSelector: {}}}\n  ingress:\n  - {action: Allow, from: [{namespaces: {}}]}\n  - {action: Deny, from: []}\n  egress:\n  - {action: Accept, to: [{nodes: {}}]}\n  - {action: Deny, to: [{domainNames: [example.com]}]}\n  - {action: Deny, to: [{networks: [nonsense]}], protocols: [{tcp: {destinationPort: {range: {start: 9, end: 9}}}}]}\n",
+            "metadata: {name: bad}\nspec:\n  tier: Middle\n  priority: 1001\n  subject: {namespaces: {}, pods: {podSelector: {}}}\n  ingress:\n  - {action: Allow, from: [{namespaces: {}}]}\n  - {action: Deny, from: []}\n  egress:\n  - {action: Accept, to: [{nodes: {matchLabels: {\"bad key!\": x}}}]}\n  - {action: Deny, to: [{domainNames: [example.com]}]}\n  - {action: Deny, to: [{networks: [nonsense]}], protocols: [{tcp: {destinationPort: {range: {start: 9, end: 9}}}}]}\n",
         )
         .unwrap_err();
         let text = e.to_string();
@@ -612,7 +617,7 @@ mod tests {
             "spec.subject: exactly one of",
             "spec.ingress[0].action: Unsupported value \"Allow\"",
             "spec.ingress[1].from: must hold 1 to 25 peers",
-            "spec.egress[0].to[0].nodes: nodes peers (experimental) are not supported",
+            "spec.egress[0].to[0].nodes.matchLabels",
             "spec.egress[1].to[0].domainNames: domainNames peers",
             "spec.egress[2].to[0].networks[0]: invalid CIDR \"nonsense\"",
             "spec.egress[2].protocols[0].tcp.destinationPort.range: Start port must be less",

@@ -109,7 +109,8 @@ pub fn node(n: &core::Node) -> Node {
         .collect();
     addresses.sort();
     addresses.dedup();
-    Node { name: n.metadata.name.clone().unwrap_or_default(), addresses }
+    let labels = n.metadata.labels.clone().unwrap_or_default().into_iter().collect();
+    Node { name: n.metadata.name.clone().unwrap_or_default(), addresses, labels }
 }
 
 /// Labels for a namespace from a model file (tests, simulator).
@@ -164,6 +165,7 @@ pub fn cluster_policy_to_api(p: &super::cluster_policy::ClusterPolicy) -> serde_
                 ClusterPeer::Networks(n) => {
                     json!({ "networks": n.iter().map(|n| n.to_string()).collect::<Vec<_>>() })
                 }
+                ClusterPeer::Nodes(s) => json!({ "nodes": selector_to_k8s(s) }),
             })
             .collect::<Vec<_>>()
             .into();
@@ -378,7 +380,12 @@ pub fn namespace_to_k8s(ns: &Namespace) -> core::Namespace {
 pub fn node_to_k8s(n: &Node) -> core::Node {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
     core::Node {
-        metadata: meta::ObjectMeta { name: Some(n.name.clone()), ..Default::default() },
+        metadata: meta::ObjectMeta {
+            name: Some(n.name.clone()),
+            labels: (!n.labels.is_empty())
+                .then(|| n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            ..Default::default()
+        },
         status: Some(core::NodeStatus {
             addresses: Some(
                 n.addresses

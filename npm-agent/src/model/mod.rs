@@ -227,9 +227,12 @@ impl Namespace {
     }
 }
 
-/// A node and the addresses that may always reach its pods and be reached by them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A node: the addresses that may always reach its pods and be reached by them, and its
+/// labels (what a ClusterNetworkPolicy's `nodes` peer selects).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: Labels,
 }

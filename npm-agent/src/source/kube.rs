@@ -1,6 +1,5 @@
 //! The Kubernetes source: kube-rs watchers on Pods (cluster-wide: peers on other nodes matter),
-//! Namespaces, NetworkPolicies, ClusterNetworkPolicies and this node's Node object, turned
-//! into [`Event`]s.
+//! Namespaces, NetworkPolicies, ClusterNetworkPolicies and Nodes, turned into [`Event`]s.
 //!
 //! - The watchers (`kube::runtime::watcher`) run on a small tokio runtime owned by the source
 //!   (one worker thread) and hand what they see over a bounded channel; [`Source::next_batch`]
@@ -22,9 +21,11 @@
 //!   in pages of 500 with the "most recent" semantics: a `resourceVersion=0` list is served
 //!   from the API server's watch cache without pagination, which for 100k pods is a single
 //!   response of hundreds of MiB, the very thing that runs a 300 MiB agent out of memory.
-//!   Namespaces and the Node are small and listed from the watch cache (`resourceVersion=0`)
-//!   in one response. Only this node's Node object is watched (its addresses are the ones
-//!   always allowed).
+//!   Namespaces are small and listed from the watch cache (`resourceVersion=0`) in one
+//!   response. Every Node is watched, paged as pods are (a Node object is large): this node's
+//!   addresses are always allowed, and ClusterNetworkPolicy `nodes` peers select nodes by
+//!   label. A Node whose labels and addresses did not change (a status heartbeat) changes
+//!   nothing downstream.
 //! - An object that does not deserialize or convert, or a policy that does not validate, is
 //!   reported (an error naming the object and the field), counted in [`SourceHealth`], and
 //!   skipped: the previous valid version, if any, stays in force (it is neither replaced nor
@@ -82,9 +83,9 @@ const MAX_MESSAGES_PER_BATCH: usize = 4096;
 /// How the source connects and retries.
 #[derive(Clone, Debug)]
 pub struct KubeOptions {
-    /// This node's name: only its Node object is watched. Empty: every node.
+    /// This node's name (for the logs: every Node is watched).
     pub node_name: String,
-    /// Objects per list page of pods and policies (namespaces and the node come in one).
+    /// Objects per list page of pods, policies and nodes (namespaces come in one).
     pub page_size: u32,
     /// The first delay after an API error; it doubles (with jitter) on each error in a row.
     pub backoff_min: Duration,
@@ -539,12 +540,9 @@ impl KubeSource {
             let cached =
                 watcher::Config { page_size: None, ..watcher::Config::default() }.any_semantic();
             let pods = paged.clone().fields(POD_FIELD_SELECTOR);
+            let nodes = paged.clone();
             let policies = paged;
             let namespaces = cached.clone();
-            let mut nodes = cached.clone();
-            if !options.node_name.is_empty() {
-                nodes = nodes.fields(&format!("metadata.name={}", options.node_name));
-            }
             runtime.spawn(watch::<Namespaces>(
                 Api::all(client.clone()),
                 namespaces,

@@ -203,13 +203,21 @@ pub fn policy() -> impl Strategy<Value = Policy> {
     (select(&NAMESPACES[..]), 0u8..4).prop_flat_map(|(ns, i)| policy_in(ns, format!("np{i}")))
 }
 
+/// The nodes, each in its own zone (what `nodes` peers select).
 pub fn nodes() -> Vec<Node> {
-    NODES
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Node { name: n.to_string(), addresses: vec![node_ip(i)] })
-        .collect()
+    (0..NODES.len()).map(|i| node(i, ["a", "b"][i])).collect()
 }
+
+/// Node `i` with a zone label.
+pub fn node(i: usize, zone: &str) -> Node {
+    Node {
+        name: NODES[i].to_string(),
+        addresses: vec![node_ip(i)],
+        labels: labels(&[("zone", zone), ("kubernetes.io/hostname", NODES[i])]),
+    }
+}
+
+const NODE_LABELS: &[(&str, &[&str])] = &[("zone", &["a", "b"])];
 
 /// A whole cluster: namespaces (some may be missing: pods may reference unseen ones),
 /// pods, policies and nodes.
@@ -365,6 +373,7 @@ fn cluster_peer(egress: bool) -> BoxedStrategy<ClusterPeer> {
         3 => pods,
         2 => proptest::sample::subsequence(nets.to_vec(), 1..3)
             .prop_map(|v| ClusterPeer::Networks(v.into_iter().map(net).collect())),
+        1 => selector(NODE_LABELS).prop_map(ClusterPeer::Nodes),
     ]
     .boxed()
 }
@@ -424,5 +433,7 @@ pub fn tiered_event() -> impl Strategy<Value = Event> {
         8 => event(),
         2 => cluster_policy().prop_map(Event::UpsertClusterPolicy),
         1 => (0u8..4).prop_map(|i| Event::DeleteClusterPolicy(format!("cnp{i}"))),
+        // (Nodes moving between zones: `nodes` peers follow.)
+        1 => (0..NODES.len(), select(&["a", "b", "c"][..])).prop_map(|(i, z)| Event::UpsertNode(node(i, z))),
     ]
 }

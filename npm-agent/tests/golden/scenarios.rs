@@ -102,6 +102,7 @@ pub fn plans(path: &Path) -> Vec<StepPlan> {
     let mut diff = engine.handle(Event::UpsertNode(Node {
         name: SIM_NODE.into(),
         addresses: vec![IpAddr::V4(NODE_IP)],
+        ..Default::default()
     }));
     for e in cluster.initial_events() {
         diff.extend(engine.handle(e));
