@@ -210,57 +210,111 @@ proptest! {
 
     #[test]
     fn map_operations_apply_make_before_break(state in cluster(), events in proptest::collection::vec(event(), 1..8)) {
-        let mut n = NodeDataplane::new("n1");
-        let initial: Vec<Event> = state.namespaces.values().cloned().map(Event::UpsertNamespace)
-            .chain(state.nodes.values().cloned().map(Event::UpsertNode))
-            .chain(state.policies.values().cloned().map(Event::UpsertPolicy))
-            .chain(state.pods.values().cloned().map(Event::UpsertPod))
-            .collect();
-        for e in &initial {
-            n.handle(e);
-        }
-        let mut current = state.clone();
-        for e in &events {
-            let old = n.engine.plan();
-            let diff = n.engine.handle(e.clone());
-            current.apply(e);
-            let new = n.engine.plan();
-            // Addresses switching identity are matched by the old or the new one meanwhile;
-            // an endpoint whose address passes to another pod may admit more (see `PlanDiff`).
-            let switching = identity_switches(&old, &diff);
-            let retargeted = retargeted_endpoints(&diff);
-            let mut addrs = addresses(&current);
-            addrs.extend(addresses(&state));
-            addrs.sort();
-            addrs.dedup();
-            let local: HashSet<IpAddr> = old.endpoints.keys().chain(new.endpoints.keys()).copied().collect();
-            let node: HashSet<IpAddr> = old.node_ips.iter().chain(&new.node_ips).copied().collect();
-            let mut all = Vec::new();
-            for &ep in &local {
-                for &peer in addrs.iter().filter(|a| !local.contains(a) && !node.contains(a) && !switching.contains(a)) {
-                    for d in Direction::BOTH {
-                        for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080), (Protocol::Sctp, 81)] {
-                            all.push((ep, d, peer, protocol, port));
-                        }
+        make_before_break(NodeDataplane::new("n1"), &state, &events)?;
+    }
+
+    /// ClusterNetworkPolicies created, changed and deleted: every endpoint moves at once to
+    /// a complete profile (first match decides, so entries cannot be edited in place).
+    #[test]
+    fn cluster_policy_changes_apply_make_before_break(
+        state in tiered_cluster(),
+        events in proptest::collection::vec(prop_oneof![
+            3 => cluster_policy().prop_map(Event::UpsertClusterPolicy),
+            1 => (0u8..4).prop_map(|i| Event::DeleteClusterPolicy(format!("cnp{i}"))),
+        ], 1..6),
+    ) {
+        make_before_break(NodeDataplane::tiered("n1"), &state, &events)?;
+    }
+}
+
+/// After every map operation of every event's diff, no probe is refused that both the plan
+/// before and the plan after admit, and none admitted that neither does.
+fn make_before_break(
+    mut n: NodeDataplane,
+    state: &ClusterState,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
+    let initial = initial_events(state);
+    for e in &initial {
+        n.handle(e);
+    }
+    let mut current = state.clone();
+    for e in events {
+        let old = n.engine.plan();
+        let diff = n.engine.handle(e.clone());
+        current.apply(e);
+        let new = n.engine.plan();
+        // Addresses switching identity are matched by the old or the new one meanwhile;
+        // an endpoint whose address passes to another pod may admit more (see `PlanDiff`).
+        let switching = identity_switches(&old, &diff);
+        let retargeted = retargeted_endpoints(&diff);
+        let mut addrs = addresses(&current);
+        addrs.extend(addresses(state));
+        addrs.sort();
+        addrs.dedup();
+        let local: HashSet<IpAddr> =
+            old.endpoints.keys().chain(new.endpoints.keys()).copied().collect();
+        let node: HashSet<IpAddr> = old.node_ips.iter().chain(&new.node_ips).copied().collect();
+        let mut all = Vec::new();
+        for &ep in &local {
+            for &peer in addrs
+                .iter()
+                .filter(|a| !local.contains(a) && !node.contains(a) && !switching.contains(a))
+            {
+                for d in Direction::BOTH {
+                    for (protocol, port) in [
+                        (Protocol::Tcp, 80),
+                        (Protocol::Udp, 53),
+                        (Protocol::Tcp, 8080),
+                        (Protocol::Sctp, 81),
+                    ] {
+                        all.push((ep, d, peer, protocol, port));
                     }
                 }
             }
-            let o: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(&old, ep, d, peer, pr, po)).collect();
-            let nw: Vec<bool> = all.iter().map(|&(ep, d, peer, pr, po)| dataplane_admits(&new, ep, d, peer, pr, po)).collect();
-            let ops = n.translator.translate(&diff);
-            for (i, op) in ops.iter().enumerate() {
-                n.maps.apply(std::slice::from_ref(op));
-                for (k, &(ep, d, peer, protocol, port)) in all.iter().enumerate() {
-                    let (src, dst, dir) = match d {
-                        Direction::Ingress => (peer, ep, DIR_INGRESS),
-                        Direction::Egress => (ep, peer, DIR_EGRESS),
-                    };
-                    let flow = Flow { src: octets(src), dst: octets(dst), protocol: protocol.number(), sport: 40000, dport: port };
-                    let mid = programs_allow(&n.maps, dir, flow, local.contains(&src));
-                    prop_assert!(mid || !(o[k] && nw[k]), "after op {} ({:?}): {:?} refused though both plans admit it; ops {:#?}", i, op, all[k], ops);
-                    prop_assert!(!mid || o[k] || nw[k] || retargeted.contains(&ep), "after op {} ({:?}): {:?} admitted though neither plan admits it; ops {:#?}", i, op, all[k], ops);
-                }
+        }
+        let o: Vec<bool> = all
+            .iter()
+            .map(|&(ep, d, peer, pr, po)| dataplane_admits(&old, ep, d, peer, pr, po))
+            .collect();
+        let nw: Vec<bool> = all
+            .iter()
+            .map(|&(ep, d, peer, pr, po)| dataplane_admits(&new, ep, d, peer, pr, po))
+            .collect();
+        let ops = n.translator.translate(&diff);
+        for (i, op) in ops.iter().enumerate() {
+            n.maps.apply(std::slice::from_ref(op));
+            for (k, &(ep, d, peer, protocol, port)) in all.iter().enumerate() {
+                let (src, dst, dir) = match d {
+                    Direction::Ingress => (peer, ep, DIR_INGRESS),
+                    Direction::Egress => (ep, peer, DIR_EGRESS),
+                };
+                let flow = Flow {
+                    src: octets(src),
+                    dst: octets(dst),
+                    protocol: protocol.number(),
+                    sport: 40000,
+                    dport: port,
+                };
+                let mid = programs_allow(&n.maps, dir, flow, local.contains(&src));
+                prop_assert!(
+                    mid || !(o[k] && nw[k]),
+                    "after op {} ({:?}): {:?} refused though both plans admit it; ops {:#?}",
+                    i,
+                    op,
+                    all[k],
+                    ops
+                );
+                prop_assert!(
+                    !mid || o[k] || nw[k] || retargeted.contains(&ep),
+                    "after op {} ({:?}): {:?} admitted though neither plan admits it; ops {:#?}",
+                    i,
+                    op,
+                    all[k],
+                    ops
+                );
             }
         }
     }
+    Ok(())
 }

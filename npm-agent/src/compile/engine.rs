@@ -42,7 +42,7 @@ use crate::model::{
 };
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
-    PeerSet, Plan, PlanDiff, Profile, ProfileId,
+    PeerSet, Plan, PlanDiff, Profile, ProfileId, Verdict,
 };
 use crate::state::{Claim, ClusterState, Event};
 
@@ -1344,9 +1344,28 @@ impl Engine {
             })
             .map(|((p, _), _)| *p)
             .collect();
+        // A profile whose ClusterNetworkPolicy entries change is replaced too: the first
+        // match decides, so additions before removals could decide, between them, as neither
+        // its old entries nor its new ones do; its users move at once to a complete copy.
+        let tiered: Vec<ProfileId> = self
+            .out
+            .diff
+            .allows
+            .iter()
+            .filter(|((p, a), before)| {
+                a.verdict != Verdict::Allow
+                    && self
+                        .out
+                        .profiles
+                        .get(p)
+                        .is_some_and(|e| e.counts.contains_key(a) != **before)
+            })
+            .map(|((p, _), _)| *p)
+            .collect();
         let mut replaced: Vec<ProfileId> = joined
             .into_iter()
             .chain(self.out.released.iter().copied())
+            .chain(tiered)
             .filter(|p| {
                 edited.contains(p)
                     && !self.out.diff.created.contains(p)
