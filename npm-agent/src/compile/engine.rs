@@ -42,7 +42,7 @@ use crate::model::{
 };
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
-    PeerSet, Plan, PlanDiff, Profile, ProfileId, Verdict,
+    PeerSet, Plan, PlanDiff, Profile, ProfileId,
 };
 use crate::state::{Claim, ClusterState, Event};
 
@@ -1344,28 +1344,9 @@ impl Engine {
             })
             .map(|((p, _), _)| *p)
             .collect();
-        // A profile whose ClusterNetworkPolicy entries change is replaced too: the first
-        // match decides, so additions before removals could decide, between them, as neither
-        // its old entries nor its new ones do; its users move at once to a complete copy.
-        let tiered: Vec<ProfileId> = self
-            .out
-            .diff
-            .allows
-            .iter()
-            .filter(|((p, a), before)| {
-                a.verdict != Verdict::Allow
-                    && self
-                        .out
-                        .profiles
-                        .get(p)
-                        .is_some_and(|e| e.counts.contains_key(a) != **before)
-            })
-            .map(|((p, _), _)| *p)
-            .collect();
         let mut replaced: Vec<ProfileId> = joined
             .into_iter()
             .chain(self.out.released.iter().copied())
-            .chain(tiered)
             .filter(|p| {
                 edited.contains(p)
                     && !self.out.diff.created.contains(p)
@@ -1785,8 +1766,18 @@ impl Engine {
                     .push((stage, Change::SetProfile { ip: *ip, direction: *d, profile: after }));
             }
         }
-        // Entries of profiles kept through the event: their net change.
-        for ((p, allow), before) in diff.allows {
+        // Entries of profiles kept through the event: their net change. ClusterNetworkPolicy
+        // entries decide by their first match, so the additions go in the order of
+        // evaluation and the removals in the reverse order: every state between decides as
+        // the profile's old entries or its new ones do, never otherwise (for a change within
+        // one tier, as one ClusterNetworkPolicy's is: the first match among old and new
+        // entries together is the old one's or the new one's).
+        let mut allows: Vec<((ProfileId, Allow), bool)> = diff.allows.into_iter().collect();
+        allows.sort_unstable_by(|((pa, a), _), ((pb, b), _)| {
+            (&a.verdict, pa, a).cmp(&(&b.verdict, pb, b))
+        });
+        let mut removes = Vec::new();
+        for ((p, allow), before) in allows {
             if diff.created.contains(&p) {
                 continue;
             }
@@ -1798,9 +1789,10 @@ impl Engine {
             if after {
                 changes.push((Stage::WideningAdds, Change::AddAllow { profile: p, allow }));
             } else {
-                changes.push((Stage::Removes, Change::RemoveAllow { profile: p, allow }));
+                removes.push((Stage::Removes, Change::RemoveAllow { profile: p, allow }));
             }
         }
+        changes.extend(removes.into_iter().rev());
         let mut quarantine: Vec<(IpAddr, bool)> = Vec::new();
         for (ip, before) in diff.conflicts {
             let now = self.conflict(&ip);

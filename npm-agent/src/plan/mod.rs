@@ -729,13 +729,15 @@ pub enum Change {
 ///
 /// All of the above is about NetworkPolicy entries, which only admit. ClusterNetworkPolicy
 /// entries decide by their first match (an Admin Deny, a Pass), so adding one can refuse
-/// and removing one can admit. A profile whose tiered entries change is therefore never
-/// edited in place: its users move, each in one change, to a complete copy, so a
-/// ClusterNetworkPolicy created, changed or deleted is make-before-break as above (property
-/// test on the eBPF maps). What a pod or namespace change does to the members of existing
-/// sets that tiered entries name follows the same order and its end state is exact, but
-/// between its first and last change such a direction may briefly decide as neither state
-/// does.
+/// and removing one can admit. A profile's tiered entries are therefore added in their order
+/// of evaluation (`Verdict`'s) and removed in the reverse order: within one tier (what one
+/// ClusterNetworkPolicy changes) the first match among any such intermediate entries is the
+/// first match among the old entries or among the new ones, so a ClusterNetworkPolicy
+/// created, changed or deleted decides at every step as the state before or the state after
+/// (property test on every intermediate eBPF map state). What a pod or namespace change does
+/// to the members of existing sets that tiered entries name follows the same order and its end
+/// state is exact, but between its first and last change such a direction may briefly decide
+/// as neither state does.
 /// Endpoints that go unenforced go first, so a departing endpoint never refuses a peer that a
 /// Deny entry of its old profile comes to name.
 ///
