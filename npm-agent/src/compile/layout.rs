@@ -262,7 +262,25 @@ impl LayoutCompiler {
             quarantine,
             dispatch,
         } = input;
+        // Namespaces whose lists may change: those whose object changed, and those that may
+        // appear or go with their first or last identity (a namespace exists while it has an
+        // object or a pod). Pods coming and going elsewhere leave the lists alone: a pod
+        // event then costs nothing per namespace list.
         let mut touched: BTreeSet<String> = BTreeSet::new();
+        let mut existed: BTreeMap<String, bool> = BTreeMap::new();
+        let identity_namespaces = new_keys
+            .iter()
+            .map(|(_, k)| k.namespace.clone())
+            .chain(
+                dropped_keys.iter().filter_map(|id| self.keys.get(id)).map(|k| k.namespace.clone()),
+            )
+            .collect::<Vec<_>>();
+        for ns in identity_namespaces {
+            if !existed.contains_key(&ns) {
+                let e = self.namespace_exists(&ns);
+                existed.insert(ns, e);
+            }
+        }
         for (ip, on) in quarantine {
             self.quarantine(ip, on, &mut out);
         }
@@ -287,20 +305,18 @@ impl LayoutCompiler {
                 id.and_then(|i| self.keys.get(&i)).map(|k| memberships(k, ip)).unwrap_or_default()
             };
             let (before, after) = (pairs(old), pairs(new));
-            if let Some(o) = old {
-                if let Some(a) = self.addresses.get_mut(&o) {
-                    a.remove(&ip);
-                    if a.is_empty() {
-                        self.addresses.remove(&o);
-                    }
+            if let Some(o) = old
+                && let Some(a) = self.addresses.get_mut(&o)
+            {
+                a.remove(&ip);
+                if a.is_empty() {
+                    self.addresses.remove(&o);
                 }
-                touched.extend(self.keys.get(&o).map(|k| k.namespace.clone()));
             }
             match new {
                 Some(n) => {
                     self.identities.insert(ip, n);
                     self.addresses.entry(n).or_default().insert(ip);
-                    touched.extend(self.keys.get(&n).map(|k| k.namespace.clone()));
                 }
                 None => {
                     self.identities.remove(&ip);
@@ -318,8 +334,12 @@ impl LayoutCompiler {
             }
         }
         for id in dropped_keys {
-            touched.extend(self.keys.get(&id).map(|k| k.namespace.clone()));
             self.unindex_identity(id);
+        }
+        for (ns, before) in existed {
+            if self.namespace_exists(&ns) != before {
+                touched.insert(ns);
+            }
         }
         // Namespaces appearing, going or relabelled: the lists holding their sets.
         self.update_namespace_lists(&touched, &mut out);
