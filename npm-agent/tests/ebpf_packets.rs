@@ -860,3 +860,31 @@ fn cluster_policy_tiers() {
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 443).bytes(), Reason::Policy), PASS);
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, C, 443).bytes(), Reason::Denied), DROP);
 }
+
+/// A ClusterNetworkPolicy `nodes` peer: the addresses of the nodes its selector matches,
+/// followed as a node is relabelled; the pod's own node stays reachable.
+#[test]
+fn cluster_policy_nodes_peer() {
+    let Some(mut h) = Harness::new("nodes") else {
+        return;
+    };
+    const OTHER_NODE: [u8; 4] = [10, 1, 0, 2];
+    let other = |zone: &str| Node {
+        name: "n2".into(),
+        addresses: vec![IpAddr::V4(Ipv4Addr::from(OTHER_NODE))],
+        labels: [("zone".to_string(), zone.to_string())].into(),
+    };
+    h.event(Event::UpsertNode(other("a")));
+    h.cluster_policy(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-zone-a}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - action: Deny\n    to: [{nodes: {matchLabels: {zone: a}}}]\n    protocols: [{tcp: {destinationPort: {number: 10250}}}]\n",
+    );
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OTHER_NODE, 10250).bytes(), Reason::Denied), DROP);
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OTHER_NODE, 443).bytes(), Reason::NotIsolated), PASS);
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 10250).bytes(), Reason::NotIsolated), PASS);
+    // The node moves to another zone: the peer no longer holds its address.
+    h.event(Event::UpsertNode(other("b")));
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OTHER_NODE, 10250).bytes(), Reason::NotIsolated), PASS);
+    // And back.
+    h.event(Event::UpsertNode(other("a")));
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OTHER_NODE, 10250).bytes(), Reason::Denied), DROP);
+}
