@@ -276,10 +276,7 @@ impl LayoutCompiler {
             )
             .collect::<Vec<_>>();
         for ns in identity_namespaces {
-            if !existed.contains_key(&ns) {
-                let e = self.namespace_exists(&ns);
-                existed.insert(ns, e);
-            }
+            existed.entry(ns).or_insert_with_key(|ns| self.namespace_exists(ns));
         }
         for (ip, on) in quarantine {
             self.quarantine(ip, on, &mut out);
