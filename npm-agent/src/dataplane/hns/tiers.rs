@@ -21,11 +21,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 
-use super::translate::{Acl, MAX_EXPANDED_PORTS, PRIORITY_NODE, Sets, protocol_number, subtract};
+use super::translate::{
+    Acl, MAX_EXPANDED_PORTS, PRIORITY_NODE, Sets, protocol_number, subtract, v4_block,
+};
 use crate::dataplane::azure::fnv1a64;
-use crate::model::CidrBlock;
 use crate::model::cluster_policy::Action;
 use crate::plan::{
     Allow, DirectionPlan, IdentityId, PeerMatch, PeerSet, PortMatch, SetId, Verdict,
@@ -85,18 +86,10 @@ impl Context<'_> {
                     .map(|s| s.members.iter().copied().collect())
                     .unwrap_or_default(),
             ),
-            PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
-                let ex: Vec<Ipv4Net> = except
-                    .iter()
-                    .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
-                    .collect();
-                if ex.is_empty() && net.prefix_len() == 0 {
-                    Who::Any
-                } else {
-                    Who::Nets(subtract(*net, &ex))
-                }
-            }
-            PeerMatch::Cidr(_) => return None,
+            PeerMatch::Cidr(b) => match v4_block(b)? {
+                None => Who::Any,
+                Some((net, except)) => Who::Nets(subtract(net, &except)),
+            },
         })
     }
 

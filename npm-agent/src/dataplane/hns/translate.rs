@@ -155,6 +155,19 @@ fn ports_overlap(a: &PortMatch, b: &PortMatch) -> bool {
     (pa.is_none() || pb.is_none() || pa == pb) && fa <= lb && fb <= la
 }
 
+/// An IPv4 block as (cidr, excepts): `None` for an IPv6 block, `Some(None)` for every
+/// address (0.0.0.0/0 without excepts).
+#[allow(clippy::option_option)]
+pub(super) fn v4_block(b: &CidrBlock) -> Option<Option<(Ipv4Net, Vec<Ipv4Net>)>> {
+    let IpNet::V4(net) = b.net else { return None };
+    let ex: Vec<Ipv4Net> = b
+        .except
+        .iter()
+        .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
+        .collect();
+    Some((!ex.is_empty() || net.prefix_len() != 0).then_some((net, ex)))
+}
+
 /// `net` without the `except` prefixes, as the fewest prefixes (at most 32 per except).
 pub fn subtract(net: Ipv4Net, except: &[Ipv4Net]) -> Vec<Ipv4Net> {
     if except.iter().any(|e| e.contains(&net)) {
@@ -327,21 +340,16 @@ fn direction_acls(
             PeerMatch::Set(s) => {
                 p.ids.extend(peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied()))
             }
-            PeerMatch::Cidr(CidrBlock { net: IpNet::V4(net), except }) => {
-                let ex: Vec<Ipv4Net> = except
-                    .iter()
-                    .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
-                    .collect();
-                if ex.is_empty() && net.prefix_len() == 0 {
-                    p.any = true;
-                } else {
-                    p.blocks.insert((*net, ex));
+            PeerMatch::Cidr(b) => match v4_block(b) {
+                Some(None) => p.any = true,
+                Some(Some(block)) => {
+                    p.blocks.insert(block);
                 }
-            }
-            PeerMatch::Cidr(_) => report(
-                a.to_string(),
-                "IPv6 addresses: HNS ACLs here are IPv4 only (as Azure NPM's)".into(),
-            ),
+                None => report(
+                    a.to_string(),
+                    "IPv6 addresses: HNS ACLs here are IPv4 only (as Azure NPM's)".into(),
+                ),
+            },
         }
     }
     // Which except blocks can be a block ACL: one that would hide no other except-allow.
