@@ -539,7 +539,9 @@ impl MapTranslator {
             }
         }
         let tiered = *verdict != Verdict::Allow;
-        if tiered {
+        // A policy takes its slot before its first entry is written and gives it back after
+        // its last is gone, so no key ever holds an entry coded with another policy's slot.
+        if tiered && add {
             self.slot_refs(verdict, add, ops);
         }
         for (prefix_len, key) in keys {
@@ -580,6 +582,9 @@ impl MapTranslator {
                 self.refresh(key, prefix_len, ops);
             }
         }
+        if tiered && !add {
+            self.slot_refs(verdict, add, ops);
+        }
     }
 
     /// A tiered entry's policy takes (or gives back) its slot among the policies of equal
@@ -604,13 +609,27 @@ impl MapTranslator {
             self.slots.remove(&bucket_key);
         }
         if moved {
-            let keys: Vec<(PolicyKeyData, u32)> = self
+            // The codes of the policies that move all rise (a policy joined before them) or
+            // all fall (one left), keeping their order. Keys are rewritten from the side the
+            // codes move away from: rising, the latest-decided first; falling, the
+            // earliest-decided first. Then whatever keys a packet looks up, the one that
+            // decides is either already rewritten with every key it outranks (the new
+            // verdict) or not yet, like every key that outranks it (the old verdict).
+            let admin = bucket_key.0;
+            let mut keys: Vec<(u32, PolicyKeyData, u32)> = self
                 .policy
-                .keys()
-                .filter(|(k, _)| self.tiered_groups.contains_key(&group_of(k)))
-                .copied()
+                .iter()
+                .filter(|((k, _), _)| self.tiered_groups.contains_key(&group_of(k)))
+                .map(|(&(k, len), e)| {
+                    let v = e.written.unwrap_or(PolicyValue::NONE);
+                    (if admin { v.admin } else { v.baseline }, k, len)
+                })
                 .collect();
-            for (key, len) in keys {
+            keys.sort_unstable();
+            if add {
+                keys.reverse();
+            }
+            for (_, key, len) in keys {
                 self.refresh(key, len, ops);
             }
         }
