@@ -112,7 +112,9 @@ impl ClusterState {
     pub fn claimants(&self) -> BTreeMap<IpAddr, Vec<&Pod>> {
         let mut by_ip: BTreeMap<IpAddr, Vec<&Pod>> = BTreeMap::new();
         for p in self.pods.values().filter(|p| p.is_endpoint()) {
-            by_ip.entry(p.ip.expect("endpoint pods have an address")).or_default().push(p);
+            for ip in p.addresses() {
+                by_ip.entry(ip).or_default().push(p);
+            }
         }
         by_ip
     }

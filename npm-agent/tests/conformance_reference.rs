@@ -16,7 +16,7 @@ fn cases() -> Vec<PathBuf> {
         // ClusterNetworkPolicy: judged by the reference only (not compiled yet).
         root.join("../shared/conformance/cluster-network-policy"),
         root.join("tests/conformance/cluster-network-policy"),
-        // Dual stack: IPv6 tables judged by the reference only (IPv6 is not enforced yet).
+        // Dual stack: the reference judges the IPv6 tables too (as the simulator does).
         root.join("tests/conformance/dual-stack"),
         root.join("deploy/examples"),
     ] {

@@ -80,7 +80,10 @@ fn apply_make_before_break(
     let mut all = Vec::new();
     for &ep in &addrs {
         for d in Direction::BOTH {
-            for &peer in addrs.iter().filter(|p| !switching.contains(p) && **p != ep) {
+            for &peer in addrs
+                .iter()
+                .filter(|p| !switching.contains(p) && **p != ep && p.is_ipv4() == ep.is_ipv4())
+            {
                 for &(protocol, port) in &ports {
                     all.push((ep, d, peer, protocol, port));
                 }
@@ -173,6 +176,46 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Dual stack: pods gaining, losing and changing addresses of either family, one at a
+    /// time contested; the diffs rebuild the full plan, layout included.
+    #[test]
+    fn diffs_rebuild_the_full_plan_dual_stack(events in proptest::collection::vec(dual_stack_event(), 1..30)) {
+        for scope in scopes() {
+            let mut engine = Engine::new(scope.clone()).with_layout();
+            let mut plan = Plan::default();
+            let mut state = ClusterState::default();
+            for e in &events {
+                let diff = engine.handle(e.clone());
+                state.apply(e);
+                plan.apply(&diff).map_err(TestCaseError::fail)?;
+                let full = compile(&state, &scope);
+                prop_assert_eq!(&plan.layout, &full.layout, "after {:?} in {:?}", e, scope);
+                prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
+                prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
+            }
+        }
+    }
+
+    /// Dual stack: every prefix of every diff decides as the plan before or after does, in
+    /// each family.
+    #[test]
+    fn diffs_apply_make_before_break_dual_stack(setup in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 1..8)) {
+        let mut engine = Engine::new(Scope::Cluster);
+        let mut plan = Plan::default();
+        let mut state = ClusterState::default();
+        for e in initial_events(&setup) {
+            state.apply(&e);
+            plan.apply(&engine.handle(e)).map_err(TestCaseError::fail)?;
+        }
+        for e in &events {
+            let before = state.clone();
+            state.apply(e);
+            let diff = engine.handle(e.clone());
+            let new = compile(&state, &Scope::Cluster);
+            apply_make_before_break(&mut plan, &diff, &new, &before, &state)?;
+        }
+    }
 
     /// With ClusterNetworkPolicies among the events: the diffs rebuild the full plan.
     #[test]

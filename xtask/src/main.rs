@@ -304,10 +304,14 @@ fn test() -> Result<()> {
                     .env("NPM_REQUIRE_KUBERNETES_VALIDATE", "1"))
             },
         ),
-        Step::new("simulate tests/conformance (and its cluster-network-policy cases)", move || {
-            let tiers = own_cases.join("cluster-network-policy");
-            simulate("the project's conformance cases", &[&own_cases, &tiers])
-        }),
+        Step::new(
+            "simulate tests/conformance (and its cluster-network-policy and dual-stack cases)",
+            move || {
+                let tiers = own_cases.join("cluster-network-policy");
+                let dual = own_cases.join("dual-stack");
+                simulate("the project's conformance cases", &[&own_cases, &tiers, &dual])
+            },
+        ),
         Step::new("simulate shared conformance examples (and cluster-network-policy)", {
             let shared_examples = shared_examples.clone();
             move || {

@@ -38,7 +38,8 @@ use super::{
     PolicyTerms, PortSel, Scope, Subject, TermPeer, conflict_of, host_block, resolution_ports,
 };
 use crate::model::{
-    CidrBlock, Direction, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey, Pod,
+    CidrBlock, Direction, IpFamily, Labels, NamedPort, Namespace, NamespaceScope, Node, ObjectKey,
+    Pod,
 };
 use crate::plan::{
     Allow, Change, Conflict, EndpointPlan, IdentityId, IdentityKey, PeerMatch, PeerSelector,
@@ -58,6 +59,22 @@ fn di(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
+    }
+}
+
+/// One address of a pod: what the compiler resolves claims for, identifies and makes an
+/// endpoint. A dual-stack pod is two of them, each claimed and owned on its own (a pod may own
+/// its IPv4 address while its IPv6 one is contested); both are of its identity, and as
+/// endpoints both move to the same profiles (their keys are the pod's).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PodAddr {
+    pod: ObjectKey,
+    family: IpFamily,
+}
+
+impl PodAddr {
+    fn of(pod: &ObjectKey, ip: &IpAddr) -> PodAddr {
+        PodAddr { pod: pod.clone(), family: IpFamily::of(ip) }
     }
 }
 
@@ -92,7 +109,7 @@ struct PolicyEntry {
     /// The selector of each `TermPeer::Pods` term, while materialized.
     term_selectors: [Vec<Option<SelectorId>>; 2],
     /// Local endpoints the policy selects.
-    endpoints: BTreeSet<ObjectKey>,
+    endpoints: BTreeSet<PodAddr>,
     /// Whether its ingress rules name ports (resolved against the endpoints it selects).
     ingress_named: bool,
 }
@@ -104,8 +121,8 @@ struct Index {
     /// to say. A sorted `Vec`, not a set: nearly always one pod, and 100k of them must stay
     /// small.
     claims: HashMap<IpAddr, Vec<ObjectKey>>,
-    /// The identity of each pod that owns its address.
-    pod_identity: HashMap<ObjectKey, IdentityId>,
+    /// The identity of each pod address its pod owns.
+    pod_identity: HashMap<PodAddr, IdentityId>,
     identities: HashMap<IdentityId, IdentityEntry>,
     identity_ids: HashMap<IdentityKey, IdentityId>,
     identities_by_ns: HashMap<String, HashSet<IdentityId>>,
@@ -184,18 +201,18 @@ struct ProfileEntry {
 /// What the claims on an address come to on this node (see [`Claim`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Resolution {
-    Owner(ObjectKey),
+    Owner(PodAddr),
     /// Contested; with several local claimants, the first of them names the quarantined
     /// endpoint.
     Contested {
-        quarantine: Option<ObjectKey>,
+        quarantine: Option<PodAddr>,
     },
 }
 
 /// What an event changed, as first seen: the plan's entries before the event.
 #[derive(Default)]
 struct DiffBuilder {
-    endpoints: HashMap<IpAddr, Option<ObjectKey>>,
+    endpoints: HashMap<IpAddr, Option<PodAddr>>,
     /// Entries of profiles, whether each was there before the event.
     allows: HashMap<(ProfileId, Allow), bool>,
     /// The profile of each endpoint direction before the event.
@@ -228,9 +245,9 @@ struct DiffBuilder {
 /// and what an event did to it.
 #[derive(Default)]
 struct Output {
-    endpoints: HashMap<ObjectKey, EndpointEntry>,
-    endpoint_at: HashMap<IpAddr, ObjectKey>,
-    endpoints_by_ns: HashMap<String, BTreeSet<ObjectKey>>,
+    endpoints: HashMap<PodAddr, EndpointEntry>,
+    endpoint_at: HashMap<IpAddr, PodAddr>,
+    endpoints_by_ns: HashMap<String, BTreeSet<PodAddr>>,
     node_ips: BTreeSet<IpAddr>,
     profiles: HashMap<ProfileId, ProfileEntry>,
     /// The profile of each key (not of a stale profile's: see the module docs).
@@ -239,7 +256,7 @@ struct Output {
     profiles_by_policy: HashMap<PolicyId, HashSet<ProfileId>>,
     next_profile: ProfileId,
     /// Endpoints whose profiles may change: moved at the end of the event.
-    dirty: HashSet<ObjectKey>,
+    dirty: HashSet<PodAddr>,
     /// Profiles that lost a user during the event: removed at its end if unused.
     released: Vec<ProfileId>,
     diff: DiffBuilder,
@@ -261,7 +278,7 @@ impl Output {
     }
 
     /// Records an endpoint direction's profile before the event, at first touch.
-    fn touch_isolation(&mut self, endpoint: &ObjectKey, direction: Direction) {
+    fn touch_isolation(&mut self, endpoint: &PodAddr, direction: Direction) {
         let ep = &self.endpoints[endpoint];
         let profile = ep.profiles[di(direction)];
         self.diff.isolation.entry((ep.ip, direction)).or_insert(profile);
@@ -418,7 +435,7 @@ impl Engine {
                 .idx
                 .pod_identity
                 .iter()
-                .map(|(k, id)| (self.state.pods[k].ip.expect("owners have addresses"), Some(*id)))
+                .map(|(k, id)| (self.address(k), Some(*id)))
                 .collect(),
             namespaces: self
                 .state
@@ -558,7 +575,7 @@ impl Engine {
             ..Plan::default()
         };
         for (key, id) in &self.idx.pod_identity {
-            plan.identities.insert(self.state.pods[key].ip.expect("owners have addresses"), *id);
+            plan.identities.insert(self.address(key), *id);
         }
         for (id, s) in self.idx.selectors.iter().filter(|(_, s)| s.live) {
             plan.sets.insert(
@@ -580,7 +597,7 @@ impl Engine {
             plan.profiles.insert(*id, profile);
         }
         for (key, ep) in &self.out.endpoints {
-            let p = EndpointPlan { pod: key.clone(), profiles: ep.profiles };
+            let p = EndpointPlan { pod: key.pod.clone(), profiles: ep.profiles };
             plan.endpoints.insert(ep.ip, p);
         }
         plan
@@ -594,7 +611,12 @@ impl Engine {
 
     /// The local endpoint at an address: the pod whose interface carries it on this node.
     pub fn endpoint_at(&self, ip: &IpAddr) -> Option<&ObjectKey> {
-        self.out.endpoint_at.get(ip)
+        self.out.endpoint_at.get(ip).map(|a| &a.pod)
+    }
+
+    /// The address of a pod address (its pod owns it, or claims it).
+    fn address(&self, a: &PodAddr) -> IpAddr {
+        self.state.pods[&a.pod].address(a.family).expect("pod addresses are of their pods")
     }
 
     /// What a profile enforces: the policies whose union it is (those still known), its
@@ -643,7 +665,7 @@ impl Engine {
         }
         let mut subjects = Vec::new();
         for ep in self.out.endpoints_by_ns.get(name).into_iter().flatten() {
-            let pod = &self.state.pods[ep];
+            let pod = &self.state.pods[&ep.pod];
             for pid in &self.idx.cluster_policies {
                 let subject = &self.idx.policies[pid].policy.subject;
                 let (was, is) = (subject.selects(pod, &old), subject.selects(pod, &new));
@@ -730,35 +752,42 @@ impl Engine {
         }
     }
 
+    /// Claims each address of a pod (one, or one of each family).
     fn add_pod(&mut self, pod: Pod) {
         let key = pod.key.clone();
-        let ip = pod.ip.filter(|_| pod.is_endpoint());
+        let ips: Vec<IpAddr> =
+            if pod.is_endpoint() { pod.addresses().collect() } else { Vec::new() };
         self.state.pods.insert(key.clone(), pod);
-        let Some(ip) = ip else { return };
-        self.touch_claims(ip);
-        let before = self.resolve(&ip);
-        let claims = self.idx.claims.entry(ip).or_default();
-        if let Err(at) = claims.binary_search(&key) {
-            claims.insert(at, key.clone());
+        for ip in ips {
+            self.touch_claims(ip);
+            let before = self.resolve(&ip);
+            let claims = self.idx.claims.entry(ip).or_default();
+            if let Err(at) = claims.binary_search(&key) {
+                claims.insert(at, key.clone());
+            }
+            let after = self.resolve(&ip);
+            self.settle(ip, before, after, None);
         }
-        let after = self.resolve(&ip);
-        self.settle(ip, before, after, None);
     }
 
     /// Removes what `old` contributed; `state.pods` may or may not still hold it.
     fn remove_pod(&mut self, old: &Pod) {
-        let Some(ip) = old.ip.filter(|_| old.is_endpoint()) else { return };
-        self.touch_claims(ip);
-        let before = self.resolve(&ip);
-        let Some(claims) = self.idx.claims.get_mut(&ip) else { return };
-        if let Ok(at) = claims.binary_search(&old.key) {
-            claims.remove(at);
+        if !old.is_endpoint() {
+            return;
         }
-        if claims.is_empty() {
-            self.idx.claims.remove(&ip);
+        for ip in old.addresses() {
+            self.touch_claims(ip);
+            let before = self.resolve(&ip);
+            let Some(claims) = self.idx.claims.get_mut(&ip) else { continue };
+            if let Ok(at) = claims.binary_search(&old.key) {
+                claims.remove(at);
+            }
+            if claims.is_empty() {
+                self.idx.claims.remove(&ip);
+            }
+            let after = self.resolve(&ip);
+            self.settle(ip, before, after, Some(old));
         }
-        let after = self.resolve(&ip);
-        self.settle(ip, before, after, Some(old));
     }
 
     /// The claims on `ip`, resolved as this node sees them.
@@ -766,10 +795,11 @@ impl Engine {
         let keys = self.idx.claims.get(ip)?;
         let claimants: Vec<&Pod> = keys.iter().map(|k| &self.state.pods[k]).collect();
         Some(match Claim::resolve(claimants, |p| self.scope.is_local(p)) {
-            Claim::Owner(p) => Resolution::Owner(p.key.clone()),
+            Claim::Owner(p) => Resolution::Owner(PodAddr::of(&p.key, ip)),
             Claim::Contested { claimants, quarantined } => Resolution::Contested {
                 quarantine: quarantined.then(|| {
-                    claimants.iter().find(|p| self.scope.is_local(p)).expect("local").key.clone()
+                    let p = claimants.iter().find(|p| self.scope.is_local(p)).expect("local");
+                    PodAddr::of(&p.key, ip)
                 }),
             },
         })
@@ -797,8 +827,8 @@ impl Engine {
             return;
         }
         match before {
-            Some(Resolution::Owner(k)) => match removed.filter(|p| p.key == k) {
-                Some(old) => self.deactivate_pod(old),
+            Some(Resolution::Owner(k)) => match removed.filter(|p| p.key == k.pod) {
+                Some(old) => self.deactivate_pod(old, &k),
                 None => self.deactivate(&k),
             },
             Some(Resolution::Contested { quarantine: Some(k) }) => self.remove_endpoint(&k),
@@ -811,40 +841,41 @@ impl Engine {
         }
     }
 
-    fn deactivate(&mut self, key: &ObjectKey) {
-        let pod = self.state.pods[key].clone();
-        self.deactivate_pod(&pod);
+    fn deactivate(&mut self, key: &PodAddr) {
+        let pod = self.state.pods[&key.pod].clone();
+        self.deactivate_pod(&pod, key);
     }
 
-    /// `pod` now owns its address: give it an identity, make it a peer, and an endpoint if
-    /// it is local.
-    fn activate(&mut self, key: &ObjectKey) {
-        let pod = self.state.pods[key].clone();
-        let ip = pod.ip.expect("activated pods have addresses");
+    /// A pod now owns one of its addresses (`key`): give it an identity there, make it a
+    /// peer, and an endpoint if it is local.
+    fn activate(&mut self, key: &PodAddr) {
+        let pod = self.state.pods[&key.pod].clone();
+        let ip = pod.address(key.family).expect("activated pods have addresses");
         self.touch_identity(ip);
         let id = self.identity_for(&pod);
         // Pods of one identity share its labels and named ports: one copy per identity, not
         // per pod (most of the model's weight in a large cluster).
         let shared = &self.idx.identities[&id].key;
-        if let Some(p) = self.state.pods.get_mut(key) {
+        if let Some(p) = self.state.pods.get_mut(&key.pod) {
             p.labels = shared.labels.clone();
             p.named_ports = shared.named_ports.clone();
         }
         self.idx.pod_identity.insert(key.clone(), id);
         self.pods_in_block_change(ip, &pod.named_ports, true);
         if self.scope.is_local(&pod) {
-            self.add_endpoint(&pod, ip);
+            self.add_endpoint(&pod, key, ip);
         }
     }
 
-    fn deactivate_pod(&mut self, pod: &Pod) {
-        let ip = pod.ip.expect("owners have addresses");
+    /// `pod` (as it was) no longer owns its address `key`.
+    fn deactivate_pod(&mut self, pod: &Pod, key: &PodAddr) {
+        let ip = pod.address(key.family).expect("owners have addresses");
         self.touch_identity(ip);
-        if self.out.endpoints.contains_key(&pod.key) {
-            self.remove_endpoint(&pod.key);
+        if self.out.endpoints.contains_key(key) {
+            self.remove_endpoint(key);
         }
         self.pods_in_block_change(ip, &pod.named_ports, false);
-        if let Some(id) = self.idx.pod_identity.remove(&pod.key) {
+        if let Some(id) = self.idx.pod_identity.remove(key) {
             let e = self.idx.identities.get_mut(&id).expect("identity of a pod exists");
             e.pods -= 1;
             if e.pods == 0 {
@@ -871,7 +902,13 @@ impl Engine {
 
     /// The identity of the pod owning `ip` (only the owner of an address is activated).
     fn identity_at(&self, ip: &IpAddr) -> Option<IdentityId> {
-        self.idx.claims.get(ip)?.iter().find_map(|k| self.idx.pod_identity.get(k)).copied()
+        let family = IpFamily::of(ip);
+        self.idx
+            .claims
+            .get(ip)?
+            .iter()
+            .find_map(|k| self.idx.pod_identity.get(&PodAddr { pod: k.clone(), family }))
+            .copied()
     }
 
     fn identity_for(&mut self, pod: &Pod) -> IdentityId {
@@ -985,7 +1022,7 @@ impl Engine {
 
     /// A quarantined endpoint at `ip`, named after local claimant `key`: isolated both ways,
     /// admitting nothing, selected by no policy.
-    fn add_quarantine(&mut self, key: &ObjectKey, ip: IpAddr) {
+    fn add_quarantine(&mut self, key: &PodAddr, ip: IpAddr) {
         self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
         let entry = EndpointEntry {
             ip,
@@ -1000,10 +1037,10 @@ impl Engine {
         self.out.dirty.insert(key.clone());
     }
 
-    fn add_endpoint(&mut self, pod: &Pod, ip: IpAddr) {
+    fn add_endpoint(&mut self, pod: &Pod, key: &PodAddr, ip: IpAddr) {
         self.out.diff.endpoints.entry(ip).or_insert_with(|| self.out.endpoint_at.get(&ip).cloned());
         self.out.endpoints.insert(
-            pod.key.clone(),
+            key.clone(),
             EndpointEntry {
                 ip,
                 named_ports: pod.named_ports.to_vec(),
@@ -1013,13 +1050,9 @@ impl Engine {
                 quarantined: false,
             },
         );
-        self.out.endpoint_at.insert(ip, pod.key.clone());
-        self.out.dirty.insert(pod.key.clone());
-        self.out
-            .endpoints_by_ns
-            .entry(pod.key.namespace.clone())
-            .or_default()
-            .insert(pod.key.clone());
+        self.out.endpoint_at.insert(ip, key.clone());
+        self.out.dirty.insert(key.clone());
+        self.out.endpoints_by_ns.entry(pod.key.namespace.clone()).or_default().insert(key.clone());
         let ns_labels = self.state.namespace_labels(&pod.key.namespace);
         let selecting: Vec<PolicyId> = self
             .idx
@@ -1032,11 +1065,11 @@ impl Engine {
             .filter(|p| self.idx.policies[p].policy.subject.selects(pod, &ns_labels))
             .collect();
         for p in selecting {
-            self.attach(p, &pod.key);
+            self.attach(p, key);
         }
     }
 
-    fn remove_endpoint(&mut self, key: &ObjectKey) {
+    fn remove_endpoint(&mut self, key: &PodAddr) {
         let ip = self.out.endpoints[key].ip;
         self.out.diff.endpoints.entry(ip).or_insert_with(|| Some(key.clone()));
         for d in Direction::BOTH {
@@ -1056,17 +1089,17 @@ impl Engine {
         if ep.quarantined {
             return;
         }
-        if let Some(set) = self.out.endpoints_by_ns.get_mut(&key.namespace) {
+        if let Some(set) = self.out.endpoints_by_ns.get_mut(&key.pod.namespace) {
             set.remove(key);
             if set.is_empty() {
-                self.out.endpoints_by_ns.remove(&key.namespace);
+                self.out.endpoints_by_ns.remove(&key.pod.namespace);
             }
         }
     }
 
     /// Policy `pid` starts selecting endpoint `ep` (which moves to its new profiles at the
     /// end of the event).
-    fn attach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+    fn attach(&mut self, pid: PolicyId, ep: &PodAddr) {
         if Direction::BOTH.iter().all(|d| !self.idx.policies[&pid].policy.covers(*d)) {
             // (It isolates nothing: nothing to evaluate.)
             return;
@@ -1086,7 +1119,7 @@ impl Engine {
     /// Policy `pid` starts (`on`) or stops selecting endpoint `ep` for direction `d`: the
     /// endpoint's policies and named-port count, and, for the layout, the dispatch pair as
     /// it was before the event.
-    fn select(&mut self, pid: PolicyId, ep: &ObjectKey, d: Direction, on: bool) {
+    fn select(&mut self, pid: PolicyId, ep: &PodAddr, d: Direction, on: bool) {
         let named = d == Direction::Ingress && self.idx.policies[&pid].ingress_named;
         let e = self.out.endpoints.get_mut(ep).expect("endpoint");
         let changed =
@@ -1106,7 +1139,7 @@ impl Engine {
     }
 
     /// Policy `pid` stops selecting endpoint `ep`.
-    fn detach(&mut self, pid: PolicyId, ep: &ObjectKey) {
+    fn detach(&mut self, pid: PolicyId, ep: &PodAddr) {
         for d in Direction::BOTH {
             self.select(pid, ep, d, false);
         }
@@ -1232,8 +1265,8 @@ impl Engine {
                 }
                 TermPeer::PodsInBlock(b) => {
                     for key in idx.pod_identity.keys() {
-                        let pod = &state.pods[key];
-                        let ip = pod.ip.expect("owners have addresses");
+                        let pod = &state.pods[&key.pod];
+                        let ip = pod.address(key.family).expect("owners have addresses");
                         if b.contains(ip) {
                             add(out, PeerMatch::Cidr(host_block(ip)), &pod.named_ports);
                         }
@@ -1251,7 +1284,7 @@ impl Engine {
         };
         self.out.stale(old);
         let p = self.out.new_profile(key, counts);
-        let users: Vec<(ObjectKey, Direction)> = self
+        let users: Vec<(PodAddr, Direction)> = self
             .out
             .endpoints
             .iter()
@@ -1279,9 +1312,9 @@ impl Engine {
     /// edits that are neither its old entries nor its new ones. Such a profile is replaced:
     /// its users move, with the others, to a copy of its new entries.
     fn move_endpoints(&mut self) {
-        let mut dirty: Vec<ObjectKey> = std::mem::take(&mut self.out.dirty).into_iter().collect();
+        let mut dirty: Vec<PodAddr> = std::mem::take(&mut self.out.dirty).into_iter().collect();
         dirty.sort();
-        let moves: Vec<(ObjectKey, Direction, Option<ProfileKey>)> = dirty
+        let moves: Vec<(PodAddr, Direction, Option<ProfileKey>)> = dirty
             .iter()
             .filter_map(|k| self.out.endpoints.get(k).map(|ep| (k, ep)))
             .flat_map(|(k, ep)| Direction::BOTH.map(|d| (k.clone(), d, self.profile_key(ep, d))))
@@ -1380,11 +1413,11 @@ impl Engine {
             self.idx.next_policy += 1;
             self.idx.next_policy
         });
-        let selects = |k: &ObjectKey| {
-            let pod = &self.state.pods[k];
-            policy.subject.selects(pod, &self.state.namespace_labels(&k.namespace))
+        let selects = |k: &PodAddr| {
+            let pod = &self.state.pods[&k.pod];
+            policy.subject.selects(pod, &self.state.namespace_labels(&k.pod.namespace))
         };
-        let selected: Vec<ObjectKey> = match &policy.subject {
+        let selected: Vec<PodAddr> = match &policy.subject {
             Subject::Namespaced { namespace, .. } => self
                 .out
                 .endpoints_by_ns
@@ -1486,7 +1519,7 @@ impl Engine {
                 self.rekey(p, k);
             }
         }
-        let endpoints: Vec<ObjectKey> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
+        let endpoints: Vec<PodAddr> = self.idx.policies[&pid].endpoints.iter().cloned().collect();
         for ep in endpoints {
             self.detach(pid, &ep);
         }
@@ -1702,7 +1735,7 @@ impl Engine {
                     fresh.insert(*ip);
                     changes.push((
                         Stage::Endpoints,
-                        Change::AddEndpoint { ip: *ip, pod: pod.clone() },
+                        Change::AddEndpoint { ip: *ip, pod: pod.pod.clone() },
                     ));
                 }
                 (Some(_), None) => {
@@ -1710,8 +1743,10 @@ impl Engine {
                     changes.push((Stage::Unisolate, Change::RemoveEndpoint { ip: *ip }));
                 }
                 // The address passed to another pod: its profiles change as they change.
-                (Some(a), Some(b)) if a != b => changes
-                    .push((Stage::Endpoints, Change::RetargetEndpoint { ip: *ip, pod: b.clone() })),
+                (Some(a), Some(b)) if a != b => changes.push((
+                    Stage::Endpoints,
+                    Change::RetargetEndpoint { ip: *ip, pod: b.pod.clone() },
+                )),
                 (Some(_), Some(_)) => {}
             }
         }

@@ -78,7 +78,7 @@ pub struct Explanation {
 /// The pod that has `ip` as the cluster sees it (none when no pod or several claim it).
 fn owner(state: &ClusterState, ip: IpAddr) -> Option<&Pod> {
     let claimants: Vec<&Pod> =
-        state.pods.values().filter(|p| p.is_endpoint() && p.ip == Some(ip)).collect();
+        state.pods.values().filter(|p| p.is_endpoint() && p.has_address(ip)).collect();
     Claim::resolve(claimants, |_| false).owner()
 }
 

@@ -23,17 +23,17 @@ pub fn compile(state: &ClusterState, scope: &Scope) -> Plan {
     let owners: BTreeMap<IpAddr, &Pod> =
         claims.iter().filter_map(|(ip, c)| c.owner().map(|p| (*ip, p))).collect();
 
-    let mut by_key: BTreeMap<IdentityKey, Vec<&Pod>> = BTreeMap::new();
-    for pod in owners.values() {
-        by_key.entry(IdentityKey::of(pod)).or_default().push(pod);
+    let mut by_key: BTreeMap<IdentityKey, Vec<IpAddr>> = BTreeMap::new();
+    for (ip, pod) in &owners {
+        by_key.entry(IdentityKey::of(pod)).or_default().push(*ip);
     }
     let mut plan = Plan::default();
     let mut identities: Vec<(IdentityId, &IdentityKey)> = Vec::with_capacity(by_key.len());
-    for (i, (key, pods)) in by_key.iter().enumerate() {
+    for (i, (key, ips)) in by_key.iter().enumerate() {
         let id = i as IdentityId + 1;
         identities.push((id, key));
-        for p in pods {
-            plan.identities.insert(p.ip.expect("owners have addresses"), id);
+        for ip in ips {
+            plan.identities.insert(*ip, id);
         }
     }
 

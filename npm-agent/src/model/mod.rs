@@ -125,7 +125,7 @@ pub struct Pod {
     /// most of what a large cluster's model weighs.
     pub labels: Arc<Labels>,
     pub ip: Option<IpAddr>,
-    /// Its IPv6 address beside an IPv4 one (dual stack): not enforced yet, only reported.
+    /// Its IPv6 address beside an IPv4 one (dual stack, `status.podIPs`).
     #[serde(default)]
     pub ipv6: Option<std::net::Ipv6Addr>,
     pub node: Option<String>,
@@ -164,6 +164,11 @@ impl Pod {
         }
     }
 
+    /// The pod's addresses: one, or one of each family (dual stack).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        [IpFamily::V4, IpFamily::V6].into_iter().filter_map(|f| self.address(f))
+    }
+
     /// Whether the pod has this address, of either family.
     pub fn has_address(&self, ip: IpAddr) -> bool {
         self.ip == Some(ip) || matches!(ip, IpAddr::V6(v6) if self.ipv6 == Some(v6))
@@ -198,6 +203,7 @@ impl Pod {
     pub fn same_for_policy(&self, other: &Pod) -> bool {
         self.labels == other.labels
             && self.ip == other.ip
+            && self.ipv6 == other.ipv6
             && self.node == other.node
             && self.is_endpoint() == other.is_endpoint()
             && self.terminating == other.terminating

@@ -33,7 +33,8 @@ pub trait Enforcer {
     ) -> anyhow::Result<Vec<Vec<bool>>>;
     /// Whether SCTP can be probed.
     fn supports_sctp(&self) -> bool;
-    /// Whether IPv6 can be probed (dual-stack tables): not until IPv6 is enforced.
+    /// Whether IPv6 can be probed (dual-stack tables): the compiler's plan and the reference
+    /// judge both families; the dataplanes enforce IPv4 only so far.
     fn supports_ipv6(&self) -> bool {
         false
     }
@@ -89,6 +90,10 @@ impl Enforcer for CompilerEnforcer {
     }
 
     fn supports_sctp(&self) -> bool {
+        true
+    }
+
+    fn supports_ipv6(&self) -> bool {
         true
     }
 }

@@ -4,9 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -262,11 +262,132 @@ pub fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-/// Every address worth probing in a state: pod addresses and the externals.
+/// Every address worth probing in a state: pod addresses and the externals (with their
+/// IPv6 twins when any pod has an IPv6 address).
 pub fn addresses(state: &ClusterState) -> Vec<IpAddr> {
-    let mut v: BTreeSet<IpAddr> = state.pods.values().filter_map(|p| p.ip).collect();
+    let mut v: BTreeSet<IpAddr> = state.pods.values().flat_map(|p| p.addresses()).collect();
+    let dual = v.iter().any(IpAddr::is_ipv6);
     v.extend(external_ips());
+    if dual {
+        v.extend(external_ips().into_iter().map(twin));
+    }
     v.into_iter().collect()
+}
+
+// ---- dual stack ----
+//
+// A dual-stack universe is the IPv4 one with IPv6 twins: `10.0.0.5` has `fd00::a00:5`,
+// `10.0.0.0/24` has `fd00::a00:0/120` (`0.0.0.0/0`: `::/0`). Which pods get which families
+// and which blocks become IPv6 is drawn per case, so a pod may own its IPv4 address while its
+// IPv6 one is contested, and a policy may name blocks of both families.
+
+/// The IPv6 twin of an IPv4 address (an IPv6 address is its own).
+pub fn twin(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([o[2], o[3]]),
+            ))
+        }
+        v6 => v6,
+    }
+}
+
+fn twin_net(n: IpNet) -> IpNet {
+    match n {
+        IpNet::V4(v4) if v4.prefix_len() == 0 => "::/0".parse().unwrap(),
+        IpNet::V4(v4) => match twin(IpAddr::V4(v4.network())) {
+            IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, 96 + v4.prefix_len()).unwrap()),
+            IpAddr::V4(_) => unreachable!(),
+        },
+        v6 => v6,
+    }
+}
+
+fn twin_block(b: &CidrBlock) -> CidrBlock {
+    CidrBlock::new(twin_net(b.net), b.except.iter().map(|e| twin_net(*e)))
+}
+
+/// `pod` with the families `choice` gives it: 0 IPv4 only, 1 and 2 both, 3 IPv6 only.
+pub fn with_families(mut pod: Pod, choice: u8) -> Pod {
+    let Some(IpAddr::V4(v4)) = pod.ip else { return pod };
+    let v6 = match twin(IpAddr::V4(v4)) {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => unreachable!(),
+    };
+    match choice % 4 {
+        0 => {}
+        3 => pod.ip = Some(IpAddr::V6(v6)),
+        _ => pod.ipv6 = Some(v6),
+    }
+    pod
+}
+
+/// `policy` with some of its blocks turned into their IPv6 twins (bit i of `mask`: the i-th
+/// block).
+pub fn with_v6_blocks(mut policy: Policy, mask: u64) -> Policy {
+    let mut i = 0;
+    for rules in [&mut policy.ingress, &mut policy.egress].into_iter().flatten() {
+        for rule in rules.iter_mut() {
+            for peer in rule.peers.iter_mut() {
+                if let Peer::Block(b) = peer {
+                    if mask & (1 << (i % 64)) != 0 {
+                        *b = twin_block(b);
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+    policy
+}
+
+/// A node with the IPv6 twins of its addresses.
+pub fn dual_node(mut node: Node) -> Node {
+    let twins: Vec<IpAddr> = node.addresses.iter().map(|a| twin(*a)).collect();
+    node.addresses.extend(twins);
+    node.addresses.sort();
+    node.addresses.dedup();
+    node
+}
+
+/// `state` made dual stack by the draws in `choices`.
+pub fn dual_stack(mut state: ClusterState, choices: &[u64]) -> ClusterState {
+    let draw = |i: usize| choices.get(i % choices.len().max(1)).copied().unwrap_or(1);
+    for (i, pod) in state.pods.values_mut().enumerate() {
+        *pod = with_families(pod.clone(), draw(i) as u8);
+    }
+    for (i, policy) in state.policies.values_mut().enumerate() {
+        *policy = with_v6_blocks(policy.clone(), draw(i + 7));
+    }
+    for node in state.nodes.values_mut() {
+        *node = dual_node(node.clone());
+    }
+    state
+}
+
+/// A whole dual-stack cluster (see [`dual_stack`]).
+pub fn dual_stack_cluster() -> impl Strategy<Value = ClusterState> {
+    (cluster(), proptest::collection::vec(any::<u64>(), 16))
+        .prop_map(|(state, choices)| dual_stack(state, &choices))
+}
+
+/// One event of the dual-stack universe.
+pub fn dual_stack_event() -> impl Strategy<Value = Event> {
+    (event(), any::<u64>()).prop_map(|(e, draw)| match e {
+        Event::UpsertPod(p) => Event::UpsertPod(with_families(p, draw as u8)),
+        Event::UpsertPolicy(p) => Event::UpsertPolicy(with_v6_blocks(p, draw)),
+        Event::UpsertNode(n) => Event::UpsertNode(dual_node(n)),
+        e => e,
+    })
 }
 
 /// Every end a connection can have: each address with the node of each endpoint pod that
@@ -278,7 +399,7 @@ pub fn ends(state: &ClusterState) -> Vec<End> {
         let nodes: BTreeSet<Option<String>> = state
             .pods
             .values()
-            .filter(|p| p.is_endpoint() && p.ip == Some(ip))
+            .filter(|p| p.is_endpoint() && p.has_address(ip))
             .map(|p| p.node.clone())
             .collect();
         if nodes.is_empty() {
