@@ -74,7 +74,7 @@
 //!
 //! # ClusterNetworkPolicy (which Azure NPM does not have)
 //! ```text
-//! AZURE-NPM-IN-PODS-<hash>   -j MARK --set-xmark 0x0/0x1000              (a tier of several)
+//! AZURE-NPM-IN-PODS-<hash>   -j MARK --set-xmark 0x0/0x1000              (before each tier)
 //!                            -j AZURE-NPM-ADM-IN-<hash of name>          (Admin, by priority, name)
 //!                            -m mark ! --mark 0x1000/0x1000 -j AZURE-NPM-ADM-IN-<…>
 //!                            … the NetworkPolicies as above, where they select the pod;

@@ -225,9 +225,11 @@ struct GroupContent {
 
 /// The jumps to one tier's chains: the first to match decides (a chain's `Accept` or `Deny`
 /// ends the walk); an Admin `Pass` marks the packet, and the tier's other chains are
-/// walked only unmarked.
+/// walked only unmarked. The mark is cleared first: a packet's ingress side may have passed
+/// before its egress side is walked, and a chain reads the mark after each of its `Pass`
+/// rules.
 fn tier_rules(chains: &[String], rules: &mut Vec<String>) {
-    if chains.len() > 1 {
+    if !chains.is_empty() {
         rules.push(format!("-j MARK --set-xmark {}", names::PASS_MARK_CLEAR_HEX));
     }
     for (i, c) in chains.iter().enumerate() {
