@@ -289,6 +289,50 @@ mod roundtrip {
             let back = convert::pod(&pod_to_k8s(&p)).unwrap();
             prop_assert_eq!(back, p);
         }
+
+        /// Dual stack and IPv6 single stack: `status.podIPs` of both families.
+        #[test]
+        fn dual_stack_pods_survive_the_api_form(p in common::pod_key().prop_flat_map(common::pod), draw in 0u8..4) {
+            let p = common::with_families(p, draw);
+            let back = convert::pod(&pod_to_k8s(&p)).unwrap();
+            prop_assert_eq!(back, p);
+        }
+    }
+
+    /// `status.podIPs` as the API server validates it: one address of each family at most,
+    /// `podIP` its first; each error names the field.
+    #[test]
+    fn pod_ips_are_validated_as_the_api_server_does() {
+        use k8s_openapi::api::core::v1::{Pod as K8sPod, PodIP, PodStatus};
+        let pod = |pod_ip: Option<&str>, ips: &[&str]| K8sPod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("x".into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                pod_ip: pod_ip.map(str::to_string),
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // IPv6 first (an IPv6-primary dual-stack cluster): both addresses are the pod's.
+        let ok = convert::pod(&pod(Some("fd00::1"), &["fd00::1", "10.0.0.1"])).unwrap();
+        assert_eq!(ok.address(npm_agent::model::IpFamily::V4), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(ok.address(npm_agent::model::IpFamily::V6), Some("fd00::1".parse().unwrap()));
+        for (p, field, words) in [
+            (pod(None, &["10.0.0.1", "10.0.0.2"]), "status.podIPs[1].ip", "same family"),
+            (pod(None, &["fd00::1", "fd00::2"]), "status.podIPs[1].ip", "same family"),
+            (pod(None, &["10.0.0.1", "fd00::1", "10.0.0.2"]), "status.podIPs", "at most two"),
+            (pod(Some("10.0.0.2"), &["10.0.0.1", "fd00::1"]), "status.podIP", "not podIPs[0]"),
+            (pod(None, &["10.0.0.300"]), "status.podIPs[0].ip", "invalid IP address"),
+        ] {
+            let err = convert::pod(&p).expect_err(field);
+            assert_eq!(err.errors[0].field, field, "{err:?}");
+            assert!(err.errors[0].message.contains(words), "{err:?}");
+            assert_eq!(err.object, "x/p");
+        }
     }
 }
 

@@ -40,6 +40,26 @@ pub fn pod(p: &core::Pod) -> Result<Pod, InvalidObject> {
                 }
             }
         }
+        // As the API server validates them: at most one address of each family, and
+        // `podIP` is `podIPs[0]`.
+        if ips.len() > 2 {
+            return Err(invalid(
+                "status.podIPs",
+                format!("{} addresses: at most two, one of each family", ips.len()),
+            ));
+        }
+        if ips.len() == 2 && ips[0].is_ipv4() == ips[1].is_ipv4() {
+            return Err(invalid(
+                "status.podIPs[1].ip",
+                format!("{} is of the same family as podIPs[0] ({})", ips[1], ips[0]),
+            ));
+        }
+        if let (Some(first), Some(ip)) =
+            (ips.first(), s.pod_ip.as_deref().filter(|s| !s.is_empty()))
+            && ip.parse::<IpAddr>().ok() != Some(*first)
+        {
+            return Err(invalid("status.podIP", format!("{ip:?} is not podIPs[0] ({first})")));
+        }
         if ips.is_empty()
             && let Some(ip) = s.pod_ip.as_deref().filter(|s| !s.is_empty())
         {
