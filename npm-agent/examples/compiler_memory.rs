@@ -3,8 +3,10 @@
 //! building the cluster state and after compiling it.
 //!
 //! ```text
-//! cargo run --release -p npm-agent --example compiler_memory -- [SIZE] [engine|compile] [--cluster]
+//! cargo run --release -p npm-agent --example compiler_memory -- [SIZE] [engine|compile] [--cluster] [--dual-stack]
 //! ```
+//! `--dual-stack` gives every pod an IPv6 address beside its IPv4 one (`fd00::` and the IPv4
+//! address), as `status.podIPs` of a dual-stack cluster do.
 //! SIZE is 1k, 10k or 100k (default 100k). `engine` (the default) feeds the state, as events,
 //! into a fresh incremental engine for one node, as an agent does at start-up: the events
 //! are moved into the engine, which keeps its own copy of the state, so the state is counted
@@ -31,11 +33,16 @@ fn main() {
     let positional: Vec<&str> =
         args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     let cluster_scope = args.iter().any(|a| a == "--cluster");
+    let dual_stack = args.iter().any(|a| a == "--dual-stack");
     let size = positional.first().copied().unwrap_or("100k");
     let mode = positional.get(1).copied().unwrap_or("engine");
     let config = Config::named(size).expect("SIZE is one of 1k, 10k, 100k");
 
-    println!("size {size}, mode {mode}, scope {}", if cluster_scope { "cluster" } else { "node" });
+    println!(
+        "size {size}, mode {mode}, scope {}, {}",
+        if cluster_scope { "cluster" } else { "node" },
+        if dual_stack { "dual stack" } else { "IPv4" }
+    );
     println!();
     println!("| stage | VmRSS | VmHWM | live heap | peak heap |");
     println!("|---|---:|---:|---:|---:|");
@@ -46,7 +53,17 @@ fn main() {
     } else {
         Scope::Node(cluster.measured_node().to_string())
     };
-    let Cluster { state, .. } = cluster;
+    let Cluster { mut state, .. } = cluster;
+    if dual_stack {
+        for pod in state.pods.values_mut() {
+            if let Some(std::net::IpAddr::V4(v4)) = pod.ip {
+                // (fd00:: and the IPv4 address, not the mapped form: a pod range of its own.)
+                pod.ipv6 = Some(std::net::Ipv6Addr::from_bits(
+                    0xfd00_u128 << 112 | u128::from(v4.to_bits()),
+                ));
+            }
+        }
+    }
     report("cluster state built");
 
     let t = Instant::now();

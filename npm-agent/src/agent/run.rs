@@ -321,16 +321,21 @@ impl Agent {
             Event::UpsertPod(p) => {
                 let local =
                     p.node.as_deref().is_some_and(|n| Some(n) == self.engine.scope().node());
-                let v6 = match p.ip {
-                    Some(IpAddr::V6(v6)) => Some(v6),
-                    _ => p.ipv6,
-                };
-                let problem = v6.filter(|_| local && p.is_endpoint()).map(|v6| {
-                    format!(
-                        "pod {} has the IPv6 address {v6}: IPv6 is not enforced yet; while a policy isolates the pod in a direction, its IPv6 traffic that way is dropped",
+                let problem = match p.ip {
+                    _ if !local || !p.is_endpoint() => None,
+                    // (The dataplanes find a pod's interface, and whether it is isolated, by
+                    // its IPv4 address: a pod without one is not enforced at all.)
+                    Some(IpAddr::V6(v6)) => Some(format!(
+                        "pod {} has only the IPv6 address {v6}: IPv6 is not enforced yet, and the pod has no IPv4 address to be found by: NetworkPolicies do not isolate it",
                         p.key
-                    )
-                });
+                    )),
+                    _ => p.ipv6.map(|v6| {
+                        format!(
+                            "pod {} has the IPv6 address {v6}: IPv6 is not enforced yet; while a policy isolates the pod in a direction, its IPv6 traffic that way is dropped",
+                            p.key
+                        )
+                    }),
+                };
                 (format!("pod {}", p.key), problem)
             }
             Event::DeletePod(k) => (format!("pod {k}"), None),
