@@ -93,7 +93,11 @@ fn questions(state: &ClusterState) -> Vec<(End, End, Protocol, u16)> {
     let mut out = Vec::new();
     for &src in &ips {
         for &dst in &ips {
-            if src == dst || !claimed_once(state, src) || !claimed_once(state, dst) {
+            if src == dst
+                || src.is_ipv4() != dst.is_ipv4()
+                || !claimed_once(state, src)
+                || !claimed_once(state, dst)
+            {
                 continue;
             }
             let (a, b) = (End::at(state, src), End::at(state, dst));
@@ -111,7 +115,7 @@ fn questions(state: &ClusterState) -> Vec<(End, End, Protocol, u16)> {
 }
 
 fn claimed_once(state: &ClusterState, ip: std::net::IpAddr) -> bool {
-    state.pods.values().filter(|p| p.is_endpoint() && p.ip == Some(ip)).count() <= 1
+    state.pods.values().filter(|p| p.is_endpoint() && p.has_address(ip)).count() <= 1
 }
 
 /// The rule part `path` (`spec.ingress[1].from[0]` and `spec.ingress[1].ports[0]`) of a
@@ -221,6 +225,27 @@ proptest! {
                     prop_assert!(side.cluster_policies.iter().any(|p| p == name), "{:#?}", side);
                 }
             }
+        }
+    }
+}
+
+proptest! {
+    // (Twice the addresses, four times the questions: fewer cases.)
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+    /// Dual stack: questions between IPv6 addresses (and IPv4 ones) of the same pods.
+    #[test]
+    fn explain_agrees_with_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..8)) {
+        let mut current = state.clone();
+        for e in &events {
+            current.apply(e);
+        }
+        for (a, b, protocol, port) in questions(&current) {
+            let e = explain(&current, a.ip, b.ip, protocol, port);
+            let want = reference::allowed_between(&current, &a, &b, protocol, port);
+            prop_assert_eq!(e.allowed, want, "{:#?}", e);
+            check_side(&current, &e.egress, &a, &b, protocol, port)?;
+            check_side(&current, &e.ingress, &a, &b, protocol, port)?;
         }
     }
 }
