@@ -6,12 +6,14 @@
 //! - node 0: a (sends nothing: egress denied), e (admits only c, by a pod selector), g (no
 //!   policy), h (no policy)
 //! - node 1: c (admitted by e and f), f (admits only c, by c's address as an ipBlock on port
-//!   80: in iptables mode, through its group's set of blocks and ports), k (filler)
+//!   80: in iptables mode, through its group's set of blocks and ports), k (admits only c, by
+//!   a ClusterNetworkPolicy's Admin Accept)
 //!
 //! Each attack is one the issue found working before its fix:
 //! 1. conntrack poisoning: a forges e→a (and f→a) "replies", then connects from the planted
 //!    tuple;
-//! 2. forged sources: a sends as c (admitted by e and f) and as 10.9.9.9;
+//! 2. forged sources: a sends as c (admitted by e and f) and as 10.9.9.9; a and f send as c
+//!    to k, which a ClusterNetworkPolicy's Admin Accept admits c into (and Denies the rest);
 //! 3. a new connection from a reused tuple after the policy stopped admitting it;
 //! 4. IPv6 to an isolated pod (while IPv4 is refused);
 //! 5. the ICMP error of an allowed flow must arrive (an isolated pod's UDP to a closed port);
@@ -72,6 +74,19 @@ steps:
         ingress:
         - from: [{ipBlock: {cidr: 10.240.0.11/32}}]
           ports: [{port: 80, protocol: TCP}, {port: 80, protocol: UDP}]
+  - apply:
+      apiVersion: policy.networking.k8s.io/v1alpha2
+      kind: ClusterNetworkPolicy
+      metadata: {name: k-admits-only-c}
+      spec:
+        tier: Admin
+        priority: 10
+        subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {pod: k}}}}
+        ingress:
+        - action: Accept
+          from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {pod: c}}}}]
+        - action: Deny
+          from: [{namespaces: {}}]
 - description: e and f admit nobody
   actions:
   - delete-policy: {namespace: x, name: c-block}
@@ -371,6 +386,24 @@ fn run_attacks(mut t: Attack) {
         arrived(&seen_g, outside, g, 80).is_empty(),
         "{dp}: g received forged packets: {seen_g:?}"
     );
+
+    // 2b. The same under a ClusterNetworkPolicy: k admits only c, by an Admin Accept (every
+    //     other pod Denied). a (another node) and f (c's node) forge c's address towards k.
+    let k = t.ip("k");
+    assert!(t.connect("c", &k.to_string(), 80, 41004, false), "{dp}: c -> k (Admin Accept)");
+    expect!(!t.connect("g", &k.to_string(), 80, 41005, false), "{dp}: g -> k (Admin Deny)");
+    let watch_k = t.watch("k", 30.0);
+    t.forge("a", &[tcp(c, k, 5010, 80, "S"), udp(c, k, 5011, 80)]);
+    t.forge("f", &[tcp(c, k, 5012, 80, "S"), udp(c, k, 5013, 80)]);
+    t.forge("c", &[udp(c, k, 5014, 80)]);
+    let seen_k = watch_k.seen();
+    let to_k = arrived(&seen_k, c, k, 80);
+    assert!(
+        to_k.iter().any(|l| l.contains(" 5014 ")),
+        "{dp}: the honest datagram to k: {seen_k:?}"
+    );
+    let forged: Vec<&String> = to_k.iter().filter(|l| !l.contains(" 5014 ")).collect();
+    expect!(forged.is_empty(), "{dp}: k received packets forged as c (Admin Accept): {forged:?}");
 
     // 3. A reused tuple: c's connection from port 6000 works; the policy stops admitting c;
     //    the same tuple does not connect again.
