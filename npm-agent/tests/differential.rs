@@ -47,6 +47,15 @@ fn check_against_reference(
     Ok(())
 }
 
+/// The plan `engine` builds from `state`'s objects as events.
+fn engine_plan(mut engine: Engine, state: &ClusterState) -> Plan {
+    let mut plan = Plan::default();
+    for e in initial_events(state) {
+        plan.apply(&engine.handle(e)).expect("consistent diff");
+    }
+    plan
+}
+
 fn per_node(compile_one: impl Fn(&Scope) -> Plan) -> HashMap<String, Plan> {
     NODES.iter().map(|n| (n.to_string(), compile_one(&Scope::Node(n.to_string())))).collect()
 }
@@ -90,14 +99,7 @@ proptest! {
     /// Dual stack: the engine fed the state as events.
     #[test]
     fn engine_agrees_with_reference_dual_stack(state in dual_stack_cluster()) {
-        let plans = per_node(|scope| {
-            let mut engine = Engine::new(scope.clone());
-            let mut plan = Plan::default();
-            for e in initial_events(&state) {
-                plan.apply(&engine.handle(e)).expect("consistent diff");
-            }
-            plan
-        });
+        let plans = per_node(|scope| engine_plan(Engine::new(scope.clone()), &state));
         check_against_reference(&state, &plans)?;
     }
 
@@ -112,14 +114,8 @@ proptest! {
     /// With ClusterNetworkPolicies: the engine fed the state as events.
     #[test]
     fn engine_agrees_with_reference_tiers(state in tiered_cluster()) {
-        let plans = per_node(|scope| {
-            let mut engine = Engine::new(scope.clone()).with_cluster_policies();
-            let mut plan = Plan::default();
-            for e in initial_events(&state) {
-                plan.apply(&engine.handle(e)).expect("consistent diff");
-            }
-            plan
-        });
+        let plans =
+            per_node(|scope| engine_plan(Engine::new(scope.clone()).with_cluster_policies(), &state));
         check_against_reference(&state, &plans)?;
     }
 }

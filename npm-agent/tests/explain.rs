@@ -16,7 +16,7 @@ use npm_agent::compile::explain::{Side, explain};
 use npm_agent::model::{Direction, PortSpec, Protocol, Rule};
 use npm_agent::reference::{self, End};
 use npm_agent::simulate::{StateEnforcer, run_case};
-use npm_agent::state::ClusterState;
+use npm_agent::state::{ClusterState, Event};
 
 #[test]
 fn explain_answers_every_cell_of_the_conformance_suite() {
@@ -189,22 +189,32 @@ fn check_side(
     Ok(())
 }
 
+/// `state` after `events`: every question's verdict is the specification's, and each side's
+/// explanation holds (see [`check_side`]).
+fn explains_like_the_specification(
+    state: &ClusterState,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
+    let mut current = state.clone();
+    for e in events {
+        current.apply(e);
+    }
+    for (a, b, protocol, port) in questions(&current) {
+        let e = explain(&current, a.ip, b.ip, protocol, port);
+        let want = reference::allowed_between(&current, &a, &b, protocol, port);
+        prop_assert_eq!(e.allowed, want, "{:#?}", e);
+        check_side(&current, &e.egress, &a, &b, protocol, port)?;
+        check_side(&current, &e.ingress, &a, &b, protocol, port)?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
 
     #[test]
     fn explain_agrees_with_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..8)) {
-        let mut current = state.clone();
-        for e in &events {
-            current.apply(e);
-        }
-        for (a, b, protocol, port) in questions(&current) {
-            let e = explain(&current, a.ip, b.ip, protocol, port);
-            let want = reference::allowed_between(&current, &a, &b, protocol, port);
-            prop_assert_eq!(e.allowed, want, "{:#?}", e);
-            check_side(&current, &e.egress, &a, &b, protocol, port)?;
-            check_side(&current, &e.ingress, &a, &b, protocol, port)?;
-        }
+        explains_like_the_specification(&state, &events)?;
     }
 
     /// With ClusterNetworkPolicies: the verdict is the specification's, and a side a tier's
@@ -236,16 +246,6 @@ proptest! {
     /// Dual stack: questions between IPv6 addresses (and IPv4 ones) of the same pods.
     #[test]
     fn explain_agrees_with_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..8)) {
-        let mut current = state.clone();
-        for e in &events {
-            current.apply(e);
-        }
-        for (a, b, protocol, port) in questions(&current) {
-            let e = explain(&current, a.ip, b.ip, protocol, port);
-            let want = reference::allowed_between(&current, &a, &b, protocol, port);
-            prop_assert_eq!(e.allowed, want, "{:#?}", e);
-            check_side(&current, &e.egress, &a, &b, protocol, port)?;
-            check_side(&current, &e.ingress, &a, &b, protocol, port)?;
-        }
+        explains_like_the_specification(&state, &events)?;
     }
 }

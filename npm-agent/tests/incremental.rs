@@ -64,6 +64,50 @@ fn verdicts(plan: &Plan, probes: &[Probe]) -> Vec<bool> {
         .collect()
 }
 
+/// Feeds `events` to an engine of each scope (made by `engine`): after each, its diffs have
+/// rebuilt exactly the plan (layout included) that the one-pass compiler gives, and the same
+/// event again changes nothing.
+fn diffs_rebuild(events: &[Event], engine: impl Fn(Scope) -> Engine) -> Result<(), TestCaseError> {
+    for scope in scopes() {
+        let mut engine = engine(scope.clone());
+        let mut plan = Plan::default();
+        let mut state = ClusterState::default();
+        for e in events {
+            let diff = engine.handle(e.clone());
+            state.apply(e);
+            plan.apply(&diff).map_err(TestCaseError::fail)?;
+            let full = compile(&state, &scope);
+            prop_assert_eq!(&plan.layout, &full.layout, "after {:?} in {:?}", e, scope);
+            prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
+            prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
+        }
+    }
+    Ok(())
+}
+
+/// Builds a cluster-wide engine's plan from `initial`, then checks every prefix of the diff
+/// of each of `events` (see [`apply_make_before_break`]).
+fn events_apply_make_before_break(
+    initial: Vec<Event>,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
+    let mut engine = Engine::new(Scope::Cluster);
+    let mut plan = Plan::default();
+    let mut state = ClusterState::default();
+    for e in initial {
+        state.apply(&e);
+        plan.apply(&engine.handle(e)).map_err(TestCaseError::fail)?;
+    }
+    for e in events {
+        let before = state.clone();
+        state.apply(e);
+        let diff = engine.handle(e.clone());
+        let new = compile(&state, &Scope::Cluster);
+        apply_make_before_break(&mut plan, &diff, &new, &before, &state)?;
+    }
+    Ok(())
+}
+
 /// Applies `diff` change by change, checking every endpoint direction at every step.
 /// Peers whose identity switches are exempt, and so is what an endpoint whose address passes
 /// to another pod admits beyond both plans (see `PlanDiff`).
@@ -154,23 +198,11 @@ proptest! {
 
     #[test]
     fn diffs_apply_make_before_break(setup in cluster(), events in proptest::collection::vec(event(), 1..8)) {
-        let mut engine = Engine::new(Scope::Cluster);
-        let mut plan = Plan::default();
-        let mut state = ClusterState::default();
-        let initial = setup.namespaces.values().cloned().map(Event::UpsertNamespace)
+        let initial: Vec<Event> = setup.namespaces.values().cloned().map(Event::UpsertNamespace)
             .chain(setup.pods.values().cloned().map(Event::UpsertPod))
-            .chain(setup.policies.values().cloned().map(Event::UpsertPolicy));
-        for e in initial {
-            state.apply(&e);
-            plan.apply(&engine.handle(e)).map_err(TestCaseError::fail)?;
-        }
-        for e in &events {
-            let before = state.clone();
-            state.apply(e);
-            let diff = engine.handle(e.clone());
-            let new = compile(&state, &Scope::Cluster);
-            apply_make_before_break(&mut plan, &diff, &new, &before, &state)?;
-        }
+            .chain(setup.policies.values().cloned().map(Event::UpsertPolicy))
+            .collect();
+        events_apply_make_before_break(initial, &events)?;
     }
 }
 
@@ -181,58 +213,20 @@ proptest! {
     /// time contested; the diffs rebuild the full plan, layout included.
     #[test]
     fn diffs_rebuild_the_full_plan_dual_stack(events in proptest::collection::vec(dual_stack_event(), 1..30)) {
-        for scope in scopes() {
-            let mut engine = Engine::new(scope.clone()).with_layout();
-            let mut plan = Plan::default();
-            let mut state = ClusterState::default();
-            for e in &events {
-                let diff = engine.handle(e.clone());
-                state.apply(e);
-                plan.apply(&diff).map_err(TestCaseError::fail)?;
-                let full = compile(&state, &scope);
-                prop_assert_eq!(&plan.layout, &full.layout, "after {:?} in {:?}", e, scope);
-                prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
-                prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
-            }
-        }
+        diffs_rebuild(&events, |s| Engine::new(s).with_layout())?;
     }
 
     /// Dual stack: every prefix of every diff decides as the plan before or after does, in
     /// each family.
     #[test]
     fn diffs_apply_make_before_break_dual_stack(setup in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 1..8)) {
-        let mut engine = Engine::new(Scope::Cluster);
-        let mut plan = Plan::default();
-        let mut state = ClusterState::default();
-        for e in initial_events(&setup) {
-            state.apply(&e);
-            plan.apply(&engine.handle(e)).map_err(TestCaseError::fail)?;
-        }
-        for e in &events {
-            let before = state.clone();
-            state.apply(e);
-            let diff = engine.handle(e.clone());
-            let new = compile(&state, &Scope::Cluster);
-            apply_make_before_break(&mut plan, &diff, &new, &before, &state)?;
-        }
+        events_apply_make_before_break(initial_events(&setup), &events)?;
     }
 
     /// With ClusterNetworkPolicies among the events: the diffs rebuild the full plan.
     #[test]
     fn diffs_rebuild_the_full_plan_tiers(events in proptest::collection::vec(tiered_event(), 1..30)) {
-        for scope in scopes() {
-            let mut engine = Engine::new(scope.clone()).with_layout().with_cluster_policies();
-            let mut plan = Plan::default();
-            let mut state = ClusterState::default();
-            for e in &events {
-                let diff = engine.handle(e.clone());
-                state.apply(e);
-                plan.apply(&diff).map_err(TestCaseError::fail)?;
-                let full = compile(&state, &scope);
-                prop_assert_eq!(plan.canonical(), full.canonical(), "after {:?} in {:?}", e, scope);
-                prop_assert!(engine.handle(e.clone()).is_empty(), "repeating {:?} changed the plan", e);
-            }
-        }
+        diffs_rebuild(&events, |s| Engine::new(s).with_layout().with_cluster_policies())?;
     }
 }
 
