@@ -353,8 +353,8 @@ fn a_cluster_network_policy_manifest_is_enforced() {
         "30-cnp.yaml",
         "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\nspec:\n  tier: Admin\n  priority: 1\n  subject:\n    pods:\n      namespaceSelector: {}\n      podSelector: {matchLabels: {app: db}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {matchLabels: {team: a}}}]\n",
     );
-    dir.generation(2);
-    let s = agent.wait_generation(2);
+    dir.generation(3);
+    let s = agent.wait_generation(3);
     assert!(s.problems.is_empty(), "{:?}", s.problems);
     assert!(!agent.allowed(&tcp(A, B, 5432)), "the admin tier denies it");
     let metrics = agent.handles.metrics.render_node();
@@ -410,9 +410,24 @@ fn what_is_not_enforced_is_reported() {
         "{:?}",
         s.problems
     );
-    dir.remove("30-dual.yaml");
+    // A pod with only an IPv6 address is not isolated at all (the dataplanes find a pod by its
+    // IPv4 address), and the report says so rather than that its IPv6 is dropped.
+    dir.write(
+        "31-v6-only.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: s, namespace: x, labels: {app: db}}\nspec: {nodeName: n1, containers: [{name: c}]}\nstatus: {phase: Running, podIP: 'fd00::5', podIPs: [{ip: 'fd00::5'}]}\n",
+    );
     dir.generation(2);
     let s = agent.wait_generation(2);
+    assert!(
+        s.problems.iter().any(|p| p.contains("pod x/s has only the IPv6 address fd00::5")
+            && p.contains("NetworkPolicies do not isolate it")),
+        "{:?}",
+        s.problems
+    );
+    dir.remove("31-v6-only.yaml");
+    dir.remove("30-dual.yaml");
+    dir.generation(3);
+    let s = agent.wait_generation(3);
     assert!(s.problems.is_empty(), "{:?}", s.problems);
     agent.stop();
 }
