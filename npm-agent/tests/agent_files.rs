@@ -365,8 +365,8 @@ fn a_cluster_network_policy_manifest_is_enforced() {
         "30-cnp.yaml",
         "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - action: Accept\n    to: [{domainNames: [example.com]}]\n",
     );
-    dir.generation(3);
-    let s = agent.wait_generation(3);
+    dir.generation(4);
+    let s = agent.wait_generation(4);
     assert!(
         s.problems.iter().any(|p| p.contains("no-db") && p.contains("domainNames")),
         "{:?}",
@@ -374,8 +374,8 @@ fn a_cluster_network_policy_manifest_is_enforced() {
     );
     assert!(!agent.allowed(&tcp(A, B, 5432)), "the previous version holds");
     dir.remove("30-cnp.yaml");
-    dir.generation(4);
-    agent.wait_generation(4);
+    dir.generation(5);
+    agent.wait_generation(5);
     assert!(agent.allowed(&tcp(A, B, 5432)));
     assert!(
         agent
