@@ -132,7 +132,7 @@ impl Setup {
         s.event(Event::UpsertPod(pod("y", "client", CLIENT, "n2", "client")));
         // BPF_PROG_TEST_RUN runs packets at the loopback device unless told otherwise: it
         // stands for the server's veth.
-        s.dp.bind_interface(Ipv4Addr::from(ENDPOINT), LOOPBACK).expect("bind");
+        s.dp.bind_interface(IpAddr::V4(Ipv4Addr::from(ENDPOINT)), LOOPBACK).expect("bind");
         s
     }
 

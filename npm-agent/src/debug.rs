@@ -85,7 +85,9 @@ pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &s
     let run = || -> anyhow::Result<bool> {
         let maps = crate::dataplane::ebpf::observe::pinned_model(&pin_root.join("maps"))?;
         let (dport, protocol) = parse_port(port)?;
-        let (s, d) = (v4(src)?, v4(dst)?);
+        let ip = |a: &str| a.parse::<IpAddr>().with_context(|| format!("{a:?}: not an address"));
+        let (s, d) = (ip(src)?, ip(dst)?);
+        anyhow::ensure!(s.is_ipv4() == d.is_ipv4(), "{src} -> {dst}: addresses of two families");
         let mut out = String::new();
         let mut allowed = true;
         for (dir, name, end) in [(DIR_EGRESS, "egress", s), (DIR_INGRESS, "ingress", d)] {
@@ -95,7 +97,7 @@ pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &s
                 }
                 Some(reason) => {
                     allowed &= reason.allowed();
-                    let ep = maps.endpoints.get(&end.octets());
+                    let ep = maps.endpoints.get(&crate::dataplane::ebpf::addr_key(end));
                     format!(
                         "  {name} at {end}'s veth (ifindex {}): {} ({}), endpoint flags {:#x}, profiles ingress {} egress {}\n",
                         ep.map_or(0, |e| e.ifindex),
@@ -109,8 +111,9 @@ pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &s
             };
             out.push_str(&line);
         }
-        let id = |ip: Ipv4Addr| {
-            maps.identities.get(&ip.octets()).map_or_else(|| "none".to_string(), u32::to_string)
+        let id = |ip: IpAddr| {
+            let key = crate::dataplane::ebpf::addr_key(ip);
+            maps.identities.get(&key).map_or_else(|| "none".to_string(), u32::to_string)
         };
         out.push_str(&format!("  identities: {s} {}, {d} {}\n", id(s), id(d)));
         let head = format!(

@@ -17,6 +17,7 @@ use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::ebpf::emulator::MapEmulator;
 use npm_agent::dataplane::ebpf::translate::MapTranslator;
+use npm_agent::dataplane::ebpf::{addr_key, key_addr};
 use npm_agent::model::{Direction, Protocol};
 use npm_agent::plan::PlanDiff;
 use npm_agent::reference;
@@ -32,13 +33,13 @@ const UPLINK: u32 = 2;
 /// (ingress), once attached there; a packet sent on the same node (`local`) comes in through
 /// its source's veth, else through the uplink.
 fn programs_allow(maps: &MapEmulator, dir: u8, flow: Flow, local: bool) -> bool {
-    let endpoint = if dir == DIR_EGRESS { flow.src } else { flow.dst };
-    if !maps.attached.contains(&endpoint.into()) {
+    let endpoint = key_addr(if dir == DIR_EGRESS { flow.src } else { flow.dst });
+    if !maps.attached.contains(&endpoint) {
         return true;
     }
-    let ifindex = MapEmulator::ifindex_of(endpoint.into());
-    let ingress_ifindex = match local && maps.attached.contains(&flow.src.into()) {
-        true => MapEmulator::ifindex_of(flow.src.into()),
+    let ifindex = maps.ifindex_of(endpoint);
+    let ingress_ifindex = match local && maps.attached.contains(&key_addr(flow.src)) {
+        true => maps.ifindex_of(key_addr(flow.src)),
         false => UPLINK,
     };
     // A first packet: nothing tracked from earlier questions.
@@ -52,7 +53,7 @@ fn programs_allow(maps: &MapEmulator, dir: u8, flow: Flow, local: bool) -> bool 
         fragment: FragmentKind::Whole,
         ..Packet::default()
     };
-    decide(maps, &Hook { dir, ifindex, ingress_ifindex, now: 0 }, &Parsed::ipv4(packet)).allowed()
+    decide(maps, &Hook { dir, ifindex, ingress_ifindex, now: 0 }, &Parsed::ip(packet)).allowed()
 }
 
 struct NodeDataplane {
@@ -112,11 +113,8 @@ fn replay(
     (current, nodes)
 }
 
-fn octets(ip: IpAddr) -> [u8; 4] {
-    match ip {
-        IpAddr::V4(v) => v.octets(),
-        IpAddr::V6(_) => unreachable!("the universe is IPv4"),
-    }
+fn octets(ip: IpAddr) -> npm_common::Addr {
+    addr_key(ip)
 }
 
 fn check(

@@ -216,8 +216,8 @@ fn kernel_and_host_decide_alike() {
     for e in events {
         dp.apply(&engine.handle(e)).expect("apply");
     }
-    dp.bind_interface(Ipv4Addr::from(A), index[0]).unwrap();
-    dp.bind_interface(Ipv4Addr::from(B), index[1]).unwrap();
+    dp.bind_interface(IpAddr::V4(Ipv4Addr::from(A)), index[0]).unwrap();
+    dp.bind_interface(IpAddr::V4(Ipv4Addr::from(B)), index[1]).unwrap();
 
     let cases = std::env::var("NPM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let mut runner =

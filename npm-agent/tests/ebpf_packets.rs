@@ -92,7 +92,7 @@ impl Harness {
         h.event(Event::UpsertPod(pod("y", "c", C, "n2", "web", vec![])));
         for (ip, name) in [(A, "veth-a"), (B, "veth-b")] {
             let index = h.ifaces.index(name);
-            h.dp.bind_interface(Ipv4Addr::from(ip), index).expect("bind");
+            h.dp.bind_interface(IpAddr::V4(Ipv4Addr::from(ip)), index).expect("bind");
         }
         Some(h)
     }
@@ -402,12 +402,13 @@ fn other_ethertypes_fail_closed_and_malformed_ipv4_drops() {
     v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
     v6.extend_from_slice(&[0u8; 32]);
     v6.extend_from_slice(&[0u8; 8]);
-    // IPv6 is not enforced yet: an isolated endpoint refuses it, others pass it.
-    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &v6, Reason::Unsupported), DROP);
+    // IPv6 from an address no policy admits is denied at an isolated endpoint; a pod sends
+    // none but from its own IPv6 address (`::` is not one), isolated or not.
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &v6, Reason::Denied), DROP);
     assert_eq!(
-        h.run_at(DIR_EGRESS, veth_a, veth_a, &v6, Reason::Unmanaged),
-        PASS,
-        "a's egress is not isolated"
+        h.run_at(DIR_EGRESS, veth_a, veth_a, &v6, Reason::Spoofed),
+        DROP,
+        "a's egress is not isolated, but `::` is not a's"
     );
     let mut other = v6.clone();
     other[12..14].copy_from_slice(&[0x88, 0xb5]); // a local experimental ethertype

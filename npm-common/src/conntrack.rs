@@ -16,9 +16,10 @@
 //!
 //! Timeouts follow the kernel's defaults (`nf_conntrack_*_timeout*`).
 
+use crate::Addr;
 use crate::packet::{
-    Flow, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Kind, Packet, TCP_FIN, TCP_RST,
-    other_direction,
+    Flow, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Kind, Packet,
+    TCP_FIN, TCP_RST, other_direction,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -56,8 +57,8 @@ pub const CT_RST: u32 = 1 << 2;
 pub struct CtKey {
     /// The host side of the endpoint's veth.
     pub ifindex: u32,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
@@ -97,8 +98,16 @@ impl Flow {
         }
     }
 
-    pub fn frag_key(&self, ifindex: u32, id: u16, dir: u8) -> FragKey {
-        FragKey { ifindex, src: self.src, dst: self.dst, id, protocol: self.protocol, dir }
+    pub fn frag_key(&self, ifindex: u32, id: u32, dir: u8) -> FragKey {
+        FragKey {
+            ifindex,
+            src: self.src,
+            dst: self.dst,
+            id,
+            protocol: self.protocol,
+            dir,
+            pad: [0; 2],
+        }
     }
 
     pub fn frag_value(&self) -> FragValue {
@@ -134,7 +143,7 @@ impl CtValue {
             IPPROTO_UDP => UDP_UNREPLIED_NS,
             IPPROTO_SCTP if replied => SCTP_REPLIED_NS,
             IPPROTO_SCTP => UDP_UNREPLIED_NS,
-            IPPROTO_ICMP => ICMP_NS,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => ICMP_NS,
             _ => GENERIC_NS,
         }
     }
@@ -172,8 +181,12 @@ pub fn starts_flow(packet: &Packet) -> bool {
         Kind::Tcp => packet.tcp_flags & TCP_RST == 0,
         Kind::IcmpEchoRequest => true,
         // Other ICMP messages have no replies to let through.
-        Kind::Other => packet.flow.protocol != IPPROTO_ICMP,
-        Kind::TcpInvalid | Kind::Truncated | Kind::IcmpEchoReply | Kind::IcmpError => false,
+        Kind::Other => !matches!(packet.flow.protocol, IPPROTO_ICMP | IPPROTO_ICMPV6),
+        Kind::TcpInvalid
+        | Kind::Truncated
+        | Kind::IcmpEchoReply
+        | Kind::IcmpError
+        | Kind::Neighbor => false,
     }
 }
 
@@ -182,17 +195,19 @@ pub fn expired(key: &CtKey, value: &CtValue, now: u64) -> bool {
     !value.live(key.protocol, now)
 }
 
-/// The first fragment of an IPv4 datagram, remembered so later fragments (which carry no
-/// ports) are decided as their datagram was.
+/// The first fragment of an IPv4 or IPv6 datagram, remembered so later fragments (which
+/// carry no ports) are decided as their datagram was.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FragKey {
     pub ifindex: u32,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub id: u16,
+    pub src: Addr,
+    pub dst: Addr,
+    /// The identification: IPv4's 16 bits, or the IPv6 fragment header's 32.
+    pub id: u32,
     pub protocol: u8,
     pub dir: u8,
+    pub pad: [u8; 2],
 }
 
 #[repr(C)]
@@ -209,7 +224,13 @@ mod tests {
 
     fn pkt(protocol: u8, kind: Kind) -> Packet {
         Packet {
-            flow: Flow { src: [1, 1, 1, 1], dst: [2, 2, 2, 2], protocol, sport: 1, dport: 2 },
+            flow: Flow {
+                src: crate::v4_mapped([1, 1, 1, 1]),
+                dst: crate::v4_mapped([2, 2, 2, 2]),
+                protocol,
+                sport: 1,
+                dport: 2,
+            },
             kind,
             fragment: FragmentKind::Whole,
             ..Packet::default()
@@ -252,8 +273,8 @@ mod tests {
     #[test]
     fn a_reply_finds_its_request() {
         let req = Flow {
-            src: [1, 1, 1, 1],
-            dst: [2, 2, 2, 2],
+            src: crate::v4_mapped([1, 1, 1, 1]),
+            dst: crate::v4_mapped([2, 2, 2, 2]),
             protocol: IPPROTO_UDP,
             sport: 7,
             dport: 53,

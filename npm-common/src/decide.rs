@@ -18,22 +18,25 @@
 //! 4. Policy judges the rest; an allowed packet that starts a flow is tracked.
 
 use crate::conntrack::{CtKey, CtValue, FragKey, FragValue, starts_flow};
-use crate::packet::{Flow, FragmentKind, FrameKind, Kind, Packet, Parsed, other_direction};
+use crate::packet::{
+    Flow, FragmentKind, FrameKind, Kind, Packet, Parsed, is_link_scope, other_direction,
+};
 use crate::{
-    DIR_EGRESS, EndpointInfo, IfaceInfo, PEER_ANY, POLICY_PREFIX_FULL, PolicyKeyData, PolicyValue,
-    Reason, policy_key,
+    Addr, DIR_EGRESS, DIR_INGRESS, EndpointInfo, IfaceInfo, PEER_ANY, POLICY_PREFIX_FULL,
+    PolicyKeyData, PolicyValue, Reason, policy_key,
 };
 
 /// The lookups and writes a decision needs.
 pub trait Maps {
-    /// The pod an interface belongs to.
-    fn iface(&self, ifindex: u32) -> Option<IfaceInfo>;
-    fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo>;
-    fn is_node_ip(&self, ip: [u8; 4]) -> bool;
+    /// The pod an interface belongs to (a reference: the programs read it in the map rather
+    /// than copy it to their small stack).
+    fn iface(&self, ifindex: u32) -> Option<&IfaceInfo>;
+    fn endpoint(&self, ip: Addr) -> Option<EndpointInfo>;
+    fn is_node_ip(&self, ip: Addr) -> bool;
     /// The pod identity of an address.
-    fn identity(&self, ip: [u8; 4]) -> Option<u32>;
+    fn identity(&self, ip: Addr) -> Option<u32>;
     /// The id of the longest listed CIDR prefix holding the address.
-    fn prefix_id(&self, ip: [u8; 4]) -> Option<u32>;
+    fn prefix_id(&self, ip: Addr) -> Option<u32>;
     /// The value of the longest entry of the policy trie that matches the key.
     fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue>;
     fn ct_get(&self, key: &CtKey) -> Option<CtValue>;
@@ -58,12 +61,15 @@ pub struct Hook {
     pub now: u64,
 }
 
-/// The outcome: the reason says whether it is allowed; the flow is there when the packet was
-/// IPv4 (for drop logs).
+/// The outcome: the reason says whether it is allowed; the flow is the packet's when it was
+/// read as IP (for drop logs), all zero otherwise.
+///
+/// (A plain struct, not an `Option<Flow>`: the programs copy verdicts between functions, and
+/// the verifier refuses copying the undefined payload of a `None`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub reason: Reason,
-    pub flow: Option<Flow>,
+    pub flow: Flow,
 }
 
 impl Verdict {
@@ -71,111 +77,164 @@ impl Verdict {
         self.reason.allowed()
     }
 
-    const fn of(reason: Reason, flow: Option<Flow>) -> Self {
+    /// The packet's flow, if it was read as IP.
+    pub fn flow(&self) -> Option<Flow> {
+        (self.flow != Flow::default()).then_some(self.flow)
+    }
+
+    const fn of(reason: Reason, flow: Flow) -> Self {
         Self { reason, flow }
+    }
+
+    const fn bare(reason: Reason) -> Self {
+        Self { reason, flow: Flow { src: [0; 16], dst: [0; 16], protocol: 0, sport: 0, dport: 0 } }
     }
 }
 
 /// Decides a frame that [`crate::classify_frame`] read.
+///
+/// (In the programs the steps after the source check are functions of their own, marked
+/// `inline(never)` for BPF: each holds its connection-tracking or policy keys in its own
+/// frame, which keeps every call chain within the 512 bytes of stack BPF allows.)
 #[inline(always)]
 pub fn decide<M: Maps>(m: &M, hook: &Hook, parsed: &Parsed) -> Verdict {
     let dir = hook.dir;
     let iface = m.iface(hook.ifindex);
-    let mut p = match parsed.frame {
+    let p = match parsed.frame {
         // An interface the agent has not described: nothing it sends can be verified.
-        _ if dir == DIR_EGRESS && iface.is_none() => return Verdict::of(Reason::Spoofed, None),
-        FrameKind::Ipv4 => parsed.packet,
-        FrameKind::Malformed => return Verdict::of(Reason::Malformed, None),
-        FrameKind::Arp => return Verdict::of(Reason::Unmanaged, None),
+        _ if dir == DIR_EGRESS && iface.is_none() => return Verdict::bare(Reason::Spoofed),
+        FrameKind::Ip => &parsed.packet,
+        FrameKind::Malformed => return Verdict::bare(Reason::Malformed),
+        FrameKind::Arp => return Verdict::bare(Reason::Unmanaged),
         FrameKind::Other => {
-            // IPv6 and the rest: not enforced yet, so an isolated endpoint refuses them.
-            let isolated = iface.and_then(|i| m.endpoint(i.ip4)).is_some_and(|e| e.enforced(dir));
-            return Verdict::of(
-                if isolated { Reason::Unsupported } else { Reason::Unmanaged },
-                None,
-            );
+            // Neither IP nor ARP: nothing a policy can judge, so where one judges, refused.
+            let isolated = iface
+                .and_then(|i| m.endpoint(i.endpoint_addr(false)))
+                .is_some_and(|e| e.enforced(dir));
+            return Verdict::bare(if isolated { Reason::Unsupported } else { Reason::Unmanaged });
         }
     };
-    let flow = p.flow;
+    let mut flow = p.flow;
+    // Messages of the link (neighbour discovery, MLD) pass as ARP does: entering a pod, the
+    // hop limit proves the node sent them; leaving it, only towards addresses a router does
+    // not forward to.
+    if p.kind == Kind::Neighbor && (dir == DIR_INGRESS || is_link_scope(&flow.dst)) {
+        return Verdict::of(Reason::Unmanaged, flow);
+    }
+    let v6 = flow.is_v6();
     let endpoint_ip = if dir == DIR_EGRESS {
-        let own = iface.map(|i| i.ip4).unwrap_or_default();
-        if flow.src != own {
-            return Verdict::of(Reason::Spoofed, Some(flow));
+        // The pod's own address of the packet's family, and nothing else (a pod without an
+        // IPv6 address sends no IPv6 but the link's messages above).
+        if !iface.is_some_and(|i| i.is_own(v6, &flow.src)) {
+            return Verdict::of(Reason::Spoofed, flow);
         }
-        own
+        flow.src
     } else {
         if let Some(src) = m.endpoint(flow.src)
             && src.ifindex != 0
             && src.ifindex != hook.ingress_ifindex
         {
-            return Verdict::of(Reason::Spoofed, Some(flow));
+            return Verdict::of(Reason::Spoofed, flow);
         }
-        iface.map_or(flow.dst, |i| i.ip4)
+        match iface {
+            Some(i) => i.endpoint_addr(v6),
+            None => flow.dst,
+        }
     };
     let Some(ep) = m.endpoint(endpoint_ip) else {
-        return Verdict::of(Reason::Unmanaged, Some(flow));
+        return Verdict::of(Reason::Unmanaged, flow);
     };
     // (Odd packets are refused wherever a policy judges, even one that does not isolate.)
     let isolated = ep.enforced(dir);
-    let peer = if dir == DIR_EGRESS { flow.dst } else { flow.src };
 
-    if p.has_ports() {
-        let frag_key = flow.frag_key(hook.ifindex, p.ip_id, dir);
-        match p.fragment {
-            // Later fragments carry no ports: use those of the first fragment.
-            FragmentKind::Later => match m.frag_get(&frag_key) {
-                Some(v) => {
-                    p.flow.sport = v.sport;
-                    p.flow.dport = v.dport;
-                }
-                None if isolated => return Verdict::of(Reason::Fragment, Some(flow)),
-                None => {}
-            },
-            FragmentKind::First if p.kind != Kind::Truncated => {
-                m.frag_put(&frag_key, &p.flow.frag_value())
-            }
-            _ => {}
-        }
+    if p.has_ports() && !fragment_ports(m, hook, p, isolated, &mut flow) {
+        return Verdict::of(Reason::Fragment, flow);
     }
-    let flow = p.flow;
     match p.kind {
         // No ports to judge: only an endpoint without policy in this direction takes it.
         Kind::Truncated => {
             return Verdict::of(
                 if isolated { Reason::Malformed } else { Reason::NotIsolated },
-                Some(flow),
+                flow,
             );
         }
-        Kind::IcmpError => {
-            // The quoted packet went the other way through this interface.
-            let (quoted, back) = (p.quoted, other_direction(dir));
-            if ct_live(m, &quoted.ct_key(hook.ifindex, back), hook.now)
-                || ct_live(m, &quoted.reply_key(hook.ifindex, back), hook.now)
-            {
-                return Verdict::of(Reason::Related, Some(flow));
-            }
-            return Verdict::of(judge(m, &ep, dir, peer, &flow), Some(flow));
+        // An error about a tracked flow passes; about any other, policy judges it.
+        Kind::IcmpError if related(m, hook, &p.quoted) => {
+            return Verdict::of(Reason::Related, flow);
         }
         // What conntrack calls INVALID is judged by policy and never tracked.
-        Kind::TcpInvalid => return Verdict::of(judge(m, &ep, dir, peer, &flow), Some(flow)),
+        Kind::IcmpError | Kind::TcpInvalid => {
+            return Verdict::of(judge(m, &ep, dir, &flow), flow);
+        }
         _ => {}
     }
-    let key = flow.ct_key(hook.ifindex, dir);
     if !p.is_syn() {
-        if follow(m, &key, &p, false, hook.now) {
-            return Verdict::of(Reason::Established, Some(flow));
-        }
-        if follow(m, &flow.reply_key(hook.ifindex, dir), &p, true, hook.now) {
-            return Verdict::of(Reason::Reply, Some(flow));
+        match tracked(m, hook, &flow, p) {
+            TRACKED_ESTABLISHED => return Verdict::of(Reason::Established, flow),
+            TRACKED_REPLY => return Verdict::of(Reason::Reply, flow),
+            _ => {}
         }
     }
     // New flows are tracked even when not isolated: their replies must pass if the endpoint
     // becomes isolated in the other direction while the flow lives.
-    let reason = judge(m, &ep, dir, peer, &flow);
-    if reason.allowed() && starts_flow(&p) {
-        m.ct_put(&key, &CtValue::new(&p, hook.now));
+    let reason = judge(m, &ep, dir, &flow);
+    if reason.allowed() && starts_flow(p) {
+        m.ct_put(&flow.ct_key(hook.ifindex, dir), &CtValue::new(p, hook.now));
     }
-    Verdict::of(reason, Some(flow))
+    Verdict::of(reason, flow)
+}
+
+/// Gives a later fragment the ports of its first fragment, and remembers a first fragment's;
+/// false for a later fragment whose first was not seen, at an endpoint a policy judges.
+#[cfg_attr(target_arch = "bpf", inline(never))]
+fn fragment_ports<M: Maps>(
+    m: &M,
+    hook: &Hook,
+    p: &Packet,
+    isolated: bool,
+    flow: &mut Flow,
+) -> bool {
+    let key = flow.frag_key(hook.ifindex, p.ip_id, hook.dir);
+    match p.fragment {
+        // Later fragments carry no ports: use those of the first fragment.
+        FragmentKind::Later => match m.frag_get(&key) {
+            Some(v) => {
+                flow.sport = v.sport;
+                flow.dport = v.dport;
+            }
+            None if isolated => return false,
+            None => {}
+        },
+        FragmentKind::First if p.kind != Kind::Truncated => m.frag_put(&key, &flow.frag_value()),
+        _ => {}
+    }
+    true
+}
+
+/// Whether the flow an ICMP error quotes is tracked: it went the other way through this
+/// interface.
+#[cfg_attr(target_arch = "bpf", inline(never))]
+fn related<M: Maps>(m: &M, hook: &Hook, quoted: &Flow) -> bool {
+    let back = other_direction(hook.dir);
+    ct_live(m, &quoted.ct_key(hook.ifindex, back), hook.now)
+        || ct_live(m, &quoted.reply_key(hook.ifindex, back), hook.now)
+}
+
+const TRACKED_NOT: u8 = 0;
+const TRACKED_ESTABLISHED: u8 = 1;
+const TRACKED_REPLY: u8 = 2;
+
+/// Whether the packet belongs to a tracked flow: a later packet of one allowed this way, or
+/// a reply to one allowed the other way.
+#[cfg_attr(target_arch = "bpf", inline(never))]
+fn tracked<M: Maps>(m: &M, hook: &Hook, flow: &Flow, p: &Packet) -> u8 {
+    if follow(m, &flow.ct_key(hook.ifindex, hook.dir), p, false, hook.now) {
+        return TRACKED_ESTABLISHED;
+    }
+    if follow(m, &flow.reply_key(hook.ifindex, hook.dir), p, true, hook.now) {
+        return TRACKED_REPLY;
+    }
+    TRACKED_NOT
 }
 
 /// Whether a live entry is under `key` (deleting a dead one met on the way).
@@ -206,8 +265,9 @@ fn follow<M: Maps>(m: &M, key: &CtKey, p: &Packet, reply: bool, now: u64) -> boo
 }
 
 /// Policy's answer for a packet no tracked flow accounts for.
-#[inline(always)]
-fn judge<M: Maps>(m: &M, ep: &EndpointInfo, dir: u8, peer: [u8; 4], flow: &Flow) -> Reason {
+#[cfg_attr(target_arch = "bpf", inline(never))]
+fn judge<M: Maps>(m: &M, ep: &EndpointInfo, dir: u8, flow: &Flow) -> Reason {
+    let peer = if dir == DIR_EGRESS { flow.dst } else { flow.src };
     let profile = ep.profile(dir);
     if profile == 0 {
         return Reason::NotIsolated;
@@ -225,7 +285,7 @@ fn judge<M: Maps>(m: &M, ep: &EndpointInfo, dir: u8, peer: [u8; 4], flow: &Flow)
 /// What the profile's entries for the peer's identity, its prefix and anyone say: three
 /// trie lookups, whatever the number of policies and tiers.
 #[inline(always)]
-fn matching<M: Maps>(m: &M, profile: u32, dir: u8, peer: [u8; 4], flow: &Flow) -> PolicyValue {
+fn matching<M: Maps>(m: &M, profile: u32, dir: u8, peer: Addr, flow: &Flow) -> PolicyValue {
     // A rule's ports are the destination's, in both directions.
     let get = |peer_id: u32| {
         m.policy_lookup(
@@ -254,37 +314,38 @@ mod tests {
 
     use super::*;
     use crate::conntrack::{TCP_ESTABLISHED_NS, UDP_UNREPLIED_NS};
+    use crate::packet::IPPROTO_ICMPV6;
     use crate::packet::{
         ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     };
-    use crate::{DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, classify_frame};
+    use crate::{EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, classify_frame, v4_mapped};
 
     /// The maps as plain collections: `policy` holds exact (profile, dir, peer) triples that
     /// admit any protocol and port.
     #[derive(Default)]
     struct Model {
         ifaces: HashMap<u32, IfaceInfo>,
-        endpoints: HashMap<[u8; 4], EndpointInfo>,
-        identities: HashMap<[u8; 4], u32>,
+        endpoints: HashMap<Addr, EndpointInfo>,
+        identities: HashMap<Addr, u32>,
         policy: HashSet<(u32, u8, u32)>,
         ct: RefCell<HashMap<CtKey, CtValue>>,
         frags: RefCell<HashMap<FragKey, FragValue>>,
     }
 
     impl Maps for Model {
-        fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
-            self.ifaces.get(&ifindex).copied()
+        fn iface(&self, ifindex: u32) -> Option<&IfaceInfo> {
+            self.ifaces.get(&ifindex)
         }
-        fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
+        fn endpoint(&self, ip: Addr) -> Option<EndpointInfo> {
             self.endpoints.get(&ip).copied()
         }
-        fn is_node_ip(&self, _: [u8; 4]) -> bool {
+        fn is_node_ip(&self, _: Addr) -> bool {
             false
         }
-        fn identity(&self, ip: [u8; 4]) -> Option<u32> {
+        fn identity(&self, ip: Addr) -> Option<u32> {
             self.identities.get(&ip).copied()
         }
-        fn prefix_id(&self, _: [u8; 4]) -> Option<u32> {
+        fn prefix_id(&self, _: Addr) -> Option<u32> {
             None
         }
         fn policy_lookup(&self, _: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
@@ -315,22 +376,52 @@ mod tests {
     const A_IF: u32 = 11;
     const E_IF: u32 = 15;
     const UPLINK: u32 = 2;
+    // IPv6: e and c are dual stack, a is IPv4 only.
+    const E6: Addr = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    const C6: Addr = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 1, 0, 0, 0, 0, 0, 0, 0, 3];
+    const LL_A: Addr = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa];
 
     fn model() -> Model {
         let mut m = Model::default();
-        m.ifaces.insert(A_IF, IfaceInfo { ip4: A });
-        m.ifaces.insert(E_IF, IfaceInfo { ip4: E });
-        m.endpoints
-            .insert(A, EndpointInfo { flags: EP_EGRESS_ISOLATED, profiles: [0, 1], ifindex: A_IF });
-        m.endpoints.insert(
-            E,
-            EndpointInfo { flags: EP_INGRESS_ISOLATED, profiles: [2, 0], ifindex: E_IF },
-        );
-        m.identities.insert(C, 3);
-        m.identities.insert(A, 1);
-        m.identities.insert(E, 5);
+        m.ifaces.insert(A_IF, IfaceInfo::default().with(v4_mapped(A)));
+        m.ifaces.insert(E_IF, IfaceInfo::default().with(v4_mapped(E)).with(E6));
+        let a = EndpointInfo { flags: EP_EGRESS_ISOLATED, profiles: [0, 1], ifindex: A_IF };
+        m.endpoints.insert(v4_mapped(A), a);
+        let e = EndpointInfo { flags: EP_INGRESS_ISOLATED, profiles: [2, 0], ifindex: E_IF };
+        m.endpoints.insert(v4_mapped(E), e);
+        m.endpoints.insert(E6, e);
+        m.identities.insert(v4_mapped(C), 3);
+        m.identities.insert(C6, 3);
+        m.identities.insert(v4_mapped(A), 1);
+        m.identities.insert(v4_mapped(E), 5);
+        m.identities.insert(E6, 5);
         m.policy.insert((2, DIR_INGRESS, 3));
         m
+    }
+
+    /// An IPv6 frame with a TCP or UDP header, or `l4` as given for other protocols.
+    fn frame6(
+        src: Addr,
+        dst: Addr,
+        proto: u8,
+        hop: u8,
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    ) -> Vec<u8> {
+        let v4 = frame([0; 4], [0; 4], proto, sport, dport, flags);
+        let l4 = &v4[ETH_HLEN + 20..];
+        let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        let mut ip = [0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+        ip[6] = proto;
+        ip[7] = hop;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&dst);
+        p.extend_from_slice(&ip);
+        p.extend_from_slice(l4);
+        p
     }
 
     fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -512,14 +603,83 @@ mod tests {
     #[test]
     fn other_ethertypes_fail_closed_at_isolated_endpoints() {
         let m = model();
-        let mut v6 = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
-        v6.extend_from_slice(&[0x60; 48]);
-        assert_eq!(deliver(&m, E_IF, UPLINK, &v6, 0), Reason::Unsupported, "e is ingress-isolated");
-        assert_eq!(send(&m, E_IF, &v6, 0), Reason::Unmanaged, "e's egress is not isolated");
-        assert_eq!(send(&m, A_IF, &v6, 0), Reason::Unsupported, "a's egress is");
+        let mut other = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x88, 0xb5];
+        other.extend_from_slice(&[0x60; 48]);
+        assert_eq!(
+            deliver(&m, E_IF, UPLINK, &other, 0),
+            Reason::Unsupported,
+            "e is ingress-isolated"
+        );
+        assert_eq!(send(&m, E_IF, &other, 0), Reason::Unmanaged, "e's egress is not isolated");
+        assert_eq!(send(&m, A_IF, &other, 0), Reason::Unsupported, "a's egress is");
         let mut arp = vec![0xff; 12];
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0; 28]);
         assert_eq!(send(&m, A_IF, &arp, 0), Reason::Unmanaged);
+    }
+
+    #[test]
+    fn ipv6_is_judged_as_ipv4_is() {
+        let mut m = model();
+        // c's IPv6 address is admitted by e, over IPv6 as over IPv4, and tracked.
+        let syn = frame6(C6, E6, IPPROTO_TCP, 64, 5000, 80, TCP_SYN);
+        assert_eq!(deliver(&m, E_IF, UPLINK, &syn, 0), Reason::Policy);
+        let reply = frame6(E6, C6, IPPROTO_TCP, 64, 80, 5000, TCP_SYN | TCP_ACK);
+        assert_eq!(send(&m, E_IF, &reply, 1), Reason::Reply);
+        m.policy.clear();
+        let ack = frame6(C6, E6, IPPROTO_TCP, 64, 5000, 80, TCP_ACK);
+        assert_eq!(deliver(&m, E_IF, UPLINK, &ack, 2), Reason::Established);
+        assert_eq!(deliver(&m, E_IF, UPLINK, &syn, 3), Reason::Denied);
+        // An address no identity holds (a link-local one) is judged, not passed.
+        m.policy.insert((2, DIR_INGRESS, 3));
+        let ll = frame6(LL_A, E6, IPPROTO_UDP, 64, 1, 53, 0);
+        assert_eq!(deliver(&m, E_IF, UPLINK, &ll, 4), Reason::Denied);
+        // An IPv4 identity does not answer for an IPv6 address: the families are apart.
+        assert!(!m.identities.contains_key(&C6.map(|b| b ^ 1)));
+    }
+
+    #[test]
+    fn ipv6_sources_are_checked() {
+        let m = model();
+        // a has no IPv6 address: it sends none (its link-local one included).
+        let forged = frame6(C6, E6, IPPROTO_TCP, 64, 1, 80, TCP_SYN);
+        assert_eq!(send(&m, A_IF, &forged, 0), Reason::Spoofed);
+        let ll = frame6(LL_A, E6, IPPROTO_TCP, 64, 1, 80, TCP_SYN);
+        assert_eq!(send(&m, A_IF, &ll, 0), Reason::Spoofed);
+        // e may send from E6 only.
+        assert_eq!(
+            send(&m, E_IF, &frame6(E6, C6, IPPROTO_UDP, 64, 1, 9, 0), 0),
+            Reason::NotIsolated
+        );
+        assert_eq!(send(&m, E_IF, &frame6(C6, C6, IPPROTO_UDP, 64, 1, 9, 0), 0), Reason::Spoofed);
+        // E6 arriving at a through the uplink is not e's.
+        let mut m = m;
+        m.endpoints.get_mut(&v4_mapped(A)).unwrap().flags |= EP_INGRESS_ISOLATED;
+        m.endpoints.get_mut(&v4_mapped(A)).unwrap().profiles[0] = 7;
+        let to_a = frame6(E6, LL_A, IPPROTO_TCP, 64, 80, 1, TCP_SYN);
+        assert_eq!(deliver(&m, A_IF, UPLINK, &to_a, 0), Reason::Spoofed);
+        // And from e's own interface it is judged by a's (IPv4) endpoint: isolated, denied.
+        assert_eq!(deliver(&m, A_IF, E_IF, &to_a, 0), Reason::Denied);
+    }
+
+    #[test]
+    fn neighbour_discovery_passes_only_on_the_link() {
+        let m = model();
+        let ns = |src: Addr, dst: Addr, hop: u8| {
+            let mut f = frame6(src, dst, IPPROTO_ICMPV6, hop, 0, 0, 0);
+            f[ETH_HLEN + 40] = 135;
+            f
+        };
+        let mut all_nodes = [0u8; 16];
+        all_nodes[0] = 0xff;
+        all_nodes[1] = 0x02;
+        all_nodes[15] = 1;
+        // a (no IPv6, egress isolated) resolves its gateway: passes, as ARP does.
+        assert_eq!(send(&m, A_IF, &ns(LL_A, all_nodes, 255), 0), Reason::Unmanaged);
+        // Shaped as neighbour discovery but sent to a routable address: a's egress denies it.
+        assert_eq!(send(&m, A_IF, &ns(v4_mapped(A).map(|_| 0xfd), C6, 255), 0), Reason::Spoofed);
+        // The node's solicitation reaches e; one a router forwarded (hop limit 254) is judged.
+        assert_eq!(deliver(&m, E_IF, UPLINK, &ns(LL_A, E6, 255), 0), Reason::Unmanaged);
+        assert_eq!(deliver(&m, E_IF, UPLINK, &ns(LL_A, E6, 254), 0), Reason::Denied);
     }
 }

@@ -11,6 +11,7 @@
 //! claims) and the profile of the isolated direction: the agent knows which policies made
 //! that profile, so the kernel does no per-packet work to name them.
 
+use crate::Addr;
 use crate::decide::{Hook, Maps, Verdict};
 
 /// One dropped packet, as the ring buffer carries it.
@@ -19,9 +20,10 @@ use crate::decide::{Hook, Maps, Verdict};
 pub struct DropEvent {
     /// `CLOCK_BOOTTIME` of the drop, ns.
     pub time_ns: u64,
-    /// Addresses as in the header (network order); zero when the frame was not read as far.
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    /// Addresses as in the header (see [`crate::Addr`]); zero when the frame was not read as
+    /// far.
+    pub src: Addr,
+    pub dst: Addr,
     /// Ports (host order) for TCP, UDP and SCTP; the identifier of an ICMP echo.
     pub sport: u16,
     pub dport: u16,
@@ -33,14 +35,16 @@ pub struct DropEvent {
     pub _pad: u8,
     /// The host side of the pod's veth the packet crossed.
     pub ifindex: u32,
-    /// The address of the pod on that interface (from the interface map); zero if unknown.
-    pub pod: [u8; 4],
+    /// The address of the pod on that interface (from the interface map; of the packet's
+    /// family when the pod has one); zero if unknown.
+    pub pod: Addr,
     /// The profile of that pod's direction (see [`crate::EndpointInfo`]); 0 when the
     /// direction is not isolated (a drop for another reason than policy).
     pub profile: u32,
     /// The interface the packet entered the node through (0: the node sent it); for a
     /// spoofed packet, where it came from.
     pub ingress_ifindex: u32,
+    pub _pad2: u32,
 }
 
 /// Builds the event of a dropped packet: two map lookups (the interface, the endpoint),
@@ -55,16 +59,18 @@ pub fn drop_event<M: Maps>(m: &M, hook: &Hook, verdict: &Verdict) -> DropEvent {
         ingress_ifindex: hook.ingress_ifindex,
         ..DropEvent::default()
     };
-    if let Some(f) = verdict.flow {
+    if let Some(f) = verdict.flow() {
         e.src = f.src;
         e.dst = f.dst;
         e.sport = f.sport;
         e.dport = f.dport;
         e.protocol = f.protocol;
     }
+    let v6 = verdict.flow().is_some_and(|f| f.is_v6());
     if let Some(iface) = m.iface(hook.ifindex) {
-        e.pod = iface.ip4;
-        if let Some(ep) = m.endpoint(iface.ip4)
+        let pod = iface.endpoint_addr(v6);
+        e.pod = pod;
+        if let Some(ep) = m.endpoint(pod)
             && ep.isolated(hook.dir)
         {
             e.profile = ep.profile(hook.dir);
@@ -160,7 +166,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DropEvent>(), 40);
+        assert_eq!(core::mem::size_of::<DropEvent>(), 80);
         assert_eq!(core::mem::size_of::<RateLimit>(), 40);
     }
 }

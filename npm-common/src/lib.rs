@@ -7,8 +7,12 @@
 //! Everything stored in a map is `#[repr(C)]` plain old data so both sides agree on the layout
 //! byte for byte. With the `user` feature the types also implement [`aya::Pod`].
 //!
-//! Addresses are IPv4, kept as the four bytes of the header (network order) everywhere: map
-//! keys are compared bytewise, and LPM tries need network order.
+//! Addresses of both families are one type, [`Addr`]: the sixteen bytes of an IPv6 address,
+//! an IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`), in network order. So one set of maps
+//! and one decision serve both families (map keys are compared bytewise, and LPM tries need
+//! network order); an IPv4 prefix of length `n` is the mapped prefix of length `96 + n`. A
+//! real IPv6 packet never carries a mapped address ([`packet`] refuses it), so the two
+//! families cannot be confused.
 #![no_std]
 
 pub mod conntrack;
@@ -20,6 +24,35 @@ pub use conntrack::{CtKey, CtValue};
 pub use decide::{Hook, Maps, Verdict, decide};
 pub use events::{DropEvent, RateLimit, drop_event, rate_admit};
 pub use packet::{Flow, Frame, Packet, classify_frame};
+
+// ---- addresses ----
+
+/// An address of either family, as the maps key it (see the crate's documentation).
+pub type Addr = [u8; 16];
+
+/// The unspecified address: no address.
+pub const ADDR_NONE: Addr = [0; 16];
+
+/// An IPv4 address as the maps key it: mapped into IPv6.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// Whether an address is an IPv4 one (mapped).
+#[inline(always)]
+pub fn is_v4_mapped(a: &Addr) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
+/// The IPv4 address of a mapped one.
+#[inline(always)]
+pub fn v4_of(a: &Addr) -> Option<[u8; 4]> {
+    is_v4_mapped(a).then_some([a[12], a[13], a[14], a[15]])
+}
+
+/// What an IPv4 prefix length adds up to in the CIDR trie (its mapped form).
+pub const V4_PREFIX_OFFSET: u32 = 96;
 
 // ---- map and program names (the agent pins maps under these names) ----
 
@@ -67,7 +100,7 @@ pub const MAX_POLICY: u32 = 1_048_576;
 pub const MAX_NODE_IPS: u32 = 64;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_FRAGS: u32 = 8192;
-/// Bytes of the drop-event ring buffer (a power of two pages): 6,500 events of 40 bytes
+/// Bytes of the drop-event ring buffer (a power of two pages): 2,900 events of 80 bytes
 /// and their headers, far more than the rate limiter lets through between two reads.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -85,7 +118,8 @@ pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
 /// `EndpointInfo::flags`: the endpoint is isolated for egress.
 pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 
-/// Value of the endpoint map, keyed by the pod's IPv4 address.
+/// Value of the endpoint map, keyed by each of the pod's addresses (the values of a
+/// dual-stack pod's two addresses are equal).
 ///
 /// An isolated direction names a *profile*: the policy-trie entries it is allowed by.
 /// Endpoints whose entries are equal (replicas of one Deployment, as a rule) share one
@@ -128,8 +162,85 @@ impl EndpointInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct IfaceInfo {
-    /// The pod's IPv4 address: the only source its packets may carry.
-    pub ip4: [u8; 4],
+    /// The pod's IPv4 address (mapped): the only IPv4 source its packets may carry.
+    pub ip4: Addr,
+    /// The pod's IPv6 address: the only IPv6 source its packets may carry.
+    pub ip6: Addr,
+    /// `IFACE_HAS_V4` / `IFACE_HAS_V6`: which of the two the pod has.
+    pub families: u32,
+}
+
+/// `IfaceInfo::families`: the pod has an IPv4 address.
+pub const IFACE_HAS_V4: u32 = 1 << 0;
+/// `IfaceInfo::families`: the pod has an IPv6 address.
+pub const IFACE_HAS_V6: u32 = 1 << 1;
+
+impl IfaceInfo {
+    /// The pod's address of a family (`v6`), if it has one.
+    #[inline(always)]
+    pub fn own(&self, v6: bool) -> Option<Addr> {
+        if v6 {
+            (self.families & IFACE_HAS_V6 != 0).then_some(self.ip6)
+        } else {
+            (self.families & IFACE_HAS_V4 != 0).then_some(self.ip4)
+        }
+    }
+
+    /// Whether `a` is the pod's own address of a family (`v6`).
+    #[inline(always)]
+    pub fn is_own(&self, v6: bool, a: &Addr) -> bool {
+        let (bit, own) = if v6 { (IFACE_HAS_V6, &self.ip6) } else { (IFACE_HAS_V4, &self.ip4) };
+        self.families & bit != 0 && own == a
+    }
+
+    /// The address whose endpoint judges a packet of a family at this interface: the pod's
+    /// own of that family, or else its other one (the endpoints of a pod's addresses hold the
+    /// same profiles), so a pod without an IPv6 address is still isolated against IPv6;
+    /// [`ADDR_NONE`] for an interface of no pod.
+    ///
+    /// (Plain values rather than `Option`s here and in the decision: the programs pass them
+    /// between functions, and the verifier refuses copying the undefined payload of a `None`.)
+    #[inline(always)]
+    pub fn endpoint_addr(&self, v6: bool) -> Addr {
+        let (first, second) = if v6 {
+            ((IFACE_HAS_V6, self.ip6), (IFACE_HAS_V4, self.ip4))
+        } else {
+            ((IFACE_HAS_V4, self.ip4), (IFACE_HAS_V6, self.ip6))
+        };
+        if self.families & first.0 != 0 {
+            first.1
+        } else if self.families & second.0 != 0 {
+            second.1
+        } else {
+            ADDR_NONE
+        }
+    }
+
+    /// The interface with `addr` (either family) added.
+    pub fn with(mut self, addr: Addr) -> Self {
+        if is_v4_mapped(&addr) {
+            self.ip4 = addr;
+            self.families |= IFACE_HAS_V4;
+        } else {
+            self.ip6 = addr;
+            self.families |= IFACE_HAS_V6;
+        }
+        self
+    }
+
+    /// The interface with `addr` (either family) removed.
+    pub fn without(mut self, addr: Addr) -> Self {
+        if is_v4_mapped(&addr) {
+            if self.ip4 == addr {
+                self.ip4 = ADDR_NONE;
+                self.families &= !IFACE_HAS_V4;
+            }
+        } else if self.ip6 == addr {
+            self.ip6 = ADDR_NONE;
+            self.families &= !IFACE_HAS_V6;
+        }
+        self
+    }
 }
 
 // ---- identities ----
@@ -283,12 +394,12 @@ pub enum Reason {
     Established = 3,
     /// Allowed: a reply of a flow tracked in the other direction.
     Reply = 4,
-    /// Passed: not a packet of a known endpoint, or ARP, or (at an endpoint not isolated in
-    /// this direction) a frame that is not IPv4.
+    /// Passed: not a packet of a known endpoint, or ARP or IPv6 neighbour discovery, or (at an
+    /// endpoint no policy judges in this direction) a frame of another ethertype.
     Unmanaged = 5,
     /// Dropped: no policy admits it.
     Denied = 6,
-    /// Dropped: malformed or truncated IPv4 (truncated transport headers only at an
+    /// Dropped: malformed or truncated IPv4 or IPv6 (truncated transport headers only at an
     /// isolated endpoint).
     Malformed = 7,
     /// Dropped: a later fragment whose first fragment was not seen, at an isolated endpoint.
@@ -298,8 +409,8 @@ pub enum Reason {
     /// Dropped: a packet leaving a pod with a source address that is not the pod's, or
     /// arriving with a local pod's address through another interface than that pod's.
     Spoofed = 10,
-    /// Dropped: a frame this version does not enforce (IPv6, any ethertype but IPv4 and
-    /// ARP) to or from an endpoint isolated in that direction: failing closed.
+    /// Dropped: a frame of another ethertype than IPv4, IPv6 and ARP to or from an endpoint
+    /// a policy judges in that direction: failing closed.
     Unsupported = 11,
 }
 
@@ -404,11 +515,30 @@ mod tests {
     #[test]
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 16);
-        assert_eq!(core::mem::size_of::<IfaceInfo>(), 4);
-        assert_eq!(core::mem::size_of::<CtKey>(), 20);
+        assert_eq!(core::mem::size_of::<IfaceInfo>(), 36);
+        assert_eq!(core::mem::size_of::<CtKey>(), 44);
         assert_eq!(core::mem::size_of::<CtValue>(), 16);
-        assert_eq!(core::mem::size_of::<conntrack::FragKey>(), 16);
+        assert_eq!(core::mem::size_of::<conntrack::FragKey>(), 44);
         assert_eq!(core::mem::size_of::<conntrack::FragValue>(), 4);
+    }
+
+    #[test]
+    fn addresses_of_both_families() {
+        let a = v4_mapped([10, 0, 0, 1]);
+        assert!(is_v4_mapped(&a));
+        assert_eq!(v4_of(&a), Some([10, 0, 0, 1]));
+        let mut b = [0u8; 16];
+        b[0] = 0xfd;
+        b[15] = 1;
+        assert!(!is_v4_mapped(&b));
+        assert_eq!(v4_of(&b), None);
+        let i = IfaceInfo::default().with(a).with(b);
+        assert_eq!((i.own(false), i.own(true)), (Some(a), Some(b)));
+        assert!(i.is_own(false, &a) && i.is_own(true, &b) && !i.is_own(true, &a));
+        let i = i.without(a);
+        assert_eq!((i.own(false), i.endpoint_addr(false)), (None, b));
+        assert!(!i.is_own(false, &ADDR_NONE), "no address is not the zero address");
+        assert_eq!(i.without(b), IfaceInfo::default());
     }
 
     #[test]

@@ -20,27 +20,29 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use npm_common::{
-    CONFIG_ENTRIES, CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, COUNTERS, DIR_EGRESS, DIR_INGRESS,
-    DropEvent, EVENTS_RING_BYTES, EndpointInfo, Frame, Hook, IfaceInfo, MAX_CIDRS, MAX_CT,
-    MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_IFACES, MAX_NODE_IPS, MAX_POLICY, Maps,
+    Addr, CONFIG_ENTRIES, CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, COUNTERS, DIR_EGRESS,
+    DIR_INGRESS, DropEvent, EVENTS_RING_BYTES, EndpointInfo, Frame, Hook, IfaceInfo, MAX_CIDRS,
+    MAX_CT, MAX_ENDPOINTS, MAX_FRAGS, MAX_IDENTITIES, MAX_IFACES, MAX_NODE_IPS, MAX_POLICY, Maps,
     PolicyKeyData, PolicyValue, RateLimit, Reason, Verdict, classify_frame,
     conntrack::{CtKey, CtValue, FragKey, FragValue},
-    counter_index, decide, drop_event, rate_admit,
+    counter_index, decide, drop_event,
+    packet::Parsed,
+    rate_admit,
 };
 
 #[map]
-static NPM_ENDPOINTS: HashMap<[u8; 4], EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+static NPM_ENDPOINTS: HashMap<Addr, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
 #[map]
 static NPM_IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
 #[map]
-static NPM_IDENTITIES: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_IDENTITIES, 0);
+static NPM_IDENTITIES: HashMap<Addr, u32> = HashMap::pinned(MAX_IDENTITIES, 0);
 #[map]
-static NPM_CIDRS: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_CIDRS, BPF_F_NO_PREALLOC);
+static NPM_CIDRS: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_CIDRS, BPF_F_NO_PREALLOC);
 #[map]
 static NPM_POLICY: LpmTrie<PolicyKeyData, PolicyValue> =
     LpmTrie::pinned(MAX_POLICY, BPF_F_NO_PREALLOC);
 #[map]
-static NPM_NODE_IPS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_NODE_IPS, 0);
+static NPM_NODE_IPS: HashMap<Addr, u32> = HashMap::pinned(MAX_NODE_IPS, 0);
 #[map]
 static NPM_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
 #[map]
@@ -53,6 +55,9 @@ static NPM_CONFIG: Array<u32> = Array::pinned(CONFIG_ENTRIES, 0);
 static NPM_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map]
 static NPM_EVENT_RATE: PerCpuArray<RateLimit> = PerCpuArray::pinned(1, 0);
+/// Per-CPU room for the packet being decided (not pinned: nothing outlives a run).
+#[map]
+static NPM_SCRATCH: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
 
 /// The skb, as `npm_common` reads frames.
 struct Skb<'a>(&'a TcContext);
@@ -71,28 +76,29 @@ impl Frame for Skb<'_> {
 struct Kernel;
 
 impl Maps for Kernel {
-    fn iface(&self, ifindex: u32) -> Option<IfaceInfo> {
-        // SAFETY: the value is copied out at once; a concurrent update can at worst give a
-        // torn read of one u32, which the kernel does not allow for naturally aligned words.
-        unsafe { NPM_IFACES.get(ifindex).copied() }
+    fn iface(&self, ifindex: u32) -> Option<&IfaceInfo> {
+        // SAFETY: map values stay valid for the program's run (RCU). The agent writes an
+        // interface's value whole, before attaching, and again only when a pod's other
+        // address joins: a concurrent read sees either value, both the pod's.
+        unsafe { NPM_IFACES.get(ifindex) }
     }
 
-    fn endpoint(&self, ip: [u8; 4]) -> Option<EndpointInfo> {
+    fn endpoint(&self, ip: Addr) -> Option<EndpointInfo> {
         // SAFETY: as for `iface`.
         unsafe { NPM_ENDPOINTS.get(ip).copied() }
     }
 
-    fn is_node_ip(&self, ip: [u8; 4]) -> bool {
+    fn is_node_ip(&self, ip: Addr) -> bool {
         NPM_NODE_IPS.get_ptr(ip).is_some()
     }
 
-    fn identity(&self, ip: [u8; 4]) -> Option<u32> {
+    fn identity(&self, ip: Addr) -> Option<u32> {
         // SAFETY: as for `iface`.
         unsafe { NPM_IDENTITIES.get(ip).copied() }
     }
 
-    fn prefix_id(&self, ip: [u8; 4]) -> Option<u32> {
-        NPM_CIDRS.get(Key::new(32, ip)).copied()
+    fn prefix_id(&self, ip: Addr) -> Option<u32> {
+        NPM_CIDRS.get(Key::new(128, ip)).copied()
     }
 
     fn policy_lookup(&self, prefix_len: u32, key: &PolicyKeyData) -> Option<PolicyValue> {
@@ -141,7 +147,15 @@ fn run(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let hook = Hook { dir, ifindex, ingress_ifindex, now };
-    let verdict = decide(&Kernel, &hook, &classify_frame(&Skb(ctx)));
+    // The parsed packet lives in a per-CPU slot, not on the stack (see `parse`).
+    let Some(parsed) = NPM_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT; // cannot happen: the slot of an array always exists
+    };
+    // SAFETY: this CPU's slot, used only by this run (tc programs do not preempt one another
+    // on a CPU), from a successful lookup.
+    let parsed = unsafe { &mut *parsed };
+    parse(ctx, parsed);
+    let verdict = judge(&hook, parsed);
     count(dir, verdict.reason);
     if verdict.allowed() {
         return TC_ACT_UNSPEC; // no objection: the next program, or the stack, decides
@@ -150,8 +164,23 @@ fn run(ctx: &TcContext, dir: u8) -> i32 {
     TC_ACT_SHOT
 }
 
+// Reading, deciding and reporting are functions of their own (BPF-to-BPF calls): their
+// locals (IPv6 headers, connection-tracking keys, the event) are never on the stack at
+// once, and the parsed packet is kept in `NPM_SCRATCH`, which keeps the program within the
+// 512 bytes of stack BPF allows a call chain.
+
+#[inline(never)]
+fn parse(ctx: &TcContext, out: &mut Parsed) {
+    *out = classify_frame(&Skb(ctx));
+}
+
+#[inline(never)]
+fn judge(hook: &Hook, parsed: &Parsed) -> Verdict {
+    decide(&Kernel, hook, parsed)
+}
+
 /// Sends the drop's event to the agent, if the CPU's rate limiter lets it through.
-#[inline(always)]
+#[inline(never)]
 fn report(hook: &Hook, verdict: &Verdict) {
     let cost = NPM_CONFIG.get(CONFIG_EVENT_COST_NS).copied().unwrap_or(0);
     if cost == 0 {

@@ -3,7 +3,7 @@
 //! `npm_common::events`); the agent reads them here. What the limiter let through, kept back
 //! and lost is summed from the per-CPU state for the metrics.
 
-use std::net::{IpAddr, Ipv4Addr};
+use npm_common::ADDR_NONE;
 use std::time::{Duration, SystemTime};
 
 use npm_common::{DIR_INGRESS, DropEvent, Reason};
@@ -44,10 +44,9 @@ impl Default for EventRate {
 pub fn notice(e: &DropEvent, boot_now: u64, now: SystemTime) -> DropNotice {
     let ago = Duration::from_nanos(boot_now.saturating_sub(e.time_ns));
     let reason = Reason::ALL.get(usize::from(e.reason)).map_or("unknown", |r| r.name());
-    let v4 = |b: [u8; 4]| IpAddr::V4(Ipv4Addr::from(b));
-    let flow = (e.src != [0; 4] || e.dst != [0; 4]).then(|| DropFlow {
-        src: v4(e.src),
-        dst: v4(e.dst),
+    let flow = (e.src != ADDR_NONE || e.dst != ADDR_NONE).then(|| DropFlow {
+        src: super::key_addr(e.src),
+        dst: super::key_addr(e.dst),
         protocol: e.protocol,
         sport: e.sport,
         dport: e.dport,
@@ -57,7 +56,7 @@ pub fn notice(e: &DropEvent, boot_now: u64, now: SystemTime) -> DropNotice {
         direction: if e.dir == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
         reason,
         flow,
-        pod_ip: (e.pod != [0; 4]).then(|| v4(e.pod)),
+        pod_ip: (e.pod != ADDR_NONE).then(|| super::key_addr(e.pod)),
         profile: (e.profile != 0).then_some(e.profile),
     }
 }
@@ -152,15 +151,15 @@ mod tests {
     fn an_event_reads_as_a_notice() {
         let e = DropEvent {
             time_ns: 5_000_000_000,
-            src: [10, 0, 0, 1],
-            dst: [10, 0, 0, 2],
+            src: npm_common::v4_mapped([10, 0, 0, 1]),
+            dst: npm_common::v4_mapped([10, 0, 0, 2]),
             sport: 40000,
             dport: 80,
             protocol: 6,
             dir: DIR_INGRESS,
             reason: Reason::Denied as u8,
             ifindex: 7,
-            pod: [10, 0, 0, 2],
+            pod: npm_common::v4_mapped([10, 0, 0, 2]),
             profile: 3,
             ..DropEvent::default()
         };

@@ -12,7 +12,7 @@
 //!   program is replaced atomically by the new agent's.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,19 +23,19 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ipnet::Ipv4Net;
 use npm_common::conntrack::{FragKey, FragValue};
 use npm_common::{
-    CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, CtKey, CtValue, EndpointInfo, IfaceInfo, MAP_CIDRS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGS, MAP_IDENTITIES,
-    MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PolicyKeyData, PolicyValue,
-    Reason, counter_index,
+    Addr, CONFIG_EVENT_BURST, CONFIG_EVENT_COST_NS, CtKey, CtValue, EndpointInfo, IfaceInfo,
+    MAP_CIDRS, MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGS,
+    MAP_IDENTITIES, MAP_IFACES, MAP_NODE_IPS, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD,
+    PolicyKeyData, PolicyValue, Reason, counter_index,
 };
 
 use super::emulator::MapEmulator;
 use super::events::{EventRate, RingFeed};
 use super::observe::{EbpfObserver, PacketCounters};
 use super::translate::{Encoded, MapOp, MapTranslator};
+use super::{addr_key, key_addr, key_prefix, prefix_key};
 use crate::dataplane::azure::AzureSets;
 use crate::dataplane::iface;
 use crate::dataplane::observe::Observer;
@@ -85,13 +85,13 @@ struct Attachment {
 }
 
 struct Maps {
-    endpoints: BpfHashMap<MapData, [u8; 4], EndpointInfo>,
+    endpoints: BpfHashMap<MapData, Addr, EndpointInfo>,
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
-    identities: BpfHashMap<MapData, [u8; 4], u32>,
-    cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    identities: BpfHashMap<MapData, Addr, u32>,
+    cidrs: LpmTrie<MapData, Addr, u32>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
-    node_ips: BpfHashMap<MapData, [u8; 4], u32>,
+    node_ips: BpfHashMap<MapData, Addr, u32>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
 }
@@ -101,7 +101,8 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     maps: Maps,
     translator: MapTranslator,
-    attachments: HashMap<Ipv4Addr, Attachment>,
+    /// By endpoint address: a dual-stack pod's two addresses share its interface.
+    attachments: HashMap<IpAddr, Attachment>,
     /// When dead connection-tracking entries were last swept.
     last_sweep: Instant,
     /// Azure NPM's sets of the plan's layout, for the observer: the maps hold no such sets,
@@ -232,8 +233,8 @@ impl EbpfDataplane {
         if !self.config.attach {
             return Ok(0);
         }
-        let routes = iface::host_routes();
-        let stale: Vec<(Ipv4Addr, ObjectKey)> = self
+        let routes = iface::pod_routes();
+        let stale: Vec<(IpAddr, ObjectKey)> = self
             .attachments
             .iter()
             .filter(|(ip, a)| match &a.ifname {
@@ -252,31 +253,41 @@ impl EbpfDataplane {
     /// Says that `ifindex` is the interface of the local endpoint at `ip`, as attaching does,
     /// without attaching anything: for packet tests through `TestRun`, where the interface
     /// is only a number the test passes in.
-    pub fn bind_interface(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<(), DataplaneError> {
+    pub fn bind_interface(&mut self, ip: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
         let pod = self
             .attachments
             .get(&ip)
             .map(|a| a.pod.clone())
             .unwrap_or_else(|| ObjectKey::new("", ""));
-        self.bind(ip, ifindex)?;
+        self.bind(ip, &pod, ifindex)?;
         self.attachments.insert(ip, Attachment { pod, ifname: None, ifindex, warned: false });
         Ok(())
+    }
+
+    /// The interface map's value for `ifindex`: the addresses of `pod` bound to it (`ip` and
+    /// whatever other address of the pod is already there). Another pod's addresses never
+    /// join, whatever the attachments say.
+    fn iface_info(&self, ifindex: u32, pod: &ObjectKey, ip: Option<IpAddr>) -> IfaceInfo {
+        let others = self
+            .attachments
+            .iter()
+            .filter(|(a, att)| Some(**a) != ip && att.ifindex == ifindex && att.pod == *pod)
+            .map(|(a, _)| *a);
+        ip.into_iter().chain(others).fold(IfaceInfo::default(), |i, a| i.with(addr_key(a)))
     }
 
     /// Records `ifindex` as the interface of the pod at `ip` in the maps: the interface map
     /// (what its packets may claim as their source) and the endpoint's value (where packets
     /// with its address must come from). Done before the programs are attached.
-    fn bind(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<(), DataplaneError> {
-        self.maps
-            .ifaces
-            .insert(ifindex, IfaceInfo { ip4: ip.octets() }, 0)
-            .map_err(|e| err("interface", e))?;
-        if let Ok(info) = self.maps.endpoints.get(&ip.octets(), 0)
+    fn bind(&mut self, ip: IpAddr, pod: &ObjectKey, ifindex: u32) -> Result<(), DataplaneError> {
+        let info = self.iface_info(ifindex, pod, Some(ip));
+        self.maps.ifaces.insert(ifindex, info, 0).map_err(|e| err("interface", e))?;
+        if let Ok(info) = self.maps.endpoints.get(&addr_key(ip), 0)
             && info.ifindex != ifindex
         {
             self.maps
                 .endpoints
-                .insert(ip.octets(), EndpointInfo { ifindex, ..info }, 0)
+                .insert(addr_key(ip), EndpointInfo { ifindex, ..info }, 0)
                 .map_err(|e| err("endpoint", e))?;
         }
         Ok(())
@@ -333,8 +344,8 @@ impl EbpfDataplane {
         }
         for kv in m.cidrs.iter() {
             let (k, v) = kv.map_err(read)?;
-            let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
-                .map_err(|e| err("reading the maps", e))?;
+            let net = key_prefix(k.prefix_len(), k.data())
+                .ok_or_else(|| err("reading the maps", "a CIDR key of no prefix"))?;
             model.cidrs.insert(net, v);
         }
         for kv in m.policy.iter() {
@@ -367,24 +378,25 @@ impl EbpfDataplane {
                     // The interface is this side's to know (the translator's value has none).
                     let ifindex = self.attachments.get(ip).map_or(0, |a| a.ifindex);
                     m.endpoints
-                        .insert(ip.octets(), EndpointInfo { ifindex, ..*info }, 0)
+                        .insert(addr_key(*ip), EndpointInfo { ifindex, ..*info }, 0)
                         .map_err(|e| err("endpoint", e))?
                 }
-                MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&ip.octets()))
+                MapOp::EndpointDel { ip } => ignore_missing(m.endpoints.remove(&addr_key(*ip)))
                     .map_err(|e| err("endpoint", e))?,
                 MapOp::IdentitySet { ip, id } => {
-                    m.identities.insert(ip.octets(), id, 0).map_err(|e| err("identity", e))?
+                    m.identities.insert(addr_key(*ip), id, 0).map_err(|e| err("identity", e))?
                 }
-                MapOp::IdentityDel { ip } => ignore_missing(m.identities.remove(&ip.octets()))
+                MapOp::IdentityDel { ip } => ignore_missing(m.identities.remove(&addr_key(*ip)))
                     .map_err(|e| err("identity", e))?,
-                MapOp::CidrSet { net, id } => m
-                    .cidrs
-                    .insert(&Key::new(net.prefix_len() as u32, net.network().octets()), id, 0)
-                    .map_err(|e| err("cidr", e))?,
-                MapOp::CidrDel { net } => ignore_missing(
-                    m.cidrs.remove(&Key::new(net.prefix_len() as u32, net.network().octets())),
-                )
-                .map_err(|e| err("cidr", e))?,
+                MapOp::CidrSet { net, id } => {
+                    let (len, key) = prefix_key(*net);
+                    m.cidrs.insert(&Key::new(len, key), id, 0).map_err(|e| err("cidr", e))?
+                }
+                MapOp::CidrDel { net } => {
+                    let (len, key) = prefix_key(*net);
+                    ignore_missing(m.cidrs.remove(&Key::new(len, key)))
+                        .map_err(|e| err("cidr", e))?
+                }
                 MapOp::PolicyAdd { prefix_len, key, value } => m
                     .policy
                     .insert(&Key::new(*prefix_len, *key), value, 0)
@@ -394,9 +406,9 @@ impl EbpfDataplane {
                         .map_err(|e| err("policy", e))?
                 }
                 MapOp::NodeIpAdd { ip } => {
-                    m.node_ips.insert(ip.octets(), 1, 0).map_err(|e| err("node address", e))?
+                    m.node_ips.insert(addr_key(*ip), 1, 0).map_err(|e| err("node address", e))?
                 }
-                MapOp::NodeIpDel { ip } => ignore_missing(m.node_ips.remove(&ip.octets()))
+                MapOp::NodeIpDel { ip } => ignore_missing(m.node_ips.remove(&addr_key(*ip)))
                     .map_err(|e| err("node address", e))?,
                 MapOp::Attach { .. } | MapOp::Detach { .. } => {}
             }
@@ -426,7 +438,7 @@ impl EbpfDataplane {
         self.config.pin_root.join("links").join(format!("{}-{dir}", ifname.replace('.', "_")))
     }
 
-    fn attach(&mut self, ip: Ipv4Addr, pod: ObjectKey) -> Result<(), DataplaneError> {
+    fn attach(&mut self, ip: IpAddr, pod: ObjectKey) -> Result<(), DataplaneError> {
         let warned = self.attachments.get(&ip).is_some_and(|a| a.warned);
         if !self.config.attach {
             let ifindex = self.attachments.get(&ip).map_or(0, |a| a.ifindex);
@@ -450,11 +462,18 @@ impl EbpfDataplane {
             self.detach(ip)?;
         }
         // The maps know the interface before its programs run: the first packet is checked.
-        self.bind(ip, ifindex)?;
+        self.bind(ip, &pod, ifindex)?;
+        // The pod's other address may have attached the programs already.
+        let attached = self.attachments.iter().any(|(a, att)| {
+            *a != ip && att.ifindex == ifindex && att.ifname.as_deref() == Some(ifname.as_str())
+        });
         for (prog, ty, dir) in [
             (PROG_FROM_POD, TcAttachType::Ingress, "from"),
             (PROG_TO_POD, TcAttachType::Egress, "to"),
-        ] {
+        ]
+        .into_iter()
+        .filter(|_| !attached)
+        {
             let path = self.link_path(&ifname, dir);
             let program: &mut SchedClassifier = self
                 .ebpf
@@ -498,10 +517,17 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    fn detach(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+    fn detach(&mut self, ip: IpAddr) -> Result<(), DataplaneError> {
         let Some(a) = self.attachments.remove(&ip) else {
             return Ok(());
         };
+        // The pod's other address keeps the interface (and its programs) when it is there.
+        let shared = a.ifindex != 0
+            && self.attachments.values().any(|o| o.ifindex == a.ifindex && o.pod == a.pod);
+        if shared {
+            let info = self.iface_info(a.ifindex, &a.pod, None);
+            return self.maps.ifaces.insert(a.ifindex, info, 0).map_err(|e| err("interface", e));
+        }
         if let Some(ifname) = a.ifname {
             for dir in ["from", "to"] {
                 let path = self.link_path(&ifname, dir);
@@ -522,32 +548,30 @@ impl EbpfDataplane {
     fn remove_stale(&mut self) -> Result<(), DataplaneError> {
         let want = self.translator.desired();
         let m = &mut self.maps;
-        let stale: Vec<[u8; 4]> = m
+        let stale: Vec<Addr> = m
             .endpoints
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !want.endpoints.contains(&Ipv4Addr::from(*k)))
+            .filter(|k| !want.endpoints.contains(&key_addr(*k)))
             .collect();
         for k in stale {
             ignore_missing(m.endpoints.remove(&k)).map_err(|e| err("stale endpoint", e))?;
         }
-        let stale: Vec<[u8; 4]> = m
+        let stale: Vec<Addr> = m
             .identities
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !want.identities.contains(&Ipv4Addr::from(*k)))
+            .filter(|k| !want.identities.contains(&key_addr(*k)))
             .collect();
         for k in stale {
             ignore_missing(m.identities.remove(&k)).map_err(|e| err("stale identity", e))?;
         }
-        let stale: Vec<Key<[u8; 4]>> = m
+        let stale: Vec<Key<Addr>> = m
             .cidrs
             .keys()
             .filter_map(Result::ok)
             .filter(|k| {
-                let net =
-                    Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).map(|n| n.trunc());
-                !net.is_ok_and(|n| want.cidrs.contains(&n))
+                !key_prefix(k.prefix_len(), k.data()).is_some_and(|n| want.cidrs.contains(&n))
             })
             .collect();
         for k in stale {
@@ -653,7 +677,7 @@ impl Dataplane for EbpfDataplane {
         let ops = self.translator.translate(&plan.entries_diff());
         let (endpoint_sets, rest): (Vec<MapOp>, Vec<MapOp>) =
             ops.into_iter().partition(|op| matches!(op, MapOp::EndpointSet { .. }));
-        let mut last: HashMap<Ipv4Addr, MapOp> = HashMap::new();
+        let mut last: HashMap<IpAddr, MapOp> = HashMap::new();
         for op in endpoint_sets {
             if let MapOp::EndpointSet { ip, .. } = op {
                 last.insert(ip, op);
@@ -663,7 +687,7 @@ impl Dataplane for EbpfDataplane {
             rest.into_iter().partition(|op| matches!(op, MapOp::Attach { .. }));
         // Interfaces are found first, so that endpoint values are written with theirs.
         let previous = std::mem::take(&mut self.attachments);
-        let routes = if self.config.attach { iface::host_routes() } else { HashMap::new() };
+        let routes = if self.config.attach { iface::pod_routes() } else { HashMap::new() };
         for op in &attaches {
             if let MapOp::Attach { ip, pod } = op {
                 let ifindex = match self.config.attach {

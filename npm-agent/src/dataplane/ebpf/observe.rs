@@ -7,7 +7,6 @@
 //! dataplane's kernel holds for the same cluster), since the maps hold none (a peer set is
 //! spelled out as policy keys, one per identity; the maps' own sizes are `npm_map_entries`).
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -58,21 +57,25 @@ pub fn pinned_model(maps_dir: &Path) -> Result<crate::dataplane::ebpf::emulator:
     use aya::maps::lpm_trie::LpmTrie;
     use npm_common::*;
     let mut m = crate::dataplane::ebpf::emulator::MapEmulator::default();
-    let endpoints: BpfHashMap<_, [u8; 4], EndpointInfo> =
+    let endpoints: BpfHashMap<_, Addr, EndpointInfo> =
         open_map(maps_dir, MAP_ENDPOINTS)?.try_into()?;
     m.endpoints = endpoints.iter().filter_map(std::result::Result::ok).collect();
     let ifaces: BpfHashMap<_, u32, IfaceInfo> = open_map(maps_dir, MAP_IFACES)?.try_into()?;
     m.ifaces = ifaces.iter().filter_map(std::result::Result::ok).collect();
     for (ifindex, info) in &m.ifaces {
-        if m.endpoints.get(&info.ip4).is_some_and(|e| e.ifindex == *ifindex) {
-            m.attached.insert(Ipv4Addr::from(info.ip4));
+        for a in [info.own(false), info.own(true)].into_iter().flatten() {
+            if m.endpoints.get(&a).is_some_and(|e| e.ifindex == *ifindex) {
+                let ip = super::key_addr(a);
+                m.attached.insert(ip);
+                m.pod_ifindex.insert(ip, *ifindex);
+            }
         }
     }
-    let ids: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_IDENTITIES)?.try_into()?;
+    let ids: BpfHashMap<_, Addr, u32> = open_map(maps_dir, MAP_IDENTITIES)?.try_into()?;
     m.identities = ids.iter().filter_map(std::result::Result::ok).collect();
-    let cidrs: LpmTrie<_, [u8; 4], u32> = open_map(maps_dir, MAP_CIDRS)?.try_into()?;
+    let cidrs: LpmTrie<_, Addr, u32> = open_map(maps_dir, MAP_CIDRS)?.try_into()?;
     for (k, id) in cidrs.iter().filter_map(std::result::Result::ok) {
-        if let Ok(net) = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+        if let Some(net) = super::key_prefix(k.prefix_len(), k.data()) {
             m.cidrs.insert(net, id);
         }
     }
@@ -81,7 +84,7 @@ pub fn pinned_model(maps_dir: &Path) -> Result<crate::dataplane::ebpf::emulator:
     for (k, v) in policy.iter().filter_map(std::result::Result::ok).take(MAX_POLICY as usize) {
         m.policy.insert((k.prefix_len(), k.data()), v);
     }
-    let nodes: BpfHashMap<_, [u8; 4], u32> = open_map(maps_dir, MAP_NODE_IPS)?.try_into()?;
+    let nodes: BpfHashMap<_, Addr, u32> = open_map(maps_dir, MAP_NODE_IPS)?.try_into()?;
     m.node_ips = nodes.keys().filter_map(std::result::Result::ok).collect();
     Ok(m)
 }
@@ -132,12 +135,12 @@ impl Observer for EbpfObserver {
             }};
         }
         use aya::maps::IterableMap as _;
-        hash_map!(MAP_ENDPOINTS, [u8; 4], EndpointInfo);
+        hash_map!(MAP_ENDPOINTS, Addr, EndpointInfo);
         hash_map!(MAP_IFACES, u32, IfaceInfo);
-        hash_map!(MAP_IDENTITIES, [u8; 4], u32);
-        trie!(MAP_CIDRS, [u8; 4]);
+        hash_map!(MAP_IDENTITIES, Addr, u32);
+        trie!(MAP_CIDRS, Addr);
         let rules = trie!(MAP_POLICY, PolicyKeyData, npm_common::PolicyValue);
-        hash_map!(MAP_NODE_IPS, [u8; 4], u32);
+        hash_map!(MAP_NODE_IPS, Addr, u32);
         let ct = hash_map!(MAP_CT, CtKey, CtValue);
         hash_map!(MAP_FRAGS, FragKey, FragValue);
         f.conntrack_entries = Some(ct);

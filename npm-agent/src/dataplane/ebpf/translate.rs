@@ -29,9 +29,9 @@
 //! trie; a prefix no longer named leaves the trie before its entries go.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use npm_common::{
     ACTION_ACCEPT, ACTION_DENY, ACTION_PASS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED,
     EP_INGRESS_ISOLATED, EndpointInfo, PEER_ANY, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
@@ -47,32 +47,32 @@ use crate::plan::{Allow, Change, PeerMatch, PlanDiff, PortMatch, Precedence, Set
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     Attach {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         pod: ObjectKey,
     },
     Detach {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     EndpointSet {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         info: EndpointInfo,
     },
     EndpointDel {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     IdentitySet {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         id: u32,
     },
     IdentityDel {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     CidrSet {
-        net: Ipv4Net,
+        net: IpNet,
         id: u32,
     },
     CidrDel {
-        net: Ipv4Net,
+        net: IpNet,
     },
     /// Writes the key (new, or with a new value).
     PolicyAdd {
@@ -85,10 +85,10 @@ pub enum MapOp {
         key: PolicyKeyData,
     },
     NodeIpAdd {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     NodeIpDel {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
 }
 
@@ -96,13 +96,6 @@ pub fn dir_byte(d: Direction) -> u8 {
     match d {
         Direction::Ingress => DIR_INGRESS,
         Direction::Egress => DIR_EGRESS,
-    }
-}
-
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(v) => Some(v),
-        IpAddr::V6(_) => None,
     }
 }
 
@@ -181,9 +174,9 @@ struct PeerSetState {
 #[derive(Default)]
 pub struct MapTranslator {
     sets: HashMap<SetId, PeerSetState>,
-    endpoints: HashMap<Ipv4Addr, Endpoint>,
+    endpoints: HashMap<IpAddr, Endpoint>,
     profiles: HashMap<u32, Profile>,
-    prefixes: BTreeMap<Ipv4Net, Prefix>,
+    prefixes: BTreeMap<IpNet, Prefix>,
     next_prefix: u32,
     /// The policy trie's keys, ordered so that a (profile, direction, peer) is a range.
     policy: BTreeMap<(PolicyKeyData, u32), KeyEntries>,
@@ -194,10 +187,8 @@ pub struct MapTranslator {
     slots: BTreeMap<(bool, u32), BTreeMap<std::sync::Arc<str>, u32>>,
     /// CIDR allows by their block's network: the allows that may admit a prefix are those
     /// of its supernets, at most 33 lookups rather than a scan of every allow.
-    cidr_allows: HashMap<Ipv4Net, HashSet<CidrAllow>>,
-    identities: HashMap<Ipv4Addr, u32>,
-    /// Plan entries the encoding cannot express (IPv6), counted for the logs.
-    pub skipped_ipv6: u64,
+    cidr_allows: HashMap<IpNet, HashSet<CidrAllow>>,
+    identities: HashMap<IpAddr, u32>,
 }
 
 /// Sizes of what the maps hold, as the translator knows them.
@@ -248,33 +239,23 @@ impl MapTranslator {
         match c {
             // A quarantined endpoint's entries already admit nothing.
             Change::SetConflict { .. } | Change::RemoveConflict { .. } => {}
-            Change::AddNodeIp { ip } => match v4(*ip) {
-                Some(ip) => ops.push(MapOp::NodeIpAdd { ip }),
-                None => self.skipped_ipv6 += 1,
-            },
-            Change::RemoveNodeIp { ip } => {
-                if let Some(ip) = v4(*ip) {
-                    ops.push(MapOp::NodeIpDel { ip });
-                }
-            }
+            Change::AddNodeIp { ip } => ops.push(MapOp::NodeIpAdd { ip: *ip }),
+            Change::RemoveNodeIp { ip } => ops.push(MapOp::NodeIpDel { ip: *ip }),
             Change::AddEndpoint { ip, pod } | Change::RetargetEndpoint { ip, pod } => {
-                let Some(ip) = v4(*ip) else {
-                    self.skipped_ipv6 += 1;
-                    return;
-                };
+                let ip = *ip;
                 self.endpoints.entry(ip).or_default();
                 ops.push(MapOp::EndpointSet { ip, info: self.info(ip) });
                 ops.push(MapOp::Attach { ip, pod: pod.clone() });
             }
             Change::RemoveEndpoint { ip } => {
-                let Some(ip) = v4(*ip) else { return };
+                let ip = *ip;
                 if self.endpoints.remove(&ip).is_some() {
                     ops.push(MapOp::Detach { ip });
                     ops.push(MapOp::EndpointDel { ip });
                 }
             }
             Change::SetProfile { ip, direction, profile } => {
-                let Some(ip) = v4(*ip) else { return };
+                let ip = *ip;
                 let Some(ep) = self.endpoints.get_mut(&ip) else {
                     return;
                 };
@@ -307,18 +288,13 @@ impl MapTranslator {
                     self.remove_allow(*profile, d, allow, ops);
                 }
             }
-            Change::SetIdentity { ip, identity } => match v4(*ip) {
-                Some(ip) => {
-                    self.identities.insert(ip, *identity);
-                    ops.push(MapOp::IdentitySet { ip, id: *identity });
-                }
-                None => self.skipped_ipv6 += 1,
-            },
+            Change::SetIdentity { ip, identity } => {
+                self.identities.insert(*ip, *identity);
+                ops.push(MapOp::IdentitySet { ip: *ip, id: *identity });
+            }
             Change::RemoveIdentity { ip } => {
-                if let Some(ip) = v4(*ip)
-                    && self.identities.remove(&ip).is_some()
-                {
-                    ops.push(MapOp::IdentityDel { ip });
+                if self.identities.remove(ip).is_some() {
+                    ops.push(MapOp::IdentityDel { ip: *ip });
                 }
             }
             Change::AddSet { set, .. } => {
@@ -391,10 +367,7 @@ impl MapTranslator {
             }
             PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow, true, ops),
             PeerMatch::Cidr(block) => {
-                let Some((net, excepts)) = v4_block(block) else {
-                    self.skipped_ipv6 += 1;
-                    return;
-                };
+                let (net, excepts) = block_nets(block);
                 for p in std::iter::once(net).chain(excepts) {
                     self.name_prefix(p, ops);
                 }
@@ -423,9 +396,7 @@ impl MapTranslator {
             }
             PeerMatch::Set(s) => self.set_entry(prof, d, *s, allow, false, ops),
             PeerMatch::Cidr(block) => {
-                let Some((net, excepts)) = v4_block(block) else {
-                    return;
-                };
+                let (net, excepts) = block_nets(block);
                 if let Some(allows) = self.cidr_allows.get_mut(&net.trunc()) {
                     allows.remove(&CidrAllow {
                         profile: prof,
@@ -452,22 +423,16 @@ impl MapTranslator {
     /// Prefix ids of the named prefixes a block admits. Prefixes inside the block's cidr have
     /// their network address inside it: a range of the ordered map, not a scan of it.
     fn admitted<'a>(&'a self, block: &'a CidrBlock) -> impl Iterator<Item = u32> + 'a {
-        let range = v4_block(block).map(|(n, _)| {
-            let lo = Ipv4Net::new(n.network(), 0).expect("prefix 0 is valid");
-            let hi = Ipv4Net::new(n.broadcast(), 32).expect("prefix 32 is valid");
-            lo..=hi
-        });
-        range
-            .into_iter()
-            .flat_map(move |r| self.prefixes.range(r))
-            .filter(move |(p, _)| admits(block, **p))
-            .map(|(_, e)| e.id)
+        let n = block.net;
+        let lo = IpNet::new(n.network(), 0).expect("prefix 0 is valid");
+        let hi = IpNet::new(n.broadcast(), n.max_prefix_len()).expect("a full prefix is valid");
+        self.prefixes.range(lo..=hi).filter(move |(p, _)| admits(block, **p)).map(|(_, e)| e.id)
     }
 
     /// The CIDR allows whose block admits every address of `p`.
-    fn cidr_allows_admitting(&self, p: Ipv4Net) -> Vec<CidrAllow> {
+    fn cidr_allows_admitting(&self, p: IpNet) -> Vec<CidrAllow> {
         (0..=p.prefix_len())
-            .filter_map(|len| Ipv4Net::new(p.network(), len).ok().map(|n| n.trunc()))
+            .filter_map(|len| IpNet::new(p.network(), len).ok().map(|n| n.trunc()))
             .filter_map(|net| self.cidr_allows.get(&net))
             .flatten()
             .filter(|a| admits(&a.block, p))
@@ -475,7 +440,7 @@ impl MapTranslator {
             .collect()
     }
 
-    fn name_prefix(&mut self, p: Ipv4Net, ops: &mut Vec<MapOp>) {
+    fn name_prefix(&mut self, p: IpNet, ops: &mut Vec<MapOp>) {
         if let Some(e) = self.prefixes.get_mut(&p) {
             e.refs += 1;
             return;
@@ -491,7 +456,7 @@ impl MapTranslator {
         ops.push(MapOp::CidrSet { net: p, id });
     }
 
-    fn unname_prefix(&mut self, p: Ipv4Net, ops: &mut Vec<MapOp>) {
+    fn unname_prefix(&mut self, p: IpNet, ops: &mut Vec<MapOp>) {
         let Some(e) = self.prefixes.get_mut(&p) else {
             return;
         };
@@ -707,7 +672,7 @@ impl MapTranslator {
     }
 
     /// An endpoint's value: its profiles, and which directions NetworkPolicies isolate.
-    fn info(&self, ip: Ipv4Addr) -> EndpointInfo {
+    fn info(&self, ip: IpAddr) -> EndpointInfo {
         let profiles = self.endpoints.get(&ip).map_or([0, 0], |e| e.profiles);
         let isolating = |p: u32| p != 0 && self.profiles.get(&p).is_none_or(|p| p.isolating);
         let mut flags = 0;
@@ -722,30 +687,34 @@ impl MapTranslator {
 }
 
 /// Whether a block admits every address of a named prefix (see the module docs).
-fn admits(block: &CidrBlock, p: Ipv4Net) -> bool {
-    let Some((net, excepts)) = v4_block(block) else {
-        return false;
-    };
+/// (A prefix of the other family is in no block: `contains` is false across families.)
+fn admits(block: &CidrBlock, p: IpNet) -> bool {
+    let (net, excepts) = block_nets(block);
     net.contains(&p) && !excepts.iter().any(|e| e.contains(&p))
 }
 
-fn v4_block(block: &CidrBlock) -> Option<(Ipv4Net, Vec<Ipv4Net>)> {
-    let net = match block.net {
-        ipnet::IpNet::V4(n) => n,
-        ipnet::IpNet::V6(_) => return None,
-    };
-    let excepts = block.except.iter().filter_map(|e| match e {
-        ipnet::IpNet::V4(n) => Some(*n),
-        ipnet::IpNet::V6(_) => None,
-    });
-    Some((net, excepts.collect()))
+/// A block's cidr and excepts, as prefixes to name in the CIDR trie (an except of the other
+/// family, which validation refuses, is left out: it excepts nothing of the cidr).
+///
+/// IPv4 addresses are keyed inside `::ffff:0:0/96` (see `npm_common::Addr`), so an IPv6
+/// block holding that prefix (`::/0`, say) would hold every IPv4 address in the trie. Such a
+/// block also names `0.0.0.0/0`, which it does not admit: IPv4 addresses then find that
+/// prefix (or a longer IPv4 one) first, and only IPv4 blocks admit those.
+fn block_nets(block: &CidrBlock) -> (IpNet, Vec<IpNet>) {
+    let same = |e: &&IpNet| e.max_prefix_len() == block.net.max_prefix_len();
+    let mut excepts: Vec<IpNet> = block.except.iter().filter(same).copied().collect();
+    let mapped: IpNet = "::ffff:0:0/96".parse().expect("a valid prefix");
+    if block.net.contains(&mapped) {
+        excepts.push("0.0.0.0/0".parse().expect("a valid prefix"));
+    }
+    (block.net, excepts)
 }
 
 /// The keys the maps should hold.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
-    pub endpoints: HashSet<Ipv4Addr>,
-    pub identities: HashSet<Ipv4Addr>,
-    pub cidrs: HashSet<Ipv4Net>,
+    pub endpoints: HashSet<IpAddr>,
+    pub identities: HashSet<IpAddr>,
+    pub cidrs: HashSet<IpNet>,
     pub policy: HashSet<(u32, PolicyKeyData)>,
 }
