@@ -32,7 +32,8 @@
 //!   finds a pod's interface from its /32 route ([`LabPod::host_ifname`] and
 //!   [`LabPod::host_ifindex`] say it directly).
 //! - In every lab namespace reverse-path filtering is off and IPv6 is disabled (no router
-//!   solicitations or DAD noise on the veths); these are sysctls of the lab's namespaces only.
+//!   solicitations or DAD noise on the veths) unless the lab has IPv6 pods (below); these are
+//!   sysctls of the lab's namespaces only.
 //!
 //! # IPv6 (dual stack and single-stack IPv6)
 //! A pod may have an IPv6 address beside its IPv4 one, or only an IPv6 address. IPv6 stays
