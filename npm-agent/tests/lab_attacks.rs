@@ -150,7 +150,7 @@ impl Attack {
     }
 
     fn ip(&self, pod: &str) -> Ipv4Addr {
-        self.lab.lab().pod(&format!("x/{pod}")).expect("pod").ip
+        self.lab.lab().pod(&format!("x/{pod}")).expect("pod").ip.expect("an IPv4 address")
     }
 
     fn netns(&self, pod: &str) -> String {

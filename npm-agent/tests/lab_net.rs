@@ -96,7 +96,7 @@ fn lab_network_end_to_end() {
     let pod = lab.pod("y/a").unwrap().clone();
     let node = &lab.nodes()[pod.node];
     let out = Command::new("ip")
-        .args(["-n", &node.netns, "-o", "route", "get", &pod.ip.to_string()])
+        .args(["-n", &node.netns, "-o", "route", "get", &pod.ip.unwrap().to_string()])
         .output()
         .unwrap();
     let route = String::from_utf8_lossy(&out.stdout);
@@ -150,7 +150,7 @@ fn lab_network_end_to_end() {
     let xa = lab.pod("x/a").unwrap().clone();
     let n1 = lab.nodes()[1].netns.clone();
     let st = Command::new("ip")
-        .args(["-n", &n1, "route", "replace", "blackhole", &format!("{}/32", xa.ip)])
+        .args(["-n", &n1, "route", "replace", "blackhole", &format!("{}/32", xa.ip.unwrap())])
         .status()
         .unwrap();
     assert!(st.success());
@@ -178,7 +178,7 @@ fn lab_network_end_to_end() {
             &n1,
             "route",
             "replace",
-            &format!("{}/32", xa.ip),
+            &format!("{}/32", xa.ip.unwrap()),
             "via",
             &lab.nodes()[0].address.to_string(),
         ])
@@ -193,7 +193,7 @@ fn lab_network_end_to_end() {
     assert!(lab.pod("y/b").is_none());
     assert!(!yb.netns_path.exists());
     lab.add_pod("y/c", Ipv4Addr::new(10, 240, 1, 100), 0, &PORTS).expect("add y/c");
-    lab.add_pod("y/d", yb.ip, 1 - yb.node, &PORTS).expect("add y/d at y/b's address");
+    lab.add_pod("y/d", yb.ip.unwrap(), 1 - yb.node, &PORTS).expect("add y/d at y/b's address");
     let keys2 = ["x/a", "x/b", "y/a", "y/c", "y/d", "z/a", "z/b"];
     let (m, _) = timed_probe(&lab, &keys2, Protocol::Tcp, 81);
     assert_all(&m, &keys2, true, "TCP/81 after delete and create");
@@ -279,7 +279,7 @@ fn lab_blocked_matrix_takes_one_timeout() {
     // route in both nodes (pods then cannot reach each other, not even on one node).
     for node in lab.nodes() {
         let lines: String =
-            lab.pods().map(|p| format!("route replace blackhole {}/32\n", p.ip)).collect();
+            lab.pods().map(|p| format!("route replace blackhole {}/32\n", p.ip.unwrap())).collect();
         let mut child = Command::new("ip")
             .args(["-n", &node.netns, "-batch", "-"])
             .stdin(Stdio::piped())

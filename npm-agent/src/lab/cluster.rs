@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use super::net::{self, Lab, LabConfig};
 use super::registry;
 use crate::model::convert::{namespace_to_k8s, node_to_k8s, pod_to_k8s, policy_to_k8s};
-use crate::model::{Namespace, Node, ObjectKey, Pod, Policy, Protocol};
+use crate::model::{IpFamily, Namespace, Node, ObjectKey, Pod, Policy, Protocol};
 use crate::simulate::Enforcer;
 use crate::simulate::case::CaseCluster;
 use crate::state::Event;
@@ -254,13 +254,17 @@ impl LabCluster {
                 })
                 .collect(),
         ));
+        let ipv6 = self.lab().has_ipv6();
         let nodes: Vec<Node> = self
             .lab()
             .nodes()
             .iter()
             .map(|n| Node {
                 name: node_name(n.index),
-                addresses: vec![IpAddr::V4(n.address)],
+                // (Its IPv6 fabric address too once the lab has IPv6: a dual-stack node.)
+                addresses: std::iter::once(IpAddr::V4(n.address))
+                    .chain(ipv6.then_some(IpAddr::V6(n.address6)))
+                    .collect(),
                 // (As the kubelet labels every node.)
                 labels: [("kubernetes.io/hostname".to_string(), node_name(n.index))].into(),
             })
@@ -399,10 +403,17 @@ impl LabCluster {
             None => {
                 let n = self.placed % self.opts.nodes;
                 self.placed += 1;
-                let ip = match pod.ip {
-                    Some(IpAddr::V4(ip)) => ip,
-                    other => bail!("pod {}: the lab needs an IPv4 address, not {other:?}", pod.key),
+                let ip = match pod.address(IpFamily::V4) {
+                    Some(IpAddr::V4(ip)) => Some(ip),
+                    _ => None,
                 };
+                let ipv6 = match pod.address(IpFamily::V6) {
+                    Some(IpAddr::V6(ip)) => Some(ip),
+                    _ => None,
+                };
+                if ip.is_none() && ipv6.is_none() {
+                    bail!("pod {}: the lab needs an address", pod.key);
+                }
                 let sctp = net::sctp_supported();
                 let ports: Vec<(Protocol, u16)> = cluster
                     .ports
@@ -413,7 +424,7 @@ impl LabCluster {
                     .filter(|(p, _)| sctp || *p != Protocol::Sctp)
                     .collect();
                 let key = pod.key.to_string();
-                self.lab.as_mut().expect("lab").add_pod(&key, ip, n, &ports)?;
+                self.lab.as_mut().expect("lab").add_pod_addrs(&key, ip, ipv6, n, &ports)?;
                 self.placement.insert(pod.key.clone(), n);
                 n
             }
@@ -480,13 +491,22 @@ impl Enforcer for LabCluster {
         protocol: Protocol,
         port: u16,
     ) -> Result<Vec<Vec<bool>>> {
+        // The runner hands every pod with its address of the probed family as `ip`; the lab
+        // probes between its pods' addresses of that family.
+        let family = pods.first().and_then(|p| p.ip).map_or(IpFamily::V4, |ip| IpFamily::of(&ip));
         let keys: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.lab().probe_matrix(&keys, protocol, port, self.opts.probe_timeout)
+        self.lab().probe_matrix_family(&keys, family, protocol, port, self.opts.probe_timeout)
     }
 
     fn supports_sctp(&self) -> bool {
         net::sctp_supported()
+    }
+
+    /// IPv6 tables are probed over the pods' IPv6 addresses (whether the dataplane enforces
+    /// IPv6 policies is what those tables then show).
+    fn supports_ipv6(&self) -> bool {
+        true
     }
 }
 

@@ -114,7 +114,7 @@ fn rates(lab: &Lab, seconds: f64) -> Result<Rates> {
         TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
     })??;
     listener.set_nonblocking(true)?;
-    let addr = SocketAddrV4::new(server.ip, PORT);
+    let addr = SocketAddrV4::new(server.ip.context("the server pod has an IPv4 address")?, PORT);
     std::thread::scope(|s| -> Result<Rates> {
         s.spawn(|| {
             pin_to_cpu0();

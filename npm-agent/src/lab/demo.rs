@@ -124,7 +124,8 @@ fn demo(path: &Path, opts: &LabOptions, hold: bool, metrics_addr: &str) -> Resul
             );
         }
         for p in lab.lab().pods() {
-            println!("   ip netns exec {}  ...   # pod {} {}", p.netns, p.key, p.ip);
+            let ips: Vec<String> = p.addresses().map(|a| a.to_string()).collect();
+            println!("   ip netns exec {}  ...   # pod {} {}", p.netns, p.key, ips.join(" "));
         }
         for l in lab.agent_logs() {
             println!("   agent log: {}", l.display());

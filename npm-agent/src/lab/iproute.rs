@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns;
 
@@ -54,6 +54,52 @@ pub(super) fn namespace_sysctls() -> Vec<(&'static str, &'static str)> {
         ("ipv6/conf/all/disable_ipv6", "1"),
         ("ipv6/conf/default/disable_ipv6", "1"),
     ]
+}
+
+/// What every IPv6 interface of a lab namespace gets before IPv6 is turned on in it: no
+/// duplicate address detection (addresses are usable at once, not tentative for a second), no
+/// router advertisements, no autoconfiguration, no router solicitations. (The lab's addresses
+/// and routes are all static.)
+const IPV6_QUIET: [(&str, &str); 5] = [
+    ("accept_dad", "0"),
+    ("dad_transmits", "0"),
+    ("accept_ra", "0"),
+    ("autoconf", "0"),
+    ("router_solicitations", "0"),
+];
+
+/// Turns IPv6 on in a lab namespace (from a thread inside it): first [`IPV6_QUIET`] for `all`,
+/// `default` and every interface that exists already (the kernel takes the larger of `all`'s
+/// and an interface's `accept_dad`, so `all` alone is not enough), then `forwarding` when
+/// asked (a node), then `disable_ipv6=0` for `all` (which the kernel applies to `default` and
+/// to every existing interface). Interfaces created afterwards take the `default`s.
+pub(super) fn enable_ipv6(netns: &Path, forwarding: bool) -> Result<()> {
+    netns::run_in(netns, || -> Result<()> {
+        let conf = Path::new("/proc/sys/net/ipv6/conf");
+        ensure!(conf.exists(), "this kernel has no IPv6");
+        let mut interfaces: Vec<String> = std::fs::read_dir(conf)
+            .with_context(|| format!("listing {}", conf.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "all" && n != "default")
+            .collect();
+        interfaces.sort();
+        let write = |key: String, value: &str| -> Result<()> {
+            let path = conf.join(key);
+            std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
+        };
+        for dev in ["all", "default"].into_iter().chain(interfaces.iter().map(String::as_str)) {
+            for (key, value) in IPV6_QUIET {
+                write(format!("{dev}/{key}"), value)?;
+            }
+        }
+        if forwarding {
+            write("all/forwarding".into(), "1")?;
+        }
+        write("all/disable_ipv6".into(), "0")?;
+        write("default/disable_ipv6".into(), "0")
+    })?
+    .with_context(|| format!("enabling IPv6 in {}", netns.display()))
 }
 
 /// Writes `/proc/sys/net/<key>` from inside the namespace: /proc/sys/net shows the writing

@@ -4,7 +4,9 @@
 //! namespace ([`netns::run_in`]: `setns(CLONE_NEWNET)`, checked against
 //! `/proc/thread-self/ns/net`), creates and binds the sockets there (a socket stays in the
 //! namespace it was created in) and exits; one thread per pod then serves them with `poll`: TCP
-//! (and SCTP) listeners accept and close, UDP sockets echo every datagram.
+//! (and SCTP) listeners accept and close, UDP sockets echo every datagram. A pod serves each
+//! port once per family it has an address of (an IPv4 socket on `0.0.0.0`, an IPv6-only one on
+//! `::`); a probe goes from the client's address of the probed family to the server's.
 //! [`Lab::probe_matrix`](super::net::Lab::probe_matrix) creates every client socket the
 //! same way in its source pod's namespace (one short-lived thread per source, in parallel),
 //! starts every connection at once and waits for all of them with one `poll` loop, so a whole
@@ -14,7 +16,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -47,49 +49,71 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
-        sin_zero: [0; 8],
-    }
+/// `addr` as a `sockaddr_in` or `sockaddr_in6` in a `sockaddr_storage`, and its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
-fn new_socket(protocol: Protocol) -> io::Result<OwnedFd> {
+/// A non-blocking socket of `protocol` for addresses like `like` (its family).
+fn new_socket(protocol: Protocol, like: IpAddr) -> io::Result<OwnedFd> {
     let (ty, proto) = match protocol {
         Protocol::Tcp => (libc::SOCK_STREAM, libc::IPPROTO_TCP),
         Protocol::Udp => (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
         Protocol::Sctp => (libc::SOCK_STREAM, libc::IPPROTO_SCTP),
     };
-    let fd = cvt(unsafe {
-        libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto)
-    })?;
+    let domain = if like.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fd =
+        cvt(unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn bind(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
-    let sa = sockaddr_in(addr);
+fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (sa, len) = sockaddr(addr);
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) })
+        .map(drop)
+}
+
+fn connect(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (sa, len) = sockaddr(addr);
     cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
+        libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len)
     })
     .map(drop)
 }
 
-fn connect(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
-    let sa = sockaddr_in(addr);
-    cvt(unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+/// The unspecified address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 fn set_int_option(
@@ -156,43 +180,54 @@ pub(super) struct PodServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A pod as the probes and servers see it.
+/// A pod as the probes see it: its address of the probed family.
 #[derive(Clone, Copy)]
 pub(super) struct ProbePod<'a> {
     /// The caller's name for the pod (for errors and thread names).
     pub key: &'a str,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub netns_path: &'a Path,
 }
 
 impl PodServer {
-    /// Serves `ports` in the pod (`thread`: the server thread's name).
+    /// Serves `ports` in the pod (namespace `netns_path`), once per family of `addresses`
+    /// (the pod's addresses; the sockets bind the family's unspecified address, IPv6 ones
+    /// with `IPV6_V6ONLY`), `thread`: the server thread's name.
     pub(super) fn start(
-        pod: ProbePod<'_>,
+        key: &str,
+        netns_path: &Path,
+        addresses: &[IpAddr],
         ports: &[(Protocol, u16)],
         thread: &str,
     ) -> Result<PodServer> {
         let ports = ports.to_vec();
+        let mut families: Vec<IpAddr> = addresses.iter().map(|a| unspecified(*a)).collect();
+        families.dedup();
         let (streams, datagrams) = netns::run_in(
-            pod.netns_path,
+            netns_path,
             move || -> io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
                 let (mut streams, mut datagrams) = (Vec::new(), Vec::new());
-                for (protocol, port) in ports {
-                    let fd = new_socket(protocol)?;
-                    set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-                    bind(&fd, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
-                    if protocol == Protocol::Udp {
-                        datagrams.push(UdpSocket::from(fd));
-                    } else {
-                        cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
-                        // accept() is the same call for TCP and SCTP stream sockets.
-                        streams.push(TcpListener::from(fd));
+                for any in families {
+                    for &(protocol, port) in &ports {
+                        let fd = new_socket(protocol, any)?;
+                        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+                        if any.is_ipv6() {
+                            set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+                        }
+                        bind(&fd, SocketAddr::new(any, port))?;
+                        if protocol == Protocol::Udp {
+                            datagrams.push(UdpSocket::from(fd));
+                        } else {
+                            cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+                            // accept() is the same call for TCP and SCTP stream sockets.
+                            streams.push(TcpListener::from(fd));
+                        }
                     }
                 }
                 Ok((streams, datagrams))
             },
         )?
-        .with_context(|| format!("starting servers in pod {}", pod.key))?;
+        .with_context(|| format!("starting servers in pod {key}"))?;
         let stop = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
             .context("eventfd")?;
         let stop = unsafe { OwnedFd::from_raw_fd(stop) };
@@ -289,8 +324,13 @@ pub(super) fn matrix(
                             if i == j || src.key == dst.key {
                                 return Ok(ProbeState::Done(true));
                             }
-                            start_probe(protocol, SocketAddrV4::new(dst.ip, port), nonce(i, j))
-                                .with_context(|| format!("probing {} -> {}", src.key, dst.key))
+                            start_probe(
+                                protocol,
+                                src.ip,
+                                SocketAddr::new(dst.ip, port),
+                                nonce(i, j),
+                            )
+                            .with_context(|| format!("probing {} -> {}", src.key, dst.key))
                         })
                         .collect()
                 })
@@ -326,11 +366,13 @@ fn nonce(i: usize, j: usize) -> [u8; 16] {
 /// netfilter's) then takes the new probe for a packet of that earlier, allowed flow, and a
 /// connection the new policy blocks would seem to pass. Ports cycle through 33000..61000, so
 /// a port comes back only after some 28,000 probes, well after such flows have expired.
-fn bind_fresh_port(fd: &OwnedFd) {
+/// `src` gives the family (the socket binds its unspecified address: the kernel picks the
+/// pod's address of that family, its only one that routes anywhere).
+fn bind_fresh_port(fd: &OwnedFd, src: IpAddr) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     for _ in 0..64 {
         let port = 33_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 28_000) as u16;
-        if bind(fd, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+        if bind(fd, SocketAddr::new(unspecified(src), port)).is_ok() {
             return;
         }
     }
@@ -339,9 +381,20 @@ fn bind_fresh_port(fd: &OwnedFd) {
 
 /// Starts one probe from the calling thread's namespace. Errors only when no socket can be
 /// made; a refused or unroutable destination is a failed probe.
-fn start_probe(protocol: Protocol, dst: SocketAddrV4, payload: [u8; 16]) -> io::Result<ProbeState> {
-    let fd = new_socket(protocol)?;
-    bind_fresh_port(&fd);
+fn start_probe(
+    protocol: Protocol,
+    src: IpAddr,
+    dst: SocketAddr,
+    payload: [u8; 16],
+) -> io::Result<ProbeState> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{src} and {dst} are not of one family"),
+        ));
+    }
+    let fd = new_socket(protocol, dst.ip())?;
+    bind_fresh_port(&fd, src);
     Ok(match protocol {
         Protocol::Tcp | Protocol::Sctp => match connect(&fd, dst) {
             Ok(()) => ProbeState::Done(true),

@@ -154,11 +154,12 @@ fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
         .spawn()
         .context("starting iperf3 -s (is iperf3 installed?)")?;
     std::thread::sleep(Duration::from_millis(300));
+    let server_ip = server.ip.context("the server pod has an IPv4 address")?;
     let out = netns::command(&client.netns_path, "iperf3")
         .with_context(|| format!("opening network namespace {}", client.netns_path.display()))?
         .args([
             "-c",
-            &server.ip.to_string(),
+            &server_ip.to_string(),
             "-p",
             &PORT.to_string(),
             "-t",

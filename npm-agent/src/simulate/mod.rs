@@ -34,7 +34,8 @@ pub trait Enforcer {
     /// Whether SCTP can be probed.
     fn supports_sctp(&self) -> bool;
     /// Whether IPv6 can be probed (dual-stack tables): the compiler's plan and the reference
-    /// judge both families; the dataplanes enforce IPv4 only so far.
+    /// judge both families; the lab probes both (what a dataplane enforces of IPv6 is what its
+    /// IPv6 tables then show). An enforcer that cannot has its IPv6 tables reported as errors.
     fn supports_ipv6(&self) -> bool {
         false
     }
