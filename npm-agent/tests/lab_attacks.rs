@@ -15,7 +15,8 @@
 //! 2. forged sources: a sends as c (admitted by e and f) and as 10.9.9.9; a and f send as c
 //!    to k, which a ClusterNetworkPolicy's Admin Accept admits c into (and Denies the rest);
 //! 3. a new connection from a reused tuple after the policy stopped admitting it;
-//! 4. IPv6 to an isolated pod (while IPv4 is refused);
+//! 4. IPv6 to an isolated pod (while IPv4 is refused), and forged IPv6 sources (another
+//!    pod's address, link-local ones);
 //! 5. the ICMP error of an allowed flow must arrive (an isolated pod's UDP to a closed port);
 //! 6. INVALID packets (SYN+FIN, SYN+RST, FIN+PSH+URG, a UDP datagram with a bad checksum) from
 //!    a pod no policy admits.
@@ -38,6 +39,7 @@ const PYTHON: &str = "/usr/bin/python3";
 const CASE: &str = r#"
 name: attacks
 model:
+  ip-families: [IPv4, IPv6]
   namespaces: [x]
   pods:
   - {namespace: x, pod: a, labels: {pod: a}, ports: [{port: 80, protocol: TCP}, {port: 80, protocol: UDP}]}
@@ -151,6 +153,10 @@ impl Attack {
 
     fn ip(&self, pod: &str) -> Ipv4Addr {
         self.lab.lab().pod(&format!("x/{pod}")).expect("pod").ip.expect("an IPv4 address")
+    }
+
+    fn ip6(&self, pod: &str) -> std::net::Ipv6Addr {
+        self.lab.lab().pod(&format!("x/{pod}")).expect("pod").ipv6.expect("an IPv6 address")
     }
 
     fn netns(&self, pod: &str) -> String {
@@ -331,6 +337,14 @@ fn run_attacks(mut t: Attack) {
     assert!(t.connect("c", &f.to_string(), 80, 41001, false), "{dp}: c -> f");
     expect!(!t.connect("g", &e.to_string(), 80, 41002, false), "{dp}: g -> e");
     expect!(!t.connect("a", &g.to_string(), 80, 41003, false), "{dp}: a -> g (a sends nothing)");
+    if dp == "ebpf" {
+        // Over IPv6 too (the iptables dataplane has no IPv6 rules and refuses it all).
+        let (e6, g6) = (t.ip6("e").to_string(), t.ip6("g").to_string());
+        let c_e = (0..5).any(|i| t.connect("c", &e6, 80, 41100 + i, false));
+        assert!(c_e, "{dp}: c -> e over IPv6 (a pod selector admits both families)");
+        expect!(!t.connect("g", &e6, 80, 41110, false), "{dp}: g -> e over IPv6");
+        expect!(!t.connect("a", &g6, 80, 41111, false), "{dp}: a -> g over IPv6 (a sends nothing)");
+    }
 
     // 1. Conntrack poisoning: a plants "replies" from e:80 and f:80 to a:4444 (TCP SYN and
     //    UDP), then connects from a:4444 to them.
@@ -418,56 +432,42 @@ fn run_attacks(mut t: Attack) {
         "{dp}: c:41001 -> f after the policy changed"
     );
 
-    // 4. IPv6: e (isolated) and h (not) get IPv6 addresses; g reaches h over IPv6, not e.
-    let node0 = t.lab.lab().node(0).expect("node 0").netns.clone();
-    let sh = |ns: &str, cmd: &str| {
-        let out = Command::new("ip").args(["netns", "exec", ns, "sh", "-c", cmd]).output().unwrap();
-        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    sh(
-        &node0,
-        "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 net.ipv6.conf.all.forwarding=1",
-    );
-    for (pod, v6) in [("e", "fd00::e"), ("g", "fd00::9"), ("h", "fd00::8")] {
-        let veth = t.lab.lab().pod(&format!("x/{pod}")).unwrap().host_ifname.clone();
-        sh(
-            &node0,
-            &format!(
-                "sysctl -qw net.ipv6.conf.{veth}.accept_dad=0 net.ipv6.conf.{veth}.disable_ipv6=0 && \
-                 ip -6 route replace {v6}/128 dev {veth}"
-            ),
-        );
-        sh(
-            &t.netns(pod),
-            &format!(
-                "sysctl -qw net.ipv6.conf.eth0.accept_dad=0 net.ipv6.conf.all.disable_ipv6=0 \
-                 net.ipv6.conf.eth0.disable_ipv6=0 && \
-                 ip -6 addr add {v6}/128 dev eth0 nodad && \
-                 ip -6 neigh replace fe80::ecee:eeff:feee:eeee lladdr ee:ee:ee:ee:ee:ee dev eth0 nud permanent && \
-                 ip -6 route replace default via fe80::ecee:eeff:feee:eeee dev eth0"
-            ),
-        );
-    }
-    // IPv6 servers, each saying when it listens.
-    let server6 = |pod: &str| {
-        let mut child = t
-            .in_pod(pod, PYTHON)
-            .args(["-c", "import socket\ns=socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('::',8080))\ns.listen()\nprint('listening',flush=True)\ns.settimeout(20)\ntry:\n    while True:\n        s.accept()[0].close()\nexcept Exception:\n    pass\n"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "listening", "the IPv6 server of {pod}");
-        child
-    };
-    let (mut se, mut shh) = (server6("e"), server6("h"));
+    // 4. IPv6 (every pod is dual stack): g reaches h (no policy) over IPv6, not e (isolated,
+    //    admits only c, and by now nobody); the eBPF dataplane admits c over IPv6 as over
+    //    IPv4 (iptables has no IPv6 rules: it refuses every IPv6 packet of an isolated pod).
+    //    Then forged IPv6: a sends as c's IPv6 address and as a link-local one, g from a
+    //    link-local source; nothing reaches e.
+    let e6 = t.ip6("e");
+    let (c6, g6, h6) = (t.ip6("c"), t.ip6("g"), t.ip6("h"));
     // (Neighbour discovery may take a moment on fresh interfaces.)
-    let to_h = (0..5).any(|i| t.connect("g", "fd00::8", 8080, 42000 + i, false));
-    let to_e = (0..2).any(|i| t.connect("g", "fd00::e", 8080, 42010 + i, false));
-    let _ = (se.kill(), shh.kill(), se.wait(), shh.wait());
+    let to_h = (0..5).any(|i| t.connect("g", &h6.to_string(), 80, 42000 + i, false));
     assert!(to_h, "{dp}: IPv6 between pods without policy must work (the test's own check)");
-    expect!(!to_e, "{dp}: IPv6 reached a pod isolated for ingress");
+    expect!(
+        !t.connect("g", &e6.to_string(), 80, 42010, false),
+        "{dp}: IPv6 reached a pod isolated for ingress"
+    );
+    let watch_e6 = t.watch("e", 30.0);
+    t.forge(
+        "a",
+        &[
+            format!(r#"IPv6(src="{c6}",dst="{e6}")/TCP(sport=5020,dport=80,flags="S")"#),
+            format!(r#"IPv6(src="fe80::c",dst="{e6}")/UDP(sport=5021,dport=80)/Raw(b"x"*8)"#),
+        ],
+    );
+    t.forge(
+        "g",
+        &[
+            format!(r#"IPv6(src="fe80::9",dst="{e6}")/TCP(sport=5022,dport=80,flags="S")"#),
+            format!(r#"IPv6(src="{g6}",dst="{e6}")/UDP(sport=5023,dport=80)/Raw(b"x"*8)"#),
+        ],
+    );
+    let seen_e6 = watch_e6.seen();
+    let reached: Vec<&String> = seen_e6
+        .iter()
+        .filter(|l| l.starts_with("6 ") && l.split(' ').nth(2) == Some(&e6.to_string()))
+        .filter(|l| l.split(' ').nth(3) != Some("58")) // (neighbour discovery from the node)
+        .collect();
+    expect!(reached.is_empty(), "{dp}: forged or denied IPv6 reached e: {reached:?}");
 
     // 5. An ICMP error of an allowed flow: e (isolated for ingress) sends UDP to a closed port
     //    of g; the port unreachable must come back (a connected socket sees it).

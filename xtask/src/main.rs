@@ -320,17 +320,18 @@ fn test() -> Result<()> {
             }
         }),
         Step::new(
-            "lab (eBPF): conformance cases and shared examples with real packets, ClusterNetworkPolicy cases included",
+            "lab (eBPF): conformance cases and shared examples with real packets, ClusterNetworkPolicy and dual-stack cases included",
             {
                 let own = root.join("tests/conformance");
                 let shared_examples = shared_examples.clone();
                 move || {
                     let own_tiers = own.join("cluster-network-policy");
+                    let own_dual = own.join("dual-stack");
                     let shared_tiers = shared_examples.with_file_name("cluster-network-policy");
                     lab(
                         "the lab in eBPF mode",
                         "ebpf",
-                        &[&own, &own_tiers, &shared_examples, &shared_tiers],
+                        &[&own, &own_tiers, &own_dual, &shared_examples, &shared_tiers],
                     )
                 }
             },
