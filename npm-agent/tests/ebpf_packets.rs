@@ -8,7 +8,7 @@
 //! Needs root; without it each test says so and passes.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -27,6 +27,11 @@ const C: [u8; 4] = [10, 0, 1, 3]; // y/c, remote, app=web
 const OUTSIDE: [u8; 4] = [192, 168, 7, 7];
 const EXCEPTED: [u8; 4] = [192, 168, 7, 9];
 const NODE: [u8; 4] = [10, 1, 0, 1];
+const A6: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]; // x/a
+const C6: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x13]; // y/c
+const OUTSIDE6: [u8; 16] = [0xfd, 0x99, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+const EXCEPTED6: [u8; 16] = [0xfd, 0x99, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 fn root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -87,12 +92,19 @@ impl Harness {
             h.event(Event::UpsertNamespace(Namespace::new(ns, BTreeMap::new())));
         }
         let http = vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }];
-        h.event(Event::UpsertPod(pod("x", "a", A, "n1", "web", http)));
+        // a and c are dual stack, b has IPv4 only.
+        let dual = |p: Pod, v6: [u8; 16]| Pod { ipv6: Some(Ipv6Addr::from(v6)), ..p };
+        h.event(Event::UpsertPod(dual(pod("x", "a", A, "n1", "web", http), A6)));
         h.event(Event::UpsertPod(pod("x", "b", B, "n1", "db", vec![])));
-        h.event(Event::UpsertPod(pod("y", "c", C, "n2", "web", vec![])));
-        for (ip, name) in [(A, "veth-a"), (B, "veth-b")] {
+        h.event(Event::UpsertPod(dual(pod("y", "c", C, "n2", "web", vec![]), C6)));
+        let binds = [
+            (IpAddr::from(A), "veth-a"),
+            (IpAddr::from(A6), "veth-a"),
+            (IpAddr::from(B), "veth-b"),
+        ];
+        for (ip, name) in binds {
             let index = h.ifaces.index(name);
-            h.dp.bind_interface(IpAddr::V4(Ipv4Addr::from(ip)), index).expect("bind");
+            h.dp.bind_interface(ip, index).expect("bind");
         }
         Some(h)
     }
@@ -888,4 +900,191 @@ fn cluster_policy_nodes_peer() {
     // And back.
     h.event(Event::UpsertNode(other("a")));
     assert_eq!(h.run(DIR_EGRESS, &tcp(A, OTHER_NODE, 10250).bytes(), Reason::Denied), DROP);
+}
+
+// ---- IPv6 ----
+
+/// An IPv6 frame: `ext` (extension headers, the first naming `proto`'s chain) then a TCP SYN,
+/// a UDP datagram or `l4` bytes as given, with `next` as the first next-header value.
+fn v6(src: [u8; 16], dst: [u8; 16], next: u8, hop: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+    ip[6] = next;
+    ip[7] = hop;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(ext);
+    f.extend_from_slice(l4);
+    f
+}
+
+fn tcp6_l4(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t
+}
+
+fn udp6_l4(sport: u16, dport: u16) -> Vec<u8> {
+    let mut u = vec![0u8; 16];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&16u16.to_be_bytes());
+    u
+}
+
+fn syn6(src: [u8; 16], dst: [u8; 16], dport: u16) -> Vec<u8> {
+    v6(src, dst, 6, 64, &[], &tcp6_l4(40000, dport, 0x02))
+}
+
+/// a admits web pods (c: both families) on 80, and fd99:7::/32 but fd99:8::/32 on 53/UDP;
+/// a's egress goes to db pods and 0.0.0.0/0 only (no IPv6 block).
+fn a_admits_web_and_a_v6_block(h: &mut Harness) {
+    h.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 80}]\n  - from: [{ipBlock: {cidr: 'fd99::/16', except: ['fd99:8::/32']}}]\n    ports: [{port: 53, protocol: UDP}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}, {ipBlock: {cidr: 0.0.0.0/0}}]\n",
+    );
+}
+
+#[test]
+fn ipv6_is_enforced_as_ipv4_is() {
+    let Some(mut h) = Harness::new("v6policy") else {
+        return;
+    };
+    a_admits_web_and_a_v6_block(&mut h);
+    let (veth_a, uplink) = (h.ifaces.index("veth-a"), h.ifaces.index("uplink"));
+    // A pod selector admits c over both families, on its port only.
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &syn6(C6, A6, 80), Reason::Policy), PASS);
+    assert_eq!(h.run(DIR_INGRESS, &tcp(C, A, 80).bytes(), Reason::Policy), PASS);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &syn6(C6, A6, 81), Reason::Denied), DROP);
+    // The IPv6 block and its except.
+    let dns = |src| v6(src, A6, 17, 64, &[], &udp6_l4(5353, 53));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &dns(OUTSIDE6), Reason::Policy), PASS);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &dns(EXCEPTED6), Reason::Denied), DROP);
+    // 0.0.0.0/0 opens IPv4 egress, and no IPv6.
+    assert_eq!(h.run(DIR_EGRESS, &tcp(A, OUTSIDE, 443).bytes(), Reason::Policy), PASS);
+    let out6 = syn6(A6, OUTSIDE6, 443);
+    assert_eq!(h.run_at(DIR_EGRESS, veth_a, veth_a, &out6, Reason::Denied), DROP);
+    // The reply of an admitted IPv6 connection is tracked; a new one from the same tuple is
+    // judged again.
+    let reply = v6(A6, C6, 6, 64, &[], &tcp6_l4(80, 40000, 0x12));
+    assert_eq!(h.run_at(DIR_EGRESS, veth_a, veth_a, &reply, Reason::Reply), PASS);
+    let ack = v6(C6, A6, 6, 64, &[], &tcp6_l4(40000, 80, 0x10));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &ack, Reason::Established), PASS);
+    // Behind extension headers (hop-by-hop, destination options), TCP is still TCP.
+    let mut ext = vec![60, 0, 0, 0, 0, 0, 0, 0];
+    ext.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    let behind = v6(C6, A6, 0, 64, &ext, &tcp6_l4(40001, 81, 0x02));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &behind, Reason::Denied), DROP);
+    let behind = v6(C6, A6, 0, 64, &ext, &tcp6_l4(40001, 80, 0x02));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &behind, Reason::Policy), PASS);
+    // A chain longer than the walk: malformed, dropped.
+    let long: Vec<u8> = (0..9).flat_map(|_| [60u8, 0, 0, 0, 0, 0, 0, 0]).collect();
+    let long = v6(C6, A6, 60, 64, &long, &tcp6_l4(40002, 80, 0x02));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &long, Reason::Malformed), DROP);
+}
+
+#[test]
+fn ipv6_fragments_and_icmpv6() {
+    let Some(mut h) = Harness::new("v6frag") else {
+        return;
+    };
+    a_admits_web_and_a_v6_block(&mut h);
+    let (veth_a, uplink) = (h.ifaces.index("veth-a"), h.ifaces.index("uplink"));
+    let frag = |offset: u16, more: bool, id: u8| {
+        vec![17, 0, (offset << 3 >> 8) as u8, ((offset << 3) as u8) | more as u8, 0, 0, 0, id]
+    };
+    // A later fragment before its first: refused; after an admitted first: its datagram's.
+    let later = |id| v6(OUTSIDE6, A6, 44, 64, &frag(2, false, id), &[0xaa; 16]);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &later(1), Reason::Fragment), DROP);
+    let first = v6(OUTSIDE6, A6, 44, 64, &frag(0, true, 2), &udp6_l4(5353, 53));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &first, Reason::Policy), PASS);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &later(2), Reason::Established), PASS);
+    // ICMPv6: an error about a's tracked flow passes, one about no flow is judged.
+    assert_eq!(
+        h.run_at(
+            DIR_EGRESS,
+            veth_a,
+            veth_a,
+            &v6(A6, C6, 6, 64, &[], &tcp6_l4(6000, 80, 0x02)),
+            Reason::Denied
+        ),
+        DROP,
+        "a's egress admits no IPv6 but db pods"
+    );
+    let echo = v6(C6, A6, 58, 64, &[], &[128, 0, 0, 0, 0, 7, 0, 1]);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &echo, Reason::Denied), DROP);
+    // An admitted connection c -> a, then an ICMPv6 "packet too big" about a's reply.
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &syn6(C6, A6, 80), Reason::Policy), PASS);
+    let quoted = v6(A6, C6, 6, 64, &[], &tcp6_l4(80, 40000, 0x12))[14..14 + 48].to_vec();
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 5, 0xdc];
+    msg.extend_from_slice(&quoted);
+    let too_big = |about: &[u8]| {
+        let mut m = msg.clone();
+        m[8..].copy_from_slice(about);
+        v6(OUTSIDE6, A6, 58, 64, &[], &m)
+    };
+    assert_eq!(h.run_at(DIR_INGRESS, veth_a, uplink, &too_big(&quoted), Reason::Related), PASS);
+    let mut other = quoted.clone();
+    other[40..42].copy_from_slice(&81u16.to_be_bytes());
+    assert_eq!(
+        h.run_at(DIR_INGRESS, veth_a, uplink, &too_big(&other), Reason::Denied),
+        DROP,
+        "about a flow a never had"
+    );
+}
+
+#[test]
+fn ipv6_sources_link_local_and_neighbour_discovery() {
+    let Some(mut h) = Harness::new("v6src") else {
+        return;
+    };
+    h.policy(deny_all_ingress_to_x());
+    a_admits_web_and_a_v6_block(&mut h);
+    let (veth_a, veth_b, uplink) =
+        (h.ifaces.index("veth-a"), h.ifaces.index("veth-b"), h.ifaces.index("uplink"));
+    // a sends from its own IPv6 address only; b, with no IPv6 address, sends none.
+    let from = |src| v6(src, C6, 17, 64, &[], &udp6_l4(1, 53));
+    assert_eq!(h.run_at(DIR_EGRESS, veth_a, veth_a, &from(C6), Reason::Spoofed), DROP);
+    assert_eq!(h.run_at(DIR_EGRESS, veth_a, veth_a, &from(LINK_LOCAL), Reason::Spoofed), DROP);
+    assert_eq!(h.run_at(DIR_EGRESS, veth_b, veth_b, &from(C6), Reason::Spoofed), DROP);
+    assert_eq!(h.run_at(DIR_EGRESS, veth_b, veth_b, &from(LINK_LOCAL), Reason::Spoofed), DROP);
+    // a's IPv6 address arriving at b from the uplink is not a's.
+    let to_b = v6(A6, A6, 6, 64, &[], &tcp6_l4(1, 80, 0x02));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_b, uplink, &to_b, Reason::Spoofed), DROP);
+    // b is isolated for ingress (deny all in x) and has no IPv6 address: IPv6 reaching its
+    // veth (link-local, from the node) is judged by its policy, denied.
+    let ll = v6(LINK_LOCAL, LINK_LOCAL, 17, 64, &[], &udp6_l4(1, 53));
+    assert_eq!(h.run_at(DIR_INGRESS, veth_b, 0, &ll, Reason::Denied), DROP);
+    // Neighbour discovery passes as ARP does: from the node (hop limit 255) into b, and from
+    // b to a link-scope address; shaped so but forwarded (254), or sent to a routable
+    // address, it is an ordinary packet.
+    let mut all_nodes = [0u8; 16];
+    all_nodes[..2].copy_from_slice(&[0xff, 0x02]);
+    all_nodes[15] = 1;
+    let ns = |src, dst, hop| v6(src, dst, 58, hop, &[], &[135, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        h.run_at(DIR_INGRESS, veth_b, 0, &ns(LINK_LOCAL, all_nodes, 255), Reason::Unmanaged),
+        PASS
+    );
+    assert_eq!(
+        h.run_at(DIR_INGRESS, veth_b, uplink, &ns(LINK_LOCAL, all_nodes, 254), Reason::Denied),
+        DROP
+    );
+    assert_eq!(
+        h.run_at(DIR_EGRESS, veth_b, veth_b, &ns(LINK_LOCAL, all_nodes, 255), Reason::Unmanaged),
+        PASS
+    );
+    assert_eq!(
+        h.run_at(DIR_EGRESS, veth_b, veth_b, &ns(LINK_LOCAL, C6, 255), Reason::Spoofed),
+        DROP
+    );
+    // Other ethertypes still fail closed at isolated endpoints.
+    let mut other = ns(LINK_LOCAL, all_nodes, 255);
+    other[12..14].copy_from_slice(&[0x88, 0xb5]);
+    assert_eq!(h.run_at(DIR_INGRESS, veth_b, uplink, &other, Reason::Unsupported), DROP);
 }
