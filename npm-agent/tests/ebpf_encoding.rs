@@ -124,7 +124,8 @@ fn check(
     let ends = ends(state);
     for src in &ends {
         for dst in &ends {
-            if src.ip == dst.ip {
+            // (A packet's addresses are of one family.)
+            if src.ip == dst.ip || src.ip.is_ipv4() != dst.ip.is_ipv4() {
                 continue;
             }
             for protocol in Protocol::ALL {
@@ -211,6 +212,25 @@ proptest! {
         make_before_break(NodeDataplane::new("n1"), &state, &events)?;
     }
 
+    /// Dual stack: pods of one family or both, IPv6 blocks beside IPv4 ones; one set of maps
+    /// (IPv4 keyed as mapped IPv6) decides both families as the specification does.
+    #[test]
+    fn encoded_maps_decide_like_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..12)) {
+        let (current, nodes) = replay(&state, &events, NodeDataplane::new);
+        check(&current, &nodes)?;
+        for n in nodes.values() {
+            let d = n.translator.desired();
+            prop_assert_eq!(d.policy.len(), n.maps.policy.len());
+            prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
+            prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
+        }
+    }
+
+    #[test]
+    fn map_operations_apply_make_before_break_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 1..8)) {
+        make_before_break(NodeDataplane::new("n1"), &state, &events)?;
+    }
+
     /// ClusterNetworkPolicies created, changed and deleted: every endpoint moves at once to
     /// a complete profile (first match decides, so entries cannot be edited in place).
     #[test]
@@ -258,6 +278,7 @@ fn make_before_break(
             for &peer in addrs
                 .iter()
                 .filter(|a| !local.contains(a) && !node.contains(a) && !switching.contains(a))
+                .filter(|a| a.is_ipv4() == ep.is_ipv4())
             {
                 for d in Direction::BOTH {
                     for (protocol, port) in [
