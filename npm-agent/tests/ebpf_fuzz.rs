@@ -1,6 +1,7 @@
 //! The programs in the kernel against their own code on the host, on random frames: each
 //! sequence of frames (odd headers, truncations, options, fragments, every TCP flag byte,
-//! ICMP errors, forged sources, other ethertypes, random bytes) runs through the real tc
+//! ICMP errors, forged sources, IPv6 with extension-header chains, fragments, ICMPv6 errors,
+//! neighbour discovery and link-local or mapped addresses, other ethertypes, random bytes) runs through the real tc
 //! programs (BPF_PROG_TEST_RUN, at the interface of a local pod or the uplink) and through
 //! `classify_frame` + `decide` over a snapshot of the very maps the kernel holds, taken before
 //! the sequence; connection tracking and fragments evolve on both sides. The verdict and the
@@ -36,6 +37,13 @@ const B: [u8; 4] = [10, 0, 0, 2]; // x/b on this node, veth-b
 const C: [u8; 4] = [10, 0, 1, 3]; // y/c elsewhere
 const NODE: [u8; 4] = [10, 1, 0, 1];
 const OUTSIDE: [u8; 4] = [192, 168, 7, 7];
+// IPv6: x/a and y/c are dual stack, x/b has IPv4 only.
+const A6: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const C6: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x40, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x13];
+const OUTSIDE6: [u8; 16] = [0xfd, 0x99, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const MAPPED: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 1, 3];
 
 fn root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -157,6 +165,97 @@ fn ipv4_frame() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+fn addr6() -> impl Strategy<Value = [u8; 16]> {
+    prop_oneof![
+        6 => select(vec![A6, C6, OUTSIDE6, LINK_LOCAL, ALL_NODES, MAPPED]),
+        1 => any::<[u8; 16]>()
+    ]
+}
+
+/// An IPv6 upper-layer header: the IPv4 ones (ICMP as ICMPv6 numbers), neighbour discovery
+/// and MLD, and ICMPv6 errors quoting an IPv6 packet.
+fn transport6() -> impl Strategy<Value = (u8, Vec<u8>)> {
+    let v4 = transport().prop_map(|(p, l4)| {
+        if p != 1 {
+            return (p, l4);
+        }
+        let mut m = l4;
+        m[0] = match m[0] {
+            8 => 128,
+            0 => 129,
+            _ => 1,
+        };
+        (58u8, m)
+    });
+    let link = (select(vec![133u8, 134, 135, 136, 137, 130, 143]), any::<[u8; 4]>())
+        .prop_map(|(t, b)| (58u8, [vec![t, 0, 0, 0], b.to_vec(), vec![0; 16]].concat()));
+    let error =
+        (select(vec![1u8, 2, 3, 4]), addr6(), addr6(), select(vec![6u8, 17, 58]), port(), port())
+            .prop_map(|(ty, s, d, p, sp, dp)| {
+                let mut m = vec![ty, 0, 0, 0, 0, 0, 5, 0xdc];
+                let mut ip = vec![0x60, 0, 0, 0, 0, 8, p, 64];
+                ip.extend_from_slice(&s);
+                ip.extend_from_slice(&d);
+                m.extend_from_slice(&ip);
+                m.extend_from_slice(&sp.to_be_bytes());
+                m.extend_from_slice(&dp.to_be_bytes());
+                m.extend_from_slice(&[0, 8, 0, 0]);
+                (58u8, m)
+            });
+    prop_oneof![6 => v4, 2 => link, 2 => error]
+}
+
+/// Extension headers before the upper layer: (next-header value, bytes), naming `next`.
+fn ext_header() -> impl Strategy<Value = (u8, Vec<u8>)> {
+    prop_oneof![
+        3 => (select(vec![0u8, 60, 135]), 0u8..3).prop_map(|(t, len)| (t, vec![0u8; (len as usize + 1) * 8])),
+        2 => (0u8..2).prop_map(|left| (43u8, vec![0, 0, 4, left, 0, 0, 0, 0])),
+        3 => (select(vec![0u16, 1, 8, 9]), any::<u8>()).prop_map(|(off, id)| {
+            (44u8, vec![0, 0, (off >> 5) as u8, ((off << 3) as u8) | (off & 1) as u8, 0, 0, 0, id % 3])
+        }),
+        1 => Just((51u8, vec![0u8; 12])),
+    ]
+}
+
+fn ipv6_frame() -> impl Strategy<Value = Vec<u8>> {
+    (
+        addr6(),
+        addr6(),
+        proptest::collection::vec(ext_header(), 0..4),
+        transport6(),
+        select(vec![64u8, 255, 254, 1]),
+        prop_oneof![8 => Just(None), 2 => (0usize..80).prop_map(Some)],
+        prop_oneof![8 => Just(None), 1 => any::<u16>().prop_map(Some)],
+    )
+        .prop_map(|(src, dst, exts, (proto, l4), hop, cut, plen)| {
+            // Chain the headers: each names the next, the last the upper layer.
+            let mut body = Vec::new();
+            let first = exts.first().map_or(proto, |e| e.0);
+            for (i, (_, h)) in exts.iter().enumerate() {
+                let mut h = h.clone();
+                h[0] = exts.get(i + 1).map_or(proto, |e| e.0);
+                if h.len() > 8 && exts[i].0 != 51 {
+                    h[1] = (h.len() / 8 - 1) as u8;
+                } else if exts[i].0 == 51 {
+                    h[1] = 1; // AH: (1 + 2) * 4 = 12 bytes
+                }
+                body.extend_from_slice(&h);
+            }
+            body.extend_from_slice(&l4);
+            let mut f = vec![2, 0, 0, 0, 0, 2, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0x86, 0xdd];
+            let mut ip = vec![0x60, 0, 0, 0, 0, 0, first, hop];
+            ip[4..6].copy_from_slice(&plen.unwrap_or(body.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&body);
+            if let Some(c) = cut {
+                f.truncate((14 + c).max(54));
+            }
+            f
+        })
+}
+
 fn frame() -> impl Strategy<Value = Vec<u8>> {
     let typed = (
         select(vec![0x86ddu16, 0x0806, 0x88b5, 0x8100]),
@@ -168,7 +267,12 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
             f.extend_from_slice(&body);
             f
         });
-    prop_oneof![12 => ipv4_frame(), 2 => typed, 1 => proptest::collection::vec(any::<u8>(), 14..90)]
+    prop_oneof![
+        12 => ipv4_frame(),
+        8 => ipv6_frame(),
+        2 => typed,
+        1 => proptest::collection::vec(any::<u8>(), 14..90)
+    ]
 }
 
 fn shot() -> impl Strategy<Value = Shot> {
@@ -201,14 +305,14 @@ fn kernel_and_host_decide_alike() {
         }),
         Event::UpsertNamespace(Namespace::new("x", BTreeMap::new())),
         Event::UpsertNamespace(Namespace::new("y", BTreeMap::new())),
-        Event::UpsertPod(pod("x", "a", A, "n1", "web")),
+        Event::UpsertPod(Pod { ipv6: Some(A6.into()), ..pod("x", "a", A, "n1", "web") }),
         Event::UpsertPod(pod("x", "b", B, "n1", "db")),
-        Event::UpsertPod(pod("y", "c", C, "n2", "web")),
+        Event::UpsertPod(Pod { ipv6: Some(C6.into()), ..pod("y", "c", C, "n2", "web") }),
     ];
     for yaml in [
         // b admits web pods on 5432 and the outside on 53/UDP; a may reach b and 192.168/16.
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n  - from: [{ipBlock: {cidr: 192.168.0.0/16, except: [192.168.7.0/24]}}]\n    ports: [{port: 53, protocol: UDP}]\n",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - ports: [{port: http}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}, {ipBlock: {cidr: 192.168.0.0/16}}]\n",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - ports: [{port: http}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}, {ipBlock: {cidr: 192.168.0.0/16}}, {ipBlock: {cidr: 'fd99::/16', except: ['fd99:8::/32']}}]\n",
     ] {
         let np = serde_yaml_ng::from_str(yaml).unwrap();
         events.push(Event::UpsertPolicy(network_policy(&np).unwrap()));
@@ -218,6 +322,7 @@ fn kernel_and_host_decide_alike() {
     }
     dp.bind_interface(IpAddr::V4(Ipv4Addr::from(A)), index[0]).unwrap();
     dp.bind_interface(IpAddr::V4(Ipv4Addr::from(B)), index[1]).unwrap();
+    dp.bind_interface(IpAddr::from(A6), index[0]).unwrap();
 
     let cases = std::env::var("NPM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let mut runner =
