@@ -387,7 +387,7 @@ fn a_cluster_network_policy_manifest_is_enforced() {
     agent.stop();
 }
 
-/// IPv6 is not enforced yet: a local pod with an IPv6 address and a policy with an IPv6
+/// What a dataplane does not enforce is reported (here the in-memory one, which, like iptables, does not enforce IPv6): a local pod with an IPv6 address and a policy with an IPv6
 /// ipBlock are reported (status problems), and no longer once they are gone.
 #[test]
 fn what_is_not_enforced_is_reported() {

@@ -106,6 +106,8 @@ pub struct Agent {
     conflicts: BTreeMap<IpAddr, Conflict>,
     /// What is not enforced yet (IPv6): by object, the problem reported for it.
     unenforced: BTreeMap<String, String>,
+    /// The dataplane enforces IPv6 (nothing IPv6 goes to `unenforced`).
+    ipv6_enforced: bool,
     /// The dataplane's drop events, once taken (see [`Agent::take_drop_events`]).
     drops: Option<super::drops::DropPipe>,
 }
@@ -139,6 +141,7 @@ impl Agent {
             s.node = node_name.to_string();
             s.dataplane = dataplane.name().to_string();
         }
+        let ipv6_enforced = dataplane.enforces_ipv6();
         let engine = Engine::new(Scope::Node(node_name.to_string()));
         let engine = if dataplane.wants_layout() { engine.with_layout() } else { engine };
         let engine =
@@ -156,6 +159,7 @@ impl Agent {
             last_source_error: None,
             conflicts: BTreeMap::new(),
             unenforced: BTreeMap::new(),
+            ipv6_enforced,
             drops: None,
         }
     }
@@ -314,24 +318,25 @@ impl Agent {
         if existed { Operation::Update } else { Operation::Create }
     }
 
-    /// Notes what an event brings that is not enforced yet (IPv6), logging it once when it
-    /// appears or changes: the local pods with an IPv6 address, and the IPv6 ipBlocks.
+    /// Notes what an event brings that is not enforced yet (IPv6, where the dataplane does not
+    /// enforce it), logging it once when it appears or changes: the local pods with an IPv6
+    /// address, and the IPv6 ipBlocks.
     fn note_unenforced(&mut self, event: &Event) {
         let (subject, problem) = match event {
             Event::UpsertPod(p) => {
                 let local =
                     p.node.as_deref().is_some_and(|n| Some(n) == self.engine.scope().node());
                 let problem = match p.ip {
-                    _ if !local || !p.is_endpoint() => None,
+                    _ if !local || !p.is_endpoint() || self.ipv6_enforced => None,
                     // (The dataplanes find a pod's interface, and whether it is isolated, by
                     // its IPv4 address: a pod without one is not enforced at all.)
                     Some(IpAddr::V6(v6)) => Some(format!(
-                        "pod {} has only the IPv6 address {v6}: IPv6 is not enforced yet, and the pod has no IPv4 address to be found by: NetworkPolicies do not isolate it",
+                        "pod {} has only the IPv6 address {v6}: IPv6 is not enforced by this dataplane, and the pod has no IPv4 address to be found by: NetworkPolicies do not isolate it",
                         p.key
                     )),
                     _ => p.ipv6.map(|v6| {
                         format!(
-                            "pod {} has the IPv6 address {v6}: IPv6 is not enforced yet; while a policy isolates the pod in a direction, its IPv6 traffic that way is dropped",
+                            "pod {} has the IPv6 address {v6}: IPv6 is not enforced by this dataplane; while a policy isolates the pod in a direction, its IPv6 traffic that way is dropped",
                             p.key
                         )
                     }),
@@ -352,9 +357,9 @@ impl Agent {
                         }
                     }
                 }
-                let problem = (!blocks.is_empty()).then(|| {
+                let problem = (!blocks.is_empty() && !self.ipv6_enforced).then(|| {
                     format!(
-                        "NetworkPolicy {}: IPv6 ipBlocks are not enforced yet ({}): they admit no IPv4 traffic, and the pods the policy isolates get no IPv6",
+                        "NetworkPolicy {}: IPv6 ipBlocks are not enforced by this dataplane ({}): they admit no IPv4 traffic, and the pods the policy isolates get no IPv6",
                         p.key,
                         blocks.join(", ")
                     )

@@ -49,6 +49,11 @@ pub trait Dataplane {
     fn renders_tiers(&self) -> bool {
         false
     }
+    /// Whether the dataplane enforces the plan's IPv6 entries (endpoints, identities, blocks)
+    /// as it does IPv4's; the agent reports what it does not.
+    fn enforces_ipv6(&self) -> bool {
+        false
+    }
     /// Applies one diff, in its order (make-before-break): one event's, or several events'
     /// concatenated (each one after the other, as a burst is applied).
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError>;

@@ -626,6 +626,11 @@ impl Dataplane for EbpfDataplane {
         true
     }
 
+    /// Both families, by one set of maps (see `npm_common::Addr`).
+    fn enforces_ipv6(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, diff: &PlanDiff) -> Result<Applied, DataplaneError> {
         self.azure_sets.lock().unwrap_or_else(|p| p.into_inner()).apply(&diff.layout);
         let ops = self.translator.translate(diff);
