@@ -4,6 +4,7 @@
 //!   of an established flow, with 1, 100, 1k and 10k policies selecting the endpoint;
 //! - the same at 10k policies beside 0, 1 and 1,000 ClusterNetworkPolicies selecting the
 //!   endpoint (tiers are resolved into the trie's values: still three lookups);
+//! - IPv6 beside IPv4 at 1 and 10k policies (dual-stack endpoint and client);
 //! - the time from an event (a pod created, a policy created) to its map entries being
 //!   written: compiler plus dataplane, p50/p90/p99.
 //!
@@ -240,6 +241,72 @@ fn per_packet_rows(label: &str, rows: impl IntoIterator<Item = (usize, usize)>) 
     }
 }
 
+const ENDPOINT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// A TCP SYN over IPv6.
+fn packet6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = 6;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&packet(CLIENT, ENDPOINT, sport, dport)[34..]);
+    p
+}
+
+/// IPv6 beside IPv4: the server and the client dual stack, the same policies (policy 0's pod
+/// selector admits the client over both families); each packet kind of both families.
+fn ipv6() {
+    println!(
+        "
+per-packet cost by family (npm_to_pod, ns per packet, kernel-measured)"
+    );
+    println!(
+        "{:>9} {:>6} {:>16} {:>16} {:>16}",
+        "policies", "family", "new flow allowed", "new flow denied", "established"
+    );
+    for n in [1usize, 10_000] {
+        let mut s = Setup::new(&format!("v6-{n}"));
+        let dual = |p: Pod, v6: [u8; 16]| Pod { ipv6: Some(v6.into()), ..p };
+        s.event(Event::UpsertPod(dual(pod("x", "server", ENDPOINT, "n1", "server"), ENDPOINT6)));
+        s.event(Event::UpsertPod(dual(pod("y", "client", CLIENT, "n2", "client"), CLIENT6)));
+        s.dp.bind_interface(IpAddr::from(ENDPOINT6), LOOPBACK).expect("bind");
+        for i in 0..n {
+            s.event(Event::UpsertPolicy(policy(i)));
+        }
+        type Make = fn(u16, u16) -> Vec<u8>;
+        let families: [(&str, Make); 2] = [
+            ("IPv4", |sp, dp| packet(CLIENT, ENDPOINT, sp, dp)),
+            ("IPv6", |sp, dp| packet6(CLIENT6, ENDPOINT6, sp, dp)),
+        ];
+        for (family, make) in families {
+            let flows = 20_000u32;
+            let mut total = Duration::ZERO;
+            for k in 0..flows {
+                let (d, v) = s.run(&make(1024 + (k % 60000) as u16, 80), 1);
+                assert_eq!(v, u32::MAX, "{family}: allowed");
+                total += d;
+            }
+            let new_allowed = total.as_nanos() as f64 / flows as f64;
+            let (d, v) = s.run(&make(5555, 81), 1_000_000);
+            assert_eq!(v, 2, "{family}: denied");
+            let denied = d.as_nanos() as f64;
+            let est = make(6666, 80);
+            s.run(&est, 1);
+            let (d, _) = s.run(&est, 1_000_000);
+            println!(
+                "{n:>9} {family:>6} {new_allowed:>16.0} {denied:>16.0} {:>16.0}",
+                d.as_nanos() as f64
+            );
+        }
+    }
+}
+
 /// The checks a packet leaving a pod meets first, at 1 policy: its source (a packet of a
 /// tracked flow, so the rest is one conntrack hit), and a forged source (dropped there).
 fn egress_checks() {
@@ -343,9 +410,10 @@ fn main() {
     }
     // `cargo bench --bench dataplane -- NAME...` runs only the named parts.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let parts: [(&str, fn()); 5] = [
+    let parts: [(&str, fn()); 6] = [
         ("per-packet", per_packet),
         ("tiers", tiers),
+        ("ipv6", ipv6),
         ("egress-checks", egress_checks),
         ("drop-events", drop_event_cost),
         ("event-to-maps", event_to_maps),
