@@ -236,6 +236,9 @@ enum LabCommand {
         seconds: u32,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Between the pods' IPv6 addresses (the pods are dual stack).
+        #[arg(long)]
+        ipv6: bool,
     },
 }
 
@@ -296,8 +299,8 @@ fn main() -> ExitCode {
         }
         #[cfg(target_os = "linux")]
         Command::Lab {
-            command: LabCommand::Throughput { dataplanes, policies, seconds, runs },
-        } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs),
+            command: LabCommand::Throughput { dataplanes, policies, seconds, runs, ipv6 },
+        } => npm_agent::lab::throughput::throughput_cli(&dataplanes, policies, seconds, runs, ipv6),
         #[cfg(target_os = "linux")]
         Command::Lab { command: LabCommand::Crr { setups, policies, seconds, rounds, others } } => {
             npm_agent::lab::crr::crr_cli(&setups, &policies, seconds, rounds, others)

@@ -240,7 +240,7 @@ fn labels_of(e: &Exposition, name: &str) -> BTreeSet<Vec<String>> {
 struct MapContents {
     identities: BTreeMap<u32, u64>,
     identity_entries: u64,
-    prefixes: BTreeSet<(u32, [u8; 4])>,
+    prefixes: BTreeSet<(u32, npm_common::Addr)>,
     policy_entries: u64,
     entries: BTreeMap<String, (u64, u64)>,
 }
@@ -254,12 +254,13 @@ fn read_maps(maps: &Path) -> MapContents {
         u64::from(MapData::from_pin(maps.join(name)).unwrap().info().unwrap().max_entries())
     };
     let mut c = MapContents::default();
-    let ids: HashMap<_, [u8; 4], u32> = open(npm_common::MAP_IDENTITIES).try_into().unwrap();
+    let ids: HashMap<_, npm_common::Addr, u32> =
+        open(npm_common::MAP_IDENTITIES).try_into().unwrap();
     for (_, id) in ids.iter().map(Result::unwrap) {
         *c.identities.entry(id).or_default() += 1;
         c.identity_entries += 1;
     }
-    let cidrs: LpmTrie<_, [u8; 4], u32> = open(npm_common::MAP_CIDRS).try_into().unwrap();
+    let cidrs: LpmTrie<_, npm_common::Addr, u32> = open(npm_common::MAP_CIDRS).try_into().unwrap();
     for k in cidrs.keys().map(Result::unwrap) {
         c.prefixes.insert((k.prefix_len(), k.data()));
     }
@@ -276,7 +277,7 @@ fn read_maps(maps: &Path) -> MapContents {
     );
     c.entries
         .insert(npm_common::MAP_POLICY.into(), (c.policy_entries, cap(npm_common::MAP_POLICY)));
-    let eps: HashMap<_, [u8; 4], npm_common::EndpointInfo> =
+    let eps: HashMap<_, npm_common::Addr, npm_common::EndpointInfo> =
         open(npm_common::MAP_ENDPOINTS).try_into().unwrap();
     c.entries.insert(
         npm_common::MAP_ENDPOINTS.into(),

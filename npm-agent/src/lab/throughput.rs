@@ -90,18 +90,24 @@ pub(super) fn client_server(name: &str) -> Case {
     case
 }
 
-/// Gbit/s from the client pod to the server pod over `seconds`.
-pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32) -> Result<f64> {
-    let case = client_server("throughput");
+/// Gbit/s from the client pod to the server pod over `seconds` (between their IPv6
+/// addresses when `ipv6`: the pods are then dual stack).
+pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32, ipv6: bool) -> Result<f64> {
+    let case = if ipv6 {
+        let yaml = CASE.replace("model:\n", "model:\n  ip-families: [IPv4, IPv6]\n");
+        serde_yaml_ng::from_str(&yaml).context("the dual-stack client-server case")?
+    } else {
+        client_server("throughput")
+    };
     let cluster = CaseCluster::new(&case).map_err(anyhow::Error::msg)?;
     match dataplane {
         None => {
             let mut lab = Lab::new(LabConfig::default())?;
             let mut pods = cluster.pods();
             let (c, s) = (pods.next().expect("client"), pods.next().expect("server"));
-            lab.add_pod("x/client", v4(c.ip)?, 0, &[])?;
-            lab.add_pod("x/server", v4(s.ip)?, 1, &[])?;
-            let r = iperf(&lab, seconds);
+            lab.add_pod_addrs("x/client", Some(v4(c.ip)?), c.ipv6, 0, &[])?;
+            lab.add_pod_addrs("x/server", Some(v4(s.ip)?), s.ipv6, 1, &[])?;
+            let r = iperf(&lab, seconds, ipv6);
             lab.shutdown()?;
             r
         }
@@ -114,7 +120,7 @@ pub fn measure(dataplane: Option<&str>, policies: usize, seconds: u32) -> Result
             let mut events = cluster.initial_events();
             events.extend((0..policies.max(1)).map(|i| Event::UpsertPolicy(policy(i))));
             lab.apply(&cluster, &events)?;
-            let r = iperf(lab.lab(), seconds);
+            let r = iperf(lab.lab(), seconds, ipv6);
             if r.is_err() {
                 for l in lab.agent_logs() {
                     eprintln!(
@@ -143,7 +149,7 @@ fn v4(ip: Option<IpAddr>) -> Result<Ipv4Addr> {
     }
 }
 
-fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
+fn iperf(lab: &Lab, seconds: u32, ipv6: bool) -> Result<f64> {
     let server = lab.pod("x/server").context("server pod")?;
     let client = lab.pod("x/client").context("client pod")?;
     let mut srv = netns::command(&server.netns_path, "iperf3")
@@ -154,7 +160,10 @@ fn iperf(lab: &Lab, seconds: u32) -> Result<f64> {
         .spawn()
         .context("starting iperf3 -s (is iperf3 installed?)")?;
     std::thread::sleep(Duration::from_millis(300));
-    let server_ip = server.ip.context("the server pod has an IPv4 address")?;
+    let server_ip: IpAddr = match ipv6 {
+        true => server.ipv6.context("the server pod has an IPv6 address")?.into(),
+        false => server.ip.context("the server pod has an IPv4 address")?.into(),
+    };
     let out = netns::command(&client.netns_path, "iperf3")
         .with_context(|| format!("opening network namespace {}", client.netns_path.display()))?
         .args([
@@ -182,6 +191,7 @@ pub fn throughput_cli(
     policies: usize,
     seconds: u32,
     runs: usize,
+    ipv6: bool,
 ) -> ExitCode {
     if let Err(e) = net::check_environment() {
         eprintln!("npm-agent lab throughput: {e:#}");
@@ -190,14 +200,15 @@ pub fn throughput_cli(
     super::cluster::remove_stale_pins();
     let _ = registry::cleanup_stale();
     println!(
-        "iperf3, TCP, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs"
+        "iperf3, TCP over {}, one stream, {seconds} s, pods on different lab nodes; median of {runs} runs",
+        if ipv6 { "IPv6" } else { "IPv4" }
     );
     let mut baseline = None;
     for dp in dataplanes {
         let which = (dp != "none").then_some(dp.as_str());
         let mut results = Vec::new();
         for _ in 0..runs {
-            match measure(which, policies, seconds) {
+            match measure(which, policies, seconds, ipv6) {
                 Ok(g) => results.push(g),
                 Err(e) => {
                     eprintln!("{dp}: {e:#}");
