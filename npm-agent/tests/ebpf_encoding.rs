@@ -169,15 +169,7 @@ proptest! {
 
     #[test]
     fn encoded_maps_decide_like_the_specification(state in cluster(), events in proptest::collection::vec(event(), 0..12)) {
-        let (current, nodes) = replay(&state, &events, NodeDataplane::new);
-        check(&current, &nodes)?;
-        // The maps hold exactly what the translator says they hold.
-        for n in nodes.values() {
-            let d = n.translator.desired();
-            prop_assert_eq!(d.policy.len(), n.maps.policy.len());
-            prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
-            prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
-        }
+        decide_like_the_specification(&state, &events)?;
     }
 
     /// With ClusterNetworkPolicies: verdict codes, folded values and three lookups decide
@@ -216,14 +208,7 @@ proptest! {
     /// (IPv4 keyed as mapped IPv6) decides both families as the specification does.
     #[test]
     fn encoded_maps_decide_like_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..12)) {
-        let (current, nodes) = replay(&state, &events, NodeDataplane::new);
-        check(&current, &nodes)?;
-        for n in nodes.values() {
-            let d = n.translator.desired();
-            prop_assert_eq!(d.policy.len(), n.maps.policy.len());
-            prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
-            prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
-        }
+        decide_like_the_specification(&state, &events)?;
     }
 
     #[test]
@@ -243,6 +228,23 @@ proptest! {
     ) {
         make_before_break(NodeDataplane::tiered("n1"), &state, &events)?;
     }
+}
+
+/// Every node's maps, fed `state` then `events`, decide as the specification does, and hold
+/// exactly what the translator says they hold.
+fn decide_like_the_specification(
+    state: &ClusterState,
+    events: &[Event],
+) -> Result<(), TestCaseError> {
+    let (current, nodes) = replay(state, events, NodeDataplane::new);
+    check(&current, &nodes)?;
+    for n in nodes.values() {
+        let d = n.translator.desired();
+        prop_assert_eq!(d.policy.len(), n.maps.policy.len());
+        prop_assert_eq!(d.cidrs.len(), n.maps.cidrs.len());
+        prop_assert_eq!(d.endpoints.len(), n.maps.endpoints.len());
+    }
+    Ok(())
 }
 
 /// After every map operation of every event's diff, no probe is refused that both the plan

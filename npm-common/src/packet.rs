@@ -483,6 +483,22 @@ fn quoted_ports<F: Frame + ?Sized>(f: &F, at: usize, quoted: &mut Flow) -> bool 
     true
 }
 
+/// An echo request or reply (ICMP or ICMPv6) at `l4`: its identifier stands for ports, as the
+/// source port of a request and the destination port of a reply.
+#[inline(always)]
+fn echo<F: Frame + ?Sized>(f: &F, l4: usize, request: bool, flow: &mut Flow) -> Kind {
+    let Some(id) = f.be16_at(l4 + 4) else {
+        return Kind::Other;
+    };
+    if request {
+        flow.sport = id;
+        Kind::IcmpEchoRequest
+    } else {
+        flow.dport = id;
+        Kind::IcmpEchoReply
+    }
+}
+
 /// An ICMP message at `l4`: echo (the identifier stands for ports) or an error quoting a
 /// packet (its IPv4 header and the first 8 bytes of its payload, which hold the ports).
 #[inline(always)]
@@ -497,18 +513,7 @@ fn icmp<F: Frame + ?Sized>(
         return Kind::Other;
     };
     match ty {
-        ICMP_ECHO | ICMP_ECHO_REPLY => {
-            let Some(id) = f.be16_at(l4 + 4) else {
-                return Kind::Other;
-            };
-            if ty == ICMP_ECHO {
-                flow.sport = id;
-                Kind::IcmpEchoRequest
-            } else {
-                flow.dport = id;
-                Kind::IcmpEchoReply
-            }
-        }
+        ICMP_ECHO | ICMP_ECHO_REPLY => echo(f, l4, ty == ICMP_ECHO, flow),
         ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_REDIRECT | ICMP_TIME_EXCEEDED
         | ICMP_PARAMETER_PROB => {
             let inner = l4 + 8;
@@ -546,18 +551,7 @@ fn icmpv6<F: Frame + ?Sized>(
         return Kind::Other;
     };
     match ty {
-        ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY => {
-            let Some(id) = f.be16_at(l4 + 4) else {
-                return Kind::Other;
-            };
-            if ty == ICMPV6_ECHO_REQUEST {
-                flow.sport = id;
-                Kind::IcmpEchoRequest
-            } else {
-                flow.dport = id;
-                Kind::IcmpEchoReply
-            }
-        }
+        ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY => echo(f, l4, ty == ICMPV6_ECHO_REQUEST, flow),
         ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB => {
             let inner = l4 + 8;
             let Some(h) = ipv6_header(f, inner) else {
