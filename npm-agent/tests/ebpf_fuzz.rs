@@ -289,13 +289,13 @@ fn kernel_and_host_decide_alike() {
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/npm-fuzz-{}", std::process::id()));
     let ifaces = TestInterfaces::new(&["veth-a", "veth-b", "uplink"]).expect("test interfaces");
     let index = [ifaces.index("veth-a"), ifaces.index("veth-b"), ifaces.index("uplink"), 0];
+    let _cleanup = scopeguard(pin_root.clone());
     let mut dp = EbpfDataplane::open(EbpfConfig {
         pin_root: pin_root.clone(),
         drop_events: Default::default(),
         attach: false,
     })
     .expect("load");
-    let _cleanup = scopeguard(pin_root.clone());
     let mut engine = Engine::new(Scope::Node("n1".into()));
     let mut events = vec![
         Event::UpsertNode(Node {

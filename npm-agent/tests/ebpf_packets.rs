@@ -80,7 +80,11 @@ impl Harness {
             drop_events: Default::default(),
             attach: false,
         })
-        .expect("load");
+        .unwrap_or_else(|e| {
+            // (No harness yet to remove what the failed load pinned.)
+            let _ = std::fs::remove_dir_all(&pin_root);
+            panic!("load: {e:?}")
+        });
         let engine = Engine::new(Scope::Node("n1".into())).with_cluster_policies();
         let mut h = Harness { engine, dp, pin_root, ifaces };
         h.event(Event::UpsertNode(Node {
