@@ -481,6 +481,21 @@ impl Agent {
     fn publish(&mut self) {
         let stats = self.engine.stats();
         let health = self.source.health();
+        // The metrics first: whoever sees the new generation in the status sees them too.
+        self.handles.metrics.set_address_conflicts(self.conflicts.len());
+        let tiers = |t| {
+            let cnps = self.engine.state().cluster_policies.values();
+            cnps.filter(|p| p.tier == t).count()
+        };
+        use crate::model::cluster_policy::Tier;
+        self.handles.metrics.set_state(StateCounts {
+            policies: stats.policies,
+            pods: stats.pods,
+            allow_entries: stats.allow_entries,
+            identities: stats.identities,
+            cluster_policies: [tiers(Tier::Admin), tiers(Tier::Baseline)],
+            cluster_policies_enforced: self.engine.compiles_cluster_policies(),
+        });
         let status = {
             let mut s = self.handles.status.lock().expect("status lock");
             if self.in_sync {
@@ -509,23 +524,9 @@ impl Agent {
                     }
                 )
             }));
+            self.handles.metrics.set_ready(s.ready);
             s.clone()
         };
-        self.handles.metrics.set_address_conflicts(self.conflicts.len());
-        let tiers = |t| {
-            let cnps = self.engine.state().cluster_policies.values();
-            cnps.filter(|p| p.tier == t).count()
-        };
-        use crate::model::cluster_policy::Tier;
-        self.handles.metrics.set_state(StateCounts {
-            policies: stats.policies,
-            pods: stats.pods,
-            allow_entries: stats.allow_entries,
-            identities: stats.identities,
-            cluster_policies: [tiers(Tier::Admin), tiers(Tier::Baseline)],
-            cluster_policies_enforced: self.engine.compiles_cluster_policies(),
-        });
-        self.handles.metrics.set_ready(status.ready);
         if let Some(path) = &self.status_file {
             match status.write(path) {
                 Ok(()) => self.status_error_logged = false,
