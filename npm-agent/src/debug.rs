@@ -10,7 +10,7 @@
 //! host model of the maps, which runs the programs' own decision code (`npm_common::decide`)
 //! on the connection's first packet at each end's veth.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,7 +18,7 @@ use anyhow::{Context as _, anyhow};
 use serde::Serialize;
 
 use crate::dataplane::iptables::emulator::{Packet, TableEmulator};
-use crate::dataplane::iptables::names::split_words;
+use crate::dataplane::iptables::names::{Family, split_words};
 use crate::dataplane::iptables::{Backend, Runner, detect_backend};
 use crate::explain::parse_port;
 
@@ -30,8 +30,9 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// `(iptables-save -t filter, ipset save)`.
-    pub fn read(&self) -> anyhow::Result<(String, String)> {
+    /// `(iptables-save -t filter, ipset save)`, or `ip6tables-save`'s for IPv6 (a file given
+    /// is read as the family's).
+    pub fn read(&self, family: Family) -> anyhow::Result<(String, String)> {
         let runner = Runner::new(None);
         let rules = match &self.iptables_save {
             Some(p) => crate::input::read_file(p)?,
@@ -39,7 +40,7 @@ impl Tables {
                 // The backend holding the agent's chains (the one kube-proxy hints at, else
                 // the other).
                 let (hinted, _) = detect_backend(&runner);
-                let read = |b: Backend| runner.read(b.save_program(), &["-t", "filter"]);
+                let read = |b: Backend| runner.read(b.save_for(family), &["-t", "filter"]);
                 let first = read(hinted).map_err(|e| anyhow!(e))?;
                 if first.lines().any(|l| l.starts_with(":AZURE-NPM ")) {
                     first
@@ -71,11 +72,8 @@ fn verdict_exit(command: &str, result: anyhow::Result<bool>) -> ExitCode {
     }
 }
 
-fn v4(s: &str) -> anyhow::Result<Ipv4Addr> {
-    match s.parse::<IpAddr>().with_context(|| format!("{s:?}: not an address"))? {
-        IpAddr::V4(v) => Ok(v),
-        IpAddr::V6(_) => Err(anyhow!("{s}: the iptables layout is IPv4")),
-    }
+fn address(s: &str) -> anyhow::Result<IpAddr> {
+    s.parse::<IpAddr>().with_context(|| format!("{s:?}: not an address"))
 }
 
 /// `npm-agent debug gettuples` in eBPF mode: the verdict of each end's program, from the maps
@@ -130,10 +128,13 @@ pub fn gettuples_ebpf(pin_root: &std::path::Path, src: &str, dst: &str, port: &s
 /// `npm-agent debug gettuples` in iptables mode.
 pub fn gettuples(tables: &Tables, src: &str, dst: &str, port: &str) -> ExitCode {
     let run = || -> anyhow::Result<bool> {
-        let (rules, sets) = tables.read()?;
+        let (s, d) = (address(src)?, address(dst)?);
+        anyhow::ensure!(s.is_ipv4() == d.is_ipv4(), "{src} -> {dst}: addresses of two families");
+        // (IPv6 is judged by ip6tables' rules and the `inet6:` sets.)
+        let (rules, sets) = tables.read(Family::of(s))?;
         let t = TableEmulator::from_saved(&rules, &sets).map_err(|e| anyhow!(e))?;
         let (dport, protocol) = parse_port(port)?;
-        let p = Packet { src: v4(src)?, dst: v4(dst)?, protocol, dport };
+        let p = Packet { src: s, dst: d, protocol, dport };
         let (allowed, steps) = t.trace(&p);
         let mut out = format!(
             "{src} -> {dst} {protocol}/{dport}, a new connection: {}\n",
@@ -224,7 +225,7 @@ pub fn convert(iptables_save: &str) -> Vec<RuleDoc> {
 /// `npm-agent debug convertiptable`.
 pub fn convertiptable(tables: &Tables) -> ExitCode {
     let run = || -> anyhow::Result<()> {
-        let (rules, _) = tables.read()?;
+        let (rules, _) = tables.read(Family::V4)?;
         let json = serde_json::to_string_pretty(&convert(&rules))? + "\n";
         let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), json.as_bytes());
         Ok(())

@@ -11,11 +11,15 @@
 //! - a batch that fails is repaired by the next reconcile;
 //! - Azure NPM's sets as the kernel holds them (the layout's, not the dataplane's own) equal
 //!   what `AzureSets` counts from the compiler's diffs, as the eBPF dataplane reports them.
+//!
+//! Each node runs both families' translators, as the dataplane does (their batches merged
+//! phase by phase), on a model with both filter tables and one namespace of sets; the
+//! `_dual_stack` variants draw dual-stack and IPv6-only pods and blocks of both families.
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use proptest::prelude::*;
 
@@ -23,8 +27,9 @@ use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::azure::{AzureSets, hashed_set_name};
 use npm_agent::dataplane::iptables::emulator::{Packet, TableEmulator};
+use npm_agent::dataplane::iptables::names::Family;
 use npm_agent::dataplane::iptables::observe::kernel_counts;
-use npm_agent::dataplane::iptables::translate::{Batch, RuleTranslator, Tool};
+use npm_agent::dataplane::iptables::translate::{Batch, RuleTranslator, Tool, merge_families};
 use npm_agent::model::Protocol;
 use npm_agent::plan::{Layout, Plan, PlanDiff};
 use npm_agent::reference::{self, End};
@@ -32,7 +37,8 @@ use npm_agent::state::{ClusterState, Event};
 
 struct Node {
     engine: Engine,
-    translator: RuleTranslator,
+    /// IPv4's, IPv6's.
+    translators: [RuleTranslator; 2],
     kernel: TableEmulator,
     /// The layout the kernel holds, which the dataplane advances by each apply's net move.
     layout: Layout,
@@ -46,14 +52,14 @@ impl Node {
     fn new(node: &str) -> Self {
         let mut n = Self {
             engine: Engine::new(Scope::Node(node.into())).with_layout().with_cluster_policies(),
-            translator: RuleTranslator::new(),
+            translators: Family::BOTH.map(RuleTranslator::for_family),
             kernel: TableEmulator::default(),
             layout: Layout::default(),
             named_sets: AzureSets::default(),
             counted_sets: AzureSets::default(),
         };
         // Start-up: a reconcile over an empty kernel.
-        let batches = n.translator.reconcile(&Plan::default(), &n.kernel.state());
+        let batches = reconcile(&mut n.translators, &Plan::default(), &n.kernel);
         for b in &batches {
             n.kernel.apply(b).expect("empty reconcile applies");
         }
@@ -85,18 +91,19 @@ impl Node {
         prop_assert_eq!(sorted(&layout), sorted(&before.diff(&self.layout)));
         prop_assert_eq!(&self.layout, &self.engine.plan().layout);
         let net = PlanDiff { changes: Vec::new(), layout };
-        let batches = self.translator.translate(&net);
-        self.named_sets.apply_named(&net.layout, |d| self.translator.kernel_set_name(d));
+        let batches =
+            merge_families(self.translators.iter_mut().map(|t| t.translate(&net)).collect());
+        // (Azure NPM's counts are of its IPv4 sets.)
+        let t = &self.translators[0];
+        self.named_sets.apply_named(&net.layout, |d| t.kernel_set_name(d));
         self.counted_sets.apply(&diff.layout);
         Ok(batches)
     }
 }
 
-fn v4(ip: IpAddr) -> Ipv4Addr {
-    match ip {
-        IpAddr::V4(v) => v,
-        IpAddr::V6(_) => unreachable!("the universe is IPv4"),
-    }
+/// Both families' translators reconcile `plan` over `kernel`, as the dataplane does.
+fn reconcile(ts: &mut [RuleTranslator; 2], plan: &Plan, kernel: &TableEmulator) -> Vec<Batch> {
+    merge_families(ts.iter_mut().map(|t| t.reconcile(plan, &kernel.state_of(t.family()))).collect())
 }
 
 /// The nodes whose FORWARD hook a connection between two ends crosses: the node of each
@@ -128,7 +135,7 @@ fn routed_elsewhere(state: &ClusterState, src: &End, dst: &End) -> bool {
         && state
             .pods
             .values()
-            .any(|p| p.is_endpoint() && p.ip == Some(dst.ip) && p.node == src.node)
+            .any(|p| p.is_endpoint() && p.has_address(dst.ip) && p.node == src.node)
 }
 
 fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), TestCaseError> {
@@ -138,6 +145,7 @@ fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), Test
             // (Packets claiming a local pod's address from elsewhere never reach FORWARD: the
             // raw table's guard drops them, tested in the kernel by iptables_netns.)
             if src.ip == dst.ip
+                || src.ip.is_ipv4() != dst.ip.is_ipv4()
                 || reference::arrives_spoofed(state, src, dst)
                 || routed_elsewhere(state, src, dst)
             {
@@ -145,7 +153,7 @@ fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), Test
             }
             for protocol in Protocol::ALL {
                 for port in PORTS {
-                    let p = Packet { src: v4(src.ip), dst: v4(dst.ip), protocol, dport: port };
+                    let p = Packet { src: src.ip, dst: dst.ip, protocol, dport: port };
                     let want = reference::allowed_between(state, src, dst, protocol, port);
                     let got = crossed(state, src, dst).iter().all(|n| nodes[n].kernel.forward(&p));
                     prop_assert_eq!(got, want, "{:?} {:?} -> {:?}:{}", protocol, src, dst, port);
@@ -172,6 +180,7 @@ fn probes(node: &str, states: &[&ClusterState]) -> Vec<Packet> {
         for &dst in &addrs {
             let ends = |s: &ClusterState| (End::at(s, src), End::at(s, dst));
             if src == dst
+                || src.is_ipv4() != dst.is_ipv4()
                 || !states.iter().any(|s| {
                     let (a, b) = ends(s);
                     crossed(s, &a, &b).contains(node)
@@ -189,7 +198,7 @@ fn probes(node: &str, states: &[&ClusterState]) -> Vec<Packet> {
                 (Protocol::Tcp, 8080),
                 (Protocol::Sctp, 81),
             ] {
-                v.push(Packet { src: v4(src), dst: v4(dst), protocol, dport: port });
+                v.push(Packet { src, dst, protocol, dport: port });
             }
         }
     }
@@ -198,7 +207,7 @@ fn probes(node: &str, states: &[&ClusterState]) -> Vec<Packet> {
 
 /// Whether at most one endpoint pod claims `ip`.
 fn claimed_once(state: &ClusterState, ip: IpAddr) -> bool {
-    state.pods.values().filter(|p| p.is_endpoint() && p.ip == Some(ip)).count() <= 1
+    state.pods.values().filter(|p| p.is_endpoint() && p.has_address(ip)).count() <= 1
 }
 
 /// Whether one end is a pod and the other its node's address.
@@ -215,7 +224,7 @@ fn own_node(state: &ClusterState, src: &End, dst: &End) -> bool {
 /// The specification's verdict on a probe, for the sides that `node` judges (its own
 /// pods'; the other node judges the other side).
 fn spec(state: &ClusterState, node: &str, p: &Packet) -> bool {
-    let (src, dst) = (End::at(state, IpAddr::V4(p.src)), End::at(state, IpAddr::V4(p.dst)));
+    let (src, dst) = (End::at(state, p.src), End::at(state, p.dst));
     reference::allowed_on(state, node, &src, &dst, p.protocol, p.dport)
 }
 
@@ -229,10 +238,10 @@ fn check_node(state: &ClusterState, n: &Node) -> Result<(), TestCaseError> {
 
 /// Whether an address is held in the transition set (its new connections refused while its
 /// set memberships change).
-fn in_transition(k: &TableEmulator, ip: Ipv4Addr) -> bool {
+fn in_transition(k: &TableEmulator, ip: IpAddr) -> bool {
     k.sets
-        .get(&hashed_set_name("transition"))
-        .is_some_and(|s| s.nets.contains_key(&ipnet::Ipv4Net::new(ip, 32).unwrap()))
+        .get(&Family::of(ip).set_name("transition"))
+        .is_some_and(|s| s.nets.contains_key(&ipnet::IpNet::from(ip)))
 }
 
 /// Applies batches one by one, checking after each that every probe is refused when neither
@@ -253,7 +262,7 @@ fn apply_checked(
         // iptables-restore transaction at once.
         let steps: Vec<String> = match b.tool {
             Tool::Ipset => b.script.lines().map(|l| format!("{l}\n")).collect(),
-            Tool::Iptables => vec![b.script.clone()],
+            Tool::Iptables | Tool::Ip6tables => vec![b.script.clone()],
         };
         for (j, step) in steps.iter().enumerate() {
             let one = Batch { script: step.clone(), ..b.clone() };
@@ -284,8 +293,10 @@ fn apply_checked(
             }
         }
     }
-    let t = kernel.sets.get(&hashed_set_name("transition"));
-    prop_assert!(t.is_none_or(|s| s.nets.is_empty()), "addresses left in transition: {:?}", t);
+    for f in Family::BOTH {
+        let t = kernel.sets.get(&f.set_name("transition"));
+        prop_assert!(t.is_none_or(|s| s.nets.is_empty()), "addresses left in transition: {:?}", t);
+    }
     Ok(())
 }
 
@@ -313,33 +324,48 @@ fn decide_like_the_specification(
         let kernel = kernel_counts(0, &n.named_sets, &n.kernel.state().sets, true);
         prop_assert_eq!(&kernel, &n.counted_sets.counts(0, true));
         prop_assert_eq!(&n.counted_sets, &AzureSets::from_layout(&n.engine.plan().layout));
-        let sets = n.translator.desired_sets(&n.engine.plan().layout);
-        prop_assert_eq!(
-            sets.keys().cloned().collect::<Vec<_>>(),
-            n.kernel.sets.keys().cloned().collect::<Vec<_>>()
-        );
-        let chains = n.translator.desired_chains();
+        let layout = &n.engine.plan().layout;
+        let mut sets: Vec<String> =
+            n.translators.iter().flat_map(|t| t.desired_sets(layout).into_keys()).collect();
+        sets.sort();
+        prop_assert_eq!(sets, n.kernel.sets.keys().cloned().collect::<Vec<_>>());
         // (Jumps to policy chains may be in any order.)
         let sorted = |mut v: Vec<String>| {
             v.sort();
             v
         };
-        for (c, rules) in &chains {
-            prop_assert_eq!(sorted(rules.clone()), sorted(n.kernel.rules(c)), "chain {}", c);
+        for t in &n.translators {
+            for (c, rules) in &t.desired_chains() {
+                let held = n.kernel.rules_of(t.family(), c);
+                prop_assert_eq!(
+                    sorted(rules.clone()),
+                    sorted(held),
+                    "chain {} {:?}",
+                    c,
+                    t.family()
+                );
+            }
         }
         let plan = n.engine.plan();
-        let before = n.kernel.state();
-        for b in n.translator.reconcile(&plan, &before) {
+        let before = Family::BOTH.map(|f| n.kernel.state_of(f));
+        for b in reconcile(&mut n.translators, &plan, &n.kernel) {
             n.kernel.apply(&b).map_err(TestCaseError::fail)?;
         }
-        let after = n.kernel.state();
-        prop_assert_eq!(&after.sets, &before.sets);
-        prop_assert_eq!(
-            after.chains.keys().collect::<Vec<_>>(),
-            before.chains.keys().collect::<Vec<_>>()
-        );
-        for (c, rules) in &after.chains {
-            prop_assert_eq!(sorted(rules.clone()), sorted(before.chains[c].clone()), "chain {}", c);
+        for f in Family::BOTH {
+            let (before, after) = (&before[f as usize], n.kernel.state_of(f));
+            prop_assert_eq!(&after.sets, &before.sets);
+            prop_assert_eq!(
+                after.chains.keys().collect::<Vec<_>>(),
+                before.chains.keys().collect::<Vec<_>>()
+            );
+            for (c, rules) in &after.chains {
+                prop_assert_eq!(
+                    sorted(rules.clone()),
+                    sorted(before.chains[c].clone()),
+                    "chain {}",
+                    c
+                );
+            }
         }
     }
     Ok(())
@@ -424,15 +450,18 @@ proptest! {
         }
         let new_plan = engine.plan();
         let all = probes("n1", &[&before, &now]);
-        let mut t = RuleTranslator::new();
+        let mut ts = Family::BOTH.map(RuleTranslator::for_family);
         let mut kernel = old.kernel.clone();
-        let batches = t.reconcile(&new_plan, &kernel.state());
+        let batches = reconcile(&mut ts, &new_plan, &kernel);
         apply_checked("n1", &mut kernel, &batches, &before, &now, &all)?;
         // Nothing of the old agent's is left, and the new one's rules decide like the
         // specification.
-        let sets = t.desired_sets(&new_plan.layout);
-        prop_assert_eq!(sets.keys().cloned().collect::<Vec<_>>(), kernel.sets.keys().cloned().collect::<Vec<_>>());
-        prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names().into_iter().collect::<Vec<_>>());
+        let mut sets: Vec<String> = ts.iter().flat_map(|t| t.desired_sets(&new_plan.layout).into_keys()).collect();
+        sets.sort();
+        prop_assert_eq!(sets, kernel.sets.keys().cloned().collect::<Vec<_>>());
+        for t in &ts {
+            prop_assert_eq!(t.desired_chains().keys().cloned().collect::<Vec<_>>(), kernel.chain_names_of(t.family()).into_iter().collect::<Vec<_>>());
+        }
         for p in probes("n1", &[&now]) {
             prop_assert_eq!(kernel.forward(&p), spec(&now, "n1", &p), "{:?}", p);
         }
@@ -465,15 +494,42 @@ proptest! {
         }
         // The agent reconciles the whole plan: a fresh translator, as after a failure.
         let plan = n.engine.plan();
-        let mut t = RuleTranslator::new();
-        for b in t.reconcile(&plan, &n.kernel.state()) {
+        let mut ts = Family::BOTH.map(RuleTranslator::for_family);
+        for b in reconcile(&mut ts, &plan, &n.kernel) {
             n.kernel.apply(&b).map_err(|e| TestCaseError::fail(format!("{}: {e}\n{}", b.step, b.script)))?;
         }
         // Every connection through the node is decided as the specification says.
         for p in probes("n1", &[&current]) {
             prop_assert_eq!(n.kernel.forward(&p), spec(&current, "n1", &p), "{:?}", p);
         }
-        let _ = t;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+
+    /// Both families: dual-stack and IPv6-only pods, blocks of either family; ip6tables'
+    /// rules and `inet6:` sets judge IPv6 as the specification does.
+    #[test]
+    fn rules_decide_like_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..12)) {
+        decide_like_the_specification(&state, &events)?;
+    }
+
+    #[test]
+    fn batches_apply_make_before_break_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 1..8)) {
+        let mut n = Node::new("n1");
+        for e in initial_events(&state) {
+            n.handle(&e)?;
+        }
+        let mut current = state.clone();
+        for e in &events {
+            let old = current.clone();
+            let diff = n.engine.handle(e.clone());
+            current.apply(e);
+            let all = probes("n1", &[&old, &current]);
+            let batches = n.batches(&diff)?;
+            apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
+        }
     }
 }
 
@@ -554,15 +610,14 @@ fn layout_uses_azure_names() {
     assert_eq!(named.kind, "hash:ip,port");
     assert_eq!(named.ports.len(), 2);
     assert_eq!(n.kernel.sets[&set("nslabel-team:a")].list, vec![set("ns-y")]);
-    assert!(
-        n.kernel
-            .sets
-            .keys()
-            .all(|s| s.starts_with("azure-npm-") && s["azure-npm-".len()..].parse::<u32>().is_ok())
-    );
+    // (IPv6's twins are `inet6:` and the same name.)
+    assert!(n.kernel.sets.keys().all(|s| {
+        let s = s.strip_prefix("inet6:").unwrap_or(s);
+        s.starts_with("azure-npm-") && s["azure-npm-".len()..].parse::<u32>().is_ok()
+    }));
     let p = |src: u8, dst: u8, dport| Packet {
-        src: v4(pod_ip(src)),
-        dst: v4(pod_ip(dst)),
+        src: pod_ip(src),
+        dst: pod_ip(dst),
         protocol: Protocol::Tcp,
         dport,
     };
@@ -576,6 +631,9 @@ fn layout_uses_azure_names() {
     // Deleting the policy leaves the base chains and the transition set alone.
     n.handle(&Event::DeletePolicy(ObjectKey::new("y", "base"))).unwrap();
     assert_eq!(n.kernel.chain_names().len(), 5);
-    assert_eq!(n.kernel.sets.keys().cloned().collect::<Vec<_>>(), vec![set("transition")]);
+    assert_eq!(
+        n.kernel.sets.keys().cloned().collect::<Vec<_>>(),
+        vec![set("transition"), format!("inet6:{}", set("transition"))]
+    );
     assert!(n.kernel.forward(&p(2, 1, 80)));
 }

@@ -33,6 +33,7 @@ fn layout(name: &str) -> String {
             let tool = match b.tool {
                 Tool::Ipset => "ipset -exist restore",
                 Tool::Iptables => "iptables-restore -w 60 -T filter --noflush",
+                Tool::Ip6tables => "ip6tables-restore -w 60 -T filter --noflush",
             };
             let _ = writeln!(out, "# batch: {} ({tool})\n{}", b.step, b.script);
             kernel.apply(&b).unwrap_or_else(|e| panic!("{name} step {i}: {e}\n{}", b.script));

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use npm_agent::dataplane::Dataplane;
+use npm_agent::dataplane::iptables::names::Family;
 use npm_agent::dataplane::iptables::saved::KernelState;
-use npm_agent::dataplane::iptables::translate::RuleTranslator;
 use npm_agent::dataplane::iptables::{self, Backend, IptablesConfig, IptablesDataplane};
 use npm_agent::netns::Scratch;
 use npm_agent::plan::Plan;
@@ -44,28 +44,32 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The policy layout (the source guard's sets, which the guard keeps, left out).
+    /// The IPv4 policy layout (the source guard's sets, which the guard keeps, left out).
     fn state(&self, backend: Backend) -> KernelState {
-        let mut k = KernelState::parse("", &self.exec(&[backend.save_program(), "-t", "filter"]));
+        self.state_of(backend, Family::V4)
+    }
+
+    /// A family's policy layout: its rules, and its sets.
+    fn state_of(&self, backend: Backend, f: Family) -> KernelState {
+        let mut k = KernelState::parse("", &self.exec(&[backend.save_for(f), "-t", "filter"]));
         k.sets = KernelState::parse(&self.exec(&["ipset", "save"]), "").sets;
-        k.sets.retain(|name, _| !iptables::guard::is_guard_set(name));
+        k.sets.retain(|name, _| !iptables::guard::is_guard_set(name) && f.owns_set(name));
         k
     }
 
-    /// Whether the source guard's chains are in place (IPv4 raw, IPv6 filter), jumped to first.
+    /// Whether the source guard's chains are in place (the raw tables of both families),
+    /// jumped to first.
     fn guard_in_place(&self, backend: Backend) -> bool {
-        let raw = self.exec(&[backend.save_program(), "-t", "raw"]);
-        let v6 = self.exec(&[backend.save6_program(), "-t", "filter"]);
         use iptables::guard::*;
-        table_rules(&raw, "raw", GUARD_CHAIN) == Some(guard_rules())
-            && table_rules(&raw, "raw", "PREROUTING")
-                .unwrap_or_default()
-                .first()
-                .map(String::as_str)
-                == Some(GUARD_JUMP)
-            && table_rules(&v6, "filter", IPV6_CHAIN) == Some(ipv6_rules())
-            && table_rules(&v6, "filter", "FORWARD").unwrap_or_default().first().map(String::as_str)
-                == Some(IPV6_JUMP)
+        Family::BOTH.into_iter().all(|f| {
+            let raw = self.exec(&[backend.save_for(f), "-t", "raw"]);
+            table_rules(&raw, "raw", GUARD_CHAIN) == Some(guard_rules(f))
+                && table_rules(&raw, "raw", "PREROUTING")
+                    .unwrap_or_default()
+                    .first()
+                    .map(String::as_str)
+                    == Some(GUARD_JUMP)
+        })
     }
 
     /// Whether any of the layout is left in a backend's tables of either family.
@@ -74,6 +78,7 @@ impl Netns {
             self.exec(&[backend.save_program(), "-t", "filter"]),
             self.exec(&[backend.save_program(), "-t", "raw"]),
             self.exec(&[backend.save6_program(), "-t", "filter"]),
+            self.exec(&[backend.save6_program(), "-t", "raw"]),
         ]
         .iter()
         .any(|save| save.contains("AZURE-NPM"))
@@ -106,9 +111,24 @@ fn open(ns: &Netns, backend: Backend) -> IptablesDataplane {
     .expect("open")
 }
 
-/// The kernel holds exactly what the translator says (rules in iptables-save's spelling).
-fn assert_matches(ns: &Netns, backend: Backend, t: &RuleTranslator, plan: &Plan, what: &str) {
-    let k = ns.state(backend);
+/// The kernel holds exactly what the translators say (rules in iptables-save's and
+/// ip6tables-save's spelling, sets in ipset's).
+fn assert_matches(ns: &Netns, backend: Backend, dp: &IptablesDataplane, plan: &Plan, what: &str) {
+    for f in Family::BOTH {
+        assert_family_matches(ns, backend, dp, f, plan, &format!("{what} ({})", f.as_str()));
+    }
+}
+
+fn assert_family_matches(
+    ns: &Netns,
+    backend: Backend,
+    dp: &IptablesDataplane,
+    f: Family,
+    plan: &Plan,
+    what: &str,
+) {
+    let t = dp.translator_of(f);
+    let k = ns.state_of(backend, f);
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
@@ -165,6 +185,22 @@ fn tier_chains_are_spelled_as_the_kernel_prints_them() {
     });
 }
 
+/// ip6tables' rules and the `inet6:` sets (blocks of both families, named ports, port ranges
+/// as `hash:net,port` sets) are spelled as the kernel prints them.
+#[test]
+fn ipv6_rules_and_sets_are_spelled_as_the_kernel_prints_them() {
+    if !available() {
+        return;
+    }
+    for (name, _) in dual_stack_scenarios() {
+        spelled_as_the_kernel_prints_them(&name, "v6", |ns, backend| {
+            let k = ns.state_of(backend, Family::V6);
+            assert!(k.sets.keys().any(|s| s.starts_with("inet6:")), "{:?}", k.sets);
+            assert!(k.chains.keys().any(|c| c.starts_with("AZURE-NPM-IN-PODS-")), "{:?}", k.chains);
+        });
+    }
+}
+
 /// Applies a scenario step by step, checking after each that the kernel holds exactly what
 /// the translator says; then a restarted agent reconciles over it without a change, and
 /// cleanup leaves nothing.
@@ -176,6 +212,7 @@ fn spelled_as_the_kernel_prints_them(scenario: &str, tag: &str, last_check: fn(&
         let path = scenarios()
             .into_iter()
             .chain(tier_scenarios())
+            .chain(dual_stack_scenarios())
             .find(|(n, _)| n == scenario)
             .expect("scenario")
             .1;
@@ -183,13 +220,13 @@ fn spelled_as_the_kernel_prints_them(scenario: &str, tag: &str, last_check: fn(&
         for (i, step) in plans(&path).into_iter().enumerate() {
             dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
             let what = format!("{scenario} {backend:?} step {i}");
-            assert_matches(&ns, backend, dp.translator(), &step.plan, &what);
+            assert_matches(&ns, backend, &dp, &step.plan, &what);
             last = step.plan;
         }
         last_check(&ns, backend);
         let mut dp2 = open(&ns, backend);
         dp2.reconcile(&last).expect("reconcile over the same plan");
-        assert_matches(&ns, backend, dp2.translator(), &last, "after restart");
+        assert_matches(&ns, backend, &dp2, &last, "after restart");
         drop(dp2);
         iptables::cleanup(Some(ns.path()));
         assert!(!ns.anything_left(backend), "{backend:?} after cleanup");
@@ -247,20 +284,14 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         // Start-up over nothing, then step by step.
         let mut dp = open(&ns, backend);
         dp.reconcile(&Plan::default()).expect("empty reconcile");
-        assert_matches(&ns, backend, dp.translator(), &Plan::default(), "empty");
+        assert_matches(&ns, backend, &dp, &Plan::default(), "empty");
         assert!(ns.guard_in_place(backend), "{backend:?}: the source guard after start-up");
         let path =
             scenarios().into_iter().find(|(n, _)| n == "60-ipblock-or-selector-peers").unwrap().1;
         let mut last = Plan::default();
         for (i, step) in plans(&path).into_iter().enumerate() {
             dp.apply(&step.diff).unwrap_or_else(|e| panic!("{backend:?} step {i}: {e}"));
-            assert_matches(
-                &ns,
-                backend,
-                dp.translator(),
-                &step.plan,
-                &format!("{backend:?} step {i}"),
-            );
+            assert_matches(&ns, backend, &dp, &step.plan, &format!("{backend:?} step {i}"));
             last = step.plan;
         }
         assert!(dp.stats().processes > 0);
@@ -268,11 +299,11 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         let other = final_plan("47-union-of-policies");
         let mut dp2 = open(&ns, backend);
         dp2.reconcile(&other).expect("reconcile over another agent's state");
-        assert_matches(&ns, backend, dp2.translator(), &other, "after restart");
+        assert_matches(&ns, backend, &dp2, &other, "after restart");
         // And once more with the first plan: nothing of the second is left.
         let mut dp3 = open(&ns, backend);
         dp3.reconcile(&last).expect("reconcile back");
-        assert_matches(&ns, backend, dp3.translator(), &last, "after second restart");
+        assert_matches(&ns, backend, &dp3, &last, "after second restart");
         // A batch fails (a set of another type squats the name of the next set to create):
         // it is retried, reported, and the next reconcile gets around it.
         let next = final_plan("23-ipblock-except");
@@ -303,7 +334,7 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         assert!(dp3.stats().failed >= 1 && dp3.stats().retried >= 1, "{:?}", dp3.stats());
         dp3.reconcile(&next).expect("the reconcile names the set otherwise");
         // (The squatter is not ours to keep: it is a stale azure-npm- set and goes.)
-        assert_matches(&ns, backend, dp3.translator(), &next, "after the failure");
+        assert_matches(&ns, backend, &dp3, &next, "after the failure");
         // Switching backends: the other backend's reconcile removes this one's chains.
         let mut switched = open(&ns, backend.other());
         switched.reconcile(&next).expect("reconcile with the other backend");
@@ -314,13 +345,7 @@ fn kernel_holds_the_translation_through_restarts_failures_and_cleanup() {
         );
         assert!(!ns.anything_left(backend), "{backend:?} still holds the source guard");
         assert!(ns.guard_in_place(backend.other()));
-        assert_matches(
-            &ns,
-            backend.other(),
-            switched.translator(),
-            &next,
-            "after switching backends",
-        );
+        assert_matches(&ns, backend.other(), &switched, &next, "after switching backends");
         // Cleanup leaves nothing.
         let report = iptables::cleanup(Some(ns.path()));
         assert!(report.problems.is_empty(), "{:?}", report.problems);

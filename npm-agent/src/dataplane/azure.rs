@@ -66,8 +66,9 @@ pub fn set_name(def: &SetDef) -> String {
         SetDef::NamedPort(name) => format!("namedport:{name}"),
         SetDef::Cidr(b) => {
             let mut s = format!("cidr-{}", b.net);
-            let list: Vec<String> =
-                b.except.iter().filter(|e| v4_net(e).is_some()).map(|e| e.to_string()).collect();
+            // (An except of the other family, which validation refuses, names nothing.)
+            let same = |e: &&IpNet| e.addr().is_ipv4() == b.net.addr().is_ipv4();
+            let list: Vec<String> = b.except.iter().filter(same).map(|e| e.to_string()).collect();
             if !list.is_empty() {
                 let joined = list.join(",");
                 if joined.len() <= 120 {

@@ -93,6 +93,16 @@ pub fn tier_scenarios() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
+/// Dual-stack cases (`tests/conformance/dual-stack`): blocks of both families, named ports
+/// and port ranges over both.
+pub fn dual_stack_scenarios() -> Vec<(String, PathBuf)> {
+    let dir = manifest_dir().join("../tests/conformance/dual-stack");
+    ["01-ipblocks-match-their-own-family", "128-port-range-endport", "133-named-port-ingress"]
+        .iter()
+        .map(|s| (format!("dual-stack-{s}"), dir.join(format!("{s}.yaml"))))
+        .collect()
+}
+
 /// Replays a case: the node's plan after its model, then after each step.
 pub fn plans(path: &Path) -> Vec<StepPlan> {
     let c = case::load(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

@@ -6,11 +6,11 @@
 //! the translator's output to the specification through it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-use super::names::split_words;
+use super::names::{Family, split_words};
 use super::saved::{KernelSet, KernelState};
 use super::translate::{Batch, Tool};
 use crate::model::Protocol;
@@ -20,9 +20,9 @@ pub struct ModelSet {
     pub kind: String,
     /// hash:net entries (prefix → nomatch), hash:ip,port entries, hash:net,port entries, or
     /// list:set members.
-    pub nets: BTreeMap<Ipv4Net, bool>,
-    pub ports: BTreeSet<(Ipv4Addr, Protocol, u16)>,
-    pub net_ports: BTreeSet<(Ipv4Net, Protocol, u16)>,
+    pub nets: BTreeMap<IpNet, bool>,
+    pub ports: BTreeSet<(IpAddr, Protocol, u16)>,
+    pub net_ports: BTreeSet<(IpNet, Protocol, u16)>,
     pub list: Vec<String>,
 }
 
@@ -49,7 +49,7 @@ impl Flags {
 }
 
 /// A hash:net,port member: `10.0.0.0/8,tcp:80` (a /32 without its length).
-fn parse_net_port_member(m: &str) -> Option<(Ipv4Net, Protocol, u16)> {
+fn parse_net_port_member(m: &str) -> Option<(IpNet, Protocol, u16)> {
     let (net, rest) = m.split_once(',')?;
     let (proto, port) = rest.split_once(':')?;
     let net = net_member(net)?;
@@ -57,7 +57,7 @@ fn parse_net_port_member(m: &str) -> Option<(Ipv4Net, Protocol, u16)> {
 }
 
 /// A hash:ip,port member: `10.0.0.1,tcp:80`.
-fn parse_port_member(m: &str) -> Option<(Ipv4Addr, Protocol, u16)> {
+fn parse_port_member(m: &str) -> Option<(IpAddr, Protocol, u16)> {
     let (ip, rest) = m.split_once(',')?;
     let (proto, port) = rest.split_once(':')?;
     Some((ip.parse().ok()?, Protocol::parse(&proto.to_uppercase())?, port.parse().ok()?))
@@ -69,8 +69,8 @@ struct Rule {
     protocol: Option<Protocol>,
     dports: Option<(u16, u16)>,
     /// `-s` and `-d`.
-    src: Option<Ipv4Net>,
-    dst: Option<Ipv4Net>,
+    src: Option<IpNet>,
+    dst: Option<IpNet>,
     /// (negated, set, what it looks at)
     sets: Vec<(bool, String, Flags)>,
     /// (negated, value, mask)
@@ -137,7 +137,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
             "-s" | "-d" => {
                 let flag = w[i].clone();
                 let v = next(&mut i)?;
-                let net: Ipv4Net = v.parse().map_err(|_| format!("address {v} in {text}"))?;
+                let net: IpNet = v.parse().map_err(|_| format!("address {v} in {text}"))?;
                 if flag == "-s" {
                     r.src = Some(net);
                 } else {
@@ -191,27 +191,29 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
     Ok(r)
 }
 
-/// A filter table and the sets of one network namespace.
+/// The filter tables (iptables' and ip6tables') and the sets (one namespace for both
+/// families, as in the kernel) of one network namespace.
 #[derive(Clone, Debug)]
 pub struct TableEmulator {
     pub sets: BTreeMap<String, ModelSet>,
+    /// iptables' filter table.
     chains: BTreeMap<String, Vec<Rule>>,
+    /// ip6tables'.
+    chains6: BTreeMap<String, Vec<Rule>>,
 }
 
 impl Default for TableEmulator {
     fn default() -> Self {
-        Self {
-            sets: BTreeMap::new(),
-            chains: BUILTIN.iter().map(|c| (c.to_string(), Vec::new())).collect(),
-        }
+        let builtin = || BUILTIN.iter().map(|c| (c.to_string(), Vec::new())).collect();
+        Self { sets: BTreeMap::new(), chains: builtin(), chains6: builtin() }
     }
 }
 
 /// A connection's first packet.
 #[derive(Clone, Copy, Debug)]
 pub struct Packet {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub protocol: Protocol,
     pub dport: u16,
 }
@@ -220,13 +222,29 @@ impl TableEmulator {
     pub fn apply(&mut self, batch: &Batch) -> Result<(), String> {
         match batch.tool {
             Tool::Ipset => self.apply_ipset(&batch.script),
-            Tool::Iptables => self.apply_iptables(&batch.script),
+            Tool::Iptables => self.apply_rules(Family::V4, &batch.script),
+            Tool::Ip6tables => self.apply_rules(Family::V6, &batch.script),
+        }
+    }
+
+    fn table(&self, f: Family) -> &BTreeMap<String, Vec<Rule>> {
+        match f {
+            Family::V4 => &self.chains,
+            Family::V6 => &self.chains6,
+        }
+    }
+
+    fn table_mut(&mut self, f: Family) -> &mut BTreeMap<String, Vec<Rule>> {
+        match f {
+            Family::V4 => &mut self.chains,
+            Family::V6 => &mut self.chains6,
         }
     }
 
     fn set_referenced(&self, name: &str) -> bool {
+        let tables = self.chains.values().chain(self.chains6.values());
         self.sets.values().any(|s| s.list.iter().any(|m| m == name))
-            || self.chains.values().flatten().any(|r| r.sets.iter().any(|(_, s, _)| s == name))
+            || tables.flatten().any(|r| r.sets.iter().any(|(_, s, _)| s == name))
     }
 
     /// `ipset -exist restore`: line by line, stopping at the first error (earlier lines stay).
@@ -341,6 +359,11 @@ impl TableEmulator {
 
     /// `iptables-restore --noflush`: every table section commits atomically or not at all.
     pub fn apply_iptables(&mut self, script: &str) -> Result<(), String> {
+        self.apply_rules(Family::V4, script)
+    }
+
+    /// `iptables-restore` or `ip6tables-restore --noflush`: atomically per `COMMIT`.
+    pub fn apply_rules(&mut self, f: Family, script: &str) -> Result<(), String> {
         let mut work: Option<BTreeMap<String, Vec<Rule>>> = None;
         for (n, line) in script.lines().enumerate() {
             let err = |m: String| format!("iptables-restore: line {} failed: {m}", n + 1);
@@ -348,7 +371,7 @@ impl TableEmulator {
                 continue;
             }
             if line == "*filter" {
-                work = Some(self.chains.clone());
+                work = Some(self.table(f).clone());
                 continue;
             }
             let chains = work.as_mut().ok_or_else(|| err("no table".into()))?;
@@ -361,7 +384,7 @@ impl TableEmulator {
                         }
                     }
                 }
-                self.chains = work.take().expect("table");
+                *self.table_mut(f) = work.take().expect("table");
                 continue;
             }
             if let Some(decl) = line.strip_prefix(':') {
@@ -444,12 +467,20 @@ impl TableEmulator {
     /// The model as `ipset save` and `iptables-save` would print it (only what the parser
     /// of [`KernelState`] reads).
     pub fn save(&self) -> (String, String) {
+        self.save_of(Family::V4)
+    }
+
+    /// The same with `ip6tables-save`'s rules for IPv6 (every set either way).
+    pub fn save_of(&self, f: Family) -> (String, String) {
         let mut ipset = String::new();
         for (name, s) in &self.sets {
             ipset.push_str(&format!("create {name} {} family inet\n", s.kind));
             for (net, nomatch) in &s.nets {
-                let m =
-                    if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+                let m = if net.prefix_len() == net.max_prefix_len() {
+                    net.addr().to_string()
+                } else {
+                    net.to_string()
+                };
                 ipset.push_str(&format!(
                     "add {name} {m}{}\n",
                     if *nomatch { " nomatch" } else { "" }
@@ -462,8 +493,11 @@ impl TableEmulator {
                 ));
             }
             for (net, proto, port) in &s.net_ports {
-                let n =
-                    if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+                let n = if net.prefix_len() == net.max_prefix_len() {
+                    net.addr().to_string()
+                } else {
+                    net.to_string()
+                };
                 ipset.push_str(&format!(
                     "add {name} {n},{}:{port}\n",
                     proto.as_str().to_lowercase()
@@ -474,11 +508,11 @@ impl TableEmulator {
             }
         }
         let mut ipt = String::from("*filter\n");
-        for c in self.chains.keys() {
+        for c in self.table(f).keys() {
             let policy = if BUILTIN.contains(&c.as_str()) { "ACCEPT" } else { "-" };
             ipt.push_str(&format!(":{c} {policy} [0:0]\n"));
         }
-        for (c, rules) in &self.chains {
+        for (c, rules) in self.table(f) {
             for r in rules {
                 ipt.push_str(&format!("-A {c} {}\n", r.text));
             }
@@ -487,27 +521,41 @@ impl TableEmulator {
         (ipset, ipt)
     }
 
-    /// What a reconcile would read from this kernel.
+    /// What a reconcile would read from this kernel (IPv4's rules, every set).
     pub fn state(&self) -> KernelState {
-        let (a, b) = self.save();
+        self.state_of(Family::V4)
+    }
+
+    /// The same with a family's rules.
+    pub fn state_of(&self, f: Family) -> KernelState {
+        let (a, b) = self.save_of(f);
         KernelState::parse(&a, &b)
     }
 
     /// Whether the model holds nothing but the empty built-in chains.
     pub fn is_clean(&self) -> bool {
         self.sets.is_empty()
-            && self.chains.len() == BUILTIN.len()
-            && self.chains.values().all(Vec::is_empty)
+            && [&self.chains, &self.chains6]
+                .iter()
+                .all(|t| t.len() == BUILTIN.len() && t.values().all(Vec::is_empty))
     }
 
-    /// The names of the user chains.
+    /// The names of the user chains (IPv4's).
     pub fn chain_names(&self) -> BTreeSet<String> {
-        self.chains.keys().filter(|c| !BUILTIN.contains(&c.as_str())).cloned().collect()
+        self.chain_names_of(Family::V4)
     }
 
-    /// The rules of a chain, as `iptables-save` prints them after `-A CHAIN `.
+    pub fn chain_names_of(&self, f: Family) -> BTreeSet<String> {
+        self.table(f).keys().filter(|c| !BUILTIN.contains(&c.as_str())).cloned().collect()
+    }
+
+    /// The rules of a chain, as `iptables-save` prints them after `-A CHAIN ` (IPv4's).
     pub fn rules(&self, chain: &str) -> Vec<String> {
-        self.chains
+        self.rules_of(Family::V4, chain)
+    }
+
+    pub fn rules_of(&self, f: Family, chain: &str) -> Vec<String> {
+        self.table(f)
             .get(chain)
             .map(|r| r.iter().map(|r| r.text.clone()).collect())
             .unwrap_or_default()
@@ -550,7 +598,7 @@ impl TableEmulator {
         if depth >= 16 {
             return Some(false);
         }
-        for r in self.chains.get(chain)? {
+        for r in self.table(Family::of(p.src)).get(chain)? {
             if r.src.is_some_and(|n| !n.contains(&p.src))
                 || r.dst.is_some_and(|n| !n.contains(&p.dst))
             {
@@ -597,6 +645,11 @@ impl TableEmulator {
     /// print them: the `azure-npm-` sets and the `AZURE-NPM` chains, with FORWARD's jumps to
     /// them (what else the node holds is not the agent's and is left out).
     pub fn from_saved(iptables_save: &str, ipset_save: &str) -> Result<Self, String> {
+        Self::from_saved_of(Family::V4, iptables_save, ipset_save)
+    }
+
+    /// The same with a family's rules (`ip6tables-save`'s for IPv6).
+    pub fn from_saved_of(f: Family, iptables_save: &str, ipset_save: &str) -> Result<Self, String> {
         let mut t = TableEmulator::default();
         // The filter table's sets: the source guard's (`hash:net,iface`, in the raw table)
         // are not modelled.
@@ -604,7 +657,7 @@ impl TableEmulator {
             .lines()
             .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
                 ["create", name, kind, ..]
-                    if name.starts_with("azure-npm-")
+                    if super::names::is_layout_set(name)
                         && ["hash:net", "hash:ip,port", "hash:net,port", "list:set"]
                             .contains(kind) =>
                 {
@@ -628,7 +681,7 @@ impl TableEmulator {
             }
         }
         script.push_str("COMMIT\n");
-        t.apply_iptables(&script)?;
+        t.apply_rules(f, &script)?;
         Ok(t)
     }
 
@@ -664,8 +717,8 @@ pub fn kernel_set(kind: &str, members: &[&str]) -> KernelSet {
 }
 
 /// A hash:net member as `ipset` takes it: a block, or an address (a /32).
-fn net_member(member: &str) -> Option<Ipv4Net> {
-    member.parse().ok().or_else(|| member.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+fn net_member(member: &str) -> Option<IpNet> {
+    member.parse().ok().or_else(|| member.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use super::names::Family;
+
 /// The iptables backend (the same rules through two kernel interfaces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -54,6 +56,22 @@ impl Backend {
         match self {
             Backend::Nft => "ip6tables-nft-save",
             Backend::Legacy => "ip6tables-legacy-save",
+        }
+    }
+
+    /// The restore program of a family's rules.
+    pub fn restore_for(self, f: Family) -> &'static str {
+        match f {
+            Family::V4 => self.restore_program(),
+            Family::V6 => self.restore6_program(),
+        }
+    }
+
+    /// The save program of a family's rules.
+    pub fn save_for(self, f: Family) -> &'static str {
+        match f {
+            Family::V4 => self.save_program(),
+            Family::V6 => self.save6_program(),
         }
     }
 
@@ -136,16 +154,25 @@ impl Runner {
 /// The legacy (x_tables) tables that exist in the runner's network namespace. Reading them
 /// with `iptables-legacy-save` would create the tables it names, so the legacy backend is
 /// only read where it already holds tables.
-fn legacy_tables(runner: &Runner) -> Vec<String> {
+fn legacy_tables(runner: &Runner, f: Family) -> Vec<String> {
+    let names = match f {
+        Family::V4 => "/proc/net/ip_tables_names",
+        Family::V6 => "/proc/net/ip6_tables_names",
+    };
     runner
-        .output("cat", &["/proc/net/ip_tables_names"])
+        .output("cat", &[names])
         .map(|s| s.lines().map(str::to_string).collect())
         .unwrap_or_default()
 }
 
 /// Whether a backend may hold tables here (nft always may: reading it creates nothing).
 pub fn may_hold(runner: &Runner, backend: Backend, table: &str) -> bool {
-    backend == Backend::Nft || legacy_tables(runner).iter().any(|t| t == table)
+    may_hold_for(runner, backend, Family::V4, table)
+}
+
+/// The same, for a family's tables (iptables' or ip6tables').
+pub fn may_hold_for(runner: &Runner, backend: Backend, f: Family, table: &str) -> bool {
+    backend == Backend::Nft || legacy_tables(runner, f).iter().any(|t| t == table)
 }
 
 /// Picks the backend the node's rules use, as Azure NPM v2 does: kube-proxy's hint chain
@@ -173,7 +200,7 @@ pub fn detect_backend(runner: &Runner) -> (Backend, String) {
     }
     let mut seen = Vec::new();
     for b in [Backend::Nft, Backend::Legacy] {
-        if b == Backend::Legacy && legacy_tables(runner).is_empty() {
+        if b == Backend::Legacy && legacy_tables(runner, Family::V4).is_empty() {
             // Installed or not, it holds nothing here.
             if runner.output(b.save_program(), &["--version"]).is_some() {
                 seen.push((b, 0, false));

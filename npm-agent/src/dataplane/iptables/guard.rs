@@ -1,119 +1,88 @@
 //! What the policy layout cannot say because it needs the pods' interfaces, which only the
-//! node knows: a pod sends only from its own address, a local pod's address never comes in
-//! from elsewhere, and (until IPv6 is enforced) an isolated pod neither sends nor receives
-//! IPv6.
+//! node knows: a pod sends only from its own addresses, and a local pod's address never comes
+//! in from elsewhere. In both families.
 //!
-//! - `raw` table, `AZURE-NPM-GUARD` (jumped to first from PREROUTING, before conntrack sees a
-//!   packet, so a forged packet leaves no conntrack entry behind):
+//! - `raw` table of iptables and of ip6tables, `AZURE-NPM-GUARD` (jumped to first from
+//!   PREROUTING, before conntrack sees a packet, so a forged packet leaves no conntrack entry
+//!   behind):
 //!   - a packet entering through a pod's veth (`pod-interfaces`, hash:net,iface of
-//!     `0.0.0.0/0,<veth>`) whose (source, interface) is not that pod's (`pod-sources`,
-//!     `<ip>,<veth>`) is dropped;
+//!     `0.0.0.0/0,<veth>`, or `::/0,<veth>` in `inet6:`) whose (source, interface) is not
+//!     that pod's (`pod-sources`, `<ip>,<veth>`) is dropped: a pod without an IPv6 address
+//!     sends no IPv6 but link-local;
 //!   - a packet whose source is a local pod's address (`pod-addresses`) arriving through
 //!     another interface is dropped.
-//! - `filter` table of ip6tables, `AZURE-NPM-IPV6` (jumped to first from FORWARD): IPv6 to an
-//!   ingress-isolated pod's veth (`isolated-ingress-ipv6`, `::/0,<veth>`, matched against the
-//!   outgoing interface) or from an egress-isolated one's (`isolated-egress-ipv6`, incoming)
-//!   is dropped.
+//!   - IPv6 only: link-local traffic (from `fe80::/10` to `fe80::/10` or multicast, and from
+//!     `::` to multicast: neighbour and router discovery, MLD, duplicate address detection)
+//!     is let through first. The kernel never forwards a link-local source (it is beyond
+//!     scope), so such a packet reaches the node only, which a pod may always reach.
 //!
 //! The rules are fixed; the sets follow the plan's local endpoints and their veths (found
-//! from the /32 routes, again on every tick, so a late or replaced veth is picked up). Each
-//! set is replaced whole and atomically (`ipset swap`). The rule counters of the two DROP
-//! rules count spoofed packets (`iptables -t raw -L AZURE-NPM-GUARD -v`).
+//! from the /32 and /128 routes, again on every tick, so a late or replaced veth is picked
+//! up). Every veth of a pod is in both families' `pod-interfaces`, whatever addresses its pod
+//! has. Each set is replaced whole and atomically (`ipset swap`). The rule counters of the
+//! two DROP rules count spoofed packets (`iptables -t raw -L AZURE-NPM-GUARD -v`, and
+//! `ip6tables`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use super::names::quote_comment;
-use crate::dataplane::azure::hashed_set_name;
-use crate::model::Direction;
+use super::names::{Family, quote_comment};
 use crate::plan::{Change, Plan, PlanDiff};
 
-/// The raw-table chain (IPv4).
+/// The raw-table chain (both families).
 pub const GUARD_CHAIN: &str = "AZURE-NPM-GUARD";
-/// The ip6tables filter chain.
-pub const IPV6_CHAIN: &str = "AZURE-NPM-IPV6";
 /// PREROUTING's jump (raw table), as `iptables-save` prints it.
 pub const GUARD_JUMP: &str = "-j AZURE-NPM-GUARD";
-/// FORWARD's jump (ip6tables filter table).
-pub const IPV6_JUMP: &str = "-j AZURE-NPM-IPV6";
+/// The ip6tables filter chain of earlier versions, which dropped IPv6 at isolated pods
+/// before IPv6 was enforced (removed where found: its sets, no longer the guard's, are
+/// destroyed as stale by the IPv4 layout's reconcile).
+pub const OLD_IPV6_CHAIN: &str = "AZURE-NPM-IPV6";
+pub const OLD_IPV6_JUMP: &str = "-j AZURE-NPM-IPV6";
 
-/// The guard's sets: readable name, family, type.
-pub const SETS: [(&str, &str, &str); 5] = [
-    (POD_INTERFACES, "inet", "hash:net,iface"),
-    (POD_SOURCES, "inet", "hash:net,iface"),
-    (POD_ADDRESSES, "inet", "hash:net"),
-    (ISOLATED_INGRESS_V6, "inet6", "hash:net,iface"),
-    (ISOLATED_EGRESS_V6, "inet6", "hash:net,iface"),
+/// The guard's sets (each in both families): readable name, type.
+pub const SETS: [(&str, &str); 3] = [
+    (POD_INTERFACES, "hash:net,iface"),
+    (POD_SOURCES, "hash:net,iface"),
+    (POD_ADDRESSES, "hash:net"),
 ];
 pub const POD_INTERFACES: &str = "pod-interfaces";
 pub const POD_SOURCES: &str = "pod-sources";
 pub const POD_ADDRESSES: &str = "pod-addresses";
-pub const ISOLATED_INGRESS_V6: &str = "isolated-ingress-ipv6";
-pub const ISOLATED_EGRESS_V6: &str = "isolated-egress-ipv6";
 
 /// Whether `name` (a kernel set name) is one of the guard's, which the policy layout's
 /// reconcile must leave alone.
 pub fn is_guard_set(name: &str) -> bool {
-    SETS.iter()
-        .any(|(readable, _, _)| hashed_set_name(readable) == name || staging(readable) == name)
+    Family::BOTH.iter().any(|f| {
+        SETS.iter()
+            .any(|(readable, _)| f.set_name(readable) == name || staging(*f, readable) == name)
+    })
 }
 
 /// The kernel name of the set a new content is built in before it is swapped in.
-fn staging(readable: &str) -> String {
-    hashed_set_name(&format!("{readable}-next"))
-}
-
-/// One local endpoint, as the guard needs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Endpoint {
-    /// Isolated for ingress, for egress.
-    isolated: [bool; 2],
-    /// The host side of its veth, once found.
-    ifname: Option<String>,
+fn staging(f: Family, readable: &str) -> String {
+    f.set_name(&format!("{readable}-next"))
 }
 
 /// The guard's view of the node: its endpoints and their interfaces.
 #[derive(Clone, Debug, Default)]
 pub struct Guard {
-    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Local endpoints and the host side of their veth, once found.
+    endpoints: BTreeMap<IpAddr, Option<String>>,
     /// The set contents the kernel was last given (to write only what changed).
-    written: Option<BTreeMap<&'static str, BTreeSet<String>>>,
-}
-
-fn di(d: Direction) -> usize {
-    match d {
-        Direction::Ingress => 0,
-        Direction::Egress => 1,
-    }
-}
-
-fn v4(ip: std::net::IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        std::net::IpAddr::V4(v) => Some(v),
-        std::net::IpAddr::V6(_) => None,
-    }
+    written: Option<BTreeMap<(Family, &'static str), BTreeSet<String>>>,
 }
 
 impl Guard {
-    /// Follows a diff's local endpoints and their isolation.
+    /// Follows a diff's local endpoints.
     pub fn apply(&mut self, diff: &PlanDiff) {
         for c in &diff.changes {
             match c {
                 Change::AddEndpoint { ip, .. } => {
-                    if let Some(ip) = v4(*ip) {
-                        self.endpoints.entry(ip).or_default();
-                    }
+                    self.endpoints.entry(*ip).or_default();
                 }
                 Change::RemoveEndpoint { ip } => {
-                    if let Some(ip) = v4(*ip) {
-                        self.endpoints.remove(&ip);
-                    }
-                }
-                Change::SetProfile { ip, direction, profile } => {
-                    if let Some(ep) = v4(*ip).and_then(|ip| self.endpoints.get_mut(&ip)) {
-                        ep.isolated[di(*direction)] = profile.is_some();
-                    }
+                    self.endpoints.remove(ip);
                 }
                 _ => {}
             }
@@ -122,47 +91,40 @@ impl Guard {
 
     /// Holds exactly the plan's local endpoints (interfaces found again by the caller).
     pub fn reconcile(&mut self, plan: &Plan) {
-        self.endpoints = plan
-            .endpoints
-            .iter()
-            .filter_map(|(ip, ep)| {
-                let isolated = Direction::BOTH.map(|d| ep.isolated(d));
-                v4(*ip).map(|ip| (ip, Endpoint { isolated, ifname: None }))
-            })
-            .collect();
+        self.endpoints = plan.endpoints.keys().map(|ip| (*ip, None)).collect();
         self.written = None;
     }
 
-    /// Takes each endpoint's veth from `routes` (the node's /32 routes, address → interface).
-    pub fn find_interfaces(&mut self, routes: &HashMap<Ipv4Addr, String>) {
-        for (ip, ep) in &mut self.endpoints {
-            ep.ifname = routes.get(ip).cloned();
+    /// Takes each endpoint's veth from `routes` (the node's /32 and /128 routes, address →
+    /// interface).
+    pub fn find_interfaces(&mut self, routes: &HashMap<IpAddr, String>) {
+        for (ip, ifname) in &mut self.endpoints {
+            *ifname = routes.get(ip).cloned();
         }
     }
 
     /// Endpoints whose veth is not found yet.
     pub fn pending(&self) -> usize {
-        self.endpoints.values().filter(|e| e.ifname.is_none()).count()
+        self.endpoints.values().filter(|e| e.is_none()).count()
     }
 
     /// What each set should hold now (members as `ipset save` prints them).
-    fn contents(&self) -> BTreeMap<&'static str, BTreeSet<String>> {
-        let mut c: BTreeMap<&'static str, BTreeSet<String>> =
-            SETS.iter().map(|(n, _, _)| (*n, BTreeSet::new())).collect();
-        for (ip, ep) in &self.endpoints {
-            let Some(ifname) = &ep.ifname else { continue };
-            let mut add = |set: &'static str, m: String| {
-                c.get_mut(set).expect("guard set").insert(m);
+    fn contents(&self) -> BTreeMap<(Family, &'static str), BTreeSet<String>> {
+        let mut c: BTreeMap<(Family, &'static str), BTreeSet<String>> = Family::BOTH
+            .iter()
+            .flat_map(|f| SETS.iter().map(|(n, _)| ((*f, *n), BTreeSet::new())))
+            .collect();
+        for (ip, ifname) in &self.endpoints {
+            let Some(ifname) = ifname else { continue };
+            let mut add = |f: Family, set: &'static str, m: String| {
+                c.get_mut(&(f, set)).expect("guard set").insert(m);
             };
-            add(POD_INTERFACES, format!("0.0.0.0/0,{ifname}"));
-            add(POD_SOURCES, format!("{ip},{ifname}"));
-            add(POD_ADDRESSES, ip.to_string());
-            if ep.isolated[0] {
-                add(ISOLATED_INGRESS_V6, format!("::/0,{ifname}"));
+            for (f, any) in [(Family::V4, "0.0.0.0/0"), (Family::V6, "::/0")] {
+                add(f, POD_INTERFACES, format!("{any},{ifname}"));
             }
-            if ep.isolated[1] {
-                add(ISOLATED_EGRESS_V6, format!("::/0,{ifname}"));
-            }
+            let f = Family::of(*ip);
+            add(f, POD_SOURCES, format!("{ip},{ifname}"));
+            add(f, POD_ADDRESSES, ip.to_string());
         }
         c
     }
@@ -175,20 +137,23 @@ impl Guard {
             return None;
         }
         let mut s = String::new();
-        for (readable, family, kind) in SETS {
-            let members = &want[readable];
-            if self.written.as_ref().is_some_and(|w| &w[readable] == members) {
-                continue;
+        for f in Family::BOTH {
+            for (readable, kind) in SETS {
+                let members = &want[&(f, readable)];
+                if self.written.as_ref().is_some_and(|w| &w[&(f, readable)] == members) {
+                    continue;
+                }
+                let (name, next) = (f.set_name(readable), staging(f, readable));
+                let family = f.inet();
+                let _ = writeln!(s, "create {name} {kind} family {family} maxelem 65536");
+                let _ = writeln!(s, "create {next} {kind} family {family} maxelem 65536");
+                let _ = writeln!(s, "flush {next}");
+                for m in members {
+                    let _ = writeln!(s, "add {next} {m}");
+                }
+                let _ = writeln!(s, "swap {next} {name}");
+                let _ = writeln!(s, "destroy {next}");
             }
-            let (name, next) = (hashed_set_name(readable), staging(readable));
-            let _ = writeln!(s, "create {name} {kind} family {family} maxelem 65536");
-            let _ = writeln!(s, "create {next} {kind} family {family} maxelem 65536");
-            let _ = writeln!(s, "flush {next}");
-            for m in members {
-                let _ = writeln!(s, "add {next} {m}");
-            }
-            let _ = writeln!(s, "swap {next} {name}");
-            let _ = writeln!(s, "destroy {next}");
         }
         self.written = Some(want);
         Some(s)
@@ -200,39 +165,30 @@ impl Guard {
     }
 }
 
-/// The raw table's guard rules, as `iptables-save` prints them.
-pub fn guard_rules() -> Vec<String> {
-    let (ifaces, sources, addresses) = (
-        hashed_set_name(POD_INTERFACES),
-        hashed_set_name(POD_SOURCES),
-        hashed_set_name(POD_ADDRESSES),
-    );
-    vec![
-        format!(
-            "-m set --match-set {ifaces} src,src -m set ! --match-set {sources} src,src -m comment --comment {} -j DROP",
-            quote_comment("DROP-SPOOFED-SOURCE-FROM-POD")
-        ),
-        format!(
-            "-m set --match-set {addresses} src -m set ! --match-set {sources} src,src -m comment --comment {} -j DROP",
-            quote_comment("DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE")
-        ),
-    ]
-}
-
-/// The ip6tables filter rules, as `ip6tables-save` prints them.
-pub fn ipv6_rules() -> Vec<String> {
-    vec![
-        format!(
-            "-m set --match-set {} dst,dst -m comment --comment {} -j DROP",
-            hashed_set_name(ISOLATED_INGRESS_V6),
-            quote_comment("DROP-IPV6-TO-ISOLATED-POD-NOT-ENFORCED")
-        ),
-        format!(
-            "-m set --match-set {} src,src -m comment --comment {} -j DROP",
-            hashed_set_name(ISOLATED_EGRESS_V6),
-            quote_comment("DROP-IPV6-FROM-ISOLATED-POD-NOT-ENFORCED")
-        ),
-    ]
+/// The raw table's guard rules of a family, as `iptables-save` / `ip6tables-save` print them.
+pub fn guard_rules(f: Family) -> Vec<String> {
+    let (ifaces, sources, addresses) =
+        (f.set_name(POD_INTERFACES), f.set_name(POD_SOURCES), f.set_name(POD_ADDRESSES));
+    let mut rules = Vec::new();
+    if f == Family::V6 {
+        for (src, dst) in
+            [("fe80::/10", "fe80::/10"), ("fe80::/10", "ff00::/8"), ("::/128", "ff00::/8")]
+        {
+            rules.push(format!(
+                "-s {src} -d {dst} -m comment --comment {} -j RETURN",
+                quote_comment("LINK-LOCAL-TRAFFIC-STAYS-ON-THE-NODE")
+            ));
+        }
+    }
+    rules.push(format!(
+        "-m set --match-set {ifaces} src,src -m set ! --match-set {sources} src,src -m comment --comment {} -j DROP",
+        quote_comment("DROP-SPOOFED-SOURCE-FROM-POD")
+    ));
+    rules.push(format!(
+        "-m set --match-set {addresses} src -m set ! --match-set {sources} src,src -m comment --comment {} -j DROP",
+        quote_comment("DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE")
+    ));
+    rules
 }
 
 /// The rules of `chain` in `table` of an `iptables-save` output (`None`: no such chain).
@@ -323,47 +279,49 @@ mod tests {
     }
 
     #[test]
-    fn sets_follow_endpoints_interfaces_and_isolation() {
+    fn sets_follow_endpoints_and_interfaces_in_both_families() {
         let mut g = Guard::default();
         let pod = ObjectKey::new("x", "a");
         g.apply(&PlanDiff::of(vec![
             Change::AddEndpoint { ip: ip("10.0.0.1"), pod: pod.clone() },
+            Change::AddEndpoint { ip: ip("fd00::1"), pod: pod.clone() },
             Change::AddEndpoint { ip: ip("10.0.0.2"), pod },
-            Change::AddProfile { profile: 1, direction: Direction::Ingress, isolating: true },
-            Change::SetProfile {
-                ip: ip("10.0.0.1"),
-                direction: Direction::Ingress,
-                profile: Some(1),
-            },
         ]));
-        assert_eq!(g.pending(), 2);
+        assert_eq!(g.pending(), 3);
         // Without interfaces nothing is checked yet.
         assert!(g.contents().values().all(BTreeSet::is_empty));
-        g.find_interfaces(&HashMap::from([("10.0.0.1".parse().unwrap(), "veth1".to_string())]));
+        g.find_interfaces(&HashMap::from([
+            (ip("10.0.0.1"), "veth1".to_string()),
+            (ip("fd00::1"), "veth1".to_string()),
+        ]));
         assert_eq!(g.pending(), 1);
         let c = g.contents();
-        assert_eq!(c[POD_INTERFACES], BTreeSet::from(["0.0.0.0/0,veth1".to_string()]));
-        assert_eq!(c[POD_SOURCES], BTreeSet::from(["10.0.0.1,veth1".to_string()]));
-        assert_eq!(c[POD_ADDRESSES], BTreeSet::from(["10.0.0.1".to_string()]));
-        assert_eq!(c[ISOLATED_INGRESS_V6], BTreeSet::from(["::/0,veth1".to_string()]));
-        assert!(c[ISOLATED_EGRESS_V6].is_empty());
+        let one = |s: &str| BTreeSet::from([s.to_string()]);
+        assert_eq!(c[&(Family::V4, POD_INTERFACES)], one("0.0.0.0/0,veth1"));
+        assert_eq!(c[&(Family::V6, POD_INTERFACES)], one("::/0,veth1"));
+        assert_eq!(c[&(Family::V4, POD_SOURCES)], one("10.0.0.1,veth1"));
+        assert_eq!(c[&(Family::V6, POD_SOURCES)], one("fd00::1,veth1"));
+        assert_eq!(c[&(Family::V4, POD_ADDRESSES)], one("10.0.0.1"));
+        assert_eq!(c[&(Family::V6, POD_ADDRESSES)], one("fd00::1"));
         // Written once; again only after a change, and then only the sets that changed.
         let first = g.sets_script().expect("first write");
-        assert!(first.contains(&format!(
-            "swap {} {}",
-            staging(POD_SOURCES),
-            hashed_set_name(POD_SOURCES)
-        )));
+        let (v6, next6) = (Family::V6.set_name(POD_SOURCES), staging(Family::V6, POD_SOURCES));
+        assert!(first.contains(&format!("create {v6} hash:net,iface family inet6 ")), "{first}");
+        assert!(first.contains(&format!("swap {next6} {v6}")), "{first}");
         assert_eq!(g.sets_script(), None);
-        g.apply(&PlanDiff::of(vec![Change::RemoveEndpoint { ip: ip("10.0.0.1") }]));
+        g.apply(&PlanDiff::of(vec![Change::RemoveEndpoint { ip: ip("fd00::1") }]));
         let second = g.sets_script().expect("second write");
-        assert!(second.contains(&hashed_set_name(POD_SOURCES)));
-        assert!(!second.contains(&hashed_set_name(ISOLATED_EGRESS_V6)), "{second}");
+        let creates =
+            |f: Family, set: &str| second.contains(&format!("create {} ", f.set_name(set)));
+        assert!(creates(Family::V6, POD_SOURCES), "{second}");
+        // (The veth is still the IPv4 endpoint's: every family's interfaces stay.)
+        assert!(!creates(Family::V6, POD_INTERFACES), "{second}");
+        assert!(!creates(Family::V4, POD_SOURCES), "{second}");
     }
 
     #[test]
     fn chains_are_written_only_when_they_differ() {
-        let rules = guard_rules();
+        let rules = guard_rules(Family::V4);
         let hook = vec![GUARD_JUMP.to_string(), "-j OTHER".to_string()];
         assert_eq!(
             chain_script("raw", GUARD_CHAIN, &rules, "PREROUTING", GUARD_JUMP, &hook, Some(&rules)),
@@ -384,7 +342,9 @@ mod tests {
             s.contains("-D PREROUTING -j AZURE-NPM-GUARD\n-I PREROUTING 1 -j AZURE-NPM-GUARD\n"),
             "{s}"
         );
-        assert!(is_guard_set(&hashed_set_name(POD_SOURCES)));
-        assert!(!is_guard_set(&hashed_set_name("ns-x")));
+        assert!(is_guard_set(&Family::V4.set_name(POD_SOURCES)));
+        assert!(is_guard_set(&Family::V6.set_name(POD_SOURCES)));
+        assert!(!is_guard_set(&Family::V4.set_name("ns-x")));
+        assert!(!is_guard_set(&Family::V6.set_name("ns-x")));
     }
 }

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::exec::{Backend, Runner, detect_backend, may_hold};
+use super::exec::{Backend, Runner, detect_backend, may_hold_for};
 use super::guard::{self, Guard};
+use super::names::{Family, is_layout_set};
 use super::observe::IptablesObserver;
 use super::saved::KernelState;
 use super::translate::{self, Batch, RuleTranslator, STEP_DEL_SETS, Tool};
-use crate::dataplane::azure::{AzureSets, SET_PREFIX};
+use crate::dataplane::azure::AzureSets;
 use crate::dataplane::observe::Observer;
 use crate::dataplane::{Applied, Dataplane, DataplaneError};
 use crate::plan::{Layout, Plan, PlanDiff};
@@ -71,7 +72,7 @@ fn applied(batches: &[Batch]) -> Applied {
     for b in batches {
         let lines = || b.script.lines();
         match b.tool {
-            Tool::Iptables => {
+            Tool::Iptables | Tool::Ip6tables => {
                 a.rules_added |= lines().any(|l| l.starts_with("-A ") || l.starts_with("-I "))
             }
             Tool::Ipset => {
@@ -109,7 +110,8 @@ pub struct IptablesDataplane {
     runner: Runner,
     backend: Backend,
     backend_reason: String,
-    translator: RuleTranslator,
+    /// IPv4's translator (iptables), then IPv6's (ip6tables).
+    translators: [RuleTranslator; 2],
     /// The layout the kernel holds (as of the last apply or reconcile): a burst's diffs are
     /// applied as one net move from it.
     layout: Layout,
@@ -117,7 +119,7 @@ pub struct IptablesDataplane {
     /// these (the dataplane's own sets, `transition`, the groups' and the guard's, are not
     /// Azure NPM's).
     azure_sets: Arc<Mutex<AzureSets>>,
-    /// The source checks and the IPv6 fail-closed rules (see [`guard`]).
+    /// The source checks (see [`guard`]).
     guard: Guard,
     stats: ApplyStats,
     /// Set by the guard when the layout's base was removed under the agent.
@@ -164,7 +166,7 @@ impl IptablesDataplane {
             runner,
             backend,
             backend_reason,
-            translator: RuleTranslator::new(),
+            translators: Family::BOTH.map(RuleTranslator::for_family),
             layout: Layout::default(),
             azure_sets: Arc::default(),
             guard: Guard::default(),
@@ -219,26 +221,36 @@ impl IptablesDataplane {
         self.stats
     }
 
+    /// IPv4's translator.
     pub fn translator(&self) -> &RuleTranslator {
-        &self.translator
+        self.translator_of(Family::V4)
+    }
+
+    pub fn translator_of(&self, f: Family) -> &RuleTranslator {
+        &self.translators[f as usize]
     }
 
     /// What the kernel holds of the policy layout, through the dataplane's backend (the
-    /// guard's sets, which the guard keeps itself, left out).
-    pub fn read_state(&self) -> Result<KernelState, DataplaneError> {
-        let mut state = read_state(&self.runner, self.backend)?;
-        state.sets.retain(|name, _| !guard::is_guard_set(name));
-        Ok(state)
+    /// guard's sets, which the guard keeps itself, left out): IPv4's (iptables and the
+    /// `azure-npm-` sets), then IPv6's (ip6tables and the `inet6:azure-npm-` sets).
+    pub fn read_state(&self) -> Result<[KernelState; 2], DataplaneError> {
+        read_state(&self.runner, self.backend)
     }
 
     /// Brings the guard's sets to the endpoints' veths as the routes show them now, and, when
     /// `chains`, its chains and jumps too.
     fn write_guard(&mut self, chains: bool) -> Result<(), DataplaneError> {
+        use crate::dataplane::iface;
         let routes = match &self.config.netns {
-            None => crate::dataplane::iface::host_routes(),
-            Some(_) => crate::dataplane::iface::host_routes_in(
-                &self.runner.output("cat", &["/proc/net/route"]).unwrap_or_default(),
-            ),
+            None => iface::pod_routes(),
+            Some(_) => {
+                let v4 = self.runner.output("cat", &["/proc/net/route"]).unwrap_or_default();
+                let v6 = self.runner.output("cat", &["/proc/net/ipv6_route"]).unwrap_or_default();
+                let mut r: std::collections::HashMap<std::net::IpAddr, String> =
+                    iface::host_routes_in(&v4).into_iter().map(|(a, i)| (a.into(), i)).collect();
+                r.extend(iface::host_routes6_in(&v6).into_iter().map(|(a, i)| (a.into(), i)));
+                r
+            }
         };
         self.guard.find_interfaces(&routes);
         if let Some(script) = self.guard.sets_script() {
@@ -330,28 +342,32 @@ impl IptablesDataplane {
     /// using it), as Azure NPM v2 does at boot.
     fn cleanup_other_backend(&mut self) {
         let other = self.backend.other();
-        if !may_hold(&self.runner, other, "filter")
-            || self.runner.output(other.save_program(), &["--version"]).is_none()
-        {
+        if self.runner.output(other.save_program(), &["--version"]).is_none() {
             return;
         }
         for problem in remove_guard_chains(&self.runner, other) {
             tracing::warn!(backend = other.as_str(), %problem, "removing the source guard from the other iptables backend");
         }
-        let Ok(state) = read_iptables(&self.runner, other) else { return };
-        if state.chains.is_empty() && state.forward.is_empty() {
-            return;
-        }
-        for b in translate::cleanup_batches(&state).into_iter().filter(|b| b.tool == Tool::Iptables)
-        {
-            match run_script(&self.runner, other, self.config.wait_seconds, &b) {
-                Ok(()) => tracing::info!(
-                    backend = other.as_str(),
-                    chains = state.chains.len(),
-                    "removed the layout from the other iptables backend"
-                ),
-                Err(e) => {
-                    tracing::warn!(backend = other.as_str(), error = %e, "removing the layout from the other iptables backend")
+        for f in Family::BOTH {
+            if !may_hold_for(&self.runner, other, f, "filter") {
+                continue;
+            }
+            let Ok(state) = read_iptables(&self.runner, other, f) else { continue };
+            if state.chains.is_empty() && state.forward.is_empty() {
+                continue;
+            }
+            let batches = translate::cleanup_batches(&state, f);
+            for b in batches.into_iter().filter(|b| b.tool != Tool::Ipset) {
+                match run_script(&self.runner, other, self.config.wait_seconds, &b) {
+                    Ok(()) => tracing::info!(
+                        backend = other.as_str(),
+                        family = f.as_str(),
+                        chains = state.chains.len(),
+                        "removed the layout from the other iptables backend"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(backend = other.as_str(), error = %e, "removing the layout from the other iptables backend")
+                    }
                 }
             }
         }
@@ -369,6 +385,11 @@ impl Dataplane for IptablesDataplane {
 
     /// The layout holds ClusterNetworkPolicies' chains, walked around the NetworkPolicies'.
     fn renders_tiers(&self) -> bool {
+        true
+    }
+
+    /// Both families: iptables and ip6tables, each with its family's sets.
+    fn enforces_ipv6(&self) -> bool {
         true
     }
 
@@ -391,8 +412,11 @@ impl Dataplane for IptablesDataplane {
             message: e,
         })?;
         let net = PlanDiff { changes: Vec::new(), layout };
-        let batches = self.translator.translate(&net);
-        let t = &self.translator;
+        let batches = translate::merge_families(
+            self.translators.iter_mut().map(|t| t.translate(&net)).collect(),
+        );
+        // (Azure NPM's counts are of its IPv4 sets.)
+        let t = self.translator();
         lock(&self.azure_sets).apply_named(&net.layout, |d| t.kernel_set_name(d));
         self.run_batches(&batches, |_| {})?;
         self.guard.apply(diff);
@@ -416,21 +440,18 @@ impl Dataplane for IptablesDataplane {
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         self.damaged.store(false, Ordering::SeqCst);
         let kernel = self.read_state()?;
-        let batches = self.translator.reconcile(plan, &kernel);
+        let batches = translate::merge_families(
+            self.translators.iter_mut().zip(&kernel).map(|(t, k)| t.reconcile(plan, k)).collect(),
+        );
+        drop(kernel);
         self.layout = plan.layout.clone();
-        let t = &self.translator;
+        let t = self.translator();
         *lock(&self.azure_sets) =
             AzureSets::from_layout_named(&plan.layout, |d| t.kernel_set_name(d));
         self.run_batches(&batches, |dp| dp.cleanup_other_backend())?;
         self.guard.reconcile(plan);
         self.write_guard(true)?;
         self.start_guard();
-        if self.translator.skipped_ipv6 > 0 {
-            tracing::debug!(
-                skipped = self.translator.skipped_ipv6,
-                "IPv6 plan entries are not enforced by the iptables dataplane"
-            );
-        }
         Ok(())
     }
 }
@@ -439,7 +460,8 @@ fn lock(sets: &Mutex<AzureSets>) -> std::sync::MutexGuard<'_, AzureSets> {
     sets.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One check of the guard: the FORWARD jump first and alone, the AZURE-NPM chain present.
+/// One check of the guard, in both families: the FORWARD jump first and alone, the
+/// AZURE-NPM chain present.
 fn guard_once(
     runner: &Runner,
     backend: Backend,
@@ -447,66 +469,53 @@ fn guard_once(
     damaged: &AtomicBool,
 ) -> Result<(), String> {
     write_guard_chains(runner, backend, wait)?;
-    let state = read_iptables(runner, backend).map_err(|e| e.to_string())?;
-    if !state.chains.contains_key(super::names::AZURE_NPM) {
-        if !damaged.swap(true, Ordering::SeqCst) {
-            tracing::warn!(
-                "the AZURE-NPM chain is gone (removed by another program); the next change resynchronizes"
-            );
+    for f in Family::BOTH {
+        let state = read_iptables(runner, backend, f).map_err(|e| e.to_string())?;
+        if !state.chains.contains_key(super::names::AZURE_NPM) {
+            if !damaged.swap(true, Ordering::SeqCst) {
+                tracing::warn!(
+                    family = f.as_str(),
+                    "the AZURE-NPM chain is gone (removed by another program); the next change resynchronizes"
+                );
+            }
+            continue;
         }
-        return Ok(());
+        let jumps: Vec<&String> =
+            state.forward.iter().filter(|r| super::saved::jumps_to_azure_npm(r)).collect();
+        if jumps.len() == 1
+            && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP)
+        {
+            continue;
+        }
+        let mut script = String::from("*filter\n");
+        for j in &jumps {
+            script.push_str(&format!("-D FORWARD {j}\n"));
+        }
+        script.push_str(&format!("-I FORWARD 1 {}\nCOMMIT\n", super::names::FORWARD_JUMP));
+        let batch = Batch {
+            step: "position the FORWARD jump",
+            tool: f.rules_tool(),
+            script,
+            commands: jumps.len() + 1,
+        };
+        run_script(runner, backend, wait, &batch)?;
+        tracing::warn!(
+            family = f.as_str(),
+            found = jumps.len(),
+            "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first"
+        );
     }
-    let jumps: Vec<&String> =
-        state.forward.iter().filter(|r| super::saved::jumps_to_azure_npm(r)).collect();
-    if jumps.len() == 1
-        && state.forward.first().map(String::as_str) == Some(super::names::FORWARD_JUMP)
-    {
-        return Ok(());
-    }
-    let mut script = String::from("*filter\n");
-    for j in &jumps {
-        script.push_str(&format!("-D FORWARD {j}\n"));
-    }
-    script.push_str(&format!("-I FORWARD 1 {}\nCOMMIT\n", super::names::FORWARD_JUMP));
-    let batch = Batch {
-        step: "position the FORWARD jump",
-        tool: Tool::Iptables,
-        script,
-        commands: jumps.len() + 1,
-    };
-    run_script(runner, backend, wait, &batch)?;
-    tracing::warn!(
-        found = jumps.len(),
-        "the FORWARD jump to AZURE-NPM was moved or removed by another program; put back first"
-    );
     Ok(())
 }
 
-/// Writes the guard's chains and puts their jumps first, where they are not exactly so: the
-/// raw table's (IPv4) and ip6tables' filter table's.
+/// Writes the guard's chains (the raw tables of iptables and ip6tables) and puts their jumps
+/// first, where they are not exactly so.
 fn write_guard_chains(runner: &Runner, backend: Backend, wait: u32) -> Result<(), String> {
     let wait = wait.to_string();
-    let tables = [
-        (
-            backend.save_program(),
-            backend.restore_program(),
-            "raw",
-            guard::GUARD_CHAIN,
-            guard::guard_rules(),
-            "PREROUTING",
-            guard::GUARD_JUMP,
-        ),
-        (
-            backend.save6_program(),
-            backend.restore6_program(),
-            "filter",
-            guard::IPV6_CHAIN,
-            guard::ipv6_rules(),
-            "FORWARD",
-            guard::IPV6_JUMP,
-        ),
-    ];
-    for (save, restore, table, chain, rules, hook, jump) in tables {
+    for f in Family::BOTH {
+        let (save, restore) = (backend.save_for(f), backend.restore_for(f));
+        let (table, chain, hook, jump) =
+            ("raw", guard::GUARD_CHAIN, "PREROUTING", guard::GUARD_JUMP);
         let saved = runner.run(save, &["-t", table], None).map_err(|e| format!("{save}: {e}"))?;
         if !saved.ok {
             return Err(format!("{save}: {}", saved.stderr));
@@ -516,7 +525,7 @@ fn write_guard_chains(runner: &Runner, backend: Backend, wait: u32) -> Result<()
         let Some(script) = guard::chain_script(
             table,
             chain,
-            &rules,
+            &guard::guard_rules(f),
             hook,
             jump,
             &hook_rules,
@@ -533,28 +542,20 @@ fn write_guard_chains(runner: &Runner, backend: Backend, wait: u32) -> Result<()
     Ok(())
 }
 
-/// Removes the guard's chains and jumps from one backend (both families).
+/// Removes the guard's chains and jumps from one backend (both families), and the IPv6
+/// fail-closed chain of earlier versions (`AZURE-NPM-IPV6`, ip6tables' filter table).
 fn remove_guard_chains(runner: &Runner, backend: Backend) -> Vec<String> {
     let mut problems = Vec::new();
     let tables = [
-        (
-            backend.save_program(),
-            backend.restore_program(),
-            "raw",
-            guard::GUARD_CHAIN,
-            "PREROUTING",
-            guard::GUARD_JUMP,
-        ),
-        (
-            backend.save6_program(),
-            backend.restore6_program(),
-            "filter",
-            guard::IPV6_CHAIN,
-            "FORWARD",
-            guard::IPV6_JUMP,
-        ),
+        (Family::V4, "raw", guard::GUARD_CHAIN, "PREROUTING", guard::GUARD_JUMP),
+        (Family::V6, "raw", guard::GUARD_CHAIN, "PREROUTING", guard::GUARD_JUMP),
+        (Family::V6, "filter", guard::OLD_IPV6_CHAIN, "FORWARD", guard::OLD_IPV6_JUMP),
     ];
-    for (save, restore, table, chain, hook, jump) in tables {
+    for (f, table, chain, hook, jump) in tables {
+        if !may_hold_for(runner, backend, f, table) {
+            continue;
+        }
+        let (save, restore) = (backend.save_for(f), backend.restore_for(f));
         let Some(saved) = runner.output(save, &["-t", table]) else { continue };
         let Some(script) = guard::removal_script(&saved, table, chain, hook, jump) else {
             continue;
@@ -574,6 +575,9 @@ fn run_script(runner: &Runner, backend: Backend, wait: u32, batch: &Batch) -> Re
         Tool::Ipset => ("ipset", vec!["-exist", "restore"]),
         Tool::Iptables => {
             (backend.restore_program(), vec!["-w", &wait, "-T", "filter", "--noflush"])
+        }
+        Tool::Ip6tables => {
+            (backend.restore6_program(), vec!["-w", &wait, "-T", "filter", "--noflush"])
         }
     };
     match runner.run(program, &args, Some(&batch.script)) {
@@ -611,25 +615,27 @@ fn run_ipset_lenient(runner: &Runner, script: &str) -> Vec<String> {
     failures
 }
 
-fn read_iptables(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
-    let out = runner.run(backend.save_program(), &["-t", "filter"], None).map_err(|e| {
-        DataplaneError::Apply {
-            dataplane: NAME,
-            operation: "reading the rules".into(),
-            message: format!("{}: {e}", backend.save_program()),
-        }
-    })?;
+fn read_iptables(
+    runner: &Runner,
+    backend: Backend,
+    f: Family,
+) -> Result<KernelState, DataplaneError> {
+    let save = backend.save_for(f);
+    let failed = |message: String| DataplaneError::Apply {
+        dataplane: NAME,
+        operation: "reading the rules".into(),
+        message: format!("{save}: {message}"),
+    };
+    let out = runner.run(save, &["-t", "filter"], None).map_err(|e| failed(e.to_string()))?;
     if !out.ok {
-        return Err(DataplaneError::Apply {
-            dataplane: NAME,
-            operation: "reading the rules".into(),
-            message: format!("{}: {}", backend.save_program(), out.stderr),
-        });
+        return Err(failed(out.stderr));
     }
     Ok(KernelState::parse("", &out.stdout))
 }
 
-fn read_state(runner: &Runner, backend: Backend) -> Result<KernelState, DataplaneError> {
+/// Both families' layouts as the kernel holds them (the guard's sets left out); `ipset save`
+/// is read once.
+fn read_state(runner: &Runner, backend: Backend) -> Result<[KernelState; 2], DataplaneError> {
     let sets = runner.run("ipset", &["save"], None).map_err(|e| DataplaneError::Apply {
         dataplane: NAME,
         operation: "reading the sets".into(),
@@ -642,9 +648,18 @@ fn read_state(runner: &Runner, backend: Backend) -> Result<KernelState, Dataplan
             message: format!("ipset save: {}", sets.stderr),
         });
     }
-    let mut state = read_iptables(runner, backend)?;
-    state.sets = KernelState::parse(&sets.stdout, "").sets;
-    Ok(state)
+    let mut all = KernelState::parse(&sets.stdout, "").sets;
+    drop(sets);
+    all.retain(|name, _| !guard::is_guard_set(name));
+    let mut out = [KernelState::default(), KernelState::default()];
+    for f in Family::BOTH {
+        let mut state = read_iptables(runner, backend, f)?;
+        let (mine, rest) = std::mem::take(&mut all).into_iter().partition(|(n, _)| f.owns_set(n));
+        state.sets = mine;
+        all = rest;
+        out[f as usize] = state;
+    }
+    Ok(out)
 }
 
 /// What [`cleanup`] removed.
@@ -658,44 +673,51 @@ pub struct IptablesCleanup {
     pub problems: Vec<String>,
 }
 
-/// Removes every `AZURE-NPM…` chain and FORWARD's jumps to them from both backends, then
-/// every `azure-npm-…` set, in the current network namespace (or `netns`). Programs that are
+/// Removes every `AZURE-NPM…` chain and FORWARD's jumps to them from both backends and both
+/// families (iptables, ip6tables), then every `azure-npm-…` and `inet6:azure-npm-…` set, in the current network namespace (or `netns`). Programs that are
 /// not installed are skipped.
 pub fn cleanup(netns: Option<PathBuf>) -> IptablesCleanup {
     let runner = Runner::new(netns);
     let mut report = IptablesCleanup::default();
     for backend in [Backend::Nft, Backend::Legacy] {
-        if !may_hold(&runner, backend, "filter")
-            || runner.output(backend.save_program(), &["--version"]).is_none()
-        {
+        if runner.output(backend.save_program(), &["--version"]).is_none() {
             continue;
         }
-        let state = match read_iptables(&runner, backend) {
-            Ok(s) => s,
-            Err(e) => {
-                report.problems.push(e.to_string());
+        report.problems.extend(remove_guard_chains(&runner, backend));
+        let mut chains = 0;
+        for f in Family::BOTH {
+            if !may_hold_for(&runner, backend, f, "filter") {
                 continue;
             }
-        };
-        report.problems.extend(remove_guard_chains(&runner, backend));
-        if state.is_empty() {
-            continue;
-        }
-        for b in translate::cleanup_batches(&state) {
-            if let Err(e) = run_script(&runner, backend, 60, &b) {
-                report.problems.push(e);
+            let state = match read_iptables(&runner, backend, f) {
+                Ok(s) => s,
+                Err(e) => {
+                    report.problems.push(e.to_string());
+                    continue;
+                }
+            };
+            if state.is_empty() {
+                continue;
             }
+            for b in translate::cleanup_batches(&state, f) {
+                if let Err(e) = run_script(&runner, backend, 60, &b) {
+                    report.problems.push(e);
+                }
+            }
+            chains += state.chains.len();
         }
-        report.chains.push((backend, state.chains.len()));
+        if chains > 0 {
+            report.chains.push((backend, chains));
+        }
     }
     if let Some(save) = runner.output("ipset", &["save"]) {
         let state = KernelState::parse(&save, "");
         if !state.sets.is_empty() {
-            for b in translate::cleanup_batches(&state) {
+            for b in translate::cleanup_batches(&state, Family::V4) {
                 report.problems.extend(run_ipset_lenient(&runner, &b.script));
             }
             let left = runner.output("ipset", &["list", "-n"]).unwrap_or_default();
-            let remaining = left.lines().filter(|l| l.starts_with(SET_PREFIX)).count();
+            let remaining = left.lines().filter(|l| is_layout_set(l)).count();
             report.sets = state.sets.len() - remaining.min(state.sets.len());
         }
     }

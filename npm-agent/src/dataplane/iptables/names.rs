@@ -3,7 +3,96 @@
 //! `AZURE-NPM-INGRESS-<hash>` and `AZURE-NPM-EGRESS-<hash>` with the hash of the policy's
 //! readable name (`util.Hash(policyKey)`), as every released Azure NPM v2 names them.
 
-use crate::dataplane::azure::hash;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::dataplane::azure::{SET_PREFIX, hash, hashed_set_name};
+
+/// The address family a ruleset is for: IPv4 in iptables with `family inet` sets, IPv6 in
+/// ip6tables with `family inet6` sets. The two rulesets have the same chains (ip6tables has
+/// its own tables); sets share one namespace, so an IPv6 set is named as its IPv4 twin with
+/// `inet6:` before it (kube-router's convention: Azure NPM has no IPv6 on Linux).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+/// What an IPv6 set's name starts with, before its IPv4 twin's.
+pub const INET6_PREFIX: &str = "inet6:";
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    pub fn holds(self, ip: IpAddr) -> bool {
+        Family::of(ip) == self
+    }
+
+    pub fn holds_net(self, net: &IpNet) -> bool {
+        Family::of(net.addr()) == self
+    }
+
+    /// ipset's `family`.
+    pub fn inet(self) -> &'static str {
+        match self {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+
+    /// The prefix length of one address.
+    pub fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// Every address, as the two halves that `hash:net` can hold (it holds no /0).
+    pub fn halves(self) -> [&'static str; 2] {
+        match self {
+            Family::V4 => ["0.0.0.0/1", "128.0.0.0/1"],
+            Family::V6 => ["::/1", "8000::/1"],
+        }
+    }
+
+    /// The kernel name of the set with readable name `readable` (Azure NPM's hash).
+    pub fn set_name(self, readable: &str) -> String {
+        match self {
+            Family::V4 => hashed_set_name(readable),
+            Family::V6 => format!("{INET6_PREFIX}{}", hashed_set_name(readable)),
+        }
+    }
+
+    /// Whether a kernel set of the layout's (`azure-npm-…`, `inet6:azure-npm-…`) is this
+    /// family's.
+    pub fn owns_set(self, name: &str) -> bool {
+        match self {
+            Family::V4 => name.starts_with(SET_PREFIX),
+            Family::V6 => {
+                name.strip_prefix(INET6_PREFIX).is_some_and(|n| n.starts_with(SET_PREFIX))
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// Whether a kernel set is one of the layout's, of either family.
+pub fn is_layout_set(name: &str) -> bool {
+    Family::BOTH.iter().any(|f| f.owns_set(name))
+}
 
 /// The chain FORWARD jumps to for new connections.
 pub const AZURE_NPM: &str = "AZURE-NPM";

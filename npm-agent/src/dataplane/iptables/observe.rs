@@ -86,10 +86,10 @@ pub fn parse_iptables_save(text: &str) -> IptablesFigures {
     f
 }
 
-/// The packets the source guard dropped (`iptables-save -c -t raw` and `ip6tables-save -c -t
-/// filter`, see `dataplane::iptables::guard`): spoofed sources leaving pods (egress) and local
-/// pods' addresses arriving from elsewhere (ingress); IPv6 refused at isolated pods.
-pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
+/// The packets the source guard dropped (`iptables-save -c -t raw`, and `ip6tables-save`'s,
+/// see `dataplane::iptables::guard`): spoofed sources leaving pods (egress) and local pods'
+/// addresses arriving from elsewhere (ingress).
+pub fn parse_guard_drops(raw: &str) -> Vec<PacketFigure> {
     let counted = |text: &str, comment: &str| -> u64 {
         text.lines()
             .filter(|l| l.contains(comment))
@@ -99,8 +99,6 @@ pub fn parse_guard_drops(raw: &str, ipv6: &str) -> Vec<PacketFigure> {
     [
         ("egress", "spoofed", counted(raw, "DROP-SPOOFED-SOURCE-FROM-POD")),
         ("ingress", "spoofed", counted(raw, "DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE")),
-        ("ingress", "unsupported", counted(ipv6, "DROP-IPV6-TO-ISOLATED-POD")),
-        ("egress", "unsupported", counted(ipv6, "DROP-IPV6-FROM-ISOLATED-POD")),
     ]
     .into_iter()
     .map(|(direction, reason, packets)| PacketFigure { direction, reason: reason.into(), packets })
@@ -132,8 +130,11 @@ pub fn kernel_counts(
 
 impl Observer for IptablesObserver {
     fn observe(&self, per_set: bool) -> Result<Figures> {
-        let save = self.backend.save_program();
-        let rules = parse_iptables_save(&self.read(save, &["-c", "-t", "filter"])?);
+        // (Both families' rules: ip6tables' as iptables'.)
+        let (save, save6) = (self.backend.save_program(), self.backend.save6_program());
+        let mut filter = self.read(save, &["-c", "-t", "filter"])?;
+        filter.push_str(&self.read(save6, &["-c", "-t", "filter"]).unwrap_or_default());
+        let rules = parse_iptables_save(&filter);
         let sets = KernelState::parse(&self.read("ipset", &["save"])?, "").sets;
         let mut f = Figures::default();
         for (direction, packets) in
@@ -142,10 +143,9 @@ impl Observer for IptablesObserver {
             f.dropped.push(PacketFigure { direction, reason: "denied".into(), packets });
         }
         // The guard's counters (an absent table counts nothing).
-        let raw = self.read(save, &["-c", "-t", "raw"]).unwrap_or_default();
-        let ipv6 =
-            self.read(self.backend.save6_program(), &["-c", "-t", "filter"]).unwrap_or_default();
-        f.dropped.extend(parse_guard_drops(&raw, &ipv6));
+        let mut raw = self.read(save, &["-c", "-t", "raw"]).unwrap_or_default();
+        raw.push_str(&self.read(save6, &["-c", "-t", "raw"]).unwrap_or_default());
+        f.dropped.extend(parse_guard_drops(&raw));
         f.conntrack_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
             .ok()
             .and_then(|s| s.trim().parse().ok());
@@ -166,15 +166,14 @@ mod tests {
     #[test]
     fn guard_drops_are_counted_by_rule() {
         let raw = "*raw\n:AZURE-NPM-GUARD - [0:0]\n[7:420] -A AZURE-NPM-GUARD -m set --match-set azure-npm-1 src,src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-SPOOFED-SOURCE-FROM-POD -j DROP\n[2:120] -A AZURE-NPM-GUARD -m set --match-set azure-npm-3 src -m set ! --match-set azure-npm-2 src,src -m comment --comment DROP-LOCAL-POD-ADDRESS-FROM-ANOTHER-INTERFACE -j DROP\nCOMMIT\n";
-        let v6 = "*filter\n[5:400] -A AZURE-NPM-IPV6 -m set --match-set azure-npm-4 dst,dst -m comment --comment DROP-IPV6-TO-ISOLATED-POD-NOT-ENFORCED -j DROP\nCOMMIT\n";
-        let f = parse_guard_drops(raw, v6);
+        // (ip6tables' raw table after iptables'.)
+        let v6 = "*raw\n[0:0] -A AZURE-NPM-GUARD -s fe80::/10 -d fe80::/10 -m comment --comment LINK-LOCAL-TRAFFIC-STAYS-ON-THE-NODE -j RETURN\n[5:400] -A AZURE-NPM-GUARD -m set --match-set inet6:azure-npm-1 src,src -m set ! --match-set inet6:azure-npm-2 src,src -m comment --comment DROP-SPOOFED-SOURCE-FROM-POD -j DROP\nCOMMIT\n";
+        let f = parse_guard_drops(&format!("{raw}{v6}"));
         let get = |d: &str, r: &str| {
             f.iter().find(|p| p.direction == d && p.reason == r).map(|p| p.packets)
         };
-        assert_eq!(get("egress", "spoofed"), Some(7));
+        assert_eq!(get("egress", "spoofed"), Some(12));
         assert_eq!(get("ingress", "spoofed"), Some(2));
-        assert_eq!(get("ingress", "unsupported"), Some(5));
-        assert_eq!(get("egress", "unsupported"), Some(0));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::names::CHAIN_PREFIX;
-use crate::dataplane::azure::SET_PREFIX;
+use super::names::is_layout_set;
 
 /// One set: its type (`hash:net`, `list:set`, …) and members as `ipset save` prints them
 /// (`10.0.0.1`, `10.0.0.0/16`, `10.0.1.0/24 nomatch`, a set name).
@@ -31,11 +31,11 @@ impl KernelState {
         for line in ipset_save.lines() {
             let mut words = line.splitn(3, ' ');
             match (words.next(), words.next(), words.next()) {
-                (Some("create"), Some(name), Some(rest)) if name.starts_with(SET_PREFIX) => {
+                (Some("create"), Some(name), Some(rest)) if is_layout_set(name) => {
                     let kind = rest.split(' ').next().unwrap_or_default().to_string();
                     k.sets.entry(name.to_string()).or_default().kind = kind;
                 }
-                (Some("add"), Some(name), Some(member)) if name.starts_with(SET_PREFIX) => {
+                (Some("add"), Some(name), Some(member)) if is_layout_set(name) => {
                     k.sets
                         .entry(name.to_string())
                         .or_default()

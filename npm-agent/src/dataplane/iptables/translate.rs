@@ -33,8 +33,16 @@
 //!   destination pod's for egress), ipBlocks with excepts as `cidr-<block>[-except-…]` sets
 //!   (hash:net, excepts as `nomatch`), those without by address (`-s`/`-d`).
 //! - Sets exist and hold what the layout says (which the compiler keeps following the pods
-//!   and namespaces); `quarantine` holds addresses several local pods claim. The IPv4
-//!   encoding leaves IPv6 members and blocks out (counted in `skipped_ipv6`).
+//!   and namespaces); `quarantine` holds addresses several local pods claim.
+//!
+//! # Families
+//! A translator writes one family ([`Family`]): IPv4 in iptables with `family inet` sets, or
+//! IPv6 in ip6tables with `family inet6` sets named `inet6:<the IPv4 twin's name>`. The
+//! layout is one for both; each translator takes the members, blocks and local endpoints of
+//! its family. A rule whose peer is a block of the other family matches nothing in this
+//! family, so it is left out of this family's chain (never widened); a rule without peers,
+//! or with selectors, is in both (the selectors' sets hold that family's addresses). The
+//! dataplane runs both translators on every diff, phase by phase (see `kernel`).
 //!
 //! # Order (make-before-break)
 //! Every diff becomes up to three batches, each one process (four when the transition is
@@ -67,11 +75,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
+pub use super::names::Family;
 use super::names::{
     self, ACCEPT, AZURE_NPM, EGRESS, FORWARD_JUMP, INGRESS, INGRESS_ALLOW_MARK, quote_comment,
 };
@@ -92,6 +101,18 @@ pub enum Tool {
     Ipset,
     /// `iptables-restore --noflush` (a `*filter` … `COMMIT` transaction).
     Iptables,
+    /// `ip6tables-restore --noflush`, the same for IPv6.
+    Ip6tables,
+}
+
+impl Family {
+    /// The program that writes this family's rules.
+    pub fn rules_tool(self) -> Tool {
+        match self {
+            Family::V4 => Tool::Iptables,
+            Family::V6 => Tool::Ip6tables,
+        }
+    }
 }
 
 /// One process's worth of work.
@@ -160,20 +181,21 @@ impl KernelSet<'_> {
 
 /// The commands that create a set and add its members, as one block of lines (one string,
 /// not one per line: a reconcile at 100k pods writes half a million of them).
-fn create_block(h: &str, kind: SetKind, members: &BTreeSet<String>) -> String {
-    let mut b = create_line(h, kind);
+fn create_block(f: Family, h: &str, kind: SetKind, members: &BTreeSet<String>) -> String {
+    let mut b = create_line(f, h, kind);
     for m in members {
         let _ = write!(b, "\nadd {h} {m}");
     }
     b
 }
 
-fn create_line(h: &str, kind: SetKind) -> String {
+fn create_line(f: Family, h: &str, kind: SetKind) -> String {
+    let inet = f.inet();
     match kind {
         // Sets of pods may hold every pod of a large cluster.
-        SetKind::HashNet => format!("create {h} hash:net family inet maxelem 4294967295"),
-        SetKind::HashIpPort => format!("create {h} hash:ip,port family inet maxelem 4294967295"),
-        SetKind::HashNetPort => format!("create {h} hash:net,port family inet maxelem 4294967295"),
+        SetKind::HashNet | SetKind::HashIpPort | SetKind::HashNetPort => {
+            format!("create {h} {} family {inet} maxelem 4294967295", kind.type_name())
+        }
         // (Kernels before 4.x hold at most `size` members.)
         SetKind::ListSet => format!("create {h} list:set size 65536"),
     }
@@ -254,7 +276,7 @@ struct GroupSet {
 struct Phases {
     create_sets: Vec<String>,
     create_lists: Vec<String>,
-    guard: BTreeSet<Ipv4Addr>,
+    guard: BTreeSet<IpAddr>,
     add_members: Vec<String>,
     del_members: Vec<String>,
     new_chains: Vec<String>,
@@ -269,14 +291,16 @@ struct Phases {
 /// layout; this only spells it.
 #[derive(Clone, Debug, Default)]
 pub struct RuleTranslator {
-    /// The layout's sets the kernel holds (IPv6 blocks left out).
+    /// The family it writes.
+    family: Family,
+    /// The layout's sets the kernel holds in this family (blocks of the other left out).
     sets: HashMap<SetDef, SetState>,
     transition: Option<SetState>,
     /// Kernel set name → readable name (every name given out).
     names: HashMap<String, String>,
     chains: HashMap<(ObjectKey, Direction), ChainState>,
-    /// Local endpoint directions (IPv4) and the policies each walks.
-    dispatch: BTreeMap<(Direction, Ipv4Addr), Arc<BTreeSet<ObjectKey>>>,
+    /// Local endpoint directions (of this family) and the policies each walks.
+    dispatch: BTreeMap<(Direction, IpAddr), Arc<BTreeSet<ObjectKey>>>,
     /// The chains of the policy lists that dispatch names (two policies or more).
     groups: HashMap<(Direction, Arc<BTreeSet<ObjectKey>>), GroupState>,
     /// Kernel chain name → the readable name it was claimed for.
@@ -288,8 +312,6 @@ pub struct RuleTranslator {
     /// During a reconcile: the type of each set the kernel holds, so that no name is taken
     /// by a set of another type.
     kernel_kinds: Option<HashMap<String, String>>,
-    /// Layout entries the encoding cannot express (IPv6 addresses and blocks), for the logs.
-    pub skipped_ipv6: u64,
 }
 
 /// Sizes of what the translator has told the kernel to hold.
@@ -309,37 +331,45 @@ fn di(d: Direction) -> usize {
     }
 }
 
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(v) => Some(v),
-        IpAddr::V6(_) => None,
+/// What a set of the layout is to one family's encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// An ipBlock of the family without excepts: rules match it by address (`-s`/`-d`), not
+    /// through a set (no set to create, no name for the kernel to look up among thousands,
+    /// no set lookup per packet).
+    Inline(IpNet),
+    /// A set of the kernel's.
+    Set,
+    /// An ipBlock of the other family: it holds no address of this one.
+    Foreign,
+}
+
+fn held(f: Family, def: &SetDef) -> Held {
+    match def {
+        SetDef::Cidr(b) if !f.holds_net(&b.net) => Held::Foreign,
+        SetDef::Cidr(b) if !b.except.iter().any(|e| f.holds_net(e)) => Held::Inline(b.net),
+        _ => Held::Set,
     }
 }
 
-fn v4_net(net: &IpNet) -> Option<Ipv4Net> {
-    match net {
-        IpNet::V4(n) => Some(*n),
-        IpNet::V6(_) => None,
-    }
-}
-
-/// An IPv4 ipBlock without excepts: rules match it by address (`-s`/`-d`), not through a
-/// set (no set to create, no name for the kernel to look up among thousands, no set lookup
-/// per packet).
-fn inline_net(def: &SetDef) -> Option<Ipv4Net> {
-    azure::inline_block(def)
+/// A block as `ipset save` and `iptables-save` print it (a single address without `/n`).
+fn net_text(f: Family, net: IpNet) -> String {
+    if net.prefix_len() == f.host_len() { net.addr().to_string() } else { net.to_string() }
 }
 
 /// What a rule admits as `hash:net,port` members, when its peer is one ipBlock without
 /// excepts (not /0) and its port one number or a short range (`None`: the rule is walked).
-fn fast_members(r: &LayoutRule) -> Option<Vec<String>> {
+fn fast_members(f: Family, r: &LayoutRule) -> Option<Vec<String>> {
     let [m] = r.peers.as_slice() else { return None };
-    let net = inline_net(&m.set).filter(|n| !m.negated && n.prefix_len() > 0)?;
+    let Held::Inline(net) = held(f, &m.set) else { return None };
+    if m.negated || net.prefix_len() == 0 {
+        return None;
+    }
     let Some(PortSpec::Range { protocol, first, last }) = &r.port else { return None };
     if last < first || last - first >= 16 {
         return None;
     }
-    let n = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+    let n = net_text(f, net);
     let p = protocol.as_str().to_lowercase();
     Some((*first..=*last).map(|port| format!("{n},{p}:{port}")).collect())
 }
@@ -349,8 +379,8 @@ fn alternate(base: &str, k: usize) -> String {
 }
 
 /// A hash:net member as `ipset save` prints it.
-fn net_member(net: Ipv4Net, nomatch: bool) -> String {
-    let mut s = if net.prefix_len() == 32 { net.addr().to_string() } else { net.to_string() };
+fn net_member(f: Family, net: IpNet, nomatch: bool) -> String {
+    let mut s = net_text(f, net);
     if nomatch {
         s.push_str(" nomatch");
     }
@@ -358,7 +388,7 @@ fn net_member(net: Ipv4Net, nomatch: bool) -> String {
 }
 
 /// The address a member line is about (for the transition set).
-fn member_address(member: &str) -> Option<Ipv4Addr> {
+fn member_address(member: &str) -> Option<IpAddr> {
     member.split([',', '/', ' ']).next().and_then(|a| a.parse().ok())
 }
 
@@ -487,8 +517,18 @@ fn egress_tail() -> [String; 2] {
 }
 
 impl RuleTranslator {
+    /// A translator of IPv4 (iptables).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A translator of `family`.
+    pub fn for_family(family: Family) -> Self {
+        Self { family, ..Self::default() }
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     pub fn encoded(&self) -> Encoded {
@@ -520,7 +560,7 @@ impl RuleTranslator {
     fn claim(&mut self, readable: &str, kind: SetKind) -> String {
         for k in 0.. {
             let cand = alternate(readable, k);
-            let h = azure::hashed_set_name(&cand);
+            let h = self.family.set_name(&cand);
             if self.names.contains_key(&h) {
                 continue;
             }
@@ -536,14 +576,9 @@ impl RuleTranslator {
     }
 
     /// Names a set of the layout (`false`: the kernel holds no such set: an ipBlock matched
-    /// by address, or one the encoding cannot hold).
+    /// by address, or one of the other family).
     fn add_set(&mut self, def: &SetDef) -> bool {
-        if inline_net(def).is_some() {
-            return false;
-        }
-        if !azure::is_kernel_set(def) {
-            // (An IPv6 block: the encoding is `family inet`.)
-            self.skipped_ipv6 += 1;
+        if held(self.family, def) != Held::Set {
             return false;
         }
         let set = KernelSet::Layout(def);
@@ -553,19 +588,20 @@ impl RuleTranslator {
         true
     }
 
-    /// A member as `ipset save` prints it (an IPv4 block of /0 is two /1: hash:net cannot
-    /// hold /0); `None` for IPv6, which this encoding leaves out.
+    /// A member as `ipset save` prints it (a block of /0 is two /1: hash:net cannot hold
+    /// /0); `None` for an address or block of the other family.
     fn member_strings(&self, member: &Member) -> Option<Vec<String>> {
+        let f = self.family;
         match member {
-            Member::Address(ip) => v4(*ip).map(|a| vec![a.to_string()]),
-            Member::Port { ip, protocol, port } => {
-                v4(*ip).map(|a| vec![format!("{a},{}:{port}", protocol.as_str().to_lowercase())])
-            }
-            Member::Net { net, except } => v4_net(net).map(|n| {
-                if n.prefix_len() == 0 && !except {
-                    vec!["0.0.0.0/1".to_string(), "128.0.0.0/1".to_string()]
+            Member::Address(ip) => f.holds(*ip).then(|| vec![ip.to_string()]),
+            Member::Port { ip, protocol, port } => f
+                .holds(*ip)
+                .then(|| vec![format!("{ip},{}:{port}", protocol.as_str().to_lowercase())]),
+            Member::Net { net, except } => f.holds_net(net).then(|| {
+                if net.prefix_len() == 0 && !except {
+                    f.halves().map(String::from).to_vec()
                 } else {
-                    vec![net_member(n, *except)]
+                    vec![net_member(f, *net, *except)]
                 }
             }),
             Member::Set(sub) => {
@@ -611,7 +647,7 @@ impl RuleTranslator {
     }
 
     /// Writes a policy direction: rules and jump as `iptables-save` prints them. A rule whose
-    /// peer is a set the encoding cannot hold (an IPv6 block) is left out.
+    /// peer is a block of the other family matches nothing here and is left out.
     fn write(
         &mut self,
         key: &ObjectKey,
@@ -638,8 +674,13 @@ impl RuleTranslator {
             let mut addr = None;
             let mut texts = Some(Vec::new());
             for m in &r.peers {
-                match inline_net(&m.set).filter(|_| !m.negated) {
-                    Some(net) if addr.is_none() => {
+                let h = held(self.family, &m.set);
+                if h == Held::Foreign && m.negated {
+                    // (No address of this family is in it: the negation holds for all.)
+                    continue;
+                }
+                match Some(h).filter(|_| !m.negated) {
+                    Some(Held::Inline(net)) if addr.is_none() => {
                         let flag = if peer == "src" { "-s" } else { "-d" };
                         // (A /0 matches every address: `iptables-save` prints nothing.)
                         addr = Some(if net.prefix_len() == 0 {
@@ -664,10 +705,7 @@ impl RuleTranslator {
                     v
                 });
             }
-            let Some(texts) = texts else {
-                self.skipped_ipv6 += 1;
-                continue;
-            };
+            let Some(texts) = texts else { continue };
             let addr = addr.unwrap_or_default();
             // (A named port is in the port part of the comment.)
             let peers: Vec<String> = r.peers.iter().map(|m| self.match_readable(m)).collect();
@@ -688,7 +726,7 @@ impl RuleTranslator {
                 format!("{word}-{peer_word}-{}", peers.join("-AND-"))
             };
             let comment = quote_comment(&format!("{who}{port_comment}"));
-            match fast_members(r).filter(|_| tier.is_none()) {
+            match fast_members(self.family, r).filter(|_| tier.is_none()) {
                 Some(m) => fast.extend(m),
                 None => slow = true,
             }
@@ -777,12 +815,12 @@ impl RuleTranslator {
         // (No comment: a comment is a match, walked by every connection; the address says
         // which pod it is.)
         let flag = if d == Direction::Ingress { "-d" } else { "-s" };
-        let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
+        let len = self.family.host_len();
         let mut rules: Vec<String> = self
             .dispatch
-            .range(range)
+            .range(dispatch_range(d))
             .filter_map(|((_, ip), x)| {
-                Some(format!("{flag} {ip}/32 -j {}", self.dispatch_target(d, x)?))
+                Some(format!("{flag} {ip}/{len} -j {}", self.dispatch_target(d, x)?))
             })
             .collect();
         match d {
@@ -879,10 +917,9 @@ impl RuleTranslator {
         rewrite_base: bool,
         mut ph: Option<&mut Phases>,
     ) {
-        let range = (d, Ipv4Addr::UNSPECIFIED)..=(d, Ipv4Addr::BROADCAST);
         // (In order: the scripts, and the names claimed, do not depend on hashing.)
         let wanted: BTreeSet<Arc<BTreeSet<ObjectKey>>> =
-            self.dispatch.range(range).map(|(_, x)| x.clone()).collect();
+            self.dispatch.range(dispatch_range(d)).map(|(_, x)| x.clone()).collect();
         let redo: Vec<Arc<BTreeSet<ObjectKey>>> = wanted
             .iter()
             .filter(|g| {
@@ -908,7 +945,8 @@ impl RuleTranslator {
                     let readable = format!("blocks-and-ports-of-{chain}-{digest:016x}");
                     let name = self.claim(&readable, SetKind::HashNetPort);
                     if let Some(ph) = ph.as_deref_mut() {
-                        ph.create_sets.push(create_block(&name, SetKind::HashNetPort, &fast));
+                        let f = self.family;
+                        ph.create_sets.push(create_block(f, &name, SetKind::HashNetPort, &fast));
                     }
                     Some(GroupSet { name, readable, members: fast })
                 }
@@ -985,7 +1023,7 @@ impl RuleTranslator {
         self.base = true;
         self.add_transition();
         let t = self.transition.as_ref().expect("transition");
-        ph.create_sets.push(create_line(&t.name, KernelSet::Transition.kind()));
+        ph.create_sets.push(create_line(self.family, &t.name, KernelSet::Transition.kind()));
         for c in names::BASE_CHAINS {
             ph.new_chains.push(format!(":{c} - [0:0]"));
         }
@@ -1025,10 +1063,7 @@ impl RuleTranslator {
                 LayoutChange::AddMember { set, member }
                 | LayoutChange::RemoveMember { set, member } => {
                     let add = matches!(c, LayoutChange::AddMember { .. });
-                    let Some(strings) = self.member_strings(member) else {
-                        self.skipped_ipv6 += 1;
-                        continue;
-                    };
+                    let Some(strings) = self.member_strings(member) else { continue };
                     if let Some(f) = fresh_members.get_mut(set) {
                         for m in strings {
                             if add {
@@ -1066,7 +1101,11 @@ impl RuleTranslator {
                         if set.is_list() { &mut ph.destroy_lists } else { &mut ph.destroy_sets };
                     out.push(format!("destroy {}", s.name));
                 }
-                LayoutChange::Regroup { ip } => ph.guard.extend(v4(*ip)),
+                LayoutChange::Regroup { ip } => {
+                    if self.family.holds(*ip) {
+                        ph.guard.insert(*ip);
+                    }
+                }
                 LayoutChange::SetPolicy { key, layout } => {
                     self.set_policy(key, Some(layout), &mut ph);
                     touched.insert(key.clone());
@@ -1077,11 +1116,10 @@ impl RuleTranslator {
                 }
                 LayoutChange::AddDispatch { direction, ip, policy }
                 | LayoutChange::RemoveDispatch { direction, ip, policy } => {
-                    let Some(v) = v4(*ip) else {
-                        self.skipped_ipv6 += 1;
+                    if !self.family.holds(*ip) {
                         continue;
-                    };
-                    let k = (*direction, v);
+                    }
+                    let k = (*direction, *ip);
                     let x = Arc::make_mut(self.dispatch.entry(k).or_default());
                     if matches!(c, LayoutChange::AddDispatch { .. }) {
                         x.insert(policy.clone());
@@ -1104,7 +1142,7 @@ impl RuleTranslator {
             let Some(members) = fresh_members.remove(def) else { continue };
             let s = self.sets.get_mut(def).expect("a fresh set is held");
             s.members = members.len();
-            let block = create_block(&s.name, KernelSet::Layout(def).kind(), &members);
+            let block = create_block(self.family, &s.name, KernelSet::Layout(def).kind(), &members);
             if def.is_list() {
                 ph.create_lists.push(block);
             } else {
@@ -1155,7 +1193,8 @@ impl RuleTranslator {
                 script.push('\n');
             }
             script.push_str("COMMIT\n");
-            out.push(Batch { step: STEP_RULES, tool: Tool::Iptables, script, commands });
+            let tool = self.family.rules_tool();
+            out.push(Batch { step: STEP_RULES, tool, script, commands });
         }
         if lift_after_rules {
             push_ipset(STEP_LIFT_TRANSITION, lift, &mut out);
@@ -1175,9 +1214,9 @@ impl RuleTranslator {
     pub fn reconcile(&mut self, plan: &Plan, kernel: &KernelState) -> Vec<Batch> {
         let kinds = kernel.sets.iter().map(|(h, ks)| (h.clone(), ks.kind.clone())).collect();
         let mut t = RuleTranslator {
+            family: self.family,
             kernel_kinds: Some(kinds),
             base: true,
-            skipped_ipv6: self.skipped_ipv6,
             ..RuleTranslator::default()
         };
         let layout = &plan.layout;
@@ -1196,12 +1235,6 @@ impl RuleTranslator {
         for def in &order {
             t.name_tree(def, layout);
         }
-        t.skipped_ipv6 += layout
-            .sets
-            .values()
-            .flat_map(|m| m.iter())
-            .filter(|m| t.member_strings(m).is_none())
-            .count() as u64;
         let counts: Vec<(SetDef, usize)> = t
             .sets
             .keys()
@@ -1222,11 +1255,8 @@ impl RuleTranslator {
             }
         }
         for ((d, ip), x) in &layout.dispatch {
-            match v4(*ip) {
-                Some(v) => {
-                    t.dispatch.insert((*d, v), x.clone());
-                }
-                None => t.skipped_ipv6 += 1,
+            if t.family.holds(*ip) {
+                t.dispatch.insert((*d, *ip), x.clone());
             }
         }
         for d in Direction::BOTH {
@@ -1318,7 +1348,7 @@ impl RuleTranslator {
             (a.0.kind() == SetKind::ListSet, &a.1.name)
                 .cmp(&(b.0.kind() == SetKind::ListSet, &b.1.name))
         });
-        let kernel_addresses = |set: &str| -> Vec<Ipv4Addr> {
+        let kernel_addresses = |set: &str| -> Vec<IpAddr> {
             kernel
                 .sets
                 .get(set)
@@ -1347,7 +1377,7 @@ impl RuleTranslator {
             let mine = members_of(h);
             match kernel.sets.get(h) {
                 None => {
-                    out.push(create_block(h, def.kind(), &mine));
+                    out.push(create_block(self.family, h, def.kind(), &mine));
                 }
                 Some(ks) => {
                     for m in mine.difference(&ks.members) {
@@ -1372,7 +1402,12 @@ impl RuleTranslator {
         for g in self.groups.values().filter_map(|g| g.set.as_ref()) {
             let h = &g.name;
             match kernel.sets.get(h) {
-                None => ph.create_sets.push(create_block(h, SetKind::HashNetPort, &g.members)),
+                None => ph.create_sets.push(create_block(
+                    self.family,
+                    h,
+                    SetKind::HashNetPort,
+                    &g.members,
+                )),
                 Some(ks) => {
                     for m in g.members.difference(&ks.members) {
                         ph.add_members.push(format!("add {h} {m}"));
@@ -1401,6 +1436,12 @@ impl RuleTranslator {
             }
             ph.rules.push(format!("-I FORWARD 1 {FORWARD_JUMP}"));
         }
+        // FORWARD's jumps to stale chains (an older agent's) go with them.
+        for r in &kernel.forward {
+            if stale.iter().any(|c| r.ends_with(&format!("-j {c}"))) {
+                ph.rules.push(format!("-D FORWARD {r}"));
+            }
+        }
         // Stale chains (flushed first: they may jump to each other).
         for c in &stale {
             ph.del_rules.push(format!("-F {c}"));
@@ -1412,7 +1453,7 @@ impl RuleTranslator {
         let groups = self.groups.values().filter_map(|g| g.set.as_ref());
         let names: HashSet<&String> =
             self.all_sets().map(|(_, s)| &s.name).chain(groups.map(|g| &g.name)).collect();
-        for (h, ks) in &kernel.sets {
+        for (h, ks) in kernel.sets.iter().filter(|(h, _)| self.family.owns_set(h)) {
             if !names.contains(h) {
                 if ks.kind == "list:set" {
                     ph.destroy_lists.push(format!("destroy {h}"));
@@ -1442,7 +1483,7 @@ impl RuleTranslator {
 
     /// The chain that each local endpoint direction's new connections walk (its policy's or
     /// its group's), for explaining rules.
-    pub fn dispatch_chains(&self) -> BTreeMap<(Direction, Ipv4Addr), String> {
+    pub fn dispatch_chains(&self) -> BTreeMap<(Direction, IpAddr), String> {
         self.dispatch
             .iter()
             .filter_map(|(k, x)| Some((*k, self.dispatch_target(k.0, x)?.to_string())))
@@ -1453,6 +1494,42 @@ impl RuleTranslator {
     pub fn policy_chains(&self) -> BTreeMap<(ObjectKey, Direction), String> {
         self.chains.iter().map(|(k, c)| (k.clone(), c.chain.clone())).collect()
     }
+}
+
+/// The batches of both families' translators for one diff (or reconcile) as one run, phase
+/// by phase: both families' sets and members (one `ipset` process), IPv4's rules, IPv6's
+/// rules, both families' lifts of the transition guard, both families' stale sets. Each
+/// family stays make-before-break, and its sets are in place before either family's rules
+/// name them.
+pub fn merge_families(families: Vec<Vec<Batch>>) -> Vec<Batch> {
+    const ORDER: [&str; 4] = [STEP_ADD_SETS, STEP_RULES, STEP_LIFT_TRANSITION, STEP_DEL_SETS];
+    // (Any other step last, in its order.)
+    let mut buckets: Vec<Vec<Batch>> = vec![Vec::new(); ORDER.len() + 1];
+    for b in families.into_iter().flatten() {
+        let i = ORDER.iter().position(|s| *s == b.step).unwrap_or(ORDER.len());
+        buckets[i].push(b);
+    }
+    let mut out = Vec::new();
+    for bucket in buckets {
+        let mut ipset: Option<Batch> = None;
+        for b in bucket {
+            match &mut ipset {
+                _ if b.tool != Tool::Ipset => out.push(b),
+                None => ipset = Some(b),
+                Some(i) => {
+                    i.script.push_str(&b.script);
+                    i.commands += b.commands;
+                }
+            }
+        }
+        out.extend(ipset);
+    }
+    out
+}
+
+/// Every dispatch key of direction `d`, in order.
+fn dispatch_range(d: Direction) -> std::ops::RangeInclusive<(Direction, IpAddr)> {
+    (d, IpAddr::V4(Ipv4Addr::UNSPECIFIED))..=(d, IpAddr::V6(Ipv6Addr::from(u128::MAX)))
 }
 
 /// An ipset batch of `lines` (each one command, or a block of them).
@@ -1471,9 +1548,9 @@ fn push_ipset(step: &'static str, lines: Vec<String>, out: &mut Vec<Batch>) {
 }
 
 /// The script that removes everything of the layout found in `kernel` (for `cleanup` and
-/// switching dataplanes): FORWARD's jumps, then every chain, in one transaction; and the
-/// sets, lists first.
-pub fn cleanup_batches(kernel: &KernelState) -> Vec<Batch> {
+/// switching dataplanes): FORWARD's jumps, then every chain, in one transaction (`kernel`'s
+/// chains being of `family`); and the sets, lists first.
+pub fn cleanup_batches(kernel: &KernelState, family: Family) -> Vec<Batch> {
     let mut out = Vec::new();
     let jumps: Vec<&String> = kernel.forward.iter().filter(|r| jumps_to_azure_npm(r)).collect();
     if !jumps.is_empty() || !kernel.chains.is_empty() {
@@ -1490,7 +1567,7 @@ pub fn cleanup_batches(kernel: &KernelState) -> Vec<Batch> {
         s.push_str("COMMIT\n");
         out.push(Batch {
             step: "remove chains",
-            tool: Tool::Iptables,
+            tool: family.rules_tool(),
             script: s,
             commands: jumps.len() + 2 * kernel.chains.len(),
         });
