@@ -337,14 +337,12 @@ fn run_attacks(mut t: Attack) {
     assert!(t.connect("c", &f.to_string(), 80, 41001, false), "{dp}: c -> f");
     expect!(!t.connect("g", &e.to_string(), 80, 41002, false), "{dp}: g -> e");
     expect!(!t.connect("a", &g.to_string(), 80, 41003, false), "{dp}: a -> g (a sends nothing)");
-    if dp == "ebpf" {
-        // Over IPv6 too (the iptables dataplane has no IPv6 rules and refuses it all).
-        let (e6, g6) = (t.ip6("e").to_string(), t.ip6("g").to_string());
-        let c_e = (0..5).any(|i| t.connect("c", &e6, 80, 41100 + i, false));
-        assert!(c_e, "{dp}: c -> e over IPv6 (a pod selector admits both families)");
-        expect!(!t.connect("g", &e6, 80, 41110, false), "{dp}: g -> e over IPv6");
-        expect!(!t.connect("a", &g6, 80, 41111, false), "{dp}: a -> g over IPv6 (a sends nothing)");
-    }
+    // Over IPv6 too.
+    let (e6, g6) = (t.ip6("e").to_string(), t.ip6("g").to_string());
+    let c_e = (0..5).any(|i| t.connect("c", &e6, 80, 41100 + i, false));
+    assert!(c_e, "{dp}: c -> e over IPv6 (a pod selector admits both families)");
+    expect!(!t.connect("g", &e6, 80, 41110, false), "{dp}: g -> e over IPv6");
+    expect!(!t.connect("a", &g6, 80, 41111, false), "{dp}: a -> g over IPv6 (a sends nothing)");
 
     // 1. Conntrack poisoning: a plants "replies" from e:80 and f:80 to a:4444 (TCP SYN and
     //    UDP), then connects from a:4444 to them.
@@ -421,7 +419,7 @@ fn run_attacks(mut t: Attack) {
 
     // 2c. IPv6 (every pod is dual stack): a, g and f (c's node) forge c's IPv6 address
     //     towards e, which admits c; a and g send from link-local sources. Nothing reaches e
-    //     (in iptables mode, which has no IPv6 rules, e refuses all IPv6 anyway).
+    //     but c's honest datagram.
     let (e6, c6, g6) = (t.ip6("e"), t.ip6("c"), t.ip6("g"));
     let watch_e6 = t.watch("e", 30.0);
     t.forge(
@@ -442,14 +440,9 @@ fn run_attacks(mut t: Attack) {
         ],
     );
     t.forge("f", &[format!(r#"IPv6(src="{c6}",dst="{e6}")/UDP(sport=5025,dport=80)/Raw(b"x"*8)"#)]);
-    // c's honest datagram (eBPF mode: admitted over IPv6), so the watch is seen to work.
-    let honest = u8::from(dp == "ebpf");
-    if honest == 1 {
-        t.forge(
-            "c",
-            &[format!(r#"IPv6(src="{c6}",dst="{e6}")/UDP(sport=5026,dport=80)/Raw(b"x"*8)"#)],
-        );
-    }
+    // c's honest datagram (admitted over IPv6), so the watch is seen to work.
+    let honest = 1u8;
+    t.forge("c", &[format!(r#"IPv6(src="{c6}",dst="{e6}")/UDP(sport=5026,dport=80)/Raw(b"x"*8)"#)]);
     let seen_e6 = watch_e6.seen();
     let reached: Vec<&String> = seen_e6
         .iter()

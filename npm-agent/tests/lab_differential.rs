@@ -1,7 +1,8 @@
 //! The two Linux dataplanes against each other on real packets: a random case (policies of
 //! both kinds, label changes and deletions over the default model, every table `?`) runs through the lab
 //! once with eBPF agents and once with iptables agents, and every observed table must be
-//! identical, and identical to the simulator's. Needs root; skipped with a message otherwise.
+//! identical, and identical to the simulator's. Every other case is dual stack: its pods have
+//! both families, its blocks are of either, and each table is probed over IPv4 and IPv6. Needs root; skipped with a message otherwise.
 //! The seed is printed (and `NPM_DIFF_SEED=<n>` replays one); a failing case is kept in the
 //! temporary directory (every case with `NPM_DIFF_KEEP=1`).
 
@@ -53,7 +54,15 @@ fn selector(r: &mut Rng, key: &str, values: &[&str]) -> String {
     }
 }
 
-fn peer(r: &mut Rng) -> String {
+fn peer(r: &mut Rng, dual: bool) -> String {
+    if dual && r.below(2) == 0 {
+        let pod = format!("{}/{}", r.pick(&NS), r.pick(&PODS));
+        return match r.below(3) {
+            0 => format!("ipBlock: {{cidr: '{{{{podIPv6 {pod}}}}}/128'}}"),
+            1 => format!("ipBlock: {{cidr: '::/0', except: ['{{{{podIPv6 {pod}}}}}/128']}}"),
+            _ => "ipBlock: {cidr: '::/0'}".into(),
+        };
+    }
     match r.below(6) {
         0 => format!("podSelector: {}", selector(r, "pod", &PODS)),
         1 => format!("namespaceSelector: {}", selector(r, "ns", &NS)),
@@ -87,7 +96,7 @@ fn port(r: &mut Rng) -> String {
     }
 }
 
-fn rules(r: &mut Rng, word: &str) -> String {
+fn rules(r: &mut Rng, word: &str, dual: bool) -> String {
     let mut s = String::new();
     for _ in 0..r.below(3) {
         let _ = write!(s, "\n        - ");
@@ -101,7 +110,7 @@ fn rules(r: &mut Rng, word: &str) -> String {
         };
         if r.below(4) > 0 {
             let peers: Vec<String> =
-                (0..1 + r.below(2)).map(|_| format!("          - {}", peer(r))).collect();
+                (0..1 + r.below(2)).map(|_| format!("          - {}", peer(r, dual))).collect();
             item(&mut s, format!("{word}:\n{}", peers.join("\n")));
         }
         if r.below(3) > 0 {
@@ -116,7 +125,7 @@ fn rules(r: &mut Rng, word: &str) -> String {
     if s.is_empty() { " []".into() } else { s }
 }
 
-fn policy(r: &mut Rng, name: &str) -> String {
+fn policy(r: &mut Rng, name: &str, dual: bool) -> String {
     let ns = r.pick(&NS);
     let types = r.below(3);
     let mut spec = format!(
@@ -125,10 +134,10 @@ fn policy(r: &mut Rng, name: &str) -> String {
         ["Ingress", "Egress", "Ingress, Egress"][types]
     );
     if types != 1 {
-        let _ = writeln!(spec, "        ingress:{}", rules(r, "from"));
+        let _ = writeln!(spec, "        ingress:{}", rules(r, "from", dual));
     }
     if types != 0 {
-        let _ = writeln!(spec, "        egress:{}", rules(r, "to"));
+        let _ = writeln!(spec, "        egress:{}", rules(r, "to", dual));
     }
     format!(
         "  - apply:\n      apiVersion: networking.k8s.io/v1\n      kind: NetworkPolicy\n      metadata: {{name: {name}, namespace: {ns}}}\n      spec:\n{spec}"
@@ -202,11 +211,12 @@ fn cluster_policy(r: &mut Rng, name: &str) -> String {
     )
 }
 
-fn table(protocol: &str, port: u16) -> String {
+fn table(protocol: &str, port: u16, ipv6: bool) -> String {
     let pods: Vec<String> =
         NS.iter().flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}"))).collect();
+    let family = if ipv6 { "\n    family: IPv6" } else { "" };
     let mut t = format!(
-        "  - port: {port}\n    protocol: {protocol}\n    table: |\n      from\\to {}\n",
+        "  - port: {port}\n    protocol: {protocol}{family}\n    table: |\n      from\\to {}\n",
         pods.join(" ")
     );
     for p in &pods {
@@ -216,10 +226,15 @@ fn table(protocol: &str, port: u16) -> String {
 }
 
 /// A random case: steps of policy applies (NetworkPolicies and ClusterNetworkPolicies),
-/// deletions and relabelling.
-fn random_case(seed: u64, steps: usize) -> String {
+/// deletions and relabelling; `dual`: on a dual-stack cluster, with IPv6 blocks too and
+/// tables over IPv6.
+fn random_case(seed: u64, steps: usize, dual: bool) -> String {
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut s = format!("name: random case {seed}\nsteps:\n");
+    let mut s = format!("name: random case {seed}\n");
+    if dual {
+        s.push_str("model:\n  ip-families: [IPv4, IPv6]\n");
+    }
+    s.push_str("steps:\n");
     let mut live: Vec<(String, String)> = Vec::new();
     let mut live_cluster: std::collections::BTreeSet<String> = Default::default();
     for i in 0..steps {
@@ -240,7 +255,7 @@ fn random_case(seed: u64, steps: usize) -> String {
                 }
                 0..=5 => {
                     let name = format!("p{}", r.below(4));
-                    let text = policy(&mut r, &name);
+                    let text = policy(&mut r, &name, dual);
                     let ns = text
                         .split("namespace: ")
                         .nth(1)
@@ -278,9 +293,13 @@ fn random_case(seed: u64, steps: usize) -> String {
             }
         }
         s.push_str("  expect:\n");
-        s.push_str(&table("TCP", 80));
-        s.push_str(&table("TCP", 81));
-        s.push_str(&table("UDP", 80));
+        s.push_str(&table("TCP", 80, false));
+        s.push_str(&table("TCP", 81, false));
+        s.push_str(&table("UDP", 80, false));
+        if dual {
+            s.push_str(&table("TCP", 80, true));
+            s.push_str(&table("UDP", 80, true));
+        }
     }
     s
 }
@@ -337,8 +356,10 @@ fn ebpf_and_iptables_observe_identical_tables() {
     while cases == 0 || start.elapsed() < budget / 2 {
         let case_seed = seed.wrapping_add(cases);
         let path = dir.join(format!("random-{case_seed}.yaml"));
-        std::fs::write(&path, random_case(case_seed, 5)).unwrap();
-        eprintln!("lab differential: seed {case_seed} ({})", path.display());
+        // (Dual stack first: its IPv4 tables are an IPv4 case's, and its IPv6 ones more.)
+        let dual = cases % 2 == 0;
+        std::fs::write(&path, random_case(case_seed, 5, dual)).unwrap();
+        eprintln!("lab differential: seed {case_seed}, dual stack {dual} ({})", path.display());
         let sim = tables(&simulate::run_case(&path, &mut CompilerEnforcer::default()));
         let ebpf = tables(&run(&path, "ebpf"));
         let ipt = tables(&run(&path, "iptables"));
@@ -363,8 +384,7 @@ fn ebpf_and_iptables_observe_identical_tables() {
         cases += 1;
     }
     eprintln!(
-        "lab differential: {cases} random cases, {} tables each, identical in {:?}",
-        15,
+        "lab differential: {cases} random cases (every other one dual stack), 15 or 25 tables each, identical in {:?}",
         start.elapsed()
     );
     let _ = std::fs::remove_dir(&dir);

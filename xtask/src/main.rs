@@ -339,16 +339,17 @@ fn test() -> Result<()> {
         // (The cross-dataplane differential test, tests/lab_differential.rs, runs with the
         // integration tests.)
         Step::new(
-            "lab (iptables): conformance cases and shared examples with real packets, ClusterNetworkPolicy cases included",
+            "lab (iptables): conformance cases and shared examples with real packets, ClusterNetworkPolicy and dual-stack cases included",
             {
                 let own = root.join("tests/conformance");
                 move || {
                     let own_tiers = own.join("cluster-network-policy");
+                    let own_dual = own.join("dual-stack");
                     let shared_tiers = shared_examples.with_file_name("cluster-network-policy");
                     lab(
                         "the lab in iptables mode",
                         "iptables",
-                        &[&own, &own_tiers, &shared_examples, &shared_tiers],
+                        &[&own, &own_tiers, &own_dual, &shared_examples, &shared_tiers],
                     )
                 }
             },
