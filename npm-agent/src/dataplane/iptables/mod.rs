@@ -110,8 +110,8 @@
 //! - **INVALID packets** (SYN+FIN, bad checksums, ICMP errors about no connection) go through
 //!   the policies like NEW ones; Azure NPM jumps for NEW only, so they skipped every policy.
 //! - **Sources are checked** ([`guard`]): a pod's packets must carry its address, a local pod's
-//!   address may come only through its veth (raw table, before conntrack); IPv6 to and from
-//!   isolated pods is dropped until it is enforced (ip6tables). Azure NPM checks neither.
+//!   address may come only through its veth (raw tables, before conntrack, both families).
+//!   Azure NPM checks neither.
 //! - **Contested addresses** (several local pods claim one, see `state::Claim`) are in a
 //!   `quarantine` set whose new connections AZURE-NPM drops both ways.
 //! - **Named ports for egress** use the same `namedport:` sets, matched `dst,dst`: the
@@ -125,8 +125,10 @@
 //!   another name gets the name `…~1` (and so another hash) instead of sharing a set or
 //!   chain.
 //! - **Node addresses** need no rule (see above); Azure NPM has none either.
-//! - **IPv6** addresses and blocks are not enforced; unlike Azure NPM, an isolated pod's IPv6
-//!   traffic is refused rather than passed.
+//! - **IPv6** (Azure NPM has none on Linux): the same layout in ip6tables, its sets
+//!   `family inet6` and named `inet6:<the IPv4 twin's name>` (kube-router's convention), the
+//!   chains named as IPv4's; both families are written in the same diff, make-before-break in
+//!   each ([`translate::merge_families`]). An ipBlock matches only its own family.
 //! - **The FORWARD jump** is always the first rule (Azure NPM's default; its option to place
 //!   it after KUBE-SERVICES is not offered).
 //!
