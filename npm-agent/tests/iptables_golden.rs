@@ -2,7 +2,9 @@
 //! `golden/scenarios.rs`, ClusterNetworkPolicy's tiers included), step by step: the batches each step's diff becomes, and the sets
 //! and rules the kernel then holds (as `ipset save` and `iptables-save` print them, from the
 //! host model that took the batches), with the readable name of every set. Compared with
-//! `tests/golden/iptables/<scenario>.txt` (`UPDATE_GOLDEN=1` rewrites them).
+//! `tests/golden/iptables/<scenario>.txt` (`UPDATE_GOLDEN=1` rewrites them). The dual-stack
+//! scenarios run both families' translators, as the dataplane does, and show ip6tables' rules
+//! and the `inet6:` sets too.
 
 #[path = "golden/scenarios.rs"]
 mod scenarios;
@@ -10,26 +12,30 @@ mod scenarios;
 use std::fmt::Write as _;
 
 use npm_agent::dataplane::iptables::emulator::TableEmulator;
-use npm_agent::dataplane::iptables::translate::{RuleTranslator, Tool};
+use npm_agent::dataplane::iptables::names::Family;
+use npm_agent::dataplane::iptables::translate::{RuleTranslator, Tool, merge_families};
 use npm_agent::plan::Plan;
 use scenarios::*;
 
-fn layout(name: &str) -> String {
+fn layout(name: &str, families: &[Family]) -> String {
     let path = scenarios()
         .into_iter()
         .chain(tier_scenarios())
+        .chain(dual_stack_scenarios())
         .find(|(n, _)| n == name)
         .expect("scenario")
         .1;
     let mut out = String::new();
-    let mut t = RuleTranslator::new();
+    let mut ts: Vec<RuleTranslator> =
+        families.iter().map(|f| RuleTranslator::for_family(*f)).collect();
     let mut kernel = TableEmulator::default();
-    for b in t.reconcile(&Plan::default(), &kernel.state()) {
+    let start = ts.iter_mut().map(|t| t.reconcile(&Plan::default(), &kernel.state_of(t.family())));
+    for b in merge_families(start.collect()) {
         kernel.apply(&b).expect("start-up");
     }
     for (i, step) in plans(&path).into_iter().enumerate() {
         let _ = writeln!(out, "######## step {i}: {}\n", step.description);
-        for b in t.translate(&step.diff) {
+        for b in merge_families(ts.iter_mut().map(|t| t.translate(&step.diff)).collect()) {
             let tool = match b.tool {
                 Tool::Ipset => "ipset -exist restore",
                 Tool::Iptables => "iptables-restore -w 60 -T filter --noflush",
@@ -38,13 +44,17 @@ fn layout(name: &str) -> String {
             let _ = writeln!(out, "# batch: {} ({tool})\n{}", b.step, b.script);
             kernel.apply(&b).unwrap_or_else(|e| panic!("{name} step {i}: {e}\n{}", b.script));
         }
-        let (ipset, iptables) = kernel.save();
+        let (ipset, _) = kernel.save();
         let _ = writeln!(out, "# the kernel now holds (ipset save):\n{ipset}");
         let _ = writeln!(out, "# readable names of the sets:");
-        for (h, readable) in t.set_names() {
+        for (h, readable) in ts.iter().flat_map(|t| t.set_names()) {
             let _ = writeln!(out, "#   {h} = {readable}");
         }
-        let _ = writeln!(out, "\n# iptables-save -t filter:\n{iptables}");
+        for f in families {
+            let (_, rules) = kernel.save_of(*f);
+            let save = if *f == Family::V4 { "iptables-save" } else { "ip6tables-save" };
+            let _ = writeln!(out, "\n# {save} -t filter:\n{rules}");
+        }
     }
     out
 }
@@ -52,8 +62,11 @@ fn layout(name: &str) -> String {
 #[test]
 fn iptables_layout_matches_golden_files() {
     let mut failures = Vec::new();
-    for (name, _) in scenarios().into_iter().chain(tier_scenarios()) {
-        let text = layout(&name);
+    let single =
+        scenarios().into_iter().chain(tier_scenarios()).map(|(n, _)| (n, &[Family::V4][..]));
+    let dual = dual_stack_scenarios().into_iter().map(|(n, _)| (n, &Family::BOTH[..]));
+    for (name, families) in single.chain(dual) {
+        let text = layout(&name, families);
         if let Err(e) =
             check_golden(&manifest_dir().join(format!("tests/golden/iptables/{name}.txt")), &text)
         {
