@@ -371,6 +371,25 @@ fn decide_like_the_specification(
     Ok(())
 }
 
+/// Each event's batches, applied one by one on node n1, never admit what neither the state
+/// before nor the one after allows (see [`apply_checked`]).
+fn make_before_break(state: &ClusterState, events: &[Event]) -> Result<(), TestCaseError> {
+    let mut n = Node::new("n1");
+    for e in initial_events(state) {
+        n.handle(&e)?;
+    }
+    let mut current = state.clone();
+    for e in events {
+        let old = current.clone();
+        let diff = n.engine.handle(e.clone());
+        current.apply(e);
+        let all = probes("n1", &[&old, &current]);
+        let batches = n.batches(&diff)?;
+        apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
@@ -387,19 +406,7 @@ proptest! {
 
     #[test]
     fn batches_apply_make_before_break(state in cluster(), events in proptest::collection::vec(event(), 1..8)) {
-        let mut n = Node::new("n1");
-        for e in initial_events(&state) {
-            n.handle(&e)?;
-        }
-        let mut current = state.clone();
-        for e in &events {
-            let old = current.clone();
-            let diff = n.engine.handle(e.clone());
-            current.apply(e);
-            let all = probes("n1", &[&old, &current]);
-            let batches = n.batches(&diff)?;
-            apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
-        }
+        make_before_break(&state, &events)?;
     }
 
     #[test]
@@ -517,19 +524,7 @@ proptest! {
 
     #[test]
     fn batches_apply_make_before_break_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 1..8)) {
-        let mut n = Node::new("n1");
-        for e in initial_events(&state) {
-            n.handle(&e)?;
-        }
-        let mut current = state.clone();
-        for e in &events {
-            let old = current.clone();
-            let diff = n.engine.handle(e.clone());
-            current.apply(e);
-            let all = probes("n1", &[&old, &current]);
-            let batches = n.batches(&diff)?;
-            apply_checked("n1", &mut n.kernel, &batches, &old, &current, &all)?;
-        }
+        make_before_break(&state, &events)?;
     }
 }
 
