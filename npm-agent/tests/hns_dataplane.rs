@@ -1,6 +1,8 @@
-//! The HNS dataplane against the specification: random clusters and events, each node's
-//! engine feeding an `HnsDataplane` over the HCN host model (endpoints created and removed
-//! as the CNI would), and what the model holds afterwards evaluated as HNS evaluates ACLs.
+//! The HNS dataplane against the specification: random clusters and events (IPv4, and dual
+//! stack: pods with one or both families, blocks of both), each node's engine feeding an
+//! `HnsDataplane` over the HCN host model (endpoints created and removed as the CNI would:
+//! one per pod, holding its addresses of both families), and what the model holds afterwards
+//! evaluated as HNS evaluates ACLs, for packets of either family.
 //! Every connection must be decided as the reference evaluator decides it, except where the
 //! translation reports an entry it cannot express (SCTP, wide port ranges), where HNS may
 //! only refuse more. A reconcile of the same plan over the model (a restarted agent) then
@@ -8,7 +10,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
@@ -17,7 +19,7 @@ use common::*;
 use npm_agent::compile::{Engine, Scope};
 use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::hns::{HnsDataplane, HostHcn};
-use npm_agent::model::{Direction, Protocol};
+use npm_agent::model::{Direction, ObjectKey, Protocol};
 use npm_agent::reference::{self, End};
 use npm_agent::state::{ClusterState, Event};
 
@@ -25,6 +27,8 @@ struct Node {
     name: String,
     engine: Engine,
     dp: HnsDataplane<HostHcn>,
+    /// The model's endpoints: (pod, its addresses) → endpoint ID.
+    hns: BTreeMap<(ObjectKey, Vec<IpAddr>), String>,
 }
 
 impl Node {
@@ -32,39 +36,64 @@ impl Node {
         let mut dp = HnsDataplane::new(HostHcn::new());
         dp.reconcile(&npm_agent::plan::Plan::default()).expect("an empty reconcile");
         let engine = Engine::new(Scope::Node(name.into())).with_cluster_policies();
-        Self { name: name.into(), engine, dp }
+        Self { name: name.into(), engine, dp, hns: BTreeMap::new() }
     }
 
-    /// The addresses of the node's endpoint pods in `state`.
-    fn local_ips(&self, state: &ClusterState) -> BTreeSet<IpAddr> {
-        state
+    /// The HNS endpoints of the node's endpoint pods in `state`, as the CNI gives them: one
+    /// per pod with its addresses (both families), an address to one endpoint only (live
+    /// pods first, then by key).
+    fn endpoints(&self, state: &ClusterState) -> BTreeSet<(ObjectKey, Vec<IpAddr>)> {
+        let mut pods: Vec<_> = state
             .pods
             .values()
             .filter(|p| p.is_endpoint() && p.node.as_deref() == Some(self.name.as_str()))
-            .filter_map(|p| p.ip)
-            .collect()
+            .collect();
+        pods.sort_by_key(|p| (p.terminating, p.key.clone()));
+        let mut taken = BTreeSet::new();
+        let mut v = BTreeSet::new();
+        for p in pods {
+            let ips: Vec<IpAddr> = p.addresses().filter(|ip| taken.insert(*ip)).collect();
+            if !ips.is_empty() {
+                v.insert((p.key.clone(), ips));
+            }
+        }
+        v
     }
 
     /// One event: endpoints of new pods exist before the agent hears of them (the CNI made
-    /// them), endpoints of deleted pods go after.
+    /// them; an endpoint whose addresses a new one takes is gone before), endpoints of
+    /// deleted pods go after.
     fn handle(
         &mut self,
         e: &Event,
-        before: &ClusterState,
+        _before: &ClusterState,
         after: &ClusterState,
     ) -> Result<(), TestCaseError> {
-        let (old, new) = (self.local_ips(before), self.local_ips(after));
-        for ip in new.difference(&old) {
-            if !self.dp.hcn().has_endpoint(*ip) {
-                self.dp.hcn_mut().add_endpoint(*ip);
-            }
+        let want = self.endpoints(after);
+        let new: Vec<_> = want.iter().filter(|k| !self.hns.contains_key(*k)).cloned().collect();
+        let new_ips: BTreeSet<IpAddr> = new.iter().flat_map(|(_, ips)| ips.clone()).collect();
+        let replaced: Vec<_> = self
+            .hns
+            .keys()
+            .filter(|k| !want.contains(*k) && k.1.iter().any(|ip| new_ips.contains(ip)))
+            .cloned()
+            .collect();
+        for k in replaced {
+            let id = self.hns.remove(&k).expect("listed");
+            self.dp.hcn_mut().remove_endpoint_id(&id);
+        }
+        for k in new {
+            let id = self.dp.hcn_mut().add_endpoint_with(&k.1);
+            self.hns.insert(k, id);
         }
         let diff = self.engine.handle(e.clone());
         self.dp
             .apply(&diff)
             .map_err(|err| TestCaseError::fail(format!("{}: apply: {err}", self.name)))?;
-        for ip in old.difference(&new) {
-            self.dp.hcn_mut().remove_endpoint(*ip);
+        let gone: Vec<_> = self.hns.keys().filter(|k| !want.contains(*k)).cloned().collect();
+        for k in gone {
+            let id = self.hns.remove(&k).expect("listed");
+            self.dp.hcn_mut().remove_endpoint_id(&id);
         }
         self.dp.tick().map_err(|err| TestCaseError::fail(format!("{}: tick: {err}", self.name)))?;
         Ok(())
@@ -79,7 +108,6 @@ impl Node {
         protocol: Protocol,
         port: u16,
     ) -> bool {
-        let IpAddr::V4(peer) = peer else { return true };
         self.dp.hcn().allows(ip, d, peer, protocol, port)
     }
 
@@ -100,7 +128,8 @@ fn claimed_once(state: &ClusterState, ip: IpAddr) -> bool {
 fn check(state: &ClusterState, nodes: &HashMap<String, Node>) -> Result<(), TestCaseError> {
     let ends = ends(state);
     for src in &ends {
-        for dst in &ends {
+        // (A connection has one family: an IPv4 end never talks to an IPv6 one.)
+        for dst in ends.iter().filter(|d| d.ip.is_ipv4() == src.ip.is_ipv4()) {
             // Contested addresses are quarantined by the compiler and tested with the
             // dataplanes that see interfaces; a spoofed source is the network's to drop.
             if src.ip == dst.ip
@@ -218,6 +247,37 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Dual stack: pods with one or both families, IPv6 blocks, nodes with both.
+    #[test]
+    fn hns_decides_like_the_specification_dual_stack(state in dual_stack_cluster(), events in proptest::collection::vec(dual_stack_event(), 0..12)) {
+        decide_like_the_specification(&state, &events)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Dual stack with ClusterNetworkPolicies.
+    #[test]
+    fn hns_decides_like_the_specification_dual_stack_tiers(
+        state in tiered_cluster(),
+        choices in proptest::collection::vec(any::<u64>(), 16),
+        events in proptest::collection::vec((tiered_event(), any::<u64>()), 0..6),
+    ) {
+        let state = dual_stack(state, &choices);
+        let events: Vec<Event> = events.into_iter().map(|(e, draw)| match e {
+            Event::UpsertPod(p) => Event::UpsertPod(with_families(p, draw as u8)),
+            Event::UpsertPolicy(p) => Event::UpsertPolicy(with_v6_blocks(p, draw)),
+            Event::UpsertNode(n) => Event::UpsertNode(dual_node(n)),
+            e => e,
+        }).collect();
+        decide_like_the_specification(&state, &events)?;
+    }
+}
+
 /// The model refuses a set removed while an ACL names it, so the dataplane's order (sets
 /// before the ACLs naming them, removed after) is what lets a policy change land at all.
 #[test]
@@ -254,10 +314,7 @@ fn a_policy_replaced_by_another_lands_in_one_apply() {
         node.handle(e, &before, &state).expect("applies");
     }
     let db = pod_ip(1);
-    let ip = |i| match pod_ip(i) {
-        IpAddr::V4(v) => v,
-        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-    };
+    let ip = pod_ip;
     assert!(node.dp.hcn().allows(db, Direction::Ingress, ip(3), Protocol::Tcp, 80), "api now");
     assert!(!node.dp.hcn().allows(db, Direction::Ingress, ip(2), Protocol::Tcp, 80), "web no more");
 }
@@ -284,7 +341,7 @@ fn a_pod_joining_a_peer_set_is_added_in_place() {
     };
     let mut state = ClusterState::default();
     let mut node = Node::new("n1");
-    let web2 = Ipv4Addr::new(10, 0, 0, 3);
+    let web2 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3));
     let events = [
         Event::UpsertNode(nodes()[0].clone()),
         Event::UpsertPolicy(policy),

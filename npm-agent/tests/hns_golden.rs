@@ -10,7 +10,7 @@
 mod scenarios;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use npm_agent::dataplane::Dataplane;
 use npm_agent::dataplane::hns::{self, AclPolicySetting, HnsDataplane, HnsPolicies, HostHcn};
@@ -26,15 +26,25 @@ fn check_semantics(
     h: &HnsPolicies,
     hcn: &HostHcn,
 ) -> Result<(), String> {
-    let mut peers: Vec<Ipv4Addr> = plan
-        .identities
-        .keys()
-        .filter_map(|ip| if let IpAddr::V4(v) = ip { Some(*v) } else { None })
-        .collect();
+    let mut peers: Vec<IpAddr> = plan.identities.keys().copied().collect();
+    peers.extend(plan.node_ips.iter().copied());
     peers.extend(
-        ["10.224.0.4", "10.240.9.9", "192.168.1.1", "8.8.8.8"]
-            .map(|s| s.parse::<Ipv4Addr>().unwrap()),
+        [
+            "10.224.0.4",
+            "10.240.9.9",
+            "192.168.1.1",
+            "8.8.8.8",
+            "fd00::1",
+            "fd00:10:224::4",
+            "fd00:10:240::9:9",
+            "fd00:10:240:1::1",
+            "2001:db8::1",
+            "::ffff:10.240.0.10",
+        ]
+        .map(|s| s.parse::<IpAddr>().unwrap()),
     );
+    peers.sort();
+    peers.dedup();
     let unsupported: HashMap<(String, String), Vec<String>> =
         h.unsupported.iter().fold(HashMap::new(), |mut m, u| {
             m.entry((u.endpoint.clone(), u.direction.clone())).or_default().push(u.entry.clone());
@@ -44,14 +54,15 @@ fn check_semantics(
         for d in Direction::BOTH {
             let dir = if d == Direction::Ingress { "In" } else { "Out" };
             let left_out = unsupported.get(&(format!("{ip} {}", ep.pod), dir.to_string()));
-            for &peer in &peers {
+            // (A connection is of one family.)
+            for &peer in peers.iter().filter(|p| p.is_ipv4() == ip.is_ipv4()) {
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     for port in [80u16, 81, 1000, 5353, 60000] {
-                        let want = plan.node_ips.contains(&IpAddr::V4(peer))
+                        let want = plan.node_ips.contains(&peer)
                             || plan.direction(ep, d).admits(
                                 &plan.sets,
-                                IpAddr::V4(peer),
-                                plan.identities.get(&IpAddr::V4(peer)).copied(),
+                                peer,
+                                plan.identities.get(&peer).copied(),
                                 protocol,
                                 port,
                             );
@@ -72,24 +83,30 @@ fn check_semantics(
 }
 
 /// Applies a step's diff through the dataplane over the model (endpoints of new pods made
-/// first, as the CNI does, those of gone pods removed after), then checks that HCN holds
-/// exactly the translation: its SetPolicies and each endpoint's ACLs.
+/// first, as the CNI does: one per pod, with its addresses of both families; those of gone
+/// pods removed after), then checks that HCN holds exactly the translation: its SetPolicies
+/// and each endpoint's ACLs.
 fn apply_through_the_model(
     dp: &mut HnsDataplane<HostHcn>,
     diff: &PlanDiff,
+    before: &Plan,
     plan: &Plan,
     h: &HnsPolicies,
 ) -> Result<(), String> {
-    for ip in plan.endpoints.keys().filter(|ip| ip.is_ipv4()) {
-        if !dp.hcn().has_endpoint(*ip) {
-            dp.hcn_mut().add_endpoint(*ip);
+    let mut pods: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for (ip, ep) in &plan.endpoints {
+        pods.entry(ep.pod.to_string()).or_default().push(*ip);
+    }
+    for mut ips in pods.into_values() {
+        ips.retain(|ip| !dp.hcn().has_endpoint(*ip));
+        ips.sort();
+        if !ips.is_empty() {
+            dp.hcn_mut().add_endpoint_with(&ips);
         }
     }
     dp.apply(diff).map_err(|e| format!("apply: {e}"))?;
-    let gone: Vec<IpAddr> =
-        h.endpoints.iter().map(|e| e.ip).filter(|ip| !plan.endpoints.contains_key(ip)).collect();
-    for ip in gone {
-        dp.hcn_mut().remove_endpoint(ip);
+    for ip in before.endpoints.keys().filter(|ip| !plan.endpoints.contains_key(ip)) {
+        dp.hcn_mut().remove_endpoint(*ip);
     }
     let mut want_sets: Vec<Value> = h.network.policies.iter().map(value).collect();
     want_sets.sort_by_key(|v| v["Settings"]["Id"].as_str().unwrap_or_default().to_string());
@@ -131,14 +148,15 @@ fn hns_translation_matches_golden_files_and_the_plan() {
         steps: Vec<Step>,
     }
     let mut failures = Vec::new();
-    for (name, path) in scenarios().into_iter().chain(tier_scenarios()) {
+    for (name, path) in scenarios().into_iter().chain(tier_scenarios()).chain(hns_scenarios()) {
         let mut steps = Vec::new();
         // The dataplane over the HCN host model, as the agent applies each step's diff.
         let mut dp = HnsDataplane::new(HostHcn::new());
         dp.reconcile(&Plan::default()).expect("an empty reconcile");
+        let mut before = Plan::default();
         for s in plans(&path) {
             let h = hns::translate(&s.plan);
-            if let Err(e) = apply_through_the_model(&mut dp, &s.diff, &s.plan, &h) {
+            if let Err(e) = apply_through_the_model(&mut dp, &s.diff, &before, &s.plan, &h) {
                 failures.push(format!("{name}, {}: {e}", s.description));
                 break;
             }
@@ -151,10 +169,14 @@ fn hns_translation_matches_golden_files_and_the_plan() {
                 endpoints: h
                     .endpoints
                     .iter()
-                    .map(|e| (format!("{} {}", e.ip, e.pod), e.request.clone()))
+                    .map(|e| {
+                        let ips: Vec<String> = e.ips.iter().map(IpAddr::to_string).collect();
+                        (format!("{} {}", ips.join(","), e.pod), e.request.clone())
+                    })
                     .collect(),
                 unsupported: h.unsupported.clone(),
             });
+            before = s.plan;
         }
         let json =
             serde_json::to_string_pretty(&Golden { scenario: name.clone(), steps }).unwrap() + "\n";
@@ -167,14 +189,17 @@ fn hns_translation_matches_golden_files_and_the_plan() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The features HNS cannot express are reported, each once per endpoint direction.
+/// The features HNS cannot express are reported, each once per endpoint direction; IPv6 is
+/// not one of them.
 #[test]
 fn inexpressible_features_are_reported() {
     let path = manifest_dir().join("tests/golden/scenarios/ipv6-and-wide-port-ranges.yaml");
     let last = plans(&path).pop().unwrap();
     let h = hns::translate(&last.plan);
     let reasons: Vec<&str> = h.unsupported.iter().map(|u| u.reason.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.contains("IPv6")), "{reasons:?}");
+    // (An IPv6 block is expressed now: a set of its prefix, matching IPv6 peers only.)
+    assert!(!reasons.iter().any(|r| r.contains("IPv6")), "{reasons:?}");
+    assert!(h.network.policies.iter().any(|s| s.settings.values == "fd00::/8"));
     assert!(reasons.iter().any(|r| r.contains("port range")), "{reasons:?}");
     let sctp = manifest_dir().join("../tests/conformance/30-sctp-ingress.yaml");
     let h = hns::translate(&plans(&sctp).pop().unwrap().plan);

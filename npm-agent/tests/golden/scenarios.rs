@@ -5,7 +5,7 @@
 //! Included with `#[path = "golden/scenarios.rs"] mod scenarios;`.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use npm_agent::compile::{Engine, Scope};
@@ -103,15 +103,44 @@ pub fn dual_stack_scenarios() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Replays a case: the node's plan after its model, then after each step.
+/// Scenarios of the HNS golden test only (dual stack): `tests/golden/scenarios/hns/`.
+pub fn hns_scenarios() -> Vec<(String, PathBuf)> {
+    let dir = manifest_dir().join("tests/golden/scenarios/hns");
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+                .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The node's IPv6 address, in dual-stack scenarios.
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x224, 0, 0, 0, 0, 4);
+
+/// Replays a case: the node's plan after its model, then after each step. In a dual-stack
+/// model the node has an IPv6 address too.
 pub fn plans(path: &Path) -> Vec<StepPlan> {
     let c = case::load(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let mut cluster = CaseCluster::new(&c).expect("case model");
+    let dual_stack = c
+        .model
+        .as_ref()
+        .and_then(|m| m.ip_families.as_ref())
+        .is_some_and(|f| f.iter().any(|f| f == "IPv6"));
     let mut engine =
         Engine::new(Scope::Node(SIM_NODE.into())).with_layout().with_cluster_policies();
     let mut diff = engine.handle(Event::UpsertNode(Node {
         name: SIM_NODE.into(),
-        addresses: vec![IpAddr::V4(NODE_IP)],
+        addresses: if dual_stack {
+            vec![IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IPV6)]
+        } else {
+            vec![IpAddr::V4(NODE_IP)]
+        },
         ..Default::default()
     }));
     for e in cluster.initial_events() {

@@ -9,8 +9,11 @@
 //! 3. SetPolicies nothing names any longer removed (NESTEDIPSETs, then IPSETs).
 //!
 //! Sets exist before the ACLs naming them and outlive them. Endpoints are found by address
-//! (`HcnEnumerateEndpoints`, cached); a pod whose endpoint the CNI has not created yet is
-//! written on a later tick, and its ACLs are never needed before: it has no traffic.
+//! (`HcnEnumerateEndpoints`, cached, checked at each sync): the translation's entry of a pod
+//! goes to the HNS endpoint holding its addresses (a dual-stack pod's one endpoint holds
+//! both families' addresses and receives one list with the ACLs of both); what the dataplane
+//! wrote is kept by endpoint ID. A pod whose endpoint the CNI has not created yet is written
+//! on a later tick, and its ACLs are never needed before: it has no traffic.
 //! [`HnsDataplane::reconcile`] reads what HCN holds of the dataplane's (SetPolicies named
 //! `azure-npm-…`, ACLs whose `Id` starts with `azure-acl-`, as Azure NPM's), so a restart or
 //! a former Azure NPM's leftovers are taken over, and what the plan does not hold removed.
@@ -42,6 +45,17 @@ fn is_our_acl(p: &Value) -> bool {
     policy_type(p) == "ACL" && policy_id(p).starts_with(ACL_ID_PREFIX)
 }
 
+/// A Block of everything, both directions, under the dataplane's ACL `Id`.
+fn block_everything() -> Vec<Value> {
+    ["In", "Out"]
+        .iter()
+        .map(|d| {
+            serde_json::json!({"Type": "ACL", "Settings": {"Id": format!("{ACL_ID_PREFIX}-conflict"),
+                "Action": "Block", "Direction": d, "RuleType": "Switch", "Priority": 3000}})
+        })
+        .collect()
+}
+
 fn set_kind(p: &Value) -> &str {
     p["Settings"]["Type"].as_str().unwrap_or_default()
 }
@@ -52,11 +66,13 @@ pub struct HnsDataplane<H> {
     plan: Plan,
     /// The dataplane's SetPolicies in HCN, by `Id`.
     sets: BTreeMap<String, Value>,
-    /// The dataplane's ACLs on each endpoint, by the endpoint's address.
-    acls: BTreeMap<IpAddr, Vec<Value>>,
+    /// The dataplane's ACLs on each HNS endpoint, by the endpoint's ID.
+    acls: BTreeMap<String, Vec<Value>>,
     /// Endpoint IDs by address, as HCN last listed them.
     endpoints: BTreeMap<IpAddr, String>,
-    /// Endpoints of the plan HCN has no endpoint for yet.
+    /// The endpoint IDs HCN last listed.
+    listed: BTreeSet<String>,
+    /// Addresses of the plan's endpoints whose ACLs HCN has no endpoint for yet.
     missing: BTreeSet<IpAddr>,
     /// What the last translation could not express (logged when it changes).
     unsupported: Vec<Unsupported>,
@@ -76,6 +92,7 @@ impl<H: Hcn> HnsDataplane<H> {
             sets: BTreeMap::new(),
             acls: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            listed: BTreeSet::new(),
             missing: BTreeSet::new(),
             unsupported: Vec::new(),
         }
@@ -103,10 +120,12 @@ impl<H: Hcn> HnsDataplane<H> {
     fn list_endpoints(&mut self) -> Result<Vec<EndpointDoc>, HcnError> {
         let mut docs = Vec::new();
         self.endpoints.clear();
+        self.listed.clear();
         for id in self.hcn.endpoint_ids()? {
             // An endpoint deleted between the listing and the query is skipped.
             let Ok(json) = self.hcn.query_endpoint(&id) else { continue };
             let doc: EndpointDoc = parse("HcnQueryEndpointProperties", &json)?;
+            self.listed.insert(doc.id.clone());
             for ip in doc.ips() {
                 self.endpoints.insert(ip, doc.id.clone());
             }
@@ -133,40 +152,30 @@ impl<H: Hcn> HnsDataplane<H> {
     }
 
     /// Writes an endpoint's ACLs (the whole list, its other policies kept). `Ok(false)`:
-    /// HCN has no endpoint with this address. `listed`: the endpoints were listed in this sync already (a list per sync is enough:
-    /// a pod's endpoint the CNI makes later is written on a later tick).
-    fn write_acls(
-        &mut self,
-        ip: IpAddr,
-        acls: &[Value],
-        listed: &mut bool,
-    ) -> Result<bool, DataplaneError> {
-        let mut doc = None;
-        if let Some(id) = self.endpoints.get(&ip).cloned() {
-            doc = self.hcn.query_endpoint(&id).ok();
-        }
-        if doc.is_none() && !*listed {
-            *listed = true;
-            self.list_endpoints().map_err(|e| apply_error("listing endpoints", e))?;
-            if let Some(id) = self.endpoints.get(&ip).cloned() {
-                doc = Some(
-                    self.hcn
-                        .query_endpoint(&id)
-                        .map_err(|e| apply_error("reading an endpoint", e))?,
-                );
-            }
-        }
-        let Some(json) = doc else { return Ok(false) };
+    /// HCN has no endpoint with this ID (any longer).
+    fn write_acls(&mut self, id: &str, acls: &[Value]) -> Result<bool, DataplaneError> {
+        let Ok(json) = self.hcn.query_endpoint(id) else { return Ok(false) };
         let doc: EndpointDoc = parse("HcnQueryEndpointProperties", &json)
             .map_err(|e| apply_error("reading an endpoint", e))?;
         let mut policies: Vec<Value> =
             doc.policies.into_iter().filter(|p| !is_our_acl(p)).collect();
         policies.extend(acls.iter().cloned());
         let request = ModifyRequest::policies(RequestType::Update, policies).to_json();
-        self.hcn
-            .modify_endpoint(&doc.id, &request)
-            .map_err(|e| apply_error(&format!("the ACLs of endpoint {ip} ({})", doc.id), e))?;
+        let ips: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.as_str() == id)
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        self.hcn.modify_endpoint(id, &request).map_err(|e| {
+            apply_error(&format!("the ACLs of endpoint {id} ({})", ips.join(", ")), e)
+        })?;
         Ok(true)
+    }
+
+    /// The HNS endpoints holding one of these addresses, as last listed.
+    fn endpoints_of(&self, ips: &[IpAddr]) -> BTreeSet<String> {
+        ips.iter().filter_map(|ip| self.endpoints.get(ip)).cloned().collect()
     }
 
     /// Brings HCN to the plan's translation (see the module documentation).
@@ -187,18 +196,6 @@ impl<H: Hcn> HnsDataplane<H> {
                 (p.settings.id.clone(), v)
             })
             .collect();
-        let want_acls: BTreeMap<IpAddr, Vec<Value>> = want
-            .endpoints
-            .iter()
-            .map(|e| {
-                let acls = e
-                    .request
-                    .policies
-                    .iter()
-                    .map(|p| serde_json::to_value(p).expect("an ACL serializes"));
-                (e.ip, acls.collect())
-            })
-            .collect();
         let mut applied = Applied::default();
 
         // 1. Sets added and updated: IPSETs before the NESTEDIPSETs naming them.
@@ -216,31 +213,72 @@ impl<H: Hcn> HnsDataplane<H> {
             self.modify_sets(RequestType::Update, update)?;
         }
 
-        // 2. Endpoints whose ACLs differ, or that were missing.
-        let ips: BTreeSet<IpAddr> =
-            want_acls.keys().chain(self.acls.keys()).chain(self.missing.iter()).copied().collect();
-        let mut listed = false;
-        for ip in ips {
-            let wanted = want_acls.get(&ip).map(Vec::as_slice).unwrap_or_default();
-            let had = self.acls.get(&ip).map(Vec::as_slice).unwrap_or_default();
-            if wanted == had && !self.missing.contains(&ip) {
+        // 2. Endpoints whose ACLs differ. Which HNS endpoints exist is checked first, and
+        // they are listed anew when that changed (an endpoint ID is never reused: an
+        // address moves to another endpoint only with endpoints made or removed).
+        let live: BTreeSet<String> = self
+            .hcn
+            .endpoint_ids()
+            .map_err(|e| apply_error("listing endpoints", e))?
+            .into_iter()
+            .collect();
+        self.acls.retain(|id, _| live.contains(id));
+        if live != self.listed {
+            self.list_endpoints().map_err(|e| apply_error("listing endpoints", e))?;
+        }
+        let mut desired: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut missing = BTreeSet::new();
+        for e in &want.endpoints {
+            let ids = self.endpoints_of(&e.ips);
+            if ids.is_empty() {
+                missing.extend(e.ips.iter().copied());
                 continue;
             }
-            if self.write_acls(ip, wanted, &mut listed)? {
-                self.missing.remove(&ip);
-                applied.rules_added |= !wanted.is_empty();
-            } else if wanted.is_empty() {
-                // Gone from the plan and from HCN (a deleted pod): nothing to undo.
-                self.missing.remove(&ip);
-            } else {
-                self.missing.insert(ip);
-            }
-            if wanted.is_empty() || self.missing.contains(&ip) {
-                self.acls.remove(&ip);
-            } else {
-                self.acls.insert(ip, wanted.to_vec());
+            let acls: Vec<Value> = e
+                .request
+                .policies
+                .iter()
+                .map(|p| serde_json::to_value(p).expect("an ACL serializes"))
+                .collect();
+            for id in ids {
+                let held = desired.entry(id.clone()).or_insert_with(|| acls.clone());
+                if *held != acls {
+                    // Entries of different addresses on one HNS endpoint (the translation
+                    // groups a pod's addresses, and those pods claim together): refuse
+                    // everything there rather than pick one.
+                    tracing::warn!(endpoint = %id, "HNS endpoint holding addresses of different entries; blocking its traffic");
+                    *held = block_everything();
+                }
             }
         }
+        let ids: BTreeSet<String> = desired.keys().chain(self.acls.keys()).cloned().collect();
+        for id in ids {
+            let wanted = desired.get(&id).map(Vec::as_slice).unwrap_or_default();
+            let had = self.acls.get(&id).map(Vec::as_slice).unwrap_or_default();
+            if wanted == had {
+                continue;
+            }
+            if self.write_acls(&id, wanted)? {
+                applied.rules_added |= !wanted.is_empty();
+                if wanted.is_empty() {
+                    self.acls.remove(&id);
+                } else {
+                    self.acls.insert(id, wanted.to_vec());
+                }
+            } else {
+                // Gone since the listing: its entries wait for their endpoint (a tick lists).
+                self.acls.remove(&id);
+                let ips: Vec<IpAddr> =
+                    self.endpoints.iter().filter(|(_, e)| **e == id).map(|(ip, _)| *ip).collect();
+                for ip in &ips {
+                    self.endpoints.remove(ip);
+                }
+                for e in want.endpoints.iter().filter(|e| e.ips.iter().any(|ip| ips.contains(ip))) {
+                    missing.extend(e.ips.iter().copied());
+                }
+            }
+        }
+        self.missing = missing;
 
         // 3. Sets nothing names any longer: NESTEDIPSETs before the IPSETs they name.
         for kind in ["NESTEDIPSET", "IPSET"] {
@@ -263,6 +301,11 @@ impl<H: Hcn> Dataplane for HnsDataplane<H> {
 
     /// ClusterNetworkPolicy's tiers become ACL priorities (`super::tiers`).
     fn renders_tiers(&self) -> bool {
+        true
+    }
+
+    /// IPv6 endpoints, peers and blocks are written as IPv4's are (`super::translate`).
+    fn enforces_ipv6(&self) -> bool {
         true
     }
 
@@ -291,11 +334,8 @@ impl<H: Hcn> Dataplane for HnsDataplane<H> {
         self.acls.clear();
         for doc in docs {
             let ours: Vec<Value> = doc.policies.iter().filter(|p| is_our_acl(p)).cloned().collect();
-            if ours.is_empty() {
-                continue;
-            }
-            for ip in doc.ips() {
-                self.acls.insert(ip, ours.clone());
+            if !ours.is_empty() {
+                self.acls.insert(doc.id, ours);
             }
         }
         self.missing.clear();
@@ -354,5 +394,34 @@ mod tests {
         next.reconcile(&Plan::default()).unwrap();
         assert!(next.hcn().allows(ip, d, peer, crate::model::Protocol::Tcp, 80));
         assert_eq!(next.hcn().endpoint_policies(ip).len(), 1, "the NAT policy stays");
+    }
+
+    /// Addresses with different entries on one HNS endpoint (which the translation does not
+    /// expect: it groups a pod's addresses): the endpoint refuses everything.
+    #[test]
+    fn one_endpoint_holding_addresses_of_different_entries_refuses_everything() {
+        use crate::model::{Direction, ObjectKey, Protocol};
+        use crate::plan::{EndpointPlan, Profile};
+        let (a, b): (IpAddr, IpAddr) = ("10.240.0.9".parse().unwrap(), "fd00::9".parse().unwrap());
+        let mut plan = Plan::default();
+        let mut isolated = EndpointPlan::new(ObjectKey::new("x", "a"));
+        isolated.profiles = [Some(1), None];
+        plan.endpoints.insert(a, isolated);
+        let mut open = EndpointPlan::new(ObjectKey::new("x", "b"));
+        open.profiles = [None, Some(2)];
+        plan.endpoints.insert(b, open);
+        for (id, direction) in [(1, Direction::Ingress), (2, Direction::Egress)] {
+            plan.profiles
+                .insert(id, Profile { direction, isolating: true, allow: Default::default() });
+        }
+        let mut hcn = HostHcn::new();
+        hcn.add_endpoint_with(&[a, b]);
+        let mut dp = HnsDataplane::new(hcn);
+        dp.reconcile(&plan).unwrap();
+        let peer: IpAddr = "fd00::1".parse().unwrap();
+        for d in Direction::BOTH {
+            assert!(!dp.hcn().allows(b, d, peer, Protocol::Tcp, 80), "{d:?}");
+        }
+        assert_eq!(dp.hcn().endpoint_policies(a).iter().filter(|p| is_our_acl(p)).count(), 2);
     }
 }

@@ -6,9 +6,9 @@
 //! meant to send. Endpoints are created and removed by the test, as the CNI would.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -61,8 +61,10 @@ fn items(list: &str) -> impl Iterator<Item = &str> {
     list.split(',').filter(|v| !v.is_empty())
 }
 
-fn parse_net(s: &str) -> Option<Ipv4Net> {
-    s.parse::<Ipv4Net>().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+/// An address or a prefix, of either family (HNS's ACLs and IPSETs take both on dual-stack
+/// networks).
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// Whether an address-list item names a set (the dataplane's sets are `azure-npm-…`).
@@ -72,7 +74,8 @@ fn is_set_name(item: &str) -> bool {
 
 #[derive(Clone, Debug)]
 struct HostEndpoint {
-    ip: IpAddr,
+    /// One address, or one of each family (a dual-stack pod's one endpoint).
+    ips: Vec<IpAddr>,
     policies: Vec<Value>,
 }
 
@@ -94,21 +97,32 @@ impl HostHcn {
     /// Creates an endpoint with this address (as the CNI does for a new pod), with a policy
     /// of its own (an `OutBoundNAT`, which the dataplane must keep); returns its ID.
     pub fn add_endpoint(&mut self, ip: IpAddr) -> String {
+        self.add_endpoint_with(&[ip])
+    }
+
+    /// Creates an endpoint with these addresses (a dual-stack pod's: one of each family);
+    /// returns its ID.
+    pub fn add_endpoint_with(&mut self, ips: &[IpAddr]) -> String {
         self.next_endpoint += 1;
         let id = format!("ep-{:04}", self.next_endpoint);
         let nat = json!({"Type": "OutBoundNAT", "Settings": {"Exceptions": ["10.0.0.0/8"]}});
-        self.endpoints.insert(id.clone(), HostEndpoint { ip, policies: vec![nat] });
+        self.endpoints.insert(id.clone(), HostEndpoint { ips: ips.to_vec(), policies: vec![nat] });
         id
     }
 
-    /// Removes the endpoint with this address (a pod deleted).
+    /// Removes the endpoint with this ID.
+    pub fn remove_endpoint_id(&mut self, id: &str) {
+        self.endpoints.remove(id);
+    }
+
+    /// Removes the endpoints with this address (a pod deleted).
     pub fn remove_endpoint(&mut self, ip: IpAddr) {
-        self.endpoints.retain(|_, e| e.ip != ip);
+        self.endpoints.retain(|_, e| !e.ips.contains(&ip));
     }
 
     /// Whether an endpoint has this address.
     pub fn has_endpoint(&self, ip: IpAddr) -> bool {
-        self.endpoints.values().any(|e| e.ip == ip)
+        self.endpoints.values().any(|e| e.ips.contains(&ip))
     }
 
     /// The network's SetPolicies, as documents, by `Id`.
@@ -123,11 +137,15 @@ impl HostHcn {
 
     /// The policies of the endpoint with this address (empty if there is none).
     pub fn endpoint_policies(&self, ip: IpAddr) -> Vec<Value> {
-        self.endpoints.values().find(|e| e.ip == ip).map(|e| e.policies.clone()).unwrap_or_default()
+        self.endpoints
+            .values()
+            .find(|e| e.ips.contains(&ip))
+            .map(|e| e.policies.clone())
+            .unwrap_or_default()
     }
 
     /// The addresses a set holds, nested sets resolved.
-    fn set_nets(&self, id: &str, depth: u8) -> Vec<Ipv4Net> {
+    fn set_nets(&self, id: &str, depth: u8) -> Vec<IpNet> {
         let Some(s) = self.sets.get(id) else { return Vec::new() };
         match s.kind.as_str() {
             "NESTEDIPSET" if depth < 4 => {
@@ -138,7 +156,7 @@ impl HostHcn {
         }
     }
 
-    fn list_matches(&self, list: &str, peer: Ipv4Addr) -> bool {
+    fn list_matches(&self, list: &str, peer: IpAddr) -> bool {
         let mut any = false;
         for item in items(list) {
             any = true;
@@ -154,7 +172,7 @@ impl HostHcn {
         !any
     }
 
-    fn acl_matches(&self, a: &Acl, peer: Ipv4Addr, protocol: Protocol, port: u16) -> bool {
+    fn acl_matches(&self, a: &Acl, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
         if !a.protocols.is_empty()
             && !items(&a.protocols).any(|p| p == protocol.number().to_string())
         {
@@ -177,12 +195,14 @@ impl HostHcn {
         &self,
         endpoint: IpAddr,
         direction: Direction,
-        peer: Ipv4Addr,
+        peer: IpAddr,
         protocol: Protocol,
         port: u16,
     ) -> bool {
         let dir = if direction == Direction::Ingress { "In" } else { "Out" };
-        let Some(e) = self.endpoints.values().find(|e| e.ip == endpoint) else { return true };
+        let Some(e) = self.endpoints.values().find(|e| e.ips.contains(&endpoint)) else {
+            return true;
+        };
         let mut acls: Vec<Acl> = e
             .policies
             .iter()
@@ -222,7 +242,7 @@ impl HostHcn {
         match s.kind.as_str() {
             "IPSET" => {
                 if let Some(bad) = s.members().find(|m| parse_net(m).is_none()) {
-                    return Err(format!("set {}: {bad:?} is not an IPv4 address or prefix", s.id));
+                    return Err(format!("set {}: {bad:?} is not an address or prefix", s.id));
                 }
             }
             "NESTEDIPSET" => {
@@ -334,9 +354,14 @@ impl Hcn for HostHcn {
             .endpoints
             .get(id)
             .ok_or_else(|| HcnError::new("HcnOpenEndpoint", format!("no endpoint {id}")))?;
+        let configs: Vec<Value> = e
+            .ips
+            .iter()
+            .map(|ip| json!({"IpAddress": ip.to_string(), "PrefixLength": if ip.is_ipv4() { 16 } else { 64 }}))
+            .collect();
         Ok(json!({
             "ID": id,
-            "IpConfigurations": [{"IpAddress": e.ip.to_string(), "PrefixLength": 16}],
+            "IpConfigurations": configs,
             "Policies": e.policies,
         })
         .to_string())
@@ -401,7 +426,7 @@ mod tests {
         assert!(h.modify_network(&remove("azure-npm-1")).is_err(), "a nested set names it");
         assert!(h.modify_network(&remove("azure-npm-2")).is_err(), "an ACL names it");
         // Evaluated as HNS does: the allow on 80 from the nested set's members, else the block.
-        let peer = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let peer = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(h.allows(ip, Direction::Ingress, peer("10.1.2.3"), Protocol::Tcp, 80));
         assert!(!h.allows(ip, Direction::Ingress, peer("10.1.2.3"), Protocol::Tcp, 81));
         assert!(!h.allows(ip, Direction::Ingress, peer("10.2.0.1"), Protocol::Tcp, 80));
@@ -414,5 +439,39 @@ mod tests {
         );
         assert!(h.modify_network(&bad).is_err());
         assert_eq!(h.set_policies(), before);
+    }
+
+    #[test]
+    fn a_dual_stack_endpoint_evaluates_each_family_by_its_addresses() {
+        let mut h = HostHcn::new();
+        let (v4, v6): (IpAddr, IpAddr) = ("10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap());
+        let ep = h.add_endpoint_with(&[v4, v6]);
+        assert!(h.has_endpoint(v4) && h.has_endpoint(v6));
+        let doc: super::super::hcn::EndpointDoc =
+            serde_json::from_str(&h.query_endpoint(&ep).unwrap()).unwrap();
+        assert_eq!(doc.ips(), vec![v4, v6]);
+        let sets = vec![
+            set("azure-npm-1", "IPSET", "10.0.0.7,fd00::7"),
+            set("azure-npm-2", "IPSET", "0.0.0.0/1,128.0.0.0/1"),
+            set("azure-npm-3", "IPSET", "fd00::/120"),
+        ];
+        h.modify_network(&change(RequestType::Add, sets)).unwrap();
+        let acl = |sets: &str, priority: u16| {
+            json!({"Type": "ACL", "Settings": {"Id": "azure-acl-a", "Action": "Allow", "Direction": "In",
+                   "Priority": priority, "LocalAddresses": sets, "RuleType": "Switch"}})
+        };
+        let block = json!({"Type": "ACL", "Settings": {"Id": "azure-acl-a", "Action": "Block", "Direction": "In", "Priority": 3000}});
+        let acls = vec![acl("azure-npm-1", 222), acl("azure-npm-2", 223), block];
+        h.modify_endpoint(&ep, &change(RequestType::Update, acls)).unwrap();
+        let peer = |s: &str| s.parse::<IpAddr>().unwrap();
+        let allows = |p: &str| h.allows(v6, Direction::Ingress, peer(p), Protocol::Tcp, 80);
+        assert!(allows("fd00::7"), "a set holds both families");
+        assert!(allows("10.0.0.7"));
+        assert!(allows("8.8.8.8"), "every IPv4 address");
+        assert!(!allows("fd00::8"), "which is no IPv6 address");
+        assert!(!allows("::ffff:8.8.8.8"));
+        assert!(!allows("2001:db8::1"));
+        let bad = set("azure-npm-4", "IPSET", "fd00::/129");
+        assert!(h.modify_network(&change(RequestType::Add, vec![bad])).is_err());
     }
 }

@@ -14,19 +14,21 @@
 //!   exact prefixes) and a Block of everything else; elsewhere the Baseline entries (`Deny`
 //!   a Block, `Accept` and `Pass` an Allow) and nothing after (HNS allows).
 //!
-//! What HNS cannot match (SCTP, IPv6) is never widened: an Allow is left out, a Block is
+//! Blocks match their own family only (see `translate::block`). What HNS cannot match
+//! (SCTP) is never widened: an Allow is left out, a Block is
 //! written for the peer on every protocol; both reported. Port ranges wider than an ACL's
 //! list are split over several ACLs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::translate::{
-    Acl, MAX_EXPANDED_PORTS, PRIORITY_NODE, Sets, protocol_number, subtract, v4_block,
+    Acl, MAX_EXPANDED_PORTS, PRIORITY_NODE, Sets, block, protocol_number, subtract,
 };
 use crate::dataplane::azure::fnv1a64;
+use crate::model::IpFamily;
 use crate::model::cluster_policy::Action;
 use crate::plan::{
     Allow, DirectionPlan, IdentityId, PeerMatch, PeerSet, PortMatch, SetId, Verdict,
@@ -51,9 +53,9 @@ enum Who {
     /// The pods of these identities.
     Ids(BTreeSet<IdentityId>),
     /// The addresses in these prefixes.
-    Nets(Vec<Ipv4Net>),
+    Nets(Vec<IpNet>),
     /// These pod addresses.
-    Addrs(BTreeSet<Ipv4Addr>),
+    Addrs(BTreeSet<IpAddr>),
 }
 
 impl Who {
@@ -70,14 +72,16 @@ impl Who {
 /// What the translation reads besides the entries.
 pub(super) struct Context<'a> {
     pub peer_sets: &'a HashMap<SetId, PeerSet>,
-    pub members: &'a BTreeMap<IdentityId, Vec<Ipv4Addr>>,
-    pub identity_of: &'a HashMap<Ipv4Addr, IdentityId>,
+    /// Each identity's pod addresses, of both families.
+    pub members: &'a BTreeMap<IdentityId, Vec<IpAddr>>,
+    pub identity_of: &'a HashMap<IpAddr, IdentityId>,
+    /// The family of the endpoint's addresses, when it has one family only.
+    pub family: Option<IpFamily>,
 }
 
 impl Context<'_> {
-    /// `None`: an IPv6 block (HNS here is IPv4 only).
-    fn who(&self, peer: &PeerMatch) -> Option<Who> {
-        Some(match peer {
+    fn who(&self, peer: &PeerMatch) -> Who {
+        match peer {
             PeerMatch::Any => Who::Any,
             PeerMatch::Identity(id) => Who::Ids([*id].into()),
             PeerMatch::Set(s) => Who::Ids(
@@ -86,20 +90,20 @@ impl Context<'_> {
                     .map(|s| s.members.iter().copied().collect())
                     .unwrap_or_default(),
             ),
-            PeerMatch::Cidr(b) => match v4_block(b)? {
+            PeerMatch::Cidr(b) => match block(b, self.family) {
                 None => Who::Any,
                 Some((net, except)) => Who::Nets(subtract(net, &except)),
             },
-        })
+        }
     }
 
-    fn addresses(&self, ids: &BTreeSet<IdentityId>) -> impl Iterator<Item = Ipv4Addr> {
+    fn addresses(&self, ids: &BTreeSet<IdentityId>) -> impl Iterator<Item = IpAddr> {
         ids.iter().flat_map(|id| self.members.get(id).into_iter().flatten().copied())
     }
 
     /// Whom both match.
     fn meet(&self, a: &Who, b: &Who) -> Who {
-        let in_nets = |ip: &Ipv4Addr, n: &[Ipv4Net]| n.iter().any(|n| n.contains(ip));
+        let in_nets = |ip: &IpAddr, n: &[IpNet]| n.iter().any(|n| n.contains(ip));
         match (a, b) {
             (Who::Any, x) | (x, Who::Any) => x.clone(),
             (Who::Ids(a), Who::Ids(b)) => Who::Ids(a.intersection(b).copied().collect()),
@@ -113,7 +117,7 @@ impl Context<'_> {
                     .collect(),
             ),
             (Who::Nets(a), Who::Nets(b)) => {
-                let mut out: Vec<Ipv4Net> = Vec::new();
+                let mut out: Vec<IpNet> = Vec::new();
                 for x in a {
                     for y in b {
                         if x.contains(y) {
@@ -216,13 +220,13 @@ impl Writer<'_, '_> {
                 vec![self.sets.add(name, "NESTEDIPSET", names)]
             }
             Who::Nets(nets) => {
-                let list: Vec<String> = nets.iter().map(Ipv4Net::to_string).collect();
+                let list: Vec<String> = nets.iter().map(IpNet::to_string).collect();
                 let name = format!("nets-{}-{:016x}", list.len(), fnv1a64(&list.join(",")));
                 vec![self.sets.nets(name, nets)]
             }
             Who::Addrs(addrs) => {
-                let nets: Vec<Ipv4Net> = addrs.iter().map(|a| Ipv4Net::from(*a)).collect();
-                let list: Vec<String> = nets.iter().map(Ipv4Net::to_string).collect();
+                let nets: Vec<IpNet> = addrs.iter().map(|a| IpNet::from(*a)).collect();
+                let list: Vec<String> = nets.iter().map(IpNet::to_string).collect();
                 let name = format!("addresses-{}-{:016x}", list.len(), fnv1a64(&list.join(",")));
                 vec![self.sets.nets(name, &nets)]
             }
@@ -277,22 +281,13 @@ pub(super) fn tiered_acls(
 ) -> (Vec<Acl>, Vec<(String, String)>) {
     let mut entries: Vec<&Allow> = dp.allow.iter().collect();
     entries.sort_by(|a, b| (a.verdict.precedence(), *a).cmp(&(b.verdict.precedence(), *b)));
-    let who = |a: &Allow| ctx.who(&a.peer);
-    let mut narrowed = Vec::new();
-    let mut resolve = |tier: fn(&Verdict) -> bool| -> Vec<(Who, PortMatch, Action, String)> {
+    let resolve = |tier: fn(&Verdict) -> bool| -> Vec<(Who, PortMatch, Action, String)> {
         entries
             .iter()
             .filter(|a| tier(&a.verdict))
-            .filter_map(|a| {
+            .map(|a| {
                 let action = a.verdict.precedence().map_or(Action::Accept, |p| p.action);
-                match who(a) {
-                    Some(w) => Some((w, a.ports, action, a.to_string())),
-                    None => {
-                        // (An IPv6 block matches no IPv4 peer: nothing to write.)
-                        narrowed.push((a.to_string(), "IPv6 addresses: left out".into()));
-                        None
-                    }
-                }
+                (ctx.who(&a.peer), a.ports, action, a.to_string())
             })
             .collect()
     };
@@ -305,7 +300,7 @@ pub(super) fn tiered_acls(
         acls: Vec::new(),
         next: PRIORITY_ADMIN_FIRST.into(),
         last: PRIORITY_ADMIN_LAST.into(),
-        narrowed,
+        narrowed: Vec::new(),
         full: false,
     };
     if !node_ips.is_empty() {

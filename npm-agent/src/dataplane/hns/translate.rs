@@ -2,16 +2,16 @@
 //! dataplane sends it: SetPolicies on the network (`IPSET`, `NESTEDIPSET`) and ACL policies
 //! on each endpoint. Pure: the JSON is built here and only sent on Windows.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::Serialize;
 
 use super::tiers;
 use crate::dataplane::azure::{fnv1a64, hashed_set_name};
-use crate::model::{CidrBlock, Direction, Protocol};
-use crate::plan::{DirectionPlan, IdentityId, PeerMatch, PeerSet, Plan, PortMatch, SetId};
+use crate::model::{CidrBlock, Direction, IpFamily, ObjectKey, Protocol};
+use crate::plan::{DirectionPlan, EndpointPlan, IdentityId, PeerMatch, Plan, PortMatch};
 
 /// Azure NPM's ACL priorities (lower runs first): its readiness-probe allow from the node
 /// (201), its allow rules (222) and its default block (3000).
@@ -80,7 +80,11 @@ pub struct PolicyRequest<T> {
 /// An endpoint's ACLs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointAcls {
+    /// The first of `ips`.
     pub ip: IpAddr,
+    /// The addresses of the plan's endpoints these ACLs enforce: an HNS endpoint holding any
+    /// of them receives them (a pod's one endpoint holds both of its families).
+    pub ips: Vec<IpAddr>,
     pub pod: String,
     /// What `ModifyEndpointSettings` receives (request type Update: the whole list).
     pub request: PolicyRequest<AclPolicySetting>,
@@ -155,21 +159,29 @@ fn ports_overlap(a: &PortMatch, b: &PortMatch) -> bool {
     (pa.is_none() || pb.is_none() || pa == pb) && fa <= lb && fb <= la
 }
 
-/// An IPv4 block as (cidr, excepts): `None` for an IPv6 block, `Some(None)` for every
-/// address (0.0.0.0/0 without excepts).
-#[allow(clippy::option_option)]
-pub(super) fn v4_block(b: &CidrBlock) -> Option<Option<(Ipv4Net, Vec<Ipv4Net>)>> {
-    let IpNet::V4(net) = b.net else { return None };
-    let ex: Vec<Ipv4Net> = b
+/// A block as (cidr, excepts of its family), or `None` when it is every address of its
+/// family and the endpoint has addresses of that family only (`family`): an ACL naming no
+/// address then matches exactly what the block does. An IPv4 block never matches IPv6
+/// traffic, nor the reverse: a block of the other family, or `0.0.0.0/0` on a dual-stack
+/// endpoint, is written as its prefixes.
+pub(super) fn block(b: &CidrBlock, family: Option<IpFamily>) -> Option<(IpNet, Vec<IpNet>)> {
+    let ex: Vec<IpNet> = b
         .except
         .iter()
-        .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None })
+        .filter(|e| e.network().is_ipv4() == b.net.network().is_ipv4())
+        .copied()
         .collect();
-    Some((!ex.is_empty() || net.prefix_len() != 0).then_some((net, ex)))
+    let every = ex.is_empty() && b.net.prefix_len() == 0 && family == Some(net_family(&b.net));
+    (!every).then_some((b.net, ex))
 }
 
-/// `net` without the `except` prefixes, as the fewest prefixes (at most 32 per except).
-pub fn subtract(net: Ipv4Net, except: &[Ipv4Net]) -> Vec<Ipv4Net> {
+pub(super) fn net_family(n: &IpNet) -> IpFamily {
+    IpFamily::of(&n.network())
+}
+
+/// `net` without the `except` prefixes (of its family), as the fewest prefixes (at most 32
+/// per IPv4 except, 128 per IPv6 one).
+pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
     if except.iter().any(|e| e.contains(&net)) {
         return Vec::new();
     }
@@ -183,7 +195,7 @@ pub fn subtract(net: Ipv4Net, except: &[Ipv4Net]) -> Vec<Ipv4Net> {
 }
 
 /// Whether `x ∩ (a \ a_except)` holds an address.
-fn meets(x: Ipv4Net, a: Ipv4Net, a_except: &[Ipv4Net]) -> bool {
+fn meets(x: IpNet, a: IpNet, a_except: &[IpNet]) -> bool {
     let inter = if a.contains(&x) {
         x
     } else if x.contains(&a) {
@@ -192,6 +204,15 @@ fn meets(x: Ipv4Net, a: Ipv4Net, a_except: &[Ipv4Net]) -> bool {
         return false;
     };
     !subtract(inter, a_except).is_empty()
+}
+
+/// A prefix as a set holds it: every address of a family (`/0`) as its two halves, so that
+/// a set's entries are never mistaken for "any" (nor one family's for the other's).
+fn spell(n: &IpNet) -> Vec<String> {
+    match n.subnets(1) {
+        Ok(halves) if n.prefix_len() == 0 => halves.map(|h| h.to_string()).collect(),
+        _ => vec![n.to_string()],
+    }
 }
 
 #[derive(Default)]
@@ -214,7 +235,7 @@ impl Sets {
 
     pub(super) fn identity(
         &mut self,
-        plan_members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
+        plan_members: &BTreeMap<IdentityId, Vec<IpAddr>>,
         id: IdentityId,
     ) -> String {
         let members = plan_members
@@ -224,12 +245,12 @@ impl Sets {
         self.add(format!("identity-{id}"), "IPSET", members)
     }
 
-    pub(super) fn nets(&mut self, readable: String, nets: &[Ipv4Net]) -> String {
-        self.add(readable, "IPSET", nets.iter().map(|n| n.to_string()).collect())
+    pub(super) fn nets(&mut self, readable: String, nets: &[IpNet]) -> String {
+        self.add(readable, "IPSET", nets.iter().flat_map(spell).collect())
     }
 }
 
-fn block_name(net: Ipv4Net, except: &[Ipv4Net]) -> String {
+fn block_name(net: IpNet, except: &[IpNet]) -> String {
     let mut s = format!("cidr-{net}");
     if !except.is_empty() {
         let list: Vec<String> = except.iter().map(|e| e.to_string()).collect();
@@ -273,31 +294,30 @@ impl Acl {
     }
 }
 
-/// The ACLs of one endpoint direction.
-#[allow(clippy::too_many_arguments)]
+/// The ACLs of one endpoint direction; what they cannot express is reported for each of
+/// `endpoints` (the names of the plan's endpoints an HNS endpoint holds).
 fn direction_acls(
     d: Direction,
     dp: DirectionPlan,
-    peer_sets: &HashMap<SetId, PeerSet>,
+    ctx: &tiers::Context,
     node_ips: &[String],
-    members: &BTreeMap<IdentityId, Vec<Ipv4Addr>>,
     sets: &mut Sets,
-    endpoint: &str,
+    endpoints: &[String],
     unsupported: &mut Vec<Unsupported>,
-    identity_of: &HashMap<Ipv4Addr, IdentityId>,
 ) -> Vec<Acl> {
     let mut acls = Vec::new();
     let mut report = |entry: String, reason: String| {
-        unsupported.push(Unsupported {
-            endpoint: endpoint.into(),
-            direction: hcn_direction(d).into(),
-            entry,
-            reason,
-        });
+        for endpoint in endpoints {
+            unsupported.push(Unsupported {
+                endpoint: endpoint.clone(),
+                direction: hcn_direction(d).into(),
+                entry: entry.clone(),
+                reason: reason.clone(),
+            });
+        }
     };
     if tiers::is_tiered(&dp) {
-        let ctx = tiers::Context { peer_sets, members, identity_of };
-        let (acls, narrowed) = tiers::tiered_acls(&dp, &ctx, node_ips, sets);
+        let (acls, narrowed) = tiers::tiered_acls(&dp, ctx, node_ips, sets);
         for (entry, reason) in narrowed {
             report(entry, reason);
         }
@@ -320,7 +340,7 @@ fn direction_acls(
     struct Peers {
         any: bool,
         ids: BTreeSet<IdentityId>,
-        blocks: BTreeSet<(Ipv4Net, Vec<Ipv4Net>)>,
+        blocks: BTreeSet<(IpNet, Vec<IpNet>)>,
     }
     let mut by_port: BTreeMap<PortMatch, Peers> = BTreeMap::new();
     let mut allows: Vec<_> = dp.allow.iter().collect();
@@ -337,23 +357,19 @@ fn direction_acls(
                 p.ids.insert(*id);
             }
             // A whole-plan translation: a peer set is its members.
-            PeerMatch::Set(s) => {
-                p.ids.extend(peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied()))
-            }
-            PeerMatch::Cidr(b) => match v4_block(b) {
-                Some(None) => p.any = true,
-                Some(Some(block)) => {
+            PeerMatch::Set(s) => p
+                .ids
+                .extend(ctx.peer_sets.get(s).into_iter().flat_map(|s| s.members.iter().copied())),
+            PeerMatch::Cidr(b) => match block(b, ctx.family) {
+                None => p.any = true,
+                Some(block) => {
                     p.blocks.insert(block);
                 }
-                None => report(
-                    a.to_string(),
-                    "IPv6 addresses: HNS ACLs here are IPv4 only (as Azure NPM's)".into(),
-                ),
             },
         }
     }
     // Which except blocks can be a block ACL: one that would hide no other except-allow.
-    let excepts: Vec<(PortMatch, Ipv4Net, Vec<Ipv4Net>)> = by_port
+    let excepts: Vec<(PortMatch, IpNet, Vec<IpNet>)> = by_port
         .iter()
         .flat_map(|(pm, p)| {
             p.blocks.iter().filter(|(_, e)| !e.is_empty()).map(|(n, e)| (*pm, *n, e.clone()))
@@ -396,7 +412,8 @@ fn direction_acls(
             continue;
         }
         if !peers.ids.is_empty() {
-            let ids: Vec<String> = peers.ids.iter().map(|id| sets.identity(members, *id)).collect();
+            let ids: Vec<String> =
+                peers.ids.iter().map(|id| sets.identity(ctx.members, *id)).collect();
             let set = if ids.len() == 1 {
                 ids[0].clone()
             } else {
@@ -423,7 +440,7 @@ fn direction_acls(
                     // The except as a higher-priority block, then the cidr.
                     let x = sets.nets(format!("{}-excepts", block_name(*net, except)), except);
                     acls.push(acl(PRIORITY_EXCEPT_BLOCK, "Block", vec![x]));
-                    if net.prefix_len() == 0 {
+                    if net.prefix_len() == 0 && ctx.family == Some(net_family(net)) {
                         acls.push(acl(PRIORITY_EXCEPT_ALLOW, "Allow", vec![]));
                     } else {
                         let s = sets.nets(block_name(*net, &[]), &[*net]);
@@ -450,55 +467,88 @@ fn direction_acls(
     acls
 }
 
+/// The plan's endpoints one HNS endpoint holds: on Windows a pod has one HNS endpoint with
+/// all its addresses (dual stack: one of each family), so the plan's endpoints of a pod are
+/// written as one ACL list. An address several pods claim joins their groups (whichever of
+/// their HNS endpoints holds it, the ACLs there are the group's). Returns each group's
+/// addresses, in order.
+fn endpoint_groups(plan: &Plan) -> Vec<Vec<IpAddr>> {
+    fn root(parent: &BTreeMap<ObjectKey, ObjectKey>, k: &ObjectKey) -> ObjectKey {
+        let mut r = k.clone();
+        while let Some(p) = parent.get(&r) {
+            r = p.clone();
+        }
+        r
+    }
+    // (Each pod points to a smaller one of its group, or to none: its group's root.)
+    let mut parent: BTreeMap<ObjectKey, ObjectKey> = BTreeMap::new();
+    for (ip, ep) in &plan.endpoints {
+        for c in plan.conflicts.get(ip).into_iter().flat_map(|c| &c.claimants) {
+            let (x, y) = (root(&parent, &ep.pod), root(&parent, c));
+            if x != y {
+                parent.insert(x.clone().max(y.clone()), x.min(y));
+            }
+        }
+    }
+    let mut groups: BTreeMap<ObjectKey, Vec<IpAddr>> = BTreeMap::new();
+    for (ip, ep) in &plan.endpoints {
+        groups.entry(root(&parent, &ep.pod)).or_default().push(*ip);
+    }
+    let mut v: Vec<Vec<IpAddr>> = groups.into_values().collect();
+    for g in &mut v {
+        g.sort();
+    }
+    v.sort();
+    v
+}
+
 /// Translates a plan into what HNS would receive.
 pub fn translate(plan: &Plan) -> HnsPolicies {
-    let mut members: BTreeMap<IdentityId, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut members: BTreeMap<IdentityId, Vec<IpAddr>> = BTreeMap::new();
     for (ip, id) in &plan.identities {
-        if let IpAddr::V4(v) = ip {
-            members.entry(*id).or_default().push(*v);
-        }
+        members.entry(*id).or_default().push(*ip);
     }
     for m in members.values_mut() {
         m.sort();
     }
-    let identity_of: HashMap<Ipv4Addr, IdentityId> = plan
-        .identities
-        .iter()
-        .filter_map(|(ip, id)| if let IpAddr::V4(v) = ip { Some((*v, *id)) } else { None })
-        .collect();
-    let node_ips: Vec<String> =
-        plan.node_ips.iter().filter(|ip| ip.is_ipv4()).map(|ip| ip.to_string()).collect();
+    let identity_of = &plan.identities;
+    let node_ips: Vec<String> = plan.node_ips.iter().map(|ip| ip.to_string()).collect();
     let mut sets = Sets::default();
     let mut unsupported = Vec::new();
-    let mut eps: Vec<_> = plan.endpoints.iter().collect();
-    eps.sort_by_key(|(ip, _)| **ip);
     let mut endpoints = Vec::new();
-    for (ip, ep) in eps {
-        let name = format!("{} {}", ip, ep.pod);
-        if ip.is_ipv6() {
-            if ep.profiles.iter().any(Option::is_some) {
-                unsupported.push(Unsupported {
-                    endpoint: name,
-                    direction: "In/Out".into(),
-                    entry: "endpoint".into(),
-                    reason: "IPv6 endpoint".into(),
-                });
-            }
-            continue;
-        }
+    for ips in endpoint_groups(plan) {
+        let eps: Vec<&EndpointPlan> = ips.iter().map(|ip| &plan.endpoints[ip]).collect();
+        let names: Vec<String> =
+            ips.iter().zip(&eps).map(|(ip, ep)| format!("{ip} {}", ep.pod)).collect();
+        let family = IpFamily::of(&ips[0]);
+        let family = ips.iter().all(|ip| IpFamily::of(ip) == family).then_some(family);
+        let ctx = tiers::Context { peer_sets: &plan.sets, members: &members, identity_of, family };
+        let ep = eps[0];
         let mut policies = Vec::new();
         for d in Direction::BOTH {
-            let acls = direction_acls(
-                d,
-                plan.direction(ep, d),
-                &plan.sets,
-                &node_ips,
-                &members,
-                &mut sets,
-                &name,
-                &mut unsupported,
-                &identity_of,
-            );
+            let dp = plan.direction(ep, d);
+            let same = eps.iter().all(|e| {
+                let o = plan.direction(e, d);
+                (o.isolated, o.selected, o.allow) == (dp.isolated, dp.selected, dp.allow)
+            });
+            let acls = if same {
+                direction_acls(d, dp, &ctx, &node_ips, &mut sets, &names, &mut unsupported)
+            } else {
+                // One HNS endpoint, addresses the plan treats differently (an address several
+                // pods claim): one ACL list cannot tell them apart; only the node is admitted.
+                for name in &names {
+                    unsupported.push(Unsupported {
+                        endpoint: name.clone(),
+                        direction: hcn_direction(d).into(),
+                        entry: format!("the entries of {}", names.join(", ")),
+                        reason: "addresses of one HNS endpoint with different entries: one ACL list cannot tell them apart; only the node is admitted".into(),
+                    });
+                }
+                let mut node = Acl::new("Allow", PRIORITY_NODE, Vec::new(), "", "");
+                node.direct = node_ips.clone();
+                let block = Acl::new("Block", PRIORITY_DEFAULT_BLOCK, Vec::new(), "", "");
+                if node_ips.is_empty() { vec![block] } else { vec![node, block] }
+            };
             if acls.is_empty() {
                 continue;
             }
@@ -554,9 +604,11 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
             }
         }
         if !policies.is_empty() {
+            let pods: BTreeSet<String> = eps.iter().map(|e| e.pod.to_string()).collect();
             endpoints.push(EndpointAcls {
-                ip: *ip,
-                pod: ep.pod.to_string(),
+                ip: ips[0],
+                ips: ips.clone(),
+                pod: pods.into_iter().collect::<Vec<_>>().join(","),
                 request: PolicyRequest { policies },
             });
         }
@@ -581,7 +633,11 @@ pub fn translate(plan: &Plan) -> HnsPolicies {
 mod tests {
     use super::*;
 
-    fn n(s: &str) -> Ipv4Net {
+    fn n(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -591,8 +647,51 @@ mod tests {
         assert_eq!(subtract(n("10.0.0.0/24"), &[n("10.0.0.0/24")]), vec![]);
         let r = subtract(n("0.0.0.0/0"), &[n("10.0.0.0/8")]);
         assert_eq!(r.len(), 8);
-        assert!(r.iter().all(|p| !p.contains(&"10.1.2.3".parse::<Ipv4Addr>().unwrap())));
-        assert!(r.iter().any(|p| p.contains(&"11.0.0.1".parse::<Ipv4Addr>().unwrap())));
+        assert!(r.iter().all(|p| !p.contains(&ip("10.1.2.3"))));
+        assert!(r.iter().any(|p| p.contains(&ip("11.0.0.1"))));
+    }
+
+    #[test]
+    fn ipv6_subtraction_is_exact_small_and_keeps_to_its_family() {
+        assert_eq!(subtract(n("fd00::/120"), &[n("fd00::/121")]), vec![n("fd00::80/121")]);
+        assert_eq!(subtract(n("fd00::/64"), &[n("fd00::/64")]), vec![]);
+        // A /128 out of ::/0: one prefix per bit, 128 of them, none holding it.
+        let r = subtract(n("::/0"), &[n("fd00::1/128")]);
+        assert_eq!(r.len(), 128);
+        assert!(r.iter().all(|p| !p.contains(&ip("fd00::1"))));
+        for a in ["fd00::", "fd00::2", "::1", "2001:db8::1", "ffff::"] {
+            assert!(r.iter().any(|p| p.contains(&ip(a))), "{a}");
+        }
+        // Prefixes, pairwise disjoint, covering the rest exactly.
+        let r = subtract(n("fd00::/8"), &[n("fd00::/16"), n("fd12:3400::/24"), n("fe00::/8")]);
+        for (i, x) in r.iter().enumerate() {
+            assert!(n("fd00::/8").contains(x));
+            assert!(!n("fd00::/16").contains(x) && !x.contains(&n("fd00::/16")));
+            assert!(r[i + 1..].iter().all(|y| !x.contains(y) && !y.contains(x)), "{r:?}");
+        }
+        assert!(r.iter().all(|p| !p.contains(&ip("fd12:34ff::1"))));
+        assert!(r.iter().any(|p| p.contains(&ip("fd12:3300::1"))));
+        assert!(r.iter().any(|p| p.contains(&ip("fdff::1"))));
+        // An except of the other family takes nothing away, in either direction.
+        assert_eq!(subtract(n("fd00::/8"), &[n("0.0.0.0/0")]), vec![n("fd00::/8")]);
+        assert_eq!(subtract(n("10.0.0.0/8"), &[n("::/0")]), vec![n("10.0.0.0/8")]);
+    }
+
+    #[test]
+    fn blocks_keep_to_their_family() {
+        let every_v4 = CidrBlock::new(n("0.0.0.0/0"), []);
+        let every_v6 = CidrBlock::new(n("::/0"), []);
+        // "Every address" is an ACL with no address only where the endpoint has that family
+        // only; elsewhere the prefix, spelled as its halves.
+        assert_eq!(block(&every_v4, Some(IpFamily::V4)), None);
+        assert_eq!(block(&every_v4, None), Some((n("0.0.0.0/0"), vec![])));
+        assert_eq!(block(&every_v6, Some(IpFamily::V4)), Some((n("::/0"), vec![])));
+        assert_eq!(block(&every_v6, Some(IpFamily::V6)), None);
+        assert_eq!(spell(&n("::/0")), ["::/1", "8000::/1"]);
+        assert_eq!(spell(&n("0.0.0.0/0")), ["0.0.0.0/1", "128.0.0.0/1"]);
+        assert_eq!(spell(&n("fd00::/8")), ["fd00::/8"]);
+        let b = CidrBlock::new(n("fd00::/8"), [n("fd00::/16")]);
+        assert_eq!(block(&b, Some(IpFamily::V6)), Some((n("fd00::/8"), vec![n("fd00::/16")])));
     }
 
     #[test]
