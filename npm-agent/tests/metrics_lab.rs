@@ -734,10 +734,17 @@ fn lab_iptables_metrics() {
     };
     let mut rules = 0;
     let mut saved = String::new();
-    for program in ["iptables-nft-save", "iptables-legacy-save"] {
-        let text = output(program, &["-t", "filter"]);
+    for (save, save6) in [
+        ("iptables-nft-save", "ip6tables-nft-save"),
+        ("iptables-legacy-save", "ip6tables-legacy-save"),
+    ] {
+        let text = output(save, &["-t", "filter"]);
         if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) {
-            rules = text.lines().filter(|l| l.starts_with("-A AZURE-NPM")).count();
+            // (Both families' rules: the IPv6 layout is in ip6tables.)
+            let v6 = output(save6, &["-t", "filter"]);
+            assert!(v6.lines().any(|l| l.starts_with(":AZURE-NPM ")), "ip6tables:\n{v6}");
+            let count = |t: &str| t.lines().filter(|l| l.starts_with("-A AZURE-NPM")).count();
+            rules = count(&text) + count(&v6);
             saved = text;
         }
     }
