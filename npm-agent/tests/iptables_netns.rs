@@ -129,6 +129,11 @@ fn assert_family_matches(
 ) {
     let t = dp.translator_of(f);
     let k = ns.state_of(backend, f);
+    if f == Family::V6 && !dp.ipv6_active() {
+        // (No IPv6 address in the layout: ip6tables holds nothing of it.)
+        assert!(k.is_empty(), "{what}: an IPv6 layout without IPv6: {k:?}");
+        return;
+    }
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
@@ -199,6 +204,36 @@ fn ipv6_rules_and_sets_are_spelled_as_the_kernel_prints_them() {
             assert!(k.chains.keys().any(|c| c.starts_with("AZURE-NPM-IN-PODS-")), "{:?}", k.chains);
         });
     }
+}
+
+/// A node without IPv6 leaves ip6tables empty; the first IPv6 address writes the whole IPv6
+/// layout; a reconcile of a plan without IPv6 removes it again.
+#[test]
+fn ipv6_layout_follows_the_first_ipv6_address() {
+    if !available() {
+        return;
+    }
+    let backend = Backend::Nft;
+    let ns = Netns::new("v6-on-off");
+    let mut dp = open(&ns, backend);
+    dp.reconcile(&Plan::default()).expect("empty reconcile");
+    assert!(!dp.ipv6_active());
+    assert!(ns.state_of(backend, Family::V6).is_empty());
+    let (_, path) = dual_stack_scenarios().into_iter().next().expect("a dual-stack scenario");
+    // (The model's pods alone name no set: sets come with the policies that use them.)
+    for (i, step) in plans(&path).into_iter().enumerate() {
+        dp.apply(&step.diff).expect("a step");
+        assert_eq!(dp.ipv6_active(), i > 0, "step {i}: the policies' IPv6 turn it on");
+        assert_matches(&ns, backend, &dp, &step.plan, &format!("step {i}"));
+    }
+    assert!(ns.state_of(backend, Family::V6).chains.len() > 5);
+    // A restarted agent with a plan of IPv4 only removes the IPv6 layout.
+    let v4 = final_plan("23-ipblock-except");
+    let mut dp2 = open(&ns, backend);
+    dp2.reconcile(&v4).expect("reconcile without IPv6");
+    assert!(!dp2.ipv6_active());
+    assert_matches(&ns, backend, &dp2, &v4, "IPv6 removed");
+    iptables::cleanup(Some(ns.path()));
 }
 
 /// Applies a scenario step by step, checking after each that the kernel holds exactly what

@@ -740,9 +740,8 @@ fn lab_iptables_metrics() {
     ] {
         let text = output(save, &["-t", "filter"]);
         if text.lines().any(|l| l.starts_with(":AZURE-NPM ")) {
-            // (Both families' rules: the IPv6 layout is in ip6tables.)
+            // (Both families' rules: the IPv6 layout, when there is one, in ip6tables.)
             let v6 = output(save6, &["-t", "filter"]);
-            assert!(v6.lines().any(|l| l.starts_with(":AZURE-NPM ")), "ip6tables:\n{v6}");
             let count = |t: &str| t.lines().filter(|l| l.starts_with("-A AZURE-NPM")).count();
             rules = count(&text) + count(&v6);
             saved = text;

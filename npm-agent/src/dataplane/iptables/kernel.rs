@@ -112,6 +112,11 @@ pub struct IptablesDataplane {
     backend_reason: String,
     /// IPv4's translator (iptables), then IPv6's (ip6tables).
     translators: [RuleTranslator; 2],
+    /// Whether ip6tables holds the IPv6 layout: from the first layout change naming an IPv6
+    /// address or block (`translate::names_ipv6`); until then it is left empty, which costs a
+    /// single-stack cluster nothing (no local endpoint has an IPv6 address, and the source
+    /// guard keeps pods from sending any). Shared with the guard thread.
+    ipv6: Arc<AtomicBool>,
     /// The layout the kernel holds (as of the last apply or reconcile): a burst's diffs are
     /// applied as one net move from it.
     layout: Layout,
@@ -167,6 +172,7 @@ impl IptablesDataplane {
             backend,
             backend_reason,
             translators: Family::BOTH.map(RuleTranslator::for_family),
+            ipv6: Arc::new(AtomicBool::new(false)),
             layout: Layout::default(),
             azure_sets: Arc::default(),
             guard: Guard::default(),
@@ -187,6 +193,7 @@ impl IptablesDataplane {
         self.guard_started = true;
         let (runner, backend, wait) = (self.runner.clone(), self.backend, self.config.wait_seconds);
         let (damaged, stop) = (self.damaged.clone(), self.stop_guard.clone());
+        let ipv6 = self.ipv6.clone();
         let spawned = std::thread::Builder::new().name("iptables-guard".into()).spawn(move || {
             let step = Duration::from_millis(200);
             loop {
@@ -198,7 +205,7 @@ impl IptablesDataplane {
                     std::thread::sleep(step);
                     waited += step;
                 }
-                if let Err(e) = guard_once(&runner, backend, wait, &damaged) {
+                if let Err(e) = guard_once(&runner, backend, wait, &damaged, &ipv6) {
                     tracing::warn!(error = %e, "checking the FORWARD jump to AZURE-NPM");
                 }
             }
@@ -228,6 +235,11 @@ impl IptablesDataplane {
 
     pub fn translator_of(&self, f: Family) -> &RuleTranslator {
         &self.translators[f as usize]
+    }
+
+    /// Whether ip6tables holds the IPv6 layout (see the field).
+    pub fn ipv6_active(&self) -> bool {
+        self.ipv6.load(Ordering::SeqCst)
     }
 
     /// What the kernel holds of the policy layout, through the dataplane's backend (the
@@ -412,9 +424,17 @@ impl Dataplane for IptablesDataplane {
             message: e,
         })?;
         let net = PlanDiff { changes: Vec::new(), layout };
-        let batches = translate::merge_families(
-            self.translators.iter_mut().map(|t| t.translate(&net)).collect(),
-        );
+        let mut families = vec![self.translators[0].translate(&net)];
+        if self.ipv6_active() {
+            families.push(self.translators[1].translate(&net));
+        } else if net.layout.iter().any(translate::names_ipv6) {
+            // The first IPv6 address: the whole layout, over an ip6tables that holds none.
+            let all =
+                PlanDiff { changes: Vec::new(), layout: Layout::default().diff(&self.layout) };
+            families.push(self.translators[1].translate(&all));
+            self.ipv6.store(true, Ordering::SeqCst);
+        }
+        let batches = translate::merge_families(families);
         // (Azure NPM's counts are of its IPv4 sets.)
         let t = self.translator();
         lock(&self.azure_sets).apply_named(&net.layout, |d| t.kernel_set_name(d));
@@ -439,11 +459,19 @@ impl Dataplane for IptablesDataplane {
 
     fn reconcile(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         self.damaged.store(false, Ordering::SeqCst);
-        let kernel = self.read_state()?;
-        let batches = translate::merge_families(
-            self.translators.iter_mut().zip(&kernel).map(|(t, k)| t.reconcile(plan, k)).collect(),
-        );
-        drop(kernel);
+        let [k4, k6] = self.read_state()?;
+        let mut families = vec![self.translators[0].reconcile(plan, &k4)];
+        let ipv6 = translate::layout_has_ipv6(&plan.layout);
+        if ipv6 {
+            families.push(self.translators[1].reconcile(plan, &k6));
+        } else {
+            // (Whatever an earlier agent left in ip6tables goes.)
+            self.translators[1] = RuleTranslator::for_family(Family::V6);
+            families.push(translate::cleanup_batches(&k6, Family::V6));
+        }
+        self.ipv6.store(ipv6, Ordering::SeqCst);
+        drop((k4, k6));
+        let batches = translate::merge_families(families);
         self.layout = plan.layout.clone();
         let t = self.translator();
         *lock(&self.azure_sets) =
@@ -467,9 +495,13 @@ fn guard_once(
     backend: Backend,
     wait: u32,
     damaged: &AtomicBool,
+    ipv6: &AtomicBool,
 ) -> Result<(), String> {
     write_guard_chains(runner, backend, wait)?;
     for f in Family::BOTH {
+        if f == Family::V6 && !ipv6.load(Ordering::SeqCst) {
+            continue;
+        }
         let state = read_iptables(runner, backend, f).map_err(|e| e.to_string())?;
         if !state.chains.contains_key(super::names::AZURE_NPM) {
             if !damaged.swap(true, Ordering::SeqCst) {

@@ -130,6 +130,8 @@ pub struct Batch {
 pub const STEP_ADD_SETS: &str = "create sets and change members";
 pub const STEP_RULES: &str = "write rules";
 pub const STEP_DEL_SETS: &str = "destroy sets";
+/// (A family's whole layout removed: [`cleanup_batches`].)
+pub const STEP_REMOVE_CHAINS: &str = "remove chains";
 /// (A reconcile only: addresses leave the transition set once every chain is rewritten.)
 pub const STEP_LIFT_TRANSITION: &str = "lift the transition guard";
 
@@ -1502,7 +1504,8 @@ impl RuleTranslator {
 /// family stays make-before-break, and its sets are in place before either family's rules
 /// name them.
 pub fn merge_families(families: Vec<Vec<Batch>>) -> Vec<Batch> {
-    const ORDER: [&str; 4] = [STEP_ADD_SETS, STEP_RULES, STEP_LIFT_TRANSITION, STEP_DEL_SETS];
+    const ORDER: [&str; 5] =
+        [STEP_ADD_SETS, STEP_RULES, STEP_REMOVE_CHAINS, STEP_LIFT_TRANSITION, STEP_DEL_SETS];
     // (Any other step last, in its order.)
     let mut buckets: Vec<Vec<Batch>> = vec![Vec::new(); ORDER.len() + 1];
     for b in families.into_iter().flatten() {
@@ -1525,6 +1528,35 @@ pub fn merge_families(families: Vec<Vec<Batch>>) -> Vec<Batch> {
         out.extend(ipset);
     }
     out
+}
+
+fn member_is_ipv6(m: &Member) -> bool {
+    match m {
+        Member::Address(ip) | Member::Port { ip, .. } => ip.is_ipv6(),
+        Member::Net { net, .. } => matches!(net, IpNet::V6(_)),
+        Member::Set(_) => false,
+    }
+}
+
+/// Whether a layout change names an IPv6 address or block. Until one does, the IPv6
+/// ruleset has nothing to judge (no local endpoint has an IPv6 address, no rule names one),
+/// so the dataplane leaves ip6tables empty and writes it whole from the first such change.
+pub fn names_ipv6(c: &LayoutChange) -> bool {
+    match c {
+        LayoutChange::AddSet { set: SetDef::Cidr(b) } => matches!(b.net, IpNet::V6(_)),
+        LayoutChange::AddMember { member, .. } => member_is_ipv6(member),
+        LayoutChange::Regroup { ip } | LayoutChange::AddDispatch { ip, .. } => ip.is_ipv6(),
+        _ => false,
+    }
+}
+
+/// Whether a whole layout names an IPv6 address or block (see [`names_ipv6`]).
+pub fn layout_has_ipv6(l: &Layout) -> bool {
+    l.dispatch.keys().any(|(_, ip)| ip.is_ipv6())
+        || l.sets.iter().any(|(def, members)| {
+            matches!(def, SetDef::Cidr(b) if matches!(b.net, IpNet::V6(_)))
+                || members.iter().any(member_is_ipv6)
+        })
 }
 
 /// Every dispatch key of direction `d`, in order.
@@ -1552,7 +1584,11 @@ fn push_ipset(step: &'static str, lines: Vec<String>, out: &mut Vec<Batch>) {
 /// chains being of `family`); and the sets, lists first.
 pub fn cleanup_batches(kernel: &KernelState, family: Family) -> Vec<Batch> {
     let mut out = Vec::new();
-    let jumps: Vec<&String> = kernel.forward.iter().filter(|r| jumps_to_azure_npm(r)).collect();
+    // (Jumps to AZURE-NPM, and to any other chain of ours: an older agent's.)
+    let ours = |r: &&String| {
+        jumps_to_azure_npm(r) || kernel.chains.keys().any(|c| r.ends_with(&format!("-j {c}")))
+    };
+    let jumps: Vec<&String> = kernel.forward.iter().filter(ours).collect();
     if !jumps.is_empty() || !kernel.chains.is_empty() {
         let mut s = String::from("*filter\n");
         for j in &jumps {
@@ -1566,7 +1602,7 @@ pub fn cleanup_batches(kernel: &KernelState, family: Family) -> Vec<Batch> {
         }
         s.push_str("COMMIT\n");
         out.push(Batch {
-            step: "remove chains",
+            step: STEP_REMOVE_CHAINS,
             tool: family.rules_tool(),
             script: s,
             commands: jumps.len() + 2 * kernel.chains.len(),
