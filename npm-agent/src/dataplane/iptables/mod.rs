@@ -128,7 +128,10 @@
 //! - **IPv6** (Azure NPM has none on Linux): the same layout in ip6tables, its sets
 //!   `family inet6` and named `inet6:<the IPv4 twin's name>` (kube-router's convention), the
 //!   chains named as IPv4's; both families are written in the same diff, make-before-break in
-//!   each ([`translate::merge_families`]). An ipBlock matches only its own family.
+//!   each ([`translate::merge_families`]). An ipBlock matches only its own family. ip6tables
+//!   is left empty until the layout names an IPv6 address or block
+//!   ([`translate::names_ipv6`]), then written whole; a reconcile of a plan without IPv6
+//!   empties it again.
 //! - **The FORWARD jump** is always the first rule (Azure NPM's default; its option to place
 //!   it after KUBE-SERVICES is not offered).
 //!
